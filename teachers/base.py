@@ -1,0 +1,62 @@
+"""The teacher contract shared by every teacher network.
+
+A teacher is an ``nn.Module`` that takes a batch of uint8 RGB images ``[B, 3, H, W]`` on any
+device and returns saliency maps ``[B, 1, H, W]`` (float32) at the *input* resolution, of one
+declared kind:
+
+* ``log_density``: per image, ``logsumexp`` over pixels is 0 (DeepGaze);
+* ``probability_map``: values in ``[0, 1]`` (SalGAN, the classical teacher).
+
+It also declares the input size it wants (``input_size``, ``(H, W)``, or ``None`` for "any"),
+what its weights were (``weights_digest``, ``weights_random``), and may expose
+``hint_features(images) -> list of 4 tensors`` for hint pretraining of students.
+Teachers know nothing about Ray, tars or YAML.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+OutputKind = Literal["log_density", "probability_map"]
+
+#: how a label of each kind is stored in a shard (file extension after the teacher name)
+LABEL_EXTENSION: dict[str, str] = {"log_density": "npy", "probability_map": "png"}
+
+
+class Teacher(nn.Module):
+    """Base class for teachers; subclasses implement :meth:`predict`."""
+
+    #: registry name, also used as the label's extension prefix in shards (``<name>.npy``)
+    name: str = "teacher"
+    output_kind: OutputKind = "probability_map"
+    #: (H, W) the teacher wants its input resized to, or ``None`` for any size
+    input_size: tuple[int, int] | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: sha256 of the weights file, ``"random"`` or ``"none"`` (weight-free teacher)
+        self.weights_digest: str = "none"
+        #: true when the weights are a random initialisation: labels then mean nothing
+        self.weights_random: bool = False
+
+    @property
+    def label_extension(self) -> str:
+        return LABEL_EXTENSION[self.output_kind]
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` float32 RGB in 0..255, ``[B, 3, H, W]`` → maps ``[B, 1, H, W]``."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"{self.name}: expected uint8 RGB images [B,3,H,W], got {images.dtype} {tuple(images.shape)}"
+            )
+        return self.predict(images.float()).float()
+
+    def hint_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Four intermediate feature maps for hint pretraining (finest first)."""
+        raise NotImplementedError(f"teacher {self.name!r} exposes no hint features")
