@@ -1,0 +1,55 @@
+"""Atomic file writes: temp name in the same folder, fsync, rename, fsync the folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import IO, Iterator
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(final: Path) -> Path:
+    """A hidden name beside ``final``, unique to this writer (readers never glob it)."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_open(final: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temp file; on success fsync and rename it to ``final``; on error remove it."""
+    final = Path(final)
+    tmp = temp_name(final)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete temp files left by killed writers; returns how many."""
+    n = 0
+    for p in folder.glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

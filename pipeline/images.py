@@ -1,0 +1,78 @@
+"""Reading one image robustly, and resizing it for the teacher and the shard.
+
+Every per-image problem raises :class:`ImageError` with a short reason that ends up in the
+shard's marker json; nothing here stops a run.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+#: smallest side we label: below this a saliency map says nothing
+MIN_SIDE = 8
+
+cv2.setNumThreads(1)  # we parallelise over images ourselves
+
+
+class ImageError(Exception):
+    """This image cannot be labelled (the reason is recorded, the run goes on)."""
+
+
+def _jpeg_truncated(data: bytes) -> bool:
+    """A baseline or progressive JPEG ends with EOI (FFD9) after its last start-of-scan (FFDA)."""
+    sos = data.rfind(b"\xff\xda")
+    return sos < 0 or data.find(b"\xff\xd9", sos) < 0
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded bytes → RGB uint8 ``(H, W, 3)``.
+
+    Grayscale, CMYK, 16-bit and alpha images are converted by OpenCV (alpha is dropped, 16-bit
+    scaled to 8); EXIF orientation is ignored so pixel coordinates match COCO's annotations.
+    """
+    if not data:
+        raise ImageError("empty file")
+    if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
+        raise ImageError("truncated JPEG (no end-of-image marker after the last scan)")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise ImageError("cannot decode (not an image OpenCV can read, or corrupt)")
+    h, w = bgr.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise ImageError(f"image too small ({w}×{h}); the smallest side must be at least {MIN_SIDE} px")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: str) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except OSError as e:
+        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+    return decode_image(data)
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to exactly ``size`` = (H, W); area filter when shrinking, bilinear when enlarging."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    shrinking = h * w < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ImageError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def encode_png(gray: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", gray)
+    if not ok:
+        raise ImageError("PNG encoding failed")
+    return buf.tobytes()

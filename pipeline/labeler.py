@@ -1,0 +1,209 @@
+"""The labelling worker: a plain class that holds one teacher and turns a shard plan into a shard.
+
+Tests and benchmarks drive it in-process; :mod:`pipeline.label` wraps it in a Ray actor.
+Reading/decoding/resizing and encoding run in a small thread pool (OpenCV releases the GIL)
+so they overlap with the teacher's forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import __version__, images
+from pipeline.shards import ENCODING_VERSION, write_shard
+from pipeline.sources import ImageRecord, ShardPlan
+from teachers import Teacher, build_teacher
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    teacher: str
+    weights: str | None = None
+    image_size: tuple[int, int] = (192, 256)  # (H, W) of the shard's jpg and label
+    batch_size: int = 32
+    jpeg_quality: int = 95
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    io_threads: int = 4
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class _Item:
+    record: ImageRecord
+    image: np.ndarray | None = None  # at training size
+    teacher_input: np.ndarray | None = None
+    original_size: tuple[int, int] | None = None
+    error: str | None = None
+
+
+def resize_label(maps: torch.Tensor, kind: str, size: tuple[int, int]) -> torch.Tensor:
+    """Resize teacher output ``[B,1,h,w]`` to ``size``; a log density stays a normalised log density."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if kind == "log_density":
+        density = F.interpolate(maps.exp(), size=size, mode="bilinear", align_corners=False)
+        density = density / density.sum(dim=(2, 3), keepdim=True)
+        return density.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
+    """log density → float16 array (written as .npy); probability map → 8-bit PNG bytes."""
+    if kind == "log_density":
+        return label.astype(np.float16)
+    return images.encode_png(np.rint(np.clip(label, 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
+class ShardLabeler:
+    """Holds a frozen teacher; ``label_shard(plan, folder)`` writes one finished shard."""
+
+    def __init__(self, config: LabelConfig, teacher: Teacher | None = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.precision == "bf16":
+            raise ValueError("bf16 needs a GPU; use --precision fp32 on CPU")
+        self.autocast = self.device.type == "cuda" and config.precision in ("auto", "bf16")
+        self.teacher = (teacher or build_teacher(config.teacher, weights=config.weights)).to(self.device).eval()
+        self.pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="label-io")
+
+    # -- what a finished shard must agree on ---------------------------------------------------
+    def identity(self) -> dict:
+        """Settings recorded in every marker; a shard made with other settings is not reused."""
+        t = self.teacher
+        return {
+            "teacher": t.name,
+            "weights_digest": t.weights_digest,
+            "weights_random": t.weights_random,
+            "label_kind": t.output_kind,
+            "label_extension": f"{t.name}.{t.label_extension}",
+            "image_size": list(self.config.image_size),
+            "jpeg_quality": self.config.jpeg_quality,
+        }
+
+    # -- the stages ----------------------------------------------------------------------------
+    def _load(self, record: ImageRecord) -> _Item:
+        item = _Item(record)
+        try:
+            rgb = images.read_image(record.path)
+        except images.ImageError as e:
+            item.error = str(e)
+            return item
+        item.original_size = rgb.shape[:2]
+        item.image = images.resize(rgb, self.config.image_size)
+        size = self.teacher.input_size or self.config.image_size
+        item.teacher_input = item.image if tuple(size) == tuple(self.config.image_size) else images.resize(rgb, size)
+        return item
+
+    def _loaded(self, records: tuple[ImageRecord, ...]) -> Iterator[_Item]:
+        """Items in order, decoding at most a few batches ahead of the consumer."""
+        window = 2 * self.config.batch_size + self.config.io_threads
+        pending: deque[Future] = deque()
+        it = iter(records)
+        for record in it:
+            pending.append(self.pool.submit(self._load, record))
+            if len(pending) >= window:
+                break
+        while pending:
+            yield pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(self.pool.submit(self._load, nxt))
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[_Item]) -> np.ndarray:
+        x = torch.from_numpy(np.stack([it.teacher_input for it in batch])).permute(0, 3, 1, 2)
+        x = x.to(self.device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            maps = self.teacher(x)
+        maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)
+        return maps[:, 0].cpu().numpy()
+
+    def _sample(self, item: _Item, label: np.ndarray) -> dict:
+        t = self.teacher
+        h, w = item.original_size
+        return {
+            "__key__": item.record.key,
+            "jpg": images.encode_jpeg(item.image, self.config.jpeg_quality),
+            f"{t.name}.{t.label_extension}": encode_label(label, t.output_kind),
+            "json": {
+                "id": item.record.source_id,
+                "file": Path(item.record.path).name,
+                "height": h,
+                "width": w,
+                "teacher": t.name,
+                "weights_digest": t.weights_digest,
+                "label_kind": t.output_kind,
+                "encoding_version": ENCODING_VERSION,
+                "code_version": __version__,
+            },
+        }
+
+    def label_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None) -> dict:
+        """Label every image of ``plan`` and write ``<folder>/<plan.name>.tar`` + marker; returns the marker."""
+        folder = Path(folder)
+        t0 = time.perf_counter()
+        timings = {"forward_s": 0.0, "wait_decode_s": 0.0, "wait_encode_s": 0.0}
+        failures, encoded, batch = [], [], []
+
+        def flush():
+            t = time.perf_counter()
+            labels = self._forward(batch)
+            timings["forward_s"] += time.perf_counter() - t
+            encoded.extend(self.pool.submit(self._sample, it, lab) for it, lab in zip(batch, labels))
+            if progress:
+                progress(len(batch))
+            batch.clear()
+
+        t = time.perf_counter()
+        for item in self._loaded(plan.records):
+            timings["wait_decode_s"] += time.perf_counter() - t
+            if item.error:
+                failures.append({"key": item.record.key, "id": item.record.source_id,
+                                 "file": item.record.path, "reason": item.error})
+                if progress:
+                    progress(1)
+            else:
+                batch.append(item)
+                if len(batch) == self.config.batch_size:
+                    flush()
+            t = time.perf_counter()
+        if batch:
+            flush()
+        t = time.perf_counter()
+        samples = [f.result() for f in encoded]
+        timings["wait_encode_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        marker = {
+            "index": plan.index,
+            "planned": len(plan.records),
+            "count": len(samples),
+            "keys": [s["__key__"] for s in samples],
+            "failures": failures,
+            **self.identity(),
+            "config": {k: v for k, v in asdict(self.config).items() if k not in ("teacher", "weights")},
+            "device": str(self.device),
+            "code_version": __version__,
+        }
+        timings["wall_s"] = time.perf_counter() - t0  # up to the write
+        marker["timings"] = {k: round(v, 4) for k, v in timings.items()}
+        written = write_shard(folder, plan.name, samples, marker)
+        written["timings"]["write_s"] = round(time.perf_counter() - t, 4)
+        return written
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -1,0 +1,86 @@
+"""Shard files: one WebDataset tar per shard plus a ``shard-NNNNNN.json`` completion marker.
+
+Protocol (a file format; bump :data:`ENCODING_VERSION` when it changes):
+
+1. the tar is written by ``webdataset.TarWriter`` to a hidden temp name, fsynced, renamed;
+2. the marker json (count, keys, failures, sha256 of the tar, teacher, weights digest, timings)
+   is written last, atomically. A shard is finished only when its marker exists and the tar's
+   sha256 matches it, so a SIGKILL at any moment leaves either nothing or a shard to redo.
+
+Tar members are written with a fixed mtime, so the same samples always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import webdataset as wds
+
+from pipeline.atomic import atomic_open, write_json
+from teachers.weights import file_digest
+
+#: version of the sample layout (keys, label encodings, sample json); recorded in every marker
+ENCODING_VERSION = 1
+MARKER_FORMAT = "saliency-pipeline shard"
+
+
+def tar_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.tar"
+
+
+def marker_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.json"
+
+
+def write_shard(folder: Path, name: str, samples: Iterable[dict], marker: dict) -> dict:
+    """Write ``samples`` as ``<name>.tar`` then the marker; returns the marker as written."""
+    marker_path(folder, name).unlink(missing_ok=True)  # an old marker must not outlive its tar
+    final = tar_path(folder, name)
+    with atomic_open(final, "wb") as f:
+        with wds.TarWriter(f, mtime=0.0, user="", group="") as writer:
+            for sample in samples:
+                writer.write(sample)
+    marker = {
+        "format": MARKER_FORMAT,
+        "encoding_version": ENCODING_VERSION,
+        "shard": name,
+        "tar": final.name,
+        **marker,
+        "sha256": file_digest(final),
+        "bytes": final.stat().st_size,
+    }
+    write_json(marker_path(folder, name), marker)
+    return marker
+
+
+def read_marker(folder: Path, name: str) -> dict | None:
+    try:
+        with open(marker_path(folder, name)) as f:
+            marker = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+
+
+def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = True) -> tuple[dict | None, str]:
+    """(marker, "") when the shard is finished with the settings in ``expect``; else (marker or None, reason)."""
+    marker = read_marker(folder, name)
+    if marker is None:
+        return None, "no marker"
+    for key, want in expect.items():
+        if marker.get(key) != want:
+            return marker, f"{key} differs (shard has {marker.get(key)!r}, this run {want!r})"
+    tar = tar_path(folder, name)
+    if not tar.is_file() or tar.stat().st_size != marker.get("bytes"):
+        return marker, "tar missing or of the wrong size"
+    if check_digest and file_digest(tar) != marker.get("sha256"):
+        return marker, "tar checksum does not match its marker"
+    return marker, ""
+
+
+def shard_tars(folder: str | Path) -> list[str]:
+    """Finished shard tars of a labelled folder (marker present), sorted: input for a WebDataset reader."""
+    folder = Path(folder)
+    return [str(tar_path(folder, p.stem)) for p in sorted(folder.glob("shard-*.json")) if read_marker(folder, p.stem)]
