@@ -84,3 +84,18 @@ def shard_tars(folder: str | Path) -> list[str]:
     """Finished shard tars of a labelled folder (marker present), sorted: input for a WebDataset reader."""
     folder = Path(folder)
     return [str(tar_path(folder, p.stem)) for p in sorted(folder.glob("shard-*.json")) if read_marker(folder, p.stem)]
+
+
+def verify_dataset(folder: str | Path, check_digest: bool = True) -> str:
+    """"" when ``folder`` holds a finished labelled dataset (``labels.json`` and every shard intact), else why not."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "labels.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return f"{folder}/labels.json missing or unreadable (labelling not finished)"
+    for shard in index.get("shards", []):
+        name = Path(shard["tar"]).stem
+        _, reason = verify_shard(folder, name, {"sha256": shard["sha256"]}, check_digest=check_digest)
+        if reason:
+            return f"{folder / name}: {reason}"
+    return ""

@@ -1,0 +1,59 @@
+"""Shared fixtures: small COCO trees built from real photos (scikit-image's bundled data)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "colorwheel"]
+
+
+def photo(name: str, long_side: int = 160) -> np.ndarray:
+    """A real photo from skimage.data, RGB (or gray) uint8, long side ``long_side``."""
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    h, w = img.shape[:2]
+    s = long_side / max(h, w)
+    return cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+
+
+def write_jpeg(path: Path, img: np.ndarray) -> None:
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    assert cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def make_coco(root: Path, split: str, files: dict[int, str], kind: str = "instances") -> Path:
+    """Write ``annotations/<kind>_<split>.json`` listing ``files`` ({id: file_name}) in COCO's layout."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    images = []
+    for image_id, name in files.items():
+        p = root / split / name
+        img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED) if p.exists() else None
+        h, w = img.shape[:2] if img is not None else (480, 640)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+    doc = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+    (root / "annotations" / f"{kind}_{split}.json").write_text(json.dumps(doc))
+    return root
+
+
+@pytest.fixture
+def coco_tree(tmp_path) -> Path:
+    """A COCO tree with 8 real photos in val2017 (ids deliberately listed out of order)."""
+    root = tmp_path / "coco"
+    (root / "val2017").mkdir(parents=True)
+    files = {}
+    for i, name in enumerate(PHOTOS):
+        image_id = [42, 7, 1000, 3, 512, 99, 100000, 8][i]
+        files[image_id] = f"{image_id:012d}.jpg"
+        write_jpeg(root / "val2017" / files[image_id], photo(name))
+    return make_coco(root, "val2017", files)
