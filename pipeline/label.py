@@ -74,10 +74,10 @@ def _lock(folder: Path):
 
 def prepare_folder(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
-        raise LabelError(f"output path exists and is not a directory: {folder}")
+        raise LabelError(f"output path is a file, not a directory: {folder}")
     for parent in folder.parents:
         if parent.exists() and not parent.is_dir():
-            raise LabelError(f"output path is inside a file: {parent}")
+            raise LabelError(f"output path is a file, not a directory: {parent}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

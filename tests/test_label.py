@@ -1,0 +1,262 @@
+"""`pipeline label`: shards readable by plain webdataset, deterministic, resumable, robust to bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import cli
+from pipeline.label import label
+from pipeline.labeler import LabelConfig
+from pipeline.sources import coco_records
+from tests.conftest import make_coco, photo, write_jpeg
+
+CONFIG = LabelConfig(teacher="classic", batch_size=3, io_threads=2)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.tar"))}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_shards_read_back_with_plain_webdataset(coco_tree, tmp_path):
+    out = tmp_path / "labels" / "classic" / "val2017"
+    summary = label(coco_records(coco_tree, "val2017"), out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert (summary.labelled, summary.failed, summary.shards_done) == (8, 0, 3)
+
+    urls = str(out / "shard-{000000..000002}.tar")
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert [s["__key__"] for s in samples] == [f"{i:012d}" for i in [3, 7, 8, 42, 99, 512, 1000, 100000]]
+    for s in samples:
+        assert s["jpg"].shape == (192, 256, 3) and s["jpg"].dtype == np.uint8
+        label_map = s["classic.png"]
+        assert label_map.shape[:2] == (192, 256) and label_map.std() > 0
+        assert s["json"]["teacher"] == "classic" and s["json"]["id"] == int(s["__key__"])
+        assert s["json"]["width"] == 160 or s["json"]["height"] == 160  # the original size is recorded
+
+    marker = json.loads((out / "shard-000000.json").read_text())
+    assert marker["keys"] == ["000000000003", "000000000007", "000000000008"]
+    assert marker["sha256"] == hashlib.sha256((out / "shard-000000.tar").read_bytes()).hexdigest()
+    assert marker["teacher"] == "classic" and marker["weights_digest"] == "none"
+    assert marker["encoding_version"] == 1 and "forward_s" in marker["timings"]
+    index = json.loads((out / "labels.json").read_text())
+    assert index["count"] == 8 and [s["tar"] for s in index["shards"]] == sorted(digests(out))
+
+
+def test_density_labels_are_float16_log_densities(coco_tree, tmp_path):
+    """A log-density teacher's .npy label sums to 1 after exp, at training resolution."""
+    from teachers import Teacher, register
+
+    class Flat(Teacher):
+        name, output_kind, input_size = "flat_density", "log_density", (96, 128)
+
+        def predict(self, x):
+            logits = x.mean(1, keepdim=True) / 64.0
+            return logits - logits.flatten(1).logsumexp(1).view(-1, 1, 1, 1)
+
+    register("flat_density")(lambda *, weights=None: Flat())
+    out = tmp_path / "out"
+    label(coco_records(coco_tree, "val2017")[:2], out, LabelConfig(teacher="flat_density"), executor="local",
+          progress=False)
+    sample = next(iter(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).decode()))
+    density = sample["flat_density.npy"]
+    assert density.dtype == np.float16 and density.shape == (192, 256)
+    assert np.exp(density.astype(np.float64)).sum() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_same_input_gives_identical_bytes(coco_tree, tmp_path):
+    records = coco_records(coco_tree, "val2017")
+    a = label(records, tmp_path / "a", CONFIG, shard_size=3, executor="local", progress=False)
+    # a different number of I/O threads must not change a byte (batch size may: float sums differ by order)
+    b = label(records, tmp_path / "b", LabelConfig(teacher="classic", batch_size=3, io_threads=1), shard_size=3,
+              executor="local", progress=False)
+    assert digests(a.folder) == digests(b.folder) and len(digests(a.folder)) == 3
+
+
+def test_rerun_skips_finished_shards_and_redoes_damaged_ones(coco_tree, tmp_path):
+    records = coco_records(coco_tree, "val2017")
+    out = tmp_path / "out"
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    before = digests(out)
+
+    again = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert (again.skipped, again.labelled, again.shards_done, again.shards_skipped) == (8, 0, 0, 3)
+
+    (out / "shard-000001.json").unlink()  # killed before its marker
+    with open(out / "shard-000002.tar", "r+b") as f:  # corrupted after the fact
+        f.truncate(1000)
+    redo = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert (redo.skipped, redo.labelled, redo.shards_done) == (3, 5, 2)
+    assert digests(out) == before
+
+    fresh = label(records, out, CONFIG, shard_size=3, executor="local", progress=False, overwrite=True)
+    assert fresh.shards_done == 3 and digests(out) == before
+
+
+def test_labels_from_other_settings_are_not_mixed_in(coco_tree, tmp_path):
+    records = coco_records(coco_tree, "val2017")
+    label(records, tmp_path, CONFIG, shard_size=3, executor="local", progress=False)
+    with pytest.raises(Exception, match="other settings.*--overwrite"):
+        label(records, tmp_path, LabelConfig(teacher="classic", jpeg_quality=80), shard_size=3,
+              executor="local", progress=False)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import webdataset
+    from pipeline import cli
+    calls, limit = [0], int(os.environ["KILL_AT_WRITE"])
+    real = webdataset.TarWriter.write
+    def write(self, sample):
+        calls[0] += 1
+        if calls[0] == limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, sample)
+    webdataset.TarWriter.write = write
+    sys.argv[0] = "pipeline"
+    cli.main()
+""")
+
+
+@pytest.mark.parametrize("kill_at", [2, 4])  # inside the first shard's tar; after the first shard is whole
+def test_sigkill_mid_run_then_resume_gives_the_same_bytes(coco_tree, tmp_path, kill_at):
+    args = ["label", "coco", "--teacher", "classic", "--coco-root", str(coco_tree), "--shard-size", "3",
+            "--executor", "local", "--no-progress"]
+    reference = run_cli(*args, "--out", str(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "KILL_AT_WRITE": str(kill_at)}
+    killed = subprocess.run([sys.executable, "-c", KILLER, *args, "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    folder = out / "classic" / "val2017"
+    finished = {p.stem for p in folder.glob("shard-*.json")}
+    assert finished == ({"shard-000000"} if kill_at == 4 else set())
+    for tar in folder.glob("shard-*.tar"):  # a tar under a final name is always complete
+        assert len(list(wds.WebDataset(str(tar), shardshuffle=False))) == 3
+
+    resumed = run_cli(*args, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "images skipped (already done)  " + ("3" if kill_at == 4 else "0") in resumed.stdout
+    assert digests(folder) == digests(tmp_path / "ref" / "classic" / "val2017")
+    assert not list(folder.glob(".*tmp*"))  # the killed run's temp file was cleaned up
+
+
+def test_ray_run_matches_in_process_run_and_survives_sigkill(coco_tree, tmp_path):
+    """The default executor (a local Ray cluster) writes the same shards; killed mid-run it resumes cleanly."""
+    local = label(coco_records(coco_tree, "val2017"), tmp_path / "local", CONFIG, shard_size=2,
+                  executor="local", progress=False)
+    args = ["label", "coco", "--teacher", "classic", "--coco-root", str(coco_tree), "--shard-size", "2",
+            "--batch-size", "3", "--io-threads", "2", "--out", str(tmp_path / "ray"), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    folder = tmp_path / "ray" / "classic" / "val2017"
+    while proc.poll() is None and not list(folder.glob("shard-*.json")):
+        pass  # busy-wait (no sleep) until the first shard is finished
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert digests(folder) == digests(local.folder)
+
+
+def bad_inputs(root: Path) -> dict[int, str]:
+    """Every awkward input a COCO-like tree can hold, keyed by id → file name."""
+    d = root / "val2017"
+    d.mkdir(parents=True)
+    rgb = photo("astronaut", 96)
+    write_jpeg(d / "good.jpg", rgb)
+    write_jpeg(d / "gray.jpg", photo("camera", 96))
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+    cv2.imwrite(str(d / "deep.png"), (cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257))
+    cv2.imwrite(str(d / "alpha.png"), np.dstack([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), np.full(rgb.shape[:2], 128, np.uint8)]))
+    full = (d / "good.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000))
+    write_jpeg(d / "tiny.jpg", np.zeros((1, 1, 3), np.uint8))
+    (d / "empty.jpg").write_bytes(b"")
+    names = ["good.jpg", "gray.jpg", "cmyk.jpg", "deep.png", "alpha.png", "truncated.jpg", "corrupt.jpg",
+             "tiny.jpg", "empty.jpg", "missing.jpg"]
+    return {i + 1: n for i, n in enumerate(names)}
+
+
+def test_bad_images_are_recorded_failures_and_the_run_goes_on(tmp_path):
+    root = tmp_path / "coco"
+    files = bad_inputs(root)
+    make_coco(root, "val2017", files)
+    out = tmp_path / "out"
+    summary = label(coco_records(root, "val2017"), out, CONFIG, shard_size=4, executor="local", progress=False)
+    reasons = {files[int(f["key"])]: f["reason"] for f in summary.failures}
+    assert set(reasons) == {"truncated.jpg", "corrupt.jpg", "tiny.jpg", "empty.jpg", "missing.jpg"}
+    assert "truncated" in reasons["truncated.jpg"] and "not found" in reasons["missing.jpg"]
+    assert "too small" in reasons["tiny.jpg"]
+    assert summary.labelled == 5 and summary.failed == 5 and summary.shards_done == 3
+
+    labelled = {s["__key__"]: s for s in wds.WebDataset(str(out / "shard-{000000..000002}.tar"),
+                                                          shardshuffle=False).decode("rgb8")}
+    assert sorted(files[int(k)] for k in labelled) == sorted(["good.jpg", "gray.jpg", "cmyk.jpg", "deep.png",
+                                                              "alpha.png"])
+    # the odd formats decode to the same picture as the plain JPEG, not to garbage
+    good = labelled["000000000001"]["jpg"].astype(float)
+    for key in ["000000000003", "000000000004", "000000000005"]:
+        assert np.abs(labelled[key]["jpg"].astype(float) - good).mean() < 12, files[int(key)]
+
+
+def test_exit_status_follows_max_failure_rate(tmp_path):
+    root = tmp_path / "coco"
+    make_coco(root, "val2017", bad_inputs(root))
+    args = ["label", "coco", "--teacher", "classic", "--coco-root", str(root), "--executor", "local",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    runner = CliRunner()
+    strict = runner.invoke(cli, args)
+    assert strict.exit_code == 1
+    assert "5 of 10 images failed" in strict.output and "images failed" in strict.output
+    lenient = runner.invoke(cli, [*args, "--max-failure-rate", "0.5"])
+    assert lenient.exit_code == 0, lenient.output
+    assert "images skipped (already done)  10" in lenient.output  # nothing was lost or redone
+
+
+@pytest.mark.parametrize("setup, extra, message", [
+    (lambda root, out: (root / "annotations" / "instances_val2017.json").write_text("{oops"),
+     [], "cannot read COCO annotation file"),
+    (lambda root, out: None, ["--split", "train2017"], "splits found: val2017"),
+    (lambda root, out: out.write_text("I am a file"), [], "not a directory"),
+    (lambda root, out: None, ["--weights", "/nonexistent/weights.pt"], "weights"),
+    (lambda root, out: None, ["--image-size", "192"], "HxW"),
+])
+def test_bad_invocations_fail_with_one_clear_line_before_any_work(coco_tree, tmp_path, setup, extra, message):
+    out = tmp_path / "out"
+    setup(coco_tree, out)
+    result = CliRunner().invoke(cli, ["label", "coco", "--teacher", "classic", "--coco-root", str(coco_tree),
+                                      "--out", str(out), "--executor", "local", "--no-progress", *extra])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert not list(tmp_path.rglob("shard-*"))
+
+
+def test_random_weights_are_loudly_marked(coco_tree, tmp_path):
+    records = coco_records(coco_tree, "val2017")[:1]
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        label(records, tmp_path, LabelConfig(teacher="salgan", weights="random"), executor="local",
+              progress=False)
+    marker = json.loads((tmp_path / "shard-000000.json").read_text())
+    assert marker["weights_random"] is True and marker["weights_digest"] == "random"
