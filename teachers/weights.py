@@ -1,20 +1,77 @@
 """Weights resolution and strict loading, shared by every teacher and student.
 
-``resolve(spec)`` turns a ``--weights`` value into a local file; ``load_state_dict`` reads it with
-clear errors; ``load_strict`` loads a state dict into a module key for key, never partially.
+``resolve(spec)`` turns a ``--weights`` value into a local file:
+
+* a local path: used as is (it must exist);
+* an ``http(s)://`` URL: cached as ``<torch hub dir>/checkpoints/<basename of the URL>``;
+* a known name (see :data:`KNOWN_WEIGHTS`): cached as ``<torch hub dir>/checkpoints/<filename>``
+  and, when the table pins a sha256, verified against it.
+
+A cached file is used without touching the network. A missing one is downloaded with
+:func:`torch.hub.download_url_to_file` (temporary file then rename, so an interrupted download
+never leaves a half file in the cache). Offline, the error names the file, its URL and the exact
+path where to put it by hand.
+
+``load_state_dict`` reads a torch checkpoint with clear errors; ``load_numpy`` does the same for
+``.npy`` arrays (the DeepGaze centre bias); ``load_strict`` loads a state dict into a module key
+for key, never partially.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
+import numpy as np
 import torch
 from torch import nn
 
 
 class WeightsError(Exception):
     """A weights file is missing, corrupt, of the wrong digest or does not fit the module."""
+
+
+@dataclass(frozen=True)
+class KnownWeights:
+    """A weights file the pipeline knows by name."""
+
+    name: str
+    url: str
+    #: expected sha256 (hex) of the file, or ``None`` when no digest is pinned (then not checked)
+    sha256: str | None
+    #: file name in the cache (``<torch hub dir>/checkpoints/<filename>``)
+    filename: str
+    description: str
+
+
+_DEEPGAZE_RELEASE = "https://github.com/matthias-k/DeepGaze/releases/download/v1.0.0"
+
+# The upstream release page publishes no digests. These are the sha256 values that independent
+# public projects pinning the same v1.0.0 release assets record for them (two projects agree on
+# both values and on the sizes, 419,676,716 and 8,388,688 bytes).
+KNOWN_WEIGHTS: dict[str, KnownWeights] = {
+    w.name: w
+    for w in (
+        KnownWeights(
+            name="deepgaze2e",
+            url=f"{_DEEPGAZE_RELEASE}/deepgaze2e.pth",
+            sha256="49b65724184f43a2b60426c29c12fd2b743b47ad9eb3435d3dd28e50ea4e2585",
+            filename="deepgaze2e.pth",
+            description="DeepGaze IIE (Linardos et al. 2021) weights, DeepGaze release v1.0.0 (~400 MB)",
+        ),
+        KnownWeights(
+            name="centerbias_mit1003",
+            url=f"{_DEEPGAZE_RELEASE}/centerbias_mit1003.npy",
+            sha256="051645b7da47884c138e81f28a4afbadd99b6c3262eaf086434a9626e3578be9",
+            filename="centerbias_mit1003.npy",
+            description="MIT1003 centre-bias log density, 1024x1024 float64, DeepGaze release v1.0.0",
+        ),
+    )
+}
 
 
 def file_digest(path: str | Path) -> str:
@@ -26,20 +83,129 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def resolve(spec: str) -> Path:
-    """A local path, an http(s) URL or a known name → a local file (TODO: URLs and known names)."""
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    return path
+def checkpoint_dir() -> Path:
+    """Where downloaded weights are cached: ``<torch.hub.get_dir()>/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def _url_filename(url: str) -> str:
+    name = os.path.basename(unquote(urlparse(url).path))
+    if not name or name in (".", ".."):
+        raise WeightsError(f"cannot tell a file name from the weights URL {url} (it must end in a file name)")
+    return name
+
+
+def cache_path(spec: str) -> Path:
+    """The cache path a known name or URL resolves to (whether or not it is there yet)."""
+    if spec in KNOWN_WEIGHTS:
+        return checkpoint_dir() / KNOWN_WEIGHTS[spec].filename
+    if _is_url(spec):
+        return checkpoint_dir() / _url_filename(spec)
+    raise WeightsError(f"{spec!r} is neither a known weights name nor an http(s) URL")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _fetch(url: str, dst: Path, sha256: str | None, *, what: str, download: bool, progress: bool) -> Path:
+    if dst.is_file():
+        if sha256 is not None:
+            got = file_digest(dst)
+            if got != sha256:
+                raise WeightsError(
+                    f"cached {what} at {dst} has sha256 {got}, expected {sha256}: it is corrupt or another "
+                    f"version; delete it to download it again from {url}"
+                )
+        return dst
+    hint = f"download {url} by hand and put it at {dst}"
+    if not download:
+        raise WeightsError(f"{what} is not cached and downloading is off: {hint}")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # looked up at call time so that tests can replace it
+        torch.hub.download_url_to_file(url, str(dst), progress=progress)
+    except Exception as e:  # offline, HTTP error, unwritable cache…
+        raise WeightsError(f"cannot download {what} ({_one_line(e)}) and it is not cached: {hint}") from e
+    if not dst.is_file():
+        raise WeightsError(f"downloading {what} left no file at {dst}: {hint}")
+    if sha256 is not None:
+        got = file_digest(dst)
+        if got != sha256:
+            dst.unlink(missing_ok=True)
+            raise WeightsError(
+                f"downloaded {what} from {url} has sha256 {got}, expected {sha256}; the download was deleted"
+            )
+    return dst
+
+
+def resolve(spec: str | os.PathLike, *, download: bool = True, progress: bool = True) -> Path:
+    """A local path, an http(s) URL or a known name → a local file (see the module docstring).
+
+    ``download=False`` never touches the network: a spec that is not cached is an error.
+    """
+    text = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text:
+        raise WeightsError(f"empty or invalid weights spec: {spec!r}")
+    if text in KNOWN_WEIGHTS:
+        known = KNOWN_WEIGHTS[text]
+        what = f"{known.filename} ({known.description})"
+        return _fetch(known.url, checkpoint_dir() / known.filename, known.sha256,
+                      what=what, download=download, progress=progress)
+    if _is_url(text):
+        dst = checkpoint_dir() / _url_filename(text)
+        return _fetch(text, dst, None, what=dst.name, download=download, progress=progress)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.exists():
+        raise WeightsError(f"weights path is not a file: {path}")
+    raise WeightsError(
+        f"weights file not found: {path} (nor is {text!r} a URL or a known name: {', '.join(sorted(KNOWN_WEIGHTS))})"
+    )
+
+
+def _head(path: Path, n: int = 8) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
 
 
 def load_state_dict(path: str | Path) -> dict:
     """Read a torch checkpoint (``weights_only``) with one clear error if it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if _head(path, 6) == b"\x93NUMPY":
+        raise WeightsError(f"{path} is a numpy .npy array, not a torch checkpoint (read it with load_numpy)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file…
-        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+        raise WeightsError(f"cannot read weights file {path} (truncated or not a torch checkpoint?): "
+                           f"{_one_line(e)}") from e
+    if not isinstance(sd, Mapping):
+        raise WeightsError(f"weights file {path} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def load_numpy(path: str | Path) -> np.ndarray:
+    """Read a ``.npy`` array (no pickles) with one clear error if it is missing, truncated or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"numpy file not found: {path}")
+    if _head(path, 6) != b"\x93NUMPY":
+        raise WeightsError(f"{path} is not a .npy file (no numpy header)")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # EOFError / ValueError for truncated files, pickled object arrays…
+        raise WeightsError(f"cannot read numpy file {path} (truncated or corrupt?): {_one_line(e)}") from e
+    if not isinstance(arr, np.ndarray):
+        raise WeightsError(f"{path} does not hold a single array")
+    return arr
 
 
 def load_strict(module: nn.Module, state_dict: dict, *, what: str) -> None:
@@ -50,7 +216,7 @@ def load_strict(module: nn.Module, state_dict: dict, *, what: str) -> None:
     shapes = [
         f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+        if k in state_dict and tuple(getattr(state_dict[k], "shape", ())) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -61,4 +227,7 @@ def load_strict(module: nn.Module, state_dict: dict, *, what: str) -> None:
         if shapes:
             parts.append(f"{len(shapes)} of the wrong shape (e.g. {shapes[0]})")
         raise WeightsError(f"{what}: state dict does not fit: " + "; ".join(parts))
-    module.load_state_dict(state_dict, strict=True)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except Exception as e:  # e.g. a value that is not a tensor
+        raise WeightsError(f"{what}: cannot load state dict: {_one_line(e)}") from e

@@ -1,0 +1,83 @@
+"""Reading labelled shards for training and evaluation, with webdataset.
+
+Shard order and the sample shuffle buffer are seeded by (seed, epoch), so an epoch sees the
+same batches in the same order whether or not the run was interrupted before it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+
+from pipeline.shards import shard_tars, verify_dataset
+
+
+class DataError(Exception):
+    """The labelled shards cannot be used for training (missing, unfinished, mixed)."""
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A finished label folder: its shards and what their labels are."""
+
+    folder: Path
+    tars: tuple[str, ...]
+    label_key: str  # e.g. "deepgaze.npy" or "salgan.png"
+    label_kind: str  # log_density | probability_map
+    teacher: str
+    count: int
+
+
+def open_label_set(folder: str | Path) -> LabelSet:
+    folder = Path(folder)
+    reason = verify_dataset(folder, check_digest=False)
+    if reason:
+        raise DataError(f"not a finished label folder: {reason} (run `pipeline label` first)")
+    index = json.loads((folder / "labels.json").read_text())
+    tars = tuple(shard_tars(folder))
+    return LabelSet(folder, tars, index["label_extension"], index["label_kind"], index["teacher"], index["count"])
+
+
+def split_shards(tars: tuple[str, ...], val_shards: int) -> tuple[list[str], list[str]]:
+    """The last ``val_shards`` shards are held out for validation."""
+    if val_shards >= len(tars):
+        raise DataError(f"--val-shards {val_shards} leaves no training shard (there are {len(tars)})")
+    cut = len(tars) - val_shards
+    return list(tars[:cut]), list(tars[cut:])
+
+
+def decode(sample: dict, label_key: str, label_kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """A raw tar sample → (uint8 image [3,H,W], float label [1,H,W], key)."""
+    bgr = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
+    image = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
+    raw = sample[label_key]
+    if label_kind == "log_density":
+        import io
+
+        target = torch.from_numpy(np.load(io.BytesIO(raw)).astype(np.float32))
+    else:
+        target = torch.from_numpy(cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)).float() / 255.0
+    return image, target[None], sample["__key__"]
+
+
+def shard_loader(labels: LabelSet, tars: list[str], *, batch_size: int, epoch: int = 0, seed: int = 0,
+                 shuffle_buffer: int = 0, workers: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``tars``: split by node and by worker, decoded in the workers."""
+    order = list(tars)
+    if shuffle_buffer:
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+    ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=wds.split_by_node,
+                        workersplitter=wds.split_by_worker, empty_check=False)
+    if shuffle_buffer:
+        ds = ds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7_919 + epoch))
+    ds = ds.map(lambda s: decode(s, labels.label_key, labels.label_kind))
+    ds = ds.batched(batch_size, partial=not drop_last)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(order)),
+                                       persistent_workers=False)

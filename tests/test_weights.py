@@ -1,0 +1,334 @@
+"""Weights resolution (local path, URL, known name), digests and strict loading. Never touches the network."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from teachers import weights as W
+from teachers.weights import WeightsError, file_digest, load_numpy, load_state_dict, load_strict, resolve
+
+URL = "https://example.invalid/models/tiny-net.pth"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def hub(tmp_path, monkeypatch) -> Path:
+    """A private torch hub dir under tmp_path, and no network: any download attempt fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)  # undo any earlier set_dir
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a test tried to reach the network: {args}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    ckpt = W.checkpoint_dir()
+    assert tmp_path in ckpt.parents, ckpt  # never the user's real cache
+    return ckpt
+
+
+def _fake_download(payload: bytes, calls: list):
+    def download(url, dst, hash_prefix=None, progress=True):
+        calls.append(url)
+        Path(dst).write_bytes(payload)
+
+    return download
+
+
+# --- the table of known weights ---------------------------------------------------------------
+
+
+def test_known_table():
+    assert {"deepgaze2e", "centerbias_mit1003"} <= set(W.KNOWN_WEIGHTS)
+    release = "https://github.com/matthias-k/DeepGaze/releases/download/v1.0.0/"
+    assert W.KNOWN_WEIGHTS["deepgaze2e"].url == release + "deepgaze2e.pth"
+    assert W.KNOWN_WEIGHTS["centerbias_mit1003"].url == release + "centerbias_mit1003.npy"
+    for name, k in W.KNOWN_WEIGHTS.items():
+        assert k.name == name and k.description and "\n" not in k.description
+        assert k.url.rsplit("/", 1)[1] == k.filename
+        assert k.sha256 is None or (len(k.sha256) == 64 and int(k.sha256, 16) >= 0 and k.sha256 == k.sha256.lower())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        W.KNOWN_WEIGHTS["deepgaze2e"].sha256 = None  # type: ignore[misc]
+
+
+def test_file_digest(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abc" * 1000)
+    assert file_digest(p) == _sha(b"abc" * 1000)
+
+
+# --- local paths ------------------------------------------------------------------------------
+
+
+def test_local_path(tmp_path):
+    p = tmp_path / "w.pth"
+    p.write_bytes(b"x")
+    assert resolve(str(p)) == p
+    assert resolve(p) == p
+
+
+def test_local_path_missing(tmp_path):
+    p = tmp_path / "nope" / "w.pth"
+    with pytest.raises(WeightsError, match="not found") as e:
+        resolve(str(p))
+    assert str(p) in str(e.value)
+
+
+def test_local_path_directory(tmp_path):
+    with pytest.raises(WeightsError, match="not a file"):
+        resolve(str(tmp_path))
+
+
+@pytest.mark.parametrize("spec", ["", None, 3])
+def test_invalid_spec(spec):
+    with pytest.raises(WeightsError):
+        resolve(spec)  # type: ignore[arg-type]
+
+
+# --- known names ------------------------------------------------------------------------------
+
+
+def test_known_name_cached_resolves_offline(hub, monkeypatch):
+    payload = b"pretend deepgaze weights"
+    entry = dataclasses.replace(W.KNOWN_WEIGHTS["deepgaze2e"], sha256=_sha(payload))
+    monkeypatch.setitem(W.KNOWN_WEIGHTS, "deepgaze2e", entry)
+    hub.mkdir(parents=True)
+    (hub / "deepgaze2e.pth").write_bytes(payload)
+    assert resolve("deepgaze2e") == hub / "deepgaze2e.pth"  # the autouse fixture fails any download
+
+
+def test_known_name_unpinned_is_not_checked(hub, monkeypatch):
+    entry = dataclasses.replace(W.KNOWN_WEIGHTS["centerbias_mit1003"], sha256=None)
+    monkeypatch.setitem(W.KNOWN_WEIGHTS, "centerbias_mit1003", entry)
+    hub.mkdir(parents=True)
+    (hub / "centerbias_mit1003.npy").write_bytes(b"anything")
+    assert resolve("centerbias_mit1003") == hub / "centerbias_mit1003.npy"
+
+
+def test_known_name_cached_digest_mismatch(hub, monkeypatch):
+    payload = b"not the real file"
+    entry = dataclasses.replace(W.KNOWN_WEIGHTS["deepgaze2e"], sha256="ab" * 32)
+    monkeypatch.setitem(W.KNOWN_WEIGHTS, "deepgaze2e", entry)
+    hub.mkdir(parents=True)
+    cached = hub / "deepgaze2e.pth"
+    cached.write_bytes(payload)
+    with pytest.raises(WeightsError) as e:
+        resolve("deepgaze2e")
+    msg = str(e.value)
+    assert "ab" * 32 in msg and _sha(payload) in msg and "delete" in msg and str(cached) in msg
+    assert cached.read_bytes() == payload  # left for the user to inspect / delete, never overwritten
+
+
+def test_known_name_download_verified(hub, monkeypatch):
+    payload = b"good bytes"
+    entry = dataclasses.replace(W.KNOWN_WEIGHTS["deepgaze2e"], sha256=_sha(payload))
+    monkeypatch.setitem(W.KNOWN_WEIGHTS, "deepgaze2e", entry)
+    calls: list = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _fake_download(payload, calls))
+    path = resolve("deepgaze2e", progress=False)
+    assert path == hub / "deepgaze2e.pth" and path.read_bytes() == payload
+    assert calls == [entry.url]
+    assert resolve("deepgaze2e") == path and len(calls) == 1  # now cached
+
+
+def test_known_name_download_digest_mismatch(hub, monkeypatch):
+    entry = dataclasses.replace(W.KNOWN_WEIGHTS["deepgaze2e"], sha256=_sha(b"expected"))
+    monkeypatch.setitem(W.KNOWN_WEIGHTS, "deepgaze2e", entry)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _fake_download(b"tampered", []))
+    with pytest.raises(WeightsError) as e:
+        resolve("deepgaze2e")
+    assert _sha(b"expected") in str(e.value) and _sha(b"tampered") in str(e.value)
+    assert not (hub / "deepgaze2e.pth").exists()  # the bad download was deleted
+
+
+def test_known_name_offline(hub, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure\nin name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError) as e:
+        resolve("centerbias_mit1003")
+    msg = str(e.value)
+    k = W.KNOWN_WEIGHTS["centerbias_mit1003"]
+    assert "\n" not in msg and k.filename in msg and k.url in msg and str(hub / k.filename) in msg
+
+
+# --- URLs -------------------------------------------------------------------------------------
+
+
+def test_url_offline_clear_error(hub, monkeypatch):
+    calls = []
+
+    def offline(url, dst, *args, **kwargs):
+        calls.append(url)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError) as e:
+        resolve(URL)
+    msg = str(e.value)
+    assert calls == [URL]
+    assert "\n" not in msg
+    assert "tiny-net.pth" in msg and URL in msg and str(hub / "tiny-net.pth") in msg
+    assert not (hub / "tiny-net.pth").exists()
+
+
+def test_url_no_download(hub, monkeypatch):
+    with pytest.raises(WeightsError) as e:
+        resolve(URL, download=False)  # the autouse fixture would fail any download attempt
+    assert str(hub / "tiny-net.pth") in str(e.value)
+
+
+def test_url_cached_resolves_offline(hub):
+    hub.mkdir(parents=True)
+    (hub / "tiny-net.pth").write_bytes(b"cached")
+    assert resolve(URL) == hub / "tiny-net.pth"
+    assert W.cache_path(URL) == hub / "tiny-net.pth"
+
+
+def test_url_download(hub, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _fake_download(b"net", calls))
+    assert resolve(URL + "?raw=1").read_bytes() == b"net"
+    assert (hub / "tiny-net.pth").is_file()
+
+
+def test_url_without_file_name():
+    with pytest.raises(WeightsError, match="file name"):
+        resolve("https://example.invalid/")
+
+
+# --- reading files ----------------------------------------------------------------------------
+
+
+def _save_small(path: Path) -> dict:
+    sd = {"w": torch.arange(600, dtype=torch.float32).reshape(20, 30), "b": torch.ones(3)}
+    torch.save(sd, path)
+    return sd
+
+
+def test_load_state_dict_roundtrip(tmp_path):
+    sd = _save_small(tmp_path / "w.pth")
+    got = load_state_dict(tmp_path / "w.pth")
+    assert set(got) == set(sd) and torch.equal(got["w"], sd["w"])
+
+
+def test_load_state_dict_truncated(tmp_path):
+    p = tmp_path / "w.pth"
+    _save_small(p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="cannot read weights file") as e:
+        load_state_dict(p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint"])
+def test_load_state_dict_garbage(tmp_path, content):
+    p = tmp_path / "w.pth"
+    p.write_bytes(content)
+    with pytest.raises(WeightsError):
+        load_state_dict(p)
+
+
+def test_load_state_dict_not_a_dict(tmp_path):
+    torch.save(torch.zeros(2), tmp_path / "t.pth")
+    with pytest.raises(WeightsError, match="not a state dict"):
+        load_state_dict(tmp_path / "t.pth")
+
+
+def test_load_state_dict_refuses_npy_and_missing(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    with pytest.raises(WeightsError, match="load_numpy"):
+        load_state_dict(tmp_path / "a.npy")
+    with pytest.raises(WeightsError, match="not found"):
+        load_state_dict(tmp_path / "missing.pth")
+
+
+def test_load_numpy(tmp_path):
+    arr = np.arange(64, dtype=np.float64).reshape(8, 8)
+    np.save(tmp_path / "cb.npy", arr)
+    np.testing.assert_array_equal(load_numpy(tmp_path / "cb.npy"), arr)
+
+
+@pytest.mark.parametrize("keep", [0, 40, 200])
+def test_load_numpy_truncated(tmp_path, keep):
+    p = tmp_path / "cb.npy"
+    np.save(p, np.zeros((16, 16)))
+    p.write_bytes(p.read_bytes()[:keep])
+    with pytest.raises(WeightsError) as e:
+        load_numpy(p)
+    assert str(p) in str(e.value)
+
+
+def test_load_numpy_bad_inputs(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_numpy(tmp_path / "missing.npy")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "w.pth")
+    with pytest.raises(WeightsError, match="not a .npy"):
+        load_numpy(tmp_path / "w.pth")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(WeightsError):
+        load_numpy(tmp_path / "obj.npy")  # pickles are never loaded
+
+
+# --- strict loading ---------------------------------------------------------------------------
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+
+def test_load_strict_ok():
+    src, dst = _net(), _net()
+    with torch.no_grad():
+        src[0].weight.add_(1)
+    load_strict(dst, src.state_dict(), what="tiny")
+    assert torch.equal(dst[0].weight, src[0].weight)
+
+
+def test_load_strict_missing_unexpected_shape():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    sd = dict(net.state_dict())
+    del sd["1.running_mean"]
+    sd["extra.weight"] = torch.zeros(2)
+    sd["0.bias"] = torch.zeros(5)
+    with pytest.raises(WeightsError) as e:
+        load_strict(net, sd, what="tiny net")
+    msg = str(e.value)
+    assert "tiny net" in msg
+    assert "missing" in msg and "1.running_mean" in msg
+    assert "unexpected" in msg and "extra.weight" in msg
+    assert "shape" in msg and "0.bias" in msg and "(5,)" in msg and "(4,)" in msg
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing loaded
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "shape"])
+def test_load_strict_each_kind(case):
+    net = _net()
+    sd = dict(net.state_dict())
+    if case == "missing":
+        sd.pop("0.weight")
+        key = "0.weight"
+    elif case == "unexpected":
+        sd["head.bias"] = torch.zeros(1)
+        key = "head.bias"
+    else:
+        sd["0.weight"] = torch.zeros(4, 3, 5, 5)
+        key = "0.weight"
+    with pytest.raises(WeightsError, match=case) as e:
+        load_strict(net, sd, what="tiny")
+    assert key in str(e.value)
