@@ -105,6 +105,49 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
     sys.exit(code)
 
 
+@cli.group("weights")
+def weights_group():
+    """Fetch published weights into the cache, or convert a release to a PyTorch checkpoint."""
+
+
+@weights_group.command("list")
+def weights_list():
+    """List the known weights names, their URLs and cache paths."""
+    from teachers.weights import KNOWN_WEIGHTS, cache_path
+
+    for name, known in sorted(KNOWN_WEIGHTS.items()):
+        state = "cached" if cache_path(name).is_file() else "not cached"
+        click.echo(f"{name}\t{known.url}\t{cache_path(name)} ({state})")
+
+
+@weights_group.command("fetch")
+@click.argument("spec")
+def weights_fetch(spec):
+    """Download SPEC (a known name or an http(s) URL) into the cache and verify its digest."""
+    from teachers.weights import WeightsError, file_digest, resolve
+
+    try:
+        path = resolve(spec)
+    except WeightsError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{path}  sha256 {file_digest(path)}")
+
+
+@weights_group.command("convert")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+def weights_convert(src, dst):
+    """Convert SalGAN's Lasagne release (gen_modelWeights0090.npz) to a PyTorch checkpoint DST (.pt)."""
+    from teachers.salgan import save_converted
+    from teachers.weights import WeightsError, file_digest
+
+    try:
+        out = save_converted(src, dst)
+    except WeightsError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out}  sha256 {file_digest(out)}  (use: --teacher salgan --weights {out})")
+
+
 def main() -> None:
     cli(prog_name="pipeline")
 

@@ -1,0 +1,66 @@
+"""The CLI as documented: CLI.md names every command and option that --help shows."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+CLI_MD = (Path(__file__).resolve().parents[1] / "CLI.md").read_text()
+
+
+def commands(group: click.Group, prefix: str = ""):
+    for name, cmd in group.commands.items():
+        path = f"{prefix}{name}"
+        yield path, cmd
+        if isinstance(cmd, click.Group):
+            yield from commands(cmd, path + " ")
+
+
+@pytest.mark.parametrize("path, cmd", list(commands(cli)), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_command_and_option_is_documented(path, cmd):
+    assert f"pipeline {path}" in CLI_MD, f"CLI.md does not show `pipeline {path}`"
+    for param in cmd.params:
+        for opt in param.opts + param.secondary_opts:
+            if opt.startswith("--"):
+                assert opt in CLI_MD, f"CLI.md does not document {opt} of `pipeline {path}`"
+    assert CliRunner().invoke(cli, [*path.split(), "--help"]).exit_code == 0
+
+
+def test_weights_convert_writes_a_checkpoint_salgan_loads(tmp_path):
+    from teachers import build_teacher
+    from teachers.salgan import _conv_shapes
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for i, (_, shape) in enumerate(_conv_shapes()):
+        arrays[f"arr_{2 * i}"] = rng.standard_normal(shape).astype(np.float32) * 0.01
+        arrays[f"arr_{2 * i + 1}"] = np.zeros(shape[0], np.float32)
+    np.savez(tmp_path / "gen_modelWeights0090.npz", **arrays)
+    out = tmp_path / "salgan.pt"
+    result = CliRunner().invoke(cli, ["weights", "convert", str(tmp_path / "gen_modelWeights0090.npz"), str(out)])
+    assert result.exit_code == 0, result.output
+    teacher = build_teacher("salgan", weights=str(out))
+    assert teacher.weights_digest in result.output and not teacher.weights_random
+
+
+def test_weights_fetch_offline_names_file_url_and_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    result = CliRunner().invoke(cli, ["weights", "fetch", "deepgaze2e"])
+    assert result.exit_code == 1
+    line = result.output.strip()
+    assert line.startswith("Error:") and "\n" not in line
+    assert "deepgaze2e.pth" in line and "https://" in line and str(tmp_path) in line
