@@ -148,6 +148,89 @@ def weights_convert(src, dst):
     click.echo(f"wrote {out}  sha256 {file_digest(out)}  (use: --teacher salgan --weights {out})")
 
 
+def _ints(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _floats3(ctx, param, value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise click.BadParameter(f"expected three comma-separated numbers (KL,CC,BCE), got {value!r}")
+    return parts
+
+
+@cli.command("train")
+@click.option("--labels", type=click.Path(path_type=Path), default=Path("data/labels/deepgaze/train2017"),
+              help="A finished label folder (the one holding labels.json).")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path("runs/fastsal_a"),
+              help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png.")
+@click.option("--student", type=click.Choice(["fastsal_a", "fastsal_c"]), default="fastsal_a")
+@click.option("--stage", type=click.Choice(["finetune", "hint"]), default="finetune",
+              help="finetune: on the pseudo-labels; hint: MSE to the teacher's 4 feature maps (Eq. 1).")
+@click.option("--epochs", type=click.IntRange(min=1), default=100)
+@click.option("--lr", type=float, default=0.01, help="SGD learning rate.")
+@click.option("--momentum", type=float, default=0.9)
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--milestones", default="15,30,60", callback=_ints, help="Epochs where the lr is multiplied by --gamma.")
+@click.option("--gamma", type=float, default=0.1)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32)
+@click.option("--val-shards", type=click.IntRange(min=1), default=1, help="Last shards held out for validation.")
+@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, help="Samples in the shuffle buffer.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["auto", "off", "bf16"]), default="auto", help="auto = bf16 on GPU.")
+@click.option("--backbone-weights", default="imagenet",
+              help="MobileNetV2 encoder init: imagenet (torchvision weights, cached or downloaded), none, or a PATH.")
+@click.option("--init", "init_ckpt", type=click.Path(path_type=Path), default=None,
+              help="Start from this checkpoint's model weights (e.g. the hint stage's last checkpoint).")
+@click.option("--teacher", default=None, help="Hint stage: the teacher run online for hint targets.")
+@click.option("--teacher-weights", default=None, help="Hint stage: the teacher's --weights.")
+@click.option("--loss-weights", default="1,1,1", callback=_floats3,
+              help="Density teachers (Eq. 3): weights of KL, 1-cosine and BCE.")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on steps per epoch.")
+@click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
+@click.option("--progress/--no-progress", default=True)
+def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_decay, milestones, gamma, batch_size,
+              val_shards, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
+              teacher_weights, loss_weights, steps_per_epoch, restart, progress):
+    """Train a FastSal student on labelled shards; re-running resumes after the last finished epoch."""
+    from pipeline.data import DataError
+    from pipeline.train import TrainConfig, TrainError, summary_table, train
+    from teachers.weights import WeightsError
+
+    config = TrainConfig(labels=str(labels), run=str(run_dir), student=student, stage=stage, epochs=epochs, lr=lr,
+                         momentum=momentum, weight_decay=weight_decay, milestones=milestones, gamma=gamma,
+                         batch_size=batch_size, val_shards=val_shards, shuffle_buffer=shuffle_buffer,
+                         workers=workers, seed=seed, device=device, amp=amp, backbone_weights=backbone_weights,
+                         init=str(init_ckpt) if init_ckpt else None, teacher=teacher,
+                         teacher_weights=teacher_weights, loss_weights=loss_weights,
+                         steps_per_epoch=steps_per_epoch)
+    try:
+        results = train(config, restart=restart, progress=progress)
+    except (DataError, TrainError, WeightsError, KeyError, ValueError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+    click.echo(summary_table(results))
+    click.echo(f"checkpoints: {run_dir / 'checkpoints'}   curves: {run_dir / 'curves.png'}")
+
+
+
+def _add_runner_commands() -> None:
+    from pipeline.run_cmd import run_cmd, status_cmd
+
+    cli.add_command(run_cmd)
+    cli.add_command(status_cmd)
+
+
+_add_runner_commands()
+
+
 def main() -> None:
     cli(prog_name="pipeline")
 

@@ -1,0 +1,81 @@
+"""``pipeline run`` and ``pipeline status``: thin click commands over the manifest runner."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+_manifest_arg = click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+_set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+                        help="Override a var of the manifest (repeatable); VALUE is read as YAML (8, true, text).")
+_workdir_opt = click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                            help="Use this workdir instead of the manifest's (relative to the current directory).")
+_checksums_opt = click.option("--checksums", is_flag=True,
+                              help="Check finished outputs' checksums, not only that every file is there "
+                                   "with its size (reads every shard).")
+
+
+def _check_steps(manifest, option: str, names: tuple[str, ...]) -> None:
+    from pipeline.manifest import suggest
+
+    for name in names:
+        if name not in manifest.steps:
+            raise click.BadParameter(f"no step {name!r} in {manifest.path}{suggest(name, manifest.steps)}",
+                                     param_hint=option)
+
+
+@click.command("run")
+@_manifest_arg
+@click.option("--dry-run", "-n", is_flag=True,
+              help="Print the plan (step, action, reason) and the commands; run nothing.")
+@click.option("--force", "-f", multiple=True, metavar="STEP",
+              help="Re-run STEP from scratch, and everything downstream of it (repeatable).")
+@click.option("--only", multiple=True, metavar="STEP", help="Consider only STEP (repeatable); other steps are skipped.")
+@click.option("--until", multiple=True, metavar="STEP", help="Consider only STEP and its upstream (repeatable).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1,
+              help="Steps that may run at the same time (independent ones, within --cpus/--gpus).")
+@click.option("--keep-going", "-k", is_flag=True,
+              help="After a step fails, still run the steps that do not depend on it.")
+@_set_opt
+@_workdir_opt
+@click.option("--cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs to share among steps' declared resources.  [default: this machine's]")
+@click.option("--gpus", type=click.IntRange(min=0), default=None,
+              help="GPUs to share among steps' declared resources.  [default: this machine's]")
+@_checksums_opt
+def run_cmd(manifest, dry_run, force, only, until, jobs, keep_going, sets, workdir, cpus, gpus, checksums):
+    """Run the stale steps of MANIFEST in dependency order.
+
+    A step is skipped when its fingerprint (settings, upstream fingerprints, declared inputs,
+    code version) matches the last successful run and its outputs are complete; an interrupted
+    step resumes. Each step runs as `pipeline <command> ...` in its own process, its output
+    prefixed with [step]. State: <workdir>/.pipeline/state.json.
+    """
+    from pipeline.manifest import load_manifest
+    from pipeline.runner import run_manifest
+
+    m = load_manifest(manifest, sets, workdir)
+    _check_steps(m, "--force", force)
+    _check_steps(m, "--only", only)
+    _check_steps(m, "--until", until)
+    sys.exit(run_manifest(m, jobs=jobs, force=force, only=only, until=until, keep_going=keep_going,
+                          dry_run=dry_run, cpus=cpus, gpus=gpus, checksums=checksums))
+
+
+@click.command("status")
+@_manifest_arg
+@_set_opt
+@_workdir_opt
+@_checksums_opt
+def status_cmd(manifest, sets, workdir, checksums):
+    """Show each step of MANIFEST: up to date, stale (and why), never run or failed; its last run and output folder."""
+    from pipeline.manifest import load_manifest
+    from pipeline.runner import load_state, runner_active, status_rows, table
+
+    m = load_manifest(manifest, sets, workdir)
+    active = runner_active(m.workdir)
+    click.echo(f"{m.path} (workdir {m.workdir}{'; a runner is active' if active else ''})")
+    click.echo(table(["step", "state", "last run", "output"],
+                     status_rows(m, load_state(m.workdir), checksums=checksums, active=active)))

@@ -1,0 +1,459 @@
+"""Executing a manifest: the state file, the workdir lock, and running stale steps as subprocesses.
+
+Each step runs as ``python -m pipeline <command> <args>`` in its own process (its own Ray, its
+own crash domain); an interrupted step resumes through the command's own mechanism when it is
+run again (finished shards are skipped by ``pipeline label``). Independent steps may run at the
+same time, up to ``jobs`` and within the machine's CPUs and GPUs; a step sees only the GPUs it
+was given (``CUDA_VISIBLE_DEVICES``).
+
+State lives in ``<workdir>/.pipeline/state.json`` (written atomically after every change),
+apart from the manifest; ``<workdir>/.pipeline/lock`` keeps a second runner out of the workdir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import click
+
+from pipeline.atomic import write_json
+from pipeline.manifest import Manifest
+from pipeline.plan import RUN, Planned, plan, record
+from pipeline.steps import COMMANDS
+
+STATE_VERSION = 1
+PROGRESS_EVERY_S = 15.0  # at most one progress-bar line per step this often in the streamed output
+
+
+class RunnerError(click.ClickException):
+    """The run cannot start (workdir locked, state unreadable…)."""
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+def state_path(workdir: Path) -> Path:
+    return Path(workdir) / ".pipeline" / "state.json"
+
+
+def load_state(workdir: Path) -> dict:
+    path = state_path(workdir)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"version": STATE_VERSION, "steps": {}}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise RunnerError(f"cannot read the state file {path}: {e}; delete it to start over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+        raise RunnerError(f"{path} is not a state file of `pipeline run`; delete it to start over")
+    return state
+
+
+def save_state(workdir: Path, state: dict) -> None:
+    write_json(state_path(workdir), state)
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold ``<workdir>/.pipeline/lock`` (flock, non-blocking) for the run; a second runner gets a clear error."""
+    folder = Path(workdir) / ".pipeline"
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise RunnerError(f"another `pipeline run`{f' (pid {holder})' if holder else ''} is running in workdir "
+                          f"{workdir}; wait for it to finish or stop it (lock: {folder / 'lock'})") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def runner_active(workdir: Path) -> bool:
+    """Whether a runner holds the workdir's lock now."""
+    path = Path(workdir) / ".pipeline" / "lock"
+    try:
+        f = open(path)
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+
+
+def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False) -> dict[str, str]:
+    """For steps recorded done with their current fingerprint: "" when their outputs are complete, else why not."""
+    records = state.get("steps", {})
+    out = {}
+    for name, step in manifest.steps.items():
+        rec = records.get(name)
+        spec = COMMANDS.get(step.command)
+        if (rec and rec.get("status") == "done" and rec.get("fingerprint") == step.fingerprint
+                and spec is not None and spec.verify is not None and step.output):
+            out[name] = spec.verify(Path(step.output), checksums)
+    return out
+
+
+def make_plan(manifest: Manifest, state: Mapping, *, checksums: bool = False, **selection) -> list[Planned]:
+    return plan(manifest, state, check_outputs(manifest, state, checksums), **selection)
+
+
+def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> bool:
+    """Whether the step should start over (its outputs are from other settings, or it is forced)."""
+    rec = state.get("steps", {}).get(item.step)
+    return item.reason.startswith("forced") or (rec is not None and
+                                                rec.get("fingerprint") != manifest.steps[item.step].fingerprint)
+
+
+def command_line(manifest: Manifest, name: str, fresh: bool) -> list[str]:
+    step = manifest.steps[name]
+    spec = COMMANDS.get(step.command)
+    return [*step.command.split(), *step.args, *(spec.fresh if fresh and spec is not None else ())]
+
+
+# -- machine ---------------------------------------------------------------------------------------
+
+def machine_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_gpus() -> list[str]:
+    """GPU ids this process may hand out (from CUDA_VISIBLE_DEVICES when set)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [x.strip() for x in visible.split(",") if x.strip() and x.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch or no driver: no GPUs
+        return []
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def plan_table(planned: list[Planned]) -> str:
+    return table(["step", "action", "reason"], [[p.step, p.action, p.reason] for p in planned])
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # stop the run like Ctrl-C: steps are stopped and recorded as interrupted
+
+
+class Runner:
+    """Runs the ``run`` steps of a plan as subprocesses, recording each in the state file."""
+
+    def __init__(self, manifest: Manifest, state: dict, *, jobs: int = 1, keep_going: bool = False,
+                 cpus: int | None = None, gpus: int | None = None, echo: Callable[..., None] = click.echo,
+                 launcher: list[str] | None = None):
+        self.manifest, self.state, self.jobs, self.keep_going = manifest, state, jobs, keep_going
+        #: what runs `<command> <args>`; tests may put a fake program here
+        self.launcher = launcher or [sys.executable, "-m", "pipeline"]
+        self.cpus = cpus if cpus is not None else machine_cpus()
+        ids = machine_gpus()
+        self.gpu_ids = ids[:gpus] if gpus is not None and gpus <= len(ids) else (
+            ids + [str(i) for i in range(len(ids), gpus)] if gpus is not None else ids)
+        self.echo = echo
+        self._print_lock = threading.Lock()
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # output ----------------------------------------------------------------------------------------
+    def say(self, text: str, err: bool = False) -> None:
+        with self._print_lock:
+            self.echo(text, err=err)
+
+    def _pump(self, name: str, stream, tail: deque) -> None:
+        """Copy the step's output line by line with a ``[name]`` prefix; progress bars (\\r) are thinned."""
+        buf, last_progress = b"", 0.0
+        sep = re.compile(rb"\r\n|\r(?!\Z)|\n")
+
+        def emit(raw: bytes, progress: bool) -> None:
+            nonlocal last_progress
+            text = raw.decode("utf-8", "replace").rstrip()
+            if not text.strip():
+                return
+            if progress:
+                if time.monotonic() - last_progress < PROGRESS_EVERY_S:
+                    return
+                last_progress = time.monotonic()
+            else:
+                tail.append(text)
+            self.say(f"[{name}] {text}")
+
+        while True:
+            chunk = stream.read1(1 << 16)
+            if not chunk:
+                break
+            buf += chunk
+            while (m := sep.search(buf)) is not None:
+                emit(buf[:m.start()], m.group() == b"\r")
+                buf = buf[m.end():]
+        if buf:
+            emit(buf.rstrip(b"\r"), False)
+
+    def _execute(self, name: str, argv: list[str], env: dict, results: queue.Queue) -> None:
+        tail: deque = deque(maxlen=20)
+        try:
+            proc = subprocess.Popen([*self.launcher, *argv], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        except OSError as e:
+            results.put((name, None, [f"cannot start: {e}"]))
+            return
+        self.procs[name] = proc
+        try:
+            self._pump(name, proc.stdout, tail)
+        finally:
+            rc = proc.wait()
+            results.put((name, rc, list(tail)))
+
+    def _save(self) -> None:
+        save_state(self.manifest.workdir, self.state)
+
+    def _finish(self, name: str, status: str, seconds: float, **fields) -> None:
+        rec = self.state["steps"][name]
+        rec.update(status=status, ended=now(), seconds=round(seconds, 3), **fields)
+        if status == "done":
+            rec.pop("error", None)
+        self._save()
+
+    # the loop --------------------------------------------------------------------------------------
+    def run(self, planned: list[Planned]) -> tuple[int, list[list[str]]]:
+        """Run the plan; returns (exit code, summary rows [step, action, status, seconds])."""
+        m = self.manifest
+        self.state.setdefault("steps", {})
+        self.state.update(version=STATE_VERSION, manifest=str(m.path))
+        todo = [p.step for p in planned if p.action == RUN]
+        item = {p.step: p for p in planned}
+        status: dict[str, str] = {p.step: p.reason if p.action != RUN else "" for p in planned}
+        seconds: dict[str, float] = {}
+        failed: list[str] = []
+        started: dict[str, float] = {}
+        free_cpus, free_gpus = self.cpus, list(self.gpu_ids)
+        held: dict[str, tuple[int, list[str]]] = {}
+        results: queue.Queue = queue.Queue()
+        stopping = False
+        for name in todo:
+            r = m.steps[name].resources
+            if r.gpus > len(self.gpu_ids) or r.cpus > self.cpus:
+                self.say(f"note: step {name} asks for {r.cpus} CPU(s) and {r.gpus} GPU(s); this machine has "
+                         f"{self.cpus} and {len(self.gpu_ids)}: it runs with what there is")
+
+        def blocked_by(name: str) -> str | None:
+            for u in m.steps[name].needs:
+                if u in failed or (status.get(u) or "").startswith("not run"):
+                    return u
+            return None
+
+        main = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _sigterm) if main else None
+        try:
+            pending = list(todo)
+            while pending or started:
+                for name in list(pending):
+                    if stopping:
+                        break
+                    step = m.steps[name]
+                    up = blocked_by(name)
+                    if up is not None:
+                        pending.remove(name)
+                        status[name] = f"not run: upstream {up} {'failed' if up in failed else 'not run'}"
+                        continue
+                    if any(u in pending or u in started for u in step.needs):
+                        continue
+                    if len(started) >= self.jobs:
+                        break
+                    cpus = min(step.resources.cpus, self.cpus)
+                    gpus = min(step.resources.gpus, len(self.gpu_ids))
+                    if cpus > free_cpus or gpus > len(free_gpus):
+                        continue  # wait for resources; a smaller independent step may go first
+                    pending.remove(name)
+                    missing = [p for p, d in step.inputs.items() if d is None]
+                    fresh = fresh_start(m, self.state, item[name])
+                    self.state["steps"][name] = record(m, name, status="running", started=now(), fresh=fresh)
+                    if missing:
+                        self._finish(name, "failed", 0.0, error=f"input missing: {', '.join(missing)}")
+                        status[name] = f"failed: input missing: {', '.join(missing)}"
+                        failed.append(name)
+                        self.say(f"[{name}] failed: input missing: {', '.join(missing)}", err=True)
+                        stopping = stopping or not self.keep_going
+                        continue
+                    self._save()
+                    gpu_ids, free_gpus = free_gpus[:gpus], free_gpus[gpus:]
+                    free_cpus -= cpus
+                    held[name] = (cpus, gpu_ids)
+                    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                    if self.gpu_ids:
+                        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+                    argv = command_line(m, name, fresh)
+                    self.say(f"[{name}] $ pipeline {shlex.join(argv)}")
+                    started[name] = time.monotonic()
+                    threading.Thread(target=self._execute, args=(name, argv, env, results), daemon=True).start()
+                if not started:
+                    break
+                while True:
+                    try:
+                        name, rc, tail = results.get(timeout=0.5)
+                        break
+                    except queue.Empty:
+                        continue
+                seconds[name] = time.monotonic() - started.pop(name)
+                self.procs.pop(name, None)
+                cpus, gpu_ids = held.pop(name)
+                free_cpus += cpus
+                free_gpus += gpu_ids
+                step = m.steps[name]
+                why = ""
+                if rc == 0:
+                    spec = COMMANDS.get(step.command)
+                    if spec is not None and spec.verify is not None and step.output:
+                        why = spec.verify(Path(step.output), False)
+                        why = f"outputs incomplete after the run: {why}" if why else ""
+                else:
+                    why = f"exit code {rc}" if rc is not None else tail[-1]
+                    last = next((line for line in reversed(tail) if line.strip()), "")
+                    why += f": {last.strip()}" if last and rc is not None else ""
+                if why:
+                    self._finish(name, "failed", seconds[name], returncode=rc, error=why)
+                    status[name] = f"failed ({why})"
+                    failed.append(name)
+                    self.say(f"[{name}] failed after {seconds[name]:.1f} s: {why}", err=True)
+                    stopping = stopping or not self.keep_going
+                else:
+                    self._finish(name, "done", seconds[name], returncode=0)
+                    status[name] = "done"
+                    self.say(f"[{name}] done in {seconds[name]:.1f} s")
+        except KeyboardInterrupt:
+            self._interrupt(started, seconds, status)
+            code = 130
+        else:
+            code = 1 if failed else 0
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+        for name in todo:
+            if not status[name]:
+                status[name] = f"not run: stopped after {', '.join(failed)} failed" if failed else "not run"
+        rows = [[p.step, p.action, status[p.step] if p.action == RUN else p.reason,
+                 f"{seconds[p.step]:.1f}" if p.step in seconds else "-"] for p in planned]
+        if failed:
+            self.say(f"error: step{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}", err=True)
+        return code, rows
+
+    def _interrupt(self, started: dict[str, float], seconds: dict[str, float], status: dict[str, str]) -> None:
+        """Stop running steps (SIGINT, then SIGKILL after 10 s) and record them as interrupted."""
+        for proc in list(self.procs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        for proc in list(self.procs.values()):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for name, t0 in started.items():
+            seconds[name] = time.monotonic() - t0
+            self._finish(name, "interrupted", seconds[name])
+            status[name] = "interrupted"
+        self.say("interrupted", err=True)
+
+
+def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=(), keep_going: bool = False,
+                 dry_run: bool = False, cpus: int | None = None, gpus: int | None = None, checksums: bool = False,
+                 echo: Callable[..., None] = click.echo, launcher: list[str] | None = None) -> int:
+    """Plan and run ``manifest``; returns the exit code (0: every step done or up to date)."""
+    state = load_state(manifest.workdir)
+    selection = {"force": force, "only": only, "until": until}
+    if dry_run:
+        planned = make_plan(manifest, state, checksums=checksums, **selection)
+        echo(f"plan for {manifest.path} (workdir {manifest.workdir}):")
+        echo(plan_table(planned))
+        runs = [p for p in planned if p.action == RUN]
+        if runs:
+            echo("")
+        for p in runs:
+            echo(f"{p.step}: pipeline {shlex.join(command_line(manifest, p.step, fresh_start(manifest, state, p)))}")
+        return 0
+    with workdir_lock(manifest.workdir):
+        state = load_state(manifest.workdir)  # as it is now that we hold the lock
+        planned = make_plan(manifest, state, checksums=checksums, **selection)
+        echo(f"plan for {manifest.path} (workdir {manifest.workdir}):")
+        echo(plan_table(planned))
+        t0 = time.monotonic()
+        code, rows = Runner(manifest, state, jobs=jobs, keep_going=keep_going, cpus=cpus, gpus=gpus,
+                            echo=echo, launcher=launcher).run(planned)
+        echo("")
+        echo(table(["step", "action", "status", "seconds"], rows))
+        echo(f"total {time.monotonic() - t0:.1f} s")
+        return code
+
+
+def _when(rec: Mapping) -> str:
+    stamp = rec.get("ended") or rec.get("started")
+    if not stamp:
+        return "-"
+    try:
+        text = datetime.fromisoformat(stamp).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        text = stamp
+    return text + (f" ({rec['seconds']:.1f} s)" if isinstance(rec.get("seconds"), (int, float)) else "")
+
+
+def status_rows(manifest: Manifest, state: Mapping, *, checksums: bool = False,
+                active: bool = False) -> list[list[str]]:
+    """[step, state, last run, output] for each step (``active``: a runner holds the workdir now)."""
+    records = state.get("steps", {})
+    rows = []
+    for p in make_plan(manifest, state, checksums=checksums):
+        rec = records.get(p.step)
+        if p.action != RUN:
+            text = "up to date"
+        elif rec is None:
+            text = "never run" + (f"; {p.reason}" if p.reason != "never run" else "")
+        elif rec.get("status") == "running" and active:
+            text = "running"
+        elif rec.get("status") == "failed" and rec.get("fingerprint") == manifest.steps[p.step].fingerprint:
+            text = "failed" + (f": {rec['error']}" if rec.get("error") else "")
+        else:
+            text = f"stale: {p.reason}"
+        rows.append([p.step, text, _when(rec) if rec else "-", manifest.steps[p.step].output or "-"])
+    return rows

@@ -1,0 +1,54 @@
+"""What the manifest runner knows about each ``pipeline`` command: one table entry per command.
+
+Adding a command to manifests (train, eval…) means adding one :class:`CommandSpec` to
+:data:`COMMANDS`: where its outputs go when the manifest does not say, which folder is "the
+step's output" (what ``${steps.NAME.out}`` names), how to tell that folder is complete, which
+options do not change the outputs, and which arguments make it start over instead of resuming.
+A command without an entry can still be used in a manifest: its outputs are just not verified
+and ``${steps.NAME.out}`` cannot name it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from pipeline.shards import verify_dataset
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    #: option (click name) -> value from (workdir, step name), set when the manifest leaves the option out
+    defaults: Mapping[str, Callable[[Path, str], object]] = field(default_factory=dict)
+    #: the step's output folder from its validated click parameters (``ctx.params``)
+    output: Callable[[Mapping[str, object]], Path] | None = None
+    #: (output folder, check checksums) -> "" when the folder holds complete outputs, else why not
+    verify: Callable[[Path, bool], str] | None = None
+    #: options that do not change the outputs (how, where or how loudly it runs): not in the fingerprint
+    volatile: frozenset[str] = frozenset()
+    #: arguments that make the command start over rather than resume; added when the step's fingerprint
+    #: changed since its last run, or it is forced
+    fresh: tuple[str, ...] = ()
+
+
+def _label_output(params: Mapping[str, object]) -> Path:
+    if params["source"] == "coco":
+        name = str(params["split"])
+    else:
+        if params.get("images") is None:
+            raise ValueError("source 'folder' needs images: DIR")
+        name = Path(params["images"]).resolve().name  # as `pipeline label` names it
+    return Path(params["out"]) / str(params["teacher"]) / name
+
+
+COMMANDS: dict[str, CommandSpec] = {
+    "label": CommandSpec(
+        defaults={"out": lambda workdir, step: workdir / step},
+        output=_label_output,
+        verify=lambda folder, checksums: verify_dataset(folder, check_digest=checksums),
+        volatile=frozenset({"executor", "address", "gpus", "cpu_workers", "io_threads", "retries",
+                            "max_failure_rate", "progress"}),
+        fresh=("--overwrite",),
+    ),
+}

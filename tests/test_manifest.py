@@ -1,0 +1,446 @@
+"""`pipeline run` / `pipeline status`: manifests validated up front, a pure plan, resumable execution.
+
+Most tests work on a copy of one finished run of manifests/demo.yaml (executor local, shard size 2,
+so each label step writes 6 shards); the scheduling tests use a test-only fake command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.manifest import Manifest, ManifestError, load_manifest
+from pipeline.plan import plan, record
+from pipeline.runner import load_state, make_plan, run_manifest, workdir_lock
+from pipeline.shards import verify_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "coco"
+DEMO = ROOT / "manifests" / "demo.yaml"
+FULL = ROOT / "manifests" / "full.yaml"
+SETS = [f"coco={SAMPLES}", "executor=local", "shard_size=2"]
+OPTS = [x for s in SETS for x in ("--set", s)]
+VAL = Path("runs/demo/label_val/classic/val2017")
+FOLDER = Path("runs/demo/label_folder/classic/val2017")
+
+
+def invoke(*args) -> "click.testing.Result":
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def planned(path=DEMO, sets=SETS, **selection) -> dict[str, tuple[str, str]]:
+    m = load_manifest(path, sets)
+    return {p.step: (p.action, p.reason) for p in make_plan(m, load_state(m.workdir), **selection)}
+
+
+def dry_run_table(output: str) -> dict[str, tuple[str, str]]:
+    rows = {}
+    for line in output.splitlines()[2:]:
+        if not line.strip():
+            break
+        step, action, reason = re.match(r"(\S+)\s+(run|skip)\s+(.*)", line).groups()
+        rows[step] = (action, reason)
+    return rows
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("shard-*"))}
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A folder holding runs/demo: manifests/demo.yaml run to the end (relative paths, so copies stay valid)."""
+    base = tmp_path_factory.mktemp("finished")
+    with contextlib.chdir(base):
+        result = invoke("run", DEMO, *OPTS)
+    assert result.exit_code == 0, result.output
+    assert "[label_val] $ pipeline label coco --teacher=classic" in result.output  # streamed with a prefix
+    return base
+
+
+@pytest.fixture
+def demo(finished, tmp_path, monkeypatch) -> Path:
+    """A private copy of the finished demo run, as the current directory."""
+    shutil.copytree(finished / "runs", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def edited_demo(tmp_path: Path, after: str, insert: str) -> Path:
+    """demo.yaml with ``insert`` added as a line after the line ``after``."""
+    text = DEMO.read_text()
+    assert text.count(after + "\n") == 1
+    path = tmp_path / "demo_edited.yaml"
+    path.write_text(text.replace(after + "\n", after + "\n" + insert + "\n"))
+    return path
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def test_demo_finishes_and_a_second_run_does_no_work(demo):
+    assert verify_dataset(VAL) == "" and verify_dataset(FOLDER) == ""
+    assert len(list(VAL.glob("shard-*.tar"))) == 6 and len(list(FOLDER.glob("shard-*.tar"))) == 6
+    state = load_state(Path("runs/demo"))
+    assert {n: r["status"] for n, r in state["steps"].items()} == {"label_val": "done", "label_folder": "done"}
+    assert state["steps"]["label_val"]["output"] == str(VAL)
+
+    assert planned() == {"label_val": ("skip", "up to date"), "label_folder": ("skip", "up to date")}
+    before = {**mtimes(VAL), **{f"f/{k}": v for k, v in mtimes(FOLDER).items()}}
+    t0 = time.perf_counter()
+    result = invoke("run", DEMO, *OPTS)
+    elapsed = time.perf_counter() - t0
+    assert result.exit_code == 0, result.output
+    assert "$ pipeline" not in result.output  # no step was started
+    assert {**mtimes(VAL), **{f"f/{k}": v for k, v in mtimes(FOLDER).items()}} == before
+    assert elapsed < 5, f"a run with nothing to do took {elapsed:.1f} s"
+
+
+def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tmp_path):
+    upstream = edited_demo(tmp_path, "      split: val2017", "      jpeg_quality: 90")
+    assert planned(upstream) == {"label_val": ("run", "settings changed: jpeg_quality 95→90"),
+                                 "label_folder": ("run", "upstream label_val changed")}
+
+    via_var = planned(sets=SETS[:2] + ["shard_size=3"])  # the var feeds both steps
+    assert via_var["label_val"] == ("run", "settings changed: shard_size 2→3")
+    assert via_var["label_folder"] == ("run", "settings changed: shard_size 2→3; upstream label_val changed")
+
+    downstream = edited_demo(tmp_path, "      images: ${coco}/val2017", "      jpeg_quality: 90")
+    assert planned(downstream) == {"label_val": ("skip", "up to date"),
+                                   "label_folder": ("run", "settings changed: jpeg_quality 95→90")}
+    val_before, folder_before = mtimes(VAL), digests(FOLDER)
+    result = invoke("run", downstream, *OPTS)
+    assert result.exit_code == 0, result.output
+    assert mtimes(VAL) == val_before
+    after = digests(FOLDER)
+    assert after.keys() == folder_before.keys() and all(after[k] != folder_before[k] for k in after)  # relabelled
+    assert planned(downstream) == {"label_val": ("skip", "up to date"), "label_folder": ("skip", "up to date")}
+
+
+def test_force_reruns_the_step_and_everything_downstream(demo):
+    assert planned(force=["label_val"]) == {"label_val": ("run", "forced"),
+                                            "label_folder": ("run", "forced (downstream of label_val)")}
+    assert planned(force=["label_folder"]) == {"label_val": ("skip", "up to date"), "label_folder": ("run", "forced")}
+
+    val_before, folder_before, folder_bytes = mtimes(VAL), mtimes(FOLDER), digests(FOLDER)
+    result = invoke("run", DEMO, *OPTS, "--force", "label_folder")
+    assert result.exit_code == 0, result.output
+    assert "--overwrite" in result.output  # forced: starts over instead of resuming
+    assert mtimes(VAL) == val_before
+    assert all(mtimes(FOLDER)[k] != v for k, v in folder_before.items())
+    assert digests(FOLDER) == folder_bytes  # deterministic: the same bytes again
+
+    result = invoke("run", DEMO, *OPTS, "--force", "no_such_step")
+    assert result.exit_code == 2 and "no step 'no_such_step'" in result.output
+
+
+def test_only_and_until_select_steps(fresh):
+    assert planned(until=["label_val"]) == {"label_val": ("run", "never run"),
+                                            "label_folder": ("skip", "not selected (stale: never run)")}
+    only = planned(only=["label_folder"])
+    assert only["label_val"] == ("skip", "not selected (stale: never run)")
+    assert only["label_folder"] == ("run", "never run (warning: upstream label_val is stale and not selected)")
+    assert planned(until=["label_folder"]) == {"label_val": ("run", "never run"), "label_folder": ("run", "never run")}
+
+
+def test_dry_run_prints_the_plan_with_reasons(demo):
+    (VAL / "shard-000003.tar").unlink()
+    result = invoke("run", DEMO, *OPTS, "--dry-run")
+    assert result.exit_code == 0, result.output
+    rows = dry_run_table(result.output)
+    assert rows["label_val"][0] == "run"
+    assert rows["label_val"][1].startswith("outputs incomplete: ") and "shard-000003" in rows["label_val"][1]
+    assert rows["label_folder"] == ("run", "upstream label_val runs")
+    assert "label_val: pipeline label coco --teacher=classic" in result.output
+    assert not (VAL / "shard-000003.tar").exists()  # a dry run changes nothing
+
+    result = invoke("run", DEMO, "--set", "coco=missing/coco", "--set", "executor=local", "--dry-run",
+                    "--workdir", "runs/other")
+    assert result.exit_code == 0, result.output
+    assert dry_run_table(result.output) == {
+        "label_val": ("run", "input missing: missing/coco/annotations/instances_val2017.json"),
+        "label_folder": ("run", "never run")}
+
+
+def test_run_status_table(demo):
+    result = invoke("status", DEMO, *OPTS)
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[2:]}
+    assert "up to date" in lines["label_val"] and str(VAL) in lines["label_val"]
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+\.\d s\)", lines["label_folder"])
+
+    result = invoke("status", DEMO, "--set", SETS[0], "--set", SETS[1], "--set", "shard_size=3")
+    assert "stale: settings changed: shard_size 2→3" in result.output
+
+    result = invoke("status", DEMO, *OPTS, "--workdir", "runs/none")
+    assert result.output.count("never run") == 2
+
+
+# -- the plan, on its own ------------------------------------------------------------------------
+
+def small_manifest(tmp_path: Path, shard_size: int = 4, digest=lambda p: "sha256:aa") -> Manifest:
+    path = tmp_path / "m.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        workdir: {tmp_path / 'w'}
+        steps:
+          a:
+            run: label
+            with: {{source: coco, teacher: classic, shard_size: {shard_size}}}
+            inputs: [ann.json]
+          b:
+            run: label
+            with: {{source: folder, teacher: classic, images: "${{steps.a.out}}"}}
+        """))
+    return load_manifest(path, group=cli, digest=digest)
+
+
+def test_plan_is_a_pure_function_of_declaration_state_and_outputs(tmp_path):
+    m = small_manifest(tmp_path)
+    assert m.steps["b"].needs == ("a",)  # implied by ${steps.a.out}
+    assert m.steps["b"].settings["images"] == str(tmp_path / "w" / "a" / "classic" / "val2017")
+    done = {"steps": {n: record(m, n, status="done") for n in m.steps}}
+    frozen = copy.deepcopy(done)
+
+    assert plan(m, {}, {}) == [("a", "run", "never run"), ("b", "run", "never run")]
+    assert plan(m, done, {}) == [("a", "skip", "up to date"), ("b", "skip", "up to date")]
+    assert plan(m, done, {"a": "labels.json missing"}) == [
+        ("a", "run", "outputs incomplete: labels.json missing"), ("b", "run", "upstream a runs")]
+    assert plan(m, done, {}, force=["a"]) == [("a", "run", "forced"), ("b", "run", "forced (downstream of a)")]
+    assert done == frozen  # nothing was modified
+
+    running = copy.deepcopy(done)
+    running["steps"]["a"].update(status="running", started="2024-01-01T10:00:00+00:00")
+    assert plan(m, running, {})[0] == ("a", "run", "interrupted (started 2024-01-01T10:00:00+00:00)")
+    failed = copy.deepcopy(done)
+    failed["steps"]["b"].update(status="failed", error="exit code 1: boom")
+    assert plan(m, failed, {})[1] == ("b", "run", "failed last time: exit code 1: boom")
+
+    m8 = small_manifest(tmp_path, shard_size=8)
+    assert plan(m8, done, {}) == [("a", "run", "settings changed: shard_size 4→8"),
+                                  ("b", "run", "upstream a changed")]
+    changed_input = small_manifest(tmp_path, digest=lambda p: "sha256:bb")
+    assert plan(changed_input, done, {})[0] == ("a", "run", "input changed: ann.json")
+    missing_input = small_manifest(tmp_path, digest=lambda p: None)
+    assert plan(missing_input, done, {})[0] == ("a", "run", "input missing: ann.json")
+    old_code = copy.deepcopy(done)
+    old_code["steps"]["a"].update(code_version="pipeline 0.0.1", fingerprint="old")
+    assert plan(m, old_code, {})[0] == ("a", "run", "code version changed: pipeline 0.0.1→pipeline 0.1.0")
+    assert plan(m, done, {}, only=["b"])[0] == ("a", "skip", "not selected")
+
+
+# -- bad manifests -------------------------------------------------------------------------------
+
+STEP = "  a:\n    run: label\n    with: {source: coco, teacher: classic}\n"
+BAD = {
+    "invalid_yaml": ("steps:\n  a:\n    run: label\n    with: {source: coco\n  b: 1\n", 5, "invalid YAML"),
+    "unknown_top_key": ("workdir: w\nstep:\n" + STEP, 2, "unknown top-level key 'step' (did you mean 'steps'?)"),
+    "cycle": ("steps:\n  a:\n    run: label\n    needs: [b]\n  b:\n    run: label\n    needs: [a]\n", 2,
+              "cycle in needs: a -> b -> a"),
+    "unknown_needs": ("steps:\n" + STEP + "    needs: [b]\n", 5, "step 'a' needs unknown step 'b'"),
+    "unknown_command": ("steps:\n  a:\n    run: lable\n", 3, "unknown command 'lable' (did you mean 'label'?)"),
+    "unknown_option": ("steps:\n" + STEP + "  b:\n    run: label\n    with:\n      source: coco\n"
+                       "      shard_sise: 4\n", 9,
+                       "unknown option 'shard_sise' for `label` (did you mean 'shard_size'?)"),
+    "mistyped_value": ("steps:\n  a:\n    run: label\n    with:\n      source: coco\n      teacher: classic\n"
+                       "      shard_size: many\n", 7,
+                       "Invalid value for '--shard-size': 'many' is not a valid integer"),
+    "bad_choice": ("steps:\n  a:\n    run: label\n    with:\n      source: coco\n      teacher: nope\n", 6,
+                   "Invalid value for '--teacher': 'nope' is not one of"),
+    "missing_required": ("steps:\n  a:\n    run: label\n    with: {source: coco}\n", 2, "Missing option '--teacher'"),
+    "unresolved_var": ("vars: {teacher: classic}\nsteps:\n  a:\n    run: label\n    with:\n      source: coco\n"
+                       "      teacher: ${teachr}\n", 7, "unresolved ${teachr} in teacher (did you mean 'teacher'?)"),
+    "unknown_step_ref": ("steps:\n" + STEP + "  b:\n    run: label\n    with:\n      source: folder\n"
+                         "      teacher: classic\n      images: ${steps.c.out}\n", 10, "names unknown step 'c'"),
+    "duplicate_key": ("steps:\n" + STEP + "  a:\n    run: label\n", 5, "duplicate key 'a' (first at line 2)"),
+    "unknown_step_key": ("steps:\n" + STEP + "    resourcs: {gpus: 1}\n", 5, "unknown key 'resourcs'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_manifest_is_refused_with_file_and_line(case, fresh):
+    text, line, message = BAD[case]
+    Path(f"{case}.yaml").write_text(text)
+    result = invoke("run", f"{case}.yaml", "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert f"error: {case}.yaml:{line}: " in result.output and message in result.output, result.output
+    assert not Path("runs").exists()  # nothing was started
+
+
+def test_every_problem_is_reported_at_once(fresh):
+    Path("m.yaml").write_text("bogus: 1\nsteps:\n  a:\n    run: lable\n  b:\n    run: label\n    with: {x: 1}\n")
+    with pytest.raises(ManifestError) as e:
+        load_manifest("m.yaml")
+    assert [re.match(r"m\.yaml:(\d+):", x).group(1) for x in e.value.errors] == ["1", "4", "7"]
+
+
+def test_a_command_of_a_subgroup_can_be_a_step(fresh):
+    group = click.Group()
+    tools = click.Group("tools")
+    group.add_command(tools)
+    tools.add_command(click.Command("echo", params=[click.Argument(["words"], nargs=-1),
+                                                    click.Option(["--times", "-t"], type=int, default=1)]))
+    Path("m.yaml").write_text("steps:\n  a:\n    run: tools  echo\n    with: {words: [hi, -x], times: 2}\n")
+    step = load_manifest("m.yaml", group=group).steps["a"]
+    assert (step.command, step.args, step.settings) == ("tools echo", ("--times=2", "--", "hi", "-x"),
+                                                        {"words": ["hi", "-x"], "times": 2})
+    Path("m.yaml").write_text("steps:\n  a:\n    run: tools\n")
+    with pytest.raises(ManifestError, match=r"m\.yaml:3: step 'a': `tools` is a group: name one of its commands"):
+        load_manifest("m.yaml", group=group)
+
+
+def test_full_manifest_passes_dry_run_validation(fresh):
+    result = invoke("run", FULL, "--dry-run")
+    assert result.exit_code == 0, result.output
+    rows = dry_run_table(result.output)
+    assert len(rows) == 6 and all(action == "run" for action, _ in rows.values())
+    assert rows["label_train_deepgaze"][1] == "input missing: data/coco/annotations/instances_train2017.json"
+    assert rows["label_test_salgan"][1] == ("input missing: data/coco/annotations/image_info_test2017.json, "
+                                            "data/weights/salgan_generator.pt")
+    assert "--teacher=deepgaze" in result.output and "--shard-size=1000" in result.output
+    assert not Path("runs").exists()
+
+
+# -- interruption and the lock -------------------------------------------------------------------
+
+def test_sigkill_during_a_label_step_then_rerun_gives_the_same_shards(finished, fresh):
+    runner = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(DEMO), *OPTS, "--until", "label_val"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not any(VAL.glob("shard-*.json")):  # the first finished shard
+            assert runner.poll() is None, "the runner ended before the first shard"
+            assert time.monotonic() < deadline, "no shard after 120 s"
+            os.sched_yield()
+    finally:
+        os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait()
+    assert not (VAL / "labels.json").exists(), "the step was not interrupted"
+    assert planned(until=["label_val"])["label_val"][1].startswith("interrupted (started ")
+
+    result = invoke("run", DEMO, *OPTS, "--until", "label_val")
+    assert result.exit_code == 0, result.output
+    assert "--overwrite" not in result.output  # resumed, not restarted
+    assert re.search(r"[1-9]\d* already done", result.output)
+    assert digests(VAL) == digests(finished / VAL)
+    assert verify_dataset(VAL) == ""
+
+
+def test_the_lock_refuses_a_second_runner(fresh):
+    with workdir_lock(Path("runs/demo")):
+        result = invoke("run", DEMO, *OPTS)
+    assert result.exit_code == 1
+    assert f"another `pipeline run` (pid {os.getpid()}) is running in workdir runs/demo" in result.output
+    assert not Path("runs/demo/label_val").exists()
+
+
+# -- scheduling, with a test-only fake command ---------------------------------------------------
+
+FAKE = """\
+import json, os, sys, time
+name = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--name="))
+log = os.environ["FAKE_LOG"]
+def note(event):
+    with open(log, "a") as f:
+        f.write(json.dumps([name, event, os.environ.get("CUDA_VISIBLE_DEVICES"), time.monotonic()]) + "\\n")
+def started(other):
+    return any(json.loads(l)[:2] == [other, "start"] for l in open(log))
+note("start")
+print(f"hello from {name}")
+if name in ("g1", "g2"):  # each waits for the other: they must run at the same time, on different GPUs
+    deadline = time.monotonic() + 30
+    while not started("g2" if name == "g1" else "g1") and time.monotonic() < deadline:
+        time.sleep(0.01)
+note("end")
+sys.exit(3 if "--fail" in sys.argv else 0)
+"""
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    group = click.Group()
+
+    @group.command("fake")
+    @click.option("--name", required=True)
+    @click.option("--fail", is_flag=True)
+    def fake_cmd(name, fail):
+        """Stands for a real command: only parsed, never run in-process."""
+
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    log = tmp_path / "log.jsonl"
+    log.touch()
+    monkeypatch.setenv("FAKE_LOG", str(log))
+
+    def run(text: str, **kw) -> tuple[int, str, list]:
+        path = tmp_path / "fake.yaml"
+        path.write_text(f"workdir: {tmp_path / 'w'}\n" + textwrap.dedent(text))
+        lines: list[str] = []
+        code = run_manifest(load_manifest(path, group=group), launcher=[sys.executable, str(script)],
+                            echo=lambda s="", err=False: lines.append(s), **kw)
+        return code, "\n".join(lines), [json.loads(x) for x in log.read_text().splitlines()]
+
+    return run
+
+
+def test_gpu_steps_wait_for_a_free_gpu(fake):
+    code, out, log = fake("""\
+        steps:
+          g1: {run: fake, with: {name: g1}, resources: {gpus: 1}}
+          g2: {run: fake, with: {name: g2}, resources: {gpus: 1}}
+          g3: {run: fake, with: {name: g3}, resources: {gpus: 1}}
+          cpu: {run: fake, with: {name: cpu}, resources: {cpus: 1}}
+        """, jobs=4, cpus=4, gpus=2)
+    assert code == 0, out
+    assert "[g3] hello from g3" in out
+    events = {(n, e): (gpu, t) for n, e, gpu, t in log}
+    assert {events["g1", "start"][0], events["g2", "start"][0]} == {"0", "1"}
+    assert events["g1", "start"][1] < events["g2", "end"][1] and events["g2", "start"][1] < events["g1", "end"][1]
+    first_free = min(events["g1", "end"][1], events["g2", "end"][1])
+    assert events["g3", "start"][1] > first_free  # waited for a GPU
+    assert events["cpu", "start"][0] == ""  # a step sees only the GPUs it declared
+
+
+def test_keep_going_finishes_independent_steps(fake, tmp_path):
+    text = """\
+        steps:
+          broken: {run: fake, with: {name: broken, fail: true}}
+          child: {run: fake, with: {name: child}, needs: [broken]}
+          independent: {run: fake, with: {name: independent}}
+        """
+    code, out, log = fake(text)
+    assert code == 1 and "error: step failed: broken" in out
+    assert [n for n, e, *_ in log if e == "start"] == ["broken"]
+    assert re.search(r"independent\s+run\s+not run: stopped after broken failed", out)
+
+    code, out, log = fake(text, keep_going=True)
+    assert code == 1 and "error: step failed: broken" in out
+    assert "[broken] failed after" in out and "exit code 3: hello from broken" in out
+    assert [n for n, e, *_ in log if e == "start"] == ["broken", "broken", "independent"]
+    assert re.search(r"child\s+run\s+not run: upstream broken failed", out)
+    assert {n: r["status"] for n, r in load_state(tmp_path / "w")["steps"].items()} == {
+        "broken": "failed", "independent": "done"}
