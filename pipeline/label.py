@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import remove_stale_temps, write_json
 from pipeline.labeler import LabelConfig, ShardLabeler
+from pipeline.preview import write_preview
 from pipeline.shards import ENCODING_VERSION, verify_shard
 from pipeline.sources import ImageRecord, ShardPlan, plan_shards
 
@@ -214,6 +215,9 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
             len(p.records) for p in plans if p.name in summary.shards_failed)
         if len(markers) == len(plans):
             write_index(folder, plans, markers, identity)
+            first = next((markers[p.index] for p in plans if markers[p.index]["count"]), None)
+            if first is not None:
+                write_preview(folder / first["tar"], identity["label_extension"], folder / "preview.png")
         summary.wall_s = time.perf_counter() - start
         return summary
     finally:

@@ -62,14 +62,22 @@ def work_shape(height: int, width: int, long_side: int = WORK_SIZE) -> tuple[int
 
 
 def spectral_residual(gray: torch.Tensor, *, smooth_sigma: float = SMOOTH_SIGMA) -> torch.Tensor:
-    """Spectral residual saliency of grey images ``[B, 1, h, w]`` (float) at the same size, >= 0."""
-    spectrum = torch.fft.fft2(gray)
+    """Spectral residual saliency of grey images ``[B, 1, h, w]`` (float) at the same size, >= 0.
+
+    The image is mirror-padded by a quarter of each side before the FFT and cropped after, so the
+    FFT's wrap-around does not turn the image borders into false edges.
+    """
+    h, w = gray.shape[-2:]
+    ph, pw = min(h // 4, h - 1), min(w // 4, w - 1)
+    padded = F.pad(gray, (pw, pw, ph, ph), mode="reflect") if ph or pw else gray
+    spectrum = torch.fft.fft2(padded)
     log_amplitude = torch.log(spectrum.abs() + _EPS)
     phase = torch.angle(spectrum)
     smoothed = F.avg_pool2d(F.pad(log_amplitude, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     residual = log_amplitude - smoothed
     saliency = torch.fft.ifft2(torch.polar(torch.exp(residual), phase)).abs() ** 2
-    return _blur(saliency, smooth_sigma).clamp_min(0)
+    saliency = _blur(saliency, smooth_sigma)[..., ph : ph + h, pw : pw + w]
+    return saliency.clamp_min(0)
 
 
 def center_bias(height: int, width: int, *, sigma: tuple[float, float] = CENTER_SIGMA,

@@ -115,3 +115,13 @@ def test_module_to_device_plumbing(teacher):
     # nn.Module plumbing: .to() works although the teacher has no parameters
     img = torch.randint(0, 256, (1, 3, 16, 24), dtype=torch.uint8)
     assert teacher.to("cpu")(img).shape == (1, 1, 16, 24)
+
+
+def test_image_borders_are_not_false_edges(teacher, photo):
+    """The FFT wraps around: without mirror padding the border strip lights up on every photo."""
+    from teachers.classic import spectral_residual
+
+    gray = photo.float().mean(1, keepdim=True)
+    sr = spectral_residual(torch.nn.functional.interpolate(gray, size=(48, 64), mode="area"))[0, 0]
+    border = torch.cat([sr[:3].flatten(), sr[-3:].flatten(), sr[:, :3].flatten(), sr[:, -3:].flatten()])
+    assert border.mean() < 1.5 * sr[3:-3, 3:-3].mean()

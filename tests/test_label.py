@@ -58,6 +58,8 @@ def test_shards_read_back_with_plain_webdataset(coco_tree, tmp_path):
     assert marker["encoding_version"] == 1 and "forward_s" in marker["timings"]
     index = json.loads((out / "labels.json").read_text())
     assert index["count"] == 8 and [s["tar"] for s in index["shards"]] == sorted(digests(out))
+    preview = cv2.imread(str(out / "preview.png"))  # first shard: image | label overlay, one row each
+    assert preview.shape == (3 * 192, 2 * 256, 3)
 
 
 def test_density_labels_are_float16_log_densities(coco_tree, tmp_path):
@@ -260,3 +262,21 @@ def test_random_weights_are_loudly_marked(coco_tree, tmp_path):
               progress=False)
     marker = json.loads((tmp_path / "shard-000000.json").read_text())
     assert marker["weights_random"] is True and marker["weights_digest"] == "random"
+
+
+def test_classic_labels_of_the_bundled_sample_have_structure(tmp_path):
+    """The demo's labels mean something: not constant, and not just the centre-bias blob."""
+    from teachers.classic import center_bias
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "coco"
+    result = CliRunner().invoke(cli, ["label", "coco", "--teacher", "classic", "--coco-root", str(sample),
+                                      "--out", str(tmp_path), "--executor", "local", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    blob = center_bias(192, 256).reshape(-1).numpy()
+    maps = [s["classic.png"] for s in wds.WebDataset(str(tmp_path / "classic" / "val2017" / "shard-000000.tar"),
+                                                     shardshuffle=False).decode("l8")]
+    assert len(maps) == 12
+    for m in maps:
+        m = m.reshape(-1).astype(float)
+        assert m.std() > 5  # gray levels, not a constant map
+        assert np.corrcoef(m, blob)[0, 1] < 0.95
