@@ -1,0 +1,408 @@
+"""Saliency benchmark metrics (MIT / Tübingen saliency benchmark definitions, as in pysaliency).
+
+Each metric is computed for **one image**; fixations are integer pixel indices ``ys`` (rows) and
+``xs`` (columns), 0-based, inside the image.  Duplicate fixations at one pixel count as separate
+fixations everywhere (as pysaliency indexes maps per fixation).  Note the argument order: this
+module takes ``(ys, xs)``; pysaliency's ``NSS(saliency_map, xs, ys)`` takes x first.
+
+Which pysaliency definition each function follows (github.com/matthias-k/pysaliency, files
+``pysaliency/metrics.py``, ``pysaliency/saliency_map_models.py``, ``pysaliency/models.py``,
+``pysaliency/roc_cython.pyx`` / ``pysaliency/numba_utils.py``):
+
+``auc_judd``
+    ``SaliencyMapModel.AUC_Judd``: ``AUC(nonfixations='unfixated', thresholds='fixations')``, i.e.
+    ``general_roc(positives, negatives, judd=1)``.  Positives are the map values at the
+    fixations (one per fixation, duplicates included); negatives are the values of all pixels that
+    were *not* fixated (not all pixels - that is the plain ``AUC(nonfixations='uniform')``).  The
+    thresholds are the fixated values plus one value above and one below everything; at a
+    threshold ``t`` a value counts as "above" when it is ``>= t``; the area is the trapezoid rule
+    over the resulting (FPR, TPR) points.  So negatives lying strictly between two consecutive
+    fixation values, and negatives tied with a fixation value, all fall on one straight segment of
+    the curve - the AUC-Judd approximation, which is not the Mann-Whitney statistic.
+    *Deliberate difference*: pysaliency (and the MIT ``AUC_Judd.m``) by default add random jitter
+    (Gaussian, sd 1e-7) to the map to break ties; we add none, so the result is deterministic and
+    equals pysaliency's ``AUC_Judd(..., jitter=False)``.  Because the jitter is absolute, it is not
+    negligible for density maps (values ~1e-6), another reason to leave it out.  A constant map
+    gives exactly 0.5.  (The MIT Matlab code also counts a pixel fixated twice only once as a
+    positive; pysaliency counts each fixation, and so do we.)
+
+``shuffled_auc``
+    ``SaliencyMapModel.AUC(nonfixations='shuffled')`` with the default ``thresholds='all'``, i.e.
+    ``general_roc(positives, negatives, judd=0)`` where the negatives are the map values at the
+    fixations of all *other* images, rescaled to this image (``FullShuffledNonfixationProvider``).
+    With every value as a threshold the trapezoid area equals P(pos > neg) + 0.5 P(pos == neg)
+    (ties count half), which is how it is computed here (no sort of the negatives needed).  The
+    caller passes the other images' fixations already in this image's pixel coordinates;
+    :func:`rescale_fixations` does that rescaling.
+    *Difference*: pysaliency rescales continuous coordinates and truncates (``int(x * w / w')``);
+    for integer pixel indices we map pixel centres, ``floor((x + 0.5) * w / w')``, which is the
+    identity for equal sizes and does not shift points towards the top-left corner.
+
+``nss``
+    ``pysaliency.metrics.NSS``: standardise the map with its mean and *population* std (ddof=0),
+    average the values at the fixations.  For a constant map (std 0) pysaliency does not divide,
+    so NSS is 0.  pysaliency's dataset score averages over all fixations; to reproduce it from
+    these per-image means weight each image by its fixation count.
+
+``cc``
+    ``pysaliency.metrics.CC``: Pearson correlation of the two maps.  pysaliency returns 0.0 when
+    the *first* map is constant and the second is not, and NaN when both are constant (and NaN,
+    with a warning, when only the second is constant).  *Deliberate difference*: we return 0.0
+    when exactly one of the maps is constant, in either order; both constant stays NaN.
+
+``kl_div``
+    ``pysaliency.metrics.MIT_KLDiv(pred, gt)``: ``image_based_kl_divergence`` with
+    ``minimum_value=0`` and ``log_regularization = quotient_regularization = 2.2204e-16``.  Both
+    maps become densities via ``convert_saliency_map_to_density`` (subtract the minimum if it is
+    negative, divide by the sum; an all-zero map becomes uniform), then
+    ``KL = sum(gt * log(eps + gt / (pred + eps)))`` (natural log).  pysaliency goes through
+    ``exp(log(density))``; we use the densities directly (the same up to rounding).
+
+``sim``
+    ``pysaliency.metrics.SIM``: both maps to densities as above, sum of the pixelwise minimum.
+
+``information_gain``
+    ``ScanpathModel.information_gains`` / ``information_gain``: per fixation
+    ``(log p_model(x) - log p_baseline(x)) / log(2)`` (bits), averaged over the image's fixations.
+    *Deliberate difference*: both log densities are renormalised to sum to 1 over the image
+    (subtracting their logsumexp) before they are read; pysaliency takes them as given.  For
+    proper densities this changes nothing; for a model whose output is off by a constant it stops
+    that constant from showing up as information.
+
+``empirical_saliency_map``
+    Fixation counts blurred with ``cv2.GaussianBlur`` (sigma in pixels, kernel truncated at 4
+    sigma by OpenCV, ``BORDER_REFLECT`` so that a fixation on the border keeps its full mass),
+    normalised to sum 1; ``sigma <= 0`` means no blur.  (pysaliency's ``FixationMap`` models use
+    scipy's ``gaussian_filter``; the MIT benchmark its own FFT blur.)
+
+``centerbias_log_density`` / ``resize_log_density``
+    A simple centre-bias baseline: all images' fixations pooled on a common grid, blurred, mixed
+    with a little uniform density (``regularization``, like the uniform component of pysaliency's
+    ``RegularizedKernelDensityEstimator``) so that it is finite everywhere, returned as a log
+    density.  ``resize_log_density`` follows pysaliency's ``ResizingModel``: bilinear
+    interpolation of the *log* density, then subtract its logsumexp so it sums to 1 again.
+    (pysaliency uses ``scipy.ndimage.zoom(order=1, mode='nearest')``, corner-aligned; we use
+    ``cv2.resize`` with ``INTER_LINEAR``, pixel-centre aligned.)
+
+``image_metrics``
+    All seven for one image.  The saliency map is ``exp(log_density)``; CC, KL and SIM compare it
+    with ``empirical_saliency_map(ys, xs, shape, sigma)``.  AUC-Judd and sAUC are evaluated on
+    ``log_density`` itself: AUCs only depend on the order of the values, and ``exp`` is strictly
+    increasing, so this is the same number without the ties that ``exp`` creates when it
+    underflows to 0.  The baseline is resized to the image if its shape differs.
+
+Everything is vectorised numpy: the AUCs bin the negatives against the (few) distinct fixated
+values with ``searchsorted``/``bincount``, so one 480x640 image costs a few milliseconds per metric;
+the Gaussian blur of the empirical map dominates for large sigma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+#: the regularisation constant of the MIT benchmark's KLdiv.m (Matlab's ``eps``, rounded)
+KL_EPS = 2.2204e-16
+
+METRICS = ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig")
+
+
+# --------------------------------------------------------------------------------------------
+# input handling
+
+
+def _as_map(a, name: str = "saliency_map") -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"{name} must be a non-empty 2-d array, got shape {a.shape}")
+    if np.isnan(a).any():
+        raise ValueError(f"{name} contains NaN")
+    return a
+
+
+def _as_fixations(ys, xs, shape: tuple[int, int], name: str = "fixations") -> tuple[np.ndarray, np.ndarray]:
+    ys = np.asarray(ys)
+    xs = np.asarray(xs)
+    if ys.ndim != 1 or xs.ndim != 1 or ys.shape != xs.shape:
+        raise ValueError(f"{name}: ys and xs must be 1-d of equal length, got {ys.shape} and {xs.shape}")
+    if ys.size and not (np.issubdtype(ys.dtype, np.integer) and np.issubdtype(xs.dtype, np.integer)):
+        if not (np.array_equal(ys, np.round(ys)) and np.array_equal(xs, np.round(xs))):
+            raise ValueError(f"{name}: coordinates must be integer pixel indices")
+    ys = ys.astype(np.intp, copy=False)
+    xs = xs.astype(np.intp, copy=False)
+    h, w = shape
+    if ys.size and (ys.min() < 0 or xs.min() < 0 or ys.max() >= h or xs.max() >= w):
+        raise ValueError(f"{name}: coordinates outside the {h}x{w} image")
+    return ys, xs
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"maps differ in shape: {a.shape} vs {b.shape}")
+
+
+def _to_density(a: np.ndarray) -> np.ndarray:
+    """pysaliency's ``convert_saliency_map_to_density(minimum_value=0)``."""
+    lo = a.min()
+    if lo < 0:
+        a = a - lo
+    total = a.sum()
+    if total:
+        return a / total
+    return np.full(a.shape, 1.0 / a.size)
+
+
+def _logsumexp(a: np.ndarray) -> float:
+    m = np.max(a)
+    if not np.isfinite(m):
+        return float(m)
+    return float(m + np.log(np.exp(a - m).sum()))
+
+
+def _normalised_log(log_density, name: str) -> np.ndarray:
+    ld = _as_map(log_density, name)
+    if np.isposinf(ld).any():
+        raise ValueError(f"{name} contains +inf")
+    z = _logsumexp(ld)
+    if not np.isfinite(z):
+        raise ValueError(f"{name} has no mass (all -inf)")
+    return ld - z
+
+
+# --------------------------------------------------------------------------------------------
+# ROC areas
+
+
+def _auc_fixation_thresholds(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Area of pysaliency's ``general_roc(positives, negatives, judd=1)``.
+
+    Thresholds: one above everything, every positive value, one below everything; a value is
+    "above" threshold t when it is >= t.  Repeated thresholds only add zero-width segments, so
+    the distinct positive values suffice.
+    """
+    m, n = positives.size, negatives.size
+    thr = np.unique(positives)  # ascending
+    pos_ge = m - np.searchsorted(np.sort(positives), thr, side="left")  # positives >= thr[j]
+    # k = number of thresholds <= value, so a negative is >= thr[j] iff k >= j + 1
+    k = np.searchsorted(thr, negatives, side="right")
+    suffix = np.cumsum(np.bincount(k, minlength=thr.size + 1)[::-1])[::-1]
+    neg_ge = suffix[1:]
+    # points from the highest threshold down: (0,0) start, (0,0) for the value above all,
+    # one point per distinct fixated value, (1,1) for the value below all
+    tpr = np.concatenate(([0.0, 0.0], pos_ge[::-1] / m, [1.0]))
+    fpr = np.concatenate(([0.0, 0.0], neg_ge[::-1] / n, [1.0]))
+    return float(np.trapezoid(tpr, fpr))
+
+
+def _auc_all_thresholds(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Area of pysaliency's ``general_roc(positives, negatives, judd=0)``.
+
+    With every value a threshold, the trapezoid area is the Mann-Whitney statistic with ties
+    counted half: mean over (pos, neg) pairs of [pos > neg] + 0.5 [pos == neg].
+    """
+    m, n = positives.size, negatives.size
+    vals, counts = np.unique(positives, return_counts=True)
+    right = np.searchsorted(vals, negatives, side="right")  # distinct positive values <= neg
+    left = np.searchsorted(vals, negatives, side="left")  # distinct positive values < neg
+    # neg < vals[j]  iff  right <= j
+    below = np.cumsum(np.bincount(right, minlength=vals.size + 1))[: vals.size]
+    tied = left < right  # neg == vals[left]
+    equal = np.bincount(left[tied], minlength=vals.size)[: vals.size]
+    score = (counts * (below + 0.5 * equal)).sum()
+    return float(score / (m * n))
+
+
+def auc_judd(saliency_map: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
+    """AUC-Judd: fixated values vs. unfixated pixels, fixated values as thresholds.
+
+    NaN if there are no fixations or no unfixated pixels.
+    """
+    s = _as_map(saliency_map)
+    ys, xs = _as_fixations(ys, xs, s.shape)
+    if ys.size == 0:
+        return float("nan")
+    fixated = np.zeros(s.shape, dtype=bool)
+    fixated[ys, xs] = True
+    negatives = s[~fixated]
+    if negatives.size == 0:
+        return float("nan")
+    return _auc_fixation_thresholds(s[ys, xs], negatives)
+
+
+def shuffled_auc(saliency_map, ys, xs, other_ys, other_xs) -> float:
+    """Shuffled AUC: fixated values vs. values at other images' fixations (in this image's pixels).
+
+    NaN if either set is empty.
+    """
+    s = _as_map(saliency_map)
+    ys, xs = _as_fixations(ys, xs, s.shape)
+    oys, oxs = _as_fixations(other_ys, other_xs, s.shape, "other fixations")
+    if ys.size == 0 or oys.size == 0:
+        return float("nan")
+    return _auc_all_thresholds(s[ys, xs], s[oys, oxs])
+
+
+# --------------------------------------------------------------------------------------------
+# NSS, CC, KL, SIM
+
+
+def nss(saliency_map, ys, xs) -> float:
+    """Normalised scanpath saliency: mean of the standardised map (ddof=0) at the fixations."""
+    s = _as_map(saliency_map)
+    ys, xs = _as_fixations(ys, xs, s.shape)
+    if ys.size == 0:
+        return float("nan")
+    values = s[ys, xs] - s.mean()
+    std = s.std()
+    if std:
+        values = values / std
+    return float(values.mean())
+
+
+def cc(map_a, map_b) -> float:
+    """Pearson correlation of two maps; 0.0 if exactly one is constant, NaN if both are."""
+    a = _as_map(map_a, "map_a")
+    b = _as_map(map_b, "map_b")
+    _same_shape(a, b)
+    a = a - a.mean()
+    b = b - b.mean()
+    na = np.sqrt((a * a).sum())
+    nb = np.sqrt((b * b).sum())
+    if not na and not nb:
+        return float("nan")
+    if not na or not nb:
+        return 0.0
+    r = float((a * b).sum() / (na * nb))
+    return min(1.0, max(-1.0, r))
+
+
+def kl_div(pred_map, gt_map) -> float:
+    """Image-based KL(gt || pred) as in the MIT benchmark (both maps normalised to sum 1)."""
+    p = _as_map(pred_map, "pred_map")
+    g = _as_map(gt_map, "gt_map")
+    _same_shape(p, g)
+    p = _to_density(p)
+    g = _to_density(g)
+    return float((g * np.log(KL_EPS + g / (p + KL_EPS))).sum())
+
+
+def sim(map_a, map_b) -> float:
+    """Similarity (histogram intersection) of the two maps normalised to sum 1."""
+    a = _as_map(map_a, "map_a")
+    b = _as_map(map_b, "map_b")
+    _same_shape(a, b)
+    return float(np.minimum(_to_density(a), _to_density(b)).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# information gain, empirical maps, centre bias
+
+
+def information_gain(log_density, baseline_log_density, ys, xs) -> float:
+    """Bits per fixation of the model over the baseline (both renormalised over the image)."""
+    ld = _normalised_log(log_density, "log_density")
+    base = _normalised_log(baseline_log_density, "baseline_log_density")
+    _same_shape(ld, base)
+    ys, xs = _as_fixations(ys, xs, ld.shape)
+    if ys.size == 0:
+        return float("nan")
+    return float(((ld[ys, xs] - base[ys, xs]) / np.log(2.0)).mean())
+
+
+def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return a
+    return cv2.GaussianBlur(a, (0, 0), sigmaX=float(sigma), sigmaY=float(sigma), borderType=cv2.BORDER_REFLECT)
+
+
+def empirical_saliency_map(ys, xs, shape, sigma) -> np.ndarray:
+    """Fixations -> density: counts per pixel, Gaussian blur (sigma in pixels), sum 1."""
+    h, w = (int(v) for v in shape)
+    ys, xs = _as_fixations(ys, xs, (h, w))
+    if ys.size == 0:
+        raise ValueError("empirical_saliency_map needs at least one fixation")
+    counts = np.bincount(ys * w + xs, minlength=h * w).astype(np.float64).reshape(h, w)
+    smap = np.maximum(_blur(counts, sigma), 0.0)
+    return smap / smap.sum()
+
+
+def rescale_fixations(ys, xs, from_shape, to_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Map pixel indices of an image of ``from_shape`` to one of ``to_shape`` (pixel centres)."""
+    (h0, w0), (h1, w1) = from_shape, to_shape
+    ys, xs = _as_fixations(ys, xs, (h0, w0))
+    new_ys = np.minimum(np.floor((ys + 0.5) * (h1 / h0)).astype(np.intp), h1 - 1)
+    new_xs = np.minimum(np.floor((xs + 0.5) * (w1 / w0)).astype(np.intp), w1 - 1)
+    return new_ys, new_xs
+
+
+def centerbias_log_density(
+    fixations: Iterable[tuple[Sequence[int], Sequence[int], tuple[int, int]]],
+    shape: tuple[int, int] = (64, 64),
+    sigma: float = 2.0,
+    regularization: float = 1e-5,
+) -> np.ndarray:
+    """Pooled centre bias on a ``shape`` grid, as a log density (sums to 1 in probability).
+
+    ``fixations`` holds ``(ys, xs, (h, w))`` per image; each image's fixations are rescaled to
+    the grid, all are counted, blurred with ``sigma`` grid pixels, normalised and mixed with a
+    uniform density of weight ``regularization`` so that the log is finite everywhere.
+    """
+    gh, gw = (int(v) for v in shape)
+    counts = np.zeros(gh * gw, dtype=np.float64)
+    total = 0
+    for ys, xs, size in fixations:
+        gys, gxs = rescale_fixations(ys, xs, size, (gh, gw))
+        counts += np.bincount(gys * gw + gxs, minlength=gh * gw)
+        total += gys.size
+    if total == 0:
+        raise ValueError("centerbias_log_density needs at least one fixation")
+    if not 0 <= regularization < 1:
+        raise ValueError("regularization must be in [0, 1)")
+    density = np.maximum(_blur(counts.reshape(gh, gw), sigma), 0.0)
+    density = (1.0 - regularization) * density / density.sum() + regularization / density.size
+    with np.errstate(divide="ignore"):
+        return np.log(density)
+
+
+def resize_log_density(log_density, shape) -> np.ndarray:
+    """Bilinearly resize a log density to ``shape`` (h, w) and renormalise it to sum 1."""
+    ld = _as_map(log_density, "log_density")
+    h, w = (int(v) for v in shape)
+    if np.isposinf(ld).any():
+        raise ValueError("log_density contains +inf")
+    finite = np.isfinite(ld)
+    if not finite.any():
+        raise ValueError("log_density has no mass (all -inf)")
+    if not finite.all():  # -inf would make NaNs in the interpolation: use a negligible value
+        ld = np.where(finite, ld, ld[finite].min() - 700.0)
+    if ld.shape != (h, w):
+        ld = cv2.resize(ld, (w, h), interpolation=cv2.INTER_LINEAR)
+    return ld - _logsumexp(ld)
+
+
+# --------------------------------------------------------------------------------------------
+# all metrics of one image
+
+
+def image_metrics(log_density, ys, xs, *, other_ys, other_xs, baseline_log_density, sigma) -> dict[str, float]:
+    """The seven metrics of :data:`METRICS` for one image (see the module docstring)."""
+    ld = _as_map(log_density, "log_density")
+    ys, xs = _as_fixations(ys, xs, ld.shape)
+    if ys.size == 0:
+        return {k: float("nan") for k in METRICS}
+    base = np.asarray(baseline_log_density, dtype=np.float64)
+    if base.shape != ld.shape:
+        base = resize_log_density(base, ld.shape)
+    smap = np.exp(_normalised_log(ld, "log_density"))  # exp(log_density), renormalised
+    empirical = empirical_saliency_map(ys, xs, ld.shape, sigma)
+    return {
+        "auc_judd": auc_judd(ld, ys, xs),
+        "sauc": shuffled_auc(ld, ys, xs, other_ys, other_xs),
+        "nss": nss(smap, ys, xs),
+        "cc": cc(smap, empirical),
+        "kl_div": kl_div(smap, empirical),
+        "sim": sim(smap, empirical),
+        "ig": information_gain(ld, base, ys, xs),
+    }
