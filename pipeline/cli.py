@@ -27,7 +27,8 @@ def _teacher_names() -> list[str]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="pipeline")
 def cli():
-    """Saliency distillation pipeline: label images with teacher networks into WebDataset shards."""
+    """Saliency distillation pipeline: label images with teacher networks into WebDataset shards,
+    train fast students from them, and score and profile every model."""
 
 
 @cli.command("label")
@@ -193,7 +194,8 @@ def _floats3(ctx, param, value: str) -> tuple[float, float, float]:
 @click.option("--teacher", default=None, help="Hint stage: the teacher run online for hint targets.")
 @click.option("--teacher-weights", default=None, help="Hint stage: the teacher's --weights.")
 @click.option("--loss-weights", default="1,1,1", callback=_floats3,
-              help="Density teachers (Eq. 3): weights of KL, 1-cosine and BCE.")
+              help="Density teachers (Eq. 3): weights of KL, 1-cosine and BCE (the paper: 1,1,1; the "
+                   "authors' code: 0.5,0.2,0.3).")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on steps per epoch.")
 @click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
 @click.option("--progress/--no-progress", default=True)
@@ -221,14 +223,15 @@ def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_deca
 
 
 
-def _add_runner_commands() -> None:
+def _add_commands() -> None:
+    from pipeline.model_cmds import COMMANDS
     from pipeline.run_cmd import run_cmd, status_cmd
 
-    cli.add_command(run_cmd)
-    cli.add_command(status_cmd)
+    for command in (*COMMANDS, run_cmd, status_cmd):
+        cli.add_command(command)
 
 
-_add_runner_commands()
+_add_commands()
 
 
 def main() -> None:

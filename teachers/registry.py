@@ -38,6 +38,17 @@ def _load_all() -> None:
                 raise
 
 
+#: known weights names (see :mod:`teachers.weights`) a teacher loads when ``--weights`` is not given;
+#: ``None``: the teacher has no published default and needs ``--weights PATH``
+DEFAULT_WEIGHTS: dict[str, tuple[str, ...] | None] = {
+    "classic": (),
+    "deepgaze": ("deepgaze2e", "centerbias_mit1003"),
+    "deepgaze2e": ("deepgaze2e", "centerbias_mit1003"),
+    "deepgaze2": None,
+    "salgan": None,
+}
+
+
 def available() -> list[str]:
     _load_all()
     return sorted(_BUILDERS)

@@ -1,0 +1,387 @@
+"""Training a student from labelled shards: hint pretraining and fine-tuning, resumable exactly.
+
+Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, epoch, step, RNG states)
+under ``<run>/checkpoints/``; re-running the same command resumes after the last finished epoch
+and, on CPU, reproduces the uninterrupted run's losses (an epoch's data order depends only on the
+seed and the epoch). Per-step losses go to ``losses.csv``, per-epoch validation against the
+teacher's held-out labels (CC, KL, NSS) to ``metrics.csv``, both to ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_open, write_json
+from pipeline.data import open_label_set, shard_loader, split_shards
+from pipeline.labeler import resolve_device
+from students import STUDENTS, normalize
+from students.losses import density_teacher_loss, hint_loss, map_teacher_loss
+from teachers.weights import WeightsError, load_state_dict
+
+EPS = 2.2204e-16
+LOSS_HEADER = ["epoch", "step", "global_step", "loss"]
+
+
+class TrainError(Exception):
+    """Training cannot start (bad labels, a checkpoint from other settings…)."""
+
+
+@dataclass
+class TrainConfig:
+    labels: str
+    run: str
+    student: str = "fastsal_a"
+    stage: str = "finetune"  # finetune | hint
+    epochs: int = 100
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = (15, 30, 60)
+    gamma: float = 0.1
+    batch_size: int = 32
+    val_shards: int = 1
+    shuffle_buffer: int = 1000
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on GPU) | off | bf16
+    backbone_weights: str = "imagenet"
+    init: str | None = None  # a checkpoint whose weights start this stage (e.g. the hint stage's)
+    teacher: str | None = None  # hint stage: the teacher run online for hint targets
+    teacher_weights: str | None = None
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # density teachers: KL, 1-cos, BCE
+    steps_per_epoch: int | None = None  # cap (demos, tests)
+
+    def resume_key(self) -> dict:
+        """Settings a checkpoint must share to be resumed (the rest may change, e.g. epochs)."""
+        d = asdict(self)
+        for k in ("epochs", "workers", "device", "steps_per_epoch", "run", "init", "backbone_weights"):
+            d.pop(k)
+        return json.loads(json.dumps(d))
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val: dict = field(default_factory=dict)
+    lr: float = 0.0
+    seconds: float = 0.0
+    images: int = 0
+
+
+# -- RNG state, kept loadable with torch.load(weights_only=True) --------------------------------
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def agreement(logits: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """Per-image CC, KL and NSS of the student against the teacher's label.
+
+    Both become densities over pixels: the student's softmax (density teachers) or its sigmoid map
+    normalised (map teachers); the teacher's log density, or its map normalised to sum 1. NSS is
+    its expectation under fixations drawn from the teacher's density: Σ p_teacher · standardised map.
+    """
+    b = logits.shape[0]
+    flat = logits.float().reshape(b, -1)
+    if kind == "log_density":
+        s = torch.softmax(flat, dim=1)
+        t = target.float().reshape(b, -1).exp()
+    else:
+        s = torch.sigmoid(flat)
+        s = s / s.sum(1, keepdim=True)
+        t = target.float().reshape(b, -1)
+    t = t / t.sum(1, keepdim=True).clamp_min(EPS)
+    sc, tc = s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+    cc = (sc * tc).sum(1) / (sc.norm(dim=1) * tc.norm(dim=1)).clamp_min(EPS)
+    kl = (t * torch.log(EPS + t / (s + EPS))).sum(1)
+    nss = (t * sc / s.std(1, unbiased=False, keepdim=True).clamp_min(EPS)).sum(1)
+    return {"cc": cc, "kl": kl, "nss": nss}
+
+
+def init_from(model: torch.nn.Module, path: str) -> str:
+    """Start ``model`` from the weights of checkpoint ``path`` where names and shapes agree.
+
+    The encoder must be there in full (a FastSal C hint checkpoint starts FastSal A's encoder);
+    returns a line saying what was taken.
+    """
+    try:
+        obj = load_state_dict(path)
+    except WeightsError as e:
+        raise TrainError(f"--init: {e}") from None
+    sd = obj.get("model", obj)
+    own = model.state_dict()
+    take = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    missing_encoder = [k for k in own if k.startswith("encoder.") and k not in take]
+    if missing_encoder:
+        raise TrainError(f"--init {path}: its encoder does not fit ({len(missing_encoder)} tensors missing or of "
+                         f"another shape, e.g. {missing_encoder[0]}); is it a FastSal checkpoint?")
+    model.load_state_dict(take, strict=False)
+    return f"init from {path}: {len(take)} of {len(own)} tensors (the rest keep their initialisation)"
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = c = config
+        if c.student not in STUDENTS:
+            raise TrainError(f"unknown student {c.student!r}; known: {', '.join(sorted(STUDENTS))}")
+        if c.stage not in ("finetune", "hint"):
+            raise TrainError(f"unknown stage {c.stage!r} (finetune or hint)")
+        if c.stage == "hint" and c.student != "fastsal_c":
+            raise TrainError(f"{c.student} has no hint stage: its adaptation widths differ from the teacher's "
+                             "features; hint-pretrain fastsal_c and start from its checkpoint with --init")
+        if c.stage == "hint" and not c.teacher:
+            raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
+        self.labels = open_label_set(c.labels)
+        self.train_tars, self.val_tars = split_shards(self.labels.tars, c.val_shards)
+        self.run = Path(c.run)
+        self.ckpt_dir = self.run / "checkpoints"
+        self.device = resolve_device(c.device)
+        if c.amp == "bf16" and self.device.type != "cuda":
+            raise TrainError("--amp bf16 needs a GPU; use --amp off on CPU")
+        self.amp = self.device.type == "cuda" and c.amp in ("auto", "bf16")
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed)
+        random.seed(c.seed)
+        self.model = STUDENTS[c.student](backbone_weights=c.backbone_weights if not c.init else "none")
+        self.init_note = init_from(self.model, c.init) if c.init else f"backbone: {c.backbone_weights}"
+        self.model.to(self.device)
+        self.teacher = None
+        if c.stage == "hint":
+            from teachers import build_teacher
+
+            self.teacher = build_teacher(c.teacher, weights=c.teacher_weights).to(self.device).eval()
+            self.teacher.requires_grad_(False)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
+                                         weight_decay=c.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(c.milestones), c.gamma)
+        self.epoch, self.global_step = 0, 0
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def resume(self) -> bool:
+        latest = self.ckpt_dir / "latest.json"
+        if not latest.is_file():
+            return False
+        path = self.ckpt_dir / json.loads(latest.read_text())["checkpoint"]
+        ckpt = load_checkpoint(path)
+        mine = self.config.resume_key()
+        if ckpt["config"] != mine:
+            diff = sorted(k for k in set(ckpt["config"]) | set(mine) if ckpt["config"].get(k) != mine.get(k))
+            raise TrainError(f"{path} was trained with other settings ({', '.join(diff)}); "
+                             "use another --run or --restart")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.global_step = ckpt["epoch"] + 1, ckpt["global_step"]
+        set_rng_state(ckpt["rng"])
+        return True
+
+    def save(self, epoch: int) -> Path:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = self.ckpt_dir / f"epoch-{epoch:04d}.pt"
+        ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
+                "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
+                "stage": self.config.stage,
+                "labels": {"teacher": self.labels.teacher, "kind": self.labels.label_kind}}
+        with atomic_open(path, "wb") as f:
+            torch.save(ckpt, f)
+        write_json(self.ckpt_dir / "latest.json", {"checkpoint": path.name, "epoch": epoch})
+        for old in self.ckpt_dir.glob("epoch-*.pt"):  # keep the last two
+            if old.name < f"epoch-{epoch - 1:04d}.pt":
+                old.unlink()
+        return path
+
+    # -- one batch -------------------------------------------------------------------------
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stage's loss, and the student's logits when the stage computes them."""
+        x = normalize(images)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            if self.teacher is not None:
+                with torch.no_grad():
+                    hints = [h.float() for h in self.teacher.hint_features(images)]
+                feats = [f.float() for f in self.model.adapted_features(x)]
+                try:
+                    return hint_loss(feats, hints), None
+                except ValueError as e:
+                    raise TrainError(f"teacher {self.config.teacher!r} cannot give {self.config.student}'s hint "
+                                     f"targets ({e}); the hint stage follows the paper with --teacher salgan") from None
+            logits = self.model(x).float()
+        if self.labels.label_kind == "log_density":
+            return density_teacher_loss(logits, targets, self.config.loss_weights), logits
+        return map_teacher_loss(logits, targets), logits
+
+    def loader(self, tars, epoch: int, train: bool):
+        c = self.config
+        return shard_loader(self.labels, tars, batch_size=c.batch_size, epoch=epoch, seed=c.seed,
+                            shuffle_buffer=c.shuffle_buffer if train else 0, workers=c.workers)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        sums, n, loss_sum = {"cc": 0.0, "kl": 0.0, "nss": 0.0}, 0, 0.0
+        for images, targets, _ in self.loader(self.val_tars, 0, train=False):
+            images, targets = images.to(self.device), targets.to(self.device)
+            loss, logits = self.loss(images, targets)
+            loss_sum += float(loss) * len(images)
+            if logits is None:
+                logits = self.model(normalize(images)).float()
+            for k, v in agreement(logits, targets, self.labels.label_kind).items():
+                sums[k] += float(v.sum())
+            n += len(images)
+        self.model.train()
+        return {"val_loss": loss_sum / max(n, 1), **{f"val_{k}": v / max(n, 1) for k, v in sums.items()}}
+
+    def train_epoch(self, epoch: int, bar, log) -> tuple[float, int]:
+        self.model.train()
+        total, n = 0.0, 0
+        for step, (images, targets, _) in enumerate(self.loader(self.train_tars, epoch, train=True)):
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            loss, _ = self.loss(images, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.global_step += 1
+            value = float(loss.detach())
+            log.writerow((epoch, step, self.global_step, f"{value:.8g}"))
+            total, n = total + value * len(images), n + len(images)
+            bar.update(len(images))
+            bar.set_postfix_str(f"epoch {epoch + 1}/{self.config.epochs} loss {value:.4f}")
+            if self.config.steps_per_epoch and step + 1 >= self.config.steps_per_epoch:
+                break
+        return total / max(n, 1), n
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint of this module (tensors, numbers and strings only: read with ``weights_only``)."""
+    try:
+        ckpt = load_state_dict(path)
+    except WeightsError as e:
+        raise TrainError(str(e)) from None
+    if "model" not in ckpt or "student" not in ckpt:
+        raise TrainError(f"{path} is not a checkpoint of `pipeline train` (no 'model'/'student')")
+    return ckpt
+
+
+def _keep_rows(path: Path, header: list[str], before_epoch: int) -> None:
+    """Rewrite ``path`` atomically with its rows of epochs before ``before_epoch`` (an interrupted
+    epoch's rows are dropped: that epoch runs again)."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            if next(reader, None) == header:
+                rows = [r for r in reader if r and int(r[0]) < before_epoch]
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def plot_curves(run: Path) -> Path:
+    """``curves.png``: training loss per step and validation metrics per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(run / "losses.csv", newline="") as f:
+        losses = list(csv.DictReader(f))
+    with open(run / "metrics.csv", newline="") as f:
+        metrics = list(csv.DictReader(f))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    axes[0].plot([int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses], lw=0.8)
+    axes[0].set(title="training loss", xlabel="step")
+    epochs = [int(r["epoch"]) + 1 for r in metrics]
+    for ax, key in zip(axes[1:], ["val_cc", "val_kl", "val_nss"]):
+        ax.plot(epochs, [float(r[key]) for r in metrics], marker="o")
+        ax.set(title=f"validation {key[4:].upper()} vs teacher", xlabel="epoch")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    with atomic_open(run / "curves.png", "wb") as f:
+        f.write(buf.getvalue())
+    return run / "curves.png"
+
+
+def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) -> list[EpochResult]:
+    """Train (or resume training) as ``config`` says; returns the epochs run by this call."""
+    trainer = Trainer(config)
+    run = trainer.run
+    run.mkdir(parents=True, exist_ok=True)
+    if restart:
+        for p in [*trainer.ckpt_dir.glob("*"), run / "losses.csv", run / "metrics.csv", run / "curves.png"]:
+            p.unlink(missing_ok=True)
+    resumed = trainer.resume()
+    write_json(run / "config.json", asdict(config))
+    print(f"resuming {run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
+          else trainer.init_note, file=sys.stderr)
+    val_header = ["epoch", "train_loss", "val_loss", "val_cc", "val_kl", "val_nss", "lr", "seconds"]
+    _keep_rows(run / "losses.csv", LOSS_HEADER, trainer.epoch)
+    _keep_rows(run / "metrics.csv", val_header, trainer.epoch)
+    results = []
+    per_epoch = trainer.labels.count * len(trainer.train_tars) // max(1, len(trainer.labels.tars))
+    if config.steps_per_epoch:
+        per_epoch = min(per_epoch, config.steps_per_epoch * config.batch_size)
+    with tqdm(total=max(1, per_epoch) * (config.epochs - trainer.epoch), unit="img", disable=not progress,
+              desc=f"train {config.student} ({config.stage})", file=sys.stderr, dynamic_ncols=True) as bar:
+        for epoch in range(trainer.epoch, config.epochs):
+            t0 = time.perf_counter()
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            with open(run / "losses.csv", "a", newline="") as f:
+                train_loss, n = trainer.train_epoch(epoch, bar, csv.writer(f, lineterminator="\n"))
+                f.flush()
+                os.fsync(f.fileno())
+            trainer.scheduler.step()
+            val = trainer.validate()
+            result = EpochResult(epoch, train_loss, val, lr, time.perf_counter() - t0, n)
+            with open(run / "metrics.csv", "a", newline="") as f:
+                csv.writer(f, lineterminator="\n").writerow(
+                    [epoch, f"{train_loss:.6g}", *(f"{val[k]:.6g}" for k in val_header[2:6]), f"{lr:.6g}",
+                     f"{result.seconds:.2f}"])
+                f.flush()
+                os.fsync(f.fileno())
+            trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
+            plot_curves(run)
+            results.append(result)
+    return results
+
+
+def summary_table(results: list[EpochResult]) -> str:
+    if not results:
+        return "nothing to do: every epoch is already trained"
+    keys = list(results[0].val)
+    head = ["epoch", "train_loss", *keys, "lr", "seconds", "img/s"]
+    rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys), f"{r.lr:.2g}",
+             f"{r.seconds:.1f}", f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), *map(line, rows)])
