@@ -167,8 +167,9 @@ def _floats3(ctx, param, value: str) -> tuple[float, float, float]:
 
 
 @cli.command("train")
-@click.option("--labels", type=click.Path(path_type=Path), default=Path("data/labels/deepgaze/train2017"),
-              help="A finished label folder (the one holding labels.json).")
+@click.option("--labels", type=click.Path(path_type=Path), multiple=True,
+              default=[Path("data/labels/deepgaze/train2017")],
+              help="A finished label folder (the one holding labels.json); repeat to train on several of one teacher.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path("runs/fastsal_a"),
               help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png.")
 @click.option("--student", type=click.Choice(["fastsal_a", "fastsal_c"]), default="fastsal_a")
@@ -181,7 +182,10 @@ def _floats3(ctx, param, value: str) -> tuple[float, float, float]:
 @click.option("--milestones", default="15,30,60", callback=_ints, help="Epochs where the lr is multiplied by --gamma.")
 @click.option("--gamma", type=float, default=0.1)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
-@click.option("--val-shards", type=click.IntRange(min=1), default=1, help="Last shards held out for validation.")
+@click.option("--val-shards", type=click.IntRange(min=1), default=1,
+              help="Without --val-labels: the last shards of the last --labels folder, held out for validation.")
+@click.option("--val-labels", type=click.Path(path_type=Path), default=None,
+              help="Validate on this label folder (e.g. val2017's) instead of holding out training shards.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, help="Samples in the shuffle buffer.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
 @click.option("--seed", type=int, default=0)
@@ -200,16 +204,17 @@ def _floats3(ctx, param, value: str) -> tuple[float, float, float]:
 @click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
 @click.option("--progress/--no-progress", default=True)
 def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_decay, milestones, gamma, batch_size,
-              val_shards, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
+              val_shards, val_labels, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
               teacher_weights, loss_weights, steps_per_epoch, restart, progress):
     """Train a FastSal student on labelled shards; re-running resumes after the last finished epoch."""
     from pipeline.data import DataError
     from pipeline.train import TrainConfig, TrainError, summary_table, train
     from teachers.weights import WeightsError
 
-    config = TrainConfig(labels=str(labels), run=str(run_dir), student=student, stage=stage, epochs=epochs, lr=lr,
-                         momentum=momentum, weight_decay=weight_decay, milestones=milestones, gamma=gamma,
-                         batch_size=batch_size, val_shards=val_shards, shuffle_buffer=shuffle_buffer,
+    config = TrainConfig(labels=tuple(str(p) for p in labels), run=str(run_dir), student=student, stage=stage,
+                         epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,
+                         gamma=gamma, batch_size=batch_size, val_shards=val_shards,
+                         val_labels=str(val_labels) if val_labels else None, shuffle_buffer=shuffle_buffer,
                          workers=workers, seed=seed, device=device, amp=amp, backbone_weights=backbone_weights,
                          init=str(init_ckpt) if init_ckpt else None, teacher=teacher,
                          teacher_weights=teacher_weights, loss_weights=loss_weights,
@@ -220,7 +225,6 @@ def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_deca
         raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(summary_table(results))
     click.echo(f"checkpoints: {run_dir / 'checkpoints'}   curves: {run_dir / 'curves.png'}")
-
 
 
 def _add_commands() -> None:

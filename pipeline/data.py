@@ -33,6 +33,7 @@ class LabelSet:
     label_kind: str  # log_density | probability_map
     teacher: str
     count: int
+    image_size: tuple[int, int]  # (H, W) of the stored images and labels
 
 
 def open_label_set(folder: str | Path) -> LabelSet:
@@ -42,7 +43,28 @@ def open_label_set(folder: str | Path) -> LabelSet:
         raise DataError(f"not a finished label folder: {reason} (run `pipeline label` first)")
     index = json.loads((folder / "labels.json").read_text())
     tars = tuple(shard_tars(folder))
-    return LabelSet(folder, tars, index["label_extension"], index["label_kind"], index["teacher"], index["count"])
+    return LabelSet(folder, tars, index["label_extension"], index["label_kind"], index["teacher"], index["count"],
+                    tuple(index["image_size"]))
+
+
+def check_same_labels(first: LabelSet, other: LabelSet) -> None:
+    """Two label sets a run may mix (or train on one, validate on the other): one teacher, one size."""
+    if (first.label_key, first.image_size) != (other.label_key, other.image_size):
+        (h1, w1), (h2, w2) = first.image_size, other.image_size
+        raise DataError(f"{other.folder} holds {other.label_key} labels at {h2}x{w2}, but {first.folder} holds "
+                        f"{first.label_key} at {h1}x{w1}: one teacher and one size per run")
+
+
+def open_label_sets(folders) -> LabelSet:
+    """Several finished label folders of one teacher, read as one set (their shards in order)."""
+    sets = [open_label_set(f) for f in folders]
+    if not sets:
+        raise DataError("no label folder given")
+    first = sets[0]
+    for other in sets[1:]:
+        check_same_labels(first, other)
+    return LabelSet(first.folder, tuple(t for s in sets for t in s.tars), first.label_key, first.label_kind,
+                    first.teacher, sum(s.count for s in sets), first.image_size)
 
 
 def split_shards(tars: tuple[str, ...], val_shards: int) -> tuple[list[str], list[str]]:

@@ -581,10 +581,14 @@ def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] =
             raise _Unresolved(ref, suggest(ref, list(manifest_vars) + ["workdir"]).strip())
 
         params = {p.name: p for p in command.params}
+        # an option is also known by its long flag (--format for the parameter format_)
+        flags = {o[2:].replace("-", "_"): p.name for p in command.params for o in getattr(p, "opts", ())
+                 if o.startswith("--")}
         values: dict[str, object] = {}
         key_of: dict[str, object] = {}  # click name -> key as written (for line numbers)
         for key, value in (body.get("with") or {}).items():
             pname = str(key).replace("-", "_")
+            pname = pname if pname in params else flags.get(pname, pname)
             if pname not in params:
                 error(doc.at("steps", name, "with", key), f"step {name!r}: unknown option {key!r} for "
                       f"`{command_name}`{suggest(pname, params)}")

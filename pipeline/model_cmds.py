@@ -156,12 +156,12 @@ def eval_cmd(checkpoint, teacher, student, weights, student_output, device, prec
               help="Folder of images (searched recursively).")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="png: a folder (maps mirror the images' relative paths); hdf5: the file to write.")
-@click.option("--format", "fmt", type=click.Choice(["png", "hdf5"]), default="png",
+@click.option("--format", "format_", type=click.Choice(["png", "hdf5"]), default="png",
               help="png: 8-bit maps; hdf5: float32 log densities, one dataset per image (pysaliency HDF5Model).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4)
 @click.option("--progress/--no-progress", default=True)
-def predict_cmd(checkpoint, teacher, student, weights, student_output, device, precision, images, out, fmt,
+def predict_cmd(checkpoint, teacher, student, weights, student_output, device, precision, images, out, format_,
                 batch_size, io_threads, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.predict import predict_folder
@@ -169,7 +169,7 @@ def predict_cmd(checkpoint, teacher, student, weights, student_output, device, p
 
     predictor = _predictor(checkpoint, teacher, student, weights, student_output, device, precision)
     try:
-        result = predict_folder(predictor, images, out, fmt=fmt, batch_size=batch_size, io_threads=io_threads,
+        result = predict_folder(predictor, images, out, fmt=format_, batch_size=batch_size, io_threads=io_threads,
                                 progress=progress)
     except SourceError as e:
         raise click.ClickException(str(e)) from None
@@ -180,7 +180,9 @@ def predict_cmd(checkpoint, teacher, student, weights, student_output, device, p
 
 @click.command("profile")
 @_model_options
-@click.option("--image-size", default="192x256", help="Input HxW for students (teachers use their own size).")
+@click.option("--image-size", default=None,
+              help="Input HxW.  [default: the model's own: a checkpoint's training size, 192x256 for --student, "
+                   "the teacher's input size, else 192x256]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
 @click.option("--iters", type=click.IntRange(min=1), default=10, help="Timed forward passes (after 3 warm-up).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write JSON here.")
@@ -193,10 +195,10 @@ def profile_cmd(checkpoint, teacher, student, weights, student_output, device, p
     from pipeline.cli import _image_size
     from pipeline.profile import profile
 
-    size = _image_size(None, None, image_size)
+    size = _image_size(None, None, image_size) if image_size else None
     predictor = _predictor(checkpoint, teacher, student, weights, student_output, device, precision,
                            require_weights=False)
-    result = profile(predictor, input_size=size if predictor.student else None, batch_size=batch_size, iters=iters)
+    result = profile(predictor, input_size=size, batch_size=batch_size, iters=iters)
     click.echo(result.table())
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -132,10 +132,11 @@ def plan(manifest: Manifest, state: Mapping, outputs_ok: Mapping[str, str], *, f
         if not reason:
             running = [u for u in step.needs if actions.get(u) == RUN]
             if running:
-                reason = f"upstream {', '.join(running)} runs"
+                reason = f"upstream {', '.join(running)} {'runs' if len(running) == 1 else 'run'}"
         unselected = [u for u in step.needs if u not in selected and stale.get(u)]
         if reason and unselected:
-            reason += f" (warning: upstream {', '.join(unselected)} is stale and not selected)"
+            verb = "is" if len(unselected) == 1 else "are"
+            reason += f" (warning: upstream {', '.join(unselected)} {verb} stale and not selected)"
         actions[name] = RUN if reason else SKIP
         out.append(Planned(name, actions[name], reason or "up to date"))
     return out

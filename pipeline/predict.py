@@ -1,7 +1,7 @@
 """Saliency maps for a folder of images: PNGs, or one HDF5 of log densities for pysaliency.
 
 ``png``: ``<out>/<relative path>.png``, 8-bit, the density divided by its maximum (each written
-atomically). ``hdf5``: one file whose datasets are named by the images' paths relative to the
+atomically), then ``<out>/predictions.json`` (model, maps, failures) last, as the completion mark. ``hdf5``: one file whose datasets are named by the images' paths relative to the
 folder (``sub/img.jpg``), each the float32 log density at the image's size; pysaliency's
 ``HDF5Model(stimuli, file)`` reads it (its keys are matched against the stimuli's file names), and
 its root attributes say what it is. The HDF5 is written under a temporary name and renamed when
@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import images
-from pipeline.atomic import atomic_open, fsync_dir, temp_name
+from pipeline.atomic import atomic_open, fsync_dir, temp_name, write_json
 from pipeline.evaluate import _batches
 from pipeline.predictors import Predictor
 from pipeline.sources import folder_records
@@ -57,6 +57,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     records = folder_records(folder)
     result = PredictResult(out)
     h5 = tmp = None
+    if fmt == "png":
+        out.mkdir(parents=True, exist_ok=True)
     if fmt == "hdf5":
         import h5py
 
@@ -83,6 +85,9 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                 bar.update(len(batch))
             for w in writes:
                 w.result()
+        if h5 is None:
+            write_json(out / "predictions.json", {"model": predictor.name, "source": str(folder.resolve()),
+                                                  "maps": result.written, "failures": result.failures})
         if h5 is not None:
             h5.close()
             h5 = None

@@ -112,9 +112,9 @@ def checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def student_predictor(checkpoint: str | Path, device: str = "auto", input_size: tuple[int, int] = (192, 256),
-                      precision: str = "auto") -> Predictor:
-    """A student from a ``pipeline train`` checkpoint: its map is softmax (density labels) or sigmoid."""
+def student_predictor(checkpoint: str | Path, device: str = "auto", precision: str = "auto") -> Predictor:
+    """A student from a ``pipeline train`` checkpoint: its map is softmax (density labels) or sigmoid;
+    its input size is the size of the images it was trained on."""
     from pipeline.train import TrainError, load_checkpoint
     from students import STUDENTS
 
@@ -127,6 +127,7 @@ def student_predictor(checkpoint: str | Path, device: str = "auto", input_size: 
     model = STUDENTS[ckpt["student"]](backbone_weights="none")
     model.load_state_dict(ckpt["model"])
     kind = "logits" if ckpt["labels"]["kind"] == "log_density" else "sigmoid_logits"
+    input_size = tuple(ckpt["labels"].get("image_size", (192, 256)))
     return Predictor(f"{ckpt['student']}@{path}", model.to(dev).eval(), kind, input_size, dev, student=True,
                      autocast=_autocast(dev, precision))
 

@@ -10,6 +10,7 @@ and ``${steps.NAME.out}`` cannot name it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -42,6 +43,29 @@ def _label_output(params: Mapping[str, object]) -> Path:
     return Path(params["out"]) / str(params["teacher"]) / name
 
 
+def _verify_train(run: Path, checksums: bool) -> str:
+    """A run folder is complete when its latest checkpoint is the last epoch of the settings it recorded."""
+    latest, config = run / "checkpoints" / "latest.json", run / "config.json"
+    if not latest.is_file() or not config.is_file():
+        return f"no finished epoch in {run}"
+    epoch, epochs = json.loads(latest.read_text())["epoch"], json.loads(config.read_text())["epochs"]
+    if epoch + 1 < epochs:
+        return f"{epoch + 1} of {epochs} epochs trained"
+    if not (run / "checkpoints" / json.loads(latest.read_text())["checkpoint"]).is_file():
+        return f"checkpoint named by {latest} is missing"
+    return ""
+
+
+def _verify_file(path: Path, checksums: bool) -> str:
+    return "" if path.is_file() else f"{path} not written"
+
+
+def _verify_predict(out: Path, checksums: bool) -> str:
+    return "" if out.is_file() or (out / "predictions.json").is_file() else f"{out} not complete"
+
+
+_MODEL_VOLATILE = frozenset({"device", "precision", "batch_size", "io_threads", "progress"})
+
 COMMANDS: dict[str, CommandSpec] = {
     "label": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step},
@@ -50,5 +74,34 @@ COMMANDS: dict[str, CommandSpec] = {
         volatile=frozenset({"executor", "address", "gpus", "cpu_workers", "io_threads", "retries",
                             "max_failure_rate", "progress"}),
         fresh=("--overwrite",),
+    ),
+    "train": CommandSpec(
+        defaults={"run_dir": lambda workdir, step: workdir / step},
+        output=lambda params: Path(params["run_dir"]),
+        verify=_verify_train,
+        volatile=frozenset({"workers", "device", "progress"}),
+        fresh=("--restart",),
+    ),
+    "eval": CommandSpec(
+        defaults={"out": lambda workdir, step: workdir / step / "metrics.json"},
+        output=lambda params: Path(params["out"]),
+        verify=_verify_file,
+        volatile=_MODEL_VOLATILE - {"precision"},
+    ),
+    "predict": CommandSpec(
+        defaults={"out": lambda workdir, step: workdir / step},
+        output=lambda params: Path(params["out"]),
+        verify=_verify_predict,
+        volatile=_MODEL_VOLATILE - {"precision"},
+    ),
+    "fixations": CommandSpec(
+        defaults={"out": lambda workdir, step: workdir / step / "fixations.h5"},
+        output=lambda params: Path(params["out"]),
+        verify=_verify_file,
+    ),
+    "profile": CommandSpec(
+        defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
+        output=lambda params: Path(params["out"]),
+        verify=_verify_file,
     ),
 }

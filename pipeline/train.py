@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_open, write_json
-from pipeline.data import open_label_set, shard_loader, split_shards
+from pipeline.data import check_same_labels, open_label_set, open_label_sets, shard_loader, split_shards
 from pipeline.labeler import resolve_device
 from students import STUDENTS, normalize
 from students.losses import density_teacher_loss, hint_loss, map_teacher_loss
@@ -40,7 +40,7 @@ class TrainError(Exception):
 
 @dataclass
 class TrainConfig:
-    labels: str
+    labels: tuple[str, ...]  # finished label folders of one teacher, read in order
     run: str
     student: str = "fastsal_a"
     stage: str = "finetune"  # finetune | hint
@@ -51,7 +51,8 @@ class TrainConfig:
     milestones: tuple[int, ...] = (15, 30, 60)
     gamma: float = 0.1
     batch_size: int = 32
-    val_shards: int = 1
+    val_shards: int = 1  # without val_labels: the last shards of the last label folder are held out
+    val_labels: str | None = None  # a label folder to validate on instead (e.g. val2017's)
     shuffle_buffer: int = 1000
     workers: int = 2
     seed: int = 0
@@ -126,14 +127,18 @@ def agreement(logits: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str
 
 
 def init_from(model: torch.nn.Module, path: str) -> str:
-    """Start ``model`` from the weights of checkpoint ``path`` where names and shapes agree.
+    """Start ``model`` from the weights of checkpoint ``path`` (or a run folder's latest checkpoint)
+    where names and shapes agree.
 
     The encoder must be there in full (a FastSal C hint checkpoint starts FastSal A's encoder);
     returns a line saying what was taken.
     """
+    from pipeline.predictors import PredictorError, checkpoint_path
+
     try:
+        path = checkpoint_path(path)
         obj = load_state_dict(path)
-    except WeightsError as e:
+    except (WeightsError, PredictorError) as e:
         raise TrainError(f"--init: {e}") from None
     sd = obj.get("model", obj)
     own = model.state_dict()
@@ -158,8 +163,17 @@ class Trainer:
                              "features; hint-pretrain fastsal_c and start from its checkpoint with --init")
         if c.stage == "hint" and not c.teacher:
             raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
-        self.labels = open_label_set(c.labels)
-        self.train_tars, self.val_tars = split_shards(self.labels.tars, c.val_shards)
+        self.labels = open_label_sets(c.labels)
+        h, w = self.labels.image_size
+        if h % 32 or w % 32:
+            raise TrainError(f"{self.labels.folder} holds {h}x{w} images; FastSal needs height and width in "
+                             "multiples of 32 (label with --image-size 192x256, the paper's)")
+        if c.val_labels:
+            val = open_label_set(c.val_labels)
+            check_same_labels(self.labels, val)
+            self.train_tars, self.val_tars = list(self.labels.tars), list(val.tars)
+        else:
+            self.train_tars, self.val_tars = split_shards(self.labels.tars, c.val_shards)
         self.run = Path(c.run)
         self.ckpt_dir = self.run / "checkpoints"
         self.device = resolve_device(c.device)
@@ -209,7 +223,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
                 "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
                 "stage": self.config.stage,
-                "labels": {"teacher": self.labels.teacher, "kind": self.labels.label_kind}}
+                "labels": {"teacher": self.labels.teacher, "kind": self.labels.label_kind,
+                           "image_size": list(self.labels.image_size)}}
         with atomic_open(path, "wb") as f:
             torch.save(ckpt, f)
         write_json(self.ckpt_dir / "latest.json", {"checkpoint": path.name, "epoch": epoch})
@@ -258,8 +273,9 @@ class Trainer:
         self.model.train()
         return {"val_loss": loss_sum / max(n, 1), **{f"val_{k}": v / max(n, 1) for k, v in sums.items()}}
 
-    def train_epoch(self, epoch: int, bar, log) -> tuple[float, int]:
+    def train_epoch(self, epoch: int, bar, log_file) -> tuple[float, int]:
         self.model.train()
+        log = csv.writer(log_file, lineterminator="\n")
         total, n = 0.0, 0
         for step, (images, targets, _) in enumerate(self.loader(self.train_tars, epoch, train=True)):
             images = images.to(self.device, non_blocking=True)
@@ -271,6 +287,7 @@ class Trainer:
             self.global_step += 1
             value = float(loss.detach())
             log.writerow((epoch, step, self.global_step, f"{value:.8g}"))
+            log_file.flush()  # one row per step, readable while training runs
             total, n = total + value * len(images), n + len(images)
             bar.update(len(images))
             bar.set_postfix_str(f"epoch {epoch + 1}/{self.config.epochs} loss {value:.4f}")
@@ -357,7 +374,7 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) 
             t0 = time.perf_counter()
             lr = trainer.optimizer.param_groups[0]["lr"]
             with open(run / "losses.csv", "a", newline="") as f:
-                train_loss, n = trainer.train_epoch(epoch, bar, csv.writer(f, lineterminator="\n"))
+                train_loss, n = trainer.train_epoch(epoch, bar, f)
                 f.flush()
                 os.fsync(f.fileno())
             trainer.scheduler.step()

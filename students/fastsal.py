@@ -123,6 +123,19 @@ class FastSal(nn.Module):
         self.encoder = Encoder()
         self.adapt = _adaptation(self.widths)
 
+    def init_decoder(self) -> None:
+        """The decoder's convolutions start small (normal, std 0.01, zero bias, as the authors'
+        ``CNN_constructer``), so the first logits are near 0 whatever the encoder's scale; each
+        inverted residual block's last batch norm starts at 0, so the block starts as the identity."""
+        for name, m in self.named_modules():
+            if name.startswith("encoder"):
+                continue
+            if isinstance(m, nn.Conv2d) and not name.startswith("blocks"):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        for block in getattr(self, "blocks", ()):
+            nn.init.zeros_(block.inv.conv[-1].weight)
+
     def adapted_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The adaptation layers' outputs at strides 2, 4, 8, 16 (the hint stage's student side)."""
         return [adapt(f) for adapt, f in zip(self.adapt, self.encoder(x))]
@@ -135,6 +148,7 @@ class FastSalC(FastSal):
     def __init__(self) -> None:
         super().__init__()
         self.head = nn.Sequential(nn.PixelShuffle(2), nn.Conv2d(sum(self.widths) // 4, 1, 3, padding=1))
+        self.init_decoder()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.adapted_features(x)
@@ -152,6 +166,7 @@ class FastSalA(FastSal):
         self.blocks = nn.ModuleList(ModifiedInvertedResidual(c) for c in self.widths)
         self.shuffle = nn.PixelShuffle(2)
         self.head = nn.Conv2d(self.widths[0] // 4, 1, 3, padding=1)
+        self.init_decoder()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.adapted_features(x)

@@ -1,7 +1,8 @@
 """`pipeline run` / `pipeline status`: manifests validated up front, a pure plan, resumable execution.
 
-Most tests work on a copy of one finished run of manifests/demo.yaml (executor local, shard size 2,
-so each label step writes 6 shards); the scheduling tests use a test-only fake command.
+Most tests work on a copy of one finished run of manifests/demo.yaml at test scale (executor local,
+shard size 2, so the label step writes 6 shards; 2 training epochs per student); the scheduling tests
+use a test-only fake command.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -34,10 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "coco"
 DEMO = ROOT / "manifests" / "demo.yaml"
 FULL = ROOT / "manifests" / "full.yaml"
-SETS = [f"coco={SAMPLES}", "executor=local", "shard_size=2"]
+SETS = [f"coco={SAMPLES}", "executor=local", "shard_size=2", "epochs=2"]
 OPTS = [x for s in SETS for x in ("--set", s)]
 VAL = Path("runs/demo/label_val/classic/val2017")
-FOLDER = Path("runs/demo/label_folder/classic/val2017")
+TRAIN_A, TRAIN_C = Path("runs/demo/train_a"), Path("runs/demo/train_c")
+DEMO_STEPS = ["label_val", "train_a", "train_c", "eval_a", "eval_c", "eval_teacher", "predict_a", "profile_a",
+              "profile_c"]
+BELOW_TRAIN_A = ["eval_a", "predict_a", "profile_a"]
 
 
 def invoke(*args) -> "click.testing.Result":
@@ -59,12 +64,17 @@ def dry_run_table(output: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
-def mtimes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("shard-*"))}
+def mtimes(folder: Path, pattern: str = "*") -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob(pattern)) if p.is_file()}
 
 
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.tar"))}
+
+
+def final_model(run: Path) -> dict[str, torch.Tensor]:
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    return torch.load(run / "checkpoints" / latest, weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -92,99 +102,128 @@ def fresh(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def edited_demo(tmp_path: Path, after: str, insert: str) -> Path:
-    """demo.yaml with ``insert`` added as a line after the line ``after``."""
-    text = DEMO.read_text()
-    assert text.count(after + "\n") == 1
+def edited_demo(tmp_path: Path, after: str, insert: str, occurrence: int = 0) -> Path:
+    """demo.yaml with ``insert`` added as a line after the ``occurrence``-th line ``after``."""
+    lines = DEMO.read_text().split("\n")
+    at = [i for i, line in enumerate(lines) if line == after][occurrence]
+    lines.insert(at + 1, insert)
     path = tmp_path / "demo_edited.yaml"
-    path.write_text(text.replace(after + "\n", after + "\n" + insert + "\n"))
+    path.write_text("\n".join(lines))
     return path
 
 
 # -- running -------------------------------------------------------------------------------------
 
 def test_demo_finishes_and_a_second_run_does_no_work(demo):
-    assert verify_dataset(VAL) == "" and verify_dataset(FOLDER) == ""
-    assert len(list(VAL.glob("shard-*.tar"))) == 6 and len(list(FOLDER.glob("shard-*.tar"))) == 6
+    assert verify_dataset(VAL) == "" and len(list(VAL.glob("shard-*.tar"))) == 6
     state = load_state(Path("runs/demo"))
-    assert {n: r["status"] for n, r in state["steps"].items()} == {"label_val": "done", "label_folder": "done"}
+    assert {n: r["status"] for n, r in state["steps"].items()} == dict.fromkeys(DEMO_STEPS, "done")
     assert state["steps"]["label_val"]["output"] == str(VAL)
+    assert json.loads((TRAIN_A / "checkpoints" / "latest.json").read_text())["epoch"] == 1  # 2 epochs
+    assert set(json.loads(Path("runs/demo/eval_a/metrics.json").read_text())["metrics"]) == {"cc", "kl_div", "sim",
+                                                                                           "nss"}
+    assert json.loads(Path("runs/demo/eval_teacher/metrics.json").read_text())["metrics"]["cc"] > 0.99
+    assert json.loads(Path("runs/demo/predict_a/predictions.json").read_text())["maps"] == 12
+    assert json.loads(Path("runs/demo/profile_c/profile.json").read_text())["params"] == 2_574_049
 
-    assert planned() == {"label_val": ("skip", "up to date"), "label_folder": ("skip", "up to date")}
-    before = {**mtimes(VAL), **{f"f/{k}": v for k, v in mtimes(FOLDER).items()}}
+    assert planned() == dict.fromkeys(DEMO_STEPS, ("skip", "up to date"))
+    before = mtimes(Path("runs/demo"))
     t0 = time.perf_counter()
     result = invoke("run", DEMO, *OPTS)
     elapsed = time.perf_counter() - t0
     assert result.exit_code == 0, result.output
     assert "$ pipeline" not in result.output  # no step was started
-    assert {**mtimes(VAL), **{f"f/{k}": v for k, v in mtimes(FOLDER).items()}} == before
+    after = mtimes(Path("runs/demo"))
+    assert {k: v for k, v in after.items() if ".pipeline" not in k} == \
+        {k: v for k, v in before.items() if ".pipeline" not in k}
     assert elapsed < 5, f"a run with nothing to do took {elapsed:.1f} s"
 
 
 def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tmp_path):
     upstream = edited_demo(tmp_path, "      split: val2017", "      jpeg_quality: 90")
-    assert planned(upstream) == {"label_val": ("run", "settings changed: jpeg_quality 95→90"),
-                                 "label_folder": ("run", "upstream label_val changed")}
+    plan_up = planned(upstream)
+    assert plan_up["label_val"] == ("run", "settings changed: jpeg_quality 95→90")
+    assert plan_up["train_a"] == ("run", "upstream label_val changed")
+    assert plan_up["eval_a"] == ("run", "upstream train_a changed; upstream label_val changed")
+    assert all(action == "run" for action, _ in plan_up.values())
 
-    via_var = planned(sets=SETS[:2] + ["shard_size=3"])  # the var feeds both steps
-    assert via_var["label_val"] == ("run", "settings changed: shard_size 2→3")
-    assert via_var["label_folder"] == ("run", "settings changed: shard_size 2→3; upstream label_val changed")
+    via_var = planned(sets=SETS[:3] + ["epochs=3"])  # the var feeds both training steps
+    assert via_var["train_a"] == ("run", "settings changed: epochs 2→3")
+    assert via_var["train_c"] == ("run", "settings changed: epochs 2→3")
+    assert via_var["label_val"] == ("skip", "up to date") and via_var["eval_teacher"] == ("skip", "up to date")
 
-    downstream = edited_demo(tmp_path, "      images: ${coco}/val2017", "      jpeg_quality: 90")
-    assert planned(downstream) == {"label_val": ("skip", "up to date"),
-                                   "label_folder": ("run", "settings changed: jpeg_quality 95→90")}
-    val_before, folder_before = mtimes(VAL), digests(FOLDER)
+    downstream = edited_demo(tmp_path, "      student: fastsal_a", "      momentum: 0.8")
+    want = {name: ("skip", "up to date") for name in DEMO_STEPS}
+    want["train_a"] = ("run", "settings changed: momentum 0.9→0.8")
+    want.update({name: ("run", "upstream train_a changed") for name in BELOW_TRAIN_A})
+    assert planned(downstream) == want
+    untouched = {k: v for k, v in mtimes(Path("runs/demo")).items()
+                 if not k.startswith((".pipeline", "train_a", *BELOW_TRAIN_A))}
+    losses_before = (TRAIN_A / "losses.csv").read_text()
     result = invoke("run", downstream, *OPTS)
     assert result.exit_code == 0, result.output
-    assert mtimes(VAL) == val_before
-    after = digests(FOLDER)
-    assert after.keys() == folder_before.keys() and all(after[k] != folder_before[k] for k in after)  # relabelled
-    assert planned(downstream) == {"label_val": ("skip", "up to date"), "label_folder": ("skip", "up to date")}
+    assert "[train_a] $ pipeline train" in result.output and "--restart" in result.output  # starts over
+    assert re.findall(r"\[(\w+)\] \$ pipeline", result.output) == ["train_a", *BELOW_TRAIN_A]
+    assert {k: v for k, v in mtimes(Path("runs/demo")).items() if k in untouched} == untouched
+    assert (TRAIN_A / "losses.csv").read_text() != losses_before  # retrained with the new momentum
+    assert planned(downstream) == dict.fromkeys(DEMO_STEPS, ("skip", "up to date"))
 
 
 def test_force_reruns_the_step_and_everything_downstream(demo):
-    assert planned(force=["label_val"]) == {"label_val": ("run", "forced"),
-                                            "label_folder": ("run", "forced (downstream of label_val)")}
-    assert planned(force=["label_folder"]) == {"label_val": ("skip", "up to date"), "label_folder": ("run", "forced")}
+    forced = planned(force=["label_val"])
+    assert forced["label_val"] == ("run", "forced")
+    assert all(forced[n] == ("run", "forced (downstream of label_val)") for n in DEMO_STEPS[1:])
+    forced = planned(force=["train_c"])
+    assert forced["train_c"] == ("run", "forced")
+    assert forced["eval_c"] == forced["profile_c"] == ("run", "forced (downstream of train_c)")
+    assert forced["train_a"] == forced["eval_a"] == ("skip", "up to date")
 
-    val_before, folder_before, folder_bytes = mtimes(VAL), mtimes(FOLDER), digests(FOLDER)
-    result = invoke("run", DEMO, *OPTS, "--force", "label_folder")
+    a_before, losses, model = mtimes(TRAIN_A), (TRAIN_C / "losses.csv").read_text(), final_model(TRAIN_C)
+    result = invoke("run", DEMO, *OPTS, "--force", "train_c")
     assert result.exit_code == 0, result.output
-    assert "--overwrite" in result.output  # forced: starts over instead of resuming
-    assert mtimes(VAL) == val_before
-    assert all(mtimes(FOLDER)[k] != v for k, v in folder_before.items())
-    assert digests(FOLDER) == folder_bytes  # deterministic: the same bytes again
+    assert "--restart" in result.output  # forced: starts over instead of resuming
+    assert mtimes(TRAIN_A) == a_before
+    assert (TRAIN_C / "losses.csv").read_text() == losses  # deterministic: the same losses again
+    again = final_model(TRAIN_C)
+    assert all(torch.equal(again[k], v) for k, v in model.items())
 
     result = invoke("run", DEMO, *OPTS, "--force", "no_such_step")
     assert result.exit_code == 2 and "no step 'no_such_step'" in result.output
 
 
 def test_only_and_until_select_steps(fresh):
-    assert planned(until=["label_val"]) == {"label_val": ("run", "never run"),
-                                            "label_folder": ("skip", "not selected (stale: never run)")}
-    only = planned(only=["label_folder"])
-    assert only["label_val"] == ("skip", "not selected (stale: never run)")
-    assert only["label_folder"] == ("run", "never run (warning: upstream label_val is stale and not selected)")
-    assert planned(until=["label_folder"]) == {"label_val": ("run", "never run"), "label_folder": ("run", "never run")}
+    until = planned(until=["train_a"])
+    assert until["label_val"] == until["train_a"] == ("run", "never run")
+    assert until["train_c"] == ("skip", "not selected (stale: never run)")
+    only = planned(only=["eval_a"])
+    assert only["train_a"] == ("skip", "not selected (stale: never run)")
+    assert only["eval_a"] == ("run", "never run (warning: upstream train_a, label_val are stale and not selected)")
+    both = planned(until=["eval_a", "eval_c"])
+    assert [n for n, (action, _) in both.items() if action == "run"] == ["label_val", "train_a", "train_c",
+                                                                          "eval_a", "eval_c"]
 
 
 def test_dry_run_prints_the_plan_with_reasons(demo):
     (VAL / "shard-000003.tar").unlink()
+    (TRAIN_C / "checkpoints" / "latest.json").unlink()
     result = invoke("run", DEMO, *OPTS, "--dry-run")
     assert result.exit_code == 0, result.output
     rows = dry_run_table(result.output)
     assert rows["label_val"][0] == "run"
     assert rows["label_val"][1].startswith("outputs incomplete: ") and "shard-000003" in rows["label_val"][1]
-    assert rows["label_folder"] == ("run", "upstream label_val runs")
+    assert rows["train_a"] == ("run", "upstream label_val runs")
+    assert rows["train_c"] == ("run", "outputs incomplete: no finished epoch in runs/demo/train_c")
+    assert rows["eval_c"] == ("run", "upstream train_c, label_val run")
     assert "label_val: pipeline label coco --teacher=classic" in result.output
+    assert "train_c: pipeline train --labels=runs/demo/label_val/classic/val2017" in result.output
     assert not (VAL / "shard-000003.tar").exists()  # a dry run changes nothing
 
     result = invoke("run", DEMO, "--set", "coco=missing/coco", "--set", "executor=local", "--dry-run",
                     "--workdir", "runs/other")
     assert result.exit_code == 0, result.output
-    assert dry_run_table(result.output) == {
-        "label_val": ("run", "input missing: missing/coco/annotations/instances_val2017.json"),
-        "label_folder": ("run", "never run")}
+    rows = dry_run_table(result.output)
+    assert rows["label_val"] == ("run", "input missing: missing/coco/annotations/instances_val2017.json")
+    assert rows["train_a"] == rows["predict_a"] == ("run", "never run")
 
 
 def test_run_status_table(demo):
@@ -192,13 +231,14 @@ def test_run_status_table(demo):
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()[2:]}
     assert "up to date" in lines["label_val"] and str(VAL) in lines["label_val"]
-    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+\.\d s\)", lines["label_folder"])
+    assert "up to date" in lines["eval_a"] and "runs/demo/eval_a/metrics.json" in lines["eval_a"]
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+\.\d s\)", lines["train_c"])
 
     result = invoke("status", DEMO, "--set", SETS[0], "--set", SETS[1], "--set", "shard_size=3")
     assert "stale: settings changed: shard_size 2→3" in result.output
 
     result = invoke("status", DEMO, *OPTS, "--workdir", "runs/none")
-    assert result.output.count("never run") == 2
+    assert result.output.count("never run") == len(DEMO_STEPS)
 
 
 # -- the plan, on its own ------------------------------------------------------------------------
@@ -317,11 +357,17 @@ def test_full_manifest_passes_dry_run_validation(fresh):
     result = invoke("run", FULL, "--dry-run")
     assert result.exit_code == 0, result.output
     rows = dry_run_table(result.output)
-    assert len(rows) == 6 and all(action == "run" for action, _ in rows.values())
+    assert len(rows) == 22 and all(action == "run" for action, _ in rows.values())
     assert rows["label_train_deepgaze"][1] == "input missing: data/coco/annotations/instances_train2017.json"
     assert rows["label_test_salgan"][1] == ("input missing: data/coco/annotations/image_info_test2017.json, "
                                             "data/weights/salgan_generator.pt")
+    assert rows["hint_c_salgan"][1] == "input missing: data/weights/salgan_generator.pt"
+    assert rows["finetune_a_deepgaze"][1] == rows["eval_teacher_deepgaze"][1] == "never run"
+    assert rows["fixations_mit1003"][1] == "input missing: data/MIT1003/ALLFIXATIONMAPS"
     assert "--teacher=deepgaze" in result.output and "--shard-size=1000" in result.output
+    assert ("finetune_a_deepgaze: pipeline train --labels=runs/full/label_train_deepgaze/deepgaze/train2017 "
+            "--labels=runs/full/label_test_deepgaze/deepgaze/test2017") in result.output
+    assert "--init=runs/full/hint_c_salgan" in result.output and "--stage=hint" in result.output
     assert not Path("runs").exists()
 
 
@@ -348,6 +394,39 @@ def test_sigkill_during_a_label_step_then_rerun_gives_the_same_shards(finished, 
     assert re.search(r"[1-9]\d* already done", result.output)
     assert digests(VAL) == digests(finished / VAL)
     assert verify_dataset(VAL) == ""
+
+
+def test_sigkill_during_a_train_step_then_rerun_gives_the_same_model(finished, fresh):
+    shutil.copytree(finished / "runs" / "demo" / "label_val", "runs/demo/label_val")  # labels as the runner left them
+    state = load_state(finished / "runs" / "demo")
+    state["steps"] = {"label_val": state["steps"]["label_val"]}
+    Path("runs/demo/.pipeline").mkdir(parents=True)
+    Path("runs/demo/.pipeline/state.json").write_text(json.dumps(state))
+    losses = TRAIN_A / "losses.csv"
+    runner = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(DEMO), *OPTS, "--until", "train_a"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        # the first step of the second epoch has run: the first epoch is checkpointed, the second is not
+        while not (losses.is_file() and any(line.startswith("1,") for line in losses.read_text().splitlines())):
+            assert runner.poll() is None, "the runner ended before the second epoch"
+            assert time.monotonic() < deadline, "no second epoch after 120 s"
+            os.sched_yield()
+    finally:
+        os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait()
+    assert json.loads((TRAIN_A / "checkpoints" / "latest.json").read_text())["epoch"] == 0, "not killed mid-epoch 2"
+    assert planned(until=["train_a"])["train_a"][1].startswith("interrupted (started ")
+
+    result = invoke("run", DEMO, *OPTS, "--until", "train_a")
+    assert result.exit_code == 0, result.output
+    assert "--restart" not in result.output and "resuming runs/demo/train_a after epoch 1" in result.output
+    assert losses.read_text() == (finished / losses).read_text()  # the interrupted epoch's rows are replaced
+    assert (TRAIN_A / "metrics.csv").read_text().splitlines()[1:] and \
+        [r.split(",")[:3] for r in (TRAIN_A / "metrics.csv").read_text().splitlines()] == \
+        [r.split(",")[:3] for r in (finished / TRAIN_A / "metrics.csv").read_text().splitlines()]
+    resumed, uninterrupted = final_model(TRAIN_A), final_model(finished / TRAIN_A)
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
 
 
 def test_the_lock_refuses_a_second_runner(fresh):
