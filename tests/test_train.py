@@ -1,0 +1,262 @@
+"""`pipeline train`: exact resume after SIGKILL, distillation that works, hint stage, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.train import TrainConfig, TrainError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "coco"
+FAST = ["--backbone-weights", "none", "--batch-size", "2", "--workers", "0", "--shuffle-buffer", "8", "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def final_model(run: Path) -> dict[str, torch.Tensor]:
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    return torch.load(run / "checkpoints" / latest, weights_only=True)["model"]
+
+
+def rows(path: Path, columns: int) -> list[list[str]]:
+    return [line.split(",")[:columns] for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory) -> Path:
+    """The bundled sample (12 photos) labelled by the classic teacher: 3 shards of 4, the last held out."""
+    out = tmp_path_factory.mktemp("labels")
+    r = invoke("label", "coco", "--teacher", "classic", "--coco-root", SAMPLES, "--split", "val2017", "--out", out,
+               "--shard-size", 4, "--executor", "local", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return out / "classic" / "val2017"
+
+
+@pytest.fixture(scope="module")
+def small_labels(tmp_path_factory) -> Path:
+    """The sample labelled at 64x96 (SalGAN and FastSal both accept it): cheap for teacher-in-the-loop tests."""
+    out = tmp_path_factory.mktemp("small")
+    r = invoke("label", "coco", "--teacher", "classic", "--coco-root", SAMPLES, "--split", "val2017", "--out", out,
+               "--shard-size", 4, "--image-size", "64x96", "--executor", "local", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return out / "classic" / "val2017"
+
+
+def write_mit1003(root: Path, photos: list[Path]) -> Path:
+    """A tiny MIT1003 tree: the photos as stimuli, fixations clustered where the photo is brightest."""
+    (root / "ALLSTIMULI").mkdir(parents=True)
+    (root / "ALLFIXATIONMAPS").mkdir()
+    rng = np.random.default_rng(0)
+    for i, src in enumerate(photos):
+        img = cv2.imread(str(src))
+        name = f"i{i:03d}"
+        cv2.imwrite(str(root / "ALLSTIMULI" / f"{name}.jpeg"), img)
+        gray = cv2.GaussianBlur(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), (0, 0), 9)
+        cy, cx = np.unravel_index(np.argmax(gray), gray.shape)
+        h, w = gray.shape
+        pts = np.zeros((h, w), np.uint8)
+        for _ in range(12):
+            y = int(np.clip(cy + rng.normal(0, h / 10), 0, h - 1))
+            x = int(np.clip(cx + rng.normal(0, w / 10), 0, w - 1))
+            pts[y, x] = 255
+        cv2.imwrite(str(root / "ALLFIXATIONMAPS" / f"{name}_fixPts.jpg"), pts, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return root
+
+
+# -- exact resume --------------------------------------------------------------------------------
+
+def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_scores_it(labels, tmp_path):
+    args = ["train", "--labels", labels, "--student", "fastsal_a", "--epochs", 3, "--lr", 0.05,
+            "--backbone-weights", "none", "--batch-size", 2, "--workers", 2, "--shuffle-buffer", 8, "--no-progress"]
+    r = invoke(*args, "--run", tmp_path / "straight")
+    assert r.exit_code == 0, r.output
+    straight = tmp_path / "straight"
+
+    run = tmp_path / "killed"
+    losses = run / "losses.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args), "--run", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:  # wait for the first step of the second epoch, then kill: the second epoch is half done
+        while not (losses.is_file() and any(line.startswith("1,") for line in losses.read_text().splitlines())):
+            assert proc.poll() is None, "training ended before the second epoch"
+            assert time.monotonic() < deadline, "no second epoch after 120 s"
+            os.sched_yield()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["epoch"] == 0
+    assert not list((run / "checkpoints").glob(".*tmp*"))  # no half-written checkpoint under any name
+
+    r = invoke(*args, "--run", run)
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output and "after epoch 1 (step 4)" in r.output
+    assert losses.read_text() == (straight / "losses.csv").read_text()  # every step's loss, to 8 digits
+    assert rows(run / "metrics.csv", 6) == rows(straight / "metrics.csv", 6)
+    resumed, uninterrupted = final_model(run), final_model(straight)
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = invoke(*args, "--run", run)  # finished: nothing to do
+    assert r.exit_code == 0 and "nothing to do" in r.output
+
+    photos = sorted((SAMPLES / "val2017").glob("*.jpg"))[:5]
+    h5 = tmp_path / "mit.h5"
+    assert invoke("fixations", "mit1003", "--root", write_mit1003(tmp_path / "MIT1003", photos),
+                  "--out", h5).exit_code == 0
+    r = invoke("eval", "--checkpoint", run, "--fixations", h5, "--no-progress", "--out", tmp_path / "m.json")
+    assert r.exit_code == 0, r.output
+    for metric in ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig"):
+        assert f"  {metric} " in r.output
+    scores = json.loads((tmp_path / "m.json").read_text())
+    assert scores["images"] == 5 and len(scores["metrics"]) == 7
+    assert all(np.isfinite(v) for v in scores["metrics"].values())
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_and_restart_starts_over(labels, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", "--labels", labels, "--run", run, "--epochs", 1, "--steps-per-epoch", 1, *FAST]
+    assert invoke(*base).exit_code == 0
+    r = invoke(*base[:-1], "--lr", "0.5", "--epochs", 2, "--no-progress")
+    assert r.exit_code == 1 and "was trained with other settings (lr)" in r.output and "--restart" in r.output
+    r = invoke(*base[:-1], "--lr", "0.5", "--epochs", 2, "--restart", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert [row[0] for row in rows(run / "metrics.csv", 1)] == ["epoch", "0", "1"]
+
+
+# -- distillation works ------------------------------------------------------------------------------
+
+TRAIN_PHOTOS = ["astronaut", "rocket", "camera", "coins", "immunohistochemistry", "colorwheel", "hubble_deep_field",
+                "clock", "retina", "stereo_motorcycle", "cat", "grass", "gravel", "brick", "moon", "page", "text"]
+HELD_OUT_PHOTOS = ["chelsea", "coffee"]
+
+
+def skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = getattr(skimage.data, name)()
+    img = np.asarray(img[0] if isinstance(img, tuple) else img)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    return np.ascontiguousarray(img[..., :3])
+
+
+def distillation_images(folder: Path) -> None:
+    """256 training images (crops of 17 photos, and collages of them) sorting before 32 crops of 2 other photos."""
+    rng = np.random.default_rng(0)
+    photos = {n: skimage_photo(n) for n in TRAIN_PHOTOS + HELD_OUT_PHOTOS}
+
+    def crop(img, lo, hi):
+        h, w = img.shape[:2]
+        s = rng.uniform(lo, hi)
+        ch, cw = max(8, int(h * s)), max(8, int(w * s))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        c = img[y:y + ch, x:x + cw]
+        return c[:, ::-1] if rng.random() < 0.5 else c
+
+    def write(name, img):
+        small = cv2.resize(np.ascontiguousarray(img), (144, 96), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(folder / name), cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+
+    folder.mkdir()
+    k = 0
+    for name in TRAIN_PHOTOS:
+        for _ in range(6):
+            write(f"a{k:04d}.jpg", crop(photos[name], 0.5, 1.0))
+            k += 1
+    for j in range(256 - k):  # a background with up to three patches of other photos pasted on it
+        bg = cv2.resize(np.ascontiguousarray(crop(photos[TRAIN_PHOTOS[rng.integers(17)]], 0.4, 1.0)), (144, 96))
+        for _ in range(rng.integers(1, 4)):
+            ph, pw = int(rng.integers(20, 60)), int(rng.integers(20, 80))
+            patch = cv2.resize(np.ascontiguousarray(crop(photos[TRAIN_PHOTOS[rng.integers(17)]], 0.2, 0.6)), (pw, ph))
+            y, x = rng.integers(0, 96 - ph), rng.integers(0, 144 - pw)
+            bg[y:y + ph, x:x + pw] = patch
+        write(f"b{j:04d}.jpg", bg)
+    for name in HELD_OUT_PHOTOS:
+        for j in range(16):
+            write(f"z_{name}_{j:02d}.jpg", crop(photos[name], 0.5, 1.0))
+
+
+def test_a_student_distilled_from_a_teacher_agrees_with_it_on_held_out_photos(tmp_path):
+    distillation_images(tmp_path / "images")
+    r = invoke("label", "folder", "--images", tmp_path / "images", "--teacher", "classic", "--out", tmp_path / "labels",
+               "--shard-size", 32, "--image-size", "64x96", "--executor", "local", "--no-progress")
+    assert r.exit_code == 0, r.output
+    labels = tmp_path / "labels" / "classic" / "images"
+    held_out = json.loads((labels / "shard-000008.json").read_text())["keys"]
+    assert len(held_out) == 32 and all(k.startswith(("z_chelsea", "z_coffee")) for k in held_out)
+
+    r = invoke("train", "--labels", labels, "--run", tmp_path / "run", "--student", "fastsal_a", "--epochs", 12,
+               "--lr", 0.05, "--milestones", "9", "--batch-size", 8, "--backbone-weights", "none", "--workers", 0,
+               "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = invoke("eval", "--checkpoint", tmp_path / "run", "--labels", labels, "--no-progress",
+               "--out", tmp_path / "eval.json")
+    assert r.exit_code == 0, r.output
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["images"] == 32
+    assert scores["metrics"]["cc"] >= 0.8, r.output
+    first_epoch = float(rows(tmp_path / "run" / "metrics.csv", 4)[1][3])
+    assert first_epoch < 0.5  # it learnt: an untrained student does not agree with the teacher
+
+
+# -- hint stage, init, refusals -------------------------------------------------------------------
+
+def test_hint_stage_regresses_the_teachers_features_and_starts_fastsal_a(small_labels, tmp_path):
+    # SalGAN with random weights: a plumbing check of Eq. 1 (targets are its decoder features, whatever they are)
+    run = tmp_path / "hint"
+    r = invoke("train", "--labels", small_labels, "--run", run, "--student", "fastsal_c", "--stage", "hint",
+               "--teacher", "salgan", "--teacher-weights", "random", "--epochs", 3, "--steps-per-epoch", 2,
+               "--lr", 0.05, "--shuffle-buffer", 0, *FAST[:-3], "--no-progress")
+    assert r.exit_code == 0, r.output
+    losses = [float(x[3]) for x in rows(run / "losses.csv", 4)[1:]]
+    assert len(losses) == 6 and losses[-2] < losses[0] and losses[-1] < losses[1]  # the same batches, later
+    hint = final_model(run)
+
+    config = TrainConfig(labels=(str(small_labels),), run=str(tmp_path / "a"), student="fastsal_a", init=str(run),
+                         backbone_weights="none")
+    model = Trainer(config).model.state_dict()
+    encoder = [k for k in model if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(model[k], hint[k]) for k in encoder)
+    assert model["adapt.0.0.weight"].shape != hint["adapt.0.0.weight"].shape  # A's own decoder starts fresh
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--student", "fastsal_a", "--stage", "hint", "--teacher", "salgan"], "fastsal_a has no hint stage"),
+    (["--student", "fastsal_c", "--stage", "hint"], "the hint stage needs --teacher"),
+    (["--val-shards", "3"], "--val-shards 3 leaves no training shard (there are 3)"),
+    (["--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a GPU"),
+    (["--init", "nowhere/run"], "--init: checkpoint not found: nowhere/run"),
+])
+def test_bad_settings_are_one_clear_error(labels, tmp_path, args, message):
+    r = invoke("train", "--labels", labels, "--run", tmp_path / "run", *args, *FAST)
+    assert r.exit_code == 1 and message in r.output, r.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_labels_that_are_not_finished_or_of_the_wrong_size_are_refused(labels, tmp_path):
+    r = invoke("train", "--labels", tmp_path, "--run", tmp_path / "run", *FAST)
+    assert r.exit_code == 1 and "not a finished label folder" in r.output and "labels.json" in r.output
+    r = invoke("label", "coco", "--teacher", "classic", "--coco-root", SAMPLES, "--out", tmp_path / "odd",
+               "--shard-size", 6, "--image-size", "100x100", "--executor", "local", "--no-progress")
+    assert r.exit_code == 0, r.output
+    odd = tmp_path / "odd" / "classic" / "val2017"
+    r = invoke("train", "--labels", odd, "--run", tmp_path / "run", *FAST)
+    assert r.exit_code == 1 and "100x100 images; FastSal needs height and width in multiples of 32" in r.output
+    r = invoke("train", "--labels", labels, "--val-labels", odd, "--run", tmp_path / "run", *FAST)
+    assert r.exit_code == 1 and "one teacher and one size per run" in r.output
