@@ -354,7 +354,7 @@ def test_empirical_map_border_fixation_keeps_its_full_mass():
     # a corner fixation and a central one, far apart: each holds half the mass
     # (with a zero-padded blur the corner one would keep only about a quarter of its Gaussian)
     m = empirical_saliency_map([0, 60], [0, 60], (80, 80), sigma=3.0)
-    assert m[:30, :30].sum() == pytest.approx(0.5, abs=1e-9)
+    assert m[:30, :30].sum() == pytest.approx(0.5, abs=1e-6)
 
 
 def test_rescale_fixations_maps_pixel_centres():
