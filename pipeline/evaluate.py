@@ -63,9 +63,13 @@ class EvalResult:
         return "\n".join([f"{self.model} on {self.data}", *(f"  {k:<{width}}  {v}" for k, v in rows)])
 
     def to_json(self) -> dict:
-        return {"model": self.model, "data": self.data, "metrics": self.means, "images": len(self.per_image),
+        """Means, counts and every image's metrics; an undefined value (an image without fixations) is null."""
+        def clean(row: dict) -> dict:
+            return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
+
+        return {"model": self.model, "data": self.data, "metrics": clean(self.means), "images": len(self.per_image),
                 "failed": len(self.failures), "seconds": round(self.seconds, 3), "failures": self.failures,
-                "per_image": self.per_image}
+                "per_image": [clean(r) for r in self.per_image]}
 
 
 def _batches(pool: ThreadPoolExecutor, items: list, load, batch_size: int) -> Iterator[list[tuple]]:
@@ -115,8 +119,12 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
     else:
         raise ValueError(f"unknown baseline {baseline!r} (centerbias or uniform)")
 
+    bases: dict[tuple[int, int], np.ndarray] = {}  # the baseline at each image size, resized once
+
     def score(i: int, logd: np.ndarray) -> dict:
         h, w = logd.shape
+        if (h, w) not in bases:
+            bases[(h, w)] = metrics.resize_log_density(base, (h, w))
         ys, xs = fs.fixations(i)
         if (h, w) != tuple(fs.sizes[i]):  # the file on disk differs from what the set recorded
             ys, xs = metrics.rescale_fixations(ys, xs, tuple(fs.sizes[i]), (h, w))
@@ -124,7 +132,7 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
         oys = np.minimum((fy[other] * h).astype(np.intp), h - 1)
         oxs = np.minimum((fx[other] * w).astype(np.intp), w - 1)
         values = metrics.image_metrics(logd, ys, xs, other_ys=oys, other_xs=oxs,
-                                       baseline_log_density=metrics.resize_log_density(base, (h, w)),
+                                       baseline_log_density=bases[(h, w)],
                                        sigma=sigma_frac * max(h, w))
         return {"index": i, "path": fs.paths[i], "fixations": int(len(ys)), **values}
 
@@ -146,8 +154,9 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
 
 
 def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int = 1, batch_size: int = 8,
-                    progress: bool = True) -> EvalResult:
-    """CC, KLDiv, SIM and expected NSS against the teacher's labels in the last ``val_shards`` shards."""
+                    limit: int | None = None, progress: bool = True) -> EvalResult:
+    """CC, KLDiv, SIM and expected NSS against the teacher's labels in the last ``val_shards`` shards
+    (their first ``limit`` images when given)."""
     from pipeline.data import open_label_set, shard_loader, split_shards
 
     t0 = time.perf_counter()
@@ -159,6 +168,11 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
     with tqdm(unit="img", desc=f"eval {predictor.name}", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
         for imgs, targets, keys in loader:
+            if limit is not None:
+                room = limit - len(result.per_image)
+                if room <= 0:
+                    break
+                imgs, targets, keys = imgs[:room], targets[:room], keys[:room]
             rgbs = [x.permute(1, 2, 0).numpy() for x in imgs]
             for key, logd, target in zip(keys, predictor.log_densities(rgbs), targets):
                 pred = np.exp(logd.astype(np.float64))

@@ -248,17 +248,21 @@ def shuffled_auc(saliency_map, ys, xs, other_ys, other_xs) -> float:
 # NSS, CC, KL, SIM
 
 
+def _constant(a: np.ndarray) -> bool:
+    """Constant up to rounding: a uniform density computed as exp(log) differs by an ulp here and there,
+    which must not turn into a standardised map of +-1."""
+    return float(np.ptp(a)) <= 16 * np.finfo(np.float64).eps * float(np.abs(a).max())
+
+
 def nss(saliency_map, ys, xs) -> float:
     """Normalised scanpath saliency: mean of the standardised map (ddof=0) at the fixations."""
     s = _as_map(saliency_map)
     ys, xs = _as_fixations(ys, xs, s.shape)
     if ys.size == 0:
         return float("nan")
-    values = s[ys, xs] - s.mean()
-    std = s.std()
-    if std:
-        values = values / std
-    return float(values.mean())
+    if _constant(s):
+        return 0.0
+    return float(((s[ys, xs] - s.mean()) / s.std()).mean())
 
 
 def cc(map_a, map_b) -> float:
@@ -266,14 +270,12 @@ def cc(map_a, map_b) -> float:
     a = _as_map(map_a, "map_a")
     b = _as_map(map_b, "map_b")
     _same_shape(a, b)
+    if _constant(a) or _constant(b):
+        return float("nan") if _constant(a) and _constant(b) else 0.0
     a = a - a.mean()
     b = b - b.mean()
     na = np.sqrt((a * a).sum())
     nb = np.sqrt((b * b).sum())
-    if not na and not nb:
-        return float("nan")
-    if not na or not nb:
-        return 0.0
     r = float((a * b).sum() / (na * nb))
     return min(1.0, max(-1.0, r))
 

@@ -135,7 +135,7 @@ def eval_cmd(checkpoint, teacher, student, weights, student_output, device, prec
             result = evaluate_fixations(predictor, fs, batch_size=batch_size, baseline=baseline,
                                         sigma_frac=sigma_frac, io_threads=io_threads, limit=limit, progress=progress)
         else:
-            result = evaluate_shards(predictor, labels, val_shards=val_shards, batch_size=batch_size,
+            result = evaluate_shards(predictor, labels, val_shards=val_shards, batch_size=batch_size, limit=limit,
                                      progress=progress)
     except DataError as e:
         raise click.ClickException(str(e)) from None
@@ -196,6 +196,12 @@ def profile_cmd(checkpoint, teacher, student, weights, student_output, device, p
     from pipeline.profile import profile
 
     size = _image_size(None, None, image_size) if image_size else None
+    if size and (student or checkpoint):
+        from students.fastsal import STRIDE
+
+        if size[0] % STRIDE or size[1] % STRIDE:
+            raise click.BadParameter(f"a FastSal student needs H and W multiples of {STRIDE}, e.g. 192x256; "
+                                     f"got {image_size!r}", param_hint="'--image-size'")
     predictor = _predictor(checkpoint, teacher, student, weights, student_output, device, precision,
                            require_weights=False)
     result = profile(predictor, input_size=size, batch_size=batch_size, iters=iters)

@@ -117,15 +117,22 @@ def student_predictor(checkpoint: str | Path, device: str = "auto", precision: s
     its input size is the size of the images it was trained on."""
     from pipeline.train import TrainError, load_checkpoint
     from students import STUDENTS
+    from teachers.weights import WeightsError, load_strict
 
     path = checkpoint_path(checkpoint)
     try:
         ckpt = load_checkpoint(path)
     except TrainError as e:
         raise PredictorError(str(e)) from None
+    if ckpt["student"] not in STUDENTS or not isinstance(ckpt.get("labels"), dict) or "kind" not in ckpt["labels"]:
+        raise PredictorError(f"{path} is not a checkpoint of `pipeline train` (no student name or labels record); "
+                             f"a plain weights file goes with --student NAME --weights {path}")
     dev = resolve_device(device)
     model = STUDENTS[ckpt["student"]](backbone_weights="none")
-    model.load_state_dict(ckpt["model"])
+    try:
+        load_strict(model, ckpt["model"], what=f"checkpoint {path}")
+    except WeightsError as e:
+        raise PredictorError(str(e)) from None
     kind = "logits" if ckpt["labels"]["kind"] == "log_density" else "sigmoid_logits"
     input_size = tuple(ckpt["labels"].get("image_size", (192, 256)))
     return Predictor(f"{ckpt['student']}@{path}", model.to(dev).eval(), kind, input_size, dev, student=True,
@@ -159,6 +166,9 @@ def build_predictor(*, checkpoint=None, teacher=None, student=None, weights=None
         if weights:
             raise PredictorError("--weights goes with --teacher or --student, not --checkpoint")
         return student_predictor(checkpoint, device=device, precision=precision)
+    if weights == "random" and require_weights:
+        raise PredictorError("--weights random (architecture only: its maps mean nothing) is for `pipeline profile`; "
+                             "give real weights to score or predict")
     if teacher:
         return teacher_predictor(teacher, weights, device=device, precision=precision)
     if weights is None and require_weights:

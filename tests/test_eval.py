@@ -1,0 +1,532 @@
+"""`pipeline eval`, `predict`, `profile` and `teachers` on small real inputs, through the CLI.
+
+Shared inputs (module-scoped, built once): a tiny MIT1003 tree from real skimage photos of
+different sizes with fixations sampled deterministically around each photo's brightest region,
+converted with `pipeline fixations mit1003`; a COCO tree labelled by the classic teacher in shards
+of 2 at 64x96; and a one-step `pipeline train` run on those labels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.fixations import read_hdf5
+from tests.conftest import make_coco, photo, write_jpeg
+
+METRIC_NAMES = ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig")
+SHARD_METRIC_NAMES = ("cc", "kl_div", "sim", "nss")
+
+#: MIT1003 stimuli: name → (skimage photo, long side); five different sizes, one grayscale
+MIT_IMAGES = {
+    "i_astronaut": ("astronaut", 96),
+    "i_camera": ("camera", 104),
+    "i_chelsea": ("chelsea", 112),
+    "i_coffee": ("coffee", 120),
+    "i_rocket": ("rocket", 128),
+}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def ok(*args: str):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def error_line(result) -> str:
+    """The one `Error: …` line of a failed command (and no traceback)."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def fixation_points(img: np.ndarray, seed: int) -> list[tuple[int, int]]:
+    """Deterministic 'observers': most fixations near the photo's brightest (blurred) region, a few anywhere."""
+    gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    h, w = gray.shape
+    spread = 0.08 * max(h, w)
+    py, px = np.unravel_index(np.argmax(cv2.GaussianBlur(gray.astype(np.float32), (0, 0), spread)), gray.shape)
+    rng = np.random.default_rng(seed)
+    ys = np.concatenate([rng.normal(py, spread, 24), rng.uniform(0, h, 4)])
+    xs = np.concatenate([rng.normal(px, spread, 24), rng.uniform(0, w, 4)])
+    ys = np.clip(np.rint(ys), 0, h - 1).astype(int)
+    xs = np.clip(np.rint(xs), 0, w - 1).astype(int)
+    return sorted(set(zip(ys.tolist(), xs.tolist())))
+
+
+def make_mit1003(root: Path) -> dict[str, list[tuple[int, int]]]:
+    (root / "ALLSTIMULI").mkdir(parents=True)
+    (root / "ALLFIXATIONMAPS").mkdir()
+    points = {}
+    for k, (name, (which, long_side)) in enumerate(MIT_IMAGES.items()):
+        img = photo(which, long_side)
+        write_jpeg(root / "ALLSTIMULI" / f"{name}.jpeg", img)
+        pts = fixation_points(img, seed=k)
+        mask = np.zeros(img.shape[:2], np.uint8)
+        for y, x in pts:
+            mask[y, x] = 255
+        assert cv2.imwrite(str(root / "ALLFIXATIONMAPS" / f"{name}_fixPts.jpg"), mask, [cv2.IMWRITE_JPEG_QUALITY, 100])
+        points[name] = pts
+    return points
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The inputs here are tiny: one intra-op thread is as fast, and on a busy 2-core machine OpenMP's
+    spinning threads make a 30 ms forward pass take seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mit(tmp_path_factory):
+    """(root, fixation HDF5, points written per image name)."""
+    base = tmp_path_factory.mktemp("mit")
+    root = base / "MIT1003"
+    points = make_mit1003(root)
+    h5 = base / "mit1003.h5"
+    result = ok("fixations", "mit1003", "--root", root, "--out", h5)
+    assert f"{len(MIT_IMAGES)} images" in result.output
+    return root, h5, points
+
+
+@pytest.fixture(scope="module")
+def label_folder(tmp_path_factory) -> Path:
+    """Four real photos labelled by the classic teacher at 64x96, two shards of two."""
+    base = tmp_path_factory.mktemp("labels")
+    coco = base / "coco"
+    (coco / "val2017").mkdir(parents=True)
+    files = {}
+    for image_id, which in zip((3, 7, 42, 99), ("astronaut", "coffee", "chelsea", "rocket")):
+        files[image_id] = f"{image_id:012d}.jpg"
+        write_jpeg(coco / "val2017" / files[image_id], photo(which))
+    make_coco(coco, "val2017", files)
+    ok("label", "coco", "--teacher", "classic", "--coco-root", coco, "--split", "val2017", "--out", base / "out",
+       "--shard-size", "2", "--image-size", "64x96", "--executor", "local", "--device", "cpu", "--no-progress")
+    folder = base / "out" / "classic" / "val2017"
+    assert (folder / "labels.json").is_file()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(label_folder, tmp_path_factory) -> Path:
+    """A finished one-step `pipeline train` run on the label folder (held out: its last shard)."""
+    run = tmp_path_factory.mktemp("train") / "run"
+    ok("train", "--labels", label_folder, "--run", run, "--backbone-weights", "none", "--epochs", "1",
+       "--steps-per-epoch", "1", "--batch-size", "2", "--workers", "0", "--shuffle-buffer", "0",
+       "--device", "cpu", "--no-progress")
+    assert (run / "checkpoints" / "latest.json").is_file()
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Three photos of different sizes, one in a subfolder, one a PNG."""
+    folder = tmp_path_factory.mktemp("photos") / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    write_jpeg(folder / "a.jpg", photo("astronaut", 80))
+    write_jpeg(folder / "sub" / "b.jpg", photo("coffee", 100))
+    assert cv2.imwrite(str(folder / "sub" / "c.png"), cv2.cvtColor(photo("chelsea", 90), cv2.COLOR_RGB2BGR))
+    return folder
+
+
+IMAGE_SIZES = {"a.jpg": photo("astronaut", 80).shape[:2], "sub/b.jpg": photo("coffee", 100).shape[:2],
+               "sub/c.png": photo("chelsea", 90).shape[:2]}
+
+
+# --------------------------------------------------------------------------------------------
+# eval on fixations
+
+
+def test_fixture_fixations_survive_the_conversion(mit):
+    _, h5, points = mit
+    fs = read_hdf5(h5)
+    assert fs.names == sorted(MIT_IMAGES)
+    assert len({tuple(s) for s in fs.sizes.tolist()}) == len(MIT_IMAGES)  # all sizes differ
+    for i, name in enumerate(fs.names):
+        ys, xs = fs.fixations(i)
+        assert sorted(zip(ys.tolist(), xs.tolist())) == points[name]
+
+
+def test_eval_classic_on_fixations_prints_and_writes_all_metrics(mit, tmp_path):
+    _, h5, _ = mit
+    fs = read_hdf5(h5)
+    out = tmp_path / "eval" / "classic.json"
+    result = ok("eval", "--teacher", "classic", "--fixations", h5, "--device", "cpu", "--out", out,
+                "--no-progress")
+    for m in METRIC_NAMES:
+        assert any(line.split()[:1] == [m] for line in result.output.splitlines()), f"{m} not printed"
+    assert "images scored  5" in result.output and "images failed  0" in result.output
+
+    doc = json.loads(out.read_text())
+    assert set(doc["metrics"]) == set(METRIC_NAMES)
+    assert doc["images"] == len(fs) and doc["failed"] == 0 and doc["failures"] == []
+    rows = doc["per_image"]
+    assert [r["path"] for r in rows] == fs.paths
+    assert [r["fixations"] for r in rows] == [len(fs.fixations(i)[0]) for i in range(len(fs))]
+    for r in rows:
+        assert 0.0 <= r["auc_judd"] <= 1.0 and 0.0 <= r["sauc"] <= 1.0
+        assert 0.0 <= r["sim"] <= 1.0 and -1.0 <= r["cc"] <= 1.0
+        assert r["kl_div"] >= 0.0
+        assert all(np.isfinite(r[m]) for m in METRIC_NAMES)
+    for m in METRIC_NAMES:
+        assert doc["metrics"][m] == pytest.approx(np.mean([r[m] for r in rows]))
+
+    # --limit scores only the first N images
+    limited = tmp_path / "limited.json"
+    ok("eval", "--teacher", "classic", "--fixations", h5, "--device", "cpu", "--limit", "2", "--out", limited,
+       "--no-progress")
+    assert [r["path"] for r in json.loads(limited.read_text())["per_image"]] == fs.paths[:2]
+
+
+def test_baseline_changes_information_gain_only(mit, tmp_path):
+    _, h5, _ = mit
+    docs = {}
+    for baseline in ("uniform", "centerbias"):
+        out = tmp_path / f"{baseline}.json"
+        ok("eval", "--teacher", "classic", "--fixations", h5, "--device", "cpu", "--baseline", baseline,
+           "--out", out, "--no-progress")
+        docs[baseline] = json.loads(out.read_text())
+    uni, cb = docs["uniform"]["per_image"], docs["centerbias"]["per_image"]
+    for a, b in zip(uni, cb):
+        for m in METRIC_NAMES[:-1]:
+            assert a[m] == pytest.approx(b[m], abs=1e-12), m
+    assert not np.allclose([r["ig"] for r in uni], [r["ig"] for r in cb], atol=1e-3)
+
+
+class DensityStub:
+    """A predictor returning a fixed log density per image, chosen by the image's size."""
+
+    def __init__(self, name: str, maps: dict[tuple[int, int], np.ndarray]):
+        self.name = name
+        self.maps = maps
+        self.calls = 0
+
+    def log_densities(self, rgbs):
+        self.calls += len(rgbs)
+        return [self.maps[x.shape[:2]] for x in rgbs]
+
+
+def test_fixations_own_density_beats_a_uniform_prediction(mit):
+    from pipeline import metrics
+    from pipeline.evaluate import evaluate_fixations
+
+    _, h5, _ = mit
+    fs = read_hdf5(h5)
+    empirical, uniform = {}, {}
+    for i in range(len(fs)):
+        h, w = (int(v) for v in fs.sizes[i])
+        ys, xs = fs.fixations(i)
+        density = metrics.empirical_saliency_map(ys, xs, (h, w), sigma=0.05 * max(h, w))
+        empirical[(h, w)] = np.log(np.maximum(density, 1e-300)).astype(np.float32)
+        uniform[(h, w)] = np.full((h, w), -np.log(h * w), np.float32)
+
+    kw = dict(batch_size=2, baseline="uniform", io_threads=2, progress=False)
+    good = evaluate_fixations(DensityStub("empirical", empirical), fs, **kw)
+    flat_stub = DensityStub("uniform", uniform)
+    flat = evaluate_fixations(flat_stub, fs, **kw)
+    assert flat_stub.calls == len(fs) and len(good.per_image) == len(flat.per_image) == len(fs)
+    for g, u in zip(good.per_image, flat.per_image):
+        assert g["nss"] > u["nss"] + 1.0
+        assert g["auc_judd"] > u["auc_judd"] + 0.2
+        assert g["cc"] > u["cc"] + 0.5
+        assert g["ig"] > 1.0  # bits per fixation over the uniform baseline
+        assert g["sauc"] > u["sauc"] + 0.2
+        # a constant map ranks nothing above anything and correlates with nothing
+        assert u["auc_judd"] == pytest.approx(0.5) and u["sauc"] == pytest.approx(0.5)
+        assert abs(u["cc"]) < 1e-9
+        assert u["ig"] == pytest.approx(0.0, abs=1e-6)  # uniform against the uniform baseline
+    assert good.means["kl_div"] < flat.means["kl_div"]
+    assert good.means["sim"] > flat.means["sim"]
+    # an image the stub never saw cannot be scored twice or skipped silently
+    assert sorted(r["index"] for r in good.per_image) == list(range(len(fs)))
+
+
+def test_unreadable_image_is_a_failure_the_others_are_scored(mit, tmp_path):
+    src, _, _ = mit
+    root = tmp_path / "MIT1003"
+    shutil.copytree(src, root)
+    h5 = tmp_path / "mit.h5"
+    ok("fixations", "mit1003", "--root", root, "--out", h5)
+    broken = root / "ALLSTIMULI" / "i_chelsea.jpeg"
+    broken.write_bytes(b"this is no longer a jpeg" * 10)
+
+    out = tmp_path / "eval.json"
+    result = ok("eval", "--teacher", "classic", "--fixations", h5, "--device", "cpu", "--out", out,
+                "--no-progress")
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 1 and "ALLSTIMULI/i_chelsea.jpeg" in failed[0]
+    doc = json.loads(out.read_text())
+    assert doc["failed"] == 1 and doc["images"] == len(MIT_IMAGES) - 1
+    assert doc["failures"][0]["path"] == "ALLSTIMULI/i_chelsea.jpeg" and doc["failures"][0]["reason"]
+    assert "ALLSTIMULI/i_chelsea.jpeg" not in [r["path"] for r in doc["per_image"]]
+    assert all(np.isfinite(v) for v in doc["metrics"].values())
+
+
+# --------------------------------------------------------------------------------------------
+# eval on labels
+
+
+def shard_keys(tar: Path) -> set[str]:
+    with tarfile.open(tar) as t:
+        return {m.name.split(".", 1)[0] for m in t.getmembers() if m.isfile()}
+
+
+def test_eval_checkpoint_on_labels_scores_the_held_out_shard(run_dir, label_folder, tmp_path):
+    out = tmp_path / "labels_eval.json"
+    result = ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--device", "cpu", "--out", out,
+                "--no-progress")
+    for m in SHARD_METRIC_NAMES:
+        assert any(line.split()[:1] == [m] for line in result.output.splitlines()), f"{m} not printed"
+    doc = json.loads(out.read_text())
+    assert set(doc["metrics"]) == set(SHARD_METRIC_NAMES)
+    tars = sorted(label_folder.glob("shard-*.tar"))
+    assert len(tars) == 2
+    assert {r["key"] for r in doc["per_image"]} == shard_keys(tars[-1])
+    for r in doc["per_image"]:
+        assert -1.0 <= r["cc"] <= 1.0 and 0.0 <= r["sim"] <= 1.0 and r["kl_div"] >= 0.0
+
+    # --val-shards covering every shard scores them all
+    every = tmp_path / "all.json"
+    ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--val-shards", "2", "--device", "cpu",
+       "--out", every, "--no-progress")
+    assert {r["key"] for r in json.loads(every.read_text())["per_image"]} == shard_keys(tars[0]) | shard_keys(tars[1])
+
+    # --limit applies to labels too
+    one = tmp_path / "one.json"
+    ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--val-shards", "2", "--limit", "3",
+       "--device", "cpu", "--out", one, "--no-progress")
+    assert json.loads(one.read_text())["images"] == 3
+
+
+def test_teacher_against_its_own_labels(label_folder, tmp_path):
+    out = tmp_path / "self.json"
+    ok("eval", "--teacher", "classic", "--labels", label_folder, "--device", "cpu", "--out", out, "--no-progress")
+    doc = json.loads(out.read_text())
+    assert doc["images"] == 2
+    assert doc["metrics"]["cc"] > 0.99
+    assert doc["metrics"]["kl_div"] < 0.01 and doc["metrics"]["sim"] > 0.95
+
+
+# --------------------------------------------------------------------------------------------
+# naming the model, and what to score it on
+
+
+def test_model_naming_and_data_errors(mit, label_folder, tmp_path):
+    _, h5, _ = mit
+    fix = ["--fixations", str(h5), "--device", "cpu", "--no-progress"]
+    not_a_run = tmp_path / "not_a_run"
+    not_a_run.mkdir()
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f.create_dataset("x", data=np.zeros(3))
+    not_hdf5 = tmp_path / "garbage.h5"
+    not_hdf5.write_bytes(b"\0not hdf5" * 20)
+    weights_only = tmp_path / "weights.pt"  # a weights file of ours, not a training checkpoint
+    torch.save({"model": {}, "student": "fastsal_a"}, weights_only)
+    misfit = tmp_path / "misfit.pt"  # a training checkpoint whose model is not the student it names
+    torch.save({"model": {"head.weight": torch.zeros(1)}, "student": "fastsal_a",
+                "labels": {"teacher": "classic", "kind": "probability_map", "image_size": [64, 96]}}, misfit)
+
+    cases = [
+        (["eval", *fix], "exactly one of --checkpoint, --teacher or --student"),
+        (["eval", "--teacher", "classic", "--student", "fastsal_a", "--weights", "x.pt", *fix],
+         "exactly one of --checkpoint, --teacher or --student (got --teacher, --student)"),
+        (["eval", "--student", "fastsal_a", *fix], "--student fastsal_a needs --weights"),
+        (["eval", "--checkpoint", not_a_run, *fix], "not a finished `pipeline train` run"),
+        (["eval", "--checkpoint", tmp_path / "missing.pt", *fix], "checkpoint not found"),
+        (["eval", "--checkpoint", weights_only, *fix], "not a checkpoint of `pipeline train`"),
+        (["eval", "--checkpoint", not_hdf5, *fix], "cannot read weights file"),
+        (["eval", "--checkpoint", misfit, *fix], "state dict does not fit"),
+        (["eval", "--checkpoint", not_a_run, "--weights", weights_only, *fix], "--weights goes with --teacher"),
+        (["eval", "--teacher", "salgan", *fix], "salgan needs --weights"),
+        (["eval", "--teacher", "salgan", "--weights", "random", *fix], "--weights random"),
+        (["eval", "--teacher", "classic", "--device", "cpu"], "exactly one of --fixations FILE.h5 or --labels"),
+        (["eval", "--teacher", "classic", *fix, "--labels", label_folder],
+         "exactly one of --fixations FILE.h5 or --labels"),
+        (["eval", "--teacher", "classic", "--fixations", foreign], "is not a fixation set"),
+        (["eval", "--teacher", "classic", "--fixations", not_hdf5], "not an HDF5 file"),
+        (["eval", "--teacher", "classic", "--fixations", tmp_path / "nope.h5"], "fixation file not found"),
+        (["eval", "--teacher", "classic", "--labels", tmp_path], "not a finished label folder"),
+        (["predict", "--images", tmp_path, "--out", tmp_path / "o"], "exactly one of --checkpoint"),
+        (["predict", "--teacher", "salgan", "--weights", "random", "--images", tmp_path, "--out", tmp_path / "o"],
+         "--weights random"),
+        (["profile", "--teacher", "classic", "--checkpoint", not_a_run], "exactly one of"),
+        (["profile", "--student", "fastsal_a", "--image-size", "100x100"], "multiples of 32"),
+    ]
+    for args, message in cases:
+        line = error_line(invoke(*args))
+        assert message in line, (args, line)
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+def test_predict_pngs_mirror_the_folder_at_each_images_size(run_dir, image_folder, tmp_path):
+    out = tmp_path / "maps"
+    result = ok("predict", "--checkpoint", run_dir, "--images", image_folder, "--out", out, "--device", "cpu",
+                "--batch-size", "2", "--no-progress")
+    assert "maps written   3" in result.output
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert pngs == sorted(f"{rel}.png" for rel in IMAGE_SIZES)
+    for rel, size in IMAGE_SIZES.items():
+        m = cv2.imread(str(out / f"{rel}.png"), cv2.IMREAD_UNCHANGED)
+        assert m.dtype == np.uint8 and m.shape == size, rel
+        assert m.max() == 255  # scaled to its maximum
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["maps"] == 3 and doc["failures"] == []
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg.png", "predictions.json", "sub"]  # no temp files
+
+
+def test_predict_hdf5_log_densities_for_pysaliency(run_dir, image_folder, tmp_path):
+    out = tmp_path / "pred" / "maps.h5"
+    ok("predict", "--checkpoint", run_dir, "--images", image_folder, "--out", out, "--format", "hdf5",
+       "--device", "cpu", "--no-progress")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["maps.h5"]  # no temporary file left beside it
+    with h5py.File(out, "r") as f:
+        assert f.attrs["type"] == "pysaliency.precomputed_models.predictions"
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert sorted(names) == sorted(IMAGE_SIZES)
+        for rel, size in IMAGE_SIZES.items():
+            d = f[rel][()]
+            assert d.dtype == np.float32 and d.shape == size, rel
+            assert torch.logsumexp(torch.from_numpy(d).double().flatten(), 0).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_predict_records_an_unreadable_image(image_folder, tmp_path):
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    (folder / "sub" / "b.jpg").write_bytes(b"garbage")
+    out = tmp_path / "maps"
+    result = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--device", "cpu",
+                "--no-progress")
+    assert any(line.startswith("failed: ") and "b.jpg" in line for line in result.stderr.splitlines())
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["maps"] == 2 and len(doc["failures"]) == 1
+    assert not (out / "sub" / "b.jpg.png").exists() and (out / "sub" / "c.png.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# profile, teachers
+
+
+def test_profile_student_size_flops_and_image_size(tmp_path):
+    out = tmp_path / "p" / "a.json"
+    ok("profile", "--student", "fastsal_a", "--device", "cpu", "--iters", "1", "--out", out)
+    doc = json.loads(out.read_text())
+    assert doc["params"] == 3_646_715
+    assert doc["input_size"] == [192, 256]
+    assert doc["gflops"] > 1 and doc["gflops"] == pytest.approx(1.277, abs=0.01)
+    assert doc["images_per_s"] > 0 and doc["batch_size"] == 1 and doc["precision"] == "fp32"
+
+    small = tmp_path / "small.json"
+    ok("profile", "--student", "fastsal_a", "--device", "cpu", "--iters", "1", "--image-size", "64x96",
+       "--out", small)
+    sdoc = json.loads(small.read_text())
+    assert sdoc["input_size"] == [64, 96]
+    ratio = (64 * 96) / (192 * 256)
+    assert sdoc["gflops"] / doc["gflops"] == pytest.approx(ratio, rel=0.15)
+
+
+def test_profile_checkpoint_uses_its_training_size(run_dir, tmp_path):
+    out = tmp_path / "run.json"
+    ok("profile", "--checkpoint", run_dir, "--device", "cpu", "--iters", "1", "--out", out)
+    doc = json.loads(out.read_text())
+    assert doc["input_size"] == [64, 96]
+    assert doc["params"] == 3_646_715
+
+
+def test_teachers_lists_kinds_parameters_and_weights():
+    result = ok("teachers")
+    rows = {line.split()[0]: line for line in result.output.splitlines()[1:] if line.strip()}
+    assert set(rows) == {"classic", "deepgaze", "deepgaze2", "deepgaze2e", "salgan"}
+    assert "probability_map" in rows["classic"] and "any" in rows["classic"] and "none needed" in rows["classic"]
+    assert "probability_map" in rows["salgan"] and "31,787,009" in rows["salgan"]
+    assert "needs --weights PATH" in rows["salgan"] and "needs --weights PATH" in rows["deepgaze2"]
+    for name in ("deepgaze", "deepgaze2", "deepgaze2e"):
+        assert "log_density" in rows[name] and "384x512" in rows[name]
+    assert rows["deepgaze"].split()[3] == rows["deepgaze2e"].split()[3]  # deepgaze is DeepGaze IIE
+
+
+# --------------------------------------------------------------------------------------------
+# a FastSal student from a weights file
+
+
+def to_authors_keys(sd: dict) -> dict:
+    """Inverse of students.fastsal.from_authors_keys for FastSal (C)."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("encoder.features."):
+            new = "ecer." + key[len("encoder.features."):]
+        elif key.startswith("adapt."):
+            i, _, param = key[len("adapt."):].split(".")
+            new = f"adaptation_layer.layers.{i}.conv0.{param}"
+        elif key.startswith("head.1."):
+            new = "comb.layers.0.1." + key[len("head.1."):]
+        else:
+            raise AssertionError(f"unexpected key {key}")
+        out[new] = value
+    return out
+
+
+def test_student_from_authors_weights_file_predicts_and_evaluates(mit, image_folder, tmp_path):
+    from students import fastsal_c
+    from students.fastsal import from_authors_keys
+
+    torch.manual_seed(0)
+    sd = fastsal_c(backbone_weights="none").state_dict()
+    authors = to_authors_keys(sd)
+    assert len(authors) == 322 and from_authors_keys(authors, "C").keys() == sd.keys()
+    authors_file, ours_file = tmp_path / "coco_C.pth", tmp_path / "ours.pt"
+    torch.save({"student_model": authors}, authors_file)
+    torch.save({"model": sd, "student": "fastsal_c"}, ours_file)
+
+    maps = {}
+    for tag, file in (("authors", authors_file), ("ours", ours_file)):
+        out = tmp_path / f"{tag}.h5"
+        ok("predict", "--student", "fastsal_c", "--weights", file, "--student-output", "sigmoid", "--images",
+           image_folder, "--out", out, "--format", "hdf5", "--device", "cpu", "--no-progress")
+        with h5py.File(out, "r") as f:
+            maps[tag] = {rel: f[rel][()] for rel in IMAGE_SIZES}
+    for rel, size in IMAGE_SIZES.items():
+        assert maps["authors"][rel].shape == size
+        np.testing.assert_allclose(maps["authors"][rel], maps["ours"][rel], atol=1e-5)
+
+    pngs = tmp_path / "pngs"
+    ok("predict", "--student", "fastsal_c", "--weights", authors_file, "--images", image_folder, "--out", pngs,
+       "--device", "cpu", "--no-progress")
+    assert json.loads((pngs / "predictions.json").read_text())["maps"] == 3
+
+    _, h5, _ = mit
+    out = tmp_path / "eval.json"
+    ok("eval", "--student", "fastsal_c", "--weights", authors_file, "--fixations", h5, "--device", "cpu",
+       "--out", out, "--no-progress")
+    doc = json.loads(out.read_text())
+    assert doc["images"] == len(MIT_IMAGES) and set(doc["metrics"]) == set(METRIC_NAMES)
+    assert "fastsal_c" in doc["model"]
+
+    # the wrong student for the file is refused
+    line = error_line(invoke("predict", "--student", "fastsal_a", "--weights", ours_file, "--images", image_folder,
+                             "--out", tmp_path / "x", "--device", "cpu"))
+    assert "fastsal_c checkpoint, not fastsal_a" in line
