@@ -40,6 +40,23 @@ def atomic_open(final: str | Path, mode: str = "wb") -> Iterator[IO]:
     fsync_dir(final.parent)
 
 
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """For writers that open files by name (h5py): yield a temp path beside ``final``; on success
+    fsync it and rename it to ``final``; on error remove it."""
+    final = Path(final)
+    tmp = temp_name(final)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1)

@@ -98,7 +98,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from pipeline.atomic import fsync_dir, temp_name
+from pipeline.atomic import atomic_path
 
 FORMAT = "saliency-pipeline/fixations"
 FORMAT_VERSION = 1
@@ -555,7 +555,6 @@ def write_hdf5(fs: FixationSet, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
     text = h5py.string_dtype("utf-8")
 
     def put(group, name, data, dtype):
@@ -563,37 +562,29 @@ def write_hdf5(fs: FixationSet, path: str | Path) -> Path:
         opts = dict(compression="gzip", compression_opts=4, shuffle=True) if data.size else {}
         group.create_dataset(name, data=data, **opts)
 
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "dataset": fs.name,
-                    "split": fs.split,
-                    "source_root": str(Path(fs.root).resolve()),
-                    "n_images": len(fs),
-                    "n_fixations": fs.n_fixations,
-                    "n_skipped": int(fs.n_skipped),
-                }
-            )
-            im = f.create_group("images")
-            im.create_dataset("path", data=np.array(fs.paths, dtype=object), dtype=text)
-            im.create_dataset("name", data=np.array(fs.names, dtype=object), dtype=text)
-            im.create_dataset("size", data=fs.sizes.astype(np.int32).reshape(-1, 2))
-            im.create_dataset("offset", data=fs.offsets.astype(np.int64))
-            fx = f.create_group("fixations")
-            put(fx, "y", fs.ys, np.int32)
-            put(fx, "x", fs.xs, np.int32)
-            put(fx, "image_index", fs.image_index, np.int32)
-            put(fx, "subject", fs.subject, np.int32)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "dataset": fs.name,
+                "split": fs.split,
+                "source_root": str(Path(fs.root).resolve()),
+                "n_images": len(fs),
+                "n_fixations": fs.n_fixations,
+                "n_skipped": int(fs.n_skipped),
+            }
+        )
+        im = f.create_group("images")
+        im.create_dataset("path", data=np.array(fs.paths, dtype=object), dtype=text)
+        im.create_dataset("name", data=np.array(fs.names, dtype=object), dtype=text)
+        im.create_dataset("size", data=fs.sizes.astype(np.int32).reshape(-1, 2))
+        im.create_dataset("offset", data=fs.offsets.astype(np.int64))
+        fx = f.create_group("fixations")
+        put(fx, "y", fs.ys, np.int32)
+        put(fx, "x", fs.xs, np.int32)
+        put(fx, "image_index", fs.image_index, np.int32)
+        put(fx, "subject", fs.subject, np.int32)
     return path
 
 

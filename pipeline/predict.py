@@ -10,7 +10,7 @@ complete.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import images
-from pipeline.atomic import atomic_open, fsync_dir, temp_name, write_json
+from pipeline.atomic import atomic_open, atomic_path, write_json
 from pipeline.evaluate import _batches
 from pipeline.predictors import Predictor
 from pipeline.sources import folder_records
@@ -56,18 +56,17 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     folder, out = Path(folder), Path(out)
     records = folder_records(folder)
     result = PredictResult(out)
-    h5 = tmp = None
-    if fmt == "png":
-        out.mkdir(parents=True, exist_ok=True)
-    if fmt == "hdf5":
-        import h5py
+    with contextlib.ExitStack() as stack:
+        h5 = None
+        if fmt == "hdf5":
+            import h5py
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_name(out)
-        h5 = h5py.File(tmp, "w")
-        h5.attrs.update({"type": "pysaliency.precomputed_models.predictions", "version": "1.0",
-                         "model": predictor.name, "content": "log_density", "source": str(folder.resolve())})
-    try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            h5 = stack.enter_context(h5py.File(stack.enter_context(atomic_path(out)), "w"))
+            h5.attrs.update({"type": "pysaliency.precomputed_models.predictions", "version": "1.0",
+                             "model": predictor.name, "content": "log_density", "source": str(folder.resolve())})
+        else:
+            out.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(io_threads) as pool, \
                 tqdm(total=len(records), unit="img", desc=f"predict {predictor.name}", disable=not progress,
                      file=sys.stderr, dynamic_ncols=True) as bar:
@@ -85,21 +84,9 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                 bar.update(len(batch))
             for w in writes:
                 w.result()
-        if h5 is None:
-            write_json(out / "predictions.json", {"model": predictor.name, "source": str(folder.resolve()),
-                                                  "maps": result.written, "failures": result.failures})
-        if h5 is not None:
-            h5.close()
-            h5 = None
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-            fsync_dir(out.parent)
-    finally:
-        if h5 is not None:
-            h5.close()
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    if fmt == "png":
+        write_json(out / "predictions.json", {"model": predictor.name, "source": str(folder.resolve()),
+                                              "maps": result.written, "failures": result.failures})
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -57,3 +57,31 @@ def coco_tree(tmp_path) -> Path:
         files[image_id] = f"{image_id:012d}.jpg"
         write_jpeg(root / "val2017" / files[image_id], photo(name))
     return make_coco(root, "val2017", files)
+
+
+def sigkill_when(args: list, ready, what: str, timeout: float = 120.0) -> None:
+    """Run ``python -m pipeline ARGS`` in its own process group and SIGKILL the whole group as soon as
+    ``ready()`` holds (polled without sleeping); fails if the command ends first or ``timeout`` passes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the command ended before {what}"
+            assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+            os.sched_yield()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def second_epoch_started(run: Path):
+    """For :func:`sigkill_when`: the first step of a training run's second epoch is logged (the first
+    epoch is checkpointed, the second is not)."""
+    losses = Path(run) / "losses.csv"
+    return lambda: losses.is_file() and any(line.startswith("1,") for line in losses.read_text().splitlines())

@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -31,6 +29,7 @@ from pipeline.manifest import Manifest, ManifestError, load_manifest
 from pipeline.plan import plan, record
 from pipeline.runner import load_state, make_plan, run_manifest, workdir_lock
 from pipeline.shards import verify_dataset
+from tests.conftest import second_epoch_started, sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "coco"
@@ -374,17 +373,8 @@ def test_full_manifest_passes_dry_run_validation(fresh):
 # -- interruption and the lock -------------------------------------------------------------------
 
 def test_sigkill_during_a_label_step_then_rerun_gives_the_same_shards(finished, fresh):
-    runner = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(DEMO), *OPTS, "--until", "label_val"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    try:
-        while not any(VAL.glob("shard-*.json")):  # the first finished shard
-            assert runner.poll() is None, "the runner ended before the first shard"
-            assert time.monotonic() < deadline, "no shard after 120 s"
-            os.sched_yield()
-    finally:
-        os.killpg(runner.pid, signal.SIGKILL)
-        runner.wait()
+    sigkill_when(["run", DEMO, *OPTS, "--until", "label_val"], lambda: any(VAL.glob("shard-*.json")),
+                 "the first finished shard")
     assert not (VAL / "labels.json").exists(), "the step was not interrupted"
     assert planned(until=["label_val"])["label_val"][1].startswith("interrupted (started ")
 
@@ -403,18 +393,7 @@ def test_sigkill_during_a_train_step_then_rerun_gives_the_same_model(finished, f
     Path("runs/demo/.pipeline").mkdir(parents=True)
     Path("runs/demo/.pipeline/state.json").write_text(json.dumps(state))
     losses = TRAIN_A / "losses.csv"
-    runner = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(DEMO), *OPTS, "--until", "train_a"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    try:
-        # the first step of the second epoch has run: the first epoch is checkpointed, the second is not
-        while not (losses.is_file() and any(line.startswith("1,") for line in losses.read_text().splitlines())):
-            assert runner.poll() is None, "the runner ended before the second epoch"
-            assert time.monotonic() < deadline, "no second epoch after 120 s"
-            os.sched_yield()
-    finally:
-        os.killpg(runner.pid, signal.SIGKILL)
-        runner.wait()
+    sigkill_when(["run", DEMO, *OPTS, "--until", "train_a"], second_epoch_started(TRAIN_A), "the second epoch")
     assert json.loads((TRAIN_A / "checkpoints" / "latest.json").read_text())["epoch"] == 0, "not killed mid-epoch 2"
     assert planned(until=["train_a"])["train_a"][1].startswith("interrupted (started ")
 

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -17,7 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.train import TrainConfig, TrainError, Trainer
+from pipeline.train import TrainConfig, Trainer
+from tests.conftest import second_epoch_started, sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "coco"
@@ -89,17 +85,7 @@ def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_s
 
     run = tmp_path / "killed"
     losses = run / "losses.csv"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args), "--run", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    try:  # wait for the first step of the second epoch, then kill: the second epoch is half done
-        while not (losses.is_file() and any(line.startswith("1,") for line in losses.read_text().splitlines())):
-            assert proc.poll() is None, "training ended before the second epoch"
-            assert time.monotonic() < deadline, "no second epoch after 120 s"
-            os.sched_yield()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    sigkill_when([*args, "--run", run], second_epoch_started(run), "the second epoch")  # half-way through it
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["epoch"] == 0
     assert not list((run / "checkpoints").glob(".*tmp*"))  # no half-written checkpoint under any name
 
