@@ -24,23 +24,6 @@ def temp_name(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(final: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Write to a temp file; on success fsync and rename it to ``final``; on error remove it."""
-    final = Path(final)
-    tmp = temp_name(final)
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
-
-
-@contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """For writers that open files by name (h5py): yield a temp path beside ``final``; on success
     fsync it and rename it to ``final``; on error remove it."""
@@ -55,6 +38,13 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(final: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temp file; on success fsync and rename it to ``final``; on error remove it."""
+    with atomic_path(final) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -61,9 +61,9 @@ def test_shards_read_back_with_plain_webdataset(coco_tree, tmp_path):
     assert preview.shape == (3 * 192, 2 * 256, 3)
 
 
-def test_density_labels_are_float16_log_densities(coco_tree, tmp_path):
+def test_density_labels_are_float16_log_densities(coco_tree, tmp_path, monkeypatch):
     """A log-density teacher's .npy label sums to 1 after exp, at training resolution."""
-    from teachers import Teacher, register
+    from teachers import Teacher
 
     class Flat(Teacher):
         name, output_kind, input_size = "flat_density", "log_density", (96, 128)
@@ -72,7 +72,9 @@ def test_density_labels_are_float16_log_densities(coco_tree, tmp_path):
             logits = x.mean(1, keepdim=True) / 64.0
             return logits - logits.flatten(1).logsumexp(1).view(-1, 1, 1, 1)
 
-    register("flat_density")(lambda *, weights=None: Flat())
+    from teachers import registry
+
+    monkeypatch.setitem(registry._BUILDERS, "flat_density", lambda *, weights=None: Flat())  # gone after the test
     out = tmp_path / "out"
     label(coco_records(coco_tree, "val2017")[:2], out, LabelConfig(teacher="flat_density"), executor="local",
           progress=False)
