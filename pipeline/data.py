@@ -90,7 +90,8 @@ def decode(sample: dict, label_key: str, label_kind: str) -> tuple[torch.Tensor,
 
 
 def shard_loader(labels: LabelSet, tars: list[str], *, batch_size: int, epoch: int = 0, seed: int = 0,
-                 shuffle_buffer: int = 0, workers: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+                 shuffle_buffer: int = 0, workers: int = 0, drop_last: bool = False,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over ``tars``: split by node and by worker, decoded in the workers."""
     order = list(tars)
     if shuffle_buffer:
@@ -102,4 +103,4 @@ def shard_loader(labels: LabelSet, tars: list[str], *, batch_size: int, epoch: i
     ds = ds.map(lambda s: decode(s, labels.label_key, labels.label_kind))
     ds = ds.batched(batch_size, partial=not drop_last)
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(order)),
-                                       persistent_workers=False)
+                                       persistent_workers=False, pin_memory=pin_memory)

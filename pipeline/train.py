@@ -32,6 +32,8 @@ from teachers.weights import WeightsError, load_state_dict
 
 EPS = 2.2204e-16
 LOSS_HEADER = ["epoch", "step", "global_step", "loss"]
+#: training losses are read back from the device (and logged) every this many steps
+LOG_EVERY = 25
 
 
 class TrainError(Exception):
@@ -255,28 +257,44 @@ class Trainer:
     def loader(self, tars, epoch: int, train: bool):
         c = self.config
         return shard_loader(self.labels, tars, batch_size=c.batch_size, epoch=epoch, seed=c.seed,
-                            shuffle_buffer=c.shuffle_buffer if train else 0, workers=c.workers)
+                            shuffle_buffer=c.shuffle_buffer if train else 0, workers=c.workers,
+                            pin_memory=self.device.type == "cuda")
 
     @torch.no_grad()
     def validate(self) -> dict:
         self.model.eval()
-        sums, n, loss_sum = {"cc": 0.0, "kl": 0.0, "nss": 0.0}, 0, 0.0
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, cc, kl, nss (summed over images)
+        n = 0
         for images, targets, _ in self.loader(self.val_tars, 0, train=False):
             images, targets = images.to(self.device), targets.to(self.device)
             loss, logits = self.loss(images, targets)
-            loss_sum += float(loss) * len(images)
             if logits is None:
                 logits = self.model(normalize(images)).float()
-            for k, v in agreement(logits, targets, self.labels.label_kind).items():
-                sums[k] += float(v.sum())
+            a = agreement(logits, targets, self.labels.label_kind)
+            sums += torch.stack([loss.double() * len(images), a["cc"].sum(), a["kl"].sum(), a["nss"].sum()]).double()
             n += len(images)
         self.model.train()
-        return {"val_loss": loss_sum / max(n, 1), **{f"val_{k}": v / max(n, 1) for k, v in sums.items()}}
+        loss, cc, kl, nss = (sums / max(n, 1)).tolist()
+        return {"val_loss": loss, "val_cc": cc, "val_kl": kl, "val_nss": nss}
 
     def train_epoch(self, epoch: int, bar, log_file) -> tuple[float, int]:
+        """One epoch; each step's loss goes to ``log_file``, read back from the device every
+        :data:`LOG_EVERY` steps (and at the first step of the epoch) so the GPU is not synchronised per step."""
         self.model.train()
         log = csv.writer(log_file, lineterminator="\n")
-        total, n = 0.0, 0
+        pending: list[tuple[int, int, torch.Tensor, int]] = []  # (step, global step, loss, batch size)
+        total, n, last = 0.0, 0, float("nan")
+
+        def flush():
+            nonlocal total, n, last
+            values = torch.stack([p[2] for p in pending]).tolist()
+            for (step, global_step, _, size), value in zip(pending, values):
+                log.writerow((epoch, step, global_step, f"{value:.8g}"))
+                total, n, last = total + value * size, n + size, value
+            log_file.flush()  # readable while training runs
+            pending.clear()
+            bar.set_postfix_str(f"epoch {epoch + 1}/{self.config.epochs} loss {last:.4f}")
+
         for step, (images, targets, _) in enumerate(self.loader(self.train_tars, epoch, train=True)):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -285,14 +303,14 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.global_step += 1
-            value = float(loss.detach())
-            log.writerow((epoch, step, self.global_step, f"{value:.8g}"))
-            log_file.flush()  # one row per step, readable while training runs
-            total, n = total + value * len(images), n + len(images)
+            pending.append((step, self.global_step, loss.detach(), len(images)))
+            if step == 0 or len(pending) >= LOG_EVERY:
+                flush()
             bar.update(len(images))
-            bar.set_postfix_str(f"epoch {epoch + 1}/{self.config.epochs} loss {value:.4f}")
             if self.config.steps_per_epoch and step + 1 >= self.config.steps_per_epoch:
                 break
+        if pending:
+            flush()
         return total / max(n, 1), n
 
 
