@@ -49,6 +49,8 @@ class KnownWeights:
 
 
 _DEEPGAZE_RELEASE = "https://github.com/matthias-k/DeepGaze/releases/download/v1.0.0"
+#: the FastSal authors' student checkpoints live in their repository's weights/ folder (no digests published)
+_FASTSAL_WEIGHTS = "https://github.com/feiyanhu/FastSal/raw/master/weights"
 
 # The upstream release page publishes no digests. These are the sha256 values that independent
 # public projects pinning the same v1.0.0 release assets record for them (two projects agree on
@@ -69,6 +71,19 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
             sha256="051645b7da47884c138e81f28a4afbadd99b6c3262eaf086434a9626e3578be9",
             filename="centerbias_mit1003.npy",
             description="MIT1003 centre-bias log density, 1024x1024 float64, DeepGaze release v1.0.0",
+        ),
+        *(
+            KnownWeights(
+                name=f"fastsal_{data}_{variant.lower()}",
+                url=f"{_FASTSAL_WEIGHTS}/{data}_{variant}.pth",
+                sha256=None,
+                filename=f"{data}_{variant}.pth",
+                description=f"FastSal ({variant}) fine-tuned on {data.upper()} by the FastSal authors ("
+                            + ("DeepGaze II pseudo-labels: --student-output softmax)" if data == "coco"
+                               else "SalGAN teacher: --student-output sigmoid)"),
+            )
+            for data in ("coco", "salicon")
+            for variant in ("A", "C")
         ),
     )
 }

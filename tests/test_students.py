@@ -164,6 +164,14 @@ def test_imagenet_backbone_offline_and_uncached_is_one_clear_error(empty_hub):
     assert BACKBONE_WEIGHTS.url in msg and str(empty_hub / "mobilenet_v2-b0353104.pth") in msg
 
 
+def test_the_authors_weights_by_name_offline_say_where_to_get_them(empty_hub):
+    with pytest.raises(WeightsError) as e:
+        fastsal_a(weights="fastsal_coco_a")
+    msg = str(e.value)
+    assert "https://github.com/feiyanhu/FastSal/raw/master/weights/coco_A.pth" in msg
+    assert str(empty_hub / "coco_A.pth") in msg
+
+
 def test_imagenet_backbone_with_a_wrong_digest_is_refused(empty_hub):
     empty_hub.mkdir(parents=True)
     torch.save(mobilenet_v2().state_dict(), empty_hub / "mobilenet_v2-b0353104.pth")
