@@ -201,11 +201,16 @@ def _floats3(ctx, param, value: str) -> tuple[float, float, float]:
               help="Density teachers (Eq. 3): weights of KL, 1-cosine and BCE (the paper: 1,1,1; the "
                    "authors' code: 0.5,0.2,0.3).")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on steps per epoch.")
+@click.option("--ray-workers", type=click.IntRange(min=0), default=0,
+              help="Train data-parallel on this many Ray Train workers (one GPU each when the cluster has them); "
+                   "0: in this process. --batch-size is per worker.")
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="With --ray-workers: the Ray cluster (default: $RAY_ADDRESS, else start a local Ray).")
 @click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
 @click.option("--progress/--no-progress", default=True)
 def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_decay, milestones, gamma, batch_size,
               val_shards, val_labels, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
-              teacher_weights, loss_weights, steps_per_epoch, restart, progress):
+              teacher_weights, loss_weights, steps_per_epoch, ray_workers, address, restart, progress):
     """Train a FastSal student on labelled shards; re-running resumes after the last finished epoch."""
     from pipeline.data import DataError
     from pipeline.train import TrainConfig, TrainError, summary_table, train
@@ -220,7 +225,12 @@ def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_deca
                          teacher_weights=teacher_weights, loss_weights=loss_weights,
                          steps_per_epoch=steps_per_epoch)
     try:
-        results = train(config, restart=restart, progress=progress)
+        if ray_workers:
+            from pipeline.train_ray import train_on_ray
+
+            results = train_on_ray(config, workers=ray_workers, address=address, restart=restart, progress=progress)
+        else:
+            results = train(config, restart=restart, progress=progress)
     except (DataError, TrainError, WeightsError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(summary_table(results))

@@ -34,6 +34,11 @@ class LabelSet:
     teacher: str
     count: int
     image_size: tuple[int, int]  # (H, W) of the stored images and labels
+    counts: tuple[int, ...] = ()  # images in each tar of ``tars``
+
+    def images_in(self, tars) -> int:
+        per_tar = dict(zip(self.tars, self.counts))
+        return sum(per_tar[t] for t in tars)
 
 
 def open_label_set(folder: str | Path) -> LabelSet:
@@ -43,8 +48,9 @@ def open_label_set(folder: str | Path) -> LabelSet:
         raise DataError(f"not a finished label folder: {reason} (run `pipeline label` first)")
     index = json.loads((folder / "labels.json").read_text())
     tars = tuple(shard_tars(folder))
+    per_tar = {Path(s["tar"]).name: int(s["count"]) for s in index["shards"]}
     return LabelSet(folder, tars, index["label_extension"], index["label_kind"], index["teacher"], index["count"],
-                    tuple(index["image_size"]))
+                    tuple(index["image_size"]), tuple(per_tar[Path(t).name] for t in tars))
 
 
 def check_same_labels(first: LabelSet, other: LabelSet) -> None:
@@ -64,7 +70,8 @@ def open_label_sets(folders) -> LabelSet:
     for other in sets[1:]:
         check_same_labels(first, other)
     return LabelSet(first.folder, tuple(t for s in sets for t in s.tars), first.label_key, first.label_kind,
-                    first.teacher, sum(s.count for s in sets), first.image_size)
+                    first.teacher, sum(s.count for s in sets), first.image_size,
+                    tuple(c for s in sets for c in s.counts))
 
 
 def split_shards(tars: tuple[str, ...], val_shards: int) -> tuple[list[str], list[str]]:
@@ -73,6 +80,10 @@ def split_shards(tars: tuple[str, ...], val_shards: int) -> tuple[list[str], lis
         raise DataError(f"--val-shards {val_shards} leaves no training shard (there are {len(tars)})")
     cut = len(tars) - val_shards
     return list(tars[:cut]), list(tars[cut:])
+
+
+def _all_shards(src):
+    return src
 
 
 def decode(sample: dict, label_key: str, label_kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -89,14 +100,26 @@ def decode(sample: dict, label_key: str, label_kind: str) -> tuple[torch.Tensor,
     return image, target[None], sample["__key__"]
 
 
-def shard_loader(labels: LabelSet, tars: list[str], *, batch_size: int, epoch: int = 0, seed: int = 0,
-                 shuffle_buffer: int = 0, workers: int = 0, drop_last: bool = False,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``tars``: split by node and by worker, decoded in the workers."""
+def epoch_order(tars, *, seed: int, epoch: int, shuffle: bool) -> list[str]:
+    """The shard order of one epoch: a permutation seeded by (seed, epoch), or as given."""
     order = list(tars)
-    if shuffle_buffer:
+    if shuffle:
         random.Random(seed * 100_003 + epoch).shuffle(order)
-    ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=wds.split_by_node,
+    return order
+
+
+def node_shards(order: list[str], rank: int, world: int) -> list[str]:
+    """The shards node ``rank`` of ``world`` reads from ``order`` (as ``webdataset.split_by_node`` splits)."""
+    return order[rank::world]
+
+
+def shard_loader(labels: LabelSet, tars: list[str], *, batch_size: int, epoch: int = 0, seed: int = 0,
+                 shuffle_buffer: int = 0, workers: int = 0, drop_last: bool = False, split_nodes: bool = True,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``tars``: split by node (torch.distributed rank; unless ``split_nodes`` is off)
+    and by worker, decoded in the workers."""
+    order = epoch_order(tars, seed=seed, epoch=epoch, shuffle=bool(shuffle_buffer))
+    ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=wds.split_by_node if split_nodes else _all_shards,
                         workersplitter=wds.split_by_worker, empty_check=False)
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7_919 + epoch))

@@ -79,7 +79,7 @@ COMMANDS: dict[str, CommandSpec] = {
         defaults={"run_dir": lambda workdir, step: workdir / step},
         output=lambda params: Path(params["run_dir"]),
         verify=_verify_train,
-        volatile=frozenset({"workers", "device", "progress"}),
+        volatile=frozenset({"workers", "device", "address", "progress"}),
         fresh=("--restart",),
     ),
     "eval": CommandSpec(

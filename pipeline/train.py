@@ -5,6 +5,11 @@ under ``<run>/checkpoints/``; re-running the same command resumes after the last
 and, on CPU, reproduces the uninterrupted run's losses (an epoch's data order depends only on the
 seed and the epoch). Per-step losses go to ``losses.csv``, per-epoch validation against the
 teacher's held-out labels (CC, KL, NSS) to ``metrics.csv``, both to ``curves.png``.
+
+The same loop runs as one process (the default) or as one process per worker of a
+``torch.distributed`` group (:mod:`pipeline.train_ray` starts them with Ray Train): then the model is
+wrapped in DistributedDataParallel, each worker reads its own shards (``webdataset.split_by_node``)
+for the same number of steps, and worker 0 alone validates, logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_open, write_json
-from pipeline.data import check_same_labels, open_label_set, open_label_sets, shard_loader, split_shards
+from pipeline.data import (check_same_labels, epoch_order, node_shards, open_label_set, open_label_sets,
+                           shard_loader, split_shards)
 from pipeline.labeler import resolve_device
 from students import STUDENTS, normalize
 from students.losses import density_teacher_loss, hint_loss, map_teacher_loss
@@ -153,41 +159,52 @@ def init_from(model: torch.nn.Module, path: str) -> str:
     return f"init from {path}: {len(take)} of {len(own)} tensors (the rest keep their initialisation)"
 
 
+class HintView(torch.nn.Module):
+    """The student's adapted features as its forward pass (what DistributedDataParallel wraps in the hint stage)."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.student.adapted_features(x)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group this process is in, or (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = c = config
-        if c.student not in STUDENTS:
-            raise TrainError(f"unknown student {c.student!r}; known: {', '.join(sorted(STUDENTS))}")
-        if c.stage not in ("finetune", "hint"):
-            raise TrainError(f"unknown stage {c.stage!r} (finetune or hint)")
-        if c.stage == "hint" and c.student != "fastsal_c":
-            raise TrainError(f"{c.student} has no hint stage: its adaptation widths differ from the teacher's "
-                             "features; hint-pretrain fastsal_c and start from its checkpoint with --init")
-        if c.stage == "hint" and not c.teacher:
-            raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
-        self.labels = open_label_sets(c.labels)
-        h, w = self.labels.image_size
-        if h % 32 or w % 32:
-            raise TrainError(f"{self.labels.folder} holds {h}x{w} images; FastSal needs height and width in "
-                             "multiples of 32 (label with --image-size 192x256, the paper's)")
-        if c.val_labels:
-            val = open_label_set(c.val_labels)
-            check_same_labels(self.labels, val)
-            self.train_tars, self.val_tars = list(self.labels.tars), list(val.tars)
-        else:
-            self.train_tars, self.val_tars = split_shards(self.labels.tars, c.val_shards)
+        self.labels, self.train_tars, self.val_tars = self.check(c)
         self.run = Path(c.run)
         self.ckpt_dir = self.run / "checkpoints"
         self.device = resolve_device(c.device)
-        if c.amp == "bf16" and self.device.type != "cuda":
-            raise TrainError("--amp bf16 needs a GPU; use --amp off on CPU")
         self.amp = self.device.type == "cuda" and c.amp in ("auto", "bf16")
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
         random.seed(c.seed)
+        self.rank, self.world = _distributed()
         self.model = STUDENTS[c.student](backbone_weights=c.backbone_weights if not c.init else "none")
         self.init_note = init_from(self.model, c.init) if c.init else f"backbone: {c.backbone_weights}"
         self.model.to(self.device)
+        #: what a training step calls: the student (its logits) or its adapted features, DDP-wrapped if distributed
+        self.forward = HintView(self.model) if c.stage == "hint" else self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # the hint stage leaves the student's head out of the graph
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=ids,
+                                                                     find_unused_parameters=c.stage == "hint")
         self.teacher = None
         if c.stage == "hint":
             from teachers import build_teacher
@@ -198,6 +215,33 @@ class Trainer:
                                          weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(c.milestones), c.gamma)
         self.epoch, self.global_step = 0, 0
+
+    @staticmethod
+    def check(c: TrainConfig):
+        """Refuse bad settings with one clear error; returns (label set, training tars, validation tars)."""
+        if c.student not in STUDENTS:
+            raise TrainError(f"unknown student {c.student!r}; known: {', '.join(sorted(STUDENTS))}")
+        if c.stage not in ("finetune", "hint"):
+            raise TrainError(f"unknown stage {c.stage!r} (finetune or hint)")
+        if c.stage == "hint" and c.student != "fastsal_c":
+            raise TrainError(f"{c.student} has no hint stage: its adaptation widths differ from the teacher's "
+                             "features; hint-pretrain fastsal_c and start from its checkpoint with --init")
+        if c.stage == "hint" and not c.teacher:
+            raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
+        labels = open_label_sets(c.labels)
+        h, w = labels.image_size
+        if h % 32 or w % 32:
+            raise TrainError(f"{labels.folder} holds {h}x{w} images; FastSal needs height and width in "
+                             "multiples of 32 (label with --image-size 192x256, the paper's)")
+        if c.val_labels:
+            val = open_label_set(c.val_labels)
+            check_same_labels(labels, val)
+            train, val_tars = list(labels.tars), list(val.tars)
+        else:
+            train, val_tars = split_shards(labels.tars, c.val_shards)
+        if c.amp == "bf16" and resolve_device(c.device).type != "cuda":
+            raise TrainError("--amp bf16 needs a GPU; use --amp off on CPU")
+        return labels, train, val_tars
 
     # -- checkpoints -----------------------------------------------------------------------
     def resume(self) -> bool:
@@ -236,20 +280,23 @@ class Trainer:
         return path
 
     # -- one batch -------------------------------------------------------------------------
-    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stage's loss, and the student's logits when the stage computes them."""
+    def loss(self, images: torch.Tensor, targets: torch.Tensor,
+             train: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stage's loss, and the student's logits when the stage computes them (``train``: through the
+        distributed wrapper; else the bare student, as worker 0 validates alone)."""
         x = normalize(images)
+        forward = self.forward if train else (HintView(self.model) if self.teacher is not None else self.model)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             if self.teacher is not None:
                 with torch.no_grad():
                     hints = [h.float() for h in self.teacher.hint_features(images)]
-                feats = [f.float() for f in self.model.adapted_features(x)]
+                feats = [f.float() for f in forward(x)]
                 try:
                     return hint_loss(feats, hints), None
                 except ValueError as e:
                     raise TrainError(f"teacher {self.config.teacher!r} cannot give {self.config.student}'s hint "
                                      f"targets ({e}); the hint stage follows the paper with --teacher salgan") from None
-            logits = self.model(x).float()
+            logits = forward(x).float()
         if self.labels.label_kind == "log_density":
             return density_teacher_loss(logits, targets, self.config.loss_weights), logits
         return map_teacher_loss(logits, targets), logits
@@ -258,7 +305,21 @@ class Trainer:
         c = self.config
         return shard_loader(self.labels, tars, batch_size=c.batch_size, epoch=epoch, seed=c.seed,
                             shuffle_buffer=c.shuffle_buffer if train else 0, workers=c.workers,
-                            pin_memory=self.device.type == "cuda")
+                            split_nodes=train, pin_memory=self.device.type == "cuda")
+
+    def steps(self, epoch: int) -> int | None:
+        """The cap on an epoch's steps: ``steps_per_epoch``, and when distributed the full batches of the
+        worker with the fewest images (every worker must take the same number of steps)."""
+        caps = [self.config.steps_per_epoch] if self.config.steps_per_epoch else []
+        if self.world > 1:
+            order = epoch_order(self.train_tars, seed=self.config.seed, epoch=epoch,
+                                shuffle=bool(self.config.shuffle_buffer))
+            fewest = min(self.labels.images_in(node_shards(order, r, self.world)) for r in range(self.world))
+            if fewest < self.config.batch_size:
+                raise TrainError(f"{self.world} workers leave one with {fewest} images, less than a batch of "
+                                 f"{self.config.batch_size}: use fewer workers or smaller shards")
+            caps.append(fewest // self.config.batch_size)
+        return min(caps) if caps else None
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -267,7 +328,7 @@ class Trainer:
         n = 0
         for images, targets, _ in self.loader(self.val_tars, 0, train=False):
             images, targets = images.to(self.device), targets.to(self.device)
-            loss, logits = self.loss(images, targets)
+            loss, logits = self.loss(images, targets, train=False)
             if logits is None:
                 logits = self.model(normalize(images)).float()
             a = agreement(logits, targets, self.labels.label_kind)
@@ -295,6 +356,7 @@ class Trainer:
             pending.clear()
             bar.set_postfix_str(f"epoch {epoch + 1}/{self.config.epochs} loss {last:.4f}")
 
+        cap = self.steps(epoch)
         for step, (images, targets, _) in enumerate(self.loader(self.train_tars, epoch, train=True)):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -307,7 +369,7 @@ class Trainer:
             if step == 0 or len(pending) >= LOG_EVERY:
                 flush()
             bar.update(len(images))
-            if self.config.steps_per_epoch and step + 1 >= self.config.steps_per_epoch:
+            if cap is not None and step + 1 >= cap:
                 break
         if pending:
             flush()
@@ -368,45 +430,54 @@ def plot_curves(run: Path) -> Path:
 
 
 def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) -> list[EpochResult]:
-    """Train (or resume training) as ``config`` says; returns the epochs run by this call."""
+    """Train (or resume training) as ``config`` says; returns the epochs run by this call.
+
+    In a torch.distributed group every worker calls this; worker 0 writes the logs and checkpoints.
+    """
     trainer = Trainer(config)
-    run = trainer.run
-    run.mkdir(parents=True, exist_ok=True)
-    if restart:
-        for p in [*trainer.ckpt_dir.glob("*"), run / "losses.csv", run / "metrics.csv", run / "curves.png"]:
-            p.unlink(missing_ok=True)
+    run, lead = trainer.run, trainer.rank == 0
+    if lead:
+        run.mkdir(parents=True, exist_ok=True)
+        if restart:
+            for p in [*trainer.ckpt_dir.glob("*"), run / "losses.csv", run / "metrics.csv", run / "curves.png"]:
+                p.unlink(missing_ok=True)
+    _barrier(trainer.world)
     resumed = trainer.resume()
-    write_json(run / "config.json", asdict(config))
-    print(f"resuming {run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
-          else trainer.init_note, file=sys.stderr)
-    val_header = ["epoch", "train_loss", "val_loss", "val_cc", "val_kl", "val_nss", "lr", "seconds"]
-    _keep_rows(run / "losses.csv", LOSS_HEADER, trainer.epoch)
-    _keep_rows(run / "metrics.csv", val_header, trainer.epoch)
+    val_header = ["epoch", "train_loss", "val_loss", "val_cc", "val_kl", "val_nss", "lr", "seconds", "images"]
+    if lead:
+        write_json(run / "config.json", asdict(config))
+        print(f"resuming {run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
+              else trainer.init_note, file=sys.stderr)
+        _keep_rows(run / "losses.csv", LOSS_HEADER, trainer.epoch)
+        _keep_rows(run / "metrics.csv", val_header, trainer.epoch)
     results = []
-    per_epoch = trainer.labels.count * len(trainer.train_tars) // max(1, len(trainer.labels.tars))
-    if config.steps_per_epoch:
-        per_epoch = min(per_epoch, config.steps_per_epoch * config.batch_size)
-    with tqdm(total=max(1, per_epoch) * (config.epochs - trainer.epoch), unit="img", disable=not progress,
-              desc=f"train {config.student} ({config.stage})", file=sys.stderr, dynamic_ncols=True) as bar:
+    per_epoch = trainer.labels.images_in(trainer.train_tars) // trainer.world
+    if trainer.steps(trainer.epoch):
+        per_epoch = min(per_epoch, trainer.steps(trainer.epoch) * config.batch_size)
+    with tqdm(total=max(1, per_epoch) * (config.epochs - trainer.epoch), unit="img", disable=not (progress and lead),
+              desc=f"train {config.student} ({config.stage})", file=sys.stderr, dynamic_ncols=True) as bar, \
+            open(run / "losses.csv" if lead else os.devnull, "a", newline="") as losses:
         for epoch in range(trainer.epoch, config.epochs):
             t0 = time.perf_counter()
             lr = trainer.optimizer.param_groups[0]["lr"]
-            with open(run / "losses.csv", "a", newline="") as f:
-                train_loss, n = trainer.train_epoch(epoch, bar, f)
-                f.flush()
-                os.fsync(f.fileno())
+            train_loss, n = trainer.train_epoch(epoch, bar, losses)
             trainer.scheduler.step()
-            val = trainer.validate()
-            result = EpochResult(epoch, train_loss, val, lr, time.perf_counter() - t0, n)
-            with open(run / "metrics.csv", "a", newline="") as f:
-                csv.writer(f, lineterminator="\n").writerow(
-                    [epoch, f"{train_loss:.6g}", *(f"{val[k]:.6g}" for k in val_header[2:6]), f"{lr:.6g}",
-                     f"{result.seconds:.2f}"])
-                f.flush()
-                os.fsync(f.fileno())
-            trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
-            plot_curves(run)
-            results.append(result)
+            if lead:
+                os.fsync(losses.fileno())
+                val = trainer.validate()
+                result = EpochResult(epoch, train_loss, val, lr, time.perf_counter() - t0, n)
+                with open(run / "metrics.csv", "a", newline="") as f:
+                    csv.writer(f, lineterminator="\n").writerow(
+                        [epoch, f"{train_loss:.6g}", *(f"{val[k]:.6g}" for k in val_header[2:6]), f"{lr:.6g}",
+                         f"{result.seconds:.2f}", n * trainer.world])
+                    f.flush()
+                    os.fsync(f.fileno())
+                trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
+                plot_curves(run)
+                results.append(result)
+            else:
+                trainer.epoch = epoch + 1
+            _barrier(trainer.world)
     return results
 
 

@@ -1,0 +1,82 @@
+"""``pipeline train --ray-workers N``: the training loop of :mod:`pipeline.train` on N Ray Train workers.
+
+Ray Train's ``TorchTrainer`` starts one process per worker (one GPU each when the cluster has GPUs, else
+CPUs), joins them in a ``torch.distributed`` group (NCCL on GPUs, Gloo on CPUs) and runs
+:func:`pipeline.train.train` in each; the loop wraps the student in DistributedDataParallel, splits the
+shards by worker and lets worker 0 validate, log and checkpoint into the run folder, so the run folder,
+its resume and its outputs are those of a single-process run. On a multi-node cluster (``--address``)
+the label folders and the run folder must be on a filesystem every node sees, and this package
+installed on every node. Needs Ray Train (``pip install 'ray[train]'``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from pipeline.train import EpochResult, TrainConfig, TrainError, Trainer
+
+
+def _worker(loop_config: dict) -> None:
+    """One Ray Train worker: the ordinary training loop on this worker's device."""
+    import ray.train.torch
+
+    from pipeline.train import train
+
+    c = TrainConfig(**loop_config["config"])
+    c = replace(c, device=str(ray.train.torch.get_device()), labels=tuple(c.labels), milestones=tuple(c.milestones),
+                loss_weights=tuple(c.loss_weights))
+    train(c, restart=loop_config["restart"], progress=loop_config["progress"])
+
+
+def _absolute(config: TrainConfig) -> TrainConfig:
+    """Paths as the workers will see them (Ray Train runs them in another working directory)."""
+    def absolute(p):
+        return str(Path(p).resolve()) if p else p
+
+    return replace(config, labels=tuple(absolute(p) for p in config.labels), run=absolute(config.run),
+                   val_labels=absolute(config.val_labels), init=absolute(config.init))
+
+
+def _finished_epochs(run: Path) -> int:
+    latest = run / "checkpoints" / "latest.json"
+    return json.loads(latest.read_text())["epoch"] + 1 if latest.is_file() else 0
+
+
+def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = None, restart: bool = False,
+                 progress: bool = True) -> list[EpochResult]:
+    """Train on ``workers`` Ray Train workers (a local Ray unless ``address``); returns this call's epochs."""
+    try:
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+    except ImportError as e:
+        raise TrainError(f"--ray-workers needs Ray Train ({e}): pip install 'ray[train]'") from None
+    config = _absolute(config)
+    Trainer.check(replace(config, amp="auto"))  # one clear error here, before any worker starts (the workers,
+    # not this driver, may have the GPUs that --amp bf16 needs: that is checked on them)
+    run = Path(config.run)
+    run.mkdir(parents=True, exist_ok=True)
+    before = 0 if restart else _finished_epochs(run)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": asdict(config), "restart": restart, "progress": progress},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(storage_path=str(run / ".ray"), name="train"),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps the worker's exception; show its last line
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise TrainError(f"training on {workers} Ray workers failed: {lines[-1] if lines else type(e).__name__}") \
+            from None
+    with open(run / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) >= before]
+    return [EpochResult(int(r["epoch"]), float(r["train_loss"]),
+                        {k: float(r[k]) for k in ("val_loss", "val_cc", "val_kl", "val_nss")}, float(r["lr"]),
+                        float(r["seconds"]), int(r["images"])) for r in rows]
