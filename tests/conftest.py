@@ -61,7 +61,8 @@ def coco_tree(tmp_path) -> Path:
 
 def sigkill_when(args: list, ready, what: str, timeout: float = 120.0) -> None:
     """Run ``python -m pipeline ARGS`` in its own process group and SIGKILL the whole group as soon as
-    ``ready()`` holds (polled without sleeping); fails if the command ends first or ``timeout`` passes."""
+    ``ready()`` holds (polled every 10 ms: a busy loop would take a core from the command on a 2-core
+    machine); fails if the command ends first or ``timeout`` passes."""
     import signal
     import subprocess
     import sys
@@ -74,7 +75,7 @@ def sigkill_when(args: list, ready, what: str, timeout: float = 120.0) -> None:
         while not ready():
             assert proc.poll() is None, f"the command ended before {what}"
             assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
-            os.sched_yield()
+            time.sleep(0.01)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import cv2
@@ -173,7 +174,7 @@ def test_ray_run_matches_in_process_run_and_survives_sigkill(coco_tree, tmp_path
                             stderr=subprocess.PIPE, start_new_session=True)
     folder = tmp_path / "ray" / "classic" / "val2017"
     while proc.poll() is None and not list(folder.glob("shard-*.json")):
-        pass  # busy-wait (no sleep) until the first shard is finished
+        time.sleep(0.01)  # poll until the first shard is finished (a busy loop would starve the labeller)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
     resumed = run_cli(*args)

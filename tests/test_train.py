@@ -78,7 +78,7 @@ def write_mit1003(root: Path, photos: list[Path]) -> Path:
 # -- exact resume --------------------------------------------------------------------------------
 
 def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_scores_it(labels, tmp_path):
-    args = ["train", "--labels", labels, "--student", "fastsal_a", "--epochs", 3, "--lr", 0.05,
+    args = ["train", "--labels", labels, "--student", "fastsal_a", "--epochs", 2, "--lr", 0.05,
             "--backbone-weights", "none", "--batch-size", 2, "--workers", 2, "--shuffle-buffer", 8, "--no-progress"]
     r = invoke(*args, "--run", tmp_path / "straight")
     assert r.exit_code == 0, r.output
