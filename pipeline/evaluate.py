@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline import images, metrics
 from pipeline.fixations import FixationSet
-from pipeline.predictors import Predictor
+from pipeline.predictors import Predictor, to_log_density
 
 #: MIT benchmark convention: the empirical map is blurred with a Gaussian of about one degree of
 #: visual angle; for MIT1003 (1024 px wide, ~35 px per degree) that is ~3.4% of the longer side
@@ -72,7 +72,7 @@ class EvalResult:
                 "per_image": [clean(r) for r in self.per_image]}
 
 
-def _batches(pool: ThreadPoolExecutor, items: list, load, batch_size: int) -> Iterator[list[tuple]]:
+def decoded_batches(pool: ThreadPoolExecutor, items: list, load, batch_size: int) -> Iterator[list[tuple]]:
     """(item, loaded or exception) in batches, decoding a few batches ahead."""
     window = 3 * batch_size
     pending: deque[tuple[object, Future]] = deque()
@@ -140,7 +140,8 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
             tqdm(total=n, unit="img", desc=f"eval {predictor.name}", disable=not progress, file=sys.stderr,
                  dynamic_ncols=True) as bar:
         scoring: list[Future] = []
-        for batch in _batches(pool, list(range(n)), lambda i: images.read_image(str(fs.image_path(i))), batch_size):
+        read = lambda i: images.read_image(str(fs.image_path(i)))  # noqa: E731
+        for batch in decoded_batches(pool, list(range(n)), read, batch_size):
             good = [(i, x) for i, x in batch if not isinstance(x, Exception)]
             for i, x in batch:
                 if isinstance(x, Exception):
@@ -176,9 +177,7 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
             rgbs = [x.permute(1, 2, 0).numpy() for x in imgs]
             for key, logd, target in zip(keys, predictor.log_densities(rgbs), targets):
                 pred = np.exp(logd.astype(np.float64))
-                t = target[0].double().numpy()
-                t = np.exp(t - t.max()) if labels.label_kind == "log_density" else t
-                t = t / t.sum()
+                t = to_log_density(target[None], labels.label_kind)[0, 0].double().exp().numpy()
                 z = (pred - pred.mean()) / max(pred.std(), 1e-300)
                 result.per_image.append({"key": key, "cc": metrics.cc(pred, t), "kl_div": metrics.kl_div(pred, t),
                                          "sim": metrics.sim(pred, t), "nss": float((t * z).sum())})

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import images
 from pipeline.atomic import atomic_open, atomic_path, write_json
-from pipeline.evaluate import _batches
+from pipeline.evaluate import decoded_batches
 from pipeline.predictors import Predictor
 from pipeline.sources import folder_records
 
@@ -71,7 +71,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                 tqdm(total=len(records), unit="img", desc=f"predict {predictor.name}", disable=not progress,
                      file=sys.stderr, dynamic_ncols=True) as bar:
             writes = []
-            for batch in _batches(pool, records, lambda r: images.read_image(r.path), batch_size):
+            for batch in decoded_batches(pool, records, lambda r: images.read_image(r.path), batch_size):
                 good = [(r, x) for r, x in batch if not isinstance(x, Exception)]
                 result.failures += [{"file": r.path, "reason": str(x)} for r, x in batch if isinstance(x, Exception)]
                 for (rec, _), logd in zip(good, predictor.log_densities([x for _, x in good])):

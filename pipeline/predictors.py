@@ -43,6 +43,11 @@ def to_log_density(maps: torch.Tensor, kind: str) -> torch.Tensor:
     return out.reshape(maps.shape)
 
 
+def student_kind(label_kind: str) -> str:
+    """How a student's logits become a map: softmax over pixels after density labels, sigmoid after maps."""
+    return "logits" if label_kind == "log_density" else "sigmoid_logits"
+
+
 @dataclass
 class Predictor:
     name: str
@@ -133,7 +138,7 @@ def student_predictor(checkpoint: str | Path, device: str = "auto", precision: s
         load_strict(model, ckpt["model"], what=f"checkpoint {path}")
     except WeightsError as e:
         raise PredictorError(str(e)) from None
-    kind = "logits" if ckpt["labels"]["kind"] == "log_density" else "sigmoid_logits"
+    kind = student_kind(ckpt["labels"]["kind"])
     input_size = tuple(ckpt["labels"].get("image_size", (192, 256)))
     return Predictor(f"{ckpt['student']}@{path}", model.to(dev).eval(), kind, input_size, dev, student=True,
                      autocast=_autocast(dev, precision))

@@ -105,28 +105,21 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def agreement(logits: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
-    """Per-image CC, KL and NSS of the student against the teacher's label.
+    """Per-image CC, KL and NSS of the student against the teacher's label (``kind``: the label's kind).
 
-    Both become densities over pixels: the student's softmax (density teachers) or its sigmoid map
-    normalised (map teachers); the teacher's log density, or its map normalised to sum 1. NSS is
-    its expectation under fixations drawn from the teacher's density: Σ p_teacher · standardised map.
+    Both become densities over pixels, as ``eval`` and ``predict`` see them (:func:`to_log_density`).
+    NSS is its expectation under fixations drawn from the teacher's density: Σ p_teacher · standardised map.
     """
-    b = logits.shape[0]
-    flat = logits.float().reshape(b, -1)
-    if kind == "log_density":
-        s = torch.softmax(flat, dim=1)
-        t = target.float().reshape(b, -1).exp()
-    else:
-        s = torch.sigmoid(flat)
-        s = s / s.sum(1, keepdim=True)
-        t = target.float().reshape(b, -1)
-    t = t / t.sum(1, keepdim=True).clamp_min(EPS)
+    from pipeline.predictors import student_kind, to_log_density
+
+    s = to_log_density(logits, student_kind(kind)).flatten(1).exp()
+    t = to_log_density(target, kind).flatten(1).exp()
     sc, tc = s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
     cc = (sc * tc).sum(1) / (sc.norm(dim=1) * tc.norm(dim=1)).clamp_min(EPS)
     kl = (t * torch.log(EPS + t / (s + EPS))).sum(1)
@@ -198,8 +191,9 @@ class Trainer:
         self.model = STUDENTS[c.student](backbone_weights=c.backbone_weights if not c.init else "none")
         self.init_note = init_from(self.model, c.init) if c.init else f"backbone: {c.backbone_weights}"
         self.model.to(self.device)
-        #: what a training step calls: the student (its logits) or its adapted features, DDP-wrapped if distributed
-        self.forward = HintView(self.model) if c.stage == "hint" else self.model
+        #: the stage's forward pass: the student (its logits) or its adapted features; ``forward`` is what a
+        #: training step calls (DDP-wrapped when distributed), ``local_forward`` what worker 0 validates with
+        self.local_forward = self.forward = HintView(self.model) if c.stage == "hint" else self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # the hint stage leaves the student's head out of the graph
@@ -285,7 +279,7 @@ class Trainer:
         """The stage's loss, and the student's logits when the stage computes them (``train``: through the
         distributed wrapper; else the bare student, as worker 0 validates alone)."""
         x = normalize(images)
-        forward = self.forward if train else (HintView(self.model) if self.teacher is not None else self.model)
+        forward = self.forward if train else self.local_forward
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             if self.teacher is not None:
                 with torch.no_grad():
@@ -329,12 +323,14 @@ class Trainer:
         for images, targets, _ in self.loader(self.val_tars, 0, train=False):
             images, targets = images.to(self.device), targets.to(self.device)
             loss, logits = self.loss(images, targets, train=False)
-            if logits is None:
-                logits = self.model(normalize(images)).float()
-            a = agreement(logits, targets, self.labels.label_kind)
-            sums += torch.stack([loss.double() * len(images), a["cc"].sum(), a["kl"].sum(), a["nss"].sum()]).double()
+            sums[0] += loss.double() * len(images)
+            if logits is not None:  # the hint stage trains no head: its maps are not scored
+                a = agreement(logits, targets, self.labels.label_kind)
+                sums[1:] += torch.stack([a["cc"].sum(), a["kl"].sum(), a["nss"].sum()]).double()
             n += len(images)
         self.model.train()
+        if self.teacher is not None:
+            sums[1:] = float("nan")
         loss, cc, kl, nss = (sums / max(n, 1)).tolist()
         return {"val_loss": loss, "val_cc": cc, "val_kl": kl, "val_nss": nss}
 

@@ -217,8 +217,8 @@ STUDENT_INFO = {
 }
 
 
-def load_backbone(encoder: Encoder, spec: str) -> str:
-    """Initialise the MobileNetV2 features: ``imagenet``, ``none`` or a PATH; returns what was loaded.
+def load_backbone(encoder: Encoder, spec: str) -> None:
+    """Initialise the MobileNetV2 features: ``imagenet``, ``none`` or a PATH.
 
     ``imagenet`` is torchvision's ``IMAGENET1K_V1`` file, from the torch hub cache where torchvision
     keeps it (downloaded when missing and online; offline, one error names the file, its URL and
@@ -226,7 +226,7 @@ def load_backbone(encoder: Encoder, spec: str) -> str:
     A PATH is a torchvision ``mobilenet_v2`` state dict (``features.*`` keys; the classifier is ignored).
     """
     if spec == "none":
-        return "none"
+        return
     if spec == "imagenet":
         url = BACKBONE_WEIGHTS.url
         path = resolve(url)
@@ -242,7 +242,6 @@ def load_backbone(encoder: Encoder, spec: str) -> str:
     if not features:
         raise WeightsError(f"{path}: no 'features.*' keys: not a torchvision mobilenet_v2 state dict")
     load_strict(encoder.features, features, what=f"MobileNetV2 backbone {path}")
-    return str(path)
 
 
 def _load_student_weights(model: FastSal, spec: str, name: str) -> str:
@@ -264,7 +263,7 @@ def _build(cls, name: str, weights: str | None, backbone_weights: str) -> FastSa
     if weights is not None:
         model.weights_digest = _load_student_weights(model, weights, name)
     else:
-        model.backbone = load_backbone(model.encoder, backbone_weights)
+        load_backbone(model.encoder, backbone_weights)
     return model
 
 
