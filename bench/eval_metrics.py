@@ -41,8 +41,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline import evaluate, images, metrics  # noqa: F401  (pipeline.images sets cv2 to 1 thread, as in eval)
-from pipeline.fixations import FixationSet
+from pipeline.common.tables import table
+from pipeline.common import images  # noqa: F401  (sets cv2 to 1 thread, as in eval)
+from pipeline.score import evaluate, metrics  # noqa: F401
+from pipeline.score.fixations import FixationSet
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017"
 #: (height, width) drawn for each image: SALICON (COCO) is 480x640, MIT1003 mostly 768x1024 / 1024x768
@@ -272,7 +274,7 @@ def run_eval(args, fs: FixationSet) -> tuple[list[dict], dict]:
     if args.predictor == "blob":
         predictor = BlobPredictor()
     else:
-        from pipeline.predictors import teacher_predictor
+        from pipeline.score.predictors import teacher_predictor
 
         predictor = teacher_predictor(args.predictor, args.weights, device=args.device, precision=args.precision)
     t0 = time.perf_counter()
@@ -342,15 +344,7 @@ def print_table(rows: list[dict]) -> None:
     cols = [c for c in ("what", "images", "ms_per_image", "median_ms", "images_per_s", "projected_s")
             if any(c in r for r in rows)]
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
-
-    def line(vals):
-        return "  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(vals, widths)))
-
-    print(line(cols))
-    print(line(["-" * w for w in widths]))
-    for row in cells:
-        print(line(row))
+    print(table(cols, cells, align="lr", rule=True))
 
 
 def main(argv=None) -> None:

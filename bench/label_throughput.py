@@ -17,8 +17,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.labeler import LabelConfig, ShardLabeler
-from pipeline.sources import folder_records, plan_shards
+from pipeline.label.worker import LabelConfig, ShardLabeler
+from pipeline.label.sources import folder_records, plan_shards
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017"
 

@@ -4,7 +4,7 @@
     python bench/train_step.py --device cuda --batch-size 64 --steps 50 --amp bf16
 
 One training step is what ``pipeline train`` does per batch (``Trainer.loss`` + ``train_epoch``):
-the uint8 batch goes to the device, ``students.normalize``, the student under bf16 autocast when
+the uint8 batch goes to the device, the student's ``normalize``, the student under bf16 autocast when
 ``--amp bf16`` (CUDA only, as in the trainer), the logits in float32 into the loss
 (``--loss density``: ``density_teacher_loss`` against a teacher log density; ``--loss map``:
 ``map_teacher_loss`` against a [0, 1] map), ``zero_grad``, ``backward``, an SGD step (lr 0.01,
@@ -13,7 +13,7 @@ which also synchronises the GPU). Images are random uint8 at ``--size`` (default
 targets random smooth maps at the same size; students start from ``backbone_weights='none'``.
 
 ``--warmup`` steps run first and are not timed; then ``--steps`` timed steps. The inference
-column is ``model(normalize(x))`` in eval mode under ``torch.inference_mode()`` (same autocast),
+column is ``model(model.normalize(x))`` in eval mode under ``torch.inference_mode()`` (same autocast),
 timed over the same number of batches. On CUDA every timed region starts and ends with
 ``torch.cuda.synchronize``.
 
@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from students import STUDENTS, normalize
+from pipeline.common.devices import autocast, resolve_device
+from pipeline.common.tables import table
+from students import available, build_student
 from students.losses import density_teacher_loss, map_teacher_loss
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+def device(name: str) -> torch.device:
+    dev = resolve_device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible to torch")
     return dev
@@ -64,7 +64,7 @@ def random_targets(b: int, size: tuple[int, int], kind: str, gen: torch.Generato
 def bench_student(name: str, args, dev: torch.device, amp: bool) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = STUDENTS[name](backbone_weights="none").to(dev)
+    model = build_student(name, backbone_weights="none").to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     h, w = args.size
@@ -79,8 +79,8 @@ def bench_student(name: str, args, dev: torch.device, amp: bool) -> dict:
     def train_step(k: int) -> float:
         images = host[k % 2].to(dev, non_blocking=True)
         target = targets[k % 2].to(dev, non_blocking=True)
-        x = normalize(images)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        x = model.normalize(images)
+        with autocast(dev, amp):
             logits = model(x).float()
         loss = loss_fn(logits, target)
         opt.zero_grad(set_to_none=True)
@@ -108,8 +108,8 @@ def bench_student(name: str, args, dev: torch.device, amp: bool) -> dict:
     dev_batches = [x.to(dev) for x in host]
     with torch.inference_mode():
         def infer(k: int) -> torch.Tensor:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                return model(normalize(dev_batches[k % 2]))
+            with autocast(dev, amp):
+                return model(model.normalize(dev_batches[k % 2]))
 
         for k in range(args.warmup):
             infer(k)
@@ -145,15 +145,7 @@ COLUMNS = (("student", "student"), ("params_M", "params M"), ("device", "device"
 def print_table(rows: list[dict]) -> None:
     cols = [(k, t) for k, t in COLUMNS if any(r.get(k) is not None for r in rows)]
     cells = [[("" if r.get(k) is None else str(r[k])) for k, _ in cols] for r in rows]
-    widths = [max(len(t), *(len(c[j]) for c in cells)) for j, (_, t) in enumerate(cols)]
-
-    def line(vals):
-        return "  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(vals, widths)))
-
-    print(line([t for _, t in cols]))
-    print(line(["-" * w for w in widths]))
-    for c in cells:
-        print(line(c))
+    print(table([t for _, t in cols], cells, align="lr", rule=True))
 
 
 def main(argv=None) -> None:
@@ -161,7 +153,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--students", default="fastsal_a,fastsal_c",
-                   help=f"comma-separated, of {', '.join(sorted(STUDENTS))} (default fastsal_a,fastsal_c)")
+                   help=f"comma-separated, of {', '.join(available())} (default fastsal_a,fastsal_c)")
     p.add_argument("--batch-size", type=int, default=32, help="default 32 (the trainer's default)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
@@ -177,9 +169,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     names = [s.strip() for s in args.students.split(",") if s.strip()]
-    unknown = [s for s in names if s not in STUDENTS]
+    unknown = [s for s in names if s not in available()]
     if not names or unknown:
-        p.error(f"unknown student(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(sorted(STUDENTS))}")
+        p.error(f"unknown student(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(available())}")
     try:
         args.size = tuple(int(v) for v in args.size.lower().split("x"))
         assert len(args.size) == 2 and all(v > 0 and v % 32 == 0 for v in args.size)
@@ -189,7 +181,7 @@ def main(argv=None) -> None:
         p.error("--batch-size and --steps must be >= 1, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
+    dev = device(args.device)
     if args.amp == "bf16" and dev.type != "cuda":
         p.error("--amp bf16 needs a GPU (as in pipeline train); use --amp off on CPU")
     amp = dev.type == "cuda" and args.amp in ("auto", "bf16")

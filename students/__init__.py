@@ -1,9 +1,18 @@
-"""Student saliency models (FastSal A and C) and their distillation losses.
+"""Student saliency models, their contract and registry, and the distillation losses.
 
-Students know nothing of Ray, tars or YAML: a student is an ``nn.Module`` whose ``forward`` takes
-ImageNet-normalised RGB (:func:`normalize`) and returns logits ``[B, 1, H, W]``.
+* :mod:`students.base` -- the contract every student keeps (input normalisation, logits at the input
+  size, stride, optional hint features, extra loss terms and extra maps) and the map conventions;
+* :mod:`students.registry` -- students by name: ``available()``, ``student_info(name)``, ``build_student``;
+* :mod:`students.fastsal` -- FastSal (A) and (C); :mod:`students.sact` -- SACT / ACT ResNets;
+* :mod:`students.losses` -- the distillation losses (FastSal's Eqs. 1-3);
+* :mod:`students.weights` -- torchvision backbones and whole-student checkpoints.
+
+May import ``torch``, ``torchvision`` and ``teachers`` (weights loading, hint targets); never ``pipeline``.
 """
 
-from students.fastsal import STUDENT_INFO, STUDENTS, FastSal, FastSalA, FastSalC, fastsal_a, fastsal_c, normalize
+from students.base import Student, normalize, student_kind, to_log_density
+from students.fastsal import FastSal, FastSalA, FastSalC, fastsal_a, fastsal_c
+from students.registry import available, build_student, register, student_info
 
-__all__ = ["STUDENT_INFO", "STUDENTS", "FastSal", "FastSalA", "FastSalC", "fastsal_a", "fastsal_c", "normalize"]
+__all__ = ["FastSal", "FastSalA", "FastSalC", "Student", "available", "build_student", "fastsal_a", "fastsal_c",
+           "normalize", "register", "student_info", "student_kind", "to_log_density"]

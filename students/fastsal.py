@@ -18,8 +18,9 @@ Decoders:
   through modified inverted residual blocks (MobileNetV2's, expansion 2, with the up-sampled
   previous level added to the input) and PixelShuffle(2) between levels; 3×3 conv 2→1.
 
-Both return logits ``[B, 1, H, W]`` at the input resolution from ImageNet-normalised RGB
-(:func:`normalize`). A density-teacher student's map is ``softmax`` over pixels; a map-teacher
+Both are :class:`students.base.Student` s: logits ``[B, 1, H, W]`` at the input resolution from
+ImageNet-normalised RGB (:func:`students.base.normalize`); FastSal (C)'s adapted features are its hint
+features. A density-teacher student's map is ``softmax`` over pixels; a map-teacher
 student's is ``sigmoid``.
 
 **The authors' checkpoints** (``weights/{coco,salicon}_{A,C}.pth`` of github.com/feiyanhu/FastSal,
@@ -37,7 +38,6 @@ The authors' (A) state dict has 394 entries, (C) 322.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +45,11 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 from torchvision.models.mobilenetv2 import InvertedResidual, MobileNet_V2_Weights
 
-from teachers.weights import WeightsError, file_digest, load_state_dict, load_strict, resolve
+from students.base import Student
+from students.weights import load_student_weights, torchvision_backbone
+from students.registry import register
+from teachers.weights import WeightsError, load_state_dict, load_strict, resolve
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: taps features[1..18] grouped into the four levels (finest first)
 LEVEL_TAPS = ((1, 2, 3), (4, 5, 6), tuple(range(7, 14)), tuple(range(14, 19)))
 LEVEL_CHANNELS = (28, 24, 136, 520)
@@ -56,13 +57,6 @@ LEVEL_CHANNELS = (28, 24, 136, 520)
 STRIDE = 32
 #: the torchvision ImageNet weights the authors started from (``mobilenet_v2(pretrained=True)``)
 BACKBONE_WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V1
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB ``[B,3,H,W]`` → float, /255 and ImageNet mean/std (the authors' ``read_vgg_img``)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 class Encoder(nn.Module):
@@ -110,10 +104,15 @@ class ModifiedInvertedResidual(nn.Module):
         return x + self.inv(x)
 
 
-class FastSal(nn.Module):
-    """Shared parts: the encoder and the adaptation layers; subclasses add their decoder."""
+class FastSal(Student):
+    """Shared parts: the encoder and the adaptation layers; subclasses add their decoder.
+
+    Input: ImageNet-normalised RGB (:func:`students.base.normalize`, the authors' ``read_vgg_img``).
+    """
 
     variant = ""
+    stride = STRIDE
+    backbone_prefix = "encoder."
     #: adaptation widths (also the hint targets' channels for FastSal C)
     widths: tuple[int, ...] = ()
 
@@ -141,8 +140,10 @@ class FastSal(nn.Module):
 
 
 class FastSalC(FastSal):
+    name = "fastsal_c"
     variant = "C"
     widths = (128, 256, 512, 512)
+    hint_channels = widths  # SalGAN's decoder widths: the hint stage's targets
 
     def __init__(self) -> None:
         super().__init__()
@@ -155,8 +156,12 @@ class FastSalC(FastSal):
         up = [feats[0], *(F.interpolate(f, size=size, mode="bilinear", align_corners=True) for f in feats[1:])]
         return self.head(torch.cat(up, 1))
 
+    def hint_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.adapted_features(x)
+
 
 class FastSalA(FastSal):
+    name = "fastsal_a"
     variant = "A"
     widths = (8, 32, 128, 512)
 
@@ -203,40 +208,15 @@ def from_authors_keys(state_dict: dict, variant: str) -> dict:
 
 
 # -- builders ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StudentInfo:
-    name: str
-    variant: str
-    params: int
-    doc: str
-
-
-STUDENT_INFO = {
-    "fastsal_a": StudentInfo("fastsal_a", "A", 3_646_715, "FastSal (A): addition decoder, ~3.65 M parameters"),
-    "fastsal_c": StudentInfo("fastsal_c", "C", 2_574_049, "FastSal (C): concatenation decoder, ~2.57 M parameters"),
-}
-
-
 def load_backbone(encoder: Encoder, spec: str) -> None:
     """Initialise the MobileNetV2 features: ``imagenet``, ``none`` or a PATH.
 
-    ``imagenet`` is torchvision's ``IMAGENET1K_V1`` file, from the torch hub cache where torchvision
-    keeps it (downloaded when missing and online; offline, one error names the file, its URL and
-    where to put it). Its sha256 must start with the hash in its file name, as torchvision checks.
+    ``imagenet`` is torchvision's ``IMAGENET1K_V1`` file (see :func:`torchvision_backbone`).
     A PATH is a torchvision ``mobilenet_v2`` state dict (``features.*`` keys; the classifier is ignored).
     """
     if spec == "none":
         return
-    if spec == "imagenet":
-        url = BACKBONE_WEIGHTS.url
-        path = resolve(url)
-        prefix = re.search(r"-([0-9a-f]{8,})\.pth$", url).group(1)
-        digest = file_digest(path)
-        if not digest.startswith(prefix):
-            raise WeightsError(f"{path} has sha256 {digest[:16]}…, but its name says {prefix}…: a corrupt or "
-                               f"partial download; delete it to fetch it again from {url}")
-    else:
-        path = resolve(spec)
+    path = torchvision_backbone(BACKBONE_WEIGHTS) if spec == "imagenet" else resolve(spec)
     sd = load_state_dict(path)
     features = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
     if not features:
@@ -244,38 +224,24 @@ def load_backbone(encoder: Encoder, spec: str) -> None:
     load_strict(encoder.features, features, what=f"MobileNetV2 backbone {path}")
 
 
-def _load_student_weights(model: FastSal, spec: str, name: str) -> str:
-    path = resolve(spec)
-    sd = load_state_dict(path)
-    if isinstance(sd.get("student_model"), dict):  # the authors' format
-        sd = from_authors_keys(sd["student_model"], model.variant)
-    elif isinstance(sd.get("model"), dict):  # a checkpoint of `pipeline train`
-        if sd.get("student") not in (None, name):
-            raise WeightsError(f"{path} is a {sd['student']} checkpoint, not {name}")
-        sd = sd["model"]
-    load_strict(model, sd, what=f"{name} weights {path}")
-    return file_digest(path)
-
-
 def _build(cls, name: str, weights: str | None, backbone_weights: str) -> FastSal:
     model = cls()
-    model.weights_digest = "none"
     if weights is not None:
-        model.weights_digest = _load_student_weights(model, weights, name)
+        model.weights_digest = load_student_weights(model, weights, name, convert=lambda sd: from_authors_keys(
+            sd["student_model"], model.variant) if isinstance(sd.get("student_model"), dict) else sd)
     else:
         load_backbone(model.encoder, backbone_weights)
     return model
 
 
+@register("fastsal_a", FastSalA, params=3_646_715, doc="FastSal (A): addition decoder, ~3.65 M parameters")
 def fastsal_a(*, weights: str | None = None, backbone_weights: str = "imagenet") -> FastSalA:
     """FastSal (A). ``weights``: the authors' checkpoint or one of ours (path, URL or known name);
     without it the encoder starts from ``backbone_weights`` (imagenet, none or PATH)."""
     return _build(FastSalA, "fastsal_a", weights, backbone_weights)
 
 
+@register("fastsal_c", FastSalC, params=2_574_049, doc="FastSal (C): concatenation decoder, ~2.57 M parameters")
 def fastsal_c(*, weights: str | None = None, backbone_weights: str = "imagenet") -> FastSalC:
     """FastSal (C); see :func:`fastsal_a`."""
     return _build(FastSalC, "fastsal_c", weights, backbone_weights)
-
-
-STUDENTS = {"fastsal_a": fastsal_a, "fastsal_c": fastsal_c}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.main import cli
 
 CLI_MD = (Path(__file__).resolve().parents[1] / "CLI.md").read_text()
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.fixations import read_hdf5
+from pipeline.cli.main import cli
+from pipeline.score.fixations import read_hdf5
 from tests.conftest import make_coco, photo, write_jpeg
 
 METRIC_NAMES = ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig")
@@ -226,8 +226,8 @@ class DensityStub:
 
 
 def test_fixations_own_density_beats_a_uniform_prediction(mit):
-    from pipeline import metrics
-    from pipeline.evaluate import evaluate_fixations
+    from pipeline.score import metrics
+    from pipeline.score.evaluate import evaluate_fixations
 
     _, h5, _ = mit
     fs = read_hdf5(h5)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from pipeline import fixations as fx
-from pipeline.fixations import FixationError, FixationSet, read_cat2000, read_hdf5, read_mit1003, read_salicon, write_hdf5
+from pipeline.score import fixations as fx
+from pipeline.score.fixations import FixationError, FixationSet, read_cat2000, read_hdf5, read_mit1003, read_salicon, write_hdf5
 from tests.conftest import photo, write_jpeg
 
 
@@ -396,7 +396,7 @@ def test_out_of_order_fixations_are_grouped_and_bounds_enforced(tmp_path):
 def test_cli_converts_and_reports_errors(mit_root, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from pipeline.cli.main import cli
 
     out = tmp_path / "mit.h5"
     r = CliRunner().invoke(cli, ["fixations", "mit1003", "--root", str(mit_root), "--out", str(out)])

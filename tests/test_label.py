@@ -19,10 +19,10 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import cli
-from pipeline.label import label
-from pipeline.labeler import LabelConfig
-from pipeline.sources import coco_records
+from pipeline.cli.main import cli
+from pipeline.label.driver import label
+from pipeline.label.worker import LabelConfig
+from pipeline.label.sources import coco_records
 from tests.conftest import make_coco, photo, write_jpeg
 
 CONFIG = LabelConfig(teacher="classic", batch_size=3, io_threads=2)
@@ -125,7 +125,7 @@ def test_labels_from_other_settings_are_not_mixed_in(coco_tree, tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import webdataset
-    from pipeline import cli
+    from pipeline.cli.main import cli
     calls, limit = [0], int(os.environ["KILL_AT_WRITE"])
     real = webdataset.TarWriter.write
     def write(self, sample):

@@ -24,11 +24,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.manifest import Manifest, ManifestError, load_manifest
-from pipeline.plan import plan, record
-from pipeline.runner import load_state, make_plan, run_manifest, workdir_lock
-from pipeline.shards import verify_dataset
+from pipeline.cli.main import cli
+from pipeline.manifest.format import Manifest, ManifestError, load_manifest
+from pipeline.manifest.plan import plan, record
+from pipeline.manifest.runner import load_state, make_plan, run_manifest, workdir_lock
+from pipeline.label.shards import verify_dataset
 from tests.conftest import second_epoch_started, sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def invoke(*args) -> "click.testing.Result":
 
 
 def planned(path=DEMO, sets=SETS, **selection) -> dict[str, tuple[str, str]]:
-    m = load_manifest(path, sets)
+    m = load_manifest(path, sets, group=cli)
     return {p.step: (p.action, p.reason) for p in make_plan(m, load_state(m.workdir), **selection)}
 
 
@@ -333,7 +333,7 @@ def test_bad_manifest_is_refused_with_file_and_line(case, fresh):
 def test_every_problem_is_reported_at_once(fresh):
     Path("m.yaml").write_text("bogus: 1\nsteps:\n  a:\n    run: lable\n  b:\n    run: label\n    with: {x: 1}\n")
     with pytest.raises(ManifestError) as e:
-        load_manifest("m.yaml")
+        load_manifest("m.yaml", group=cli)
     assert [re.match(r"m\.yaml:(\d+):", x).group(1) for x in e.value.errors] == ["1", "4", "7"]
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.score.metrics import (
     KL_EPS,
     METRICS,
     auc_judd,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.sources import SourceError, coco_records, folder_records, plan_shards
+from pipeline.label.sources import SourceError, coco_records, folder_records, plan_shards
 from tests.conftest import make_coco, photo, write_jpeg
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchvision.models import mobilenet_v2
 from torchvision.models.mobilenetv2 import InvertedResidual
 
-from students import STUDENT_INFO, FastSalA, FastSalC, fastsal_a, fastsal_c, normalize
+from students import FastSalA, FastSalC, fastsal_a, fastsal_c, normalize, student_info
 from students.fastsal import BACKBONE_WEIGHTS, from_authors_keys
 from students.losses import density_teacher_loss, hint_loss, map_teacher_loss, minmax
 from teachers.weights import WeightsError
@@ -87,7 +87,7 @@ def reference_forward(sd: dict[str, torch.Tensor], variant: str, x: torch.Tensor
                                                          ("fastsal_c", FastSalC, 2_574_049, 322)])
 def test_parameter_counts_are_the_papers(name, cls, params, entries):
     model = cls()
-    assert sum(p.numel() for p in model.parameters()) == params == STUDENT_INFO[name].params
+    assert sum(p.numel() for p in model.parameters()) == params == student_info(name).params
     assert len(model.state_dict()) == entries
 
 

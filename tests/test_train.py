@@ -12,8 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.train import TrainConfig, Trainer
+from pipeline.cli.main import cli
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import Trainer
 from tests.conftest import second_epoch_started, sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]

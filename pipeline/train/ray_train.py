@@ -1,4 +1,4 @@
-"""``pipeline train --ray-workers N``: the training loop of :mod:`pipeline.train` on N Ray Train workers.
+"""``pipeline train --ray-workers N``: the training loop of :mod:`pipeline.train.loop` on N Ray Train workers.
 
 Ray Train's ``TorchTrainer`` starts one process per worker (one GPU each when the cluster has GPUs, else
 CPUs), joins them in a ``torch.distributed`` group (NCCL on GPUs, Gloo on CPUs) and runs
@@ -11,19 +11,18 @@ installed on every node. Needs Ray Train (``pip install 'ray[train]'``).
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from pipeline.train import EpochResult, TrainConfig, TrainError, Trainer
+from pipeline.train.checkpoints import latest_record
+from pipeline.train.config import EpochResult, TrainConfig, TrainError
+from pipeline.train.logs import read_metrics
+from pipeline.train.loop import Trainer, train
 
 
 def _worker(loop_config: dict) -> None:
     """One Ray Train worker: the ordinary training loop on this worker's device."""
     import ray.train.torch
-
-    from pipeline.train import train
 
     c = TrainConfig(**loop_config["config"])
     c = replace(c, device=str(ray.train.torch.get_device()), labels=tuple(c.labels), milestones=tuple(c.milestones),
@@ -41,8 +40,8 @@ def _absolute(config: TrainConfig) -> TrainConfig:
 
 
 def _finished_epochs(run: Path) -> int:
-    latest = run / "checkpoints" / "latest.json"
-    return json.loads(latest.read_text())["epoch"] + 1 if latest.is_file() else 0
+    record = latest_record(run / "checkpoints")
+    return record["epoch"] + 1 if record is not None else 0
 
 
 def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = None, restart: bool = False,
@@ -75,8 +74,4 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
         lines = [line for line in str(e).splitlines() if line.strip()]
         raise TrainError(f"training on {workers} Ray workers failed: {lines[-1] if lines else type(e).__name__}") \
             from None
-    with open(run / "metrics.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) >= before]
-    return [EpochResult(int(r["epoch"]), float(r["train_loss"]),
-                        {k: float(r[k]) for k in ("val_loss", "val_cc", "val_kl", "val_nss")}, float(r["lr"]),
-                        float(r["seconds"]), int(r["images"])) for r in rows]
+    return read_metrics(run, from_epoch=before)

@@ -17,8 +17,13 @@ _checksums_opt = click.option("--checksums", is_flag=True,
                                    "with its size (reads every shard).")
 
 
+def _root() -> click.Group:
+    """The ``pipeline`` group this command runs under: its commands are the manifest's steps."""
+    return click.get_current_context().find_root().command
+
+
 def _check_steps(manifest, option: str, names: tuple[str, ...]) -> None:
-    from pipeline.manifest import suggest
+    from pipeline.manifest.format import suggest
 
     for name in names:
         if name not in manifest.steps:
@@ -53,10 +58,10 @@ def run_cmd(manifest, dry_run, force, only, until, jobs, keep_going, sets, workd
     step resumes. Each step runs as `pipeline <command> ...` in its own process, its output
     prefixed with [step]. State: <workdir>/.pipeline/state.json.
     """
-    from pipeline.manifest import load_manifest
-    from pipeline.runner import run_manifest
+    from pipeline.manifest.format import load_manifest
+    from pipeline.manifest.runner import run_manifest
 
-    m = load_manifest(manifest, sets, workdir)
+    m = load_manifest(manifest, sets, workdir, group=_root())
     _check_steps(m, "--force", force)
     _check_steps(m, "--only", only)
     _check_steps(m, "--until", until)
@@ -71,10 +76,10 @@ def run_cmd(manifest, dry_run, force, only, until, jobs, keep_going, sets, workd
 @_checksums_opt
 def status_cmd(manifest, sets, workdir, checksums):
     """Show each step of MANIFEST: up to date, stale (and why), never run or failed; its last run and output folder."""
-    from pipeline.manifest import load_manifest
-    from pipeline.runner import load_state, runner_active, status_rows, table
+    from pipeline.manifest.format import load_manifest
+    from pipeline.manifest.runner import load_state, runner_active, status_rows, table
 
-    m = load_manifest(manifest, sets, workdir)
+    m = load_manifest(manifest, sets, workdir, group=_root())
     active = runner_active(m.workdir)
     click.echo(f"{m.path} (workdir {m.workdir}{'; a runner is active' if active else ''})")
     click.echo(table(["step", "state", "last run", "output"],

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.shards import shard_tars, verify_dataset
+from pipeline.label.shards import shard_tars, verify_dataset
 
 
 class DataError(Exception):

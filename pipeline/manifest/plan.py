@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Iterable, Mapping, NamedTuple
 
-from pipeline.manifest import Manifest, Step
+from pipeline.manifest.format import Manifest, Step
 
 RUN, SKIP = "run", "skip"
 

@@ -7,7 +7,7 @@ seed and the epoch). Per-step losses go to ``losses.csv``, per-epoch validation 
 teacher's held-out labels (CC, KL, NSS) to ``metrics.csv``, both to ``curves.png``.
 
 The same loop runs as one process (the default) or as one process per worker of a
-``torch.distributed`` group (:mod:`pipeline.train_ray` starts them with Ray Train): then the model is
+``torch.distributed`` group (:mod:`pipeline.train.ray_train` starts them with Ray Train): then the model is
 wrapped in DistributedDataParallel, each worker reads its own shards (``webdataset.split_by_node``)
 for the same number of steps, and worker 0 alone validates, logs and checkpoints.
 """
@@ -15,99 +15,31 @@ for the same number of steps, and worker 0 alone validates, logs and checkpoints
 from __future__ import annotations
 
 import csv
-import io
-import json
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_open, write_json
-from pipeline.data import (check_same_labels, epoch_order, node_shards, open_label_set, open_label_sets,
-                           shard_loader, split_shards)
-from pipeline.labeler import resolve_device
-from students import STUDENTS, normalize
+from pipeline.common.atomic import write_json
+from pipeline.common.devices import DeviceError, autocast, resolve_device, use_autocast
+from pipeline.train.checkpoints import init_from, latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
+from pipeline.train.data import (check_same_labels, epoch_order, node_shards, open_label_set, open_label_sets,
+                                 shard_loader, split_shards)
+from pipeline.train.logs import LOSS_HEADER, METRICS_HEADER, append_metrics, keep_rows, plot_curves
+from students import Student, build_student, student_info, student_kind, to_log_density
+from students import available as available_students
+from students.base import EPS
 from students.losses import density_teacher_loss, hint_loss, map_teacher_loss
-from teachers.weights import WeightsError, load_state_dict
 
-EPS = 2.2204e-16
-LOSS_HEADER = ["epoch", "step", "global_step", "loss"]
 #: training losses are read back from the device (and logged) every this many steps
 LOG_EVERY = 25
-
-
-class TrainError(Exception):
-    """Training cannot start (bad labels, a checkpoint from other settings…)."""
-
-
-@dataclass
-class TrainConfig:
-    labels: tuple[str, ...]  # finished label folders of one teacher, read in order
-    run: str
-    student: str = "fastsal_a"
-    stage: str = "finetune"  # finetune | hint
-    epochs: int = 100
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    milestones: tuple[int, ...] = (15, 30, 60)
-    gamma: float = 0.1
-    batch_size: int = 32
-    val_shards: int = 1  # without val_labels: the last shards of the last label folder are held out
-    val_labels: str | None = None  # a label folder to validate on instead (e.g. val2017's)
-    shuffle_buffer: int = 1000
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto (bf16 on GPU) | off | bf16
-    backbone_weights: str = "imagenet"
-    init: str | None = None  # a checkpoint whose weights start this stage (e.g. the hint stage's)
-    teacher: str | None = None  # hint stage: the teacher run online for hint targets
-    teacher_weights: str | None = None
-    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # density teachers: KL, 1-cos, BCE
-    steps_per_epoch: int | None = None  # cap (demos, tests)
-
-    def resume_key(self) -> dict:
-        """Settings a checkpoint must share to be resumed (the rest may change, e.g. epochs)."""
-        d = asdict(self)
-        for k in ("epochs", "workers", "device", "steps_per_epoch", "run", "init", "backbone_weights"):
-            d.pop(k)
-        return json.loads(json.dumps(d))
-
-
-@dataclass
-class EpochResult:
-    epoch: int
-    train_loss: float
-    val: dict = field(default_factory=dict)
-    lr: float = 0.0
-    seconds: float = 0.0
-    images: int = 0
-
-
-# -- RNG state, kept loadable with torch.load(weights_only=True) --------------------------------
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def agreement(logits: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
@@ -116,8 +48,6 @@ def agreement(logits: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str
     Both become densities over pixels, as ``eval`` and ``predict`` see them (:func:`to_log_density`).
     NSS is its expectation under fixations drawn from the teacher's density: Σ p_teacher · standardised map.
     """
-    from pipeline.predictors import student_kind, to_log_density
-
     s = to_log_density(logits, student_kind(kind)).flatten(1).exp()
     t = to_log_density(target, kind).flatten(1).exp()
     sc, tc = s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
@@ -127,40 +57,16 @@ def agreement(logits: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str
     return {"cc": cc, "kl": kl, "nss": nss}
 
 
-def init_from(model: torch.nn.Module, path: str) -> str:
-    """Start ``model`` from the weights of checkpoint ``path`` (or a run folder's latest checkpoint)
-    where names and shapes agree.
+class StageView(torch.nn.Module):
+    """The stage's forward pass as a module (what DistributedDataParallel wraps): the student's hint
+    features in the hint stage, else its logits and extra loss terms (:meth:`Student.forward_train`)."""
 
-    The encoder must be there in full (a FastSal C hint checkpoint starts FastSal A's encoder);
-    returns a line saying what was taken.
-    """
-    from pipeline.predictors import PredictorError, checkpoint_path
-
-    try:
-        path = checkpoint_path(path)
-        obj = load_state_dict(path)
-    except (WeightsError, PredictorError) as e:
-        raise TrainError(f"--init: {e}") from None
-    sd = obj.get("model", obj)
-    own = model.state_dict()
-    take = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    missing_encoder = [k for k in own if k.startswith("encoder.") and k not in take]
-    if missing_encoder:
-        raise TrainError(f"--init {path}: its encoder does not fit ({len(missing_encoder)} tensors missing or of "
-                         f"another shape, e.g. {missing_encoder[0]}); is it a FastSal checkpoint?")
-    model.load_state_dict(take, strict=False)
-    return f"init from {path}: {len(take)} of {len(own)} tensors (the rest keep their initialisation)"
-
-
-class HintView(torch.nn.Module):
-    """The student's adapted features as its forward pass (what DistributedDataParallel wraps in the hint stage)."""
-
-    def __init__(self, student: torch.nn.Module):
+    def __init__(self, student: Student, stage: str):
         super().__init__()
-        self.student = student
+        self.student, self.stage = student, stage
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.student.adapted_features(x)
+    def forward(self, x: torch.Tensor):
+        return self.student.hint_features(x) if self.stage == "hint" else self.student.forward_train(x)
 
 
 def _distributed() -> tuple[int, int]:
@@ -183,17 +89,17 @@ class Trainer:
         self.run = Path(c.run)
         self.ckpt_dir = self.run / "checkpoints"
         self.device = resolve_device(c.device)
-        self.amp = self.device.type == "cuda" and c.amp in ("auto", "bf16")
+        self.amp = use_autocast(self.device, c.amp, option="--amp")
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
         random.seed(c.seed)
         self.rank, self.world = _distributed()
-        self.model = STUDENTS[c.student](backbone_weights=c.backbone_weights if not c.init else "none")
+        self.model = build_student(c.student, backbone_weights=c.backbone_weights if not c.init else "none")
         self.init_note = init_from(self.model, c.init) if c.init else f"backbone: {c.backbone_weights}"
         self.model.to(self.device)
-        #: the stage's forward pass: the student (its logits) or its adapted features; ``forward`` is what a
-        #: training step calls (DDP-wrapped when distributed), ``local_forward`` what worker 0 validates with
-        self.local_forward = self.forward = HintView(self.model) if c.stage == "hint" else self.model
+        #: the stage's forward pass (:class:`StageView`); ``forward`` is what a training step calls
+        #: (DDP-wrapped when distributed), ``local_forward`` what worker 0 validates with
+        self.local_forward = self.forward = StageView(self.model, c.stage)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # the hint stage leaves the student's head out of the graph
@@ -213,36 +119,40 @@ class Trainer:
     @staticmethod
     def check(c: TrainConfig):
         """Refuse bad settings with one clear error; returns (label set, training tars, validation tars)."""
-        if c.student not in STUDENTS:
-            raise TrainError(f"unknown student {c.student!r}; known: {', '.join(sorted(STUDENTS))}")
-        if c.stage not in ("finetune", "hint"):
-            raise TrainError(f"unknown stage {c.stage!r} (finetune or hint)")
-        if c.stage == "hint" and c.student != "fastsal_c":
-            raise TrainError(f"{c.student} has no hint stage: its adaptation widths differ from the teacher's "
-                             "features; hint-pretrain fastsal_c and start from its checkpoint with --init")
+        try:
+            info = student_info(c.student)
+        except KeyError as e:
+            raise TrainError(e.args[0]) from None
+        if c.stage not in STAGES:
+            raise TrainError(f"unknown stage {c.stage!r} ({' or '.join(STAGES)})")
+        if c.stage == "hint" and not info.has_hint_stage:
+            hinted = [n for n in available_students() if student_info(n).has_hint_stage]
+            raise TrainError(f"{c.student} has no hint stage: its features do not match a teacher's; hint-pretrain "
+                             f"{' or '.join(hinted)} and start from its checkpoint with --init")
         if c.stage == "hint" and not c.teacher:
             raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
         labels = open_label_sets(c.labels)
         h, w = labels.image_size
-        if h % 32 or w % 32:
-            raise TrainError(f"{labels.folder} holds {h}x{w} images; FastSal needs height and width in "
-                             "multiples of 32 (label with --image-size 192x256, the paper's)")
+        if h % info.stride or w % info.stride:
+            raise TrainError(f"{labels.folder} holds {h}x{w} images; {c.student} needs height and width in "
+                             f"multiples of {info.stride} (label with --image-size 192x256, the paper's)")
         if c.val_labels:
             val = open_label_set(c.val_labels)
             check_same_labels(labels, val)
             train, val_tars = list(labels.tars), list(val.tars)
         else:
             train, val_tars = split_shards(labels.tars, c.val_shards)
-        if c.amp == "bf16" and resolve_device(c.device).type != "cuda":
-            raise TrainError("--amp bf16 needs a GPU; use --amp off on CPU")
+        try:
+            use_autocast(resolve_device(c.device), c.amp, option="--amp")
+        except DeviceError as e:
+            raise TrainError(f"--amp {e}") from None
         return labels, train, val_tars
 
     # -- checkpoints -----------------------------------------------------------------------
     def resume(self) -> bool:
-        latest = self.ckpt_dir / "latest.json"
-        if not latest.is_file():
+        path = latest(self.ckpt_dir)
+        if path is None:
             return False
-        path = self.ckpt_dir / json.loads(latest.read_text())["checkpoint"]
         ckpt = load_checkpoint(path)
         mine = self.config.resume_key()
         if ckpt["config"] != mine:
@@ -257,30 +167,22 @@ class Trainer:
         return True
 
     def save(self, epoch: int) -> Path:
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = self.ckpt_dir / f"epoch-{epoch:04d}.pt"
-        ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
-                "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
-                "stage": self.config.stage,
-                "labels": {"teacher": self.labels.teacher, "kind": self.labels.label_kind,
-                           "image_size": list(self.labels.image_size)}}
-        with atomic_open(path, "wb") as f:
-            torch.save(ckpt, f)
-        write_json(self.ckpt_dir / "latest.json", {"checkpoint": path.name, "epoch": epoch})
-        for old in self.ckpt_dir.glob("epoch-*.pt"):  # keep the last two
-            if old.name < f"epoch-{epoch - 1:04d}.pt":
-                old.unlink()
-        return path
+        return save_checkpoint(self.ckpt_dir, epoch, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
+            "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
+            "student_options": self.model.options(), "stage": self.config.stage,
+            "labels": {"teacher": self.labels.teacher, "kind": self.labels.label_kind,
+                       "image_size": list(self.labels.image_size)}})
 
     # -- one batch -------------------------------------------------------------------------
     def loss(self, images: torch.Tensor, targets: torch.Tensor,
              train: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stage's loss, and the student's logits when the stage computes them (``train``: through the
         distributed wrapper; else the bare student, as worker 0 validates alone)."""
-        x = normalize(images)
+        x = self.model.normalize(images)
         forward = self.forward if train else self.local_forward
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with autocast(self.device, self.amp):
             if self.teacher is not None:
                 with torch.no_grad():
                     hints = [h.float() for h in self.teacher.hint_features(images)]
@@ -290,10 +192,15 @@ class Trainer:
                 except ValueError as e:
                     raise TrainError(f"teacher {self.config.teacher!r} cannot give {self.config.student}'s hint "
                                      f"targets ({e}); the hint stage follows the paper with --teacher salgan") from None
-            logits = forward(x).float()
+            logits, extra = forward(x)
+            logits = logits.float()
         if self.labels.label_kind == "log_density":
-            return density_teacher_loss(logits, targets, self.config.loss_weights), logits
-        return map_teacher_loss(logits, targets), logits
+            loss = density_teacher_loss(logits, targets, self.config.loss_weights)
+        else:
+            loss = map_teacher_loss(logits, targets)
+        for term in extra.values():  # e.g. SACT's ponder cost
+            loss = loss + term.float()
+        return loss, logits
 
     def loader(self, tars, epoch: int, train: bool):
         c = self.config
@@ -372,59 +279,6 @@ class Trainer:
         return total / max(n, 1), n
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of this module (tensors, numbers and strings only: read with ``weights_only``)."""
-    try:
-        ckpt = load_state_dict(path)
-    except WeightsError as e:
-        raise TrainError(str(e)) from None
-    if "model" not in ckpt or "student" not in ckpt:
-        raise TrainError(f"{path} is not a checkpoint of `pipeline train` (no 'model'/'student')")
-    return ckpt
-
-
-def _keep_rows(path: Path, header: list[str], before_epoch: int) -> None:
-    """Rewrite ``path`` atomically with its rows of epochs before ``before_epoch`` (an interrupted
-    epoch's rows are dropped: that epoch runs again)."""
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            if next(reader, None) == header:
-                rows = [r for r in reader if r and int(r[0]) < before_epoch]
-    with atomic_open(path, "w") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def plot_curves(run: Path) -> Path:
-    """``curves.png``: training loss per step and validation metrics per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(run / "losses.csv", newline="") as f:
-        losses = list(csv.DictReader(f))
-    with open(run / "metrics.csv", newline="") as f:
-        metrics = list(csv.DictReader(f))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    axes[0].plot([int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses], lw=0.8)
-    axes[0].set(title="training loss", xlabel="step")
-    epochs = [int(r["epoch"]) + 1 for r in metrics]
-    for ax, key in zip(axes[1:], ["val_cc", "val_kl", "val_nss"]):
-        ax.plot(epochs, [float(r[key]) for r in metrics], marker="o")
-        ax.set(title=f"validation {key[4:].upper()} vs teacher", xlabel="epoch")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    with atomic_open(run / "curves.png", "wb") as f:
-        f.write(buf.getvalue())
-    return run / "curves.png"
-
-
 def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) -> list[EpochResult]:
     """Train (or resume training) as ``config`` says; returns the epochs run by this call.
 
@@ -439,13 +293,12 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) 
                 p.unlink(missing_ok=True)
     _barrier(trainer.world)
     resumed = trainer.resume()
-    val_header = ["epoch", "train_loss", "val_loss", "val_cc", "val_kl", "val_nss", "lr", "seconds", "images"]
     if lead:
         write_json(run / "config.json", asdict(config))
         print(f"resuming {run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
-        _keep_rows(run / "losses.csv", LOSS_HEADER, trainer.epoch)
-        _keep_rows(run / "metrics.csv", val_header, trainer.epoch)
+        keep_rows(run / "losses.csv", LOSS_HEADER, trainer.epoch)
+        keep_rows(run / "metrics.csv", METRICS_HEADER, trainer.epoch)
     results = []
     per_epoch = trainer.labels.images_in(trainer.train_tars) // trainer.world
     if trainer.steps(trainer.epoch):
@@ -462,12 +315,7 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) 
                 os.fsync(losses.fileno())
                 val = trainer.validate()
                 result = EpochResult(epoch, train_loss, val, lr, time.perf_counter() - t0, n)
-                with open(run / "metrics.csv", "a", newline="") as f:
-                    csv.writer(f, lineterminator="\n").writerow(
-                        [epoch, f"{train_loss:.6g}", *(f"{val[k]:.6g}" for k in val_header[2:6]), f"{lr:.6g}",
-                         f"{result.seconds:.2f}", n * trainer.world])
-                    f.flush()
-                    os.fsync(f.fileno())
+                append_metrics(run, result, trainer.world)
                 trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
                 plot_curves(run)
                 results.append(result)
@@ -477,13 +325,3 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) 
     return results
 
 
-def summary_table(results: list[EpochResult]) -> str:
-    if not results:
-        return "nothing to do: every epoch is already trained"
-    keys = list(results[0].val)
-    head = ["epoch", "train_loss", *keys, "lr", "seconds", "img/s"]
-    rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys), f"{r.lr:.2g}",
-             f"{r.seconds:.1f}", f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), *map(line, rows)])

@@ -31,10 +31,11 @@ from typing import Callable, Iterator, Mapping
 
 import click
 
-from pipeline.atomic import write_json
-from pipeline.manifest import Manifest
-from pipeline.plan import RUN, Planned, plan, record
-from pipeline.steps import COMMANDS
+from pipeline.common.atomic import write_json
+from pipeline.common.tables import table
+from pipeline.manifest.format import Manifest
+from pipeline.manifest.plan import RUN, Planned, plan, record
+from pipeline.manifest.steps import COMMANDS
 
 STATE_VERSION = 1
 PROGRESS_EVERY_S = 15.0  # at most one progress-bar line per step this often in the streamed output
@@ -163,12 +164,6 @@ def machine_gpus() -> list[str]:
 
 
 # -- tables ----------------------------------------------------------------------------------------
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
-    return "\n".join(lines)
-
 
 def plan_table(planned: list[Planned]) -> str:
     return table(["step", "action", "reason"], [[p.step, p.action, p.reason] for p in planned])

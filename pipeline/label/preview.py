@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import webdataset as wds
 
-from pipeline.atomic import atomic_open
+from pipeline.common.atomic import atomic_open
 
 
 def _heat(label: np.ndarray) -> np.ndarray:

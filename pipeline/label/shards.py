@@ -18,7 +18,7 @@ from typing import Iterable
 
 import webdataset as wds
 
-from pipeline.atomic import atomic_open, write_json
+from pipeline.common.atomic import atomic_open, write_json
 from teachers.weights import file_digest
 
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from pipeline.shards import verify_dataset
+from pipeline.label.shards import verify_dataset
+from pipeline.train.checkpoints import LATEST, latest, latest_record
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,14 @@ def _label_output(params: Mapping[str, object]) -> Path:
 
 def _verify_train(run: Path, checksums: bool) -> str:
     """A run folder is complete when its latest checkpoint is the last epoch of the settings it recorded."""
-    latest, config = run / "checkpoints" / "latest.json", run / "config.json"
-    if not latest.is_file() or not config.is_file():
+    record, config = latest_record(run / "checkpoints"), run / "config.json"
+    if record is None or not config.is_file():
         return f"no finished epoch in {run}"
-    epoch, epochs = json.loads(latest.read_text())["epoch"], json.loads(config.read_text())["epochs"]
+    epoch, epochs = record["epoch"], json.loads(config.read_text())["epochs"]
     if epoch + 1 < epochs:
         return f"{epoch + 1} of {epochs} epochs trained"
-    if not (run / "checkpoints" / json.loads(latest.read_text())["checkpoint"]).is_file():
-        return f"checkpoint named by {latest} is missing"
+    if not latest(run / "checkpoints").is_file():
+        return f"checkpoint named by {run / 'checkpoints' / LATEST} is missing"
     return ""
 
 

@@ -7,45 +7,21 @@ folder), or a student built with given weights (e.g. the FastSal authors' checkp
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import images
-from pipeline.labeler import resize_label, resolve_device
-
-EPS = 2.2204e-16
+from pipeline.common import images
+from pipeline.common.devices import DeviceError, autocast, resolve_device, use_autocast
+from pipeline.common.maps import resize_label
+from pipeline.train.checkpoints import CheckpointError, student_from_checkpoint
+from students import Student, build_student, student_kind, to_log_density
 
 
 class PredictorError(Exception):
     """The model to evaluate cannot be built (bad checkpoint, no model named…)."""
-
-
-def to_log_density(maps: torch.Tensor, kind: str) -> torch.Tensor:
-    """Teacher output or student logits ``[B,1,H,W]`` → a log density over each image's pixels."""
-    b = maps.shape[0]
-    flat = maps.float().reshape(b, -1)
-    if kind == "log_density":
-        out = flat - flat.logsumexp(1, keepdim=True)
-    elif kind == "probability_map":
-        p = flat.clamp_min(0) + EPS
-        out = (p / p.sum(1, keepdim=True)).log()
-    elif kind == "sigmoid_logits":  # a student trained on a map teacher: its map is sigmoid(logits)
-        out = torch.nn.functional.logsigmoid(flat)
-        out = out - out.logsumexp(1, keepdim=True)
-    elif kind == "logits":  # a student trained on a density teacher: softmax over pixels
-        out = torch.log_softmax(flat, dim=1)
-    else:
-        raise ValueError(f"unknown map kind {kind!r}")
-    return out.reshape(maps.shape)
-
-
-def student_kind(label_kind: str) -> str:
-    """How a student's logits become a map: softmax over pixels after density labels, sigmoid after maps."""
-    return "logits" if label_kind == "log_density" else "sigmoid_logits"
 
 
 @dataclass
@@ -55,18 +31,20 @@ class Predictor:
     kind: str  # log_density | probability_map | logits | sigmoid_logits
     input_size: tuple[int, int] | None  # None: the image's own size
     device: torch.device
-    student: bool = False
     autocast: bool = False  # bf16 on GPU
+
+    @property
+    def student(self) -> bool:
+        return isinstance(self.model, Student)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB ``[B,3,H,W]`` on the device → the model's raw output (a student normalises first)."""
+        return self.model(self.model.normalize(x)) if self.student else self.model(x)
 
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            if self.student:
-                from students import normalize
-
-                out = self.model(normalize(x))
-            else:
-                out = self.model(x)
+        with autocast(self.device, self.autocast):
+            out = self.forward(x)
         return to_log_density(out.float(), self.kind)
 
     @torch.inference_mode()
@@ -88,76 +66,48 @@ class Predictor:
         return self.log_densities([rgb])[0]
 
 
-def _autocast(device: torch.device, precision: str) -> bool:
-    if precision == "bf16" and device.type != "cuda":
-        raise PredictorError("bf16 needs a GPU; use --precision fp32 on CPU")
-    return device.type == "cuda" and precision in ("auto", "bf16")
+def _device(device: str, precision: str) -> tuple[torch.device, bool]:
+    try:
+        dev = resolve_device(device)
+        return dev, use_autocast(dev, precision)
+    except DeviceError as e:
+        raise PredictorError(str(e)) from None
 
 
 def teacher_predictor(name: str, weights: str | None = None, device: str = "auto",
                       precision: str = "auto") -> Predictor:
     from teachers import build_teacher
 
-    dev = resolve_device(device)
+    dev, amp = _device(device, precision)
     teacher = build_teacher(name, weights=weights).to(dev).eval()
-    return Predictor(name, teacher, teacher.output_kind, teacher.input_size, dev, autocast=_autocast(dev, precision))
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder of ``pipeline train`` (→ its latest checkpoint)."""
-    path = Path(path)
-    latest = path / "checkpoints" / "latest.json"
-    if path.is_dir():
-        if not latest.is_file():
-            raise PredictorError(f"{path} is a folder without checkpoints/latest.json: not a finished "
-                                 "`pipeline train` run (give a checkpoint file or a run folder)")
-        return path / "checkpoints" / json.loads(latest.read_text())["checkpoint"]
-    if not path.is_file():
-        raise PredictorError(f"checkpoint not found: {path}")
-    return path
+    return Predictor(name, teacher, teacher.output_kind, teacher.input_size, dev, autocast=amp)
 
 
 def student_predictor(checkpoint: str | Path, device: str = "auto", precision: str = "auto") -> Predictor:
     """A student from a ``pipeline train`` checkpoint: its map is softmax (density labels) or sigmoid;
     its input size is the size of the images it was trained on."""
-    from pipeline.train import TrainError, load_checkpoint
-    from students import STUDENTS
-    from teachers.weights import WeightsError, load_strict
-
-    path = checkpoint_path(checkpoint)
+    dev, amp = _device(device, precision)
     try:
-        ckpt = load_checkpoint(path)
-    except TrainError as e:
-        raise PredictorError(str(e)) from None
-    if ckpt["student"] not in STUDENTS or not isinstance(ckpt.get("labels"), dict) or "kind" not in ckpt["labels"]:
-        raise PredictorError(f"{path} is not a checkpoint of `pipeline train` (no student name or labels record); "
-                             f"a plain weights file goes with --student NAME --weights {path}")
-    dev = resolve_device(device)
-    model = STUDENTS[ckpt["student"]](backbone_weights="none")
-    try:
-        load_strict(model, ckpt["model"], what=f"checkpoint {path}")
-    except WeightsError as e:
+        model, ckpt, path = student_from_checkpoint(checkpoint)
+    except CheckpointError as e:
         raise PredictorError(str(e)) from None
     kind = student_kind(ckpt["labels"]["kind"])
     input_size = tuple(ckpt["labels"].get("image_size", (192, 256)))
-    return Predictor(f"{ckpt['student']}@{path}", model.to(dev).eval(), kind, input_size, dev, student=True,
-                     autocast=_autocast(dev, precision))
+    return Predictor(f"{ckpt['student']}@{path}", model.to(dev).eval(), kind, input_size, dev, autocast=amp)
 
 
 def named_student_predictor(name: str, weights: str | None, output: str = "softmax", device: str = "auto",
                             input_size: tuple[int, int] = (192, 256), precision: str = "auto") -> Predictor:
     """A student built by name, from ``weights`` (e.g. the authors' ``coco_A.pth``) or untrained
     (``weights=None``: for ``profile`` only). ``output`` says how its logits become a map."""
-    from students import STUDENTS
-
-    if name not in STUDENTS:
-        raise PredictorError(f"unknown student {name!r}; known: {', '.join(sorted(STUDENTS))}")
-    dev = resolve_device(device)
-    model = STUDENTS[name](weights=weights, backbone_weights="none")
+    dev, amp = _device(device, precision)
+    try:
+        model = build_student(name, weights=weights, backbone_weights="none")
+    except KeyError as e:
+        raise PredictorError(e.args[0]) from None
     kind = {"softmax": "logits", "sigmoid": "sigmoid_logits"}[output]
     label = f"{name}@{weights}" if weights else f"{name} (untrained)"
-    return Predictor(label, model.to(dev).eval(), kind, input_size, dev, student=True,
-                     autocast=_autocast(dev, precision))
+    return Predictor(label, model.to(dev).eval(), kind, input_size, dev, autocast=amp)
 
 
 def build_predictor(*, checkpoint=None, teacher=None, student=None, weights=None, student_output="softmax",

@@ -1,6 +1,6 @@
 """The labelling worker: a plain class that holds one teacher and turns a shard plan into a shard.
 
-Tests and benchmarks drive it in-process; :mod:`pipeline.label` wraps it in a Ray actor.
+Tests and benchmarks drive it in-process; :mod:`pipeline.label.driver` wraps it in a Ray actor.
 Reading/decoding/resizing and encoding run in a small thread pool (OpenCV releases the GIL)
 so they overlap with the teacher's forward pass.
 """
@@ -8,19 +8,21 @@ so they overlap with the teacher's forward pass.
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline import __version__, images
-from pipeline.shards import ENCODING_VERSION, write_shard
-from pipeline.sources import ImageRecord, ShardPlan
+from pipeline import __version__
+from pipeline.common import images
+from pipeline.common.devices import autocast, resolve_device, use_autocast
+from pipeline.common.maps import resize_label
+from pipeline.common.prefetch import prefetched
+from pipeline.label.shards import ENCODING_VERSION, write_shard
+from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
 
 
@@ -36,12 +38,6 @@ class LabelConfig:
     io_threads: int = 4
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class _Item:
     record: ImageRecord
@@ -49,17 +45,6 @@ class _Item:
     teacher_input: np.ndarray | None = None
     original_size: tuple[int, int] | None = None
     error: str | None = None
-
-
-def resize_label(maps: torch.Tensor, kind: str, size: tuple[int, int]) -> torch.Tensor:
-    """Resize teacher output ``[B,1,h,w]`` to ``size``; a log density stays a normalised log density."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    if kind == "log_density":
-        density = F.interpolate(maps.exp(), size=size, mode="bilinear", align_corners=False)
-        density = density / density.sum(dim=(2, 3), keepdim=True)
-        return density.clamp_min(torch.finfo(torch.float32).tiny).log()
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
@@ -75,9 +60,7 @@ class ShardLabeler:
     def __init__(self, config: LabelConfig, teacher: Teacher | None = None):
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu" and config.precision == "bf16":
-            raise ValueError("bf16 needs a GPU; use --precision fp32 on CPU")
-        self.autocast = self.device.type == "cuda" and config.precision in ("auto", "bf16")
+        self.autocast = use_autocast(self.device, config.precision)
         self.teacher = (teacher or build_teacher(config.teacher, weights=config.weights)).to(self.device).eval()
         self.pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="label-io")
 
@@ -112,23 +95,13 @@ class ShardLabeler:
     def _loaded(self, records: tuple[ImageRecord, ...]) -> Iterator[_Item]:
         """Items in order, decoding at most a few batches ahead of the consumer."""
         window = 2 * self.config.batch_size + self.config.io_threads
-        pending: deque[Future] = deque()
-        it = iter(records)
-        for record in it:
-            pending.append(self.pool.submit(self._load, record))
-            if len(pending) >= window:
-                break
-        while pending:
-            yield pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(self.pool.submit(self._load, nxt))
+        return (item for _, item in prefetched(self.pool, records, self._load, window))
 
     @torch.inference_mode()
     def _forward(self, batch: list[_Item]) -> np.ndarray:
         x = torch.from_numpy(np.stack([it.teacher_input for it in batch])).permute(0, 3, 1, 2)
         x = x.to(self.device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with autocast(self.device, self.autocast):
             maps = self.teacher(x)
         maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)
         return maps[:, 0].cpu().numpy()

@@ -47,7 +47,7 @@ are grouped by image in that order, within an image in the source's order (SALIC
 ``worker_id``, then the annotations' order in the file, then the order in each list;
 MIT1003/CAT2000: row-major).
 Image sizes are read from the JPEG header (pixel rows and columns as stored; EXIF orientation is
-ignored, as :mod:`pipeline.images` ignores it). Anything missing or malformed raises
+ignored, as :mod:`pipeline.common.images` ignores it). Anything missing or malformed raises
 :class:`FixationError` with one line naming the file, what was expected and where; this includes
 a fixation file without its image and an image without its fixation file.
 
@@ -98,7 +98,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from pipeline.atomic import atomic_path
+from pipeline.common.atomic import atomic_path
 
 FORMAT = "saliency-pipeline/fixations"
 FORMAT_VERSION = 1

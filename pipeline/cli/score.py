@@ -1,83 +1,19 @@
-"""Commands about models and their scores: ``teachers``, ``fixations``, ``eval``, ``predict``, ``profile``.
+"""Commands that score models: ``fixations``, ``eval``, ``predict``, ``profile``.
 
-Thin click commands over :mod:`pipeline.evaluate`, :mod:`pipeline.predict`, :mod:`pipeline.profile`
-and :mod:`pipeline.fixations`. ``eval``, ``predict`` and ``profile`` name their model the same way:
-exactly one of ``--checkpoint`` (a ``pipeline train`` run folder or checkpoint), ``--teacher``
-(with ``--weights``) or ``--student`` (with ``--weights``, e.g. the FastSal authors' files).
+``eval``, ``predict`` and ``profile`` name their model the same way: exactly one of ``--checkpoint``
+(a ``pipeline train`` run folder or checkpoint), ``--teacher`` (with ``--weights``) or ``--student``
+(with ``--weights``, e.g. the FastSal authors' files).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
-from pipeline.atomic import write_json
-
-
-def _model_options(fn):
-    from teachers import available
-
-    opts = [
-        click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-                     help="A `pipeline train` run folder (its latest checkpoint) or checkpoint file."),
-        click.option("--teacher", type=click.Choice(available()), default=None, help="A teacher, by name."),
-        click.option("--student", type=click.Choice(["fastsal_a", "fastsal_c"]), default=None,
-                     help="A student by name, loaded from --weights (e.g. the FastSal authors' coco_A.pth)."),
-        click.option("--weights", default=None,
-                     help="Weights of --teacher or --student: a path, an http(s) URL or a known name."),
-        click.option("--student-output", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
-                     help="With --student: its map is softmax over pixels (density-teacher training, "
-                          "the authors' coco_* files) or sigmoid (SalGAN-teacher training, salicon_*)."),
-        click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-                     help="auto = bf16 autocast on GPU, fp32 on CPU."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-def _predictor(checkpoint, teacher, student, weights, student_output, device, precision, require_weights=True):
-    from pipeline.predictors import PredictorError, build_predictor
-    from teachers.weights import WeightsError
-
-    try:
-        return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
-                               student_output=student_output, device=device, precision=precision,
-                               require_weights=require_weights)
-    except (PredictorError, WeightsError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-
-
-@click.command("teachers")
-def teachers_cmd():
-    """List the teachers: output kind, input size, parameters, and whether their weights are here."""
-    from teachers import build_teacher
-    from teachers.registry import DEFAULT_WEIGHTS, available
-    from teachers.weights import cache_path
-
-    rows = [("teacher", "output", "input (HxW)", "parameters", "weights")]
-    for name in available():
-        logging.disable(logging.WARNING)  # architecture only, to count: no "uniform centre bias" notes
-        try:
-            model = build_teacher(name, weights=None if name == "classic" else "random")
-        finally:
-            logging.disable(logging.NOTSET)
-        defaults = DEFAULT_WEIGHTS.get(name)
-        if defaults is None:
-            state = "needs --weights PATH (no published default)"
-        elif not defaults:
-            state = "none needed"
-        else:
-            missing = [w for w in defaults if not cache_path(w).is_file()]
-            state = "cached" if not missing else f"not cached: pipeline weights fetch {' '.join(missing)}"
-        size = "any" if model.input_size is None else f"{model.input_size[0]}x{model.input_size[1]}"
-        rows.append((name, model.output_kind, size, f"{sum(p.numel() for p in model.parameters()):,}", state))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+from pipeline.cli.options import build_model, model_options
+from pipeline.cli.options import image_size as parse_size
+from pipeline.common.atomic import write_json
 
 
 @click.command("fixations")
@@ -90,7 +26,7 @@ def teachers_cmd():
               help="The HDF5 file to write (atomically).")
 def fixations_cmd(dataset, root, split, out):
     """Convert a fixation dataset (SALICON, MIT1003, CAT2000) once into one HDF5 file for `pipeline eval`."""
-    from pipeline.fixations import FixationError, convert
+    from pipeline.score.fixations import FixationError, convert
 
     try:
         fs = convert(dataset, root, out, split)
@@ -100,7 +36,7 @@ def fixations_cmd(dataset, root, split, out):
 
 
 @click.command("eval")
-@_model_options
+@model_options
 @click.option("--fixations", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A fixation HDF5 from `pipeline fixations`: all 7 metrics against human fixations.")
 @click.option("--labels", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -119,9 +55,9 @@ def fixations_cmd(dataset, root, split, out):
 def eval_cmd(checkpoint, teacher, student, weights, student_output, device, precision, fixations, labels, val_shards,
              baseline, sigma_frac, limit, batch_size, io_threads, out, progress):
     """Score a model on human fixations (--fixations) or on held-out teacher labels (--labels)."""
-    from pipeline.data import DataError
-    from pipeline.evaluate import evaluate_fixations, evaluate_shards
-    from pipeline.fixations import FixationError, read_hdf5
+    from pipeline.train.data import DataError
+    from pipeline.score.evaluate import evaluate_fixations, evaluate_shards
+    from pipeline.score.fixations import FixationError, read_hdf5
 
     if (fixations is None) == (labels is None):
         raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
@@ -129,7 +65,7 @@ def eval_cmd(checkpoint, teacher, student, weights, student_output, device, prec
         fs = read_hdf5(fixations) if fixations else None
     except FixationError as e:
         raise click.ClickException(str(e)) from None
-    predictor = _predictor(checkpoint, teacher, student, weights, student_output, device, precision)
+    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision)
     try:
         if fs is not None:
             result = evaluate_fixations(predictor, fs, batch_size=batch_size, baseline=baseline,
@@ -151,7 +87,7 @@ def eval_cmd(checkpoint, teacher, student, weights, student_output, device, prec
 
 
 @click.command("predict")
-@_model_options
+@model_options
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder of images (searched recursively).")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -164,10 +100,10 @@ def eval_cmd(checkpoint, teacher, student, weights, student_output, device, prec
 def predict_cmd(checkpoint, teacher, student, weights, student_output, device, precision, images, out, format_,
                 batch_size, io_threads, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
-    from pipeline.predict import predict_folder
-    from pipeline.sources import SourceError
+    from pipeline.score.predict import predict_folder
+    from pipeline.label.sources import SourceError
 
-    predictor = _predictor(checkpoint, teacher, student, weights, student_output, device, precision)
+    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision)
     try:
         result = predict_folder(predictor, images, out, fmt=format_, batch_size=batch_size, io_threads=io_threads,
                                 progress=progress)
@@ -179,37 +115,32 @@ def predict_cmd(checkpoint, teacher, student, weights, student_output, device, p
 
 
 @click.command("profile")
-@_model_options
+@model_options
 @click.option("--image-size", default=None,
               help="Input HxW.  [default: the model's own: a checkpoint's training size, 192x256 for --student, "
                    "the teacher's input size, else 192x256]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
 @click.option("--iters", type=click.IntRange(min=1), default=10, help="Timed forward passes (after 3 warm-up).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write JSON here.")
-def profile_cmd(checkpoint, teacher, student, weights, student_output, device, precision, image_size, batch_size,
-                iters, out):
+def profile_cmd(checkpoint, teacher, student, weights, student_output, device, precision, image_size,
+                batch_size, iters, out):
     """Parameters, GFLOPs per image (torch's FLOP counter) and measured images/s of a model.
 
     --student needs no --weights here: an untrained model has the same size and speed.
     """
-    from pipeline.cli import _image_size
-    from pipeline.profile import profile
+    from pipeline.score.profile import profile
 
-    size = _image_size(None, None, image_size) if image_size else None
-    if size and (student or checkpoint):
-        from students.fastsal import STRIDE
-
-        if size[0] % STRIDE or size[1] % STRIDE:
-            raise click.BadParameter(f"a FastSal student needs H and W multiples of {STRIDE}, e.g. 192x256; "
+    size = parse_size(None, None, image_size) if image_size else None
+    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
+                            require_weights=False)
+    if size and predictor.student:
+        stride = predictor.model.stride
+        if size[0] % stride or size[1] % stride:
+            raise click.BadParameter(f"{predictor.model.name} needs H and W multiples of {stride}, e.g. 192x256; "
                                      f"got {image_size!r}", param_hint="'--image-size'")
-    predictor = _predictor(checkpoint, teacher, student, weights, student_output, device, precision,
-                           require_weights=False)
     result = profile(predictor, input_size=size, batch_size=batch_size, iters=iters)
     click.echo(result.table())
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result.to_json())
         click.echo(f"profile: {out}")
-
-
-COMMANDS = (teachers_cmd, fixations_cmd, eval_cmd, predict_cmd, profile_cmd)

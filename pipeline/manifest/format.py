@@ -10,14 +10,18 @@ path is relative to the current directory of ``pipeline run``, not to the manife
 
 A step's fingerprint is the sha256 of: its command, its validated settings (every parameter of
 the command with defaults filled in, less the command's volatile options, see
-:mod:`pipeline.steps`), the fingerprints of the steps it needs, the sha256 of its declared
+:mod:`pipeline.manifest.steps`), the fingerprints of the steps it needs, the sha256 of its declared
 ``inputs``, and the code version ``pipeline <__version__>`` (not a digest of the source files:
 bump ``pipeline.__version__`` when a change should re-run finished steps).
+
+:func:`load_manifest` goes in four steps: parse the YAML (keeping line numbers), substitute the vars,
+check each step's declaration, then resolve each step against its command.
 """
 
 from __future__ import annotations
 
 import difflib
+import graphlib
 import hashlib
 import json
 import os
@@ -30,7 +34,7 @@ import click
 import yaml
 
 from pipeline import __version__
-from pipeline.steps import COMMANDS
+from pipeline.manifest.steps import COMMANDS
 
 TOP_KEYS = ("workdir", "vars", "steps")
 STEP_KEYS = ("run", "with", "needs", "inputs", "resources")
@@ -73,7 +77,7 @@ class Step:
     needs: tuple[str, ...]  # declared `needs` plus steps named by ${steps.NAME.out}
     inputs: Mapping[str, str | None]  # declared external input -> digest (None: missing)
     resources: Resources
-    output: str | None  # the step's output folder (None: the command has no entry in pipeline.steps)
+    output: str | None  # the step's output folder (None: the command has no entry in pipeline.manifest.steps)
     fingerprint: str
     code_version: str
     line: int  # where the step is declared
@@ -326,203 +330,207 @@ def parse_sets(sets: Iterable[str]) -> dict[str, object]:
     return out
 
 
-def _find_cycles(deps: Mapping[str, list[str]]) -> list[list[str]]:
-    """Each cycle once, as [a, b, …, a] where a needs b, starting from the first declared step on it."""
-    cycles, seen_sets = [], set()
-    state: dict[str, int] = {}  # 1 on the stack, 2 finished
-    stack: list[str] = []
+def dependency_order(deps: Mapping[str, list[str]]) -> tuple[list[str], list[list[str]]]:
+    """(steps in dependency order, declaration order where free; the cycles found, each as [a, b, …, a]
+    where a needs b, starting from the first declared step on it).
 
-    def visit(name: str) -> None:
-        state[name] = 1
-        stack.append(name)
-        for dep in deps.get(name, []):
-            if dep not in deps:
-                continue
-            if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):]
-                key = frozenset(cycle)
-                if key not in seen_sets:
-                    seen_sets.add(key)
-                    order = list(deps)
-                    first = min(range(len(cycle)), key=lambda i: order.index(cycle[i]))
-                    cycle = cycle[first:] + cycle[:first]
-                    cycles.append(cycle + [cycle[0]])
-            elif dep not in state:
-                visit(dep)
-        stack.pop()
-        state[name] = 2
-
-    for name in deps:
-        if name not in state:
-            visit(name)
-    return cycles
-
-
-def _topo_order(deps: Mapping[str, list[str]]) -> list[str]:
-    """Dependency order, declaration order where free; steps on or after a cycle are left out."""
-    order, placed = [], set()
-    while True:
-        name = next((n for n in deps if n not in placed and all(d in placed for d in deps[n])), None)
-        if name is None:
-            return order
-        order.append(name)
-        placed.add(name)
-
-
-def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] = (), workdir: str | Path | None = None,
-                  *, group: click.Group | None = None,
-                  digest: Callable[[Path], str | None] = input_digest) -> Manifest:
-    """Parse, validate and resolve the manifest at ``path``; raise :class:`ManifestError` listing every problem.
-
-    ``sets`` overrides vars (``NAME=VALUE`` strings or a mapping), ``workdir`` the manifest's workdir;
-    ``group`` is the click group whose commands steps run (default: the ``pipeline`` CLI).
+    ``graphlib`` orders and finds each cycle; a step on a cycle, or after one, is left out of the order.
     """
-    if group is None:
-        from pipeline.cli import cli as group
-    digests_seen: dict[str, str | None] = {}  # an input shared by several steps is read once
-    path = Path(path)
-    display = str(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError([f"{display}: cannot read the manifest: {getattr(e, 'strerror', None) or e}"]) from None
-    try:
-        doc = _Doc(display, text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 1
-        problem = " ".join(x for x in (e.context, e.problem) if x)
-        raise ManifestError([f"{display}:{line}: invalid YAML: {problem}"]) from None
-    except yaml.YAMLError as e:
-        raise ManifestError([f"{display}: invalid YAML: {e}"]) from None
-
-    errors: list[str] = []
-
-    def error(where: str, message: str) -> None:
-        errors.append(f"{where}: {message}")
-
-    data = doc.data
-    if not isinstance(data, dict):
-        raise ManifestError([f"{display}:1: a manifest is a mapping with keys {', '.join(TOP_KEYS)}"
-                             + ("; this file is empty" if data is None else f", not a {type(data).__name__}")])
-    for p, line, first in doc.duplicates:
-        error(f"{display}:{line}", f"duplicate key {p[-1]!r} (first at line {first})")
-    for key in data:
-        if key not in TOP_KEYS:
-            error(doc.at(key), f"unknown top-level key {key!r}{suggest(str(key), TOP_KEYS)}")
-
-    # vars (and workdir, which may use them)
-    raw_vars = data.get("vars") or {}
-    if not isinstance(raw_vars, dict):
-        error(doc.at("vars"), "vars must be a mapping of NAME: value")
-        raw_vars = {}
-    raw_vars = dict(raw_vars)
-    for name, value in list(raw_vars.items()):
-        if not isinstance(name, str) or not NAME_RE.match(name) or name == "workdir":
-            error(doc.at("vars", name), f"invalid var name {name!r}" + (" (reserved)" if name == "workdir" else
-                                                                      " (letters, digits, _ and -)"))
-            raw_vars.pop(name)
-        elif isinstance(value, (dict, list)):
-            error(doc.at("vars", name), f"var {name!r} must be a single value, not a {type(value).__name__}")
-            raw_vars.pop(name)
-    overrides = parse_sets(sets) if not isinstance(sets, Mapping) else dict(sets)
-    for name, value in overrides.items():
-        if name not in raw_vars:
-            error(f"{display}", f"--set {name}: the manifest has no var {name!r}{suggest(name, raw_vars)}")
-        else:
-            raw_vars[name] = value
-    if workdir is not None:
-        raw_vars["workdir"] = str(workdir)
-    else:
-        wd = data.get("workdir", f"runs/{path.stem}")
-        if not isinstance(wd, str) or not wd.strip():
-            error(doc.at("workdir"), "workdir must be a path")
-            wd = f"runs/{path.stem}"
-        raw_vars["workdir"] = wd
-
-    resolved: dict[str, object] = {}
-
-    def var(name: str, chain: tuple[str, ...] = ()) -> object:
-        if name in resolved:
-            return resolved[name]
-        if name.startswith("steps."):
-            raise _Unresolved(name, "${steps.NAME.out} can only be used in steps")
-        if name not in raw_vars:
-            raise _Unresolved(name, suggest(name, raw_vars).strip())
-        if name in chain:
-            raise _Unresolved(name, "vars refer to each other in a cycle: " + " -> ".join(chain + (name,)))
-        value = substitute(raw_vars[name], lambda n: var(n, chain + (name,)))
-        resolved[name] = value
-        return value
-
-    for name in raw_vars:
+    declared = {name: i for i, name in enumerate(deps)}
+    graph = {name: [d for d in ds if d in declared] for name, ds in deps.items()}
+    cycles: list[list[str]] = []
+    while True:
+        sorter = graphlib.TopologicalSorter(graph)
         try:
-            var(name)
-        except _Unresolved as e:
-            where = doc.at("workdir") if name == "workdir" else doc.at("vars", name)
-            error(where, f"unresolved ${{{e.name}}} in {'workdir' if name == 'workdir' else 'var ' + repr(name)}"
-                         + (f" {e.hint}" if e.hint else ""))
-            resolved.setdefault(name, "")
-    workdir_path = Path(_text(resolved["workdir"]))
-    manifest_vars = {k: v for k, v in resolved.items() if k != "workdir"}
+            sorter.prepare()
+            break
+        except graphlib.CycleError as e:
+            found = list(reversed(e.args[1][:-1]))  # graphlib lists predecessors first; a "needs" b reads back
+            first = min(range(len(found)), key=lambda i: declared[found[i]])
+            cycle = found[first:] + found[:first]
+            cycles.append(cycle + [cycle[0]])
+            for a, b in zip(cycle, cycle[1:] + cycle[:1]):  # cut the cycle to find the others
+                graph[a] = [d for d in graph[a] if d != b]
+    order: list[str] = []
+    ready: list[str] = []
+    on_cycle = {n for c in cycles for n in c}
+    while sorter.is_active():
+        ready = sorted([*ready, *sorter.get_ready()], key=declared.__getitem__)
+        name = ready.pop(0)
+        order.append(name)
+        sorter.done(name)
+    after = set(on_cycle)
+    for name in order:  # dependency order: one pass finds everything after a cycle
+        if any(d in after for d in deps[name]):
+            after.add(name)
+    return [n for n in order if n not in after], cycles
 
-    # steps: structure
-    raw_steps = data.get("steps")
-    if not isinstance(raw_steps, dict) or not raw_steps:
-        error(doc.at("steps") if "steps" in data else f"{display}:1", "steps must be a non-empty mapping of NAME: step")
-        raise ManifestError(errors)
-    decl: dict[str, dict] = {}
-    deps: dict[str, list[str]] = {}
-    for name, body in raw_steps.items():
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            error(doc.at("steps", name), f"invalid step name {name!r} (letters, digits, _ and -)")
-            continue
-        if not isinstance(body, dict):
-            error(doc.at("steps", name), f"step {name!r} must be a mapping with keys {', '.join(STEP_KEYS)}")
-            continue
-        ok = True
+
+class _Loader:
+    """The steps of :func:`load_manifest`: each records its problems in ``errors`` and goes on."""
+
+    def __init__(self, path: Path, group: click.Group, digest: Callable[[Path], str | None]):
+        self.path, self.group, self.digest = path, group, digest
+        self.display = str(path)
+        self.errors: list[str] = []
+        self.digests: dict[str, str | None] = {}  # an input shared by several steps is read once
+
+    def error(self, where: str, message: str) -> None:
+        self.errors.append(f"{where}: {message}")
+
+    def fail(self) -> ManifestError:
+        return ManifestError(self.errors)
+
+    # -- parsing -----------------------------------------------------------------------------------
+    def parse(self) -> dict:
+        """The YAML document (line numbers kept), checked to be a mapping of the known top-level keys."""
+        display = self.display
+        try:
+            text = self.path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ManifestError([f"{display}: cannot read the manifest: {getattr(e, 'strerror', None) or e}"]) \
+                from None
+        try:
+            self.doc = doc = _Doc(display, text)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = mark.line + 1 if mark else 1
+            problem = " ".join(x for x in (e.context, e.problem) if x)
+            raise ManifestError([f"{display}:{line}: invalid YAML: {problem}"]) from None
+        except yaml.YAMLError as e:
+            raise ManifestError([f"{display}: invalid YAML: {e}"]) from None
+        data = doc.data
+        if not isinstance(data, dict):
+            raise ManifestError([f"{display}:1: a manifest is a mapping with keys {', '.join(TOP_KEYS)}"
+                                 + ("; this file is empty" if data is None else f", not a {type(data).__name__}")])
+        for p, line, first in doc.duplicates:
+            self.error(f"{display}:{line}", f"duplicate key {p[-1]!r} (first at line {first})")
+        for key in data:
+            if key not in TOP_KEYS:
+                self.error(doc.at(key), f"unknown top-level key {key!r}{suggest(str(key), TOP_KEYS)}")
+        return data
+
+    # -- vars ----------------------------------------------------------------------------------------
+    def variables(self, data: dict, sets, workdir) -> tuple[Path, dict[str, object]]:
+        """(workdir, vars) with ``--set`` overrides applied and every ``${…}`` among them substituted."""
+        doc, display = self.doc, self.display
+        raw_vars = data.get("vars") or {}
+        if not isinstance(raw_vars, dict):
+            self.error(doc.at("vars"), "vars must be a mapping of NAME: value")
+            raw_vars = {}
+        raw_vars = dict(raw_vars)
+        for name, value in list(raw_vars.items()):
+            if not isinstance(name, str) or not NAME_RE.match(name) or name == "workdir":
+                self.error(doc.at("vars", name), f"invalid var name {name!r}" + (
+                    " (reserved)" if name == "workdir" else " (letters, digits, _ and -)"))
+                raw_vars.pop(name)
+            elif isinstance(value, (dict, list)):
+                self.error(doc.at("vars", name), f"var {name!r} must be a single value, not a {type(value).__name__}")
+                raw_vars.pop(name)
+        overrides = parse_sets(sets) if not isinstance(sets, Mapping) else dict(sets)
+        for name, value in overrides.items():
+            if name not in raw_vars:
+                self.error(display, f"--set {name}: the manifest has no var {name!r}{suggest(name, raw_vars)}")
+            else:
+                raw_vars[name] = value
+        if workdir is not None:
+            raw_vars["workdir"] = str(workdir)
+        else:
+            wd = data.get("workdir", f"runs/{self.path.stem}")
+            if not isinstance(wd, str) or not wd.strip():
+                self.error(doc.at("workdir"), "workdir must be a path")
+                wd = f"runs/{self.path.stem}"
+            raw_vars["workdir"] = wd
+
+        resolved: dict[str, object] = {}
+
+        def var(name: str, chain: tuple[str, ...] = ()) -> object:
+            if name in resolved:
+                return resolved[name]
+            if name.startswith("steps."):
+                raise _Unresolved(name, "${steps.NAME.out} can only be used in steps")
+            if name not in raw_vars:
+                raise _Unresolved(name, suggest(name, raw_vars).strip())
+            if name in chain:
+                raise _Unresolved(name, "vars refer to each other in a cycle: " + " -> ".join(chain + (name,)))
+            value = substitute(raw_vars[name], lambda n: var(n, chain + (name,)))
+            resolved[name] = value
+            return value
+
+        for name in raw_vars:
+            try:
+                var(name)
+            except _Unresolved as e:
+                where = doc.at("workdir") if name == "workdir" else doc.at("vars", name)
+                self.error(where, f"unresolved ${{{e.name}}} in {'workdir' if name == 'workdir' else 'var ' + repr(name)}"
+                           + (f" {e.hint}" if e.hint else ""))
+                resolved.setdefault(name, "")
+        return Path(_text(resolved["workdir"])), {k: v for k, v in resolved.items() if k != "workdir"}
+
+    # -- steps: structure ----------------------------------------------------------------------------
+    def declare(self, data: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
+        """Each step's declaration checked for shape, and its dependencies (needs + ${steps.NAME.out})."""
+        doc = self.doc
+        raw_steps = data.get("steps")
+        if not isinstance(raw_steps, dict) or not raw_steps:
+            self.error(doc.at("steps") if "steps" in data else f"{self.display}:1",
+                       "steps must be a non-empty mapping of NAME: step")
+            raise self.fail()
+        decl: dict[str, dict] = {}
+        for name, body in raw_steps.items():
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                self.error(doc.at("steps", name), f"invalid step name {name!r} (letters, digits, _ and -)")
+                continue
+            if not isinstance(body, dict):
+                self.error(doc.at("steps", name), f"step {name!r} must be a mapping with keys {', '.join(STEP_KEYS)}")
+                continue
+            decl[name] = self._declare_step(name, body)
+        deps = {name: self._dependencies(name, d, raw_steps) for name, d in decl.items()}
+        return decl, {n: [x for x in ds if x in decl] for n, ds in deps.items()}
+
+    def _declare_step(self, name: str, body: dict) -> dict:
+        doc, ok = self.doc, True
         for key in body:
             if key not in STEP_KEYS:
-                error(doc.at("steps", name, key), f"step {name!r}: unknown key {key!r}{suggest(str(key), STEP_KEYS)}")
+                self.error(doc.at("steps", name, key), f"step {name!r}: unknown key {key!r}{suggest(str(key), STEP_KEYS)}")
                 ok = False
         if not isinstance(body.get("run"), str):
-            error(doc.at("steps", name, "run"), f"step {name!r}: 'run: COMMAND' is required (a `pipeline` command)")
+            self.error(doc.at("steps", name, "run"), f"step {name!r}: 'run: COMMAND' is required (a `pipeline` command)")
             ok = False
         if not isinstance(body.get("with") or {}, dict):
-            error(doc.at("steps", name, "with"), f"step {name!r}: 'with' must be a mapping of option: value")
+            self.error(doc.at("steps", name, "with"), f"step {name!r}: 'with' must be a mapping of option: value")
             ok = False
         needs = body.get("needs") or []
         needs = [needs] if isinstance(needs, str) else needs
         if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
-            error(doc.at("steps", name, "needs"), f"step {name!r}: 'needs' must be a list of step names")
+            self.error(doc.at("steps", name, "needs"), f"step {name!r}: 'needs' must be a list of step names")
             ok, needs = False, []
         inputs = body.get("inputs") or []
         inputs = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(inputs, list) or not all(isinstance(p, str) for p in inputs):
-            error(doc.at("steps", name, "inputs"), f"step {name!r}: 'inputs' must be a list of paths")
+            self.error(doc.at("steps", name, "inputs"), f"step {name!r}: 'inputs' must be a list of paths")
             ok, inputs = False, []
         resources = body.get("resources") or {}
         if not isinstance(resources, dict):
-            error(doc.at("steps", name, "resources"), f"step {name!r}: 'resources' must be a mapping (cpus, gpus)")
+            self.error(doc.at("steps", name, "resources"), f"step {name!r}: 'resources' must be a mapping (cpus, gpus)")
             ok, resources = False, {}
         for key, value in resources.items():
             if key not in RESOURCE_KEYS:
-                error(doc.at("steps", name, "resources", key),
-                      f"step {name!r}: unknown resource {key!r}{suggest(str(key), RESOURCE_KEYS)}")
+                self.error(doc.at("steps", name, "resources", key),
+                           f"step {name!r}: unknown resource {key!r}{suggest(str(key), RESOURCE_KEYS)}")
                 ok = False
             elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                error(doc.at("steps", name, "resources", key),
-                      f"step {name!r}: resource {key} must be a whole number >= 0, got {value!r}")
+                self.error(doc.at("steps", name, "resources", key),
+                           f"step {name!r}: resource {key} must be a whole number >= 0, got {value!r}")
                 ok = False
-        decl[name] = {"body": body, "needs": needs, "inputs": inputs, "resources": resources, "ok": ok}
-        deps[name] = list(needs)
+        return {"body": body, "needs": needs, "inputs": inputs, "resources": resources, "ok": ok}
 
-    # dependencies: needs + ${steps.NAME.out}
-    for name, d in decl.items():
+    def _dependencies(self, name: str, d: dict, raw_steps: Mapping) -> list[str]:
+        doc, deps = self.doc, list(d["needs"])
         for i, need in enumerate(d["needs"]):
             if need not in raw_steps:
-                error(doc.at("steps", name, "needs", i), f"step {name!r} needs unknown step {need!r}"
-                      f"{suggest(need, raw_steps)}")
+                self.error(doc.at("steps", name, "needs", i), f"step {name!r} needs unknown step {need!r}"
+                           f"{suggest(need, raw_steps)}")
                 d["ok"] = False
         refs = [(("with", key), r) for key, v in (d["body"].get("with") or {}).items() for r in references(v)] + \
                [(("inputs", i), r) for i, v in enumerate(d["inputs"]) for r in references(v)]
@@ -532,39 +540,38 @@ def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] =
                 continue
             upstream, attr = m.groups()
             if upstream not in raw_steps:
-                error(doc.at("steps", name, *where), f"step {name!r}: ${{{ref}}} names unknown step {upstream!r}"
-                      f"{suggest(upstream, raw_steps)}")
+                self.error(doc.at("steps", name, *where), f"step {name!r}: ${{{ref}}} names unknown step "
+                           f"{upstream!r}{suggest(upstream, raw_steps)}")
                 d["ok"] = False
             elif attr != "out":
-                error(doc.at("steps", name, *where), f"step {name!r}: ${{{ref}}}: only ${{steps.NAME.out}} is known")
+                self.error(doc.at("steps", name, *where), f"step {name!r}: ${{{ref}}}: only ${{steps.NAME.out}} is known")
                 d["ok"] = False
-            elif upstream not in deps[name]:
-                deps[name].append(upstream)
-    deps = {n: [x for x in ds if x in decl] for n, ds in deps.items()}
-    for cycle in _find_cycles(deps):  # a -> b: a needs b
-        error(doc.at("steps", cycle[0]), "cycle in needs: " + " -> ".join(cycle))
+            elif upstream not in deps:
+                deps.append(upstream)
+        return deps
 
-    # steps: resolve and validate against the commands
-    steps: dict[str, Step] = {}
-    broken: set[str] = {n for n, d in decl.items() if not d["ok"]}
-    order = _topo_order(deps)
-    broken |= set(decl) - set(order)  # on or after a cycle (reported above)
-    # every step is validated, even below a broken one (its ${steps.X.out} then stands for a placeholder)
-    for name in order + [n for n in decl if n not in order]:
-        d = decl[name]
-        body = d["body"]
-        if not isinstance(body.get("run"), str) or not isinstance(body.get("with") or {}, dict):
-            continue
-        ok = name not in broken and all(u not in broken and u in steps for u in deps[name])
-        errors_before = len(errors)
-        command_name = " ".join(body["run"].split())  # "label", or "weights fetch" for a group's command
-        command, problem = find_command(group, command_name)
-        if command is None:
-            error(doc.at("steps", name, "run"), f"step {name!r}: {problem}")
-            broken.add(name)
-            continue
-        spec = COMMANDS.get(command_name)
+    # -- steps: resolution against the commands --------------------------------------------------------
+    def resolve(self, workdir: Path, manifest_vars: Mapping[str, object], decl: dict[str, dict],
+                deps: dict[str, list[str]]) -> dict[str, Step]:
+        """Every step validated by its command (even below a broken one, whose ``${steps.X.out}`` then stands
+        for a placeholder); steps that need nothing broken get their settings, output and fingerprint."""
+        order, cycles = dependency_order(deps)
+        for cycle in cycles:  # a -> b: a needs b
+            self.error(self.doc.at("steps", cycle[0]), "cycle in needs: " + " -> ".join(cycle))
+        broken: set[str] = {n for n, d in decl.items() if not d["ok"]} | (set(decl) - set(order))
+        steps: dict[str, Step] = {}
+        for name in order + [n for n in decl if n not in order]:
+            body = decl[name]["body"]
+            if not isinstance(body.get("run"), str) or not isinstance(body.get("with") or {}, dict):
+                continue
+            step = self._resolve_step(name, decl[name], deps[name], workdir, manifest_vars, steps)
+            if step is None or name in broken or not all(u not in broken and u in steps for u in deps[name]):
+                broken.add(name)  # validated, but no fingerprint
+            else:
+                steps[name] = step
+        return steps
 
+    def _lookup(self, workdir: Path, manifest_vars: Mapping[str, object], steps: Mapping[str, Step]):
         def lookup(ref: str) -> object:
             m = STEP_REF_RE.match(ref)
             if m:
@@ -572,14 +579,19 @@ def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] =
                 if upstream is None:  # broken itself (reported): validate with a stand-in
                     return f"<{m.group(1)}.out>"
                 if upstream.output is None:
-                    raise _Unresolved(ref, f"(`{upstream.command}` has no output folder known to pipeline.steps)")
+                    raise _Unresolved(ref, f"(`{upstream.command}` has no output folder known to "
+                                           "pipeline.manifest.steps)")
                 return upstream.output
             if ref == "workdir":
-                return str(workdir_path)
+                return str(workdir)
             if ref in manifest_vars:
                 return manifest_vars[ref]
             raise _Unresolved(ref, suggest(ref, list(manifest_vars) + ["workdir"]).strip())
+        return lookup
 
+    def _values(self, name: str, command: click.Command, command_name: str, body: dict, lookup) -> tuple[dict, dict]:
+        """The step's parameter values by click name (``${…}`` substituted), and the keys as written."""
+        doc = self.doc
         params = {p.name: p for p in command.params}
         # an option is also known by its long flag (--format for the parameter format_)
         flags = {o[2:].replace("-", "_"): p.name for p in command.params for o in getattr(p, "opts", ())
@@ -590,50 +602,59 @@ def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] =
             pname = str(key).replace("-", "_")
             pname = pname if pname in params else flags.get(pname, pname)
             if pname not in params:
-                error(doc.at("steps", name, "with", key), f"step {name!r}: unknown option {key!r} for "
-                      f"`{command_name}`{suggest(pname, params)}")
+                self.error(doc.at("steps", name, "with", key), f"step {name!r}: unknown option {key!r} for "
+                           f"`{command_name}`{suggest(pname, params)}")
                 continue
             try:
                 values[pname] = substitute(value, lookup)
             except _Unresolved as e:
-                error(doc.at("steps", name, "with", key), f"step {name!r}: unresolved ${{{e.name}}} in {key}"
-                      + (f" {e.hint}" if e.hint else ""))
+                self.error(doc.at("steps", name, "with", key), f"step {name!r}: unresolved ${{{e.name}}} in {key}"
+                           + (f" {e.hint}" if e.hint else ""))
                 continue
             key_of[pname] = key
+        return values, key_of
+
+    def _resolve_step(self, name: str, d: dict, needs: list[str], workdir: Path,
+                      manifest_vars: Mapping[str, object], steps: Mapping[str, Step]) -> Step | None:
+        doc, body = self.doc, d["body"]
+        errors_before = len(self.errors)
+        command_name = " ".join(body["run"].split())  # "label", or "weights fetch" for a group's command
+        command, problem = find_command(self.group, command_name)
+        if command is None:
+            self.error(doc.at("steps", name, "run"), f"step {name!r}: {problem}")
+            return None
+        spec = COMMANDS.get(command_name)
+        lookup = self._lookup(workdir, manifest_vars, steps)
+        values, key_of = self._values(name, command, command_name, body, lookup)
         if spec is not None:
             for pname, default in spec.defaults.items():
                 if values.get(pname) is None:
-                    values[pname] = str(default(workdir_path, name))
+                    values[pname] = str(default(workdir, name))
         inputs: list[str] = []
         for i, value in enumerate(d["inputs"]):
             try:
                 inputs.append(_text(substitute(value, lookup)))
             except _Unresolved as e:
-                error(doc.at("steps", name, "inputs", i), f"step {name!r}: unresolved ${{{e.name}}} in inputs"
-                      + (f" {e.hint}" if e.hint else ""))
-        if len(errors) > errors_before:
-            broken.add(name)
-            continue
-
+                self.error(doc.at("steps", name, "inputs", i), f"step {name!r}: unresolved ${{{e.name}}} in inputs"
+                           + (f" {e.hint}" if e.hint else ""))
+        if len(self.errors) > errors_before:
+            return None
         try:
             args = build_args(command, values)
         except ValueError as e:
-            error(doc.at("steps", name, "with"), f"step {name!r}: {e}")
-            broken.add(name)
-            continue
+            self.error(doc.at("steps", name, "with"), f"step {name!r}: {e}")
+            return None
         try:
             ctx = command.make_context(f"pipeline {command_name}", list(args), resilient_parsing=False)
         except click.ClickException as e:
             param = getattr(e, "param", None)
             where = doc.at("steps", name, "with", key_of[param.name]) if param is not None and param.name in key_of \
                 else doc.at("steps", name)
-            error(where, f"step {name!r}: {' '.join(e.format_message().split())}")
-            broken.add(name)
-            continue
+            self.error(where, f"step {name!r}: {' '.join(e.format_message().split())}")
+            return None
         except click.exceptions.Exit:
-            error(doc.at("steps", name), f"step {name!r}: these options only print help or a version")
-            broken.add(name)
-            continue
+            self.error(doc.at("steps", name), f"step {name!r}: these options only print help or a version")
+            return None
         with ctx:
             settings = {p.name: _jsonable(ctx.params[p.name]) for p in command.params  # the command's order
                         if p.name in ctx.params and (spec is None or p.name not in spec.volatile)}
@@ -642,21 +663,32 @@ def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] =
                 try:
                     output = str(spec.output(ctx.params))
                 except (ValueError, KeyError, TypeError) as e:
-                    error(doc.at("steps", name), f"step {name!r}: {e}")
-                    broken.add(name)
-                    continue
-        if not ok:  # needs a broken step: validated, but no fingerprint
-            broken.add(name)
-            continue
-        digests = {p: digests_seen[p] if p in digests_seen else digests_seen.setdefault(p, digest(Path(p)))
+                    self.error(doc.at("steps", name), f"step {name!r}: {e}")
+                    return None
+        if any(u not in steps for u in needs):  # needs a broken step: no fingerprint
+            return None
+        digests = {p: self.digests[p] if p in self.digests else self.digests.setdefault(p, self.digest(Path(p)))
                    for p in inputs}
-        needs = tuple(deps[name])
         res = Resources(**{**Resources().__dict__, **d["resources"]})
-        steps[name] = Step(
-            name=name, command=command_name, args=tuple(args), settings=settings, needs=needs, inputs=digests,
-            resources=res, output=output,
-            fingerprint=fingerprint(command_name, settings, {n: steps[n].fingerprint for n in needs}, digests),
-            code_version=CODE_VERSION, line=doc.line("steps", name))
-    if errors:
-        raise ManifestError(errors)
+        return Step(name=name, command=command_name, args=tuple(args), settings=settings, needs=tuple(needs),
+                    inputs=digests, resources=res, output=output,
+                    fingerprint=fingerprint(command_name, settings, {n: steps[n].fingerprint for n in needs}, digests),
+                    code_version=CODE_VERSION, line=doc.line("steps", name))
+
+
+def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] = (), workdir: str | Path | None = None,
+                  *, group: click.Group, digest: Callable[[Path], str | None] = input_digest) -> Manifest:
+    """Parse, validate and resolve the manifest at ``path``; raise :class:`ManifestError` listing every problem.
+
+    ``sets`` overrides vars (``NAME=VALUE`` strings or a mapping), ``workdir`` the manifest's workdir;
+    ``group`` is the click group whose commands the steps run (the ``pipeline`` CLI hands itself in).
+    """
+    path = Path(path)
+    loader = _Loader(path, group, digest)
+    data = loader.parse()
+    workdir_path, manifest_vars = loader.variables(data, sets, workdir)
+    decl, deps = loader.declare(data)
+    steps = loader.resolve(workdir_path, manifest_vars, decl, deps)
+    if loader.errors:
+        raise loader.fail()
     return Manifest(path=path, workdir=workdir_path, vars=manifest_vars, steps=steps)

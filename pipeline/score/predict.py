@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import images
-from pipeline.atomic import atomic_open, atomic_path, write_json
-from pipeline.evaluate import decoded_batches
-from pipeline.predictors import Predictor
-from pipeline.sources import folder_records
+from pipeline.common import images
+from pipeline.common.atomic import atomic_open, atomic_path, write_json
+from pipeline.common.prefetch import batched, prefetched
+from pipeline.common.tables import table
+from pipeline.score.predictors import Predictor
+from pipeline.label.sources import folder_records
 
 FORMATS = ("png", "hdf5")
 
@@ -40,7 +41,7 @@ class PredictResult:
         rows = [("maps written", str(self.written)), ("images failed", str(len(self.failures))),
                 ("wall time", f"{self.seconds:.1f} s"), ("images/s", f"{self.written / max(self.seconds, 1e-9):.1f}"),
                 ("output", str(self.out))]
-        return "\n".join(f"{k:<14} {v}" for k, v in rows)
+        return table(None, rows)
 
 
 def map_png(log_density: np.ndarray) -> bytes:
@@ -71,7 +72,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                 tqdm(total=len(records), unit="img", desc=f"predict {predictor.name}", disable=not progress,
                      file=sys.stderr, dynamic_ncols=True) as bar:
             writes = []
-            for batch in decoded_batches(pool, records, lambda r: images.read_image(r.path), batch_size):
+            for batch in batched(prefetched(pool, records, lambda r: images.read_image(r.path), 3 * batch_size,
+                                            catch=images.ImageError), batch_size):
                 good = [(r, x) for r, x in batch if not isinstance(x, Exception)]
                 result.failures += [{"file": r.path, "reason": str(x)} for r, x in batch if isinstance(x, Exception)]
                 for (rec, _), logd in zip(good, predictor.log_densities([x for _, x in good])):

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.atomic import remove_stale_temps, write_json
-from pipeline.labeler import LabelConfig, ShardLabeler
-from pipeline.preview import write_preview
-from pipeline.shards import ENCODING_VERSION, verify_shard
-from pipeline.sources import ImageRecord, ShardPlan, plan_shards
+from pipeline.common.atomic import remove_stale_temps, write_json
+from pipeline.common.tables import table
+from pipeline.label.worker import LabelConfig, ShardLabeler
+from pipeline.label.preview import write_preview
+from pipeline.label.shards import ENCODING_VERSION, verify_shard
+from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
 
 
 class LabelError(Exception):
@@ -58,8 +59,7 @@ class LabelSummary:
             ("images/s", f"{rate:.1f}"),
             ("output", str(self.folder)),
         ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+        return table(None, rows)
 
 
 def _lock(folder: Path):

@@ -1,6 +1,6 @@
 """Scoring a predictor: on human fixations (a converted fixation HDF5) or on held-out labelled shards.
 
-On fixations, every image gets the seven benchmark metrics of :mod:`pipeline.metrics`
+On fixations, every image gets the seven benchmark metrics of :mod:`pipeline.score.metrics`
 (AUC-Judd, sAUC, NSS, CC, KLDiv, SIM, IG); the dataset's score is the mean over images. The
 shuffled AUC's negatives are the fixations of all other images, rescaled to the image; the IG
 baseline is the centre bias of the dataset's own fixations (or a uniform density); CC, KLDiv and
@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import images, metrics
-from pipeline.fixations import FixationSet
-from pipeline.predictors import Predictor, to_log_density
+from pipeline.common import images
+from pipeline.common.prefetch import batched, prefetched
+from pipeline.common.tables import table
+from pipeline.score import metrics
+from pipeline.score.fixations import FixationSet
+from pipeline.score.predictors import Predictor
+from students import to_log_density
 
 #: MIT benchmark convention: the empirical map is blurred with a Gaussian of about one degree of
 #: visual angle; for MIT1003 (1024 px wide, ~35 px per degree) that is ~3.4% of the longer side
@@ -59,8 +61,7 @@ class EvalResult:
         rows += [("images scored", str(len(self.per_image))), ("images failed", str(len(self.failures))),
                  ("wall time", f"{self.seconds:.1f} s"),
                  ("images/s", f"{len(self.per_image) / max(self.seconds, 1e-9):.1f}")]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join([f"{self.model} on {self.data}", *(f"  {k:<{width}}  {v}" for k, v in rows)])
+        return f"{self.model} on {self.data}\n" + table(None, rows, indent="  ")
 
     def to_json(self) -> dict:
         """Means, counts and every image's metrics; an undefined value (an image without fixations) is null."""
@@ -70,32 +71,6 @@ class EvalResult:
         return {"model": self.model, "data": self.data, "metrics": clean(self.means), "images": len(self.per_image),
                 "failed": len(self.failures), "seconds": round(self.seconds, 3), "failures": self.failures,
                 "per_image": [clean(r) for r in self.per_image]}
-
-
-def decoded_batches(pool: ThreadPoolExecutor, items: list, load, batch_size: int) -> Iterator[list[tuple]]:
-    """(item, loaded or exception) in batches, decoding a few batches ahead."""
-    window = 3 * batch_size
-    pending: deque[tuple[object, Future]] = deque()
-    it = iter(items)
-
-    def fill():
-        while len(pending) < window:
-            item = next(it, None)
-            if item is None:
-                return
-            pending.append((item, pool.submit(load, item)))
-
-    fill()
-    while pending:
-        batch = []
-        while pending and len(batch) < batch_size:
-            item, fut = pending.popleft()
-            try:
-                batch.append((item, fut.result()))
-            except images.ImageError as e:
-                batch.append((item, e))
-        fill()
-        yield batch
 
 
 def _other_fixations(fs: FixationSet) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +116,7 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
                  dynamic_ncols=True) as bar:
         scoring: list[Future] = []
         read = lambda i: images.read_image(str(fs.image_path(i)))  # noqa: E731
-        for batch in decoded_batches(pool, list(range(n)), read, batch_size):
+        for batch in batched(prefetched(pool, range(n), read, 3 * batch_size, catch=images.ImageError), batch_size):
             good = [(i, x) for i, x in batch if not isinstance(x, Exception)]
             for i, x in batch:
                 if isinstance(x, Exception):
@@ -158,7 +133,7 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
                     limit: int | None = None, progress: bool = True) -> EvalResult:
     """CC, KLDiv, SIM and expected NSS against the teacher's labels in the last ``val_shards`` shards
     (their first ``limit`` images when given)."""
-    from pipeline.data import open_label_set, shard_loader, split_shards
+    from pipeline.train.data import open_label_set, shard_loader, split_shards
 
     t0 = time.perf_counter()
     labels = open_label_set(folder)

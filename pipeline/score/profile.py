@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.predictors import Predictor
+from pipeline.common.devices import autocast
+from pipeline.common.tables import table
+from pipeline.score.predictors import Predictor
 
 
 @dataclass
@@ -35,7 +37,7 @@ class ProfileResult:
                 ("input (HxW)", f"{self.input_size[0]}x{self.input_size[1]}"), ("parameters", f"{self.params:,}"),
                 ("GFLOPs / image", f"{self.gflops:.3f}"), ("batch", str(self.batch_size)),
                 ("latency / batch", f"{self.latency_ms:.2f} ms"), ("images/s", f"{self.images_per_s:.1f}")]
-        return "\n".join(f"{k:<16} {v}" for k, v in rows)
+        return table(None, rows)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -52,21 +54,14 @@ def _sync(device: torch.device) -> None:
 def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, batch_size: int = 1,
             warmup: int = 3, iters: int = 10) -> ProfileResult:
     size = tuple(input_size or predictor.input_size or (192, 256))
-    model, dev = predictor.model, predictor.device
-    if predictor.student:
-        from students import normalize
-
-        def run(x):
-            return model(normalize(x))
-    else:
-        run = model
+    model, dev, run = predictor.model, predictor.device, predictor.forward
     x1 = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, device=dev)
     with FlopCounterMode(display=False) as counter:
         run(x1)
     flops = counter.get_total_flops()
     x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=dev)
     times = []
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=predictor.autocast):
+    with autocast(dev, predictor.autocast):
         for i in range(warmup + iters):
             _sync(dev)
             t = time.perf_counter()

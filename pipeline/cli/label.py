@@ -1,0 +1,86 @@
+"""``pipeline label``: teacher labels into WebDataset shards."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+import teachers
+from pipeline.cli.options import image_size
+
+
+@click.command("label")
+@click.argument("source", type=click.Choice(["coco", "folder"]))
+@click.option("--teacher", required=True, type=click.Choice(teachers.available()),
+              help="Teacher network that makes the labels (deepgaze = DeepGaze IIE).")
+@click.option("--weights", default=None,
+              help="Teacher weights: a local path, an http(s) URL, a known name, or 'random' "
+                   "(architecture only: labels are then meaningless). Default: the teacher's own.")
+@click.option("--coco-root", type=click.Path(path_type=Path), default=Path("data/coco"),
+              help="COCO folder holding annotations/ and <split>/ (source coco).")
+@click.option("--split", default="val2017", help="COCO split, e.g. train2017, val2017, test2017 (source coco).")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Folder of images, searched recursively (source folder).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/labels"),
+              help="Output root; shards go to <out>/<teacher>/<split or folder name>/.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Images per shard.")
+@click.option("--image-size", default="192x256", callback=image_size,
+              help="Training resolution HxW of the stored jpg and label.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images per teacher forward pass.")
+@click.option("--jpeg-quality", type=click.IntRange(50, 100), default=95, help="Quality of the stored jpg.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (Ray GPU actors use their own GPU).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              help="auto = bf16 autocast on GPU, fp32 on CPU.")
+@click.option("--io-threads", type=click.IntRange(min=1), default=4,
+              help="Threads per worker for reading, decoding and encoding images.")
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray",
+              help="ray: actors on a local or existing Ray cluster; local: one worker in this process.")
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray).")
+@click.option("--gpus", type=click.IntRange(min=0), default=None,
+              help="GPU actors (one GPU each). Default: every GPU of the cluster; 0 forces CPU workers.")
+@click.option("--cpu-workers", type=click.IntRange(min=1), default=1, help="CPU actors when no GPU is used.")
+@click.option("--retries", type=click.IntRange(min=0), default=2, help="Retries of a failed shard.")
+@click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.01,
+              help="Exit non-zero when more than this fraction of images failed.")
+@click.option("--overwrite", is_flag=True, help="Delete existing shards in the output folder and start over.")
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_size, image_size, batch_size,
+              jpeg_quality, device, precision, io_threads, executor, address, gpus, cpu_workers, retries,
+              max_failure_rate, overwrite, progress):
+    """Label a COCO split or a folder of images with a teacher into WebDataset shards.
+
+    Re-running the same command skips finished shards and redoes partial ones.
+    """
+    from pipeline.label.driver import LabelError, exit_code, label
+    from pipeline.label.worker import LabelConfig
+    from pipeline.label.sources import SourceError, coco_records, folder_records
+    from teachers.weights import WeightsError
+
+    try:
+        if source == "coco":
+            records, name = coco_records(coco_root, split), split
+        else:
+            if images is None:
+                raise click.UsageError("source 'folder' needs --images DIR")
+            records, name = folder_records(images), images.resolve().name
+        config = LabelConfig(teacher=teacher, weights=weights, image_size=image_size, batch_size=batch_size,
+                             jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads)
+        summary = label(records, out / teacher / name, config, shard_size=shard_size, overwrite=overwrite,
+                        executor=executor, address=address, gpus=gpus, cpu_workers=cpu_workers,
+                        retries=retries, progress=progress)
+    except (SourceError, LabelError, WeightsError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(summary.table())
+    for f in summary.failures[:10]:
+        click.echo(f"failed: {f['key']} ({f['file']}): {f['reason']}", err=True)
+    if len(summary.failures) > 10:
+        click.echo(f"… and {len(summary.failures) - 10} more failures (see the shards' json markers)", err=True)
+    code = exit_code(summary, max_failure_rate)
+    if code:
+        click.echo(f"error: {summary.failed} of {summary.planned_images} images failed "
+                   f"(more than --max-failure-rate {max_failure_rate})" if not summary.shards_failed else
+                   f"error: shards failed: {', '.join(summary.shards_failed)}", err=True)
+    sys.exit(code)

@@ -1,0 +1,70 @@
+"""Option types and option groups the commands share (choice lists come from the registries)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+import students
+import teachers
+
+
+def image_size(ctx, param, value: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", value or "")
+    if not m or int(m.group(1)) < 16 or int(m.group(2)) < 16:
+        raise click.BadParameter(f"expected HxW with both at least 16, e.g. 192x256; got {value!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+
+def ints(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def floats3(ctx, param, value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise click.BadParameter(f"expected three comma-separated numbers (KL,CC,BCE), got {value!r}")
+    return parts
+
+
+def model_options(fn):
+    """--checkpoint | --teacher | --student (+ --weights), --student-output, --device, --precision."""
+    opts = [
+        click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                     help="A `pipeline train` run folder (its latest checkpoint) or checkpoint file."),
+        click.option("--teacher", type=click.Choice(teachers.available()), default=None, help="A teacher, by name."),
+        click.option("--student", type=click.Choice(students.available()), default=None,
+                     help="A student by name, loaded from --weights (e.g. the FastSal authors' coco_A.pth)."),
+        click.option("--weights", default=None,
+                     help="Weights of --teacher or --student: a path, an http(s) URL or a known name."),
+        click.option("--student-output", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
+                     help="With --student: its map is softmax over pixels (density-teacher training, "
+                          "the authors' coco_* files) or sigmoid (SalGAN-teacher training, salicon_*)."),
+        click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+                     help="auto = bf16 autocast on GPU, fp32 on CPU."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def build_model(checkpoint, teacher, student, weights, student_output, device, precision, require_weights=True):
+    from pipeline.score.predictors import PredictorError, build_predictor
+    from teachers.weights import WeightsError
+
+    try:
+        return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
+                               student_output=student_output, device=device, precision=precision,
+                               require_weights=require_weights)
+    except (PredictorError, WeightsError, ValueError) as e:
+        raise click.ClickException(str(e)) from None

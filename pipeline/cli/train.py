@@ -1,0 +1,83 @@
+"""``pipeline train``: a student from labelled shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+import students
+from pipeline.cli.options import floats3, ints
+
+
+@click.command("train")
+@click.option("--labels", type=click.Path(path_type=Path), multiple=True,
+              default=[Path("data/labels/deepgaze/train2017")],
+              help="A finished label folder (the one holding labels.json); repeat to train on several of one teacher.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path(f"runs/{students.registry.DEFAULT_STUDENT}"),
+              help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png.")
+@click.option("--student", type=click.Choice(students.available()), default=students.registry.DEFAULT_STUDENT)
+@click.option("--stage", type=click.Choice(["finetune", "hint"]), default="finetune",
+              help="finetune: on the pseudo-labels; hint: MSE to the teacher's 4 feature maps (Eq. 1).")
+@click.option("--epochs", type=click.IntRange(min=1), default=100)
+@click.option("--lr", type=float, default=0.01, help="SGD learning rate.")
+@click.option("--momentum", type=float, default=0.9)
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--milestones", default="15,30,60", callback=ints, help="Epochs where the lr is multiplied by --gamma.")
+@click.option("--gamma", type=float, default=0.1)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32)
+@click.option("--val-shards", type=click.IntRange(min=1), default=1,
+              help="Without --val-labels: the last shards of the last --labels folder, held out for validation.")
+@click.option("--val-labels", type=click.Path(path_type=Path), default=None,
+              help="Validate on this label folder (e.g. val2017's) instead of holding out training shards.")
+@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, help="Samples in the shuffle buffer.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["auto", "off", "bf16"]), default="auto", help="auto = bf16 on GPU.")
+@click.option("--backbone-weights", default="imagenet",
+              help="MobileNetV2 encoder init: imagenet (torchvision weights, cached or downloaded), none, or a PATH.")
+@click.option("--init", "init_ckpt", type=click.Path(path_type=Path), default=None,
+              help="Start from this checkpoint's model weights (e.g. the hint stage's last checkpoint).")
+@click.option("--teacher", default=None, help="Hint stage: the teacher run online for hint targets.")
+@click.option("--teacher-weights", default=None, help="Hint stage: the teacher's --weights.")
+@click.option("--loss-weights", default="1,1,1", callback=floats3,
+              help="Density teachers (Eq. 3): weights of KL, 1-cosine and BCE (the paper: 1,1,1; the "
+                   "authors' code: 0.5,0.2,0.3).")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on steps per epoch.")
+@click.option("--ray-workers", type=click.IntRange(min=0), default=0,
+              help="Train data-parallel on this many Ray Train workers (one GPU each when the cluster has them); "
+                   "0: in this process. --batch-size is per worker.")
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="With --ray-workers: the Ray cluster (default: $RAY_ADDRESS, else start a local Ray).")
+@click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
+@click.option("--progress/--no-progress", default=True)
+def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_decay, milestones, gamma, batch_size,
+              val_shards, val_labels, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
+              teacher_weights, loss_weights, steps_per_epoch, ray_workers, address, restart, progress):
+    """Train a FastSal student on labelled shards; re-running resumes after the last finished epoch."""
+    from pipeline.train.data import DataError
+    from pipeline.train.config import TrainConfig, TrainError
+    from pipeline.train.logs import summary_table
+    from pipeline.train.loop import train
+    from teachers.weights import WeightsError
+
+    config = TrainConfig(labels=tuple(str(p) for p in labels), run=str(run_dir), student=student, stage=stage,
+                         epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,
+                         gamma=gamma, batch_size=batch_size, val_shards=val_shards,
+                         val_labels=str(val_labels) if val_labels else None, shuffle_buffer=shuffle_buffer,
+                         workers=workers, seed=seed, device=device, amp=amp, backbone_weights=backbone_weights,
+                         init=str(init_ckpt) if init_ckpt else None, teacher=teacher,
+                         teacher_weights=teacher_weights, loss_weights=loss_weights,
+                         steps_per_epoch=steps_per_epoch)
+    try:
+        if ray_workers:
+            from pipeline.train.ray_train import train_on_ray
+
+            results = train_on_ray(config, workers=ray_workers, address=address, restart=restart, progress=progress)
+        else:
+            results = train(config, restart=restart, progress=progress)
+    except (DataError, TrainError, WeightsError, KeyError, ValueError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+    click.echo(summary_table(results))
+    click.echo(f"checkpoints: {run_dir / 'checkpoints'}   curves: {run_dir / 'curves.png'}")

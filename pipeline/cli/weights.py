@@ -1,0 +1,80 @@
+"""``pipeline weights list|fetch|convert`` and ``pipeline teachers``: models and their weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from pipeline.common.tables import table
+
+
+@click.group("weights")
+def weights_group():
+    """Fetch published weights into the cache, or convert a release to a PyTorch checkpoint."""
+
+
+@weights_group.command("list")
+def weights_list():
+    """List the known weights names, their URLs and cache paths."""
+    from teachers.weights import KNOWN_WEIGHTS, cache_path
+
+    for name, known in sorted(KNOWN_WEIGHTS.items()):
+        state = "cached" if cache_path(name).is_file() else "not cached"
+        click.echo(f"{name}\t{known.url}\t{cache_path(name)} ({state})")
+
+
+@weights_group.command("fetch")
+@click.argument("spec")
+def weights_fetch(spec):
+    """Download SPEC (a known name or an http(s) URL) into the cache and verify its digest."""
+    from teachers.weights import WeightsError, file_digest, resolve
+
+    try:
+        path = resolve(spec)
+    except WeightsError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{path}  sha256 {file_digest(path)}")
+
+
+@weights_group.command("convert")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+def weights_convert(src, dst):
+    """Convert SalGAN's Lasagne release (gen_modelWeights0090.npz) to a PyTorch checkpoint DST (.pt)."""
+    from teachers.salgan import save_converted
+    from teachers.weights import WeightsError, file_digest
+
+    try:
+        out = save_converted(src, dst)
+    except WeightsError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out}  sha256 {file_digest(out)}  (use: --teacher salgan --weights {out})")
+
+
+@click.command("teachers")
+def teachers_cmd():
+    """List the teachers: output kind, input size, parameters, and whether their weights are here."""
+    from teachers import build_teacher
+    from teachers.registry import DEFAULT_WEIGHTS, available
+    from teachers.weights import cache_path
+
+    rows = [("teacher", "output", "input (HxW)", "parameters", "weights")]
+    for name in available():
+        logging.disable(logging.WARNING)  # architecture only, to count: no "uniform centre bias" notes
+        try:
+            model = build_teacher(name, weights=None if name == "classic" else "random")
+        finally:
+            logging.disable(logging.NOTSET)
+        defaults = DEFAULT_WEIGHTS.get(name)
+        if defaults is None:
+            state = "needs --weights PATH (no published default)"
+        elif not defaults:
+            state = "none needed"
+        else:
+            missing = [w for w in defaults if not cache_path(w).is_file()]
+            state = "cached" if not missing else f"not cached: pipeline weights fetch {' '.join(missing)}"
+        size = "any" if model.input_size is None else f"{model.input_size[0]}x{model.input_size[1]}"
+        rows.append((name, model.output_kind, size, f"{sum(p.numel() for p in model.parameters()):,}", state))
+    click.echo(table(rows[0], rows[1:]))

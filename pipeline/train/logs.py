@@ -1,0 +1,87 @@
+"""What a training run writes for people: ``losses.csv`` (every step), ``metrics.csv`` (every epoch),
+``curves.png``, and the summary table at the end."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+from pipeline.common.atomic import atomic_open
+from pipeline.common.tables import table
+from pipeline.train.config import EpochResult
+
+LOSS_HEADER = ["epoch", "step", "global_step", "loss"]
+METRICS_HEADER = ["epoch", "train_loss", "val_loss", "val_cc", "val_kl", "val_nss", "lr", "seconds", "images"]
+VAL_KEYS = tuple(METRICS_HEADER[2:6])
+
+
+def keep_rows(path: Path, header: list[str], before_epoch: int) -> None:
+    """Rewrite ``path`` atomically with its rows of epochs before ``before_epoch`` (an interrupted
+    epoch's rows are dropped: that epoch runs again)."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            if next(reader, None) == header:
+                rows = [r for r in reader if r and int(r[0]) < before_epoch]
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def append_metrics(run: Path, result: EpochResult, world: int) -> None:
+    """One row of ``metrics.csv`` for a finished epoch, fsynced (a checkpoint follows it)."""
+    with open(run / "metrics.csv", "a", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerow(
+            [result.epoch, f"{result.train_loss:.6g}", *(f"{result.val[k]:.6g}" for k in VAL_KEYS),
+             f"{result.lr:.6g}", f"{result.seconds:.2f}", result.images * world])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run: Path, from_epoch: int = 0) -> list[EpochResult]:
+    """The epochs of ``metrics.csv`` from ``from_epoch`` on."""
+    with open(run / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) >= from_epoch]
+    return [EpochResult(int(r["epoch"]), float(r["train_loss"]), {k: float(r[k]) for k in VAL_KEYS},
+                        float(r["lr"]), float(r["seconds"]), int(r["images"])) for r in rows]
+
+
+def plot_curves(run: Path) -> Path:
+    """``curves.png``: training loss per step and validation metrics per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(run / "losses.csv", newline="") as f:
+        losses = list(csv.DictReader(f))
+    with open(run / "metrics.csv", newline="") as f:
+        metrics = list(csv.DictReader(f))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    axes[0].plot([int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses], lw=0.8)
+    axes[0].set(title="training loss", xlabel="step")
+    epochs = [int(r["epoch"]) + 1 for r in metrics]
+    for ax, key in zip(axes[1:], ["val_cc", "val_kl", "val_nss"]):
+        ax.plot(epochs, [float(r[key]) for r in metrics], marker="o")
+        ax.set(title=f"validation {key[4:].upper()} vs teacher", xlabel="epoch")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    with atomic_open(run / "curves.png", "wb") as f:
+        f.write(buf.getvalue())
+    return run / "curves.png"
+
+
+def summary_table(results: list[EpochResult]) -> str:
+    if not results:
+        return "nothing to do: every epoch is already trained"
+    keys = list(results[0].val)
+    head = ["epoch", "train_loss", *keys, "lr", "seconds", "img/s"]
+    rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys), f"{r.lr:.2g}",
+             f"{r.seconds:.1f}", f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
+    return table(head, rows, align="right")

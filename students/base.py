@@ -1,0 +1,115 @@
+"""The student contract: what every student is, whatever its family.
+
+A student is an ``nn.Module`` subclass of :class:`Student` that
+
+* normalises its own input: :meth:`Student.normalize` turns uint8 RGB ``[B,3,H,W]`` into what its
+  ``forward`` takes (ImageNet mean/std for the torchvision backbones here);
+* returns saliency **logits** ``[B,1,H,W]`` at the input size from ``forward``; how logits become a map
+  depends on the teacher it learnt from (:func:`student_kind`: softmax over pixels after a density
+  teacher, sigmoid after a map teacher);
+* declares :attr:`Student.stride`, which the input's height and width must divide;
+* may give **hint features** (:attr:`Student.hint_channels` non-empty and :meth:`Student.hint_features`)
+  for hint pretraining against a teacher's intermediate maps;
+* may add **extra loss terms** to the distillation loss (:meth:`Student.forward_train` returns them
+  by name, already weighted, e.g. SACT's ponder cost τ·Σρ);
+* may emit **extra maps** (:attr:`Student.extra_maps` names them, :meth:`Student.maps` computes them
+  with the logits, e.g. SACT's ponder map), each ``[B,1,H,W]`` at the input size.
+
+Its checkpoints are plain ``state_dict`` s of the module plus the registry name and the builder's
+options (:meth:`Student.options`), so ``build_student(name, **options)`` rebuilds the architecture
+before the weights load strictly. ``backbone_prefix`` names the keys that must all be present when a
+stage starts from another checkpoint (``--init``: the hint stage's encoder starts fine-tuning).
+
+Students know nothing of Ray, tars or YAML; the pipeline speaks only to this contract.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from teachers.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+#: MATLAB's eps, the floor the saliency benchmark code (and pysaliency) puts under densities
+EPS = 2.2204e-16
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``[B,3,H,W]`` → float, /255 and ImageNet mean/std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def to_log_density(maps: torch.Tensor, kind: str) -> torch.Tensor:
+    """Teacher output or student logits ``[B,1,H,W]`` → a log density over each image's pixels.
+
+    ``kind``: ``log_density`` / ``probability_map`` (a teacher's output kind), ``logits`` (a student
+    after a density teacher: softmax over pixels) or ``sigmoid_logits`` (after a map teacher).
+    """
+    b = maps.shape[0]
+    flat = maps.float().reshape(b, -1)
+    if kind == "log_density":
+        out = flat - flat.logsumexp(1, keepdim=True)
+    elif kind == "probability_map":
+        p = flat.clamp_min(0) + EPS
+        out = (p / p.sum(1, keepdim=True)).log()
+    elif kind == "sigmoid_logits":
+        out = torch.nn.functional.logsigmoid(flat)
+        out = out - out.logsumexp(1, keepdim=True)
+    elif kind == "logits":
+        out = torch.log_softmax(flat, dim=1)
+    else:
+        raise ValueError(f"unknown map kind {kind!r}")
+    return out.reshape(maps.shape)
+
+
+def student_kind(label_kind: str) -> str:
+    """How a student's logits become a map: softmax over pixels after density labels, sigmoid after maps."""
+    return "logits" if label_kind == "log_density" else "sigmoid_logits"
+
+
+class Student(nn.Module):
+    """Base class of students; subclasses implement ``forward`` (normalised images → logits)."""
+
+    #: registry name (set by :func:`students.registry.register`)
+    name: ClassVar[str] = "student"
+    #: input height and width must be multiples of this
+    stride: ClassVar[int] = 1
+    #: channels of the hint features, finest first; empty: the student has no hint stage
+    hint_channels: ClassVar[tuple[int, ...]] = ()
+    #: state-dict prefix that must be fully present when a stage starts from another checkpoint
+    backbone_prefix: ClassVar[str] = ""
+    #: names of the extra maps :meth:`maps` returns besides ``saliency``
+    extra_maps: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: sha256 of the weights file the student was built from, or "none"
+        self.weights_digest = "none"
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images)
+
+    def options(self) -> dict:
+        """The builder's keyword options that shape this architecture (recorded in checkpoints)."""
+        return {}
+
+    def check_size(self, height: int, width: int) -> None:
+        if height % self.stride or width % self.stride:
+            raise ValueError(f"{self.name}: input height and width must be multiples of {self.stride}, "
+                             f"got {height}×{width}")
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the extra loss terms (weighted, scalar) this student adds to the distillation loss."""
+        return self(x), {}
+
+    def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"saliency": logits, <extra map>: [B,1,H,W], …}`` for normalised images ``x``."""
+        return {"saliency": self(x)}
+
+    def hint_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features matched to the teacher's hint features (one per entry of :attr:`hint_channels`)."""
+        raise NotImplementedError(f"student {self.name!r} has no hint stage")

@@ -1,0 +1,47 @@
+"""Loading a student's weights: torchvision ImageNet backbones and whole-student checkpoints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from teachers.weights import WeightsError, file_digest, load_state_dict, load_strict, resolve
+
+
+def torchvision_backbone(weights) -> Path:
+    """The file of a torchvision weights enum member (e.g. ``MobileNet_V2_Weights.IMAGENET1K_V1``).
+
+    Taken from the torch hub cache where torchvision keeps it (downloaded when missing and online;
+    offline, one error names the file, its URL and where to put it). Its sha256 must start with the
+    hash in its file name, as torchvision checks.
+    """
+    url = weights.url
+    path = resolve(url)
+    prefix = re.search(r"-([0-9a-f]{8,})\.pth$", url).group(1)
+    digest = file_digest(path)
+    if not digest.startswith(prefix):
+        raise WeightsError(f"{path} has sha256 {digest[:16]}…, but its name says {prefix}…: a corrupt or "
+                           f"partial download; delete it to fetch it again from {url}")
+    return path
+
+
+def load_student_weights(model: nn.Module, spec: str, name: str,
+                         convert: Callable[[dict], dict] | None = None) -> str:
+    """Load ``spec`` (path, URL or known name) into ``model`` strictly; returns the file's sha256.
+
+    A checkpoint of ``pipeline train`` (``{"model": …, "student": name}``) loads as is (another
+    student's is refused); any other state dict goes through ``convert`` first (a publisher's layout).
+    """
+    path = resolve(spec)
+    sd = load_state_dict(path)
+    if isinstance(sd.get("model"), dict):
+        if sd.get("student") not in (None, name):
+            raise WeightsError(f"{path} is a {sd['student']} checkpoint, not {name}")
+        sd = sd["model"]
+    elif convert is not None:
+        sd = convert(sd)
+    load_strict(model, sd, what=f"{name} weights {path}")
+    return file_digest(path)
