@@ -10,9 +10,10 @@
 May import ``torch``, ``torchvision`` and ``teachers`` (weights loading, hint targets); never ``pipeline``.
 """
 
-from students.base import Student, normalize, student_kind, to_log_density
+from students.base import Student, TrainOutput, normalize, student_kind, to_log_density
 from students.fastsal import FastSal, FastSalA, FastSalC, fastsal_a, fastsal_c
-from students.registry import available, build_student, register, student_info
+from students.registry import StudentOption, available, build_student, check_options, register, student_info
 
-__all__ = ["FastSal", "FastSalA", "FastSalC", "Student", "available", "build_student", "fastsal_a", "fastsal_c",
-           "normalize", "register", "student_info", "student_kind", "to_log_density"]
+__all__ = ["FastSal", "FastSalA", "FastSalC", "Student", "StudentOption", "TrainOutput", "available", "build_student",
+           "check_options", "fastsal_a", "fastsal_c", "normalize", "register", "student_info", "student_kind",
+           "to_log_density"]

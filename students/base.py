@@ -11,7 +11,7 @@ A student is an ``nn.Module`` subclass of :class:`Student` that
 * may give **hint features** (:attr:`Student.hint_channels` non-empty and :meth:`Student.hint_features`)
   for hint pretraining against a teacher's intermediate maps;
 * may add **extra loss terms** to the distillation loss (:meth:`Student.forward_train` returns them
-  by name, already weighted, e.g. SACT's ponder cost τ·Σρ);
+  by name, already weighted, e.g. SACT's ponder cost τ·Σρ, with scalar statistics to log);
 * may emit **extra maps** (:attr:`Student.extra_maps` names them, :meth:`Student.maps` computes them
   with the logits, e.g. SACT's ponder map), each ``[B,1,H,W]`` at the input size.
 
@@ -25,7 +25,7 @@ Students know nothing of Ray, tars or YAML; the pipeline speaks only to this con
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -71,6 +71,16 @@ def student_kind(label_kind: str) -> str:
     return "logits" if label_kind == "log_density" else "sigmoid_logits"
 
 
+class TrainOutput(NamedTuple):
+    """What a training step gets from a student (:meth:`Student.forward_train`)."""
+
+    logits: torch.Tensor  # [B,1,H,W]
+    #: extra loss terms, scalar and already weighted, added to the distillation loss (e.g. τ·Σρ)
+    losses: dict[str, torch.Tensor] = {}
+    #: scalar statistics to log beside the loss (e.g. each block's mean ponder cost); never differentiated
+    logs: dict[str, torch.Tensor] = {}
+
+
 class Student(nn.Module):
     """Base class of students; subclasses implement ``forward`` (normalised images → logits)."""
 
@@ -84,6 +94,8 @@ class Student(nn.Module):
     backbone_prefix: ClassVar[str] = ""
     #: names of the extra maps :meth:`maps` returns besides ``saliency``
     extra_maps: ClassVar[tuple[str, ...]] = ()
+    #: names of the statistics :meth:`forward_train` logs (``TrainOutput.logs``), as columns of the run's logs
+    log_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,9 +114,9 @@ class Student(nn.Module):
             raise ValueError(f"{self.name}: input height and width must be multiples of {self.stride}, "
                              f"got {height}×{width}")
 
-    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and the extra loss terms (weighted, scalar) this student adds to the distillation loss."""
-        return self(x), {}
+    def forward_train(self, x: torch.Tensor) -> TrainOutput:
+        """Logits, the extra loss terms this student adds to the distillation loss, and statistics to log."""
+        return TrainOutput(self(x))
 
     def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"saliency": logits, <extra map>: [B,1,H,W], …}`` for normalised images ``x``."""

@@ -21,12 +21,28 @@ DEFAULT_STUDENT = "fastsal_a"
 
 
 @dataclass(frozen=True)
+class StudentOption:
+    """A keyword option of a student's builder that shapes its architecture or its training loss.
+
+    The CLI offers every registered student's options (``--tau``, ``--tile``…) and passes those given
+    to the builder; a checkpoint records them (:meth:`Student.options`).
+    """
+
+    name: str  # the builder's keyword; the CLI flag is --name with dashes
+    type: type  # int, float or str
+    default: object
+    help: str
+    choices: tuple = ()  # allowed values, when only some are
+
+
+@dataclass(frozen=True)
 class StudentInfo:
     name: str
     cls: type[Student]
     builder: Callable[..., Student]
     params: int  # parameters with default options (tests assert it)
     doc: str
+    options: tuple[StudentOption, ...] = ()
 
     @property
     def stride(self) -> int:
@@ -40,13 +56,14 @@ class StudentInfo:
 _REGISTRY: dict[str, StudentInfo] = {}
 
 
-def register(name: str, cls: type[Student], *, params: int, doc: str):
-    """Decorator: register a student builder under ``name`` (its class is ``cls``)."""
+def register(name: str, cls: type[Student], *, params: int, doc: str, options: tuple[StudentOption, ...] = ()):
+    """Decorator: register a student builder under ``name`` (its class is ``cls``, its keyword options
+    ``options``)."""
 
     def deco(fn: Callable[..., Student]) -> Callable[..., Student]:
         if name in _REGISTRY and _REGISTRY[name].builder is not fn:
             raise ValueError(f"student {name!r} registered twice")
-        _REGISTRY[name] = StudentInfo(name, cls, fn, params, doc)
+        _REGISTRY[name] = StudentInfo(name, cls, fn, params, doc, tuple(options))
         return fn
 
     return deco
@@ -73,8 +90,39 @@ def student_info(name: str) -> StudentInfo:
     return _REGISTRY[name]
 
 
+def all_options() -> dict[str, StudentOption]:
+    """Every registered student's options by name (students that share an option name share its meaning)."""
+    _load_all()
+    return {o.name: o for info in sorted(_REGISTRY.values(), key=lambda i: i.name) for o in info.options}
+
+
+def check_options(name: str, options: dict) -> dict:
+    """``options`` validated for student ``name``: known to it, of the right type and among its choices.
+
+    Raises ``ValueError`` with one sentence naming the option and what it takes.
+    """
+    info = student_info(name)
+    own = {o.name: o for o in info.options}
+    out = {}
+    for key, value in options.items():
+        if key not in own:
+            owners = sorted(n for n in available() if any(o.name == key for o in student_info(n).options))
+            where = f"an option of {', '.join(owners)}" if owners else "no student's option"
+            raise ValueError(f"--{key.replace('_', '-')} is {where}, not of {name}")
+        opt = own[key]
+        try:
+            value = opt.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{key.replace('_', '-')} takes a {opt.type.__name__}, got {value!r}") from None
+        if opt.choices and value not in opt.choices:
+            raise ValueError(f"--{key.replace('_', '-')} {value!r} is not one of "
+                             f"{', '.join(map(str, opt.choices))} for {name}")
+        out[key] = value
+    return out
+
+
 def build_student(name: str, *, weights: str | None = None, backbone_weights: str = "imagenet",
                   **options) -> Student:
-    """Build student ``name`` (see the module docstring); its ``name`` attribute is the registry name."""
-    model = student_info(name).builder(weights=weights, backbone_weights=backbone_weights, **options)
-    return model
+    """Build student ``name`` with its ``options`` (see the module docstring)."""
+    return student_info(name).builder(weights=weights, backbone_weights=backbone_weights,
+                                      **check_options(name, options))

@@ -192,13 +192,13 @@ class Trainer:
                 except ValueError as e:
                     raise TrainError(f"teacher {self.config.teacher!r} cannot give {self.config.student}'s hint "
                                      f"targets ({e}); the hint stage follows the paper with --teacher salgan") from None
-            logits, extra = forward(x)
-            logits = logits.float()
+            out = forward(x)
+            logits = out.logits.float()
         if self.labels.label_kind == "log_density":
             loss = density_teacher_loss(logits, targets, self.config.loss_weights)
         else:
             loss = map_teacher_loss(logits, targets)
-        for term in extra.values():  # e.g. SACT's ponder cost
+        for term in out.losses.values():  # e.g. SACT's ponder cost
             loss = loss + term.float()
         return loss, logits
 
