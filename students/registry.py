@@ -9,11 +9,11 @@ Every CLI choice list, stride check and default comes from here.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from students.base import Student
+from teachers.registry import import_modules
 
 #: modules whose import registers builders; imported on first use
 _MODULES = ("students.fastsal", "students.sact")
@@ -70,12 +70,7 @@ def register(name: str, cls: type[Student], *, params: int, doc: str, options: t
 
 
 def _load_all() -> None:
-    for module in _MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:  # a student module not written yet
-            if e.name != module:
-                raise
+    import_modules(_MODULES)
 
 
 def available() -> list[str]:

@@ -15,12 +15,12 @@ module attributes are read when a teacher is built, so changing them affects lat
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from teachers.base import Teacher
+from teachers.blur import gaussian_filter_1d
 from teachers.registry import register
 from teachers.weights import WeightsError
 
@@ -38,21 +38,12 @@ _LUMA = (0.299, 0.587, 0.114)
 _EPS = 1e-8
 
 
-def _gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, 1, h, w]`` with replicated borders."""
+    """Separable Gaussian blur of ``[B, 1, h, w]`` (3-sigma kernel) with replicated borders."""
     if sigma <= 0:
         return x
-    k = _gaussian_kernel(sigma, x.device, x.dtype)
-    r = (k.numel() - 1) // 2
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    sigma_t = torch.tensor(float(sigma))
+    return gaussian_filter_1d(gaussian_filter_1d(x, -1, sigma_t, truncate=3.0), -2, sigma_t, truncate=3.0)
 
 
 def work_shape(height: int, width: int, long_side: int = WORK_SIZE) -> tuple[int, int]:

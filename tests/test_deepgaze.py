@@ -37,10 +37,10 @@ from teachers.deepgaze_modules import (
     Finalizer,
     LayerNorm,
     centerbias_for,
-    gaussian_kernel_size,
     mixture,
     zoom_nearest,
 )
+from teachers.blur import gaussian_kernel_size
 from teachers.weights import WeightsError, file_digest, load_strict
 
 KEYS_FILE = Path(__file__).parent / "data" / "deepgaze2e_keys.txt"

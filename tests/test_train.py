@@ -245,7 +245,7 @@ def test_labels_that_are_not_finished_or_of_the_wrong_size_are_refused(labels, t
     assert r.exit_code == 0, r.output
     odd = tmp_path / "odd" / "classic" / "val2017"
     r = invoke("train", "--labels", odd, "--run", tmp_path / "run", *FAST)
-    assert r.exit_code == 1 and "100x100 images; FastSal needs height and width in multiples of 32" in r.output
+    assert r.exit_code == 1 and "100x100 images; fastsal_a needs height and width in multiples of 32" in r.output
     r = invoke("train", "--labels", labels, "--val-labels", odd, "--run", tmp_path / "run", *FAST)
     assert r.exit_code == 1 and "one teacher and one size per run" in r.output
 

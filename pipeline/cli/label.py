@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 import teachers
-from pipeline.cli.options import image_size
+from pipeline.cli.options import echo_result, image_size
 
 
 @click.command("label")
@@ -73,11 +73,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
                         retries=retries, progress=progress)
     except (SourceError, LabelError, WeightsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(summary.table())
-    for f in summary.failures[:10]:
-        click.echo(f"failed: {f['key']} ({f['file']}): {f['reason']}", err=True)
-    if len(summary.failures) > 10:
-        click.echo(f"… and {len(summary.failures) - 10} more failures (see the shards' json markers)", err=True)
+    echo_result(summary, summary.failures, lambda f: f"{f['key']} ({f['file']}): {f['reason']}")
     code = exit_code(summary, max_failure_rate)
     if code:
         click.echo(f"error: {summary.failed} of {summary.planned_images} images failed "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -16,7 +17,6 @@ def image_size(ctx, param, value: str) -> tuple[int, int]:
     if not m or int(m.group(1)) < 16 or int(m.group(2)) < 16:
         raise click.BadParameter(f"expected HxW with both at least 16, e.g. 192x256; got {value!r}")
     return int(m.group(1)), int(m.group(2))
-
 
 
 def ints(ctx, param, value: str) -> tuple[int, ...]:
@@ -36,8 +36,29 @@ def floats3(ctx, param, value: str) -> tuple[float, float, float]:
     return parts
 
 
+def student_options(fn):
+    """Every option a registered student declares (``--tau``, ``--tile``…), gathered into one
+    ``student_options`` dict argument holding those given (the student's defaults fill the rest)."""
+    declared = students.registry.all_options()
+    owners = {name: [n for n in students.available() if any(o.name == name for o in students.student_info(n).options)]
+              for name in declared}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in declared if kwargs.get(name) is not None}
+        return fn(*args, student_options=given, **{k: v for k, v in kwargs.items() if k not in declared})
+
+    for name, opt in reversed(declared.items()):
+        kind = click.Choice([str(c) for c in opt.choices]) if opt.choices else opt.type
+        wrapper = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
+                               callback=(lambda ctx, param, v, t=opt.type: None if v is None else t(v)),
+                               help=f"{opt.help} ({', '.join(owners[name])}; default {opt.default}).")(wrapper)
+    return wrapper
+
+
 def model_options(fn):
-    """--checkpoint | --teacher | --student (+ --weights), --student-output, --device, --precision."""
+    """--checkpoint | --teacher | --student (+ --weights and the student's options), --student-output, --device,
+    --precision."""
     opts = [
         click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
                      help="A `pipeline train` run folder (its latest checkpoint) or checkpoint file."),
@@ -53,18 +74,29 @@ def model_options(fn):
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
                      help="auto = bf16 autocast on GPU, fp32 on CPU."),
     ]
+    fn = student_options(fn)
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def build_model(checkpoint, teacher, student, weights, student_output, device, precision, require_weights=True):
+def build_model(checkpoint, teacher, student, weights, student_output, device, precision, require_weights=True,
+                student_options=None):
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
     try:
         return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
                                student_output=student_output, device=device, precision=precision,
-                               require_weights=require_weights)
+                               require_weights=require_weights, student_options=student_options)
     except (PredictorError, WeightsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def echo_result(result, failures: list[dict], describe, limit: int = 10) -> None:
+    """Print ``result.table()``, then the first ``limit`` failures (``describe(failure)`` each) on stderr."""
+    click.echo(result.table())
+    for f in failures[:limit]:
+        click.echo(f"failed: {describe(f)}", err=True)
+    if len(failures) > limit:
+        click.echo(f"… and {len(failures) - limit} more failures", err=True)

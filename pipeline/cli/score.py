@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.options import build_model, model_options
+from pipeline.cli.options import build_model, echo_result, model_options
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 
@@ -52,7 +52,7 @@ def fixations_cmd(dataset, root, split, out):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the metrics (means and per image) to this JSON file.")
 @click.option("--progress/--no-progress", default=True)
-def eval_cmd(checkpoint, teacher, student, weights, student_output, device, precision, fixations, labels, val_shards,
+def eval_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, fixations, labels, val_shards,
              baseline, sigma_frac, limit, batch_size, io_threads, out, progress):
     """Score a model on human fixations (--fixations) or on held-out teacher labels (--labels)."""
     from pipeline.train.data import DataError
@@ -65,7 +65,8 @@ def eval_cmd(checkpoint, teacher, student, weights, student_output, device, prec
         fs = read_hdf5(fixations) if fixations else None
     except FixationError as e:
         raise click.ClickException(str(e)) from None
-    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision)
+    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
+                            student_options=student_options)
     try:
         if fs is not None:
             result = evaluate_fixations(predictor, fs, batch_size=batch_size, baseline=baseline,
@@ -75,9 +76,7 @@ def eval_cmd(checkpoint, teacher, student, weights, student_output, device, prec
                                      progress=progress)
     except DataError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(result.table())
-    for f in result.failures[:10]:
-        click.echo(f"failed: {f['path']}: {f['reason']}", err=True)
+    echo_result(result, result.failures, lambda f: f"{f['path']}: {f['reason']}")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result.to_json())
@@ -97,21 +96,20 @@ def eval_cmd(checkpoint, teacher, student, weights, student_output, device, prec
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4)
 @click.option("--progress/--no-progress", default=True)
-def predict_cmd(checkpoint, teacher, student, weights, student_output, device, precision, images, out, format_,
+def predict_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, images, out, format_,
                 batch_size, io_threads, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.score.predict import predict_folder
     from pipeline.label.sources import SourceError
 
-    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision)
+    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
+                            student_options=student_options)
     try:
         result = predict_folder(predictor, images, out, fmt=format_, batch_size=batch_size, io_threads=io_threads,
                                 progress=progress)
     except SourceError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(result.table())
-    for f in result.failures[:10]:
-        click.echo(f"failed: {f['file']}: {f['reason']}", err=True)
+    echo_result(result, result.failures, lambda f: f"{f['file']}: {f['reason']}")
 
 
 @click.command("profile")
@@ -122,7 +120,7 @@ def predict_cmd(checkpoint, teacher, student, weights, student_output, device, p
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
 @click.option("--iters", type=click.IntRange(min=1), default=10, help="Timed forward passes (after 3 warm-up).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write JSON here.")
-def profile_cmd(checkpoint, teacher, student, weights, student_output, device, precision, image_size,
+def profile_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, image_size,
                 batch_size, iters, out):
     """Parameters, GFLOPs per image (torch's FLOP counter) and measured images/s of a model.
 
@@ -132,7 +130,7 @@ def profile_cmd(checkpoint, teacher, student, weights, student_output, device, p
 
     size = parse_size(None, None, image_size) if image_size else None
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                            require_weights=False)
+                            require_weights=False, student_options=student_options)
     if size and predictor.student:
         stride = predictor.model.stride
         if size[0] % stride or size[1] % stride:

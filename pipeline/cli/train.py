@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 import students
-from pipeline.cli.options import floats3, ints
+from pipeline.cli.options import floats3, ints, student_options
 
 
 @click.command("train")
@@ -52,7 +52,8 @@ from pipeline.cli.options import floats3, ints
               help="With --ray-workers: the Ray cluster (default: $RAY_ADDRESS, else start a local Ray).")
 @click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
 @click.option("--progress/--no-progress", default=True)
-def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_decay, milestones, gamma, batch_size,
+@student_options
+def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, momentum, weight_decay, milestones, gamma, batch_size,
               val_shards, val_labels, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
               teacher_weights, loss_weights, steps_per_epoch, ray_workers, address, restart, progress):
     """Train a FastSal student on labelled shards; re-running resumes after the last finished epoch."""
@@ -62,7 +63,8 @@ def train_cmd(labels, run_dir, student, stage, epochs, lr, momentum, weight_deca
     from pipeline.train.loop import train
     from teachers.weights import WeightsError
 
-    config = TrainConfig(labels=tuple(str(p) for p in labels), run=str(run_dir), student=student, stage=stage,
+    config = TrainConfig(labels=tuple(str(p) for p in labels), run=str(run_dir), student=student,
+                         student_options=student_options, stage=stage,
                          epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,
                          gamma=gamma, batch_size=batch_size, val_shards=val_shards,
                          val_labels=str(val_labels) if val_labels else None, shuffle_buffer=shuffle_buffer,

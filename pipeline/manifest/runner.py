@@ -257,124 +257,145 @@ class Runner:
         m = self.manifest
         self.state.setdefault("steps", {})
         self.state.update(version=STATE_VERSION, manifest=str(m.path))
-        todo = [p.step for p in planned if p.action == RUN]
-        item = {p.step: p for p in planned}
-        status: dict[str, str] = {p.step: p.reason if p.action != RUN else "" for p in planned}
-        seconds: dict[str, float] = {}
-        failed: list[str] = []
-        started: dict[str, float] = {}
-        free_cpus, free_gpus = self.cpus, list(self.gpu_ids)
-        held: dict[str, tuple[int, list[str]]] = {}
-        results: queue.Queue = queue.Queue()
-        stopping = False
-        for name in todo:
-            r = m.steps[name].resources
+        self.todo = [p.step for p in planned if p.action == RUN]
+        self.planned = {p.step: p for p in planned}
+        self.status: dict[str, str] = {p.step: p.reason if p.action != RUN else "" for p in planned}
+        self.seconds: dict[str, float] = {}
+        self.failed: list[str] = []
+        self.started: dict[str, float] = {}
+        self.free_cpus, self.free_gpus = self.cpus, list(self.gpu_ids)
+        self.held: dict[str, tuple[int, list[str]]] = {}
+        self.results: queue.Queue = queue.Queue()
+        self.stopping = False
+        self._note_oversized()
+        main = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _sigterm) if main else None
+        try:
+            pending = list(self.todo)
+            while pending or self.started:
+                self._start_ready(pending)
+                if not self.started:
+                    break
+                self._collect()
+        except KeyboardInterrupt:
+            self._interrupt()
+            code = 130
+        else:
+            code = 1 if self.failed else 0
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+        return code, self._summary(planned)
+
+    def _note_oversized(self) -> None:
+        for name in self.todo:
+            r = self.manifest.steps[name].resources
             if r.gpus > len(self.gpu_ids) or r.cpus > self.cpus:
                 self.say(f"note: step {name} asks for {r.cpus} CPU(s) and {r.gpus} GPU(s); this machine has "
                          f"{self.cpus} and {len(self.gpu_ids)}: it runs with what there is")
 
-        def blocked_by(name: str) -> str | None:
-            for u in m.steps[name].needs:
-                if u in failed or (status.get(u) or "").startswith("not run"):
-                    return u
-            return None
+    def _blocked_by(self, name: str) -> str | None:
+        for u in self.manifest.steps[name].needs:
+            if u in self.failed or (self.status.get(u) or "").startswith("not run"):
+                return u
+        return None
 
-        main = threading.current_thread() is threading.main_thread()
-        old_term = signal.signal(signal.SIGTERM, _sigterm) if main else None
-        try:
-            pending = list(todo)
-            while pending or started:
-                for name in list(pending):
-                    if stopping:
-                        break
-                    step = m.steps[name]
-                    up = blocked_by(name)
-                    if up is not None:
-                        pending.remove(name)
-                        status[name] = f"not run: upstream {up} {'failed' if up in failed else 'not run'}"
-                        continue
-                    if any(u in pending or u in started for u in step.needs):
-                        continue
-                    if len(started) >= self.jobs:
-                        break
-                    cpus = min(step.resources.cpus, self.cpus)
-                    gpus = min(step.resources.gpus, len(self.gpu_ids))
-                    if cpus > free_cpus or gpus > len(free_gpus):
-                        continue  # wait for resources; a smaller independent step may go first
-                    pending.remove(name)
-                    missing = [p for p, d in step.inputs.items() if d is None]
-                    fresh = fresh_start(m, self.state, item[name])
-                    self.state["steps"][name] = record(m, name, status="running", started=now(), fresh=fresh)
-                    if missing:
-                        self._finish(name, "failed", 0.0, error=f"input missing: {', '.join(missing)}")
-                        status[name] = f"failed: input missing: {', '.join(missing)}"
-                        failed.append(name)
-                        self.say(f"[{name}] failed: input missing: {', '.join(missing)}", err=True)
-                        stopping = stopping or not self.keep_going
-                        continue
-                    self._save()
-                    gpu_ids, free_gpus = free_gpus[:gpus], free_gpus[gpus:]
-                    free_cpus -= cpus
-                    held[name] = (cpus, gpu_ids)
-                    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-                    if self.gpu_ids:
-                        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
-                    argv = command_line(m, name, fresh)
-                    self.say(f"[{name}] $ pipeline {shlex.join(argv)}")
-                    started[name] = time.monotonic()
-                    threading.Thread(target=self._execute, args=(name, argv, env, results), daemon=True).start()
-                if not started:
-                    break
-                while True:
-                    try:
-                        name, rc, tail = results.get(timeout=0.5)
-                        break
-                    except queue.Empty:
-                        continue
-                seconds[name] = time.monotonic() - started.pop(name)
-                self.procs.pop(name, None)
-                cpus, gpu_ids = held.pop(name)
-                free_cpus += cpus
-                free_gpus += gpu_ids
-                step = m.steps[name]
-                why = ""
-                if rc == 0:
-                    spec = COMMANDS.get(step.command)
-                    if spec is not None and spec.verify is not None and step.output:
-                        why = spec.verify(Path(step.output), False)
-                        why = f"outputs incomplete after the run: {why}" if why else ""
-                else:
-                    why = f"exit code {rc}" if rc is not None else tail[-1]
-                    last = next((line for line in reversed(tail) if line.strip()), "")
-                    why += f": {last.strip()}" if last and rc is not None else ""
-                if why:
-                    self._finish(name, "failed", seconds[name], returncode=rc, error=why)
-                    status[name] = f"failed ({why})"
-                    failed.append(name)
-                    self.say(f"[{name}] failed after {seconds[name]:.1f} s: {why}", err=True)
-                    stopping = stopping or not self.keep_going
-                else:
-                    self._finish(name, "done", seconds[name], returncode=0)
-                    status[name] = "done"
-                    self.say(f"[{name}] done in {seconds[name]:.1f} s")
-        except KeyboardInterrupt:
-            self._interrupt(started, seconds, status)
-            code = 130
+    def _start_ready(self, pending: list[str]) -> None:
+        """Start every pending step whose upstream is done, within ``jobs`` and the free CPUs and GPUs."""
+        for name in list(pending):
+            if self.stopping:
+                break
+            step = self.manifest.steps[name]
+            up = self._blocked_by(name)
+            if up is not None:
+                pending.remove(name)
+                self.status[name] = f"not run: upstream {up} {'failed' if up in self.failed else 'not run'}"
+                continue
+            if any(u in pending or u in self.started for u in step.needs):
+                continue
+            if len(self.started) >= self.jobs:
+                break
+            cpus = min(step.resources.cpus, self.cpus)
+            gpus = min(step.resources.gpus, len(self.gpu_ids))
+            if cpus > self.free_cpus or gpus > len(self.free_gpus):
+                continue  # wait for resources; a smaller independent step may go first
+            pending.remove(name)
+            self._start(name, cpus, gpus)
+
+    def _start(self, name: str, cpus: int, gpus: int) -> None:
+        m, step = self.manifest, self.manifest.steps[name]
+        missing = [p for p, d in step.inputs.items() if d is None]
+        fresh = fresh_start(m, self.state, self.planned[name])
+        self.state["steps"][name] = record(m, name, status="running", started=now(), fresh=fresh)
+        if missing:
+            why = f"input missing: {', '.join(missing)}"
+            self._failed(name, 0.0, why, f"failed: {why}", announce=f"[{name}] failed: ")
+            return
+        self._save()
+        gpu_ids, self.free_gpus = self.free_gpus[:gpus], self.free_gpus[gpus:]
+        self.free_cpus -= cpus
+        self.held[name] = (cpus, gpu_ids)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+        argv = command_line(m, name, fresh)
+        self.say(f"[{name}] $ pipeline {shlex.join(argv)}")
+        self.started[name] = time.monotonic()
+        threading.Thread(target=self._execute, args=(name, argv, env, self.results), daemon=True).start()
+
+    def _collect(self) -> None:
+        """Wait for one running step to end; record it done or failed and free what it held."""
+        while True:
+            try:
+                name, rc, tail = self.results.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue
+        self.seconds[name] = time.monotonic() - self.started.pop(name)
+        self.procs.pop(name, None)
+        cpus, gpu_ids = self.held.pop(name)
+        self.free_cpus += cpus
+        self.free_gpus += gpu_ids
+        why = self._why_failed(self.manifest.steps[name], rc, tail)
+        if why:
+            self._failed(name, self.seconds[name], why, f"failed ({why})", returncode=rc,
+                         announce=f"[{name}] failed after {self.seconds[name]:.1f} s: ")
         else:
-            code = 1 if failed else 0
-        finally:
-            if main:
-                signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
-        for name in todo:
-            if not status[name]:
-                status[name] = f"not run: stopped after {', '.join(failed)} failed" if failed else "not run"
-        rows = [[p.step, p.action, status[p.step] if p.action == RUN else p.reason,
-                 f"{seconds[p.step]:.1f}" if p.step in seconds else "-"] for p in planned]
-        if failed:
-            self.say(f"error: step{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}", err=True)
-        return code, rows
+            self._finish(name, "done", self.seconds[name], returncode=0)
+            self.status[name] = "done"
+            self.say(f"[{name}] done in {self.seconds[name]:.1f} s")
 
-    def _interrupt(self, started: dict[str, float], seconds: dict[str, float], status: dict[str, str]) -> None:
+    @staticmethod
+    def _why_failed(step, rc: int | None, tail: list[str]) -> str:
+        """"" when the step's process succeeded and its outputs are complete, else why not."""
+        if rc == 0:
+            spec = COMMANDS.get(step.command)
+            if spec is not None and spec.verify is not None and step.output:
+                why = spec.verify(Path(step.output), False)
+                return f"outputs incomplete after the run: {why}" if why else ""
+            return ""
+        why = f"exit code {rc}" if rc is not None else tail[-1]
+        last = next((line for line in reversed(tail) if line.strip()), "")
+        return why + (f": {last.strip()}" if last and rc is not None else "")
+
+    def _failed(self, name: str, seconds: float, why: str, status: str, announce: str, **fields) -> None:
+        self._finish(name, "failed", seconds, error=why, **fields)
+        self.status[name] = status
+        self.failed.append(name)
+        self.say(announce + why, err=True)
+        self.stopping = self.stopping or not self.keep_going
+
+    def _summary(self, planned: list[Planned]) -> list[list[str]]:
+        for name in self.todo:
+            if not self.status[name]:
+                self.status[name] = (f"not run: stopped after {', '.join(self.failed)} failed" if self.failed
+                                     else "not run")
+        if self.failed:
+            self.say(f"error: step{'s' if len(self.failed) > 1 else ''} failed: {', '.join(self.failed)}", err=True)
+        return [[p.step, p.action, self.status[p.step] if p.action == RUN else p.reason,
+                 f"{self.seconds[p.step]:.1f}" if p.step in self.seconds else "-"] for p in planned]
+
+    def _interrupt(self) -> None:
         """Stop running steps (SIGINT, then SIGKILL after 10 s) and record them as interrupted."""
         for proc in list(self.procs.values()):
             with contextlib.suppress(ProcessLookupError):
@@ -385,10 +406,10 @@ class Runner:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for name, t0 in started.items():
-            seconds[name] = time.monotonic() - t0
-            self._finish(name, "interrupted", seconds[name])
-            status[name] = "interrupted"
+        for name, t0 in self.started.items():
+            self.seconds[name] = time.monotonic() - t0
+            self._finish(name, "interrupted", self.seconds[name])
+            self.status[name] = "interrupted"
         self.say("interrupted", err=True)
 
 

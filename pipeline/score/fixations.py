@@ -90,13 +90,13 @@ or ``pipeline fixations salicon --root /data/SALICON --split val --out /data/fix
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from pipeline.common.atomic import atomic_path
 
@@ -234,48 +234,16 @@ class FixationSet:
 # Small readers
 
 
-def _jpeg_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's start-of-frame marker; None when the file is not a JPEG."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"\xff\xd8":
-            return None
-        while True:
-            b = f.read(1)
-            while b and b != b"\xff":  # garbage between segments
-                b = f.read(1)
-            while b == b"\xff":  # fill bytes
-                b = f.read(1)
-            if not b:
-                return None
-            marker = b[0]
-            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
-                continue  # stand-alone markers
-            if marker in (0xD9, 0xDA):
-                return None  # end of image / start of scan before any frame header
-            raw = f.read(2)
-            if len(raw) < 2:
-                return None
-            length = int.from_bytes(raw, "big")
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                sof = f.read(5)
-                if len(sof) < 5:
-                    return None
-                return int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big")
-            f.seek(length - 2, os.SEEK_CUR)
-
-
 def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file as stored (EXIF orientation ignored)."""
+    """(height, width) of an image file as stored (EXIF orientation ignored), read from its header by Pillow."""
     try:
-        hw = _jpeg_size(path)
-    except OSError as e:
-        raise FixationError(f"{path}: cannot read image ({e.strerror or e})") from None
-    if hw is not None and hw[0] > 0 and hw[1] > 0:
-        return hw
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        raise FixationError(f"{path}: not a readable image; expected a JPEG stimulus")
-    return int(img.shape[0]), int(img.shape[1])
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise FixationError(f"{path}: image not found") from None
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise FixationError(f"{path}: not a readable image ({e}); expected a JPEG stimulus") from None
+    return int(height), int(width)
 
 
 def _need_dir(path: Path, what: str) -> Path:

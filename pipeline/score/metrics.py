@@ -103,8 +103,10 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
+from students.base import EPS
+
 #: the regularisation constant of the MIT benchmark's KLdiv.m (Matlab's ``eps``, rounded)
-KL_EPS = 2.2204e-16
+KL_EPS = EPS
 
 METRICS = ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig")
 

@@ -97,12 +97,13 @@ def student_predictor(checkpoint: str | Path, device: str = "auto", precision: s
 
 
 def named_student_predictor(name: str, weights: str | None, output: str = "softmax", device: str = "auto",
-                            input_size: tuple[int, int] = (192, 256), precision: str = "auto") -> Predictor:
+                            input_size: tuple[int, int] = (192, 256), precision: str = "auto",
+                            options: dict | None = None) -> Predictor:
     """A student built by name, from ``weights`` (e.g. the authors' ``coco_A.pth``) or untrained
     (``weights=None``: for ``profile`` only). ``output`` says how its logits become a map."""
     dev, amp = _device(device, precision)
     try:
-        model = build_student(name, weights=weights, backbone_weights="none")
+        model = build_student(name, weights=weights, backbone_weights="none", **(options or {}))
     except KeyError as e:
         raise PredictorError(e.args[0]) from None
     kind = {"softmax": "logits", "sigmoid": "sigmoid_logits"}[output]
@@ -111,12 +112,15 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
 
 
 def build_predictor(*, checkpoint=None, teacher=None, student=None, weights=None, student_output="softmax",
-                    device="auto", precision="auto", require_weights=True) -> Predictor:
+                    device="auto", precision="auto", require_weights=True, student_options=None) -> Predictor:
     """Exactly one of ``checkpoint``, ``teacher`` or ``student`` names the model."""
     given = [n for n, v in (("--checkpoint", checkpoint), ("--teacher", teacher), ("--student", student)) if v]
     if len(given) != 1:
         raise PredictorError("name the model with exactly one of --checkpoint, --teacher or --student"
                              + (f" (got {', '.join(given)})" if given else ""))
+    if student_options and not student:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in student_options)
+        raise PredictorError(f"{flags} go with --student NAME (a checkpoint records its own options)")
     if checkpoint:
         if weights:
             raise PredictorError("--weights goes with --teacher or --student, not --checkpoint")
@@ -129,4 +133,5 @@ def build_predictor(*, checkpoint=None, teacher=None, student=None, weights=None
     if weights is None and require_weights:
         raise PredictorError(f"--student {student} needs --weights (e.g. the authors' coco_A.pth); "
                              "for a model you trained, use --checkpoint RUN_DIR")
-    return named_student_predictor(student, weights, student_output, device=device, precision=precision)
+    return named_student_predictor(student, weights, student_output, device=device, precision=precision,
+                                   options=student_options)

@@ -17,6 +17,7 @@ class TrainConfig:
     labels: tuple[str, ...]  # finished label folders of one teacher, read in order
     run: str
     student: str = "fastsal_a"
+    student_options: dict = field(default_factory=dict)  # the student builder's options (e.g. SACT's tau)
     stage: str = "finetune"  # finetune | hint
     epochs: int = 100
     lr: float = 0.01
@@ -55,3 +56,4 @@ class EpochResult:
     lr: float = 0.0
     seconds: float = 0.0
     images: int = 0
+    logs: dict = field(default_factory=dict)  # the student's logged statistics, means over the epoch

@@ -37,7 +37,8 @@ def append_metrics(run: Path, result: EpochResult, world: int) -> None:
     with open(run / "metrics.csv", "a", newline="") as f:
         csv.writer(f, lineterminator="\n").writerow(
             [result.epoch, f"{result.train_loss:.6g}", *(f"{result.val[k]:.6g}" for k in VAL_KEYS),
-             f"{result.lr:.6g}", f"{result.seconds:.2f}", result.images * world])
+             f"{result.lr:.6g}", f"{result.seconds:.2f}", result.images * world,
+             *(f"{v:.6g}" for v in result.logs.values())])
         f.flush()
         os.fsync(f.fileno())
 
@@ -47,7 +48,8 @@ def read_metrics(run: Path, from_epoch: int = 0) -> list[EpochResult]:
     with open(run / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["epoch"]) >= from_epoch]
     return [EpochResult(int(r["epoch"]), float(r["train_loss"]), {k: float(r[k]) for k in VAL_KEYS},
-                        float(r["lr"]), float(r["seconds"]), int(r["images"])) for r in rows]
+                        float(r["lr"]), float(r["seconds"]), int(r["images"]),
+                        {k: float(v) for k, v in r.items() if k not in METRICS_HEADER}) for r in rows]
 
 
 def plot_curves(run: Path) -> Path:
@@ -80,8 +82,9 @@ def plot_curves(run: Path) -> Path:
 def summary_table(results: list[EpochResult]) -> str:
     if not results:
         return "nothing to do: every epoch is already trained"
-    keys = list(results[0].val)
-    head = ["epoch", "train_loss", *keys, "lr", "seconds", "img/s"]
-    rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys), f"{r.lr:.2g}",
-             f"{r.seconds:.1f}", f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
+    keys, stats = list(results[0].val), list(results[0].logs)
+    head = ["epoch", "train_loss", *keys, *stats, "lr", "seconds", "img/s"]
+    rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys),
+             *(f"{r.logs[k]:.3f}" for k in stats), f"{r.lr:.2g}", f"{r.seconds:.1f}",
+             f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
     return table(head, rows, align="right")

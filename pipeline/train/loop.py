@@ -33,7 +33,7 @@ from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
 from pipeline.train.data import (check_same_labels, epoch_order, node_shards, open_label_set, open_label_sets,
                                  shard_loader, split_shards)
 from pipeline.train.logs import LOSS_HEADER, METRICS_HEADER, append_metrics, keep_rows, plot_curves
-from students import Student, build_student, student_info, student_kind, to_log_density
+from students import Student, build_student, check_options, student_info, student_kind, to_log_density
 from students import available as available_students
 from students.base import EPS
 from students.losses import density_teacher_loss, hint_loss, map_teacher_loss
@@ -94,7 +94,8 @@ class Trainer:
         np.random.seed(c.seed)
         random.seed(c.seed)
         self.rank, self.world = _distributed()
-        self.model = build_student(c.student, backbone_weights=c.backbone_weights if not c.init else "none")
+        self.model = build_student(c.student, backbone_weights=c.backbone_weights if not c.init else "none",
+                                   **c.student_options)
         self.init_note = init_from(self.model, c.init) if c.init else f"backbone: {c.backbone_weights}"
         self.model.to(self.device)
         #: the stage's forward pass (:class:`StageView`); ``forward`` is what a training step calls
@@ -121,8 +122,11 @@ class Trainer:
         """Refuse bad settings with one clear error; returns (label set, training tars, validation tars)."""
         try:
             info = student_info(c.student)
+            check_options(c.student, c.student_options)
         except KeyError as e:
             raise TrainError(e.args[0]) from None
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         if c.stage not in STAGES:
             raise TrainError(f"unknown stage {c.stage!r} ({' or '.join(STAGES)})")
         if c.stage == "hint" and not info.has_hint_stage:
@@ -176,10 +180,15 @@ class Trainer:
                        "image_size": list(self.labels.image_size)}})
 
     # -- one batch -------------------------------------------------------------------------
+    @property
+    def log_names(self) -> tuple[str, ...]:
+        """The student's logged statistics (none in the hint stage)."""
+        return () if self.teacher is not None else tuple(self.model.log_names)
+
     def loss(self, images: torch.Tensor, targets: torch.Tensor,
-             train: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stage's loss, and the student's logits when the stage computes them (``train``: through the
-        distributed wrapper; else the bare student, as worker 0 validates alone)."""
+             train: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The stage's loss, the student's logits when the stage computes them, and the statistics the student
+        logs (``train``: through the distributed wrapper; else the bare student, as worker 0 validates alone)."""
         x = self.model.normalize(images)
         forward = self.forward if train else self.local_forward
         with autocast(self.device, self.amp):
@@ -188,7 +197,7 @@ class Trainer:
                     hints = [h.float() for h in self.teacher.hint_features(images)]
                 feats = [f.float() for f in forward(x)]
                 try:
-                    return hint_loss(feats, hints), None
+                    return hint_loss(feats, hints), None, {}
                 except ValueError as e:
                     raise TrainError(f"teacher {self.config.teacher!r} cannot give {self.config.student}'s hint "
                                      f"targets ({e}); the hint stage follows the paper with --teacher salgan") from None
@@ -200,7 +209,7 @@ class Trainer:
             loss = map_teacher_loss(logits, targets)
         for term in out.losses.values():  # e.g. SACT's ponder cost
             loss = loss + term.float()
-        return loss, logits
+        return loss, logits, {k: v.detach().float() for k, v in out.logs.items()}
 
     def loader(self, tars, epoch: int, train: bool):
         c = self.config
@@ -229,7 +238,7 @@ class Trainer:
         n = 0
         for images, targets, _ in self.loader(self.val_tars, 0, train=False):
             images, targets = images.to(self.device), targets.to(self.device)
-            loss, logits = self.loss(images, targets, train=False)
+            loss, logits, _ = self.loss(images, targets, train=False)
             sums[0] += loss.double() * len(images)
             if logits is not None:  # the hint stage trains no head: its maps are not scored
                 a = agreement(logits, targets, self.labels.label_kind)
@@ -241,20 +250,25 @@ class Trainer:
         loss, cc, kl, nss = (sums / max(n, 1)).tolist()
         return {"val_loss": loss, "val_cc": cc, "val_kl": kl, "val_nss": nss}
 
-    def train_epoch(self, epoch: int, bar, log_file) -> tuple[float, int]:
-        """One epoch; each step's loss goes to ``log_file``, read back from the device every
-        :data:`LOG_EVERY` steps (and at the first step of the epoch) so the GPU is not synchronised per step."""
+    def train_epoch(self, epoch: int, bar, log_file) -> tuple[float, int, dict[str, float]]:
+        """One epoch; each step's loss (and the student's logged statistics) goes to ``log_file``, read back
+        from the device every :data:`LOG_EVERY` steps (and at the first step of the epoch) so the GPU is not
+        synchronised per step. Returns the epoch's mean loss, its images and its statistics' means."""
         self.model.train()
         log = csv.writer(log_file, lineterminator="\n")
-        pending: list[tuple[int, int, torch.Tensor, int]] = []  # (step, global step, loss, batch size)
+        names = self.log_names
+        pending: list[tuple[int, int, torch.Tensor, int]] = []  # (step, global step, [loss, *stats], batch size)
         total, n, last = 0.0, 0, float("nan")
+        stat_sums = [0.0] * len(names)
 
         def flush():
             nonlocal total, n, last
             values = torch.stack([p[2] for p in pending]).tolist()
-            for (step, global_step, _, size), value in zip(pending, values):
-                log.writerow((epoch, step, global_step, f"{value:.8g}"))
+            for (step, global_step, _, size), (value, *stats) in zip(pending, values):
+                log.writerow((epoch, step, global_step, f"{value:.8g}", *(f"{v:.6g}" for v in stats)))
                 total, n, last = total + value * size, n + size, value
+                for i, v in enumerate(stats):
+                    stat_sums[i] += v * size
             log_file.flush()  # readable while training runs
             pending.clear()
             bar.set_postfix_str(f"epoch {epoch + 1}/{self.config.epochs} loss {last:.4f}")
@@ -263,12 +277,13 @@ class Trainer:
         for step, (images, targets, _) in enumerate(self.loader(self.train_tars, epoch, train=True)):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            loss, _ = self.loss(images, targets)
+            loss, _, stats = self.loss(images, targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.global_step += 1
-            pending.append((step, self.global_step, loss.detach(), len(images)))
+            pending.append((step, self.global_step, torch.stack([loss.detach(), *(stats[k] for k in names)]),
+                            len(images)))
             if step == 0 or len(pending) >= LOG_EVERY:
                 flush()
             bar.update(len(images))
@@ -276,7 +291,7 @@ class Trainer:
                 break
         if pending:
             flush()
-        return total / max(n, 1), n
+        return total / max(n, 1), n, {k: v / max(n, 1) for k, v in zip(names, stat_sums)}
 
 
 def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) -> list[EpochResult]:
@@ -297,8 +312,8 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) 
         write_json(run / "config.json", asdict(config))
         print(f"resuming {run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
-        keep_rows(run / "losses.csv", LOSS_HEADER, trainer.epoch)
-        keep_rows(run / "metrics.csv", METRICS_HEADER, trainer.epoch)
+        keep_rows(run / "losses.csv", LOSS_HEADER + list(trainer.log_names), trainer.epoch)
+        keep_rows(run / "metrics.csv", METRICS_HEADER + list(trainer.log_names), trainer.epoch)
     results = []
     per_epoch = trainer.labels.images_in(trainer.train_tars) // trainer.world
     if trainer.steps(trainer.epoch):
@@ -309,12 +324,12 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) 
         for epoch in range(trainer.epoch, config.epochs):
             t0 = time.perf_counter()
             lr = trainer.optimizer.param_groups[0]["lr"]
-            train_loss, n = trainer.train_epoch(epoch, bar, losses)
+            train_loss, n, stats = trainer.train_epoch(epoch, bar, losses)
             trainer.scheduler.step()
             if lead:
                 os.fsync(losses.fileno())
                 val = trainer.validate()
-                result = EpochResult(epoch, train_loss, val, lr, time.perf_counter() - t0, n)
+                result = EpochResult(epoch, train_loss, val, lr, time.perf_counter() - t0, n, stats)
                 append_metrics(run, result, trainer.world)
                 trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
                 plot_curves(run)

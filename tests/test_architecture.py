@@ -1,0 +1,84 @@
+"""The import graph is a clean tower: no module imports one that (transitively) imports it back, models never
+import the pipeline, and each stage of ``pipeline/`` imports only the stages below it (read with ``ast``)."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "teachers", "students")
+#: pipeline's stages, lowest first: a stage may import those before it, never those after
+STAGES = ("common", "label", "train", "score", "manifest", "cli")
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Modules of this project that ``name`` imports (function-local imports included)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in known and t != name}
+    # a package's __init__ re-exporting its own children is not a dependency on them
+    return {t for t in found if not t.startswith(name + ".")}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(name, path, known) for name, path in known.items()}
+
+
+def test_a_checker_finds_a_cycle():
+    with pytest.raises(graphlib.CycleError):
+        graphlib.TopologicalSorter({"a": {"b"}, "b": {"a"}}).prepare()
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    edges = graph()
+    assert len(edges) > 40  # the walk found the project
+    try:
+        graphlib.TopologicalSorter(edges).prepare()
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle: {' -> '.join(e.args[1])}")
+
+
+def test_models_never_import_the_pipeline():
+    bad = [f"{m} -> {t}" for m, ts in graph().items() if m.split(".")[0] in ("teachers", "students")
+           for t in ts if t.split(".")[0] == "pipeline"]
+    assert not bad
+    bad = [f"{m} -> {t}" for m, ts in graph().items() if m.startswith("teachers") for t in ts
+           if t.startswith("students")]
+    assert not bad
+
+
+def test_each_stage_imports_only_stages_below_it():
+    def stage(module: str) -> int | None:
+        parts = module.split(".")
+        return STAGES.index(parts[1]) if parts[0] == "pipeline" and len(parts) > 1 and parts[1] in STAGES else None
+
+    bad = [f"{m} -> {t}" for m, ts in graph().items() for t in ts
+           if stage(m) is not None and stage(t) is not None and stage(t) > stage(m)]
+    assert not bad, bad
+    subpackages = {p.parent.name for p in (ROOT / "pipeline").glob("*/__init__.py")}
+    assert subpackages == set(STAGES)  # every subpackage has its place in the tower
