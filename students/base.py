@@ -96,11 +96,15 @@ class Student(nn.Module):
     extra_maps: ClassVar[tuple[str, ...]] = ()
     #: names of the statistics :meth:`forward_train` logs (``TrainOutput.logs``), as columns of the run's logs
     log_names: ClassVar[tuple[str, ...]] = ()
+    #: ways of computing the same function at inference (e.g. SACT's dense-masked reference and its sparse
+    #: path); the first is the reference. ``profile`` times each; set one with :meth:`set_execution`.
+    execution_modes: ClassVar[tuple[str, ...]] = ("dense",)
 
     def __init__(self) -> None:
         super().__init__()
         #: sha256 of the weights file the student was built from, or "none"
         self.weights_digest = "none"
+        self.execution = self.execution_modes[0]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images)
@@ -121,6 +125,15 @@ class Student(nn.Module):
     def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"saliency": logits, <extra map>: [B,1,H,W], …}`` for normalised images ``x``."""
         return {"saliency": self(x)}
+
+    def set_execution(self, mode: str) -> None:
+        if mode not in self.execution_modes:
+            raise ValueError(f"{self.name} runs {', '.join(self.execution_modes)}, not {mode!r}")
+        self.execution = mode
+
+    def last_stats(self) -> dict[str, float]:
+        """Statistics of the last forward pass (e.g. SACT's ponder cost per block), for ``profile``."""
+        return {}
 
     def hint_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features matched to the teacher's hint features (one per entry of :attr:`hint_channels`)."""

@@ -91,6 +91,12 @@ def all_options() -> dict[str, StudentOption]:
     return {o.name: o for info in sorted(_REGISTRY.values(), key=lambda i: i.name) for o in info.options}
 
 
+def all_maps() -> list[str]:
+    """Every extra map a registered student can emit (besides its saliency)."""
+    _load_all()
+    return sorted({m for info in _REGISTRY.values() for m in info.cls.extra_maps})
+
+
 def check_options(name: str, options: dict) -> dict:
     """``options`` validated for student ``name``: known to it, of the right type and among its choices.
 

@@ -7,7 +7,7 @@ import click
 from pipeline import __version__
 from pipeline.cli.label import label_cmd
 from pipeline.cli.run import run_cmd, status_cmd
-from pipeline.cli.score import eval_cmd, fixations_cmd, predict_cmd, profile_cmd
+from pipeline.cli.score import eval_cmd, export_cmd, fixations_cmd, predict_cmd, profile_cmd
 from pipeline.cli.train import train_cmd
 from pipeline.cli.weights import teachers_cmd, weights_group
 
@@ -20,7 +20,7 @@ def cli():
 
 
 for _command in (label_cmd, weights_group, train_cmd, teachers_cmd, fixations_cmd, eval_cmd, predict_cmd,
-                 profile_cmd, run_cmd, status_cmd):
+                 profile_cmd, export_cmd, run_cmd, status_cmd):
     cli.add_command(_command)
 
 
