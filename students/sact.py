@@ -105,7 +105,20 @@ class HaltingScore(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B,1,H,W]`` (SACT) or ``[B,1,1,1]`` (ACT)."""
         t = self.fc(x.mean((2, 3)))[:, :, None, None]
-        return t if self.conv is None else t + self.conv(x)
+        return t if self.conv is None else t + conv3x3_to_1(x, self.conv.weight)
+
+
+def conv3x3_to_1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d(x, weight, padding=1)`` for a one-channel 3×3 kernel ``[1,C,3,3]``, computed as a 1×1
+    convolution to the 9 taps and a shifted sum: the same FLOPs, several times faster on CPU than
+    oneDNN's one-output-channel 3×3 convolution."""
+    _, c, h, w = x.shape
+    taps = F.pad(F.conv2d(x, weight.reshape(c, 9).t().reshape(9, c, 1, 1)), (1, 1, 1, 1))
+    out = taps[:, 0:1, 0:h, 0:w]
+    for k in range(1, 9):
+        i, j = divmod(k, 3)
+        out = out + taps[:, k:k + 1, i:i + h, j:j + w]
+    return out
 
 
 def tile_mean(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,21 +168,24 @@ class _Folded(NamedTuple):
 
 
 def _folded_unit(unit: Bottleneck, cache: dict) -> _Folded:
-    """The unit's three convolutions with their batch norms folded in, as matrices; cached until any
-    of its tensors changes (in place or replaced)."""
+    """The unit's three convolutions with their batch norms folded in, as matrices.
+
+    Cached until any of the unit's tensors changes: the cache pins the storages it folded (so a
+    matching address is the same storage) and compares their version counters (in-place updates).
+    """
     tensors = [t for m in (unit.conv1, unit.bn1, unit.conv2, unit.bn2, unit.conv3, unit.bn3)
                for t in (*m.parameters(), *(b for b in m.buffers() if b.is_floating_point()))]
-    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
     hit = cache.get(id(unit))
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if hit is not None and len(hit[0]) == len(tensors) and all(
+            t.data_ptr() == pin.data_ptr() and t._version == v for t, pin, v in zip(tensors, hit[0], hit[1])):
+        return hit[2]
     w1, b1 = _fold(unit.conv1, unit.bn1)
     w2, b2 = _fold(unit.conv2, unit.bn2)
     w3, b3 = _fold(unit.conv3, unit.bn3)
     folded = _Folded(w1.flatten(1).t().contiguous(), b1,
                      w2.permute(0, 2, 3, 1).flatten(1).t().contiguous(), b2,
                      w3.flatten(1).t().contiguous(), b3)
-    cache[id(unit)] = (key, folded)
+    cache[id(unit)] = (tuple(t.detach() for t in tensors), tuple(t._version for t in tensors), folded)
     return folded
 
 
@@ -248,11 +264,15 @@ class AdaptiveBlock(nn.Module):
         self.check_tile(h, w, where)
         shape = (b, 1, h, w) if self.spatial else (b, 1, 1, 1)
         active = torch.ones(shape, dtype=torch.bool, device=x.device)
-        zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        # the halting bookkeeping in float32 at least, also under autocast
+        zeros = torch.zeros(shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         return active, zeros, torch.ones_like(zeros), zeros.clone(), zeros.clone()  # active, c, R, rho, N
 
     def _h(self, l: int, x: torch.Tensor) -> torch.Tensor:
-        return self.score(l, x) if l < self.num_units else torch.ones((), dtype=x.dtype, device=x.device)
+        if l == self.num_units:
+            return torch.ones((), device=x.device)
+        h = self.score(l, x)
+        return h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
 
     def _dense(self, units: nn.Sequential, x: torch.Tensor, where: str) -> BlockOutput:
         """Every unit on the whole map; results kept where positions are active (the reference)."""
@@ -277,7 +297,7 @@ class AdaptiveBlock(nn.Module):
         rows = x.permute(0, 2, 3, 1).view(b * h * w, ch)  # shares x's storage: x_l in place
         n += 1
         weight, active, c, rem, rho = halting_step(self._h(1, x), active, c, rem, rho)
-        out = weight * x
+        out = (weight * x).contiguous(memory_format=torch.channels_last)
         out_rows = out.permute(0, 2, 3, 1).view(b * h * w, ch)
         grid = buf = None
         executed = b * h * w
@@ -286,13 +306,14 @@ class AdaptiveBlock(nn.Module):
             if count == 0:
                 break
             unit = units[l - 1]
-            if count == active.numel():  # all active: the unit densely, in place
-                x.copy_(unit(x))
+            if count == active.numel():  # all active: the unit densely
+                x = unit(x).contiguous(memory_format=torch.channels_last)
+                rows = x.permute(0, 2, 3, 1).view(b * h * w, ch)
                 idx, y, executed = None, None, executed + b * h * w
             elif not self.spatial:  # ACT: the images still active
                 imgs = active.view(b).nonzero().squeeze(1)
                 sub = unit(x.index_select(0, imgs))
-                x.index_copy_(0, imgs, sub)
+                x.index_copy_(0, imgs, sub.contiguous(memory_format=torch.channels_last))
                 idx, y, executed = None, None, executed + imgs.numel() * h * w
             else:
                 if grid is None:
@@ -303,9 +324,10 @@ class AdaptiveBlock(nn.Module):
             n += active.to(n.dtype)
             weight, active, c, rem, rho = halting_step(self._h(l, x), active, c, rem, rho)
             if idx is None:
-                out.add_(weight * x)
-            else:
-                out_rows.index_add_(0, idx, y * weight.view(-1, 1).index_select(0, idx))
+                out.addcmul_(weight, x)
+            else:  # (index_add_ is far slower on CPU than gather, add, scatter of unique rows)
+                acc = torch.addcmul(out_rows.index_select(0, idx), y, weight.view(-1, 1).index_select(0, idx))
+                out_rows.index_copy_(0, idx, acc)
         return BlockOutput(out, rho.expand(b, 1, h, w), n.expand(b, 1, h, w), executed)
 
 

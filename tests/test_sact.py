@@ -271,6 +271,19 @@ def test_dense_and_sparse_agree_and_sparse_computes_less(models, name, tile, bia
     assert sparse_flops < dense_flops
 
 
+def test_sparse_sees_weights_changed_after_a_sparse_forward(models):
+    """The sparse path caches each unit's batch-norm-folded matrices; changed weights must not be stale."""
+    model = variant(models, "sact", bias=1.0)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    run(model, x, "sparse")
+    with torch.no_grad():
+        for unit in model.resnet.layer1[1:]:
+            unit.conv2.weight.mul_(-1.5)  # in place
+        model.resnet.layer2[1].bn1.running_var = model.resnet.layer2[1].bn1.running_var * 2  # replaced
+    dense, sparse = run(model, x, "dense")[0], run(model, x, "sparse")[0]
+    torch.testing.assert_close(sparse["saliency"], dense["saliency"], rtol=1e-4, atol=1e-5)
+
+
 def test_sparse_is_only_used_for_inference(models):
     model = variant(models, "sact", bias=1.0)
     model.execution = "sparse"
