@@ -70,7 +70,7 @@ def calibrate_bn(model: SACT, x: torch.Tensor) -> None:
 
 def executed_fraction(model: SACT) -> float:
     """Unit-positions the sparse path evaluates (mean N · positions, summed over blocks) / all of them."""
-    stats = model.last_stats
+    stats = model.block_stats
     return sum(s.units * s.total / b.num_units for s, b in zip(stats, model.blocks)) / sum(s.total for s in stats)
 
 
@@ -141,7 +141,7 @@ def measure(model: SACT, x: torch.Tensor, runs: int, dev: torch.device) -> dict:
             with FlopCounterMode(display=False) as counter:
                 out[execution] = fused.maps(x)
             flops[execution] = counter.get_total_flops()
-        stats = fused.last_stats
+        stats = fused.block_stats
         for execution in ("dense", "sparse"):
             forward(fused, x, execution, dev)
         times = {"dense": [], "sparse": [], "ref": []}

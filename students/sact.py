@@ -32,8 +32,10 @@ at first; ResNet-101's 23-unit block starts at about 21 units, as in the paper.
   active positions, the batch norms folded into the convolutions; the results are scattered back.
   ACT runs each unit on the images still active. Outputs agree with ``"dense"`` to float rounding.
 
-After each forward, :attr:`SACT.last_stats` holds one :class:`BlockStats` per block (mean ρ, mean N,
-unit-positions evaluated) and :attr:`SACT.last_execution` the path that ran.
+After each forward, :attr:`SACT.block_stats` gives one :class:`BlockStats` per block (mean ρ, mean N,
+unit-positions evaluated; read from the device only when asked, so a forward pass itself reads nothing
+back), :meth:`SACT.last_stats` the same as the contract's flat dict, and :attr:`SACT.last_execution`
+the path that ran.
 
 **Decoder.** Each block's output goes through a 1×1 convolution to 64 channels and a ReLU; the three
 coarser ones are bilinearly up-sampled to the finest (stride 4) and all four summed; a 3×3
@@ -360,6 +362,7 @@ class SACT(Student):
     backbone_prefix = "resnet."
     extra_maps = ("ponder",)
     log_names = ("ponder_1", "ponder_2", "ponder_3", "ponder_4")
+    execution_modes = EXECUTIONS
     #: per-position halting (SACT); ACT sets False
     spatial = True
 
@@ -383,8 +386,8 @@ class SACT(Student):
             nn.init.normal_(m.weight, std=0.01)
             nn.init.zeros_(m.bias)
         self._execution = "dense"
-        #: one :class:`BlockStats` per block after each forward
-        self.last_stats: tuple[BlockStats, ...] = ()
+        #: the last forward's block outputs and their unit counts, for :attr:`block_stats`
+        self._last: list[tuple[BlockOutput, int]] = []
         #: the path the last forward took: "dense" or "sparse"
         self.last_execution = ""
 
@@ -400,15 +403,30 @@ class SACT(Student):
         self._execution = value
 
     @property
+    def block_stats(self) -> tuple[BlockStats, ...]:
+        """One :class:`BlockStats` per block of the last forward."""
+        return tuple(BlockStats(float(r.rho.detach().mean()), float(r.units.mean()), int(r.executed),
+                                num_units * r.units.numel()) for r, num_units in self._last)
+
+    @property
     def last_ponder(self) -> tuple[float, ...]:
         """Mean ρ of each block in the last forward."""
-        return tuple(s.ponder for s in self.last_stats)
+        return tuple(s.ponder for s in self.block_stats)
+
+    def last_stats(self) -> dict[str, float]:
+        """The contract's statistics of the last forward: each block's mean ρ and the fraction of its
+        unit-positions whose residual function ran."""
+        out = {}
+        for k, s in enumerate(self.block_stats, 1):
+            out[f"ponder_{k}"] = s.ponder
+            out[f"executed_{k}"] = s.executed / s.total
+        return out
 
     def options(self) -> dict:
         return {"depth": self.depth, "tile": self.tile, "tau": self.tau}
 
     def run_blocks(self, x: torch.Tensor) -> list[BlockOutput]:
-        """The four blocks' outputs for normalised images ``x`` (records :attr:`last_stats`)."""
+        """The four blocks' outputs for normalised images ``x`` (kept for :attr:`block_stats`)."""
         height, width = x.shape[-2:]
         self.check_size(height, width)
         for k, block in enumerate(self.blocks):  # block k+1 works at stride 4·2^k
@@ -421,10 +439,7 @@ class SACT(Student):
             r = block(units, x, sparse=sparse, where=f"block {k}'s ")
             results.append(r)
             x = r.out
-        self.last_stats = tuple(
-            BlockStats(float(r.rho.detach().mean()), float(r.units.mean()), int(r.executed),
-                       block.num_units * r.units.numel())
-            for r, block in zip(results, self.blocks))
+        self._last = [(r, block.num_units) for r, block in zip(results, self.blocks)]
         return results
 
     def decode(self, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

@@ -145,9 +145,9 @@ def test_fresh_halting_bias_runs_every_unit():
         for l, head in enumerate(block.heads, 1):
             head.register_forward_hook(lambda m, i, o, k=k, l=l: scores.__setitem__((k, l), torch.sigmoid(o).detach()))
     model.forward_train(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
-    assert [s.units for s in model.last_stats] == list(DEPTHS[50][2])
+    assert [s.units for s in model.block_stats] == list(DEPTHS[50][2])
     assert all(float(h.min()) > 0.03 and float(h.max()) < 0.07 for h in scores.values())
-    for k, (block, stats) in enumerate(zip(model.blocks, model.last_stats)):
+    for k, (block, stats) in enumerate(zip(model.blocks, model.block_stats)):
         L = block.num_units
         rho = L + 1 - sum(scores[(k, l)] for l in range(1, L))
         assert stats.ponder == pytest.approx(float(rho.mean()), abs=1e-5)
@@ -246,7 +246,7 @@ def run(model: SACT, x: torch.Tensor, execution: str):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         maps = model.maps(x)
     assert model.last_execution == execution
-    return maps, counter.get_total_flops(), model.last_stats
+    return maps, counter.get_total_flops(), model.block_stats
 
 
 @pytest.mark.parametrize("name, tile, bias", [("sact", 1, 1.0), ("sact", 2, 1.0), ("act", 1, 0.0), ("sact", 1, 20.0)],
@@ -324,9 +324,9 @@ def test_fresh_halting_bias_runs_every_unit(fresh):
     finally:
         for h in hooks:
             h.remove()
-    assert [s.units for s in fresh.last_stats] == list(DEPTHS[50][2])
+    assert [s.units for s in fresh.block_stats] == list(DEPTHS[50][2])
     assert all(float(h.min()) > 0.03 and float(h.max()) < 0.07 for h in scores.values())
-    for k, (block, stats) in enumerate(zip(fresh.blocks, fresh.last_stats)):
+    for k, (block, stats) in enumerate(zip(fresh.blocks, fresh.block_stats)):
         L = block.num_units
         rho = L + 1 - sum(scores[(k, l)] for l in range(1, L))
         assert stats.ponder == pytest.approx(float(rho.mean()), abs=1e-5)
