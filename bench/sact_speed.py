@@ -1,18 +1,21 @@
 """Does SACT's sparse execution turn skipped FLOPs into wall-clock? Dense-masked vs sparse, batch 1.
 
-    python bench/sact_speed.py                                   # 192x256 and 480x640, tiles 1 and 2, CPU
+    python bench/sact_speed.py                                   # 192x256 and 480x640, tiles 1, 2, 5, CPU
     python bench/sact_speed.py --sizes 480x640 --tiles 1,5 --runs 9 --threads 2
-    python bench/sact_speed.py --weights runs/sact/checkpoint.pth --no-force   # a trained model as it is
+    python bench/sact_speed.py --weights runs/sact/checkpoint.pth --force none   # a trained model as it is
 
 The model: ``sact`` (or ``--student act``) from ``--weights`` (a whole-student checkpoint), else with a
 random ResNet-50 whose batch-norm statistics are taken from the bench image itself (a few train-mode
-passes, so activations have a trained network's scale). Unless ``--no-force``, its halting heads are
-then re-drawn (normal, std ``--halting-scale``/√fan_in for the 3×3 convolution, 1/√fan_in for the
-pooled term: scores that vary over the image) and one bias shared by all heads is bisected until the
-fraction of unit-positions evaluated (first units included) is about ``--target`` (default 0.5: about
-half the units skipped), then rounded to 0.1 (bisection alone would stop where some position's
-cumulative score sits exactly on 1 − ε, where float rounding decides its N). The image is
-scikit-image's astronaut photo at each size.
+passes, so activations have a trained network's scale). Unless ``--force none``, its halting heads
+are then re-drawn (normal, std ``--halting-scale``/√fan_in for the 3×3 convolution, 1/√fan_in for the
+pooled term: scores that vary over the image) and biased so that about ``--target`` (default 0.5:
+about half the units skipped) of each block's unit-positions are evaluated (``--force per-block``,
+one bias per block, bisected block by block), or of the whole network's (``--force global``, one
+bias; first units included; mostly whole blocks stopping early, since the blocks' scores differ in
+scale). Each bias is rounded to 0.1 after bisection: bisection alone would stop where some
+position's cumulative score sits exactly on 1 − ε, where float rounding decides its N. The image is
+scikit-image's astronaut photo at each size, in channels-last memory format for both paths (the
+faster format for the dense path on CPU).
 
 Both paths run on one copy of the model whose batch norms are folded into the convolutions before
 them (the sparse path folds them anyway; the dense path would otherwise pay batch-norm passes the
@@ -23,7 +26,10 @@ Per configuration (size, tile, device): the executed FLOPs of each path, counted
 median wall-clock of ``--runs`` forwards of each path under ``torch.inference_mode`` (dense and sparse
 interleaved, after one untimed forward each; CUDA synchronised); their ratios and
 ``quotient = (1 − time ratio) / (1 − FLOP ratio)``, the share of the FLOP saving that shows up as
-wall-clock saving (target ≥ 0.6). One JSON line per configuration, then a table.
+wall-clock saving (target ≥ 0.6); the same quotient from the fastest run of each path; the ratio
+of the median process CPU times (all threads); and the machine's load average before and after: on
+a CPU shared with other work, two threads wait for each other at every operation, and the path with
+more (smaller) operations, the sparse one, loses more. One JSON line per configuration, then a table.
 """
 
 from __future__ import annotations
@@ -74,8 +80,11 @@ def executed_fraction(model: SACT) -> float:
     return sum(s.units * s.total / b.num_units for s, b in zip(stats, model.blocks)) / sum(s.total for s in stats)
 
 
-def force_halting(model: SACT, x: torch.Tensor, target: float, seed: int, scale: float = 6.0) -> float:
-    """Random halting heads, then one shared bias bisected so about ``target`` of the unit-positions run."""
+def force_halting(model: SACT, x: torch.Tensor, target: float, seed: int, scale: float = 6.0,
+                  per_block: bool = True) -> list[float]:
+    """Random halting heads, then biases bisected so about ``target`` of the unit-positions run: of
+    each block's (``per_block``, one bias per block, block by block) or of the whole network's (one
+    bias for every head). Returns the biases, rounded to 0.1."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in model.blocks:
@@ -84,23 +93,29 @@ def force_halting(model: SACT, x: torch.Tensor, target: float, seed: int, scale:
                 if head.conv is not None:
                     head.conv.weight.copy_(torch.randn(head.conv.weight.shape, generator=gen) * scale / (9 * c) ** 0.5)
                 head.fc.weight.copy_(torch.randn(head.fc.weight.shape, generator=gen) / c ** 0.5)
+    model.execution = "sparse"
 
-    def fraction(bias: float) -> float:
+    def fraction(bias: float, blocks) -> float:
         with torch.no_grad():
-            for block in model.blocks:
+            for block in blocks:
                 for head in block.heads:
                     head.fc.bias.fill_(bias)
-            model.execution = "sparse"
             model(x)
+        if len(blocks) == 1:
+            k = list(model.blocks).index(blocks[0])
+            return model.last_stats[k].units / blocks[0].num_units
         return executed_fraction(model)
 
-    lo, hi = -10.0, 10.0  # fraction falls as the bias rises
-    for _ in range(16):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fraction(mid) > target else (lo, mid)
-    bias = round((lo + hi) / 2, 1)
-    fraction(bias)
-    return bias
+    groups = [[b] for b in model.blocks] if per_block else [list(model.blocks)]
+    biases = []
+    for blocks in groups:
+        lo, hi = -10.0, 10.0  # the fraction falls as the bias rises
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fraction(mid, blocks) > target else (lo, mid)
+        biases.append(round((lo + hi) / 2, 1))
+        fraction(biases[-1], blocks)
+    return biases
 
 
 def fuse_bn(model: SACT) -> SACT:
@@ -123,17 +138,19 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def forward(model: SACT, x: torch.Tensor, execution: str, dev: torch.device) -> float:
+def forward(model: SACT, x: torch.Tensor, execution: str, dev: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU time of one forward."""
     model.execution = execution
     sync(dev)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     model(x)
     sync(dev)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def measure(model: SACT, x: torch.Tensor, runs: int, dev: torch.device) -> dict:
     fused = fuse_bn(model)
+    load_before = os.getloadavg()[0]
     out, flops = {}, {}
     with torch.inference_mode():
         for execution in ("dense", "sparse"):
@@ -145,15 +162,19 @@ def measure(model: SACT, x: torch.Tensor, runs: int, dev: torch.device) -> dict:
         for execution in ("dense", "sparse"):
             forward(fused, x, execution, dev)
         times = {"dense": [], "sparse": [], "ref": []}
+        cpu = {"dense": [], "sparse": []}
         forward(model, x, "dense", dev)
         for _ in range(runs):
             for execution in ("dense", "sparse"):
-                times[execution].append(forward(fused, x, execution, dev))
-            times["ref"].append(forward(model, x, "dense", dev))
+                wall, proc = forward(fused, x, execution, dev)
+                times[execution].append(wall)
+                cpu[execution].append(proc)
+            times["ref"].append(forward(model, x, "dense", dev)[0])
     diff = max(float((out["sparse"][k] - out["dense"][k]).abs().max()) for k in ("saliency", "ponder"))
     flop_ratio = flops["sparse"] / flops["dense"]
     med = {k: statistics.median(v) for k, v in times.items()}
     time_ratio = med["sparse"] / med["dense"]
+    min_ratio = min(times["sparse"]) / min(times["dense"])
     return {
         "executed_fraction": round(executed_fraction(fused), 4),
         "units_per_block": [round(s.units, 3) for s in stats],
@@ -164,8 +185,12 @@ def measure(model: SACT, x: torch.Tensor, runs: int, dev: torch.device) -> dict:
         "ms_dense_unfolded_bn": round(med["ref"] * 1e3, 1),
         "ms_min_dense": round(min(times["dense"]) * 1e3, 1), "ms_min_sparse": round(min(times["sparse"]) * 1e3, 1),
         "time_ratio": round(time_ratio, 4),
+        "cpu_time_ratio": round(statistics.median(cpu["sparse"]) / statistics.median(cpu["dense"]), 4),
         "quotient": round((1 - time_ratio) / (1 - flop_ratio), 3) if flop_ratio < 1 else None,
+        "quotient_of_min_times": round((1 - min_ratio) / (1 - flop_ratio), 3) if flop_ratio < 1 else None,
         "max_abs_diff": diff,
+        # 1-minute load average of the machine before and after (other work on a shared CPU)
+        "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -176,9 +201,11 @@ def main() -> None:
     p.add_argument("--weights", default=None, help="a whole-student checkpoint (default: random, see above)")
     p.add_argument("--depth", type=int, choices=(50, 101), default=50)
     p.add_argument("--sizes", default="192x256,480x640", help="HxW list (multiples of 32)")
-    p.add_argument("--tiles", default="1,2", help="tile sizes; a tile that does not divide a size is skipped")
+    p.add_argument("--tiles", default="1,2,5", help="tile sizes; a tile that does not divide a size is skipped")
     p.add_argument("--target", type=float, default=0.5, help="fraction of unit-positions evaluated (default 0.5)")
-    p.add_argument("--no-force", action="store_true", help="keep the halting heads of --weights as they are")
+    p.add_argument("--force", choices=("per-block", "global", "none"), default="per-block",
+                   help="halting heads re-drawn and biased so --target of each block's unit-positions run "
+                        "(per-block, default) or of the network's (global); none: keep the model's")
     p.add_argument("--halting-scale", type=float, default=6.0,
                    help="std·√fan_in of the forced 3×3 halting convolutions (default 6)")
     p.add_argument("--runs", type=int, default=7, help="timed forwards per path (median; default 7)")
@@ -192,7 +219,7 @@ def main() -> None:
     rows = []
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.lower().split("x"))
-        x_cpu = bench_image(h, w)
+        x_cpu = bench_image(h, w).contiguous(memory_format=torch.channels_last)
         for tile in (int(t) for t in args.tiles.split(",")):
             if args.student == "act" and tile != 1:
                 continue
@@ -212,13 +239,14 @@ def main() -> None:
                 calibrate_bn(model, x_cpu)
             model.eval()
             bias = None
-            if not args.no_force:
-                bias = force_halting(model, x_cpu, args.target, args.seed, args.halting_scale)
+            if args.force != "none":
+                bias = force_halting(model, x_cpu, args.target, args.seed, args.halting_scale,
+                                     per_block=args.force == "per-block")
             for dev_name in devices:
                 dev = torch.device(dev_name)
                 row = {"student": args.student, "depth": args.depth, "size": size, "tile": tile,
                        "device": dev_name, "threads": args.threads if dev_name == "cpu" else None,
-                       "forced_bias": None if bias is None else round(bias, 4),
+                       "forced_bias": bias,
                        **measure(model.to(dev), x_cpu.to(dev), args.runs, dev)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -229,11 +257,12 @@ def main() -> None:
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{args.threads} threads{', ' + gpu if gpu else ''}")
     head = ("size", "tile", "device", "executed", "GFLOPs dense", "sparse", "FLOP ratio", "ms dense", "sparse",
-            "time ratio", "quotient", "ms dense ref", "max |diff|")
+            "time ratio", "quotient", "(min)", "CPU-time ratio", "ms dense ref", "max |diff|", "load")
     print(table(head, [(r["size"], r["tile"], r["device"], f"{r['executed_fraction']:.3f}", r["gflops_dense"],
                         r["gflops_sparse"], f"{r['flop_ratio']:.3f}", r["ms_dense"], r["ms_sparse"],
-                        f"{r['time_ratio']:.3f}", r["quotient"], r["ms_dense_unfolded_bn"], f"{r['max_abs_diff']:.1e}")
-                       for r in rows], align="lllrrrrrrrrrr", rule=True))
+                        f"{r['time_ratio']:.3f}", r["quotient"], r["quotient_of_min_times"],
+                        f"{r['cpu_time_ratio']:.3f}", r["ms_dense_unfolded_bn"], f"{r['max_abs_diff']:.1e}",
+                        "→".join(map(str, r["loadavg"]))) for r in rows], align="lllrrrrrrrrrrrrl", rule=True))
 
 
 if __name__ == "__main__":

@@ -369,7 +369,8 @@ def test_backbone_from_a_torchvision_resnet50_file_loads_strictly(tmp_path):
     want = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], v) for k, v in want.items())
-    assert all(k.startswith(SACT.backbone_prefix) for k in model.state_dict() if k[len("resnet."):] in want)
+    # the backbone prefix covers exactly torchvision's keys (what --init requires to be present)
+    assert {k for k in model.state_dict() if k.startswith(SACT.backbone_prefix)} == {"resnet." + k for k in want}
     sd = reference.state_dict()
     sd.pop("layer3.5.conv2.weight")
     torch.save(sd, tmp_path / "bad.pth")
