@@ -103,7 +103,7 @@ def force_halting(model: SACT, x: torch.Tensor, target: float, seed: int, scale:
             model(x)
         if len(blocks) == 1:
             k = list(model.blocks).index(blocks[0])
-            return model.last_stats[k].units / blocks[0].num_units
+            return model.block_stats[k].units / blocks[0].num_units
         return executed_fraction(model)
 
     groups = [[b] for b in model.blocks] if per_block else [list(model.blocks)]
