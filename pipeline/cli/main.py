@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import click
 
 from pipeline import __version__
@@ -18,6 +21,16 @@ from pipeline.cli.weights import teachers_cmd, weights_group
 def cli():
     """Saliency distillation pipeline: label images with teacher networks into WebDataset shards,
     train fast students from them, and score and profile every model."""
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (ours, or a library's) as one ``warning: <sentence>`` line on stderr, no file:line or source."""
+    text = " ".join(str(message).split())
+    try:
+        click.echo(f"warning: {text}", file=file if file is not None else sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 for _command in (label_cmd, verify_cmd, weights_group, train_cmd, teachers_cmd, fixations_cmd, eval_cmd,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.common.atomic import remove_stale_temps, write_json
 from pipeline.common.errors import error_message
+from pipeline.common.ray_cluster import connect
 from pipeline.common.tables import table
 from pipeline.label.worker import LabelConfig, ShardLabeler
 from pipeline.label.preview import write_preview
@@ -191,12 +192,13 @@ def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries
 
 
 def _run_ray(config: LabelConfig, todo, reuse, folder, bar, on_done, retries, address, gpus, cpu_workers):
+    with connect(address):
+        _label_on_ray(config, todo, reuse, folder, bar, on_done, retries, gpus, cpu_workers)
+
+
+def _label_on_ray(config: LabelConfig, todo, reuse, folder, bar, on_done, retries, gpus, cpu_workers):
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False, **({} if address or os.environ.get("RAY_ADDRESS") else
-                                             {"object_store_memory": 256 * 1024**2}))
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = config.device != "cpu" and cluster_gpus > 0
     n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus) if use_gpu else cpu_workers
