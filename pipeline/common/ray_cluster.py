@@ -4,8 +4,8 @@
 
 * no address: an embedded local Ray, started explicitly local (``address="local"``), so a cluster that
   ``ray start`` recorded on this machine, live or dead, is never joined by accident. Its session folder lives
-  under one folder per user (``$TMPDIR/pipeline-ray-<uid>/<pid>``), removed when the command ends; folders
-  of commands that were killed are pruned by the next one. Token authentication stays on (Ray's default for
+  in ``pipeline-ray-<uid>/<pid>`` under ``$RAY_TMPDIR`` (else the system temp folder), removed when the command
+  ends; the folders of commands that were killed are pruned by the next one. Token authentication stays on (Ray's default for
   a new local cluster), without Ray's notice about it.
 * an address (``host:port`` of a head's GCS, as ``ray start --head`` prints it): the cluster is probed first,
   so an unreachable address or a missing/wrong token is one sentence (a :class:`RayClusterError`) instead of
@@ -40,7 +40,7 @@ class RayClusterError(Exception):
 def temp_root() -> Path:
     """The folder that holds the session folders of embedded local Rays (one per running command)."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"pipeline-ray-{uid}"
+    return Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / f"pipeline-ray-{uid}"
 
 
 def _alive(pid: int) -> bool:
@@ -182,10 +182,33 @@ def _env(**values: str):
             os.environ.pop(k, None)
 
 
+def _forward_only(actors: tuple[str, ...]) -> None:
+    """Print the output of these actors' workers only (the pipeline's own: the shard labellers, the Ray Train
+    workers), without Ray's ``(Actor pid=…)`` prefix; Ray's own actors (the Train controller and its helpers)
+    stay in the session's log files. The raylet's and autoscaler's messages (a worker killed for memory…)
+    still come through."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private.worker import print_to_stdstream
+    except ImportError:  # another Ray version: its own printing stays
+        return
+
+    def handler(data: dict) -> None:
+        if data.get("actor_name") in actors or data.get("pid") in ("raylet", "autoscaler"):
+            print_to_stdstream(data, ignore_prefix=data.get("actor_name") in actors)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handler)
+
+
 @contextlib.contextmanager
-def connect(address: str | None = None, *, log_to_driver: bool = True, object_store_memory: int = LOCAL_OBJECT_STORE):
+def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
+            object_store_memory: int = LOCAL_OBJECT_STORE):
     """Ray for the duration of the ``with`` block: the cluster at ``address``, or an embedded local Ray
-    (``address`` None or empty). Yields the address connected to (``"local"`` for the embedded one)."""
+    (``address`` None or empty). Yields the address connected to (``"local"`` for the embedded one).
+
+    ``show``: the actor class names whose output reaches this terminal (None: every worker's, Ray's default).
+    """
     import ray
 
     if ray.is_initialized():  # someone else's Ray (a test, a notebook): use it, leave it running
@@ -193,7 +216,7 @@ def connect(address: str | None = None, *, log_to_driver: bool = True, object_st
         return
     address = (address or "").strip() or None
     quiet = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "1"}
-    options = dict(include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False,
+    options = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
                    logging_level=logging.ERROR)
     if address is None:
         root = temp_root()
@@ -209,6 +232,8 @@ def connect(address: str | None = None, *, log_to_driver: bool = True, object_st
                              **options)
                 except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
                     raise RayClusterError(f"could not start a local Ray ({_first_line(e)})") from None
+                if show is not None:
+                    _forward_only(show)
                 try:
                     yield "local"
                 finally:
@@ -223,6 +248,8 @@ def connect(address: str | None = None, *, log_to_driver: bool = True, object_st
             ray.init(address=address, **options)
         except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
             raise RayClusterError(f"could not connect to the Ray cluster at {address} ({_first_line(e)})") from None
+        if show is not None:
+            _forward_only(show)
         try:
             yield address
         finally:

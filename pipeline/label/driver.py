@@ -192,7 +192,7 @@ def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries
 
 
 def _run_ray(config: LabelConfig, todo, reuse, folder, bar, on_done, retries, address, gpus, cpu_workers):
-    with connect(address):
+    with connect(address, show=("ShardLabeler",)):
         _label_on_ray(config, todo, reuse, folder, bar, on_done, retries, gpus, cpu_workers)
 
 

@@ -59,7 +59,7 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
     run.mkdir(parents=True, exist_ok=True)
     before = 0 if restart else _finished_epochs(run)
     try:
-        with connect(address):
+        with connect(address, show=("RayTrainWorker",)):
             _fit(config, workers, restart, progress, run)
     except RayClusterError as e:
         raise TrainError(str(e)) from None
