@@ -204,8 +204,8 @@ def _forward_only(actors: tuple[str, ...]) -> None:
 @contextlib.contextmanager
 def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
             object_store_memory: int = LOCAL_OBJECT_STORE):
-    """Ray for the duration of the ``with`` block: the cluster at ``address``, or an embedded local Ray
-    (``address`` None or empty). Yields the address connected to (``"local"`` for the embedded one).
+    """Ray for the duration of the ``with`` block: the cluster at ``address`` (None: ``$RAY_ADDRESS``), or an
+    embedded local Ray (empty). Yields the address connected to (``"local"`` for the embedded one).
 
     ``show``: the actor class names whose output reaches this terminal (None: every worker's, Ray's default).
     """
@@ -214,6 +214,8 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
     if ray.is_initialized():  # someone else's Ray (a test, a notebook): use it, leave it running
         yield "existing"
         return
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS")
     address = (address or "").strip() or None
     quiet = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "1"}
     options = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
@@ -242,7 +244,7 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
             shutil.rmtree(folder, ignore_errors=True)
         return
     with _env(**quiet):
-        if "://" not in address:  # ray://…: Ray Client, which reports its own errors
+        if "://" not in address and address != "auto":  # Ray Client, or Ray's own search: their own errors
             check_cluster(address)
         try:
             ray.init(address=address, **options)
