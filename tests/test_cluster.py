@@ -2,8 +2,8 @@
 loopback address, token authentication on (Ray's default once a token exists), and a second head killed with
 SIGKILL so that the machine has a recorded "current cluster" that is dead.
 
-One module-scoped pair of heads serves every test here; the commands run as subprocesses two at a time (the
-local reference next to the cluster run) so the module stays well under a minute of wall time on 2 cores.
+One module-scoped pair of heads serves every test here, and the commands run as concurrent subprocesses, so
+that Ray's start-up waits overlap.
 """
 
 from __future__ import annotations
@@ -142,54 +142,52 @@ def final_model(run: Path) -> dict:
     return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=False)["model"]
 
 
-def test_label_and_train_on_a_cluster_give_what_local_runs_give(heads, tmp_path):
-    """`label --address` and `train --ray-workers 2 --address` on the live head write the same shards (sha256)
-    and the same weights as local runs, which start their own Ray although this machine's recorded cluster is
-    a dead head (the label run) or a live one (the train run); local runs print no Ray notice and leave no
-    session folder behind."""
-    live, dead = heads
-    local_label = pipeline(*LABEL, "--out", tmp_path / "local", env=base_env(RAY_TMPDIR=str(dead.tmpdir)))
-    cluster_label = pipeline(*LABEL, "--out", tmp_path / "cluster", "--address", live.address,
-                             env=base_env(RAY_AUTH_TOKEN_PATH=str(live.token_file)))
-    (code, out, err), (ccode, cout, cerr) = finish(local_label, cluster_label)
-    assert code == 0, out + err
-    assert ccode == 0, cout + cerr
-    labels = tmp_path / "local" / "classic" / "val2017"
-    assert len(digests(labels)) == 3 and digests(labels) == digests(tmp_path / "cluster" / "classic" / "val2017")
-    assert err == "", err  # no banner, no token notice, no GCS warnings
-    assert "Error" not in cerr and "Traceback" not in cerr, cerr
-    # the embedded Ray's session folder is gone; the dead head's own session is all that is left there
-    assert list((dead.tmpdir / f"pipeline-ray-{os.getuid()}").iterdir()) == []
-    assert len(list((dead.tmpdir / "ray").glob("session_2*"))) == 1
-
-    local_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-local",
-                           env=base_env(RAY_TMPDIR=str(live.tmpdir)))
-    cluster_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-cluster", "--address",
-                             live.address, env=base_env(RAY_AUTH_TOKEN=live.token))
-    (code, out, err), (ccode, cout, cerr) = finish(local_train, cluster_train)
-    assert code == 0, out + err
-    assert ccode == 0, cout + cerr
-    for text in (err, cerr):
-        assert "Token authentication" not in text and "PlacementGroupCleaner" not in text, text
-        assert "TrainController" not in text and "Traceback" not in text, text
-    a, b = final_model(tmp_path / "run-local"), final_model(tmp_path / "run-cluster")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    assert list((live.tmpdir / f"pipeline-ray-{os.getuid()}").iterdir()) == []
-
-
-def test_cluster_failures_are_one_sentence(heads, tmp_path):
-    """A wrong address (the dead head's), a missing token, a wrong token: one `Error:` line each, naming the
-    address and what to set, and none of Ray's retries or warnings."""
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory) -> Path:
+    """The samples labelled in this process (`--executor local`): the reference shards, and the trains' input."""
     from click.testing import CliRunner
 
     from pipeline.cli.main import cli
 
+    out = tmp_path_factory.mktemp("labels")
+    made = CliRunner().invoke(cli, [*LABEL, "--out", str(out), "--executor", "local"])
+    assert made.exit_code == 0, made.output
+    return out / "classic" / "val2017"
+
+
+def test_label_and_train_on_a_cluster_give_what_local_runs_give(heads, labels, tmp_path):
+    """`label --address` and `train --ray-workers 2 --address` on the live head write the same shards (sha256)
+    and the same weights as local runs. The local Ray Train run starts its own Ray although this machine's
+    recorded cluster is a dead head, prints no Ray notice and leaves no session folder behind."""
+    live, dead = heads
+    cluster_label = pipeline(*LABEL, "--out", tmp_path / "cluster", "--address", live.address,
+                             env=base_env(RAY_AUTH_TOKEN_PATH=str(live.token_file)))
+    local_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-local",
+                           env=base_env(RAY_TMPDIR=str(dead.tmpdir)))
+    cluster_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-cluster", "--address",
+                             live.address, env=base_env(RAY_AUTH_TOKEN=live.token))
+    (code, out, err), (tcode, tout, terr), (ccode, cout, cerr) = finish(cluster_label, local_train, cluster_train)
+    assert code == 0, out + err
+    assert tcode == 0, tout + terr
+    assert ccode == 0, cout + cerr
+    assert len(digests(labels)) == 3 and digests(tmp_path / "cluster" / "classic" / "val2017") == digests(labels)
+    a, b = final_model(tmp_path / "run-local"), final_model(tmp_path / "run-cluster")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    for text in (err, terr, cerr):  # no token notice, GCS warnings, Ray Train controller chatter or tracebacks
+        for noise in ("Token authentication", "gcs_client", "TrainController", "PlacementGroupCleaner",
+                      "Traceback", "Error"):
+            assert noise not in text, text
+    # the embedded Ray's session folder is gone; the dead head's own session is all that is left there
+    assert list((dead.tmpdir / f"pipeline-ray-{os.getuid()}").iterdir()) == []
+    assert len(list((dead.tmpdir / "ray").glob("session_2*"))) == 1
+
+
+def test_cluster_failures_are_one_sentence(heads, labels, tmp_path):
+    """A wrong address (the dead head's), a missing token, a wrong token: one `Error:` line each, naming the
+    address and what to set, and none of Ray's retries or warnings."""
     live, dead = heads
     nothing = tmp_path / "home"  # no ~/.ray/auth_token there
     nothing.mkdir()
-    made = CliRunner().invoke(cli, [*LABEL, "--out", str(tmp_path / "labels"), "--executor", "local"])
-    assert made.exit_code == 0, made.output
-    labels = tmp_path / "labels" / "classic" / "val2017"
     wrong_address = pipeline(*LABEL, "--out", tmp_path / "a", "--address", dead.address, env=base_env())
     no_token = pipeline(*LABEL, "--out", tmp_path / "b", "--address", live.address, env=base_env(HOME=str(nothing)))
     wrong_token = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run", "--address", live.address,
