@@ -21,7 +21,6 @@ from pipeline.cli.weights import teachers_cmd, weights_group
 def cli():
     """Saliency distillation pipeline: label images with teacher networks into WebDataset shards,
     train fast students from them, and score and profile every model."""
-    warnings.showwarning = _one_line_warning
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -39,6 +38,7 @@ for _command in (label_cmd, verify_cmd, weights_group, train_cmd, teachers_cmd, 
 
 
 def main() -> None:
+    warnings.showwarning = _one_line_warning  # the command line only: tests and notebooks keep their own
     cli(prog_name="pipeline")
 
 
