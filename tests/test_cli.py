@@ -64,3 +64,19 @@ def test_weights_fetch_offline_names_file_url_and_place(tmp_path, monkeypatch):
     line = result.output.strip()
     assert line.startswith("Error:") and "\n" not in line
     assert "deepgaze2e.pth" in line and "https://" in line and str(tmp_path) in line
+
+
+def test_a_warning_is_one_line_on_the_command_line(capsys, monkeypatch):
+    """`pipeline …` prints every warning as one `warning:` line (no file:line, no source line)."""
+    import warnings
+
+    import pipeline.cli.main as main
+
+    monkeypatch.setattr(main, "cli", lambda **kwargs: warnings.warn("teacher 'x' runs with RANDOM weights:\n  "
+                                                                    "its labels are not meaningful", UserWarning))
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        main.main()
+    err = capsys.readouterr().err
+    assert err == "warning: teacher 'x' runs with RANDOM weights: its labels are not meaningful\n"

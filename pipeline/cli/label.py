@@ -23,8 +23,9 @@ from pipeline.cli.options import echo_result, image_size
 @click.option("--split", default="val2017", help="COCO split, e.g. train2017, val2017, test2017 (source coco).")
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of images, searched recursively (source folder).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("data/labels"),
-              help="Output root; shards go to <out>/<teacher>/<split or folder name>/.")
+@click.option("--out", default="data/labels",
+              help="Output root, a folder or an fsspec URL (s3://bucket/prefix); shards go to "
+                   "<out>/<teacher>/<split or folder name>/.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Images per shard.")
 @click.option("--image-size", default="192x256", callback=image_size,
               help="Training resolution HxW of the stored jpg and label.")
@@ -65,6 +66,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
     Re-running the same command skips finished shards (per-image failures included) and redoes partial ones.
     """
     from pipeline.common.errors import error_message
+    from pipeline.common.storage import as_path
     from pipeline.label.driver import exit_code, label, run_error
     from pipeline.label.worker import LabelConfig
     from pipeline.label.sources import coco_records, folder_records
@@ -79,7 +81,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
         config = LabelConfig(teacher=teacher, weights=weights, image_size=image_size, batch_size=batch_size,
                              jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads,
                              max_image_bytes=max_image_bytes)
-        summary = label(records, out / teacher / name, config, shard_size=shard_size, overwrite=overwrite,
+        summary = label(records, as_path(out) / teacher / name, config, shard_size=shard_size, overwrite=overwrite,
                         overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
                         address=address, gpus=gpus, cpu_workers=cpu_workers, retries=retries, progress=progress)
     except Exception as e:  # noqa: BLE001 - every failure is one "Error: <sentence>" line, never a traceback

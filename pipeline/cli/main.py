@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import click
 
 from pipeline import __version__
@@ -20,12 +23,22 @@ def cli():
     train fast students from them, and score and profile every model."""
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (ours, or a library's) as one ``warning: <sentence>`` line on stderr, no file:line or source."""
+    text = " ".join(str(message).split())
+    try:
+        click.echo(f"warning: {text}", file=file if file is not None else sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
 for _command in (label_cmd, verify_cmd, weights_group, train_cmd, teachers_cmd, fixations_cmd, eval_cmd,
                  predict_cmd, profile_cmd, export_cmd, run_cmd, status_cmd):
     cli.add_command(_command)
 
 
 def main() -> None:
+    warnings.showwarning = _one_line_warning  # the command line only: tests and notebooks keep their own
     cli(prog_name="pipeline")
 
 

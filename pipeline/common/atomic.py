@@ -27,6 +27,12 @@ def temp_name(final: Path) -> Path:
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """For writers that open files by name (h5py): yield a temp path beside ``final``; on success
     fsync it and rename it to ``final``; on error remove it."""
+    from pipeline.common.storage import RemotePath, staged
+
+    if isinstance(final, RemotePath) or "://" in str(final):  # object storage: written locally, then uploaded
+        with staged(final if isinstance(final, RemotePath) else RemotePath.parse(str(final))) as tmp:
+            yield tmp
+        return
     final = Path(final)
     tmp = temp_name(final)
     try:

@@ -17,13 +17,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.common.atomic import remove_stale_temps, write_json
+from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
 from pipeline.common.errors import error_message
+from pipeline.common.ray_cluster import connect
+from pipeline.common.storage import RemotePath, as_path
 from pipeline.common.tables import table
 from pipeline.label.worker import LabelConfig, ShardLabeler
 from pipeline.label.preview import write_preview
-from pipeline.label.shards import (ENCODING_VERSION, marker_path, planned_keys, read_marker, tar_path,
-                                   verify_shard)
+from pipeline.label.shards import (ENCODING_VERSION, local_file, marker_path, planned_keys, read_marker,
+                                   tar_path, verify_shard)
 from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
 
 
@@ -70,7 +72,10 @@ class LabelSummary:
 
 
 def _lock(folder: Path):
-    """Hold an exclusive lock on the output folder for the run (released by the OS on any exit)."""
+    """Hold an exclusive lock on the output folder for the run (released by the OS on any exit); none on
+    object storage, which has no locks: one run at a time there is the user's to keep."""
+    if isinstance(folder, RemotePath):
+        return None
     f = open(folder / ".lock", "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,7 +95,7 @@ def prepare_folder(folder: Path, overwrite: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LabelError(f"cannot create output folder {folder}: {e.strerror or e}") from None
-    if not os.access(folder, os.W_OK):
+    if not isinstance(folder, RemotePath) and not os.access(folder, os.W_OK):
         raise LabelError(f"output folder is not writable: {folder}")
     if overwrite:
         for p in list(folder.glob("shard-*.tar")) + list(folder.glob("shard-*.json")) + [folder / "labels.json"]:
@@ -191,12 +196,13 @@ def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries
 
 
 def _run_ray(config: LabelConfig, todo, reuse, folder, bar, on_done, retries, address, gpus, cpu_workers):
+    with connect(address, show=("ShardLabeler",)):
+        _label_on_ray(config, todo, reuse, folder, bar, on_done, retries, gpus, cpu_workers)
+
+
+def _label_on_ray(config: LabelConfig, todo, reuse, folder, bar, on_done, retries, gpus, cpu_workers):
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False, **({} if address or os.environ.get("RAY_ADDRESS") else
-                                             {"object_store_memory": 256 * 1024**2}))
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = config.device != "cpu" and cluster_gpus > 0
     n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus) if use_gpu else cpu_workers
@@ -245,12 +251,13 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
     finished shards. Once every shard is finished, ``labels.json`` is written (a failure there is
     ``summary.error``) and ``preview.png`` (a failure there is only a warning).
     """
-    folder = Path(folder)
+    folder = as_path(folder)
     start = time.perf_counter()
     prepare_folder(folder, overwrite)
     lock = _lock(folder)
     try:
-        remove_stale_temps(folder)
+        if not isinstance(folder, RemotePath):  # remote writes stage locally: no temp names there
+            remove_stale_temps(folder)
         plans = plan_shards(records, shard_size)
         # build the teacher here first: a missing weights file fails before any work starts
         labeler = ShardLabeler(config if executor == "local" else LabelConfig(**{**config.__dict__, "device": "cpu"}))
@@ -305,7 +312,8 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
         summary.wall_s = time.perf_counter() - start
         return summary
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def finish(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], identity: dict,
@@ -321,7 +329,11 @@ def finish(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], ident
     first = next((markers[p.index] for p in plans if markers[p.index]["count"]), None)
     if first is not None:
         try:
-            write_preview(folder / first["tar"], identity["label_extension"], folder / "preview.png")
+            if isinstance(folder, RemotePath):  # made from a local copy of the tar, then uploaded
+                with local_file(folder / first["tar"]) as tar, staged_file(folder / "preview.png") as png:
+                    write_preview(tar, identity["label_extension"], png)
+            else:
+                write_preview(folder / first["tar"], identity["label_extension"], folder / "preview.png")
         except Exception as e:  # noqa: BLE001 - the preview is for a person to look at, nothing reads it
             summary.warnings.append(f"preview.png not written: {error_message(e)}")
 

@@ -13,6 +13,8 @@ Tar members are written with a fixed mtime, so the same samples always give the 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Iterable, Iterator
 import webdataset as wds
 
 from pipeline.common.atomic import atomic_open, write_json
-from teachers.weights import file_digest
+from pipeline.common.storage import RemotePath, as_path
 
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker
 ENCODING_VERSION = 1
@@ -50,11 +52,31 @@ def write_shard(folder: Path, name: str, samples: Iterable[dict], marker: dict) 
         "shard": name,
         "tar": final.name,
         **marker,
-        "sha256": file_digest(final),
+        "sha256": digest(final),
         "bytes": final.stat().st_size,
     }
     write_json(marker_path(folder, name), marker)
     return marker
+
+
+def digest(path) -> str:
+    """sha256 (hex) of a local or remote file, streamed."""
+    h = hashlib.sha256()
+    with as_path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def local_file(path) -> Iterator[Path]:
+    """``path`` as a local file (a remote one downloaded for the duration)."""
+    path = as_path(path)
+    if isinstance(path, RemotePath):
+        with path.local_copy() as local:
+            yield local
+    else:
+        yield path
 
 
 def tar_samples(path: str | Path) -> Iterator[dict]:
@@ -86,10 +108,11 @@ def read_samples(path: str | Path) -> dict[str, dict]:
     """Every sample of a shard tar by key, as :func:`tar_samples` reads them (written back by
     :func:`write_shard`, they give the same bytes)."""
     out: dict[str, dict] = {}
-    for sample in tar_samples(path):
-        if sample["__key__"] in out:
-            raise ValueError(f"{path}: key {sample['__key__']!r} appears in two places")
-        out[sample["__key__"]] = sample
+    with local_file(path) as local:
+        for sample in tar_samples(local):
+            if sample["__key__"] in out:
+                raise ValueError(f"{path}: key {sample['__key__']!r} appears in two places")
+            out[sample["__key__"]] = sample
     return out
 
 
@@ -103,7 +126,7 @@ def planned_keys(marker: dict) -> list[str]:
 
 def read_marker(folder: Path, name: str) -> dict | None:
     try:
-        with open(marker_path(folder, name)) as f:
+        with marker_path(folder, name).open() as f:
             marker = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
@@ -121,20 +144,20 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
     tar = tar_path(folder, name)
     if not tar.is_file() or tar.stat().st_size != marker.get("bytes"):
         return marker, "tar missing or of the wrong size"
-    if check_digest and file_digest(tar) != marker.get("sha256"):
+    if check_digest and digest(tar) != marker.get("sha256"):
         return marker, "tar checksum does not match its marker"
     return marker, ""
 
 
 def shard_tars(folder: str | Path) -> list[str]:
     """Finished shard tars of a labelled folder (marker present), sorted: input for a WebDataset reader."""
-    folder = Path(folder)
+    folder = as_path(folder)
     return [str(tar_path(folder, p.stem)) for p in sorted(folder.glob("shard-*.json")) if read_marker(folder, p.stem)]
 
 
 def verify_dataset(folder: str | Path, check_digest: bool = True) -> str:
     """"" when ``folder`` holds a finished labelled dataset (``labels.json`` and every shard intact), else why not."""
-    folder = Path(folder)
+    folder = as_path(folder)
     try:
         index = json.loads((folder / "labels.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):

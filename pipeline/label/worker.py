@@ -23,6 +23,7 @@ from pipeline.common import images
 from pipeline.common.devices import autocast, resolve_device, use_autocast
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import prefetched
+from pipeline.common.storage import as_path
 from pipeline.label.shards import ENCODING_VERSION, read_samples, tar_path, write_shard
 from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
@@ -146,7 +147,7 @@ class ShardLabeler:
         the samples in plan order either way, so it is the tar a run where they never failed writes.
         When every one of them fails again, nothing is rewritten and ``reuse`` is returned.
         """
-        folder = Path(folder)
+        folder = as_path(folder)
         t0 = time.perf_counter()
         timings = {"forward_s": 0.0, "wait_decode_s": 0.0, "wait_encode_s": 0.0}
         failures, encoded, batch = [], {}, []

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from pipeline.common.ray_cluster import RayClusterError, connect
 from pipeline.train.checkpoints import latest_record
 from pipeline.train.config import EpochResult, TrainConfig, TrainError
 from pipeline.train.logs import read_metrics
@@ -48,9 +49,7 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
                  progress: bool = True) -> list[EpochResult]:
     """Train on ``workers`` Ray Train workers (a local Ray unless ``address``); returns this call's epochs."""
     try:
-        import ray
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+        import ray.train.torch  # noqa: F401
     except ImportError as e:
         raise TrainError(f"--ray-workers needs Ray Train ({e}): pip install 'ray[train]'") from None
     config = _absolute(config)
@@ -59,14 +58,30 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
     run = Path(config.run)
     run.mkdir(parents=True, exist_ok=True)
     before = 0 if restart else _finished_epochs(run)
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        with connect(address, show=("RayTrainWorker",)):
+            _fit(config, workers, restart, progress, run)
+    except RayClusterError as e:
+        raise TrainError(str(e)) from None
+    return read_metrics(run, from_epoch=before)
+
+
+def _fit(config: TrainConfig, workers: int, restart: bool, progress: bool, run: Path) -> None:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train import LoggingConfig  # Ray Train's own messages: errors only
+        quiet = {"logging_config": LoggingConfig(log_level="ERROR")}
+    except ImportError:
+        quiet = {}
     use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": asdict(config), "restart": restart, "progress": progress},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=RunConfig(storage_path=str(run / ".ray"), name="train"),
+        run_config=RunConfig(storage_path=str(run / ".ray"), name="train", **quiet),
     )
     try:
         trainer.fit()
@@ -74,4 +89,3 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
         lines = [line for line in str(e).splitlines() if line.strip()]
         raise TrainError(f"training on {workers} Ray workers failed: {lines[-1] if lines else type(e).__name__}") \
             from None
-    return read_metrics(run, from_epoch=before)

@@ -1,0 +1,258 @@
+"""Where every command gets its Ray: one embedded local Ray, or an existing cluster at ``--address``.
+
+:func:`connect` is the only ``ray.init`` of the pipeline (the labelling driver and Ray Train use it):
+
+* no address: an embedded local Ray, started explicitly local (``address="local"``), so a cluster that
+  ``ray start`` recorded on this machine, live or dead, is never joined by accident. Its session folder lives
+  in ``pipeline-ray-<uid>/<pid>`` under ``$RAY_TMPDIR`` (else the system temp folder), removed when the command
+  ends; the folders of commands that were killed are pruned by the next one. Token authentication stays on (Ray's default for
+  a new local cluster), without Ray's notice about it.
+* an address (``host:port`` of a head's GCS, as ``ray start --head`` prints it): the cluster is probed first,
+  so an unreachable address or a missing/wrong token is one sentence (a :class:`RayClusterError`) instead of
+  Ray's retries and warnings. The token is found the way Ray documents it: ``RAY_AUTH_TOKEN``, else the file
+  ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``; when the cluster asks for a token and
+  ``RAY_AUTH_MODE`` is not set, token mode is turned on for this process.
+
+When Ray is already initialised in this process (a test, a notebook), that Ray is used and left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+AUTH_MODE = "RAY_AUTH_MODE"
+TOKEN_HINT = ("set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on the head prints it) or "
+              "RAY_AUTH_TOKEN_PATH to a file holding it")
+#: the embedded local Ray's object store: small, the shards go to disk, not through it
+LOCAL_OBJECT_STORE = 256 * 1024**2
+
+
+class RayClusterError(Exception):
+    """Ray could not be started or the cluster could not be reached (one sentence, what to set)."""
+
+
+def temp_root() -> Path:
+    """The folder that holds the session folders of embedded local Rays (one per running command)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / f"pipeline-ray-{uid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def prune_temp(root: Path | None = None) -> None:
+    """Remove the session folders of embedded Rays whose command is gone (killed, or crashed)."""
+    root = root or temp_root()
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        if d.name.isdigit() and (int(d.name) == os.getpid() or not _alive(int(d.name))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (Ray's C++ client logs there directly) for the duration."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _token_source() -> str | None:
+    """Where Ray would read the token from, as words (None when there is none)."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return f"RAY_AUTH_TOKEN_PATH ({path})" if Path(path).expanduser().is_file() else None
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise RayClusterError(f"--address {address!r} is not a Ray cluster address: give the head's host:port, "
+                              "as `ray start --head` prints it (e.g. 10.0.0.5:6379)")
+    return host.strip("[]"), int(port)
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    host, port = _split(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        why = f"no answer in {timeout:.0f} s" if isinstance(e, socket.timeout) else (e.strerror or str(e) or
+                                                                                    type(e).__name__)
+        raise RayClusterError(
+            f"no Ray cluster answers at {address} ({why.lower()}): "
+            f"start one there (`ray start --head --port {port}`) or set --address / RAY_ADDRESS to the address "
+            "`ray start --head` printed") from None
+
+
+def _probe(address: str) -> None:
+    """Ask the cluster's GCS for its id: raises Ray's AuthenticationError when the token is missing or wrong."""
+    from ray._raylet import GcsClient
+
+    with _quiet_stderr():
+        GcsClient(address=address)
+
+
+def _enable_token_mode() -> None:
+    os.environ[AUTH_MODE] = "token"
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+        from ray._raylet import AuthenticationTokenLoader
+
+        _enable_token_auth()
+        AuthenticationTokenLoader.instance().reset_cache()
+    except ImportError:  # another Ray version: the environment variable is what it reads
+        pass
+
+
+def check_cluster(address: str) -> None:
+    """Raise :class:`RayClusterError` (one sentence) unless the cluster at ``address`` answers and accepts us;
+    turns token mode on for this process when the cluster needs it and a token is at hand."""
+    from ray.exceptions import AuthenticationError
+
+    _reachable(address)
+    try:
+        _probe(address)
+        return
+    except AuthenticationError:
+        pass
+    except Exception as e:  # noqa: BLE001 - the port answers, but not as a Ray GCS
+        raise RayClusterError(f"{address} does not answer as a Ray cluster ({_first_line(e)}): set --address / "
+                              "RAY_ADDRESS to the address `ray start --head` printed") from None
+    mode = os.environ.get(AUTH_MODE, "").lower()
+    source = _token_source()
+    if mode == "disabled":
+        raise RayClusterError(f"the Ray cluster at {address} requires token authentication and RAY_AUTH_MODE is "
+                              f"'disabled' here: unset it (or set RAY_AUTH_MODE=token) and {TOKEN_HINT}")
+    if source is None:
+        raise RayClusterError(f"the Ray cluster at {address} requires token authentication and no token was "
+                              f"found: {TOKEN_HINT}")
+    if mode != "token":
+        _enable_token_mode()
+    try:
+        _probe(address)
+    except AuthenticationError:
+        raise RayClusterError(f"the Ray cluster at {address} refused the authentication token from {source}: "
+                              f"{TOKEN_HINT}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables that are not set yet (Ray's processes inherit them); restore after."""
+    added = [k for k in values if k not in os.environ]
+    for k in added:
+        os.environ[k] = values[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _forward_only(actors: tuple[str, ...]) -> None:
+    """Print the output of these actors' workers only (the pipeline's own: the shard labellers, the Ray Train
+    workers), without Ray's ``(Actor pid=…)`` prefix; Ray's own actors (the Train controller and its helpers)
+    stay in the session's log files. The raylet's and autoscaler's messages (a worker killed for memory…)
+    still come through."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private.worker import print_to_stdstream
+    except ImportError:  # another Ray version: its own printing stays
+        return
+
+    def handler(data: dict) -> None:
+        if data.get("actor_name") in actors or data.get("pid") in ("raylet", "autoscaler"):
+            print_to_stdstream(data, ignore_prefix=data.get("actor_name") in actors)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handler)
+
+
+@contextlib.contextmanager
+def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
+            object_store_memory: int = LOCAL_OBJECT_STORE):
+    """Ray for the duration of the ``with`` block: the cluster at ``address`` (None: ``$RAY_ADDRESS``), or an
+    embedded local Ray (empty). Yields the address connected to (``"local"`` for the embedded one).
+
+    ``show``: the actor class names whose output reaches this terminal (None: every worker's, Ray's default).
+    """
+    import ray
+
+    if ray.is_initialized():  # someone else's Ray (a test, a notebook): use it, leave it running
+        yield "existing"
+        return
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS")
+    address = (address or "").strip() or None
+    quiet = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "1"}
+    options = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
+                   logging_level=logging.ERROR)
+    if address is None:
+        root = temp_root()
+        prune_temp(root)
+        folder = root / str(os.getpid())
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            if AUTH_MODE not in os.environ:  # Ray's default for a new local cluster, without its notice
+                _enable_token_mode()
+            with _env(**quiet):
+                try:
+                    ray.init(address="local", _temp_dir=str(folder), object_store_memory=object_store_memory,
+                             **options)
+                except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
+                    raise RayClusterError(f"could not start a local Ray ({_first_line(e)})") from None
+                if show is not None:
+                    _forward_only(show)
+                try:
+                    yield "local"
+                finally:
+                    ray.shutdown()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    with _env(**quiet):
+        if "://" not in address and address != "auto":  # Ray Client, or Ray's own search: their own errors
+            check_cluster(address)
+        try:
+            ray.init(address=address, **options)
+        except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
+            raise RayClusterError(f"could not connect to the Ray cluster at {address} ({_first_line(e)})") from None
+        if show is not None:
+            _forward_only(show)
+        try:
+            yield address
+        finally:
+            ray.shutdown()
