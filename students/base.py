@@ -96,6 +96,8 @@ class Student(nn.Module):
     extra_maps: ClassVar[tuple[str, ...]] = ()
     #: names of the statistics :meth:`forward_train` logs (``TrainOutput.logs``), as columns of the run's logs
     log_names: ClassVar[tuple[str, ...]] = ()
+    #: URL of the ImageNet weights ``backbone_weights="imagenet"`` loads (cached under its file name), if any
+    backbone_url: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         super().__init__()

@@ -428,6 +428,7 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
             echo("")
         for p in runs:
             echo(f"{p.step}: pipeline {shlex.join(command_line(manifest, p.step, fresh_start(manifest, state, p)))}")
+        _echo_weights(manifest, echo)
         return 0
     with workdir_lock(manifest.workdir):
         state = load_state(manifest.workdir)  # as it is now that we hold the lock
@@ -441,6 +442,15 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
         echo(table(["step", "action", "status", "seconds"], rows))
         echo(f"total {time.monotonic() - t0:.1f} s")
         return code
+
+
+def _echo_weights(manifest: Manifest, echo: Callable[..., None]) -> None:
+    """The dry run's last section: each step's missing weights and how to get them (see manifest.needs)."""
+    from pipeline.manifest.needs import weights_report
+
+    echo("")
+    for line in weights_report(manifest):
+        echo(line)
 
 
 def _when(rec: Mapping) -> str:
