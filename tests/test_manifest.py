@@ -502,3 +502,29 @@ def test_keep_going_finishes_independent_steps(fake, tmp_path):
     assert re.search(r"child\s+run\s+not run: upstream broken failed", out)
     assert {n: r["status"] for n, r in load_state(tmp_path / "w")["steps"].items()} == {
         "broken": "failed", "independent": "done"}
+
+
+def test_a_step_computes_on_as_many_threads_as_cpus_it_holds(tmp_path, monkeypatch):
+    group = click.Group()
+    group.add_command(click.Command("fake", params=[click.Option(["--name"])]))
+    script = tmp_path / "threads.py"
+    script.write_text("import os\nprint('threads', os.environ.get('OMP_NUM_THREADS'), os.environ.get('MKL_NUM_THREADS'))\n")
+    path = tmp_path / "m.yaml"
+    path.write_text(f"workdir: {tmp_path / 'w'}\nsteps:\n"
+                    "  one: {run: fake, with: {name: one}, resources: {cpus: 1}}\n"
+                    "  two: {run: fake, with: {name: two}, resources: {cpus: 2}}\n"
+                    "  big: {run: fake, with: {name: big}, resources: {cpus: 64}}\n")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+
+    def run() -> str:
+        lines: list[str] = []
+        code = run_manifest(load_manifest(path, group=group), launcher=[sys.executable, str(script)], cpus=4,
+                            force=["one", "two", "big"], echo=lambda s="", err=False: lines.append(s))
+        assert code == 0, lines
+        return "\n".join(lines)
+
+    out = run()
+    assert "[one] threads 1 1" in out and "[two] threads 2 2" in out and "[big] threads 4 4" in out
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    assert "[two] threads 3 2" in run()

@@ -39,6 +39,8 @@ from pipeline.manifest.steps import COMMANDS
 
 STATE_VERSION = 1
 PROGRESS_EVERY_S = 15.0  # at most one progress-bar line per step this often in the streamed output
+#: thread-count variables set to the step's ``cpus`` in its environment, unless already set
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class RunnerError(click.ClickException):
@@ -336,6 +338,8 @@ class Runner:
         self.free_cpus -= cpus
         self.held[name] = (cpus, gpu_ids)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for var in THREAD_VARS:  # a step computes on the CPUs it holds (spinning extra threads on a busy
+            env.setdefault(var, str(cpus))  # machine can make a CPU step many times slower); the user's setting wins
         if self.gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         argv = command_line(m, name, fresh)
