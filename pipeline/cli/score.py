@@ -42,7 +42,8 @@ def fixations_cmd(dataset, root, split, out):
               help="A fixation HDF5 from `pipeline fixations`: all 7 metrics against human fixations.")
 @click.option("--labels", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A finished label folder: CC, KLDiv, SIM, NSS against the teacher's labels in its last shards.")
-@click.option("--val-shards", type=click.IntRange(min=1), default=1, help="With --labels: how many last shards.")
+@click.option("--val-shards", type=click.IntRange(min=0), default=1,
+              help="With --labels: how many last shards (0: every shard, for a folder that is all held out).")
 @click.option("--baseline", type=click.Choice(["centerbias", "uniform"]), default="centerbias",
               help="IG baseline: the dataset's own fixations pooled and blurred, or uniform.")
 @click.option("--sigma", "sigma_frac", type=click.FloatRange(min=0), default=0.034,

@@ -445,7 +445,32 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
         echo("")
         echo(table(["step", "action", "status", "seconds"], rows))
         echo(f"total {time.monotonic() - t0:.1f} s")
+        _echo_report(manifest, state, echo)
         return code
+
+
+def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) -> None:
+    """The run's last words: every eval step's scores, and ``<workdir>/report.html`` (see manifest.report);
+    a report that cannot be written is a warning, never a failed run."""
+    from pipeline.manifest.report import scores_table, write_report
+
+    try:
+        scores = scores_table(manifest)
+    except Exception as e:  # noqa: BLE001 - a summary must not fail a finished run
+        echo(f"warning: cannot read the eval steps' metrics: {e}", err=True)
+        scores = None
+    if scores:
+        echo("")
+        echo("scores (every eval step; on teacher labels they compare each model with the teacher's held-out maps):")
+        echo(scores)
+    try:
+        path, written, warnings = write_report(manifest, state)
+    except Exception as e:  # noqa: BLE001
+        echo(f"warning: cannot write the report in {manifest.workdir}: {type(e).__name__}: {e}", err=True)
+        return
+    for w in warnings:
+        echo(f"warning: report: {w}", err=True)
+    echo(f"report: {path}" + ("" if written else " (up to date)"))
 
 
 def _echo_weights(manifest: Manifest, echo: Callable[..., None]) -> None:
