@@ -202,8 +202,7 @@ def test_only_and_until_select_steps(fresh):
     assert until["train_c"] == ("skip", "not selected (stale: never run)")
     only = planned(only=["eval_a"])
     assert only["train_a"] == ("skip", "not selected (stale: never run)")
-    assert only["eval_a"] == ("run", "never run (warning: upstream train_a, label_train, label_val are stale and "
-                                     "not selected)")
+    assert only["eval_a"] == ("run", "never run (warning: upstream train_a, label_val are stale and not selected)")
     both = planned(until=["eval_a", "eval_c"])
     assert [n for n, (action, _) in both.items() if action == "run"] == ["label_train", "label_val", "train_a",
                                                                           "train_c", "eval_a", "eval_c"]
