@@ -98,14 +98,24 @@ class Student(nn.Module):
     log_names: ClassVar[tuple[str, ...]] = ()
     #: URL of the ImageNet weights ``backbone_weights="imagenet"`` loads (cached under its file name), if any
     backbone_url: ClassVar[str | None] = None
+    #: ways of computing the same function at inference (e.g. SACT's dense-masked reference and its sparse
+    #: path); the first is the reference. ``profile`` times each; set one with :meth:`set_execution`.
+    execution_modes: ClassVar[tuple[str, ...]] = ("dense",)
 
     def __init__(self) -> None:
         super().__init__()
         #: sha256 of the weights file the student was built from, or "none"
         self.weights_digest = "none"
+        self.execution = self.execution_modes[0]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images)
+
+    @classmethod
+    def imagenet_url(cls, **options) -> str | None:
+        """The URL ``backbone_weights="imagenet"`` loads for a student built with ``options`` (for the
+        list of files a step needs; a family whose backbone depends on its options overrides this)."""
+        return cls.backbone_url
 
     def options(self) -> dict:
         """The builder's keyword options that shape this architecture (recorded in checkpoints)."""
@@ -123,6 +133,15 @@ class Student(nn.Module):
     def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"saliency": logits, <extra map>: [B,1,H,W], …}`` for normalised images ``x``."""
         return {"saliency": self(x)}
+
+    def set_execution(self, mode: str) -> None:
+        if mode not in self.execution_modes:
+            raise ValueError(f"{self.name} runs {', '.join(self.execution_modes)}, not {mode!r}")
+        self.execution = mode
+
+    def last_stats(self) -> dict[str, float]:
+        """Statistics of the last forward pass (e.g. SACT's ponder cost per block), for ``profile``."""
+        return {}
 
     def hint_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features matched to the teacher's hint features (one per entry of :attr:`hint_channels`)."""

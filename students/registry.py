@@ -91,6 +91,12 @@ def all_options() -> dict[str, StudentOption]:
     return {o.name: o for info in sorted(_REGISTRY.values(), key=lambda i: i.name) for o in info.options}
 
 
+def all_maps() -> list[str]:
+    """Every extra map a registered student can emit (besides its saliency)."""
+    _load_all()
+    return sorted({m for info in _REGISTRY.values() for m in info.cls.extra_maps})
+
+
 def check_options(name: str, options: dict) -> dict:
     """``options`` validated for student ``name``: known to it, of the right type and among its choices.
 
@@ -123,14 +129,16 @@ def build_student(name: str, *, weights: str | None = None, backbone_weights: st
                                       **check_options(name, options))
 
 
-def required_weights(name: str, *, weights: str | None = None, backbone_weights: str = "imagenet") -> tuple[str, ...]:
-    """The weights specs (paths, URLs, known names) building student ``name`` loads: its ``weights``, else
-    its backbone's (``imagenet``: the URL the student declares; ``none``: nothing; else the PATH)."""
+def required_weights(name: str, *, weights: str | None = None, backbone_weights: str = "imagenet",
+                     **options) -> tuple[str, ...]:
+    """The weights specs (paths, URLs, known names) building student ``name`` with ``options`` loads: its
+    ``weights``, else its backbone's (``imagenet``: the URL the student declares; ``none``: nothing; else the
+    PATH)."""
     if weights is not None:
         return () if weights == "random" else (weights,)
     if backbone_weights == "none":
         return ()
     if backbone_weights == "imagenet":
-        url = student_info(name).cls.backbone_url
+        url = student_info(name).cls.imagenet_url(**options)
         return (url,) if url else ()
     return (backbone_weights,)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from teachers.base import Teacher
-from teachers.blur import gaussian_filter_1d
+from teachers.blur import gaussian_filter_1d, gaussian_kernel_size
 from teachers.registry import register
 from teachers.weights import WeightsError
 
@@ -42,8 +42,9 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[B, 1, h, w]`` (3-sigma kernel) with replicated borders."""
     if sigma <= 0:
         return x
-    sigma_t = torch.tensor(float(sigma))
-    return gaussian_filter_1d(gaussian_filter_1d(x, -1, sigma_t, truncate=3.0), -2, sigma_t, truncate=3.0)
+    sigma_t, size = torch.tensor(float(sigma)), gaussian_kernel_size(float(sigma), 3.0)
+    x = gaussian_filter_1d(x, -1, sigma_t, truncate=3.0, kernel_size=size)
+    return gaussian_filter_1d(x, -2, sigma_t, truncate=3.0, kernel_size=size)
 
 
 def work_shape(height: int, width: int, long_side: int = WORK_SIZE) -> tuple[int, int]:

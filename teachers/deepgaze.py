@@ -54,6 +54,7 @@ from teachers.deepgaze_modules import (
     LayerNormMultiInput,
     centerbias_for,
     downsample_input,
+    full_precision,
     mixture,
     readout_input,
 )
@@ -278,8 +279,10 @@ class DeepGazeII(_DeepGazeTeacher):
     def log_density(self, images: torch.Tensor, centerbias: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[2], images.shape[3]
         feats = self.features(downsample_input(images, DOWNSAMPLE))
-        x = self.readout_network(readout_input(feats, height, width, DOWNSAMPLE, READOUT_FACTOR))
-        return self.finalizer(x, centerbias)[:, None]
+        with full_precision(images):
+            x = self.readout_network(readout_input([f.float() for f in feats], height, width, DOWNSAMPLE,
+                                                   READOUT_FACTOR))
+            return self.finalizer(x, centerbias.float())[:, None]
 
     def hint_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = downsample_input(images.float(), DOWNSAMPLE)

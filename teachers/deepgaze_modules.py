@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from teachers.blur import gaussian_filter_1d
+from teachers.blur import gaussian_filter_1d, gaussian_kernel_size
 
 # --------------------------------------------------------------------------- layers
 
@@ -131,14 +131,33 @@ class GaussianFilterNd(nn.Module):
         self.sigma = nn.Parameter(torch.tensor(float(sigma), dtype=torch.float32), requires_grad=trainable)
         self.truncate = truncate
         self.kernel_size = kernel_size
+        #: the kernel length of sigma's value, computed once in float32 (at construction and when a state dict
+        #: loads), so a forward pass that does not learn sigma reads no value back from the device
+        self.frozen_size: int | None = None
+        self._freeze_size()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._freeze_size())
+
+    def _freeze_size(self) -> None:
+        sigma = self.sigma.detach()
+        if sigma.device.type != "meta":
+            self.frozen_size = gaussian_kernel_size(float(sigma.float().cpu()), self.truncate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.kernel_size
+        if size is None and not (self.sigma.requires_grad and torch.is_grad_enabled()):
+            size = self.frozen_size  # sigma is not being learnt: its length as loaded
         for dim in self.dims:
-            x = gaussian_filter_1d(x, dim, self.sigma, truncate=self.truncate, kernel_size=self.kernel_size)
+            x = gaussian_filter_1d(x, dim, self.sigma, truncate=self.truncate, kernel_size=size)
         return x
 
 
 # --------------------------------------------------------------------------- finalizer
+
+
+def full_precision(x: torch.Tensor):
+    """Autocast off around the readout, blur and finalizer: a log density in bf16 loses the tails that
+    the label keeps (and a bf16 sigma would change the blur's kernel length)."""
+    return torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False)
 
 
 class Finalizer(nn.Module):
@@ -265,14 +284,15 @@ class DeepGazeMixture(nn.Module):
     def forward(self, x: torch.Tensor, centerbias: torch.Tensor) -> torch.Tensor:
         """``x`` RGB 0..255 ``[B, 3, H, W]``, ``centerbias`` ``[B, H, W]`` → ``[B, 1, H, W]``."""
         height, width = x.shape[2], x.shape[3]
-        feats = self.features(downsample_input(x, self.downsample))
-        readin = readout_input(feats, height, width, self.downsample, self.readout_factor)
-        outs = []
-        for saliency, selection, finalizer in zip(self.saliency_networks, self.fixation_selection_networks,
-                                                  self.finalizers):
-            r = selection((saliency(readin), None))
-            outs.append(finalizer(r, centerbias)[:, None])
-        return mixture(outs)
+        feats = self.features(downsample_input(x, self.downsample))  # under the caller's autocast (bf16 on GPU)
+        with full_precision(x):
+            readin = readout_input([f.float() for f in feats], height, width, self.downsample, self.readout_factor)
+            outs = []
+            for saliency, selection, finalizer in zip(self.saliency_networks, self.fixation_selection_networks,
+                                                      self.finalizers):
+                r = selection((saliency(readin), None))
+                outs.append(finalizer(r, centerbias.float())[:, None])
+            return mixture(outs)
 
 
 # --------------------------------------------------------------------------- centre bias

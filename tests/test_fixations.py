@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -353,7 +354,7 @@ def test_failed_write_keeps_the_old_file(mit_root, cat_root, tmp_path, monkeypat
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fx.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)  # the atomic writer renames with os.replace
     with pytest.raises(OSError, match="disk full"):
         write_hdf5(read_cat2000(cat_root), out)
     assert read_hdf5(out).name == "mit1003"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from pipeline.cli.main import cli
 from pipeline.label.driver import label
 from pipeline.label.worker import LabelConfig
 from pipeline.label.sources import coco_records
-from tests.conftest import make_coco, photo, write_jpeg
+from tests.conftest import PHOTOS, make_coco, photo, write_jpeg
 
 CONFIG = LabelConfig(teacher="classic", batch_size=3, io_threads=2)
 
@@ -282,3 +283,235 @@ def test_classic_labels_of_the_bundled_sample_have_structure(tmp_path):
         m = m.reshape(-1).astype(float)
         assert m.std() > 5  # gray levels, not a constant map
         assert np.corrcoef(m, blob)[0, 1] < 0.95
+
+
+def broken_tree(root: Path, broken: dict[int, str] | None = None) -> Path:
+    """The eight photos of ``coco_tree`` under ids 1..8 (keys in that order), with the images at the
+    given 0-based positions broken: ``"truncated"`` (half a JPEG) or ``"empty"``."""
+    d = root / "val2017"
+    d.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for i, name in enumerate(PHOTOS):
+        files[i + 1] = f"{i + 1:012d}.jpg"
+        write_jpeg(d / files[i + 1], photo(name))
+        kind = (broken or {}).get(i)
+        if kind == "truncated":
+            data = (d / files[i + 1]).read_bytes()
+            (d / files[i + 1]).write_bytes(data[: len(data) // 2])
+        elif kind == "empty":
+            (d / files[i + 1]).write_bytes(b"")
+    return make_coco(root, "val2017", files)
+
+
+def test_a_failed_image_mid_shard_is_part_of_a_finished_shard(tmp_path):
+    """Failures at positions 1 and 5 (inside 4-image shards): a re-run reuses both shards, also from
+    markers written before planned_keys was recorded."""
+    root = broken_tree(tmp_path / "coco", {1: "truncated", 5: "empty"})
+    records, out = coco_records(root, "val2017"), tmp_path / "out"
+    first = label(records, out, CONFIG, shard_size=4, executor="local", progress=False)
+    assert (first.labelled, first.failed, first.shards_done) == (6, 2, 2)
+    marker = json.loads((out / "shard-000000.json").read_text())
+    assert marker["planned_keys"] == [f"{i:012d}" for i in (1, 2, 3, 4)]
+    assert marker["keys"] == [f"{i:012d}" for i in (1, 3, 4)]
+    before = digests(out)
+
+    again = label(records, out, CONFIG, shard_size=4, executor="local", progress=False)
+    assert (again.labelled, again.skipped, again.shards_skipped, again.failed) == (0, 8, 2, 2)
+    for m in out.glob("shard-*.json"):  # a marker of the earlier format: keys then failures, no planned_keys
+        old = json.loads(m.read_text())
+        del old["planned_keys"]
+        m.write_text(json.dumps(old))
+    old_format = label(records, out, CONFIG, shard_size=4, executor="local", progress=False)
+    assert (old_format.labelled, old_format.shards_skipped) == (0, 2) and digests(out) == before
+
+
+def test_retry_failed_writes_the_shard_a_run_without_the_failure_writes(tmp_path):
+    root = broken_tree(tmp_path / "coco", {1: "truncated", 5: "empty"})
+    records, out = coco_records(root, "val2017"), tmp_path / "out"
+    label(records, out, CONFIG, shard_size=4, executor="local", progress=False)
+    untouched = digests(out)["shard-000001.tar"]
+
+    still_broken = label(records, out, CONFIG, shard_size=4, executor="local", progress=False, retry_failed=True)
+    assert (still_broken.labelled, still_broken.failed, still_broken.shards_done) == (0, 2, 0)
+    assert digests(out)["shard-000001.tar"] == untouched
+
+    write_jpeg(root / "val2017" / "000000000002.jpg", photo(PHOTOS[1]))  # the truncated one, repaired
+    retried = label(records, out, CONFIG, shard_size=4, executor="local", progress=False, retry_failed=True)
+    assert (retried.labelled, retried.skipped, retried.failed, retried.shards_done) == (1, 6, 1, 1)
+    assert digests(out)["shard-000001.tar"] == untouched  # its failure is still there: not rewritten
+
+    reference = tmp_path / "reference"
+    label(coco_records(root, "val2017"), reference, CONFIG, shard_size=4, executor="local", progress=False)
+    assert digests(out) == digests(reference)
+    assert [s["__key__"] for s in wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False)] == [
+        f"{i:012d}" for i in (1, 2, 3, 4)]
+    assert json.loads((out / "shard-000000.json").read_text())["failures"] == []
+
+
+def test_a_changed_source_names_the_shard_and_overwrite_changed_keeps_the_rest(tmp_path):
+    root = broken_tree(tmp_path / "coco")
+    out = tmp_path / "out"
+    label(coco_records(root, "val2017"), out, CONFIG, shard_size=4, executor="local", progress=False)
+    kept = (out / "shard-000000.tar").stat().st_mtime_ns
+
+    files = {i: f"{i:012d}.jpg" for i in range(1, 9) if i != 6}  # image 6 leaves, image 9 arrives
+    (root / "val2017" / "000000000006.jpg").rename(root / "val2017" / "000000000009.jpg")
+    files[9] = "000000000009.jpg"
+    make_coco(root, "val2017", files)
+    records = coco_records(root, "val2017")
+    with pytest.raises(Exception, match=r"shard-000001\.tar holds other images.*plans 000000000007 where the "
+                                        r"shard holds 000000000006.*--overwrite-changed.*--overwrite"):
+        label(records, out, CONFIG, shard_size=4, executor="local", progress=False)
+
+    changed = label(records, out, CONFIG, shard_size=4, executor="local", progress=False, overwrite_changed=True)
+    assert (changed.shards_done, changed.shards_skipped, changed.shards_changed) == (1, 1, ["shard-000001"])
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == kept
+    label(records, tmp_path / "fresh", CONFIG, shard_size=4, executor="local", progress=False)
+    assert digests(out) == digests(tmp_path / "fresh")
+
+    shrunk = {i: f"{i:012d}.jpg" for i in range(1, 5)}  # the second shard's images all leave
+    make_coco(root, "val2017", shrunk)
+    with pytest.raises(Exception, match="shard-000001.json is a shard beyond the 1 this run plans"):
+        label(coco_records(root, "val2017"), out, CONFIG, shard_size=4, executor="local", progress=False)
+    label(coco_records(root, "val2017"), out, CONFIG, shard_size=4, executor="local", progress=False,
+          overwrite_changed=True)
+    assert sorted(digests(out)) == ["shard-000000.tar"]
+    assert len(json.loads((out / "labels.json").read_text())["shards"]) == 1
+
+
+@pytest.fixture
+def hang_guard():
+    """Fail (rather than hang the suite) if the test body blocks for a minute: a guard, not a timing."""
+    def hung(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifos_devices_and_oversized_files_are_per_image_failures(tmp_path, hang_guard):
+    root = tmp_path / "coco"
+    (root / "val2017").mkdir(parents=True)
+    write_jpeg(root / "val2017" / "good.jpg", photo("astronaut", 96))
+    write_jpeg(root / "val2017" / "big.jpg", photo("astronaut", 160))
+    make_coco(root, "val2017", {1: "good.jpg", 4: "big.jpg"})
+    os.mkfifo(root / "val2017" / "fifo.jpg")  # opened for reading without a writer, this would block
+    ann = root / "annotations" / "instances_val2017.json"
+    doc = json.loads(ann.read_text())
+    doc["images"] += [{"id": 2, "file_name": "fifo.jpg"}, {"id": 3, "file_name": "/dev/zero"}]
+    ann.write_text(json.dumps(doc))
+    cap = (root / "val2017" / "good.jpg").stat().st_size
+    args = ["label", "coco", "--teacher", "classic", "--coco-root", str(root), "--out", str(tmp_path / "out"),
+            "--executor", "local", "--no-progress", "--max-failure-rate", "1", "--max-image-bytes", str(cap)]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1 and "id 3 ('/dev/zero')" in refused.output and "--allow-outside-root" in refused.output
+
+    result = CliRunner().invoke(cli, [*args, "--allow-outside-root"])
+    assert result.exit_code == 0, result.output
+    marker = json.loads((tmp_path / "out" / "classic" / "val2017" / "shard-000000.json").read_text())
+    reasons = {f["key"][-1]: f["reason"] for f in marker["failures"]}
+    assert marker["keys"] == ["000000000001"]
+    assert reasons["2"] == "not a regular file" and reasons["3"] == "not a regular file"
+    assert reasons["4"].startswith("file too large") and "--max-image-bytes" in reasons["4"]
+
+
+def test_a_symlink_out_of_an_image_folder_is_a_per_image_failure(tmp_path):
+    photos, outside = tmp_path / "photos", tmp_path / "outside"
+    photos.mkdir()
+    outside.mkdir()
+    write_jpeg(photos / "a.jpg", photo("coffee", 96))
+    write_jpeg(outside / "secret.jpg", photo("chelsea", 96))
+    (photos / "b.jpg").symlink_to(outside / "secret.jpg")
+    args = ["label", "folder", "--teacher", "classic", "--images", str(photos), "--out", str(tmp_path / "out"),
+            "--executor", "local", "--no-progress", "--max-failure-rate", "1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "b (" in result.output and "outside the image folder" in result.output
+    allowed = CliRunner().invoke(cli, [*args, "--allow-outside-root", "--out", str(tmp_path / "allowed")])
+    assert allowed.exit_code == 0 and "images labelled                2" in allowed.output
+
+
+def test_errors_keep_their_cause_in_one_line():
+    import ray.exceptions
+
+    from pipeline.common.errors import error_message
+
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = ray.exceptions.RayTaskError("label_shard", "Traceback (most recent call last):\n  ...\n"
+                                          "\x1b[31mOSError: [Errno 28] No space left on device\x1b[0m", enospc,
+                                          proctitle="ray::ShardLabeler", pid=1, ip="127.0.0.1")
+    assert error_message(wrapped) == error_message(wrapped.as_instanceof_cause()) == "No space left on device"
+    assert error_message(IndexError()) == "IndexError" and error_message(OSError()) == "OSError"
+    assert error_message(KeyError("shard")) == "KeyError: 'shard'"
+    assert error_message(RuntimeError("\x1b[1m\x1b[31mboom\x1b[0m\n\tdetails")) == "RuntimeError: boom"
+    assert error_message(ValueError("Traceback (most recent call last):\n  File x\nValueError: bad")) == "ValueError: bad"
+
+
+def test_a_failing_shard_is_one_error_line_and_a_broken_preview_only_a_warning(coco_tree, tmp_path, monkeypatch):
+    import pipeline.label.driver
+    import pipeline.label.worker
+
+    args = ["label", "coco", "--teacher", "classic", "--coco-root", str(coco_tree), "--out", str(tmp_path),
+            "--shard-size", "3", "--executor", "local", "--no-progress", "--retries", "0"]
+    real = pipeline.label.worker.write_shard
+
+    def fail_second(folder, name, samples, marker):
+        if name == "shard-000001":
+            raise IndexError()  # an exception without a message
+        return real(folder, name, samples, marker)
+
+    monkeypatch.setattr(pipeline.label.worker, "write_shard", fail_second)
+    failed = CliRunner().invoke(cli, args)
+    assert failed.exit_code == 1 and isinstance(failed.exception, SystemExit)
+    assert "Error: 1 of 3 shards failed (shard-000001: IndexError)" in failed.output
+    assert "images labelled                5" in failed.output and "Traceback" not in failed.output
+    monkeypatch.setattr(pipeline.label.worker, "write_shard", real)
+
+    def no_preview(*a, **k):
+        raise OSError(errno.EACCES, "Permission denied", "preview.png")
+
+    monkeypatch.setattr(pipeline.label.driver, "write_preview", no_preview)
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert "warning: preview.png not written: Permission denied: preview.png" in done.output
+    assert "images labelled                3" in done.output and (tmp_path / "classic/val2017/labels.json").is_file()
+
+    def no_index(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.label.driver, "write_index", no_index)
+    (tmp_path / "classic/val2017/shard-000002.json").unlink()
+    no_space = CliRunner().invoke(cli, args)
+    assert no_space.exit_code == 1 and "Traceback" not in no_space.output
+    assert "Error: every shard is finished but" in no_space.output
+    assert "labels.json could not be written (No space left on device); re-run" in no_space.output
+
+
+def test_a_ray_task_error_shows_the_original_cause(coco_tree, tmp_path):
+    """OSError(ENOSPC) raised inside a Ray actor reaches the user as "No space left on device", no traceback."""
+    import ray
+
+    def no_space_left():  # runs in every Ray worker process before any task: shard writes fail there
+        import errno
+
+        import pipeline.label.worker
+
+        def write_shard(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        pipeline.label.worker.write_shard = write_shard
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, object_store_memory=256 * 1024**2,
+             runtime_env={"worker_process_setup_hook": no_space_left})
+    try:
+        result = CliRunner().invoke(cli, ["label", "coco", "--teacher", "classic", "--coco-root", str(coco_tree),
+                                          "--out", str(tmp_path), "--shard-size", "8", "--io-threads", "2",
+                                          "--retries", "0", "--no-progress"])
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "Error: 1 of 1 shards failed (shard-000000: No space left on device)" in result.output
+    assert "Traceback" not in result.output and "\x1b[" not in result.output

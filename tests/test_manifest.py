@@ -300,6 +300,15 @@ def test_plan_is_a_pure_function_of_declaration_state_and_outputs(tmp_path):
     assert plan(m, done, {}, only=["b"])[0] == ("a", "skip", "not selected")
 
 
+def test_options_added_to_a_command_later_re_run_nothing_at_their_old_behaviour(tmp_path):
+    """`pipeline label` got --allow-outside-root / --max-image-bytes (results) and --retry-failed /
+    --overwrite-changed (how to resume): steps recorded before them keep their fingerprints."""
+    settings = small_manifest(tmp_path).steps["a"].settings
+    assert not {"allow_outside_root", "max_image_bytes", "retry_failed", "overwrite_changed"} & set(settings)
+    capped = small_manifest(tmp_path, shard_size="4, max_image_bytes: 1000, retry_failed: true")
+    assert capped.steps["a"].settings["max_image_bytes"] == 1000 and "retry_failed" not in capped.steps["a"].settings
+
+
 # -- bad manifests -------------------------------------------------------------------------------
 
 STEP = "  a:\n    run: label\n    with: {source: coco, teacher: classic}\n"

@@ -1,6 +1,8 @@
 """Sources: COCO trees through pycocotools and plain folders, cut into deterministic shards."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +68,48 @@ def test_shard_plan_is_deterministic_and_covers_everything(coco_tree):
     assert [k for p in plans for k in p.keys] == [r.key for r in records]
     assert plan_shards(coco_records(coco_tree, "val2017"), 3) == plans
     json.dumps([p.keys for p in plans])  # keys are plain strings
+
+
+def _annotations(root, images) -> None:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps({"images": images, "annotations": []}))
+
+
+@pytest.mark.parametrize("images, message", [
+    ([{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id": 1, "file_name": "c.jpg"}],
+     r"instances_val2017.json: image ids must be unique; duplicated: 1 \(entries #0, #2\)"),
+    ([{"id": 1, "file_name": "a.jpg"}, {"id": "7", "file_name": "b.jpg"}],
+     r"instances_val2017.json: image ids must be integers; entries #1 \(id '7', file_name 'b.jpg'\)"),
+    ([{"id": 1.5, "file_name": "a.jpg"}], r"must be integers; entries #0 \(id 1.5"),
+])
+def test_duplicate_or_non_integer_ids_are_refused_up_front(coco_tree, images, message):
+    _annotations(coco_tree, images)
+    with pytest.raises(SourceError, match=message):
+        coco_records(coco_tree, "val2017")
+
+
+@pytest.mark.parametrize("file_name", ["../../outside/secret.jpg", "OUTSIDE/secret.jpg", "escape.jpg", "/dev/zero"])
+def test_paths_outside_the_image_folder_are_refused_up_front(tmp_path, file_name):
+    """``..``, an absolute path, a symlink leading out, a device: SourceError naming the entry, unless allowed."""
+    root, outside = tmp_path / "coco", tmp_path / "outside"  # <root>/val2017/../../outside is outside
+    (root / "val2017").mkdir(parents=True)
+    outside.mkdir()
+    write_jpeg(outside / "secret.jpg", photo("coffee", 32))
+    (root / "val2017" / "escape.jpg").symlink_to(outside / "secret.jpg")
+    write_jpeg(root / "val2017" / "fine.jpg", photo("coffee", 32))
+    file_name = file_name.replace("OUTSIDE", str(outside))
+    _annotations(root, [{"id": 1, "file_name": "fine.jpg"}, {"id": 2, "file_name": file_name}])
+    with pytest.raises(SourceError, match=rf"instances_val2017.json: file_name outside the image folder .* "
+                                          rf"id 2 \('{re.escape(file_name)}'\).*--allow-outside-root"):
+        coco_records(root, "val2017")
+    allowed = coco_records(root, "val2017", allow_outside_root=True)
+    assert [r.key for r in allowed] == ["000000000001", "000000000002"]
+    assert allowed[1].root is None and allowed[1].path == str(Path(root / "val2017" / file_name).resolve())
+
+
+def test_inside_paths_are_kept_and_remember_their_folder(coco_tree):
+    (coco_tree / "val2017" / "sub").mkdir()
+    (coco_tree / "val2017" / "sub" / "link.jpg").symlink_to(coco_tree / "val2017" / "000000000003.jpg")
+    _annotations(coco_tree, [{"id": 3, "file_name": "sub/../000000000003.jpg"}, {"id": 4, "file_name": "sub/link.jpg"}])
+    records = coco_records(coco_tree, "val2017")
+    assert [r.root for r in records] == [str((coco_tree / "val2017").resolve())] * 2

@@ -46,37 +46,48 @@ from pipeline.cli.options import echo_result, image_size
 @click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.01,
               help="Exit non-zero when more than this fraction of images failed.")
 @click.option("--overwrite", is_flag=True, help="Delete existing shards in the output folder and start over.")
+@click.option("--overwrite-changed", is_flag=True,
+              help="Relabel finished shards whose images are not the ones this run plans (the source or "
+                   "--shard-size changed) and remove shards beyond the plan; the others are kept.")
+@click.option("--retry-failed", is_flag=True,
+              help="Relabel the failed images of finished shards (each such shard is rewritten in plan order).")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Label image paths that resolve outside the image folder (.., absolute, symlinks out).")
+@click.option("--max-image-bytes", type=click.IntRange(min=1), default=64 * 1024**2,
+              help="Bigger image files are per-image failures.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_size, image_size, batch_size,
               jpeg_quality, device, precision, io_threads, executor, address, gpus, cpu_workers, retries,
-              max_failure_rate, overwrite, progress):
+              max_failure_rate, overwrite, overwrite_changed, retry_failed, allow_outside_root, max_image_bytes,
+              progress):
     """Label a COCO split or a folder of images with a teacher into WebDataset shards.
 
-    Re-running the same command skips finished shards and redoes partial ones.
+    Re-running the same command skips finished shards (per-image failures included) and redoes partial ones.
     """
-    from pipeline.label.driver import LabelError, exit_code, label
+    from pipeline.common.errors import error_message
+    from pipeline.label.driver import exit_code, label, run_error
     from pipeline.label.worker import LabelConfig
-    from pipeline.label.sources import SourceError, coco_records, folder_records
-    from teachers.weights import WeightsError
+    from pipeline.label.sources import coco_records, folder_records
 
+    if source == "folder" and images is None:
+        raise click.UsageError("source 'folder' needs --images DIR")
     try:
         if source == "coco":
-            records, name = coco_records(coco_root, split), split
+            records, name = coco_records(coco_root, split, allow_outside_root=allow_outside_root), split
         else:
-            if images is None:
-                raise click.UsageError("source 'folder' needs --images DIR")
-            records, name = folder_records(images), images.resolve().name
+            records, name = folder_records(images, allow_outside_root=allow_outside_root), images.resolve().name
         config = LabelConfig(teacher=teacher, weights=weights, image_size=image_size, batch_size=batch_size,
-                             jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads)
+                             jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads,
+                             max_image_bytes=max_image_bytes)
         summary = label(records, out / teacher / name, config, shard_size=shard_size, overwrite=overwrite,
-                        executor=executor, address=address, gpus=gpus, cpu_workers=cpu_workers,
-                        retries=retries, progress=progress)
-    except (SourceError, LabelError, WeightsError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+                        overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
+                        address=address, gpus=gpus, cpu_workers=cpu_workers, retries=retries, progress=progress)
+    except Exception as e:  # noqa: BLE001 - every failure is one "Error: <sentence>" line, never a traceback
+        raise click.ClickException(error_message(e)) from None
     echo_result(summary, summary.failures, lambda f: f"{f['key']} ({f['file']}): {f['reason']}")
+    for warning in summary.warnings:
+        click.echo(f"warning: {warning}", err=True)
     code = exit_code(summary, max_failure_rate)
     if code:
-        click.echo(f"error: {summary.failed} of {summary.planned_images} images failed "
-                   f"(more than --max-failure-rate {max_failure_rate})" if not summary.shards_failed else
-                   f"error: shards failed: {', '.join(summary.shards_failed)}", err=True)
+        click.echo(f"Error: {run_error(summary, max_failure_rate)}", err=True)
     sys.exit(code)

@@ -7,8 +7,9 @@ import click
 from pipeline import __version__
 from pipeline.cli.label import label_cmd
 from pipeline.cli.run import run_cmd, status_cmd
-from pipeline.cli.score import eval_cmd, fixations_cmd, predict_cmd, profile_cmd
+from pipeline.cli.score import eval_cmd, export_cmd, fixations_cmd, predict_cmd, profile_cmd
 from pipeline.cli.train import train_cmd
+from pipeline.cli.verify import verify_cmd
 from pipeline.cli.weights import teachers_cmd, weights_group
 
 
@@ -19,8 +20,8 @@ def cli():
     train fast students from them, and score and profile every model."""
 
 
-for _command in (label_cmd, weights_group, train_cmd, teachers_cmd, fixations_cmd, eval_cmd, predict_cmd,
-                 profile_cmd, run_cmd, status_cmd):
+for _command in (label_cmd, verify_cmd, weights_group, train_cmd, teachers_cmd, fixations_cmd, eval_cmd,
+                 predict_cmd, profile_cmd, export_cmd, run_cmd, status_cmd):
     cli.add_command(_command)
 
 

@@ -81,14 +81,15 @@ def model_options(fn):
 
 
 def build_model(checkpoint, teacher, student, weights, student_output, device, precision, require_weights=True,
-                student_options=None):
+                student_options=None, map_name="saliency"):
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
     try:
         return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
                                student_output=student_output, device=device, precision=precision,
-                               require_weights=require_weights, student_options=student_options)
+                               require_weights=require_weights, student_options=student_options,
+                               map_name=map_name)
     except (PredictorError, WeightsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -100,3 +101,22 @@ def echo_result(result, failures: list[dict], describe, limit: int = 10) -> None
         click.echo(f"failed: {describe(f)}", err=True)
     if len(failures) > limit:
         click.echo(f"… and {len(failures) - limit} more failures", err=True)
+
+
+runtime_option = click.option(
+    "--runtime", type=click.Choice(["torch", "onnx"]), default="torch",
+    help="torch: PyTorch; onnx: the student exported in memory and run by ONNX Runtime on the CPU "
+         "(needs the onnx extra).")
+
+
+def with_runtime(predictor, runtime: str, input_size=None):
+    """``predictor`` itself (torch), or the same student served by ONNX Runtime."""
+    if runtime == "torch":
+        return predictor
+    from pipeline.score.predictors import PredictorError
+    from pipeline.score.serving import onnx_predictor
+
+    try:
+        return onnx_predictor(predictor, input_size)
+    except (PredictorError, ValueError) as e:
+        raise click.ClickException(str(e)) from None

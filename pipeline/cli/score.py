@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
+import students
 import teachers
-from pipeline.cli.options import build_model, echo_result, model_options
+
+from pipeline.cli.options import build_model, echo_result, model_options, runtime_option, with_runtime
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 
@@ -48,40 +51,58 @@ def fixations_cmd(dataset, root, split, out):
               help="IG baseline: the dataset's own fixations pooled and blurred, or uniform.")
 @click.option("--sigma", "sigma_frac", type=click.FloatRange(min=0), default=0.034,
               help="Blur of the empirical fixation map (CC, KLDiv, SIM), as a fraction of the image's longer side.")
+@click.option("--map", "map_name", type=click.Choice(["saliency", *students.registry.all_maps()]), default="saliency",
+              help="Which map of a student to score: its saliency, or an extra map (SACT's ponder map) scored "
+                   "as unsupervised saliency: blurred, normalised and mixed with a centre baseline, both fitted "
+                   "on the first half of each category of --fixations and scored on the other half.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4, help="Threads decoding images and scoring.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the metrics (means and per image) to this JSON file.")
 @click.option("--progress/--no-progress", default=True)
-def eval_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, fixations, labels, val_shards,
-             baseline, sigma_frac, limit, batch_size, io_threads, out, progress):
+def eval_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, fixations,
+             labels, val_shards, baseline, sigma_frac, map_name, limit, batch_size, io_threads, out, progress):
     """Score a model on human fixations (--fixations) or on held-out teacher labels (--labels)."""
     from pipeline.train.data import DataError
+    from pipeline.score.calibrate import evaluate_calibrated
     from pipeline.score.evaluate import evaluate_fixations, evaluate_shards
     from pipeline.score.fixations import FixationError, read_hdf5
 
     if (fixations is None) == (labels is None):
         raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
+    if map_name != "saliency" and fixations is None:
+        raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations")
     try:
         fs = read_hdf5(fixations) if fixations else None
     except FixationError as e:
         raise click.ClickException(str(e)) from None
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                            student_options=student_options)
+                            student_options=student_options, map_name=map_name)
+    calibration = None
     try:
-        if fs is not None:
+        if map_name != "saliency":
+            result, calibration = evaluate_calibrated(predictor, fs, batch_size=batch_size, baseline=baseline,
+                                                      sigma_frac=sigma_frac, io_threads=io_threads, limit=limit,
+                                                      progress=progress)
+        elif fs is not None:
             result = evaluate_fixations(predictor, fs, batch_size=batch_size, baseline=baseline,
                                         sigma_frac=sigma_frac, io_threads=io_threads, limit=limit, progress=progress)
         else:
             result = evaluate_shards(predictor, labels, val_shards=val_shards, batch_size=batch_size, limit=limit,
                                      progress=progress)
-    except DataError as e:
+    except (DataError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     echo_result(result, result.failures, lambda f: f"{f['path']}: {f['reason']}")
+    if calibration is not None:
+        click.echo(f"calibration: blur {calibration.blur_frac:g} of the longer side, centre weight "
+                   f"{calibration.center_weight:g} (AUC-Judd {calibration.auc_judd:.4f} on {calibration.images} images)")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, result.to_json())
+        doc = result.to_json()
+        if calibration is not None:
+            doc["calibration"] = dataclasses.asdict(calibration)
+        write_json(out, doc)
         click.echo(f"metrics: {out}")
     if not result.per_image:
         raise click.ClickException("no image could be scored")
@@ -101,15 +122,16 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
 @click.option("--compare-weights", default=None, help="With --compare-teacher: that teacher's --weights.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4)
+@runtime_option
 @click.option("--progress/--no-progress", default=True)
-def predict_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, images, out, format_,
-                compare_teacher, compare_weights, batch_size, io_threads, progress):
+def predict_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, images,
+                out, format_, compare_teacher, compare_weights, batch_size, io_threads, runtime, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.score.predict import predict_folder
     from pipeline.label.sources import SourceError
 
-    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                            student_options=student_options)
+    predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
+                                         student_options=student_options), runtime)
     compare = None
     if compare_teacher:
         compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision)
@@ -131,8 +153,9 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
 @click.option("--iters", type=click.IntRange(min=1), default=10, help="Timed forward passes (after 3 warm-up).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write JSON here.")
+@runtime_option
 def profile_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, image_size,
-                batch_size, iters, out):
+                batch_size, iters, out, runtime):
     """Parameters, GFLOPs per image (torch's FLOP counter) and measured images/s of a model.
 
     --student needs no --weights here: an untrained model has the same size and speed.
@@ -147,9 +170,34 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
         if size[0] % stride or size[1] % stride:
             raise click.BadParameter(f"{predictor.model.name} needs H and W multiples of {stride}, e.g. 192x256; "
                                      f"got {image_size!r}", param_hint="'--image-size'")
+    predictor = with_runtime(predictor, runtime, size)
     result = profile(predictor, input_size=size, batch_size=batch_size, iters=iters)
     click.echo(result.table())
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result.to_json())
         click.echo(f"profile: {out}")
+
+
+@click.command("export")
+@model_options
+@click.option("--format", "format_", type=click.Choice(["onnx"]), default="onnx", help="The file format.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The file to write.")
+@click.option("--image-size", default=None,
+              help="Input HxW of the graph (its batch is dynamic).  [default: a checkpoint's training size, else "
+                   "192x256]")
+@click.option("--opset", type=click.IntRange(min=13), default=17, help="ONNX opset.")
+def export_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, format_,
+               out, image_size, opset):
+    """Export a student for serving: an ONNX graph from uint8 images to logits, checked against PyTorch."""
+    from pipeline.score.predictors import PredictorError
+    from pipeline.score.serving import export_onnx
+
+    size = parse_size(None, None, image_size) if image_size else None
+    predictor = build_model(checkpoint, teacher, student, weights, student_output, "cpu", "fp32",
+                            require_weights=False, student_options=student_options)
+    try:
+        result = export_onnx(predictor, out, input_size=size, opset=opset)
+    except (PredictorError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(result.table())

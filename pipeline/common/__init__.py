@@ -1,2 +1,2 @@
 """What every stage shares: atomic file writes, image decoding and encoding, device and precision
-choice, the table printer and the decode-ahead helper. Imports nothing else of :mod:`pipeline`."""
+choice, the table printer, the decode-ahead helper and one-line error messages. Imports nothing else of :mod:`pipeline`."""

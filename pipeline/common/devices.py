@@ -20,15 +20,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def use_autocast(device: torch.device, precision: str, option: str = "--precision") -> bool:
-    """Whether to run under bf16 autocast: ``auto`` means bf16 on a GPU and fp32 elsewhere.
+    """Whether to run under bf16 autocast: ``auto`` means bf16 on a GPU and fp32 elsewhere; ``bf16`` asks for
+    it on any device (PyTorch autocasts on CPU too, so the bf16 path runs and is tested without a GPU).
 
-    ``precision``: auto | fp32 | off | bf16; bf16 off a GPU is refused, naming ``option``.
+    ``precision``: auto | fp32 | off | bf16 (``option`` names the flag in messages).
     """
-    if precision == "bf16" and device.type != "cuda":
-        raise DeviceError(f"bf16 needs a GPU; use {option} {'off' if option == '--amp' else 'fp32'} on CPU")
-    return device.type == "cuda" and precision in ("auto", "bf16")
+    if precision not in ("auto", "fp32", "off", "bf16"):
+        raise DeviceError(f"unknown {option} {precision!r} (auto, fp32 or bf16)")
+    return precision == "bf16" or (device.type == "cuda" and precision == "auto")
 
 
 def autocast(device: torch.device, enabled: bool):
-    """The autocast context for ``device`` (bf16), or a no-op when not ``enabled``."""
-    return torch.autocast(device.type if device.type == "cuda" else "cpu", dtype=torch.bfloat16, enabled=enabled)
+    """The bf16 autocast context for ``device`` (CUDA or CPU), or a no-op when not ``enabled``."""
+    return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16, enabled=enabled)

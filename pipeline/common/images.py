@@ -6,6 +6,9 @@ shard's marker json; nothing here stops a run.
 
 from __future__ import annotations
 
+import os
+import stat
+
 import cv2
 import numpy as np
 
@@ -44,15 +47,38 @@ def decode_image(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def read_image(path: str) -> np.ndarray:
+#: largest image file read by default (a bigger file is a per-image failure, not a memory blow-up)
+MAX_IMAGE_BYTES = 64 * 1024**2
+
+
+def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``. A FIFO, device or socket is refused at
+    once (opened non-blocking, never read), so a bad path can neither hang nor read forever."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except OSError as e:
-        raise ImageError(f"cannot read file: {e.strerror or e}") from None
-    return decode_image(data)
+        raise ImageError(f"cannot read file: {e.strerror or type(e).__name__}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise ImageError(f"file too large ({st.st_size} bytes; the limit is {max_bytes}, --max-image-bytes)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+    except OSError as e:
+        raise ImageError(f"cannot read file: {e.strerror or type(e).__name__}") from None
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:  # grew while we read it
+        raise ImageError(f"file too large (more than {max_bytes} bytes, --max-image-bytes)")
+    return data
+
+
+def read_image(path: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> np.ndarray:
+    return decode_image(read_file(path, max_bytes))
 
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

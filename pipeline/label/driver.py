@@ -18,10 +18,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.common.atomic import remove_stale_temps, write_json
+from pipeline.common.errors import error_message
 from pipeline.common.tables import table
 from pipeline.label.worker import LabelConfig, ShardLabeler
 from pipeline.label.preview import write_preview
-from pipeline.label.shards import ENCODING_VERSION, verify_shard
+from pipeline.label.shards import (ENCODING_VERSION, marker_path, planned_keys, read_marker, tar_path,
+                                   verify_shard)
 from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
 
 
@@ -40,8 +42,12 @@ class LabelSummary:
     shards_done: int = 0
     shards_skipped: int = 0
     shards_failed: list[str] = field(default_factory=list)
+    shard_errors: dict[str, str] = field(default_factory=dict)  # failed shard → why (one line)
+    shards_changed: list[str] = field(default_factory=list)  # relabelled or removed by --overwrite-changed
     wall_s: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what went wrong after the shards, harmlessly
+    error: str = ""  # what went wrong after the shards and fails the run (labels.json not written)
 
     @property
     def failure_rate(self) -> float:
@@ -54,7 +60,8 @@ class LabelSummary:
             ("images failed", f"{self.failed} ({100 * self.failure_rate:.2f}%)"),
             ("images skipped (already done)", f"{self.skipped}"),
             ("shards", f"{self.shards_done} written, {self.shards_skipped} already done, "
-                       f"{len(self.shards_failed)} failed, {self.shards_total} in all"),
+                       f"{len(self.shards_failed)} failed, {self.shards_total} in all"
+                       + (f"; {len(self.shards_changed)} replaced (the source changed)" if self.shards_changed else "")),
             ("wall time", f"{self.wall_s:.1f} s"),
             ("images/s", f"{rate:.1f}"),
             ("output", str(self.folder)),
@@ -90,38 +97,100 @@ def prepare_folder(folder: Path, overwrite: bool) -> None:
             p.unlink(missing_ok=True)
 
 
-def split_done(plans: list[ShardPlan], folder: Path, identity: dict) -> tuple[list[dict], list[ShardPlan]]:
-    """Markers of finished shards, and the plans still to do. Labels from other settings are an error."""
-    done, todo = [], []
+class SourceChanged(LabelError):
+    """A finished shard holds other images than this run plans for it."""
+
+
+def _first_difference(plan_keys: list[str], shard_keys: list[str]) -> str:
+    for i in range(max(len(plan_keys), len(shard_keys))):
+        want = plan_keys[i] if i < len(plan_keys) else None
+        have = shard_keys[i] if i < len(shard_keys) else None
+        if want != have:
+            if want is None:
+                return f"the shard also holds {have}, which this run does not plan for it"
+            if have is None:
+                return f"this run also plans {want}, which the shard does not hold"
+            return f"this run plans {want} where the shard holds {have}"
+    return "the same keys, one of them twice"
+
+
+CHANGED_HINT = ("the source (or --shard-size) changed; re-run with --overwrite-changed to relabel only the "
+                "changed shards, or --overwrite to start over")
+
+
+@dataclass
+class Split:
+    """What a run finds in its output folder: finished shards, shards to (re)write, and the rest."""
+    done: list[dict] = field(default_factory=list)  # markers of finished shards, reused as they are
+    todo: list[ShardPlan] = field(default_factory=list)
+    reuse: dict[int, dict] = field(default_factory=dict)  # index → marker: relabel only its failed images
+    changed: list[str] = field(default_factory=list)  # finished shards of other images (--overwrite-changed)
+    surplus: list[str] = field(default_factory=list)  # finished shards beyond the plan (--overwrite-changed)
+
+
+def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrite_changed: bool = False,
+               retry_failed: bool = False) -> Split:
+    """Sort the plans into finished shards and shards to do. Labels from other settings are an error, and
+    so is a finished shard of other images (the source changed) unless ``overwrite_changed``.
+
+    A shard is finished when its marker's settings and sha256 hold and the images it planned (labelled plus
+    failed, as a set) are this plan's; per-image failures are part of a finished shard. ``retry_failed``
+    sends finished shards with failures back, to relabel only those images.
+    """
+    split = Split()
     expect = {**identity, "encoding_version": ENCODING_VERSION}
     for plan in plans:
         marker, reason = verify_shard(folder, plan.name, expect)
         if marker is not None and not reason:
-            if marker.get("keys", []) + [f["key"] for f in marker.get("failures", [])] != plan.keys:
-                # identical settings but other images: the source changed under the same folder
-                raise LabelError(f"{folder / plan.name}.json lists other images than this run plans; "
-                                 "the source changed: use --overwrite or another --out")
-            done.append(marker)
+            have = planned_keys(marker)
+            if len(have) != len(plan.keys) or set(have) != set(plan.keys):
+                if not overwrite_changed:
+                    raise SourceChanged(f"{folder / plan.name}.tar holds other images than this run plans for it "
+                                        f"({_first_difference(plan.keys, have)}): {CHANGED_HINT}")
+                split.changed.append(plan.name)
+                split.todo.append(plan)
+            elif retry_failed and marker.get("failures"):
+                split.reuse[plan.index] = marker
+                split.todo.append(plan)
+            else:
+                split.done.append(marker)
             continue
         if marker is not None and "differs" in reason:
             raise LabelError(f"{folder} holds labels made with other settings ({plan.name}: {reason}); "
                              "use --overwrite to replace them or choose another --out")
-        todo.append(plan)
-    return done, todo
+        split.todo.append(plan)
+    planned = {p.name for p in plans}
+    for path in sorted(folder.glob("shard-*.json")):
+        if path.stem not in planned and read_marker(folder, path.stem) is not None:
+            if not overwrite_changed:
+                raise SourceChanged(f"{path} is a shard beyond the {len(plans)} this run plans: {CHANGED_HINT}")
+            split.surplus.append(path.stem)
+    return split
 
 
-def _run_local(labeler: ShardLabeler, todo, folder, bar, on_done, retries):
+def remove_shard(folder: Path, name: str) -> None:
+    """Marker first (a tar without its marker is an unfinished shard), then the tar."""
+    marker_path(folder, name).unlink(missing_ok=True)
+    tar_path(folder, name).unlink(missing_ok=True)
+
+
+def _pending(plan: ShardPlan, reuse: dict[int, dict]) -> int:
+    """Images of ``plan`` this run labels (all, or only the failed ones of a shard it reuses)."""
+    return len(plan.records) - len(reuse[plan.index]["keys"]) if plan.index in reuse else len(plan.records)
+
+
+def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries):
     for plan in todo:
         for attempt in range(retries + 1):
             try:
-                on_done(plan, labeler.label_shard(plan, folder, progress=bar.update), None)
+                on_done(plan, labeler.label_shard(plan, folder, progress=bar.update, reuse=reuse.get(plan.index)), None)
                 break
             except Exception as e:  # noqa: BLE001 - a shard-level failure is retried, then recorded
                 if attempt == retries:
                     on_done(plan, None, e)
 
 
-def _run_ray(config: LabelConfig, todo, folder, bar, on_done, retries, address, gpus, cpu_workers):
+def _run_ray(config: LabelConfig, todo, reuse, folder, bar, on_done, retries, address, gpus, cpu_workers):
     import ray
 
     if not ray.is_initialized():
@@ -145,12 +214,12 @@ def _run_ray(config: LabelConfig, todo, folder, bar, on_done, retries, address, 
     while queue or running:
         while queue and idle:
             plan, actor = queue.pop(0), idle.pop()
-            running[actor.label_shard.remote(plan, str(folder))] = (plan, actor)
+            running[actor.label_shard.remote(plan, str(folder), reuse=reuse.get(plan.index))] = (plan, actor)
         ready, _ = ray.wait(list(running), num_returns=1)
         plan, actor = running.pop(ready[0])
         try:
             marker = ray.get(ready[0])
-            bar.update(marker["planned"])
+            bar.update(_pending(plan, reuse))
             on_done(plan, marker, None)
             idle.append(actor)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
@@ -161,14 +230,21 @@ def _run_ray(config: LabelConfig, todo, folder, bar, on_done, retries, address, 
             if attempts[plan.index] <= retries:
                 queue.append(plan)
             else:
-                bar.update(len(plan.records))
+                bar.update(_pending(plan, reuse))
                 on_done(plan, None, e)
 
 
 def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *, shard_size: int = 1000,
-          overwrite: bool = False, executor: str = "ray", address: str | None = None, gpus: int | None = None,
-          cpu_workers: int = 1, retries: int = 2, progress: bool = True) -> LabelSummary:
-    """Label ``records`` into ``folder``: finished shards are skipped, the rest are (re)done."""
+          overwrite: bool = False, overwrite_changed: bool = False, retry_failed: bool = False,
+          executor: str = "ray", address: str | None = None, gpus: int | None = None, cpu_workers: int = 1,
+          retries: int = 2, progress: bool = True) -> LabelSummary:
+    """Label ``records`` into ``folder``: finished shards are skipped, the rest are (re)done.
+
+    ``overwrite_changed``: relabel finished shards whose images are not the ones planned (and remove
+    finished shards beyond the plan) instead of refusing. ``retry_failed``: relabel the failed images of
+    finished shards. Once every shard is finished, ``labels.json`` is written (a failure there is
+    ``summary.error``) and ``preview.png`` (a failure there is only a warning).
+    """
     folder = Path(folder)
     start = time.perf_counter()
     prepare_folder(folder, overwrite)
@@ -182,46 +258,72 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
         if identity["weights_random"]:
             warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
                           "(marked weights_random in every shard)", stacklevel=2)
-        done, todo = split_done(plans, folder, identity)
+        split = split_done(plans, folder, identity, overwrite_changed=overwrite_changed, retry_failed=retry_failed)
+        todo, reuse = split.todo, split.reuse
+        if todo or split.surplus:
+            (folder / "labels.json").unlink(missing_ok=True)  # the dataset is not finished until every shard is
+        for name in split.surplus:
+            remove_shard(folder, name)
         summary = LabelSummary(folder=folder, planned_images=len(records), shards_total=len(plans),
-                               shards_skipped=len(done))
-        for m in done:
+                               shards_skipped=len(split.done), shards_changed=split.changed + split.surplus)
+        for m in split.done:
             summary.skipped += m["planned"]
-        markers = {m["index"]: m for m in done}
+        kept = sum(len(m["keys"]) for m in reuse.values())
+        markers = {m["index"]: m for m in split.done}
 
         def on_done(plan: ShardPlan, marker: dict | None, error: Exception | None):
             if marker is None:
                 summary.shards_failed.append(plan.name)
-                print(f"shard {plan.name} failed: {type(error).__name__}: {str(error).splitlines()[0]}",
-                      file=sys.stderr)
+                summary.shard_errors[plan.name] = error_message(error)
+                print(f"shard {plan.name} failed: {summary.shard_errors[plan.name]}", file=sys.stderr)
                 return
             markers[plan.index] = marker
-            summary.shards_done += 1
-            summary.labelled += marker["count"]
+            reused = len(reuse[plan.index]["keys"]) if plan.index in reuse else 0
+            summary.skipped += reused
+            summary.labelled += marker["count"] - reused
+            if plan.index in reuse and marker.get("sha256") == reuse[plan.index].get("sha256"):
+                summary.shards_skipped += 1  # --retry-failed: its failed images failed again, nothing rewritten
+            else:
+                summary.shards_done += 1
             bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
 
-        with tqdm(total=len(records), initial=summary.skipped, unit="img", disable=not progress,
+        with tqdm(total=len(records), initial=summary.skipped + kept, unit="img", disable=not progress,
                   dynamic_ncols=True, desc=f"label {identity['teacher']}", file=sys.stderr) as bar:
             bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
             if todo:
                 if executor == "local":
-                    _run_local(labeler, todo, folder, bar, on_done, retries)
+                    _run_local(labeler, todo, reuse, folder, bar, on_done, retries)
                 else:
-                    _run_ray(config, todo, folder, bar, on_done, retries, address, gpus, cpu_workers)
+                    _run_ray(config, todo, reuse, folder, bar, on_done, retries, address, gpus, cpu_workers)
         labeler.close()
         for m in markers.values():
             summary.failures.extend(m.get("failures", []))
         summary.failed = len(summary.failures) + sum(
             len(p.records) for p in plans if p.name in summary.shards_failed)
         if len(markers) == len(plans):
-            write_index(folder, plans, markers, identity)
-            first = next((markers[p.index] for p in plans if markers[p.index]["count"]), None)
-            if first is not None:
-                write_preview(folder / first["tar"], identity["label_extension"], folder / "preview.png")
+            finish(folder, plans, markers, identity, summary)
         summary.wall_s = time.perf_counter() - start
         return summary
     finally:
         lock.close()
+
+
+def finish(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], identity: dict,
+           summary: LabelSummary) -> None:
+    """After the last shard: ``labels.json`` (a failure fails the run, with a sentence) and ``preview.png``
+    (a failure is a warning: the labels are complete without it)."""
+    try:
+        write_index(folder, plans, markers, identity)
+    except Exception as e:  # noqa: BLE001 - reported as the run's error, the shards stay finished
+        summary.error = (f"every shard is finished but {folder / 'labels.json'} could not be written "
+                         f"({error_message(e)}); re-run the same command to write it")
+        return
+    first = next((markers[p.index] for p in plans if markers[p.index]["count"]), None)
+    if first is not None:
+        try:
+            write_preview(folder / first["tar"], identity["label_extension"], folder / "preview.png")
+        except Exception as e:  # noqa: BLE001 - the preview is for a person to look at, nothing reads it
+            summary.warnings.append(f"preview.png not written: {error_message(e)}")
 
 
 def write_index(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], identity: dict) -> None:
@@ -236,7 +338,21 @@ def write_index(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], 
     })
 
 
-def exit_code(summary: LabelSummary, max_failure_rate: float) -> int:
+def run_error(summary: LabelSummary, max_failure_rate: float) -> str:
+    """Why the run failed, as one sentence ("" when it did not)."""
     if summary.shards_failed:
+        reasons = "; ".join(f"{name}: {summary.shard_errors.get(name) or 'failed'}" for name in summary.shards_failed[:5])
+        more = f"; and {len(summary.shards_failed) - 5} more" if len(summary.shards_failed) > 5 else ""
+        return f"{len(summary.shards_failed)} of {summary.shards_total} shards failed ({reasons}{more})"
+    if summary.error:
+        return summary.error
+    if exit_code(summary, max_failure_rate):
+        return (f"{summary.failed} of {summary.planned_images} images failed "
+                f"(more than --max-failure-rate {max_failure_rate})")
+    return ""
+
+
+def exit_code(summary: LabelSummary, max_failure_rate: float) -> int:
+    if summary.shards_failed or summary.error:
         return 1
     return 1 if summary.failure_rate > max_failure_rate and not math.isclose(summary.failure_rate, max_failure_rate) else 0

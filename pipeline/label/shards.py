@@ -3,7 +3,8 @@
 Protocol (a file format; bump :data:`ENCODING_VERSION` when it changes):
 
 1. the tar is written by ``webdataset.TarWriter`` to a hidden temp name, fsynced, renamed;
-2. the marker json (count, keys, failures, sha256 of the tar, teacher, weights digest, timings)
+2. the marker json (count, keys, failures, the plan's keys in order, sha256 of the tar, teacher,
+   weights digest, timings)
    is written last, atomically. A shard is finished only when its marker exists and the tar's
    sha256 matches it, so a SIGKILL at any moment leaves either nothing or a shard to redo.
 
@@ -13,8 +14,9 @@ Tar members are written with a fixed mtime, so the same samples always give the 
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import webdataset as wds
 
@@ -53,6 +55,50 @@ def write_shard(folder: Path, name: str, samples: Iterable[dict], marker: dict) 
     }
     write_json(marker_path(folder, name), marker)
     return marker
+
+
+def tar_samples(path: str | Path) -> Iterator[dict]:
+    """The samples of a shard tar in file order, as written: ``{"__key__": key, ext: raw bytes, …}``.
+
+    Members are grouped the way webdataset groups them (the key is the name up to its first dot);
+    a key that comes back after other keys starts a new sample, so a mangled tar shows up as such.
+    """
+    sample: dict | None = None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                raise ValueError(f"{path}: member {member.name!r} is not a regular file")
+            key, dot, ext = member.name.partition(".")
+            if not dot or not ext:
+                raise ValueError(f"{path}: member {member.name!r} has no extension")
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key}
+            if ext in sample:
+                raise ValueError(f"{path}: member {member.name!r} appears twice")
+            sample[ext] = tar.extractfile(member).read()
+    if sample is not None:
+        yield sample
+
+
+def read_samples(path: str | Path) -> dict[str, dict]:
+    """Every sample of a shard tar by key, as :func:`tar_samples` reads them (written back by
+    :func:`write_shard`, they give the same bytes)."""
+    out: dict[str, dict] = {}
+    for sample in tar_samples(path):
+        if sample["__key__"] in out:
+            raise ValueError(f"{path}: key {sample['__key__']!r} appears in two places")
+        out[sample["__key__"]] = sample
+    return out
+
+
+def planned_keys(marker: dict) -> list[str]:
+    """The keys a shard's plan held, in plan order; markers written before ``planned_keys`` was
+    recorded give their labelled keys then their failed ones (the same set, maybe another order)."""
+    if isinstance(marker.get("planned_keys"), list):
+        return list(marker["planned_keys"])
+    return list(marker.get("keys", [])) + [f["key"] for f in marker.get("failures", [])]
 
 
 def read_marker(folder: Path, name: str) -> dict | None:

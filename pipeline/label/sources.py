@@ -27,6 +27,7 @@ class ImageRecord:
     path: str  # absolute path of the image file
     height: int | None = None  # as listed by the source (None when unknown before decoding)
     width: int | None = None
+    root: str | None = None  # the folder the file must resolve inside when read (None: anywhere)
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,51 @@ def coco_annotation_file(root: Path, split: str) -> Path:
     )
 
 
-def coco_records(root: str | Path, split: str) -> list[ImageRecord]:
-    """Images of one COCO split, read with pycocotools, sorted by image id."""
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (resolved: ``..`` and symlinks followed) lies under the resolved ``root``."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _entries(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _check_coco_images(ann: Path, images: list) -> None:
+    """Every image entry has an integer id, seen once, and a file name (checked before pycocotools,
+    which silently keeps the last of two entries with the same id)."""
+    if not isinstance(images, list):
+        raise SourceError(f"{ann}: 'images' is not a list")
+    bad, names, seen = [], [], {}
+    for n, info in enumerate(images):
+        if not isinstance(info, dict):
+            bad.append(f"#{n} ({info!r:.40})")
+            continue
+        image_id = info.get("id")
+        if isinstance(image_id, bool) or not isinstance(image_id, int):
+            bad.append(f"#{n} (id {image_id!r:.40}, file_name {info.get('file_name')!r:.60})")
+            continue
+        seen.setdefault(image_id, []).append(n)
+        if not isinstance(info.get("file_name"), str) or not info["file_name"]:
+            names.append(f"#{n} (id {image_id})")
+    if bad:
+        raise SourceError(f"{ann}: image ids must be integers; entries {_entries(bad)} are not")
+    dupes = [f"{i} (entries {', '.join(f'#{n}' for n in ns)})" for i, ns in seen.items() if len(ns) > 1]
+    if dupes:
+        raise SourceError(f"{ann}: image ids must be unique; duplicated: {_entries(dupes)}")
+    if names:
+        raise SourceError(f"{ann}: image entries without a file_name: {_entries(names)}")
+
+
+def coco_records(root: str | Path, split: str, allow_outside_root: bool = False) -> list[ImageRecord]:
+    """Images of one COCO split, read with pycocotools, sorted by image id.
+
+    Image ids must be unique integers. Every ``file_name`` must resolve inside ``<root>/<split>``
+    (no ``..``, no absolute path, no symlink leading out) unless ``allow_outside_root``.
+    """
     from pycocotools.coco import COCO
 
     root = Path(root)
@@ -91,20 +135,28 @@ def coco_records(root: str | Path, split: str) -> list[ImageRecord]:
             coco = COCO(str(ann))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError, AssertionError) as e:
         raise SourceError(f"cannot read COCO annotation file {ann}: {type(e).__name__}: {e}") from e
-    records = []
+    _check_coco_images(ann, coco.dataset.get("images", []))
+    image_root = image_dir.resolve()
+    records, outside = [], []
     for image_id in sorted(coco.getImgIds()):
         info = coco.imgs[image_id]
-        if "file_name" not in info:
-            raise SourceError(f"{ann}: image {image_id} has no file_name")
+        path = image_dir / info["file_name"]
+        if not allow_outside_root and (Path(info["file_name"]).is_absolute() or not inside(path, image_root)):
+            outside.append(f"id {image_id} ({info['file_name']!r})")
+            continue
         records.append(
             ImageRecord(
                 key=coco_key(image_id),
                 source_id=int(image_id),
-                path=str((image_dir / info["file_name"]).resolve()),
+                path=str(path.resolve()),
                 height=info.get("height"),
                 width=info.get("width"),
+                root=None if allow_outside_root else str(image_root),
             )
         )
+    if outside:
+        raise SourceError(f"{ann}: file_name outside the image folder {image_dir} for {_entries(outside)}; "
+                          "use --allow-outside-root to label them anyway")
     if not records:
         raise SourceError(f"{ann} lists no images")
     return records
@@ -116,8 +168,12 @@ def folder_key(relative: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace("/", "__"))
 
 
-def folder_records(folder: str | Path) -> list[ImageRecord]:
-    """Every image file under ``folder`` (recursively), sorted by relative path."""
+def folder_records(folder: str | Path, allow_outside_root: bool = False) -> list[ImageRecord]:
+    """Every image file under ``folder`` (recursively), sorted by relative path.
+
+    A symlink that leads out of ``folder`` is listed, and becomes a per-image failure when read,
+    unless ``allow_outside_root``.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceError(f"image folder not found: {folder}")
@@ -135,7 +191,8 @@ def folder_records(folder: str | Path) -> list[ImageRecord]:
         if key in seen:
             raise SourceError(f"{rel} and {seen[key]} map to the same sample key {key!r}; rename one")
         seen[key] = rel
-        records.append(ImageRecord(key=key, source_id=rel, path=str((folder / rel).resolve())))
+        records.append(ImageRecord(key=key, source_id=rel, path=str((folder / rel).resolve()),
+                                   root=None if allow_outside_root else str(folder.resolve())))
     return records
 
 

@@ -7,6 +7,8 @@ so they overlap with the teacher's forward pass.
 
 from __future__ import annotations
 
+import os
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -21,7 +23,7 @@ from pipeline.common import images
 from pipeline.common.devices import autocast, resolve_device, use_autocast
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import prefetched
-from pipeline.label.shards import ENCODING_VERSION, write_shard
+from pipeline.label.shards import ENCODING_VERSION, read_samples, tar_path, write_shard
 from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
 
@@ -36,6 +38,7 @@ class LabelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     io_threads: int = 4
+    max_image_bytes: int = images.MAX_IMAGE_BYTES  # a bigger file is a per-image failure
 
 
 @dataclass
@@ -52,6 +55,11 @@ def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
     if kind == "log_density":
         return label.astype(np.float16)
     return images.encode_png(np.rint(np.clip(label, 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
+def _inside(path: str, root: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) == top
 
 
 class ShardLabeler:
@@ -82,7 +90,10 @@ class ShardLabeler:
     def _load(self, record: ImageRecord) -> _Item:
         item = _Item(record)
         try:
-            rgb = images.read_image(record.path)
+            if record.root is not None and not _inside(record.path, record.root):
+                raise images.ImageError("outside the image folder (a symlink or path leading out of it; "
+                                        "--allow-outside-root labels it anyway)")
+            rgb = images.read_image(record.path, self.config.max_image_bytes)
         except images.ImageError as e:
             item.error = str(e)
             return item
@@ -126,24 +137,41 @@ class ShardLabeler:
             },
         }
 
-    def label_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None) -> dict:
-        """Label every image of ``plan`` and write ``<folder>/<plan.name>.tar`` + marker; returns the marker."""
+    def label_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None,
+                    reuse: dict | None = None) -> dict:
+        """Label every image of ``plan`` and write ``<folder>/<plan.name>.tar`` + marker; returns the marker.
+
+        ``reuse``: the marker of this shard's finished tar; its labelled samples are copied as they are
+        and only the images it lists as failed are labelled again (``--retry-failed``). The tar holds
+        the samples in plan order either way, so it is the tar a run where they never failed writes.
+        When every one of them fails again, nothing is rewritten and ``reuse`` is returned.
+        """
         folder = Path(folder)
         t0 = time.perf_counter()
         timings = {"forward_s": 0.0, "wait_decode_s": 0.0, "wait_encode_s": 0.0}
-        failures, encoded, batch = [], [], []
+        failures, encoded, batch = [], {}, []
+        kept = {}
+        if reuse:
+            try:
+                kept = read_samples(tar_path(folder, plan.name))
+            except (OSError, ValueError, tarfile.TarError):
+                kept = {}
+            if list(kept) != reuse.get("keys"):  # not the tar the marker describes: label it all again
+                kept, reuse = {}, None
+        todo = tuple(r for r in plan.records if r.key not in kept)
 
         def flush():
             t = time.perf_counter()
             labels = self._forward(batch)
             timings["forward_s"] += time.perf_counter() - t
-            encoded.extend(self.pool.submit(self._sample, it, lab) for it, lab in zip(batch, labels))
+            for it, lab in zip(batch, labels):
+                encoded[it.record.key] = self.pool.submit(self._sample, it, lab)
             if progress:
                 progress(len(batch))
             batch.clear()
 
         t = time.perf_counter()
-        for item in self._loaded(plan.records):
+        for item in self._loaded(todo):
             timings["wait_decode_s"] += time.perf_counter() - t
             if item.error:
                 failures.append({"key": item.record.key, "id": item.record.source_id,
@@ -157,8 +185,11 @@ class ShardLabeler:
             t = time.perf_counter()
         if batch:
             flush()
+        if reuse and not encoded:
+            return reuse  # every failed image failed again: the finished shard stays as it is
         t = time.perf_counter()
-        samples = [f.result() for f in encoded]
+        fresh = {key: f.result() for key, f in encoded.items()}
+        samples = [kept.get(r.key) or fresh[r.key] for r in plan.records if r.key in kept or r.key in fresh]
         timings["wait_encode_s"] = time.perf_counter() - t
         t = time.perf_counter()
         marker = {
@@ -167,11 +198,14 @@ class ShardLabeler:
             "count": len(samples),
             "keys": [s["__key__"] for s in samples],
             "failures": failures,
+            "planned_keys": plan.keys,
             **self.identity(),
             "config": {k: v for k, v in asdict(self.config).items() if k not in ("teacher", "weights")},
             "device": str(self.device),
             "code_version": __version__,
         }
+        if reuse:
+            marker["reused"] = len(kept)
         timings["wall_s"] = time.perf_counter() - t0  # up to the write
         marker["timings"] = {k: round(v, 4) for k, v in timings.items()}
         written = write_shard(folder, plan.name, samples, marker)

@@ -9,7 +9,8 @@ Paths in a manifest (``workdir``, vars, options, ``inputs``) are used as written
 path is relative to the current directory of ``pipeline run``, not to the manifest's folder.
 
 A step's fingerprint is the sha256 of: its command, its validated settings (every parameter of
-the command with defaults filled in, less the command's volatile options, see
+the command with defaults filled in, less the command's volatile options and options added later while
+they keep the earlier behaviour, see
 :mod:`pipeline.manifest.steps`), the fingerprints of the steps it needs, the sha256 of its declared
 ``inputs``, and the code version ``pipeline <__version__>`` (not a digest of the source files:
 bump ``pipeline.__version__`` when a change should re-run finished steps).
@@ -657,7 +658,9 @@ class _Loader:
             return None
         with ctx:
             settings = {p.name: _jsonable(ctx.params[p.name]) for p in command.params  # the command's order
-                        if p.name in ctx.params and (spec is None or p.name not in spec.volatile)}
+                        if p.name in ctx.params and (spec is None or (
+                            p.name not in spec.volatile
+                            and not (p.name in spec.added and ctx.params[p.name] == spec.added[p.name])))}
             output = None
             if spec is not None and spec.output is not None:
                 try:

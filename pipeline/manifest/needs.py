@@ -39,8 +39,12 @@ def step_needs(command: str, settings: Mapping[str, object]) -> list[Need] | str
     if command == "label":
         return _teacher(settings.get("teacher"), settings.get("weights"))
     if command == "train":
-        needs = [Need(s) for s in student_weights(str(settings.get("student")),
-                                                  backbone_weights=str(settings.get("backbone_weights", "none")))]
+        from students.registry import student_info
+
+        student = str(settings.get("student"))
+        options = {o.name: settings[o.name] for o in student_info(student).options if settings.get(o.name) is not None}
+        needs = [Need(s) for s in student_weights(student, backbone_weights=str(settings.get("backbone_weights", "none")),
+                                                  **options)]
         if settings.get("stage") == "hint":
             more = _teacher(settings.get("teacher"), settings.get("teacher_weights"))
             return more if isinstance(more, str) else needs + more

@@ -29,6 +29,9 @@ class CommandSpec:
     verify: Callable[[Path, bool], str] | None = None
     #: options that do not change the outputs (how, where or how loudly it runs): not in the fingerprint
     volatile: frozenset[str] = frozenset()
+    #: options added to the command after steps of it were recorded, with the value that keeps the command's
+    #: earlier behaviour: left out of the fingerprint while at that value, so adding an option re-runs nothing
+    added: Mapping[str, object] = field(default_factory=dict)
     #: arguments that make the command start over rather than resume; added when the step's fingerprint
     #: changed since its last run, or it is forced
     fresh: tuple[str, ...] = ()
@@ -73,7 +76,8 @@ COMMANDS: dict[str, CommandSpec] = {
         output=_label_output,
         verify=lambda folder, checksums: verify_dataset(folder, check_digest=checksums),
         volatile=frozenset({"executor", "address", "gpus", "cpu_workers", "io_threads", "retries",
-                            "max_failure_rate", "progress"}),
+                            "max_failure_rate", "progress", "overwrite_changed", "retry_failed"}),
+        added={"allow_outside_root": False, "max_image_bytes": 64 * 1024**2},
         fresh=("--overwrite",),
     ),
     "train": CommandSpec(

@@ -81,10 +81,15 @@ def _other_fixations(fs: FixationSet) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int = 8, baseline: str = "centerbias",
                        sigma_frac: float = DEFAULT_SIGMA_FRAC, io_threads: int = 4, limit: int | None = None,
-                       progress: bool = True) -> EvalResult:
-    """All seven metrics per image of ``fs`` (the first ``limit`` images when given)."""
+                       indices: list[int] | None = None, progress: bool = True) -> EvalResult:
+    """All seven metrics per image of ``fs`` (of ``indices`` when given; the first ``limit`` of them when given).
+
+    The baseline and the shuffled AUC's negatives come from the whole set, whatever images are scored.
+    """
     t0 = time.perf_counter()
-    n = len(fs) if limit is None else min(limit, len(fs))
+    chosen = list(range(len(fs))) if indices is None else list(indices)
+    chosen = chosen if limit is None else chosen[:limit]
+    n = len(chosen)
     result = EvalResult(predictor.name, f"{fs.name} ({n} images)", metrics.METRICS)
     fy, fx = _other_fixations(fs)
     if baseline == "centerbias":
@@ -116,7 +121,7 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
                  dynamic_ncols=True) as bar:
         scoring: list[Future] = []
         read = lambda i: images.read_image(str(fs.image_path(i)))  # noqa: E731
-        for batch in batched(prefetched(pool, range(n), read, 3 * batch_size, catch=images.ImageError), batch_size):
+        for batch in batched(prefetched(pool, chosen, read, 3 * batch_size, catch=images.ImageError), batch_size):
             good = [(i, x) for i, x in batch if not isinstance(x, Exception)]
             for i, x in batch:
                 if isinstance(x, Exception):

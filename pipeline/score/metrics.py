@@ -315,7 +315,8 @@ def information_gain(log_density, baseline_log_density, ys, xs) -> float:
     return float(((ld[ys, xs] - base[ys, xs]) / np.log(2.0)).mean())
 
 
-def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with ``sigma`` in pixels (kernel truncated at 4 sigma, borders reflected); 0: none."""
     if sigma <= 0:
         return a
     return cv2.GaussianBlur(a, (0, 0), sigmaX=float(sigma), sigmaY=float(sigma), borderType=cv2.BORDER_REFLECT)
@@ -329,7 +330,7 @@ def empirical_saliency_map(ys, xs, shape, sigma) -> np.ndarray:
         raise ValueError("empirical_saliency_map needs at least one fixation")
     # the blur in float32 (4x faster than float64 in OpenCV; it dominates the cost of all 7 metrics)
     counts = np.bincount(ys * w + xs, minlength=h * w).astype(np.float32).reshape(h, w)
-    smap = np.maximum(_blur(counts, sigma), 0.0).astype(np.float64)
+    smap = np.maximum(gaussian_blur(counts, sigma), 0.0).astype(np.float64)
     return smap / smap.sum()
 
 
@@ -365,7 +366,7 @@ def centerbias_log_density(
         raise ValueError("centerbias_log_density needs at least one fixation")
     if not 0 <= regularization < 1:
         raise ValueError("regularization must be in [0, 1)")
-    density = np.maximum(_blur(counts.reshape(gh, gw), sigma), 0.0)
+    density = np.maximum(gaussian_blur(counts.reshape(gh, gw), sigma), 0.0)
     density = (1.0 - regularization) * density / density.sum() + regularization / density.size
     with np.errstate(divide="ignore"):
         return np.log(density)

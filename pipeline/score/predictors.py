@@ -32,6 +32,10 @@ class Predictor:
     input_size: tuple[int, int] | None  # None: the image's own size
     device: torch.device
     autocast: bool = False  # bf16 on GPU
+    #: which of a student's maps to predict: ``saliency`` (its logits) or one of its ``extra_maps``
+    map_name: str = "saliency"
+    #: the PyTorch model behind a runtime wrapper (ONNX Runtime): what ``profile`` counts parameters and FLOPs on
+    reference: torch.nn.Module | None = None
 
     @property
     def student(self) -> bool:
@@ -39,7 +43,24 @@ class Predictor:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 RGB ``[B,3,H,W]`` on the device → the model's raw output (a student normalises first)."""
-        return self.model(self.model.normalize(x)) if self.student else self.model(x)
+        if not self.student:
+            return self.model(x)
+        x = self.model.normalize(x)
+        return self.model(x) if self.map_name == "saliency" else self.model.maps(x)[self.map_name]
+
+    @torch.inference_mode()
+    def raw_maps(self, rgbs: list[np.ndarray]) -> list[np.ndarray]:
+        """The model's output for each RGB uint8 image, bilinearly resized to the image: float32 ``(H, W)``
+        (for maps that are no density, e.g. SACT's ponder map)."""
+        out = []
+        for x in rgbs:
+            size = self.input_size or x.shape[:2]
+            batch = torch.from_numpy(np.ascontiguousarray(images.resize(x, size))[None]).permute(0, 3, 1, 2)
+            with autocast(self.device, self.autocast):
+                y = self.forward(batch.to(self.device)).float()
+            y = torch.nn.functional.interpolate(y, size=x.shape[:2], mode="bilinear", align_corners=False)
+            out.append(y[0, 0].cpu().numpy())
+        return out
 
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
@@ -99,11 +120,14 @@ def student_predictor(checkpoint: str | Path, device: str = "auto", precision: s
 def named_student_predictor(name: str, weights: str | None, output: str = "softmax", device: str = "auto",
                             input_size: tuple[int, int] = (192, 256), precision: str = "auto",
                             options: dict | None = None) -> Predictor:
-    """A student built by name, from ``weights`` (e.g. the authors' ``coco_A.pth``) or untrained
-    (``weights=None``: for ``profile`` only). ``output`` says how its logits become a map."""
+    """A student built by name, from ``weights`` (e.g. the authors' ``coco_A.pth``), from its ImageNet backbone
+    alone (``weights="imagenet"``: no saliency training) or untrained (``weights=None``: for ``profile`` only).
+    ``output`` says how its logits become a map."""
     dev, amp = _device(device, precision)
+    backbone = "imagenet" if weights == "imagenet" else "none"
     try:
-        model = build_student(name, weights=weights, backbone_weights="none", **(options or {}))
+        model = build_student(name, weights=None if weights == "imagenet" else weights, backbone_weights=backbone,
+                              **(options or {}))
     except KeyError as e:
         raise PredictorError(e.args[0]) from None
     kind = {"softmax": "logits", "sigmoid": "sigmoid_logits"}[output]
@@ -112,8 +136,25 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
 
 
 def build_predictor(*, checkpoint=None, teacher=None, student=None, weights=None, student_output="softmax",
-                    device="auto", precision="auto", require_weights=True, student_options=None) -> Predictor:
-    """Exactly one of ``checkpoint``, ``teacher`` or ``student`` names the model."""
+                    device="auto", precision="auto", require_weights=True, student_options=None,
+                    map_name: str = "saliency") -> Predictor:
+    """Exactly one of ``checkpoint``, ``teacher`` or ``student`` names the model; ``map_name`` picks one of a
+    student's extra maps instead of its saliency logits."""
+    predictor = _build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
+                                 student_output=student_output, device=device, precision=precision,
+                                 require_weights=require_weights, student_options=student_options)
+    if map_name != "saliency":
+        if not predictor.student or map_name not in predictor.model.extra_maps:
+            has = predictor.model.extra_maps if predictor.student else ()
+            raise PredictorError(f"{predictor.name} has no {map_name!r} map"
+                                 + (f" (its maps: saliency, {', '.join(has)})" if has else " (only saliency)"))
+        predictor.map_name = map_name
+        predictor.name = f"{predictor.name} [{map_name} map]"
+    return predictor
+
+
+def _build_predictor(*, checkpoint, teacher, student, weights, student_output, device, precision, require_weights,
+                     student_options) -> Predictor:
     given = [n for n, v in (("--checkpoint", checkpoint), ("--teacher", teacher), ("--student", student)) if v]
     if len(given) != 1:
         raise PredictorError("name the model with exactly one of --checkpoint, --teacher or --student"
@@ -131,7 +172,7 @@ def build_predictor(*, checkpoint=None, teacher=None, student=None, weights=None
     if teacher:
         return teacher_predictor(teacher, weights, device=device, precision=precision)
     if weights is None and require_weights:
-        raise PredictorError(f"--student {student} needs --weights (e.g. the authors' coco_A.pth); "
-                             "for a model you trained, use --checkpoint RUN_DIR")
+        raise PredictorError(f"--student {student} needs --weights (e.g. the authors' coco_A.pth, or imagenet for "
+                             "the ImageNet backbone alone); for a model you trained, use --checkpoint RUN_DIR")
     return named_student_predictor(student, weights, student_output, device=device, precision=precision,
                                    options=student_options)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,6 +18,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.common.devices import autocast
 from pipeline.common.tables import table
 from pipeline.score.predictors import Predictor
+from students import Student
+
+
+@dataclass
+class ModeResult:
+    """One way of running the model (a student's execution mode; ``default`` otherwise)."""
+
+    mode: str
+    gflops: float  # executed per image, counted while it ran
+    latency_ms: float  # one batch, median
+    images_per_s: float
+    stats: dict = field(default_factory=dict)  # the model's statistics of the FLOP-counted pass
 
 
 @dataclass
@@ -26,17 +38,22 @@ class ProfileResult:
     device: str
     input_size: tuple[int, int]
     params: int
-    gflops: float
+    gflops: float  # the reference mode's
     batch_size: int
-    latency_ms: float  # one batch, median
-    images_per_s: float
+    latency_ms: float  # the reference mode's
+    images_per_s: float  # the reference mode's
     precision: str
+    modes: list[ModeResult] = field(default_factory=list)
 
     def table(self) -> str:
         rows = [("model", self.model), ("device", self.device), ("precision", self.precision),
                 ("input (HxW)", f"{self.input_size[0]}x{self.input_size[1]}"), ("parameters", f"{self.params:,}"),
-                ("GFLOPs / image", f"{self.gflops:.3f}"), ("batch", str(self.batch_size)),
-                ("latency / batch", f"{self.latency_ms:.2f} ms"), ("images/s", f"{self.images_per_s:.1f}")]
+                ("batch", str(self.batch_size))]
+        for m in self.modes:
+            tag = "" if len(self.modes) == 1 else f" ({m.mode})"
+            rows += [(f"GFLOPs / image{tag}", f"{m.gflops:.3f}"), (f"latency / batch{tag}", f"{m.latency_ms:.2f} ms"),
+                     (f"images/s{tag}", f"{m.images_per_s:.1f}")]
+            rows += [(f"{k}{tag}", f"{v:.3f}") for k, v in m.stats.items()]
         return table(None, rows)
 
     def to_json(self) -> dict:
@@ -50,25 +67,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time(run, x: torch.Tensor, dev: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of ``run(x)`` after ``warmup`` passes."""
+    times = []
+    for i in range(warmup + iters):
+        _sync(dev)
+        t = time.perf_counter()
+        run(x)
+        _sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 @torch.inference_mode()
 def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, batch_size: int = 1,
             warmup: int = 3, iters: int = 10) -> ProfileResult:
+    """Parameters, then for each execution mode of a student (one pass otherwise): GFLOPs executed on one
+    image (counted while it runs), the median latency of a batch and images/s."""
     size = tuple(input_size or predictor.input_size or (192, 256))
     model, dev, run = predictor.model, predictor.device, predictor.forward
-    x1 = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, device=dev)
-    with FlopCounterMode(display=False) as counter:
-        run(x1)
-    flops = counter.get_total_flops()
-    x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=dev)
-    times = []
-    with autocast(dev, predictor.autocast):
-        for i in range(warmup + iters):
-            _sync(dev)
-            t = time.perf_counter()
-            run(x)
-            _sync(dev)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-    median = statistics.median(times)
-    return ProfileResult(predictor.name, str(dev), size, sum(p.numel() for p in model.parameters()), flops / 1e9,
-                         batch_size, median * 1e3, batch_size / median, "bf16" if predictor.autocast else "fp32")
+    counted = predictor.reference if predictor.reference is not None else model  # FLOPs of the PyTorch model
+    count = (lambda x: counted(counted.normalize(x))) if isinstance(counted, Student) else counted
+    count_device = dev if counted is model else next(counted.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=gen)
+    x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=gen).to(dev)
+    modes = model.execution_modes if predictor.student else ("default",)
+    results = []
+    try:
+        for mode in modes:
+            if predictor.student:
+                model.set_execution(mode)
+            with autocast(dev, predictor.autocast):
+                with FlopCounterMode(display=False) as counter:
+                    count(x1.to(count_device))
+                stats = model.last_stats() if predictor.student else {}
+                median = _time(run, x, dev, warmup, iters)
+            results.append(ModeResult(mode, counter.get_total_flops() / 1e9, median * 1e3, batch_size / median,
+                                      stats))
+    finally:
+        if predictor.student:
+            model.set_execution(modes[0])
+    ref = results[0]
+    precision = "bf16" if predictor.autocast else "fp32"
+    return ProfileResult(predictor.name, str(dev), size, sum(p.numel() for p in counted.parameters()), ref.gflops,
+                         batch_size, ref.latency_ms, ref.images_per_s, precision, results)

@@ -1,0 +1,240 @@
+"""Does SACT's sparse execution turn skipped FLOPs into wall-clock? Dense-masked vs sparse, batch 1.
+
+    python bench/sact_speed.py                                   # 192x256 and 480x640, tiles 1 and 2, CPU
+    python bench/sact_speed.py --sizes 480x640 --tiles 1,5 --runs 9 --threads 2
+    python bench/sact_speed.py --weights runs/sact/checkpoint.pth --no-force   # a trained model as it is
+
+The model: ``sact`` (or ``--student act``) from ``--weights`` (a whole-student checkpoint), else with a
+random ResNet-50 whose batch-norm statistics are taken from the bench image itself (a few train-mode
+passes, so activations have a trained network's scale). Unless ``--no-force``, its halting heads are
+then re-drawn (normal, std ``--halting-scale``/√fan_in for the 3×3 convolution, 1/√fan_in for the
+pooled term: scores that vary over the image) and one bias shared by all heads is bisected until the
+fraction of unit-positions evaluated (first units included) is about ``--target`` (default 0.5: about
+half the units skipped), then rounded to 0.1 (bisection alone would stop where some position's
+cumulative score sits exactly on 1 − ε, where float rounding decides its N). The image is
+scikit-image's astronaut photo at each size.
+
+Both paths run on one copy of the model whose batch norms are folded into the convolutions before
+them (the sparse path folds them anyway; the dense path would otherwise pay batch-norm passes the
+sparse one does not); ``dense ref`` is the unfolded model's dense time, for reference.
+
+Per configuration (size, tile, device): the executed FLOPs of each path, counted by
+``torch.utils.flop_counter.FlopCounterMode`` around the very forward whose output is compared; the
+median wall-clock of ``--runs`` forwards of each path under ``torch.inference_mode`` (dense and sparse
+interleaved, after one untimed forward each; CUDA synchronised); their ratios and
+``quotient = (1 − time ratio) / (1 − FLOP ratio)``, the share of the FLOP saving that shows up as
+wall-clock saving (target ≥ 0.6). One JSON line per configuration, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.common.tables import table
+from students import build_student, normalize
+from students.sact import SACT
+
+
+def bench_image(h: int, w: int) -> torch.Tensor:
+    import skimage.data
+
+    img = cv2.resize(np.asarray(skimage.data.astronaut()), (w, h), interpolation=cv2.INTER_AREA)
+    return normalize(torch.from_numpy(img).permute(2, 0, 1)[None].contiguous())
+
+
+def calibrate_bn(model: SACT, x: torch.Tensor) -> None:
+    """Batch-norm running statistics from ``x`` and its mirror image (cumulative averages)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+        model(x.flip(-1))
+    model.eval()
+
+
+def executed_fraction(model: SACT) -> float:
+    """Unit-positions the sparse path evaluates (mean N · positions, summed over blocks) / all of them."""
+    stats = model.block_stats
+    return sum(s.units * s.total / b.num_units for s, b in zip(stats, model.blocks)) / sum(s.total for s in stats)
+
+
+def force_halting(model: SACT, x: torch.Tensor, target: float, seed: int, scale: float = 6.0) -> float:
+    """Random halting heads, then one shared bias bisected so about ``target`` of the unit-positions run."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            for head in block.heads:
+                c = head.fc.in_features
+                if head.conv is not None:
+                    head.conv.weight.copy_(torch.randn(head.conv.weight.shape, generator=gen) * scale / (9 * c) ** 0.5)
+                head.fc.weight.copy_(torch.randn(head.fc.weight.shape, generator=gen) / c ** 0.5)
+
+    def fraction(bias: float) -> float:
+        with torch.no_grad():
+            for block in model.blocks:
+                for head in block.heads:
+                    head.fc.bias.fill_(bias)
+            model.execution = "sparse"
+            model(x)
+        return executed_fraction(model)
+
+    lo, hi = -10.0, 10.0  # fraction falls as the bias rises
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fraction(mid) > target else (lo, mid)
+    bias = round((lo + hi) / 2, 1)
+    fraction(bias)
+    return bias
+
+
+def fuse_bn(model: SACT) -> SACT:
+    """A copy whose ResNet batch norms are folded into the convolutions before them (eval mode)."""
+    model = copy.deepcopy(model).eval()
+    r = model.resnet
+    r.conv1, r.bn1 = fuse_conv_bn_eval(r.conv1, r.bn1), nn.Identity()
+    for layer in r.layers:
+        for unit in layer:
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
+                setattr(unit, conv, fuse_conv_bn_eval(getattr(unit, conv), getattr(unit, bn)))
+                setattr(unit, bn, nn.Identity())
+            if unit.downsample is not None:
+                unit.downsample = nn.Sequential(fuse_conv_bn_eval(unit.downsample[0], unit.downsample[1]))
+    return model
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def forward(model: SACT, x: torch.Tensor, execution: str, dev: torch.device) -> float:
+    model.execution = execution
+    sync(dev)
+    t = time.perf_counter()
+    model(x)
+    sync(dev)
+    return time.perf_counter() - t
+
+
+def measure(model: SACT, x: torch.Tensor, runs: int, dev: torch.device) -> dict:
+    fused = fuse_bn(model)
+    out, flops = {}, {}
+    with torch.inference_mode():
+        for execution in ("dense", "sparse"):
+            fused.execution = execution
+            with FlopCounterMode(display=False) as counter:
+                out[execution] = fused.maps(x)
+            flops[execution] = counter.get_total_flops()
+        stats = fused.block_stats
+        for execution in ("dense", "sparse"):
+            forward(fused, x, execution, dev)
+        times = {"dense": [], "sparse": [], "ref": []}
+        forward(model, x, "dense", dev)
+        for _ in range(runs):
+            for execution in ("dense", "sparse"):
+                times[execution].append(forward(fused, x, execution, dev))
+            times["ref"].append(forward(model, x, "dense", dev))
+    diff = max(float((out["sparse"][k] - out["dense"][k]).abs().max()) for k in ("saliency", "ponder"))
+    flop_ratio = flops["sparse"] / flops["dense"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    time_ratio = med["sparse"] / med["dense"]
+    return {
+        "executed_fraction": round(executed_fraction(fused), 4),
+        "units_per_block": [round(s.units, 3) for s in stats],
+        "ponder_per_block": [round(s.ponder, 3) for s in stats],
+        "gflops_dense": round(flops["dense"] / 1e9, 3), "gflops_sparse": round(flops["sparse"] / 1e9, 3),
+        "flop_ratio": round(flop_ratio, 4),
+        "ms_dense": round(med["dense"] * 1e3, 1), "ms_sparse": round(med["sparse"] * 1e3, 1),
+        "ms_dense_unfolded_bn": round(med["ref"] * 1e3, 1),
+        "ms_min_dense": round(min(times["dense"]) * 1e3, 1), "ms_min_sparse": round(min(times["sparse"]) * 1e3, 1),
+        "time_ratio": round(time_ratio, 4),
+        "quotient": round((1 - time_ratio) / (1 - flop_ratio), 3) if flop_ratio < 1 else None,
+        "max_abs_diff": diff,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--student", choices=("sact", "act"), default="sact")
+    p.add_argument("--weights", default=None, help="a whole-student checkpoint (default: random, see above)")
+    p.add_argument("--depth", type=int, choices=(50, 101), default=50)
+    p.add_argument("--sizes", default="192x256,480x640", help="HxW list (multiples of 32)")
+    p.add_argument("--tiles", default="1,2", help="tile sizes; a tile that does not divide a size is skipped")
+    p.add_argument("--target", type=float, default=0.5, help="fraction of unit-positions evaluated (default 0.5)")
+    p.add_argument("--no-force", action="store_true", help="keep the halting heads of --weights as they are")
+    p.add_argument("--halting-scale", type=float, default=6.0,
+                   help="std·√fan_in of the forced 3×3 halting convolutions (default 6)")
+    p.add_argument("--runs", type=int, default=7, help="timed forwards per path (median; default 7)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
+    p.add_argument("--devices", default="cpu,cuda", help="cpu and/or cuda (cuda skipped when absent)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the rows as JSON lines to this file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
+    rows = []
+    for size in args.sizes.split(","):
+        h, w = (int(v) for v in size.lower().split("x"))
+        x_cpu = bench_image(h, w)
+        for tile in (int(t) for t in args.tiles.split(",")):
+            if args.student == "act" and tile != 1:
+                continue
+            if any((h // s) % tile or (w // s) % tile for s in (4, 8, 16, 32)):
+                print(f"# skipped {size} tile {tile}: the tile does not divide every block's feature map")
+                continue
+            torch.manual_seed(args.seed)
+            options = {"depth": args.depth, "tile": tile}
+            if args.weights:
+                model = build_student(args.student, weights=args.weights, **options)
+                if hasattr(model, "tile"):  # a checkpoint trained with another tile: the tile asked for
+                    model.tile = tile
+                    for block in model.blocks:
+                        block.tile = tile
+            else:
+                model = build_student(args.student, backbone_weights="none", **options)
+                calibrate_bn(model, x_cpu)
+            model.eval()
+            bias = None
+            if not args.no_force:
+                bias = force_halting(model, x_cpu, args.target, args.seed, args.halting_scale)
+            for dev_name in devices:
+                dev = torch.device(dev_name)
+                row = {"student": args.student, "depth": args.depth, "size": size, "tile": tile,
+                       "device": dev_name, "threads": args.threads if dev_name == "cpu" else None,
+                       "forced_bias": None if bias is None else round(bias, 4),
+                       **measure(model.to(dev), x_cpu.to(dev), args.runs, dev)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    gpu = torch.cuda.get_device_name(0) if "cuda" in devices else ""
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{args.threads} threads{', ' + gpu if gpu else ''}")
+    head = ("size", "tile", "device", "executed", "GFLOPs dense", "sparse", "FLOP ratio", "ms dense", "sparse",
+            "time ratio", "quotient", "ms dense ref", "max |diff|")
+    print(table(head, [(r["size"], r["tile"], r["device"], f"{r['executed_fraction']:.3f}", r["gflops_dense"],
+                        r["gflops_sparse"], f"{r['flop_ratio']:.3f}", r["ms_dense"], r["ms_sparse"],
+                        f"{r['time_ratio']:.3f}", r["quotient"], r["ms_dense_unfolded_bn"], f"{r['max_abs_diff']:.1e}")
+                       for r in rows], align="lllrrrrrrrrrr", rule=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Check a finished label folder: every tar against its marker, ``labels.json`` against the markers,
+and (``deep``) that every image and label decodes. Reports what is wrong; changes nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.common import images
+from pipeline.common.errors import error_message
+from pipeline.common.tables import table
+from pipeline.label.shards import (MARKER_FORMAT, marker_path, planned_keys, tar_path, tar_samples)
+from teachers.weights import file_digest
+
+#: the settings every marker of one folder (and its labels.json) must agree on
+IDENTITY = ("encoding_version", "teacher", "weights_digest", "weights_random", "label_kind", "label_extension",
+            "image_size", "jpeg_quality")
+_SHARD = re.compile(r"shard-\d{6}")
+_PER_SHARD = 3  # sample-level problems listed per shard before "and N more"
+
+
+class VerifyError(Exception):
+    """The folder cannot be checked at all (not a folder)."""
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    deep: bool = False
+    shards: int = 0
+    samples: int = 0
+    failed: int = 0  # images the markers list as failed when labelled (not a problem of the folder)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (shard or file, what is wrong)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def table(self) -> str:
+        return table(("shard", "problem"), self.problems, rule=True)
+
+    def summary(self) -> str:
+        what = "every tar matches its marker and labels.json" + (", every image and label decodes" if self.deep else "")
+        return (f"OK: {self.folder}: {self.shards} shards, {self.samples} samples, {self.failed} images failed "
+                f"when labelled; {what}")
+
+
+def _first_difference(want: list[str], have: list[str]) -> str:
+    for i in range(max(len(want), len(have))):
+        a = want[i] if i < len(want) else "nothing"
+        b = have[i] if i < len(have) else "nothing"
+        if a != b:
+            return f"sample {i}: marker {a}, tar {b}"
+    return "none"
+
+
+def _decode_problem(sample: dict, label_ext: str, size: tuple[int, int] | None, teacher: str | None) -> str:
+    """"" when the sample's jpg, label and json decode to what the folder's settings say, else what does not."""
+    try:
+        rgb = images.decode_image(sample["jpg"])
+    except images.ImageError as e:
+        return f"jpg: {e}"
+    if size and rgb.shape[:2] != size:
+        return f"jpg is {rgb.shape[1]}x{rgb.shape[0]}, the folder's --image-size is {size[0]}x{size[1]} (HxW)"
+    raw = sample[label_ext]
+    try:
+        if label_ext.endswith(".npy"):
+            label = np.load(io.BytesIO(raw), allow_pickle=False)
+            if not np.isfinite(label.astype(np.float32)).all():
+                return f"{label_ext}: not finite everywhere"
+        else:
+            label = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
+            if label is None:
+                return f"{label_ext}: cannot decode"
+    except (ValueError, OSError, EOFError) as e:
+        return f"{label_ext}: cannot decode ({error_message(e)})"
+    if size and tuple(label.shape) != size:
+        return f"{label_ext} is {'x'.join(map(str, label.shape))}, expected {size[0]}x{size[1]}"
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"json: cannot decode ({error_message(e)})"
+    if not isinstance(meta, dict) or (teacher and meta.get("teacher") != teacher):
+        return f"json: not this folder's teacher ({meta.get('teacher') if isinstance(meta, dict) else meta!r})"
+    return ""
+
+
+def _check_shard(folder: Path, name: str, marker: dict, reference: dict, deep: bool,
+                 report: VerifyReport) -> None:
+    def problem(text: str) -> None:
+        report.problems.append((name, text))
+
+    for key in IDENTITY:
+        if key in reference and marker.get(key) != reference[key]:
+            problem(f"{key} is {marker.get(key)!r}, the folder's is {reference[key]!r}")
+    keys, failures = marker.get("keys"), marker.get("failures", [])
+    if not isinstance(keys, list) or not isinstance(failures, list):
+        return problem("marker has no key list")
+    if marker.get("count") != len(keys):
+        problem(f"marker count {marker.get('count')} but {len(keys)} keys")
+    planned = planned_keys(marker)
+    labelled_or_failed = keys + [f.get("key") for f in failures if isinstance(f, dict)]
+    if sorted(labelled_or_failed) != sorted(planned):
+        problem("marker's labelled and failed keys are not the keys it planned")
+    elif "planned_keys" in marker and keys != [k for k in planned if k in set(keys)]:
+        problem("marker's keys are not in plan order")
+    tar = tar_path(folder, name)
+    if not tar.is_file():
+        return problem("tar missing")
+    size = tar.stat().st_size
+    if size != marker.get("bytes"):
+        problem(f"tar is {size} bytes, its marker says {marker.get('bytes')}")
+    elif file_digest(tar) != marker.get("sha256"):
+        problem("tar sha256 does not match its marker")
+    label_ext = marker.get("label_extension", "")
+    expected = sorted(["jpg", "json", label_ext])
+    shape = marker.get("image_size")
+    shape = tuple(shape) if isinstance(shape, list) and len(shape) == 2 else None
+    found, bad = [], []
+    try:
+        for sample in tar_samples(tar):
+            found.append(sample["__key__"])
+            members = sorted(k for k in sample if k != "__key__")
+            if members != expected:
+                bad.append(f"{sample['__key__']} holds {', '.join(members)} (expected {', '.join(expected)})")
+            elif deep:
+                why = _decode_problem(sample, label_ext, shape, marker.get("teacher"))
+                if why:
+                    bad.append(f"{sample['__key__']}: {why}")
+    except Exception as e:  # noqa: BLE001 - any unreadable tar is a problem to report, not a crash
+        return problem(f"tar unreadable after {len(found)} samples: {error_message(e)}")
+    if found != keys:
+        problem(f"tar keys differ from the marker's ({_first_difference(keys, found)})")
+    for text in bad[:_PER_SHARD]:
+        problem(text)
+    if len(bad) > _PER_SHARD:
+        problem(f"… and {len(bad) - _PER_SHARD} more samples like these")
+    report.samples += len(found)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return e
+
+
+def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
+    """Check ``folder`` (a ``pipeline label`` output folder); the report lists every problem found."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VerifyError(f"not a folder: {folder}")
+    report = VerifyReport(folder=folder, deep=deep)
+    names = sorted({p.stem for p in folder.glob("shard-*.json") if _SHARD.fullmatch(p.stem)}
+                   | {p.stem for p in folder.glob("shard-*.tar") if _SHARD.fullmatch(p.stem)})
+    index = _read_json(folder / "labels.json")
+    if index is None:
+        report.problems.append(("labels.json", "missing: labelling is not finished (re-run pipeline label)"))
+    elif isinstance(index, Exception) or not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        why = error_message(index) if isinstance(index, Exception) else "not a labels.json index"
+        report.problems.append(("labels.json", f"unreadable: {why}"))
+        index = None
+    markers: dict[str, dict] = {}
+    for name in names:
+        raw = _read_json(marker_path(folder, name))
+        if raw is None:
+            report.problems.append((name, "tar without a marker (an unfinished shard: re-run pipeline label)"))
+        elif isinstance(raw, Exception) or not isinstance(raw, dict) or raw.get("format") != MARKER_FORMAT:
+            report.problems.append((name, "marker unreadable or not a shard marker"))
+        elif raw.get("shard", name) != name:
+            report.problems.append((name, f"marker names shard {raw.get('shard')!r}"))
+        else:
+            markers[name] = raw
+    reference = ({k: index[k] for k in IDENTITY if k in index} if index else
+                 {k: v for k, v in next(iter(markers.values()), {}).items() if k in IDENTITY})
+    for name, marker in markers.items():
+        _check_shard(folder, name, marker, reference, deep, report)
+        report.failed += len(marker.get("failures", []) or [])
+    report.shards = len(markers)
+    if not names:
+        report.problems.append(("-", "no shards in this folder"))
+    if index:
+        listed = {}
+        for entry in index["shards"]:
+            name = Path(str(entry.get("tar", "")) if isinstance(entry, dict) else "").stem
+            listed[name] = entry
+            marker = markers.get(name)
+            if marker is None:
+                report.problems.append((name or "labels.json", "listed in labels.json but not a finished shard"))
+            elif (entry.get("sha256"), entry.get("count")) != (marker.get("sha256"), marker.get("count")):
+                report.problems.append((name, "labels.json's sha256 or count differs from the marker's"))
+        for name in markers:
+            if name not in listed:
+                report.problems.append((name, "not listed in labels.json"))
+        count = sum(m.get("count", 0) for m in markers.values())
+        if index.get("count") != count or index.get("failed") != report.failed:
+            report.problems.append(("labels.json", f"says {index.get('count')} labelled, {index.get('failed')} "
+                                                   f"failed; the markers {count} and {report.failed}"))
+    report.problems.sort(key=lambda p: (p[0].startswith("shard-"), p[0]))  # stable: a shard's rows stay in order
+    return report

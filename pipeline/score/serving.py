@@ -1,0 +1,139 @@
+"""Students at serving speed: ONNX export and an ONNX Runtime predictor.
+
+The exported graph is the student *with its input normalisation*: ``images`` uint8 RGB ``[B,3,H,W]``
+(dynamic batch, the size it was exported at) → ``logits`` ``[B,1,H,W]``, so a server needs nothing but
+ONNX Runtime. The file's metadata records the student, its options, the opset, the input size and how
+its logits become a map (``map_kind``). ``onnx`` and ``onnxruntime`` are an optional extra
+(``pip install 'saliency-pipeline[onnx]'``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.common.atomic import atomic_open
+from pipeline.score.predictors import Predictor, PredictorError
+
+DEFAULT_OPSET = 17
+RUNTIMES = ("torch", "onnx")
+
+
+class ServingModel(torch.nn.Module):
+    """uint8 images → the student's logits (its own normalisation inside)."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(self.student.normalize(images))
+
+
+def _need(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise PredictorError(f"this needs {module}: pip install 'saliency-pipeline[onnx]' "
+                             "(onnx and onnxruntime)") from None
+
+
+def onnx_bytes(predictor: Predictor, input_size: tuple[int, int], opset: int = DEFAULT_OPSET) -> bytes:
+    """The student of ``predictor`` as an ONNX graph with a dynamic batch dimension."""
+    if not predictor.student or predictor.map_name != "saliency":
+        raise PredictorError("ONNX export is for students' saliency maps (--checkpoint or --student)")
+    predictor.model.check_size(*input_size)
+    model = ServingModel(predictor.model).cpu().eval()
+    example = torch.randint(0, 256, (2, 3, *input_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    kwargs = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the TorchScript exporter: a plain graph, exported in seconds
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape checks (constant here)
+            torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                              **kwargs)
+    finally:
+        predictor.model.to(predictor.device)
+    onnx = _need("onnx")
+    graph = onnx.load_from_string(buf.getvalue())
+    meta = {"student": predictor.model.name, "student_options": json.dumps(predictor.model.options()),
+            "map_kind": predictor.kind, "input_size": f"{input_size[0]}x{input_size[1]}", "opset": str(opset),
+            "source": predictor.name}
+    for key, value in meta.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    return graph.SerializeToString()
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    opset: int
+    input_size: tuple[int, int]
+    max_abs_diff: float  # ONNX Runtime vs PyTorch on a random batch of 3, logits
+
+    def table(self) -> str:
+        from pipeline.common.tables import table
+
+        return table(None, [("output", str(self.out)), ("opset", str(self.opset)),
+                            ("input (HxW)", f"{self.input_size[0]}x{self.input_size[1]}, batch dynamic"),
+                            ("max |onnx − torch|", f"{self.max_abs_diff:.2e} (logits)")])
+
+
+def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int, int] | None = None,
+                opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Write the student as ONNX to ``out`` (atomically), then check ONNX Runtime against PyTorch on it."""
+    size = tuple(input_size or predictor.input_size or (192, 256))
+    data = onnx_bytes(predictor, size, opset)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out, "wb") as f:
+        f.write(data)
+    x = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = ServingModel(predictor.model).eval()(x.to(predictor.device)).float().cpu().numpy()
+    got = OnnxSession(data).run(x.numpy())
+    return ExportResult(out, opset, size, float(np.abs(got - want).max()))
+
+
+class OnnxSession:
+    """An ONNX Runtime CPU session over an exported student: uint8 ``[B,3,H,W]`` → logits."""
+
+    def __init__(self, data: bytes, threads: int | None = None):
+        ort = _need("onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": np.ascontiguousarray(images)})[0]
+
+
+class OnnxModule(torch.nn.Module):
+    """An ONNX Runtime session seen as a module of uint8 images → logits, for :class:`Predictor`."""
+
+    def __init__(self, session: OnnxSession):
+        super().__init__()
+        self.session = session
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(images.cpu().numpy()))
+
+
+def onnx_predictor(predictor: Predictor, input_size: tuple[int, int] | None = None) -> Predictor:
+    """The same student served by ONNX Runtime on the CPU (exported in memory at ``input_size``)."""
+    size = tuple(input_size or predictor.input_size or (192, 256))
+    session = OnnxSession(onnx_bytes(predictor, size))
+    return Predictor(f"{predictor.name} [onnxruntime]", OnnxModule(session), predictor.kind, size,
+                     torch.device("cpu"), autocast=False, reference=predictor.model)

@@ -1,0 +1,53 @@
+"""Scoring an unsupervised map (SACT's ponder map) as the SACT paper does on CAT2000: blur and centre weight
+fitted on the first half of each category, all metrics on the other half."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.score import calibrate
+from pipeline.score.fixations import FixationSet
+
+
+def fixation_set(paths: list[str], size=(40, 60), per_image=None) -> FixationSet:
+    ys, xs, index = [], [], []
+    for i, _ in enumerate(paths):
+        pts = per_image(i) if per_image else [(size[0] // 2, size[1] // 2)]
+        for y, x in pts:
+            ys.append(y)
+            xs.append(x)
+            index.append(i)
+    return FixationSet("toy", "/nonexistent", paths, np.tile(size, (len(paths), 1)), ys, xs, index)
+
+
+def test_halves_take_the_first_half_of_each_category():
+    paths = [f"Stimuli/{c}/{i:03d}.jpg" for c in ("Action", "Art") for i in range(1, 6)]
+    calib, test = calibrate.halves(fixation_set(paths))
+    assert calib == [0, 1, 5, 6] and test == [2, 3, 4, 7, 8, 9]
+    calib, test = calibrate.halves(fixation_set(["a.jpg", "b.jpg", "c.jpg"]))  # no categories: first half
+    assert calib == [0] and test == [1, 2]
+
+
+def test_combine_normalises_the_blurred_map_and_mixes_the_centre():
+    raw = np.zeros((40, 60), np.float32)
+    raw[5, 5] = 7.0
+    alone = calibrate.combine(raw, 0.0, 0.0)
+    assert alone.max() == 1.0 and alone.min() == 0.0 and alone[5, 5] == 1.0
+    blurred = calibrate.combine(raw, 0.05, 0.0)
+    assert blurred.max() == 1.0 and (blurred > 0.1).sum() > 1  # spread by the blur
+    centre = calibrate.combine(raw, 0.0, 1.0)
+    assert np.unravel_index(centre.argmax(), centre.shape) in {(19, 29), (19, 30), (20, 29), (20, 30)}
+    assert np.allclose(calibrate.combine(np.ones((4, 4)), 0.0, 0.5), 0.5 * calibrate.center_baseline((4, 4)))
+
+
+def test_fit_prefers_the_centre_when_the_map_says_nothing_and_the_map_when_it_finds_the_fixations():
+    rng = np.random.default_rng(0)
+    centred = [(rng.random((40, 60)), (np.array([19, 20, 21]), np.array([29, 30, 31]))) for _ in range(4)]
+    fit = calibrate.fit([r for r, _ in centred], [f for _, f in centred])
+    assert fit.center_weight >= 0.5 and fit.auc_judd > 0.9
+
+    corner = np.zeros((40, 60))
+    corner[2:6, 2:6] = 1.0  # the map marks exactly where people looked, far from the centre
+    fixations = (np.array([3, 4]), np.array([3, 4]))
+    fit = calibrate.fit([corner] * 3, [fixations] * 3)
+    assert fit.center_weight < 0.5 and fit.auc_judd > 0.95 and fit.images == 3

@@ -1,0 +1,91 @@
+"""SACT through the pipeline, by name only: trained from shards with the ponder cost logged, killed and resumed
+exactly, reloaded from its checkpoint for profile, ONNX-free eval of its ponder map; its options checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli.main import cli
+from tests.conftest import second_epoch_started, sigkill_when
+from tests.test_train import write_mit1003
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "coco"
+ARGS = ["--student", "sact", "--tau", "0.01", "--epochs", 2, "--lr", 0.02, "--backbone-weights", "none",
+        "--batch-size", 2, "--workers", 0, "--shuffle-buffer", 8, "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("labels")
+    r = invoke("label", "coco", "--teacher", "classic", "--coco-root", SAMPLES, "--split", "val2017", "--out", out,
+               "--shard-size", 4, "--image-size", "64x96", "--executor", "local", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return out / "classic" / "val2017"
+
+
+def final_model(run: Path) -> dict[str, torch.Tensor]:
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    return torch.load(run / "checkpoints" / latest, weights_only=True)
+
+
+def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_ponder_map(labels, tmp_path):
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    r = invoke("train", "--labels", labels, "--run", straight, *ARGS)
+    assert r.exit_code == 0, r.output
+    header = (straight / "losses.csv").read_text().splitlines()[0]
+    assert header == "epoch,step,global_step,loss,ponder_1,ponder_2,ponder_3,ponder_4"
+    assert "ponder_4" in (straight / "metrics.csv").read_text().splitlines()[0]
+    assert "ponder_1" in r.output  # the summary table shows each block's mean ponder cost
+
+    sigkill_when(["train", "--labels", labels, "--run", run, *ARGS], second_epoch_started(run), "the second epoch")
+    r = invoke("train", "--labels", labels, "--run", run, *ARGS)
+    assert r.exit_code == 0 and "resuming" in r.output, r.output
+    assert (run / "losses.csv").read_text() == (straight / "losses.csv").read_text()
+    resumed, uninterrupted = final_model(run), final_model(straight)
+    assert resumed["student"] == "sact" and resumed["student_options"] == {"depth": 50, "tile": 1, "tau": 0.01}
+    assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
+
+    r = invoke("profile", "--checkpoint", run, "--device", "cpu", "--iters", 1)
+    assert r.exit_code == 0, r.output
+    assert "GFLOPs / image (dense)" in r.output and "GFLOPs / image (sparse)" in r.output
+    assert "ponder_3 (sparse)" in r.output and "executed_3 (sparse)" in r.output
+
+    photos = sorted((SAMPLES / "val2017").glob("*.jpg"))[:4]
+    h5 = tmp_path / "mit.h5"
+    assert invoke("fixations", "mit1003", "--root", write_mit1003(tmp_path / "MIT1003", photos),
+                  "--out", h5).exit_code == 0
+    r = invoke("eval", "--checkpoint", run, "--fixations", h5, "--map", "ponder", "--device", "cpu",
+               "--no-progress", "--out", tmp_path / "ponder.json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "ponder.json").read_text())
+    assert doc["images"] == 2 and len(doc["metrics"]) == 7  # scored on the half it was not calibrated on
+    assert set(doc["calibration"]) == {"blur_frac", "center_weight", "auc_judd", "images"}
+    assert doc["calibration"]["images"] == 2 and "[ponder map]" in doc["model"]
+
+
+def test_student_options_are_checked(labels, tmp_path):
+    def error(*args):
+        r = invoke("train", "--labels", labels, "--run", tmp_path / "run", "--backbone-weights", "none",
+                   "--workers", 0, "--no-progress", *args)
+        assert r.exit_code != 0
+        return r.output
+
+    assert "sact: tile must be an integer ≥ 1, got 0" in error("--student", "sact", "--tile", "0")
+    assert "sact: tau (the ponder cost's weight) must be ≥ 0" in error("--student", "sact", "--tau", "-1")
+    assert "'34' is not one of" in error("--student", "sact", "--depth", "34")
+    assert "--tile is an option of act, sact, not of fastsal_a" in error("--student", "fastsal_a", "--tile", "2")
+    out = error("--student", "sact", "--tile", "3", "--epochs", 1, "--batch-size", 2)  # 3 does not divide 16x24
+    assert "tile 3 does not divide block 1's feature map of 16×24" in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    r = invoke("profile", "--checkpoint", tmp_path, "--tau", "0.1")
+    assert r.exit_code == 1 and "--tau go with --student NAME" in r.output

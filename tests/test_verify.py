@@ -1,0 +1,85 @@
+"""`pipeline verify`: every tar against its marker, labels.json against the markers, samples decodable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli.main import cli
+from pipeline.label.driver import label
+from pipeline.label.shards import read_marker, tar_samples, write_shard
+from pipeline.label.sources import coco_records
+from pipeline.label.worker import LabelConfig
+
+
+@pytest.fixture
+def labelled(coco_tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("labels")
+    label(coco_records(coco_tree, "val2017"), out, LabelConfig(teacher="classic", batch_size=4), shard_size=3,
+          executor="local", progress=False)
+    return out
+
+
+def verify(folder: Path, *extra: str):
+    return CliRunner().invoke(cli, ["verify", str(folder), *extra])
+
+
+def rewrite(folder: Path, name: str, samples: list[dict]) -> None:
+    """Write ``samples`` as shard ``name`` with a marker and labels.json entry that agree with the tar."""
+    marker = {k: v for k, v in read_marker(folder, name).items() if k not in ("sha256", "bytes")}
+    written = write_shard(folder, name, samples, marker)
+    index = json.loads((folder / "labels.json").read_text())
+    for entry in index["shards"]:
+        if entry["tar"] == f"{name}.tar":
+            entry["sha256"] = written["sha256"]
+    (folder / "labels.json").write_text(json.dumps(index))
+
+
+def test_a_sound_folder_is_one_ok_line(labelled):
+    for extra in ([], ["--deep"]):
+        result = verify(labelled, *extra)
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f"OK: {labelled}: 3 shards, 8 samples, 0 images failed")
+        assert result.output.count("\n") == 1
+
+
+def test_every_problem_is_a_row_and_the_exit_status_is_1(labelled):
+    with open(labelled / "shard-000000.tar", "r+b") as f:  # one byte flipped, same size
+        f.seek(700)
+        byte = f.read(1)
+        f.seek(700)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    samples = list(tar_samples(labelled / "shard-000001.tar"))
+    rewrite(labelled, "shard-000001", samples[::-1])  # consistent checksums, keys out of the marker's order
+    index = json.loads((labelled / "labels.json").read_text())
+    index["shards"] = index["shards"][:2]
+    (labelled / "labels.json").write_text(json.dumps(index))
+    shutil.copy(labelled / "shard-000002.tar", labelled / "shard-000007.tar")  # a tar without its marker
+
+    result = verify(labelled)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    rows = [line.split(None, 1) for line in result.output.splitlines()[2:] if line.startswith("shard")]
+    assert ["shard-000000", "tar sha256 does not match its marker"] in rows
+    assert ["shard-000001", "tar keys differ from the marker's (sample 0: marker 000000000042, tar 000000000512)"] in rows
+    assert ["shard-000002", "not listed in labels.json"] in rows
+    assert ["shard-000007", "tar without a marker (an unfinished shard: re-run pipeline label)"] in rows
+    assert result.output.splitlines()[-1].startswith("Error: ") and f"of {labelled}" in result.output
+
+
+def test_deep_decodes_every_sample(labelled):
+    samples = list(tar_samples(labelled / "shard-000000.tar"))
+    samples[1]["jpg"] = b"\xff\xd8\xff\xe0 not a picture \xff\xda\x00\xff\xd9"
+    rewrite(labelled, "shard-000000", samples)
+    assert verify(labelled).exit_code == 0  # tar and markers agree
+    deep = verify(labelled, "--deep")
+    assert deep.exit_code == 1
+    assert "shard-000000  000000000007: jpg: cannot decode" in deep.output
+
+
+def test_a_folder_that_is_not_there_is_one_error_line(tmp_path):
+    result = verify(tmp_path / "nowhere")
+    assert result.exit_code == 1 and result.output.strip() == f"Error: not a folder: {tmp_path / 'nowhere'}"
