@@ -96,6 +96,8 @@ class Student(nn.Module):
     extra_maps: ClassVar[tuple[str, ...]] = ()
     #: names of the statistics :meth:`forward_train` logs (``TrainOutput.logs``), as columns of the run's logs
     log_names: ClassVar[tuple[str, ...]] = ()
+    #: URL of the ImageNet weights ``backbone_weights="imagenet"`` loads (cached under its file name), if any
+    backbone_url: ClassVar[str | None] = None
     #: ways of computing the same function at inference (e.g. SACT's dense-masked reference and its sparse
     #: path); the first is the reference. ``profile`` times each; set one with :meth:`set_execution`.
     execution_modes: ClassVar[tuple[str, ...]] = ("dense",)
@@ -108,6 +110,12 @@ class Student(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images)
+
+    @classmethod
+    def imagenet_url(cls, **options) -> str | None:
+        """The URL ``backbone_weights="imagenet"`` loads for a student built with ``options`` (for the
+        list of files a step needs; a family whose backbone depends on its options overrides this)."""
+        return cls.backbone_url
 
     def options(self) -> dict:
         """The builder's keyword options that shape this architecture (recorded in checkpoints)."""

@@ -113,6 +113,7 @@ class FastSal(Student):
     variant = ""
     stride = STRIDE
     backbone_prefix = "encoder."
+    backbone_url = BACKBONE_WEIGHTS.url
     #: adaptation widths (also the hint targets' channels for FastSal C)
     widths: tuple[int, ...] = ()
 

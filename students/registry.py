@@ -127,3 +127,18 @@ def build_student(name: str, *, weights: str | None = None, backbone_weights: st
     """Build student ``name`` with its ``options`` (see the module docstring)."""
     return student_info(name).builder(weights=weights, backbone_weights=backbone_weights,
                                       **check_options(name, options))
+
+
+def required_weights(name: str, *, weights: str | None = None, backbone_weights: str = "imagenet",
+                     **options) -> tuple[str, ...]:
+    """The weights specs (paths, URLs, known names) building student ``name`` with ``options`` loads: its
+    ``weights``, else its backbone's (``imagenet``: the URL the student declares; ``none``: nothing; else the
+    PATH)."""
+    if weights is not None:
+        return () if weights == "random" else (weights,)
+    if backbone_weights == "none":
+        return ()
+    if backbone_weights == "imagenet":
+        url = student_info(name).cls.imagenet_url(**options)
+        return (url,) if url else ()
+    return (backbone_weights,)

@@ -366,6 +366,10 @@ class SACT(Student):
     #: per-position halting (SACT); ACT sets False
     spatial = True
 
+    @classmethod
+    def imagenet_url(cls, **options) -> str | None:
+        return DEPTHS[int(options.get("depth", 50))][1].url
+
     def __init__(self, depth: int = 50, tile: int = 1, tau: float = 0.005) -> None:
         super().__init__()
         if depth not in DEPTHS:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -58,7 +59,7 @@ from teachers.deepgaze_modules import (
     readout_input,
 )
 from teachers.registry import register
-from teachers.weights import WeightsError, file_digest, load_state_dict, load_strict, resolve
+from teachers.weights import WeightsError, file_digest, load_state_dict, load_strict, resolve, resolve_all
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +322,18 @@ def _random_init(make: Callable[[], Teacher]) -> Teacher:
     return model
 
 
+def _resolve_needed(name: str, weights: str, centerbias: str | None) -> tuple[Path, str | None]:
+    """The weights file and the centre bias together: when either cannot be had, one error names both
+    (with their URLs and places), not only the first."""
+    specs = [weights] + ([centerbias] if centerbias is not None else [])
+    paths = resolve_all(specs, who=f"teacher {name}", resolver=lambda s: resolve(s),
+                        fetch_hint=f"pipeline weights fetch {name}" if weights == "deepgaze2e" else "")
+    return paths[0], (str(paths[1]) if centerbias is not None else None)
+
+
 def _from_file(make: Callable[[], Teacher], spec: str, what: str,
-               adjust: Callable[[dict], dict] | None = None) -> Teacher:
-    path = resolve(spec)
+               adjust: Callable[[dict], dict] | None = None, path: Path | None = None) -> Teacher:
+    path = path if path is not None else resolve(spec)
     sd = unwrap_state_dict(load_state_dict(path), what=f"{what} {path}")
     if adjust is not None:
         sd = adjust(sd)
@@ -356,16 +366,19 @@ def build_deepgaze2e(*, weights: str | None = None, centerbias: str | None = "au
     with real weights, uniform with random ones), ``None`` (uniform) or a path/known name of a
     ``.npy`` log-density template."""
     cb: list[CenterBias] = []  # loaded in make(), i.e. after the weights resolved: their error comes first
+    cb_spec = _default_centerbias(centerbias, weights)
 
     def make() -> DeepGazeIIE:
-        cb.append(cb[0] if cb else load_centerbias(_default_centerbias(centerbias, weights)))
+        cb.append(cb[0] if cb else load_centerbias(cb_spec))
         model = DeepGazeIIE(cb[0])
         model.name = name
         return model
 
     if weights == "random":
         return _with_centerbias(_random_init(make), cb[0])
-    model = _from_file(make, "deepgaze2e" if weights is None else weights, "DeepGaze IIE weights")
+    spec = "deepgaze2e" if weights is None else weights
+    path, cb_spec = _resolve_needed(name, spec, cb_spec)
+    model = _from_file(make, spec, "DeepGaze IIE weights", path=path)
     return _with_centerbias(model, cb[0])
 
 
@@ -396,13 +409,14 @@ def deepgaze2(*, weights: str | None = None, centerbias: str | None = "auto") ->
     if weights is None:
         raise WeightsError("DeepGaze II has no public PyTorch checkpoint: pass --weights PATH "
                            "(a state dict in this layout) or use --teacher deepgaze2e")
+    cb_spec, path = _default_centerbias(centerbias, weights), None
     if weights != "random":
-        resolve(weights)  # a missing weights file is the first error, before the centre bias
-    cb = load_centerbias(_default_centerbias(centerbias, weights))
+        path, cb_spec = _resolve_needed("deepgaze2", weights, cb_spec)  # both missing files in one error
+    cb = load_centerbias(cb_spec)
     if weights == "random":
         return _with_centerbias(_random_init(lambda: DeepGazeII(cb)), cb)
     return _with_centerbias(_from_file(lambda: DeepGazeII(cb), weights, "DeepGaze II weights",
-                                       adjust=_drop_normalizer_constants), cb)
+                                       adjust=_drop_normalizer_constants, path=path), cb)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -54,6 +54,41 @@ DEFAULT_WEIGHTS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+#: files a teacher loads besides its ``--weights`` (DeepGaze's MIT1003 centre bias), unless ``--weights random``
+EXTRA_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "deepgaze": ("centerbias_mit1003",),
+    "deepgaze2e": ("centerbias_mit1003",),
+    "deepgaze2": ("centerbias_mit1003",),
+}
+
+#: teachers without a default download whose authors' release `pipeline weights fetch NAME` still gets:
+#: (known name of the release, how to turn it into a ``--weights`` file, with {src} and {dst})
+RELEASES: dict[str, tuple[str, str]] = {
+    "salgan": ("salgan_lasagne", "pipeline weights convert {src} {dst}"),
+}
+
+
+def required_weights(name: str, weights: str | None = None) -> tuple[str, ...] | None:
+    """The weights specs (known names, URLs or paths) teacher ``name`` loads with ``--weights weights``:
+    ``()`` when none (the classic teacher, ``random``), ``None`` when ``weights`` is required and missing."""
+    if weights == "random" or DEFAULT_WEIGHTS.get(name) == ():
+        return ()
+    if weights is None:
+        return DEFAULT_WEIGHTS.get(name)
+    return (weights, *EXTRA_WEIGHTS.get(name, ()))
+
+
+def fetchable_weights(name: str) -> tuple[str, ...]:
+    """What ``pipeline weights fetch NAME`` downloads for teacher ``name``: its default files, else its
+    authors' release (to convert), else nothing."""
+    defaults = DEFAULT_WEIGHTS.get(name)
+    if defaults:
+        return defaults
+    if name in RELEASES:
+        return (RELEASES[name][0], *EXTRA_WEIGHTS.get(name, ()))
+    return EXTRA_WEIGHTS.get(name, ())
+
+
 def available() -> list[str]:
     _load_all()
     return sorted(_BUILDERS)

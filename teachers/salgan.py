@@ -25,7 +25,8 @@ from torch import nn
 
 from teachers.base import Teacher
 from teachers.registry import register
-from teachers.weights import WeightsError, file_digest, load_state_dict, load_strict, resolve
+from teachers.weights import (KNOWN_WEIGHTS, WeightsError, cache_path, file_digest, load_state_dict, load_strict,
+                              resolve)
 
 BGR_MEAN = (103.939, 116.779, 123.68)
 # conv widths; "M" = 2×2 max-pool, "U" = nearest ×2 upsample; every conv is 3×3 pad 1 + ReLU
@@ -38,8 +39,10 @@ HINT_INDICES = (54, 49, 42, 35)
 
 MISSING_WEIGHTS = (
     "salgan needs --weights: either the original Lasagne release gen_modelWeights0090.npz "
-    "(linked from the imatge-upc/salgan README) or a PyTorch generator checkpoint "
-    "({'state_dict': sd}, keys 0.weight..60.bias, as used by the FastSal authors); "
+    "(linked from the imatge-upc/salgan README: {url}; `pipeline weights fetch salgan` downloads it to {path}, "
+    "and `pipeline weights convert {path} data/weights/salgan_generator.pt` makes a PyTorch checkpoint of it) "
+    "or a PyTorch generator checkpoint "
+    "({{'state_dict': sd}}, keys 0.weight..60.bias, as used by the FastSal authors); "
     "--weights random is for testing only (its labels mean nothing)"
 )
 
@@ -163,7 +166,8 @@ def save_converted(src: str | Path, dst: str | Path) -> Path:
 def salgan(*, weights: str | None = None) -> SalGAN:
     """SalGAN from a Lasagne ``.npz`` release, a PyTorch checkpoint, or ``"random"`` (testing only)."""
     if weights is None:
-        raise WeightsError(MISSING_WEIGHTS)
+        raise WeightsError(MISSING_WEIGHTS.format(url=KNOWN_WEIGHTS["salgan_lasagne"].url,
+                                                  path=cache_path("salgan_lasagne")))
     model = SalGAN()
     if weights == "random":
         model.weights_random, model.weights_digest = True, "random"

@@ -49,6 +49,8 @@ class KnownWeights:
 
 
 _DEEPGAZE_RELEASE = "https://github.com/matthias-k/DeepGaze/releases/download/v1.0.0"
+#: SalGAN's generator as its authors released it (Lasagne arrays), linked from the imatge-upc/salgan README
+_SALGAN_RELEASE = "https://imatge.upc.edu/web/sites/default/files/resources/1720/saliency/2017-salgan"
 #: the FastSal authors' student checkpoints live in their repository's weights/ folder (no digests published)
 _FASTSAL_WEIGHTS = "https://github.com/feiyanhu/FastSal/raw/master/weights"
 
@@ -71,6 +73,14 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
             sha256="051645b7da47884c138e81f28a4afbadd99b6c3262eaf086434a9626e3578be9",
             filename="centerbias_mit1003.npy",
             description="MIT1003 centre-bias log density, 1024x1024 float64, DeepGaze release v1.0.0",
+        ),
+        KnownWeights(
+            name="salgan_lasagne",
+            url=f"{_SALGAN_RELEASE}/gen_modelWeights0090.npz",
+            sha256=None,
+            filename="gen_modelWeights0090.npz",
+            description="SalGAN generator, the authors' Lasagne release (127 MB; `pipeline weights convert` "
+                        "makes a PyTorch checkpoint of it)",
         ),
         *(
             KnownWeights(
@@ -185,6 +195,93 @@ def resolve(spec: str | os.PathLike, *, download: bool = True, progress: bool = 
     )
 
 
+def resolve_all(specs, *, who: str, fetch_hint: str = "", resolver=None, download: bool = True,
+                progress: bool = True) -> list[Path]:
+    """Every spec of ``specs`` (what ``who`` needs) → local files, or one WeightsError naming *every*
+    file that cannot be had (each with its URL and the place to put it), not only the first.
+
+    ``resolver`` replaces :func:`resolve` (a module that looks its ``resolve`` up at call time passes it).
+    ``fetch_hint`` (e.g. ``pipeline weights fetch deepgaze``) ends the message.
+    """
+    resolver = resolver or (lambda s: resolve(s, download=download, progress=progress))
+    specs = list(specs)
+    paths, errors = [], []
+    for spec in specs:
+        try:
+            paths.append(resolver(spec))
+        except WeightsError as e:
+            errors.append(str(e).rstrip("."))
+    if errors:
+        names = " and ".join(describe(s) for s in specs)
+        numbered = "; ".join(f"({i}) {e}" for i, e in enumerate(errors, 1))
+        count = "it" if len(specs) == 1 else f"{len(errors)} of them" if len(errors) < len(specs) else "none of them"
+        verb = "cannot be had here" if len(specs) == 1 or len(errors) < len(specs) else "can be had here"
+        raise WeightsError(f"{who} needs {names}; {count} {verb}: {numbered}"
+                           + (f"; with network, `{fetch_hint}` fetches everything {who} needs" if fetch_hint else ""))
+    return paths
+
+
+def describe(spec: str) -> str:
+    """A spec as a person reads it: a known name's or URL's file name, else the path as given."""
+    text = os.fspath(spec)
+    if text in KNOWN_WEIGHTS:
+        return KNOWN_WEIGHTS[text].filename
+    if _is_url(text):
+        try:
+            return _url_filename(text)
+        except WeightsError:
+            return text
+    return text
+
+
+@dataclass(frozen=True)
+class CachedState:
+    """Where a weights spec stands on this machine, without touching the network."""
+
+    spec: str
+    path: Path | None  # where the file is or goes (None: a bare local path that names nothing)
+    #: ``verified`` (sha256 matches the pinned one), ``unverified`` (here; no digest pinned), ``missing``,
+    #: ``corrupt`` (sha256 differs from the pinned one), ``here`` (a local file: nothing to verify against)
+    state: str
+    url: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("verified", "unverified", "here")
+
+    @property
+    def summary(self) -> str:
+        """``cached, sha256 verified`` / ``cached, unverified: no sha256 pinned`` / ``CORRUPT: …`` / ``not cached``."""
+        return {"verified": "cached, sha256 verified", "unverified": "cached, unverified: no sha256 pinned",
+                "here": "here", "missing": "not cached" if self.url else "not found",
+                "corrupt": f"CORRUPT: {self.detail}"}[self.state]
+
+
+def cached_state(spec: str, *, verify: bool = True) -> CachedState:
+    """Whether ``spec`` (known name, URL or path) is here, and for known names with a pinned digest
+    whether the file is intact (``verify``: hash it; else a present file counts as ``unverified``)."""
+    text = os.fspath(spec)
+    if text in KNOWN_WEIGHTS or _is_url(text):
+        known = KNOWN_WEIGHTS.get(text)
+        path, url = cache_path(text), (known.url if known else text)
+        if not path.is_file():
+            return CachedState(text, path, "missing", url, f"not cached at {path}")
+        pinned = known.sha256 if known else None
+        if pinned is None or not verify:
+            return CachedState(text, path, "unverified", url, "cached; no sha256 pinned to check it against"
+                               if pinned is None else "cached; not checked")
+        got = file_digest(path)
+        if got != pinned:
+            return CachedState(text, path, "corrupt", url, f"sha256 {got}, expected {pinned}: delete {path} "
+                                                          f"and fetch it again")
+        return CachedState(text, path, "verified", url, "cached; sha256 verified")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return CachedState(text, path, "here", None, "a local file")
+    return CachedState(text, path, "missing", None, f"{path} not found")
+
+
 def _head(path: Path, n: int = 8) -> bytes:
     with open(path, "rb") as f:
         return f.read(n)
@@ -246,3 +343,19 @@ def load_strict(module: nn.Module, state_dict: dict, *, what: str) -> None:
         module.load_state_dict(state_dict, strict=True)
     except Exception as e:  # e.g. a value that is not a tensor
         raise WeightsError(f"{what}: cannot load state dict: {_one_line(e)}") from e
+
+
+def states_summary(states: list[CachedState], fetch_hint: str) -> str:
+    """One phrase for the files of one model: ``cached, sha256 verified``, ``cached, unverified (no
+    sha256 pinned for X)``, ``CORRUPT: X …``, ``not cached: X (fetch hint)``."""
+    bad = [s for s in states if s.state == "corrupt"]
+    missing = [s for s in states if s.state == "missing"]
+    if bad:
+        return "CORRUPT: " + "; ".join(f"{describe(s.spec)} {s.detail}" for s in bad) + (
+            f" ({fetch_hint})" if fetch_hint else "")
+    if missing:
+        return f"not cached: {', '.join(describe(s.spec) for s in missing)}" + (f" ({fetch_hint})" if fetch_hint else "")
+    unverified = [describe(s.spec) for s in states if s.state == "unverified"]
+    if unverified:
+        return f"cached, unverified (no sha256 pinned for {', '.join(unverified)})"
+    return "cached, sha256 verified"

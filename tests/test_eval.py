@@ -427,6 +427,38 @@ def test_predict_records_an_unreadable_image(image_folder, tmp_path):
     assert not (out / "sub" / "b.jpg.png").exists() and (out / "sub" / "c.png.png").is_file()
 
 
+def test_predict_compare_teacher_writes_image_teacher_student_sheets(run_dir, image_folder, tmp_path):
+    from pipeline.score.sheets import CAPTION, PANEL_HEIGHT
+
+    out = tmp_path / "same"  # the teacher against itself: the two map panels agree and CC is 1
+    result = ok("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--compare-teacher",
+                "classic", "--device", "cpu", "--no-progress")
+    assert "CC with the teacher  1.000 (mean of 3)" in result.output
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["compare_teacher"] == "classic" and doc["compare_sheets"] == str(out / "compare")
+    assert sorted(doc["cc_with_teacher"]) == sorted(IMAGE_SIZES)
+    for rel, (h, w) in IMAGE_SIZES.items():
+        sheet = cv2.imread(str(out / "compare" / f"{rel}.png"))
+        assert doc["cc_with_teacher"][rel] == pytest.approx(1.0)
+        panel = round(w * PANEL_HEIGHT / h)
+        assert sheet.shape == (PANEL_HEIGHT + CAPTION, 3 * panel + 8, 3), rel
+        photo_panel = sheet[CAPTION:, :panel]
+        teacher_panel, student_panel = sheet[CAPTION:, panel + 4:2 * panel + 4], sheet[CAPTION:, 2 * panel + 8:]
+        assert np.array_equal(teacher_panel, student_panel)
+        assert teacher_panel.std() > 10 and not np.array_equal(photo_panel, teacher_panel)
+
+    out = tmp_path / "student"
+    result = ok("predict", "--checkpoint", run_dir, "--images", image_folder, "--out", out, "--compare-teacher",
+                "classic", "--device", "cpu", "--no-progress")
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["maps"] == 3 and all(-1 <= v <= 1 for v in doc["cc_with_teacher"].values())
+    assert sorted(p.relative_to(out / "compare").as_posix() for p in (out / "compare").rglob("*.png")) == \
+        sorted(f"{rel}.png" for rel in IMAGE_SIZES)
+    r = CliRunner().invoke(cli, ["predict", "--teacher", "classic", "--images", str(image_folder), "--out",
+                                 str(tmp_path / "x"), "--compare-weights", "w.pt"])
+    assert r.exit_code == 2 and "--compare-weights goes with --compare-teacher" in r.output
+
+
 # --------------------------------------------------------------------------------------------
 # profile, teachers
 

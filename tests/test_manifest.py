@@ -1,8 +1,8 @@
 """`pipeline run` / `pipeline status`: manifests validated up front, a pure plan, resumable execution.
 
-Most tests work on a copy of one finished run of manifests/demo.yaml at test scale (executor local,
-shard size 2, so the label step writes 6 shards; 2 training epochs per student); the scheduling tests
-use a test-only fake command.
+Most tests work on a copy of one finished run of manifests/demo.yaml at test scale (executor local;
+shard size 2, so label_val writes 6 shards of the 12 held-out photos, label_train 4 shards of 64 images;
+2 training epochs of 4 steps per student); the scheduling tests use a test-only fake command.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "coco"
 DEMO = ROOT / "manifests" / "demo.yaml"
 FULL = ROOT / "manifests" / "full.yaml"
-SETS = [f"coco={SAMPLES}", "executor=local", "shard_size=2", "epochs=2"]
+SETS = [f"coco={SAMPLES}", "executor=local", "shard_size=2", "steps_per_epoch=4", "c_steps=4", "epochs=2"]
 OPTS = [x for s in SETS for x in ("--set", s)]
 VAL = Path("runs/demo/label_val/classic/val2017")
+TRAIN = Path("runs/demo/label_train/classic/train2017")
 TRAIN_A, TRAIN_C = Path("runs/demo/train_a"), Path("runs/demo/train_c")
-DEMO_STEPS = ["label_val", "train_a", "train_c", "eval_a", "eval_c", "eval_teacher", "predict_a", "profile_a",
+DEMO_STEPS = ["label_train", "label_val", "train_a", "train_c", "eval_a", "eval_c", "eval_teacher", "predict_a", "profile_a",
               "profile_c"]
 BELOW_TRAIN_A = ["eval_a", "predict_a", "profile_a"]
 
@@ -84,6 +85,7 @@ def finished(tmp_path_factory) -> Path:
         result = invoke("run", DEMO, *OPTS)
     assert result.exit_code == 0, result.output
     assert "[label_val] $ pipeline label coco --teacher=classic" in result.output  # streamed with a prefix
+    (base / "output.txt").write_text(result.output)
     return base
 
 
@@ -115,13 +117,15 @@ def edited_demo(tmp_path: Path, after: str, insert: str, occurrence: int = 0) ->
 
 def test_demo_finishes_and_a_second_run_does_no_work(demo):
     assert verify_dataset(VAL) == "" and len(list(VAL.glob("shard-*.tar"))) == 6
+    assert verify_dataset(TRAIN) == "" and len(list(TRAIN.glob("shard-*.tar"))) == 4
     state = load_state(Path("runs/demo"))
     assert {n: r["status"] for n, r in state["steps"].items()} == dict.fromkeys(DEMO_STEPS, "done")
     assert state["steps"]["label_val"]["output"] == str(VAL)
     assert json.loads((TRAIN_A / "checkpoints" / "latest.json").read_text())["epoch"] == 1  # 2 epochs
     assert set(json.loads(Path("runs/demo/eval_a/metrics.json").read_text())["metrics"]) == {"cc", "kl_div", "sim",
                                                                                            "nss"}
-    assert json.loads(Path("runs/demo/eval_teacher/metrics.json").read_text())["metrics"]["cc"] > 0.99
+    teacher = json.loads(Path("runs/demo/eval_teacher/metrics.json").read_text())
+    assert teacher["metrics"]["cc"] > 0.99 and teacher["images"] == 12  # every held-out photo
     assert json.loads(Path("runs/demo/predict_a/predictions.json").read_text())["maps"] == 12
     assert json.loads(Path("runs/demo/profile_c/profile.json").read_text())["params"] == 2_574_049
 
@@ -144,11 +148,12 @@ def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tm
     assert plan_up["label_val"] == ("run", "settings changed: jpeg_quality 95→90")
     assert plan_up["train_a"] == ("run", "upstream label_val changed")
     assert plan_up["eval_a"] == ("run", "upstream train_a changed; upstream label_val changed")
+    assert plan_up.pop("label_train") == ("skip", "up to date")  # the training images' labels do not change
     assert all(action == "run" for action, _ in plan_up.values())
 
-    via_var = planned(sets=SETS[:3] + ["epochs=3"])  # the var feeds both training steps
-    assert via_var["train_a"] == ("run", "settings changed: epochs 2→3")
+    via_var = planned(sets=SETS + ["c_epochs=3"])  # the var feeds the training step of FastSal (C)
     assert via_var["train_c"] == ("run", "settings changed: epochs 2→3")
+    assert via_var["train_a"] == ("skip", "up to date")
     assert via_var["label_val"] == ("skip", "up to date") and via_var["eval_teacher"] == ("skip", "up to date")
 
     downstream = edited_demo(tmp_path, "      student: fastsal_a", "      momentum: 0.8")
@@ -156,8 +161,8 @@ def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tm
     want["train_a"] = ("run", "settings changed: momentum 0.9→0.8")
     want.update({name: ("run", "upstream train_a changed") for name in BELOW_TRAIN_A})
     assert planned(downstream) == want
-    untouched = {k: v for k, v in mtimes(Path("runs/demo")).items()
-                 if not k.startswith((".pipeline", "train_a", *BELOW_TRAIN_A))}
+    untouched = {k: v for k, v in mtimes(Path("runs/demo")).items()  # the report is rewritten after a run
+                 if not k.startswith((".pipeline", "report", "train_a", *BELOW_TRAIN_A))}
     losses_before = (TRAIN_A / "losses.csv").read_text()
     result = invoke("run", downstream, *OPTS)
     assert result.exit_code == 0, result.output
@@ -171,7 +176,8 @@ def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tm
 def test_force_reruns_the_step_and_everything_downstream(demo):
     forced = planned(force=["label_val"])
     assert forced["label_val"] == ("run", "forced")
-    assert all(forced[n] == ("run", "forced (downstream of label_val)") for n in DEMO_STEPS[1:])
+    assert forced["label_train"] == ("skip", "up to date")
+    assert all(forced[n] == ("run", "forced (downstream of label_val)") for n in DEMO_STEPS[2:])
     forced = planned(force=["train_c"])
     assert forced["train_c"] == ("run", "forced")
     assert forced["eval_c"] == forced["profile_c"] == ("run", "forced (downstream of train_c)")
@@ -192,14 +198,14 @@ def test_force_reruns_the_step_and_everything_downstream(demo):
 
 def test_only_and_until_select_steps(fresh):
     until = planned(until=["train_a"])
-    assert until["label_val"] == until["train_a"] == ("run", "never run")
+    assert until["label_train"] == until["label_val"] == until["train_a"] == ("run", "never run")
     assert until["train_c"] == ("skip", "not selected (stale: never run)")
     only = planned(only=["eval_a"])
     assert only["train_a"] == ("skip", "not selected (stale: never run)")
     assert only["eval_a"] == ("run", "never run (warning: upstream train_a, label_val are stale and not selected)")
     both = planned(until=["eval_a", "eval_c"])
-    assert [n for n, (action, _) in both.items() if action == "run"] == ["label_val", "train_a", "train_c",
-                                                                          "eval_a", "eval_c"]
+    assert [n for n, (action, _) in both.items() if action == "run"] == ["label_train", "label_val", "train_a",
+                                                                          "train_c", "eval_a", "eval_c"]
 
 
 def test_dry_run_prints_the_plan_with_reasons(demo):
@@ -214,7 +220,8 @@ def test_dry_run_prints_the_plan_with_reasons(demo):
     assert rows["train_c"] == ("run", "outputs incomplete: no finished epoch in runs/demo/train_c")
     assert rows["eval_c"] == ("run", "upstream train_c, label_val run")
     assert "label_val: pipeline label coco --teacher=classic" in result.output
-    assert "train_c: pipeline train --labels=runs/demo/label_val/classic/val2017" in result.output
+    assert ("train_c: pipeline train --labels=runs/demo/label_train/classic/train2017 --run=runs/demo/train_c"
+            in result.output)
     assert not (VAL / "shard-000003.tar").exists()  # a dry run changes nothing
 
     result = invoke("run", DEMO, "--set", "coco=missing/coco", "--set", "executor=local", "--dry-run",
@@ -223,6 +230,7 @@ def test_dry_run_prints_the_plan_with_reasons(demo):
     rows = dry_run_table(result.output)
     assert rows["label_val"] == ("run", "input missing: missing/coco/annotations/instances_val2017.json")
     assert rows["train_a"] == rows["predict_a"] == ("run", "never run")
+    assert result.output.rstrip().endswith("weights: no step loads any")  # the classic teacher, no backbone weights
 
 
 def test_run_status_table(demo):
@@ -396,9 +404,10 @@ def test_sigkill_during_a_label_step_then_rerun_gives_the_same_shards(finished, 
 
 
 def test_sigkill_during_a_train_step_then_rerun_gives_the_same_model(finished, fresh):
-    shutil.copytree(finished / "runs" / "demo" / "label_val", "runs/demo/label_val")  # labels as the runner left them
+    for step in ("label_train", "label_val"):  # labels as the runner left them
+        shutil.copytree(finished / "runs" / "demo" / step, f"runs/demo/{step}")
     state = load_state(finished / "runs" / "demo")
-    state["steps"] = {"label_val": state["steps"]["label_val"]}
+    state["steps"] = {k: state["steps"][k] for k in ("label_train", "label_val")}
     Path("runs/demo/.pipeline").mkdir(parents=True)
     Path("runs/demo/.pipeline/state.json").write_text(json.dumps(state))
     losses = TRAIN_A / "losses.csv"
@@ -511,3 +520,142 @@ def test_keep_going_finishes_independent_steps(fake, tmp_path):
     assert re.search(r"child\s+run\s+not run: upstream broken failed", out)
     assert {n: r["status"] for n, r in load_state(tmp_path / "w")["steps"].items()} == {
         "broken": "failed", "independent": "done"}
+
+
+# -- the run's summary and report ----------------------------------------------------------------
+
+class Page:
+    """The tables (rows of cell texts) and image sources of an HTML page, read with html.parser."""
+
+    def __init__(self, text: str):
+        from html.parser import HTMLParser
+
+        self.tables: list[list[list[str]]] = []
+        self.images: list[str] = []
+        page = self
+
+        class Parser(HTMLParser):
+            cell = None
+
+            def handle_starttag(self, tag, attrs):
+                if tag == "table":
+                    page.tables.append([])
+                elif tag == "tr":
+                    page.tables[-1].append([])
+                elif tag in ("td", "th"):
+                    self.cell = ""
+                elif tag == "img":
+                    page.images.append(dict(attrs)["src"])
+
+            def handle_endtag(self, tag):
+                if tag in ("td", "th"):
+                    page.tables[-1][-1].append(self.cell)
+                    self.cell = None
+
+            def handle_data(self, data):
+                if self.cell is not None:
+                    self.cell += data
+
+        Parser().feed(text)
+
+
+EVAL_STEPS = ["eval_a", "eval_c", "eval_teacher"]
+
+
+def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished, demo):
+    out = (finished / "output.txt").read_text()
+    scores = out.split("\nscores (")[1].split("\nreport: ")[0].splitlines()[1:]
+    assert scores[0].split() == ["step", "model", "images", "cc", "kl_div", "sim", "nss"]
+    rows = {line.split()[0]: line.split() for line in scores[1:]}
+    assert sorted(rows) == EVAL_STEPS
+    for name in EVAL_STEPS:  # every metric of every eval step's JSON, as written
+        doc = json.loads(Path(f"runs/demo/{name}/metrics.json").read_text())
+        assert rows[name][-4:] == [f"{doc['metrics'][m]:.4f}" for m in ("cc", "kl_div", "sim", "nss")]
+    assert rows["eval_a"][1:4] == ["fastsal_a", "(train_a)", "12"] and rows["eval_teacher"][1:3] == ["teacher", "classic"]
+    assert "report: runs/demo/report.html\n" in out
+
+    page = Page(Path("runs/demo/report.html").read_text())
+    head, *body = page.tables[0]
+    assert head[:7] == ["step", "model", "images", "cc", "kl_div", "sim", "nss"]
+    assert sorted(r[0] for r in body) == EVAL_STEPS
+    assert {r[0]: r[3] for r in body} == {name: rows[name][-4] for name in EVAL_STEPS}
+    assert page.images, "the report shows no image"
+    for src in page.images:
+        assert not src.startswith(("/", "file:", "http")), src  # relative: the page works when copied
+        assert (Path("runs/demo") / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    assert {"report/train_a/curves.png", "report/train_c/curves.png"} <= set(page.images)
+    for name in ("eval_a", "eval_c"):  # image | teacher | student for held-out photos
+        assert len([s for s in page.images if s.startswith(f"report/{name}/")]) == 4
+    assert len([s for s in page.images if s.startswith("report/predict_a/")]) == 6
+    assert len(list(Path("runs/demo/predict_a/compare").glob("*.png"))) == 12
+
+    result = invoke("run", DEMO, *OPTS)  # nothing to do: the same scores, and the report is left as it is
+    assert result.exit_code == 0, result.output
+    assert result.output.split("\nscores (")[1].split("\nreport: ")[0] == \
+        out.split("\nscores (")[1].split("\nreport: ")[0]
+    assert "report: runs/demo/report.html (up to date)" in result.output
+
+
+def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(demo):
+    Path("runs/demo/report.html").unlink()
+    Path("runs/demo/report.html").mkdir()  # in the way
+    result = invoke("run", DEMO, *OPTS)
+    assert result.exit_code == 0, result.output
+    assert "warning: cannot write the report in runs/demo" in result.output
+    assert "\nscores (" in result.output
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium to render the report with (Debian: apt-get install chromium)")
+def test_the_report_renders_offline_in_a_headless_browser(finished, tmp_path):
+    import subprocess
+
+    import cv2
+    import numpy as np
+
+    copy = tmp_path / "copy"  # the page and its images, moved elsewhere together
+    shutil.copytree(finished / "runs" / "demo" / "report", copy / "report")
+    shutil.copy(finished / "runs" / "demo" / "report.html", copy / "report.html")
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                           "--window-size=1280,6000", (copy / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=300)
+    assert shot.is_file(), done.stdout + done.stderr
+    img = cv2.imread(str(shot))
+    assert img.shape[:2] == (6000, 1280)
+    header = np.all(img == (255, 238, 238), axis=-1)  # the tables' header cells (#eef, in BGR)
+    assert header.sum() > 2000, "no table header drawn"
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    colourful = (hsv[..., 1] > 120) & (hsv[..., 2] > 60)  # the maps' colour map, the photos, the curves
+    rows = np.flatnonzero(colourful.sum(axis=1) > 100)
+    assert len(rows) > 1000, "hardly any image drawn"
+    assert rows.max() - rows.min() > 2000  # images all down the page, not one broken icon
+
+
+def test_a_step_computes_on_as_many_threads_as_cpus_it_holds(tmp_path, monkeypatch):
+    group = click.Group()
+    group.add_command(click.Command("fake", params=[click.Option(["--name"])]))
+    script = tmp_path / "threads.py"
+    script.write_text("import os\nprint('threads', os.environ.get('OMP_NUM_THREADS'), os.environ.get('MKL_NUM_THREADS'))\n")
+    path = tmp_path / "m.yaml"
+    path.write_text(f"workdir: {tmp_path / 'w'}\nsteps:\n"
+                    "  one: {run: fake, with: {name: one}, resources: {cpus: 1}}\n"
+                    "  two: {run: fake, with: {name: two}, resources: {cpus: 2}}\n"
+                    "  big: {run: fake, with: {name: big}, resources: {cpus: 64}}\n")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+
+    def run() -> str:
+        lines: list[str] = []
+        code = run_manifest(load_manifest(path, group=group), launcher=[sys.executable, str(script)], cpus=4,
+                            force=["one", "two", "big"], echo=lambda s="", err=False: lines.append(s))
+        assert code == 0, lines
+        return "\n".join(lines)
+
+    out = run()
+    assert "[one] threads 1 1" in out and "[two] threads 2 2" in out and "[big] threads 4 4" in out
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    assert "[two] threads 3 2" in run()

@@ -34,7 +34,7 @@ def _check_steps(manifest, option: str, names: tuple[str, ...]) -> None:
 @click.command("run")
 @_manifest_arg
 @click.option("--dry-run", "-n", is_flag=True,
-              help="Print the plan (step, action, reason) and the commands; run nothing.")
+              help="Print the plan (step, action, reason), the commands and each step's missing weights; run nothing.")
 @click.option("--force", "-f", multiple=True, metavar="STEP",
               help="Re-run STEP from scratch, and everything downstream of it (repeatable).")
 @click.option("--only", multiple=True, metavar="STEP", help="Consider only STEP (repeatable); other steps are skipped.")

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 import students
+import teachers
 
 from pipeline.cli.options import build_model, echo_result, model_options, runtime_option, with_runtime
 from pipeline.cli.options import image_size as parse_size
@@ -44,7 +45,8 @@ def fixations_cmd(dataset, root, split, out):
               help="A fixation HDF5 from `pipeline fixations`: all 7 metrics against human fixations.")
 @click.option("--labels", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A finished label folder: CC, KLDiv, SIM, NSS against the teacher's labels in its last shards.")
-@click.option("--val-shards", type=click.IntRange(min=1), default=1, help="With --labels: how many last shards.")
+@click.option("--val-shards", type=click.IntRange(min=0), default=1,
+              help="With --labels: how many last shards (0: every shard, for a folder that is all held out).")
 @click.option("--baseline", type=click.Choice(["centerbias", "uniform"]), default="centerbias",
               help="IG baseline: the dataset's own fixations pooled and blurred, or uniform.")
 @click.option("--sigma", "sigma_frac", type=click.FloatRange(min=0), default=0.034,
@@ -114,21 +116,30 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
               help="png: a folder (maps mirror the images' relative paths); hdf5: the file to write.")
 @click.option("--format", "format_", type=click.Choice(["png", "hdf5"]), default="png",
               help="png: 8-bit maps; hdf5: float32 log densities, one dataset per image (pysaliency HDF5Model).")
+@click.option("--compare-teacher", type=click.Choice(teachers.available()), default=None,
+              help="Also write a sheet image | teacher | student per image (<out>/compare/<image>.png) and each "
+                   "image's CC with this teacher.")
+@click.option("--compare-weights", default=None, help="With --compare-teacher: that teacher's --weights.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4)
 @runtime_option
 @click.option("--progress/--no-progress", default=True)
 def predict_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, images,
-                out, format_, batch_size, io_threads, runtime, progress):
+                out, format_, compare_teacher, compare_weights, batch_size, io_threads, runtime, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.score.predict import predict_folder
     from pipeline.label.sources import SourceError
 
     predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                                          student_options=student_options), runtime)
+    compare = None
+    if compare_teacher:
+        compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision)
+    elif compare_weights:
+        raise click.UsageError("--compare-weights goes with --compare-teacher NAME")
     try:
         result = predict_folder(predictor, images, out, fmt=format_, batch_size=batch_size, io_threads=io_threads,
-                                progress=progress)
+                                progress=progress, compare=compare)
     except SourceError as e:
         raise click.ClickException(str(e)) from None
     echo_result(result, result.failures, lambda f: f"{f['file']}: {f['reason']}")

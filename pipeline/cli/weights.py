@@ -17,25 +17,27 @@ def weights_group():
 
 @weights_group.command("list")
 def weights_list():
-    """List the known weights names, their URLs and cache paths."""
-    from teachers.weights import KNOWN_WEIGHTS, cache_path
+    """List the known weights names, their URLs and cache paths, and whether each is cached and intact."""
+    from teachers.weights import KNOWN_WEIGHTS, cache_path, cached_state
 
     for name, known in sorted(KNOWN_WEIGHTS.items()):
-        state = "cached" if cache_path(name).is_file() else "not cached"
-        click.echo(f"{name}\t{known.url}\t{cache_path(name)} ({state})")
+        click.echo(f"{name}\t{known.url}\t{cache_path(name)} ({cached_state(name).summary})")
 
 
 @weights_group.command("fetch")
 @click.argument("spec")
 def weights_fetch(spec):
-    """Download SPEC (a known name or an http(s) URL) into the cache and verify its digest."""
-    from teachers.weights import WeightsError, file_digest, resolve
+    """Download SPEC into the cache and verify its digest: a teacher (everything it needs), a known
+    name or an http(s) URL."""
+    from teachers.fetch import fetch
+    from teachers.weights import WeightsError
 
     try:
-        path = resolve(spec)
+        lines = fetch(spec)
     except WeightsError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"{path}  sha256 {file_digest(path)}")
+    for line in lines:
+        click.echo(line)
 
 
 @weights_group.command("convert")
@@ -55,10 +57,10 @@ def weights_convert(src, dst):
 
 @click.command("teachers")
 def teachers_cmd():
-    """List the teachers: output kind, input size, parameters, and whether their weights are here."""
+    """List the teachers: output kind, input size, parameters, and whether their weights are here and intact."""
     from teachers import build_teacher
-    from teachers.registry import DEFAULT_WEIGHTS, available
-    from teachers.weights import cache_path
+    from teachers.fetch import weights_status
+    from teachers.registry import available
 
     rows = [("teacher", "output", "input (HxW)", "parameters", "weights")]
     for name in available():
@@ -67,14 +69,7 @@ def teachers_cmd():
             model = build_teacher(name, weights=None if name == "classic" else "random")
         finally:
             logging.disable(logging.NOTSET)
-        defaults = DEFAULT_WEIGHTS.get(name)
-        if defaults is None:
-            state = "needs --weights PATH (no published default)"
-        elif not defaults:
-            state = "none needed"
-        else:
-            missing = [w for w in defaults if not cache_path(w).is_file()]
-            state = "cached" if not missing else f"not cached: pipeline weights fetch {' '.join(missing)}"
         size = "any" if model.input_size is None else f"{model.input_size[0]}x{model.input_size[1]}"
-        rows.append((name, model.output_kind, size, f"{sum(p.numel() for p in model.parameters()):,}", state))
+        rows.append((name, model.output_kind, size, f"{sum(p.numel() for p in model.parameters()):,}",
+                     weights_status(name)))
     click.echo(table(rows[0], rows[1:]))

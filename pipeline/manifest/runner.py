@@ -39,6 +39,8 @@ from pipeline.manifest.steps import COMMANDS
 
 STATE_VERSION = 1
 PROGRESS_EVERY_S = 15.0  # at most one progress-bar line per step this often in the streamed output
+#: thread-count variables set to the step's ``cpus`` in its environment, unless already set
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class RunnerError(click.ClickException):
@@ -336,6 +338,8 @@ class Runner:
         self.free_cpus -= cpus
         self.held[name] = (cpus, gpu_ids)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for var in THREAD_VARS:  # a step computes on the CPUs it holds (spinning extra threads on a busy
+            env.setdefault(var, str(cpus))  # machine can make a CPU step many times slower); the user's setting wins
         if self.gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         argv = command_line(m, name, fresh)
@@ -428,6 +432,7 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
             echo("")
         for p in runs:
             echo(f"{p.step}: pipeline {shlex.join(command_line(manifest, p.step, fresh_start(manifest, state, p)))}")
+        _echo_weights(manifest, echo)
         return 0
     with workdir_lock(manifest.workdir):
         state = load_state(manifest.workdir)  # as it is now that we hold the lock
@@ -440,7 +445,41 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
         echo("")
         echo(table(["step", "action", "status", "seconds"], rows))
         echo(f"total {time.monotonic() - t0:.1f} s")
+        _echo_report(manifest, state, echo)
         return code
+
+
+def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) -> None:
+    """The run's last words: every eval step's scores, and ``<workdir>/report.html`` (see manifest.report);
+    a report that cannot be written is a warning, never a failed run."""
+    from pipeline.manifest.report import scores_table, write_report
+
+    try:
+        scores = scores_table(manifest)
+    except Exception as e:  # noqa: BLE001 - a summary must not fail a finished run
+        echo(f"warning: cannot read the eval steps' metrics: {e}", err=True)
+        scores = None
+    if scores:
+        echo("")
+        echo("scores (every eval step; on teacher labels they compare each model with the teacher's held-out maps):")
+        echo(scores)
+    try:
+        path, written, warnings = write_report(manifest, state)
+    except Exception as e:  # noqa: BLE001
+        echo(f"warning: cannot write the report in {manifest.workdir}: {type(e).__name__}: {e}", err=True)
+        return
+    for w in warnings:
+        echo(f"warning: report: {w}", err=True)
+    echo(f"report: {path}" + ("" if written else " (up to date)"))
+
+
+def _echo_weights(manifest: Manifest, echo: Callable[..., None]) -> None:
+    """The dry run's last section: each step's missing weights and how to get them (see manifest.needs)."""
+    from pipeline.manifest.needs import weights_report
+
+    echo("")
+    for line in weights_report(manifest):
+        echo(line)
 
 
 def _when(rec: Mapping) -> str:

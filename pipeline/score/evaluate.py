@@ -136,13 +136,13 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
 
 def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int = 1, batch_size: int = 8,
                     limit: int | None = None, progress: bool = True) -> EvalResult:
-    """CC, KLDiv, SIM and expected NSS against the teacher's labels in the last ``val_shards`` shards
-    (their first ``limit`` images when given)."""
+    """CC, KLDiv, SIM and expected NSS against the teacher's labels in the last ``val_shards`` shards (0:
+    every shard), their first ``limit`` images when given."""
     from pipeline.train.data import open_label_set, shard_loader, split_shards
 
     t0 = time.perf_counter()
     labels = open_label_set(folder)
-    _, held_out = split_shards(labels.tars, val_shards) if val_shards < len(labels.tars) else ((), labels.tars)
+    _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
     result = EvalResult(predictor.name, f"{labels.teacher} labels in {folder} (last {len(held_out)} shards)",
                         SHARD_METRICS)
     loader = shard_loader(labels, list(held_out), batch_size=batch_size, workers=0)

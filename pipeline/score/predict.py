@@ -6,6 +6,10 @@ folder (``sub/img.jpg``), each the float32 log density at the image's size; pysa
 ``HDF5Model(stimuli, file)`` reads it (its keys are matched against the stimuli's file names), and
 its root attributes say what it is. The HDF5 is written under a temporary name and renamed when
 complete.
+
+With a teacher to compare with (``compare``), every image also gets a sheet image | teacher | student
+(:mod:`pipeline.score.sheets`) at ``<out>/compare/<relative path>.png`` (``hdf5``: beside the file, in
+``<out stem>_compare/``), and ``predictions.json`` records the teacher and each image's CC with it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.tables import table
+from pipeline.score import sheets
 from pipeline.score.predictors import Predictor
 from pipeline.label.sources import folder_records
 
@@ -36,11 +41,17 @@ class PredictResult:
     written: int = 0
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    compare_dir: Path | None = None  # the image | teacher | student sheets, with a teacher to compare with
+    cc: dict[str, float] = field(default_factory=dict)  # each image's CC with that teacher
 
     def table(self) -> str:
         rows = [("maps written", str(self.written)), ("images failed", str(len(self.failures))),
                 ("wall time", f"{self.seconds:.1f} s"), ("images/s", f"{self.written / max(self.seconds, 1e-9):.1f}"),
                 ("output", str(self.out))]
+        if self.compare_dir is not None:
+            mean = float(np.mean(list(self.cc.values()))) if self.cc else float("nan")
+            rows += [("CC with the teacher", f"{mean:.3f} (mean of {len(self.cc)})"),
+                     ("sheets", f"{self.compare_dir} (image | teacher | student)")]
         return table(None, rows)
 
 
@@ -49,14 +60,20 @@ def map_png(log_density: np.ndarray) -> bytes:
     return images.encode_png(np.rint(density * 255.0).astype(np.uint8))
 
 
+def compare_folder(out: Path, fmt: str) -> Path:
+    """Where ``predict --compare-teacher`` writes its sheets."""
+    return out / "compare" if fmt == "png" else out.with_name(f"{out.stem}_compare")
+
+
 def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *, fmt: str = "png",
-                   batch_size: int = 8, io_threads: int = 4, progress: bool = True) -> PredictResult:
+                   batch_size: int = 8, io_threads: int = 4, progress: bool = True,
+                   compare: Predictor | None = None) -> PredictResult:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
     t0 = time.perf_counter()
     folder, out = Path(folder), Path(out)
     records = folder_records(folder)
-    result = PredictResult(out)
+    result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
     with contextlib.ExitStack() as stack:
         h5 = None
         if fmt == "hdf5":
@@ -76,7 +93,12 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                                             catch=images.ImageError), batch_size):
                 good = [(r, x) for r, x in batch if not isinstance(x, Exception)]
                 result.failures += [{"file": r.path, "reason": str(x)} for r, x in batch if isinstance(x, Exception)]
-                for (rec, _), logd in zip(good, predictor.log_densities([x for _, x in good])):
+                logds = predictor.log_densities([x for _, x in good])
+                if compare is not None:
+                    for (rec, rgb), logd, ref in zip(good, logds, compare.log_densities([x for _, x in good])):
+                        writes.append(pool.submit(_write_sheet, result, str(rec.source_id), rgb, ref, logd,
+                                                  compare.name, predictor.name))
+                for (rec, _), logd in zip(good, logds):
                     rel = str(rec.source_id)
                     if h5 is not None:
                         h5.create_dataset(rel, data=logd.astype(np.float32), compression="gzip", compression_opts=4)
@@ -87,8 +109,12 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             for w in writes:
                 w.result()
     if fmt == "png":
-        write_json(out / "predictions.json", {"model": predictor.name, "source": str(folder.resolve()),
-                                              "maps": result.written, "failures": result.failures})
+        doc = {"model": predictor.name, "source": str(folder.resolve()), "maps": result.written,
+               "failures": result.failures}
+        if compare is not None:
+            doc.update(compare_teacher=compare.name, compare_sheets=str(result.compare_dir),
+                       cc_with_teacher=dict(sorted(result.cc.items())))
+        write_json(out / "predictions.json", doc)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -97,3 +123,14 @@ def _write_png(path: Path, logd: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:
         f.write(map_png(logd))
+
+
+def _write_sheet(result: PredictResult, rel: str, rgb: np.ndarray, teacher: np.ndarray, student: np.ndarray,
+                 teacher_name: str, student_name: str) -> None:
+    path = result.compare_dir / f"{rel}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.cc[rel] = sheets.agreement(teacher, student)
+    short = student_name.split("@")[0]  # a checkpoint's name ends with its path: too long for a caption
+    with atomic_open(path, "wb") as f:
+        f.write(sheets.sheet_png(rgb, teacher, student, teacher_name=f"teacher {teacher_name}",
+                                 student_name=short, title=Path(rel).name))

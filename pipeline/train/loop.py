@@ -33,6 +33,7 @@ from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
 from pipeline.train.data import (check_same_labels, epoch_order, node_shards, open_label_set, open_label_sets,
                                  shard_loader, split_shards)
 from pipeline.train.logs import LOSS_HEADER, METRICS_HEADER, append_metrics, keep_rows, plot_curves
+from pipeline.train.tensorboard import EpochLogger
 from students import Student, build_student, check_options, student_info, student_kind, to_log_density
 from students import available as available_students
 from students.base import EPS
@@ -315,6 +316,7 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) 
         keep_rows(run / "losses.csv", LOSS_HEADER + list(trainer.log_names), trainer.epoch)
         keep_rows(run / "metrics.csv", METRICS_HEADER + list(trainer.log_names), trainer.epoch)
     results = []
+    board = EpochLogger(run, trainer.epoch) if lead else None  # TensorBoard, when installed
     per_epoch = trainer.labels.images_in(trainer.train_tars) // trainer.world
     if trainer.steps(trainer.epoch):
         per_epoch = min(per_epoch, trainer.steps(trainer.epoch) * config.batch_size)
@@ -331,12 +333,15 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) 
                 val = trainer.validate()
                 result = EpochResult(epoch, train_loss, val, lr, time.perf_counter() - t0, n, stats)
                 append_metrics(run, result, trainer.world)
+                board.epoch(trainer, result)
                 trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
                 plot_curves(run)
                 results.append(result)
             else:
                 trainer.epoch = epoch + 1
             _barrier(trainer.world)
+    if board is not None:
+        board.close()
     return results
 
 

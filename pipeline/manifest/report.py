@@ -1,0 +1,283 @@
+"""What a finished ``pipeline run`` shows: the scores of every eval step, and ``<workdir>/report.html``.
+
+:func:`scores_table` is the table ``pipeline run`` prints last: one row per eval step whose metrics file
+exists (students and teachers alike), every metric its JSON holds. :func:`write_report` writes a static
+page readable offline, fed by the manifest (which steps are eval, train, predict; their outputs) and the
+state file (what ran, when, how long):
+
+* the steps (status, seconds) and the scores table;
+* each train step's ``curves.png`` and its last epoch;
+* image | teacher | student sheets (:mod:`pipeline.score.sheets`) for the first :data:`SHEETS` held-out
+  images of each eval step that scores a checkpoint on teacher labels, and a few of the sheets a
+  ``predict --compare-teacher`` step wrote.
+
+Every image the page shows is a PNG under ``<workdir>/report/``, referenced by a relative path, so the
+page and that folder can be copied anywhere together. The page records a digest of the state's step
+records: when no step has run since, it is not rewritten (a run with nothing to do changes no file).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import json
+import re
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Mapping
+
+from pipeline.common.atomic import atomic_open
+from pipeline.common.tables import table
+from pipeline.manifest.format import Manifest
+
+REPORT = "report.html"
+ASSETS = "report"
+SHEETS = 4  # held-out images per scored student
+PREDICT_SHEETS = 6  # sheets shown per predict step that compared with a teacher
+REPORT_VERSION = "1"
+_DIGEST = re.compile(r'<meta name="pipeline-report" content="([0-9a-f]+)">')
+
+
+# -- scores ---------------------------------------------------------------------------------------
+
+def _steps(manifest: Manifest, command: str) -> list[str]:
+    return [n for n, s in manifest.steps.items() if s.command == command and s.output]
+
+
+def _model_label(manifest: Manifest, settings: Mapping, doc: Mapping) -> str:
+    """``fastsal_a (train_a)`` for a checkpoint a train step made, the teacher's name, else the JSON's model."""
+    model = str(doc.get("model", "?")).split("@")[0]
+    ckpt = settings.get("checkpoint")
+    if ckpt:
+        for name in _steps(manifest, "train"):
+            if Path(str(ckpt)) == Path(manifest.steps[name].output):
+                return f"{model} ({name})"
+    elif settings.get("teacher"):
+        return f"teacher {settings['teacher']}"
+    return model
+
+
+def eval_scores(manifest: Manifest) -> tuple[list[str], list[list[str]], list[str]]:
+    """(metric names in order of appearance, rows [step, model, images, *metrics], data descriptions)."""
+    metrics, found = [], []
+    for name in _steps(manifest, "eval"):
+        path = Path(manifest.steps[name].output)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        values = doc.get("metrics") or {}
+        metrics += [m for m in values if m not in metrics]
+        found.append((name, doc, values))
+    rows, data = [], []
+    for name, doc, values in found:
+        cells = [f"{values[m]:.4f}" if isinstance(values.get(m), (int, float)) else "-" for m in metrics]
+        rows.append([name, _model_label(manifest, manifest.steps[name].settings, doc), str(doc.get("images", "-")),
+                     *cells])
+        data.append(str(doc.get("data", "")))
+    return metrics, rows, data
+
+
+def scores_table(manifest: Manifest) -> str | None:
+    """The table ``pipeline run`` ends with (None when no eval step has written its metrics)."""
+    metrics, rows, _ = eval_scores(manifest)
+    if not rows:
+        return None
+    return table(["step", "model", "images", *metrics], rows)
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+def state_digest(state: Mapping) -> str:
+    """What the report depends on in the state file: each step's fingerprint, status and end time."""
+    steps = state.get("steps", {})
+    key = [[n, r.get("fingerprint"), r.get("status"), r.get("ended")] for n, r in sorted(steps.items())]
+    return hashlib.sha256(json.dumps([REPORT_VERSION, key]).encode()).hexdigest()
+
+
+def report_path(manifest: Manifest) -> Path:
+    return Path(manifest.workdir) / REPORT
+
+
+def up_to_date(manifest: Manifest, state: Mapping) -> bool:
+    path = report_path(manifest)
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    m = _DIGEST.search(head)
+    return bool(m) and m.group(1) == state_digest(state)
+
+
+def _last_epoch(run: Path) -> dict[str, str]:
+    try:
+        with open(run / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {}
+    return rows[-1] if rows else {}
+
+
+def _student_sheets(manifest: Manifest, name: str, folder: Path) -> list[tuple[str, str]]:
+    """Sheets for the first held-out images of eval step ``name`` (a checkpoint scored on labels):
+    [(file relative to the workdir, caption)]."""
+    import numpy as np
+
+    from pipeline.score import sheets
+    from pipeline.score.predictors import student_predictor
+    from pipeline.train.data import open_label_set, shard_loader, split_shards
+    from students import to_log_density
+
+    settings = manifest.steps[name].settings
+    labels = open_label_set(str(settings["labels"]))
+    val_shards = int(settings.get("val_shards", 1))
+    _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
+    predictor = student_predictor(str(settings["checkpoint"]), device="cpu")
+    student = predictor.name.split("@")[0]
+    out = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for imgs, targets, keys in shard_loader(labels, list(held_out), batch_size=SHEETS, workers=0):
+        rgbs = [x.permute(1, 2, 0).numpy() for x in imgs]
+        for rgb, target, key, logd in zip(rgbs, targets, keys, predictor.log_densities(rgbs)):
+            teacher = to_log_density(target[None], labels.label_kind)[0, 0].numpy().astype(np.float32)
+            png = sheets.sheet_png(rgb, teacher, logd, teacher_name=f"teacher {labels.teacher}",
+                                   student_name=student, title=key)
+            path = folder / f"{key}.png"
+            with atomic_open(path, "wb") as f:
+                f.write(png)
+            cc = sheets.agreement(teacher, logd)
+            out.append((str(path.relative_to(manifest.workdir)), f"{key}: CC {cc:.3f}"))
+        break  # the first batch is enough
+    return out
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">'
+
+
+def _html_table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;
+background:#fff;padding:0 16px}
+h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ccc;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #bbb;padding:4px 10px;text-align:left}
+th{background:#eef}table.scores td{font-variant-numeric:tabular-nums}
+img{max-width:100%;border:1px solid #ddd;margin:4px 0;display:block}
+figure{margin:8px 0}figcaption{font-size:.9em;color:#555}.note{color:#666;font-size:.9em}
+"""
+
+
+def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> str:
+    workdir = Path(manifest.workdir)
+    assets = workdir / ASSETS
+    records = state.get("steps", {})
+    parts = [f"<h1>Run report: {html.escape(str(manifest.path))}</h1>",
+             f'<p class="note">workdir {html.escape(str(workdir))}; written '
+             f"{datetime.now().astimezone().isoformat(timespec='seconds')}</p>"]
+
+    metrics, rows, data = eval_scores(manifest)
+    parts.append("<h2>Scores</h2>")
+    if rows:
+        parts.append(_html_table(["step", "model", "images", *metrics, "data"],
+                                 [r + [d] for r, d in zip(rows, data)], "scores"))
+        parts.append('<p class="note">On teacher labels, CC, KLDiv, SIM and NSS compare each model with the '
+                     "teacher's maps of held-out images (the teacher scored against its own labels gets about 1).</p>")
+    else:
+        parts.append("<p>No eval step has written its metrics yet.</p>")
+
+    steps = [[n, s.command, (records.get(n) or {}).get("status", "never run"),
+              f"{records[n]['seconds']:.1f}" if isinstance((records.get(n) or {}).get("seconds"), (int, float))
+              else "-"] for n, s in manifest.steps.items()]
+    parts.append("<h2>Steps</h2>" + _html_table(["step", "command", "status", "seconds"], steps))
+
+    train = [n for n in _steps(manifest, "train") if (Path(manifest.steps[n].output) / "curves.png").is_file()]
+    if train:
+        parts.append("<h2>Training</h2>")
+    for name in train:
+        run = Path(manifest.steps[name].output)
+        dst = assets / name / "curves.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / "curves.png", dst)
+        last = _last_epoch(run)
+        summary = ", ".join(f"{k} {last[k]}" for k in ("train_loss", "val_cc", "val_kl", "val_nss") if k in last)
+        epochs = int(last["epoch"]) + 1 if last.get("epoch", "").isdigit() else "?"
+        parts.append(f"<h3>{html.escape(name)}</h3><figure>{_img(f'{ASSETS}/{name}/curves.png', name + ' curves')}"
+                     f"<figcaption>{html.escape(f'after epoch {epochs}: {summary}')}</figcaption></figure>")
+
+    sheets_html = []
+    for name in _steps(manifest, "eval"):
+        settings = manifest.steps[name].settings
+        if not (settings.get("checkpoint") and settings.get("labels") and Path(manifest.steps[name].output).is_file()):
+            continue
+        try:
+            made = _student_sheets(manifest, name, assets / name)
+        except Exception as e:  # noqa: BLE001 - one step's sheets failing leaves the rest of the page
+            warnings.append(f"no sheets for {name}: {e}")
+            continue
+        figs = "".join(f"<figure>{_img(src, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+                       for src, cap in made)
+        sheets_html.append(f"<h3>{html.escape(name)}: held-out images</h3>{figs}")
+    for name in _steps(manifest, "predict"):
+        out = Path(manifest.steps[name].output)
+        try:
+            doc = json.loads((out / "predictions.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not doc.get("compare_sheets"):
+            continue
+        src_dir = Path(doc["compare_sheets"])
+        files = sorted(src_dir.rglob("*.png"))[:PREDICT_SHEETS]
+        figs = []
+        for f in files:
+            dst = assets / name / f.relative_to(src_dir)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+            rel = str(f.relative_to(src_dir))[: -len(".png")]
+            cc = (doc.get("cc_with_teacher") or {}).get(rel)
+            cap = rel + (f": CC {cc:.3f}" if isinstance(cc, (int, float)) else "")
+            figs.append(f"<figure>{_img(str(dst.relative_to(workdir)), cap)}<figcaption>{html.escape(cap)}"
+                        "</figcaption></figure>")
+        if figs:
+            ccs = [v for v in (doc.get("cc_with_teacher") or {}).values() if isinstance(v, (int, float))]
+            mean = f"; mean CC with teacher {doc.get('compare_teacher')}: {sum(ccs) / len(ccs):.3f}" if ccs else ""
+            sheets_html.append(f"<h3>{html.escape(name)}: {len(files)} of {doc.get('maps', '?')} maps at full "
+                               f"size{html.escape(mean)}</h3>" + "".join(figs)
+                               + f'<p class="note">all sheets: {html.escape(str(src_dir))}</p>')
+    if sheets_html:
+        parts.append("<h2>Image | teacher | student</h2>" + "".join(sheets_html))
+    if warnings:
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta name="pipeline-report" content="{state_digest(state)}">'
+            f"<title>{html.escape(manifest.path.name)}: run report</title><style>{CSS}</style></head>"
+            f"<body>{''.join(parts)}</body></html>\n")
+
+
+def write_report(manifest: Manifest, state: Mapping, *, force: bool = False) -> tuple[Path, bool, list[str]]:
+    """Write ``<workdir>/report.html`` (and its images under ``<workdir>/report/``) unless it is up to date.
+
+    Returns (its path, whether it was written, warnings about parts left out)."""
+    path = report_path(manifest)
+    if not force and up_to_date(manifest, state):
+        return path, False, []
+    warnings: list[str] = []
+    text = build_html(manifest, state, warnings=warnings)
+    with atomic_open(path, "wb") as f:
+        f.write(text.encode("utf-8"))
+    return path, True, warnings
+
+
+def referenced_images(page: str) -> list[str]:
+    """The ``src`` of every ``<img>`` of a report page (for checks)."""
+    return [html.unescape(s) for s in re.findall(r'<img src="([^"]+)"', page)]
+
+
+__all__ = ["REPORT", "eval_scores", "referenced_images", "scores_table", "state_digest", "write_report"]
