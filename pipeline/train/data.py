@@ -231,7 +231,8 @@ class BadSamples:
         if bad.count == 0:
             self.echo(f"warning: {bad.shard}: {bad.reason}; no sample lost")
             return
-        what = f"sample {bad.key}" if bad.count == 1 else f"{bad.count} samples ({bad.key})"
+        lost = bad.count != 1 or bad.key.startswith(("after ", "all "))  # a tar that ended early: keys unknown
+        what = f"{bad.count} sample{'s' if bad.count != 1 else ''} ({bad.key})" if lost else f"sample {bad.key}"
         self.echo(f"warning: skipped {what} of {bad.shard}: {bad.reason}")
         if self.total > self.limit:
             n = self.total
