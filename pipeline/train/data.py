@@ -2,6 +2,13 @@
 
 Shard order and the sample shuffle buffer are seeded by (seed, epoch), so an epoch sees the
 same batches in the same order whether or not the run was interrupted before it.
+
+What is read is checked: a label folder's ``labels.json`` lists its shards, each must be there with its
+marker and size (:func:`open_label_set`) and, once per run, its sha256 (:func:`verify_shards`). While
+reading, a sample whose image or label does not decode, or a tar that ends early (a damaged header),
+becomes a :class:`BadSample` that travels with the batches from the DataLoader workers to the training
+process, where :class:`BadSamples` logs and counts it (and stops the run beyond its limit); a shard that
+cannot be opened, or whose samples carry another label field, stops the run with one sentence.
 """
 
 from __future__ import annotations
