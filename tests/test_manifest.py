@@ -25,9 +25,9 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.main import cli
-from pipeline.manifest.format import Manifest, ManifestError, load_manifest
+from pipeline.manifest.format import Manifest, ManifestError, code_version, load_manifest
 from pipeline.manifest.plan import plan, record
-from pipeline.manifest.runner import load_state, make_plan, run_manifest, workdir_lock
+from pipeline.manifest.runner import fresh_start, load_state, make_plan, run_manifest, status_rows, workdir_lock
 from pipeline.label.shards import verify_dataset
 from tests.conftest import second_epoch_started, sigkill_when
 
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "coco"
 DEMO = ROOT / "manifests" / "demo.yaml"
 FULL = ROOT / "manifests" / "full.yaml"
+CODE_VERSION = code_version()
 SETS = [f"coco={SAMPLES}", "executor=local", "shard_size=2", "steps_per_epoch=4", "c_steps=4", "epochs=2"]
 OPTS = [x for s in SETS for x in ("--set", s)]
 VAL = Path("runs/demo/label_val/classic/val2017")
@@ -146,8 +147,9 @@ def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tm
     upstream = edited_demo(tmp_path, "      split: val2017", "      jpeg_quality: 90")
     plan_up = planned(upstream)
     assert plan_up["label_val"] == ("run", "settings changed: jpeg_quality 95→90")
-    assert plan_up["train_a"] == ("run", "upstream label_val changed")
-    assert plan_up["eval_a"] == ("run", "upstream train_a changed; upstream label_val changed")
+    # the steps below run because label_val runs; whether they must is known when it has: by its output's digest
+    assert plan_up["train_a"] == ("run", "upstream label_val runs")
+    assert plan_up["eval_a"] == ("run", "upstream train_a, label_val run")
     assert plan_up.pop("label_train") == ("skip", "up to date")  # the training images' labels do not change
     assert all(action == "run" for action, _ in plan_up.values())
 
@@ -159,7 +161,7 @@ def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tm
     downstream = edited_demo(tmp_path, "      student: fastsal_a", "      momentum: 0.8")
     want = {name: ("skip", "up to date") for name in DEMO_STEPS}
     want["train_a"] = ("run", "settings changed: momentum 0.9→0.8")
-    want.update({name: ("run", "upstream train_a changed") for name in BELOW_TRAIN_A})
+    want.update({name: ("run", "upstream train_a runs") for name in BELOW_TRAIN_A})
     assert planned(downstream) == want
     untouched = {k: v for k, v in mtimes(Path("runs/demo")).items()  # the report is rewritten after a run
                  if not k.startswith((".pipeline", "report", "train_a", *BELOW_TRAIN_A))}
@@ -289,14 +291,15 @@ def test_plan_is_a_pure_function_of_declaration_state_and_outputs(tmp_path):
 
     m8 = small_manifest(tmp_path, shard_size=8)
     assert plan(m8, done, {}) == [("a", "run", "settings changed: shard_size 4→8"),
-                                  ("b", "run", "upstream a changed")]
+                                  ("b", "run", "upstream a runs")]
     changed_input = small_manifest(tmp_path, digest=lambda p: "sha256:bb")
     assert plan(changed_input, done, {})[0] == ("a", "run", "input changed: ann.json")
     missing_input = small_manifest(tmp_path, digest=lambda p: None)
     assert plan(missing_input, done, {})[0] == ("a", "run", "input missing: ann.json")
     old_code = copy.deepcopy(done)
     old_code["steps"]["a"].update(code_version="pipeline 0.0.1", fingerprint="old")
-    assert plan(m, old_code, {})[0] == ("a", "run", "code version changed: pipeline 0.0.1→pipeline 0.1.0")
+    assert m.steps["a"].code_version == CODE_VERSION and re.fullmatch(r"pipeline \S+\+[0-9a-f]{12}", CODE_VERSION)
+    assert plan(m, old_code, {})[0] == ("a", "run", f"code version changed: pipeline 0.0.1→{CODE_VERSION}")
     assert plan(m, done, {}, only=["b"])[0] == ("a", "skip", "not selected")
 
 
@@ -307,6 +310,45 @@ def test_options_added_to_a_command_later_re_run_nothing_at_their_old_behaviour(
     assert not {"allow_outside_root", "max_image_bytes", "retry_failed", "overwrite_changed"} & set(settings)
     capped = small_manifest(tmp_path, shard_size="4, max_image_bytes: 1000, retry_failed: true")
     assert capped.steps["a"].settings["max_image_bytes"] == 1000 and "retry_failed" not in capped.steps["a"].settings
+
+
+def test_a_fingerprint_holds_what_the_upstream_steps_produced(tmp_path):
+    m = small_manifest(tmp_path)
+    state: dict = {"steps": {}}
+    state["steps"]["a"] = record(m, "a", state, status="done", output_digest="labels:1")
+    state["steps"]["b"] = record(m, "b", state, status="done", output_digest="labels:2")
+    assert state["steps"]["b"]["needs"] == {"a": "labels:1"}  # a's output, not a's fingerprint
+    assert plan(m, state, {}) == [("a", "skip", "up to date"), ("b", "skip", "up to date")]
+
+    rerun = copy.deepcopy(state)  # a ran again alone (--force a --only a) and wrote other shards
+    rerun["steps"]["a"]["output_digest"] = "labels:3"
+    assert plan(m, rerun, {}) == [("a", "skip", "up to date"), ("b", "run", "upstream a's output changed")]
+    unfinished = copy.deepcopy(state)
+    unfinished["steps"]["a"].update(status="running", started="2024-01-01T10:00:00+00:00")
+    assert plan(m, unfinished, {})[1] == ("b", "run", "upstream a has no finished output")
+
+
+def train_manifest(tmp_path: Path, **settings) -> Manifest:
+    path = tmp_path / "t.yaml"
+    with_ = {"labels": "l", "epochs": 2, "backbone_weights": "none", **settings}
+    path.write_text(f"workdir: {tmp_path / 'w'}\nsteps:\n  t:\n    run: train\n    with: {json.dumps(with_)}\n")
+    return load_manifest(path, group=cli)
+
+
+def test_a_train_step_whose_epochs_grew_trains_on(tmp_path):
+    done = {"steps": {}}
+    done["steps"]["t"] = record(train_manifest(tmp_path), "t", done, status="done")
+
+    def starts_over(**settings) -> bool:
+        m = train_manifest(tmp_path, **settings)
+        return fresh_start(m, done, next(p for p in plan(m, done, {}) if p.step == "t"))
+
+    assert plan(train_manifest(tmp_path, epochs=3), done, {}) == [("t", "run", "settings changed: epochs 2→3")]
+    assert not starts_over(epochs=3)  # resumes from its checkpoint: the milestones do not depend on the total
+    assert starts_over(epochs=1)
+    assert starts_over(epochs=3, lr=0.5)
+    assert starts_over(lr=0.5)
+    assert not starts_over(epochs=2, workers=8)  # a volatile option: not even a change
 
 
 # -- bad manifests -------------------------------------------------------------------------------
@@ -369,16 +411,21 @@ def test_a_command_of_a_subgroup_can_be_a_step(fresh):
         load_manifest("m.yaml", group=group)
 
 
-def test_full_manifest_passes_dry_run_validation(fresh):
+def test_full_manifest_passes_dry_run_validation(fresh, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(fresh / "torch"))  # an empty weights cache
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    cache = fresh / "torch" / "hub" / "checkpoints"
+    deepgaze = f"{cache}/deepgaze2e.pth, {cache}/centerbias_mit1003.npy"  # the DeepGaze steps' weights are inputs
     result = invoke("run", FULL, "--dry-run")
     assert result.exit_code == 0, result.output
     rows = dry_run_table(result.output)
     assert len(rows) == 22 and all(action == "run" for action, _ in rows.values())
-    assert rows["label_train_deepgaze"][1] == "input missing: data/coco/annotations/instances_train2017.json"
+    assert rows["label_train_deepgaze"][1] == f"input missing: data/coco/annotations/instances_train2017.json, {deepgaze}"
     assert rows["label_test_salgan"][1] == ("input missing: data/coco/annotations/image_info_test2017.json, "
                                             "data/weights/salgan_generator.pt")
     assert rows["hint_c_salgan"][1] == "input missing: data/weights/salgan_generator.pt"
-    assert rows["finetune_a_deepgaze"][1] == rows["eval_teacher_deepgaze"][1] == "never run"
+    assert rows["eval_teacher_deepgaze"][1] == rows["profile_teacher_deepgaze"][1] == f"input missing: {deepgaze}"
+    assert rows["finetune_a_deepgaze"][1] == "never run"
     assert rows["fixations_mit1003"][1] == "input missing: data/MIT1003/ALLFIXATIONMAPS"
     assert "--teacher=deepgaze" in result.output and "--shard-size=1000" in result.output
     assert ("finetune_a_deepgaze: pipeline train --labels=runs/full/label_train_deepgaze/deepgaze/train2017 "
@@ -659,3 +706,177 @@ def test_a_step_computes_on_as_many_threads_as_cpus_it_holds(tmp_path, monkeypat
     assert "[one] threads 1 1" in out and "[two] threads 2 2" in out and "[big] threads 4 4" in out
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
     assert "[two] threads 3 2" in run()
+
+
+# -- content fingerprints, locks and the runner's children, with test-only commands ---------------
+
+MAKER = """\
+import json, os, sys, time
+opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps([opts["name"], "start", None, time.monotonic()]) + "\\n")
+os.makedirs(os.path.dirname(opts["out"]), exist_ok=True)
+made = os.environ.get("MAKE_" + opts["name"].upper(), opts["name"])
+source = open(opts["src"]).read() if "src" in opts else ""
+with open(opts["out"], "w") as f:
+    f.write(made + "<" + source)
+"""
+
+
+@pytest.fixture
+def maker(tmp_path, monkeypatch):
+    """`make --name N [--src FILE] [--note X]`: writes $MAKE_N (default N) plus FILE's content to its output file,
+    a command the runner knows as it knows `eval` (output file, its sha256 as the output's digest)."""
+    from pipeline.manifest.steps import COMMANDS, CommandSpec
+
+    group = click.Group()
+    group.add_command(click.Command("make", params=[click.Option(["--name"], required=True), click.Option(["--src"]),
+                                                    click.Option(["--note"]), click.Option(["--out"])]))
+    monkeypatch.setitem(COMMANDS, "make", CommandSpec(
+        defaults={"out": lambda workdir, step: workdir / step / "out.txt"}, output=lambda params: Path(params["out"]),
+        verify=lambda p, checksums: "" if p.is_file() else f"{p} not written",
+        digest=lambda p: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest(),
+        lock=lambda p: p.parent / ".lock"))
+    script = tmp_path / "make.py"
+    script.write_text(MAKER)
+    log = tmp_path / "log.jsonl"
+    log.touch()
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    path = tmp_path / "make.yaml"
+
+    def run(text: str, **kw) -> tuple[int, str, list[str]]:
+        path.write_text(f"workdir: {tmp_path / 'w'}\n" + textwrap.dedent(text))
+        lines: list[str] = []
+        start = len(log.read_text().splitlines())
+        code = run_manifest(load_manifest(path, group=group), launcher=[sys.executable, str(script)],
+                            echo=lambda s="", err=False: lines.append(s), **kw)
+        return code, "\n".join(lines), [json.loads(x)[0] for x in log.read_text().splitlines()[start:]]
+
+    def planned(**kw) -> dict[str, tuple[str, str]]:
+        m = load_manifest(path, group=group)
+        return {p.step: (p.action, p.reason) for p in make_plan(m, load_state(m.workdir), **kw)}
+
+    def status() -> dict[str, str]:
+        m = load_manifest(path, group=group)
+        return {row[0]: row[1] for row in status_rows(m, load_state(m.workdir))}
+
+    run.plan, run.status = planned, status
+    return run
+
+
+MAKE_AB = """\
+    steps:
+      a: {run: make, with: {name: a, note: %s}}
+      b: {run: make, with: {name: b, src: "${steps.a.out}"}}
+    """
+
+
+def test_a_step_reruns_when_its_upstream_output_changed_and_only_then(maker, monkeypatch, tmp_path):
+    code, out, started = maker(MAKE_AB % "one")
+    assert code == 0 and started == ["a", "b"], out
+    assert (tmp_path / "w" / "b" / "out.txt").read_text() == "b<a<"
+
+    # a runs again alone and writes the same: b stays up to date
+    code, out, started = maker(MAKE_AB % "one", force=["a"], only=["a"])
+    assert code == 0 and started == ["a"]
+    assert maker.plan() == {"a": ("skip", "up to date"), "b": ("skip", "up to date")}
+
+    # a runs again alone and writes something else (from what the manifest does not declare): b is stale
+    monkeypatch.setenv("MAKE_A", "A")
+    code, out, started = maker(MAKE_AB % "one", force=["a"], only=["a"])
+    assert code == 0 and started == ["a"]
+    assert maker.plan() == {"a": ("skip", "up to date"), "b": ("run", "upstream a's output changed")}
+    assert maker.status()["b"] == "stale: upstream a's output changed"
+    code, out, started = maker(MAKE_AB % "one")
+    assert code == 0 and started == ["b"] and (tmp_path / "w" / "b" / "out.txt").read_text() == "b<A<"
+
+    # a's settings change but not what it writes: b was to run because a runs, and is found up to date after it
+    assert maker.plan() == {"a": ("skip", "up to date"), "b": ("skip", "up to date")}
+    code, out, started = maker(MAKE_AB % "two")
+    assert code == 0 and started == ["a"], out
+    assert "[b] up to date: its upstream output is unchanged" in out
+    assert re.search(r"b\s+run\s+up to date: upstream output unchanged", out)
+    assert maker.plan() == {"a": ("skip", "up to date"), "b": ("skip", "up to date")}
+
+
+def test_a_step_whose_output_folder_is_locked_is_not_started(maker, tmp_path):
+    from pipeline.common.locks import FolderLock
+    from pipeline.manifest.steps import COMMANDS
+    from pipeline.train.loop import run_lock
+
+    assert COMMANDS["train"].lock(Path("runs/x")) == run_lock("runs/x").path  # the lock `pipeline train` takes
+    with FolderLock(tmp_path / "w" / "a" / ".lock", command="pipeline make"):
+        code, out, started = maker(MAKE_AB % "one")
+    assert code == 1 and started == []
+    assert (f"[a] failed: output folder {tmp_path / 'w' / 'a' / 'out.txt'} is locked by another process (pid "
+            f"{os.getpid()} on this host") in out and "not started: wait for it to finish or stop it" in out
+    assert load_state(tmp_path / "w")["steps"]["a"]["status"] == "failed"
+    code, out, started = maker(MAKE_AB % "one")  # let go of: it runs
+    assert code == 0 and started == ["a", "b"]
+
+
+RUNNER = """\
+import sys, click
+from pipeline.manifest.format import load_manifest
+from pipeline.manifest.runner import run_manifest
+group = click.Group()
+group.add_command(click.Command("sleep", params=[click.Option(["--name"])]))
+sys.exit(run_manifest(load_manifest(sys.argv[1], group=group), launcher=[sys.executable, sys.argv[2]]))
+"""
+SLEEPER = """\
+import os, sys, time
+open(os.environ["SLEEPER_PID"] + ".tmp", "w").write(str(os.getpid()))
+os.rename(os.environ["SLEEPER_PID"] + ".tmp", os.environ["SLEEPER_PID"])
+time.sleep(300)
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_runner_killed_alone_leaves_no_step_behind(tmp_path):
+    import signal
+    import subprocess
+
+    (tmp_path / "runner.py").write_text(RUNNER)
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    (tmp_path / "m.yaml").write_text(f"workdir: {tmp_path / 'w'}\nsteps:\n  s: {{run: sleep, with: {{name: s}}}}\n")
+    pid_file = tmp_path / "sleeper.pid"
+    runner = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "m.yaml"),
+                               str(tmp_path / "sleeper.py")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              env={**os.environ, "SLEEPER_PID": str(pid_file), "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while not pid_file.exists():
+        assert runner.poll() is None, "the runner ended before its step started"
+        assert time.monotonic() < deadline, "the step did not start"
+        time.sleep(0.05)
+    step = int(pid_file.read_text())
+    assert os.getpgid(step) == step != os.getpgid(runner.pid)  # its own process group
+    runner.send_signal(signal.SIGKILL)  # the runner only: not its process group
+    runner.wait()
+    deadline = time.monotonic() + 60
+    while not gone(step) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(step), "the step outlived its runner"
+
+
+def test_more_epochs_in_the_manifest_train_on_from_the_checkpoint(demo):
+    state = load_state(Path("runs/demo"))["steps"]
+    assert state["label_val"]["output_digest"].startswith("labels:")  # what the steps below are fingerprinted with
+    assert state["train_a"]["output_digest"].startswith("checkpoint:")
+    assert state["train_a"]["needs"] == {"label_val": state["label_val"]["output_digest"]}
+    losses = (TRAIN_A / "losses.csv").read_text().splitlines()
+    sets = SETS[:3] + ["epochs=3"]
+    assert planned(sets=sets, until=["train_a"])["train_a"] == ("run", "settings changed: epochs 2→3")
+    result = invoke("run", DEMO, *[x for s in sets for x in ("--set", s)], "--until", "train_a")
+    assert result.exit_code == 0, result.output
+    assert "--restart" not in result.output and "resuming runs/demo/train_a after epoch 2 (step 4)" in result.output
+    now = (TRAIN_A / "losses.csv").read_text().splitlines()
+    assert now[:len(losses)] == losses and len(now) > len(losses)  # the first two epochs kept, a third one added
+    assert json.loads((TRAIN_A / "checkpoints" / "latest.json").read_text())["epoch"] == 2
+    assert planned(sets=sets, until=["train_a"])["train_a"] == ("skip", "up to date")

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -253,9 +258,6 @@ def test_labels_that_are_not_finished_or_of_the_wrong_size_are_refused(labels, t
 def test_data_parallel_on_two_ray_train_workers(small_labels, tmp_path):
     """Ray Train's TorchTrainer, 2 CPU workers (Gloo): each reads its own shards, both take as many steps as
     the worker with the fewest full batches, and worker 0 writes the usual run folder."""
-    import subprocess
-    import sys
-
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "pipeline", "train", "--labels", str(small_labels), "--run", str(run),
                            "--ray-workers", "2", "--epochs", "2", "--batch-size", "2", "--backbone-weights", "none",
@@ -268,3 +270,132 @@ def test_data_parallel_on_two_ray_train_workers(small_labels, tmp_path):
     assert [r[8] for r in rows(run / "metrics.csv", 9)] == ["images", "8", "8"]  # both workers' images
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     assert "img/s" in done.stdout and (run / "curves.png").is_file()
+
+
+# -- what training reads is checked ---------------------------------------------------------------
+
+def member(tar: Path, suffix: str, index: int) -> tarfile.TarInfo:
+    with tarfile.open(tar) as t:
+        return [m for m in t.getmembers() if m.name.endswith(suffix)][index]
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_corrupt_shards_are_refused_and_without_verification_bad_samples_are_skipped(small_labels, tmp_path):
+    labels = tmp_path / "labels"
+    shutil.copytree(small_labels, labels)
+    val = labels / "shard-000002.tar"  # held out: validation reads all of it
+    keys = json.loads((labels / "shard-000002.json").read_text())["keys"]
+    overwrite(val, member(val, ".jpg", 0).offset_data, b"\0\0\0\0")  # no JPEG start marker
+    overwrite(val, member(val, ".png", 1).offset_data, b"\0\0\0\0")  # no PNG signature
+    overwrite(val, member(val, ".json", 2).offset + 100, b"garbage!")  # a header that fails its checksum: the tar
+    # ends there for tarfile, losing sample 2's json (its image and label were read) and all of sample 3
+    base = ["train", "--labels", labels, "--epochs", 1, "--steps-per-epoch", 1, "--shuffle-buffer", 0, *FAST[:-3]]
+
+    r = invoke(*base, "--run", tmp_path / "checked", "--no-progress")
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: shard {val} is corrupt: its sha256 is not the one its marker and labels.json "
+                                "record (the file changed after labelling); re-run `pipeline label` with the same "
+                                "options, which redoes it")
+    assert not (tmp_path / "checked" / "checkpoints").exists()
+
+    r = invoke(*base, "--run", tmp_path / "strict", "--no-verify", "--max-bad-samples", 2, "--no-progress")
+    assert r.exit_code == 1
+    assert f"warning: skipped sample {keys[0]} of {val}: its JPEG image does not decode" in r.output
+    assert f"warning: skipped sample {keys[1]} of {val}: its classic.png label does not decode" in r.output
+    assert r.output.splitlines()[-1].startswith("Error: 3 samples could not be read, more than --max-bad-samples 2")
+    assert "re-run `pipeline label` with the same options" in r.output
+    assert not (tmp_path / "strict" / "checkpoints").exists()
+
+    r = invoke(*base, "--run", tmp_path / "lenient", "--no-verify", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert f"warning: skipped 1 sample (after {keys[2]}) of {val}: the tar ends early" in r.output
+    assert [row[8] for row in rows(tmp_path / "lenient" / "metrics.csv", 9)] == ["images", "2"]
+
+
+def test_missing_shards_and_foreign_labels_are_one_sentence(small_labels, tmp_path):
+    from pipeline.train.data import DataError, open_label_set, shard_loader
+
+    missing = tmp_path / "missing"
+    shutil.copytree(small_labels, missing)
+    (missing / "shard-000001.tar").unlink()
+    r = invoke("train", "--labels", missing, "--run", tmp_path / "run", *FAST)
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: shard {missing / 'shard-000001.tar'} is missing (labels.json lists it); re-run `pipeline label` "
+        "with the same options, which redoes it")
+
+    foreign = tmp_path / "foreign"  # shards of another teacher's labels under this index
+    shutil.copytree(small_labels, foreign)
+    index = json.loads((foreign / "labels.json").read_text())
+    (foreign / "labels.json").write_text(json.dumps({**index, "label_extension": "salgan.png"}))
+    r = invoke("train", "--labels", foreign, "--run", tmp_path / "run", "--steps-per-epoch", 1, *FAST)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 2, r.output  # the init note, the error
+    assert "does not belong to its label folder: its samples hold classic.png labels, not the salgan.png its " \
+           "labels.json names" in r.output
+
+    labels = open_label_set(small_labels)  # a shard gone while training runs
+    gone = str(tmp_path / "shard-000009.tar")
+    with pytest.raises(DataError, match=f"shard {gone} cannot be read .*FileNotFoundError.*re-run `pipeline label`"):
+        list(shard_loader(labels, [labels.tars[0], gone], batch_size=2, counts={labels.tars[0]: 4, gone: 4}))
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(small_labels, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--labels", small_labels, "--run", run, "--epochs", 2, "--steps-per-epoch", 1, *FAST]
+    assert invoke(*args).exit_code == 0
+    straight = final_model(run)
+    losses = (run / "losses.csv").read_text()
+    ckpts = run / "checkpoints"
+    last = ckpts / "epoch-0001.pt"
+    last.write_bytes(last.read_bytes()[:5000])  # truncated
+
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert f"warning: cannot read weights file {last} (truncated" in r.output
+    assert "resuming from epoch-0000.pt (epoch 1) instead" in r.output and "after epoch 1 (step 1)" in r.output
+    assert (run / "losses.csv").read_text() == losses  # epoch 2 again, as it went the first time
+    again = final_model(run)
+    assert all(torch.equal(again[k], v) for k, v in straight.items())
+
+    (ckpts / "latest.json").write_text('{"checkpoint": ')
+    r = invoke(*args)
+    assert r.exit_code == 0 and f"warning: {ckpts / 'latest.json'} is unreadable (JSONDecodeError" in r.output
+    assert "resuming from epoch-0001.pt (epoch 2) instead" in r.output and "nothing to do" in r.output
+    r = invoke("eval", "--checkpoint", run, "--labels", small_labels, "--no-progress")
+    assert r.exit_code == 1 and f"Error: {ckpts / 'latest.json'} is unreadable" in r.output
+
+    for p in ckpts.glob("epoch-*.pt"):
+        p.write_bytes(b"")
+    r = invoke(*args)
+    assert r.exit_code == 1 and r.output.startswith(f"Error: no checkpoint in {ckpts} can be read (")
+    assert r.output.strip().endswith("start over with --restart")
+
+
+def test_one_train_per_run_folder(small_labels, tmp_path):
+    from pipeline.train.loop import run_lock
+
+    run = tmp_path / "run"
+    args = ["train", "--labels", small_labels, "--run", run, "--epochs", 1, "--steps-per-epoch", 1, *FAST]
+    with run_lock(run):
+        r = invoke(*args)
+    assert r.exit_code == 1
+    assert r.output.startswith(f"Error: run folder {run} is in use by another process (`pipeline train`, "
+                               f"pid {os.getpid()} on this host ({socket.gethostname()}), since ")
+    assert len(r.output.strip().splitlines()) == 1 and not (run / "checkpoints").exists()
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))  # left by a SIGKILL
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert f"note: took over the stale lock {run / '.lock'} of pid {gone.pid}" in r.output
+    assert not (run / ".lock").exists()  # let go at the end
+
+    (run / ".lock").write_text(json.dumps({"host": "node-7", "pid": 4242}))
+    r = invoke(*args[:-1], "--epochs", 2, "--no-progress")
+    assert r.exit_code == 1 and "(pid 4242 on host node-7); this host cannot tell whether it still runs: if it " \
+                                f"does not, delete {run / '.lock'}" in r.output

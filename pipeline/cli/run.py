@@ -53,10 +53,11 @@ def _check_steps(manifest, option: str, names: tuple[str, ...]) -> None:
 def run_cmd(manifest, dry_run, force, only, until, jobs, keep_going, sets, workdir, cpus, gpus, checksums):
     """Run the stale steps of MANIFEST in dependency order.
 
-    A step is skipped when its fingerprint (settings, upstream fingerprints, declared inputs,
-    code version) matches the last successful run and its outputs are complete; an interrupted
-    step resumes. Each step runs as `pipeline <command> ...` in its own process, its output
-    prefixed with [step]. State: <workdir>/.pipeline/state.json.
+    A step is skipped when its fingerprint (settings, declared inputs, the content of its upstream
+    steps' outputs, the code version derived from the source) matches the last successful run and
+    its outputs are complete; an interrupted step resumes. Each step runs as `pipeline <command> ...`
+    in its own process group, its output prefixed with [step]; the steps die with the runner.
+    State: <workdir>/.pipeline/state.json.
     """
     from pipeline.manifest.format import load_manifest
     from pipeline.manifest.runner import run_manifest

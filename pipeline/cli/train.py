@@ -51,11 +51,16 @@ from pipeline.cli.options import floats3, ints, student_options
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
               help="With --ray-workers: the Ray cluster (default: $RAY_ADDRESS, else start a local Ray).")
 @click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
+@click.option("--verify/--no-verify", default=True,
+              help="Check every shard's sha256 against its marker before reading it (once per run).")
+@click.option("--max-bad-samples", type=click.IntRange(min=0), default=10,
+              help="Samples whose image or label does not decode that are skipped (each logged) before the run stops.")
 @click.option("--progress/--no-progress", default=True)
 @student_options
 def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, momentum, weight_decay, milestones, gamma, batch_size,
               val_shards, val_labels, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
-              teacher_weights, loss_weights, steps_per_epoch, ray_workers, address, restart, progress):
+              teacher_weights, loss_weights, steps_per_epoch, ray_workers, address, restart, verify, max_bad_samples,
+              progress):
     """Train a FastSal student on labelled shards; re-running resumes after the last finished epoch."""
     from pipeline.train.data import DataError
     from pipeline.train.config import TrainConfig, TrainError
@@ -71,14 +76,15 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
                          workers=workers, seed=seed, device=device, amp=amp, backbone_weights=backbone_weights,
                          init=str(init_ckpt) if init_ckpt else None, teacher=teacher,
                          teacher_weights=teacher_weights, loss_weights=loss_weights,
-                         steps_per_epoch=steps_per_epoch)
+                         steps_per_epoch=steps_per_epoch, max_bad_samples=max_bad_samples)
     try:
         if ray_workers:
             from pipeline.train.ray_train import train_on_ray
 
-            results = train_on_ray(config, workers=ray_workers, address=address, restart=restart, progress=progress)
+            results = train_on_ray(config, workers=ray_workers, address=address, restart=restart, progress=progress,
+                                   verify=verify)
         else:
-            results = train(config, restart=restart, progress=progress)
+            results = train(config, restart=restart, progress=progress, verify=verify)
     except (DataError, TrainError, WeightsError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(summary_table(results))

@@ -8,12 +8,12 @@ ranges, choices and required options give click's own messages.
 Paths in a manifest (``workdir``, vars, options, ``inputs``) are used as written: a relative
 path is relative to the current directory of ``pipeline run``, not to the manifest's folder.
 
-A step's fingerprint is the sha256 of: its command, its validated settings (every parameter of
-the command with defaults filled in, less the command's volatile options and options added later while
-they keep the earlier behaviour, see
-:mod:`pipeline.manifest.steps`), the fingerprints of the steps it needs, the sha256 of its declared
-``inputs``, and the code version ``pipeline <__version__>`` (not a digest of the source files:
-bump ``pipeline.__version__`` when a change should re-run finished steps).
+A step's own fingerprint (:attr:`Step.own_fingerprint`) is the sha256 of: its command, its validated
+settings (every parameter of the command with defaults filled in, less the command's volatile options and
+options added later while they keep the earlier behaviour, see :mod:`pipeline.manifest.steps`), the sha256
+of its declared ``inputs``, and the code version (:func:`code_version`: a digest of the source files the
+step's command runs). Its fingerprint adds the digests of what the steps it needs produced, as the state
+file records them, so it is made by :func:`pipeline.manifest.plan.fingerprint_of` from the state, not here.
 
 :func:`load_manifest` goes in four steps: parse the YAML (keeping line numbers), substitute the vars,
 check each step's declaration, then resolve each step against its command.
@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Mapping
 import click
 import yaml
 
+import pipeline
 from pipeline import __version__
 from pipeline.manifest.steps import COMMANDS
 
@@ -45,7 +46,36 @@ NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 REF_RE = re.compile(r"\$\$|\$\{([^}]*)\}")
 WHOLE_REF_RE = re.compile(r"\$\{([^}]*)\}\Z")
 STEP_REF_RE = re.compile(r"steps\.([^.]*)\.(.*)\Z")
-CODE_VERSION = f"pipeline {__version__}"
+#: vars every manifest has (and may not declare): the workdir, and where `pipeline weights fetch` caches weights
+RESERVED_VARS = ("workdir", "weights_cache")
+#: the packages whose source a step's command runs, and the parts of them it never runs (the runner itself)
+CODE_PACKAGES = ("pipeline", "students", "teachers")
+RUNNER_SOURCES = ("pipeline/manifest/", "pipeline/cli/run.py")
+
+
+def source_digest(root: Path | None = None) -> str:
+    """sha256 of the source files (``*.py``, by path) of :data:`CODE_PACKAGES` under ``root`` (this checkout
+    or installation), less the manifest runner's own (:data:`RUNNER_SOURCES`)."""
+    root = Path(root) if root is not None else Path(pipeline.__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(RUNNER_SOURCES) or "__pycache__" in rel:
+                continue
+            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """``pipeline <__version__>+<12 hex digits of source_digest()>``: changes with any source file a step runs."""
+    global CODE_VERSION
+    if CODE_VERSION is None:
+        CODE_VERSION = f"pipeline {__version__}+{source_digest()[:12]}"
+    return CODE_VERSION
+
+
+CODE_VERSION: str | None = None
 
 
 class ManifestError(click.ClickException):
@@ -79,7 +109,7 @@ class Step:
     inputs: Mapping[str, str | None]  # declared external input -> digest (None: missing)
     resources: Resources
     output: str | None  # the step's output folder (None: the command has no entry in pipeline.manifest.steps)
-    fingerprint: str
+    own_fingerprint: str  # command, settings, inputs, code version: all but what its upstream steps produced
     code_version: str
     line: int  # where the step is declared
 
@@ -194,10 +224,9 @@ def input_digest(path: str | Path) -> str | None:
     return None
 
 
-def fingerprint(command: str, settings: Mapping, needs: Mapping[str, str], inputs: Mapping[str, str | None],
-                code_version: str = CODE_VERSION) -> str:
-    doc = {"command": command, "code_version": code_version, "settings": settings,
-           "needs": dict(sorted(needs.items())), "inputs": dict(sorted(inputs.items()))}
+def own_fingerprint(command: str, settings: Mapping, inputs: Mapping[str, str | None], code: str) -> str:
+    """The sha256 of what a step is, apart from its upstream's outputs (see the module's docstring)."""
+    doc = {"command": command, "code_version": code, "settings": settings, "inputs": dict(sorted(inputs.items()))}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
@@ -421,9 +450,9 @@ class _Loader:
             raw_vars = {}
         raw_vars = dict(raw_vars)
         for name, value in list(raw_vars.items()):
-            if not isinstance(name, str) or not NAME_RE.match(name) or name == "workdir":
+            if not isinstance(name, str) or not NAME_RE.match(name) or name in RESERVED_VARS:
                 self.error(doc.at("vars", name), f"invalid var name {name!r}" + (
-                    " (reserved)" if name == "workdir" else " (letters, digits, _ and -)"))
+                    " (reserved)" if name in RESERVED_VARS else " (letters, digits, _ and -)"))
                 raw_vars.pop(name)
             elif isinstance(value, (dict, list)):
                 self.error(doc.at("vars", name), f"var {name!r} must be a single value, not a {type(value).__name__}")
@@ -442,6 +471,9 @@ class _Loader:
                 self.error(doc.at("workdir"), "workdir must be a path")
                 wd = f"runs/{self.path.stem}"
             raw_vars["workdir"] = wd
+        from teachers.weights import checkpoint_dir
+
+        raw_vars["weights_cache"] = str(checkpoint_dir())
 
         resolved: dict[str, object] = {}
 
@@ -673,10 +705,11 @@ class _Loader:
         digests = {p: self.digests[p] if p in self.digests else self.digests.setdefault(p, self.digest(Path(p)))
                    for p in inputs}
         res = Resources(**{**Resources().__dict__, **d["resources"]})
+        code = code_version()
         return Step(name=name, command=command_name, args=tuple(args), settings=settings, needs=tuple(needs),
                     inputs=digests, resources=res, output=output,
-                    fingerprint=fingerprint(command_name, settings, {n: steps[n].fingerprint for n in needs}, digests),
-                    code_version=CODE_VERSION, line=doc.line("steps", name))
+                    own_fingerprint=own_fingerprint(command_name, settings, digests, code),
+                    code_version=code, line=doc.line("steps", name))
 
 
 def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] = (), workdir: str | Path | None = None,

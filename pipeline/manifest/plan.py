@@ -3,10 +3,17 @@
 Like DVC's ``dvc.yaml`` / ``dvc.lock``: the manifest says what should be, the state file
 (``<workdir>/.pipeline/state.json``) records what was, and :func:`plan` compares the two.
 It reads no file and runs nothing, so it is tested on its own.
+
+A step's fingerprint (:func:`fingerprint_of`) is its own fingerprint (command, settings, inputs, code
+version: :attr:`~pipeline.manifest.format.Step.own_fingerprint`) with the digests of what the steps it
+needs produced, as the state file records them (``output_digest``, written by the runner when a step
+finishes). A step therefore re-runs when an upstream output's content changed, whatever made it change,
+and not when an upstream re-ran and produced the same thing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Iterable, Mapping, NamedTuple
 
@@ -21,13 +28,54 @@ class Planned(NamedTuple):
     reason: str
 
 
-def record(manifest: Manifest, name: str, **fields) -> dict:
-    """The state record of step ``name`` as declared now (the runner adds status, times, outputs)."""
+def output_digest(state: Mapping | None, name: str) -> str | None:
+    """The digest of step ``name``'s output as the state records it from its last successful run, or None."""
+    rec = ((state or {}).get("steps") or {}).get(name)
+    return rec.get("output_digest") if rec and rec.get("status") == "done" else None
+
+
+def upstream_digests(manifest: Manifest, name: str, state: Mapping | None) -> dict[str, str | None]:
+    """The recorded output digest of each step ``name`` needs."""
+    return {u: output_digest(state, u) for u in manifest.steps[name].needs}
+
+
+def fingerprint_of(manifest: Manifest, name: str, state: Mapping | None) -> str:
+    """Step ``name``'s fingerprint: its own fingerprint and its upstream steps' recorded output digests."""
+    doc = {"own": manifest.steps[name].own_fingerprint, "needs": dict(sorted(upstream_digests(manifest, name,
+                                                                                              state).items()))}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields) -> dict:
+    """The state record of step ``name`` as declared now, its upstream outputs as ``state`` records them (the
+    runner adds status, times, its output's digest)."""
     step = manifest.steps[name]
-    return {"fingerprint": step.fingerprint, "command": step.command, "args": list(step.args),
-            "settings": dict(step.settings), "needs": {n: manifest.steps[n].fingerprint for n in step.needs},
-            "inputs": dict(step.inputs),
+    return {"fingerprint": fingerprint_of(manifest, name, state), "own_fingerprint": step.own_fingerprint,
+            "command": step.command, "args": list(step.args), "settings": dict(step.settings),
+            "needs": upstream_digests(manifest, name, state), "inputs": dict(step.inputs),
             "code_version": step.code_version, "output": step.output, **fields}
+
+
+def continues(manifest: Manifest, name: str, state: Mapping | None, grows: Iterable[str]) -> bool:
+    """Whether step ``name``'s only change since its recorded run is a larger value of settings in ``grows``
+    (``train``'s epochs): then it carries on from where it stopped instead of starting over."""
+    rec = ((state or {}).get("steps") or {}).get(name)
+    step, grows = manifest.steps[name], set(grows)
+    if not rec or not grows or rec.get("command") != step.command:
+        return False
+    if (rec.get("needs") != upstream_digests(manifest, name, state) or rec.get("inputs") != dict(step.inputs)
+            or rec.get("code_version") != step.code_version):
+        return False
+    before, now = rec.get("settings") or {}, dict(step.settings)
+    if set(before) != set(now):
+        return False
+    for k in now:
+        if before[k] == now[k]:
+            continue
+        if k not in grows or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before[k], now[k])) \
+                or now[k] < before[k]:
+            return False
+    return True
 
 
 def _show(value: object) -> str:
@@ -38,7 +86,7 @@ def _show(value: object) -> str:
     return json.dumps(value)
 
 
-def changes(old: Mapping, step: Step, manifest: Manifest) -> str:
+def changes(old: Mapping, step: Step, manifest: Manifest, state: Mapping | None = None) -> str:
     """Why the recorded fingerprint in ``old`` differs from ``step``'s, in words."""
     why = []
     if old.get("command") != step.command:
@@ -50,11 +98,12 @@ def changes(old: Mapping, step: Step, manifest: Manifest) -> str:
         if diff:
             why.append("settings changed: " + ", ".join(diff))
     old_needs = old.get("needs") or {}
-    for name in step.needs:
+    for name, digest in upstream_digests(manifest, step.name, state).items():
         if name not in old_needs:
             why.append(f"now needs {name}")
-        elif old_needs[name] != manifest.steps[name].fingerprint:
-            why.append(f"upstream {name} changed")
+        elif old_needs[name] != digest:
+            why.append(f"upstream {name}'s output changed" if digest is not None
+                       else f"upstream {name} has no finished output")
     gone = [n for n in old_needs if n not in step.needs]
     if gone:
         why.append(f"no longer needs {', '.join(gone)}")
@@ -72,15 +121,18 @@ def changes(old: Mapping, step: Step, manifest: Manifest) -> str:
     return "; ".join(why) or "fingerprint changed"
 
 
-def _own_reason(step: Step, rec: Mapping | None, outputs_ok: Mapping[str, str], manifest: Manifest) -> str:
-    """Why ``step`` must run considering only itself ("" when it is up to date)."""
+def own_reason(manifest: Manifest, name: str, state: Mapping | None, outputs_ok: Mapping[str, str]) -> str:
+    """Why step ``name`` must run considering only itself and its upstream's recorded outputs ("" when it is up
+    to date)."""
+    step = manifest.steps[name]
+    rec = ((state or {}).get("steps") or {}).get(name)
     missing = [p for p, d in step.inputs.items() if d is None]
     if missing:
         return "input missing: " + ", ".join(missing)
     if rec is None:
         return "never run"
-    if rec.get("fingerprint") != step.fingerprint:
-        return changes(rec, step, manifest)
+    if rec.get("fingerprint") != fingerprint_of(manifest, name, state):
+        return changes(rec, step, manifest, state)
     if rec.get("status") == "running":
         return f"interrupted (started {rec.get('started', '?')})"
     if rec.get("status") != "done":
@@ -94,12 +146,13 @@ def plan(manifest: Manifest, state: Mapping, outputs_ok: Mapping[str, str], *, f
          only: Iterable[str] = (), until: Iterable[str] = ()) -> list[Planned]:
     """What to do with each step, in dependency order: ``Planned(step, "run" | "skip", reason)``.
 
-    ``state`` is the state file's content; ``outputs_ok`` maps a step to "" when its recorded
-    outputs are complete or to why not (steps left out count as complete). ``force`` steps and
+    ``state`` is the state file's content (each step's record, with the digest of what it produced);
+    ``outputs_ok`` maps a step to "" when its recorded outputs are complete or to why not (steps left out
+    count as complete). A step whose upstream runs is planned to run; the runner skips it after all when
+    the upstream's new output has the digest it was made from (:func:`own_reason` is "" then). ``force`` steps and
     everything downstream of them run; ``only`` restricts the run to those steps, ``until`` to
     those steps and their upstream (both together: the union).
     """
-    records = state.get("steps", {}) if state else {}
     force, only, until = list(force), list(only), list(until)
     selected = set(manifest.steps)
     if only or until:
@@ -117,7 +170,7 @@ def plan(manifest: Manifest, state: Mapping, outputs_ok: Mapping[str, str], *, f
     out: list[Planned] = []
     actions: dict[str, str] = {}
     for name, step in manifest.steps.items():
-        own = _own_reason(step, records.get(name), outputs_ok, manifest)
+        own = own_reason(manifest, name, state, outputs_ok)
         if name in forced_by:
             reason = "forced" if forced_by[name] == name else f"forced (downstream of {forced_by[name]})"
             if own.startswith("input missing"):

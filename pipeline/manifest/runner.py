@@ -7,19 +7,28 @@ same time, up to ``jobs`` and within the machine's CPUs and GPUs; a step sees on
 was given (``CUDA_VISIBLE_DEVICES``).
 
 State lives in ``<workdir>/.pipeline/state.json`` (written atomically after every change),
-apart from the manifest; ``<workdir>/.pipeline/lock`` keeps a second runner out of the workdir.
+apart from the manifest; ``<workdir>/.pipeline/lock`` keeps a second runner out of the workdir. When a
+step finishes, the digest of its output is recorded: the fingerprints of the steps below it are made
+with it (:func:`pipeline.manifest.plan.fingerprint_of`), and a step planned only because its upstream
+runs is skipped when the upstream's new output has the digest it was made from.
+
+Each step runs in its own process group (Ctrl-C and SIGTERM reach the runner, which stops the steps'
+groups); on Linux a step also gets SIGKILL when the runner dies (``PR_SET_PDEATHSIG``), so a runner
+killed with SIGKILL leaves no step behind. A step whose output folder is locked by another process
+(another ``pipeline train`` on the run folder…) is not started.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import ctypes
 import json
 import os
 import queue
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,17 +36,19 @@ import time
 from collections import deque
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import click
 
 from pipeline.common.atomic import write_json
+from pipeline.common.locks import FolderLock, LockHeld
+from pipeline.common.locks import status as lock_status
 from pipeline.common.tables import table
 from pipeline.manifest.format import Manifest
-from pipeline.manifest.plan import RUN, Planned, plan, record
+from pipeline.manifest.plan import RUN, Planned, continues, fingerprint_of, own_reason, plan, record
 from pipeline.manifest.steps import COMMANDS
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: fingerprints with the upstream steps' output digests
 PROGRESS_EVERY_S = 15.0  # at most one progress-bar line per step this often in the streamed output
 #: thread-count variables set to the step's ``cpus`` in its environment, unless already set
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -74,53 +85,61 @@ def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def lock_path(workdir: Path) -> Path:
+    return Path(workdir) / ".pipeline" / "lock"
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[None]:
-    """Hold ``<workdir>/.pipeline/lock`` (flock, non-blocking) for the run; a second runner gets a clear error."""
-    folder = Path(workdir) / ".pipeline"
-    folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / "lock", "a+")
+    """Hold ``<workdir>/.pipeline/lock`` (a lock file naming host and pid, see :mod:`pipeline.common.locks`) for
+    the run; a second runner gets a clear error."""
+    lock = FolderLock(lock_path(workdir), what=f"workdir {workdir}", command="pipeline run")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()
-        f.close()
-        raise RunnerError(f"another `pipeline run`{f' (pid {holder})' if holder else ''} is running in workdir "
-                          f"{workdir}; wait for it to finish or stop it (lock: {folder / 'lock'})") from None
+        lock.acquire()
+    except LockHeld as e:
+        h = e.holder
+        if h is None:
+            raise RunnerError(str(e)) from None
+        if h.host == socket.gethostname():
+            raise RunnerError(f"another `pipeline run` (pid {h.pid}) is running in workdir {workdir}; wait for it to "
+                              f"finish or stop it (lock: {lock.path})") from None
+        raise RunnerError(f"another `pipeline run` (pid {h.pid} on host {h.host}) may be running in workdir "
+                          f"{workdir}; this host cannot tell: if it is not, delete {lock.path}") from None
+    for note in lock.notes:
+        click.echo(note, err=True)
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
         yield
     finally:
-        f.close()
+        lock.release()
 
 
 def runner_active(workdir: Path) -> bool:
     """Whether a runner holds the workdir's lock now."""
-    path = Path(workdir) / ".pipeline" / "lock"
-    try:
-        f = open(path)
-    except OSError:
-        return False
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
+    return lock_status(lock_path(workdir))[0] == "held"
 
 
-def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False) -> dict[str, str]:
-    """For steps recorded done with their current fingerprint: "" when their outputs are complete, else why not."""
+def output_locked_by(step) -> str:
+    """"" when no other process holds the lock on ``step``'s output folder, else who does."""
+    spec = COMMANDS.get(step.command)
+    if spec is None or spec.lock is None or not step.output:
+        return ""
+    state, holder = lock_status(spec.lock(Path(step.output)))
+    if state != "held":
+        return ""
+    return holder.describe() if holder is not None else "a process on this host"
+
+
+def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
+                  names: Iterable[str] | None = None) -> dict[str, str]:
+    """For steps recorded done with their current fingerprint (those of ``names``, default all): "" when their
+    outputs are complete, else why not."""
     records = state.get("steps", {})
     out = {}
-    for name, step in manifest.steps.items():
+    for name in (manifest.steps if names is None else names):
+        step = manifest.steps[name]
         rec = records.get(name)
         spec = COMMANDS.get(step.command)
-        if (rec and rec.get("status") == "done" and rec.get("fingerprint") == step.fingerprint
+        if (rec and rec.get("status") == "done" and rec.get("fingerprint") == fingerprint_of(manifest, name, state)
                 and spec is not None and spec.verify is not None and step.output):
             out[name] = spec.verify(Path(step.output), checksums)
     return out
@@ -131,10 +150,15 @@ def make_plan(manifest: Manifest, state: Mapping, *, checksums: bool = False, **
 
 
 def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> bool:
-    """Whether the step should start over (its outputs are from other settings, or it is forced)."""
+    """Whether the step should start over: it is forced, or its outputs are from other settings or inputs
+    (unless the only change is a setting the command may grow, as ``train``'s epochs: then it carries on)."""
     rec = state.get("steps", {}).get(item.step)
-    return item.reason.startswith("forced") or (rec is not None and
-                                                rec.get("fingerprint") != manifest.steps[item.step].fingerprint)
+    if item.reason.startswith("forced"):
+        return True
+    if rec is None or rec.get("fingerprint") == fingerprint_of(manifest, item.step, state):
+        return False
+    spec = COMMANDS.get(manifest.steps[item.step].command)
+    return not (spec is not None and continues(manifest, item.step, state, spec.grows))
 
 
 def command_line(manifest: Manifest, name: str, fresh: bool) -> list[str]:
@@ -172,6 +196,43 @@ def plan_table(planned: list[Planned]) -> str:
 
 
 # -- running ---------------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _libc_prctl():
+    """libc's ``prctl`` on Linux (looked up here, in the parent: the child only calls it), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def child_setup() -> Callable[[], None]:
+    """A ``preexec_fn`` for a step: its own process group, and on Linux SIGKILL when the runner dies.
+
+    The parent-death signal comes when the thread that started the child ends; the runner starts each step
+    from a thread that waits for it, so that is when the runner itself dies. A runner that died before the
+    child set it up is noticed by the parent pid having changed.
+    """
+    prctl, parent = _libc_prctl(), os.getpid()
+
+    def setup() -> None:
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+    return setup
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the step's process group (the step and what it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
 
 def _sigterm(signum, frame) -> None:
     raise KeyboardInterrupt  # stop the run like Ctrl-C: steps are stopped and recorded as interrupted
@@ -232,7 +293,8 @@ class Runner:
         tail: deque = deque(maxlen=20)
         try:
             proc = subprocess.Popen([*self.launcher, *argv], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=child_setup())
         except OSError as e:
             results.put((name, None, [f"cannot start: {e}"]))
             return
@@ -327,10 +389,22 @@ class Runner:
     def _start(self, name: str, cpus: int, gpus: int) -> None:
         m, step = self.manifest, self.manifest.steps[name]
         missing = [p for p, d in step.inputs.items() if d is None]
+        if not missing and not self.planned[name].reason.startswith("forced") and not own_reason(
+                m, name, self.state, check_outputs(m, self.state, names=[name])):
+            # it was to run because an upstream step ran, and that step's new output is the one it was made from
+            self.status[name] = "up to date: upstream output unchanged"
+            self.say(f"[{name}] up to date: its upstream output is unchanged")
+            return
         fresh = fresh_start(m, self.state, self.planned[name])
-        self.state["steps"][name] = record(m, name, status="running", started=now(), fresh=fresh)
+        self.state["steps"][name] = record(m, name, self.state, status="running", started=now(), fresh=fresh)
         if missing:
             why = f"input missing: {', '.join(missing)}"
+            self._failed(name, 0.0, why, f"failed: {why}", announce=f"[{name}] failed: ")
+            return
+        holder = output_locked_by(step)
+        if holder:
+            why = (f"output folder {step.output} is locked by another process ({holder}); not started: wait for "
+                   "it to finish or stop it")
             self._failed(name, 0.0, why, f"failed: {why}", announce=f"[{name}] failed: ")
             return
         self._save()
@@ -360,14 +434,28 @@ class Runner:
         cpus, gpu_ids = self.held.pop(name)
         self.free_cpus += cpus
         self.free_gpus += gpu_ids
-        why = self._why_failed(self.manifest.steps[name], rc, tail)
+        step = self.manifest.steps[name]
+        why = self._why_failed(step, rc, tail)
+        digest = None
+        if not why:
+            try:
+                digest = self._output_digest(step)
+            except Exception as e:  # noqa: BLE001 - complete, but its content cannot be read
+                why = f"outputs unreadable after the run: {type(e).__name__}: {e}"
         if why:
             self._failed(name, self.seconds[name], why, f"failed ({why})", returncode=rc,
                          announce=f"[{name}] failed after {self.seconds[name]:.1f} s: ")
         else:
-            self._finish(name, "done", self.seconds[name], returncode=0)
+            self._finish(name, "done", self.seconds[name], returncode=0, output_digest=digest)
             self.status[name] = "done"
             self.say(f"[{name}] done in {self.seconds[name]:.1f} s")
+
+    def _output_digest(self, step) -> str:
+        """The digest of the step's output content (its fingerprint for a command without one)."""
+        spec = COMMANDS.get(step.command)
+        if spec is not None and spec.digest is not None and step.output:
+            return spec.digest(Path(step.output))
+        return "fingerprint:" + self.state["steps"][step.name]["fingerprint"]
 
     @staticmethod
     def _why_failed(step, rc: int | None, tail: list[str]) -> str:
@@ -402,14 +490,13 @@ class Runner:
     def _interrupt(self) -> None:
         """Stop running steps (SIGINT, then SIGKILL after 10 s) and record them as interrupted."""
         for proc in list(self.procs.values()):
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
+            _signal_group(proc, signal.SIGINT)
         deadline = time.monotonic() + 10
         for proc in list(self.procs.values()):
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
         for name, t0 in self.started.items():
             self.seconds[name] = time.monotonic() - t0
             self._finish(name, "interrupted", self.seconds[name])
@@ -506,7 +593,7 @@ def status_rows(manifest: Manifest, state: Mapping, *, checksums: bool = False,
             text = "never run" + (f"; {p.reason}" if p.reason != "never run" else "")
         elif rec.get("status") == "running" and active:
             text = "running"
-        elif rec.get("status") == "failed" and rec.get("fingerprint") == manifest.steps[p.step].fingerprint:
+        elif rec.get("status") == "failed" and rec.get("fingerprint") == fingerprint_of(manifest, p.step, state):
             text = "failed" + (f": {rec['error']}" if rec.get("error") else "")
         else:
             text = f"stale: {p.reason}"

@@ -2,21 +2,27 @@
 
 Adding a command to manifests (train, eval…) means adding one :class:`CommandSpec` to
 :data:`COMMANDS`: where its outputs go when the manifest does not say, which folder is "the
-step's output" (what ``${steps.NAME.out}`` names), how to tell that folder is complete, which
-options do not change the outputs, and which arguments make it start over instead of resuming.
+step's output" (what ``${steps.NAME.out}`` names), how to tell that folder is complete, the digest
+of its content (what the steps below it are fingerprinted with), which lock file keeps a second
+writer out of it, which options do not change the outputs, which arguments make it start over
+instead of resuming, and which settings it may grow without starting over.
 A command without an entry can still be used in a manifest: its outputs are just not verified
 and ``${steps.NAME.out}`` cannot name it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from pipeline.common.locks import LOCK_NAME
 from pipeline.label.shards import verify_dataset
-from pipeline.train.checkpoints import LATEST, latest, latest_record
+from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record
+from teachers.weights import file_digest
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,14 @@ class CommandSpec:
     #: arguments that make the command start over rather than resume; added when the step's fingerprint
     #: changed since its last run, or it is forced
     fresh: tuple[str, ...] = ()
+    #: the digest of a complete output's content ("kind:hex"): the steps below it are fingerprinted with it
+    digest: Callable[[Path], str] | None = None
+    #: the lock file the command holds on its output while it writes it (another process holding it: the step
+    #: does not start)
+    lock: Callable[[Path], Path] | None = None
+    #: settings that may grow with the command carrying on from where it stopped (``train``'s epochs): a step
+    #: whose only change is a larger value resumes instead of starting over
+    grows: tuple[str, ...] = ()
 
 
 def _label_output(params: Mapping[str, object]) -> Path:
@@ -49,7 +63,11 @@ def _label_output(params: Mapping[str, object]) -> Path:
 
 def _verify_train(run: Path, checksums: bool) -> str:
     """A run folder is complete when its latest checkpoint is the last epoch of the settings it recorded."""
-    record, config = latest_record(run / "checkpoints"), run / "config.json"
+    try:
+        record = latest_record(run / "checkpoints")
+    except CheckpointError as e:
+        return str(e)
+    config = run / "config.json"
     if record is None or not config.is_file():
         return f"no finished epoch in {run}"
     epoch, epochs = record["epoch"], json.loads(config.read_text())["epochs"]
@@ -68,6 +86,41 @@ def _verify_predict(out: Path, checksums: bool) -> str:
     return "" if out.is_file() or (out / "predictions.json").is_file() else f"{out} not complete"
 
 
+def _digest_label(folder: Path) -> str:
+    """What a label folder holds: its index's shards (tar, images, sha256) and label settings."""
+    index = json.loads((folder / "labels.json").read_text())
+    doc = {k: index.get(k) for k in ("teacher", "weights_digest", "label_kind", "label_extension", "image_size",
+                                      "count")}
+    doc["shards"] = [[s["tar"], s["count"], s["sha256"]] for s in index["shards"]]
+    return "labels:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _digest_train(run: Path) -> str:
+    """A run folder's latest checkpoint."""
+    return "checkpoint:" + file_digest(latest(run / "checkpoints"))
+
+
+def _digest_file(path: Path) -> str:
+    return "sha256:" + file_digest(path)
+
+
+def _digest_tree(path: Path) -> str:
+    """A file, or every file of a folder (names and contents)."""
+    if path.is_file():
+        return _digest_file(path)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root, name)
+            h.update(p.relative_to(path).as_posix().encode() + b"\0" + file_digest(p).encode() + b"\0")
+    return "tree:" + h.hexdigest()
+
+
+def _lock_file(folder: Path) -> Path:
+    return folder / LOCK_NAME
+
+
 _MODEL_VOLATILE = frozenset({"device", "precision", "batch_size", "io_threads", "progress"})
 
 COMMANDS: dict[str, CommandSpec] = {
@@ -79,34 +132,43 @@ COMMANDS: dict[str, CommandSpec] = {
                             "max_failure_rate", "progress", "overwrite_changed", "retry_failed"}),
         added={"allow_outside_root": False, "max_image_bytes": 64 * 1024**2},
         fresh=("--overwrite",),
+        digest=_digest_label,
+        lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
     ),
     "train": CommandSpec(
         defaults={"run_dir": lambda workdir, step: workdir / step},
         output=lambda params: Path(params["run_dir"]),
         verify=_verify_train,
-        volatile=frozenset({"workers", "device", "address", "progress"}),
+        volatile=frozenset({"workers", "device", "address", "progress", "verify", "max_bad_samples"}),
         fresh=("--restart",),
+        digest=_digest_train,
+        lock=_lock_file,  # pipeline.train.loop.run_lock
+        grows=("epochs",),
     ),
     "eval": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "metrics.json"},
         output=lambda params: Path(params["out"]),
         verify=_verify_file,
         volatile=_MODEL_VOLATILE - {"precision"},
+        digest=_digest_file,
     ),
     "predict": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step},
         output=lambda params: Path(params["out"]),
         verify=_verify_predict,
         volatile=_MODEL_VOLATILE - {"precision"},
+        digest=_digest_tree,
     ),
     "fixations": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "fixations.h5"},
         output=lambda params: Path(params["out"]),
         verify=_verify_file,
+        digest=_digest_file,
     ),
     "profile": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
         output=lambda params: Path(params["out"]),
         verify=_verify_file,
+        digest=_digest_file,
     ),
 }

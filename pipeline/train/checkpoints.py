@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,16 +49,71 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files ----------------------------------------------------------------------------------------
-def latest_record(ckpt_dir: Path) -> dict | None:
-    """``latest.json`` (``{"checkpoint": name, "epoch": N}``), or None before the first finished epoch."""
+def _read_latest(ckpt_dir: Path) -> tuple[dict | None, str]:
+    """(``latest.json``'s record or None, "" or why it cannot be read)."""
     marker = Path(ckpt_dir) / LATEST
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    if not marker.is_file():
+        return None, ""
+    try:
+        record = json.loads(marker.read_text())
+        name, epoch = record["checkpoint"], record["epoch"]
+        if not isinstance(name, str) or "/" in name or not isinstance(epoch, int):
+            raise ValueError("not a checkpoint name and an epoch")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        return None, f"{marker} is unreadable ({what})"
+    return record, ""
+
+
+def latest_record(ckpt_dir: Path) -> dict | None:
+    """``latest.json`` (``{"checkpoint": name, "epoch": N}``), or None before the first finished epoch;
+    :class:`CheckpointError` when it is there but unreadable."""
+    record, problem = _read_latest(ckpt_dir)
+    if problem:
+        raise CheckpointError(f"{problem}: re-running `pipeline train` on {Path(ckpt_dir).parent} resumes from its "
+                              "newest readable checkpoint and rewrites it; or give a checkpoint file")
+    return record
 
 
 def latest(ckpt_dir: Path) -> Path | None:
     """The checkpoint ``latest.json`` names, or None before the first finished epoch."""
     record = latest_record(ckpt_dir)
     return None if record is None else Path(ckpt_dir) / record["checkpoint"]
+
+
+#: what a checkpoint must hold to be resumed from
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "rng", "config")
+
+
+def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its content: the one ``latest.json`` names, else (it is unreadable, or
+    its checkpoint is missing or truncated) the newest of the others (the two newest are kept), each one passed
+    over with a ``warning:`` line; None before the first finished epoch; :class:`CheckpointError` when there are
+    checkpoints but none can be read."""
+    ckpt_dir = Path(ckpt_dir)
+    record, problem = _read_latest(ckpt_dir)
+    problems = [problem] if problem else []
+    named = ckpt_dir / record["checkpoint"] if record is not None else None
+    candidates = [named] if named is not None else []
+    candidates += [p for p in sorted(ckpt_dir.glob("epoch-*.pt"), reverse=True) if p != named]
+    if not candidates:
+        if problems:
+            raise CheckpointError(f"{problems[0]}, but there is no checkpoint in {ckpt_dir}: start over with --restart")
+        return None
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+            lacking = [k for k in RESUME_KEYS if k not in ckpt]
+            if lacking:
+                raise CheckpointError(f"{path} holds no {', '.join(lacking)}: not a checkpoint to resume from")
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            warn(f"warning: {problem}; resuming from {path.name} (epoch {ckpt['epoch'] + 1}) instead")
+        return path, ckpt
+    raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read ({'; '.join(problems)}): start over with "
+                          "--restart")
 
 
 def checkpoint_path(path: str | Path) -> Path:

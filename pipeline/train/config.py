@@ -39,11 +39,13 @@ class TrainConfig:
     teacher_weights: str | None = None
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # density teachers: KL, 1-cos, BCE
     steps_per_epoch: int | None = None  # cap (demos, tests)
+    max_bad_samples: int = 10  # unreadable samples skipped (each logged) before the run stops
 
     def resume_key(self) -> dict:
         """Settings a checkpoint must share to be resumed (the rest may change, e.g. epochs)."""
         d = asdict(self)
-        for k in ("epochs", "workers", "device", "steps_per_epoch", "run", "init", "backbone_weights"):
+        for k in ("epochs", "workers", "device", "steps_per_epoch", "run", "init", "backbone_weights",
+                  "max_bad_samples"):
             d.pop(k)
         return json.loads(json.dumps(d))
 

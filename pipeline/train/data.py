@@ -2,25 +2,41 @@
 
 Shard order and the sample shuffle buffer are seeded by (seed, epoch), so an epoch sees the
 same batches in the same order whether or not the run was interrupted before it.
+
+What is read is checked: a label folder's ``labels.json`` lists its shards, each must be there with its
+marker and size (:func:`open_label_set`) and, once per run, its sha256 (:func:`verify_shards`). While
+reading, a sample whose image or label does not decode, or a tar that ends early (a damaged header),
+becomes a :class:`BadSample` that travels with the batches from the DataLoader workers to the training
+process, where :class:`BadSamples` logs and counts it (and stops the run beyond its limit); a shard that
+cannot be opened, or whose samples carry another label field, stops the run with one sentence.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator, Mapping
 
 import cv2
 import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.label.shards import shard_tars, verify_dataset
+from pipeline.label.shards import marker_path, tar_path, verify_shard
+from teachers.weights import file_digest
 
 
 class DataError(Exception):
-    """The labelled shards cannot be used for training (missing, unfinished, mixed)."""
+    """The labelled shards cannot be used for training (missing, unfinished, mixed, damaged)."""
+
+
+#: how to repair a label folder, in messages: `pipeline label` redoes a shard whose tar does not match its marker
+RELABEL = "re-run `pipeline label` with the same options, which redoes it"
 
 
 @dataclass(frozen=True)
@@ -35,22 +51,78 @@ class LabelSet:
     count: int
     image_size: tuple[int, int]  # (H, W) of the stored images and labels
     counts: tuple[int, ...] = ()  # images in each tar of ``tars``
+    digests: tuple[str, ...] = ()  # sha256 of each tar of ``tars`` (as labels.json and the markers record it)
 
     def images_in(self, tars) -> int:
         per_tar = dict(zip(self.tars, self.counts))
         return sum(per_tar[t] for t in tars)
 
+    def shards(self) -> dict[str, tuple[str, int]]:
+        """tar -> (sha256, images) for every shard of the set."""
+        return {t: (d, c) for t, d, c in zip(self.tars, self.digests, self.counts)}
+
+
+def _index(folder: Path) -> dict:
+    path = folder / "labels.json"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"not a finished label folder: {path} missing (labelling not finished; run "
+                        "`pipeline label` first)") from None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise DataError(f"not a finished label folder: {path} is unreadable ({type(e).__name__}); {RELABEL}") from None
+    need = ("label_extension", "label_kind", "teacher", "count", "image_size", "shards")
+    lacking = [k for k in need if k not in index] if isinstance(index, dict) else list(need)
+    if lacking or not isinstance(index["shards"], list) or not all(
+            isinstance(s, dict) and {"tar", "count", "sha256"} <= set(s) for s in index["shards"]):
+        raise DataError(f"{path} is not the index `pipeline label` writes (no {', '.join(lacking) or 'shard list'})")
+    return index
+
 
 def open_label_set(folder: str | Path) -> LabelSet:
+    """The label folder's shards as its ``labels.json`` lists them, each checked to be there with its marker
+    and size (not its checksum: :func:`verify_shards` reads them)."""
     folder = Path(folder)
-    reason = verify_dataset(folder, check_digest=False)
-    if reason:
-        raise DataError(f"not a finished label folder: {reason} (run `pipeline label` first)")
-    index = json.loads((folder / "labels.json").read_text())
-    tars = tuple(shard_tars(folder))
-    per_tar = {Path(s["tar"]).name: int(s["count"]) for s in index["shards"]}
-    return LabelSet(folder, tars, index["label_extension"], index["label_kind"], index["teacher"], index["count"],
-                    tuple(index["image_size"]), tuple(per_tar[Path(t).name] for t in tars))
+    index = _index(folder)
+    tars, counts, digests = [], [], []
+    for shard in index["shards"]:
+        name = Path(shard["tar"]).stem
+        tar = tar_path(folder, name)
+        marker, reason = verify_shard(folder, name, {"sha256": shard["sha256"]}, check_digest=False)
+        if not tar.is_file():
+            raise DataError(f"shard {tar} is missing (labels.json lists it); {RELABEL}")
+        if marker is None:
+            raise DataError(f"shard {tar} has no marker {marker_path(folder, name).name} (it was never finished or "
+                            f"the marker was removed); {RELABEL}")
+        if reason:
+            raise DataError(f"shard {tar} does not match labels.json ({reason}); {RELABEL}")
+        tars.append(str(tar))
+        counts.append(int(shard["count"]))
+        digests.append(str(shard["sha256"]))
+    return LabelSet(folder, tuple(tars), index["label_extension"], index["label_kind"], index["teacher"],
+                    index["count"], tuple(index["image_size"]), tuple(counts), tuple(digests))
+
+
+def verify_shards(shards: Mapping[str, tuple[str, int]], threads: int = 4) -> None:
+    """Check each shard's sha256 against the one its marker and labels.json record (``shards``: tar -> (sha256,
+    images)); raise :class:`DataError` naming the first that differs. The tars are read in a few threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tars = list(shards)
+    with ThreadPoolExecutor(max(1, min(threads, len(tars)))) as pool:
+        for tar, got in zip(tars, pool.map(_digest_or_none, tars)):
+            if got is None:
+                raise DataError(f"shard {tar} cannot be read (it is missing or unreadable); {RELABEL}")
+            if got != shards[tar][0]:
+                raise DataError(f"shard {tar} is corrupt: its sha256 is not the one its marker and labels.json record "
+                                f"(the file changed after labelling); {RELABEL}")
+
+
+def _digest_or_none(path: str) -> str | None:
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
 
 
 def check_same_labels(first: LabelSet, other: LabelSet) -> None:
@@ -71,7 +143,7 @@ def open_label_sets(folders) -> LabelSet:
         check_same_labels(first, other)
     return LabelSet(first.folder, tuple(t for s in sets for t in s.tars), first.label_key, first.label_kind,
                     first.teacher, sum(s.count for s in sets), first.image_size,
-                    tuple(c for s in sets for c in s.counts))
+                    tuple(c for s in sets for c in s.counts), tuple(d for s in sets for d in s.digests))
 
 
 def split_shards(tars: tuple[str, ...], val_shards: int) -> tuple[list[str], list[str]]:
@@ -86,18 +158,206 @@ def _all_shards(src):
     return src
 
 
-def decode(sample: dict, label_key: str, label_kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """A raw tar sample → (uint8 image [3,H,W], float label [1,H,W], key)."""
+class SampleError(Exception):
+    """One sample cannot be used (its image or label does not decode, or is of another size)."""
+
+
+class ForeignLabels(Exception):
+    """The shard's samples carry another label field than its label folder says: not one sample's problem."""
+
+
+def decode(sample: dict, label_key: str, label_kind: str,
+           image_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """A raw tar sample → (uint8 image [3,H,W], float label [1,H,W], key); :class:`SampleError` when its image or
+    label does not decode (or is not ``image_size``), :class:`ForeignLabels` when it has another label field."""
+    if label_key not in sample:
+        others = sorted(k for k in sample if not k.startswith("__") and k not in ("jpg", "json"))
+        if others:
+            raise ForeignLabels(f"its samples hold {', '.join(others)} labels, not the {label_key} its labels.json "
+                                "names (a shard of another labelling run)")
+        raise SampleError(f"no {label_key} label in the sample")
+    if "jpg" not in sample:
+        raise SampleError("no jpg image in the sample")
     bgr = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise SampleError("its JPEG image does not decode")
     image = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
     raw = sample[label_key]
     if label_kind == "log_density":
-        import io
-
-        target = torch.from_numpy(np.load(io.BytesIO(raw)).astype(np.float32))
+        try:
+            array = np.load(io.BytesIO(raw), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any damage: a truncated header, a bad dtype…
+            raise SampleError(f"its {label_key} label does not decode ({type(e).__name__})") from None
+        target = torch.from_numpy(np.asarray(array, np.float32))
     else:
-        target = torch.from_numpy(cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)).float() / 255.0
+        gray = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if gray is None:
+            raise SampleError(f"its {label_key} label does not decode")
+        target = torch.from_numpy(gray).float() / 255.0
+    h, w = image.shape[1:]
+    if image_size is not None and (h, w) != tuple(image_size):
+        raise SampleError(f"its image is {h}x{w}, not the {image_size[0]}x{image_size[1]} of its label folder")
+    if tuple(target.shape) != (h, w):
+        raise SampleError(f"its label is {'x'.join(map(str, target.shape))}, not {h}x{w} as its image")
+    if not torch.isfinite(target).all():
+        raise SampleError("its label holds values that are not finite")
     return image, target[None], sample["__key__"]
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample (or ``count`` samples) of ``shard`` that could not be read, passed along the batches to the
+    training process, which counts and logs it; ``fatal``: the shard cannot be read at all."""
+
+    shard: str
+    key: str
+    reason: str
+    count: int = 1
+    fatal: bool = False
+
+
+class BadSamples:
+    """Counts and logs the unreadable samples of a run, each once (by shard and key), and stops the run with
+    :class:`DataError` beyond ``limit`` of them or at a fatal one."""
+
+    def __init__(self, limit: int = 10, echo: Callable[[str], None] | None = None):
+        self.limit = limit
+        self.echo = echo or (lambda line: print(line, file=sys.stderr))
+        self.seen: dict[tuple[str, str], int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+    def add(self, bad: BadSample) -> None:
+        if bad.fatal:
+            raise DataError(bad.reason)
+        if (bad.shard, bad.key) in self.seen:
+            return
+        self.seen[bad.shard, bad.key] = bad.count
+        if bad.count == 0:
+            self.echo(f"warning: {bad.shard}: {bad.reason}; no sample lost")
+            return
+        lost = bad.count != 1 or bad.key.startswith(("after ", "all "))  # a tar that ended early: keys unknown
+        what = f"{bad.count} sample{'s' if bad.count != 1 else ''} ({bad.key})" if lost else f"sample {bad.key}"
+        self.echo(f"warning: skipped {what} of {bad.shard}: {bad.reason}")
+        if self.total > self.limit:
+            n = self.total
+            raise DataError(f"{n} sample{'s' if n != 1 else ''} could not be read, more than --max-bad-samples "
+                            f"{self.limit} allows (the last: {bad.key} of {bad.shard}): the labels are damaged; "
+                            "re-run `pipeline label` with the same options, which redoes every shard whose tar no "
+                            "longer matches its marker")
+
+
+class _Reader:
+    """The reading side of a shard loader, in each process that reads tars (the DataLoader workers).
+
+    webdataset's ``handler`` records a tar that cannot be opened or read on; the sample count of each shard is
+    compared with its marker's (a damaged tar header ends the tar early); a sample that does not decode becomes
+    a :class:`BadSample`. All of them travel with the batches, in order, to the training process.
+    """
+
+    def __init__(self, labels: LabelSet, counts: Mapping[str, int], batch_size: int, partial: bool):
+        self.label_key, self.label_kind, self.image_size = labels.label_key, labels.label_kind, labels.image_size
+        self.counts, self.batch_size, self.partial = dict(counts), batch_size, partial
+        self.pending: list[BadSample] = []
+        self.errors: dict[str, str] = {}  # tar -> why it stopped early
+        self.seen: dict[str, int] = {}
+        self.closed: set[str] = set()
+
+    def _url(self, exn: BaseException) -> str:
+        for arg in [*reversed(exn.args), getattr(exn, "filename", None)]:
+            if isinstance(arg, str) and arg in self.counts:
+                return arg
+        return "?"
+
+    def handler(self, exn: BaseException) -> bool:
+        url = self._url(exn)
+        first = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+        why = f"{type(exn).__name__}{': ' + first if first and not first.startswith('<') else ''}"
+        if isinstance(exn, OSError) and not isinstance(exn, tarfile.TarError):
+            self.pending.append(BadSample(url, "", f"shard {url} cannot be read ({why}): it is missing or "
+                                                   f"unreadable; {RELABEL}", fatal=True))
+        else:
+            self.errors.setdefault(url, why)
+        return True  # go on with the next shard
+
+    def _close(self, url: str, last: str | None) -> None:
+        self.closed.add(url)
+        short = self.counts.get(url, 0) - self.seen.get(url, 0)
+        if short > 0:
+            why = self.errors.get(url, "fewer samples than its marker records")
+            self.pending.append(BadSample(url, f"after {last}" if last else "all of them",
+                                          f"the tar ends early ({why})", count=short))
+        elif url in self.errors:
+            self.pending.append(BadSample(url, "tar", f"the tar is damaged ({self.errors[url]})", count=0))
+
+    def count(self, src: Iterator[dict]) -> Iterator[dict]:
+        """Pass samples on, counting them per shard; report a shard that ended early."""
+        url, last = None, None
+        for sample in src:
+            u = sample.get("__url__")
+            if u != url:
+                if url is not None:
+                    self._close(url, last)
+                url, last = u, None
+            for other in [e for e in self.errors if e != url and e not in self.closed]:
+                self._close(other, None)
+            self.seen[u] = self.seen.get(u, 0) + 1
+            last = sample.get("__key__")
+            yield sample
+        if url is not None:
+            self._close(url, last)
+        for other in [e for e in self.errors if e not in self.closed]:
+            self._close(other, None)
+
+    def decode(self, sample: dict):
+        try:
+            return decode(sample, self.label_key, self.label_kind, self.image_size)
+        except SampleError as e:
+            return BadSample(sample.get("__url__", "?"), sample.get("__key__", "?"), str(e))
+        except ForeignLabels as e:
+            url = sample.get("__url__", "?")
+            return BadSample(url, sample.get("__key__", "?"), f"shard {url} does not belong to its label folder: {e}; "
+                             "label the folder again (`pipeline label` with --overwrite)", fatal=True)
+
+    def batch(self, src: Iterator) -> Iterator:
+        """Decoded samples → (images [B,3,H,W], labels [B,1,H,W], keys) batches, with every :class:`BadSample`
+        passed on as it comes."""
+        images, targets, keys = [], [], []
+        for item in src:
+            yield from self._drain()
+            if isinstance(item, BadSample):
+                yield item
+                continue
+            images.append(item[0])
+            targets.append(item[1])
+            keys.append(item[2])
+            if len(keys) == self.batch_size:
+                yield torch.stack(images), torch.stack(targets), keys
+                images, targets, keys = [], [], []
+        yield from self._drain()
+        if keys and self.partial:
+            yield torch.stack(images), torch.stack(targets), keys
+
+    def _drain(self) -> Iterator[BadSample]:
+        while self.pending:
+            yield self.pending.pop(0)
+
+
+class ShardLoader:
+    """Batches of a :class:`torch.utils.data.DataLoader` over shards, the unreadable samples among them handed
+    to ``bad`` (counted, logged, skipped; a :class:`DataError` beyond its limit)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, bad: BadSamples):
+        self.loader, self.bad = loader, bad
+
+    def __iter__(self):
+        for item in self.loader:
+            if isinstance(item, BadSample):
+                self.bad.add(item)
+                continue
+            yield item
 
 
 def epoch_order(tars, *, seed: int, epoch: int, shuffle: bool) -> list[str]:
@@ -115,15 +375,21 @@ def node_shards(order: list[str], rank: int, world: int) -> list[str]:
 
 def shard_loader(labels: LabelSet, tars: list[str], *, batch_size: int, epoch: int = 0, seed: int = 0,
                  shuffle_buffer: int = 0, workers: int = 0, drop_last: bool = False, split_nodes: bool = True,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``tars``: split by node (torch.distributed rank; unless ``split_nodes`` is off)
-    and by worker, decoded in the workers."""
+                 pin_memory: bool = False, counts: Mapping[str, int] | None = None,
+                 bad: BadSamples | None = None) -> ShardLoader:
+    """Batches over ``tars``: split by node (torch.distributed rank; unless ``split_nodes`` is off) and by
+    DataLoader worker, decoded in the workers. ``counts`` (tar -> images, default: from ``labels``) tells a
+    tar that ends early; unreadable samples go to ``bad`` (default: up to 10, logged on stderr)."""
     order = epoch_order(tars, seed=seed, epoch=epoch, shuffle=bool(shuffle_buffer))
+    reader = _Reader(labels, counts if counts is not None else dict(zip(labels.tars, labels.counts)), batch_size,
+                     partial=not drop_last)
     ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=wds.split_by_node if split_nodes else _all_shards,
-                        workersplitter=wds.split_by_worker, empty_check=False)
+                        workersplitter=wds.split_by_worker, empty_check=False, handler=reader.handler)
+    ds = ds.compose(reader.count)
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed * 7_919 + epoch))
-    ds = ds.map(lambda s: decode(s, labels.label_key, labels.label_kind))
-    ds = ds.batched(batch_size, partial=not drop_last)
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(order)),
-                                       persistent_workers=False, pin_memory=pin_memory)
+    ds = ds.map(reader.decode)
+    ds = ds.compose(reader.batch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(order)),
+                                         persistent_workers=False, pin_memory=pin_memory)
+    return ShardLoader(loader, bad if bad is not None else BadSamples())

@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from pipeline.common.atomic import write_json
 from pipeline.common.devices import DeviceError, autocast, resolve_device, use_autocast
-from pipeline.train.checkpoints import init_from, latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.common.locks import LOCK_NAME, FolderLock, LockHeld
+from pipeline.train.checkpoints import init_from, newest_readable, rng_state, save_checkpoint, set_rng_state
 from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
-from pipeline.train.data import (check_same_labels, epoch_order, node_shards, open_label_set, open_label_sets,
-                                 shard_loader, split_shards)
+from pipeline.train.data import (BadSamples, check_same_labels, epoch_order, node_shards, open_label_set,
+                                 open_label_sets, shard_loader, split_shards, verify_shards)
 from pipeline.train.logs import LOSS_HEADER, METRICS_HEADER, append_metrics, keep_rows, plot_curves
 from pipeline.train.tensorboard import EpochLogger
 from students import Student, build_student, check_options, student_info, student_kind, to_log_density
@@ -86,7 +87,9 @@ def _barrier(world: int) -> None:
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = c = config
-        self.labels, self.train_tars, self.val_tars = self.check(c)
+        self.labels, self.train_tars, self.val_tars, self.shards = self.check(c)
+        #: unreadable samples of this run: counted, logged, skipped up to ``max_bad_samples``
+        self.bad = BadSamples(c.max_bad_samples, echo=lambda line: tqdm.write(line, file=sys.stderr))
         self.run = Path(c.run)
         self.ckpt_dir = self.run / "checkpoints"
         self.device = resolve_device(c.device)
@@ -120,7 +123,8 @@ class Trainer:
 
     @staticmethod
     def check(c: TrainConfig):
-        """Refuse bad settings with one clear error; returns (label set, training tars, validation tars)."""
+        """Refuse bad settings with one clear error; returns (label set, training tars, validation tars,
+        every shard's (sha256, images) by tar)."""
         try:
             info = student_info(c.student)
             check_options(c.student, c.student_options)
@@ -141,24 +145,26 @@ class Trainer:
         if h % info.stride or w % info.stride:
             raise TrainError(f"{labels.folder} holds {h}x{w} images; {c.student} needs height and width in "
                              f"multiples of {info.stride} (label with --image-size 192x256, the paper's)")
+        shards = labels.shards()
         if c.val_labels:
             val = open_label_set(c.val_labels)
             check_same_labels(labels, val)
             train, val_tars = list(labels.tars), list(val.tars)
+            shards.update(val.shards())
         else:
             train, val_tars = split_shards(labels.tars, c.val_shards)
         try:
             use_autocast(resolve_device(c.device), c.amp, option="--amp")
         except DeviceError as e:
             raise TrainError(f"--amp {e}") from None
-        return labels, train, val_tars
+        return labels, train, val_tars, shards
 
     # -- checkpoints -----------------------------------------------------------------------
     def resume(self) -> bool:
-        path = latest(self.ckpt_dir)
-        if path is None:
+        found = newest_readable(self.ckpt_dir, warn=lambda line: print(line, file=sys.stderr))
+        if found is None:
             return False
-        ckpt = load_checkpoint(path)
+        path, ckpt = found
         mine = self.config.resume_key()
         if ckpt["config"] != mine:
             diff = sorted(k for k in set(ckpt["config"]) | set(mine) if ckpt["config"].get(k) != mine.get(k))
@@ -216,7 +222,8 @@ class Trainer:
         c = self.config
         return shard_loader(self.labels, tars, batch_size=c.batch_size, epoch=epoch, seed=c.seed,
                             shuffle_buffer=c.shuffle_buffer if train else 0, workers=c.workers,
-                            split_nodes=train, pin_memory=self.device.type == "cuda")
+                            split_nodes=train, pin_memory=self.device.type == "cuda",
+                            counts={t: n for t, (_, n) in self.shards.items()}, bad=self.bad)
 
     def steps(self, epoch: int) -> int | None:
         """The cap on an epoch's steps: ``steps_per_epoch``, and when distributed the full batches of the
@@ -295,12 +302,43 @@ class Trainer:
         return total / max(n, 1), n, {k: v / max(n, 1) for k, v in zip(names, stat_sums)}
 
 
-def train(config: TrainConfig, *, restart: bool = False, progress: bool = True) -> list[EpochResult]:
+def run_lock(run: str | Path) -> FolderLock:
+    """The lock on a run folder that keeps a second ``pipeline train`` out of it (see :mod:`pipeline.common.locks`)."""
+    return FolderLock(Path(run) / LOCK_NAME, what=f"run folder {run}", command="pipeline train")
+
+
+def lock_run(run: str | Path) -> FolderLock:
+    """Take :func:`run_lock` or raise :class:`TrainError` naming its holder; a stale lock taken over is noted."""
+    lock = run_lock(run)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise TrainError(str(e)) from None
+    for note in lock.notes:
+        print(note, file=sys.stderr)
+    return lock
+
+
+def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, verify: bool = True,
+          lock: bool = True) -> list[EpochResult]:
     """Train (or resume training) as ``config`` says; returns the epochs run by this call.
 
-    In a torch.distributed group every worker calls this; worker 0 writes the logs and checkpoints.
+    ``lock``: hold the run folder's lock for the call (a second ``pipeline train`` on it is refused); ``verify``:
+    check every shard's sha256 first. In a torch.distributed group every worker calls this (the driver holds the
+    lock and verified the shards); worker 0 writes the logs and checkpoints.
     """
     trainer = Trainer(config)
+    held = lock_run(trainer.run) if lock and trainer.rank == 0 else None
+    try:
+        if verify:  # every shard's sha256 against its marker's, once per run, before the first is read
+            verify_shards(trainer.shards)
+        return _train(trainer, config, restart=restart, progress=progress)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: bool) -> list[EpochResult]:
     run, lead = trainer.run, trainer.rank == 0
     if lead:
         run.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipeline.common.ray_cluster import RayClusterError, connect
-from pipeline.train.checkpoints import latest_record
+from pipeline.train.checkpoints import CheckpointError, latest_record
 from pipeline.train.config import EpochResult, TrainConfig, TrainError
+from pipeline.train.data import verify_shards
 from pipeline.train.logs import read_metrics
-from pipeline.train.loop import Trainer, train
+from pipeline.train.loop import Trainer, lock_run, train
 
 
 def _worker(loop_config: dict) -> None:
@@ -28,7 +29,8 @@ def _worker(loop_config: dict) -> None:
     c = TrainConfig(**loop_config["config"])
     c = replace(c, device=str(ray.train.torch.get_device()), labels=tuple(c.labels), milestones=tuple(c.milestones),
                 loss_weights=tuple(c.loss_weights))
-    train(c, restart=loop_config["restart"], progress=loop_config["progress"])
+    # the driver holds the run folder's lock and verified the shards
+    train(c, restart=loop_config["restart"], progress=loop_config["progress"], verify=False, lock=False)
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
@@ -41,32 +43,49 @@ def _absolute(config: TrainConfig) -> TrainConfig:
 
 
 def _finished_epochs(run: Path) -> int:
-    record = latest_record(run / "checkpoints")
+    try:
+        record = latest_record(run / "checkpoints")
+    except CheckpointError:
+        return 0  # the workers resume from the newest readable checkpoint and say so
     return record["epoch"] + 1 if record is not None else 0
 
 
 def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = None, restart: bool = False,
-                 progress: bool = True) -> list[EpochResult]:
-    """Train on ``workers`` Ray Train workers (a local Ray unless ``address``); returns this call's epochs."""
+                 progress: bool = True, verify: bool = True) -> list[EpochResult]:
+    """Train on ``workers`` Ray Train workers (a local Ray unless ``address``); returns this call's epochs.
+
+    This driver holds the run folder's lock for the whole run and checks the shards' sha256 (``verify``) once,
+    before any worker starts."""
     try:
-        import ray.train.torch  # noqa: F401
+        import ray.train.torch  # noqa: F401 - here: one clear error before anything else
     except ImportError as e:
         raise TrainError(f"--ray-workers needs Ray Train ({e}): pip install 'ray[train]'") from None
     config = _absolute(config)
-    Trainer.check(replace(config, amp="auto"))  # one clear error here, before any worker starts (the workers,
-    # not this driver, may have the GPUs that --amp bf16 needs: that is checked on them)
+    *_, shards = Trainer.check(replace(config, amp="auto"))  # one clear error here, before any worker starts (the
+    # workers, not this driver, may have the GPUs that --amp bf16 needs: that is checked on them)
     run = Path(config.run)
+    lock = lock_run(run)
+    try:
+        if verify:
+            verify_shards(shards)
+        return _fit(config, run, workers=workers, address=address, restart=restart, progress=progress)
+    finally:
+        lock.release()
+
+
+def _fit(config: TrainConfig, run: Path, *, workers: int, address: str | None, restart: bool,
+         progress: bool) -> list[EpochResult]:
     run.mkdir(parents=True, exist_ok=True)
     before = 0 if restart else _finished_epochs(run)
     try:
         with connect(address, show=("RayTrainWorker",)):
-            _fit(config, workers, restart, progress, run)
+            _fit_on_ray(config, workers, restart, progress, run)
     except RayClusterError as e:
         raise TrainError(str(e)) from None
     return read_metrics(run, from_epoch=before)
 
 
-def _fit(config: TrainConfig, workers: int, restart: bool, progress: bool, run: Path) -> None:
+def _fit_on_ray(config: TrainConfig, workers: int, restart: bool, progress: bool, run: Path) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
