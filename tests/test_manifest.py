@@ -36,13 +36,14 @@ SAMPLES = ROOT / "samples" / "coco"
 DEMO = ROOT / "manifests" / "demo.yaml"
 FULL = ROOT / "manifests" / "full.yaml"
 CODE_VERSION = code_version()
-SETS = [f"coco={SAMPLES}", "executor=local", "shard_size=2", "steps_per_epoch=4", "c_steps=4", "epochs=2"]
+SETS = [f"coco={SAMPLES}", "executor=local", "shard_size=2", "steps_per_epoch=4", "c_steps=4", "sact_steps=1",
+        "epochs=2"]
 OPTS = [x for s in SETS for x in ("--set", s)]
 VAL = Path("runs/demo/label_val/classic/val2017")
 TRAIN = Path("runs/demo/label_train/classic/train2017")
 TRAIN_A, TRAIN_C = Path("runs/demo/train_a"), Path("runs/demo/train_c")
-DEMO_STEPS = ["label_train", "label_val", "train_a", "train_c", "eval_a", "eval_c", "eval_teacher", "predict_a", "profile_a",
-              "profile_c"]
+DEMO_STEPS = ["label_train", "label_val", "train_a", "train_c", "train_sact", "eval_a", "eval_c", "eval_sact",
+              "eval_teacher", "predict_a", "profile_a", "profile_c", "profile_sact"]
 BELOW_TRAIN_A = ["eval_a", "predict_a", "profile_a"]
 
 
@@ -606,7 +607,7 @@ class Page:
         Parser().feed(text)
 
 
-EVAL_STEPS = ["eval_a", "eval_c", "eval_teacher"]
+EVAL_STEPS = ["eval_a", "eval_c", "eval_sact", "eval_teacher"]
 
 
 def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished, demo):
