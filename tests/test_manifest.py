@@ -464,6 +464,28 @@ def test_the_lock_refuses_a_second_runner(fresh):
     assert not Path("runs/demo/label_val").exists()
 
 
+def test_a_lock_left_by_a_killed_runner_is_taken_over(fake, tmp_path, capsys):
+    import socket
+    import subprocess
+
+    lock = tmp_path / "w" / ".pipeline" / "lock"
+    lock.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    for left in (json.dumps({"host": socket.gethostname(), "pid": dead.pid}), f"{dead.pid}\n"):  # ours, flock's
+        lock.write_text(left)
+        os.utime(lock, (time.time() - 60, time.time() - 60))
+        code, out, log = fake("steps:\n  a: {run: fake, with: {name: a}}\n")
+        assert code == 0, out
+        assert f"note: took over the stale lock {lock}" in capsys.readouterr().err
+        assert not lock.exists()
+    lock.write_text(json.dumps({"host": "node-7", "pid": 4242}))
+    with pytest.raises(click.ClickException, match=r"another `pipeline run` \(pid 4242 on host node-7\) may be "
+                                                   f"running in workdir {tmp_path / 'w'}; this host cannot tell: if "
+                                                   f"it is not, delete {lock}"):
+        fake("steps:\n  a: {run: fake, with: {name: a}}\n")
+
+
 # -- scheduling, with a test-only fake command ---------------------------------------------------
 
 FAKE = """\
