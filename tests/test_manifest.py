@@ -482,6 +482,28 @@ def test_the_lock_refuses_a_second_runner(fresh):
     assert not Path("runs/demo/label_val").exists()
 
 
+def test_a_lock_left_by_a_killed_runner_is_taken_over(fake, tmp_path, capsys):
+    import socket
+    import subprocess
+
+    lock = tmp_path / "w" / ".pipeline" / "lock"
+    lock.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    for left in (json.dumps({"host": socket.gethostname(), "pid": dead.pid}), f"{dead.pid}\n"):  # ours, flock's
+        lock.write_text(left)
+        os.utime(lock, (time.time() - 60, time.time() - 60))
+        code, out, log = fake("steps:\n  a: {run: fake, with: {name: a}}\n")
+        assert code == 0, out
+        assert f"note: took over the stale lock {lock}" in capsys.readouterr().err
+        assert not lock.exists()
+    lock.write_text(json.dumps({"host": "node-7", "pid": 4242}))
+    with pytest.raises(click.ClickException, match=r"another `pipeline run` \(pid 4242 on host node-7\) may be "
+                                                   f"running in workdir {tmp_path / 'w'}; this host cannot tell: if "
+                                                   f"it is not, delete {lock}"):
+        fake("steps:\n  a: {run: fake, with: {name: a}}\n")
+
+
 # -- scheduling, with a test-only fake command ---------------------------------------------------
 
 FAKE = """\
@@ -800,12 +822,14 @@ def test_a_step_reruns_when_its_upstream_output_changed_and_only_then(maker, mon
     assert maker.plan() == {"a": ("skip", "up to date"), "b": ("skip", "up to date")}
 
 
-def test_a_step_whose_output_folder_is_locked_is_not_started(maker, tmp_path):
+def test_a_step_whose_output_folder_is_locked_is_not_started(maker, tmp_path, monkeypatch):
     from pipeline.common.locks import FolderLock
+    from pipeline.manifest import runner
     from pipeline.manifest.steps import COMMANDS
     from pipeline.train.loop import run_lock
 
     assert COMMANDS["train"].lock(Path("runs/x")) == run_lock("runs/x").path  # the lock `pipeline train` takes
+    monkeypatch.setattr(runner, "LOCK_GRACE_S", 0.2)  # how long a step waits for a lock being let go of
     with FolderLock(tmp_path / "w" / "a" / ".lock", command="pipeline make"):
         code, out, started = maker(MAKE_AB % "one")
     assert code == 1 and started == []
@@ -876,7 +900,8 @@ def test_more_epochs_in_the_manifest_train_on_from_the_checkpoint(demo):
     assert planned(sets=sets, until=["train_a"])["train_a"] == ("run", "settings changed: epochs 2→3")
     result = invoke("run", DEMO, *[x for s in sets for x in ("--set", s)], "--until", "train_a")
     assert result.exit_code == 0, result.output
-    assert "--restart" not in result.output and "resuming runs/demo/train_a after epoch 2 (step 4)" in result.output
+    assert "--restart" not in result.output and "resuming runs/demo/train_a after epoch 2 (step 6)" in result.output, \
+        result.output
     now = (TRAIN_A / "losses.csv").read_text().splitlines()
     assert now[:len(losses)] == losses and len(now) > len(losses)  # the first two epochs kept, a third one added
     assert json.loads((TRAIN_A / "checkpoints" / "latest.json").read_text())["epoch"] == 2

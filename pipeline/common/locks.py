@@ -147,14 +147,6 @@ def status(path: Path) -> tuple[str, Holder | None]:
     return ("stale" if stale(holder) else "held"), holder
 
 
-def describe_holder(path: Path) -> str:
-    """"" when nothing holds the lock file ``path``, else who does (for a message)."""
-    state, holder = status(path)
-    if state in ("free", "stale"):
-        return ""
-    return holder.describe() if holder is not None else "a process on this host"
-
-
 class FolderLock:
     """An exclusive lock file; ``acquire`` raises :class:`LockHeld` with a message naming the holder.
 
@@ -175,11 +167,11 @@ class FolderLock:
         except FileExistsError:
             return False
         try:
+            with contextlib.suppress(OSError):  # first: while the holder is being written, the flock says "held"
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._written = (json.dumps(me(self.command).__dict__) + "\n").encode()
             os.write(fd, self._written)
             os.fsync(fd)
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(fd)
             self.path.unlink(missing_ok=True)

@@ -52,6 +52,7 @@ STATE_VERSION = 2  # 2: fingerprints with the upstream steps' output digests
 PROGRESS_EVERY_S = 15.0  # at most one progress-bar line per step this often in the streamed output
 #: thread-count variables set to the step's ``cpus`` in its environment, unless already set
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+LOCK_GRACE_S = 10.0  # how long a step waits for its output folder's lock before it is not started
 
 
 class RunnerError(click.ClickException):
@@ -105,6 +106,8 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
                               f"finish or stop it (lock: {lock.path})") from None
         raise RunnerError(f"another `pipeline run` (pid {h.pid} on host {h.host}) may be running in workdir "
                           f"{workdir}; this host cannot tell: if it is not, delete {lock.path}") from None
+    except OSError as e:
+        raise RunnerError(f"cannot lock workdir {workdir} ({lock.path}: {e.strerror or e})") from None
     for note in lock.notes:
         click.echo(note, err=True)
     try:
@@ -118,15 +121,20 @@ def runner_active(workdir: Path) -> bool:
     return lock_status(lock_path(workdir))[0] == "held"
 
 
-def output_locked_by(step) -> str:
-    """"" when no other process holds the lock on ``step``'s output folder, else who does."""
+def output_locked_by(step, wait: float = 0.0) -> str:
+    """"" when no other process holds the lock on ``step``'s output folder, else who does; a lock still held
+    after ``wait`` seconds counts (a step process killed a moment ago may still be letting go of its flock)."""
     spec = COMMANDS.get(step.command)
     if spec is None or spec.lock is None or not step.output:
         return ""
-    state, holder = lock_status(spec.lock(Path(step.output)))
-    if state != "held":
-        return ""
-    return holder.describe() if holder is not None else "a process on this host"
+    deadline = time.monotonic() + wait
+    while True:
+        state, holder = lock_status(spec.lock(Path(step.output)))
+        if state != "held":
+            return ""
+        if time.monotonic() >= deadline:
+            return holder.describe() if holder is not None else "a process on this host"
+        time.sleep(0.1)
 
 
 def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
@@ -401,7 +409,7 @@ class Runner:
             why = f"input missing: {', '.join(missing)}"
             self._failed(name, 0.0, why, f"failed: {why}", announce=f"[{name}] failed: ")
             return
-        holder = output_locked_by(step)
+        holder = output_locked_by(step, wait=LOCK_GRACE_S)
         if holder:
             why = (f"output folder {step.output} is locked by another process ({holder}); not started: wait for "
                    "it to finish or stop it")

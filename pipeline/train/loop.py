@@ -314,6 +314,8 @@ def lock_run(run: str | Path) -> FolderLock:
         lock.acquire()
     except LockHeld as e:
         raise TrainError(str(e)) from None
+    except OSError as e:
+        raise TrainError(f"cannot lock run folder {run} ({lock.path}: {e.strerror or e})") from None
     for note in lock.notes:
         print(note, file=sys.stderr)
     return lock
