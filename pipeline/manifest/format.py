@@ -300,10 +300,48 @@ def build_args(command: click.Command, values: Mapping[str, object]) -> list[str
 
 # -- the YAML document with line numbers --------------------------------------------------------
 
+#: limits checked on the YAML events before anything is built: a manifest is a small hand-written file, and
+#: aliases can make a few hundred bytes expand to gigabytes ("billion laughs")
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_NODES = 100_000  # after every alias is expanded
+MAX_DEPTH = 64
+
+
+def check_yaml_size(display: str, text: str) -> None:
+    """Refuse a document whose expanded size (aliases counted as what they stand for) or nesting is beyond
+    the limits, reading only its events (nothing is constructed)."""
+    if len(text.encode()) > MAX_MANIFEST_BYTES:
+        raise ManifestError([f"{display}: the manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB"])
+    sizes: dict[str, int] = {}  # anchor -> nodes it stands for
+    stack: list[list] = [[0, None]]  # [nodes so far, anchor] per open collection
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            stack.append([1, event.anchor])
+            if len(stack) > MAX_DEPTH:
+                raise ManifestError([f"{display}:{event.start_mark.line + 1}: the manifest nests deeper than "
+                                     f"{MAX_DEPTH} levels"])
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            count, anchor = stack.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            count, anchor = 1, event.anchor
+        elif isinstance(event, yaml.AliasEvent):
+            count, anchor = sizes.get(event.anchor, 1), None
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = count
+        stack[-1][0] += count
+        if stack[-1][0] > MAX_NODES:
+            raise ManifestError([f"{display}:{event.start_mark.line + 1}: the manifest expands to more than "
+                                 f"{MAX_NODES:,} values (aliases of aliases?); refused before reading it"])
+
+
 class _Doc:
     """The parsed YAML plus the line of every mapping key and list item, by key path."""
 
     def __init__(self, display: str, text: str):
+        check_yaml_size(display, text)
         self.display = display
         self.lines: dict[tuple, int] = {}
         self.duplicates: list[tuple[tuple, int, int]] = []
