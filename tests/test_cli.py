@@ -80,3 +80,34 @@ def test_a_warning_is_one_line_on_the_command_line(capsys, monkeypatch):
         main.main()
     err = capsys.readouterr().err
     assert err == "warning: teacher 'x' runs with RANDOM weights: its labels are not meaningful\n"
+
+
+@pytest.mark.parametrize("args, option", [
+    (["train", "--labels", "{missing}", "--run", "{tmp}/run"], "'--labels'"),
+    (["train", "--labels", "{samples}", "--init", "{missing}", "--run", "{tmp}/run"], "'--init'"),
+    (["label", "coco", "--teacher", "classic", "--coco-root", "{missing}", "--out", "{tmp}/o"], "'--coco-root'"),
+    (["label", "folder", "--teacher", "classic", "--images", "{missing}", "--out", "{tmp}/o"], "'--images'"),
+    (["verify", "{missing}"], "'LABELS_DIR'"),
+    (["eval", "--teacher", "classic", "--fixations", "{missing}"], "'--fixations'"),
+    (["predict", "--checkpoint", "{missing}", "--images", "{samples}", "--out", "{tmp}/o"], "'--checkpoint'"),
+    (["fixations", "mit1003", "--root", "{missing}", "--out", "{tmp}/f.h5"], "'--root'"),
+    (["run", "{missing}"], "'MANIFEST'"),
+])
+def test_a_path_named_on_the_command_line_that_does_not_exist_is_a_usage_mistake(tmp_path, args, option):
+    """Exit status 2 and one `Error:` line naming the option and the path, whatever the command; nothing is
+    written (CLI.md, "Errors")."""
+    missing = tmp_path / "nowhere"
+    fill = {"missing": missing, "tmp": tmp_path, "samples": Path(__file__).resolve().parents[1] / "samples"}
+    r = CliRunner().invoke(cli, [a.format(**fill) for a in args])
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.exit_code == 2, r.output
+    assert len(errors) == 1 and option in errors[0] and str(missing) in errors[0], r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused command wrote something"
+
+
+def test_an_existing_input_that_is_wrong_is_a_failure_not_a_usage_mistake(tmp_path):
+    """Exit status 1: the command line was right, the work could not be done."""
+    r = CliRunner().invoke(cli, ["train", "--labels", str(tmp_path), "--run", str(tmp_path / "run"),
+                                 "--backbone-weights", "none", "--no-progress"])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "labels.json" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1

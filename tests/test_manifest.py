@@ -386,7 +386,7 @@ def test_bad_manifest_is_refused_with_file_and_line(case, fresh):
     Path(f"{case}.yaml").write_text(text)
     result = invoke("run", f"{case}.yaml", "--dry-run")
     assert result.exit_code == 2, result.output
-    assert f"error: {case}.yaml:{line}: " in result.output and message in result.output, result.output
+    assert f"Error: {case}.yaml:{line}: " in result.output and message in result.output, result.output
     assert not Path("runs").exists()  # nothing was started
 
 
@@ -579,12 +579,12 @@ def test_keep_going_finishes_independent_steps(fake, tmp_path):
           independent: {run: fake, with: {name: independent}}
         """
     code, out, log = fake(text)
-    assert code == 1 and "error: step failed: broken" in out
+    assert code == 1 and "Error: step failed: broken" in out
     assert [n for n, e, *_ in log if e == "start"] == ["broken"]
     assert re.search(r"independent\s+run\s+not run: stopped after broken failed", out)
 
     code, out, log = fake(text, keep_going=True)
-    assert code == 1 and "error: step failed: broken" in out
+    assert code == 1 and "Error: step failed: broken" in out
     assert "[broken] failed after" in out and "exit code 3: hello from broken" in out
     assert [n for n, e, *_ in log if e == "start"] == ["broken", "broken", "independent"]
     assert re.search(r"child\s+run\s+not run: upstream broken failed", out)

@@ -233,7 +233,6 @@ def test_hint_stage_regresses_the_teachers_features_and_starts_fastsal_a(small_l
     (["--student", "fastsal_a", "--stage", "hint", "--teacher", "salgan"], "fastsal_a has no hint stage"),
     (["--student", "fastsal_c", "--stage", "hint"], "the hint stage needs --teacher"),
     (["--val-shards", "3"], "--val-shards 3 leaves no training shard (there are 3)"),
-    (["--init", "nowhere/run"], "--init: checkpoint not found: nowhere/run"),
 ])
 def test_bad_settings_are_one_clear_error(labels, tmp_path, args, message):
     r = invoke("train", "--labels", labels, "--run", tmp_path / "run", *args, *FAST)

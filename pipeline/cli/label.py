@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 import teachers
-from pipeline.cli.options import echo_result, image_size
+from pipeline.cli.options import echo_result, image_size, must_exist
 
 
 @click.command("label")
@@ -56,7 +56,7 @@ from pipeline.cli.options import echo_result, image_size
               help="Label image paths that resolve outside the image folder (.., absolute, symlinks out).")
 @click.option("--max-image-bytes", type=click.IntRange(min=1), default=64 * 1024**2,
               help="Bigger image files are per-image failures.")
-@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option("--progress/--no-progress", default=True, help="Show progress (a bar on a terminal, else lines).")
 def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_size, image_size, batch_size,
               jpeg_quality, device, precision, io_threads, executor, address, gpus, cpu_workers, retries,
               max_failure_rate, overwrite, overwrite_changed, retry_failed, allow_outside_root, max_image_bytes,
@@ -73,6 +73,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
 
     if source == "folder" and images is None:
         raise click.UsageError("source 'folder' needs --images DIR")
+    must_exist("coco_root" if source == "coco" else "images")
     try:
         if source == "coco":
             records, name = coco_records(coco_root, split, allow_outside_root=allow_outside_root), split

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +18,20 @@ def image_size(ctx, param, value: str) -> tuple[int, int]:
     if not m or int(m.group(1)) < 16 or int(m.group(2)) < 16:
         raise click.BadParameter(f"expected HxW with both at least 16, e.g. 192x256; got {value!r}")
     return int(m.group(1)), int(m.group(2))
+
+
+def must_exist(*names: str) -> None:
+    """The local paths given to the running command's parameters ``names`` must exist: a wrong one is a
+    usage mistake (exit 2, like any bad option value), not a failure of the work. URLs (``s3://…``) are
+    checked when they are read. Called from a command's body, not as a callback: a manifest validates its
+    steps' command lines before their upstream steps have made the folders they name."""
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params}
+    for name in names:
+        value = ctx.params.get(name)
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if v is not None and "://" not in str(v) and not os.path.exists(v):
+                raise click.BadParameter(f"{v} does not exist", ctx=ctx, param=params[name])
 
 
 def ints(ctx, param, value: str) -> tuple[int, ...]:
@@ -85,6 +100,8 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
+    if checkpoint is not None and not checkpoint.exists():
+        raise click.BadParameter(f"{checkpoint} does not exist", param_hint="'--checkpoint'")
     try:
         return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
                                student_output=student_output, device=device, precision=precision,

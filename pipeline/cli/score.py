@@ -15,7 +15,7 @@ import click
 import students
 import teachers
 
-from pipeline.cli.options import build_model, echo_result, model_options, runtime_option, with_runtime
+from pipeline.cli.options import build_model, echo_result, model_options, must_exist, runtime_option, with_runtime
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 
@@ -32,6 +32,7 @@ def fixations_cmd(dataset, root, split, out):
     """Convert a fixation dataset (SALICON, MIT1003, CAT2000) once into one HDF5 file for `pipeline eval`."""
     from pipeline.score.fixations import FixationError, convert
 
+    must_exist("root")
     try:
         fs = convert(dataset, root, out, split)
     except FixationError as e:
@@ -69,6 +70,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
     from pipeline.score.evaluate import evaluate_fixations, evaluate_shards
     from pipeline.score.fixations import FixationError, read_hdf5
 
+    must_exist("fixations", "labels")
     if (fixations is None) == (labels is None):
         raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
     if map_name != "saliency" and fixations is None:
@@ -130,6 +132,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     from pipeline.score.predict import predict_folder
     from pipeline.label.sources import SourceError
 
+    must_exist("images")
     predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                                          student_options=student_options), runtime)
     compare = None

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 import students
-from pipeline.cli.options import floats3, ints, student_options
+from pipeline.cli.options import floats3, ints, must_exist, student_options
 
 
 @click.command("train")
@@ -68,6 +68,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     from pipeline.train.loop import train
     from teachers.weights import WeightsError
 
+    must_exist("labels", "val_labels", "init_ckpt")
     config = TrainConfig(labels=tuple(str(p) for p in labels), run=str(run_dir), student=student,
                          student_options=student_options, stage=stage,
                          epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from pipeline.cli.options import must_exist
+
 
 @click.command("verify")
 @click.argument("labels_dir", type=click.Path(path_type=Path))
@@ -18,6 +20,8 @@ def verify_cmd(labels_dir, deep):
     """
     from pipeline.common.errors import error_message
     from pipeline.label.verify import verify_labels
+
+    must_exist("labels_dir")
 
     try:
         report = verify_labels(labels_dir, deep=deep)

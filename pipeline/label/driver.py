@@ -15,10 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
 from pipeline.common.errors import error_message
+from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.common.tables import table
@@ -277,6 +276,7 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
             summary.skipped += m["planned"]
         kept = sum(len(m["keys"]) for m in reuse.values())
         markers = {m["index"]: m for m in split.done}
+        every = max(1, math.ceil(len(todo) / 10))  # progress lines (off a terminal): one per tenth of the shards
 
         def on_done(plan: ShardPlan, marker: dict | None, error: Exception | None):
             if marker is None:
@@ -293,9 +293,12 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
             else:
                 summary.shards_done += 1
             bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
+            finished = len(markers) - len(split.done)
+            if finished % every == 0 or len(markers) == len(plans):
+                bar.milestone()
 
-        with tqdm(total=len(records), initial=summary.skipped + kept, unit="img", disable=not progress,
-                  dynamic_ncols=True, desc=f"label {identity['teacher']}", file=sys.stderr) as bar:
+        with show_progress(len(records), f"label {identity['teacher']}", initial=summary.skipped + kept,
+                           enabled=progress) as bar:
             bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
             if todo:
                 if executor == "local":

@@ -90,7 +90,7 @@ class ManifestError(click.ClickException):
 
     def show(self, file=None) -> None:
         for line in self.errors:
-            click.echo(f"error: {line}", err=True, file=file)
+            click.echo(f"Error: {line}", err=True, file=file)
 
 
 @dataclass(frozen=True)

@@ -491,7 +491,7 @@ class Runner:
                 self.status[name] = (f"not run: stopped after {', '.join(self.failed)} failed" if self.failed
                                      else "not run")
         if self.failed:
-            self.say(f"error: step{'s' if len(self.failed) > 1 else ''} failed: {', '.join(self.failed)}", err=True)
+            self.say(f"Error: step{'s' if len(self.failed) > 1 else ''} failed: {', '.join(self.failed)}", err=True)
         return [[p.step, p.action, self.status[p.step] if p.action == RUN else p.reason,
                  f"{self.seconds[p.step]:.1f}" if p.step in self.seconds else "-"] for p in planned]
 

@@ -15,17 +15,16 @@ in the pool again, so decoding and scoring overlap the forward pass.
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.common import images
 from pipeline.common.prefetch import batched, prefetched
+from pipeline.common.progress import progress as show_progress
 from pipeline.common.tables import table
 from pipeline.score import metrics
 from pipeline.score.fixations import FixationSet
@@ -117,8 +116,7 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
         return {"index": i, "path": fs.paths[i], "fixations": int(len(ys)), **values}
 
     with ThreadPoolExecutor(io_threads) as pool, \
-            tqdm(total=n, unit="img", desc=f"eval {predictor.name}", disable=not progress, file=sys.stderr,
-                 dynamic_ncols=True) as bar:
+            show_progress(n, f"eval {predictor.name}", enabled=progress) as bar:
         scoring: list[Future] = []
         read = lambda i: images.read_image(str(fs.image_path(i)))  # noqa: E731
         for batch in batched(prefetched(pool, chosen, read, 3 * batch_size, catch=images.ImageError), batch_size):
@@ -146,8 +144,7 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
     result = EvalResult(predictor.name, f"{labels.teacher} labels in {folder} (last {len(held_out)} shards)",
                         SHARD_METRICS)
     loader = shard_loader(labels, list(held_out), batch_size=batch_size, workers=0)
-    with tqdm(unit="img", desc=f"eval {predictor.name}", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with show_progress(None, f"eval {predictor.name}", enabled=progress) as bar:
         for imgs, targets, keys in loader:
             if limit is not None:
                 room = limit - len(result.per_image)

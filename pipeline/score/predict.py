@@ -15,18 +15,17 @@ With a teacher to compare with (``compare``), every image also gets a sheet imag
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
 from pipeline.common.prefetch import batched, prefetched
+from pipeline.common.progress import progress as show_progress
 from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import Predictor
@@ -86,8 +85,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         else:
             out.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(io_threads) as pool, \
-                tqdm(total=len(records), unit="img", desc=f"predict {predictor.name}", disable=not progress,
-                     file=sys.stderr, dynamic_ncols=True) as bar:
+                show_progress(len(records), f"predict {predictor.name}", enabled=progress) as bar:
             writes = []
             for batch in batched(prefetched(pool, records, lambda r: images.read_image(r.path), 3 * batch_size,
                                             catch=images.ImageError), batch_size):

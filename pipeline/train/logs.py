@@ -88,3 +88,11 @@ def summary_table(results: list[EpochResult]) -> str:
              *(f"{r.logs[k]:.3f}" for k in stats), f"{r.lr:.2g}", f"{r.seconds:.1f}",
              f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
     return table(head, rows, align="right")
+
+
+def epoch_note(result: EpochResult, epochs: int) -> str:
+    """The end of an epoch in one line: ``epoch 3/20 loss 0.4123 val_cc 0.712 … 85.1 img/s``."""
+    val = " ".join(f"{k} {v:.4f}" for k, v in result.val.items() if v == v)  # NaN: not measured
+    rate = result.images / max(result.seconds, 1e-9)
+    return (f"epoch {result.epoch + 1}/{epochs} loss {result.train_loss:.4f}" + (f" {val}" if val else "")
+            + f" ({result.seconds:.1f} s, {rate:.1f} img/s)")

@@ -29,11 +29,12 @@ from tqdm import tqdm
 from pipeline.common.atomic import write_json
 from pipeline.common.devices import DeviceError, autocast, resolve_device, use_autocast
 from pipeline.common.locks import LOCK_NAME, FolderLock, LockHeld
+from pipeline.common.progress import progress as show_progress
 from pipeline.train.checkpoints import init_from, newest_readable, rng_state, save_checkpoint, set_rng_state
 from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
 from pipeline.train.data import (BadSamples, check_same_labels, epoch_order, node_shards, open_label_set,
                                  open_label_sets, shard_loader, split_shards, verify_shards)
-from pipeline.train.logs import LOSS_HEADER, METRICS_HEADER, append_metrics, keep_rows, plot_curves
+from pipeline.train.logs import LOSS_HEADER, METRICS_HEADER, append_metrics, epoch_note, keep_rows, plot_curves
 from pipeline.train.tensorboard import EpochLogger
 from students import Student, build_student, check_options, student_info, student_kind, to_log_density
 from students import available as available_students
@@ -360,8 +361,9 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
     per_epoch = trainer.labels.images_in(trainer.train_tars) // trainer.world
     if trainer.steps(trainer.epoch):
         per_epoch = min(per_epoch, trainer.steps(trainer.epoch) * config.batch_size)
-    with tqdm(total=max(1, per_epoch) * (config.epochs - trainer.epoch), unit="img", disable=not (progress and lead),
-              desc=f"train {config.student} ({config.stage})", file=sys.stderr, dynamic_ncols=True) as bar, \
+    total = max(1, per_epoch) * config.epochs
+    with show_progress(total, f"train {config.student} ({config.stage})", initial=max(1, per_epoch) * trainer.epoch,
+                       enabled=progress and lead) as bar, \
             open(run / "losses.csv" if lead else os.devnull, "a", newline="") as losses:
         for epoch in range(trainer.epoch, config.epochs):
             t0 = time.perf_counter()
@@ -377,6 +379,7 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
                 trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
                 plot_curves(run)
                 results.append(result)
+                bar.milestone(epoch_note(result, config.epochs))
             else:
                 trainer.epoch = epoch + 1
             _barrier(trainer.world)
