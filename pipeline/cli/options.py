@@ -20,7 +20,7 @@ def image_size(ctx, param, value: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def must_exist(*names: str) -> None:
+def must_exist(*names: str, hint: str = "") -> None:
     """The local paths given to the running command's parameters ``names`` must exist: a wrong one is a
     usage mistake (exit 2, like any bad option value), not a failure of the work. URLs (``s3://…``) are
     checked when they are read. Called from a command's body, not as a callback: a manifest validates its
@@ -31,7 +31,7 @@ def must_exist(*names: str) -> None:
         value = ctx.params.get(name)
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if v is not None and "://" not in str(v) and not os.path.exists(v):
-                raise click.BadParameter(f"{v} does not exist", ctx=ctx, param=params[name])
+                raise click.BadParameter(f"{v} does not exist{hint}", ctx=ctx, param=params[name])
 
 
 def ints(ctx, param, value: str) -> tuple[int, ...]:

@@ -68,7 +68,8 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     from pipeline.train.loop import train
     from teachers.weights import WeightsError
 
-    must_exist("labels", "val_labels", "init_ckpt")
+    must_exist("labels", "val_labels", hint=" (label folders are made by `pipeline label`)")
+    must_exist("init_ckpt")
     config = TrainConfig(labels=tuple(str(p) for p in labels), run=str(run_dir), student=student,
                          student_options=student_options, stage=stage,
                          epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,
