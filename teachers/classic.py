@@ -125,9 +125,14 @@ class ClassicTeacher(Teacher):
         return (mix / peak).clamp(0.0, 1.0)
 
 
-@register("classic")
+    @classmethod
+    def check_weights(cls, name: str, weights: str | None) -> None:
+        if weights is not None and not (isinstance(weights, str) and weights.strip().lower() == "none"):
+            raise WeightsError(f"the classic teacher has no weights (got weights={weights!r}; use none)")
+
+
+@register("classic", ClassicTeacher)
 def classic(*, weights: str | None = None) -> ClassicTeacher:
     """The classical teacher; it has no weights (``weights`` must be ``None`` or ``"none"``)."""
-    if weights is not None and not (isinstance(weights, str) and weights.strip().lower() == "none"):
-        raise WeightsError(f"the classic teacher has no weights (got weights={weights!r}; use none)")
+    ClassicTeacher.check_weights("classic", weights)
     return ClassicTeacher()

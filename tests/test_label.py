@@ -76,7 +76,10 @@ def test_density_labels_are_float16_log_densities(coco_tree, tmp_path, monkeypat
 
     from teachers import registry
 
-    monkeypatch.setitem(registry._BUILDERS, "flat_density", lambda *, weights=None: Flat())  # gone after the test
+    # registered (a weight-free teacher) for this test only
+    monkeypatch.setitem(registry._BUILDERS, "flat_density", lambda *, weights=None: Flat())
+    monkeypatch.setitem(registry._CLASSES, "flat_density", Flat)
+    monkeypatch.setitem(registry.DEFAULT_WEIGHTS, "flat_density", ())
     out = tmp_path / "out"
     label(coco_records(coco_tree, "val2017")[:2], out, LabelConfig(teacher="flat_density"), executor="local",
           progress=False)
