@@ -677,3 +677,16 @@ def test_worker_placement_fits_the_cluster_and_the_work():
     assert few_cpus.options == {"num_gpus": 1, "num_cpus": 3}  # schedulable: 2 actors × 3 CPUs on 6 CPUs
     assert place_workers("auto", executor="ray", cluster_gpus=8, cluster_cpus=64, shards=2).workers == 2
     assert place_workers("cpu", executor="ray", cpu_workers=4, shards=1).workers == 1
+
+
+def test_ray_workers_that_cannot_load_the_weights_stop_the_run_with_one_line(coco_tree, tmp_path):
+    """The driver only hashes the weights; a file that is there but unreadable stops the run when the Ray
+    workers build their teacher: one line saying why, no shard written, no retries shard by shard."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run_cli("label", "coco", "--teacher", "salgan", "--weights", str(bad), "--coco-root", str(coco_tree),
+                     "--out", str(tmp_path / "out"), "--shard-size", "4", "--io-threads", "2", "--no-progress")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: the labelling workers could not start: cannot read weights file") and str(bad) in last
+    assert not list(tmp_path.rglob("shard-*"))

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
 from pipeline.common.devices import resolve_device, use_autocast
-from pipeline.common.errors import error_message
+from pipeline.common.errors import error_message, strip_ansi
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.common.tables import table
@@ -245,6 +246,15 @@ def _differences(have: dict, want: dict) -> str:
                      if have.get(k) != want.get(k))
 
 
+def _start_error(error: Exception) -> str:
+    """What made a Ray actor's ``__init__`` fail: Ray gives its traceback as text, whose last line is the error
+    (``teachers.weights.WeightsError: cannot read …`` → ``cannot read …``)."""
+    lines = [line.strip() for line in strip_ansi(str(error)).splitlines() if line.strip()]
+    if "creation task" in (lines[0] if lines else "") and len(lines) > 1:
+        return re.sub(r"^(?:[A-Za-z_][\w]*\.)+[A-Za-z_]\w*(?:Error|Exception): ", "", lines[-1])
+    return error_message(error)
+
+
 def _label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo, reuse, folder, bar, on_done,
                   retries):
     import ray
@@ -255,7 +265,7 @@ def _label_on_ray(config: LabelConfig, placement: Placement, identity: dict, tod
     try:  # every actor built its teacher and labels with the settings the shards are checked against
         built = ray.get([a.identity.remote() for a in actors])
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-        raise LabelError(f"the labelling workers could not start: {error_message(e)}") from None
+        raise LabelError(f"the labelling workers could not start: {_start_error(e)}") from None
     for have in built:
         if have != identity:
             raise LabelError(f"a labelling worker would label with other settings than planned: "
