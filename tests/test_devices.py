@@ -183,3 +183,60 @@ def test_bf16_labels_agree_with_fp32_labels_within_the_tolerance_their_shards_re
         bf16 = maps["bf16"][key]
         cc = np.corrcoef(fp32.ravel(), bf16.ravel())[0, 1]
         assert cc >= cc_min, f"{name}: bf16 label of {key} has CC {cc:.5f} with the fp32 one"
+
+
+# --------------------------------------------------------------------------- no forward waits for the GPU
+
+
+@pytest.mark.parametrize("name", teachers())
+def test_no_teacher_forward_copies_host_data_to_its_device(name, monkeypatch):
+    """A tensor made from host data on the device inside a forward (``torch.tensor(…, device=x.device)``) is a
+    blocking copy on a GPU: the forward waits for everything queued before it. On the meta device such a
+    construction is caught here, on CPU (reads back from the device cannot run on meta at all)."""
+    logging.disable(logging.WARNING)
+    try:
+        teacher = build_teacher(name, weights=None if name == "classic" else "random").to("meta").eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    with torch.inference_mode():
+        teacher(meta_images())  # the first forward at a size may fill caches (DeepGaze's centre bias per size)
+        made = []
+        for fn in ("tensor", "as_tensor"):
+            real = getattr(torch, fn)
+
+            def spy(data, *args, _real=real, _fn=fn, **kwargs):
+                out = _real(data, *args, **kwargs)
+                if out.device.type == "meta" and not (isinstance(data, torch.Tensor) and data.device.type == "meta"):
+                    made.append(f"torch.{_fn}({type(data).__name__}) onto the device")
+                return out
+
+            monkeypatch.setattr(torch, fn, spy)
+        teacher(meta_images())
+    assert made == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", teachers())
+def test_no_teacher_forward_synchronises_with_the_gpu(name):
+    """Under ``torch.cuda.set_sync_debug_mode("error")`` every teacher's forward and the label resize run
+    without a host-device synchronisation (after a first forward at that size, which may fill caches)."""
+    from pipeline.common.maps import resize_label
+
+    logging.disable(logging.WARNING)
+    try:
+        teacher = build_teacher(name, weights=None if name == "classic" else "random").to("cuda").eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    x = torch.randint(0, 256, (2, 3, 192, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = x.pin_memory().to("cuda", non_blocking=True)
+    with torch.inference_mode():
+        for precision in ("fp32", "bf16"):
+            with autocast(torch.device("cuda"), precision == "bf16"):
+                teacher(x)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    maps = resize_label(teacher(x).float(), teacher.output_kind, (96, 128))
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            assert tuple(maps.shape) == (2, 1, 96, 128) and bool(torch.isfinite(maps).all())
