@@ -592,20 +592,17 @@ def test_the_driver_builds_no_teacher_for_finished_shards_and_names_every_missin
     assert {k: marker[k] for k in ("precision", "tolerance", "label_version")} == {
         "precision": "fp32", "tolerance": None, "label_version": 1}
 
-    monkeypatch.setattr(torch_hub(), "_hub_dir", str(tmp_path / "empty-hub"))
+    import torch
+
     from teachers.weights import WeightsError
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty-hub"))  # nothing cached
 
     with pytest.raises(WeightsError) as e:  # a missing weights file and a missing centre bias: one error, both named
         label(records, tmp_path / "dg2", LabelConfig(teacher="deepgaze2", weights=str(tmp_path / "nope.pt")),
               executor="local", progress=False)
     assert "nope.pt" in str(e.value) and "centerbias_mit1003.npy" in str(e.value)
     assert len(built) == 1 and not list((tmp_path / "dg2").glob("shard-*"))
-
-
-def torch_hub():
-    import torch
-
-    return torch.hub
 
 
 @pytest.mark.parametrize("change, why", [
@@ -677,6 +674,10 @@ def test_worker_placement_fits_the_cluster_and_the_work():
     assert few_cpus.options == {"num_gpus": 1, "num_cpus": 3}  # schedulable: 2 actors × 3 CPUs on 6 CPUs
     assert place_workers("auto", executor="ray", cluster_gpus=8, cluster_cpus=64, shards=2).workers == 2
     assert place_workers("cpu", executor="ray", cpu_workers=4, shards=1).workers == 1
+    from pipeline.common.devices import DeviceError
+
+    with pytest.raises(DeviceError, match="unknown device 'gpu'"):
+        place_workers("gpu", executor="ray", cluster_gpus=1)
 
 
 def test_ray_workers_that_cannot_load_the_weights_stop_the_run_with_one_line(coco_tree, tmp_path):

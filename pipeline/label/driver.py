@@ -213,9 +213,9 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
     its I/O threads use (``io_threads``, at most the cluster's CPUs per GPU). Otherwise ``cpu_workers`` CPU
     actors. Never more workers than ``shards``.
     """
+    kind = None if device == "auto" else resolve_device(device).type  # an unknown device is an error here
     if executor == "local":
-        kind = ("cuda" if cuda_available else "cpu") if device == "auto" else resolve_device(device).type
-        return Placement(device=device, device_type=kind)
+        return Placement(device=device, device_type=kind or ("cuda" if cuda_available else "cpu"))
     cap = (lambda n: max(1, min(n, shards))) if shards is not None else (lambda n: max(1, n))
     if device != "cpu" and gpus != 0 and cluster_gpus > 0:
         n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus)
