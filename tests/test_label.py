@@ -589,8 +589,10 @@ def test_the_driver_builds_no_teacher_for_finished_shards_and_names_every_missin
     again = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
     assert again.shards_skipped == 3 and len(built) == 1  # nothing to do: no teacher built
     marker = json.loads((out / "shard-000000.json").read_text())
-    assert {k: marker[k] for k in ("precision", "tolerance", "label_version")} == {
-        "precision": "fp32", "tolerance": None, "label_version": 1}
+    index = json.loads((out / "labels.json").read_text())
+    for recorded in (marker, index):  # the precision as resolved (auto is fp32 on CPU), never "auto"
+        assert {k: recorded[k] for k in ("precision", "tolerance", "label_version")} == {
+            "precision": "fp32", "tolerance": None, "label_version": 1}
 
     import torch
 
