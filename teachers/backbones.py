@@ -36,17 +36,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Normalizer(nn.Module):
     """RGB 0..255 → ImageNet-normalised input.
 
-    Holds no state (the reference keeps its mean/std out of the checkpoint too).  Like the
-    reference, the subtraction and division are done in place against float64 constants, so a
-    float32 input is rounded back to float32 after each step.
+    Holds no state in the checkpoint (the reference keeps its mean/std out of it too): the mean and std
+    are non-persistent buffers, which move with the module, so a forward pass copies nothing from the host
+    (a copy that would wait for the GPU).  Like the reference, the subtraction and division are done in place
+    against float64 constants, so a float32 input is rounded back to float32 after each step.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64, device=x.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float64, device=x.device).view(3, 1, 1)
         t = x / 255.0
-        t -= mean
-        t /= std
+        t -= self.mean
+        t /= self.std
         return t
 
 

@@ -15,10 +15,13 @@ Teachers know nothing about Ray, tars or YAML.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+
+from teachers.weights import file_digest
 
 OutputKind = Literal["log_density", "probability_map"]
 
@@ -34,6 +37,10 @@ class Teacher(nn.Module):
     output_kind: OutputKind = "probability_map"
     #: (H, W) the teacher wants its input resized to, or ``None`` for any size
     input_size: tuple[int, int] | None = None
+    #: version of the maps this teacher's code makes from given weights and images: bump it whenever a change
+    #: of the code changes them (preprocessing, resizing, the centre bias…), so that finished shards of the
+    #: old maps are not mixed with new ones (recorded in every shard marker)
+    label_version: int = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,6 +48,17 @@ class Teacher(nn.Module):
         self.weights_digest: str = "none"
         #: true when the weights are a random initialisation: labels then mean nothing
         self.weights_random: bool = False
+
+    @classmethod
+    def check_weights(cls, name: str, weights: str | None) -> None:
+        """Raise WeightsError when ``--weights weights`` cannot suit this teacher before any file is read
+        (a weight-free teacher given weights, a teacher without a published default given none)."""
+
+    @classmethod
+    def weights_digest_of(cls, paths: list[Path]) -> str:
+        """The ``weights_digest`` a teacher built from ``paths`` records: the files its registry entry needs
+        (``teachers.registry.required_weights``), resolved, in that order; ``"none"`` when it needs none."""
+        return file_digest(paths[0]) if paths else "none"
 
     @property
     def label_extension(self) -> str:

@@ -12,14 +12,16 @@ def gaussian_kernel_size(sigma: float, truncate: float) -> int:
     return int(2 * torch.ceil(truncate * torch.tensor(sigma, dtype=torch.float32)) + 1)
 
 
-def gaussian_filter_1d(x: torch.Tensor, dim: int, sigma: torch.Tensor, truncate: float = 4.0,
+def gaussian_filter_1d(x: torch.Tensor, dim: int, sigma: torch.Tensor | float, truncate: float = 4.0,
                        kernel_size: int | None = None) -> torch.Tensor:
     """Blur ``x`` along ``dim`` with a normalised Gaussian of std ``sigma``, edges replicated.
 
     The kernel is sampled at integer offsets from its centre, ``exp(-0.5 (d/sigma)^2)`` divided
     by its sum; it stays differentiable in ``sigma`` (the size is not).
     """
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    # a number becomes a tensor on x's device by a fill, not a copy from the host (which would wait for the GPU)
+    sigma = (sigma.to(dtype=x.dtype, device=x.device) if isinstance(sigma, torch.Tensor)
+             else torch.full((), float(sigma), dtype=x.dtype, device=x.device))
     if kernel_size is None:  # computed in the input's dtype, as the reference does
         size = int(2 * torch.ceil(truncate * sigma.detach()) + 1)
     else:

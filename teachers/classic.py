@@ -42,9 +42,9 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[B, 1, h, w]`` (3-sigma kernel) with replicated borders."""
     if sigma <= 0:
         return x
-    sigma_t, size = torch.tensor(float(sigma)), gaussian_kernel_size(float(sigma), 3.0)
-    x = gaussian_filter_1d(x, -1, sigma_t, truncate=3.0, kernel_size=size)
-    return gaussian_filter_1d(x, -2, sigma_t, truncate=3.0, kernel_size=size)
+    size = gaussian_kernel_size(float(sigma), 3.0)
+    x = gaussian_filter_1d(x, -1, float(sigma), truncate=3.0, kernel_size=size)
+    return gaussian_filter_1d(x, -2, float(sigma), truncate=3.0, kernel_size=size)
 
 
 def work_shape(height: int, width: int, long_side: int = WORK_SIZE) -> tuple[int, int]:
@@ -106,11 +106,12 @@ class ClassicTeacher(Teacher):
             raise ValueError(f"blend_weight must lie in [0, 1], got {self.blend_weight}")
         self.weights_digest = "none"
         self.weights_random = False
+        # a buffer: it moves with the teacher, so no forward copies it from the host (which waits for the GPU)
+        self.register_buffer("luma", torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         b, _, height, width = images.shape
-        luma = torch.tensor(_LUMA, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-        gray = (images.float() / 255.0 * luma).sum(dim=1, keepdim=True)
+        gray = (images.float() / 255.0 * self.luma).sum(dim=1, keepdim=True)
         h, w = work_shape(height, width, self.work_size)
         small = F.interpolate(gray, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         sr = spectral_residual(small, smooth_sigma=self.smooth_sigma)
@@ -125,9 +126,14 @@ class ClassicTeacher(Teacher):
         return (mix / peak).clamp(0.0, 1.0)
 
 
-@register("classic")
+    @classmethod
+    def check_weights(cls, name: str, weights: str | None) -> None:
+        if weights is not None and not (isinstance(weights, str) and weights.strip().lower() == "none"):
+            raise WeightsError(f"the classic teacher has no weights (got weights={weights!r}; use none)")
+
+
+@register("classic", ClassicTeacher)
 def classic(*, weights: str | None = None) -> ClassicTeacher:
     """The classical teacher; it has no weights (``weights`` must be ``None`` or ``"none"``)."""
-    if weights is not None and not (isinstance(weights, str) and weights.strip().lower() == "none"):
-        raise WeightsError(f"the classic teacher has no weights (got weights={weights!r}; use none)")
+    ClassicTeacher.check_weights("classic", weights)
     return ClassicTeacher()

@@ -206,6 +206,11 @@ class _DeepGazeTeacher(Teacher):
         super().__init__()
         self.centerbias = centerbias if centerbias is not None else CenterBias()
 
+    @classmethod
+    def weights_digest_of(cls, paths: list[Path]) -> str:
+        """The weights file's sha256, then the centre bias's (it changes the labels too): see :func:`_with_centerbias`."""
+        return file_digest(paths[0]) + "".join(_centerbias_digest(p) for p in paths[1:])
+
     def batch_centerbias(self, images: torch.Tensor) -> torch.Tensor:
         cb = self.centerbias(images.shape[2], images.shape[3], images.device, images.dtype)
         return cb.expand(images.shape[0], -1, -1)
@@ -261,6 +266,12 @@ class DeepGazeII(_DeepGazeTeacher):
     """
 
     name = "deepgaze2"
+
+    @classmethod
+    def check_weights(cls, name: str, weights: str | None) -> None:
+        if weights is None:
+            raise WeightsError("DeepGaze II has no public PyTorch checkpoint: pass --weights PATH "
+                               "(a state dict in this layout) or use --teacher deepgaze2e")
 
     def __init__(self, centerbias: CenterBias | None = None):
         super().__init__(centerbias)
@@ -344,10 +355,14 @@ def _from_file(make: Callable[[], Teacher], spec: str, what: str,
     return model
 
 
+def _centerbias_digest(path: str | Path) -> str:
+    return f"+centerbias:{file_digest(path)[:16]}"
+
+
 def _with_centerbias(model: Teacher, cb: CenterBias) -> Teacher:
     """The centre bias changes the labels, so its digest joins the weights digest."""
     if cb.source != "uniform":
-        model.weights_digest = f"{model.weights_digest}+centerbias:{file_digest(cb.source)[:16]}"
+        model.weights_digest = model.weights_digest + _centerbias_digest(cb.source)
     return model
 
 
@@ -382,13 +397,13 @@ def build_deepgaze2e(*, weights: str | None = None, centerbias: str | None = "au
     return _with_centerbias(model, cb[0])
 
 
-@register("deepgaze2e")
+@register("deepgaze2e", DeepGazeIIE)
 def deepgaze2e(*, weights: str | None = None, centerbias: str | None = "auto") -> DeepGazeIIE:
     """DeepGaze IIE (see :func:`build_deepgaze2e`); ``name="deepgaze2e"``."""
     return build_deepgaze2e(weights=weights, centerbias=centerbias, name="deepgaze2e")
 
 
-@register("deepgaze")
+@register("deepgaze", DeepGazeIIE)
 def deepgaze(*, weights: str | None = None, centerbias: str | None = "auto") -> DeepGazeIIE:
     """``--teacher deepgaze``: DeepGaze IIE under the name ``deepgaze`` (labels ``deepgaze.npy``)."""
     return build_deepgaze2e(weights=weights, centerbias=centerbias, name="deepgaze")
@@ -402,13 +417,11 @@ def _drop_normalizer_constants(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if k not in _DEEPGAZE2_OPTIONAL_KEYS}
 
 
-@register("deepgaze2")
+@register("deepgaze2", DeepGazeII)
 def deepgaze2(*, weights: str | None = None, centerbias: str | None = "auto") -> DeepGazeII:
     """DeepGaze II: ``weights`` a path/URL of a state dict in this layout or ``"random"``; there is
     no public PyTorch checkpoint, so ``None`` is an error."""
-    if weights is None:
-        raise WeightsError("DeepGaze II has no public PyTorch checkpoint: pass --weights PATH "
-                           "(a state dict in this layout) or use --teacher deepgaze2e")
+    DeepGazeII.check_weights("deepgaze2", weights)
     cb_spec, path = _default_centerbias(centerbias, weights), None
     if weights != "random":
         path, cb_spec = _resolve_needed("deepgaze2", weights, cb_spec)  # both missing files in one error

@@ -10,20 +10,24 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from teachers.base import Teacher
+from teachers.base import LABEL_EXTENSION, Teacher
+from teachers.weights import WeightsError, resolve, resolve_all
 
 _BUILDERS: dict[str, Callable[..., Teacher]] = {}
+#: the class each builder returns: what its labels are (kind, label version, weights digest) without building it
+_CLASSES: dict[str, type[Teacher]] = {}
 # modules whose import registers builders; imported on first use so that `import teachers` stays cheap
 _MODULES = ("teachers.classic", "teachers.salgan", "teachers.deepgaze")
 
 
-def register(name: str):
-    """Decorator: register a teacher builder under ``name``."""
+def register(name: str, cls: type[Teacher]):
+    """Decorator: register a teacher builder under ``name``; it returns a ``cls`` named ``name``."""
 
     def deco(fn: Callable[..., Teacher]) -> Callable[..., Teacher]:
         if name in _BUILDERS and _BUILDERS[name] is not fn:
             raise ValueError(f"teacher {name!r} registered twice")
         _BUILDERS[name] = fn
+        _CLASSES[name] = cls
         return fn
 
     return deco
@@ -87,6 +91,41 @@ def fetchable_weights(name: str) -> tuple[str, ...]:
     if name in RELEASES:
         return (RELEASES[name][0], *EXTRA_WEIGHTS.get(name, ()))
     return EXTRA_WEIGHTS.get(name, ())
+
+
+def teacher_class(name: str) -> type[Teacher]:
+    """The class of the teacher registered as ``name`` (nothing is built)."""
+    _load_all()
+    if name not in _CLASSES:
+        raise KeyError(f"unknown teacher {name!r}; known: {', '.join(sorted(_BUILDERS))}")
+    return _CLASSES[name]
+
+
+def teacher_identity(name: str, weights: str | None = None, *, resolver=None) -> dict:
+    """What the labels of teacher ``name`` with ``--weights weights`` depend on, without building its network:
+    ``teacher``, ``weights_digest``, ``weights_random``, ``label_kind``, ``label_extension``, ``label_version``
+    -- the values a teacher built by :func:`build_teacher` reports. The weights are resolved (``resolver``
+    replaces :func:`teachers.weights.resolve`, e.g. to never download) and hashed: one WeightsError names
+    every file that cannot be had."""
+    cls = teacher_class(name)
+    cls.check_weights(name, weights)
+    specs = required_weights(name, weights)
+    if specs is None:
+        raise WeightsError(f"teacher {name} needs --weights PATH (it has no published default)")
+    if weights == "random":
+        digest, random = "random", True
+    else:
+        hint = f"pipeline weights fetch {name}" if weights is None and fetchable_weights(name) else ""
+        paths = resolve_all(specs, who=f"teacher {name}", fetch_hint=hint, resolver=resolver or (lambda s: resolve(s)))
+        digest, random = cls.weights_digest_of(paths), False
+    return {
+        "teacher": name,
+        "weights_digest": digest,
+        "weights_random": random,
+        "label_kind": cls.output_kind,
+        "label_extension": f"{name}.{LABEL_EXTENSION[cls.output_kind]}",
+        "label_version": cls.label_version,
+    }
 
 
 def available() -> list[str]:

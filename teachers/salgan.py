@@ -25,8 +25,7 @@ from torch import nn
 
 from teachers.base import Teacher
 from teachers.registry import register
-from teachers.weights import (KNOWN_WEIGHTS, WeightsError, cache_path, file_digest, load_state_dict, load_strict,
-                              resolve)
+from teachers.weights import KNOWN_WEIGHTS, WeightsError, cache_path, load_state_dict, load_strict, resolve
 
 BGR_MEAN = (103.939, 116.779, 123.68)
 # conv widths; "M" = 2×2 max-pool, "U" = nearest ×2 upsample; every conv is 3×3 pad 1 + ReLU
@@ -88,6 +87,12 @@ class SalGAN(Teacher):
         #: the generator; its state dict is the checkpoint format (``0.weight`` … ``60.bias``)
         self.net = build_generator()
         self.register_buffer("bgr_mean", torch.tensor(BGR_MEAN).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def check_weights(cls, name: str, weights: str | None) -> None:
+        if weights is None:
+            raise WeightsError(MISSING_WEIGHTS.format(url=KNOWN_WEIGHTS["salgan_lasagne"].url,
+                                                      path=cache_path("salgan_lasagne")))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Float RGB 0..255 → BGR minus the ImageNet BGR mean (SalGAN's ``RGBtoBGRLayer``)."""
@@ -162,12 +167,10 @@ def save_converted(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-@register("salgan")
+@register("salgan", SalGAN)
 def salgan(*, weights: str | None = None) -> SalGAN:
     """SalGAN from a Lasagne ``.npz`` release, a PyTorch checkpoint, or ``"random"`` (testing only)."""
-    if weights is None:
-        raise WeightsError(MISSING_WEIGHTS.format(url=KNOWN_WEIGHTS["salgan_lasagne"].url,
-                                                  path=cache_path("salgan_lasagne")))
+    SalGAN.check_weights("salgan", weights)
     model = SalGAN()
     if weights == "random":
         model.weights_random, model.weights_digest = True, "random"
@@ -182,5 +185,5 @@ def salgan(*, weights: str | None = None) -> SalGAN:
         if not isinstance(sd, dict):
             raise WeightsError(f"{path}: expected a state dict or {{'state_dict': sd}}, got {type(sd).__name__}")
     load_strict(model.net, sd, what=f"salgan weights {path}")
-    model.weights_digest = file_digest(path)
+    model.weights_digest = SalGAN.weights_digest_of([path])
     return model

@@ -3,8 +3,13 @@ device-to-host reads), and the bf16 path runs on CPU so it is tested without a G
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +75,168 @@ def test_deepgaze_readout_and_finalizer_stay_float32_under_autocast():
     a, b = (to_log_density(y, "log_density").flatten(1).exp() for y in (fp32, bf16))
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     assert ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).min() > 0.99
+
+
+# --------------------------------------------------------------------------- bf16 labels against fp32 labels
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017"
+LABEL_SIZE = (96, 128)  # small, so that every teacher labels in seconds on CPU
+
+
+def _one_name_per_network() -> list[str]:
+    """Every registered teacher, once per network (``deepgaze`` is DeepGaze IIE under another name)."""
+    from teachers.registry import teacher_class
+
+    first: dict[type, str] = {}
+    for name in teachers():
+        first.setdefault(teacher_class(name), name)
+    return sorted(first.values())
+
+
+def _varied(name: str, images: torch.Tensor):
+    """Teacher ``name`` whose maps vary over the image. The published weights are not here, and the random
+    initialisation gives nearly flat maps (a CC of flat maps measures nothing), so every convolution is drawn
+    again from N(0, gain / fan_in) with a fixed seed: gain 2 keeps the VGG networks' activations at scale,
+    gain 1 keeps the deep DeepGaze IIE backbones out of the chaotic regime, where a 1-grey-level change of
+    the image changes the map as much as bf16 does. SalGAN's output layer is set so its logits are about
+    N(0, 2) on these images (not saturated at 1). DeepGaze IIE keeps 2 of its 30 readouts per backbone (they
+    run in fp32 under autocast either way): its forward then takes seconds."""
+    logging.disable(logging.WARNING)
+    try:
+        teacher = build_teacher(name, weights=None if name == "classic" else "random").eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    teacher.input_size = None  # label at LABEL_SIZE
+    if name == "classic":
+        return teacher
+    iie = hasattr(teacher, "models")
+    if iie:
+        for mixture in teacher.models:
+            for part in ("saliency_networks", "fixation_selection_networks", "finalizers", "scanpath_networks"):
+                setattr(mixture, part, torch.nn.ModuleList(list(getattr(mixture, part))[:2]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for conv in (m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * ((1.0 if iie else 2.0) / conv.weight[0].numel()) ** 0.5)
+            if conv.bias is not None:
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1)
+        if name == "salgan":
+            logits = teacher.net[:-2](teacher.preprocess(images.float()))
+            out = teacher.net[-2]
+            scale = 2.0 / logits.std()
+            out.weight.mul_(scale)
+            out.bias.mul_(scale).sub_(logits.mean() * scale)
+    return teacher
+
+
+def _read_labels(folder: Path) -> dict[str, np.ndarray]:
+    """Each label of a finished folder as a map over the image (log densities exponentiated)."""
+    import cv2
+
+    from pipeline.label.shards import tar_samples
+
+    index = json.loads((folder / "labels.json").read_text())
+    ext = index["label_extension"]
+    maps = {}
+    for shard in index["shards"]:
+        for sample in tar_samples(folder / shard["tar"]):
+            raw = sample[ext]
+            if ext.endswith(".npy"):
+                maps[sample["__key__"]] = np.exp(np.load(io.BytesIO(raw)).astype(np.float64))
+            else:
+                maps[sample["__key__"]] = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE) / 255.0
+    return maps
+
+
+@pytest.mark.parametrize("name", _one_name_per_network())
+def test_bf16_labels_agree_with_fp32_labels_within_the_tolerance_their_shards_record(name, tmp_path, monkeypatch):
+    """Every teacher labels real photos in bf16 (autocast, as on a GPU) within the tolerance each bf16 shard
+    records: Pearson CC with the fp32 label of the same image at least ``vs_fp32_cc_min``."""
+    import cv2
+
+    import pipeline.label.worker
+    from pipeline.label.driver import label
+    from pipeline.label.sources import folder_records
+    from pipeline.label.worker import LabelConfig
+
+    records = folder_records(SAMPLES)[:2]
+    images = torch.from_numpy(np.stack([
+        cv2.resize(cv2.cvtColor(cv2.imread(r.path), cv2.COLOR_BGR2RGB), LABEL_SIZE[::-1], interpolation=cv2.INTER_AREA)
+        for r in records])).permute(0, 3, 1, 2).contiguous()
+    teacher = _varied(name, images)
+    monkeypatch.setattr(pipeline.label.worker, "build_teacher", lambda *a, **k: teacher)
+    maps = {}
+    for precision in ("fp32", "bf16"):
+        config = LabelConfig(teacher=name, weights=None if name == "classic" else "random", image_size=LABEL_SIZE,
+                             batch_size=2, io_threads=1, device="cpu", precision=precision)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # RANDOM weights
+            label(records, tmp_path / precision, config, executor="local", progress=False)
+        maps[precision] = _read_labels(tmp_path / precision)
+    marker = json.loads((tmp_path / "bf16" / "shard-000000.json").read_text())
+    assert marker["precision"] == "bf16" and marker["device"] == "cpu"
+    assert json.loads((tmp_path / "fp32" / "shard-000000.json").read_text())["tolerance"] is None
+    cc_min = marker["tolerance"]["vs_fp32_cc_min"]
+    assert cc_min >= 0.999
+    for key, fp32 in maps["fp32"].items():
+        assert fp32.std() / fp32.mean() > 0.05, f"{name}: the fp32 map of {key} is flat: a CC would mean nothing"
+        bf16 = maps["bf16"][key]
+        cc = np.corrcoef(fp32.ravel(), bf16.ravel())[0, 1]
+        assert cc >= cc_min, f"{name}: bf16 label of {key} has CC {cc:.5f} with the fp32 one"
+
+
+# --------------------------------------------------------------------------- no forward waits for the GPU
+
+
+@pytest.mark.parametrize("name", teachers())
+def test_no_teacher_forward_copies_host_data_to_its_device(name, monkeypatch):
+    """A tensor made from host data on the device inside a forward (``torch.tensor(…, device=x.device)``) is a
+    blocking copy on a GPU: the forward waits for everything queued before it. On the meta device such a
+    construction is caught here, on CPU (reads back from the device cannot run on meta at all)."""
+    logging.disable(logging.WARNING)
+    try:
+        teacher = build_teacher(name, weights=None if name == "classic" else "random").to("meta").eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    with torch.inference_mode():
+        teacher(meta_images())  # the first forward at a size may fill caches (DeepGaze's centre bias per size)
+        made = []
+        for fn in ("tensor", "as_tensor"):
+            real = getattr(torch, fn)
+
+            def spy(data, *args, _real=real, _fn=fn, **kwargs):
+                out = _real(data, *args, **kwargs)
+                if out.device.type == "meta" and not (isinstance(data, torch.Tensor) and data.device.type == "meta"):
+                    made.append(f"torch.{_fn}({type(data).__name__}) onto the device")
+                return out
+
+            monkeypatch.setattr(torch, fn, spy)
+        teacher(meta_images())
+    assert made == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", teachers())
+def test_no_teacher_forward_synchronises_with_the_gpu(name):
+    """Under ``torch.cuda.set_sync_debug_mode("error")`` every teacher's forward and the label resize run
+    without a host-device synchronisation (after a first forward at that size, which may fill caches)."""
+    from pipeline.common.maps import resize_label
+
+    logging.disable(logging.WARNING)
+    try:
+        teacher = build_teacher(name, weights=None if name == "classic" else "random").to("cuda").eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    x = torch.randint(0, 256, (2, 3, 192, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = x.pin_memory().to("cuda", non_blocking=True)
+    with torch.inference_mode():
+        for precision in ("fp32", "bf16"):
+            with autocast(torch.device("cuda"), precision == "bf16"):
+                teacher(x)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    maps = resize_label(teacher(x).float(), teacher.output_kind, (96, 128))
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            assert tuple(maps.shape) == (2, 1, 96, 128) and bool(torch.isfinite(maps).all())

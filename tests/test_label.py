@@ -76,7 +76,10 @@ def test_density_labels_are_float16_log_densities(coco_tree, tmp_path, monkeypat
 
     from teachers import registry
 
-    monkeypatch.setitem(registry._BUILDERS, "flat_density", lambda *, weights=None: Flat())  # gone after the test
+    # registered (a weight-free teacher) for this test only
+    monkeypatch.setitem(registry._BUILDERS, "flat_density", lambda *, weights=None: Flat())
+    monkeypatch.setitem(registry._CLASSES, "flat_density", Flat)
+    monkeypatch.setitem(registry.DEFAULT_WEIGHTS, "flat_density", ())
     out = tmp_path / "out"
     label(coco_records(coco_tree, "val2017")[:2], out, LabelConfig(teacher="flat_density"), executor="local",
           progress=False)
@@ -515,3 +518,178 @@ def test_a_ray_task_error_shows_the_original_cause(coco_tree, tmp_path):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "Error: 1 of 1 shards failed (shard-000000: No space left on device)" in result.output
     assert "Traceback" not in result.output and "\x1b[" not in result.output
+
+
+# --------------------------------------------------------------------------- the shard identity, planned by the driver
+
+
+@pytest.fixture
+def weights_files(tmp_path, monkeypatch):
+    """Stand-in weights files for every teacher that loads some, so that the driver's planned identity can be
+    compared with a built teacher's: a small centre bias cached as the published one, and a weights file
+    whose contents the builders are told to accept (the digest, not the layout, is what is compared)."""
+    import dataclasses
+
+    import torch
+
+    import teachers.deepgaze as dg
+    import teachers.salgan as sg
+    from teachers import weights
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    cache = weights.checkpoint_dir()
+    cache.mkdir(parents=True)
+    np.save(cache / "centerbias_mit1003.npy", np.log(np.full((16, 16), 1 / 256.0)))
+    monkeypatch.setitem(weights.KNOWN_WEIGHTS, "centerbias_mit1003",
+                        dataclasses.replace(weights.KNOWN_WEIGHTS["centerbias_mit1003"], sha256=None))
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"stand-in weights")
+    for module in (dg, sg):
+        monkeypatch.setattr(module, "load_state_dict", lambda p: {"w": torch.zeros(1)})
+        monkeypatch.setattr(module, "load_strict", lambda *a, **k: None)
+    return path
+
+
+def test_the_driver_plans_the_identity_every_teacher_records_without_building_it(weights_files, monkeypatch):
+    """The settings the driver checks finished shards against (weights resolved and hashed, no network built)
+    are those a labeller with the built teacher writes into every marker, for every teacher and weights."""
+    import teachers.registry
+    from pipeline.label.worker import ShardLabeler, planned_identity
+
+    real_build = teachers.registry.build_teacher
+    for name in teachers.registry.available():
+        for weights in ([None] if name == "classic" else [str(weights_files), "random"]):
+            config = LabelConfig(teacher=name, weights=weights, device="cpu", precision="bf16")
+            built = []
+            monkeypatch.setattr(teachers.registry, "build_teacher", lambda *a, **k: built.append(a) or 1 / 0)
+            planned = planned_identity(config, "bf16")
+            assert not built, "planning the identity built the teacher"
+            monkeypatch.setattr(teachers.registry, "build_teacher", real_build)
+            labeler = ShardLabeler(config)
+            labeler.close()
+            assert planned == labeler.identity(), (name, weights)
+            assert planned["weights_random"] == (weights == "random")
+            assert planned["precision"] == "bf16" and planned["tolerance"] == {"vs_fp32_cc_min": 0.999}
+            if name.startswith("deepgaze") and weights != "random":
+                assert "+centerbias:" in planned["weights_digest"]  # the centre bias changes the labels too
+
+
+def test_the_driver_builds_no_teacher_for_finished_shards_and_names_every_missing_file(coco_tree, tmp_path,
+                                                                                         monkeypatch):
+    import pipeline.label.worker
+    from teachers import build_teacher
+
+    built = []
+    monkeypatch.setattr(pipeline.label.worker, "build_teacher",
+                        lambda *a, **k: built.append(a) or build_teacher(*a, **k))
+    records = coco_records(coco_tree, "val2017")
+    out = tmp_path / "out"
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert len(built) == 1  # --executor local: the one labeller that does the work
+    again = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert again.shards_skipped == 3 and len(built) == 1  # nothing to do: no teacher built
+    marker = json.loads((out / "shard-000000.json").read_text())
+    index = json.loads((out / "labels.json").read_text())
+    for recorded in (marker, index):  # the precision as resolved (auto is fp32 on CPU), never "auto"
+        assert {k: recorded[k] for k in ("precision", "tolerance", "label_version")} == {
+            "precision": "fp32", "tolerance": None, "label_version": 1}
+
+    import torch
+
+    from teachers.weights import WeightsError
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty-hub"))  # nothing cached
+
+    with pytest.raises(WeightsError) as e:  # a missing weights file and a missing centre bias: one error, both named
+        label(records, tmp_path / "dg2", LabelConfig(teacher="deepgaze2", weights=str(tmp_path / "nope.pt")),
+              executor="local", progress=False)
+    assert "nope.pt" in str(e.value) and "centerbias_mit1003.npy" in str(e.value)
+    assert len(built) == 1 and not list((tmp_path / "dg2").glob("shard-*"))
+
+
+@pytest.mark.parametrize("change, why", [
+    (LabelConfig(teacher="classic", batch_size=3, io_threads=2, precision="bf16"), "precision differs"),
+    ("label_version", "label_version differs"),
+    ("old marker", r"label_version differs \(the shard records none"),
+])
+def test_a_resume_with_another_precision_or_label_version_refuses_to_mix(coco_tree, tmp_path, monkeypatch,
+                                                                           change, why):
+    """fp32 labels are not topped up with bf16 ones, nor labels of older label code with newer ones; a marker
+    written before precision and label_version were recorded counts as other settings."""
+    from teachers.classic import ClassicTeacher
+
+    records = coco_records(coco_tree, "val2017")
+    out = tmp_path / "out"
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    (out / "shard-000002.json").unlink()  # an unfinished run: the resume has work to do
+    config = CONFIG
+    if change == "label_version":
+        monkeypatch.setattr(ClassicTeacher, "label_version", 2)
+    elif change == "old marker":
+        marker = json.loads((out / "shard-000000.json").read_text())
+        for key in ("precision", "tolerance", "label_version"):
+            del marker[key]
+        (out / "shard-000000.json").write_text(json.dumps(marker))
+    else:
+        config = change
+    before = digests(out)
+    with pytest.raises(Exception, match=f"other settings.*{why}.*--overwrite"):
+        label(records, out, config, shard_size=3, executor="local", progress=False)
+    assert digests(out) == before and not (out / "shard-000002.json").exists()
+    fresh = label(records, out, config, shard_size=3, executor="local", progress=False, overwrite=True)
+    assert fresh.shards_done == 3
+
+
+# --------------------------------------------------------------------------- where the workers run
+
+
+@pytest.mark.parametrize("device, executor, gpus, cluster_gpus, want", [
+    # in-process: the device as given (cuda:1 is GPU 1 of this machine)
+    ("cuda:1", "local", None, 0, ("cuda:1", "cuda", 1, {})),
+    ("auto", "local", None, 0, ("auto", "cpu", 1, {})),
+    ("cpu", "local", None, 0, ("cpu", "cpu", 1, {})),
+    # Ray: every GPU actor sees its one GPU as cuda:0, and reserves the CPUs of its I/O threads too
+    ("cuda:1", "ray", None, 1, ("cuda", "cuda", 1, {"num_gpus": 1, "num_cpus": 4})),
+    ("cuda", "ray", None, 4, ("cuda", "cuda", 4, {"num_gpus": 1, "num_cpus": 4})),
+    ("auto", "ray", 2, 4, ("cuda", "cuda", 2, {"num_gpus": 1, "num_cpus": 4})),
+    ("auto", "ray", 8, 4, ("cuda", "cuda", 4, {"num_gpus": 1, "num_cpus": 4})),
+    # no GPU asked for, or none there: CPU actors
+    ("cpu", "ray", None, 4, ("cpu", "cpu", 3, {"num_cpus": 2})),
+    ("auto", "ray", 0, 4, ("cpu", "cpu", 3, {"num_cpus": 2})),
+    ("auto", "ray", None, 0, ("cpu", "cpu", 3, {"num_cpus": 2})),
+    ("cuda:1", "ray", None, 0, ("cpu", "cpu", 3, {"num_cpus": 2})),
+])
+def test_workers_are_placed_one_per_gpu_each_handed_its_own_device(device, executor, gpus, cluster_gpus, want):
+    from pipeline.label.driver import place_workers
+
+    where = place_workers(device, executor=executor, gpus=gpus, cpu_workers=3, io_threads=4, shards=10,
+                          cluster_gpus=cluster_gpus, cluster_cpus=32, cuda_available=False)
+    assert (where.device, where.device_type, where.workers, where.options) == want
+    assert bool(where.note) == (device == "cuda:1" and executor == "ray")  # the user is told why not GPU 1
+
+
+def test_worker_placement_fits_the_cluster_and_the_work():
+    from pipeline.label.driver import place_workers
+
+    assert place_workers("auto", executor="local", cuda_available=True).device_type == "cuda"
+    few_cpus = place_workers("auto", executor="ray", io_threads=16, cluster_gpus=2, cluster_cpus=6)
+    assert few_cpus.options == {"num_gpus": 1, "num_cpus": 3}  # schedulable: 2 actors × 3 CPUs on 6 CPUs
+    assert place_workers("auto", executor="ray", cluster_gpus=8, cluster_cpus=64, shards=2).workers == 2
+    assert place_workers("cpu", executor="ray", cpu_workers=4, shards=1).workers == 1
+    from pipeline.common.devices import DeviceError
+
+    with pytest.raises(DeviceError, match="unknown device 'gpu'"):
+        place_workers("gpu", executor="ray", cluster_gpus=1)
+
+
+def test_ray_workers_that_cannot_load_the_weights_stop_the_run_with_one_line(coco_tree, tmp_path):
+    """The driver only hashes the weights; a file that is there but unreadable stops the run when the Ray
+    workers build their teacher: one line saying why, no shard written, no retries shard by shard."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run_cli("label", "coco", "--teacher", "salgan", "--weights", str(bad), "--coco-root", str(coco_tree),
+                     "--out", str(tmp_path / "out"), "--shard-size", "4", "--io-threads", "2", "--no-progress")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: the labelling workers could not start: cannot read weights file") and str(bad) in last
+    assert not list(tmp_path.rglob("shard-*"))

@@ -31,9 +31,9 @@ from pipeline.cli.options import echo_result, image_size, must_exist
               help="Training resolution HxW of the stored jpg and label.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images per teacher forward pass.")
 @click.option("--jpeg-quality", type=click.IntRange(50, 100), default=95, help="Quality of the stored jpg.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (Ray GPU actors use their own GPU).")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (cuda:N in-process; a Ray GPU actor uses the one GPU Ray gives it).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-              help="auto = bf16 autocast on GPU, fp32 on CPU.")
+              help="auto = bf16 autocast on GPU, fp32 on CPU (recorded, resolved, in every shard).")
 @click.option("--io-threads", type=click.IntRange(min=1), default=4,
               help="Threads per worker for reading, decoding and encoding images.")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray",

@@ -1,27 +1,34 @@
 """The labelling driver: plan shards, skip finished ones, label the rest on Ray (or in-process).
 
 The unit of work, retry and resume is the shard. One Ray actor per GPU (or ``cpu_workers`` CPU
-actors when the cluster has no GPU) keeps its teacher loaded; the driver hands out shards.
+actors when the cluster has no GPU) keeps its teacher loaded; the driver hands out shards. The driver
+itself never builds a teacher: it resolves and hashes the weights (a missing file fails the run before
+any work) and knows the settings every shard records from them (:func:`pipeline.label.worker.planned_identity`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
+import re
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
-from pipeline.common.errors import error_message
+from pipeline.common.devices import resolve_device, use_autocast
+from pipeline.common.errors import error_message, strip_ansi
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.common.tables import table
-from pipeline.label.worker import LabelConfig, ShardLabeler
+from pipeline.label.worker import LabelConfig, ShardLabeler, planned_identity, precision_name
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, local_file, marker_path, planned_keys, read_marker,
                                    tar_path, verify_shard)
@@ -183,6 +190,46 @@ def _pending(plan: ShardPlan, reuse: dict[int, dict]) -> int:
     return len(plan.records) - len(reuse[plan.index]["keys"]) if plan.index in reuse else len(plan.records)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the labelling workers run: what each is handed as ``--device``, and how many of them."""
+    device: str  # the device string each worker resolves (a Ray GPU actor's own GPU is its cuda:0)
+    device_type: str  # cuda or cpu: what --precision auto resolves on
+    workers: int = 1
+    options: dict = field(default_factory=dict)  # ray.remote(...) resources of one actor ({} in-process)
+    note: str = ""  # a sentence for the user when the device asked for is not the one used as given
+
+
+def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_workers: int = 1,
+                  io_threads: int = 4, shards: int | None = None, cluster_gpus: int = 0, cluster_cpus: int = 0,
+                  cuda_available: bool = False) -> Placement:
+    """Pure: where the workers of a run with ``--device device`` go.
+
+    In-process (``executor="local"``) the one worker gets ``device`` as given (``cuda:1`` stays GPU 1 of
+    this machine; ``auto`` is CUDA when ``cuda_available``). On Ray, GPU actors are used when the cluster
+    has GPUs, ``device`` is not ``cpu`` and ``gpus`` is not 0: one actor per GPU (``gpus`` of them, at most
+    the cluster's), each reserving one GPU, which Ray makes its only visible one, so every actor is handed
+    ``cuda`` (``cuda:N`` names a GPU of the driver's machine and means nothing inside an actor), and the CPUs
+    its I/O threads use (``io_threads``, at most the cluster's CPUs per GPU). Otherwise ``cpu_workers`` CPU
+    actors. Never more workers than ``shards``.
+    """
+    kind = None if device == "auto" else resolve_device(device).type  # an unknown device is an error here
+    if executor == "local":
+        return Placement(device=device, device_type=kind or ("cuda" if cuda_available else "cpu"))
+    cap = (lambda n: max(1, min(n, shards))) if shards is not None else (lambda n: max(1, n))
+    if device != "cpu" and gpus != 0 and cluster_gpus > 0:
+        n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus)
+        cpus = max(1, min(io_threads, cluster_cpus // cluster_gpus if cluster_cpus else io_threads))
+        note = (f"--device {device}: on Ray each GPU actor labels on the one GPU Ray gives it (its cuda:0), "
+                "not on that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else "")
+        return Placement(device="cuda", device_type="cuda", workers=cap(n),
+                         options={"num_gpus": 1, "num_cpus": cpus}, note=note)
+    note = (f"--device {device}: the Ray cluster has no GPU, labelling on {cpu_workers} CPU actor(s)"
+            if device.startswith("cuda") and gpus != 0 else "")
+    return Placement(device="cpu", device_type="cpu", workers=cap(cpu_workers),
+                     options={"num_cpus": max(1, io_threads // 2)}, note=note)
+
+
 def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries):
     for plan in todo:
         for attempt in range(retries + 1):
@@ -194,24 +241,35 @@ def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries
                     on_done(plan, None, e)
 
 
-def _run_ray(config: LabelConfig, todo, reuse, folder, bar, on_done, retries, address, gpus, cpu_workers):
-    with connect(address, show=("ShardLabeler",)):
-        _label_on_ray(config, todo, reuse, folder, bar, on_done, retries, gpus, cpu_workers)
+def _differences(have: dict, want: dict) -> str:
+    return ", ".join(f"{k} {have.get(k)!r} (expected {want.get(k)!r})" for k in sorted(set(have) | set(want))
+                     if have.get(k) != want.get(k))
 
 
-def _label_on_ray(config: LabelConfig, todo, reuse, folder, bar, on_done, retries, gpus, cpu_workers):
+def _start_error(error: Exception) -> str:
+    """What made a Ray actor's ``__init__`` fail: Ray gives its traceback as text, whose last line is the error
+    (``teachers.weights.WeightsError: cannot read …`` → ``cannot read …``)."""
+    lines = [line.strip() for line in strip_ansi(str(error)).splitlines() if line.strip()]
+    if "creation task" in (lines[0] if lines else "") and len(lines) > 1:
+        return re.sub(r"^(?:[A-Za-z_][\w]*\.)+[A-Za-z_]\w*(?:Error|Exception): ", "", lines[-1])
+    return error_message(error)
+
+
+def _label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo, reuse, folder, bar, on_done,
+                  retries):
     import ray
 
-    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = config.device != "cpu" and cluster_gpus > 0
-    n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus) if use_gpu else cpu_workers
-    if use_gpu and gpus == 0:
-        use_gpu, n = False, cpu_workers
-    n = max(1, min(n, len(todo)))
-    options = {"num_gpus": 1} if use_gpu else {"num_cpus": max(1, config.io_threads // 2)}
-    actor_cls = ray.remote(**options)(ShardLabeler)
-    actor_config = config if use_gpu else LabelConfig(**{**config.__dict__, "device": "cpu"})
-    actors = [actor_cls.remote(actor_config) for _ in range(n)]
+    actor_cls = ray.remote(**placement.options)(ShardLabeler)
+    actor_config = LabelConfig(**{**config.__dict__, "device": placement.device})
+    actors = [actor_cls.remote(actor_config) for _ in range(placement.workers)]
+    try:  # every actor built its teacher and labels with the settings the shards are checked against
+        built = ray.get([a.identity.remote() for a in actors])
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+        raise LabelError(f"the labelling workers could not start: {_start_error(e)}") from None
+    for have in built:
+        if have != identity:
+            raise LabelError(f"a labelling worker would label with other settings than planned: "
+                             f"{_differences(have, identity)}")
     queue = list(todo)
     attempts: dict[int, int] = {}
     running = {}
@@ -255,68 +313,107 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
     prepare_folder(folder, overwrite)
     lock = _lock(folder)
     try:
-        if not isinstance(folder, RemotePath):  # remote writes stage locally: no temp names there
-            remove_stale_temps(folder)
-        plans = plan_shards(records, shard_size)
-        # build the teacher here first: a missing weights file fails before any work starts
-        labeler = ShardLabeler(config if executor == "local" else LabelConfig(**{**config.__dict__, "device": "cpu"}))
-        identity = labeler.identity()
-        if identity["weights_random"]:
-            warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
-                          "(marked weights_random in every shard)", stacklevel=2)
-        split = split_done(plans, folder, identity, overwrite_changed=overwrite_changed, retry_failed=retry_failed)
-        todo, reuse = split.todo, split.reuse
-        if todo or split.surplus:
-            (folder / "labels.json").unlink(missing_ok=True)  # the dataset is not finished until every shard is
-        for name in split.surplus:
-            remove_shard(folder, name)
-        summary = LabelSummary(folder=folder, planned_images=len(records), shards_total=len(plans),
-                               shards_skipped=len(split.done), shards_changed=split.changed + split.surplus)
-        for m in split.done:
-            summary.skipped += m["planned"]
-        kept = sum(len(m["keys"]) for m in reuse.values())
-        markers = {m["index"]: m for m in split.done}
-        every = max(1, math.ceil(len(todo) / 10))  # progress lines (off a terminal): one per tenth of the shards
-
-        def on_done(plan: ShardPlan, marker: dict | None, error: Exception | None):
-            if marker is None:
-                summary.shards_failed.append(plan.name)
-                summary.shard_errors[plan.name] = error_message(error)
-                print(f"shard {plan.name} failed: {summary.shard_errors[plan.name]}", file=sys.stderr)
-                return
-            markers[plan.index] = marker
-            reused = len(reuse[plan.index]["keys"]) if plan.index in reuse else 0
-            summary.skipped += reused
-            summary.labelled += marker["count"] - reused
-            if plan.index in reuse and marker.get("sha256") == reuse[plan.index].get("sha256"):
-                summary.shards_skipped += 1  # --retry-failed: its failed images failed again, nothing rewritten
-            else:
-                summary.shards_done += 1
-            bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
-            finished = len(markers) - len(split.done)
-            if finished % every == 0 or len(markers) == len(plans):
-                bar.milestone()
-
-        with show_progress(len(records), f"label {identity['teacher']}", initial=summary.skipped + kept,
-                           enabled=progress) as bar:
-            bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
-            if todo:
-                if executor == "local":
-                    _run_local(labeler, todo, reuse, folder, bar, on_done, retries)
-                else:
-                    _run_ray(config, todo, reuse, folder, bar, on_done, retries, address, gpus, cpu_workers)
-        labeler.close()
-        for m in markers.values():
-            summary.failures.extend(m.get("failures", []))
-        summary.failed = len(summary.failures) + sum(
-            len(p.records) for p in plans if p.name in summary.shards_failed)
-        if len(markers) == len(plans):
-            finish(folder, plans, markers, identity, summary)
-        summary.wall_s = time.perf_counter() - start
-        return summary
+        with contextlib.ExitStack() as stack:
+            return _label(records, folder, config, stack, start, shard_size=shard_size,
+                          overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
+                          address=address, gpus=gpus, cpu_workers=cpu_workers, retries=retries, progress=progress)
     finally:
         if lock is not None:
             lock.close()
+
+
+def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, start: float, *, shard_size,
+           overwrite_changed, retry_failed, executor, address, gpus, cpu_workers, retries, progress) -> LabelSummary:
+    if not isinstance(folder, RemotePath):  # remote writes stage locally: no temp names there
+        remove_stale_temps(folder)
+    plans = plan_shards(records, shard_size)
+    resources: dict = {}
+
+    def placement(shards: int | None = None) -> Placement:
+        """Where the workers go; on Ray this connects (once) to learn the cluster's GPUs and CPUs."""
+        if executor == "ray" and not resources:
+            stack.enter_context(connect(address, show=("ShardLabeler",)))
+            import ray
+
+            resources.update(ray.cluster_resources(), connected=True)
+        return place_workers(config.device, executor=executor, gpus=gpus, cpu_workers=cpu_workers,
+                             io_threads=config.io_threads, shards=shards,
+                             cluster_gpus=int(resources.get("GPU", 0)), cluster_cpus=int(resources.get("CPU", 0)),
+                             cuda_available=executor == "local" and config.device == "auto"
+                             and torch.cuda.is_available())
+
+    # the precision the workers will label in: only --precision auto on Ray GPUs needs the cluster to tell
+    use_autocast(torch.device("cpu"), config.precision)  # an unknown --precision is an error here
+    if config.precision != "auto":
+        precision = precision_name(config.precision == "bf16")
+    elif executor == "ray" and (config.device == "cpu" or gpus == 0):
+        precision = "fp32"
+    else:
+        precision = precision_name(use_autocast(torch.device(placement().device_type), "auto"))
+    # the weights are resolved and hashed, the teacher is not built: a missing file fails before any work
+    identity = planned_identity(config, precision)
+    if identity["weights_random"]:
+        warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
+                      "(marked weights_random in every shard)", stacklevel=3)
+    split = split_done(plans, folder, identity, overwrite_changed=overwrite_changed, retry_failed=retry_failed)
+    todo, reuse = split.todo, split.reuse
+    if todo or split.surplus:
+        (folder / "labels.json").unlink(missing_ok=True)  # the dataset is not finished until every shard is
+    for name in split.surplus:
+        remove_shard(folder, name)
+    summary = LabelSummary(folder=folder, planned_images=len(records), shards_total=len(plans),
+                           shards_skipped=len(split.done), shards_changed=split.changed + split.surplus)
+    for m in split.done:
+        summary.skipped += m["planned"]
+    kept = sum(len(m["keys"]) for m in reuse.values())
+    markers = {m["index"]: m for m in split.done}
+    every = max(1, math.ceil(len(todo) / 10))  # progress lines (off a terminal): one per tenth of the shards
+
+    def on_done(plan: ShardPlan, marker: dict | None, error: Exception | None):
+        if marker is None:
+            summary.shards_failed.append(plan.name)
+            summary.shard_errors[plan.name] = error_message(error)
+            print(f"shard {plan.name} failed: {summary.shard_errors[plan.name]}", file=sys.stderr)
+            return
+        markers[plan.index] = marker
+        reused = len(reuse[plan.index]["keys"]) if plan.index in reuse else 0
+        summary.skipped += reused
+        summary.labelled += marker["count"] - reused
+        if plan.index in reuse and marker.get("sha256") == reuse[plan.index].get("sha256"):
+            summary.shards_skipped += 1  # --retry-failed: its failed images failed again, nothing rewritten
+        else:
+            summary.shards_done += 1
+        bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
+        finished = len(markers) - len(split.done)
+        if finished % every == 0 or len(markers) == len(plans):
+            bar.milestone()
+
+    with show_progress(len(records), f"label {identity['teacher']}", initial=summary.skipped + kept,
+                       enabled=progress) as bar:
+        bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
+        if todo:
+            where = placement(len(todo))
+            if where.note:
+                warnings.warn(where.note, stacklevel=3)
+            if executor == "local":
+                labeler = ShardLabeler(config)  # the one labeler, which does the work
+                try:
+                    if labeler.identity() != identity:
+                        raise LabelError("the labeller would label with other settings than planned: "
+                                         f"{_differences(labeler.identity(), identity)}")
+                    _run_local(labeler, todo, reuse, folder, bar, on_done, retries)
+                finally:
+                    labeler.close()
+            else:
+                _label_on_ray(config, where, identity, todo, reuse, folder, bar, on_done, retries)
+    for m in markers.values():
+        summary.failures.extend(m.get("failures", []))
+    summary.failed = len(summary.failures) + sum(
+        len(p.records) for p in plans if p.name in summary.shards_failed)
+    if len(markers) == len(plans):
+        finish(folder, plans, markers, identity, summary)
+    summary.wall_s = time.perf_counter() - start
+    return summary
 
 
 def finish(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], identity: dict,

@@ -139,6 +139,8 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
     if marker is None:
         return None, "no marker"
     for key, want in expect.items():
+        if key not in marker:  # a marker written before this setting was recorded: made with unknown settings
+            return marker, f"{key} differs (the shard records none: it was written by an older version; this run {want!r})"
         if marker.get(key) != want:
             return marker, f"{key} differs (shard has {marker.get(key)!r}, this run {want!r})"
     tar = tar_path(folder, name)

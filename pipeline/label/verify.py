@@ -20,7 +20,7 @@ from teachers.weights import file_digest
 
 #: the settings every marker of one folder (and its labels.json) must agree on
 IDENTITY = ("encoding_version", "teacher", "weights_digest", "weights_random", "label_kind", "label_extension",
-            "image_size", "jpeg_quality")
+            "label_version", "precision", "tolerance", "image_size", "jpeg_quality")
 _SHARD = re.compile(r"shard-\d{6}")
 _PER_SHARD = 3  # sample-level problems listed per shard before "and N more"
 

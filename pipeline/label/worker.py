@@ -27,6 +27,12 @@ from pipeline.common.storage import as_path
 from pipeline.label.shards import ENCODING_VERSION, read_samples, tar_path, write_shard
 from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
+from teachers.registry import teacher_identity
+
+#: how far a shard's labels may lie from the fp32 labels of the same images and weights, by the precision that
+#: made them: bf16 maps correlate with the fp32 ones at least this well (Pearson CC per map; every registered
+#: teacher is tested against it on real photos); fp32 labels are the reference (``None``). Recorded in every marker.
+LABEL_TOLERANCE: dict[str, dict | None] = {"fp32": None, "bf16": {"vs_fp32_cc_min": 0.999}}
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,33 @@ def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
     return images.encode_png(np.rint(np.clip(label, 0.0, 1.0) * 255.0).astype(np.uint8))
 
 
+def precision_name(autocast_on: bool) -> str:
+    """The precision labels are made in: ``bf16`` (under bf16 autocast) or ``fp32``."""
+    return "bf16" if autocast_on else "fp32"
+
+
+def label_identity(config: LabelConfig, teacher: dict, precision: str) -> dict:
+    """Settings recorded in every marker (and ``labels.json``); a shard made with other settings is not reused.
+
+    ``teacher``: what the teacher's labels depend on (:func:`teachers.registry.teacher_identity`, or the same
+    read off a built teacher); ``precision``: ``fp32`` or ``bf16``, as resolved on the device that labels.
+    """
+    return {
+        **teacher,
+        "precision": precision,
+        "tolerance": LABEL_TOLERANCE[precision],
+        "image_size": list(config.image_size),
+        "jpeg_quality": config.jpeg_quality,
+    }
+
+
+def planned_identity(config: LabelConfig, precision: str, *, resolver=None) -> dict:
+    """:meth:`ShardLabeler.identity` of a labeler of ``config`` labelling in ``precision``, without building its
+    teacher: the weights are resolved and hashed, the network is not made (a missing file is one WeightsError
+    naming every missing file)."""
+    return label_identity(config, teacher_identity(config.teacher, config.weights, resolver=resolver), precision)
+
+
 def _inside(path: str, root: str) -> bool:
     real, top = os.path.realpath(path), os.path.realpath(root)
     return os.path.commonpath([real, top]) == top
@@ -75,17 +108,17 @@ class ShardLabeler:
 
     # -- what a finished shard must agree on ---------------------------------------------------
     def identity(self) -> dict:
-        """Settings recorded in every marker; a shard made with other settings is not reused."""
+        """Settings recorded in every marker; a shard made with other settings is not reused
+        (:func:`planned_identity` gives the same without a teacher)."""
         t = self.teacher
-        return {
+        return label_identity(self.config, {
             "teacher": t.name,
             "weights_digest": t.weights_digest,
             "weights_random": t.weights_random,
             "label_kind": t.output_kind,
             "label_extension": f"{t.name}.{t.label_extension}",
-            "image_size": list(self.config.image_size),
-            "jpeg_quality": self.config.jpeg_quality,
-        }
+            "label_version": t.label_version,
+        }, precision_name(self.autocast))
 
     # -- the stages ----------------------------------------------------------------------------
     def _load(self, record: ImageRecord) -> _Item:
