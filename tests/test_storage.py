@@ -1,9 +1,16 @@
-"""`pipeline label --out s3://…`: shards on object storage (moto's stand-alone S3 server on loopback)."""
+"""Object storage: `pipeline label --out s3://…`, `pipeline train --labels s3://… --run s3://…` and
+`pipeline verify s3://…` against moto's stand-alone S3 server (its own process on loopback, no patching)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +23,29 @@ moto_server = pytest.importorskip("moto.server")
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "coco"
 LABEL = ["label", "coco", "--teacher", "classic", "--coco-root", str(SAMPLES), "--shard-size", "4",
-         "--io-threads", "2", "--executor", "local", "--no-progress"]
+         "--io-threads", "2", "--executor", "local", "--image-size", "64x96", "--no-progress"]
+
+
+def _serve_s3(port: int) -> subprocess.Popen:
+    """moto's S3 server as its own process on 127.0.0.1:``port``, once it answers."""
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """An S3 endpoint on 127.0.0.1 (moto's server in a thread) with a bucket `labels`; yields an s3fs client."""
+    """An S3 endpoint on 127.0.0.1 (moto's server, a process of its own) with a bucket `labels`; yields an s3fs
+    client."""
     import os
 
     import fsspec
@@ -30,8 +54,7 @@ def s3(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = _serve_s3(port)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
@@ -43,7 +66,8 @@ def s3(tmp_path_factory):
         fs.mkdir("labels")
         yield fs
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
         s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
@@ -56,10 +80,17 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, tmp_path):
-    local = CliRunner().invoke(cli, [*LABEL, "--out", str(tmp_path)])
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """The samples labelled into a local folder: the reference shards, and the input of the training test."""
+    out = tmp_path_factory.mktemp("labels")
+    local = CliRunner().invoke(cli, [*LABEL, "--out", str(out)])
     assert local.exit_code == 0, local.output
-    folder = tmp_path / "classic" / "val2017"
+    return out / "classic" / "val2017"
+
+
+def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, labelled):
+    folder = labelled
     remote = "labels/run/classic/val2017"
 
     first = CliRunner().invoke(cli, [*LABEL, "--out", "s3://labels/run"])
@@ -82,6 +113,88 @@ def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, tmp_p
     from pipeline.label.shards import verify_dataset
 
     assert verify_dataset(f"s3://{remote}") == ""
+    ok = CliRunner().invoke(cli, ["verify", f"s3://{remote}", "--deep"])
+    assert ok.exit_code == 0 and ok.output.startswith(f"OK: s3://{remote}: 3 shards, 12 samples"), ok.output
     s3.pipe_file(f"{remote}/shard-000002.tar", b"not the tar")
     s3.invalidate_cache()
     assert "tar missing or of the wrong size" in verify_dataset(f"s3://{remote}")
+    bad = CliRunner().invoke(cli, ["verify", f"s3://{remote}"])
+    assert bad.exit_code == 1 and "shard-000002" in bad.output and "tar is 11 bytes" in bad.output, bad.output
+
+
+TRAIN = ["train", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--backbone-weights", "none",
+         "--workers", "1", "--shuffle-buffer", "4", "--no-progress"]
+
+
+def final_weights(read_bytes) -> dict:
+    """The model of the checkpoint a run folder's latest.json names (``read_bytes``: relative path → bytes)."""
+    import torch
+
+    name = json.loads(read_bytes("checkpoints/latest.json"))["checkpoint"]
+    return torch.load(io.BytesIO(read_bytes(f"checkpoints/{name}")), map_location="cpu", weights_only=False)["model"]
+
+
+def without_seconds(text: str) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(io.StringIO(text))]
+
+
+def test_training_reads_and_writes_object_storage_as_it_does_local_folders(s3, labelled, tmp_path):
+    """Labels on S3, a run folder on S3 trained one epoch then resumed for a second: the same weights, metrics
+    and losses as the same two epochs trained from and into local folders; a corrupt tar there is refused."""
+    local, url = labelled, "s3://labels/train/classic/val2017"
+    for f in sorted(local.iterdir()):
+        s3.put_file(str(f), f"labels/train/classic/val2017/{f.name}")
+    val = tmp_path / "val"  # a label folder of the last shard alone: a short validation
+    val.mkdir()
+    index = json.loads((local / "labels.json").read_text())
+    index.update(shards=index["shards"][-1:], count=index["shards"][-1]["count"])
+    (val / "labels.json").write_text(json.dumps(index))
+    for name in ("shard-000002.tar", "shard-000002.json"):
+        (val / name).write_bytes((local / name).read_bytes())
+        s3.put_file(str(val / name), f"labels/val/{name}")
+    s3.put_file(str(val / "labels.json"), "labels/val/labels.json")
+
+    here = CliRunner().invoke(cli, [*TRAIN, "--labels", str(local), "--val-labels", str(val), "--run",
+                                    str(tmp_path / "run"), "--epochs", "2"])
+    assert here.exit_code == 0, here.output
+    remote = [*TRAIN, "--labels", url, "--val-labels", "s3://labels/val", "--run", "s3://labels/runs/a"]
+    first = CliRunner().invoke(cli, remote)
+    assert first.exit_code == 0 and "checkpoints: s3://labels/runs/a/checkpoints" in first.output, first.output
+    assert json.loads(s3.cat_file("labels/runs/a/checkpoints/latest.json")) == {"checkpoint": "epoch-0000.pt",
+                                                                                "epoch": 0}
+    second = CliRunner().invoke(cli, [*remote, "--epochs", "2"])
+    assert second.exit_code == 0, second.output + second.stderr
+    assert "resuming s3://labels/runs/a after epoch 1 (step 1)" in second.stderr
+
+    s3.invalidate_cache()
+    names = sorted(p.split("labels/runs/a/", 1)[1] for p in s3.find("labels/runs/a"))
+    assert names == ["checkpoints/epoch-0000.pt", "checkpoints/epoch-0001.pt", "checkpoints/latest.json",
+                     "config.json", "curves.png", "losses.csv", "metrics.csv"]
+    a = final_weights(lambda rel: (tmp_path / "run" / rel).read_bytes())
+    b = final_weights(lambda rel: s3.cat_file(f"labels/runs/a/{rel}"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert s3.cat_file("labels/runs/a/losses.csv") == (tmp_path / "run" / "losses.csv").read_bytes()
+    metrics = without_seconds(s3.cat_file("labels/runs/a/metrics.csv").decode())
+    assert len(metrics) == 2 and metrics == without_seconds((tmp_path / "run" / "metrics.csv").read_text())
+
+    s3.pipe_file("labels/train/classic/val2017/shard-000001.tar", (local / "shard-000001.tar").read_bytes()[:-1] + b"x")
+    s3.invalidate_cache()
+    corrupt = CliRunner().invoke(cli, [*remote, "--epochs", "3"])
+    assert corrupt.exit_code == 1, corrupt.output
+    assert corrupt.output.splitlines()[-1].startswith(f"Error: shard {url}/shard-000001.tar")
+
+
+def test_a_missing_storage_package_is_one_sentence_naming_the_extra(monkeypatch, tmp_path):
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")
+    for protocol, package in (("s3", "s3fs"), ("gs", "gcsfs")):  # as if neither were installed
+        monkeypatch.delitem(registry._registry, protocol, raising=False)
+        monkeypatch.setitem(sys.modules, package, None)
+    train = CliRunner().invoke(cli, [*TRAIN, "--labels", "s3://bucket/labels", "--run", str(tmp_path / "run")])
+    assert train.exit_code == 1
+    assert train.output == ("Error: s3:// paths need the s3fs package: pip install 'saliency-pipeline[s3]' "
+                            "(or pip install s3fs)\n")
+    verify = CliRunner().invoke(cli, ["verify", "gs://bucket/labels"])
+    assert verify.exit_code == 1 and "gs:// paths need the gcsfs package: pip install 'saliency-pipeline[gcs]'" \
+        in verify.output, verify.output
