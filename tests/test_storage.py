@@ -7,10 +7,7 @@ import csv
 import hashlib
 import io
 import json
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,55 +16,29 @@ from click.testing import CliRunner
 from pipeline.cli.main import cli
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "coco"
 LABEL = ["label", "coco", "--teacher", "classic", "--coco-root", str(SAMPLES), "--shard-size", "4",
          "--io-threads", "2", "--executor", "local", "--image-size", "64x96", "--no-progress"]
 
 
-def _serve_s3(port: int) -> subprocess.Popen:
-    """moto's S3 server as its own process on 127.0.0.1:``port``, once it answers."""
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return server
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("moto's S3 server did not start") from None
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3 endpoint on 127.0.0.1 (moto's server, a process of its own) with a bucket `labels`; yields an s3fs
+def s3(s3_server):
+    """The S3 server's variables in this process's environment (and so in its subprocesses'); yields an s3fs
     client."""
     import os
 
     import fsspec
     import s3fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = _serve_s3(port)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    saved = {k: os.environ.get(k) for k in s3_server}
+    os.environ.update(s3_server)
     fsspec.config.conf.pop("s3", None)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        fs = fsspec.filesystem("s3")
-        fs.mkdir("labels")
-        yield fs
+        yield fsspec.filesystem("s3")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
