@@ -1,6 +1,6 @@
 """The pipeline against a real Ray cluster: one head started with `ray start --head` as its own process on the
-loopback address for the session, token authentication on (Ray's default once a token exists); the last test
-SIGKILLs it, so that the machine has a recorded "current cluster" that is dead.
+loopback address for the session, token authentication on (Ray's default once a token exists); the test SIGKILLs
+it half-way, so that the machine has a recorded "current cluster" that is dead.
 
 The commands run as concurrent subprocesses, so that Ray's start-up waits overlap. The head's environment has
 no object-storage credentials: a cluster run that writes to S3 (moto's server) does so with the ones the command
@@ -121,7 +121,7 @@ def stop(head: Head) -> None:
 
 @pytest.fixture(scope="session")
 def head():
-    """The session's head (the last test kills it with SIGKILL, with all its processes)."""
+    """The session's head (the test kills it with SIGKILL, with all its processes, half-way)."""
     if not RAY.is_file():
         pytest.skip("the `ray` command is not installed next to Python")
     live = start_head()
@@ -170,53 +170,49 @@ def labels(tmp_path_factory) -> Path:
 
 
 @needs_ray
-def test_cluster_failures_are_one_sentence(head, labels, tmp_path):
-    """A wrong address (nobody there), a missing token, a wrong token: one `Error:` line each, naming the
-    address and what to set, and none of Ray's retries or warnings."""
-    assert head.proc.poll() is None, "the head was killed by a test before this one"
-    nobody = f"127.0.0.1:{free_port()}"
-    nothing = tmp_path / "home"  # no ~/.ray/auth_token there
-    nothing.mkdir()
-    wrong_address = pipeline(*LABEL, "--out", tmp_path / "a", "--address", nobody, env=base_env())
-    no_token = pipeline(*LABEL, "--out", tmp_path / "b", "--address", head.address, env=base_env(HOME=str(nothing)))
-    wrong_token = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run", "--address", head.address,
-                           env=base_env(RAY_AUTH_TOKEN="not-the-token"))
-    results = finish(wrong_address, no_token, wrong_token)
-    for code, out, err in results:
-        assert code == 1 and out == "" and len(err.splitlines()) == 1 and err.startswith("Error: "), err
-    (_, _, refused), (_, _, missing), (_, _, wrong) = results
-    assert f"no Ray cluster answers at {nobody} (connection refused)" in refused
-    assert "RAY_ADDRESS" in refused
-    assert f"the Ray cluster at {head.address} requires token authentication and no token was found" in missing
-    assert "set RAY_AUTH_TOKEN" in missing and "RAY_AUTH_TOKEN_PATH" in missing
-    assert f"the Ray cluster at {head.address} refused the authentication token from RAY_AUTH_TOKEN" in wrong
-
-
-@needs_ray
 def test_a_cluster_labels_and_trains_as_local_runs_do_and_its_killed_head_leaves_them_alone(
         head, labels, s3_server, tmp_path):
     """`label --address` writes to S3 the shards a local run writes (sha256) and `train --ray-workers 2 --address`
-    puts in an S3 run folder the weights a local Ray Train run gets, with credentials only the command had.
-    Then the head is SIGKILLed: the local Ray Train run after it starts its own Ray although this machine's
-    recorded cluster is that dead head, prints no Ray notice and leaves no session folder behind."""
+    puts in an S3 run folder the weights a local Ray Train run gets, with credentials only the command had; a
+    missing or a wrong token is one `Error:` line. Then the head is SIGKILLed: its address is one `Error:` line,
+    and a local Ray run after it (`label`, the cheapest) starts its own Ray although this machine's recorded
+    cluster is that dead head, prints no Ray notice, labels as before and leaves no session folder behind.
+    (One head for all of it, and the commands of each phase at once, so that Ray's start-up waits overlap.)"""
     import s3fs
 
     assert head.proc.poll() is None, "the head was killed by a test before this one"
+    nothing = tmp_path / "home"  # no ~/.ray/auth_token there
+    nothing.mkdir()
     cluster_label = pipeline(*LABEL, "--out", "s3://labels/cluster", "--address", head.address,
                              env=base_env(RAY_AUTH_TOKEN_PATH=str(head.token_file), **s3_server))
     cluster_train = pipeline(*TRAIN, "--labels", labels, "--run", "s3://labels/cluster-run", "--address",
                              head.address, env=base_env(RAY_AUTH_TOKEN=head.token, **s3_server))
-    (code, out, err), (ccode, cout, cerr) = finish(cluster_label, cluster_train)
+    local_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-local", env=base_env())
+    no_token = pipeline(*LABEL, "--out", tmp_path / "b", "--address", head.address, env=base_env(HOME=str(nothing)))
+    wrong_token = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run", "--address", head.address,
+                           env=base_env(RAY_AUTH_TOKEN="not-the-token"))
+    (code, out, err), (ccode, cout, cerr), (tcode, tout, terr), *refused = finish(
+        cluster_label, cluster_train, local_train, no_token, wrong_token)
     assert code == 0, out + err
     assert ccode == 0, cout + cerr
+    assert tcode == 0, tout + terr
 
     head.kill()  # SIGKILL, every process of the head
     head.proc.wait()
     assert (head.tmpdir / "ray" / "ray_current_cluster").read_text().strip().endswith(head.address.split(":")[1])
-    local_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-local",
-                           env=base_env(RAY_TMPDIR=str(head.tmpdir)))
-    ((tcode, tout, terr),) = finish(local_train)
-    assert tcode == 0, tout + terr
+    local_label = pipeline(*LABEL, "--out", tmp_path / "local", env=base_env(RAY_TMPDIR=str(head.tmpdir)))
+    dead_address = pipeline(*LABEL, "--out", tmp_path / "a", "--address", head.address, env=base_env())
+    (lcode, lout, lerr), *dead = finish(local_label, dead_address)
+    assert lcode == 0, lout + lerr
+    assert digests(tmp_path / "local" / "classic" / "val2017") == digests(labels)
+
+    for rcode, rout, rerr in [*refused, *dead]:  # one sentence each, none of Ray's retries or warnings
+        assert rcode == 1 and rout == "" and len(rerr.splitlines()) == 1 and rerr.startswith("Error: "), rerr
+    (_, _, missing), (_, _, wrong), (_, _, gone) = [*refused, *dead]
+    assert f"the Ray cluster at {head.address} requires token authentication and no token was found" in missing
+    assert "set RAY_AUTH_TOKEN" in missing and "RAY_AUTH_TOKEN_PATH" in missing
+    assert f"the Ray cluster at {head.address} refused the authentication token from RAY_AUTH_TOKEN" in wrong
+    assert f"no Ray cluster answers at {head.address} (connection refused)" in gone and "RAY_ADDRESS" in gone
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="test", secret="test",
                            skip_instance_cache=True)
@@ -226,9 +222,9 @@ def test_a_cluster_labels_and_trains_as_local_runs_do_and_its_killed_head_leaves
     a = final_model(lambda rel: (tmp_path / "run-local" / rel).read_bytes())
     b = final_model(lambda rel: fs.cat_file(f"labels/cluster-run/{rel}"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    for text in (err, terr, cerr):  # no token notice, GCS warnings, Ray Train controller chatter or tracebacks
+    for text in (err, terr, cerr, lerr):  # no token notice, GCS warnings, Ray Train controller chatter or tracebacks
         for noise in ("Token authentication", "gcs_client", "TrainController", "PlacementGroupCleaner",
-                      "Traceback", "Error"):
+                      "Traceback", "Error", "Found credentials"):
             assert noise not in text, text
     # the embedded Ray's session folder is gone; the dead head's own session is all that is left there
     assert list((head.tmpdir / f"pipeline-ray-{os.getuid()}").iterdir()) == []

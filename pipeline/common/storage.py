@@ -33,9 +33,21 @@ class StorageError(RuntimeError):
     """Object storage cannot be used as asked (its fsspec implementation is not installed…): one sentence."""
 
 
+#: the storage clients' loggers, kept to warnings (where Ray or Ray Train log at INFO, botocore would say where it
+#: found the credentials on every connection)
+QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth")
+
+
 def filesystem(protocol: str):
     """fsspec's filesystem for ``protocol``; :class:`StorageError` naming what to install when it is missing."""
+    import logging
+
     import fsspec
+
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
     try:
         return fsspec.filesystem(protocol)
