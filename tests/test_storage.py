@@ -169,3 +169,44 @@ def test_a_missing_storage_package_is_one_sentence_naming_the_extra(monkeypatch,
     verify = CliRunner().invoke(cli, ["verify", "gs://bucket/labels"])
     assert verify.exit_code == 1 and "gs:// paths need the gcsfs package: pip install 'saliency-pipeline[gcs]'" \
         in verify.output, verify.output
+
+
+def test_a_run_folders_pointer_goes_up_last_and_never_names_a_missing_checkpoint(tmp_path, monkeypatch):
+    """An upload that fails half-way (the connection drops before latest.json) leaves the remote run folder as
+    it was plus whole new files: its latest.json still names a checkpoint that is there, so a resume works."""
+    from pipeline.common import storage
+    from pipeline.train.loop import run_mirror
+
+    url = f"memory://runs/{tmp_path.name}"
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "epoch-0000.pt").write_bytes(b"epoch 0")
+    (ckpt / "latest.json").write_text('{"checkpoint": "epoch-0000.pt", "epoch": 0}')
+    (tmp_path / "metrics.csv").write_text("epoch\n0\n")
+    mirror = run_mirror(url, tmp_path)
+    uploads = []
+    real = storage.RemotePath.upload
+    monkeypatch.setattr(storage.RemotePath, "upload", lambda self, local: (uploads.append(self.name), real(self, local)))
+    assert mirror.push() == 3 and uploads[-1] == "latest.json"
+
+    (ckpt / "epoch-0001.pt").write_bytes(b"epoch 1")
+    (ckpt / "epoch-0002.pt").write_bytes(b"epoch 2")
+    (ckpt / "epoch-0000.pt").unlink()  # the run keeps the two newest
+    (ckpt / "latest.json").write_text('{"checkpoint": "epoch-0002.pt", "epoch": 2}')
+
+    def drop(self, local):
+        if self.name == "latest.json":
+            raise ConnectionError("the connection dropped")
+        real(self, local)
+
+    monkeypatch.setattr(storage.RemotePath, "upload", drop)
+    with pytest.raises(ConnectionError):
+        mirror.push()
+    remote = storage.as_path(url)
+    named = json.loads((remote / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    assert named == "epoch-0000.pt" and (remote / "checkpoints" / named).read_bytes() == b"epoch 0"
+
+    monkeypatch.setattr(storage.RemotePath, "upload", real)
+    assert mirror.push() == 1  # only the pointer was left to upload; then the old checkpoint goes
+    assert sorted(p.relative_to(remote) for p in remote.files()) == [
+        "checkpoints/epoch-0001.pt", "checkpoints/epoch-0002.pt", "checkpoints/latest.json", "metrics.csv"]
