@@ -186,7 +186,8 @@ def test_a_run_folders_pointer_goes_up_last_and_never_names_a_missing_checkpoint
     mirror = run_mirror(url, tmp_path)
     uploads = []
     real = storage.RemotePath.upload
-    monkeypatch.setattr(storage.RemotePath, "upload", lambda self, local: (uploads.append(self.name), real(self, local)))
+    monkeypatch.setattr(storage.RemotePath, "upload",
+                        lambda self, local: (uploads.append(self.name), real(self, local)))
     assert mirror.push() == 3 and uploads[-1] == "latest.json"
 
     (ckpt / "epoch-0001.pt").write_bytes(b"epoch 1")

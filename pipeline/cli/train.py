@@ -7,15 +7,16 @@ from pathlib import Path
 import click
 
 import students
-from pipeline.cli.options import floats3, ints, student_options
+from pipeline.cli.options import floats3, ints, path_or_url, student_options
 
 
 @click.command("train")
-@click.option("--labels", type=click.Path(path_type=str), multiple=True,
+@click.option("--labels", type=click.Path(path_type=str), multiple=True, callback=path_or_url,
               default=["data/labels/deepgaze/train2017"],
               help="A finished label folder (the one holding labels.json), or its URL (s3://…); repeat to train on "
                    "several of one teacher.")
-@click.option("--run", "run_dir", type=click.Path(path_type=str), default=f"runs/{students.registry.DEFAULT_STUDENT}",
+@click.option("--run", "run_dir", type=click.Path(path_type=str), callback=path_or_url,
+              default=f"runs/{students.registry.DEFAULT_STUDENT}",
               help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png; or a URL (s3://…), written "
                    "through a local copy after every epoch.")
 @click.option("--student", type=click.Choice(students.available()), default=students.registry.DEFAULT_STUDENT)
@@ -30,7 +31,7 @@ from pipeline.cli.options import floats3, ints, student_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--val-shards", type=click.IntRange(min=1), default=1,
               help="Without --val-labels: the last shards of the last --labels folder, held out for validation.")
-@click.option("--val-labels", type=click.Path(path_type=str), default=None,
+@click.option("--val-labels", type=click.Path(path_type=str), default=None, callback=path_or_url,
               help="Validate on this label folder (e.g. val2017's) instead of holding out training shards.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, help="Samples in the shuffle buffer.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
