@@ -111,7 +111,8 @@ def without_seconds(text: str) -> list[dict]:
 
 def test_training_reads_and_writes_object_storage_as_it_does_local_folders(s3, labelled, tmp_path):
     """Labels on S3, a run folder on S3 trained one epoch then resumed for a second: the same weights, metrics
-    and losses as the same two epochs trained from and into local folders; a corrupt tar there is refused."""
+    and losses as the same two epochs trained from and into local folders; `pipeline eval --labels s3://…` scores
+    as on the local folder; a corrupt tar there is refused."""
     local, url = labelled, "s3://labels/train/classic/val2017"
     for f in sorted(local.iterdir()):
         s3.put_file(str(f), f"labels/train/classic/val2017/{f.name}")
@@ -147,6 +148,13 @@ def test_training_reads_and_writes_object_storage_as_it_does_local_folders(s3, l
     assert s3.cat_file("labels/runs/a/losses.csv") == (tmp_path / "run" / "losses.csv").read_bytes()
     metrics = without_seconds(s3.cat_file("labels/runs/a/metrics.csv").decode())
     assert len(metrics) == 2 and metrics == without_seconds((tmp_path / "run" / "metrics.csv").read_text())
+
+    scores = [CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "run"), "--labels", labels,
+                                       "--val-shards", "0", "--no-progress"]) for labels in (str(val), "s3://labels/val")]
+    assert all(r.exit_code == 0 for r in scores), scores[1].output
+    here, there = ([line for line in r.output.splitlines()[1:] if not line.lstrip().startswith(("wall", "images/s"))]
+                   for r in scores)
+    assert there == here and len(here) == 6  # cc, kl_div, sim, nss, scored, failed: the same from S3
 
     s3.pipe_file("labels/train/classic/val2017/shard-000001.tar", (local / "shard-000001.tar").read_bytes()[:-1] + b"x")
     s3.invalidate_cache()

@@ -36,7 +36,8 @@ from pipeline.common.storage import as_path, is_url
 from pipeline.label.shards import digest, marker_path, tar_path, verify_shard
 from teachers.weights import file_digest
 
-#: URL schemes whose tars webdataset opens through fsspec (set at import, so DataLoader workers have it too)
+#: URL schemes whose tars webdataset opens through fsspec rather than its own way (``gs``: gsutil), as every
+#: other scheme fsspec knows and webdataset does not; set at import, so DataLoader workers have it too
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
@@ -44,8 +45,19 @@ def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     return as_path(url).open(mode)
 
 
+def _fsspec_or_webdataset(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    from fsspec.registry import known_implementations, registry
+
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in registry or scheme in known_implementations:
+        return _fsspec_open(url, mode, bufsize, **kw)
+    return _WEBDATASET_DEFAULT(url, mode, bufsize, **kw)
+
+
+_WEBDATASET_DEFAULT = _gopen.gopen_schemes["__default__"]
 for _scheme in REMOTE_SCHEMES:
     _gopen.gopen_schemes[_scheme] = _fsspec_open
+_gopen.gopen_schemes["__default__"] = _fsspec_or_webdataset
 
 
 class DataError(Exception):
