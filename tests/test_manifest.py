@@ -395,6 +395,14 @@ def test_bad_manifest_is_refused_with_file_and_line(case, fresh):
     assert not Path("runs").exists()  # nothing was started
 
 
+def test_a_url_workdir_is_one_sentence(fresh):
+    """Every step's output would be under it: one error, not one per step."""
+    result = invoke("run", DEMO, "--set", "coco=missing/coco", "--dry-run", "--workdir", "s3://bucket/runs")
+    assert result.exit_code == 2, result.output
+    assert result.output.count("rror") == 1 and "workdir s3://bucket/runs is a URL" in result.output, result.output
+    assert not Path("runs").exists()
+
+
 def test_every_problem_is_reported_at_once(fresh):
     Path("m.yaml").write_text("bogus: 1\nsteps:\n  a:\n    run: lable\n  b:\n    run: label\n    with: {x: 1}\n")
     with pytest.raises(ManifestError) as e:
