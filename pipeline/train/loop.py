@@ -168,16 +168,23 @@ class Trainer:
         return labels, train, val_tars, shards
 
     # -- checkpoints -----------------------------------------------------------------------
+    def shown(self, text: str) -> str:
+        """``text`` with the local staging folder of a run URL written as the URL (what the user gave)."""
+        return text.replace(str(self.run), str(self.config.run)) if is_url(self.config.run) else text
+
     def resume(self) -> bool:
-        found = newest_readable(self.ckpt_dir, warn=lambda line: print(line, file=sys.stderr))
+        try:
+            found = newest_readable(self.ckpt_dir, warn=lambda line: print(self.shown(line), file=sys.stderr))
+        except TrainError as e:
+            raise TrainError(self.shown(str(e))) from None
         if found is None:
             return False
         path, ckpt = found
         mine = self.config.resume_key()
         if ckpt["config"] != mine:
             diff = sorted(k for k in set(ckpt["config"]) | set(mine) if ckpt["config"].get(k) != mine.get(k))
-            raise TrainError(f"{path} was trained with other settings ({', '.join(diff)}); "
-                             "use another --run or --restart")
+            raise TrainError(self.shown(f"{path} was trained with other settings ({', '.join(diff)}); "
+                                        "use another --run or --restart"))
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
