@@ -379,7 +379,8 @@ BAD = {
     "unknown_step_key": ("steps:\n" + STEP + "    resourcs: {gpus: 1}\n", 5, "unknown key 'resourcs'"),
     "url_workdir": ("workdir: s3://bucket/runs\nsteps:\n" + STEP, 1, "workdir s3://bucket/runs is a URL: the runner "
                     "keeps its state, its lock and the steps' outputs in a local or shared-filesystem folder"),
-    "url_output": ("steps:\n  a:\n    run: label\n    with: {source: coco, teacher: classic, out: 's3://b/l'}\n", 2,
+    "url_output": ("steps:\n  a:\n    run: label\n    with: {source: coco, teacher: classic, out: 's3://b/l',\n"
+                   "      weights: 'https://example.org/w.pth'}\n", 2,
                    "step 'a': s3://b/l is a URL: a manifest's steps read and write local or shared-filesystem "
                    "folders"),
 }

@@ -78,7 +78,8 @@ def code_version() -> str:
 CODE_VERSION: str | None = None
 
 
-#: a URL (``s3://…``; ``s3:/…`` once a path option has normalised it), not a local path
+#: a URL (``s3://…``; ``s3:/…`` once a path option has normalised it), not a local path (an ``http(s)://`` one,
+#: weights to download, is not refused)
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 URL_WORKDIR = ("workdir {} is a URL: the runner keeps its state, its lock and the steps' outputs in a local or "
                "shared-filesystem folder; give one, and put labels or a run on object storage with `pipeline label "
@@ -745,7 +746,8 @@ class _Loader:
                         if p.name in ctx.params and (spec is None or (
                             p.name not in spec.volatile
                             and not (p.name in spec.added and ctx.params[p.name] == spec.added[p.name])))}
-            urls = [v for v in ctx.params.values() if isinstance(v, (str, Path)) and _URL_RE.match(str(v))]
+            urls = [v for v in ctx.params.values() if isinstance(v, (str, Path)) and _URL_RE.match(str(v))
+                    and not str(v).lower().startswith(("http:", "https:"))]  # weights may be downloaded
             if urls:
                 self.error(doc.at("steps", name), URL_STEP.format(name, urls[0]))
                 return None
