@@ -91,3 +91,39 @@ def second_epoch_started(run: Path):
     epoch is checkpointed, the second is not)."""
     losses = Path(run) / "losses.csv"
     return lambda: losses.is_file() and any(line.startswith("1,") for line in losses.read_text().splitlines())
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> dict:
+    """moto's S3 server as a process of its own on 127.0.0.1 (no patching of this process) with a bucket
+    `labels`; yields the variables that point an S3 client at it. Started once, for the tests that ask."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto's S3 server did not start"
+                time.sleep(0.1)
+        s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="test", secret="test",
+                          skip_instance_cache=True).mkdir("labels")
+        yield env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -1,14 +1,16 @@
-"""The pipeline against a real Ray cluster: a head started with `ray start --head` as its own process on the
-loopback address, token authentication on (Ray's default once a token exists), and a second head killed with
-SIGKILL so that the machine has a recorded "current cluster" that is dead.
+"""The pipeline against a real Ray cluster: one head started with `ray start --head` as its own process on the
+loopback address for the session, token authentication on (Ray's default once a token exists); the test SIGKILLs
+it half-way, so that the machine has a recorded "current cluster" that is dead.
 
-One module-scoped pair of heads serves every test here, and the commands run as concurrent subprocesses, so
-that Ray's start-up waits overlap.
+The commands run as concurrent subprocesses, so that Ray's start-up waits overlap. The head's environment has
+no object-storage credentials: a cluster run that writes to S3 (moto's server) does so with the ones the command
+forwards to its workers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -23,15 +25,28 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.common.ray_cluster import forwarded_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "coco"
 RAY = Path(sys.executable).with_name("ray")
 LABEL = ["label", "coco", "--teacher", "classic", "--coco-root", str(SAMPLES), "--shard-size", "4",
-         "--io-threads", "2", "--no-progress"]
+         "--io-threads", "2", "--image-size", "64x96", "--no-progress"]
 TRAIN = ["train", "--ray-workers", "2", "--epochs", "1", "--batch-size", "2", "--backbone-weights", "none",
          "--workers", "0", "--shuffle-buffer", "0", "--no-progress"]
 
-pytestmark = pytest.mark.skipif(not RAY.is_file(), reason="the `ray` command is not installed next to Python")
+needs_ray = pytest.mark.skipif(not RAY.is_file(), reason="the `ray` command is not installed next to Python")
+
+
+def test_only_the_object_storage_variables_reach_the_clusters_workers():
+    environ = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_ENDPOINT_URL": "http://s3",
+               "AWS_SESSION_TOKEN": "t", "GOOGLE_APPLICATION_CREDENTIALS": "/keys/sa.json", "FSSPEC_S3_ANON": "0",
+               "AZURE_STORAGE_ACCOUNT_KEY": "k", "RAY_AUTH_TOKEN": "ray-secret", "RAY_ADDRESS": "head:6379",
+               "PATH": "/bin", "HOME": "/home/me", "MY_AWS_THING": "x", "GOOGLE_OTHER": "y"}
+    assert forwarded_env(environ) == {
+        "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_ENDPOINT_URL": "http://s3",
+        "AWS_SESSION_TOKEN": "t", "GOOGLE_APPLICATION_CREDENTIALS": "/keys/sa.json", "FSSPEC_S3_ANON": "0",
+        "AZURE_STORAGE_ACCOUNT_KEY": "k"}
 
 
 def free_port() -> int:
@@ -42,9 +57,10 @@ def free_port() -> int:
 
 def base_env(**extra: str) -> dict:
     """This test session's environment without any Ray address or auth mode (conftest disables auth for the
-    in-process tests), plus ``extra``."""
+    in-process tests) and without object-storage variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
-                                                              "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR")}
+                                                              "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR")
+           and k not in forwarded_env(os.environ)}
     return {**env, "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
 
@@ -81,20 +97,19 @@ def start_head() -> Head:
     log = tmpdir / "head.log"
     env = base_env(RAY_TMPDIR=str(tmpdir), RAY_AUTH_TOKEN_PATH=str(token_file))
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+        proc = subprocess.Popen([str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "4",
                                  "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
                                  "--object-store-memory", str(128 * 1024**2), "--disable-usage-stats"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return Head(proc, f"127.0.0.1:{port}", tmpdir, token_file, log)
 
 
-def wait_ready(*heads: Head, timeout: float = 180.0) -> None:
+def wait_ready(head: Head, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
-    for head in heads:
-        while not head.ready():
-            assert head.proc.poll() is None, f"ray start --head ended:\n{head.log.read_text()}"
-            assert time.monotonic() < deadline, f"the head did not start:\n{head.log.read_text()}"
-            time.sleep(0.2)
+    while not head.ready():
+        assert head.proc.poll() is None, f"ray start --head ended:\n{head.log.read_text()}"
+        assert time.monotonic() < deadline, f"the head did not start:\n{head.log.read_text()}"
+        time.sleep(0.2)
 
 
 def stop(head: Head) -> None:
@@ -104,18 +119,16 @@ def stop(head: Head) -> None:
     shutil.rmtree(head.tmpdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def heads():
-    """(live, dead): a running head, and one that was started and then SIGKILLed with all its processes."""
-    live, dead = start_head(), start_head()
+@pytest.fixture(scope="session")
+def head():
+    """The session's head (the test kills it with SIGKILL, with all its processes, half-way)."""
+    if not RAY.is_file():
+        pytest.skip("the `ray` command is not installed next to Python")
+    live = start_head()
     try:
-        wait_ready(live, dead)
-        dead.kill()
-        dead.proc.wait()
-        assert (dead.tmpdir / "ray" / "ray_current_cluster").read_text().strip().endswith(dead.address.split(":")[1])
-        yield live, dead
+        wait_ready(live)
+        yield live
     finally:
-        stop(dead)
         stop(live)
 
 
@@ -133,13 +146,14 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.tar"))}
 
 
-def final_model(run: Path) -> dict:
-    import json
+def final_model(read) -> dict:
+    """The model of the checkpoint a run folder's latest.json names (``read``: relative path → bytes)."""
+    import io
 
     import torch
 
-    name = json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
-    return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=False)["model"]
+    name = json.loads(read("checkpoints/latest.json"))["checkpoint"]
+    return torch.load(io.BytesIO(read(f"checkpoints/{name}")), map_location="cpu", weights_only=False)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -155,49 +169,63 @@ def labels(tmp_path_factory) -> Path:
     return out / "classic" / "val2017"
 
 
-def test_label_and_train_on_a_cluster_give_what_local_runs_give(heads, labels, tmp_path):
-    """`label --address` and `train --ray-workers 2 --address` on the live head write the same shards (sha256)
-    and the same weights as local runs. The local Ray Train run starts its own Ray although this machine's
-    recorded cluster is a dead head, prints no Ray notice and leaves no session folder behind."""
-    live, dead = heads
-    cluster_label = pipeline(*LABEL, "--out", tmp_path / "cluster", "--address", live.address,
-                             env=base_env(RAY_AUTH_TOKEN_PATH=str(live.token_file)))
-    local_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-local",
-                           env=base_env(RAY_TMPDIR=str(dead.tmpdir)))
-    cluster_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-cluster", "--address",
-                             live.address, env=base_env(RAY_AUTH_TOKEN=live.token))
-    (code, out, err), (tcode, tout, terr), (ccode, cout, cerr) = finish(cluster_label, local_train, cluster_train)
-    assert code == 0, out + err
-    assert tcode == 0, tout + terr
-    assert ccode == 0, cout + cerr
-    assert len(digests(labels)) == 3 and digests(tmp_path / "cluster" / "classic" / "val2017") == digests(labels)
-    a, b = final_model(tmp_path / "run-local"), final_model(tmp_path / "run-cluster")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    for text in (err, terr, cerr):  # no token notice, GCS warnings, Ray Train controller chatter or tracebacks
-        for noise in ("Token authentication", "gcs_client", "TrainController", "PlacementGroupCleaner",
-                      "Traceback", "Error"):
-            assert noise not in text, text
-    # the embedded Ray's session folder is gone; the dead head's own session is all that is left there
-    assert list((dead.tmpdir / f"pipeline-ray-{os.getuid()}").iterdir()) == []
-    assert len(list((dead.tmpdir / "ray").glob("session_2*"))) == 1
+@needs_ray
+def test_a_cluster_labels_and_trains_as_local_runs_do_and_its_killed_head_leaves_them_alone(
+        head, labels, s3_server, tmp_path):
+    """`label --address` writes to S3 the shards a local run writes (sha256) and `train --ray-workers 2 --address`
+    puts in an S3 run folder the weights a local Ray Train run gets, with credentials only the command had; a
+    missing or a wrong token is one `Error:` line. Then the head is SIGKILLed: its address is one `Error:` line,
+    and a local Ray run after it (`label`, the cheapest) starts its own Ray although this machine's recorded
+    cluster is that dead head, prints no Ray notice, labels as before and leaves no session folder behind.
+    (One head for all of it, and the commands of each phase at once, so that Ray's start-up waits overlap.)"""
+    import s3fs
 
-
-def test_cluster_failures_are_one_sentence(heads, labels, tmp_path):
-    """A wrong address (the dead head's), a missing token, a wrong token: one `Error:` line each, naming the
-    address and what to set, and none of Ray's retries or warnings."""
-    live, dead = heads
+    assert head.proc.poll() is None, "the head was killed by a test before this one"
     nothing = tmp_path / "home"  # no ~/.ray/auth_token there
     nothing.mkdir()
-    wrong_address = pipeline(*LABEL, "--out", tmp_path / "a", "--address", dead.address, env=base_env())
-    no_token = pipeline(*LABEL, "--out", tmp_path / "b", "--address", live.address, env=base_env(HOME=str(nothing)))
-    wrong_token = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run", "--address", live.address,
+    cluster_label = pipeline(*LABEL, "--out", "s3://labels/cluster", "--address", head.address,
+                             env=base_env(RAY_AUTH_TOKEN_PATH=str(head.token_file), **s3_server))
+    cluster_train = pipeline(*TRAIN, "--labels", labels, "--run", "s3://labels/cluster-run", "--address",
+                             head.address, env=base_env(RAY_AUTH_TOKEN=head.token, **s3_server))
+    local_train = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run-local", env=base_env())
+    no_token = pipeline(*LABEL, "--out", tmp_path / "b", "--address", head.address, env=base_env(HOME=str(nothing)))
+    wrong_token = pipeline(*TRAIN, "--labels", labels, "--run", tmp_path / "run", "--address", head.address,
                            env=base_env(RAY_AUTH_TOKEN="not-the-token"))
-    results = finish(wrong_address, no_token, wrong_token)
-    for code, out, err in results:
-        assert code == 1 and out == "" and len(err.splitlines()) == 1 and err.startswith("Error: "), err
-    (_, _, refused), (_, _, missing), (_, _, wrong) = results
-    assert f"no Ray cluster answers at {dead.address} (connection refused)" in refused
-    assert "RAY_ADDRESS" in refused
-    assert f"the Ray cluster at {live.address} requires token authentication and no token was found" in missing
+    (code, out, err), (ccode, cout, cerr), (tcode, tout, terr), *refused = finish(
+        cluster_label, cluster_train, local_train, no_token, wrong_token)
+    assert code == 0, out + err
+    assert ccode == 0, cout + cerr
+    assert tcode == 0, tout + terr
+
+    head.kill()  # SIGKILL, every process of the head
+    head.proc.wait()
+    assert (head.tmpdir / "ray" / "ray_current_cluster").read_text().strip().endswith(head.address.split(":")[1])
+    local_label = pipeline(*LABEL, "--out", tmp_path / "local", env=base_env(RAY_TMPDIR=str(head.tmpdir)))
+    dead_address = pipeline(*LABEL, "--out", tmp_path / "a", "--address", head.address, env=base_env())
+    (lcode, lout, lerr), *dead = finish(local_label, dead_address)
+    assert lcode == 0, lout + lerr
+    assert digests(tmp_path / "local" / "classic" / "val2017") == digests(labels)
+
+    for rcode, rout, rerr in [*refused, *dead]:  # one sentence each, none of Ray's retries or warnings
+        assert rcode == 1 and rout == "" and len(rerr.splitlines()) == 1 and rerr.startswith("Error: "), rerr
+    (_, _, missing), (_, _, wrong), (_, _, gone) = [*refused, *dead]
+    assert f"the Ray cluster at {head.address} requires token authentication and no token was found" in missing
     assert "set RAY_AUTH_TOKEN" in missing and "RAY_AUTH_TOKEN_PATH" in missing
-    assert f"the Ray cluster at {live.address} refused the authentication token from RAY_AUTH_TOKEN" in wrong
+    assert f"the Ray cluster at {head.address} refused the authentication token from RAY_AUTH_TOKEN" in wrong
+    assert f"no Ray cluster answers at {head.address} (connection refused)" in gone and "RAY_ADDRESS" in gone
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="test", secret="test",
+                           skip_instance_cache=True)
+    shards = {p.rsplit("/", 1)[1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+              for p in fs.glob("labels/cluster/classic/val2017/shard-*.tar")}
+    assert len(digests(labels)) == 3 and shards == digests(labels)
+    a = final_model(lambda rel: (tmp_path / "run-local" / rel).read_bytes())
+    b = final_model(lambda rel: fs.cat_file(f"labels/cluster-run/{rel}"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    for text in (err, terr, cerr, lerr):  # no token notice, GCS warnings, Ray Train controller chatter or tracebacks
+        for noise in ("Token authentication", "gcs_client", "TrainController", "PlacementGroupCleaner",
+                      "Traceback", "Error", "Found credentials"):
+            assert noise not in text, text
+    # the embedded Ray's session folder is gone; the dead head's own session is all that is left there
+    assert list((head.tmpdir / f"pipeline-ray-{os.getuid()}").iterdir()) == []
+    assert len(list((head.tmpdir / "ray").glob("session_2*"))) == 1

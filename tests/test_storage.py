@@ -1,9 +1,13 @@
-"""`pipeline label --out s3://…`: shards on object storage (moto's stand-alone S3 server on loopback)."""
+"""Object storage: `pipeline label --out s3://…`, `pipeline train --labels s3://… --run s3://…` and
+`pipeline verify s3://…` against moto's stand-alone S3 server (its own process on loopback, no patching)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
-import socket
+import io
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,38 +16,29 @@ from click.testing import CliRunner
 from pipeline.cli.main import cli
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "coco"
 LABEL = ["label", "coco", "--teacher", "classic", "--coco-root", str(SAMPLES), "--shard-size", "4",
-         "--io-threads", "2", "--executor", "local", "--no-progress"]
+         "--io-threads", "2", "--executor", "local", "--image-size", "64x96", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3 endpoint on 127.0.0.1 (moto's server in a thread) with a bucket `labels`; yields an s3fs client."""
+def s3(s3_server):
+    """The S3 server's variables in this process's environment (and so in its subprocesses'); yields an s3fs
+    client."""
     import os
 
     import fsspec
     import s3fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    saved = {k: os.environ.get(k) for k in s3_server}
+    os.environ.update(s3_server)
     fsspec.config.conf.pop("s3", None)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        fs = fsspec.filesystem("s3")
-        fs.mkdir("labels")
-        yield fs
+        yield fsspec.filesystem("s3")
     finally:
-        server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
@@ -56,10 +51,17 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, tmp_path):
-    local = CliRunner().invoke(cli, [*LABEL, "--out", str(tmp_path)])
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """The samples labelled into a local folder: the reference shards, and the input of the training test."""
+    out = tmp_path_factory.mktemp("labels")
+    local = CliRunner().invoke(cli, [*LABEL, "--out", str(out)])
     assert local.exit_code == 0, local.output
-    folder = tmp_path / "classic" / "val2017"
+    return out / "classic" / "val2017"
+
+
+def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, labelled):
+    folder = labelled
     remote = "labels/run/classic/val2017"
 
     first = CliRunner().invoke(cli, [*LABEL, "--out", "s3://labels/run"])
@@ -82,6 +84,138 @@ def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, tmp_p
     from pipeline.label.shards import verify_dataset
 
     assert verify_dataset(f"s3://{remote}") == ""
+    ok = CliRunner().invoke(cli, ["verify", f"s3://{remote}", "--deep"])
+    assert ok.exit_code == 0 and ok.output.startswith(f"OK: s3://{remote}: 3 shards, 12 samples"), ok.output
     s3.pipe_file(f"{remote}/shard-000002.tar", b"not the tar")
     s3.invalidate_cache()
     assert "tar missing or of the wrong size" in verify_dataset(f"s3://{remote}")
+    bad = CliRunner().invoke(cli, ["verify", f"s3://{remote}"])
+    assert bad.exit_code == 1 and "shard-000002" in bad.output and "tar is 11 bytes" in bad.output, bad.output
+
+
+TRAIN = ["train", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--backbone-weights", "none",
+         "--workers", "1", "--shuffle-buffer", "4", "--no-progress"]
+
+
+def final_weights(read_bytes) -> dict:
+    """The model of the checkpoint a run folder's latest.json names (``read_bytes``: relative path → bytes)."""
+    import torch
+
+    name = json.loads(read_bytes("checkpoints/latest.json"))["checkpoint"]
+    return torch.load(io.BytesIO(read_bytes(f"checkpoints/{name}")), map_location="cpu", weights_only=False)["model"]
+
+
+def without_seconds(text: str) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(io.StringIO(text))]
+
+
+def test_training_reads_and_writes_object_storage_as_it_does_local_folders(s3, labelled, tmp_path):
+    """Labels on S3, a run folder on S3 trained one epoch then resumed for a second: the same weights, metrics
+    and losses as the same two epochs trained from and into local folders; `pipeline eval --labels s3://…` scores
+    as on the local folder; a corrupt tar there is refused."""
+    local, url = labelled, "s3://labels/train/classic/val2017"
+    for f in sorted(local.iterdir()):
+        s3.put_file(str(f), f"labels/train/classic/val2017/{f.name}")
+    val = tmp_path / "val"  # a label folder of the last shard alone: a short validation
+    val.mkdir()
+    index = json.loads((local / "labels.json").read_text())
+    index.update(shards=index["shards"][-1:], count=index["shards"][-1]["count"])
+    (val / "labels.json").write_text(json.dumps(index))
+    for name in ("shard-000002.tar", "shard-000002.json"):
+        (val / name).write_bytes((local / name).read_bytes())
+        s3.put_file(str(val / name), f"labels/val/{name}")
+    s3.put_file(str(val / "labels.json"), "labels/val/labels.json")
+
+    here = CliRunner().invoke(cli, [*TRAIN, "--labels", str(local), "--val-labels", str(val), "--run",
+                                    str(tmp_path / "run"), "--epochs", "2"])
+    assert here.exit_code == 0, here.output
+    remote = [*TRAIN, "--labels", url, "--val-labels", "s3://labels/val", "--run", "s3://labels/runs/a"]
+    first = CliRunner().invoke(cli, remote)
+    assert first.exit_code == 0 and "checkpoints: s3://labels/runs/a/checkpoints" in first.output, first.output
+    assert json.loads(s3.cat_file("labels/runs/a/checkpoints/latest.json")) == {"checkpoint": "epoch-0000.pt",
+                                                                                "epoch": 0}
+    second = CliRunner().invoke(cli, [*remote, "--epochs", "2"])
+    assert second.exit_code == 0, second.output + second.stderr
+    assert "resuming s3://labels/runs/a after epoch 1 (step 1)" in second.stderr
+
+    s3.invalidate_cache()
+    names = sorted(p.split("labels/runs/a/", 1)[1] for p in s3.find("labels/runs/a"))
+    assert names == ["checkpoints/epoch-0000.pt", "checkpoints/epoch-0001.pt", "checkpoints/latest.json",
+                     "config.json", "curves.png", "losses.csv", "metrics.csv"]
+    a = final_weights(lambda rel: (tmp_path / "run" / rel).read_bytes())
+    b = final_weights(lambda rel: s3.cat_file(f"labels/runs/a/{rel}"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert s3.cat_file("labels/runs/a/losses.csv") == (tmp_path / "run" / "losses.csv").read_bytes()
+    metrics = without_seconds(s3.cat_file("labels/runs/a/metrics.csv").decode())
+    assert len(metrics) == 2 and metrics == without_seconds((tmp_path / "run" / "metrics.csv").read_text())
+
+    scores = [CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "run"), "--labels", labels,
+                                       "--val-shards", "0", "--no-progress"]) for labels in (str(val), "s3://labels/val")]
+    assert all(r.exit_code == 0 for r in scores), scores[1].output
+    here, there = ([line for line in r.output.splitlines()[1:] if not line.lstrip().startswith(("wall", "images/s"))]
+                   for r in scores)
+    assert there == here and len(here) == 6  # cc, kl_div, sim, nss, scored, failed: the same from S3
+
+    s3.pipe_file("labels/train/classic/val2017/shard-000001.tar", (local / "shard-000001.tar").read_bytes()[:-1] + b"x")
+    s3.invalidate_cache()
+    corrupt = CliRunner().invoke(cli, [*remote, "--epochs", "3"])
+    assert corrupt.exit_code == 1, corrupt.output
+    assert corrupt.output.splitlines()[-1].startswith(f"Error: shard {url}/shard-000001.tar")
+
+
+def test_a_missing_storage_package_is_one_sentence_naming_the_extra(monkeypatch, tmp_path):
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")
+    for protocol, package in (("s3", "s3fs"), ("gs", "gcsfs")):  # as if neither were installed
+        monkeypatch.delitem(registry._registry, protocol, raising=False)
+        monkeypatch.setitem(sys.modules, package, None)
+    train = CliRunner().invoke(cli, [*TRAIN, "--labels", "s3://bucket/labels", "--run", str(tmp_path / "run")])
+    assert train.exit_code == 1
+    assert train.output == ("Error: s3:// paths need the s3fs package: pip install 'saliency-pipeline[s3]' "
+                            "(or pip install s3fs)\n")
+    verify = CliRunner().invoke(cli, ["verify", "gs://bucket/labels"])
+    assert verify.exit_code == 1 and "gs:// paths need the gcsfs package: pip install 'saliency-pipeline[gcs]'" \
+        in verify.output, verify.output
+
+
+def test_a_run_folders_pointer_goes_up_last_and_never_names_a_missing_checkpoint(tmp_path, monkeypatch):
+    """An upload that fails half-way (the connection drops before latest.json) leaves the remote run folder as
+    it was plus whole new files: its latest.json still names a checkpoint that is there, so a resume works."""
+    from pipeline.common import storage
+    from pipeline.train.loop import run_mirror
+
+    url = f"memory://runs/{tmp_path.name}"
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "epoch-0000.pt").write_bytes(b"epoch 0")
+    (ckpt / "latest.json").write_text('{"checkpoint": "epoch-0000.pt", "epoch": 0}')
+    (tmp_path / "metrics.csv").write_text("epoch\n0\n")
+    mirror = run_mirror(url, tmp_path)
+    uploads = []
+    real = storage.RemotePath.upload
+    monkeypatch.setattr(storage.RemotePath, "upload",
+                        lambda self, local: (uploads.append(self.name), real(self, local)))
+    assert mirror.push() == 3 and uploads[-1] == "latest.json"
+
+    (ckpt / "epoch-0001.pt").write_bytes(b"epoch 1")
+    (ckpt / "epoch-0002.pt").write_bytes(b"epoch 2")
+    (ckpt / "epoch-0000.pt").unlink()  # the run keeps the two newest
+    (ckpt / "latest.json").write_text('{"checkpoint": "epoch-0002.pt", "epoch": 2}')
+
+    def drop(self, local):
+        if self.name == "latest.json":
+            raise ConnectionError("the connection dropped")
+        real(self, local)
+
+    monkeypatch.setattr(storage.RemotePath, "upload", drop)
+    with pytest.raises(ConnectionError):
+        mirror.push()
+    remote = storage.as_path(url)
+    named = json.loads((remote / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    assert named == "epoch-0000.pt" and (remote / "checkpoints" / named).read_bytes() == b"epoch 0"
+
+    monkeypatch.setattr(storage.RemotePath, "upload", real)
+    assert mirror.push() == 1  # only the pointer was left to upload; then the old checkpoint goes
+    assert sorted(p.relative_to(remote) for p in remote.files()) == [
+        "checkpoints/epoch-0001.pt", "checkpoints/epoch-0002.pt", "checkpoints/latest.json", "metrics.csv"]

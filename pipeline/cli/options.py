@@ -34,6 +34,15 @@ def must_exist(*names: str, hint: str = "") -> None:
                 raise click.BadParameter(f"{v} does not exist{hint}", ctx=ctx, param=params[name])
 
 
+def path_or_url(ctx, param, value):
+    """A local path as ``pathlib`` writes it (``a//b/`` → ``a/b``), a URL (``s3://bucket/key``) as given; each of
+    a ``multiple`` option's values."""
+    def one(v):
+        return v if v is None or "://" in v else str(Path(v))
+
+    return tuple(one(v) for v in value) if isinstance(value, (tuple, list)) else one(value)
+
+
 def ints(ctx, param, value: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())

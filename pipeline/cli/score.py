@@ -15,7 +15,8 @@ import click
 import students
 import teachers
 
-from pipeline.cli.options import build_model, echo_result, model_options, must_exist, runtime_option, with_runtime
+from pipeline.cli.options import (build_model, echo_result, model_options, must_exist, path_or_url, runtime_option,
+                                  with_runtime)
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 
@@ -44,8 +45,9 @@ def fixations_cmd(dataset, root, split, out):
 @model_options
 @click.option("--fixations", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A fixation HDF5 from `pipeline fixations`: all 7 metrics against human fixations.")
-@click.option("--labels", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="A finished label folder: CC, KLDiv, SIM, NSS against the teacher's labels in its last shards.")
+@click.option("--labels", type=click.Path(file_okay=False, path_type=str), default=None, callback=path_or_url,
+              help="A finished label folder (or its URL, s3://…): CC, KLDiv, SIM, NSS against the teacher's labels "
+                   "in its last shards.")
 @click.option("--val-shards", type=click.IntRange(min=0), default=1,
               help="With --labels: how many last shards (0: every shard, for a folder that is all held out).")
 @click.option("--baseline", type=click.Choice(["centerbias", "uniform"]), default="centerbias",

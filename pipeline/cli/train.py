@@ -7,15 +7,18 @@ from pathlib import Path
 import click
 
 import students
-from pipeline.cli.options import floats3, ints, must_exist, student_options
+from pipeline.cli.options import floats3, ints, must_exist, path_or_url, student_options
 
 
 @click.command("train")
-@click.option("--labels", type=click.Path(path_type=Path), multiple=True,
-              default=[Path("data/labels/deepgaze/train2017")],
-              help="A finished label folder (the one holding labels.json); repeat to train on several of one teacher.")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path(f"runs/{students.registry.DEFAULT_STUDENT}"),
-              help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png.")
+@click.option("--labels", type=click.Path(path_type=str), multiple=True, callback=path_or_url,
+              default=["data/labels/deepgaze/train2017"],
+              help="A finished label folder (the one holding labels.json), or its URL (s3://…); repeat to train on "
+                   "several of one teacher.")
+@click.option("--run", "run_dir", type=click.Path(path_type=str), callback=path_or_url,
+              default=f"runs/{students.registry.DEFAULT_STUDENT}",
+              help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png; or a URL (s3://…), written "
+                   "through a local copy after every epoch.")
 @click.option("--student", type=click.Choice(students.available()), default=students.registry.DEFAULT_STUDENT)
 @click.option("--stage", type=click.Choice(["finetune", "hint"]), default="finetune",
               help="finetune: on the pseudo-labels; hint: MSE to the teacher's 4 feature maps (Eq. 1).")
@@ -28,7 +31,7 @@ from pipeline.cli.options import floats3, ints, must_exist, student_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--val-shards", type=click.IntRange(min=1), default=1,
               help="Without --val-labels: the last shards of the last --labels folder, held out for validation.")
-@click.option("--val-labels", type=click.Path(path_type=Path), default=None,
+@click.option("--val-labels", type=click.Path(path_type=str), default=None, callback=path_or_url,
               help="Validate on this label folder (e.g. val2017's) instead of holding out training shards.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, help="Samples in the shuffle buffer.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
@@ -62,6 +65,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
               teacher_weights, loss_weights, steps_per_epoch, ray_workers, address, restart, verify, max_bad_samples,
               progress):
     """Train a FastSal student on labelled shards; re-running resumes after the last finished epoch."""
+    from pipeline.common.storage import StorageError, as_path
     from pipeline.train.data import DataError
     from pipeline.train.config import TrainConfig, TrainError
     from pipeline.train.logs import summary_table
@@ -87,7 +91,8 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
                                    verify=verify)
         else:
             results = train(config, restart=restart, progress=progress, verify=verify)
-    except (DataError, TrainError, WeightsError, KeyError, ValueError) as e:
+    except (DataError, TrainError, WeightsError, StorageError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(summary_table(results))
-    click.echo(f"checkpoints: {run_dir / 'checkpoints'}   curves: {run_dir / 'curves.png'}")
+    run = as_path(run_dir)
+    click.echo(f"checkpoints: {run / 'checkpoints'}   curves: {run / 'curves.png'}")

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from pipeline.cli.options import must_exist
 
 
 @click.command("verify")
-@click.argument("labels_dir", type=click.Path(path_type=Path))
+@click.argument("labels_dir", type=click.Path(path_type=str))
 @click.option("--deep", is_flag=True, help="Also decode every image and label (reads every sample).")
 def verify_cmd(labels_dir, deep):
-    """Check a label folder (the one holding labels.json): every tar against its marker's sha256 and key
+    """Check a label folder (the one holding labels.json, or its URL: s3://…): every tar against its marker's sha256 and key
     list, labels.json against the markers, and with --deep that every image and label decodes.
 
     Prints what is wrong (shard, problem) and exits 1, or one OK line.
@@ -22,7 +20,6 @@ def verify_cmd(labels_dir, deep):
     from pipeline.label.verify import verify_labels
 
     must_exist("labels_dir")
-
     try:
         report = verify_labels(labels_dir, deep=deep)
     except Exception as e:  # noqa: BLE001 - one "Error: <sentence>" line, never a traceback

@@ -11,7 +11,10 @@
   so an unreachable address or a missing/wrong token is one sentence (a :class:`RayClusterError`) instead of
   Ray's retries and warnings. The token is found the way Ray documents it: ``RAY_AUTH_TOKEN``, else the file
   ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``; when the cluster asks for a token and
-  ``RAY_AUTH_MODE`` is not set, token mode is turned on for this process.
+  ``RAY_AUTH_MODE`` is not set, token mode is turned on for this process. The variables that reach object
+  storage (:func:`forwarded_env`: ``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``, ``FSSPEC_*``…) are passed to
+  the job's workers (``runtime_env={"env_vars": …}``), so actors on other nodes read and write ``s3://…`` as
+  this command does; their values are never printed.
 
 When Ray is already initialised in this process (a test, a notebook), that Ray is used and left running.
 """
@@ -31,6 +34,19 @@ TOKEN_HINT = ("set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` o
               "RAY_AUTH_TOKEN_PATH to a file holding it")
 #: the embedded local Ray's object store: small, the shards go to disk, not through it
 LOCAL_OBJECT_STORE = 256 * 1024**2
+
+
+#: variables forwarded to a cluster's workers: these names, and those starting with these prefixes
+FORWARD_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST")
+FORWARD_PREFIXES = ("AWS_", "FSSPEC_", "AZURE_STORAGE_")
+
+
+def forwarded_env(environ) -> dict[str, str]:
+    """The variables of ``environ`` a cluster's workers need to reach object storage as this process does:
+    S3's endpoint, region and credentials (``AWS_*``), Google Cloud Storage's (``GOOGLE_APPLICATION_CREDENTIALS``,
+    ``GOOGLE_CLOUD_PROJECT``, ``STORAGE_EMULATOR_HOST``), Azure's (``AZURE_STORAGE_*``) and fsspec's own settings
+    (``FSSPEC_*``). Nothing else: not Ray's (``RAY_*``, the token included), not ``PATH`` or ``HOME``."""
+    return {k: v for k, v in environ.items() if k in FORWARD_NAMES or k.startswith(FORWARD_PREFIXES)}
 
 
 class RayClusterError(Exception):
@@ -246,6 +262,9 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
     with _env(**quiet):
         if "://" not in address and address != "auto":  # Ray Client, or Ray's own search: their own errors
             check_cluster(address)
+        forward = forwarded_env(os.environ)
+        if forward:
+            options["runtime_env"] = {"env_vars": forward}
         try:
             ray.init(address=address, **options)
         except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback

@@ -5,7 +5,14 @@
 through fsspec. Writes are whole files: a file is written locally first, then uploaded under its final name
 (an object store has no rename; an object appears whole or not at all), so the shard protocol holds as it is:
 the tar is uploaded, then its marker, last. S3 endpoints and credentials come from the usual variables
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``…), which Ray's workers inherit.
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``…), which Ray's workers inherit (on a cluster
+:func:`pipeline.common.ray_cluster.connect` forwards them).
+
+A training run folder on object storage is a local folder mirrored there (:class:`Mirror`): its files are
+downloaded before the run, and after every epoch the files that changed are uploaded, the pointer
+(``checkpoints/latest.json``) last, so a reader (or a resume) never sees a pointer to a checkpoint that is not
+there yet. A protocol whose fsspec implementation is not installed is one sentence naming the extra to install
+(:class:`StorageError`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,43 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
+
+#: the package each protocol needs, and the extra of this project that installs it
+EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+
+
+class StorageError(RuntimeError):
+    """Object storage cannot be used as asked (its fsspec implementation is not installed…): one sentence."""
+
+
+#: the storage clients' loggers, kept to warnings (where Ray or Ray Train log at INFO, botocore would say where it
+#: found the credentials on every connection)
+QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth")
+
+
+def filesystem(protocol: str):
+    """fsspec's filesystem for ``protocol``; :class:`StorageError` naming what to install when it is missing."""
+    import logging
+
+    import fsspec
+
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
+
+    try:
+        return fsspec.filesystem(protocol)
+    except ImportError as e:
+        package, extra = EXTRAS.get(protocol, (None, None))
+        if extra:
+            raise StorageError(f"{protocol}:// paths need the {package} package: pip install "
+                               f"'saliency-pipeline[{extra}]' (or pip install {package})") from None
+        raise StorageError(f"{protocol}:// paths need fsspec's implementation of {protocol!r}, which is not "
+                           f"installed ({e})") from None
+    except ValueError as e:  # fsspec knows no such protocol
+        raise StorageError(f"{protocol}:// is not a storage protocol fsspec knows ({e})") from None
 
 
 def is_url(path) -> bool:
@@ -47,9 +90,7 @@ class RemotePath:
 
     @property
     def fs(self):
-        import fsspec
-
-        return fsspec.filesystem(self.protocol)
+        return filesystem(self.protocol)
 
     def __str__(self) -> str:
         return f"{self.protocol}://{self.key}"
@@ -127,6 +168,22 @@ class RemotePath:
         self.fs.put_file(str(local), self.key)
         self._invalidate()
 
+    def download(self, local: str | Path) -> None:
+        self.fs.get_file(self.key, str(local))
+
+    def files(self) -> list["RemotePath"]:
+        """Every object under this prefix (recursively), sorted."""
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache()  # all of it: listings of sub-prefixes are cached too
+        try:
+            found = self.fs.find(self.key)
+        except FileNotFoundError:
+            return []
+        return sorted(RemotePath(self.protocol, k.strip("/")) for k in found if k.strip("/") != self.key)
+
+    def relative_to(self, other: "RemotePath") -> str:
+        return str(PurePosixPath(self.key).relative_to(other.key))
+
     @contextlib.contextmanager
     def local_copy(self) -> Iterator[Path]:
         """This object downloaded to a temporary local file (removed after)."""
@@ -150,3 +207,76 @@ def staged(final) -> Iterator[Path]:
         final.upload(tmp)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+class Mirror:
+    """A local folder mirrored to the folder ``remote`` on object storage (a training run folder).
+
+    :meth:`pull` downloads what ``remote`` holds (names with a component starting with ``.`` stay behind: locks,
+    Ray's own files); :meth:`push` uploads the local files that changed since the last pull or push, the names in
+    ``last`` after all the others, then removes the remote files of ``prune`` patterns that are gone locally (old
+    checkpoints): at any moment the remote folder is an earlier state of the local one plus whole new files, and
+    its pointer files name only files that are there."""
+
+    def __init__(self, remote: RemotePath, local: Path, last: Iterable[str] = (), prune: Iterable[str] = ()):
+        self.remote, self.local = remote, Path(local)
+        self.last, self.prune = tuple(last), tuple(prune)
+        self.seen: dict[str, tuple[int, int]] = {}
+
+    @staticmethod
+    def _hidden(rel: str) -> bool:
+        return any(part.startswith(".") for part in PurePosixPath(rel).parts)
+
+    def _state(self, path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_mtime_ns, st.st_size
+
+    def pull(self) -> int:
+        """Download the remote folder's files into the local folder; returns how many."""
+        n = 0
+        for obj in self.remote.files():
+            rel = obj.relative_to(self.remote)
+            if self._hidden(rel):
+                continue
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            obj.download(target)
+            self.seen[rel] = self._state(target)
+            n += 1
+        return n
+
+    def remove(self, patterns: Iterable[str]) -> None:
+        """Delete the remote files (and local ones) matching ``patterns`` (paths relative to the folder)."""
+        patterns = tuple(patterns)
+        for obj in self.remote.files():
+            rel = obj.relative_to(self.remote)
+            if any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+                obj.unlink(missing_ok=True)
+        for p in patterns:
+            for path in self.local.glob(p):
+                if path.is_file():
+                    path.unlink()
+                self.seen.pop(str(path.relative_to(self.local)), None)
+
+    def push(self) -> int:
+        """Upload what changed locally (``last`` last), then prune; returns how many files were uploaded."""
+        changed = []
+        for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.local).as_posix()
+            if self._hidden(rel) or self.seen.get(rel) == self._state(path):
+                continue
+            changed.append(rel)
+        changed.sort(key=lambda rel: rel in self.last)
+        for rel in changed:
+            path = self.local / rel
+            state = self._state(path)
+            (self.remote / rel).upload(path)
+            self.seen[rel] = state
+        if self.prune:
+            here = {p.relative_to(self.local).as_posix() for p in self.local.rglob("*") if p.is_file()}
+            for obj in self.remote.files():
+                rel = obj.relative_to(self.remote)
+                if rel not in here and any(fnmatch.fnmatchcase(rel, p) for p in self.prune):
+                    obj.unlink(missing_ok=True)
+                    self.seen.pop(rel, None)
+        return len(changed)

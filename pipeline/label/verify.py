@@ -15,7 +15,8 @@ import numpy as np
 from pipeline.common import images
 from pipeline.common.errors import error_message
 from pipeline.common.tables import table
-from pipeline.label.shards import (MARKER_FORMAT, marker_path, planned_keys, tar_path, tar_samples)
+from pipeline.common.storage import as_path
+from pipeline.label.shards import MARKER_FORMAT, local_file, marker_path, planned_keys, tar_path, tar_samples
 from teachers.weights import file_digest
 
 #: the settings every marker of one folder (and its labels.json) must agree on
@@ -113,6 +114,12 @@ def _check_shard(folder: Path, name: str, marker: dict, reference: dict, deep: b
     tar = tar_path(folder, name)
     if not tar.is_file():
         return problem("tar missing")
+    with local_file(tar) as local:  # a tar on object storage: downloaded once for the checksum and the samples
+        _check_tar(local, marker, deep, report, problem)
+
+
+def _check_tar(tar: Path, marker: dict, deep: bool, report: VerifyReport, problem) -> None:
+    keys = marker["keys"]
     size = tar.stat().st_size
     if size != marker.get("bytes"):
         problem(f"tar is {size} bytes, its marker says {marker.get('bytes')}")
@@ -154,8 +161,8 @@ def _read_json(path: Path):
 
 
 def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
-    """Check ``folder`` (a ``pipeline label`` output folder); the report lists every problem found."""
-    folder = Path(folder)
+    """Check ``folder`` (a ``pipeline label`` output folder, or its URL); the report lists every problem found."""
+    folder = as_path(folder)
     if not folder.is_dir():
         raise VerifyError(f"not a folder: {folder}")
     report = VerifyReport(folder=folder, deep=deep)

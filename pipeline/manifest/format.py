@@ -78,6 +78,17 @@ def code_version() -> str:
 CODE_VERSION: str | None = None
 
 
+#: a URL (``s3://…``; ``s3:/…`` once a path option has normalised it), not a local path (an ``http(s)://`` one,
+#: weights to download, is not refused)
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+URL_WORKDIR = ("workdir {} is a URL: the runner keeps its state, its lock and the steps' outputs in a local or "
+               "shared-filesystem folder; give one, and put labels or a run on object storage with `pipeline label "
+               "--out URL` or `pipeline train --run URL` outside the manifest")
+URL_STEP = ("step {!r}: {} is a URL: a manifest's steps read and write local or shared-filesystem folders (the runner "
+            "checks their outputs there); run `pipeline label --out URL` or `pipeline train --run URL` outside the "
+            "manifest instead")
+
+
 class ManifestError(click.ClickException):
     """The manifest is invalid; ``errors`` holds one ``file:line: message`` line per problem."""
 
@@ -536,6 +547,10 @@ class _Loader:
                 self.error(where, f"unresolved ${{{e.name}}} in {'workdir' if name == 'workdir' else 'var ' + repr(name)}"
                            + (f" {e.hint}" if e.hint else ""))
                 resolved.setdefault(name, "")
+        if _URL_RE.match(_text(resolved["workdir"])):  # one sentence: every step's output would be under it
+            url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", _text(resolved["workdir"]))
+            raise ManifestError([f"{display if workdir is not None else doc.at('workdir')}: "
+                                 f"{URL_WORKDIR.format(url)}"])
         return Path(_text(resolved["workdir"])), {k: v for k, v in resolved.items() if k != "workdir"}
 
     # -- steps: structure ----------------------------------------------------------------------------
@@ -731,6 +746,11 @@ class _Loader:
                         if p.name in ctx.params and (spec is None or (
                             p.name not in spec.volatile
                             and not (p.name in spec.added and ctx.params[p.name] == spec.added[p.name])))}
+            urls = [v for v in ctx.params.values() if isinstance(v, (str, Path)) and _URL_RE.match(str(v))
+                    and not str(v).lower().startswith(("http:", "https:"))]  # weights may be downloaded
+            if urls:
+                self.error(doc.at("steps", name), URL_STEP.format(name, urls[0]))
+                return None
             output = None
             if spec is not None and spec.output is not None:
                 try:

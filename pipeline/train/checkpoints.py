@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.common.atomic import atomic_open, write_json
+from pipeline.common.storage import as_path
 from pipeline.train.config import TrainError
 from students import Student, build_student
 from teachers.weights import WeightsError, load_state_dict, load_strict
@@ -51,7 +52,7 @@ def set_rng_state(state: dict) -> None:
 # -- files ----------------------------------------------------------------------------------------
 def _read_latest(ckpt_dir: Path) -> tuple[dict | None, str]:
     """(``latest.json``'s record or None, "" or why it cannot be read)."""
-    marker = Path(ckpt_dir) / LATEST
+    marker = as_path(ckpt_dir) / LATEST
     if not marker.is_file():
         return None, ""
     try:
@@ -70,7 +71,7 @@ def latest_record(ckpt_dir: Path) -> dict | None:
     :class:`CheckpointError` when it is there but unreadable."""
     record, problem = _read_latest(ckpt_dir)
     if problem:
-        raise CheckpointError(f"{problem}: re-running `pipeline train` on {Path(ckpt_dir).parent} resumes from its "
+        raise CheckpointError(f"{problem}: re-running `pipeline train` on {as_path(ckpt_dir).parent} resumes from its "
                               "newest readable checkpoint and rewrites it; or give a checkpoint file")
     return record
 

@@ -9,6 +9,10 @@ reading, a sample whose image or label does not decode, or a tar that ends early
 becomes a :class:`BadSample` that travels with the batches from the DataLoader workers to the training
 process, where :class:`BadSamples` logs and counts it (and stops the run beyond its limit); a shard that
 cannot be opened, or whose samples carry another label field, stops the run with one sentence.
+
+A label folder may be a URL (``s3://bucket/labels/deepgaze/train2017``): its index, markers and tars are read
+through fsspec (:mod:`pipeline.common.storage`), the tars streamed by webdataset, for which this module
+registers fsspec as the opener of the object-storage schemes (:data:`REMOTE_SCHEMES`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,34 @@ import cv2
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
-from pipeline.label.shards import marker_path, tar_path, verify_shard
+from pipeline.common.storage import as_path, is_url
+from pipeline.label.shards import digest, marker_path, tar_path, verify_shard
 from teachers.weights import file_digest
+
+#: URL schemes whose tars webdataset opens through fsspec rather than its own way (``gs``: gsutil), as every
+#: other scheme fsspec knows and webdataset does not; set at import, so DataLoader workers have it too
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    return as_path(url).open(mode)
+
+
+def _fsspec_or_webdataset(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    from fsspec.registry import known_implementations, registry
+
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in registry or scheme in known_implementations:
+        return _fsspec_open(url, mode, bufsize, **kw)
+    return _WEBDATASET_DEFAULT(url, mode, bufsize, **kw)
+
+
+_WEBDATASET_DEFAULT = _gopen.gopen_schemes["__default__"]
+for _scheme in REMOTE_SCHEMES:
+    _gopen.gopen_schemes[_scheme] = _fsspec_open
+_gopen.gopen_schemes["__default__"] = _fsspec_or_webdataset
 
 
 class DataError(Exception):
@@ -62,7 +91,7 @@ class LabelSet:
         return {t: (d, c) for t, d, c in zip(self.tars, self.digests, self.counts)}
 
 
-def _index(folder: Path) -> dict:
+def _index(folder) -> dict:
     path = folder / "labels.json"
     try:
         index = json.loads(path.read_text())
@@ -81,8 +110,8 @@ def _index(folder: Path) -> dict:
 
 def open_label_set(folder: str | Path) -> LabelSet:
     """The label folder's shards as its ``labels.json`` lists them, each checked to be there with its marker
-    and size (not its checksum: :func:`verify_shards` reads them)."""
-    folder = Path(folder)
+    and size (not its checksum: :func:`verify_shards` reads them). ``folder`` may be a URL."""
+    folder = as_path(folder)
     index = _index(folder)
     tars, counts, digests = [], [], []
     for shard in index["shards"]:
@@ -120,7 +149,7 @@ def verify_shards(shards: Mapping[str, tuple[str, int]], threads: int = 4) -> No
 
 def _digest_or_none(path: str) -> str | None:
     try:
-        return file_digest(path)
+        return digest(path) if is_url(path) else file_digest(path)
     except OSError:
         return None
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from pipeline.common.atomic import atomic_open
+from pipeline.common.storage import as_path
 from pipeline.common.tables import table
 from pipeline.train.config import EpochResult
 
@@ -44,8 +45,8 @@ def append_metrics(run: Path, result: EpochResult, world: int) -> None:
 
 
 def read_metrics(run: Path, from_epoch: int = 0) -> list[EpochResult]:
-    """The epochs of ``metrics.csv`` from ``from_epoch`` on."""
-    with open(run / "metrics.csv", newline="") as f:
+    """The epochs of ``metrics.csv`` from ``from_epoch`` on (``run`` may be a URL)."""
+    with (as_path(run) / "metrics.csv").open("r", newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["epoch"]) >= from_epoch]
     return [EpochResult(int(r["epoch"]), float(r["train_loss"]), {k: float(r[k]) for k in VAL_KEYS},
                         float(r["lr"]), float(r["seconds"]), int(r["images"]),

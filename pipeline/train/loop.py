@@ -10,6 +10,12 @@ The same loop runs as one process (the default) or as one process per worker of 
 ``torch.distributed`` group (:mod:`pipeline.train.ray_train` starts them with Ray Train): then the model is
 wrapped in DistributedDataParallel, each worker reads its own shards (``webdataset.split_by_node``)
 for the same number of steps, and worker 0 alone validates, logs and checkpoints.
+
+The run folder may be a URL (``--run s3://bucket/runs/a``): the run then trains in a local staging folder that
+mirrors it (:class:`pipeline.common.storage.Mirror`): what the URL holds is downloaded first (the resume), and
+after every epoch the files that changed are uploaded, checkpoint first and ``checkpoints/latest.json`` last.
+Object storage has no exclusive create, so no lock keeps a second ``pipeline train`` out of a run URL: one
+run per URL at a time is the user's to keep.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import csv
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +37,8 @@ from pipeline.common.atomic import write_json
 from pipeline.common.devices import DeviceError, autocast, resolve_device, use_autocast
 from pipeline.common.locks import LOCK_NAME, FolderLock, LockHeld
 from pipeline.common.progress import progress as show_progress
-from pipeline.train.checkpoints import init_from, newest_readable, rng_state, save_checkpoint, set_rng_state
+from pipeline.common.storage import Mirror, as_path, is_url
+from pipeline.train.checkpoints import LATEST, init_from, newest_readable, rng_state, save_checkpoint, set_rng_state
 from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
 from pipeline.train.data import (BadSamples, check_same_labels, epoch_order, node_shards, open_label_set,
                                  open_label_sets, shard_loader, split_shards, verify_shards)
@@ -161,16 +169,23 @@ class Trainer:
         return labels, train, val_tars, shards
 
     # -- checkpoints -----------------------------------------------------------------------
+    def shown(self, text: str) -> str:
+        """``text`` with the local staging folder of a run URL written as the URL (what the user gave)."""
+        return text.replace(str(self.run), str(self.config.run)) if is_url(self.config.run) else text
+
     def resume(self) -> bool:
-        found = newest_readable(self.ckpt_dir, warn=lambda line: print(line, file=sys.stderr))
+        try:
+            found = newest_readable(self.ckpt_dir, warn=lambda line: print(self.shown(line), file=sys.stderr))
+        except TrainError as e:
+            raise TrainError(self.shown(str(e))) from None
         if found is None:
             return False
         path, ckpt = found
         mine = self.config.resume_key()
         if ckpt["config"] != mine:
             diff = sorted(k for k in set(ckpt["config"]) | set(mine) if ckpt["config"].get(k) != mine.get(k))
-            raise TrainError(f"{path} was trained with other settings ({', '.join(diff)}); "
-                             "use another --run or --restart")
+            raise TrainError(self.shown(f"{path} was trained with other settings ({', '.join(diff)}); "
+                                        "use another --run or --restart"))
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -331,28 +346,49 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, 
     lock and verified the shards); worker 0 writes the logs and checkpoints.
     """
     trainer = Trainer(config)
-    held = lock_run(trainer.run) if lock and trainer.rank == 0 else None
+    remote = is_url(config.run)
+    held = lock_run(trainer.run) if lock and trainer.rank == 0 and not remote else None
     try:
         if verify:  # every shard's sha256 against its marker's, once per run, before the first is read
             verify_shards(trainer.shards)
-        return _train(trainer, config, restart=restart, progress=progress)
+        if not remote:
+            return _train(trainer, config, restart=restart, progress=progress)
+        with tempfile.TemporaryDirectory(prefix="pipeline-run-") as staging:
+            trainer.run, trainer.ckpt_dir = Path(staging), Path(staging) / "checkpoints"
+            return _train(trainer, config, restart=restart, progress=progress, mirror=run_mirror(config.run, staging))
     finally:
         if held is not None:
             held.release()
 
 
-def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: bool) -> list[EpochResult]:
+#: what ``--restart`` deletes in a run folder (relative paths)
+RESTART_FILES = ("checkpoints/*", "losses.csv", "metrics.csv", "curves.png")
+
+
+def run_mirror(url: str, local: str | Path) -> Mirror:
+    """A run folder on object storage as a local staging folder: its pointer uploaded last, and the old
+    checkpoints and TensorBoard events the run deletes locally deleted there too."""
+    return Mirror(as_path(url), Path(local), last=(f"checkpoints/{LATEST}",),
+                  prune=("checkpoints/epoch-*.pt", "tensorboard/events.out.tfevents.*"))
+
+
+def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: bool,
+           mirror: Mirror | None = None) -> list[EpochResult]:
     run, lead = trainer.run, trainer.rank == 0
     if lead:
         run.mkdir(parents=True, exist_ok=True)
         if restart:
             for p in [*trainer.ckpt_dir.glob("*"), run / "losses.csv", run / "metrics.csv", run / "curves.png"]:
                 p.unlink(missing_ok=True)
+            if mirror is not None:
+                mirror.remove(RESTART_FILES)
     _barrier(trainer.world)
+    if mirror is not None:  # every worker resumes from what the run URL holds
+        mirror.pull()
     resumed = trainer.resume()
     if lead:
         write_json(run / "config.json", asdict(config))
-        print(f"resuming {run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
+        print(f"resuming {config.run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
         keep_rows(run / "losses.csv", LOSS_HEADER + list(trainer.log_names), trainer.epoch)
         keep_rows(run / "metrics.csv", METRICS_HEADER + list(trainer.log_names), trainer.epoch)
@@ -378,6 +414,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
                 board.epoch(trainer, result)
                 trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
                 plot_curves(run)
+                if mirror is not None:  # the epoch's files, latest.json last
+                    mirror.push()
                 results.append(result)
                 bar.milestone(epoch_note(result, config.epochs))
             else:
@@ -385,6 +423,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             _barrier(trainer.world)
     if board is not None:
         board.close()
+        if mirror is not None:
+            mirror.push()
     return results
 
 

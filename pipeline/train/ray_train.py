@@ -5,16 +5,19 @@ CPUs), joins them in a ``torch.distributed`` group (NCCL on GPUs, Gloo on CPUs) 
 :func:`pipeline.train.train` in each; the loop wraps the student in DistributedDataParallel, splits the
 shards by worker and lets worker 0 validate, log and checkpoint into the run folder, so the run folder,
 its resume and its outputs are those of a single-process run. On a multi-node cluster (``--address``)
-the label folders and the run folder must be on a filesystem every node sees, and this package
-installed on every node. Needs Ray Train (``pip install 'ray[train]'``).
+the label folders and the run folder must be on a filesystem every node sees, or URLs on object storage
+(``s3://…``: the workers read the shards there, worker 0 mirrors the run folder there and every worker
+resumes from it), and this package installed on every node. Needs Ray Train (``pip install 'ray[train]'``).
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipeline.common.ray_cluster import RayClusterError, connect
+from pipeline.common.storage import as_path, is_url
 from pipeline.train.checkpoints import CheckpointError, latest_record
 from pipeline.train.config import EpochResult, TrainConfig, TrainError
 from pipeline.train.data import verify_shards
@@ -36,13 +39,13 @@ def _worker(loop_config: dict) -> None:
 def _absolute(config: TrainConfig) -> TrainConfig:
     """Paths as the workers will see them (Ray Train runs them in another working directory)."""
     def absolute(p):
-        return str(Path(p).resolve()) if p else p
+        return str(Path(p).resolve()) if p and not is_url(p) else p
 
     return replace(config, labels=tuple(absolute(p) for p in config.labels), run=absolute(config.run),
                    val_labels=absolute(config.val_labels), init=absolute(config.init))
 
 
-def _finished_epochs(run: Path) -> int:
+def _finished_epochs(run) -> int:
     try:
         record = latest_record(run / "checkpoints")
     except CheckpointError:
@@ -63,23 +66,28 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
     config = _absolute(config)
     *_, shards = Trainer.check(replace(config, amp="auto"))  # one clear error here, before any worker starts (the
     # workers, not this driver, may have the GPUs that --amp bf16 needs: that is checked on them)
-    run = Path(config.run)
-    lock = lock_run(run)
+    run = as_path(config.run)
+    lock = None if is_url(config.run) else lock_run(run)  # object storage has no lock (see pipeline.train.loop)
     try:
         if verify:
             verify_shards(shards)
         return _fit(config, run, workers=workers, address=address, restart=restart, progress=progress)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _fit(config: TrainConfig, run: Path, *, workers: int, address: str | None, restart: bool,
+def _fit(config: TrainConfig, run, *, workers: int, address: str | None, restart: bool,
          progress: bool) -> list[EpochResult]:
     run.mkdir(parents=True, exist_ok=True)
     before = 0 if restart else _finished_epochs(run)
     try:
         with connect(address, show=("RayTrainWorker",)):
-            _fit_on_ray(config, workers, restart, progress, run)
+            if is_url(config.run):  # Ray Train's own files stay on this machine, not in the bucket
+                with tempfile.TemporaryDirectory(prefix="pipeline-ray-train-") as own:
+                    _fit_on_ray(config, workers, restart, progress, Path(own))
+            else:
+                _fit_on_ray(config, workers, restart, progress, run)
     except RayClusterError as e:
         raise TrainError(str(e)) from None
     return read_metrics(run, from_epoch=before)
