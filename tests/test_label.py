@@ -456,19 +456,21 @@ def test_a_failing_shard_is_one_error_line_and_a_broken_preview_only_a_warning(c
 
     args = ["label", "coco", "--teacher", "classic", "--coco-root", str(coco_tree), "--out", str(tmp_path),
             "--shard-size", "3", "--executor", "local", "--no-progress", "--retries", "0"]
-    real = pipeline.label.worker.write_shard
+    real = pipeline.label.worker.ShardWriter
 
-    def fail_second(folder, name, samples, marker):
-        if name == "shard-000001":
-            raise IndexError()  # an exception without a message
-        return real(folder, name, samples, marker)
+    class FailSecond(real):
+        def write(self, sample):
+            if self.name == "shard-000001":
+                raise IndexError()  # an exception without a message, on the tar's writer thread
+            super().write(sample)
 
-    monkeypatch.setattr(pipeline.label.worker, "write_shard", fail_second)
+    monkeypatch.setattr(pipeline.label.worker, "ShardWriter", FailSecond)
     failed = CliRunner().invoke(cli, args)
     assert failed.exit_code == 1 and isinstance(failed.exception, SystemExit)
     assert "Error: 1 of 3 shards failed (shard-000001: IndexError)" in failed.output
     assert "images labelled                5" in failed.output and "Traceback" not in failed.output
-    monkeypatch.setattr(pipeline.label.worker, "write_shard", real)
+    monkeypatch.setattr(pipeline.label.worker, "ShardWriter", real)
+    assert not list(tmp_path.glob("classic/val2017/.*.tmp-*"))  # the failed shard left no temp file
 
     def no_preview(*a, **k):
         raise OSError(errno.EACCES, "Permission denied", "preview.png")

@@ -11,6 +11,13 @@ import stat
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:  # deprecated in torchvision 0.29 (TorchCodec takes over); without it OpenCV decodes everything
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover
+    decode_jpeg = None
 
 #: smallest side we label: below this a saliency map says nothing
 MIN_SIDE = 8
@@ -28,16 +35,52 @@ def _jpeg_truncated(data: bytes) -> bool:
     return sos < 0 or data.find(b"\xff\xd9", sos) < 0
 
 
+def is_jpeg(data: bytes) -> bool:
+    """A JPEG with an end-of-image marker after its last scan (what :func:`decode_jpegs` is handed)."""
+    return data[:2] == b"\xff\xd8" and not _jpeg_truncated(data)
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: torch warns on bytes
+
+
+def _decode_rgb_jpeg(data: bytes) -> np.ndarray | None:
+    """A three-channel JPEG decoded by torchvision's libjpeg-turbo, ``(H, W, 3)``, or None (any other
+    JPEG, or an error: OpenCV then decodes it and words the failure).
+
+    Both libraries run libjpeg-turbo with its defaults (integer IDCT, fancy upsampling) and give the same
+    pixels (``tests/test_label.py`` checks this on several encodings); torchvision's is about half the
+    time of OpenCV's ``imdecode`` + ``cvtColor`` and runs without the GIL, so decode threads scale.
+    """
+    if decode_jpeg is None:
+        return None
+    try:
+        chw = decode_jpeg(_as_tensor(data), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError:
+        return None
+    if chw.ndim != 3 or chw.shape[0] != 3:
+        return None
+    return chw.permute(1, 2, 0).numpy()  # torchvision decodes into HWC memory: a contiguous view
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded bytes → RGB uint8 ``(H, W, 3)``.
 
     Grayscale, CMYK, 16-bit and alpha images are converted by OpenCV (alpha is dropped, 16-bit
     scaled to 8); EXIF orientation is ignored so pixel coordinates match COCO's annotations.
+    Three-channel JPEGs are decoded by torchvision (the same pixels, faster).
     """
     if not data:
         raise ImageError("empty file")
-    if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
-        raise ImageError("truncated JPEG (no end-of-image marker after the last scan)")
+    if data[:2] == b"\xff\xd8":
+        if _jpeg_truncated(data):
+            raise ImageError("truncated JPEG (no end-of-image marker after the last scan)")
+        rgb = _decode_rgb_jpeg(data)
+        if rgb is not None:
+            if min(rgb.shape[:2]) < MIN_SIDE:
+                raise ImageError(f"image too small ({rgb.shape[1]}×{rgb.shape[0]}); "
+                                 f"the smallest side must be at least {MIN_SIDE} px")
+            return rgb
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise ImageError("cannot decode (not an image OpenCV can read, or corrupt)")
@@ -102,3 +145,35 @@ def encode_png(gray: np.ndarray) -> bytes:
     if not ok:
         raise ImageError("PNG encoding failed")
     return buf.tobytes()
+
+
+def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEGs → RGB uint8 ``[3, H, W]`` tensors on ``device`` (nvJPEG on a GPU, one batched call), EXIF
+    orientation ignored as in :func:`decode_image`; None for an image the device cannot decode (or too
+    small), which the caller decodes on the CPU instead."""
+    tensors = [_as_tensor(d) for d in datas]
+    try:
+        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad image fails the batched call: find it, one at a time
+        decoded = []
+        for t in tensors:
+            try:
+                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(None)
+    return [x if x is not None and x.ndim == 3 and x.shape[0] == 3 and min(x.shape[1:]) >= MIN_SIDE else None
+            for x in decoded]
+
+
+def resize_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[3, h, w]`` uint8 → ``[3, H, W]`` uint8 on its device: antialiased bilinear when shrinking (close to
+    :func:`resize`'s area filter), bilinear when enlarging."""
+    h, w = size
+    if tuple(image.shape[-2:]) == (h, w):
+        return image
+    shrinking = h * w < image.shape[-2] * image.shape[-1]
+    x = image[None]
+    if x.device.type == "cpu":  # PyTorch's uint8 kernel (rounds like OpenCV)
+        return F.interpolate(x, size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)[0]
+    y = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)[0]

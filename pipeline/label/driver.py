@@ -185,10 +185,12 @@ def _pending(plan: ShardPlan, reuse: dict[int, dict]) -> int:
 
 
 def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries):
-    for plan in todo:
+    for i, plan in enumerate(todo):
+        following = todo[i + 1] if i + 1 < len(todo) else None  # decoded while this shard finishes
         for attempt in range(retries + 1):
             try:
-                on_done(plan, labeler.label_shard(plan, folder, progress=bar.update, reuse=reuse.get(plan.index)), None)
+                on_done(plan, labeler.label_shard(plan, folder, progress=bar.update, reuse=reuse.get(plan.index),
+                                                  next_plan=following), None)
                 break
             except Exception as e:  # noqa: BLE001 - a shard-level failure is retried, then recorded
                 if attempt == retries:
