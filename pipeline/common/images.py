@@ -13,11 +13,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-try:  # deprecated in torchvision 0.29 (TorchCodec takes over); without it OpenCV decodes everything
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # pragma: no cover
-    decode_jpeg = None
+from torchvision.io import ImageReadMode, decode_jpeg
 
 #: smallest side we label: below this a saliency map says nothing
 MIN_SIDE = 8
@@ -44,43 +40,16 @@ def _as_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: torch warns on bytes
 
 
-def _decode_rgb_jpeg(data: bytes) -> np.ndarray | None:
-    """A three-channel JPEG decoded by torchvision's libjpeg-turbo, ``(H, W, 3)``, or None (any other
-    JPEG, or an error: OpenCV then decodes it and words the failure).
-
-    Both libraries run libjpeg-turbo with its defaults (integer IDCT, fancy upsampling) and give the same
-    pixels (``tests/test_label.py`` checks this on several encodings); torchvision's is about half the
-    time of OpenCV's ``imdecode`` + ``cvtColor`` and runs without the GIL, so decode threads scale.
-    """
-    if decode_jpeg is None:
-        return None
-    try:
-        chw = decode_jpeg(_as_tensor(data), mode=ImageReadMode.UNCHANGED)
-    except RuntimeError:
-        return None
-    if chw.ndim != 3 or chw.shape[0] != 3:
-        return None
-    return chw.permute(1, 2, 0).numpy()  # torchvision decodes into HWC memory: a contiguous view
-
-
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded bytes → RGB uint8 ``(H, W, 3)``.
 
     Grayscale, CMYK, 16-bit and alpha images are converted by OpenCV (alpha is dropped, 16-bit
     scaled to 8); EXIF orientation is ignored so pixel coordinates match COCO's annotations.
-    Three-channel JPEGs are decoded by torchvision (the same pixels, faster).
     """
     if not data:
         raise ImageError("empty file")
-    if data[:2] == b"\xff\xd8":
-        if _jpeg_truncated(data):
-            raise ImageError("truncated JPEG (no end-of-image marker after the last scan)")
-        rgb = _decode_rgb_jpeg(data)
-        if rgb is not None:
-            if min(rgb.shape[:2]) < MIN_SIDE:
-                raise ImageError(f"image too small ({rgb.shape[1]}×{rgb.shape[0]}); "
-                                 f"the smallest side must be at least {MIN_SIDE} px")
-            return rgb
+    if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
+        raise ImageError("truncated JPEG (no end-of-image marker after the last scan)")
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise ImageError("cannot decode (not an image OpenCV can read, or corrupt)")
@@ -173,7 +142,7 @@ def resize_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return image
     shrinking = h * w < image.shape[-2] * image.shape[-1]
     x = image[None]
-    if x.device.type == "cpu":  # PyTorch's uint8 kernel (rounds like OpenCV)
+    if x.device.type == "cpu":  # PyTorch has a uint8 kernel on the CPU
         return F.interpolate(x, size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)[0]
     y = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)
     return y.round_().clamp_(0, 255).to(torch.uint8)[0]

@@ -53,12 +53,15 @@ class _Hashing:
         self.f, self.sha256, self.size = f, hashlib.sha256(), 0
 
     def write(self, data) -> int:
+        if self.f is None:  # discarded: the tar writer's last flush (on garbage collection) goes nowhere
+            return len(data)
         self.sha256.update(data)
         self.size += len(data)
         return self.f.write(data)
 
     def flush(self) -> None:
-        self.f.flush()
+        if self.f is not None:
+            self.f.flush()
 
 
 class _Abort(Exception):
@@ -74,7 +77,8 @@ class ShardWriter:
         marker_path(folder, name).unlink(missing_ok=True)
         self.folder, self.name, self.final = folder, name, tar_path(folder, name)
         self._files = contextlib.ExitStack()
-        self._file = _Hashing(self._files.enter_context(atomic_open(self.final, "wb")))
+        self._file = _Hashing(None)
+        self._file.f = self._files.enter_context(atomic_open(self.final, "wb"))
         try:
             self._tar = wds.TarWriter(self._file, mtime=0.0, user="", group="")
         except BaseException:
@@ -108,6 +112,7 @@ class ShardWriter:
         """Remove the temp file (nothing is renamed, no marker written)."""
         with contextlib.suppress(_Abort):
             self._files.__exit__(_Abort, _Abort(), None)
+        self._file.f = None
 
 
 def write_shard(folder: Path, name: str, samples: Iterable[dict], marker: dict) -> dict:

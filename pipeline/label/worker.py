@@ -276,8 +276,8 @@ class ShardLabeler:
         with autocast(self.device, self.autocast):
             maps = self.teacher(x)
         maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)[:, 0]
-        if not cuda:
-            labels = maps.contiguous().numpy()
+        if not cuda:  # views, no copies (a torch copy would wake its OpenMP threads, which then spin)
+            labels = maps.numpy()
             host = shard_images.contiguous().numpy() if on_device else None
             event = None
         else:
