@@ -72,11 +72,12 @@ class _Item:
 
 
 _END, _ABORT = object(), object()
+_CHUNK = 8  # samples per encode job
 
 
 class _TarStream:
-    """The shard's tar, written on its own thread as samples come, in the order they are put (a
-    :class:`Future` is waited for). Started by the first :meth:`put`, so a shard that writes nothing
+    """The shard's tar, written on its own thread as samples come, in the order they are put (a sample, a
+    list of samples, or a :class:`Future` of either, waited for). Started by the first :meth:`put`, so a shard that writes nothing
     opens no file; at most ``depth`` samples wait in its queue (the producer blocks beyond that)."""
 
     def __init__(self, folder: Path, name: str, depth: int):
@@ -111,7 +112,9 @@ class _TarStream:
                     entry.cancel()
                 continue
             try:
-                self.writer.write(entry.result() if isinstance(entry, Future) else entry)
+                samples = entry.result() if isinstance(entry, Future) else entry
+                for sample in samples if isinstance(samples, list) else (samples,):
+                    self.writer.write(sample)
             except BaseException as e:  # noqa: BLE001 - handed to the producer
                 self.error = e
         if self.writer is not None and (entry is _ABORT or self.error is not None):
@@ -326,9 +329,9 @@ class ShardLabeler:
             },
         }
 
-    def _encoded(self, item: _Item, label: np.ndarray) -> dict:
-        """The sample as the tar holds it (bytes per member), made on an encode thread."""
-        return encode_sample(self._sample(item, label))
+    def _encoded(self, pairs: list[tuple[_Item, np.ndarray]]) -> list[dict]:
+        """Samples as the tar holds them (bytes per member), made on an encode thread."""
+        return [encode_sample(self._sample(item, label)) for item, label in pairs]
 
     def label_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None,
                     reuse: dict | None = None, next_plan: ShardPlan | None = None) -> dict:
@@ -358,7 +361,7 @@ class ShardLabeler:
         order = {r.key: i for i, r in enumerate(plan.records)}
         kept_left = deque(r.key for r in plan.records if r.key in kept)  # plan order
         fresh: set[str] = set()
-        stream = _TarStream(folder, plan.name, depth=2 * self.config.batch_size)
+        stream = _TarStream(folder, plan.name, depth=2 * self.config.batch_size // _CHUNK + 2)
         in_flight: deque = deque()  # (items, wait) of batches on the device
         depth = 1 if self.device.type == "cuda" else 0
 
@@ -373,11 +376,23 @@ class ShardLabeler:
             t = time.perf_counter()
             labels = wait()
             timings["forward_s"] += time.perf_counter() - t
+            chunk: list = []  # encoded together: one job and one queue entry per few samples, not per sample
+
+            def put_chunk():
+                if chunk:
+                    stream.put(self.encode_pool.submit(self._encoded, chunk.copy()))
+                    chunk.clear()
+
             for it, label in zip(batch, labels):
-                while kept_left and order[kept_left[0]] < order[it.record.key]:
-                    stream.put(kept[kept_left.popleft()])
-                stream.put(self.encode_pool.submit(self._encoded, it, label))
+                if kept_left and order[kept_left[0]] < order[it.record.key]:
+                    put_chunk()
+                    while kept_left and order[kept_left[0]] < order[it.record.key]:
+                        stream.put(kept[kept_left.popleft()])
+                chunk.append((it, label))
                 fresh.add(it.record.key)
+                if len(chunk) == _CHUNK:
+                    put_chunk()
+            put_chunk()
             if progress:
                 progress(len(batch))
 
