@@ -501,10 +501,11 @@ def test_a_ray_task_error_shows_the_original_cause(coco_tree, tmp_path):
 
         import pipeline.label.worker
 
-        def write_shard(*args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
+        class NoSpace(pipeline.label.worker.ShardWriter):
+            def write(self, sample):  # on the tar's writer thread
+                raise OSError(errno.ENOSPC, "No space left on device")
 
-        pipeline.label.worker.write_shard = write_shard
+        pipeline.label.worker.ShardWriter = NoSpace
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, object_store_memory=256 * 1024**2,
              runtime_env={"worker_process_setup_hook": no_space_left})
