@@ -8,13 +8,15 @@
 Four runs, each printed as one JSON line (``--json FILE`` appends them too), then a table:
 
 (a) ``teacher``  the bare teacher forward on pre-decoded tensors already on the device (same batch size,
-    same autocast as the worker, channels-last on a GPU): the compute ceiling;
+    same autocast and, on a CPU, the same intra-op threads as the worker; channels-last on a GPU): the
+    compute ceiling;
 (b) ``worker``   the full worker path: read → decode → resize → teacher → encode → tar → marker, the very
     :class:`ShardLabeler` the Ray actor wraps, shard after shard with the next shard handed on as the
     in-process driver does;
-(c) ``naive``    a naive loop: PIL open, fp32, batch 1, one forward per image, each label and image saved
-    to its own file;
-(d) ``null``     the worker path with a teacher that does nothing (a fixed map): the CPU / I-O ceiling.
+(c) ``naive``    a naive loop: PIL open, fp32, batch 1, one forward per image (torch's default threads),
+    each label and image saved to its own file;
+(d) ``null``     the worker path with a teacher that does nothing (a fixed map): the CPU / I-O ceiling;
+``stages``       CPU milliseconds per image of each stage of the CPU data path, one thread, run alone.
 
 Rates are images/s, images/s per core (the cores this process may run on) and images per CPU-second
 (user + system time of every thread of the process: on a shared machine the per-core rate the path
@@ -26,6 +28,7 @@ files themselves come from the page cache (no disk reads are measured).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -96,8 +99,10 @@ def run_teacher(labeler: ShardLabeler, records, n_images: int) -> tuple[float, f
             assert labeler._cuda_ready
         batches = max(1, round(n_images / x.shape[0]))
 
-        def once():
-            with autocast(labeler.device, labeler.autocast):
+        threads = contextlib.nullcontext if labeler.device.type == "cuda" else labeler._teacher_threads
+
+        def once():  # as the worker runs it: same autocast, same intra-op threads
+            with autocast(labeler.device, labeler.autocast), threads():
                 return labeler.teacher(x)
 
         once()
@@ -156,6 +161,40 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def run_stages(records, image_size, quality: int, n: int) -> dict:
+    """Where the time of the CPU data path goes: CPU milliseconds per image of each stage, run alone on
+    one thread over the same images (read, decode, resize, JPEG encode, label encode, tar write + sha256)."""
+    import io
+
+    from pipeline.common import images
+    from pipeline.label.shards import _Hashing, encode_sample
+    from pipeline.label.worker import encode_label
+    import webdataset as wds
+
+    records = records[:n]
+    label = NullTeacher()(torch.zeros(1, 3, *image_size, dtype=torch.uint8))[0, 0].numpy()
+    stages: dict[str, float] = {}
+
+    def stage(name, f, items):
+        c = cpu_seconds()
+        out = [f(x) for x in items]
+        stages[name] = round((cpu_seconds() - c) * 1e3 / len(items), 3)
+        return out
+
+    datas = stage("read", lambda r: images.read_file(r.path), records)
+    rgbs = stage("decode", images.decode_image, datas)
+    small = stage("resize", lambda x: images.resize(x, image_size), rgbs)
+    jpgs = stage("jpeg encode", lambda x: images.encode_jpeg(x, quality), small)
+    pngs = stage("label encode (png)", lambda x: encode_label(label, "probability_map"), small)
+    samples = [encode_sample({"__key__": f"{i:012d}", "jpg": j, "null.png": p, "json": {"id": i}})
+               for i, (j, p) in enumerate(zip(jpgs, pngs))]
+    sink = _Hashing(io.BytesIO())
+    with wds.TarWriter(sink, mtime=0.0, user="", group="") as w:
+        stage("tar write + sha256", w.write, samples)
+    stages["total"] = round(sum(stages.values()), 3)
+    return stages
+
+
 def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: float, cpu: float, **extra) -> dict:
     rate = n / wall
     return {"run": run, "what": what, "teacher": teacher, "device": str(labeler.device),
@@ -164,7 +203,8 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
             "images": n, "wall_s": round(wall, 3), "images_per_s": round(rate, 1),
             "images_per_s_per_core": round(rate / cores(), 1), "cores": cores(),
             "cpu_s": round(cpu, 3), "images_per_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
-            "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__, **extra}
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads() if run == "naive" else labeler.teacher_threads, **extra}
 
 
 @click.command()
@@ -181,8 +221,8 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
 @click.option("--precision", default="auto", show_default=True)
 @click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]))
 @click.option("--shard-size", default=256, show_default=True)
-@click.option("--runs", default="teacher,worker,naive,null", show_default=True,
-              help="Which runs, comma-separated: teacher, worker, naive, null.")
+@click.option("--runs", default="teacher,worker,naive,null,stages", show_default=True,
+              help="Which runs, comma-separated: teacher, worker, naive, null, stages.")
 @click.option("--repeat", default=1, show_default=True, help="Repeat each run; the fastest is reported (a shared machine).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines here.")
 def main(teacher, weights, teacher_size, image_size, n_images, naive_images, batch_size, io_threads, device,
@@ -242,6 +282,15 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
             emit(row("null", "(d) worker path, do-nothing teacher", "null", labeler, n_images, wall, cpu,
                      decode=decode, timings=sums, io_threads=labeler.config.io_threads))
             labeler.close()
+        if "stages" in runs:
+            stage_ms = run_stages(records, tuple(image_size), 95, min(n_images, 256))
+            r = {"run": "stages", "what": "CPU ms per image of each stage, one thread", "images": min(n_images, 256),
+                 "cores": cores(), "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+                 "cpu_ms": stage_ms, "best_of": 1}
+            click.echo(json.dumps(r))
+            if json_out:
+                with open(json_out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -260,6 +309,9 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
     if ratios:
         click.echo("")
         click.echo(table(None, ratios))
+    if "stages" in runs:
+        click.echo("")
+        click.echo(table(["stage (CPU path, one thread)", "CPU ms/image"], list(stage_ms.items()), align="lr", rule=True))
     click.echo(f"\n{cores()} cores, torch {torch.__version__}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
