@@ -96,7 +96,7 @@ def run_teacher(labeler: ShardLabeler, records, n_images: int) -> tuple[float, f
     with torch.inference_mode():
         x = labeler._teacher_batch(items)
         if labeler.device.type == "cuda":
-            assert labeler._cuda_ready
+            _ = labeler._cuda_ready  # cudnn.benchmark and a channels-last teacher, as in the worker
         batches = max(1, round(n_images / x.shape[0]))
 
         threads = contextlib.nullcontext if labeler.device.type == "cuda" else labeler._teacher_threads

@@ -8,6 +8,10 @@ reads, decodes and resizes images a window ahead of the teacher, and carries on 
 (on a GPU one batch stays in flight: inputs staged in pinned memory, copies non-blocking, JPEGs
 decoded by nvJPEG and resized on the device); an encode pool turns labels and images into PNG/npy
 and JPEG bytes; a writer thread streams the samples, in plan order, into the tar while hashing it.
+A CPU teacher runs on the threads the decode pool leaves (:attr:`ShardLabeler.teacher_threads`).
+
+The same inputs give the same tar bytes on a CPU (tested). On a GPU ``cudnn.benchmark`` picks kernels by
+timing them, so two runs may differ in a label's last bits.
 """
 
 from __future__ import annotations
@@ -214,7 +218,8 @@ class ShardLabeler:
     @cached_property
     def _cuda_ready(self) -> bool:
         """Once, before the first batch on a GPU: cuDNN picks its fastest kernels for the (fixed) batch
-        shape, and the teacher takes channels-last input (what tensor cores want)."""
+        shape (by timing them: the pick, and so a label's last bits, may differ between runs), and the
+        teacher takes channels-last input (what tensor cores want)."""
         torch.backends.cudnn.benchmark = True
         self.teacher.to(memory_format=torch.channels_last)
         return True
@@ -292,14 +297,15 @@ class ShardLabeler:
         device. On a GPU nothing here blocks: results come back through pinned memory."""
         cuda = self.device.type == "cuda"
         if cuda:
-            assert self._cuda_ready
+            _ = self._cuda_ready
         x = self._teacher_batch(batch)
         on_device = [it for it in batch if it.device_image is not None]
         shard_images = torch.stack([it.device_image for it in on_device]).permute(0, 2, 3, 1) if on_device else None
         for it in on_device:
             it.device_image = it.device_input = None
-        with autocast(self.device, self.autocast), (contextlib.nullcontext() if cuda else self._teacher_threads()):
-            maps = self.teacher(x)
+        with contextlib.nullcontext() if cuda else self._teacher_threads():
+            with autocast(self.device, self.autocast):
+                maps = self.teacher(x)
             maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)[:, 0]
         if not cuda:  # views, no copies (a torch copy would wake its OpenMP threads, which then spin)
             labels = maps.numpy()
