@@ -644,3 +644,46 @@ def test_decoding_and_resizing_with_torch_gives_labels_close_to_the_opencv_path(
 def test_an_unknown_decode_setting_is_refused():
     with pytest.raises(ValueError, match="unknown decode 'gpu'"):
         LabelConfig(teacher="classic", decode="gpu")
+
+
+def test_decoding_ahead_stays_within_its_window_and_the_next_lists_loads_are_reused():
+    """Memory stays bounded however long a shard is: never more than ``window`` images loaded or loading
+    ahead of the consumer, the next shard's included; what was started for the next run is not loaded twice."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.common.prefetch import LoadAhead
+
+    lock, started, consumed, worst = threading.Lock(), [], [0], [0]
+
+    def load(i):
+        with lock:
+            started.append(i)
+            worst[0] = max(worst[0], len(started) - consumed[0])
+        return i * i
+
+    submitted = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(args[0])
+            return super().submit(fn, *args, **kwargs)
+
+    with Recording(3) as pool:
+        ahead = LoadAhead(pool, load, window=5)
+        first = []
+        for i, r in ahead.run(range(40), then=range(40, 60)):
+            first.append((i, r))
+            time.sleep(0.001)  # a consumer slower than the loads
+            with lock:
+                consumed[0] += 1
+        assert first == [(i, i * i) for i in range(40)]
+        assert submitted[-5:] == list(range(40, 45))  # the next list was under way before this one ended
+        second = []
+        for _, r in ahead.run(range(40, 60)):
+            second.append(r)
+            with lock:
+                consumed[0] += 1
+    assert second == [i * i for i in range(40, 60)]
+    assert sorted(started) == sorted(submitted) == list(range(60))  # each loaded once
+    assert worst[0] <= 5 + 1  # the window, plus the one being handed to the consumer
