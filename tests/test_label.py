@@ -687,3 +687,26 @@ def test_decoding_ahead_stays_within_its_window_and_the_next_lists_loads_are_reu
     assert second == [i * i for i in range(40, 60)]
     assert sorted(started) == sorted(submitted) == list(range(60))  # each loaded once
     assert worst[0] <= 5 + 1  # the window, plus the one being handed to the consumer
+
+
+def test_the_device_path_fails_the_images_the_cpu_path_fails_with_the_same_reasons(tmp_path):
+    """An image the device cannot decode (garbage between a JPEG's markers) fails the batched decode; the
+    batch is decoded again one by one and that image goes to the CPU path, so the rest are labelled and the
+    failures are the CPU path's (a CMYK JPEG in the batch is labelled either way)."""
+    from pipeline.label.sources import plan_shards
+    from pipeline.label.worker import ShardLabeler
+
+    root = broken_tree(tmp_path / "coco", {1: "truncated", 5: "empty"})
+    d = root / "val2017"
+    (d / f"{3:012d}.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 300 + b"\xff\xda" + b"\x13" * 50 + b"\xff\xd9")
+    Image.open(d / f"{7:012d}.jpg").convert("CMYK").save(d / f"{7:012d}.jpg", "JPEG")
+    plan = plan_shards(coco_records(root, "val2017"), 100)[0]
+    markers = {}
+    for decode in ("cpu", "device"):
+        (tmp_path / decode).mkdir()
+        labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode=decode))
+        markers[decode] = labeler.label_shard(plan, tmp_path / decode)
+        labeler.close()
+    cpu, dev = markers["cpu"], markers["device"]
+    assert [f["key"] for f in cpu["failures"]] == [f"{i:012d}" for i in (2, 3, 6)]
+    assert dev["keys"] == cpu["keys"] and dev["failures"] == cpu["failures"]

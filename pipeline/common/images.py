@@ -123,12 +123,12 @@ def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor 
     tensors = [_as_tensor(d) for d in datas]
     try:
         decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:  # one bad image fails the batched call: find it, one at a time
+    except (RuntimeError, ValueError):  # one bad image fails the whole batched call: find it, one at a time
         decoded = []
         for t in tensors:
             try:
                 decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 decoded.append(None)
     return [x if x is not None and x.ndim == 3 and x.shape[0] == 3 and min(x.shape[1:]) >= MIN_SIDE else None
             for x in decoded]
