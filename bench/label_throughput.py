@@ -1,64 +1,318 @@
-"""Labelling throughput of one worker, in-process (no Ray): images/s and where the time goes.
+"""Labelling throughput of one worker, in-process (no Ray), against what bounds it.
 
-    python bench/label_throughput.py --teacher classic --images 256
-    python bench/label_throughput.py --teacher salgan --weights random --device cuda --batch-size 64
+    python bench/label_throughput.py --device cpu --teacher classic --images 512
+    python bench/label_throughput.py --device cpu --teacher salgan --weights random --teacher-size 96 128 \
+        --images 64 --naive-images 16
+    python bench/label_throughput.py --device cuda --teacher salgan --weights random --batch-size 64
 
-Images are the bundled sample's photos repeated to ``--images`` files (real JPEG decoding cost).
-Prints one table row per run; ``--json`` appends the row to a file.
+Four runs, each printed as one JSON line (``--json FILE`` appends them too), then a table:
+
+(a) ``teacher``  the bare teacher forward on pre-decoded tensors already on the device (same batch size,
+    same autocast and, on a CPU, the same intra-op threads as the worker; channels-last on a GPU): the
+    compute ceiling;
+(b) ``worker``   the full worker path: read → decode → resize → teacher → encode → tar → marker, the very
+    :class:`ShardLabeler` the Ray actor wraps, shard after shard with the next shard handed on as the
+    in-process driver does;
+(c) ``naive``    a naive loop: PIL open, fp32, batch 1, one forward per image (torch's default threads),
+    each label and image saved to its own file;
+(d) ``null``     the worker path with a teacher that does nothing (a fixed map): the CPU / I-O ceiling;
+``stages``       CPU milliseconds per image of each stage of the CPU data path, one thread, run alone.
+
+Rates are images/s, images/s per core (the cores this process may run on) and images per CPU-second
+(user + system time of every thread of the process: on a shared machine the per-core rate the path
+would reach with the cores to itself, wait-free); the table adds
+(b)/(a) (how much of the teacher's speed the worker keeps) and (b)/(c). Images are the bundled sample's
+photos repeated to ``--images`` files, so JPEG decoding costs what it costs on COCO-like photos while the
+files themselves come from the page cache (no disk reads are measured).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import click
+import numpy as np
+import torch
 
-from pipeline.label.worker import LabelConfig, ShardLabeler
+from pipeline.common.devices import autocast
+from pipeline.common.maps import resize_label
+from pipeline.common.tables import table
 from pipeline.label.sources import folder_records, plan_shards
+from pipeline.label.worker import LabelConfig, ShardLabeler
+from teachers import Teacher, build_teacher
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017"
 
 
+class NullTeacher(Teacher):
+    """Does nothing: every image gets the same smooth map (so label encoding still costs what a real map
+    costs). What the worker path runs at with it is the ceiling its CPU and I/O allow."""
+
+    name = "null"
+    output_kind = "probability_map"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maps: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        key = (h, w, images.device)
+        if key not in self.maps:
+            y = torch.linspace(-1, 1, h, device=images.device)[:, None]
+            x = torch.linspace(-1, 1, w, device=images.device)[None, :]
+            self.maps[key] = torch.exp(-(x**2 + y**2) / 0.3)[None, None]
+        return self.maps[key].expand(b, 1, h, w)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_teacher(name: str, weights: str | None, teacher_size: tuple[int, int] | None) -> Teacher:
+    teacher = NullTeacher() if name == "null" else build_teacher(name, weights=weights)
+    if teacher_size:
+        teacher.input_size = tuple(teacher_size)  # this instance only: a smaller input, for a quicker bench
+    return teacher
+
+
+def run_teacher(labeler: ShardLabeler, records, n_images: int) -> tuple[float, float]:
+    """(a): seconds (wall, CPU) for the teacher on ``n_images`` images, batch by batch, inputs already on the device."""
+    items = [labeler._load(r) for r in records[: labeler.config.batch_size]]
+    items = [it for it in items if not it.error]
+    labeler._decode_on_device(items)
+    with torch.inference_mode():
+        x = labeler._teacher_batch(items)
+        if labeler.device.type == "cuda":
+            _ = labeler._cuda_ready  # cudnn.benchmark and a channels-last teacher, as in the worker
+        batches = max(1, round(n_images / x.shape[0]))
+
+        threads = contextlib.nullcontext if labeler.device.type == "cuda" else labeler._teacher_threads
+
+        def once():  # as the worker runs it: same autocast, same intra-op threads
+            with autocast(labeler.device, labeler.autocast), threads():
+                return labeler.teacher(x)
+
+        once()
+        sync(labeler.device)
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        for _ in range(batches):
+            once()
+        sync(labeler.device)
+        scale = n_images / (batches * x.shape[0])
+        return (time.perf_counter() - t0) * scale, (cpu_seconds() - c0) * scale
+
+
+def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict, float]:
+    """(b) and (d): wall seconds for every shard through ``label_shard``, the markers' summed timings, CPU seconds."""
+    (folder / "warm-up").mkdir(parents=True, exist_ok=True)
+    warm = plan_shards(list(plans[0].records[: labeler.config.batch_size]), labeler.config.batch_size)[0]
+    labeler.label_shard(warm, folder / "warm-up")
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
+               for i, p in enumerate(plans)]
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    sums = {k: round(sum(m["timings"].get(k, 0.0) for m in markers), 3) for k in markers[0]["timings"]}
+    return wall, sums, cpu
+
+
+def run_naive(teacher: Teacher, device: torch.device, records, image_size, out: Path) -> tuple[float, float]:
+    """(c): seconds (wall, CPU): PIL, fp32, one image at a time, one file per label and image."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    size = tuple(teacher.input_size or image_size)
+    h, w = image_size
+
+    def one(record):
+        with Image.open(record.path) as im:
+            rgb = im.convert("RGB")
+        x = torch.from_numpy(np.asarray(rgb.resize((size[1], size[0]), Image.BILINEAR))).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            label = resize_label(teacher(x.to(device)).float(), teacher.output_kind, image_size)[0, 0].cpu().numpy()
+        rgb.resize((w, h), Image.BILINEAR).save(out / f"{record.key}.jpg", quality=95)
+        if teacher.output_kind == "log_density":
+            np.save(out / f"{record.key}.npy", label.astype(np.float16))
+        else:
+            Image.fromarray(np.rint(np.clip(label, 0, 1) * 255).astype(np.uint8)).save(out / f"{record.key}.png")
+
+    one(records[0])
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for r in records:
+        one(r)
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, every thread."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_stages(records, image_size, quality: int, n: int) -> dict:
+    """Where the time of the CPU data path goes: CPU milliseconds per image of each stage, run alone on
+    one thread over the same images (read, decode, resize, JPEG encode, label encode, tar write + sha256)."""
+    import io
+
+    from pipeline.common import images
+    from pipeline.label.shards import _Hashing, encode_sample
+    from pipeline.label.worker import encode_label
+    import webdataset as wds
+
+    records = records[:n]
+    label = NullTeacher()(torch.zeros(1, 3, *image_size, dtype=torch.uint8))[0, 0].numpy()
+    stages: dict[str, float] = {}
+
+    def stage(name, f, items):
+        c = cpu_seconds()
+        out = [f(x) for x in items]
+        stages[name] = round((cpu_seconds() - c) * 1e3 / len(items), 3)
+        return out
+
+    datas = stage("read", lambda r: images.read_file(r.path), records)
+    rgbs = stage("decode", images.decode_image, datas)
+    small = stage("resize", lambda x: images.resize(x, image_size), rgbs)
+    jpgs = stage("jpeg encode", lambda x: images.encode_jpeg(x, quality), small)
+    pngs = stage("label encode (png)", lambda x: encode_label(label, "probability_map"), small)
+    samples = [encode_sample({"__key__": f"{i:012d}", "jpg": j, "null.png": p, "json": {"id": i}})
+               for i, (j, p) in enumerate(zip(jpgs, pngs))]
+    sink = _Hashing(io.BytesIO())
+    with wds.TarWriter(sink, mtime=0.0, user="", group="") as w:
+        stage("tar write + sha256", w.write, samples)
+    stages["total"] = round(sum(stages.values()), 3)
+    return stages
+
+
+def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: float, cpu: float, **extra) -> dict:
+    rate = n / wall
+    return {"run": run, "what": what, "teacher": teacher, "device": str(labeler.device),
+            "batch_size": 1 if run == "naive" else labeler.config.batch_size,
+            "precision": "fp32" if run in ("naive", "null") or not labeler.autocast else "bf16",
+            "images": n, "wall_s": round(wall, 3), "images_per_s": round(rate, 1),
+            "images_per_s_per_core": round(rate / cores(), 1), "cores": cores(),
+            "cpu_s": round(cpu, 3), "images_per_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads() if run == "naive" else labeler.teacher_threads, **extra}
+
+
 @click.command()
-@click.option("--teacher", default="classic")
-@click.option("--weights", default=None)
-@click.option("--images", "n_images", default=256, help="Images to label (the sample repeated).")
-@click.option("--batch-size", default=32)
-@click.option("--io-threads", default=4)
-@click.option("--device", default="auto")
-@click.option("--precision", default="auto")
-@click.option("--shard-size", default=1000)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
-def main(teacher, weights, n_images, batch_size, io_threads, device, precision, shard_size, json_out):
+@click.option("--teacher", default="classic", help="Teacher of (a)-(c) (a registered name).")
+@click.option("--weights", default=None, help="Its weights (a file, or 'random').")
+@click.option("--teacher-size", nargs=2, type=int, default=None,
+              help="Override the teacher's input size (H W) for this bench, e.g. salgan at 96 128.")
+@click.option("--image-size", nargs=2, type=int, default=(192, 256), show_default=True)
+@click.option("--images", "n_images", default=512, show_default=True, help="Images per run (the sample repeated).")
+@click.option("--naive-images", default=None, type=int, help="Images of the naive run (default: --images).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--io-threads", default=None, type=int, help="Decode threads (default: the cores available).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", default="auto", show_default=True)
+@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]))
+@click.option("--shard-size", default=256, show_default=True)
+@click.option("--runs", default="teacher,worker,naive,null,stages", show_default=True,
+              help="Which runs, comma-separated: teacher, worker, naive, null, stages.")
+@click.option("--repeat", default=1, show_default=True, help="Repeat each run; the fastest is reported (a shared machine).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines here.")
+def main(teacher, weights, teacher_size, image_size, n_images, naive_images, batch_size, io_threads, device,
+         precision, decode, shard_size, runs, repeat, json_out):
+    runs = [r.strip() for r in runs.split(",") if r.strip()]
     work = Path(tempfile.mkdtemp(prefix="label-bench-"))
+    rows: list[dict] = []
+
+    def emit(r: dict) -> None:
+        r["best_of"] = max(1, repeat)
+        rows.append(r)
+        click.echo(json.dumps(r))
+        if json_out:
+            with open(json_out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+    def best(f, *args):
+        """The fastest of ``repeat`` calls of ``f`` (each returns wall seconds first)."""
+        return min((f(*args) for _ in range(max(1, repeat))), key=lambda out: out[0])
+
     try:
         src = sorted(SAMPLE.glob("*.jpg"))
         (work / "images").mkdir()
-        for i in range(n_images):
-            shutil.copy(src[i % len(src)], work / "images" / f"{i:08d}.jpg")
-        plans = plan_shards(folder_records(work / "images"), shard_size)
-        config = LabelConfig(teacher=teacher, weights=weights, batch_size=batch_size, io_threads=io_threads,
-                             device=device, precision=precision)
-        labeler = ShardLabeler(config)
-        labeler.label_shard(plan_shards(folder_records(work / "images"), batch_size)[0], work)  # warm-up
-        t0 = time.perf_counter()
-        markers = [labeler.label_shard(p, work) for p in plans]
-        wall = time.perf_counter() - t0
-        labeler.close()
-        sums = {k: sum(m["timings"][k] for m in markers) for k in markers[0]["timings"]}
-        row = {"teacher": teacher, "device": str(labeler.device), "batch_size": batch_size,
-               "io_threads": io_threads, "images": n_images, "wall_s": round(wall, 3),
-               "images_per_s": round(n_images / wall, 1), **{k: round(v, 3) for k, v in sums.items()}}
-        click.echo("  ".join(f"{k}={v}" for k, v in row.items()))
-        if json_out:
-            with open(json_out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        for i in range(n_images):  # hard links: quick to make, and read from the page cache like copies
+            try:
+                os.link(src[i % len(src)], work / "images" / f"{i:08d}.jpg")
+            except OSError:
+                shutil.copy(src[i % len(src)], work / "images" / f"{i:08d}.jpg")
+        records = folder_records(work / "images")
+        plans = plan_shards(records, shard_size)
+
+        def config(name: str) -> LabelConfig:
+            return LabelConfig(teacher=name, weights=weights, image_size=tuple(image_size), batch_size=batch_size,
+                               io_threads=io_threads or cores(), device=device, precision=precision, decode=decode)
+
+        size = list(teacher_size) if teacher_size else None
+        if {"teacher", "worker", "naive"} & set(runs):
+            labeler = ShardLabeler(config(teacher), make_teacher(teacher, weights, teacher_size))
+            extra = {"teacher_size": list(labeler._teacher_size), "decode": decode}
+            if "teacher" in runs:
+                emit(row("teacher", "(a) bare forward, inputs on the device", teacher, labeler, n_images,
+                         *best(run_teacher, labeler, records, n_images), **extra))
+            if "worker" in runs:
+                wall, sums, cpu = best(run_worker, labeler, work / "worker", plans)
+                emit(row("worker", "(b) worker path", teacher, labeler, n_images, wall, cpu, **extra, timings=sums,
+                         io_threads=labeler.config.io_threads))
+            if "naive" in runs:
+                n = naive_images or n_images
+                naive = make_teacher(teacher, weights, teacher_size).to(labeler.device).eval()
+                emit(row("naive", "(c) naive loop", teacher, labeler, n,
+                         *best(run_naive, naive, labeler.device, records[:n], tuple(image_size), work / "naive"),
+                         **extra))
+            labeler.close()
+        if "null" in runs:
+            labeler = ShardLabeler(config("null"), make_teacher("null", None, size))
+            wall, sums, cpu = best(run_worker, labeler, work / "null", plans)
+            emit(row("null", "(d) worker path, do-nothing teacher", "null", labeler, n_images, wall, cpu,
+                     decode=decode, timings=sums, io_threads=labeler.config.io_threads))
+            labeler.close()
+        if "stages" in runs:
+            stage_ms = run_stages(records, tuple(image_size), 95, min(n_images, 256))
+            r = {"run": "stages", "what": "CPU ms per image of each stage, one thread", "images": min(n_images, 256),
+                 "cores": cores(), "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+                 "cpu_ms": stage_ms, "best_of": 1}
+            click.echo(json.dumps(r))
+            if json_out:
+                with open(json_out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+    by = {r["run"]: r for r in rows}
+    table_rows = [(r["what"], r["teacher"], r["device"], r["batch_size"], r["precision"], r["images"],
+                   f"{r['images_per_s']:.1f}", f"{r['images_per_s_per_core']:.1f}",
+                   f"{r['images_per_cpu_s']:.1f}" if r["images_per_cpu_s"] else "") for r in rows]
+    click.echo("")
+    click.echo(table(["run", "teacher", "device", "batch", "precision", "images", "images/s", "per core",
+                      "per CPU-s"], table_rows, align="llllrrrrr", rule=True))
+    ratios = []
+    if "worker" in by and "teacher" in by:
+        ratios.append(("(b)/(a) worker / bare teacher", f"{by['worker']['images_per_s'] / by['teacher']['images_per_s']:.2f}"))
+    if "worker" in by and "naive" in by:
+        ratios.append(("(b)/(c) worker / naive loop", f"{by['worker']['images_per_s'] / by['naive']['images_per_s']:.2f}"))
+    if ratios:
+        click.echo("")
+        click.echo(table(None, ratios))
+    if "stages" in runs:
+        click.echo("")
+        click.echo(table(["stage (CPU path, one thread)", "CPU ms/image"], list(stage_ms.items()), align="lr", rule=True))
+    click.echo(f"\n{cores()} cores, torch {torch.__version__}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

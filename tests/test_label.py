@@ -459,19 +459,21 @@ def test_a_failing_shard_is_one_error_line_and_a_broken_preview_only_a_warning(c
 
     args = ["label", "coco", "--teacher", "classic", "--coco-root", str(coco_tree), "--out", str(tmp_path),
             "--shard-size", "3", "--executor", "local", "--no-progress", "--retries", "0"]
-    real = pipeline.label.worker.write_shard
+    real = pipeline.label.worker.ShardWriter
 
-    def fail_second(folder, name, samples, marker):
-        if name == "shard-000001":
-            raise IndexError()  # an exception without a message
-        return real(folder, name, samples, marker)
+    class FailSecond(real):
+        def write(self, sample):
+            if self.name == "shard-000001":
+                raise IndexError()  # an exception without a message, on the tar's writer thread
+            super().write(sample)
 
-    monkeypatch.setattr(pipeline.label.worker, "write_shard", fail_second)
+    monkeypatch.setattr(pipeline.label.worker, "ShardWriter", FailSecond)
     failed = CliRunner().invoke(cli, args)
     assert failed.exit_code == 1 and isinstance(failed.exception, SystemExit)
     assert "Error: 1 of 3 shards failed (shard-000001: IndexError)" in failed.output
     assert "images labelled                5" in failed.output and "Traceback" not in failed.output
-    monkeypatch.setattr(pipeline.label.worker, "write_shard", real)
+    monkeypatch.setattr(pipeline.label.worker, "ShardWriter", real)
+    assert not list(tmp_path.glob("classic/val2017/.*.tmp-*"))  # the failed shard left no temp file
 
     def no_preview(*a, **k):
         raise OSError(errno.EACCES, "Permission denied", "preview.png")
@@ -502,10 +504,11 @@ def test_a_ray_task_error_shows_the_original_cause(coco_tree, tmp_path):
 
         import pipeline.label.worker
 
-        def write_shard(*args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
+        class NoSpace(pipeline.label.worker.ShardWriter):
+            def write(self, sample):  # on the tar's writer thread
+                raise OSError(errno.ENOSPC, "No space left on device")
 
-        pipeline.label.worker.write_shard = write_shard
+        pipeline.label.worker.ShardWriter = NoSpace
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, object_store_memory=256 * 1024**2,
              runtime_env={"worker_process_setup_hook": no_space_left})
@@ -693,3 +696,195 @@ def test_ray_workers_that_cannot_load_the_weights_stop_the_run_with_one_line(coc
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: the labelling workers could not start: cannot read weights file") and str(bad) in last
     assert not list(tmp_path.rglob("shard-*"))
+
+
+# -- the data path: streamed tar, decode ahead across shards, the device path ------------------------------
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "coco"
+
+
+def test_a_streamed_tar_is_byte_for_byte_the_tar_of_its_samples_and_its_marker_hashes_it(tmp_path):
+    """The tar is hashed while written (never read back): the marker's sha256 and size are the file's, and the
+    bytes are those ``webdataset.TarWriter`` writes for the same samples in one go."""
+    import io
+
+    from pipeline.label.shards import encode_sample, write_shard
+
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": f"{i:012d}", "jpg": rng.bytes(1000 + 517 * i),
+                "classic.png": rng.bytes(300 + i), "json": {"id": i, "file": f"{i}.jpg"}} for i in range(5)]
+    marker = write_shard(tmp_path, "shard-000000", [encode_sample(s) for s in samples[:2]] + samples[2:], {"count": 5})
+    data = (tmp_path / "shard-000000.tar").read_bytes()
+    assert marker["sha256"] == hashlib.sha256(data).hexdigest() and marker["bytes"] == len(data)
+    assert json.loads((tmp_path / "shard-000000.json").read_text())["sha256"] == marker["sha256"]
+    plain = io.BytesIO()
+    with wds.TarWriter(plain, mtime=0.0, user="", group="") as w:
+        for s in samples:
+            w.write(s)
+    assert data == plain.getvalue()
+    assert not list(tmp_path.glob(".*"))  # no temp file left
+
+
+def test_a_shard_writer_that_fails_leaves_the_finished_shard_as_it_was(tmp_path):
+    from pipeline.label.shards import ShardWriter, write_shard
+
+    first = write_shard(tmp_path, "shard-000000", [{"__key__": "a", "jpg": b"x"}], {"count": 1})
+    writer = ShardWriter(tmp_path, "shard-000000")
+    writer.write({"__key__": "b", "jpg": b"y" * 5000})
+    writer.abort()
+    assert hashlib.sha256((tmp_path / "shard-000000.tar").read_bytes()).hexdigest() == first["sha256"]
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_the_next_shard_is_decoding_before_this_shards_tar_is_finished(tmp_path):
+    """``next_plan``: the next shard's images are read while this shard is still being written, and read
+    once: its own call picks them up. The tars are those of calls without it."""
+    import threading
+
+    from pipeline.label import worker as worker_mod
+    from pipeline.label.sources import folder_records, plan_shards
+
+    plans = plan_shards(folder_records(SAMPLE / "val2017"), 6)
+    labeler = worker_mod.ShardLabeler(LabelConfig(teacher="classic", batch_size=2, io_threads=2))
+    loads: dict[str, int] = {}
+    next_started = threading.Event()
+    real_load = labeler._load
+
+    def load(record):
+        loads[record.key] = loads.get(record.key, 0) + 1
+        if record in plans[1].records:
+            next_started.set()
+        return real_load(record)
+
+    labeler._load = load
+    seen_before_finish = []
+
+    class Watched(worker_mod.ShardWriter):
+        def finish(self, marker):
+            if self.name == plans[0].name:  # loads of the next shard are under way by now (or never will be)
+                seen_before_finish.append(next_started.wait(timeout=30))
+            return super().finish(marker)
+
+    for name in ("ahead", "plain"):
+        (tmp_path / name).mkdir()
+    worker_mod.ShardWriter, real_writer = Watched, worker_mod.ShardWriter
+    try:
+        first = labeler.label_shard(plans[0], tmp_path / "ahead", next_plan=plans[1])
+        second = labeler.label_shard(plans[1], tmp_path / "ahead")
+    finally:
+        worker_mod.ShardWriter = real_writer
+        labeler._load = real_load
+    assert seen_before_finish == [True]
+    assert sorted(loads) == sorted(r.key for p in plans for r in p.records) and set(loads.values()) == {1}
+    plain = [labeler.label_shard(p, tmp_path / "plain") for p in plans]
+    labeler.close()
+    assert [first["sha256"], second["sha256"]] == [m["sha256"] for m in plain]
+
+
+def test_a_wrong_guess_of_the_next_shard_costs_nothing_but_its_decoding(tmp_path):
+    from pipeline.label.sources import folder_records, plan_shards
+    from pipeline.label.worker import ShardLabeler
+
+    plans = plan_shards(folder_records(SAMPLE / "val2017"), 4)
+    labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=2, io_threads=2))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    guessed = [labeler.label_shard(plans[0], tmp_path / "a", next_plan=plans[1]),
+               labeler.label_shard(plans[2], tmp_path / "a", next_plan=plans[1]),
+               labeler.label_shard(plans[1], tmp_path / "a")]
+    plain = [labeler.label_shard(p, tmp_path / "b") for p in (plans[0], plans[2], plans[1])]
+    labeler.close()
+    assert [m["sha256"] for m in guessed] == [m["sha256"] for m in plain]
+
+
+def test_decoding_and_resizing_with_torch_gives_labels_close_to_the_opencv_path(tmp_path):
+    """The GPU path (torchvision decode, torch resize, images staged on the device) run on the CPU: the
+    classic teacher's labels of the bundled sample (colour and grey photos) agree with the OpenCV path's."""
+    from pipeline.label.sources import folder_records, plan_shards
+    from pipeline.label.worker import ShardLabeler
+
+    plan = plan_shards(folder_records(SAMPLE / "val2017"), 100)[0]
+    out = {}
+    for decode in ("cpu", "device"):
+        labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=5, io_threads=2, decode=decode))
+        (tmp_path / decode).mkdir()
+        marker = labeler.label_shard(plan, tmp_path / decode)
+        labeler.close()
+        assert marker["count"] == 12 and not marker["failures"]
+        out[decode] = list(wds.WebDataset(str(tmp_path / decode / "shard-000000.tar"),
+                                          shardshuffle=False).decode("rgb8"))
+    for cpu, dev in zip(out["cpu"], out["device"]):
+        assert cpu["__key__"] == dev["__key__"] and cpu["json"] == dev["json"]
+        a, b = cpu["classic.png"][..., 0].astype(float).ravel(), dev["classic.png"][..., 0].astype(float).ravel()
+        assert np.corrcoef(a, b)[0, 1] >= 0.999
+        assert np.abs(cpu["jpg"].astype(float) - dev["jpg"].astype(float)).mean() < 4  # of 255
+
+
+def test_an_unknown_decode_setting_is_refused():
+    with pytest.raises(ValueError, match="unknown decode 'gpu'"):
+        LabelConfig(teacher="classic", decode="gpu")
+
+
+def test_decoding_ahead_stays_within_its_window_and_the_next_lists_loads_are_reused():
+    """Memory stays bounded however long a shard is: never more than ``window`` images loaded or loading
+    ahead of the consumer, the next shard's included; what was started for the next run is not loaded twice."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.common.prefetch import LoadAhead
+
+    lock, started, consumed, worst = threading.Lock(), [], [0], [0]
+
+    def load(i):
+        with lock:
+            started.append(i)
+            worst[0] = max(worst[0], len(started) - consumed[0])
+        return i * i
+
+    submitted = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(args[0])
+            return super().submit(fn, *args, **kwargs)
+
+    with Recording(3) as pool:
+        ahead = LoadAhead(pool, load, window=5)
+        first = []
+        for i, r in ahead.run(range(40), then=range(40, 60)):
+            first.append((i, r))
+            time.sleep(0.001)  # a consumer slower than the loads
+            with lock:
+                consumed[0] += 1
+        assert first == [(i, i * i) for i in range(40)]
+        assert submitted[-5:] == list(range(40, 45))  # the next list was under way before this one ended
+        second = []
+        for _, r in ahead.run(range(40, 60)):
+            second.append(r)
+            with lock:
+                consumed[0] += 1
+    assert second == [i * i for i in range(40, 60)]
+    assert sorted(started) == sorted(submitted) == list(range(60))  # each loaded once
+    assert worst[0] <= 5 + 1  # the window, plus the one being handed to the consumer
+
+
+def test_the_device_path_fails_the_images_the_cpu_path_fails_with_the_same_reasons(tmp_path):
+    """An image the device cannot decode (garbage between a JPEG's markers) fails the batched decode; the
+    batch is decoded again one by one and that image goes to the CPU path, so the rest are labelled and the
+    failures are the CPU path's (a CMYK JPEG in the batch is labelled either way)."""
+    from pipeline.label.sources import plan_shards
+    from pipeline.label.worker import ShardLabeler
+
+    root = broken_tree(tmp_path / "coco", {1: "truncated", 5: "empty"})
+    d = root / "val2017"
+    (d / f"{3:012d}.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 300 + b"\xff\xda" + b"\x13" * 50 + b"\xff\xd9")
+    Image.open(d / f"{7:012d}.jpg").convert("CMYK").save(d / f"{7:012d}.jpg", "JPEG")
+    plan = plan_shards(coco_records(root, "val2017"), 100)[0]
+    markers = {}
+    for decode in ("cpu", "device"):
+        (tmp_path / decode).mkdir()
+        labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode=decode))
+        markers[decode] = labeler.label_shard(plan, tmp_path / decode)
+        labeler.close()
+    cpu, dev = markers["cpu"], markers["device"]
+    assert [f["key"] for f in cpu["failures"]] == [f"{i:012d}" for i in (2, 3, 6)]
+    assert dev["keys"] == cpu["keys"] and dev["failures"] == cpu["failures"]

@@ -11,6 +11,9 @@ import stat
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
 
 #: smallest side we label: below this a saliency map says nothing
 MIN_SIDE = 8
@@ -26,6 +29,15 @@ def _jpeg_truncated(data: bytes) -> bool:
     """A baseline or progressive JPEG ends with EOI (FFD9) after its last start-of-scan (FFDA)."""
     sos = data.rfind(b"\xff\xda")
     return sos < 0 or data.find(b"\xff\xd9", sos) < 0
+
+
+def is_jpeg(data: bytes) -> bool:
+    """A JPEG with an end-of-image marker after its last scan (what :func:`decode_jpegs` is handed)."""
+    return data[:2] == b"\xff\xd8" and not _jpeg_truncated(data)
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: torch warns on bytes
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -102,3 +114,35 @@ def encode_png(gray: np.ndarray) -> bytes:
     if not ok:
         raise ImageError("PNG encoding failed")
     return buf.tobytes()
+
+
+def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEGs → RGB uint8 ``[3, H, W]`` tensors on ``device`` (nvJPEG on a GPU, one batched call), EXIF
+    orientation ignored as in :func:`decode_image`; None for an image the device cannot decode (or too
+    small), which the caller decodes on the CPU instead."""
+    tensors = [_as_tensor(d) for d in datas]
+    try:
+        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    except (RuntimeError, ValueError):  # one bad image fails the whole batched call: find it, one at a time
+        decoded = []
+        for t in tensors:
+            try:
+                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+            except (RuntimeError, ValueError):
+                decoded.append(None)
+    return [x if x is not None and x.ndim == 3 and x.shape[0] == 3 and min(x.shape[1:]) >= MIN_SIDE else None
+            for x in decoded]
+
+
+def resize_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[3, h, w]`` uint8 → ``[3, H, W]`` uint8 on its device: antialiased bilinear when shrinking (close to
+    :func:`resize`'s area filter), bilinear when enlarging."""
+    h, w = size
+    if tuple(image.shape[-2:]) == (h, w):
+        return image
+    shrinking = h * w < image.shape[-2] * image.shape[-1]
+    x = image[None]
+    if x.device.type == "cpu":  # PyTorch has a uint8 kernel on the CPU
+        return F.interpolate(x, size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)[0]
+    y = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)[0]

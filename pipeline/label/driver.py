@@ -231,10 +231,12 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
 
 
 def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries):
-    for plan in todo:
+    for i, plan in enumerate(todo):
+        following = todo[i + 1] if i + 1 < len(todo) else None  # decoded while this shard finishes
         for attempt in range(retries + 1):
             try:
-                on_done(plan, labeler.label_shard(plan, folder, progress=bar.update, reuse=reuse.get(plan.index)), None)
+                on_done(plan, labeler.label_shard(plan, folder, progress=bar.update, reuse=reuse.get(plan.index),
+                                                  next_plan=following), None)
                 break
             except Exception as e:  # noqa: BLE001 - a shard-level failure is retried, then recorded
                 if attempt == retries:
@@ -274,10 +276,29 @@ def _label_on_ray(config: LabelConfig, placement: Placement, identity: dict, tod
     attempts: dict[int, int] = {}
     running = {}
     idle = list(actors)
+    promised: dict[int, int] = {}  # id(actor) → index of the shard it decodes ahead and gets next
+
+    def take(actor) -> ShardPlan:
+        mine = promised.pop(id(actor), None)
+        others = set(promised.values())
+        plan = next((p for p in queue if p.index == mine), None) or next(
+            (p for p in queue if p.index not in others), queue[0])  # the last shards: another's promise is taken
+        queue.remove(plan)
+        return plan
+
+    def promise(actor) -> ShardPlan | None:
+        others = set(promised.values())
+        following = next((p for p in queue if p.index not in others), None)
+        if following is not None:
+            promised[id(actor)] = following.index
+        return following
+
     while queue or running:
         while queue and idle:
-            plan, actor = queue.pop(0), idle.pop()
-            running[actor.label_shard.remote(plan, str(folder), reuse=reuse.get(plan.index))] = (plan, actor)
+            actor = idle.pop()
+            plan = take(actor)
+            running[actor.label_shard.remote(plan, str(folder), reuse=reuse.get(plan.index),
+                                             next_plan=promise(actor))] = (plan, actor)
         ready, _ = ray.wait(list(running), num_returns=1)
         plan, actor = running.pop(ready[0])
         try:

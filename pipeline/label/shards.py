@@ -2,7 +2,8 @@
 
 Protocol (a file format; bump :data:`ENCODING_VERSION` when it changes):
 
-1. the tar is written by ``webdataset.TarWriter`` to a hidden temp name, fsynced, renamed;
+1. the tar is written by ``webdataset.TarWriter`` to a hidden temp name (its sha256 computed from the bytes
+   as they are written), fsynced, renamed;
 2. the marker json (count, keys, failures, the plan's keys in order, sha256 of the tar, teacher,
    weights digest, timings)
    is written last, atomically. A shard is finished only when its marker exists and the tar's
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import webdataset as wds
+from webdataset.writer import make_encoder
 
 from pipeline.common.atomic import atomic_open, write_json
 from pipeline.common.storage import RemotePath, as_path
@@ -38,25 +40,91 @@ def marker_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.json"
 
 
+#: a sample as ``webdataset.TarWriter`` encodes it (bytes pass through unchanged, so encoding early and
+#: writing later gives the same tar)
+encode_sample = make_encoder(True)
+
+
+class _Hashing:
+    """A write-only file that hashes and counts what goes through it: the tar's sha256 and size are
+    known when its last byte is written, without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        if self.f is None:  # discarded: the tar writer's last flush (on garbage collection) goes nowhere
+            return len(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        if self.f is not None:
+            self.f.flush()
+
+
+class _Abort(Exception):
+    pass
+
+
+class ShardWriter:
+    """``<name>.tar`` written sample by sample (temp name, hashed on the way), then renamed and its marker
+    written by :meth:`finish`; :meth:`abort` leaves no trace of it. An older marker of ``name`` is removed
+    when writing starts (it must not outlive its tar)."""
+
+    def __init__(self, folder: Path, name: str):
+        marker_path(folder, name).unlink(missing_ok=True)
+        self.folder, self.name, self.final = folder, name, tar_path(folder, name)
+        self._files = contextlib.ExitStack()
+        self._file = _Hashing(None)
+        self._file.f = self._files.enter_context(atomic_open(self.final, "wb"))
+        try:
+            self._tar = wds.TarWriter(self._file, mtime=0.0, user="", group="")
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, sample: dict) -> None:
+        self._tar.write(sample)
+
+    def finish(self, marker: dict) -> dict:
+        """Close the tar (fsync, rename), then write the marker; returns the marker as written."""
+        try:
+            self._tar.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._files.close()  # atomic_open: fsync, rename, fsync the folder
+        marker = {
+            "format": MARKER_FORMAT,
+            "encoding_version": ENCODING_VERSION,
+            "shard": self.name,
+            "tar": self.final.name,
+            **marker,
+            "sha256": self._file.sha256.hexdigest(),
+            "bytes": self._file.size,
+        }
+        write_json(marker_path(self.folder, self.name), marker)
+        return marker
+
+    def abort(self) -> None:
+        """Remove the temp file (nothing is renamed, no marker written)."""
+        with contextlib.suppress(_Abort):
+            self._files.__exit__(_Abort, _Abort(), None)
+        self._file.f = None
+
+
 def write_shard(folder: Path, name: str, samples: Iterable[dict], marker: dict) -> dict:
     """Write ``samples`` as ``<name>.tar`` then the marker; returns the marker as written."""
-    marker_path(folder, name).unlink(missing_ok=True)  # an old marker must not outlive its tar
-    final = tar_path(folder, name)
-    with atomic_open(final, "wb") as f:
-        with wds.TarWriter(f, mtime=0.0, user="", group="") as writer:
-            for sample in samples:
-                writer.write(sample)
-    marker = {
-        "format": MARKER_FORMAT,
-        "encoding_version": ENCODING_VERSION,
-        "shard": name,
-        "tar": final.name,
-        **marker,
-        "sha256": digest(final),
-        "bytes": final.stat().st_size,
-    }
-    write_json(marker_path(folder, name), marker)
-    return marker
+    writer = ShardWriter(folder, name)
+    try:
+        for sample in samples:
+            writer.write(sample)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish(marker)
 
 
 def digest(path) -> str:

@@ -1,17 +1,31 @@
 """The labelling worker: a plain class that holds one teacher and turns a shard plan into a shard.
 
 Tests and benchmarks drive it in-process; :mod:`pipeline.label.driver` wraps it in a Ray actor.
-Reading/decoding/resizing and encoding run in a small thread pool (OpenCV releases the GIL)
-so they overlap with the teacher's forward pass.
+
+The data path is a pipeline of bounded stages that overlap: a decode pool (``io_threads`` threads)
+reads, decodes and resizes images a window ahead of the teacher, and carries on into the next shard
+(``next_plan``) before this one's tar is finished; the main thread batches and runs the teacher
+(on a GPU one batch stays in flight: inputs staged in pinned memory, copies non-blocking, JPEGs
+decoded by nvJPEG and resized on the device); an encode pool turns labels and images into PNG/npy
+and JPEG bytes; a writer thread streams the samples, in plan order, into the tar while hashing it.
+A CPU teacher runs on the threads the decode pool leaves (:attr:`ShardLabeler.teacher_threads`).
+
+The same inputs give the same tar bytes on a CPU (tested). On a GPU ``cudnn.benchmark`` picks kernels by
+timing them, so two runs may differ in a label's last bits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import tarfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,9 +36,9 @@ from pipeline import __version__
 from pipeline.common import images
 from pipeline.common.devices import autocast, resolve_device, use_autocast
 from pipeline.common.maps import resize_label
-from pipeline.common.prefetch import prefetched
+from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
-from pipeline.label.shards import ENCODING_VERSION, read_samples, tar_path, write_shard
+from pipeline.label.shards import ENCODING_VERSION, ShardWriter, encode_sample, read_samples, tar_path
 from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
 from teachers.registry import teacher_identity
@@ -46,15 +60,90 @@ class LabelConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     io_threads: int = 4
     max_image_bytes: int = images.MAX_IMAGE_BYTES  # a bigger file is a per-image failure
+    # where JPEGs are decoded and resized: auto (on the teacher's GPU when it runs on one, else the CPU),
+    # cpu (libjpeg-turbo + OpenCV's area filter: the bytes of a CPU run), device (torchvision on the
+    # teacher's device, resized by torch; on a CPU teacher too, which is how that path is tested)
+    decode: str = "auto"
+
+    def __post_init__(self):
+        if self.decode not in ("auto", "cpu", "device"):
+            raise ValueError(f"unknown decode {self.decode!r} (auto, cpu or device)")
 
 
 @dataclass
 class _Item:
     record: ImageRecord
-    image: np.ndarray | None = None  # at training size
+    image: np.ndarray | None = None  # at training size, RGB (H, W, 3)
     teacher_input: np.ndarray | None = None
     original_size: tuple[int, int] | None = None
     error: str | None = None
+    data: bytes | None = None  # a JPEG left for the device to decode
+    device_image: torch.Tensor | None = None  # decoded on the device: [3, H, W] at training size
+    device_input: torch.Tensor | None = None  # … and at the teacher's size
+
+
+_END, _ABORT = object(), object()
+_CHUNK = 8  # samples per encode job
+
+
+class _TarStream:
+    """The shard's tar, written on its own thread as samples come, in the order they are put (a sample, a
+    list of samples, or a :class:`Future` of either, waited for). Started by the first :meth:`put`, so a shard that writes nothing
+    opens no file; at most ``depth`` samples wait in its queue (the producer blocks beyond that)."""
+
+    def __init__(self, folder: Path, name: str, depth: int):
+        self.folder, self.name = folder, name
+        self.queue: queue.Queue = queue.Queue(max(1, depth))
+        self.thread: threading.Thread | None = None
+        self.writer: ShardWriter | None = None
+        self.error: BaseException | None = None
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=f"label-tar-{self.name}", daemon=True)
+            self.thread.start()
+
+    def put(self, sample: dict | Future) -> None:
+        if self.error is not None:
+            raise self.error
+        self._start()
+        self.queue.put(sample)
+
+    def _run(self) -> None:
+        try:
+            self.writer = ShardWriter(self.folder, self.name)
+        except BaseException as e:  # noqa: BLE001 - handed to the producer
+            self.error = e
+        while True:
+            entry = self.queue.get()
+            if entry is _END or entry is _ABORT:
+                break
+            if self.error is not None:  # keep draining so the producer never blocks on a dead writer
+                if isinstance(entry, Future):
+                    entry.cancel()
+                continue
+            try:
+                samples = entry.result() if isinstance(entry, Future) else entry
+                for sample in samples if isinstance(samples, list) else (samples,):
+                    self.writer.write(sample)
+            except BaseException as e:  # noqa: BLE001 - handed to the producer
+                self.error = e
+        if self.writer is not None and (entry is _ABORT or self.error is not None):
+            self.writer.abort()
+
+    def drain(self) -> None:
+        """Wait until every sample put is in the tar; raise what went wrong on the writer thread."""
+        self._start()
+        self.queue.put(_END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop, and leave no temp file behind."""
+        if self.thread is not None and self.thread.is_alive():
+            self.queue.put(_ABORT)
+            self.thread.join()
 
 
 def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
@@ -121,35 +210,165 @@ class ShardLabeler:
         }, precision_name(self.autocast))
 
     # -- the stages ----------------------------------------------------------------------------
+    @cached_property
+    def encode_pool(self) -> ThreadPoolExecutor:
+        """Label and JPEG encoding, apart from the decode pool (``self.pool``): neither waits behind the other."""
+        return ThreadPoolExecutor(max(1, self.config.io_threads // 2), thread_name_prefix="label-encode")
+
+    @cached_property
+    def _ahead(self) -> LoadAhead:
+        return LoadAhead(self.pool, self._load, 2 * self.config.batch_size + self.config.io_threads)
+
+    @cached_property
+    def _device_decode(self) -> bool:
+        return self.config.decode == "device" or (self.config.decode == "auto" and self.device.type == "cuda")
+
+    @cached_property
+    def _teacher_size(self) -> tuple[int, int]:
+        return tuple(self.teacher.input_size or self.config.image_size)
+
+    @cached_property
+    def teacher_threads(self) -> int:
+        """Intra-op threads of a CPU teacher: the process's threads less the decode pool's, at least one. The
+        decode threads run beside the forward pass; OpenMP threads on cores they occupy wait at every barrier
+        (on a 2-core machine, 2 threads ran the classic teacher 2-4x slower than 1 amid decoding)."""
+        return max(1, torch.get_num_threads() - self.config.io_threads)
+
+    @contextlib.contextmanager
+    def _teacher_threads(self) -> Iterator[None]:
+        """Run the CPU teacher on :attr:`teacher_threads` threads, as they were afterwards (the setting is
+        the process's; nothing else of the worker runs torch meanwhile)."""
+        before = torch.get_num_threads()
+        n = self.teacher_threads
+        if n != before:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            if n != before:
+                torch.set_num_threads(before)
+
+    @cached_property
+    def _cuda_ready(self) -> bool:
+        """Once, before the first batch on a GPU: cuDNN picks its fastest kernels for the (fixed) batch
+        shape (by timing them: the pick, and so a label's last bits, may differ between runs), and the
+        teacher takes channels-last input (what tensor cores want)."""
+        torch.backends.cudnn.benchmark = True
+        self.teacher.to(memory_format=torch.channels_last)
+        return True
+
     def _load(self, record: ImageRecord) -> _Item:
+        """Read one image and (unless it is a JPEG the device decodes) decode and resize it."""
         item = _Item(record)
         try:
             if record.root is not None and not _inside(record.path, record.root):
                 raise images.ImageError("outside the image folder (a symlink or path leading out of it; "
                                         "--allow-outside-root labels it anyway)")
-            rgb = images.read_image(record.path, self.config.max_image_bytes)
+            data = images.read_file(record.path, self.config.max_image_bytes)
+            if self._device_decode and images.is_jpeg(data):
+                item.data = data
+                return item
+            self._resized(item, images.decode_image(data))
         except images.ImageError as e:
             item.error = str(e)
-            return item
-        item.original_size = rgb.shape[:2]
-        item.image = images.resize(rgb, self.config.image_size)
-        size = self.teacher.input_size or self.config.image_size
-        item.teacher_input = item.image if tuple(size) == tuple(self.config.image_size) else images.resize(rgb, size)
         return item
 
-    def _loaded(self, records: tuple[ImageRecord, ...]) -> Iterator[_Item]:
-        """Items in order, decoding at most a few batches ahead of the consumer."""
-        window = 2 * self.config.batch_size + self.config.io_threads
-        return (item for _, item in prefetched(self.pool, records, self._load, window))
+    def _resized(self, item: _Item, rgb: np.ndarray) -> None:
+        item.original_size = rgb.shape[:2]
+        item.image = images.resize(rgb, self.config.image_size)
+        size = self._teacher_size
+        item.teacher_input = item.image if size == tuple(self.config.image_size) else images.resize(rgb, size)
+
+    def _loaded(self, records: tuple[ImageRecord, ...], then: tuple[ImageRecord, ...] = ()) -> Iterator[_Item]:
+        """Items in order, decoding at most a few batches ahead of the consumer; once every record is
+        under way, the decoding of ``then`` (the next shard's records) starts."""
+        return (item for _, item in self._ahead.run(records, then))
+
+    def _decode_on_device(self, batch: list[_Item]) -> None:
+        """Decode the batch's JPEGs on the teacher's device in one call and resize them there; an image the
+        device cannot decode takes the CPU path (and its error, if it fails there too, is the item's)."""
+        todo = [it for it in batch if it.data is not None]
+        if not todo:
+            return
+        size, tsize = tuple(self.config.image_size), self._teacher_size
+        for it, img in zip(todo, images.decode_jpegs([it.data for it in todo], self.device)):
+            data, it.data = it.data, None
+            if img is None:
+                try:
+                    self._resized(it, images.decode_image(data))
+                except images.ImageError as e:
+                    it.error = str(e)
+                continue
+            it.original_size = tuple(img.shape[1:])
+            it.device_image = images.resize_tensor(img, size)
+            it.device_input = it.device_image if tsize == size else images.resize_tensor(img, tsize)
+
+    def _staged(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Host images ``(H, W, 3)`` → ``[n, 3, H, W]`` uint8 on the device (channels-last memory); on a
+        GPU stacked straight into pinned memory and copied without blocking."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        staged = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8, pin_memory=True)
+        np.stack(arrays, out=staged.numpy())
+        return staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+
+    def _teacher_batch(self, batch: list[_Item]) -> torch.Tensor:
+        on_device = [i for i, it in enumerate(batch) if it.device_input is not None]
+        if not on_device:
+            return self._staged([it.teacher_input for it in batch])
+        x = torch.empty((len(batch), 3, *self._teacher_size), dtype=torch.uint8, device=self.device)
+        x[on_device] = torch.stack([batch[i].device_input for i in on_device])
+        host = [i for i, it in enumerate(batch) if it.device_input is None]
+        if host:
+            x[host] = self._staged([batch[i].teacher_input for i in host])
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
     @torch.inference_mode()
+    def _submit(self, batch: list[_Item]) -> Callable[[], np.ndarray]:
+        """Start the teacher on ``batch`` (every item decoded). Returns a function that waits for the labels,
+        ``[B, H, W]`` float32 at the shard's size, and fills ``item.image`` of the images decoded on the
+        device. On a GPU nothing here blocks: results come back through pinned memory."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            _ = self._cuda_ready
+        x = self._teacher_batch(batch)
+        on_device = [it for it in batch if it.device_image is not None]
+        shard_images = torch.stack([it.device_image for it in on_device]).permute(0, 2, 3, 1) if on_device else None
+        for it in on_device:
+            it.device_image = it.device_input = None
+        with contextlib.nullcontext() if cuda else self._teacher_threads():
+            with autocast(self.device, self.autocast):
+                maps = self.teacher(x)
+            maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)[:, 0]
+        if not cuda:  # views, no copies (a torch copy would wake its OpenMP threads, which then spin)
+            labels = maps.numpy()
+            host = shard_images.contiguous().numpy() if on_device else None
+            event = None
+        else:
+            labels_t = torch.empty(maps.shape, dtype=torch.float32, pin_memory=True)
+            labels_t.copy_(maps, non_blocking=True)
+            labels = labels_t.numpy()
+            host = None
+            if on_device:
+                host_t = torch.empty(shard_images.shape, dtype=torch.uint8, pin_memory=True)
+                host_t.copy_(shard_images, non_blocking=True)
+                host = host_t.numpy()
+            event = torch.cuda.Event()
+            event.record()
+
+        def wait() -> np.ndarray:
+            if event is not None:
+                event.synchronize()
+            for it, img in zip(on_device, host if host is not None else ()):
+                it.image = img
+            return labels
+
+        return wait
+
     def _forward(self, batch: list[_Item]) -> np.ndarray:
-        x = torch.from_numpy(np.stack([it.teacher_input for it in batch])).permute(0, 3, 1, 2)
-        x = x.to(self.device, non_blocking=True)
-        with autocast(self.device, self.autocast):
-            maps = self.teacher(x)
-        maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)
-        return maps[:, 0].cpu().numpy()
+        """Labels ``[B, H, W]`` of ``batch`` (waits for them)."""
+        self._decode_on_device(batch)
+        return self._submit(batch)()
 
     def _sample(self, item: _Item, label: np.ndarray) -> dict:
         t = self.teacher
@@ -171,19 +390,26 @@ class ShardLabeler:
             },
         }
 
+    def _encoded(self, pairs: list[tuple[_Item, np.ndarray]]) -> list[dict]:
+        """Samples as the tar holds them (bytes per member), made on an encode thread."""
+        return [encode_sample(self._sample(item, label)) for item, label in pairs]
+
     def label_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None,
-                    reuse: dict | None = None) -> dict:
+                    reuse: dict | None = None, next_plan: ShardPlan | None = None) -> dict:
         """Label every image of ``plan`` and write ``<folder>/<plan.name>.tar`` + marker; returns the marker.
 
         ``reuse``: the marker of this shard's finished tar; its labelled samples are copied as they are
         and only the images it lists as failed are labelled again (``--retry-failed``). The tar holds
         the samples in plan order either way, so it is the tar a run where they never failed writes.
         When every one of them fails again, nothing is rewritten and ``reuse`` is returned.
+
+        ``next_plan``: the shard this worker will most likely be handed next; its images start decoding
+        once this shard's are all under way (a guess that turns out wrong costs only that decoding).
         """
         folder = as_path(folder)
         t0 = time.perf_counter()
         timings = {"forward_s": 0.0, "wait_decode_s": 0.0, "wait_encode_s": 0.0}
-        failures, encoded, batch = [], {}, []
+        failures: list[dict] = []
         kept = {}
         if reuse:
             try:
@@ -193,44 +419,92 @@ class ShardLabeler:
             if list(kept) != reuse.get("keys"):  # not the tar the marker describes: label it all again
                 kept, reuse = {}, None
         todo = tuple(r for r in plan.records if r.key not in kept)
+        order = {r.key: i for i, r in enumerate(plan.records)}
+        kept_left = deque(r.key for r in plan.records if r.key in kept)  # plan order
+        fresh: set[str] = set()
+        stream = _TarStream(folder, plan.name, depth=2 * self.config.batch_size // _CHUNK + 2)
+        in_flight: deque = deque()  # (items, wait) of batches on the device
+        depth = 1 if self.device.type == "cuda" else 0
 
-        def flush():
+        def fail(item: _Item) -> None:
+            failures.append({"key": item.record.key, "id": item.record.source_id,
+                             "file": item.record.path, "reason": item.error})
+            if progress:
+                progress(1)
+
+        def emit(batch: list[_Item], wait: Callable[[], np.ndarray]) -> None:
+            """A batch's labels are back: encode its samples and queue them for the tar, in plan order."""
             t = time.perf_counter()
-            labels = self._forward(batch)
+            labels = wait()
             timings["forward_s"] += time.perf_counter() - t
-            for it, lab in zip(batch, labels):
-                encoded[it.record.key] = self.pool.submit(self._sample, it, lab)
+            chunk: list = []  # encoded together: one job and one queue entry per few samples, not per sample
+
+            def put_chunk():
+                if chunk:
+                    stream.put(self.encode_pool.submit(self._encoded, chunk.copy()))
+                    chunk.clear()
+
+            for it, label in zip(batch, labels):
+                if kept_left and order[kept_left[0]] < order[it.record.key]:
+                    put_chunk()
+                    while kept_left and order[kept_left[0]] < order[it.record.key]:
+                        stream.put(kept[kept_left.popleft()])
+                chunk.append((it, label))
+                fresh.add(it.record.key)
+                if len(chunk) == _CHUNK:
+                    put_chunk()
+            put_chunk()
             if progress:
                 progress(len(batch))
-            batch.clear()
 
-        t = time.perf_counter()
-        for item in self._loaded(todo):
-            timings["wait_decode_s"] += time.perf_counter() - t
-            if item.error:
-                failures.append({"key": item.record.key, "id": item.record.source_id,
-                                 "file": item.record.path, "reason": item.error})
-                if progress:
-                    progress(1)
-            else:
-                batch.append(item)
-                if len(batch) == self.config.batch_size:
-                    flush()
+        def flush(batch: list[_Item]) -> None:
             t = time.perf_counter()
-        if batch:
-            flush()
-        if reuse and not encoded:
-            return reuse  # every failed image failed again: the finished shard stays as it is
-        t = time.perf_counter()
-        fresh = {key: f.result() for key, f in encoded.items()}
-        samples = [kept.get(r.key) or fresh[r.key] for r in plan.records if r.key in kept or r.key in fresh]
-        timings["wait_encode_s"] = time.perf_counter() - t
+            self._decode_on_device(batch)
+            ok = [it for it in batch if not it.error]
+            for it in batch:
+                if it.error:
+                    fail(it)
+            if ok:
+                in_flight.append((ok, self._submit(ok)))
+            timings["forward_s"] += time.perf_counter() - t
+            while len(in_flight) > depth:
+                emit(*in_flight.popleft())
+
+        try:
+            batch: list[_Item] = []
+            t = time.perf_counter()
+            for item in self._loaded(todo, next_plan.records if next_plan is not None else ()):
+                timings["wait_decode_s"] += time.perf_counter() - t
+                if item.error:
+                    fail(item)
+                else:
+                    batch.append(item)
+                    if len(batch) == self.config.batch_size:
+                        flush(batch)
+                        batch = []
+                t = time.perf_counter()
+            if batch:
+                flush(batch)
+            while in_flight:
+                emit(*in_flight.popleft())
+            if reuse and not fresh:
+                return reuse  # every failed image failed again: the finished shard stays as it is
+            while kept_left:
+                stream.put(kept[kept_left.popleft()])
+            t = time.perf_counter()
+            stream.drain()
+            timings["wait_encode_s"] = time.perf_counter() - t
+        except BaseException:
+            stream.abort()
+            raise
+        failures.sort(key=lambda f: order[f["key"]])
+        keys = [r.key for r in plan.records if r.key in kept or r.key in fresh]
         t = time.perf_counter()
         marker = {
             "index": plan.index,
             "planned": len(plan.records),
-            "count": len(samples),
-            "keys": [s["__key__"] for s in samples],
+            "count": len(keys),
+            "keys": keys,
             "failures": failures,
             "planned_keys": plan.keys,
             **self.identity(),
@@ -242,9 +516,13 @@ class ShardLabeler:
             marker["reused"] = len(kept)
         timings["wall_s"] = time.perf_counter() - t0  # up to the write
         marker["timings"] = {k: round(v, 4) for k, v in timings.items()}
-        written = write_shard(folder, plan.name, samples, marker)
+        written = stream.writer.finish(marker)
         written["timings"]["write_s"] = round(time.perf_counter() - t, 4)
         return written
 
     def close(self) -> None:
+        if "_ahead" in self.__dict__:
+            self._ahead.cancel()
         self.pool.shutdown(wait=True)
+        if "encode_pool" in self.__dict__:
+            self.encode_pool.shutdown(wait=True)
