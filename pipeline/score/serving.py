@@ -180,6 +180,9 @@ class CompiledModule(torch.nn.Module):
     On CUDA ``mode="reduce-overhead"`` replays each input shape as a CUDA graph, whose output buffer the next
     replay overwrites: each call's output is cloned."""
 
+    #: the first passes compile (and on CUDA record graphs): ``profile`` warms up this many before timing
+    warmup_passes = 8
+
     def __init__(self, student: torch.nn.Module, device: torch.device):
         super().__init__()
         self.serving = ServingModel(student).eval()
