@@ -15,10 +15,12 @@ change the speed). Runtimes:
   (only with ``--device cpu``);
 - ``onnx-session``: the session ``onnx`` uses (``pipeline.score.serving.OnnxSession``), timed by a bare loop
   over ``session.run`` (batch 1 only): ``onnx`` minus ``profile``'s own overhead;
+- ``onnx-spin``: that session with its intra-op threads spinning between operators (ORT's default, which
+  ``pipeline`` turns off: on a loaded machine spinning threads wait for each other's cores), same bare loop;
 - ``onnx-plain``: the same exported graph in a plain ``onnxruntime.InferenceSession`` with ORT's default
   options, timed by the same bare loop (batch 1 only): the reference ``onnx`` is held to.
-  ``onnx``, ``onnx-session`` and ``onnx-plain`` are measured in alternating rounds (``--rounds``) so that the load of a shared
-  machine falls on both alike; the figure is the median over rounds;
+  The ONNX rows at batch 1 are measured in alternating rounds (``--rounds``) so that the load of a shared
+  machine falls on all alike; the figure is the median over rounds;
 - ``compile``: ``pipeline profile --runtime compile``: ``torch.compile`` (CUDA graphs on CUDA). On a CPU it
   takes minutes to compile, so it is left out there unless ``--runtimes`` names it.
 
@@ -48,7 +50,7 @@ from pipeline.score.predictors import build_predictor
 from pipeline.score.profile import profile
 from students import available
 
-RUNTIMES = ("torch", "onnx", "onnx-session", "onnx-plain", "compile")
+RUNTIMES = ("torch", "onnx", "onnx-session", "onnx-spin", "onnx-plain", "compile")
 
 
 def emit(rows: list[dict], **row) -> None:
@@ -101,7 +103,7 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
         else:
             for batch in batches:
                 measure(compiled, "compile", batch, args.iters if batch == 1 else args.large_iters, precision)
-    want_onnx = [r for r in ("onnx", "onnx-session", "onnx-plain") if r in args.runtimes]
+    want_onnx = [r for r in ("onnx", "onnx-session", "onnx-spin", "onnx-plain") if r in args.runtimes]
     if want_onnx and base.device.type != "cpu":
         print(f"# {name}: onnx runs on the CPU: measured with --device cpu only", file=sys.stderr)
     elif want_onnx:
@@ -111,7 +113,8 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
         served = onnx_predictor(cpu, size)
         data = onnx_bytes(cpu, size)
         bare = {"onnx-plain": lambda: ort.InferenceSession(data, providers=["CPUExecutionProvider"]),
-                "onnx-session": lambda: OnnxSession(data).session}
+                "onnx-session": lambda: OnnxSession(data).session,
+                "onnx-spin": lambda: OnnxSession(data, spinning=True).session}
         loops = {r: bare_loop(make(), size, args.warmup, args.iters) for r, make in bare.items() if r in want_onnx}
         per_round = {r: [] for r in want_onnx}
         for _ in range(args.rounds):  # alternating: the machine's load falls on all alike
@@ -134,14 +137,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (onnx always runs on the CPU)")
     p.add_argument("--students", default="fastsal_a,fastsal_c,sact", help="comma-separated")
     p.add_argument("--runtimes", default=None,
-                   help=f"comma-separated of {', '.join(RUNTIMES)} (default: torch,onnx,onnx-session,onnx-plain on CPU; "
+                   help=f"comma-separated of {', '.join(RUNTIMES)} (default: torch,onnx,onnx-session,onnx-spin,onnx-plain on CPU; "
                         "torch,compile on GPU)")
     p.add_argument("--size", default="192x256", help="HxW, multiples of 32")
     p.add_argument("--large-batch", type=int, default=256, help="the throughput batch (0: batch 1 only)")
     p.add_argument("--iters", type=int, default=30, help="timed passes at batch 1")
     p.add_argument("--large-iters", type=int, default=5, help="timed passes at the large batch")
     p.add_argument("--warmup", type=int, default=3, help="warm-up passes (compile: at least 8)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of onnx, onnx-session and onnx-plain")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the ONNX rows at batch 1")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU")
     p.add_argument("--threads", type=int, default=0, help="torch (and ONNX Runtime) intra-op threads; 0: torch's")
     args = p.parse_args()
@@ -151,7 +154,7 @@ def main() -> None:
     dev = resolve_device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU visible to torch")
-    default = "torch,onnx,onnx-session,onnx-plain" if dev.type == "cpu" else "torch,compile"
+    default = "torch,onnx,onnx-session,onnx-spin,onnx-plain" if dev.type == "cpu" else "torch,compile"
     args.runtimes = [r.strip() for r in (args.runtimes or default).split(",") if r.strip()]
     if not args.runtimes or any(r not in RUNTIMES for r in args.runtimes):
         p.error(f"--runtimes: of {', '.join(RUNTIMES)}")
