@@ -8,8 +8,8 @@ its logits become a map (``map_kind``). ``onnx`` and ``onnxruntime`` are an opti
 
 The ONNX Runtime session runs the graph fully optimised (``ORT_ENABLE_ALL``), sequentially, on
 ``torch.get_num_threads()`` intra-op threads (the cores, or ``OMP_NUM_THREADS``) that sleep rather than spin
-between operators: on a CPU shared with other work, spinning threads halved batch-1 throughput
-(``docs/benchmarks.md``).
+between operators: on a CPU shared with other work, spinning threads halved batch-1 throughput, and
+sleeping ones cost 10–13 % on a nearly idle one (``docs/benchmarks.md``).
 
 ``--runtime compile`` is the student under ``torch.compile``: ``mode="reduce-overhead"`` on CUDA (CUDA graphs,
 for batch 1), inductor's default on the CPU (which needs a C++ compiler).
