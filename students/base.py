@@ -36,10 +36,24 @@ from teachers.backbones import IMAGENET_MEAN, IMAGENET_STD
 EPS = 2.2204e-16
 
 
+#: ImageNet mean and std ``[1,3,1,1]`` per device: made once, so that normalising a batch on a GPU copies
+#: nothing from the host (a copy from pageable memory would synchronise every forward)
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    found = _MEAN_STD.get(device)
+    if found is None:
+        with torch.inference_mode(False):  # ordinary tensors, usable under autograd too
+            found = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+                     torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+        _MEAN_STD[device] = found
+    return found
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 RGB ``[B,3,H,W]`` → float, /255 and ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images.float() / 255.0 - mean) / std
 
 

@@ -79,3 +79,35 @@ def test_export_refuses_what_it_cannot_serve(tmp_path):
     r = invoke("export", "--student", "fastsal_a", "--image-size", "100x100", "--out", tmp_path / "s.onnx")
     assert r.exit_code == 1 and "multiples of 32" in r.output
     assert not list(tmp_path.iterdir())
+
+
+def test_compile_runtime_is_for_students_and_refused_without_a_cpu_compiler(monkeypatch):
+    r = invoke("profile", "--teacher", "classic", "--runtime", "compile", "--device", "cpu")
+    assert r.exit_code == 1 and "--runtime compile is for students' saliency maps" in r.output
+    monkeypatch.setattr("pipeline.score.serving._cxx", lambda: None)  # a CPU toolchain without g++/clang++
+    r = invoke("profile", "--student", "fastsal_a", "--runtime", "compile", "--device", "cpu", "--iters", 1)
+    assert r.exit_code == 1
+    assert r.output.strip() == ("Error: --runtime compile on the CPU needs a C++ compiler for torch.compile's "
+                                "inductor (g++ or clang++, or $CXX): install one, or use --runtime torch or onnx")
+
+
+# compiling a student with inductor takes minutes on a small CPU (2.5 min for FastSal A on the 2-core sandbox
+# under load): this end-to-end check runs where CUDA is, with CUDA graphs (mode="reduce-overhead")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile takes minutes on a CPU; run with CUDA")
+def test_predict_and_profile_compiled_with_cuda_graphs_agree_with_torch(weights, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        write_jpeg(images / f"{name}.jpg", photo(name, 120))
+    common = ["--student", "fastsal_a", "--weights", weights, "--device", "cuda", "--precision", "fp32",
+              "--images", images, "--batch-size", 2, "--no-progress"]  # batches of 2 and 1: two graphs
+    for runtime in ("torch", "compile"):
+        r = invoke("predict", *common, "--out", tmp_path / runtime, "--runtime", runtime)
+        assert r.exit_code == 0, r.output
+    for name in ("astronaut", "coffee", "chelsea"):
+        a = cv2.imread(str(tmp_path / "torch" / f"{name}.jpg.png"), cv2.IMREAD_GRAYSCALE).astype(int)
+        b = cv2.imread(str(tmp_path / "compile" / f"{name}.jpg.png"), cv2.IMREAD_GRAYSCALE).astype(int)
+        assert a.std() > 1 and np.abs(a - b).max() <= 2  # the same maps (each image its own, not a replayed one)
+    r = invoke("profile", "--student", "fastsal_a", "--runtime", "compile", "--device", "cuda", "--iters", 5)
+    assert r.exit_code == 0, r.output
+    assert "torch.compile" in r.output and "images/s" in r.output

@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.main import cli
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.loop import Trainer
 from tests.conftest import second_epoch_started, sigkill_when
 
@@ -268,6 +268,20 @@ def test_data_parallel_on_two_ray_train_workers(small_labels, tmp_path):
     assert [r[8] for r in rows(run / "metrics.csv", 9)] == ["images", "8", "8"]  # both workers' images
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     assert "img/s" in done.stdout and (run / "curves.png").is_file()
+
+
+def test_ray_workers_take_gpus_only_when_there_is_one_each_and_cuda_is_refused_without_them():
+    from pipeline.train.ray_train import use_gpus
+
+    assert use_gpus("auto", 2, 2) and not use_gpus("auto", 2, 1)  # auto: NCCL with a GPU each, else Gloo
+    assert not use_gpus("cpu", 2, 8)  # --device cpu: Gloo even on a GPU cluster
+    assert use_gpus("cuda", 4, 8) and use_gpus("cuda:0", 1, 1)
+    for device, gpus in (("cuda", 0), ("cuda:1", 3)):
+        with pytest.raises(TrainError) as e:
+            use_gpus(device, 4, gpus)
+        assert str(e.value).startswith(f"--device {device} with --ray-workers 4 needs 4 GPUs (one per worker, NCCL) "
+                                       f"but the Ray cluster has {gpus} GPUs")
+        assert "\n" not in str(e.value)
 
 
 # -- what training reads is checked ---------------------------------------------------------------

@@ -130,19 +130,22 @@ def echo_result(result, failures: list[dict], describe, limit: int = 10) -> None
 
 
 runtime_option = click.option(
-    "--runtime", type=click.Choice(["torch", "onnx"]), default="torch",
+    "--runtime", type=click.Choice(["torch", "onnx", "compile"]), default="torch",
     help="torch: PyTorch; onnx: the student exported in memory and run by ONNX Runtime on the CPU "
-         "(needs the onnx extra).")
+         "(needs the onnx extra); compile: the student under torch.compile on --device (CUDA graphs on CUDA; "
+         "needs a C++ compiler on the CPU).")
 
 
 def with_runtime(predictor, runtime: str, input_size=None):
-    """``predictor`` itself (torch), or the same student served by ONNX Runtime."""
+    """``predictor`` itself (torch), or the same student served by ONNX Runtime or compiled."""
     if runtime == "torch":
         return predictor
     from pipeline.score.predictors import PredictorError
-    from pipeline.score.serving import onnx_predictor
+    from pipeline.score.serving import compile_predictor, onnx_predictor
 
     try:
+        if runtime == "compile":
+            return compile_predictor(predictor)
         return onnx_predictor(predictor, input_size)
     except (PredictorError, ValueError) as e:
         raise click.ClickException(str(e)) from None

@@ -156,7 +156,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
               help="Input HxW.  [default: the model's own: a checkpoint's training size, 192x256 for --student, "
                    "the teacher's input size, else 192x256]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
-@click.option("--iters", type=click.IntRange(min=1), default=10, help="Timed forward passes (after 3 warm-up).")
+@click.option("--iters", type=click.IntRange(min=1), default=10,
+              help="Timed forward passes (after 3 warm-up; 8 with --runtime compile).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write JSON here.")
 @runtime_option
 def profile_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, image_size,

@@ -94,6 +94,7 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
     x1 = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=gen)
     x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=gen).to(dev)
     modes = model.execution_modes if predictor.student else ("default",)
+    warmup = max(warmup, getattr(model, "warmup_passes", 0))  # a compiled model's first passes compile
     results = []
     try:
         for mode in modes:

@@ -1,10 +1,18 @@
-"""Students at serving speed: ONNX export and an ONNX Runtime predictor.
+"""Students at serving speed: ONNX export, an ONNX Runtime predictor and a ``torch.compile`` predictor.
 
 The exported graph is the student *with its input normalisation*: ``images`` uint8 RGB ``[B,3,H,W]``
 (dynamic batch, the size it was exported at) → ``logits`` ``[B,1,H,W]``, so a server needs nothing but
 ONNX Runtime. The file's metadata records the student, its options, the opset, the input size and how
 its logits become a map (``map_kind``). ``onnx`` and ``onnxruntime`` are an optional extra
 (``pip install 'saliency-pipeline[onnx]'``).
+
+The ONNX Runtime session runs the graph fully optimised (``ORT_ENABLE_ALL``), sequentially, on
+``torch.get_num_threads()`` intra-op threads (the cores, or ``OMP_NUM_THREADS``) that sleep rather than spin
+between operators: on a CPU shared with other work, spinning threads halved batch-1 throughput, and
+sleeping ones cost 10–13 % on a nearly idle one (``docs/benchmarks.md``).
+
+``--runtime compile`` is the student under ``torch.compile``: ``mode="reduce-overhead"`` on CUDA (CUDA graphs,
+for batch 1), inductor's default on the CPU (which needs a C++ compiler).
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +31,34 @@ import torch
 
 from pipeline.common.atomic import atomic_open
 from pipeline.score.predictors import Predictor, PredictorError
+from students import Student
+from teachers.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_OPSET = 17
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "compile")
 
 
 class ServingModel(torch.nn.Module):
-    """uint8 images → the student's logits (its own normalisation inside)."""
+    """uint8 images → the student's logits (its own normalisation inside).
+
+    The ImageNet normalisation every student uses, ``(x / 255 − mean) / std``, is one multiply-add per channel
+    here (``x · scale + shift``): one pass over the image instead of three in the exported graph."""
 
     def __init__(self, student: torch.nn.Module):
         super().__init__()
         self.student = student
+        self.fused = type(student).normalize is Student.normalize
+        if self.fused:
+            device = next(student.parameters()).device
+            mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+            self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+            self.register_buffer("shift", -mean / std, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.student(self.student.normalize(images))
+        if not self.fused:
+            return self.student(self.student.normalize(images))
+        return self.student(torch.addcmul(self.shift, images.float(), self.scale))
 
 
 def _need(module: str):
@@ -109,11 +133,14 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
 class OnnxSession:
     """An ONNX Runtime CPU session over an exported student: uint8 ``[B,3,H,W]`` → logits."""
 
-    def __init__(self, data: bytes, threads: int | None = None):
+    def __init__(self, data: bytes, threads: int | None = None, spinning: bool = False):
         ort = _need("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
     def run(self, images: np.ndarray) -> np.ndarray:
@@ -137,3 +164,46 @@ def onnx_predictor(predictor: Predictor, input_size: tuple[int, int] | None = No
     session = OnnxSession(onnx_bytes(predictor, size))
     return Predictor(f"{predictor.name} [onnxruntime]", OnnxModule(session), predictor.kind, size,
                      torch.device("cpu"), autocast=False, reference=predictor.model)
+
+
+def _cxx() -> str | None:
+    """The C++ compiler inductor would use on the CPU, if there is one."""
+    from torch._inductor import config
+
+    names = [c for c in config.cpp.cxx if c] + [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+    return next((shutil.which(c) for c in names if c and shutil.which(c)), None)
+
+
+class CompiledModule(torch.nn.Module):
+    """The student under ``torch.compile`` (its normalisation inside), seen as a module of uint8 images → logits.
+
+    On CUDA ``mode="reduce-overhead"`` replays each input shape as a CUDA graph, whose output buffer the next
+    replay overwrites: each call's output is cloned."""
+
+    #: the first passes compile (and on CUDA record graphs): ``profile`` warms up this many before timing
+    warmup_passes = 8
+
+    def __init__(self, student: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.serving = ServingModel(student).eval()
+        self.cuda_graphs = device.type == "cuda"
+        self.compiled = torch.compile(self.serving, mode="reduce-overhead" if self.cuda_graphs else None,
+                                      dynamic=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self.compiled(images)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(images).clone()
+
+
+def compile_predictor(predictor: Predictor) -> Predictor:
+    """The same student under ``torch.compile`` on its own device (compiled on the first batch of each size)."""
+    if not predictor.student or predictor.map_name != "saliency":
+        raise PredictorError("--runtime compile is for students' saliency maps (--checkpoint or --student)")
+    if predictor.device.type == "cpu" and _cxx() is None:
+        raise PredictorError("--runtime compile on the CPU needs a C++ compiler for torch.compile's inductor "
+                             "(g++ or clang++, or $CXX): install one, or use --runtime torch or onnx")
+    module = CompiledModule(predictor.model, predictor.device)
+    return Predictor(f"{predictor.name} [torch.compile]", module, predictor.kind, predictor.input_size,
+                     predictor.device, autocast=predictor.autocast, reference=predictor.model)

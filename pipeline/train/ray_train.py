@@ -1,7 +1,7 @@
 """``pipeline train --ray-workers N``: the training loop of :mod:`pipeline.train.loop` on N Ray Train workers.
 
 Ray Train's ``TorchTrainer`` starts one process per worker (one GPU each when the cluster has GPUs, else
-CPUs), joins them in a ``torch.distributed`` group (NCCL on GPUs, Gloo on CPUs) and runs
+CPUs: :func:`use_gpus` decides, and refuses ``--device cuda`` on a cluster with fewer GPUs than workers), joins them in a ``torch.distributed`` group (NCCL on GPUs, Gloo on CPUs) and runs
 :func:`pipeline.train.train` in each; the loop wraps the student in DistributedDataParallel, splits the
 shards by worker and lets worker 0 validate, log and checkpoint into the run folder, so the run folder,
 its resume and its outputs are those of a single-process run. On a multi-node cluster (``--address``)
@@ -77,6 +77,23 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
             lock.release()
 
 
+def use_gpus(device: str, workers: int, cluster_gpus: float) -> bool:
+    """Whether the ``workers`` Ray Train workers each take a GPU (NCCL) or run on CPUs (Gloo).
+
+    ``--device cpu``: CPUs, whatever the cluster has. ``cuda``/``cuda:N``: GPUs, and a cluster with fewer GPUs
+    than workers is refused (silently training on CPUs with Gloo is not what was asked). ``auto``: GPUs when the
+    cluster has one per worker, else CPUs."""
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        return False
+    if kind == "cuda" and cluster_gpus < workers:
+        have = f"{cluster_gpus:g} GPU{'' if cluster_gpus == 1 else 's'}"
+        raise TrainError(f"--device {device} with --ray-workers {workers} needs {workers} GPUs (one per worker, NCCL) "
+                         f"but the Ray cluster has {have}: use fewer workers, a cluster with more GPUs, or --device cpu "
+                         "(Gloo on CPUs)")
+    return cluster_gpus >= workers
+
+
 def _fit(config: TrainConfig, run, *, workers: int, address: str | None, restart: bool,
          progress: bool) -> list[EpochResult]:
     run.mkdir(parents=True, exist_ok=True)
@@ -103,7 +120,7 @@ def _fit_on_ray(config: TrainConfig, workers: int, restart: bool, progress: bool
         quiet = {"logging_config": LoggingConfig(log_level="ERROR")}
     except ImportError:
         quiet = {}
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    use_gpu = use_gpus(config.device, workers, ray.cluster_resources().get("GPU", 0))
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": asdict(config), "restart": restart, "progress": progress},

@@ -1,0 +1,186 @@
+"""Serving speed of the students: batch-1 latency and large-batch throughput per runtime.
+
+    python bench/student_latency.py --device cpu --large-batch 8 --iters 20            # CPU, short
+    python bench/student_latency.py --device cpu --students fastsal_a --large-batch 0  # the ONNX target only
+    python bench/student_latency.py --device cuda --runtimes torch,compile             # GPU: batch 1 and 256
+
+Every figure is what ``pipeline profile`` measures (``pipeline.score.profile.profile``): the median wall time
+of ``--iters`` passes after the warm-up (synchronised on GPU), on random uint8 images at ``--size``, the
+student's normalisation included, for students built with ``backbone_weights="none"`` (the weights do not
+change the speed). Runtimes:
+
+- ``torch``: eager PyTorch on ``--device`` (bf16 autocast on GPU unless ``--precision fp32``); SACT's two
+  execution paths (``dense``, ``sparse``) are both measured;
+- ``onnx``: ``pipeline profile --runtime onnx``: the student exported in memory, ONNX Runtime on the CPU
+  (only with ``--device cpu``);
+- ``onnx-session``: the session ``onnx`` uses (``pipeline.score.serving.OnnxSession``), timed by a bare loop
+  over ``session.run`` (batch 1 only): ``onnx`` minus ``profile``'s own overhead;
+- ``onnx-spin``: that session with its intra-op threads spinning between operators (ORT's default, which
+  ``pipeline`` turns off: on a loaded machine spinning threads wait for each other's cores), same bare loop;
+- ``onnx-plain``: the same exported graph in a plain ``onnxruntime.InferenceSession`` with ORT's default
+  options, timed by the same bare loop (batch 1 only): the reference ``onnx`` is held to.
+  The ONNX rows at batch 1 are measured in alternating rounds (``--rounds``) so that the load of a shared
+  machine falls on all alike; the figure is the median over rounds;
+- ``compile``: ``pipeline profile --runtime compile``: ``torch.compile`` (CUDA graphs on CUDA). On a CPU it
+  takes minutes to compile, so it is left out there unless ``--runtimes`` names it.
+
+Targets (docs/benchmarks.md): CPU, ``onnx`` at batch 1, FastSal (A) at 192x256: >= 150 img/s; GPU: FastSal (A)
+>= 1,000 img/s at batch 1 and >= 15,000 img/s at batch 256.
+
+Prints one JSON line per figure, then a summary table and the machine (torch version, threads, the 1-minute
+load average before and after: other work on the machine slows every figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pipeline.common.devices import resolve_device
+from pipeline.common.tables import table
+from pipeline.score.predictors import build_predictor
+from pipeline.score.profile import profile
+from students import available
+
+RUNTIMES = ("torch", "onnx", "onnx-session", "onnx-spin", "onnx-plain", "compile")
+
+
+def emit(rows: list[dict], **row) -> None:
+    row = {"bench": "student_latency", **row, "load_avg_1min": round(os.getloadavg()[0], 2)}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def bare_loop(session, size: tuple[int, int], warmup: int, iters: int):
+    """A function timing ``iters`` runs of an ONNX Runtime ``session`` at batch 1 (median seconds)."""
+    x = np.random.default_rng(0).integers(0, 256, (1, 3, *size), dtype=np.uint8)
+
+    def run() -> float:
+        times = []
+        for i in range(warmup + iters):
+            t = time.perf_counter()
+            session.run(None, {"images": x})
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    return run
+
+
+def bench_student(name: str, args, rows: list[dict]) -> None:
+    from pipeline.score.serving import OnnxSession, compile_predictor, onnx_bytes, onnx_predictor
+
+    base = build_predictor(student=name, device=args.device, precision=args.precision, require_weights=False,
+                           student_options={})
+    base.model.eval()
+    size, dev = args.size, str(base.device)
+    common = {"student": name, "device": dev, "size": f"{size[0]}x{size[1]}"}
+    batches = [1] + ([args.large_batch] if args.large_batch else [])
+
+    def measure(predictor, runtime: str, batch: int, iters: int, precision: str) -> None:
+        r = profile(predictor, input_size=size, batch_size=batch, iters=iters, warmup=args.warmup)
+        for m in r.modes:
+            emit(rows, **common, runtime=runtime, mode=m.mode, batch=batch, precision=precision,
+                 images_per_s=round(m.images_per_s, 2), ms=round(m.latency_ms, 3))
+
+    precision = "bf16" if base.autocast else "fp32"
+    if "torch" in args.runtimes:
+        for batch in batches:
+            measure(base, "torch", batch, args.iters if batch == 1 else args.large_iters, precision)
+    if "compile" in args.runtimes:
+        try:
+            compiled = compile_predictor(base)
+        except Exception as e:  # noqa: BLE001 - a refusal (no C++ compiler) is a result, not a crash
+            emit(rows, **common, runtime="compile", error=str(e))
+        else:
+            for batch in batches:
+                measure(compiled, "compile", batch, args.iters if batch == 1 else args.large_iters, precision)
+    want_onnx = [r for r in ("onnx", "onnx-session", "onnx-spin", "onnx-plain") if r in args.runtimes]
+    if want_onnx and base.device.type != "cpu":
+        print(f"# {name}: onnx runs on the CPU: measured with --device cpu only", file=sys.stderr)
+    elif want_onnx:
+        import onnxruntime as ort
+
+        cpu = build_predictor(student=name, device="cpu", precision="fp32", require_weights=False, student_options={})
+        served = onnx_predictor(cpu, size)
+        data = onnx_bytes(cpu, size)
+        bare = {"onnx-plain": lambda: ort.InferenceSession(data, providers=["CPUExecutionProvider"]),
+                "onnx-session": lambda: OnnxSession(data).session,
+                "onnx-spin": lambda: OnnxSession(data, spinning=True).session}
+        loops = {r: bare_loop(make(), size, args.warmup, args.iters) for r, make in bare.items() if r in want_onnx}
+        per_round = {r: [] for r in want_onnx}
+        for _ in range(args.rounds):  # alternating: the machine's load falls on all alike
+            for r, loop in loops.items():
+                per_round[r].append(loop())
+            if "onnx" in want_onnx:
+                per_round["onnx"].append(profile(served, input_size=size, batch_size=1, iters=args.iters,
+                                                 warmup=args.warmup).latency_ms / 1e3)
+        for runtime in want_onnx:
+            s = statistics.median(per_round[runtime])
+            emit(rows, **{**common, "device": "cpu"}, runtime=runtime, mode="default", batch=1, precision="fp32",
+                 images_per_s=round(1 / s, 2), ms=round(s * 1e3, 3), rounds=args.rounds,
+                 round_images_per_s=[round(1 / t, 1) for t in per_round[runtime]])
+        if "onnx" in want_onnx and args.large_batch:
+            measure(served, "onnx", args.large_batch, args.large_iters, "fp32")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (onnx always runs on the CPU)")
+    p.add_argument("--students", default="fastsal_a,fastsal_c,sact", help="comma-separated")
+    p.add_argument("--runtimes", default=None,
+                   help=f"comma-separated of {', '.join(RUNTIMES)} (default: torch,onnx,onnx-session,onnx-spin,onnx-plain on CPU; "
+                        "torch,compile on GPU)")
+    p.add_argument("--size", default="192x256", help="HxW, multiples of 32")
+    p.add_argument("--large-batch", type=int, default=256, help="the throughput batch (0: batch 1 only)")
+    p.add_argument("--iters", type=int, default=30, help="timed passes at batch 1")
+    p.add_argument("--large-iters", type=int, default=5, help="timed passes at the large batch")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up passes (compile: at least 8)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the ONNX rows at batch 1")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--threads", type=int, default=0, help="torch (and ONNX Runtime) intra-op threads; 0: torch's")
+    args = p.parse_args()
+    names = [s.strip() for s in args.students.split(",") if s.strip()]
+    if not names or any(s not in available() for s in names):
+        p.error(f"--students: known are {', '.join(available())}")
+    dev = resolve_device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU visible to torch")
+    default = "torch,onnx,onnx-session,onnx-spin,onnx-plain" if dev.type == "cpu" else "torch,compile"
+    args.runtimes = [r.strip() for r in (args.runtimes or default).split(",") if r.strip()]
+    if not args.runtimes or any(r not in RUNTIMES for r in args.runtimes):
+        p.error(f"--runtimes: of {', '.join(RUNTIMES)}")
+    try:
+        args.size = tuple(int(v) for v in args.size.lower().split("x"))
+        assert len(args.size) == 2 and all(v > 0 and v % 32 == 0 for v in args.size)
+    except (ValueError, AssertionError):
+        p.error("--size takes HxW, both multiples of 32, e.g. 192x256")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    rows: list[dict] = []
+    for name in names:
+        bench_student(name, args, rows)
+    load_after = os.getloadavg()
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    print()
+    print(table(["student", "runtime", "path", "batch", "precision", "img/s", "ms / batch", "load"],
+                [(r["student"], r["runtime"], r.get("mode", ""), r.get("batch", ""), r.get("precision", ""),
+                  f"{r['images_per_s']:.1f}" if "images_per_s" in r else r.get("error", ""),
+                  f"{r['ms']:.2f}" if "ms" in r else "", f"{r['load_avg_1min']:.1f}") for r in rows],
+                align="lllrlrrr", rule=True))
+    print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, {gpu or 'no GPU'}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, python {platform.python_version()}; load average (1/5/15 min) "
+          f"{'/'.join(f'{v:.1f}' for v in load_before)} before, {'/'.join(f'{v:.1f}' for v in load_after)} after")
+
+
+if __name__ == "__main__":
+    main()
