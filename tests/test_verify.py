@@ -82,4 +82,5 @@ def test_deep_decodes_every_sample(labelled):
 
 def test_a_folder_that_is_not_there_is_one_error_line(tmp_path):
     result = verify(tmp_path / "nowhere")
-    assert result.exit_code == 1 and result.output.strip() == f"Error: not a folder: {tmp_path / 'nowhere'}"
+    assert result.exit_code == 2  # a path named on the command line that is not there: a usage mistake
+    assert result.output.strip().splitlines()[-1] == f"Error: Invalid value for 'LABELS_DIR': {tmp_path / 'nowhere'} does not exist"
