@@ -10,6 +10,7 @@ Protocol (a file format; bump :data:`ENCODING_VERSION` when it changes):
    sha256 matches it, so a SIGKILL at any moment leaves either nothing or a shard to redo.
 
 Tar members are written with a fixed mtime, so the same samples always give the same bytes.
+:class:`ShardWriter` writes one tar; :class:`TarStream` drives it from a thread of its own (the worker's writer).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import queue
 import tarfile
+import threading
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 from webdataset.writer import make_encoder
@@ -238,3 +242,68 @@ def verify_dataset(folder: str | Path, check_digest: bool = True) -> str:
         if reason:
             return f"{folder / name}: {reason}"
     return ""
+
+
+_END, _ABORT = object(), object()
+
+
+class TarStream:
+    """The shard's tar, written on its own thread as samples come, in the order they are put (a sample, a
+    list of samples, or a :class:`Future` of either, waited for). Started by the first :meth:`put`, so a shard that writes nothing
+    opens no file; at most ``depth`` samples wait in its queue (the producer blocks beyond that). ``writer``
+    makes the :class:`ShardWriter` (a parameter so that tests can hand in a failing one)."""
+
+    def __init__(self, folder: Path, name: str, depth: int, writer: Callable[[Path, str], ShardWriter] | None = None):
+        self.folder, self.name = folder, name
+        self.make_writer = writer or ShardWriter
+        self.queue: queue.Queue = queue.Queue(max(1, depth))
+        self.thread: threading.Thread | None = None
+        self.writer: ShardWriter | None = None
+        self.error: BaseException | None = None
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=f"label-tar-{self.name}", daemon=True)
+            self.thread.start()
+
+    def put(self, sample: dict | Future) -> None:
+        if self.error is not None:
+            raise self.error
+        self._start()
+        self.queue.put(sample)
+
+    def _run(self) -> None:
+        try:
+            self.writer = self.make_writer(self.folder, self.name)
+        except BaseException as e:  # noqa: BLE001 - handed to the producer
+            self.error = e
+        while True:
+            entry = self.queue.get()
+            if entry is _END or entry is _ABORT:
+                break
+            if self.error is not None:  # keep draining so the producer never blocks on a dead writer
+                if isinstance(entry, Future):
+                    entry.cancel()
+                continue
+            try:
+                samples = entry.result() if isinstance(entry, Future) else entry
+                for sample in samples if isinstance(samples, list) else (samples,):
+                    self.writer.write(sample)
+            except BaseException as e:  # noqa: BLE001 - handed to the producer
+                self.error = e
+        if self.writer is not None and (entry is _ABORT or self.error is not None):
+            self.writer.abort()
+
+    def drain(self) -> None:
+        """Wait until every sample put is in the tar; raise what went wrong on the writer thread."""
+        self._start()
+        self.queue.put(_END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop, and leave no temp file behind."""
+        if self.thread is not None and self.thread.is_alive():
+            self.queue.put(_ABORT)
+            self.thread.join()

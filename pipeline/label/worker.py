@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import tarfile
-import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -38,7 +36,7 @@ from pipeline.common.devices import autocast, resolve_device, use_autocast
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
-from pipeline.label.shards import ENCODING_VERSION, ShardWriter, encode_sample, read_samples, tar_path
+from pipeline.label.shards import ENCODING_VERSION, ShardWriter, TarStream, encode_sample, read_samples, tar_path
 from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
 from teachers.registry import teacher_identity
@@ -82,68 +80,7 @@ class _Item:
     device_input: torch.Tensor | None = None  # … and at the teacher's size
 
 
-_END, _ABORT = object(), object()
 _CHUNK = 8  # samples per encode job
-
-
-class _TarStream:
-    """The shard's tar, written on its own thread as samples come, in the order they are put (a sample, a
-    list of samples, or a :class:`Future` of either, waited for). Started by the first :meth:`put`, so a shard that writes nothing
-    opens no file; at most ``depth`` samples wait in its queue (the producer blocks beyond that)."""
-
-    def __init__(self, folder: Path, name: str, depth: int):
-        self.folder, self.name = folder, name
-        self.queue: queue.Queue = queue.Queue(max(1, depth))
-        self.thread: threading.Thread | None = None
-        self.writer: ShardWriter | None = None
-        self.error: BaseException | None = None
-
-    def _start(self) -> None:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name=f"label-tar-{self.name}", daemon=True)
-            self.thread.start()
-
-    def put(self, sample: dict | Future) -> None:
-        if self.error is not None:
-            raise self.error
-        self._start()
-        self.queue.put(sample)
-
-    def _run(self) -> None:
-        try:
-            self.writer = ShardWriter(self.folder, self.name)
-        except BaseException as e:  # noqa: BLE001 - handed to the producer
-            self.error = e
-        while True:
-            entry = self.queue.get()
-            if entry is _END or entry is _ABORT:
-                break
-            if self.error is not None:  # keep draining so the producer never blocks on a dead writer
-                if isinstance(entry, Future):
-                    entry.cancel()
-                continue
-            try:
-                samples = entry.result() if isinstance(entry, Future) else entry
-                for sample in samples if isinstance(samples, list) else (samples,):
-                    self.writer.write(sample)
-            except BaseException as e:  # noqa: BLE001 - handed to the producer
-                self.error = e
-        if self.writer is not None and (entry is _ABORT or self.error is not None):
-            self.writer.abort()
-
-    def drain(self) -> None:
-        """Wait until every sample put is in the tar; raise what went wrong on the writer thread."""
-        self._start()
-        self.queue.put(_END)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """Stop, and leave no temp file behind."""
-        if self.thread is not None and self.thread.is_alive():
-            self.queue.put(_ABORT)
-            self.thread.join()
 
 
 def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
@@ -422,7 +359,7 @@ class ShardLabeler:
         order = {r.key: i for i, r in enumerate(plan.records)}
         kept_left = deque(r.key for r in plan.records if r.key in kept)  # plan order
         fresh: set[str] = set()
-        stream = _TarStream(folder, plan.name, depth=2 * self.config.batch_size // _CHUNK + 2)
+        stream = TarStream(folder, plan.name, depth=2 * self.config.batch_size // _CHUNK + 2, writer=ShardWriter)
         in_flight: deque = deque()  # (items, wait) of batches on the device
         depth = 1 if self.device.type == "cuda" else 0
 
