@@ -557,7 +557,8 @@ def test_the_driver_plans_the_identity_every_teacher_records_without_building_it
     """The settings the driver checks finished shards against (weights resolved and hashed, no network built)
     are those a labeller with the built teacher writes into every marker, for every teacher and weights."""
     import teachers.registry
-    from pipeline.label.worker import ShardLabeler, planned_identity
+    from pipeline.label.config import planned_identity
+    from pipeline.label.worker import ShardLabeler
 
     real_build = teachers.registry.build_teacher
     for name in teachers.registry.available():

@@ -3,7 +3,7 @@
 The unit of work, retry and resume is the shard. One Ray actor per GPU (or ``cpu_workers`` CPU
 actors when the cluster has no GPU) keeps its teacher loaded; the driver hands out shards. The driver
 itself never builds a teacher: it resolves and hashes the weights (a missing file fails the run before
-any work) and knows the settings every shard records from them (:func:`pipeline.label.worker.planned_identity`).
+any work) and knows the settings every shard records from them (:func:`pipeline.label.config.planned_identity`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.common.tables import table
-from pipeline.label.worker import LabelConfig, ShardLabeler, planned_identity, precision_name
+from pipeline.label.config import LabelConfig, planned_identity, precision_name
+from pipeline.label.worker import ShardLabeler
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, local_file, marker_path, planned_keys, read_marker,
                                    tar_path, verify_shard)

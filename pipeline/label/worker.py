@@ -36,36 +36,10 @@ from pipeline.common.devices import autocast, resolve_device, use_autocast
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
+from pipeline.label.config import LabelConfig, label_identity, precision_name
 from pipeline.label.shards import ENCODING_VERSION, ShardWriter, TarStream, encode_sample, read_samples, tar_path
 from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
-from teachers.registry import teacher_identity
-
-#: how far a shard's labels may lie from the fp32 labels of the same images and weights, by the precision that
-#: made them: bf16 maps correlate with the fp32 ones at least this well (Pearson CC per map; every registered
-#: teacher is tested against it on real photos); fp32 labels are the reference (``None``). Recorded in every marker.
-LABEL_TOLERANCE: dict[str, dict | None] = {"fp32": None, "bf16": {"vs_fp32_cc_min": 0.999}}
-
-
-@dataclass(frozen=True)
-class LabelConfig:
-    teacher: str
-    weights: str | None = None
-    image_size: tuple[int, int] = (192, 256)  # (H, W) of the shard's jpg and label
-    batch_size: int = 32
-    jpeg_quality: int = 95
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    io_threads: int = 4
-    max_image_bytes: int = images.MAX_IMAGE_BYTES  # a bigger file is a per-image failure
-    # where JPEGs are decoded and resized: auto (on the teacher's GPU when it runs on one, else the CPU),
-    # cpu (libjpeg-turbo + OpenCV's area filter: the bytes of a CPU run), device (torchvision on the
-    # teacher's device, resized by torch; on a CPU teacher too, which is how that path is tested)
-    decode: str = "auto"
-
-    def __post_init__(self):
-        if self.decode not in ("auto", "cpu", "device"):
-            raise ValueError(f"unknown decode {self.decode!r} (auto, cpu or device)")
 
 
 @dataclass
@@ -88,33 +62,6 @@ def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
     if kind == "log_density":
         return label.astype(np.float16)
     return images.encode_png(np.rint(np.clip(label, 0.0, 1.0) * 255.0).astype(np.uint8))
-
-
-def precision_name(autocast_on: bool) -> str:
-    """The precision labels are made in: ``bf16`` (under bf16 autocast) or ``fp32``."""
-    return "bf16" if autocast_on else "fp32"
-
-
-def label_identity(config: LabelConfig, teacher: dict, precision: str) -> dict:
-    """Settings recorded in every marker (and ``labels.json``); a shard made with other settings is not reused.
-
-    ``teacher``: what the teacher's labels depend on (:func:`teachers.registry.teacher_identity`, or the same
-    read off a built teacher); ``precision``: ``fp32`` or ``bf16``, as resolved on the device that labels.
-    """
-    return {
-        **teacher,
-        "precision": precision,
-        "tolerance": LABEL_TOLERANCE[precision],
-        "image_size": list(config.image_size),
-        "jpeg_quality": config.jpeg_quality,
-    }
-
-
-def planned_identity(config: LabelConfig, precision: str, *, resolver=None) -> dict:
-    """:meth:`ShardLabeler.identity` of a labeler of ``config`` labelling in ``precision``, without building its
-    teacher: the weights are resolved and hashed, the network is not made (a missing file is one WeightsError
-    naming every missing file)."""
-    return label_identity(config, teacher_identity(config.teacher, config.weights, resolver=resolver), precision)
 
 
 def _inside(path: str, root: str) -> bool:
