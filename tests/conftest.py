@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -62,6 +63,17 @@ def coco_tree(tmp_path) -> Path:
         files[image_id] = f"{image_id:012d}.jpg"
         write_jpeg(root / "val2017" / files[image_id], photo(name))
     return make_coco(root, "val2017", files)
+
+
+@contextlib.contextmanager
+def chdir(path: Path):
+    """``contextlib.chdir`` (Python 3.11) for the 3.10 the project supports."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(before)
 
 
 def sigkill_when(args: list, ready, what: str, timeout: float = 120.0) -> None:

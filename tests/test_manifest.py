@@ -7,7 +7,6 @@ shard size 2, so label_val writes 6 shards of the 12 held-out photos, label_trai
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -29,7 +28,7 @@ from pipeline.manifest.format import Manifest, ManifestError, code_version, load
 from pipeline.manifest.plan import plan, record
 from pipeline.manifest.runner import fresh_start, load_state, make_plan, run_manifest, status_rows, workdir_lock
 from pipeline.label.shards import verify_dataset
-from tests.conftest import make_coco, second_epoch_started, sigkill_when
+from tests.conftest import chdir, make_coco, second_epoch_started, sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "coco"
@@ -83,7 +82,7 @@ def final_model(run: Path) -> dict[str, torch.Tensor]:
 def finished(tmp_path_factory) -> Path:
     """A folder holding runs/demo: manifests/demo.yaml run to the end (relative paths, so copies stay valid)."""
     base = tmp_path_factory.mktemp("finished")
-    with contextlib.chdir(base):
+    with chdir(base):
         result = invoke("run", DEMO, *OPTS)
     assert result.exit_code == 0, result.output
     assert "[label_val] $ pipeline label coco --teacher=classic" in result.output  # streamed with a prefix
@@ -464,7 +463,7 @@ def test_sigkill_during_a_label_step_then_rerun_gives_the_same_shards(fresh):
     opts = [*OPTS, "--set", f"coco={coco}"]
     whole = fresh / "whole"
     whole.mkdir()
-    with contextlib.chdir(whole):
+    with chdir(whole):
         assert invoke("run", DEMO, *opts, "--until", "label_val").exit_code == 0
 
     sigkill_when(["run", DEMO, *opts, "--until", "label_val"], lambda: any(VAL.glob("shard-*.json")),

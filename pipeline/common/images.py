@@ -123,7 +123,8 @@ def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor 
     tensors = [_as_tensor(d) for d in datas]
     try:
         decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-    except (RuntimeError, ValueError):  # one bad image fails the whole batched call: find it, one at a time
+    except (RuntimeError, ValueError, TypeError):  # one bad image fails the whole batched call (and torchvision
+        # before 0.19 takes no list): decode them one at a time
         decoded = []
         for t in tensors:
             try:
