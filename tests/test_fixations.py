@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from pipeline.score import fixations as fx
 from pipeline.score.fixations import FixationError, FixationSet, read_cat2000, read_hdf5, read_mit1003, read_salicon, write_hdf5
 from tests.conftest import photo, write_jpeg
 
