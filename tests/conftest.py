@@ -52,6 +52,33 @@ def make_coco(root: Path, split: str, files: dict[int, str], kind: str = "instan
     return root
 
 
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "coco"
+
+
+def four_photo_coco(root: Path) -> Path:
+    """A COCO tree of four real photos in val2017 (ids 3, 7, 42, 99)."""
+    (root / "val2017").mkdir(parents=True)
+    files = {}
+    for image_id, which in zip((3, 7, 42, 99), ("astronaut", "coffee", "chelsea", "rocket")):
+        files[image_id] = f"{image_id:012d}.jpg"
+        write_jpeg(root / "val2017" / files[image_id], photo(which))
+    return make_coco(root, "val2017", files)
+
+
+def label_classic(coco_root: Path, out: Path, *options) -> Path:
+    """``pipeline label coco --teacher classic`` of ``coco_root``'s val2017 into ``out``, in this process, with
+    ``options`` (``--shard-size``, ``--image-size``…); the folder of the finished shards."""
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import cli
+
+    r = CliRunner().invoke(cli, ["label", "coco", "--teacher", "classic", "--coco-root", str(coco_root), "--split",
+                                 "val2017", "--out", str(out), "--executor", "local", "--no-progress",
+                                 *map(str, options)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return Path(out) / "classic" / "val2017"
+
+
 @pytest.fixture
 def coco_tree(tmp_path) -> Path:
     """A COCO tree with 8 real photos in val2017 (ids deliberately listed out of order)."""

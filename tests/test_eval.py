@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from pipeline.cli.main import cli
 from pipeline.score.fixations import read_hdf5
-from tests.conftest import make_coco, photo, write_jpeg
+from tests.conftest import four_photo_coco, label_classic, photo, write_jpeg
 
 METRIC_NAMES = ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig")
 SHARD_METRIC_NAMES = ("cc", "kl_div", "sim", "nss")
@@ -112,16 +112,8 @@ def mit(tmp_path_factory):
 def label_folder(tmp_path_factory) -> Path:
     """Four real photos labelled by the classic teacher at 64x96, two shards of two."""
     base = tmp_path_factory.mktemp("labels")
-    coco = base / "coco"
-    (coco / "val2017").mkdir(parents=True)
-    files = {}
-    for image_id, which in zip((3, 7, 42, 99), ("astronaut", "coffee", "chelsea", "rocket")):
-        files[image_id] = f"{image_id:012d}.jpg"
-        write_jpeg(coco / "val2017" / files[image_id], photo(which))
-    make_coco(coco, "val2017", files)
-    ok("label", "coco", "--teacher", "classic", "--coco-root", coco, "--split", "val2017", "--out", base / "out",
-       "--shard-size", "2", "--image-size", "64x96", "--executor", "local", "--device", "cpu", "--no-progress")
-    folder = base / "out" / "classic" / "val2017"
+    folder = label_classic(four_photo_coco(base / "coco"), base / "out", "--shard-size", 2, "--image-size", "64x96",
+                           "--device", "cpu")
     assert (folder / "labels.json").is_file()
     return folder
 

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.main import cli
-from tests.conftest import second_epoch_started, sigkill_when
+from tests.conftest import label_classic, second_epoch_started, sigkill_when
 from tests.test_train import write_mit1003
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +26,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def labels(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("labels")
-    r = invoke("label", "coco", "--teacher", "classic", "--coco-root", SAMPLES, "--split", "val2017", "--out", out,
-               "--shard-size", 4, "--image-size", "64x96", "--executor", "local", "--no-progress")
-    assert r.exit_code == 0, r.output
-    return out / "classic" / "val2017"
+    return label_classic(SAMPLES, tmp_path_factory.mktemp("labels"), "--shard-size", 4, "--image-size", "64x96")
 
 
 def final_model(run: Path) -> dict[str, torch.Tensor]:

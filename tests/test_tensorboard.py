@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli.main import cli
-from tests.conftest import make_coco, photo, write_jpeg
+from tests.conftest import four_photo_coco, label_classic
 
 
 def ok(*args):
@@ -23,16 +23,7 @@ def ok(*args):
 def labels(tmp_path_factory) -> Path:
     """Four real photos labelled by the classic teacher at 64x96, two shards of two (the last held out)."""
     base = tmp_path_factory.mktemp("labels")
-    coco = base / "coco"
-    (coco / "val2017").mkdir(parents=True)
-    files = {}
-    for image_id, which in zip((3, 7, 42, 99), ("astronaut", "coffee", "chelsea", "rocket")):
-        files[image_id] = f"{image_id:012d}.jpg"
-        write_jpeg(coco / "val2017" / files[image_id], photo(which))
-    make_coco(coco, "val2017", files)
-    ok("label", "coco", "--teacher", "classic", "--coco-root", coco, "--split", "val2017", "--out", base / "out",
-       "--shard-size", "2", "--image-size", "64x96", "--executor", "local", "--no-progress")
-    return base / "out" / "classic" / "val2017"
+    return label_classic(four_photo_coco(base / "coco"), base / "out", "--shard-size", 2, "--image-size", "64x96")
 
 
 def train(labels: Path, run: Path, epochs: int, *extra):

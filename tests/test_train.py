@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from pipeline.cli.main import cli
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.loop import Trainer
-from tests.conftest import second_epoch_started, sigkill_when
+from tests.conftest import label_classic, second_epoch_started, sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "coco"
@@ -43,21 +43,13 @@ def rows(path: Path, columns: int) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def labels(tmp_path_factory) -> Path:
     """The bundled sample (12 photos) labelled by the classic teacher: 3 shards of 4, the last held out."""
-    out = tmp_path_factory.mktemp("labels")
-    r = invoke("label", "coco", "--teacher", "classic", "--coco-root", SAMPLES, "--split", "val2017", "--out", out,
-               "--shard-size", 4, "--executor", "local", "--no-progress")
-    assert r.exit_code == 0, r.output
-    return out / "classic" / "val2017"
+    return label_classic(SAMPLES, tmp_path_factory.mktemp("labels"), "--shard-size", 4)
 
 
 @pytest.fixture(scope="module")
 def small_labels(tmp_path_factory) -> Path:
     """The sample labelled at 64x96 (SalGAN and FastSal both accept it): cheap for teacher-in-the-loop tests."""
-    out = tmp_path_factory.mktemp("small")
-    r = invoke("label", "coco", "--teacher", "classic", "--coco-root", SAMPLES, "--split", "val2017", "--out", out,
-               "--shard-size", 4, "--image-size", "64x96", "--executor", "local", "--no-progress")
-    assert r.exit_code == 0, r.output
-    return out / "classic" / "val2017"
+    return label_classic(SAMPLES, tmp_path_factory.mktemp("small"), "--shard-size", 4, "--image-size", "64x96")
 
 
 def write_mit1003(root: Path, photos: list[Path]) -> Path:
