@@ -249,11 +249,6 @@ class ShardLabeler:
 
         return wait
 
-    def _forward(self, batch: list[_Item]) -> np.ndarray:
-        """Labels ``[B, H, W]`` of ``batch`` (waits for them)."""
-        self._decode_on_device(batch)
-        return self._submit(batch)()
-
     def _sample(self, item: _Item, label: np.ndarray) -> dict:
         t = self.teacher
         h, w = item.original_size
