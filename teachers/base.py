@@ -16,7 +16,7 @@ Teachers know nothing about Ray, tars or YAML.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -78,3 +78,14 @@ class Teacher(nn.Module):
     def hint_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Four intermediate feature maps for hint pretraining (finest first)."""
         raise NotImplementedError(f"teacher {self.name!r} exposes no hint features")
+
+
+def random_init(make: Callable[[], Teacher]) -> Teacher:
+    """``--weights random``: the teacher ``make`` builds, initialised from a fixed seed (the caller's random
+    state untouched), so that every worker, run and machine gets the same network and labels the same."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make()
+    model.weights_digest = "random"
+    model.weights_random = True
+    return model

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from teachers import backbones
-from teachers.base import Teacher
+from teachers.base import Teacher, random_init
 from teachers.deepgaze_modules import (
     Bias,
     Conv2dMultiInput,
@@ -323,16 +323,6 @@ def unwrap_state_dict(obj, *, what: str) -> dict:
     raise WeightsError(f"{what}: not a state dict (a mapping of parameter names to tensors)")
 
 
-def _random_init(make: Callable[[], Teacher]) -> Teacher:
-    """Build with a fixed seed so that every worker's "random" teacher is the same network."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = make()
-    model.weights_digest = "random"
-    model.weights_random = True
-    return model
-
-
 def _resolve_needed(name: str, weights: str, centerbias: str | None) -> tuple[Path, str | None]:
     """The weights file and the centre bias together: when either cannot be had, one error names both
     (with their URLs and places), not only the first."""
@@ -390,7 +380,7 @@ def build_deepgaze2e(*, weights: str | None = None, centerbias: str | None = "au
         return model
 
     if weights == "random":
-        return _with_centerbias(_random_init(make), cb[0])
+        return _with_centerbias(random_init(make), cb[0])
     spec = "deepgaze2e" if weights is None else weights
     path, cb_spec = _resolve_needed(name, spec, cb_spec)
     model = _from_file(make, spec, "DeepGaze IIE weights", path=path)
@@ -427,7 +417,7 @@ def deepgaze2(*, weights: str | None = None, centerbias: str | None = "auto") ->
         path, cb_spec = _resolve_needed("deepgaze2", weights, cb_spec)  # both missing files in one error
     cb = load_centerbias(cb_spec)
     if weights == "random":
-        return _with_centerbias(_random_init(lambda: DeepGazeII(cb)), cb)
+        return _with_centerbias(random_init(lambda: DeepGazeII(cb)), cb)
     return _with_centerbias(_from_file(lambda: DeepGazeII(cb), weights, "DeepGaze II weights",
                                        adjust=_drop_normalizer_constants, path=path), cb)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from teachers.base import Teacher
+from teachers.base import Teacher, random_init
 from teachers.registry import register
 from teachers.weights import KNOWN_WEIGHTS, WeightsError, cache_path, load_state_dict, load_strict, resolve
 
@@ -171,10 +171,9 @@ def save_converted(src: str | Path, dst: str | Path) -> Path:
 def salgan(*, weights: str | None = None) -> SalGAN:
     """SalGAN from a Lasagne ``.npz`` release, a PyTorch checkpoint, or ``"random"`` (testing only)."""
     SalGAN.check_weights("salgan", weights)
-    model = SalGAN()
     if weights == "random":
-        model.weights_random, model.weights_digest = True, "random"
-        return model
+        return random_init(SalGAN)
+    model = SalGAN()
     path = resolve(weights)
     if path.suffix.lower() == ".npz":
         sd = convert_lasagne_npz(path)

@@ -332,3 +332,19 @@ def test_load_strict_each_kind(case):
     with pytest.raises(WeightsError, match=case) as e:
         load_strict(net, sd, what="tiny")
     assert key in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["salgan", "deepgaze2"])
+def test_random_weights_are_the_same_network_in_every_worker_and_leave_the_callers_rng_alone(name):
+    """``--weights random`` labels a dataset with one network: each Ray worker (each process) builds its own
+    teacher, so the initialisation comes from a fixed seed, not from whatever state the process's RNG is in."""
+    from teachers import build_teacher
+
+    torch.manual_seed(123)
+    a = build_teacher(name, weights="random").state_dict()
+    after = torch.rand(1)
+    torch.manual_seed(456)
+    b = build_teacher(name, weights="random").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)  # building the teacher drew nothing from the caller's generator
