@@ -680,6 +680,9 @@ def test_worker_placement_fits_the_cluster_and_the_work():
     assert few_cpus.options == {"num_gpus": 1, "num_cpus": 3}  # schedulable: 2 actors × 3 CPUs on 6 CPUs
     assert place_workers("auto", executor="ray", cluster_gpus=8, cluster_cpus=64, shards=2).workers == 2
     assert place_workers("cpu", executor="ray", cpu_workers=4, shards=1).workers == 1
+    shared = place_workers("cuda", executor="ray", io_threads=8, cluster_gpus=2, cluster_cpus=32, workers_per_gpu=4)
+    assert (shared.workers, shared.options) == (8, {"num_gpus": 0.25, "num_cpus": 4})  # 4 actors on each GPU
+    assert place_workers("cpu", executor="ray", cpu_workers=2, cluster_gpus=2, workers_per_gpu=4).workers == 2
     from pipeline.common.devices import DeviceError
 
     with pytest.raises(DeviceError, match="unknown device 'gpu'"):
@@ -889,3 +892,33 @@ def test_the_device_path_fails_the_images_the_cpu_path_fails_with_the_same_reaso
     cpu, dev = markers["cpu"], markers["device"]
     assert [f["key"] for f in cpu["failures"]] == [f"{i:012d}" for i in (2, 3, 6)]
     assert dev["keys"] == cpu["keys"] and dev["failures"] == cpu["failures"]
+
+
+def test_a_map_of_nan_or_inf_is_a_recorded_failure_not_a_stored_label(tmp_path):
+    """A teacher that returns NaN or inf for an image (a diverged network, an overflow in low precision) must not
+    have that map quantised into a PNG of garbage that training then reads as a label: the image is a
+    per-image failure with its reason, the rest of the shard is labelled, and --retry-failed can redo it."""
+    import torch
+
+    from pipeline.label.sources import folder_records, plan_shards
+    from pipeline.label.worker import ShardLabeler
+    from teachers import build_teacher
+
+    classic = build_teacher("classic")
+
+    class Broken(type(classic)):
+        def forward(self, images):
+            maps = super().forward(images).clone()
+            maps[1] = float("nan")  # the second image of every batch
+            maps[2, 0, 0, 0] = float("inf")  # one pixel of the third
+            return maps
+
+    plan = plan_shards(folder_records(SAMPLE / "val2017"), 100)[0]
+    labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, device="cpu"), Broken())
+    marker = labeler.label_shard(plan, tmp_path)
+    labeler.close()
+    bad = [plan.records[i].key for i in (1, 2, 5, 6, 9, 10)]
+    assert [f["key"] for f in marker["failures"]] == bad
+    assert {f["reason"] for f in marker["failures"]} == {"the teacher's map holds NaN or inf values"}
+    stored = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False)]
+    assert stored == marker["keys"] == [r.key for r in plan.records if r.key not in bad]

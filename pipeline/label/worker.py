@@ -10,8 +10,8 @@ decoded by nvJPEG and resized on the device); an encode pool turns labels and im
 and JPEG bytes; a writer thread streams the samples, in plan order, into the tar while hashing it.
 A CPU teacher runs on the threads the decode pool leaves (:attr:`ShardLabeler.teacher_threads`).
 
-The same inputs give the same tar bytes on a CPU (tested). On a GPU ``cudnn.benchmark`` picks kernels by
-timing them, so two runs may differ in a label's last bits.
+The same inputs give the same tar bytes on a CPU (tested) and, with cuDNN's deterministic kernels, on one
+kind of GPU with one software stack (measured on an H200; another GPU or cuDNN may differ in the last bits).
 """
 
 from __future__ import annotations
@@ -134,10 +134,12 @@ class ShardLabeler:
 
     @cached_property
     def _cuda_ready(self) -> bool:
-        """Once, before the first batch on a GPU: cuDNN picks its fastest kernels for the (fixed) batch
-        shape (by timing them: the pick, and so a label's last bits, may differ between runs), and the
-        teacher takes channels-last input (what tensor cores want)."""
-        torch.backends.cudnn.benchmark = True
+        """Once, before the first batch on a GPU: cuDNN runs deterministic kernels, and the teacher takes
+        channels-last input (what tensor cores want). With ``cudnn.benchmark`` cuDNN picked kernels by timing
+        them, and two runs of DeepGaze IIE on one H200 gave labels one float16 step apart in every image; with
+        deterministic kernels the tars were byte-identical, at the same speed (docs/benchmarks.md)."""
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
         self.teacher.to(memory_format=torch.channels_last)
         return True
 
@@ -208,10 +210,11 @@ class ShardLabeler:
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
     @torch.inference_mode()
-    def _submit(self, batch: list[_Item]) -> Callable[[], np.ndarray]:
+    def _submit(self, batch: list[_Item]) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
         """Start the teacher on ``batch`` (every item decoded). Returns a function that waits for the labels,
-        ``[B, H, W]`` float32 at the shard's size, and fills ``item.image`` of the images decoded on the
-        device. On a GPU nothing here blocks: results come back through pinned memory."""
+        ``[B, H, W]`` float32 at the shard's size, and whether each is finite (``[B]`` bool), and fills
+        ``item.image`` of the images decoded on the device. On a GPU nothing here blocks: results come back
+        through pinned memory."""
         cuda = self.device.type == "cuda"
         if cuda:
             _ = self._cuda_ready
@@ -224,14 +227,18 @@ class ShardLabeler:
             with autocast(self.device, self.autocast):
                 maps = self.teacher(x)
             maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)[:, 0]
+            finite = torch.isfinite(maps).flatten(1).all(1)
         if not cuda:  # views, no copies (a torch copy would wake its OpenMP threads, which then spin)
-            labels = maps.numpy()
+            labels, ok = maps.numpy(), finite.numpy()
             host = shard_images.contiguous().numpy() if on_device else None
             event = None
         else:
             labels_t = torch.empty(maps.shape, dtype=torch.float32, pin_memory=True)
             labels_t.copy_(maps, non_blocking=True)
             labels = labels_t.numpy()
+            ok_t = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+            ok_t.copy_(finite, non_blocking=True)
+            ok = ok_t.numpy()
             host = None
             if on_device:
                 host_t = torch.empty(shard_images.shape, dtype=torch.uint8, pin_memory=True)
@@ -240,12 +247,12 @@ class ShardLabeler:
             event = torch.cuda.Event()
             event.record()
 
-        def wait() -> np.ndarray:
+        def wait() -> tuple[np.ndarray, np.ndarray]:
             if event is not None:
                 event.synchronize()
             for it, img in zip(on_device, host if host is not None else ()):
                 it.image = img
-            return labels
+            return labels, ok
 
         return wait
 
@@ -311,10 +318,10 @@ class ShardLabeler:
             if progress:
                 progress(1)
 
-        def emit(batch: list[_Item], wait: Callable[[], np.ndarray]) -> None:
+        def emit(batch: list[_Item], wait: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
             """A batch's labels are back: encode its samples and queue them for the tar, in plan order."""
             t = time.perf_counter()
-            labels = wait()
+            labels, finite = wait()
             timings["forward_s"] += time.perf_counter() - t
             chunk: list = []  # encoded together: one job and one queue entry per few samples, not per sample
 
@@ -323,7 +330,13 @@ class ShardLabeler:
                     stream.put(self.encode_pool.submit(self._encoded, chunk.copy()))
                     chunk.clear()
 
-            for it, label in zip(batch, labels):
+            done = 0
+            for it, label, ok in zip(batch, labels, finite):
+                if not ok:  # a label of NaN or inf would be stored as garbage and poison training
+                    it.error = "the teacher's map holds NaN or inf values"
+                    fail(it)
+                    continue
+                done += 1
                 if kept_left and order[kept_left[0]] < order[it.record.key]:
                     put_chunk()
                     while kept_left and order[kept_left[0]] < order[it.record.key]:
@@ -334,7 +347,7 @@ class ShardLabeler:
                     put_chunk()
             put_chunk()
             if progress:
-                progress(len(batch))
+                progress(done)
 
         def flush(batch: list[_Item]) -> None:
             t = time.perf_counter()
