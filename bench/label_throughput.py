@@ -4,6 +4,8 @@
     python bench/label_throughput.py --device cpu --teacher salgan --weights random --teacher-size 96 128 \
         --images 64 --naive-images 16
     python bench/label_throughput.py --device cuda --teacher salgan --weights random --batch-size 64
+    python bench/label_throughput.py --device cuda --teacher salgan --weights random --batch-size 128 \
+        --images 4096 --shard-size 256 --processes 4 --runs worker,null
 
 Four runs, each printed as one JSON line (``--json FILE`` appends them too), then a table:
 
@@ -17,6 +19,11 @@ Four runs, each printed as one JSON line (``--json FILE`` appends them too), the
     each label and image saved to its own file;
 (d) ``null``     the worker path with a teacher that does nothing (a fixed map): the CPU / I-O ceiling;
 ``stages``       CPU milliseconds per image of each stage of the CPU data path, one thread, run alone.
+
+With ``--processes N``, (b) and (d) run N worker processes sharing the device, each on its share of the
+shards with ``--io-threads / N`` threads: what ``pipeline label --workers-per-gpu N`` gives on Ray. One
+worker process does much of its per-image work (futures, encoding, tar writing) under one interpreter lock,
+so on a many-core GPU machine a light teacher can outrun one process.
 
 Rates are images/s, images/s per core (the cores this process may run on) and images per CPU-second
 (user + system time of every thread of the process: on a shared machine the per-core rate the path
@@ -96,7 +103,7 @@ def run_teacher(labeler: ShardLabeler, records, n_images: int) -> tuple[float, f
     with torch.inference_mode():
         x = labeler._teacher_batch(items)
         if labeler.device.type == "cuda":
-            _ = labeler._cuda_ready  # cudnn.benchmark and a channels-last teacher, as in the worker
+            _ = labeler._cuda_ready  # deterministic cuDNN and a channels-last teacher, as in the worker
         batches = max(1, round(n_images / x.shape[0]))
 
         threads = contextlib.nullcontext if labeler.device.type == "cuda" else labeler._teacher_threads
@@ -126,6 +133,53 @@ def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict,
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     sums = {k: round(sum(m["timings"].get(k, 0.0) for m in markers), 3) for k in markers[0]["timings"]}
     return wall, sums, cpu
+
+
+def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans, barrier, results):
+    """One of ``--processes`` workers (a spawned process, as a Ray actor is): its own teacher and labeler,
+    a warm-up shard, then, once every process is warm, its share of the shards."""
+    labeler = ShardLabeler(config, make_teacher(teacher, weights, teacher_size))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "warm-up").mkdir(exist_ok=True)
+        labeler.label_shard(plan_shards(list(plans[0].records[: config.batch_size]), config.batch_size)[0],
+                            folder / "warm-up")
+        barrier.wait()
+        c0 = cpu_seconds()
+        markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
+                   for i, p in enumerate(plans)]
+        results.put(([m["timings"] for m in markers], cpu_seconds() - c0))
+    finally:
+        labeler.close()
+
+
+def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans,
+                  processes: int) -> tuple[float, dict, float]:
+    """(b) and (d) with ``processes`` workers sharing the device, each on its share of the shards (round
+    robin) and ``io_threads / processes`` threads, in spawned processes: what several Ray actors per GPU
+    (``--workers-per-gpu``) do, without Ray. Wall seconds from the moment all are warm to the last shard."""
+    import dataclasses
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
+    each = dataclasses.replace(config, io_threads=max(1, config.io_threads // processes))
+    procs = [ctx.Process(target=_one_process, args=(each, teacher, weights, teacher_size, folder / f"p{k}",
+                                                     plans[k::processes], barrier, results))
+             for k in range(processes)]
+    for p in procs:
+        p.start()
+    try:
+        barrier.wait(timeout=600)
+        t0 = time.perf_counter()
+        done = [results.get(timeout=600) for _ in procs]
+        wall = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    timings = [t for ts, _ in done for t in ts]
+    sums = {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in timings[0]}
+    return wall, sums, sum(c for _, c in done)
 
 
 def run_naive(teacher: Teacher, device: torch.device, records, image_size, out: Path) -> tuple[float, float]:
@@ -223,10 +277,13 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
 @click.option("--shard-size", default=256, show_default=True)
 @click.option("--runs", default="teacher,worker,naive,null,stages", show_default=True,
               help="Which runs, comma-separated: teacher, worker, naive, null, stages.")
+@click.option("--processes", default=1, show_default=True,
+              help="Worker processes sharing the device in (b) and (d), each with --io-threads / N threads "
+                   "(as `pipeline label --workers-per-gpu N`).")
 @click.option("--repeat", default=1, show_default=True, help="Repeat each run; the fastest is reported (a shared machine).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines here.")
 def main(teacher, weights, teacher_size, image_size, n_images, naive_images, batch_size, io_threads, device,
-         precision, decode, shard_size, runs, repeat, json_out):
+         precision, decode, shard_size, runs, processes, repeat, json_out):
     runs = [r.strip() for r in runs.split(",") if r.strip()]
     work = Path(tempfile.mkdtemp(prefix="label-bench-"))
     rows: list[dict] = []
@@ -265,10 +322,15 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
             if "teacher" in runs:
                 emit(row("teacher", "(a) bare forward, inputs on the device", teacher, labeler, n_images,
                          *best(run_teacher, labeler, records, n_images), **extra))
-            if "worker" in runs:
+            if "worker" in runs and processes > 1:
+                wall, sums, cpu = best(run_processes, config(teacher), teacher, weights, teacher_size,
+                                       work / "worker", plans, processes)
+                emit(row("worker", f"(b) worker path, {processes} processes", teacher, labeler, n_images, wall,
+                         cpu, **extra, timings=sums, io_threads=labeler.config.io_threads, processes=processes))
+            elif "worker" in runs:
                 wall, sums, cpu = best(run_worker, labeler, work / "worker", plans)
                 emit(row("worker", "(b) worker path", teacher, labeler, n_images, wall, cpu, **extra, timings=sums,
-                         io_threads=labeler.config.io_threads))
+                         io_threads=labeler.config.io_threads, processes=1))
             if "naive" in runs:
                 n = naive_images or n_images
                 naive = make_teacher(teacher, weights, teacher_size).to(labeler.device).eval()
@@ -278,10 +340,17 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
             labeler.close()
         if "null" in runs:
             labeler = ShardLabeler(config("null"), make_teacher("null", None, size))
-            wall, sums, cpu = best(run_worker, labeler, work / "null", plans)
-            emit(row("null", "(d) worker path, do-nothing teacher", "null", labeler, n_images, wall, cpu,
-                     decode=decode, timings=sums, io_threads=labeler.config.io_threads))
-            labeler.close()
+            if processes > 1:
+                labeler.close()
+                wall, sums, cpu = best(run_processes, config("null"), "null", None, size, work / "null", plans,
+                                       processes)
+            else:
+                wall, sums, cpu = best(run_worker, labeler, work / "null", plans)
+                labeler.close()
+            emit(row("null", "(d) worker path, do-nothing teacher" + (f", {processes} processes" if processes > 1
+                                                                       else ""), "null", labeler, n_images,
+                     wall, cpu, decode=decode, timings=sums, io_threads=labeler.config.io_threads,
+                     processes=processes))
         if "stages" in runs:
             stage_ms = run_stages(records, tuple(image_size), 95, min(n_images, 256))
             r = {"run": "stages", "what": "CPU ms per image of each stage, one thread", "images": min(n_images, 256),

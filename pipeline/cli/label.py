@@ -41,7 +41,11 @@ from pipeline.cli.options import echo_result, image_size, must_exist
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
               help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray).")
 @click.option("--gpus", type=click.IntRange(min=0), default=None,
-              help="GPU actors (one GPU each). Default: every GPU of the cluster; 0 forces CPU workers.")
+              help="GPUs to label on (Ray), each with --workers-per-gpu actors. Default: every GPU of the "
+                   "cluster; 0 forces CPU workers.")
+@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=1,
+              help="Ray GPU actors sharing each GPU, each with --io-threads threads: more keep a fast GPU busy "
+                   "with a light teacher (SalGAN); see docs/benchmarks.md.")
 @click.option("--cpu-workers", type=click.IntRange(min=1), default=1, help="CPU actors when no GPU is used.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, help="Retries of a failed shard.")
 @click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.01,
@@ -58,9 +62,9 @@ from pipeline.cli.options import echo_result, image_size, must_exist
               help="Bigger image files are per-image failures.")
 @click.option("--progress/--no-progress", default=True, help="Show progress (a bar on a terminal, else lines).")
 def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_size, image_size, batch_size,
-              jpeg_quality, device, precision, io_threads, executor, address, gpus, cpu_workers, retries,
-              max_failure_rate, overwrite, overwrite_changed, retry_failed, allow_outside_root, max_image_bytes,
-              progress):
+              jpeg_quality, device, precision, io_threads, executor, address, gpus, workers_per_gpu, cpu_workers,
+              retries, max_failure_rate, overwrite, overwrite_changed, retry_failed, allow_outside_root,
+              max_image_bytes, progress):
     """Label a COCO split or a folder of images with a teacher into WebDataset shards.
 
     Re-running the same command skips finished shards (per-image failures included) and redoes partial ones.
@@ -84,7 +88,8 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
                              max_image_bytes=max_image_bytes)
         summary = label(records, as_path(out) / teacher / name, config, shard_size=shard_size, overwrite=overwrite,
                         overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
-                        address=address, gpus=gpus, cpu_workers=cpu_workers, retries=retries, progress=progress)
+                        address=address, gpus=gpus, cpu_workers=cpu_workers, workers_per_gpu=workers_per_gpu,
+                        retries=retries, progress=progress)
     except Exception as e:  # noqa: BLE001 - every failure is one "Error: <sentence>" line, never a traceback
         raise click.ClickException(error_message(e)) from None
     echo_result(summary, summary.failures, lambda f: f"{f['key']} ({f['file']}): {f['reason']}")

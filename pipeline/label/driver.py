@@ -1,7 +1,7 @@
 """The labelling driver: plan shards, skip finished ones, label the rest on Ray (or in-process).
 
-The unit of work, retry and resume is the shard. One Ray actor per GPU (or ``cpu_workers`` CPU
-actors when the cluster has no GPU) keeps its teacher loaded; the driver hands out shards. The driver
+The unit of work, retry and resume is the shard. One Ray actor per GPU (``workers_per_gpu`` of them
+sharing it, or ``cpu_workers`` CPU actors when the cluster has no GPU) keeps its teacher loaded; the driver hands out shards. The driver
 itself never builds a teacher: it resolves and hashes the weights (a missing file fails the run before
 any work) and knows the settings every shard records from them (:func:`pipeline.label.config.planned_identity`).
 """
@@ -203,7 +203,7 @@ class Placement:
 
 def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_workers: int = 1,
                   io_threads: int = 4, shards: int | None = None, cluster_gpus: int = 0, cluster_cpus: int = 0,
-                  cuda_available: bool = False) -> Placement:
+                  cuda_available: bool = False, workers_per_gpu: int = 1) -> Placement:
     """Pure: where the workers of a run with ``--device device`` go.
 
     In-process (``executor="local"``) the one worker gets ``device`` as given (``cuda:1`` stays GPU 1 of
@@ -211,20 +211,23 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
     has GPUs, ``device`` is not ``cpu`` and ``gpus`` is not 0: one actor per GPU (``gpus`` of them, at most
     the cluster's), each reserving one GPU, which Ray makes its only visible one, so every actor is handed
     ``cuda`` (``cuda:N`` names a GPU of the driver's machine and means nothing inside an actor), and the CPUs
-    its I/O threads use (``io_threads``, at most the cluster's CPUs per GPU). Otherwise ``cpu_workers`` CPU
-    actors. Never more workers than ``shards``.
+    its I/O threads use (``io_threads``, at most the cluster's CPUs per GPU). ``workers_per_gpu`` actors
+    share each GPU (each reserving that fraction of it and of its CPUs): one worker process does much of its
+    per-image work under one interpreter lock, which a light teacher on a fast GPU outruns. Otherwise
+    ``cpu_workers`` CPU actors. Never more workers than ``shards``.
     """
     kind = None if device == "auto" else resolve_device(device).type  # an unknown device is an error here
     if executor == "local":
         return Placement(device=device, device_type=kind or ("cuda" if cuda_available else "cpu"))
     cap = (lambda n: max(1, min(n, shards))) if shards is not None else (lambda n: max(1, n))
     if device != "cpu" and gpus != 0 and cluster_gpus > 0:
-        n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus)
-        cpus = max(1, min(io_threads, cluster_cpus // cluster_gpus if cluster_cpus else io_threads))
+        k = max(1, workers_per_gpu)
+        n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus) * k
+        cpus = max(1, min(io_threads, cluster_cpus // (cluster_gpus * k) if cluster_cpus else io_threads))
         note = (f"--device {device}: on Ray each GPU actor labels on the one GPU Ray gives it (its cuda:0), "
                 "not on that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else "")
         return Placement(device="cuda", device_type="cuda", workers=cap(n),
-                         options={"num_gpus": 1, "num_cpus": cpus}, note=note)
+                         options={"num_gpus": 1 / k if k > 1 else 1, "num_cpus": cpus}, note=note)
     note = (f"--device {device}: the Ray cluster has no GPU, labelling on {cpu_workers} CPU actor(s)"
             if device.startswith("cuda") and gpus != 0 else "")
     return Placement(device="cpu", device_type="cpu", workers=cap(cpu_workers),
@@ -322,7 +325,7 @@ def _label_on_ray(config: LabelConfig, placement: Placement, identity: dict, tod
 def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *, shard_size: int = 1000,
           overwrite: bool = False, overwrite_changed: bool = False, retry_failed: bool = False,
           executor: str = "ray", address: str | None = None, gpus: int | None = None, cpu_workers: int = 1,
-          retries: int = 2, progress: bool = True) -> LabelSummary:
+          workers_per_gpu: int = 1, retries: int = 2, progress: bool = True) -> LabelSummary:
     """Label ``records`` into ``folder``: finished shards are skipped, the rest are (re)done.
 
     ``overwrite_changed``: relabel finished shards whose images are not the ones planned (and remove
@@ -338,14 +341,16 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
         with contextlib.ExitStack() as stack:
             return _label(records, folder, config, stack, start, shard_size=shard_size,
                           overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
-                          address=address, gpus=gpus, cpu_workers=cpu_workers, retries=retries, progress=progress)
+                          address=address, gpus=gpus, cpu_workers=cpu_workers, workers_per_gpu=workers_per_gpu,
+                          retries=retries, progress=progress)
     finally:
         if lock is not None:
             lock.close()
 
 
 def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, start: float, *, shard_size,
-           overwrite_changed, retry_failed, executor, address, gpus, cpu_workers, retries, progress) -> LabelSummary:
+           overwrite_changed, retry_failed, executor, address, gpus, cpu_workers, workers_per_gpu, retries,
+           progress) -> LabelSummary:
     if not isinstance(folder, RemotePath):  # remote writes stage locally: no temp names there
         remove_stale_temps(folder)
     plans = plan_shards(records, shard_size)
@@ -362,7 +367,7 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
                              io_threads=config.io_threads, shards=shards,
                              cluster_gpus=int(resources.get("GPU", 0)), cluster_cpus=int(resources.get("CPU", 0)),
                              cuda_available=executor == "local" and config.device == "auto"
-                             and torch.cuda.is_available())
+                             and torch.cuda.is_available(), workers_per_gpu=workers_per_gpu)
 
     # the precision the workers will label in: only --precision auto on Ray GPUs needs the cluster to tell
     use_autocast(torch.device("cpu"), config.precision)  # an unknown --precision is an error here
