@@ -376,12 +376,10 @@ BAD = {
                          "      teacher: classic\n      images: ${steps.c.out}\n", 10, "names unknown step 'c'"),
     "duplicate_key": ("steps:\n" + STEP + "  a:\n    run: label\n", 5, "duplicate key 'a' (first at line 2)"),
     "unknown_step_key": ("steps:\n" + STEP + "    resourcs: {gpus: 1}\n", 5, "unknown key 'resourcs'"),
-    "url_workdir": ("workdir: s3://bucket/runs\nsteps:\n" + STEP, 1, "workdir s3://bucket/runs is a URL: the runner "
-                    "keeps its state, its lock and the steps' outputs in a local or shared-filesystem folder"),
-    "url_output": ("steps:\n  a:\n    run: label\n    with: {source: coco, teacher: classic, out: 's3://b/l',\n"
-                   "      weights: 'https://example.org/w.pth'}\n", 2,
-                   "step 'a': s3://b/l is a URL: a manifest's steps read and write local or shared-filesystem "
-                   "folders"),
+    "url_input": ("steps:\n  a:\n    run: label\n    with: {source: coco, teacher: classic, coco_root: 's3://b/c',\n"
+                  "      weights: 'https://example.org/w.pth'}\n", 2,
+                  "step 'a': s3://b/c is a URL: `pipeline label` reads --coco-root from a local or shared-filesystem "
+                  "path only (URLs are taken by --out)"),
 }
 
 
@@ -393,14 +391,6 @@ def test_bad_manifest_is_refused_with_file_and_line(case, fresh):
     assert result.exit_code == 2, result.output
     assert f"Error: {case}.yaml:{line}: " in result.output and message in result.output, result.output
     assert not Path("runs").exists()  # nothing was started
-
-
-def test_a_url_workdir_is_one_sentence(fresh):
-    """Every step's output would be under it: one error, not one per step."""
-    result = invoke("run", DEMO, "--set", "coco=missing/coco", "--dry-run", "--workdir", "s3://bucket/runs")
-    assert result.exit_code == 2, result.output
-    assert result.output.count("rror") == 1 and "workdir s3://bucket/runs is a URL" in result.output, result.output
-    assert not Path("runs").exists()
 
 
 def test_every_problem_is_reported_at_once(fresh):

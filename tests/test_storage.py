@@ -219,3 +219,52 @@ def test_a_run_folders_pointer_goes_up_last_and_never_names_a_missing_checkpoint
     assert mirror.push() == 1  # only the pointer was left to upload; then the old checkpoint goes
     assert sorted(p.relative_to(remote) for p in remote.files()) == [
         "checkpoints/epoch-0001.pt", "checkpoints/epoch-0002.pt", "checkpoints/latest.json", "metrics.csv"]
+
+
+def test_a_manifest_with_its_workdir_on_object_storage_runs_resumes_and_checks_its_outputs_there(
+        s3, labelled, tmp_path, monkeypatch):
+    """`workdir: s3://…`: every step's output goes there (labels whose shards are the local run's, a run folder),
+    and the runner's state too, so a second `pipeline run` (from any machine) finds everything done; an output
+    that went missing there is noticed and only its step runs again. A URL where a command reads only local
+    paths is one line naming what takes URLs."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the machine-local lock of a URL workdir
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(f"""\
+workdir: s3://labels/runs/tiny
+steps:
+  labels:
+    run: label
+    with: {{source: coco, teacher: classic, coco_root: {SAMPLES}, split: val2017, shard_size: 4, io_threads: 2,
+           executor: local, image_size: 64x96}}
+  train:
+    run: train
+    with: {{labels: "${{steps.labels.out}}", epochs: 1, steps_per_epoch: 1, batch_size: 2, backbone_weights: none,
+           workers: 0, shuffle_buffer: 4}}
+""")
+    first = CliRunner().invoke(cli, ["run", str(manifest)])
+    assert first.exit_code == 0, first.output
+    assert "[labels] done" in first.output and "[train] done" in first.output
+    s3.invalidate_cache()
+    state = json.loads(s3.cat_file("labels/runs/tiny/.pipeline/state.json"))
+    assert {n: r["status"] for n, r in state["steps"].items()} == {"labels": "done", "train": "done"}
+    assert state["steps"]["labels"]["output_digest"].startswith("labels:")
+    for tar in sorted(labelled.glob("shard-*.tar")):  # the same shards as a local run's
+        assert sha(s3.cat_file(f"labels/runs/tiny/labels/classic/val2017/{tar.name}")) == sha(tar.read_bytes())
+    assert json.loads(s3.cat_file("labels/runs/tiny/train/checkpoints/latest.json"))["epoch"] == 0
+
+    again = CliRunner().invoke(cli, ["run", str(manifest)])
+    assert again.exit_code == 0 and "$ pipeline" not in again.output, again.output  # nothing ran
+    status = CliRunner().invoke(cli, ["status", str(manifest)])
+    assert status.exit_code == 0 and status.output.count("up to date") == 2, status.output
+
+    s3.rm_file("labels/runs/tiny/train/checkpoints/latest.json")  # the run folder lost its pointer
+    s3.invalidate_cache()
+    redo = CliRunner().invoke(cli, ["run", str(manifest)])
+    assert redo.exit_code == 0, redo.output
+    assert "[train] $ pipeline train" in redo.output and "[labels] $" not in redo.output, redo.output
+
+    manifest.write_text(manifest.read_text().replace("coco_root: " + str(SAMPLES), "coco_root: s3://labels/coco"))
+    refused = CliRunner().invoke(cli, ["run", str(manifest), "--dry-run"])
+    assert refused.exit_code == 2 and refused.output.count("Error") == 1, refused.output
+    assert ("step 'labels': s3://labels/coco is a URL: `pipeline label` reads --coco-root from a local or "
+            "shared-filesystem path only (URLs are taken by --out)") in refused.output

@@ -369,6 +369,11 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(small_la
     r = invoke(*args)
     assert r.exit_code == 0 and f"warning: {ckpts / 'latest.json'} is unreadable (JSONDecodeError" in r.output
     assert "resuming from epoch-0001.pt (epoch 2) instead" in r.output and "nothing to do" in r.output
+    # the pointer names the checkpoint found again: the run folder is a finished run for what reads it
+    assert json.loads((ckpts / "latest.json").read_text()) == {"checkpoint": "epoch-0001.pt", "epoch": 1}
+    r = invoke("eval", "--checkpoint", run, "--labels", small_labels, "--no-progress")
+    assert r.exit_code == 0, r.output
+    (ckpts / "latest.json").write_text('{"checkpoint": ')
     r = invoke("eval", "--checkpoint", run, "--labels", small_labels, "--no-progress")
     assert r.exit_code == 1 and f"Error: {ckpts / 'latest.json'} is unreadable" in r.output
 

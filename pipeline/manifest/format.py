@@ -36,6 +36,7 @@ import yaml
 
 import pipeline
 from pipeline import __version__
+from pipeline.common.storage import RemotePath, as_path
 from pipeline.manifest.steps import COMMANDS
 
 TOP_KEYS = ("workdir", "vars", "steps")
@@ -81,12 +82,13 @@ CODE_VERSION: str | None = None
 #: a URL (``s3://…``; ``s3:/…`` once a path option has normalised it), not a local path (an ``http(s)://`` one,
 #: weights to download, is not refused)
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-URL_WORKDIR = ("workdir {} is a URL: the runner keeps its state, its lock and the steps' outputs in a local or "
-               "shared-filesystem folder; give one, and put labels or a run on object storage with `pipeline label "
-               "--out URL` or `pipeline train --run URL` outside the manifest")
-URL_STEP = ("step {!r}: {} is a URL: a manifest's steps read and write local or shared-filesystem folders (the runner "
-            "checks their outputs there); run `pipeline label --out URL` or `pipeline train --run URL` outside the "
-            "manifest instead")
+URL_STEP = ("step {!r}: {} is a URL: `pipeline {}` reads --{} from a local or shared-filesystem path only (URLs are "
+            "taken by {})")
+
+
+def _url(text: str) -> str:
+    """A URL as written (``s3://…``), also after a path option has normalised it to ``s3:/…``."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", text)
 
 
 class ManifestError(click.ClickException):
@@ -128,7 +130,7 @@ class Step:
 @dataclass(frozen=True)
 class Manifest:
     path: Path
-    workdir: Path
+    workdir: Path | RemotePath  # a local folder, or a folder on object storage (an fsspec URL)
     vars: Mapping[str, object]
     steps: Mapping[str, Step]  # in dependency order (declaration order where free)
 
@@ -547,11 +549,10 @@ class _Loader:
                 self.error(where, f"unresolved ${{{e.name}}} in {'workdir' if name == 'workdir' else 'var ' + repr(name)}"
                            + (f" {e.hint}" if e.hint else ""))
                 resolved.setdefault(name, "")
-        if _URL_RE.match(_text(resolved["workdir"])):  # one sentence: every step's output would be under it
-            url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", _text(resolved["workdir"]))
-            raise ManifestError([f"{display if workdir is not None else doc.at('workdir')}: "
-                                 f"{URL_WORKDIR.format(url)}"])
-        return Path(_text(resolved["workdir"])), {k: v for k, v in resolved.items() if k != "workdir"}
+        wd = _text(resolved["workdir"])
+        if _URL_RE.match(wd):  # object storage: the steps' outputs go there, the state too (pipeline.manifest.runner)
+            return as_path(_url(wd)), {k: v for k, v in resolved.items() if k != "workdir"}
+        return Path(wd), {k: v for k, v in resolved.items() if k != "workdir"}
 
     # -- steps: structure ----------------------------------------------------------------------------
     def declare(self, data: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
@@ -746,10 +747,14 @@ class _Loader:
                         if p.name in ctx.params and (spec is None or (
                             p.name not in spec.volatile
                             and not (p.name in spec.added and ctx.params[p.name] == spec.added[p.name])))}
-            urls = [v for v in ctx.params.values() if isinstance(v, (str, Path)) and _URL_RE.match(str(v))
-                    and not str(v).lower().startswith(("http:", "https:"))]  # weights may be downloaded
+            urls = [(k, v) for k, v in ctx.params.items() if isinstance(v, (str, Path)) and _URL_RE.match(str(v))
+                    and not str(v).lower().startswith(("http:", "https:"))  # weights may be downloaded
+                    and (spec is None or k not in spec.urls)]
             if urls:
-                self.error(doc.at("steps", name), URL_STEP.format(name, urls[0]))
+                k, v = urls[0]
+                takes = ", ".join(f"--{u.replace('_', '-')}" for u in sorted(spec.urls)) if spec else "no option"
+                self.error(doc.at("steps", name), URL_STEP.format(name, _url(str(v)), command_name,
+                                                                          k.replace("_", "-"), takes))
                 return None
             output = None
             if spec is not None and spec.output is not None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Mapping
 
 from pipeline.common.atomic import atomic_open
+from pipeline.common.storage import as_path
 from pipeline.common.tables import table
 from pipeline.manifest.format import Manifest
 
@@ -52,7 +53,7 @@ def _model_label(manifest: Manifest, settings: Mapping, doc: Mapping) -> str:
     ckpt = settings.get("checkpoint")
     if ckpt:
         for name in _steps(manifest, "train"):
-            if Path(str(ckpt)) == Path(manifest.steps[name].output):
+            if str(as_path(str(ckpt))) == str(as_path(manifest.steps[name].output)):
                 return f"{model} ({name})"
     elif settings.get("teacher"):
         return f"teacher {settings['teacher']}"
@@ -63,7 +64,7 @@ def eval_scores(manifest: Manifest) -> tuple[list[str], list[list[str]], list[st
     """(metric names in order of appearance, rows [step, model, images, *metrics], data descriptions)."""
     metrics, found = [], []
     for name in _steps(manifest, "eval"):
-        path = Path(manifest.steps[name].output)
+        path = as_path(manifest.steps[name].output)
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import queue
@@ -41,6 +42,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import click
 
 from pipeline.common.atomic import write_json
+from pipeline.common.storage import RemotePath, as_path, is_url
 from pipeline.common.locks import FolderLock, LockHeld
 from pipeline.common.locks import status as lock_status
 from pipeline.common.tables import table
@@ -61,8 +63,8 @@ class RunnerError(click.ClickException):
 
 # -- state ---------------------------------------------------------------------------------------
 
-def state_path(workdir: Path) -> Path:
-    return Path(workdir) / ".pipeline" / "state.json"
+def state_path(workdir: Path | RemotePath) -> Path | RemotePath:
+    return as_path(workdir) / ".pipeline" / "state.json"
 
 
 def load_state(workdir: Path) -> dict:
@@ -86,7 +88,13 @@ def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def lock_path(workdir: Path) -> Path:
+def lock_path(workdir: Path | RemotePath) -> Path:
+    """``<workdir>/.pipeline/lock``; object storage has no lock, so a workdir there is locked on this machine
+    only, by a file in the user's cache named after its URL."""
+    if isinstance(workdir, RemotePath) or is_url(workdir):
+        key = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "pipeline" / "workdir-locks" / key / "lock"
     return Path(workdir) / ".pipeline" / "lock"
 
 
@@ -94,7 +102,9 @@ def lock_path(workdir: Path) -> Path:
 def workdir_lock(workdir: Path) -> Iterator[None]:
     """Hold ``<workdir>/.pipeline/lock`` (a lock file naming host and pid, see :mod:`pipeline.common.locks`) for
     the run; a second runner gets a clear error."""
-    lock = FolderLock(lock_path(workdir), what=f"workdir {workdir}", command="pipeline run")
+    path = lock_path(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(path, what=f"workdir {workdir}", command="pipeline run")
     try:
         lock.acquire()
     except LockHeld as e:
@@ -110,6 +120,9 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
         raise RunnerError(f"cannot lock workdir {workdir} ({lock.path}: {e.strerror or e})") from None
     for note in lock.notes:
         click.echo(note, err=True)
+    if is_url(workdir):
+        click.echo(f"note: workdir {workdir} is on object storage, which has no lock: this machine keeps a second "
+                   "`pipeline run` out of it, another machine would not", err=True)
     try:
         yield
     finally:
@@ -125,11 +138,12 @@ def output_locked_by(step, wait: float = 0.0) -> str:
     """"" when no other process holds the lock on ``step``'s output folder, else who does; a lock still held
     after ``wait`` seconds counts (a step process killed a moment ago may still be letting go of its flock)."""
     spec = COMMANDS.get(step.command)
-    if spec is None or spec.lock is None or not step.output:
+    lock = spec.lock(as_path(step.output)) if spec is not None and spec.lock is not None and step.output else None
+    if lock is None:
         return ""
     deadline = time.monotonic() + wait
     while True:
-        state, holder = lock_status(spec.lock(Path(step.output)))
+        state, holder = lock_status(lock)
         if state != "held":
             return ""
         if time.monotonic() >= deadline:
@@ -149,7 +163,7 @@ def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
         spec = COMMANDS.get(step.command)
         if (rec and rec.get("status") == "done" and rec.get("fingerprint") == fingerprint_of(manifest, name, state)
                 and spec is not None and spec.verify is not None and step.output):
-            out[name] = spec.verify(Path(step.output), checksums)
+            out[name] = spec.verify(as_path(step.output), checksums)
     return out
 
 
@@ -462,7 +476,7 @@ class Runner:
         """The digest of the step's output content (its fingerprint for a command without one)."""
         spec = COMMANDS.get(step.command)
         if spec is not None and spec.digest is not None and step.output:
-            return spec.digest(Path(step.output))
+            return spec.digest(as_path(step.output))
         return "fingerprint:" + self.state["steps"][step.name]["fingerprint"]
 
     @staticmethod
@@ -471,7 +485,7 @@ class Runner:
         if rc == 0:
             spec = COMMANDS.get(step.command)
             if spec is not None and spec.verify is not None and step.output:
-                why = spec.verify(Path(step.output), False)
+                why = spec.verify(as_path(step.output), False)
                 return f"outputs incomplete after the run: {why}" if why else ""
             return ""
         why = f"exit code {rc}" if rc is not None else tail[-1]
@@ -558,6 +572,9 @@ def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) 
         echo("")
         echo("scores (every eval step; on teacher labels they compare each model with the teacher's held-out maps):")
         echo(scores)
+    if is_url(manifest.workdir):
+        echo(f"report: not written for a workdir on object storage ({manifest.workdir}); the scores above sum it up")
+        return
     try:
         path, written, warnings = write_report(manifest, state)
     except Exception as e:  # noqa: BLE001

@@ -17,11 +17,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from pipeline.common.locks import LOCK_NAME
+from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import verify_dataset
-from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record
+from pipeline.train.checkpoints import LATEST, CheckpointError, latest_record
 from teachers.weights import file_digest
 
 
@@ -49,19 +50,27 @@ class CommandSpec:
     #: settings that may grow with the command carrying on from where it stopped (``train``'s epochs): a step
     #: whose only change is a larger value resumes instead of starting over
     grows: tuple[str, ...] = ()
+    #: options that take an fsspec URL (``s3://…``) as well as a local path; a URL anywhere else is refused
+    urls: frozenset[str] = frozenset()
 
 
-def _label_output(params: Mapping[str, object]) -> Path:
+def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
     if params["source"] == "coco":
         name = str(params["split"])
     else:
         if params.get("images") is None:
             raise ValueError("source 'folder' needs images: DIR")
         name = Path(params["images"]).resolve().name  # as `pipeline label` names it
-    return Path(params["out"]) / str(params["teacher"]) / name
+    return as_path(params["out"]) / str(params["teacher"]) / name
 
 
-def _verify_train(run: Path, checksums: bool) -> str:
+def _latest(run: Path | RemotePath) -> Path | RemotePath | None:
+    """The checkpoint a run folder's ``latest.json`` names (local or on object storage), or None."""
+    record = latest_record(run / "checkpoints")
+    return None if record is None else run / "checkpoints" / record["checkpoint"]
+
+
+def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
     """A run folder is complete when its latest checkpoint is the last epoch of the settings it recorded."""
     try:
         record = latest_record(run / "checkpoints")
@@ -73,7 +82,7 @@ def _verify_train(run: Path, checksums: bool) -> str:
     epoch, epochs = record["epoch"], json.loads(config.read_text())["epochs"]
     if epoch + 1 < epochs:
         return f"{epoch + 1} of {epochs} epochs trained"
-    if not latest(run / "checkpoints").is_file():
+    if not _latest(run).is_file():
         return f"checkpoint named by {run / 'checkpoints' / LATEST} is missing"
     return ""
 
@@ -95,30 +104,52 @@ def _digest_label(folder: Path) -> str:
     return "labels:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _digest_train(run: Path) -> str:
+def _sha256(path: Path | RemotePath) -> str:
+    """A file's sha256, local or on object storage (read as a stream)."""
+    if not isinstance(path, RemotePath):
+        return file_digest(path)
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest_train(run: Path | RemotePath) -> str:
     """A run folder's latest checkpoint."""
-    return "checkpoint:" + file_digest(latest(run / "checkpoints"))
+    return "checkpoint:" + _sha256(_latest(run))
 
 
-def _digest_file(path: Path) -> str:
-    return "sha256:" + file_digest(path)
+def _digest_file(path: Path | RemotePath) -> str:
+    return "sha256:" + _sha256(path)
 
 
-def _digest_tree(path: Path) -> str:
+def _digest_tree(path: Path | RemotePath) -> str:
     """A file, or every file of a folder (names and contents)."""
     if path.is_file():
         return _digest_file(path)
     h = hashlib.sha256()
+    for rel, p in _tree(path):
+        h.update(rel.encode() + b"\0" + _sha256(p).encode() + b"\0")
+    return "tree:" + h.hexdigest()
+
+
+def _tree(path: Path | RemotePath) -> Iterator[tuple[str, Path | RemotePath]]:
+    """(relative name, file) of every file under ``path``: a local folder's walked folder by folder, in sorted
+    order; an object-storage folder's sorted by name."""
+    if isinstance(path, RemotePath):
+        yield from sorted((f.relative_to(path), f) for f in path.files())
+        return
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
             p = Path(root, name)
-            h.update(p.relative_to(path).as_posix().encode() + b"\0" + file_digest(p).encode() + b"\0")
-    return "tree:" + h.hexdigest()
+            yield p.relative_to(path).as_posix(), p
 
 
-def _lock_file(folder: Path) -> Path:
-    return folder / LOCK_NAME
+def _lock_file(folder: Path | RemotePath) -> Path | None:
+    """The lock ``label`` and ``train`` hold on a local output folder (object storage has none)."""
+    return None if isinstance(folder, RemotePath) else folder / LOCK_NAME
 
 
 _MODEL_VOLATILE = frozenset({"device", "precision", "batch_size", "io_threads", "progress"})
@@ -133,41 +164,43 @@ COMMANDS: dict[str, CommandSpec] = {
         added={"allow_outside_root": False, "max_image_bytes": 64 * 1024**2},
         fresh=("--overwrite",),
         digest=_digest_label,
+        urls=frozenset({"out"}),
         lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
     ),
     "train": CommandSpec(
         defaults={"run_dir": lambda workdir, step: workdir / step},
-        output=lambda params: Path(params["run_dir"]),
+        output=lambda params: as_path(params["run_dir"]),
         verify=_verify_train,
         volatile=frozenset({"workers", "device", "address", "progress", "verify", "max_bad_samples"}),
         fresh=("--restart",),
         digest=_digest_train,
         lock=_lock_file,  # pipeline.train.loop.run_lock
         grows=("epochs",),
+        urls=frozenset({"run_dir", "labels", "val_labels", "init_ckpt"}),
     ),
     "eval": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "metrics.json"},
-        output=lambda params: Path(params["out"]),
+        output=lambda params: as_path(params["out"]),
         verify=_verify_file,
         volatile=_MODEL_VOLATILE - {"precision"},
         digest=_digest_file,
     ),
     "predict": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step},
-        output=lambda params: Path(params["out"]),
+        output=lambda params: as_path(params["out"]),
         verify=_verify_predict,
         volatile=_MODEL_VOLATILE - {"precision"},
         digest=_digest_tree,
     ),
     "fixations": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "fixations.h5"},
-        output=lambda params: Path(params["out"]),
+        output=lambda params: as_path(params["out"]),
         verify=_verify_file,
         digest=_digest_file,
     ),
     "profile": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
-        output=lambda params: Path(params["out"]),
+        output=lambda params: as_path(params["out"]),
         verify=_verify_file,
         digest=_digest_file,
     ),

@@ -89,8 +89,9 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "rng",
 def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its content: the one ``latest.json`` names, else (it is unreadable, or
     its checkpoint is missing or truncated) the newest of the others (the two newest are kept), each one passed
-    over with a ``warning:`` line; None before the first finished epoch; :class:`CheckpointError` when there are
-    checkpoints but none can be read."""
+    over with a ``warning:`` line, and ``latest.json`` rewritten to name the one found (so that the run folder
+    names a readable checkpoint even when no epoch is left to train); None before the first finished epoch;
+    :class:`CheckpointError` when there are checkpoints but none can be read."""
     ckpt_dir = Path(ckpt_dir)
     record, problem = _read_latest(ckpt_dir)
     problems = [problem] if problem else []
@@ -112,6 +113,8 @@ def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
             continue
         for problem in problems:
             warn(f"warning: {problem}; resuming from {path.name} (epoch {ckpt['epoch'] + 1}) instead")
+        if path != named:
+            write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": ckpt["epoch"]})
         return path, ckpt
     raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read ({'; '.join(problems)}): start over with "
                           "--restart")
