@@ -1,5 +1,6 @@
-"""Object storage: `pipeline label --out s3://…`, `pipeline train --labels s3://… --run s3://…` and
-`pipeline verify s3://…` against moto's stand-alone S3 server (its own process on loopback, no patching)."""
+"""Object storage: `pipeline label --out s3://…`, `pipeline train --labels s3://… --run s3://… --init s3://…`,
+`pipeline verify s3://…`, `--checkpoint s3://…` and `--out s3://…` of eval, predict, profile, export and fixations
+against moto's stand-alone S3 server (its own process on loopback, no patching); file:// URLs."""
 
 from __future__ import annotations
 
@@ -177,6 +178,14 @@ def test_a_missing_storage_package_is_one_sentence_naming_the_extra(monkeypatch,
     verify = CliRunner().invoke(cli, ["verify", "gs://bucket/labels"])
     assert verify.exit_code == 1 and "gs:// paths need the gcsfs package: pip install 'saliency-pipeline[gcs]'" \
         in verify.output, verify.output
+    sentence = "Error: s3:// paths need the s3fs package: pip install 'saliency-pipeline[s3]' (or pip install s3fs)\n"
+    for args in (["eval", "--checkpoint", "s3://bucket/run", "--labels", str(tmp_path)],
+                 ["profile", "--student", "fastsal_a", "--out", "s3://bucket/profile.json"],
+                 ["export", "--student", "fastsal_a", "--out", "s3://bucket/a.onnx"],
+                 ["predict", "--student", "fastsal_a", "--images", str(tmp_path), "--out", "s3://bucket/maps"],
+                 [*TRAIN, "--labels", str(tmp_path), "--run", str(tmp_path / "run"), "--init", "s3://bucket/run"]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and r.output == sentence, (args, r.output)
 
 
 def test_a_run_folders_pointer_goes_up_last_and_never_names_a_missing_checkpoint(tmp_path, monkeypatch):
@@ -268,3 +277,165 @@ steps:
     assert refused.exit_code == 2 and refused.output.count("Error") == 1, refused.output
     assert ("step 'labels': s3://labels/coco is a URL: `pipeline label` reads --coco-root from a local or "
             "shared-filesystem path only (URLs are taken by --out)") in refused.output
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, labelled, tmp_path_factory) -> tuple[str, Path]:
+    """A one-step run trained into ``s3://labels/runs/shared`` (from the local labels), and its local copy."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_torch_thread (below) does
+    try:
+        r = CliRunner().invoke(cli, [*TRAIN, "--labels", str(labelled), "--run", "s3://labels/runs/shared"])
+    finally:
+        torch.set_num_threads(n)
+    assert r.exit_code == 0, r.output
+    local = tmp_path_factory.mktemp("run")
+    for obj in s3.find("labels/runs/shared"):
+        target = local / obj.split("labels/runs/shared/", 1)[1]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.get_file(obj, str(target))
+    return "s3://labels/runs/shared", local
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny inputs: one intra-op thread is as fast, and spares a busy 2-core machine OpenMP's spinning."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ok(*args) -> str:
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_eval_and_profile_read_a_checkpoint_url_and_write_their_json_there(s3, s3_run, labelled, tmp_path,
+                                                                           one_torch_thread):
+    """--checkpoint s3://run (its latest.json, then the checkpoint it names) or s3://…/epoch-0000.pt and --out
+    s3://…: the same metrics as from and into local files."""
+    url, local = s3_run
+    ckpt = f"{url}/checkpoints/epoch-0000.pt"
+    score = ["eval", "--labels", labelled, "--val-shards", "0", "--device", "cpu", "--no-progress"]
+    ok(*score, "--checkpoint", local, "--out", tmp_path / "metrics.json")
+    assert "metrics: s3://labels/out/metrics.json" in ok(*score, "--checkpoint", url, "--out",
+                                                          "s3://labels/out/metrics.json")
+    ok(*score, "--checkpoint", ckpt, "--out", "s3://labels/out/metrics-file.json")
+
+    def same(doc: dict) -> dict:
+        return {k: v for k, v in doc.items() if k not in ("model", "seconds")}
+
+    here = json.loads((tmp_path / "metrics.json").read_text())
+    assert here["model"] == f"fastsal_a@{local}/checkpoints/epoch-0000.pt" and len(here["per_image"]) == 12
+    for name in ("metrics.json", "metrics-file.json"):
+        there = json.loads(s3.cat_file(f"labels/out/{name}"))
+        assert there["model"] == f"fastsal_a@{ckpt}" and same(there) == same(here)
+
+    assert "profile: s3://labels/out/profile.json" in ok("profile", "--checkpoint", url, "--device", "cpu",
+                                                         "--iters", "1", "--out", "s3://labels/out/profile.json")
+    assert json.loads(s3.cat_file("labels/out/profile.json"))["model"] == f"fastsal_a@{ckpt}"
+
+
+def test_predict_from_a_checkpoint_url_uploads_the_local_maps_and_predictions_json_last(s3, s3_run, tmp_path,
+                                                                                       monkeypatch, one_torch_thread):
+    from pipeline.common import storage
+
+    url, local = s3_run
+    uploads = []
+    real = storage.RemotePath.upload
+    monkeypatch.setattr(storage.RemotePath, "upload", lambda self, f: (uploads.append(self.name), real(self, f)))
+    predict = ["predict", "--images", SAMPLES / "val2017", "--device", "cpu", "--no-progress"]
+    ok(*predict, "--checkpoint", local, "--out", tmp_path / "maps")
+    ok(*predict, "--checkpoint", url, "--out", "s3://labels/out/maps")
+    maps = sorted(p.relative_to(tmp_path / "maps").as_posix() for p in (tmp_path / "maps").rglob("*.png"))
+    assert len(maps) == 12 and len(uploads) == 13 and uploads[-1] == "predictions.json"
+    s3.invalidate_cache()
+    assert sorted(p.split("labels/out/maps/", 1)[1] for p in s3.find("labels/out/maps")) == [*maps,
+                                                                                          "predictions.json"]
+    for rel in maps:
+        assert s3.cat_file(f"labels/out/maps/{rel}") == (tmp_path / "maps" / rel).read_bytes(), rel
+    there = json.loads(s3.cat_file("labels/out/maps/predictions.json"))
+    assert there["maps"] == 12 and there["failures"] == [] and there["model"] == f"fastsal_a@{url}/checkpoints/epoch-0000.pt"
+
+    import h5py
+
+    ok(*predict, "--checkpoint", url, "--out", "s3://labels/out/maps.h5", "--format", "hdf5")
+    ok(*predict, "--checkpoint", local, "--out", tmp_path / "maps.h5", "--format", "hdf5")
+    with h5py.File(tmp_path / "maps.h5") as a, h5py.File(io.BytesIO(s3.cat_file("labels/out/maps.h5"))) as b:
+        assert len(a) and sorted(a) == sorted(b) and all((a[k][()] == b[k][()]).all() for k in a)
+
+
+def test_export_from_a_checkpoint_url_into_a_url_is_the_local_graph(s3, s3_run, tmp_path, one_torch_thread):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    url, local = s3_run
+    ok("export", "--checkpoint", local, "--out", tmp_path / "model.onnx")
+    assert "s3://labels/out/model.onnx" in ok("export", "--checkpoint", url, "--out", "s3://labels/out/model.onnx")
+    here, there = (onnx.load_from_string(data) for data in ((tmp_path / "model.onnx").read_bytes(),
+                                                            s3.cat_file("labels/out/model.onnx")))
+    assert there.graph == here.graph  # the metadata differ only in the checkpoint named
+
+
+def test_fixations_out_url_is_the_local_hdf5(s3, tmp_path):
+    from tests.test_train import write_mit1003
+
+    root = write_mit1003(tmp_path / "MIT1003", sorted((SAMPLES / "val2017").glob("*.jpg"))[:2])
+    ok("fixations", "mit1003", "--root", root, "--out", tmp_path / "f.h5")
+    assert "s3://labels/out/f.h5: 2 images" in ok("fixations", "mit1003", "--root", root, "--out",
+                                                  "s3://labels/out/f.h5")
+    assert s3.cat_file("labels/out/f.h5") == (tmp_path / "f.h5").read_bytes()
+
+
+def test_a_missing_checkpoint_url_is_a_usage_error_and_writes_nothing(s3, labelled):
+    cases = [["eval", "--labels", labelled, "--out", "s3://labels/none/m.json"],
+             ["predict", "--images", SAMPLES / "val2017", "--out", "s3://labels/none/maps"],
+             ["profile", "--out", "s3://labels/none/p.json"],
+             ["export", "--out", "s3://labels/none/m.onnx"]]
+    for args in cases:
+        r = CliRunner().invoke(cli, [*map(str, args), "--checkpoint", "s3://labels/missing"])
+        assert r.exit_code == 2 and r.output.splitlines()[-1] == \
+            "Error: Invalid value for '--checkpoint': s3://labels/missing does not exist", r.output
+    r = CliRunner().invoke(cli, [*TRAIN, "--labels", str(labelled), "--run", "s3://labels/none/run", "--init",
+                                 "s3://labels/missing/epoch-0000.pt"])
+    assert r.exit_code == 2 and r.output.splitlines()[-1] == \
+        "Error: Invalid value for '--init': s3://labels/missing/epoch-0000.pt does not exist", r.output
+    s3.invalidate_cache()
+    assert not s3.find("labels/none")
+
+
+def test_train_init_from_a_run_url_starts_from_its_weights(s3, s3_run, labelled, tmp_path, one_torch_thread):
+    """--init s3://run: the same start as --init with its local copy (lr 0: the weights stay the checkpoint's)."""
+    url, local = s3_run
+    runs = {}
+    for name, init in (("here", local), ("there", url)):
+        r = CliRunner().invoke(cli, [*TRAIN, "--labels", str(labelled), "--run", str(tmp_path / name), "--init",
+                                     str(init), "--lr", "0"])
+        assert r.exit_code == 0, r.output
+        runs[name] = final_weights(lambda rel: (tmp_path / name / rel).read_bytes())
+    assert f"init from {url}/checkpoints/epoch-0000.pt:" in r.stderr
+    start = final_weights(lambda rel: (local / rel).read_bytes())
+    a, b = runs["here"], runs["there"]
+    assert a.keys() == b.keys() == start.keys() and all(a[k].equal(b[k]) for k in a)
+    assert all(b[k].equal(start[k]) for k in b if "running_" not in k and "num_batches" not in k)
+
+
+def test_file_urls_name_absolute_local_paths(s3_run, labelled, tmp_path, one_torch_thread):
+    """file:///abs/path is the local path /abs/path: a checkpoint read there, outputs written into new folders."""
+    _, local = s3_run
+    url = f"file://{local}"
+    ok("eval", "--labels", labelled, "--val-shards", "0", "--device", "cpu", "--no-progress", "--checkpoint", url,
+       "--out", f"file://{tmp_path}/new/metrics.json")
+    doc = json.loads((tmp_path / "new" / "metrics.json").read_text())
+    assert doc["model"] == f"fastsal_a@{url}/checkpoints/epoch-0000.pt" and len(doc["per_image"]) == 12
+    ok("predict", "--images", SAMPLES / "val2017", "--device", "cpu", "--no-progress", "--checkpoint", url,
+       "--out", f"file://{tmp_path}/maps")
+    assert len(list((tmp_path / "maps").rglob("*.png"))) == 12 and (tmp_path / "maps" / "predictions.json").is_file()
+    r = CliRunner().invoke(cli, ["eval", "--labels", str(labelled), "--checkpoint", f"file://{tmp_path}/none"])
+    assert r.exit_code == 2 and r.output.splitlines()[-1] == \
+        f"Error: Invalid value for '--checkpoint': file://{tmp_path}/none does not exist", r.output

@@ -20,18 +20,49 @@ def image_size(ctx, param, value: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def must_exist(*names: str, hint: str = "") -> None:
+def must_exist(*names: str, hint: str = "", urls: bool = False) -> None:
     """The local paths given to the running command's parameters ``names`` must exist: a wrong one is a
     usage mistake (exit 2, like any bad option value), not a failure of the work. URLs (``s3://…``) are
-    checked when they are read. Called from a command's body, not as a callback: a manifest validates its
-    steps' command lines before their upstream steps have made the folders they name."""
+    checked when they are read, or here with ``urls`` (a checkpoint: an object, or a run folder's prefix).
+    Called from a command's body, not as a callback: a manifest validates its steps' command lines before
+    their upstream steps have made the folders they name."""
     ctx = click.get_current_context()
     params = {p.name: p for p in ctx.command.params}
     for name in names:
         value = ctx.params.get(name)
         for v in value if isinstance(value, (tuple, list)) else (value,):
-            if v is not None and "://" not in str(v) and not os.path.exists(v):
+            if v is not None and missing(v, urls=urls):
                 raise click.BadParameter(f"{v} does not exist{hint}", ctx=ctx, param=params[name])
+
+
+def missing(path, urls: bool = True) -> bool:
+    """``path`` (local, or with ``urls`` a URL: an object or a prefix holding some) is not there; a URL whose
+    protocol cannot be used is the :class:`~pipeline.common.storage.StorageError` sentence (exit 1)."""
+    if "://" not in str(path):
+        return not os.path.exists(path)
+    if not urls:
+        return False
+    from pipeline.common.storage import StorageError, as_path
+
+    try:
+        return not as_path(path).exists()
+    except StorageError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def output_path(value):
+    """An output option's value as :func:`~pipeline.common.storage.as_path` gives it (None stays None); for a URL
+    whose protocol cannot be used, the :class:`~pipeline.common.storage.StorageError` sentence (exit 1) before
+    any work."""
+    from pipeline.common.storage import StorageError, as_path, is_url
+
+    out = None if value is None else as_path(value)
+    if out is not None and is_url(out):
+        try:
+            out.fs
+        except StorageError as e:
+            raise click.ClickException(str(e)) from None
+    return out
 
 
 def path_or_url(ctx, param, value):
@@ -84,8 +115,9 @@ def model_options(fn):
     """--checkpoint | --teacher | --student (+ --weights and the student's options), --student-output, --device,
     --precision."""
     opts = [
-        click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-                     help="A `pipeline train` run folder (its latest checkpoint) or checkpoint file."),
+        click.option("--checkpoint", type=click.Path(path_type=str), default=None, callback=path_or_url,
+                     help="A `pipeline train` run folder (its latest checkpoint) or checkpoint file, or its URL "
+                          "(s3://…, downloaded to a temporary file)."),
         click.option("--teacher", type=click.Choice(teachers.available()), default=None, help="A teacher, by name."),
         click.option("--student", type=click.Choice(students.available()), default=None,
                      help="A student by name, loaded from --weights (e.g. the FastSal authors' coco_A.pth)."),
@@ -109,7 +141,7 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
-    if checkpoint is not None and not checkpoint.exists():
+    if checkpoint is not None and missing(checkpoint):
         raise click.BadParameter(f"{checkpoint} does not exist", param_hint="'--checkpoint'")
     try:
         return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,

@@ -15,8 +15,8 @@ import click
 import students
 import teachers
 
-from pipeline.cli.options import (build_model, echo_result, model_options, must_exist, path_or_url, runtime_option,
-                                  with_runtime)
+from pipeline.cli.options import (build_model, echo_result, model_options, must_exist, output_path, path_or_url,
+                                  runtime_option, with_runtime)
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 
@@ -27,13 +27,14 @@ from pipeline.common.atomic import write_json
               help="The dataset as published (SALICON: fixations JSON + images/; MIT1003: ALLSTIMULI/ + "
                    "ALLFIXATIONMAPS/; CAT2000: Stimuli/ + FIXATIONLOCS/).")
 @click.option("--split", default=None, help="SALICON only: train or val.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The HDF5 file to write (atomically).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
+              help="The HDF5 file to write (atomically), or its URL (s3://…: written locally, then uploaded).")
 def fixations_cmd(dataset, root, split, out):
     """Convert a fixation dataset (SALICON, MIT1003, CAT2000) once into one HDF5 file for `pipeline eval`."""
     from pipeline.score.fixations import FixationError, convert
 
     must_exist("root")
+    out = output_path(out)
     try:
         fs = convert(dataset, root, out, split)
     except FixationError as e:
@@ -61,8 +62,9 @@ def fixations_cmd(dataset, root, split, out):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4, help="Threads decoding images and scoring.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the metrics (means and per image) to this JSON file.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
+              help="Write the metrics (means and per image) to this JSON file, or its URL (s3://…: written "
+                   "locally, then uploaded).")
 @click.option("--progress/--no-progress", default=True)
 def eval_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, fixations,
              labels, val_shards, baseline, sigma_frac, map_name, limit, batch_size, io_threads, out, progress):
@@ -73,6 +75,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
     from pipeline.score.fixations import FixationError, read_hdf5
 
     must_exist("fixations", "labels")
+    out = output_path(out)
     if (fixations is None) == (labels is None):
         raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
     if map_name != "saliency" and fixations is None:
@@ -116,8 +119,9 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
 @model_options
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder of images (searched recursively).")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="png: a folder (maps mirror the images' relative paths); hdf5: the file to write.")
+@click.option("--out", type=click.Path(path_type=str), required=True, callback=path_or_url,
+              help="png: a folder (maps mirror the images' relative paths); hdf5: the file to write; either may be "
+                   "a URL (s3://…: each file written locally, then uploaded, predictions.json last).")
 @click.option("--format", "format_", type=click.Choice(["png", "hdf5"]), default="png",
               help="png: 8-bit maps; hdf5: float32 log densities, one dataset per image (pysaliency HDF5Model).")
 @click.option("--compare-teacher", type=click.Choice(teachers.available()), default=None,
@@ -135,6 +139,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     from pipeline.label.sources import SourceError
 
     must_exist("images")
+    out = output_path(out)
     predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                                          student_options=student_options), runtime)
     compare = None
@@ -158,7 +163,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
 @click.option("--iters", type=click.IntRange(min=1), default=10,
               help="Timed forward passes (after 3 warm-up; 8 with --runtime compile).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write JSON here.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
+              help="Also write JSON here (a file, or its URL: s3://…).")
 @runtime_option
 def profile_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, image_size,
                 batch_size, iters, out, runtime):
@@ -169,6 +175,7 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     from pipeline.score.profile import profile
 
     size = parse_size(None, None, image_size) if image_size else None
+    out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             require_weights=False, student_options=student_options)
     if size and predictor.student:
@@ -188,7 +195,8 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.command("export")
 @model_options
 @click.option("--format", "format_", type=click.Choice(["onnx"]), default="onnx", help="The file format.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The file to write.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
+              help="The file to write, or its URL (s3://…: written locally, then uploaded).")
 @click.option("--image-size", default=None,
               help="Input HxW of the graph (its batch is dynamic).  [default: a checkpoint's training size, else "
                    "192x256]")
@@ -200,6 +208,7 @@ def export_cmd(checkpoint, teacher, student, student_options, weights, student_o
     from pipeline.score.serving import export_onnx
 
     size = parse_size(None, None, image_size) if image_size else None
+    out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, "cpu", "fp32",
                             require_weights=False, student_options=student_options)
     try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 import students
@@ -40,8 +38,9 @@ from pipeline.cli.options import floats3, ints, must_exist, path_or_url, student
 @click.option("--amp", type=click.Choice(["auto", "off", "bf16"]), default="auto", help="auto = bf16 on GPU.")
 @click.option("--backbone-weights", default="imagenet",
               help="MobileNetV2 encoder init: imagenet (torchvision weights, cached or downloaded), none, or a PATH.")
-@click.option("--init", "init_ckpt", type=click.Path(path_type=Path), default=None,
-              help="Start from this checkpoint's model weights (e.g. the hint stage's last checkpoint).")
+@click.option("--init", "init_ckpt", type=click.Path(path_type=str), default=None, callback=path_or_url,
+              help="Start from this checkpoint's model weights (e.g. the hint stage's last checkpoint): a checkpoint "
+                   "file or run folder, or its URL (s3://…).")
 @click.option("--teacher", default=None, help="Hint stage: the teacher run online for hint targets.")
 @click.option("--teacher-weights", default=None, help="Hint stage: the teacher's --weights.")
 @click.option("--loss-weights", default="1,1,1", callback=floats3,
@@ -73,7 +72,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     from teachers.weights import WeightsError
 
     must_exist("labels", "val_labels", hint=" (label folders are made by `pipeline label`)")
-    must_exist("init_ckpt")
+    must_exist("init_ckpt", urls=True)
     config = TrainConfig(labels=tuple(str(p) for p in labels), run=str(run_dir), student=student,
                          student_options=student_options, stage=stage,
                          epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,

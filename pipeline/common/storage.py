@@ -12,7 +12,7 @@ A training run folder on object storage is a local folder mirrored there (:class
 downloaded before the run, and after every epoch the files that changed are uploaded, the pointer
 (``checkpoints/latest.json``) last, so a reader (or a resume) never sees a pointer to a checkpoint that is not
 there yet. A protocol whose fsspec implementation is not installed is one sentence naming the extra to install
-(:class:`StorageError`).
+(:class:`StorageError`). ``file:///abs/path`` is the local path ``/abs/path`` (its key keeps the leading slash).
 """
 
 from __future__ import annotations
@@ -78,15 +78,25 @@ class _Stat:
     st_size: int
 
 
+#: protocols whose keys are absolute local paths (``file:///data/x``: the key keeps its leading slash)
+LOCAL_PROTOCOLS = ("file", "local")
+
+
 @dataclass(frozen=True, order=True)
 class RemotePath:
     protocol: str
-    key: str  # bucket/prefix/…, no leading or trailing slash
+    key: str  # bucket/prefix/…, no trailing slash, no leading one but for a local path (file:///data/x)
 
     @classmethod
     def parse(cls, url: str) -> "RemotePath":
         protocol, _, rest = url.partition("://")
-        return cls(protocol, str(PurePosixPath("/" + rest.strip("/")))[1:])
+        return cls.of(protocol, rest)
+
+    @classmethod
+    def of(cls, protocol: str, key: str) -> "RemotePath":
+        """``key`` as fsspec lists it (``bucket/a/``, ``/data/x``) normalised: ``a//b/`` → ``a/b``."""
+        key = str(PurePosixPath("/" + key.strip("/")))
+        return cls(protocol, key if protocol in LOCAL_PROTOCOLS else key[1:])
 
     @property
     def fs(self):
@@ -105,6 +115,9 @@ class RemotePath:
     @property
     def stem(self) -> str:
         return PurePosixPath(self.key).stem
+
+    def with_name(self, name: str) -> "RemotePath":
+        return self.parent / name
 
     @property
     def parent(self) -> "RemotePath":
@@ -140,7 +153,7 @@ class RemotePath:
             names = self.fs.ls(self.key, detail=False, refresh=True)
         except FileNotFoundError:
             return iter([])
-        found = [RemotePath(self.protocol, n.strip("/")) for n in names]
+        found = [RemotePath.of(self.protocol, n) for n in names]
         return iter(sorted((p for p in found if fnmatch.fnmatchcase(p.name, pattern)), key=lambda p: p.key))
 
     def unlink(self, missing_ok: bool = False) -> None:
@@ -165,7 +178,20 @@ class RemotePath:
 
     def upload(self, local: str | Path) -> None:
         """Put the local file under this name (whole: the object appears complete or not at all)."""
-        self.fs.put_file(str(local), self.key)
+        if self.protocol in LOCAL_PROTOCOLS:  # a local file (file:///…): copied beside it, then renamed
+            import shutil
+
+            final = Path(self.key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.tmp-")
+            os.close(fd)
+            try:
+                shutil.copyfile(local, tmp)
+                os.replace(tmp, final)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        else:
+            self.fs.put_file(str(local), self.key)
         self._invalidate()
 
     def download(self, local: str | Path) -> None:
@@ -179,7 +205,7 @@ class RemotePath:
             found = self.fs.find(self.key)
         except FileNotFoundError:
             return []
-        return sorted(RemotePath(self.protocol, k.strip("/")) for k in found if k.strip("/") != self.key)
+        return sorted(p for p in (RemotePath.of(self.protocol, k) for k in found) if p != self)
 
     def relative_to(self, other: "RemotePath") -> str:
         return str(PurePosixPath(self.key).relative_to(other.key))

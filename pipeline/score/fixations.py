@@ -99,6 +99,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.common.atomic import atomic_path
+from pipeline.common.storage import as_path
 
 FORMAT = "saliency-pipeline/fixations"
 FORMAT_VERSION = 1
@@ -518,10 +519,11 @@ def read_dataset(dataset: str, root: str | Path, split: str | None = None) -> Fi
 
 
 def write_hdf5(fs: FixationSet, path: str | Path) -> Path:
-    """Write ``fs`` to ``path`` atomically (temp file beside it, fsync, rename); returns ``path``."""
+    """Write ``fs`` to ``path`` atomically (temp file beside it, fsync, rename; a URL: written locally, then
+    uploaded); returns ``path``."""
     import h5py
 
-    path = Path(path)
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = h5py.string_dtype("utf-8")
 

@@ -5,7 +5,8 @@ atomically), then ``<out>/predictions.json`` (model, maps, failures) last, as th
 folder (``sub/img.jpg``), each the float32 log density at the image's size; pysaliency's
 ``HDF5Model(stimuli, file)`` reads it (its keys are matched against the stimuli's file names), and
 its root attributes say what it is. The HDF5 is written under a temporary name and renamed when
-complete.
+complete. ``out`` may be a URL (``s3://…``): each file is written locally and uploaded under its name,
+``predictions.json`` after every map.
 
 With a teacher to compare with (``compare``), every image also gets a sheet image | teacher | student
 (:mod:`pipeline.score.sheets`) at ``<out>/compare/<relative path>.png`` (``hdf5``: beside the file, in
@@ -26,6 +27,7 @@ from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
+from pipeline.common.storage import as_path
 from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import Predictor
@@ -70,7 +72,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
     t0 = time.perf_counter()
-    folder, out = Path(folder), Path(out)
+    folder, out = Path(folder), as_path(out)
     records = folder_records(folder)
     result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
     with contextlib.ExitStack() as stack:

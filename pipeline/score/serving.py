@@ -116,10 +116,13 @@ class ExportResult:
 
 def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int, int] | None = None,
                 opset: int = DEFAULT_OPSET) -> ExportResult:
-    """Write the student as ONNX to ``out`` (atomically), then check ONNX Runtime against PyTorch on it."""
+    """Write the student as ONNX to ``out`` (atomically; a URL: written locally, then uploaded), then check ONNX
+    Runtime against PyTorch on it."""
+    from pipeline.common.storage import as_path
+
     size = tuple(input_size or predictor.input_size or (192, 256))
     data = onnx_bytes(predictor, size, opset)
-    out = Path(out)
+    out = as_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, "wb") as f:
         f.write(data)

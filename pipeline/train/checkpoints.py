@@ -5,6 +5,8 @@ newest; the two newest are kept. It holds the student's state dict under ``model
 name (``student``) and builder options (``student_options``), the optimizer and scheduler, epoch and
 global step, every RNG state, the settings it must be resumed with, and what its labels were
 (teacher, label kind, image size). Only tensors, numbers and strings: it loads with ``weights_only``.
+A checkpoint or run folder to load (``--checkpoint``, ``--init``) may be a URL (``s3://…``): the pointer is
+read there and the one checkpoint file downloaded to a temporary file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.common.atomic import atomic_open, write_json
-from pipeline.common.storage import as_path
+from pipeline.common.storage import as_path, is_url
 from pipeline.train.config import TrainError
 from students import Student, build_student
 from teachers.weights import WeightsError, load_state_dict, load_strict
@@ -79,7 +81,7 @@ def latest_record(ckpt_dir: Path) -> dict | None:
 def latest(ckpt_dir: Path) -> Path | None:
     """The checkpoint ``latest.json`` names, or None before the first finished epoch."""
     record = latest_record(ckpt_dir)
-    return None if record is None else Path(ckpt_dir) / record["checkpoint"]
+    return None if record is None else as_path(ckpt_dir) / record["checkpoint"]
 
 
 #: what a checkpoint must hold to be resumed from
@@ -121,23 +123,40 @@ def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder of ``pipeline train`` (→ its latest checkpoint)."""
-    path = Path(path)
-    if path.is_dir():
+    """A checkpoint file, or a run folder of ``pipeline train`` (→ its latest checkpoint); either may be a URL
+    (a :class:`~pipeline.common.storage.RemotePath` then: a folder is a prefix holding objects)."""
+    path = as_path(path)
+    if path.is_file():
+        return path
+    if path.exists() if is_url(path) else path.is_dir():
         found = latest(path / "checkpoints")
         if found is None:
             raise CheckpointError(f"{path} is a folder without checkpoints/{LATEST}: not a finished "
                                   "`pipeline train` run (give a checkpoint file or a run folder)")
         return found
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def read_weights(path) -> dict:
+    """:func:`teachers.weights.load_state_dict` of a local file, or of an object downloaded to a temporary file
+    (its errors name the URL)."""
+    if not is_url(path):
+        return load_state_dict(path)
+    path = as_path(path)
+    try:
+        with path.local_copy() as tmp:
+            try:
+                return load_state_dict(tmp)
+            except WeightsError as e:
+                raise WeightsError(str(e).replace(str(tmp), str(path))) from None
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {path}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint of this module (tensors, numbers and strings only: read with ``weights_only``)."""
     try:
-        ckpt = load_state_dict(path)
+        ckpt = read_weights(path)
     except WeightsError as e:
         raise CheckpointError(str(e)) from None
     if "model" not in ckpt or "student" not in ckpt:
@@ -184,7 +203,7 @@ def init_from(model: Student, path: str) -> str:
     """
     try:
         path = checkpoint_path(path)
-        obj = load_state_dict(path)
+        obj = read_weights(path)
     except (WeightsError, CheckpointError) as e:
         raise TrainError(f"--init: {e}") from None
     sd = obj.get("model", obj)
