@@ -152,6 +152,9 @@ MANIFEST = """\
       label_classic:
         run: label
         with: {{source: coco, teacher: classic}}
+      ponder:
+        run: eval
+        with: {{student: sact, weights: imagenet, labels: "${{steps.label_dg.out}}"}}
     """
 
 
@@ -168,6 +171,9 @@ def test_dry_run_lists_each_steps_missing_weights_and_how_to_get_them(hub, tmp_p
                                       f"&& pipeline weights convert {npz} data/weights/salgan_generator.pt")
     assert "mobilenet_v2-b0353104.pth (not cached) -> pipeline weights fetch https://" in lines["train"]
     assert "label_classic" not in lines  # the classic teacher loads nothing
+    # a student's `weights: imagenet` is its ImageNet backbone alone, not a file named "imagenet"
+    assert lines["ponder"].endswith("resnet50-0676ba61.pth (not cached) -> pipeline weights fetch "
+                                    "https://download.pytorch.org/models/resnet50-0676ba61.pth")
     for name in ("deepgaze2e.pth", "centerbias_mit1003.npy"):
         assert f"  {name}: {RELEASE}{name} -> {hub / name}" in r.output
     assert not (tmp_path / "w").exists() and not hub.exists()  # a dry run writes and downloads nothing

@@ -232,8 +232,8 @@ def test_a_run_folders_pointer_goes_up_last_and_never_names_a_missing_checkpoint
 
 def test_a_manifest_with_its_workdir_on_object_storage_runs_resumes_and_checks_its_outputs_there(
         s3, labelled, tmp_path, monkeypatch):
-    """`workdir: s3://…`: every step's output goes there (labels whose shards are the local run's, a run folder),
-    and the runner's state too, so a second `pipeline run` (from any machine) finds everything done; an output
+    """`workdir: s3://…`: every step's output goes there (labels whose shards are the local run's, a run folder,
+    metrics), and the runner's state too, so a second `pipeline run` (from any machine) finds everything done; an output
     that went missing there is noticed and only its step runs again. A URL where a command reads only local
     paths is one line naming what takes URLs."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the machine-local lock of a URL workdir
@@ -249,13 +249,19 @@ steps:
     run: train
     with: {{labels: "${{steps.labels.out}}", epochs: 1, steps_per_epoch: 1, batch_size: 2, backbone_weights: none,
            workers: 0, shuffle_buffer: 4}}
+  score:
+    run: eval
+    with: {{checkpoint: "${{steps.train.out}}", labels: "${{steps.labels.out}}", val_shards: 1}}
 """)
     first = CliRunner().invoke(cli, ["run", str(manifest)])
     assert first.exit_code == 0, first.output
     assert "[labels] done" in first.output and "[train] done" in first.output
     s3.invalidate_cache()
     state = json.loads(s3.cat_file("labels/runs/tiny/.pipeline/state.json"))
-    assert {n: r["status"] for n, r in state["steps"].items()} == {"labels": "done", "train": "done"}
+    assert {n: r["status"] for n, r in state["steps"].items()} == {"labels": "done", "train": "done",
+                                                                    "score": "done"}
+    assert json.loads(s3.cat_file("labels/runs/tiny/score/metrics.json"))["images"] == 4  # the held-out shard
+    assert "scores (every eval step" in first.output
     assert state["steps"]["labels"]["output_digest"].startswith("labels:")
     for tar in sorted(labelled.glob("shard-*.tar")):  # the same shards as a local run's
         assert sha(s3.cat_file(f"labels/runs/tiny/labels/classic/val2017/{tar.name}")) == sha(tar.read_bytes())
@@ -264,13 +270,14 @@ steps:
     again = CliRunner().invoke(cli, ["run", str(manifest)])
     assert again.exit_code == 0 and "$ pipeline" not in again.output, again.output  # nothing ran
     status = CliRunner().invoke(cli, ["status", str(manifest)])
-    assert status.exit_code == 0 and status.output.count("up to date") == 2, status.output
+    assert status.exit_code == 0 and status.output.count("up to date") == 3, status.output
 
     s3.rm_file("labels/runs/tiny/train/checkpoints/latest.json")  # the run folder lost its pointer
     s3.invalidate_cache()
     redo = CliRunner().invoke(cli, ["run", str(manifest)])
     assert redo.exit_code == 0, redo.output
     assert "[train] $ pipeline train" in redo.output and "[labels] $" not in redo.output, redo.output
+    assert "[score] up to date: its upstream output is unchanged" in redo.output  # the same checkpoint again
 
     manifest.write_text(manifest.read_text().replace("coco_root: " + str(SAMPLES), "coco_root: s3://labels/coco"))
     refused = CliRunner().invoke(cli, ["run", str(manifest), "--dry-run"])
@@ -382,7 +389,7 @@ def test_export_from_a_checkpoint_url_into_a_url_is_the_local_graph(s3, s3_run, 
     assert there.graph == here.graph  # the metadata differ only in the checkpoint named
 
 
-def test_fixations_out_url_is_the_local_hdf5(s3, tmp_path):
+def test_fixations_out_url_is_the_local_hdf5_and_eval_reads_it_there(s3, s3_run, tmp_path, one_torch_thread):
     from tests.test_train import write_mit1003
 
     root = write_mit1003(tmp_path / "MIT1003", sorted((SAMPLES / "val2017").glob("*.jpg"))[:2])
@@ -390,6 +397,11 @@ def test_fixations_out_url_is_the_local_hdf5(s3, tmp_path):
     assert "s3://labels/out/f.h5: 2 images" in ok("fixations", "mit1003", "--root", root, "--out",
                                                   "s3://labels/out/f.h5")
     assert s3.cat_file("labels/out/f.h5") == (tmp_path / "f.h5").read_bytes()
+    scores = [ok("eval", "--checkpoint", s3_run[1], "--fixations", f, "--no-progress")
+              for f in (tmp_path / "f.h5", "s3://labels/out/f.h5")]
+    here, there = ([line for line in text.splitlines() if not line.lstrip().startswith(("wall", "images/s"))]
+                   for text in scores)
+    assert there == here and any(line.lstrip().startswith("auc_judd") for line in here)
 
 
 def test_a_missing_checkpoint_url_is_a_usage_error_and_writes_nothing(s3, labelled):

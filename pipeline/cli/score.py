@@ -42,10 +42,22 @@ def fixations_cmd(dataset, root, split, out):
     click.echo(f"{out}: {len(fs)} images, {fs.n_fixations} fixations, {fs.n_skipped} skipped outside their image")
 
 
+def _read_fixations(path: str):
+    """A fixation file, local or on object storage (downloaded to a temporary file and read whole)."""
+    from pipeline.common.storage import as_path, is_url
+    from pipeline.score.fixations import read_hdf5
+
+    if not is_url(path):
+        return read_hdf5(path)
+    with as_path(path).local_copy() as local:
+        return read_hdf5(local)
+
+
 @click.command("eval")
 @model_options
-@click.option("--fixations", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A fixation HDF5 from `pipeline fixations`: all 7 metrics against human fixations.")
+@click.option("--fixations", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
+              help="A fixation HDF5 from `pipeline fixations` (or its URL, s3://…): all 7 metrics against human "
+                   "fixations.")
 @click.option("--labels", type=click.Path(file_okay=False, path_type=str), default=None, callback=path_or_url,
               help="A finished label folder (or its URL, s3://…): CC, KLDiv, SIM, NSS against the teacher's labels "
                    "in its last shards.")
@@ -72,16 +84,17 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
     from pipeline.train.data import DataError
     from pipeline.score.calibrate import evaluate_calibrated
     from pipeline.score.evaluate import evaluate_fixations, evaluate_shards
-    from pipeline.score.fixations import FixationError, read_hdf5
+    from pipeline.score.fixations import FixationError
 
-    must_exist("fixations", "labels")
+    must_exist("labels")
+    must_exist("fixations", urls=True)
     out = output_path(out)
     if (fixations is None) == (labels is None):
         raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
     if map_name != "saliency" and fixations is None:
         raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations")
     try:
-        fs = read_hdf5(fixations) if fixations else None
+        fs = _read_fixations(fixations) if fixations else None
     except FixationError as e:
         raise click.ClickException(str(e)) from None
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,

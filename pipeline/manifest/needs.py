@@ -53,7 +53,10 @@ def step_needs(command: str, settings: Mapping[str, object]) -> list[Need] | str
         if settings.get("teacher"):
             return _teacher(settings.get("teacher"), settings.get("weights"))
         if settings.get("student") and settings.get("weights"):
-            return [Need(s) for s in student_weights(str(settings["student"]), weights=str(settings["weights"]))]
+            student, weights = str(settings["student"]), str(settings["weights"])
+            if weights == "imagenet":  # the ImageNet backbone alone (pipeline.score.predictors.build_predictor)
+                return [Need(s) for s in student_weights(student, backbone_weights="imagenet")]
+            return [Need(s) for s in student_weights(student, weights=weights)]
     return []
 
 

@@ -184,6 +184,7 @@ COMMANDS: dict[str, CommandSpec] = {
         verify=_verify_file,
         volatile=_MODEL_VOLATILE - {"precision"},
         digest=_digest_file,
+        urls=frozenset({"checkpoint", "labels", "fixations", "out"}),
     ),
     "predict": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step},
@@ -191,17 +192,20 @@ COMMANDS: dict[str, CommandSpec] = {
         verify=_verify_predict,
         volatile=_MODEL_VOLATILE - {"precision"},
         digest=_digest_tree,
+        urls=frozenset({"checkpoint", "out"}),
     ),
     "fixations": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "fixations.h5"},
         output=lambda params: as_path(params["out"]),
         verify=_verify_file,
         digest=_digest_file,
+        urls=frozenset({"out"}),
     ),
     "profile": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
         output=lambda params: as_path(params["out"]),
         verify=_verify_file,
         digest=_digest_file,
+        urls=frozenset({"checkpoint", "out"}),
     ),
 }
