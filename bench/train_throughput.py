@@ -18,8 +18,9 @@ optimizer) for ``--steps`` steps:
 - ``memory``: the same batches (read once beforehand from the same loader), already decoded, as uint8 / label
   tensors in memory (pinned on GPU), handed over in order.
 
-Each round times one epoch of each (after one warm-up epoch of each); the figure is the median over
-``--rounds``. ``ratio`` = shards / memory: how much of the training speed the data path keeps (target on GPU:
+Each column trains ``--rounds`` + 1 consecutive epochs, as ``pipeline train`` does (so each epoch's loader
+is started a few steps before the previous epoch ends, as there); the first is a warm-up, the figure is the
+median over the others. ``ratio`` = shards / memory: how much of the training speed the data path keeps (target on GPU:
 >= 0.8). Prints one JSON line per figure, then a table and the machine with its load average.
 """
 
@@ -94,6 +95,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="the shard loader's decoding processes")
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-ahead", action="store_true",
+                   help="start each epoch's loader at its first step (not a few steps before the last epoch ends)")
     p.add_argument("--amp", choices=["auto", "off", "bf16"], default="auto", help="auto: bf16 on GPU")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0: torch's")
     args = p.parse_args()
@@ -109,6 +112,8 @@ def main() -> None:
                              batch_size=args.batch_size, workers=args.workers, shuffle_buffer=args.shuffle_buffer,
                              device=args.device, amp=args.amp, backbone_weights="none", steps_per_epoch=args.steps)
         trainer = Trainer(config)
+        if args.no_ahead:
+            trainer.start_epoch = lambda epoch: None
         n_train = trainer.labels.images_in(trainer.train_tars)
         if n_train < args.steps * args.batch_size:
             raise SystemExit(f"{labels} holds {n_train} training images, fewer than --steps x --batch-size = "
@@ -123,9 +128,9 @@ def main() -> None:
 
         timings: dict[str, list[float]] = {"shards": [], "memory": []}
         images = {}
-        for r in range(args.rounds + 1):  # round 0: warm-up
-            for name, loader in (("shards", shard_loader), ("memory", in_memory)):
-                trainer.loader = loader
+        for name, loader in (("shards", shard_loader), ("memory", in_memory)):
+            trainer.loader = loader  # consecutive epochs, as training runs them: each starts the next one's loader
+            for r in range(args.rounds + 1):  # epoch 0: warm-up
                 seconds, n = timed_epoch(trainer, r)
                 if r:
                     timings[name].append(seconds)
@@ -133,7 +138,7 @@ def main() -> None:
         rows = []
         gpu = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else None
         common = {"bench": "train_throughput", "student": args.student, "device": str(trainer.device),
-                  "batch": args.batch_size, "steps": args.steps, "workers": args.workers,
+                  "batch": args.batch_size, "steps": args.steps, "workers": args.workers, "ahead": not args.no_ahead,
                   "amp": "bf16" if trainer.amp else "off", "image_size": list(trainer.labels.image_size)}
         ips = {}
         for name in ("shards", "memory"):

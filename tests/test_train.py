@@ -408,3 +408,45 @@ def test_one_train_per_run_folder(small_labels, tmp_path):
     r = invoke(*args[:-1], "--epochs", 2, "--no-progress")
     assert r.exit_code == 1 and "(pid 4242 on host node-7); this host cannot tell whether it still runs: if it " \
                                 f"does not, delete {run / '.lock'}" in r.output
+
+
+def test_the_next_epochs_loader_starts_before_this_epoch_ends_and_changes_nothing(small_labels, tmp_path,
+                                                                                   monkeypatch):
+    """With loader workers, each epoch's shard loader (its processes, its first batches) is started a few steps
+    before the previous epoch's last step, so that its start-up overlaps the end of that epoch and validation
+    instead of being paid anew at every epoch; each epoch's loader is started once; and the run is the same
+    as one whose loaders start at their epoch's first step (same losses and weights)."""
+    from pipeline.train import loop
+
+    events = []
+    real_loader, real_epoch = loop.Trainer.loader, loop.Trainer.train_epoch
+
+    def loader(self, tars, epoch, train):
+        if train:
+            events.append(("loader", epoch))
+        return real_loader(self, tars, epoch, train)
+
+    def train_epoch(self, epoch, bar, log_file):
+        class Bar:
+            def update(self, n):
+                events.append(("step", epoch))
+
+            def set_postfix_str(self, text):
+                bar.set_postfix_str(text)
+        return real_epoch(self, epoch, Bar(), log_file)
+
+    monkeypatch.setattr(loop.Trainer, "loader", loader)
+    monkeypatch.setattr(loop.Trainer, "train_epoch", train_epoch)
+    args = ["train", "--labels", small_labels, "--epochs", 3, "--val-shards", 1, *FAST, "--workers", 1]
+    assert invoke(*args, "--run", tmp_path / "ahead").exit_code == 0
+    assert [e for e in events if e[0] == "loader"] == [("loader", 0), ("loader", 1), ("loader", 2)]
+    for epoch in (1, 2):
+        started = events.index(("loader", epoch))
+        last_step = max(i for i, e in enumerate(events) if e == ("step", epoch - 1))
+        assert started < last_step, events  # started while the previous epoch still had a step to run
+
+    monkeypatch.setattr(loop.Trainer, "start_epoch", lambda self, epoch: None)  # every loader at its first step
+    assert invoke(*args, "--run", tmp_path / "plain").exit_code == 0
+    a, b = final_model(tmp_path / "ahead"), final_model(tmp_path / "plain")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows(tmp_path / "ahead" / "losses.csv", 4) == rows(tmp_path / "plain" / "losses.csv", 4)

@@ -381,8 +381,13 @@ class ShardLoader:
     def __init__(self, loader: torch.utils.data.DataLoader, bad: BadSamples):
         self.loader, self.bad = loader, bad
 
-    def __iter__(self):
-        for item in self.loader:
+    def __iter__(self) -> Iterator:
+        """The batches; the DataLoader's worker processes start here, at once, not at the first batch (so a
+        loader started ahead of its epoch decodes while the previous one ends)."""
+        return self._batches(iter(self.loader))
+
+    def _batches(self, items: Iterator) -> Iterator:
+        for item in items:
             if isinstance(item, BadSample):
                 self.bad.add(item)
                 continue
@@ -420,5 +425,8 @@ def shard_loader(labels: LabelSet, tars: list[str], *, batch_size: int, epoch: i
     ds = ds.map(reader.decode)
     ds = ds.compose(reader.batch)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(order)),
-                                         persistent_workers=False, pin_memory=pin_memory)
+                                         persistent_workers=False, pin_memory=pin_memory,
+                                         # its workers' seeds from (seed, epoch), none drawn from the global RNG:
+                                         # starting an epoch's loader early or late changes no result
+                                         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return ShardLoader(loader, bad if bad is not None else BadSamples())
