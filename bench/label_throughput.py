@@ -22,8 +22,8 @@ Four runs, each printed as one JSON line (``--json FILE`` appends them too), the
 
 With ``--processes N``, (b) and (d) run N worker processes sharing the device, each on its share of the
 shards with ``--io-threads / N`` threads: what ``pipeline label --workers-per-gpu N`` gives on Ray. One
-worker process does much of its per-image work (futures, encoding, tar writing) under one interpreter lock,
-so on a many-core GPU machine a light teacher can outrun one process.
+worker process keeps about two cores busy (on an H200 with 16 cores), so a light teacher on a fast GPU can
+outrun one process.
 
 Rates are images/s, images/s per core (the cores this process may run on) and images per CPU-second
 (user + system time of every thread of the process: on a shared machine the per-core rate the path

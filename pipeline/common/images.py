@@ -27,6 +27,8 @@ class ImageError(Exception):
 
 def _jpeg_truncated(data: bytes) -> bool:
     """A baseline or progressive JPEG ends with EOI (FFD9) after its last start-of-scan (FFDA)."""
+    if data.endswith(b"\xff\xd9"):  # the usual end: no need to scan the file for its last scan
+        return False
     sos = data.rfind(b"\xff\xda")
     return sos < 0 or data.find(b"\xff\xd9", sos) < 0
 

@@ -212,8 +212,9 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
     the cluster's), each reserving one GPU, which Ray makes its only visible one, so every actor is handed
     ``cuda`` (``cuda:N`` names a GPU of the driver's machine and means nothing inside an actor), and the CPUs
     its I/O threads use (``io_threads``, at most the cluster's CPUs per GPU). ``workers_per_gpu`` actors
-    share each GPU (each reserving that fraction of it and of its CPUs): one worker process does much of its
-    per-image work under one interpreter lock, which a light teacher on a fast GPU outruns. Otherwise
+    share each GPU (each reserving that fraction of it and of its CPUs): one worker process keeps about two
+    cores busy (its main thread and its one tar-writing thread are single stages), which a light teacher on
+    a fast GPU outruns. Otherwise
     ``cpu_workers`` CPU actors. Never more workers than ``shards``.
     """
     kind = None if device == "auto" else resolve_device(device).type  # an unknown device is an error here
