@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, as one script with a time budget: the CUDA-only tests, the GPU rows of
+# docs/benchmarks.md (labelling (a)-(d) for SalGAN and DeepGaze IIE, one and two worker processes; students
+# eager and compiled; training from shards vs memory) and whether two label runs give the same tars.
+#
+#   OUT=/tmp/gpu BUDGET=420 bash bench/gpu_checks.sh        # from the repository root
+#
+# Each step runs under `timeout`, capped by what is left of BUDGET seconds, and appends its output to
+# $OUT/log.txt (the benches' JSON lines to $OUT/bench.jsonl). A step that runs out of time is reported and the
+# next one runs. On a machine without webdataset/pycocotools installed, wheels in ./.whl are installed to
+# /tmp/site first (pip download them elsewhere).
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:?set OUT to a folder for the log}
+BUDGET=${BUDGET:-420}
+PY=${PY:-python3}
+START=$(date +%s)
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+J=$OUT/bench.jsonl
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -lt 20 ]; then echo "=== $name: SKIPPED (budget)" | tee -a "$LOG"; return; fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "=== $name (cap ${cap}s, t=$(( $(date +%s) - START ))s)" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout -k 5 "$cap" "$@" >>"$LOG" 2>&1
+  echo "=== $name: rc=$? in $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc
+  $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"; } >>"$LOG" 2>&1
+
+step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_students_cuda.py tests/test_devices.py \
+  "tests/test_label.py::test_decoding_and_resizing_with_torch_gives_labels_close_to_the_opencv_path" \
+  "tests/test_label.py::test_the_device_path_fails_the_images_the_cpu_path_fails_with_the_same_reasons"
+
+L="$PY bench/label_throughput.py --device cuda --weights random --json $J"
+step label-salgan 90 $L --teacher salgan --images 4096 --naive-images 256 --batch-size 128 --shard-size 256 \
+  --runs teacher,worker,naive,null
+step label-salgan-2proc 60 $L --teacher salgan --images 4096 --batch-size 128 --shard-size 256 --runs worker --processes 2
+step label-deepgaze 150 $L --teacher deepgaze --images 2048 --naive-images 128 --batch-size 64 --shard-size 256 \
+  --runs teacher,worker,naive
+
+step students 90 $PY bench/student_latency.py --device cuda --runtimes torch --large-batch 256 --iters 50 --large-iters 10
+step students-compile 120 $PY bench/student_latency.py --device cuda --students fastsal_a --runtimes compile \
+  --large-batch 256 --iters 50 --large-iters 10 --warmup 8
+
+# training: the sample's train photos repeated to 4096, labelled by classic on the GPU
+rm -rf /tmp/rep /tmp/trainlabels && mkdir -p /tmp/rep && SRC=( "$PWD"/samples/coco/train2017/*.jpg ) && \
+  for i in $(seq 0 4095); do ln -s "${SRC[$(( i % ${#SRC[@]} ))]}" /tmp/rep/$(printf %08d "$i").jpg; done
+step train-labels 60 $PY -m pipeline label folder --images /tmp/rep --teacher classic --out /tmp/trainlabels \
+  --shard-size 512 --device cuda --executor local --io-threads 8 --no-progress --allow-outside-root
+step train 100 $PY bench/train_throughput.py --device cuda --labels /tmp/trainlabels/classic/rep --batch-size 256 \
+  --steps 12 --workers 8
+
+# the same images labelled twice, in two processes: byte-identical tars?
+for t in salgan deepgaze; do
+  for k in 1 2; do
+    step "same-tars-$t-$k" 60 $PY -m pipeline label coco --teacher "$t" --weights random --coco-root samples/coco \
+      --split train2017 --out "/tmp/same$k" --shard-size 128 --device cuda --executor local --io-threads 8 --no-progress
+  done
+  $PY - "$t" >>"$LOG" 2>&1 <<'EOF'
+import json, sys
+t = sys.argv[1]
+a, b = ([s["sha256"] for s in json.load(open(f"/tmp/same{k}/{t}/train2017/labels.json"))["shards"]] for k in (1, 2))
+print(f"SAME TARS {t}: {'yes' if a == b else 'NO'}")
+EOF
+done
+
+step compile-test 120 $PY -m pytest -q -p no:cacheprovider tests/test_serving.py -k compile
+echo "=== total $(( $(date +%s) - START ))s" | tee -a "$LOG"
