@@ -21,6 +21,7 @@ import json
 import queue
 import tarfile
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -260,6 +261,8 @@ class TarStream:
         self.thread: threading.Thread | None = None
         self.writer: ShardWriter | None = None
         self.error: BaseException | None = None
+        #: seconds: the producer blocked on a full queue; the writer thread waiting for encoded samples, writing
+        self.seconds = {"wait_tar_queue_s": 0.0, "tar_wait_encoded_s": 0.0, "tar_write_s": 0.0}
 
     def _start(self) -> None:
         if self.thread is None:
@@ -270,7 +273,9 @@ class TarStream:
         if self.error is not None:
             raise self.error
         self._start()
+        t = time.perf_counter()
         self.queue.put(sample)
+        self.seconds["wait_tar_queue_s"] += time.perf_counter() - t
 
     def _run(self) -> None:
         try:
@@ -286,9 +291,13 @@ class TarStream:
                     entry.cancel()
                 continue
             try:
+                t = time.perf_counter()
                 samples = entry.result() if isinstance(entry, Future) else entry
+                t1 = time.perf_counter()
                 for sample in samples if isinstance(samples, list) else (samples,):
                     self.writer.write(sample)
+                self.seconds["tar_wait_encoded_s"] += t1 - t
+                self.seconds["tar_write_s"] += time.perf_counter() - t1
             except BaseException as e:  # noqa: BLE001 - handed to the producer
                 self.error = e
         if self.writer is not None and (entry is _ABORT or self.error is not None):

@@ -386,6 +386,7 @@ class ShardLabeler:
             t = time.perf_counter()
             stream.drain()
             timings["wait_encode_s"] = time.perf_counter() - t
+            timings.update(stream.seconds)  # where the tar's stage waited, and how long it wrote
         except BaseException:
             stream.abort()
             raise
