@@ -52,20 +52,37 @@ encode_sample = make_encoder(True)
 
 class _Hashing:
     """A write-only file that hashes and counts what goes through it: the tar's sha256 and size are
-    known when its last byte is written, without reading it back."""
+    known when its last byte is written (and :meth:`flush` called), without reading it back.
+
+    Writes are gathered up to :attr:`CHUNK` bytes and then hashed and written at once: the tar writer hands
+    over a few kilobytes at a time, and each hash update and file write of that size lets go of the
+    interpreter lock and must take it back, which the writing thread waits for behind the decode and encode
+    threads (on 2 busy cores, 1.1–1.3 s of a 2-second shard of 1024 images went to writing it that way)."""
+
+    CHUNK = 1 << 20
 
     def __init__(self, f):
         self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+        self.pending = bytearray()
 
     def write(self, data) -> int:
         if self.f is None:  # discarded: the tar writer's last flush (on garbage collection) goes nowhere
             return len(data)
-        self.sha256.update(data)
+        self.pending += data
         self.size += len(data)
-        return self.f.write(data)
+        if len(self.pending) >= self.CHUNK:
+            self._write_pending()
+        return len(data)
+
+    def _write_pending(self) -> None:
+        if self.pending:
+            self.sha256.update(self.pending)
+            self.f.write(self.pending)
+            self.pending = bytearray()
 
     def flush(self) -> None:
         if self.f is not None:
+            self._write_pending()
             self.f.flush()
 
 
@@ -97,6 +114,7 @@ class ShardWriter:
         """Close the tar (fsync, rename), then write the marker; returns the marker as written."""
         try:
             self._tar.close()
+            self._file.flush()  # the last gathered bytes: hashed and written
         except BaseException:
             self.abort()
             raise
