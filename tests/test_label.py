@@ -118,6 +118,25 @@ def test_rerun_skips_finished_shards_and_redoes_damaged_ones(coco_tree, tmp_path
     assert fresh.shards_done == 3 and digests(out) == before
 
 
+def test_a_finished_folder_is_found_finished_without_starting_ray(coco_tree, tmp_path, monkeypatch):
+    """`--executor ray` (the default) with `--precision auto` and no cluster address: the embedded Ray would
+    have this machine's GPUs, so the precision the shards must have is known without starting it, and a
+    folder whose shards are all finished is reported so at once (a Ray start takes seconds)."""
+    from pipeline.label import driver
+
+    records = coco_records(coco_tree, "val2017")
+    out = tmp_path / "out"
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a finished folder")
+
+    monkeypatch.setattr(driver, "connect", no_ray)
+    again = label(records, out, CONFIG, shard_size=3, executor="ray", progress=False)
+    assert (again.skipped, again.labelled, again.shards_skipped) == (8, 0, 3) and not again.error
+
+
 def test_labels_from_other_settings_are_not_mixed_in(coco_tree, tmp_path):
     records = coco_records(coco_tree, "val2017")
     label(records, tmp_path, CONFIG, shard_size=3, executor="local", progress=False)

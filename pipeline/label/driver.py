@@ -376,6 +376,9 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         precision = precision_name(config.precision == "bf16")
     elif executor == "ray" and (config.device == "cpu" or gpus == 0):
         precision = "fp32"
+    elif executor == "ray" and not (address or os.environ.get("RAY_ADDRESS", "").strip()):
+        # the embedded local Ray has this machine's GPUs: no need to start it (finished shards need no Ray)
+        precision = precision_name(torch.cuda.device_count() > 0)
     else:
         precision = precision_name(use_autocast(torch.device(placement().device_type), "auto"))
     # the weights are resolved and hashed, the teacher is not built: a missing file fails before any work
