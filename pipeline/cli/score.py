@@ -42,17 +42,6 @@ def fixations_cmd(dataset, root, split, out):
     click.echo(f"{out}: {len(fs)} images, {fs.n_fixations} fixations, {fs.n_skipped} skipped outside their image")
 
 
-def _read_fixations(path: str):
-    """A fixation file, local or on object storage (downloaded to a temporary file and read whole)."""
-    from pipeline.common.storage import as_path, is_url
-    from pipeline.score.fixations import read_hdf5
-
-    if not is_url(path):
-        return read_hdf5(path)
-    with as_path(path).local_copy() as local:
-        return read_hdf5(local)
-
-
 @click.command("eval")
 @model_options
 @click.option("--fixations", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
@@ -84,7 +73,8 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
     from pipeline.train.data import DataError
     from pipeline.score.calibrate import evaluate_calibrated
     from pipeline.score.evaluate import evaluate_fixations, evaluate_shards
-    from pipeline.score.fixations import FixationError
+    from pipeline.common.storage import local_file
+    from pipeline.score.fixations import FixationError, read_hdf5
 
     must_exist("labels")
     must_exist("fixations", urls=True)
@@ -94,7 +84,10 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
     if map_name != "saliency" and fixations is None:
         raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations")
     try:
-        fs = _read_fixations(fixations) if fixations else None
+        fs = None
+        if fixations:
+            with local_file(fixations) as f:  # on object storage: downloaded, read whole
+                fs = read_hdf5(f)
     except FixationError as e:
         raise click.ClickException(str(e)) from None
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,

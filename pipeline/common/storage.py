@@ -223,6 +223,17 @@ class RemotePath:
 
 
 @contextlib.contextmanager
+def local_file(path) -> Iterator[Path]:
+    """``path`` as a local file (a remote one downloaded for the duration)."""
+    path = as_path(path)
+    if isinstance(path, RemotePath):
+        with path.local_copy() as local:
+            yield local
+    else:
+        yield path
+
+
+@contextlib.contextmanager
 def staged(final) -> Iterator[Path]:
     """A temporary local file to write the object ``final`` through, uploaded under its name on success
     (:func:`pipeline.common.atomic.atomic_path` uses it for remote paths)."""

@@ -1,8 +1,8 @@
 """The labelling driver: plan shards, skip finished ones, label the rest on Ray (or in-process).
 
 The unit of work, retry and resume is the shard. One Ray actor per GPU (``workers_per_gpu`` of them
-sharing it, or ``cpu_workers`` CPU actors when the cluster has no GPU) keeps its teacher loaded; the driver hands out shards. The driver
-itself never builds a teacher: it resolves and hashes the weights (a missing file fails the run before
+sharing it, or ``cpu_workers`` CPU actors when the cluster has no GPU) keeps its teacher loaded; the driver
+hands out shards. The driver itself never builds a teacher: it resolves and hashes the weights (a missing file fails the run before
 any work) and knows the settings every shard records from them (:func:`pipeline.label.config.planned_identity`).
 """
 
@@ -26,12 +26,12 @@ from pipeline.common.devices import resolve_device, use_autocast
 from pipeline.common.errors import error_message, strip_ansi
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
-from pipeline.common.storage import RemotePath, as_path
+from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
 from pipeline.label.config import LabelConfig, planned_identity, precision_name
 from pipeline.label.worker import ShardLabeler
 from pipeline.label.preview import write_preview
-from pipeline.label.shards import (ENCODING_VERSION, local_file, marker_path, planned_keys, read_marker,
+from pipeline.label.shards import (ENCODING_VERSION, marker_path, planned_keys, read_marker,
                                    tar_path, verify_shard)
 from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
 
@@ -214,8 +214,7 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
     its I/O threads use (``io_threads``, at most the cluster's CPUs per GPU). ``workers_per_gpu`` actors
     share each GPU (each reserving that fraction of it and of its CPUs): one worker process keeps about two
     cores busy (its main thread and its one tar-writing thread are single stages), which a light teacher on
-    a fast GPU outruns. Otherwise
-    ``cpu_workers`` CPU actors. Never more workers than ``shards``.
+    a fast GPU outruns. Otherwise ``cpu_workers`` CPU actors. Never more workers than ``shards``.
     """
     kind = None if device == "auto" else resolve_device(device).type  # an unknown device is an error here
     if executor == "local":
@@ -228,7 +227,7 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
         note = (f"--device {device}: on Ray each GPU actor labels on the one GPU Ray gives it (its cuda:0), "
                 "not on that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else "")
         return Placement(device="cuda", device_type="cuda", workers=cap(n),
-                         options={"num_gpus": 1 / k if k > 1 else 1, "num_cpus": cpus}, note=note)
+                         options={"num_gpus": 1 / k, "num_cpus": cpus}, note=note)
     note = (f"--device {device}: the Ray cluster has no GPU, labelling on {cpu_workers} CPU actor(s)"
             if device.startswith("cuda") and gpus != 0 else "")
     return Placement(device="cpu", device_type="cpu", workers=cap(cpu_workers),

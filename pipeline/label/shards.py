@@ -30,7 +30,7 @@ import webdataset as wds
 from webdataset.writer import make_encoder
 
 from pipeline.common.atomic import atomic_open, write_json
-from pipeline.common.storage import RemotePath, as_path
+from pipeline.common.storage import RemotePath, as_path, local_file
 
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker
 ENCODING_VERSION = 1
@@ -57,7 +57,8 @@ class _Hashing:
     Writes are gathered up to :attr:`CHUNK` bytes and then hashed and written at once: the tar writer hands
     over a few kilobytes at a time, and each hash update and file write of that size lets go of the
     interpreter lock and must take it back, which the writing thread waits for behind the decode and encode
-    threads (on 2 busy cores, 1.1–1.3 s of a 2-second shard of 1024 images went to writing it that way)."""
+    threads (on 2 busy cores, labelling 1024 images in about 2 s spent 1.1–1.3 s writing their tars that way,
+    0.4–0.5 s gathered)."""
 
     CHUNK = 1 << 20
 
@@ -157,17 +158,6 @@ def digest(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def local_file(path) -> Iterator[Path]:
-    """``path`` as a local file (a remote one downloaded for the duration)."""
-    path = as_path(path)
-    if isinstance(path, RemotePath):
-        with path.local_copy() as local:
-            yield local
-    else:
-        yield path
 
 
 def tar_samples(path: str | Path) -> Iterator[dict]:

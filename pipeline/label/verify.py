@@ -15,8 +15,8 @@ import numpy as np
 from pipeline.common import images
 from pipeline.common.errors import error_message
 from pipeline.common.tables import table
-from pipeline.common.storage import as_path
-from pipeline.label.shards import MARKER_FORMAT, local_file, marker_path, planned_keys, tar_path, tar_samples
+from pipeline.common.storage import as_path, local_file
+from pipeline.label.shards import MARKER_FORMAT, marker_path, planned_keys, tar_path, tar_samples
 from teachers.weights import file_digest
 
 #: the settings every marker of one folder (and its labels.json) must agree on

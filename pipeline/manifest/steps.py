@@ -21,9 +21,8 @@ from typing import Callable, Iterator, Mapping
 
 from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
-from pipeline.label.shards import verify_dataset
-from pipeline.train.checkpoints import LATEST, CheckpointError, latest_record
-from teachers.weights import file_digest
+from pipeline.label.shards import digest, verify_dataset
+from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record
 
 
 @dataclass(frozen=True)
@@ -64,12 +63,6 @@ def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
     return as_path(params["out"]) / str(params["teacher"]) / name
 
 
-def _latest(run: Path | RemotePath) -> Path | RemotePath | None:
-    """The checkpoint a run folder's ``latest.json`` names (local or on object storage), or None."""
-    record = latest_record(run / "checkpoints")
-    return None if record is None else run / "checkpoints" / record["checkpoint"]
-
-
 def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
     """A run folder is complete when its latest checkpoint is the last epoch of the settings it recorded."""
     try:
@@ -82,7 +75,7 @@ def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
     epoch, epochs = record["epoch"], json.loads(config.read_text())["epochs"]
     if epoch + 1 < epochs:
         return f"{epoch + 1} of {epochs} epochs trained"
-    if not _latest(run).is_file():
+    if not latest(run / "checkpoints").is_file():
         return f"checkpoint named by {run / 'checkpoints' / LATEST} is missing"
     return ""
 
@@ -104,24 +97,13 @@ def _digest_label(folder: Path) -> str:
     return "labels:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path | RemotePath) -> str:
-    """A file's sha256, local or on object storage (read as a stream)."""
-    if not isinstance(path, RemotePath):
-        return file_digest(path)
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _digest_train(run: Path | RemotePath) -> str:
     """A run folder's latest checkpoint."""
-    return "checkpoint:" + _sha256(_latest(run))
+    return "checkpoint:" + digest(latest(run / "checkpoints"))
 
 
 def _digest_file(path: Path | RemotePath) -> str:
-    return "sha256:" + _sha256(path)
+    return "sha256:" + digest(path)
 
 
 def _digest_tree(path: Path | RemotePath) -> str:
@@ -130,7 +112,7 @@ def _digest_tree(path: Path | RemotePath) -> str:
         return _digest_file(path)
     h = hashlib.sha256()
     for rel, p in _tree(path):
-        h.update(rel.encode() + b"\0" + _sha256(p).encode() + b"\0")
+        h.update(rel.encode() + b"\0" + digest(p).encode() + b"\0")
     return "tree:" + h.hexdigest()
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.common.atomic import atomic_open, write_json
-from pipeline.common.storage import as_path, is_url
+from pipeline.common.storage import as_path, is_url, local_file
 from pipeline.train.config import TrainError
 from students import Student, build_student
 from teachers.weights import WeightsError, load_state_dict, load_strict
@@ -142,9 +142,8 @@ def read_weights(path) -> dict:
     (its errors name the URL)."""
     if not is_url(path):
         return load_state_dict(path)
-    path = as_path(path)
     try:
-        with path.local_copy() as tmp:
+        with local_file(path) as tmp:
             try:
                 return load_state_dict(tmp)
             except WeightsError as e:

@@ -32,9 +32,8 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
-from pipeline.common.storage import as_path, is_url
+from pipeline.common.storage import as_path
 from pipeline.label.shards import digest, marker_path, tar_path, verify_shard
-from teachers.weights import file_digest
 
 #: URL schemes whose tars webdataset opens through fsspec rather than its own way (``gs``: gsutil), as every
 #: other scheme fsspec knows and webdataset does not; set at import, so DataLoader workers have it too
@@ -149,7 +148,7 @@ def verify_shards(shards: Mapping[str, tuple[str, int]], threads: int = 4) -> No
 
 def _digest_or_none(path: str) -> str | None:
     try:
-        return digest(path) if is_url(path) else file_digest(path)
+        return digest(path)  # local or on object storage
     except OSError:
         return None
 
