@@ -380,6 +380,11 @@ BAD = {
                   "      weights: 'https://example.org/w.pth'}\n", 2,
                   "step 'a': s3://b/c is a URL: `pipeline label` reads --coco-root from a local or shared-filesystem "
                   "path only (URLs are taken by --out)"),
+    "url_input_named_by_flag": ("steps:\n  t:\n    run: train\n"
+                                "    with: {labels: l, teacher_weights: 's3://b/w.pt'}\n", 2,
+                                "step 't': s3://b/w.pt is a URL: `pipeline train` reads --teacher-weights from a "
+                                "local or shared-filesystem path only (URLs are taken by --init, --labels, --run, "
+                                "--val-labels)"),
 }
 
 

@@ -82,7 +82,7 @@ CODE_VERSION: str | None = None
 #: a URL (``s3://…``; ``s3:/…`` once a path option has normalised it), not a local path (an ``http(s)://`` one,
 #: weights to download, is not refused)
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-URL_STEP = ("step {!r}: {} is a URL: `pipeline {}` reads --{} from a local or shared-filesystem path only (URLs are "
+URL_STEP = ("step {!r}: {} is a URL: `pipeline {}` reads {} from a local or shared-filesystem path only (URLs are "
             "taken by {})")
 
 
@@ -747,14 +747,16 @@ class _Loader:
                         if p.name in ctx.params and (spec is None or (
                             p.name not in spec.volatile
                             and not (p.name in spec.added and ctx.params[p.name] == spec.added[p.name])))}
-            urls = [(k, v) for k, v in ctx.params.items() if isinstance(v, (str, Path)) and _URL_RE.match(str(v))
-                    and not str(v).lower().startswith(("http:", "https:"))  # weights may be downloaded
-                    and (spec is None or k not in spec.urls)]
+            flag = {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option)}
+            urls = [(k, v) for k, value in ctx.params.items() if spec is None or k not in spec.urls
+                    for v in (value if isinstance(value, (tuple, list)) else (value,))
+                    if isinstance(v, (str, Path)) and _URL_RE.match(str(v))
+                    and not str(v).lower().startswith(("http:", "https:"))]  # weights may be downloaded
             if urls:
                 k, v = urls[0]
-                takes = ", ".join(f"--{u.replace('_', '-')}" for u in sorted(spec.urls)) if spec else "no option"
+                takes = ", ".join(sorted(flag[u] for u in spec.urls)) if spec else "no option"
                 self.error(doc.at("steps", name), URL_STEP.format(name, _url(str(v)), command_name,
-                                                                          k.replace("_", "-"), takes))
+                                                                  flag.get(k, k), takes))
                 return None
             output = None
             if spec is not None and spec.output is not None:
