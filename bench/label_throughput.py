@@ -41,6 +41,7 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -137,9 +138,11 @@ def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict,
 
 def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans, barrier, results):
     """One of ``--processes`` workers (a spawned process, as a Ray actor is): its own teacher and labeler,
-    a warm-up shard, then, once every process is warm, its share of the shards."""
-    labeler = ShardLabeler(config, make_teacher(teacher, weights, teacher_size))
+    a warm-up shard, then, once every process is warm, its share of the shards. A failure is sent to the
+    parent (and breaks the barrier), so that it stops at once instead of waiting for this process."""
+    labeler = None
     try:
+        labeler = ShardLabeler(config, make_teacher(teacher, weights, teacher_size))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "warm-up").mkdir(exist_ok=True)
         labeler.label_shard(plan_shards(list(plans[0].records[: config.batch_size]), config.batch_size)[0],
@@ -149,8 +152,12 @@ def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folde
         markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
                    for i, p in enumerate(plans)]
         results.put(([m["timings"] for m in markers], cpu_seconds() - c0))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        barrier.abort()
+        results.put(f"{type(e).__name__}: {e}")
     finally:
-        labeler.close()
+        if labeler is not None:
+            labeler.close()
 
 
 def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans,
@@ -170,10 +177,16 @@ def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, fold
     for p in procs:
         p.start()
     try:
-        barrier.wait(timeout=600)
+        try:
+            barrier.wait(timeout=600)
+        except threading.BrokenBarrierError:
+            raise SystemExit(f"a worker process failed: {results.get(timeout=60)}") from None
         t0 = time.perf_counter()
         done = [results.get(timeout=600) for _ in procs]
         wall = time.perf_counter() - t0
+        failed = [d for d in done if isinstance(d, str)]
+        if failed:
+            raise SystemExit(f"a worker process failed: {failed[0]}")
     finally:
         for p in procs:
             p.join(timeout=60)
