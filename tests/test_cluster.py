@@ -32,7 +32,7 @@ SAMPLES = ROOT / "samples" / "coco"
 RAY = Path(sys.executable).with_name("ray")
 LABEL = ["label", "coco", "--teacher", "classic", "--coco-root", str(SAMPLES), "--shard-size", "4",
          "--io-threads", "2", "--image-size", "64x96", "--no-progress"]
-TRAIN = ["train", "--ray-workers", "2", "--epochs", "1", "--batch-size", "2", "--backbone-weights", "none",
+TRAIN = ["train", "--ray-workers", "2", "--epochs", "2", "--batch-size", "2", "--backbone-weights", "none",
          "--workers", "0", "--shuffle-buffer", "0", "--no-progress"]
 
 needs_ray = pytest.mark.skipif(not RAY.is_file(), reason="the `ray` command is not installed next to Python")
@@ -174,7 +174,9 @@ def test_a_cluster_labels_and_trains_as_local_runs_do_and_its_killed_head_leaves
         head, labels, s3_server, tmp_path):
     """`label --address` writes to S3 the shards a local run writes (sha256) and `train --ray-workers 2 --address`
     puts in an S3 run folder the weights a local Ray Train run gets, with credentials only the command had; a
-    missing or a wrong token is one `Error:` line. Then the head is SIGKILLed: its address is one `Error:` line,
+    missing or a wrong token is one `Error:` line. The local Ray Train run (TorchTrainer, 2 CPU workers, Gloo) is
+    data parallel: each worker reads its own shards, both take as many steps as the worker with the fewest full
+    batches, and worker 0 writes the usual run folder. Then the head is SIGKILLed: its address is one `Error:` line,
     and a local Ray run after it (`label`, the cheapest) starts its own Ray although this machine's recorded
     cluster is that dead head, prints no Ray notice, labels as before and leaves no session folder behind.
     (One head for all of it, and the commands of each phase at once, so that Ray's start-up waits overlap.)"""
@@ -196,6 +198,13 @@ def test_a_cluster_labels_and_trains_as_local_runs_do_and_its_killed_head_leaves
     assert code == 0, out + err
     assert ccode == 0, cout + cerr
     assert tcode == 0, tout + terr
+    local_run = tmp_path / "run-local"  # 12 photos in shards of 4: 2 for training, one per worker, 4 images each
+    assert [line.split(",")[:3] for line in (local_run / "losses.csv").read_text().splitlines()] == [
+        ["epoch", "step", "global_step"], ["0", "0", "1"], ["0", "1", "2"], ["1", "0", "3"], ["1", "1", "4"]]
+    assert [line.split(",")[8] for line in (local_run / "metrics.csv").read_text().splitlines()] == [
+        "images", "8", "8"]  # both workers' images, in each of the 2 epochs
+    assert json.loads((local_run / "checkpoints" / "latest.json").read_text())["epoch"] == 1
+    assert "img/s" in tout and (local_run / "curves.png").is_file()
 
     head.kill()  # SIGKILL, every process of the head
     head.proc.wait()

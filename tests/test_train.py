@@ -245,23 +245,6 @@ def test_labels_that_are_not_finished_or_of_the_wrong_size_are_refused(labels, t
     assert r.exit_code == 1 and "one teacher and one size per run" in r.output
 
 
-def test_data_parallel_on_two_ray_train_workers(small_labels, tmp_path):
-    """Ray Train's TorchTrainer, 2 CPU workers (Gloo): each reads its own shards, both take as many steps as
-    the worker with the fewest full batches, and worker 0 writes the usual run folder."""
-    run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "pipeline", "train", "--labels", str(small_labels), "--run", str(run),
-                           "--ray-workers", "2", "--epochs", "2", "--batch-size", "2", "--backbone-weights", "none",
-                           "--workers", "0", "--shuffle-buffer", "0", "--no-progress"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
-    assert done.returncode == 0, done.stdout + done.stderr
-    # 12 photos in shards of 4: 2 for training, one per worker, 4 images each -> 2 steps per epoch
-    assert [r[:3] for r in rows(run / "losses.csv", 3)] == [
-        ["epoch", "step", "global_step"], ["0", "0", "1"], ["0", "1", "2"], ["1", "0", "3"], ["1", "1", "4"]]
-    assert [r[8] for r in rows(run / "metrics.csv", 9)] == ["images", "8", "8"]  # both workers' images
-    assert json.loads((run / "checkpoints" / "latest.json").read_text())["epoch"] == 1
-    assert "img/s" in done.stdout and (run / "curves.png").is_file()
-
-
 def test_ray_workers_take_gpus_only_when_there_is_one_each_and_cuda_is_refused_without_them():
     from pipeline.train.ray_train import use_gpus
 
