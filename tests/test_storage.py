@@ -451,3 +451,52 @@ def test_file_urls_name_absolute_local_paths(s3_run, labelled, tmp_path, one_tor
     r = CliRunner().invoke(cli, ["eval", "--labels", str(labelled), "--checkpoint", f"file://{tmp_path}/none"])
     assert r.exit_code == 2 and r.output.splitlines()[-1] == \
         f"Error: Invalid value for '--checkpoint': file://{tmp_path}/none does not exist", r.output
+
+
+def test_a_manifests_inputs_on_object_storage_are_checked_by_what_the_store_lists(s3, labelled, tmp_path,
+                                                                                   monkeypatch):
+    """`inputs: [s3://…]`: an object or a prefix, fingerprinted from its listing (sizes, ETags), nothing
+    downloaded; new content of the same size re-runs the step, a missing one is "input missing", and a store
+    that cannot be asked is one manifest line."""
+    from pipeline.manifest.format import ManifestError, load_manifest
+    from pipeline.manifest.plan import plan, record
+
+    s3.pipe_file("labels/inputs/init/weights.pt", b"first")
+    s3.put_file(str(labelled / "labels.json"), "labels/inputs/labels/labels.json")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"""\
+workdir: {tmp_path / 'w'}
+steps:
+  labels:
+    run: label
+    with: {{source: coco, teacher: classic, coco_root: {SAMPLES}}}
+    inputs: ["s3://labels/inputs/init/weights.pt", "s3://labels/inputs/labels"]
+""")
+    m = load_manifest(manifest, group=cli)
+    inputs = m.steps["labels"].inputs
+    assert list(inputs) == ["s3://labels/inputs/init/weights.pt", "s3://labels/inputs/labels"]
+    assert all(d.startswith("objects:") for d in inputs.values())
+    done = {"steps": {"labels": record(m, "labels", status="done")}}
+    assert plan(load_manifest(manifest, group=cli), done, {}) == [("labels", "skip", "up to date")]
+
+    s3.pipe_file("labels/inputs/init/weights.pt", b"other")  # same size, new content: a new ETag
+    assert plan(load_manifest(manifest, group=cli), done, {}) == [
+        ("labels", "run", "input changed: s3://labels/inputs/init/weights.pt")]
+    s3.pipe_file("labels/inputs/labels/extra.json", b"{}")  # an object more under the prefix
+    s3.pipe_file("labels/inputs/init/weights.pt", b"first")
+    assert plan(load_manifest(manifest, group=cli), done, {}) == [
+        ("labels", "run", "input changed: s3://labels/inputs/labels")]
+    s3.rm("labels/inputs/labels", recursive=True)
+    assert plan(load_manifest(manifest, group=cli), done, {})[0][2] == "input missing: s3://labels/inputs/labels"
+
+    manifest.write_text(manifest.read_text().replace("s3://labels/inputs/labels", "s3://no-such-bucket/x"))
+    assert plan(load_manifest(manifest, group=cli), done, {})[0][2] == "input missing: s3://no-such-bucket/x"
+
+    import importlib
+
+    monkeypatch.delitem(importlib.import_module("fsspec.registry")._registry, "s3", raising=False)
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed
+    with pytest.raises(ManifestError) as e:
+        load_manifest(manifest, group=cli)
+    assert str(e.value) == (f"{manifest}:6: step 'labels': input s3://labels/inputs/init/weights.pt: s3:// paths "
+                            "need the s3fs package: pip install 'saliency-pipeline[s3]' (or pip install s3fs)")

@@ -23,7 +23,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterable, Iterator
+from typing import IO, Iterable, Iterator, Mapping
 
 #: the package each protocol needs, and the extra of this project that installs it
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
@@ -71,6 +71,20 @@ def as_path(path) -> "Path | RemotePath":
         return path
     text = os.fspath(path) if not isinstance(path, str) else path
     return RemotePath.parse(text) if "://" in text else Path(text)
+
+
+#: what object stores report about an object's content, most specific first (S3, GCS, Azure, others)
+CONTENT_TAGS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "checksum")
+MODIFIED = ("LastModified", "last_modified", "updated", "mtime", "modified", "created")
+
+
+def content_tag(info: Mapping) -> str:
+    """An object's checksum as its store reports it (``ETag=…``), else its modification time; "" if neither."""
+    for key in (*CONTENT_TAGS, *MODIFIED):
+        value = info.get(key)
+        if value not in (None, ""):
+            return f"{key}={str(value).strip(chr(34))}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,23 @@ class RemotePath:
         except FileNotFoundError:
             return []
         return sorted(p for p in (RemotePath.of(self.protocol, k) for k in found) if p != self)
+
+    def listing(self) -> list[tuple[str, int, str]] | None:
+        """What the store says of this object, or of every object under this prefix, without reading them:
+        ``(relative name, size, content tag)`` sorted (the name is ``""`` for an object); None when nothing is
+        there. The tag is the store's checksum (S3's ETag, GCS's md5 or crc32c), else its modification time."""
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(self.key, detail=True)
+        except FileNotFoundError:
+            return None
+        base = PurePosixPath(self.key.rstrip("/"))
+        rows = []
+        for key, info in found.items():
+            rel = "" if PurePosixPath(key) == base else str(PurePosixPath(key).relative_to(base))
+            rows.append((rel, int(info.get("size") or 0), content_tag(info)))
+        return sorted(rows) or None
 
     def relative_to(self, other: "RemotePath") -> str:
         return str(PurePosixPath(self.key).relative_to(other.key))

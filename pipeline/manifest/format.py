@@ -10,8 +10,8 @@ path is relative to the current directory of ``pipeline run``, not to the manife
 
 A step's own fingerprint (:attr:`Step.own_fingerprint`) is the sha256 of: its command, its validated
 settings (every parameter of the command with defaults filled in, less the command's volatile options and
-options added later while they keep the earlier behaviour, see :mod:`pipeline.manifest.steps`), the sha256
-of its declared ``inputs``, and the code version (:func:`code_version`: a digest of the source files the
+options added later while they keep the earlier behaviour, see :mod:`pipeline.manifest.steps`), the digest
+of each declared input (:func:`input_digest`), and the code version (:func:`code_version`: a digest of the source files the
 step's command runs). Its fingerprint adds the digests of what the steps it needs produced, as the state
 file records them, so it is made by :func:`pipeline.manifest.plan.fingerprint_of` from the state, not here.
 
@@ -36,7 +36,7 @@ import yaml
 
 import pipeline
 from pipeline import __version__
-from pipeline.common.storage import RemotePath, as_path
+from pipeline.common.storage import LOCAL_PROTOCOLS, RemotePath, StorageError, as_path, is_url
 from pipeline.manifest.steps import COMMANDS
 
 TOP_KEYS = ("workdir", "vars", "steps")
@@ -218,8 +218,24 @@ def _jsonable(value: object) -> object:
 
 
 def input_digest(path: str | Path) -> str | None:
-    """``sha256:<hex>`` of a file; for a folder a digest of its listing (names, sizes, mtimes); None if missing."""
-    path = Path(path)
+    """``sha256:<hex>`` of a file; for a folder a digest of its listing (names, sizes, mtimes); None if missing.
+    For a URL (``s3://…``) a digest of what the store lists for the object, or for every object under the
+    prefix (names, sizes, ETags or checksums): nothing is downloaded. Raises StorageError (one sentence) when
+    the store cannot be asked."""
+    where = as_path(path)
+    if isinstance(where, RemotePath) and where.protocol in LOCAL_PROTOCOLS:
+        where = Path(where.key)  # file:///data/x is /data/x
+    if isinstance(where, RemotePath):
+        try:
+            listing = where.listing()
+        except StorageError:
+            raise
+        except Exception as e:  # credentials, permissions, the network: what the store said, in one line
+            raise StorageError(f"{type(e).__name__}: {e}".splitlines()[0]) from None
+        if listing is None:
+            return None
+        return "objects:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    path = where
     if path.is_file():
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -767,8 +783,15 @@ class _Loader:
                     return None
         if any(u not in steps for u in needs):  # needs a broken step: no fingerprint
             return None
-        digests = {p: self.digests[p] if p in self.digests else self.digests.setdefault(p, self.digest(Path(p)))
-                   for p in inputs}
+        digests = {}
+        for i, p in enumerate(inputs):
+            if p not in self.digests:
+                try:
+                    self.digests[p] = self.digest(p if is_url(p) else Path(p))
+                except StorageError as e:
+                    self.error(doc.at("steps", name, "inputs", i), f"step {name!r}: input {p}: {e}")
+                    return None
+            digests[p] = self.digests[p]
         res = Resources(**{**Resources().__dict__, **d["resources"]})
         code = code_version()
         return Step(name=name, command=command_name, args=tuple(args), settings=settings, needs=tuple(needs),
