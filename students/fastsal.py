@@ -42,8 +42,6 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import mobilenet_v2
-from torchvision.models.mobilenetv2 import InvertedResidual, MobileNet_V2_Weights
 
 from students.base import Student
 from students.weights import load_student_weights, torchvision_backbone
@@ -55,8 +53,15 @@ LEVEL_TAPS = ((1, 2, 3), (4, 5, 6), tuple(range(7, 14)), tuple(range(14, 19)))
 LEVEL_CHANNELS = (28, 24, 136, 520)
 #: the encoder's stride: input height and width must be multiples of it
 STRIDE = 32
-#: the torchvision ImageNet weights the authors started from (``mobilenet_v2(pretrained=True)``)
-BACKBONE_WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V1
+
+
+def backbone_weights():
+    """The torchvision ImageNet weights the authors started from (``mobilenet_v2(pretrained=True)``).
+    torchvision is imported here and in the builders, not with this module: the CLI lists students on every
+    start, and torchvision's import takes a second."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    return MobileNet_V2_Weights.IMAGENET1K_V1
 
 
 class Encoder(nn.Module):
@@ -64,6 +69,8 @@ class Encoder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        from torchvision.models import mobilenet_v2
+
         self.features = mobilenet_v2().features
         self.shuffle = nn.PixelShuffle(2)
 
@@ -96,6 +103,8 @@ class ModifiedInvertedResidual(nn.Module):
 
     def __init__(self, channels: int, expansion: int = 2) -> None:
         super().__init__()
+        from torchvision.models.mobilenetv2 import InvertedResidual
+
         self.inv = InvertedResidual(channels, channels, stride=1, expand_ratio=expansion)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,9 +122,12 @@ class FastSal(Student):
     variant = ""
     stride = STRIDE
     backbone_prefix = "encoder."
-    backbone_url = BACKBONE_WEIGHTS.url
     #: adaptation widths (also the hint targets' channels for FastSal C)
     widths: tuple[int, ...] = ()
+
+    @classmethod
+    def imagenet_url(cls, **options) -> str | None:
+        return backbone_weights().url
 
     def __init__(self) -> None:
         super().__init__()
@@ -217,7 +229,7 @@ def load_backbone(encoder: Encoder, spec: str) -> None:
     """
     if spec == "none":
         return
-    path = torchvision_backbone(BACKBONE_WEIGHTS) if spec == "imagenet" else resolve(spec)
+    path = torchvision_backbone(backbone_weights()) if spec == "imagenet" else resolve(spec)
     sd = load_state_dict(path)
     features = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
     if not features:

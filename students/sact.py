@@ -44,28 +44,34 @@ convolution gives one logit, bilinearly up-sampled to the input size.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet50_Weights, ResNet101_Weights, resnet50, resnet101
-from torchvision.models.resnet import Bottleneck
 
 from students.base import Student, TrainOutput
 from students.registry import StudentOption, register
 from students.weights import load_student_weights, torchvision_backbone
 from teachers.weights import WeightsError, load_state_dict, load_strict, resolve
 
+if TYPE_CHECKING:
+    from torchvision.models.resnet import Bottleneck
+
 #: ε of the halting rule: a position halts at the first unit where its cumulative score reaches 1 − ε
 EPSILON = 0.01
 #: initial bias of every halting score (σ(−3) ≈ 0.047: all units run at first)
 HALTING_BIAS = -3.0
-#: depth → (torchvision builder, its ImageNet weights, units per block)
-DEPTHS = {
-    50: (resnet50, ResNet50_Weights.IMAGENET1K_V1, (3, 4, 6, 3)),
-    101: (resnet101, ResNet101_Weights.IMAGENET1K_V1, (3, 4, 23, 3)),
-}
+#: depth → units per block of torchvision's ``resnet<depth>``
+DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def imagenet_weights(depth: int):
+    """torchvision's ImageNet weights of ``resnet<depth>`` (torchvision is imported here and in the trunk, not
+    with this module: the CLI lists students on every start, and torchvision's import takes a second)."""
+    from torchvision import models
+
+    return getattr(models, f"ResNet{depth}_Weights").IMAGENET1K_V1
 BLOCK_CHANNELS = (256, 512, 1024, 2048)
 DECODER_WIDTH = 64
 STRIDE = 32
@@ -339,7 +345,9 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, depth: int) -> None:
         super().__init__()
-        r = DEPTHS[depth][0]()
+        from torchvision import models
+
+        r = getattr(models, f"resnet{depth}")()
         self.conv1, self.bn1, self.relu, self.maxpool = r.conv1, r.bn1, r.relu, r.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
 
@@ -368,7 +376,7 @@ class SACT(Student):
 
     @classmethod
     def imagenet_url(cls, **options) -> str | None:
-        return DEPTHS[int(options.get("depth", 50))][1].url
+        return imagenet_weights(int(options.get("depth", 50))).url
 
     def __init__(self, depth: int = 50, tile: int = 1, tau: float = 0.005) -> None:
         super().__init__()
@@ -383,7 +391,7 @@ class SACT(Student):
         self.depth, self.tile, self.tau = depth, tile, float(tau)
         self.resnet = ResNetTrunk(depth)
         self.blocks = nn.ModuleList(AdaptiveBlock(c, n, spatial=self.spatial, tile=tile)
-                                    for c, n in zip(BLOCK_CHANNELS, DEPTHS[depth][2]))
+                                    for c, n in zip(BLOCK_CHANNELS, DEPTHS[depth]))
         self.lateral = nn.ModuleList(nn.Conv2d(c, DECODER_WIDTH, 1) for c in BLOCK_CHANNELS)
         self.head = nn.Conv2d(DECODER_WIDTH, 1, 3, padding=1)
         for m in (*self.lateral, self.head):  # first logits near 0 whatever the backbone's scale
@@ -488,7 +496,7 @@ def load_backbone(trunk: ResNetTrunk, depth: int, spec: str) -> None:
     ``resnet50``/``resnet101`` state dict (its ``fc.*`` classifier is ignored; the rest loads strictly)."""
     if spec == "none":
         return
-    path = torchvision_backbone(DEPTHS[depth][1]) if spec == "imagenet" else resolve(spec)
+    path = torchvision_backbone(imagenet_weights(depth)) if spec == "imagenet" else resolve(spec)
     sd = load_state_dict(path)
     if not any(k.startswith("layer1.") for k in sd):
         raise WeightsError(f"{path}: no 'layer1.*' keys: not a torchvision resnet{depth} state dict")

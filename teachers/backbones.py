@@ -24,7 +24,6 @@ import math
 from collections import OrderedDict
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
@@ -59,15 +58,21 @@ class Normalizer(nn.Module):
 
 def shapenet_c() -> nn.Sequential:
     """ResNet-50 as ``Sequential(Normalizer, Sequential(module=resnet50))``."""
+    import torchvision  # here, not at import: it takes a second (the CLI imports this module)
+
     resnet = torchvision.models.resnet50(weights=None)
     return nn.Sequential(Normalizer(), nn.Sequential(OrderedDict([("module", resnet)])))
 
 
 def densenet201() -> nn.Sequential:
+    import torchvision
+
     return nn.Sequential(Normalizer(), torchvision.models.densenet201(weights=None))
 
 
 def resnext50() -> nn.Sequential:
+    import torchvision
+
     return nn.Sequential(Normalizer(), torchvision.models.resnext50_32x4d(weights=None))
 
 

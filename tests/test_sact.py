@@ -15,7 +15,7 @@ from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck
 
 from students import build_student, student_info
-from students.sact import ACT, DEPTHS, EPSILON, SACT, AdaptiveBlock, HaltingScore, act, sact
+from students.sact import ACT, DEPTHS, EPSILON, SACT, AdaptiveBlock, HaltingScore, act, imagenet_weights, sact
 from teachers.weights import WeightsError
 
 
@@ -308,7 +308,7 @@ def test_fresh_halting_bias_runs_every_unit(fresh):
     finally:
         for h in hooks:
             h.remove()
-    assert [s.units for s in fresh.block_stats] == list(DEPTHS[50][2])
+    assert [s.units for s in fresh.block_stats] == list(DEPTHS[50])
     assert all(float(h.min()) > 0.03 and float(h.max()) < 0.07 for h in scores.values())
     for k, (block, stats) in enumerate(zip(fresh.blocks, fresh.block_stats)):
         L = block.num_units
@@ -374,8 +374,8 @@ def test_imagenet_backbone_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(WeightsError) as e:
         sact()
-    assert DEPTHS[50][1].url in str(e.value)
-    assert str(tmp_path / "hub" / "checkpoints" / DEPTHS[50][1].url.rsplit("/", 1)[1]) in str(e.value)
+    assert imagenet_weights(50).url in str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / imagenet_weights(50).url.rsplit("/", 1)[1]) in str(e.value)
 
 
 def test_whole_student_checkpoint_round_trip(tmp_path, models):

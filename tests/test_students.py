@@ -12,7 +12,7 @@ from torchvision.models import mobilenet_v2
 from torchvision.models.mobilenetv2 import InvertedResidual
 
 from students import FastSalA, FastSalC, fastsal_a, fastsal_c, normalize, student_info
-from students.fastsal import BACKBONE_WEIGHTS, from_authors_keys
+from students.fastsal import backbone_weights, from_authors_keys
 from students.losses import density_teacher_loss, hint_loss, map_teacher_loss, minmax
 from teachers.weights import WeightsError
 
@@ -161,7 +161,7 @@ def test_imagenet_backbone_offline_and_uncached_is_one_clear_error(empty_hub):
     with pytest.raises(WeightsError) as e:
         fastsal_a(backbone_weights="imagenet")
     msg = str(e.value)
-    assert BACKBONE_WEIGHTS.url in msg and str(empty_hub / "mobilenet_v2-b0353104.pth") in msg
+    assert backbone_weights().url in msg and str(empty_hub / "mobilenet_v2-b0353104.pth") in msg
 
 
 def test_the_authors_weights_by_name_offline_say_where_to_get_them(empty_hub):

@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 
 #: smallest side we label: below this a saliency map says nothing
 MIN_SIDE = 8
@@ -122,6 +121,7 @@ def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor 
     """JPEGs → RGB uint8 ``[3, H, W]`` tensors on ``device`` (nvJPEG on a GPU, one batched call), EXIF
     orientation ignored as in :func:`decode_image`; None for an image the device cannot decode (or too
     small), which the caller decodes on the CPU instead."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # here: torchvision's import takes a second
     tensors = [_as_tensor(d) for d in datas]
     try:
         decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
