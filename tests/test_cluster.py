@@ -205,6 +205,8 @@ def test_a_cluster_labels_and_trains_as_local_runs_do_and_its_killed_head_leaves
         "images", "8", "8"]  # both workers' images, in each of the 2 epochs
     assert json.loads((local_run / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     assert "img/s" in tout and (local_run / "curves.png").is_file()
+    for text in (terr, cerr):  # worker 0's lines once (Ray Train's print patch would echo each twice)
+        assert text.count("backbone: none") == 1, text
 
     head.kill()  # SIGKILL, every process of the head
     head.proc.wait()

@@ -28,6 +28,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 AUTH_MODE = "RAY_AUTH_MODE"
 TOKEN_HINT = ("set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on the head prints it) or "
@@ -219,11 +220,12 @@ def _forward_only(actors: tuple[str, ...]) -> None:
 
 @contextlib.contextmanager
 def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
-            object_store_memory: int = LOCAL_OBJECT_STORE):
+            object_store_memory: int = LOCAL_OBJECT_STORE, worker_env: Mapping[str, str] | None = None):
     """Ray for the duration of the ``with`` block: the cluster at ``address`` (None: ``$RAY_ADDRESS``), or an
     embedded local Ray (empty). Yields the address connected to (``"local"`` for the embedded one).
 
     ``show``: the actor class names whose output reaches this terminal (None: every worker's, Ray's default).
+    ``worker_env``: variables set in the job's workers (with those :func:`forwarded_env` forwards to a cluster).
     """
     import ray
 
@@ -236,6 +238,8 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
     quiet = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "1"}
     options = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
                    logging_level=logging.ERROR)
+    if worker_env:
+        options["runtime_env"] = {"env_vars": dict(worker_env)}
     if address is None:
         root = temp_root()
         prune_temp(root)
@@ -262,7 +266,7 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
     with _env(**quiet):
         if "://" not in address and address != "auto":  # Ray Client, or Ray's own search: their own errors
             check_cluster(address)
-        forward = forwarded_env(os.environ)
+        forward = {**forwarded_env(os.environ), **(worker_env or {})}
         if forward:
             options["runtime_env"] = {"env_vars": forward}
         try:

@@ -25,6 +25,11 @@ from pipeline.train.logs import read_metrics
 from pipeline.train.loop import Trainer, lock_run, train
 
 
+#: Ray Train (2.60) patches ``print`` in its workers to also log each line; with the worker's stderr
+#: redirected, as Ray's workers have it, every line then reached the terminal twice
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def _worker(loop_config: dict) -> None:
     """One Ray Train worker: the ordinary training loop on this worker's device."""
     import ray.train.torch
@@ -99,7 +104,7 @@ def _fit(config: TrainConfig, run, *, workers: int, address: str | None, restart
     run.mkdir(parents=True, exist_ok=True)
     before = 0 if restart else _finished_epochs(run)
     try:
-        with connect(address, show=("RayTrainWorker",)):
+        with connect(address, show=("RayTrainWorker",), worker_env=WORKER_ENV):
             if is_url(config.run):  # Ray Train's own files stay on this machine, not in the bucket
                 with tempfile.TemporaryDirectory(prefix="pipeline-ray-train-") as own:
                     _fit_on_ray(config, workers, restart, progress, Path(own))
