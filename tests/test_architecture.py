@@ -82,3 +82,15 @@ def test_each_stage_imports_only_stages_below_it():
     assert not bad, bad
     subpackages = {p.parent.name for p in (ROOT / "pipeline").glob("*/__init__.py")}
     assert subpackages == set(STAGES)  # every subpackage has its place in the tower
+
+
+def test_the_cli_starts_without_importing_torchvision():
+    """Every `pipeline` command loads the CLI, which lists the teachers and students; torchvision (a second
+    to import, most of it torch._dynamo) is imported where a network is built, not to list them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.cli.main, teachers, students; teachers.available(); students.available(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
