@@ -683,7 +683,7 @@ def test_a_resume_with_another_precision_or_label_version_refuses_to_mix(coco_tr
     ("cuda:1", "ray", None, 0, ("cpu", "cpu", 3, {"num_cpus": 2})),
 ])
 def test_workers_are_placed_one_per_gpu_each_handed_its_own_device(device, executor, gpus, cluster_gpus, want):
-    from pipeline.label.driver import place_workers
+    from pipeline.label.executors import place_workers
 
     where = place_workers(device, executor=executor, gpus=gpus, cpu_workers=3, io_threads=4, shards=10,
                           cluster_gpus=cluster_gpus, cluster_cpus=32, cuda_available=False)
@@ -692,7 +692,7 @@ def test_workers_are_placed_one_per_gpu_each_handed_its_own_device(device, execu
 
 
 def test_worker_placement_fits_the_cluster_and_the_work():
-    from pipeline.label.driver import place_workers
+    from pipeline.label.executors import place_workers
 
     assert place_workers("auto", executor="local", cuda_available=True).device_type == "cuda"
     few_cpus = place_workers("auto", executor="ray", io_threads=16, cluster_gpus=2, cluster_cpus=6)

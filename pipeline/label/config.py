@@ -20,6 +20,10 @@ from teachers.registry import teacher_identity
 LABEL_TOLERANCE: dict[str, dict | None] = {"fp32": None, "bf16": {"vs_fp32_cc_min": 0.999}}
 
 
+class LabelError(Exception):
+    """The run cannot start (bad output folder, conflicting earlier labels, workers that cannot start…)."""
+
+
 @dataclass(frozen=True)
 class LabelConfig:
     teacher: str

@@ -2,7 +2,8 @@
 
 The unit of work, retry and resume is the shard. One Ray actor per GPU (``workers_per_gpu`` of them
 sharing it, or ``cpu_workers`` CPU actors when the cluster has no GPU) keeps its teacher loaded; the driver
-hands out shards. The driver itself never builds a teacher: it resolves and hashes the weights (a missing file fails the run before
+hands out shards (:mod:`pipeline.label.executors`: where the workers go, and the two ways of running them). The
+driver itself never builds a teacher: it resolves and hashes the weights (a missing file fails the run before
 any work) and knows the settings every shard records from them (:func:`pipeline.label.config.planned_identity`).
 """
 
@@ -12,7 +13,6 @@ import contextlib
 import fcntl
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -22,22 +22,18 @@ from pathlib import Path
 import torch
 
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
-from pipeline.common.devices import resolve_device, use_autocast
-from pipeline.common.errors import error_message, strip_ansi
+from pipeline.common.devices import use_autocast
+from pipeline.common.errors import error_message
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
-from pipeline.label.config import LabelConfig, planned_identity, precision_name
-from pipeline.label.worker import ShardLabeler
+from pipeline.label.config import LabelConfig, LabelError, planned_identity, precision_name
+from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, marker_path, planned_keys, read_marker,
                                    tar_path, verify_shard)
 from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
-
-
-class LabelError(Exception):
-    """The run cannot start (bad output folder, conflicting earlier labels…)."""
 
 
 @dataclass
@@ -186,142 +182,6 @@ def remove_shard(folder: Path, name: str) -> None:
     tar_path(folder, name).unlink(missing_ok=True)
 
 
-def _pending(plan: ShardPlan, reuse: dict[int, dict]) -> int:
-    """Images of ``plan`` this run labels (all, or only the failed ones of a shard it reuses)."""
-    return len(plan.records) - len(reuse[plan.index]["keys"]) if plan.index in reuse else len(plan.records)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the labelling workers run: what each is handed as ``--device``, and how many of them."""
-    device: str  # the device string each worker resolves (a Ray GPU actor's own GPU is its cuda:0)
-    device_type: str  # cuda or cpu: what --precision auto resolves on
-    workers: int = 1
-    options: dict = field(default_factory=dict)  # ray.remote(...) resources of one actor ({} in-process)
-    note: str = ""  # a sentence for the user when the device asked for is not the one used as given
-
-
-def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_workers: int = 1,
-                  io_threads: int = 4, shards: int | None = None, cluster_gpus: int = 0, cluster_cpus: int = 0,
-                  cuda_available: bool = False, workers_per_gpu: int = 1) -> Placement:
-    """Pure: where the workers of a run with ``--device device`` go.
-
-    In-process (``executor="local"``) the one worker gets ``device`` as given (``cuda:1`` stays GPU 1 of
-    this machine; ``auto`` is CUDA when ``cuda_available``). On Ray, GPU actors are used when the cluster
-    has GPUs, ``device`` is not ``cpu`` and ``gpus`` is not 0: one actor per GPU (``gpus`` of them, at most
-    the cluster's), each reserving one GPU, which Ray makes its only visible one, so every actor is handed
-    ``cuda`` (``cuda:N`` names a GPU of the driver's machine and means nothing inside an actor), and the CPUs
-    its I/O threads use (``io_threads``, at most the cluster's CPUs per GPU). ``workers_per_gpu`` actors
-    share each GPU (each reserving that fraction of it and of its CPUs): one worker process keeps about two
-    cores busy (its main thread and its one tar-writing thread are single stages), which a light teacher on
-    a fast GPU outruns. Otherwise ``cpu_workers`` CPU actors. Never more workers than ``shards``.
-    """
-    kind = None if device == "auto" else resolve_device(device).type  # an unknown device is an error here
-    if executor == "local":
-        return Placement(device=device, device_type=kind or ("cuda" if cuda_available else "cpu"))
-    cap = (lambda n: max(1, min(n, shards))) if shards is not None else (lambda n: max(1, n))
-    if device != "cpu" and gpus != 0 and cluster_gpus > 0:
-        k = max(1, workers_per_gpu)
-        n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus) * k
-        cpus = max(1, min(io_threads, cluster_cpus // (cluster_gpus * k) if cluster_cpus else io_threads))
-        note = (f"--device {device}: on Ray each GPU actor labels on the one GPU Ray gives it (its cuda:0), "
-                "not on that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else "")
-        return Placement(device="cuda", device_type="cuda", workers=cap(n),
-                         options={"num_gpus": 1 / k, "num_cpus": cpus}, note=note)
-    note = (f"--device {device}: the Ray cluster has no GPU, labelling on {cpu_workers} CPU actor(s)"
-            if device.startswith("cuda") and gpus != 0 else "")
-    return Placement(device="cpu", device_type="cpu", workers=cap(cpu_workers),
-                     options={"num_cpus": max(1, io_threads // 2)}, note=note)
-
-
-def _run_local(labeler: ShardLabeler, todo, reuse, folder, bar, on_done, retries):
-    for i, plan in enumerate(todo):
-        following = todo[i + 1] if i + 1 < len(todo) else None  # decoded while this shard finishes
-        for attempt in range(retries + 1):
-            try:
-                on_done(plan, labeler.label_shard(plan, folder, progress=bar.update, reuse=reuse.get(plan.index),
-                                                  next_plan=following), None)
-                break
-            except Exception as e:  # noqa: BLE001 - a shard-level failure is retried, then recorded
-                if attempt == retries:
-                    on_done(plan, None, e)
-
-
-def _differences(have: dict, want: dict) -> str:
-    return ", ".join(f"{k} {have.get(k)!r} (expected {want.get(k)!r})" for k in sorted(set(have) | set(want))
-                     if have.get(k) != want.get(k))
-
-
-def _start_error(error: Exception) -> str:
-    """What made a Ray actor's ``__init__`` fail: Ray gives its traceback as text, whose last line is the error
-    (``teachers.weights.WeightsError: cannot read …`` → ``cannot read …``)."""
-    lines = [line.strip() for line in strip_ansi(str(error)).splitlines() if line.strip()]
-    if "creation task" in (lines[0] if lines else "") and len(lines) > 1:
-        return re.sub(r"^(?:[A-Za-z_][\w]*\.)+[A-Za-z_]\w*(?:Error|Exception): ", "", lines[-1])
-    return error_message(error)
-
-
-def _label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo, reuse, folder, bar, on_done,
-                  retries):
-    import ray
-
-    actor_cls = ray.remote(**placement.options)(ShardLabeler)
-    actor_config = LabelConfig(**{**config.__dict__, "device": placement.device})
-    actors = [actor_cls.remote(actor_config) for _ in range(placement.workers)]
-    try:  # every actor built its teacher and labels with the settings the shards are checked against
-        built = ray.get([a.identity.remote() for a in actors])
-    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-        raise LabelError(f"the labelling workers could not start: {_start_error(e)}") from None
-    for have in built:
-        if have != identity:
-            raise LabelError(f"a labelling worker would label with other settings than planned: "
-                             f"{_differences(have, identity)}")
-    queue = list(todo)
-    attempts: dict[int, int] = {}
-    running = {}
-    idle = list(actors)
-    promised: dict[int, int] = {}  # id(actor) → index of the shard it decodes ahead and gets next
-
-    def take(actor) -> ShardPlan:
-        mine = promised.pop(id(actor), None)
-        others = set(promised.values())
-        plan = next((p for p in queue if p.index == mine), None) or next(
-            (p for p in queue if p.index not in others), queue[0])  # the last shards: another's promise is taken
-        queue.remove(plan)
-        return plan
-
-    def promise(actor) -> ShardPlan | None:
-        others = set(promised.values())
-        following = next((p for p in queue if p.index not in others), None)
-        if following is not None:
-            promised[id(actor)] = following.index
-        return following
-
-    while queue or running:
-        while queue and idle:
-            actor = idle.pop()
-            plan = take(actor)
-            running[actor.label_shard.remote(plan, str(folder), reuse=reuse.get(plan.index),
-                                             next_plan=promise(actor))] = (plan, actor)
-        ready, _ = ray.wait(list(running), num_returns=1)
-        plan, actor = running.pop(ready[0])
-        try:
-            marker = ray.get(ready[0])
-            bar.update(_pending(plan, reuse))
-            on_done(plan, marker, None)
-            idle.append(actor)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-            attempts[plan.index] = attempts.get(plan.index, 0) + 1
-            if isinstance(e, ray.exceptions.RayActorError):  # the actor died: replace it
-                actor = actor_cls.remote(actor_config)
-            idle.append(actor)
-            if attempts[plan.index] <= retries:
-                queue.append(plan)
-            else:
-                bar.update(_pending(plan, reuse))
-                on_done(plan, None, e)
-
-
 def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *, shard_size: int = 1000,
           overwrite: bool = False, overwrite_changed: bool = False, retry_failed: bool = False,
           executor: str = "ray", address: str | None = None, gpus: int | None = None, cpu_workers: int = 1,
@@ -425,17 +285,8 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
             where = placement(len(todo))
             if where.note:
                 warnings.warn(where.note, stacklevel=3)
-            if executor == "local":
-                labeler = ShardLabeler(config)  # the one labeler, which does the work
-                try:
-                    if labeler.identity() != identity:
-                        raise LabelError("the labeller would label with other settings than planned: "
-                                         f"{_differences(labeler.identity(), identity)}")
-                    _run_local(labeler, todo, reuse, folder, bar, on_done, retries)
-                finally:
-                    labeler.close()
-            else:
-                _label_on_ray(config, where, identity, todo, reuse, folder, bar, on_done, retries)
+            run = label_here if executor == "local" else label_on_ray
+            run(config, where, identity, todo, reuse, folder, bar, on_done, retries)
     for m in markers.values():
         summary.failures.extend(m.get("failures", []))
     summary.failed = len(summary.failures) + sum(

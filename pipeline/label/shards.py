@@ -30,7 +30,7 @@ import webdataset as wds
 from webdataset.writer import make_encoder
 
 from pipeline.common.atomic import atomic_open, write_json
-from pipeline.common.storage import RemotePath, as_path, local_file
+from pipeline.common.storage import as_path, local_file
 
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker
 ENCODING_VERSION = 1
