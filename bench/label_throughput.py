@@ -25,6 +25,9 @@ shards with ``--io-threads / N`` threads: what ``pipeline label --workers-per-gp
 worker process keeps about two cores busy (on an H200 with 16 cores), so a light teacher on a fast GPU can
 outrun one process.
 
+For (b) and (d) a second table gives each thread group's CPU seconds and how busy it kept one core
+(:class:`ThreadCPU`, sampled from ``/proc``): a single thread near 1.0 is the stage that bounds the path.
+
 Rates are images/s, images/s per core (the cores this process may run on) and images per CPU-second
 (user + system time of every thread of the process: on a shared machine the per-core rate the path
 would reach with the cores to itself, wait-free); the table adds
@@ -123,17 +126,96 @@ def run_teacher(labeler: ShardLabeler, records, n_images: int) -> tuple[float, f
         return (time.perf_counter() - t0) * scale, (cpu_seconds() - c0) * scale
 
 
-def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict, float]:
-    """(b) and (d): wall seconds for every shard through ``label_shard``, the markers' summed timings, CPU seconds."""
+class ThreadCPU:
+    """CPU seconds of each thread of this process while the ``with`` block runs, by thread group.
+
+    Every 50 ms each thread's user + system time is read from ``/proc/self/task/*/stat`` (Linux), so the
+    per-shard tar threads are counted although they end before the block does. Threads are grouped by
+    name with their numbers dropped: Python's names (``MainThread``, ``label-io``, ``label-encode``,
+    ``label-tar``) and, for threads Python did not start (torch's, the CUDA driver's), the kernel's name.
+    ``busy`` is a group's CPU seconds over the block's wall time: a group of one thread near 1.0 is a stage
+    that runs one image at a time and bounds the path (on a GPU, a thread that waits for the device in a
+    spin loop also shows busy). Empty where ``/proc`` is missing."""
+
+    INTERVAL = 0.05
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[float, str]] = {}
+        self.stop = threading.Event()
+
+    def _names(self) -> dict[int, str]:
+        return {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+
+    def _sample(self) -> None:
+        names = self._names()
+        try:
+            tids = os.listdir("/proc/self/task")
+        except OSError:
+            return
+        for tid in map(int, tids):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / self.tick
+                if tid not in names:
+                    with open(f"/proc/self/task/{tid}/comm") as f:
+                        names[tid] = f.read().strip()
+            except (OSError, IndexError, ValueError):
+                continue
+            self.first.setdefault(tid, cpu)
+            name = names.get(tid) or self.last.get(tid, (0.0, "?"))[1]
+            self.last[tid] = (cpu, name)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.INTERVAL):
+            self._sample()
+
+    def __enter__(self) -> "ThreadCPU":
+        self._sample()
+        self.t0 = time.perf_counter()
+        self.sampler = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.sampler.join()
+        self._sample()
+        self.wall = time.perf_counter() - self.t0
+
+    def groups(self) -> dict[str, dict]:
+        """{group: {"threads": n, "cpu_s": s, "busy": s / wall}}, busiest first (the sampler left out)."""
+        import re
+
+        out: dict[str, dict] = {}
+        for tid, (cpu, name) in self.last.items():
+            group = re.sub(r"[-_]?\d+$", "", re.sub(r"-shard-\d+$", "", name)) or name
+            if group == "bench-sampler":
+                continue
+            g = out.setdefault(group, {"threads": 0, "cpu_s": 0.0})
+            g["threads"] += 1
+            g["cpu_s"] += cpu - self.first.get(tid, cpu)
+        for g in out.values():
+            g["cpu_s"] = round(g["cpu_s"], 3)
+            g["busy"] = round(g["cpu_s"] / self.wall, 2) if self.wall > 0 else None
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]["cpu_s"]))
+
+
+def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict, float, dict]:
+    """(b) and (d): wall seconds for every shard through ``label_shard``, the markers' summed timings, CPU
+    seconds, and the CPU seconds of each thread group (:class:`ThreadCPU`)."""
     (folder / "warm-up").mkdir(parents=True, exist_ok=True)
     warm = plan_shards(list(plans[0].records[: labeler.config.batch_size]), labeler.config.batch_size)[0]
     labeler.label_shard(warm, folder / "warm-up")
     t0, c0 = time.perf_counter(), cpu_seconds()
-    markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
-               for i, p in enumerate(plans)]
+    with ThreadCPU() as threads:
+        markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
+                   for i, p in enumerate(plans)]
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     sums = {k: round(sum(m["timings"].get(k, 0.0) for m in markers), 3) for k in markers[0]["timings"]}
-    return wall, sums, cpu
+    return wall, sums, cpu, threads.groups()
 
 
 def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans, barrier, results):
@@ -149,9 +231,10 @@ def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folde
                             folder / "warm-up")
         barrier.wait()
         c0 = cpu_seconds()
-        markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
-                   for i, p in enumerate(plans)]
-        results.put(([m["timings"] for m in markers], cpu_seconds() - c0))
+        with ThreadCPU() as threads:
+            markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
+                       for i, p in enumerate(plans)]
+        results.put(([m["timings"] for m in markers], cpu_seconds() - c0, threads.groups()))
     except BaseException as e:  # noqa: BLE001 - reported by the parent
         barrier.abort()
         results.put(f"{type(e).__name__}: {e}")
@@ -161,10 +244,11 @@ def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folde
 
 
 def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans,
-                  processes: int) -> tuple[float, dict, float]:
+                  processes: int) -> tuple[float, dict, float, dict]:
     """(b) and (d) with ``processes`` workers sharing the device, each on its share of the shards (round
     robin) and ``io_threads / processes`` threads, in spawned processes: what several Ray actors per GPU
-    (``--workers-per-gpu``) do, without Ray. Wall seconds from the moment all are warm to the last shard."""
+    (``--workers-per-gpu``) do, without Ray. Wall seconds from the moment all are warm to the last shard; the
+    thread groups are the first process's."""
     import dataclasses
     import multiprocessing as mp
 
@@ -190,9 +274,9 @@ def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, fold
     finally:
         for p in procs:
             p.join(timeout=60)
-    timings = [t for ts, _ in done for t in ts]
+    timings = [t for ts, _, _ in done for t in ts]
     sums = {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in timings[0]}
-    return wall, sums, sum(c for _, c in done)
+    return wall, sums, sum(c for _, c, _ in done), done[0][2]
 
 
 def run_naive(teacher: Teacher, device: torch.device, records, image_size, out: Path) -> tuple[float, float]:
@@ -336,14 +420,15 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
                 emit(row("teacher", "(a) bare forward, inputs on the device", teacher, labeler, n_images,
                          *best(run_teacher, labeler, records, n_images), **extra))
             if "worker" in runs and processes > 1:
-                wall, sums, cpu = best(run_processes, config(teacher), teacher, weights, teacher_size,
-                                       work / "worker", plans, processes)
+                wall, sums, cpu, threads = best(run_processes, config(teacher), teacher, weights, teacher_size,
+                                                work / "worker", plans, processes)
                 emit(row("worker", f"(b) worker path, {processes} processes", teacher, labeler, n_images, wall,
-                         cpu, **extra, timings=sums, io_threads=labeler.config.io_threads, processes=processes))
+                         cpu, **extra, timings=sums, threads=threads, io_threads=labeler.config.io_threads,
+                         processes=processes))
             elif "worker" in runs:
-                wall, sums, cpu = best(run_worker, labeler, work / "worker", plans)
+                wall, sums, cpu, threads = best(run_worker, labeler, work / "worker", plans)
                 emit(row("worker", "(b) worker path", teacher, labeler, n_images, wall, cpu, **extra, timings=sums,
-                         io_threads=labeler.config.io_threads, processes=1))
+                         threads=threads, io_threads=labeler.config.io_threads, processes=1))
             if "naive" in runs:
                 n = naive_images or n_images
                 naive = make_teacher(teacher, weights, teacher_size).to(labeler.device).eval()
@@ -355,14 +440,14 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
             labeler = ShardLabeler(config("null"), make_teacher("null", None, size))
             if processes > 1:
                 labeler.close()
-                wall, sums, cpu = best(run_processes, config("null"), "null", None, size, work / "null", plans,
-                                       processes)
+                wall, sums, cpu, threads = best(run_processes, config("null"), "null", None, size, work / "null",
+                                                plans, processes)
             else:
-                wall, sums, cpu = best(run_worker, labeler, work / "null", plans)
+                wall, sums, cpu, threads = best(run_worker, labeler, work / "null", plans)
                 labeler.close()
             emit(row("null", "(d) worker path, do-nothing teacher" + (f", {processes} processes" if processes > 1
                                                                        else ""), "null", labeler, n_images,
-                     wall, cpu, decode=decode, timings=sums, io_threads=labeler.config.io_threads,
+                     wall, cpu, decode=decode, timings=sums, threads=threads, io_threads=labeler.config.io_threads,
                      processes=processes))
         if "stages" in runs:
             stage_ms = run_stages(records, tuple(image_size), 95, min(n_images, 256))
@@ -391,6 +476,14 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
     if ratios:
         click.echo("")
         click.echo(table(None, ratios))
+    for r in rows:
+        if r.get("threads"):
+            click.echo("")
+            click.echo(f"threads of {r['what']}" + (" (the first process)" if r.get("processes", 1) > 1 else "")
+                       + f": CPU seconds over {r['wall_s']:.2f} s of wall")
+            click.echo(table(["thread group", "threads", "CPU s", "busy"],
+                             [(g, v["threads"], f"{v['cpu_s']:.2f}", f"{v['busy']:.2f}") for g, v in
+                              r["threads"].items() if v["cpu_s"] >= 0.01], align="lrrr", rule=True))
     if "stages" in runs:
         click.echo("")
         click.echo(table(["stage (CPU path, one thread)", "CPU ms/image"], list(stage_ms.items()), align="lr", rule=True))
