@@ -13,6 +13,9 @@ change the speed). Runtimes:
   execution paths (``dense``, ``sparse``) are both measured;
 - ``onnx``: ``pipeline profile --runtime onnx``: the student exported in memory, ONNX Runtime on the CPU
   (only with ``--device cpu``);
+- ``onnx-int8``: ``pipeline profile --runtime onnx-int8``: the same graph quantized to int8 (ONNX Runtime's
+  static quantization, calibrated on ``--calibration``'s images, the bundled sample's by default), in the
+  same session; alternated with ``onnx`` in the same rounds;
 - ``onnx-session``: the session ``onnx`` uses (``pipeline.score.serving.OnnxSession``), timed by a bare loop
   over ``session.run`` (batch 1 only): ``onnx`` minus ``profile``'s own overhead;
 - ``onnx-spin``: that session with its intra-op threads spinning between operators (ORT's default, which
@@ -50,7 +53,10 @@ from pipeline.score.predictors import build_predictor
 from pipeline.score.profile import profile
 from students import available
 
-RUNTIMES = ("torch", "onnx", "onnx-session", "onnx-spin", "onnx-plain", "compile")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "onnx-session", "onnx-spin", "onnx-plain", "compile")
+#: what ``onnx-int8`` is calibrated on unless ``--calibration`` says otherwise: the bundled sample's photos
+SAMPLE_PHOTOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "coco",
+                             "train2017")
 
 
 def emit(rows: list[dict], **row) -> None:
@@ -103,7 +109,7 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
         else:
             for batch in batches:
                 measure(compiled, "compile", batch, args.iters if batch == 1 else args.large_iters, precision)
-    want_onnx = [r for r in ("onnx", "onnx-session", "onnx-spin", "onnx-plain") if r in args.runtimes]
+    want_onnx = [r for r in ("onnx", "onnx-int8", "onnx-session", "onnx-spin", "onnx-plain") if r in args.runtimes]
     if want_onnx and base.device.type != "cpu":
         print(f"# {name}: onnx runs on the CPU: measured with --device cpu only", file=sys.stderr)
     elif want_onnx:
@@ -111,6 +117,7 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
 
         cpu = build_predictor(student=name, device="cpu", precision="fp32", require_weights=False, student_options={})
         served = onnx_predictor(cpu, size)
+        int8 = onnx_predictor(cpu, size, calibration=args.calibration) if "onnx-int8" in want_onnx else None
         data = onnx_bytes(cpu, size)
         bare = {"onnx-plain": lambda: ort.InferenceSession(data, providers=["CPUExecutionProvider"]),
                 "onnx-session": lambda: OnnxSession(data).session,
@@ -120,16 +127,20 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
         for _ in range(args.rounds):  # alternating: the machine's load falls on all alike
             for r, loop in loops.items():
                 per_round[r].append(loop())
-            if "onnx" in want_onnx:
-                per_round["onnx"].append(profile(served, input_size=size, batch_size=1, iters=args.iters,
-                                                 warmup=args.warmup).latency_ms / 1e3)
+            for r, predictor in (("onnx", served), ("onnx-int8", int8)):
+                if r in want_onnx:
+                    per_round[r].append(profile(predictor, input_size=size, batch_size=1, iters=args.iters,
+                                                warmup=args.warmup).latency_ms / 1e3)
         for runtime in want_onnx:
             s = statistics.median(per_round[runtime])
-            emit(rows, **{**common, "device": "cpu"}, runtime=runtime, mode="default", batch=1, precision="fp32",
+            emit(rows, **{**common, "device": "cpu"}, runtime=runtime, mode="default", batch=1,
+                 precision="int8" if runtime == "onnx-int8" else "fp32",
                  images_per_s=round(1 / s, 2), ms=round(s * 1e3, 3), rounds=args.rounds,
                  round_images_per_s=[round(1 / t, 1) for t in per_round[runtime]])
         if "onnx" in want_onnx and args.large_batch:
             measure(served, "onnx", args.large_batch, args.large_iters, "fp32")
+        if "onnx-int8" in want_onnx and args.large_batch:
+            measure(int8, "onnx-int8", args.large_batch, args.large_iters, "int8")
 
 
 def main() -> None:
@@ -146,6 +157,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="warm-up passes (compile: at least 8)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the ONNX rows at batch 1")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--calibration", default=SAMPLE_PHOTOS,
+                   help="onnx-int8's calibration images: a label folder or a folder of images (default: the sample)")
     p.add_argument("--threads", type=int, default=0, help="torch (and ONNX Runtime) intra-op threads; 0: torch's")
     args = p.parse_args()
     names = [s.strip() for s in args.students.split(",") if s.strip()]

@@ -73,6 +73,68 @@ def test_predict_and_profile_on_onnx_runtime_agree_with_torch(weights, tmp_path)
     assert gflops[0] == gflops[1]  # counted on the same PyTorch graph
 
 
+def test_an_int8_export_is_calibrated_on_real_photos_and_its_maps_follow_pytorchs(weights, tmp_path):
+    """`export --quantize int8`: QLinear operators, a quarter of the bytes, the same file from the same inputs,
+    metadata that says so, and maps on photos it was not calibrated on that correlate with PyTorch's."""
+    from pipeline.score.quantize import calibration_images, map_agreement
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins"):
+        write_jpeg(photos / f"{name}.jpg", photo(name, 160))
+    predictor = build_predictor(student="fastsal_a", weights=str(weights), device="cpu")
+    fp32 = export_onnx(predictor, tmp_path / "a.onnx", input_size=(64, 96))
+    int8 = export_onnx(predictor, tmp_path / "a8.onnx", input_size=(64, 96), calibration=photos, calibration_images=4)
+    assert fp32.quantized == "no" and fp32.map_cc is None
+    assert int8.quantized == "int8 (4 calibration images)" and int8.map_cc_images == "2 held-out images"
+    assert int8.map_cc >= 0.99, int8.map_cc
+    graph = onnx.load(str(tmp_path / "a8.onnx"))
+    assert {n.op_type for n in graph.graph.node} >= {"QLinearConv", "QuantizeLinear", "DequantizeLinear"}
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["quantized"] == "int8" and meta["calibration_images"] == "4" and meta["student"] == "fastsal_a"
+    assert (tmp_path / "a8.onnx").stat().st_size < 0.35 * (tmp_path / "a.onnx").stat().st_size
+    export_onnx(predictor, tmp_path / "b8.onnx", input_size=(64, 96), calibration=photos, calibration_images=4)
+    assert (tmp_path / "b8.onnx").read_bytes() == (tmp_path / "a8.onnx").read_bytes()
+    # the agreement is a measure that fails: the same int8 graph against another student's maps
+    other = build_student("fastsal_a", backbone_weights="none").eval()
+    held_out = calibration_images(photos, (64, 96), 6)[4:]
+    run = OnnxSession((tmp_path / "a8.onnx").read_bytes()).run
+    assert map_agreement(run, ServingModel(other).eval(), predictor.kind, held_out) < 0.9
+
+
+def test_predict_and_profile_on_int8_onnx_runtime(weights, coco_tree, tmp_path):
+    """--runtime onnx-int8 calibrates on a label folder's stored images; its maps follow PyTorch's; it needs
+    --calibration, and --calibration needs it."""
+    from tests.conftest import label_classic
+
+    labels = label_classic(coco_tree, tmp_path / "labels", "--shard-size", 4, "--image-size", "64x96")
+    images = coco_tree / "val2017"
+    common = ["--student", "fastsal_a", "--weights", weights, "--device", "cpu", "--images", images, "--no-progress"]
+    for runtime in ("torch", "onnx-int8"):
+        r = invoke("predict", *common, "--out", tmp_path / runtime, "--runtime", runtime,
+                   *(["--calibration", labels] if runtime == "onnx-int8" else []))
+        assert r.exit_code == 0, r.output
+    from pipeline.score.metrics import cc
+
+    for png in sorted((tmp_path / "torch").glob("*.png")):
+        a = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE).astype(float)
+        b = cv2.imread(str(tmp_path / "onnx-int8" / png.name), cv2.IMREAD_GRAYSCALE).astype(float)
+        assert a.std() > 1 and cc(a, b) >= 0.99, (png.name, cc(a, b))
+
+    r = invoke("profile", "--student", "fastsal_a", "--runtime", "onnx-int8", "--calibration", labels,
+               "--calibration-images", 8, "--image-size", "64x96", "--iters", 2)
+    assert r.exit_code == 0, r.output
+    assert "[onnxruntime int8]" in r.output and [line.split()[-1] for line in r.output.splitlines()
+                                                  if line.startswith("precision")] == ["int8"]
+    missing = invoke("profile", "--student", "fastsal_a", "--runtime", "onnx-int8")
+    assert missing.exit_code == 2 and "--runtime onnx-int8 needs --calibration" in missing.output
+    stray = invoke("profile", "--student", "fastsal_a", "--calibration", labels)
+    assert stray.exit_code == 2 and "--calibration is for --runtime onnx-int8" in stray.output
+    export = invoke("export", "--student", "fastsal_a", "--out", tmp_path / "x.onnx", "--quantize", "int8")
+    assert export.exit_code == 2 and "--quantize int8 needs --calibration" in export.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_export_refuses_what_it_cannot_serve(tmp_path):
     r = invoke("export", "--teacher", "classic", "--out", tmp_path / "t.onnx")
     assert r.exit_code == 1 and "ONNX export is for students" in r.output

@@ -161,15 +161,34 @@ def echo_result(result, failures: list[dict], describe, limit: int = 10) -> None
         click.echo(f"… and {len(failures) - limit} more failures", err=True)
 
 
-runtime_option = click.option(
-    "--runtime", type=click.Choice(["torch", "onnx", "compile"]), default="torch",
-    help="torch: PyTorch; onnx: the student exported in memory and run by ONNX Runtime on the CPU "
-         "(needs the onnx extra); compile: the student under torch.compile on --device (CUDA graphs on CUDA; "
-         "needs a C++ compiler on the CPU).")
+def calibration_options(fn):
+    """--calibration PATH and --calibration-images N: the images an int8 student is calibrated on."""
+    fn = click.option("--calibration-images", type=click.IntRange(min=1), default=64, show_default=True,
+                      help="How many of --calibration's images calibrate the int8 ranges (in sorted order).")(fn)
+    return click.option("--calibration", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+                        help="A label folder (its stored images) or a folder of images: what the int8 "
+                             "activation ranges are calibrated on (use images like those the student will "
+                             "see).")(fn)
 
 
-def with_runtime(predictor, runtime: str, input_size=None):
-    """``predictor`` itself (torch), or the same student served by ONNX Runtime or compiled."""
+def runtime_option(fn):
+    """--runtime, and the calibration options --runtime onnx-int8 needs."""
+    fn = calibration_options(fn)
+    return click.option(
+        "--runtime", type=click.Choice(["torch", "onnx", "onnx-int8", "compile"]), default="torch",
+        help="torch: PyTorch; onnx: the student exported in memory and run by ONNX Runtime on the CPU "
+             "(needs the onnx extra); onnx-int8: the same, quantized to int8 on --calibration's images; "
+             "compile: the student under torch.compile on --device (CUDA graphs on CUDA; needs a C++ compiler "
+             "on the CPU).")(fn)
+
+
+def with_runtime(predictor, runtime: str, input_size=None, *, calibration=None, calibration_images: int = 64):
+    """``predictor`` itself (torch), or the same student served by ONNX Runtime (int8 with ``calibration``) or
+    compiled."""
+    if runtime != "onnx-int8" and calibration is not None:
+        raise click.UsageError("--calibration is for --runtime onnx-int8")
+    if runtime == "onnx-int8" and calibration is None:
+        raise click.UsageError("--runtime onnx-int8 needs --calibration: a label folder or a folder of images")
     if runtime == "torch":
         return predictor
     from pipeline.score.predictors import PredictorError
@@ -178,6 +197,6 @@ def with_runtime(predictor, runtime: str, input_size=None):
     try:
         if runtime == "compile":
             return compile_predictor(predictor)
-        return onnx_predictor(predictor, input_size)
+        return onnx_predictor(predictor, input_size, calibration=calibration, calibration_images=calibration_images)
     except (PredictorError, ValueError) as e:
         raise click.ClickException(str(e)) from None

@@ -15,8 +15,8 @@ import click
 import students
 import teachers
 
-from pipeline.cli.options import (build_model, echo_result, model_options, must_exist, output_path, path_or_url,
-                                  runtime_option, with_runtime)
+from pipeline.cli.options import (build_model, calibration_options, echo_result, model_options, must_exist,
+                                  output_path, path_or_url, runtime_option, with_runtime)
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 
@@ -139,7 +139,8 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
 @runtime_option
 @click.option("--progress/--no-progress", default=True)
 def predict_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, images,
-                out, format_, compare_teacher, compare_weights, batch_size, io_threads, runtime, progress):
+                out, format_, compare_teacher, compare_weights, batch_size, io_threads, runtime, calibration,
+                calibration_images, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.score.predict import predict_folder
     from pipeline.label.sources import SourceError
@@ -147,7 +148,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     must_exist("images")
     out = output_path(out)
     predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                                         student_options=student_options), runtime)
+                                         student_options=student_options), runtime,
+                             calibration=calibration, calibration_images=calibration_images)
     compare = None
     if compare_teacher:
         compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision)
@@ -173,7 +175,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
               help="Also write JSON here (a file, or its URL: s3://…).")
 @runtime_option
 def profile_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, image_size,
-                batch_size, iters, out, runtime):
+                batch_size, iters, out, runtime, calibration, calibration_images):
     """Parameters, GFLOPs per image (torch's FLOP counter) and measured images/s of a model.
 
     --student needs no --weights here: an untrained model has the same size and speed.
@@ -189,7 +191,8 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
         if size[0] % stride or size[1] % stride:
             raise click.BadParameter(f"{predictor.model.name} needs H and W multiples of {stride}, e.g. 192x256; "
                                      f"got {image_size!r}", param_hint="'--image-size'")
-    predictor = with_runtime(predictor, runtime, size)
+    predictor = with_runtime(predictor, runtime, size, calibration=calibration,
+                             calibration_images=calibration_images)
     result = profile(predictor, input_size=size, batch_size=batch_size, iters=iters)
     click.echo(result.table())
     if out:
@@ -207,18 +210,27 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
               help="Input HxW of the graph (its batch is dynamic).  [default: a checkpoint's training size, else "
                    "192x256]")
 @click.option("--opset", type=click.IntRange(min=13), default=17, help="ONNX opset.")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="int8: ONNX Runtime's static quantization (weights per channel, activations calibrated on "
+                   "--calibration's images; QLinear operators), checked by map CC on images after those.")
+@calibration_options
 def export_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, format_,
-               out, image_size, opset):
+               out, image_size, opset, quantize, calibration, calibration_images):
     """Export a student for serving: an ONNX graph from uint8 images to logits, checked against PyTorch."""
     from pipeline.score.predictors import PredictorError
     from pipeline.score.serving import export_onnx
 
+    if (quantize == "int8") != (calibration is not None):
+        raise click.UsageError("--quantize int8 needs --calibration (a label folder or a folder of images)"
+                               if calibration is None else "--calibration is for --quantize int8")
     size = parse_size(None, None, image_size) if image_size else None
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, "cpu", "fp32",
                             require_weights=False, student_options=student_options)
     try:
-        result = export_onnx(predictor, out, input_size=size, opset=opset)
+        result = export_onnx(predictor, out, input_size=size, opset=opset,
+                             calibration=calibration if quantize == "int8" else None,
+                             calibration_images=calibration_images)
     except (PredictorError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(result.table())

@@ -135,6 +135,8 @@ def _lock_file(folder: Path | RemotePath) -> Path | None:
 
 
 _MODEL_VOLATILE = frozenset({"device", "precision", "batch_size", "io_threads", "progress"})
+#: --runtime onnx-int8's options (stop 10): absent, a step runs as before
+_CALIBRATION_ADDED = {"calibration": None, "calibration_images": 64}
 
 COMMANDS: dict[str, CommandSpec] = {
     "label": CommandSpec(
@@ -173,6 +175,7 @@ COMMANDS: dict[str, CommandSpec] = {
         output=lambda params: as_path(params["out"]),
         verify=_verify_predict,
         volatile=_MODEL_VOLATILE - {"precision"},
+        added=_CALIBRATION_ADDED,
         digest=_digest_tree,
         urls=frozenset({"checkpoint", "out"}),
     ),
@@ -187,6 +190,7 @@ COMMANDS: dict[str, CommandSpec] = {
         defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
         output=lambda params: as_path(params["out"]),
         verify=_verify_file,
+        added=_CALIBRATION_ADDED,
         digest=_digest_file,
         urls=frozenset({"checkpoint", "out"}),
     ),

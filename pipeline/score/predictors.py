@@ -36,6 +36,8 @@ class Predictor:
     map_name: str = "saliency"
     #: the PyTorch model behind a runtime wrapper (ONNX Runtime): what ``profile`` counts parameters and FLOPs on
     reference: torch.nn.Module | None = None
+    #: the weights' number format when it is not the float the device computes in (``int8``: a quantized graph)
+    quantized: str | None = None
 
     @property
     def student(self) -> bool:

@@ -111,6 +111,6 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
         if predictor.student:
             model.set_execution(modes[0])
     ref = results[0]
-    precision = "bf16" if predictor.autocast else "fp32"
+    precision = predictor.quantized or ("bf16" if predictor.autocast else "fp32")
     return ProfileResult(predictor.name, str(dev), size, sum(p.numel() for p in counted.parameters()), ref.gflops,
                          batch_size, ref.latency_ms, ref.images_per_s, precision, results)

@@ -35,7 +35,7 @@ from students import Student
 from teachers.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_OPSET = 17
-RUNTIMES = ("torch", "onnx", "compile")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "compile")
 
 
 class ServingModel(torch.nn.Module):
@@ -105,23 +105,44 @@ class ExportResult:
     opset: int
     input_size: tuple[int, int]
     max_abs_diff: float  # ONNX Runtime vs PyTorch on a random batch of 3, logits
+    quantized: str = "no"  # or "int8 (N calibration images)"
+    map_cc: float | None = None  # int8: the lowest map CC with PyTorch's on real images
+    map_cc_images: str = ""  # which images those were
 
     def table(self) -> str:
         from pipeline.common.tables import table
 
-        return table(None, [("output", str(self.out)), ("opset", str(self.opset)),
-                            ("input (HxW)", f"{self.input_size[0]}x{self.input_size[1]}, batch dynamic"),
-                            ("max |onnx − torch|", f"{self.max_abs_diff:.2e} (logits)")])
+        rows = [("output", str(self.out)), ("opset", str(self.opset)),
+                ("input (HxW)", f"{self.input_size[0]}x{self.input_size[1]}, batch dynamic"),
+                ("quantized", self.quantized), ("max |onnx − torch|", f"{self.max_abs_diff:.2e} (logits)")]
+        if self.map_cc is not None:
+            rows.append(("map CC with torch, lowest", f"{self.map_cc:.4f} ({self.map_cc_images})"))
+        return table(None, rows)
 
 
 def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int, int] | None = None,
-                opset: int = DEFAULT_OPSET) -> ExportResult:
+                opset: int = DEFAULT_OPSET, calibration: str | Path | None = None,
+                calibration_images: int = 64) -> ExportResult:
     """Write the student as ONNX to ``out`` (atomically; a URL: written locally, then uploaded), then check ONNX
-    Runtime against PyTorch on it."""
+    Runtime against PyTorch on it. With ``calibration`` (a label folder or a folder of images) the graph is
+    quantized to int8 on its first ``calibration_images`` images (:mod:`pipeline.score.quantize`) and its maps
+    are compared with PyTorch's on the images after those."""
     from pipeline.common.storage import as_path
 
     size = tuple(input_size or predictor.input_size or (192, 256))
     data = onnx_bytes(predictor, size, opset)
+    quantized, map_cc, which = "no", None, ""
+    if calibration is not None:
+        from pipeline.score.quantize import CHECK_IMAGES, calibration_images as load, map_agreement, quantize_int8
+
+        images = load(calibration, size, calibration_images + CHECK_IMAGES)
+        calib = images[:calibration_images]
+        check, which = (images[calibration_images:], f"{len(images) - calibration_images} held-out images") \
+            if len(images) > calibration_images else (calib, f"the {len(calib)} calibration images")
+        data = quantize_int8(data, calib)
+        quantized = f"int8 ({len(calib)} calibration images)"
+        map_cc = map_agreement(OnnxSession(data).run, ServingModel(predictor.model).cpu().eval(), predictor.kind,
+                               check)
     out = as_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, "wb") as f:
@@ -130,7 +151,7 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
     with torch.inference_mode():
         want = ServingModel(predictor.model).eval()(x.to(predictor.device)).float().cpu().numpy()
     got = OnnxSession(data).run(x.numpy())
-    return ExportResult(out, opset, size, float(np.abs(got - want).max()))
+    return ExportResult(out, opset, size, float(np.abs(got - want).max()), quantized, map_cc, which)
 
 
 class OnnxSession:
@@ -161,12 +182,19 @@ class OnnxModule(torch.nn.Module):
         return torch.from_numpy(self.session.run(images.cpu().numpy()))
 
 
-def onnx_predictor(predictor: Predictor, input_size: tuple[int, int] | None = None) -> Predictor:
-    """The same student served by ONNX Runtime on the CPU (exported in memory at ``input_size``)."""
+def onnx_predictor(predictor: Predictor, input_size: tuple[int, int] | None = None, *,
+                   calibration: str | Path | None = None, calibration_images: int = 64) -> Predictor:
+    """The same student served by ONNX Runtime on the CPU (exported in memory at ``input_size``); with
+    ``calibration``, quantized to int8 on its first ``calibration_images`` images first."""
     size = tuple(input_size or predictor.input_size or (192, 256))
-    session = OnnxSession(onnx_bytes(predictor, size))
-    return Predictor(f"{predictor.name} [onnxruntime]", OnnxModule(session), predictor.kind, size,
-                     torch.device("cpu"), autocast=False, reference=predictor.model)
+    data, quantized = onnx_bytes(predictor, size), None
+    if calibration is not None:
+        from pipeline.score.quantize import calibration_images as load, quantize_int8
+
+        data, quantized = quantize_int8(data, load(calibration, size, calibration_images)), "int8"
+    return Predictor(f"{predictor.name} [onnxruntime{' int8' if quantized else ''}]", OnnxModule(OnnxSession(data)),
+                     predictor.kind, size, torch.device("cpu"), autocast=False, reference=predictor.model,
+                     quantized=quantized)
 
 
 def _cxx() -> str | None:

@@ -1,0 +1,112 @@
+"""int8 students for the CPU: ONNX Runtime's static quantization of an exported student, calibrated on real
+images, and how far its maps lie from PyTorch's.
+
+The exported graph (:func:`pipeline.score.serving.onnx_bytes`) is shape-inferred and fused
+(``quant_pre_process``), then quantized statically (``quantize_static``): weights int8 per output channel,
+activations uint8 with ranges observed on the calibration images (MinMax), operators as ``QLinear*``
+(QOperator), which ONNX Runtime runs with VNNI on x86 CPUs that have it. The calibration images are the
+images the student will see: a label folder's stored JPEGs (the shards' ``jpg``), or a folder of images
+resized to the graph's input size. They are taken in sorted order, so the same inputs give the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.common.images import ImageError, decode_image, read_image, resize
+from pipeline.score.predictors import PredictorError
+from students import to_log_density
+
+DEFAULT_CALIBRATION_IMAGES = 64
+#: images after the calibration ones on which the int8 maps are compared with PyTorch's (fewer if the folder
+#: has fewer; with none left over, the calibration images themselves, and the result says so)
+CHECK_IMAGES = 16
+
+
+def calibration_images(path: str | Path, size: tuple[int, int], n: int) -> list[np.ndarray]:
+    """Up to ``n`` images of ``path`` as uint8 ``[1, 3, H, W]`` arrays at ``size``: the stored JPEGs of a label
+    folder (its shards in order), or the image files of a folder (sorted, unreadable ones skipped)."""
+    from pipeline.label.shards import read_samples
+    from pipeline.label.sources import SourceError, folder_records
+
+    path = Path(path)
+    out: list[np.ndarray] = []
+
+    def add(rgb: np.ndarray) -> None:
+        out.append(np.ascontiguousarray(resize(rgb, size).transpose(2, 0, 1)[None]))
+
+    if (path / "labels.json").is_file():
+        index = json.loads((path / "labels.json").read_text())
+        for shard in index.get("shards", []):
+            for _, sample in sorted(read_samples(path / shard["tar"]).items()):
+                if len(out) < n and "jpg" in sample:
+                    add(decode_image(sample["jpg"]))
+            if len(out) >= n:
+                break
+    elif path.is_dir():
+        try:
+            records = folder_records(path)
+        except SourceError as e:
+            raise PredictorError(f"--calibration {path}: {e}") from None
+        for record in records:
+            if len(out) >= n:
+                break
+            try:
+                add(read_image(record.path))
+            except ImageError:
+                continue
+    else:
+        raise PredictorError(f"--calibration {path}: not a label folder (labels.json) or a folder of images")
+    if not out:
+        raise PredictorError(f"--calibration {path}: no readable images")
+    return out
+
+
+def quantize_int8(data: bytes, images: list[np.ndarray]) -> bytes:
+    """The ONNX graph ``data`` quantized to int8, calibrated on ``images`` (see the module's docstring); its
+    metadata is kept, with ``quantized`` = ``int8`` and ``calibration_images`` added."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(images)
+
+        def get_next(self):
+            x = next(self.items, None)
+            return None if x is None else {"images": x}
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-int8-") as tmp:
+        src, pre, dst = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        src.write_bytes(data)
+        quant_pre_process(str(src), str(pre))
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        graph = onnx.load(str(dst))
+    meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+    meta.update(quantized="int8", calibration_images=str(len(images)))
+    del graph.metadata_props[:]
+    for key, value in meta.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    return graph.SerializeToString()
+
+
+def map_agreement(run, reference: torch.nn.Module, kind: str, images: list[np.ndarray]) -> float:
+    """The lowest Pearson CC, over ``images``, between the maps of ``run`` (uint8 batch → logits, numpy) and
+    those of ``reference`` (the PyTorch serving model)."""
+    from pipeline.score.metrics import cc
+
+    worst = 1.0
+    for x in images:
+        with torch.inference_mode():
+            want = to_log_density(reference(torch.from_numpy(x)).float(), kind).exp()[0, 0].numpy()
+        got = to_log_density(torch.from_numpy(run(x)).float(), kind).exp()[0, 0].numpy()
+        worst = min(worst, float(cc(got, want)))
+    return worst
