@@ -133,6 +133,11 @@ def test_predict_and_profile_on_int8_onnx_runtime(weights, coco_tree, tmp_path):
     export = invoke("export", "--student", "fastsal_a", "--out", tmp_path / "x.onnx", "--quantize", "int8")
     assert export.exit_code == 2 and "--quantize int8 needs --calibration" in export.output
     assert not (tmp_path / "x.onnx").exists()
+    sact = invoke("export", "--student", "sact", "--image-size", "64x96", "--out", tmp_path / "s.onnx",
+                  "--quantize", "int8", "--calibration", images)  # the quantizer fails on SACT's graph: one line
+    assert sact.exit_code == 1 and len(sact.output.splitlines()) == 1, sact.output
+    assert sact.output.startswith("Error: ONNX Runtime's quantizer cannot quantize sact to int8 (")
+    assert not (tmp_path / "s.onnx").exists()
 
 
 def test_export_refuses_what_it_cannot_serve(tmp_path):

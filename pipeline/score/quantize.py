@@ -12,6 +12,7 @@ resized to the graph's input size. They are taken in sorted order, so the same i
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -85,9 +86,18 @@ def quantize_int8(data: bytes, images: list[np.ndarray]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="pipeline-int8-") as tmp:
         src, pre, dst = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         src.write_bytes(data)
-        quant_pre_process(str(src), str(pre))
-        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        logging.disable(logging.WARNING)  # the quantizer logs each tensor it leaves in float on the root logger
+        try:
+            quant_pre_process(str(src), str(pre))
+            quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        except Exception as e:  # noqa: BLE001 - the quantizer's own failure, in one line
+            student = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}.get("student", "this student")
+            why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            raise PredictorError(f"ONNX Runtime's quantizer cannot quantize {student} to int8 ({type(e).__name__}: "
+                                 f"{why}); FastSal (A) and (C) quantize, SACT and ACT do not") from None
+        finally:
+            logging.disable(logging.NOTSET)
         graph = onnx.load(str(dst))
     meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
     meta.update(quantized="int8", calibration_images=str(len(images)))
