@@ -11,6 +11,9 @@ The ONNX Runtime session runs the graph fully optimised (``ORT_ENABLE_ALL``), se
 between operators: on a CPU shared with other work, spinning threads halved batch-1 throughput, and
 sleeping ones cost 10–13 % on a nearly idle one (``docs/benchmarks.md``).
 
+``--runtime onnx-int8`` and ``export --quantize int8`` run the same graph quantized to int8 on calibration
+images (:mod:`pipeline.score.quantize`).
+
 ``--runtime compile`` is the student under ``torch.compile``: ``mode="reduce-overhead"`` on CUDA (CUDA graphs,
 for batch 1), inductor's default on the CPU (which needs a C++ compiler).
 """
