@@ -480,7 +480,7 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
         if r.get("threads"):
             click.echo("")
             click.echo(f"threads of {r['what']}" + (" (the first process)" if r.get("processes", 1) > 1 else "")
-                       + f": CPU seconds over {r['wall_s']:.2f} s of wall")
+                       + ": CPU seconds, and busy = CPU seconds per second of the process's labelling")
             click.echo(table(["thread group", "threads", "CPU s", "busy"],
                              [(g, v["threads"], f"{v['cpu_s']:.2f}", f"{v['busy']:.2f}") for g, v in
                               r["threads"].items() if v["cpu_s"] >= 0.01], align="lrrr", rule=True))

@@ -12,6 +12,8 @@ import click
 import students
 import teachers
 
+from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
+
 
 def image_size(ctx, param, value: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", value or "")
@@ -163,7 +165,8 @@ def echo_result(result, failures: list[dict], describe, limit: int = 10) -> None
 
 def calibration_options(fn):
     """--calibration PATH and --calibration-images N: the images an int8 student is calibrated on."""
-    fn = click.option("--calibration-images", type=click.IntRange(min=1), default=64, show_default=True,
+    fn = click.option("--calibration-images", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_IMAGES,
+                      show_default=True,
                       help="How many of --calibration's images calibrate the int8 ranges (in sorted order).")(fn)
     return click.option("--calibration", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
                         help="A label folder (its stored images) or a folder of images: what the int8 "
@@ -182,7 +185,8 @@ def runtime_option(fn):
              "on the CPU).")(fn)
 
 
-def with_runtime(predictor, runtime: str, input_size=None, *, calibration=None, calibration_images: int = 64):
+def with_runtime(predictor, runtime: str, input_size=None, *, calibration=None,
+                 calibration_images: int = DEFAULT_CALIBRATION_IMAGES):
     """``predictor`` itself (torch), or the same student served by ONNX Runtime (int8 with ``calibration``) or
     compiled."""
     if runtime != "onnx-int8" and calibration is not None:

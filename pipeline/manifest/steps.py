@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Mapping
 from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
+from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
 from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record
 
 
@@ -136,7 +137,7 @@ def _lock_file(folder: Path | RemotePath) -> Path | None:
 
 _MODEL_VOLATILE = frozenset({"device", "precision", "batch_size", "io_threads", "progress"})
 #: --runtime onnx-int8's options (stop 10): absent, a step runs as before
-_CALIBRATION_ADDED = {"calibration": None, "calibration_images": 64}
+_CALIBRATION_ADDED = {"calibration": None, "calibration_images": DEFAULT_CALIBRATION_IMAGES}
 
 COMMANDS: dict[str, CommandSpec] = {
     "label": CommandSpec(

@@ -23,7 +23,6 @@ from pipeline.common.images import ImageError, decode_image, read_image, resize
 from pipeline.score.predictors import PredictorError
 from students import to_log_density
 
-DEFAULT_CALIBRATION_IMAGES = 64
 #: images after the calibration ones on which the int8 maps are compared with PyTorch's (fewer if the folder
 #: has fewer; with none left over, the calibration images themselves, and the result says so)
 CHECK_IMAGES = 16
@@ -83,6 +82,7 @@ def quantize_int8(data: bytes, images: list[np.ndarray]) -> bytes:
             x = next(self.items, None)
             return None if x is None else {"images": x}
 
+    meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
     with tempfile.TemporaryDirectory(prefix="pipeline-int8-") as tmp:
         src, pre, dst = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         src.write_bytes(data)
@@ -92,14 +92,13 @@ def quantize_int8(data: bytes, images: list[np.ndarray]) -> bytes:
             quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         except Exception as e:  # noqa: BLE001 - the quantizer's own failure, in one line
-            student = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}.get("student", "this student")
+            student = meta.get("student", "this student")
             why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
             raise PredictorError(f"ONNX Runtime's quantizer cannot quantize {student} to int8 ({type(e).__name__}: "
                                  f"{why}); FastSal (A) and (C) quantize, SACT and ACT do not") from None
         finally:
             logging.disable(logging.NOTSET)
         graph = onnx.load(str(dst))
-    meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
     meta.update(quantized="int8", calibration_images=str(len(images)))
     del graph.metadata_props[:]
     for key, value in meta.items():

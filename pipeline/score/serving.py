@@ -38,7 +38,8 @@ from students import Student
 from teachers.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_OPSET = 17
-RUNTIMES = ("torch", "onnx", "onnx-int8", "compile")
+#: how many images calibrate an int8 graph unless told (``--calibration-images``)
+DEFAULT_CALIBRATION_IMAGES = 64
 
 
 class ServingModel(torch.nn.Module):
@@ -125,7 +126,7 @@ class ExportResult:
 
 def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int, int] | None = None,
                 opset: int = DEFAULT_OPSET, calibration: str | Path | None = None,
-                calibration_images: int = 64) -> ExportResult:
+                calibration_images: int = DEFAULT_CALIBRATION_IMAGES) -> ExportResult:
     """Write the student as ONNX to ``out`` (atomically; a URL: written locally, then uploaded), then check ONNX
     Runtime against PyTorch on it. With ``calibration`` (a label folder or a folder of images) the graph is
     quantized to int8 on its first ``calibration_images`` images (:mod:`pipeline.score.quantize`) and its maps
@@ -135,6 +136,7 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
     size = tuple(input_size or predictor.input_size or (192, 256))
     data = onnx_bytes(predictor, size, opset)
     quantized, map_cc, which = "no", None, ""
+    session = None
     if calibration is not None:
         from pipeline.score.quantize import CHECK_IMAGES, calibration_images as load, map_agreement, quantize_int8
 
@@ -143,9 +145,9 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
         check, which = (images[calibration_images:], f"{len(images) - calibration_images} held-out images") \
             if len(images) > calibration_images else (calib, f"the {len(calib)} calibration images")
         data = quantize_int8(data, calib)
+        session = OnnxSession(data)
         quantized = f"int8 ({len(calib)} calibration images)"
-        map_cc = map_agreement(OnnxSession(data).run, ServingModel(predictor.model).cpu().eval(), predictor.kind,
-                               check)
+        map_cc = map_agreement(session.run, ServingModel(predictor.model).cpu().eval(), predictor.kind, check)
     out = as_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, "wb") as f:
@@ -153,7 +155,7 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
     x = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want = ServingModel(predictor.model).eval()(x.to(predictor.device)).float().cpu().numpy()
-    got = OnnxSession(data).run(x.numpy())
+    got = (session or OnnxSession(data)).run(x.numpy())
     return ExportResult(out, opset, size, float(np.abs(got - want).max()), quantized, map_cc, which)
 
 
@@ -186,7 +188,8 @@ class OnnxModule(torch.nn.Module):
 
 
 def onnx_predictor(predictor: Predictor, input_size: tuple[int, int] | None = None, *,
-                   calibration: str | Path | None = None, calibration_images: int = 64) -> Predictor:
+                   calibration: str | Path | None = None,
+                   calibration_images: int = DEFAULT_CALIBRATION_IMAGES) -> Predictor:
     """The same student served by ONNX Runtime on the CPU (exported in memory at ``input_size``); with
     ``calibration``, quantized to int8 on its first ``calibration_images`` images first."""
     size = tuple(input_size or predictor.input_size or (192, 256))
