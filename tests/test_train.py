@@ -259,6 +259,62 @@ def test_ray_workers_take_gpus_only_when_there_is_one_each_and_cuda_is_refused_w
         assert "\n" not in str(e.value)
 
 
+def test_torchrun_processes_find_their_rank_and_one_gpu_each(monkeypatch):
+    from pipeline.train.torchrun import device_for, launched
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched() is None  # a plain `pipeline train`
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert launched() is None  # torchrun with one process: nothing to join
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of the second machine
+    assert launched() == (3, 1, 4)
+    assert device_for("cpu", 1) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_for("auto", 1) == "cpu"
+    with pytest.raises(TrainError, match=r"^torchrun process 1 of this machine needs GPU cuda:1 \(one per process\) "
+                                         r"but the machine has 0: start fewer processes"):
+        device_for("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_for("auto", 1) == device_for("cuda:0", 1) == "cuda:1"  # its own GPU, whatever N says
+
+
+def test_ray_workers_under_torchrun_is_one_usage_error_from_process_0(labels, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, code, said in (("0", 2, "Error: --ray-workers under torchrun: launch with one of them (torchrun "
+                                       "already started 2 processes)"), ("1", 2, "")):
+        monkeypatch.setenv("RANK", rank)
+        r = CliRunner().invoke(cli, ["train", "--labels", str(labels), "--run", str(tmp_path / "run"),
+                                     "--ray-workers", "2", *FAST])
+        assert r.exit_code == code and r.output.strip().splitlines()[-1:] == ([said] if said else []), r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_under_torchrun_process_0_checks_the_shards_once_and_a_corrupt_one_stops_every_process(labels, tmp_path):
+    """2 processes (Gloo): process 0 verifies the shards and tells the other, which stops without a word; one
+    `Error:` line in all, and no run folder contents. (torchrun's --redirects keeps each process's output apart.)"""
+    corrupt = tmp_path / "labels"
+    shutil.copytree(labels, corrupt)
+    overwrite(corrupt / "shard-000001.tar", 600, b"garbage!")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "--log-dir", tmp_path / "logs", "--redirects", "3", "-m", "pipeline", "train", "--labels",
+                        corrupt, "--run-dir", tmp_path / "run", "--epochs", "1", *FAST],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "pipeline FAILED" in r.stderr, r.stderr  # torchrun's report
+    said = {p.relative_to(tmp_path / "logs").parts[-2:]: p.read_text() for p in (tmp_path / "logs").rglob("*.log")}
+    assert said == {
+        ("0", "stdout.log"): "", ("1", "stdout.log"): "", ("1", "stderr.log"): "",
+        ("0", "stderr.log"): f"Error: shard {corrupt / 'shard-000001.tar'} is corrupt: its sha256 is not the one its "
+                             "marker and labels.json record (the file changed after labelling); re-run `pipeline "
+                             "label` with the same options, which redoes it\n"}
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # -- what training reads is checked ---------------------------------------------------------------
 
 def member(tar: Path, suffix: str, index: int) -> tarfile.TarInfo:

@@ -13,10 +13,11 @@ from pipeline.cli.options import floats3, ints, must_exist, path_or_url, student
               default=["data/labels/deepgaze/train2017"],
               help="A finished label folder (the one holding labels.json), or its URL (s3://…); repeat to train on "
                    "several of one teacher.")
-@click.option("--run", "run_dir", type=click.Path(path_type=str), callback=path_or_url,
+@click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=str), callback=path_or_url,
               default=f"runs/{students.registry.DEFAULT_STUDENT}",
               help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png; or a URL (s3://…), written "
-                   "through a local copy after every epoch.")
+                   "through a local copy after every epoch. (--run-dir: the same, for torchrun's command line, "
+                   "which reads --run as its own --run-path.)")
 @click.option("--student", type=click.Choice(students.available()), default=students.registry.DEFAULT_STUDENT)
 @click.option("--stage", type=click.Choice(["finetune", "hint"]), default="finetune",
               help="finetune: on the pseudo-labels; hint: MSE to the teacher's 4 feature maps (Eq. 1).")
@@ -49,7 +50,7 @@ from pipeline.cli.options import floats3, ints, must_exist, path_or_url, student
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on steps per epoch.")
 @click.option("--ray-workers", type=click.IntRange(min=0), default=0,
               help="Train data-parallel on this many Ray Train workers (one GPU each when the cluster has them); "
-                   "0: in this process. --batch-size is per worker.")
+                   "0: in this process (or in each process torchrun started). --batch-size is per worker.")
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
               help="With --ray-workers: the Ray cluster (default: $RAY_ADDRESS, else start a local Ray).")
 @click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
@@ -82,16 +83,30 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
                          init=str(init_ckpt) if init_ckpt else None, teacher=teacher,
                          teacher_weights=teacher_weights, loss_weights=loss_weights,
                          steps_per_epoch=steps_per_epoch, max_bad_samples=max_bad_samples)
+    from pipeline.train.torchrun import PeerFailed, launched, train_with_torchrun
+
+    peer = launched()  # (rank, local rank, world) under torchrun
+    if peer and ray_workers:
+        if peer[0] != 0:
+            raise SystemExit(2)  # process 0 says why
+        raise click.UsageError("--ray-workers under torchrun: launch with one of them (torchrun already started "
+                               f"{peer[2]} processes)")
     try:
-        if ray_workers:
+        if peer:
+            results = train_with_torchrun(config, restart=restart, progress=progress, verify=verify)
+        elif ray_workers:
             from pipeline.train.ray_train import train_on_ray
 
             results = train_on_ray(config, workers=ray_workers, address=address, restart=restart, progress=progress,
                                    verify=verify)
         else:
             results = train(config, restart=restart, progress=progress, verify=verify)
+    except PeerFailed:
+        raise SystemExit(1) from None  # process 0 said why
     except (DataError, TrainError, WeightsError, StorageError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
+    if peer and peer[0] != 0:
+        return  # process 0 reports
     click.echo(summary_table(results))
     run = as_path(run_dir)
     click.echo(f"checkpoints: {run / 'checkpoints'}   curves: {run / 'curves.png'}")
