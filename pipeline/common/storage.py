@@ -192,7 +192,7 @@ class RemotePath:
 
     def upload(self, local: str | Path) -> None:
         """Put the local file under this name (whole: the object appears complete or not at all)."""
-        if self.protocol in LOCAL_PROTOCOLS:  # a local file (file:///…): copied beside it, then renamed
+        if self.protocol in LOCAL_PROTOCOLS:  # a local file (file:///…): copied beside it, synced, renamed
             import shutil
 
             final = Path(self.key)
@@ -201,9 +201,16 @@ class RemotePath:
             os.close(fd)
             try:
                 shutil.copyfile(local, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
                 os.replace(tmp, final)
             finally:
                 Path(tmp).unlink(missing_ok=True)
+            folder = os.open(final.parent, os.O_RDONLY)  # the rename itself (atomic.fsync_dir: atomic imports us)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         else:
             self.fs.put_file(str(local), self.key)
         self._invalidate()
