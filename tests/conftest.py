@@ -133,6 +133,23 @@ def second_epoch_started(run: Path):
 
 
 @pytest.fixture(scope="session")
+def sample_labels(tmp_path_factory) -> Path:
+    """The bundled sample labelled in this process by `classic` at 64x96 in shards of 4 (`--executor local`):
+    the reference shards of the object-storage and cluster tests, and their trains' input. Read it, never
+    change it."""
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import cli
+
+    out = tmp_path_factory.mktemp("sample-labels")
+    made = CliRunner().invoke(cli, ["label", "coco", "--teacher", "classic", "--coco-root", str(SAMPLES),
+                                    "--shard-size", "4", "--io-threads", "2", "--image-size", "64x96", "--no-progress",
+                                    "--executor", "local", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    return out / "classic" / "val2017"
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> dict:
     """moto's S3 server as a process of its own on 127.0.0.1 (no patching of this process) with a bucket
     `labels`; yields the variables that point an S3 client at it. Started once, for the tests that ask."""

@@ -162,16 +162,10 @@ def final_model(read) -> dict:
 
 
 @pytest.fixture(scope="module")
-def labels(tmp_path_factory) -> Path:
-    """The samples labelled in this process (`--executor local`): the reference shards, and the trains' input."""
-    from click.testing import CliRunner
-
-    from pipeline.cli.main import cli
-
-    out = tmp_path_factory.mktemp("labels")
-    made = CliRunner().invoke(cli, [*LABEL, "--out", str(out), "--executor", "local"])
-    assert made.exit_code == 0, made.output
-    return out / "classic" / "val2017"
+def labels(sample_labels) -> Path:
+    """The samples labelled in this process (conftest's, with the options of LABEL and `--executor local`): the
+    reference shards, and the trains' input."""
+    return sample_labels
 
 
 @needs_ray

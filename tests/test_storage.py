@@ -53,12 +53,10 @@ def sha(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> Path:
-    """The samples labelled into a local folder: the reference shards, and the input of the training test."""
-    out = tmp_path_factory.mktemp("labels")
-    local = CliRunner().invoke(cli, [*LABEL, "--out", str(out)])
-    assert local.exit_code == 0, local.output
-    return out / "classic" / "val2017"
+def labelled(sample_labels) -> Path:
+    """The samples labelled into a local folder (conftest's, with the options of LABEL): the reference shards,
+    and the input of the training test."""
+    return sample_labels
 
 
 def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, labelled):
