@@ -260,7 +260,7 @@ def test_ray_workers_take_gpus_only_when_there_is_one_each_and_cuda_is_refused_w
 
 
 def test_torchrun_processes_find_their_rank_and_one_gpu_each(monkeypatch):
-    from pipeline.train.torchrun import device_for, launched
+    from pipeline.train.torchrun import PeerFailed, device_for, launched
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -275,12 +275,18 @@ def test_torchrun_processes_find_their_rank_and_one_gpu_each(monkeypatch):
     assert device_for("cpu", 1) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert device_for("auto", 1) == "cpu"
-    with pytest.raises(TrainError, match=r"^torchrun process 1 of this machine needs GPU cuda:1 \(one per process\) "
-                                         r"but the machine has 0: start fewer processes"):
-        device_for("cuda", 1)
+    with pytest.raises(TrainError) as said:
+        device_for("cuda", 0)
+    assert str(said.value) == "--device cuda under torchrun: this machine has no GPU; use --device cpu (Gloo)"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert device_for("auto", 1) == device_for("cuda:0", 1) == "cuda:1"  # its own GPU, whatever N says
+    with pytest.raises(TrainError, match=r"needs GPU cuda:2 .* the machine has 2; start at most 2 per machine "
+                                         r"\(--nproc-per-node 2\), or use --device cpu \(Gloo\)$") as said:
+        device_for("cuda", 2)
+    assert not isinstance(said.value, PeerFailed)  # the first process without a GPU says why...
+    with pytest.raises(PeerFailed):
+        device_for("cuda", 3)  # ...the others stop without a word
 
 
 def test_ray_workers_under_torchrun_is_one_usage_error_from_process_0(labels, tmp_path, monkeypatch):

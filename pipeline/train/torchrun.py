@@ -21,7 +21,8 @@ from pipeline.train.config import EpochResult, TrainConfig, TrainError
 
 
 class PeerFailed(TrainError):
-    """Process 0 could not start the run (its error is printed there); the other processes stop quietly."""
+    """Another process says why the run cannot start (process 0, or the one of the first missing GPU); this one
+    stops quietly."""
 
 
 def launched() -> tuple[int, int, int] | None:
@@ -45,9 +46,14 @@ def device_for(device: str, local_rank: int) -> str:
     if kind not in ("cuda", "auto"):
         raise TrainError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if local_rank >= have:
-        raise TrainError(f"torchrun process {local_rank} of this machine needs GPU cuda:{local_rank} (one per process) "
-                         f"but the machine has {have}: start fewer processes (--nproc-per-node) or use --device cpu")
+    if local_rank > have:
+        raise PeerFailed("")  # the process of the first missing GPU says why, once per machine
+    if local_rank == have:
+        if not have:
+            raise TrainError(f"--device {device} under torchrun: this machine has no GPU; use --device cpu (Gloo)")
+        raise TrainError(f"--device {device} under torchrun: process {local_rank} of this machine needs GPU "
+                         f"cuda:{local_rank} (one per process) but the machine has {have}; start at most {have} per "
+                         f"machine (--nproc-per-node {have}), or use --device cpu (Gloo)")
     return f"cuda:{local_rank}"
 
 
