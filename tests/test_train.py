@@ -289,14 +289,31 @@ def test_torchrun_processes_find_their_rank_and_one_gpu_each(monkeypatch):
         device_for("cuda", 3)  # ...the others stop without a word
 
 
-def test_ray_workers_under_torchrun_is_one_usage_error_from_process_0(labels, tmp_path, monkeypatch):
+def test_under_torchrun_a_usage_error_is_printed_by_process_0_alone(labels, tmp_path, monkeypatch, capsys):
+    """Every process parses the same command line; the others exit 2 without a word (`pipeline.cli.main`)."""
+    import warnings
+
+    import click
+
+    from pipeline.cli.main import main
+
+    monkeypatch.setattr(click.UsageError, "show", click.UsageError.show)  # main() changes them: restored after
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, code, said in (("0", 2, "Error: --ray-workers under torchrun: launch with one of them (torchrun "
-                                       "already started 2 processes)"), ("1", 2, "")):
+    cases = [(["--labels", labels, "--ray-workers", "2"], "Error: --ray-workers under torchrun: launch with one of "
+                                                          "them (torchrun already started 2 processes)"),
+             (["--labels", tmp_path / "nowhere"], f"Error: Invalid value for '--labels': {tmp_path / 'nowhere'} does "
+                                                  "not exist (label folders are made by `pipeline label`)")]
+    for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
-        r = CliRunner().invoke(cli, ["train", "--labels", str(labels), "--run", str(tmp_path / "run"),
-                                     "--ray-workers", "2", *FAST])
-        assert r.exit_code == code and r.output.strip().splitlines()[-1:] == ([said] if said else []), r.output
+        for args, said in cases:
+            monkeypatch.setattr(sys, "argv", ["pipeline", "train", *map(str, args), "--run-dir", str(tmp_path / "run"),
+                                              *FAST])
+            with pytest.raises(SystemExit) as e:
+                main()
+            out, err = capsys.readouterr()
+            assert e.value.code == 2 and out == ""
+            assert err.strip().splitlines()[-1:] == ([said] if rank == "0" else []), err
     assert not (tmp_path / "run").exists()
 
 

@@ -14,6 +14,7 @@ from pipeline.cli.score import eval_cmd, export_cmd, fixations_cmd, predict_cmd,
 from pipeline.cli.train import train_cmd
 from pipeline.cli.verify import verify_cmd
 from pipeline.cli.weights import teachers_cmd, weights_group
+from pipeline.train.torchrun import launched
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -39,6 +40,9 @@ for _command in (label_cmd, verify_cmd, weights_group, train_cmd, teachers_cmd, 
 
 def main() -> None:
     warnings.showwarning = _one_line_warning  # the command line only: tests and notebooks keep their own
+    peer = launched()
+    if peer and peer[0] != 0:  # under torchrun every process parses the same command line: process 0 alone
+        click.UsageError.show = lambda self, file=None: None  # says what is wrong with it (the exit code stays 2)
     cli(prog_name="pipeline")
 
 

@@ -86,9 +86,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     from pipeline.train.torchrun import PeerFailed, launched, train_with_torchrun
 
     peer = launched()  # (rank, local rank, world) under torchrun
-    if peer and ray_workers:
-        if peer[0] != 0:
-            raise SystemExit(2)  # process 0 says why
+    if peer and ray_workers:  # (process 0 alone prints it: pipeline.cli.main)
         raise click.UsageError("--ray-workers under torchrun: launch with one of them (torchrun already started "
                                f"{peer[2]} processes)")
     try:
