@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,22 @@ def cache_path(spec: str) -> Path:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _load_failure(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words. torch's own text runs to a
+    paragraph and suggests ``weights_only=False``, which would run whatever code the file's pickle holds."""
+    text = " ".join(str(e).split())
+    pickled = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)  # torch >= 2.4, < 2.4
+    if pickled:
+        return (f"(it holds a pickled {pickled.group(1)}, not just tensors; it is not loaded, which would run its "
+                "code: save the model's state_dict() instead)")
+    refused = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if refused:
+        return f"(not a torch checkpoint: its pickle does not load as tensors: {refused.group(1).strip()})"
+    first = text.split(". ")[0].rstrip(".")  # e.g. "PytorchStreamReader failed reading zip archive: …"
+    return f"(truncated or not a torch checkpoint?): {type(e).__name__}: {first}" if first else \
+        f"(truncated or not a torch checkpoint?): {type(e).__name__}"
 
 
 def _fetch(url: str, dst: Path, sha256: str | None, *, what: str, download: bool, progress: bool) -> Path:
@@ -297,8 +314,7 @@ def load_state_dict(path: str | Path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file…
-        raise WeightsError(f"cannot read weights file {path} (truncated or not a torch checkpoint?): "
-                           f"{_one_line(e)}") from e
+        raise WeightsError(f"cannot read weights file {path} {_load_failure(e)}") from e
     if not isinstance(sd, Mapping):
         raise WeightsError(f"weights file {path} holds a {type(sd).__name__}, not a state dict")
     return sd

@@ -234,12 +234,26 @@ def test_load_state_dict_truncated(tmp_path):
     assert str(p) in str(e.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint"])
-def test_load_state_dict_garbage(tmp_path, content):
+@pytest.mark.parametrize("content, why", [
+    (b"", "(truncated or not a torch checkpoint?): EOFError"),
+    (b"garbage, not a checkpoint", "(not a torch checkpoint: its pickle does not load as tensors: Unsupported operand "),
+])
+def test_load_state_dict_garbage(tmp_path, content, why):
     p = tmp_path / "w.pth"
     p.write_bytes(content)
-    with pytest.raises(WeightsError):
+    with pytest.raises(WeightsError) as e:
         load_state_dict(p)
+    assert str(e.value).startswith(f"cannot read weights file {p} {why}"), str(e.value)
+    assert "weights_only" not in str(e.value) and len(str(e.value)) < 200  # not torch's paragraph
+
+
+def test_a_pickled_model_is_refused_unrun_with_what_to_save_instead(tmp_path):
+    torch.save(nn.Linear(2, 2), tmp_path / "model.pt")  # the whole module: loading it would run pickled code
+    with pytest.raises(WeightsError) as e:
+        load_state_dict(tmp_path / "model.pt")
+    assert str(e.value) == (f"cannot read weights file {tmp_path / 'model.pt'} (it holds a pickled "
+                            "torch.nn.modules.linear.Linear, not just tensors; it is not loaded, which would run its "
+                            "code: save the model's state_dict() instead)")
 
 
 def test_load_state_dict_not_a_dict(tmp_path):
