@@ -232,6 +232,15 @@ def test_bad_settings_are_one_clear_error(labels, tmp_path, args, message):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_run_that_names_a_file_is_one_clear_error_and_the_file_is_left_alone(labels, tmp_path):
+    weights = tmp_path / "fastsal_a.pt"  # e.g. a checkpoint given to --run instead of --init
+    weights.write_bytes(b"not mine to touch")
+    r = invoke("train", "--labels", labels, "--run", weights, *FAST)
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: --run {weights} is a file, not a run folder: give a folder (a new one, or a run's to resume it)"]
+    assert weights.read_bytes() == b"not mine to touch"
+
+
 def test_labels_that_are_not_finished_or_of_the_wrong_size_are_refused(labels, tmp_path):
     r = invoke("train", "--labels", tmp_path, "--run", tmp_path / "run", *FAST)
     assert r.exit_code == 1 and "not a finished label folder" in r.output and "labels.json" in r.output

@@ -156,6 +156,9 @@ class Trainer:
                              f"{' or '.join(hinted)} and start from its checkpoint with --init")
         if c.stage == "hint" and not c.teacher:
             raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
+        if not is_url(c.run) and Path(c.run).exists() and not Path(c.run).is_dir():
+            raise TrainError(f"--run {c.run} is a file, not a run folder: give a folder (a new one, or a run's to "
+                             "resume it)")
         labels = open_label_sets(c.labels)
         h, w = labels.image_size
         if h % info.stride or w % info.stride:
