@@ -105,6 +105,26 @@ def test_a_path_named_on_the_command_line_that_does_not_exist_is_a_usage_mistake
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused command wrote something"
 
 
+@pytest.mark.parametrize("args, out", [
+    (["eval", "--teacher", "classic", "--labels", "{labels}"], "{blocked}/metrics.json"),
+    (["predict", "--teacher", "classic", "--images", "{samples}/coco/val2017"], "{blocked}/maps/day1"),
+    (["profile", "--student", "fastsal_a", "--iters", "1"], "{blocked}/profile.json"),
+    (["export", "--student", "fastsal_a"], "{blocked}/fastsal_a.onnx"),
+    (["fixations", "mit1003", "--root", "{samples}"], "{blocked}/mit1003.h5"),
+])
+def test_an_out_that_cannot_be_written_is_one_sentence_before_any_work(tmp_path, sample_labels, args, out):
+    """`--out` under a file: the folder it needs cannot exist; said before the model is built or an image read.
+    (A folder that is not writable is refused the same way; as root, as the tests run here, every folder is.)"""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    fill = {"labels": sample_labels, "samples": Path(__file__).resolve().parents[1] / "samples", "blocked": blocked}
+    out = out.format(**fill)
+    r = CliRunner().invoke(cli, [*(a.format(**fill) for a in args), "--out", out])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: cannot write --out {out}: {blocked} is a file, not a folder"], r.output
+    assert blocked.read_text() == ""
+
+
 def test_an_existing_input_that_is_wrong_is_a_failure_not_a_usage_mistake(tmp_path):
     """Exit status 1: the command line was right, the work could not be done."""
     r = CliRunner().invoke(cli, ["train", "--labels", str(tmp_path), "--run", str(tmp_path / "run"),

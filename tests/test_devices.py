@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common.devices import autocast, resolve_device, use_autocast
+from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
 from students import available as students, build_student, to_log_density
 from teachers import available as teachers, build_teacher
 
@@ -55,6 +55,33 @@ def test_bf16_runs_on_cpu_when_asked_and_auto_means_fp32_there():
     x = model.normalize(torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8))
     with torch.inference_mode(), autocast(cpu, True):
         assert model(x).dtype == torch.bfloat16
+
+
+def test_a_cuda_device_that_is_not_there_is_one_sentence_before_any_work(monkeypatch, tmp_path, sample_labels):
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(DeviceError, match=r"^--device cuda: PyTorch sees no CUDA GPU on this machine; use --device "
+                                          r"cpu \(or auto\)$"):
+        available(torch.device("cuda"))
+    assert available(torch.device("cpu")) == torch.device("cpu")
+    samples = Path(__file__).resolve().parents[1] / "samples" / "coco"
+    for args in (["label", "coco", "--teacher", "classic", "--coco-root", str(samples), "--executor", "local",
+                  "--out", str(tmp_path / "labels")],
+                 ["train", "--labels", str(sample_labels), "--run", str(tmp_path / "run"), "--backbone-weights",
+                  "none"]):
+        r = CliRunner().invoke(cli, [*args, "--device", "cuda:1", "--no-progress"])
+        assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
+            "Error: --device cuda:1: PyTorch sees no CUDA GPU on this machine; use --device cpu (or auto)"), r.output
+    assert not (tmp_path / "labels" / "classic" / "val2017" / "labels.json").exists()
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert available(torch.device("cuda:1")) == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match=r"^--device cuda:2: this machine has 2 CUDA GPUs \(cuda:0 to cuda:1\)$"):
+        available(torch.device("cuda:2"))
 
 
 def test_deepgaze_readout_and_finalizer_stay_float32_under_autocast():

@@ -52,10 +52,14 @@ def missing(path, urls: bool = True) -> bool:
         raise click.ClickException(str(e)) from None
 
 
-def output_path(value):
-    """An output option's value as :func:`~pipeline.common.storage.as_path` gives it (None stays None); for a URL
-    whose protocol cannot be used, the :class:`~pipeline.common.storage.StorageError` sentence (exit 1) before
-    any work."""
+def output_path(value, *, folder: bool = False):
+    """An output option's value as :func:`~pipeline.common.storage.as_path` gives it (None stays None), checked
+    before any work, writing nothing: for a URL whose protocol cannot be used, the
+    :class:`~pipeline.common.storage.StorageError` sentence; for a local path, a folder on its way that is a file,
+    or the nearest existing folder not writable (permissions, a read-only filesystem), is one sentence (exit 1).
+    ``folder``: the path is a folder to write into, not a file."""
+    import os
+
     from pipeline.common.storage import StorageError, as_path, is_url
 
     out = None if value is None else as_path(value)
@@ -64,6 +68,14 @@ def output_path(value):
             out.fs
         except StorageError as e:
             raise click.ClickException(str(e)) from None
+    elif out is not None:
+        probe = Path(out) if folder else Path(out).parent
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent  # the nearest part of the path that exists
+        if not probe.is_dir():
+            raise click.ClickException(f"cannot write --out {out}: {probe} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise click.ClickException(f"cannot write --out {out}: the folder {probe} is not writable")
     return out
 
 

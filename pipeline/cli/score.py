@@ -146,7 +146,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     from pipeline.label.sources import SourceError
 
     must_exist("images")
-    out = output_path(out)
+    out = output_path(out, folder=True)
     predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                                          student_options=student_options), runtime,
                              calibration=calibration, calibration_images=calibration_images)

@@ -19,6 +19,21 @@ def resolve_device(device: str) -> torch.device:
         raise DeviceError(f"unknown device {device!r} (auto, cpu, cuda or cuda:N): {e}") from None
 
 
+def available(device: torch.device, option: str = "--device") -> torch.device:
+    """``device`` when this process can compute on it; a CUDA device that is not there is a :class:`DeviceError`
+    (one sentence, instead of CUDA's own error at the first tensor moved)."""
+    if device.type != "cuda":
+        return device
+    name = f"cuda:{device.index}" if device.index is not None else "cuda"
+    if not torch.cuda.is_available():
+        raise DeviceError(f"{option} {name}: PyTorch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(f"{option} {name}: this machine has {count} CUDA GPU{'' if count == 1 else 's'} "
+                          f"(cuda:0 to cuda:{count - 1})")
+    return device
+
+
 def use_autocast(device: torch.device, precision: str, option: str = "--precision") -> bool:
     """Whether to run under bf16 autocast: ``auto`` means bf16 on a GPU and fp32 elsewhere; ``bf16`` asks for
     it on any device (PyTorch autocasts on CPU too, so the bf16 path runs and is tested without a GPU).

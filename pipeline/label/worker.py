@@ -32,7 +32,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.common import images
-from pipeline.common.devices import autocast, resolve_device, use_autocast
+from pipeline.common.devices import autocast, available, resolve_device, use_autocast
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
@@ -74,7 +74,7 @@ class ShardLabeler:
 
     def __init__(self, config: LabelConfig, teacher: Teacher | None = None):
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = available(resolve_device(config.device))
         self.autocast = use_autocast(self.device, config.precision)
         self.teacher = (teacher or build_teacher(config.teacher, weights=config.weights)).to(self.device).eval()
         self.pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="label-io")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.common import images
-from pipeline.common.devices import DeviceError, autocast, resolve_device, use_autocast
+from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
 from pipeline.common.maps import resize_label
 from pipeline.train.checkpoints import CheckpointError, student_from_checkpoint
 from students import Student, build_student, student_kind, to_log_density
@@ -91,7 +91,7 @@ class Predictor:
 
 def _device(device: str, precision: str) -> tuple[torch.device, bool]:
     try:
-        dev = resolve_device(device)
+        dev = available(resolve_device(device))
         return dev, use_autocast(dev, precision)
     except DeviceError as e:
         raise PredictorError(str(e)) from None

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.common.atomic import write_json
-from pipeline.common.devices import DeviceError, autocast, resolve_device, use_autocast
+from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
 from pipeline.common.locks import LOCK_NAME, FolderLock, LockHeld
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import Mirror, as_path, is_url
@@ -107,7 +107,10 @@ class Trainer:
         self.bad = BadSamples(c.max_bad_samples, echo=lambda line: tqdm.write(line, file=sys.stderr))
         self.run = Path(c.run)
         self.ckpt_dir = self.run / "checkpoints"
-        self.device = resolve_device(c.device)
+        try:
+            self.device = available(resolve_device(c.device))
+        except DeviceError as e:
+            raise TrainError(str(e)) from None
         self.amp = use_autocast(self.device, c.amp, option="--amp")
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
