@@ -177,8 +177,8 @@ class Trainer:
             train, val_tars = split_shards(labels.tars, c.val_shards)
         try:
             use_autocast(resolve_device(c.device), c.amp, option="--amp")
-        except DeviceError as e:
-            raise TrainError(f"--amp {e}") from None
+        except DeviceError as e:  # an unknown --device (or --amp, for a config not made by the CLI)
+            raise TrainError(str(e)) from None
         return labels, train, val_tars, shards
 
     # -- checkpoints -----------------------------------------------------------------------
