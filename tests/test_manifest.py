@@ -364,6 +364,8 @@ BAD = {
     "unknown_option": ("steps:\n" + STEP + "  b:\n    run: label\n    with:\n      source: coco\n"
                        "      shard_sise: 4\n", 9,
                        "unknown option 'shard_sise' for `label` (did you mean 'shard_size'?)"),
+    "unknown_option_near_a_flag": ("steps:\n  t:\n    run: train\n    with: {labels: l, init_ckp: r}\n", 4,
+                                   "unknown option 'init_ckp' for `train` (did you mean 'init'?)"),  # as written
     "mistyped_value": ("steps:\n  a:\n    run: label\n    with:\n      source: coco\n      teacher: classic\n"
                        "      shard_size: many\n", 7,
                        "Invalid value for '--shard-size': 'many' is not a valid integer"),
@@ -396,6 +398,13 @@ def test_bad_manifest_is_refused_with_file_and_line(case, fresh):
     assert result.exit_code == 2, result.output
     assert f"Error: {case}.yaml:{line}: " in result.output and message in result.output, result.output
     assert not Path("runs").exists()  # nothing was started
+
+
+def test_a_manifest_that_is_not_text_is_one_line(fresh):
+    Path("m.yaml").write_bytes(b"\x00\x01 not yaml")
+    result = invoke("run", "m.yaml", "--dry-run")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "Error: m.yaml: invalid YAML: unacceptable character #x0000: special characters are not allowed"], result.output
 
 
 def test_every_problem_is_reported_at_once(fresh):

@@ -494,8 +494,9 @@ class _Loader:
             line = mark.line + 1 if mark else 1
             problem = " ".join(x for x in (e.context, e.problem) if x)
             raise ManifestError([f"{display}:{line}: invalid YAML: {problem}"]) from None
-        except yaml.YAMLError as e:
-            raise ManifestError([f"{display}: invalid YAML: {e}"]) from None
+        except yaml.YAMLError as e:  # e.g. a NUL byte: PyYAML's reader adds a line on where
+            problem = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ManifestError([f"{display}: invalid YAML: {problem}"]) from None
         data = doc.data
         if not isinstance(data, dict):
             raise ManifestError([f"{display}:1: a manifest is a mapping with keys {', '.join(TOP_KEYS)}"
@@ -705,8 +706,9 @@ class _Loader:
             pname = str(key).replace("-", "_")
             pname = pname if pname in params else flags.get(pname, pname)
             if pname not in params:
+                keys = set(flags) | {p.name for p in command.params if not any(o.startswith("--") for o in p.opts)}
                 self.error(doc.at("steps", name, "with", key), f"step {name!r}: unknown option {key!r} for "
-                           f"`{command_name}`{suggest(pname, params)}")
+                           f"`{command_name}`{suggest(pname, keys)}")  # the keys a manifest writes: options' names
                 continue
             try:
                 values[pname] = substitute(value, lookup)
