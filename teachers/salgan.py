@@ -125,9 +125,17 @@ def convert_lasagne_npz(src: str | Path) -> dict[str, torch.Tensor]:
     spatial axes here. Lasagne's W is (out, in, kh, kw) like PyTorch's.
     """
     try:
+        with open(src, "rb") as f:
+            zipped = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+    except OSError as e:
+        raise WeightsError(f"cannot read Lasagne weights {src}: {e.strerror or e}") from e
+    if not zipped:  # np.load would try it as a pickle, or hand back one .npy array
+        raise WeightsError(f"{src} is not an .npz archive (the Lasagne release, gen_modelWeights0090.npz, is a zip "
+                           "of arrays arr_0 … arr_53)")
+    try:
         with np.load(src, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # truncated zip, not an npz…
+    except Exception as e:  # truncated zip…
         raise WeightsError(f"cannot read Lasagne weights {src}: {e}") from e
     shapes = _conv_shapes()
     expected = [f"arr_{i}" for i in range(2 * len(shapes))]

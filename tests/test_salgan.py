@@ -166,6 +166,17 @@ def test_lasagne_npz_with_wrong_layout(tmp_path, lasagne_npz):
         convert_lasagne_npz(tmp_path / "short.npz")
 
 
+def test_a_file_that_is_not_an_npz_archive_is_named_as_such(tmp_path):
+    """Not numpy's advice to load it as a pickle (`allow_pickle=`), nor an `__enter__` error for one .npy array."""
+    (tmp_path / "text.npz").write_text("not weights")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    for path in (tmp_path / "text.npz", tmp_path / "one.npy"):
+        with pytest.raises(WeightsError) as e:
+            convert_lasagne_npz(path)
+        assert str(e.value) == (f"{path} is not an .npz archive (the Lasagne release, gen_modelWeights0090.npz, is a "
+                                "zip of arrays arr_0 … arr_53)")
+
+
 def test_output_is_a_probability_map(model):
     with torch.no_grad():
         y = model(_images(2, 32, 48))
