@@ -295,6 +295,10 @@ def test_eval_checkpoint_on_labels_scores_the_held_out_shard(run_dir, label_fold
     assert {r["key"] for r in doc["per_image"]} == shard_keys(tars[-1])
     for r in doc["per_image"]:
         assert -1.0 <= r["cc"] <= 1.0 and 0.0 <= r["sim"] <= 1.0 and r["kl_div"] >= 0.0
+    pointer = tmp_path / "pointer.json"  # the run's checkpoints/latest.json named instead of the run: the same
+    ok("eval", "--checkpoint", run_dir / "checkpoints" / "latest.json", "--labels", label_folder, "--device", "cpu",
+       "--out", pointer, "--no-progress")
+    assert json.loads(pointer.read_text())["metrics"] == doc["metrics"]
 
     # --val-shards covering every shard scores them all
     every = tmp_path / "all.json"

@@ -123,9 +123,15 @@ def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder of ``pipeline train`` (→ its latest checkpoint); either may be a URL
-    (a :class:`~pipeline.common.storage.RemotePath` then: a folder is a prefix holding objects)."""
+    """A checkpoint file, or a run folder of ``pipeline train`` (→ its latest checkpoint), or that folder's
+    ``checkpoints/latest.json`` (the same); each may be a URL (a :class:`~pipeline.common.storage.RemotePath`
+    then: a folder is a prefix holding objects)."""
     path = as_path(path)
+    if path.name == LATEST and path.is_file():  # the run's pointer, named instead of the run
+        found = latest(path.parent)
+        if found is None:
+            raise CheckpointError(f"{path} names no checkpoint")
+        return found
     if path.is_file():
         return path
     if path.exists() if is_url(path) else path.is_dir():
