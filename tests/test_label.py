@@ -917,8 +917,6 @@ def test_a_map_of_nan_or_inf_is_a_recorded_failure_not_a_stored_label(tmp_path):
     """A teacher that returns NaN or inf for an image (a diverged network, an overflow in low precision) must not
     have that map quantised into a PNG of garbage that training then reads as a label: the image is a
     per-image failure with its reason, the rest of the shard is labelled, and --retry-failed can redo it."""
-    import torch
-
     from pipeline.label.sources import folder_records, plan_shards
     from pipeline.label.worker import ShardLabeler
     from teachers import build_teacher
