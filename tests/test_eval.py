@@ -300,16 +300,18 @@ def test_eval_checkpoint_on_labels_scores_the_held_out_shard(run_dir, label_fold
        "--out", pointer, "--no-progress")
     assert json.loads(pointer.read_text())["metrics"] == doc["metrics"]
 
-    # --val-shards covering every shard scores them all
+    # --val-shards covering every shard scores them all, and says so
     every = tmp_path / "all.json"
-    ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--val-shards", "2", "--device", "cpu",
-       "--out", every, "--no-progress")
+    with pytest.warns(UserWarning, match=rf"^--val-shards 2: {label_folder} has 2 shards, all scored \(the training "
+                                         r"shards too, if the model was trained on this folder\)$"):
+        ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--val-shards", "2", "--device", "cpu",
+           "--out", every, "--no-progress")
     assert {r["key"] for r in json.loads(every.read_text())["per_image"]} == shard_keys(tars[0]) | shard_keys(tars[1])
 
     # --limit applies to labels too
     one = tmp_path / "one.json"
-    ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--val-shards", "2", "--limit", "3",
-       "--device", "cpu", "--out", one, "--no-progress")
+    ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--val-shards", "0", "--limit", "3",
+       "--device", "cpu", "--out", one, "--no-progress")  # 0: every shard, as asked (no warning)
     assert json.loads(one.read_text())["images"] == 3
 
 

@@ -16,6 +16,7 @@ in the pool again, so decoding and scoring overlap the forward pass.
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,10 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
 
     t0 = time.perf_counter()
     labels = open_label_set(folder)
+    if val_shards >= len(labels.tars) > 0:  # (0 asks for all of them)
+        warnings.warn(f"--val-shards {val_shards}: {folder} has {len(labels.tars)} shard"
+                      f"{'' if len(labels.tars) == 1 else 's'}, all scored (the training shards too, if the model "
+                      "was trained on this folder)")
     _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
     result = EvalResult(predictor.name, f"{labels.teacher} labels in {folder} (last {len(held_out)} shards)",
                         SHARD_METRICS)
