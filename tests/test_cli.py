@@ -125,6 +125,27 @@ def test_an_out_that_cannot_be_written_is_one_sentence_before_any_work(tmp_path,
     assert blocked.read_text() == ""
 
 
+def test_ctrl_c_in_label_or_train_says_what_is_kept_and_exits_130(tmp_path, sample_labels, monkeypatch):
+    """Not click's bare "Aborted!": what survives, and that the same command carries on (exit 128 + SIGINT)."""
+    import pipeline.label.driver
+    import pipeline.train.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.label.driver, "label", interrupted)
+    monkeypatch.setattr(pipeline.train.loop, "train", interrupted)
+    samples = Path(__file__).resolve().parents[1] / "samples" / "coco"
+    for args, said in (
+            (["label", "coco", "--teacher", "classic", "--coco-root", samples, "--out", tmp_path / "labels"],
+             "interrupted: the finished shards are kept (each has its marker); run the same command again to label "
+             "the rest"),
+            (["train", "--labels", sample_labels, "--run", tmp_path / "run"],
+             "interrupted: the run resumes after its last finished epoch when the same command runs again")):
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert r.exit_code == 130 and r.output.strip().splitlines() == [said], r.output
+
+
 def test_an_existing_input_that_is_wrong_is_a_failure_not_a_usage_mistake(tmp_path):
     """Exit status 1: the command line was right, the work could not be done."""
     r = CliRunner().invoke(cli, ["train", "--labels", str(tmp_path), "--run", str(tmp_path / "run"),

@@ -101,6 +101,11 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
             results = train(config, restart=restart, progress=progress, verify=verify)
     except PeerFailed:
         raise SystemExit(1) from None  # process 0 said why
+    except KeyboardInterrupt:
+        if not peer or peer[0] == 0:
+            click.echo("interrupted: the run resumes after its last finished epoch when the same command runs again",
+                       err=True)
+        raise SystemExit(130) from None
     except (DataError, TrainError, WeightsError, StorageError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     if peer and peer[0] != 0:

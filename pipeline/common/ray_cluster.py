@@ -219,6 +219,32 @@ def _forward_only(actors: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
+def interrupts_after():
+    """Hold Ctrl-C (SIGINT) back for the block: yields a function that raises the KeyboardInterrupt that came
+    meanwhile, to be called where it can be handled. For ``ray.init``: interrupted while it builds its core
+    worker, Ray 2.60 is left half-connected, ``ray.shutdown`` does not stop it, and at exit its own clean-up
+    races its threads and the interpreter dies of a segmentation fault. (Only the main thread has signal
+    handlers; elsewhere the block runs as is.)"""
+    import signal
+    import threading
+
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    before = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+
+    def interrupted() -> None:
+        if came:
+            raise KeyboardInterrupt
+
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
 def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
             object_store_memory: int = LOCAL_OBJECT_STORE, worker_env: Mapping[str, str] | None = None):
     """Ray for the duration of the ``with`` block: the cluster at ``address`` (None: ``$RAY_ADDRESS``), or an
@@ -249,14 +275,16 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
             if AUTH_MODE not in os.environ:  # Ray's default for a new local cluster, without its notice
                 _enable_token_mode()
             with _env(**quiet):
+                with interrupts_after() as interrupted:
+                    try:
+                        ray.init(address="local", _temp_dir=str(folder), object_store_memory=object_store_memory,
+                                 **options)
+                    except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
+                        raise RayClusterError(f"could not start a local Ray ({_first_line(e)})") from None
                 try:
-                    ray.init(address="local", _temp_dir=str(folder), object_store_memory=object_store_memory,
-                             **options)
-                except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
-                    raise RayClusterError(f"could not start a local Ray ({_first_line(e)})") from None
-                if show is not None:
-                    _forward_only(show)
-                try:
+                    interrupted()
+                    if show is not None:
+                        _forward_only(show)
                     yield "local"
                 finally:
                     ray.shutdown()
@@ -269,13 +297,16 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
         forward = {**forwarded_env(os.environ), **(worker_env or {})}
         if forward:
             options["runtime_env"] = {"env_vars": forward}
+        with interrupts_after() as interrupted:
+            try:
+                ray.init(address=address, **options)
+            except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
+                raise RayClusterError(f"could not connect to the Ray cluster at {address} ({_first_line(e)})") \
+                    from None
         try:
-            ray.init(address=address, **options)
-        except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
-            raise RayClusterError(f"could not connect to the Ray cluster at {address} ({_first_line(e)})") from None
-        if show is not None:
-            _forward_only(show)
-        try:
+            interrupted()
+            if show is not None:
+                _forward_only(show)
             yield address
         finally:
             ray.shutdown()
