@@ -126,7 +126,8 @@ def convert_lasagne_npz(src: str | Path) -> dict[str, torch.Tensor]:
     """
     try:
         with open(src, "rb") as f:
-            zipped = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+            zipped = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")  # the start only (zipfile.is_zipfile reads
+            # the end, and would call a truncated download "not an archive")
     except OSError as e:
         raise WeightsError(f"cannot read Lasagne weights {src}: {e.strerror or e}") from e
     if not zipped:  # np.load would try it as a pickle, or hand back one .npy array

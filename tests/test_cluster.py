@@ -66,6 +66,15 @@ def test_ctrl_c_while_ray_starts_is_raised_once_it_has_started():
     with interrupts_after() as interrupted:
         pass
     interrupted()  # no Ctrl-C, nothing to raise
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job: ignored, and left so
+    try:
+        with interrupts_after() as interrupted:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        interrupted()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:

@@ -223,14 +223,15 @@ def interrupts_after():
     """Hold Ctrl-C (SIGINT) back for the block: yields a function that raises the KeyboardInterrupt that came
     meanwhile, to be called where it can be handled. For ``ray.init``: interrupted while it builds its core
     worker, Ray 2.60 is left half-connected, ``ray.shutdown`` does not stop it, and at exit its own clean-up
-    races its threads and the interpreter dies of a segmentation fault. (Only the main thread has signal
-    handlers; elsewhere the block runs as is.)"""
+    races its threads and the interpreter dies of a segmentation fault. (Only where Ctrl-C raises
+    KeyboardInterrupt, Python's default in the main thread; elsewhere the block runs as is.)"""
     import signal
     import threading
 
     came: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield lambda: None  # (SIGINT ignored, as in a background job, or handled by someone else: left so)
         return
     before = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
 
@@ -242,6 +243,26 @@ def interrupts_after():
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
+def _started(init, failure: str, show: tuple[str, ...] | None):
+    """Ray started by ``init`` (Ctrl-C held back until it has: :func:`interrupts_after`; a failure is ``failure``
+    and Ray's first line), the output of only ``show``'s actors forwarded, then the block; Ray shut down after."""
+    import ray
+
+    with interrupts_after() as interrupted:
+        try:
+            init()
+        except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
+            raise RayClusterError(f"{failure} ({_first_line(e)})") from None
+    try:
+        interrupted()
+        if show is not None:
+            _forward_only(show)
+        yield
+    finally:
+        ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -275,19 +296,10 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
             if AUTH_MODE not in os.environ:  # Ray's default for a new local cluster, without its notice
                 _enable_token_mode()
             with _env(**quiet):
-                with interrupts_after() as interrupted:
-                    try:
-                        ray.init(address="local", _temp_dir=str(folder), object_store_memory=object_store_memory,
-                                 **options)
-                    except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
-                        raise RayClusterError(f"could not start a local Ray ({_first_line(e)})") from None
-                try:
-                    interrupted()
-                    if show is not None:
-                        _forward_only(show)
+                with _started(lambda: ray.init(address="local", _temp_dir=str(folder),
+                                               object_store_memory=object_store_memory, **options),
+                              "could not start a local Ray", show):
                     yield "local"
-                finally:
-                    ray.shutdown()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return
@@ -297,16 +309,6 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
         forward = {**forwarded_env(os.environ), **(worker_env or {})}
         if forward:
             options["runtime_env"] = {"env_vars": forward}
-        with interrupts_after() as interrupted:
-            try:
-                ray.init(address=address, **options)
-            except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
-                raise RayClusterError(f"could not connect to the Ray cluster at {address} ({_first_line(e)})") \
-                    from None
-        try:
-            interrupted()
-            if show is not None:
-                _forward_only(show)
+        with _started(lambda: ray.init(address=address, **options),
+                      f"could not connect to the Ray cluster at {address}", show):
             yield address
-        finally:
-            ray.shutdown()

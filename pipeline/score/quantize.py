@@ -11,7 +11,6 @@ resized to the graph's input size. They are taken in sorted order, so the same i
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int) -> list[
     folder (its shards in order), or the image files of a folder (sorted, unreadable ones skipped)."""
     from pipeline.label.shards import read_samples
     from pipeline.label.sources import SourceError, folder_records
+    from pipeline.train.data import DataError, open_label_set
 
     path = Path(path)
     out: list[np.ndarray] = []
@@ -41,9 +41,12 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int) -> list[
         out.append(np.ascontiguousarray(resize(rgb, size).transpose(2, 0, 1)[None]))
 
     if (path / "labels.json").is_file():
-        index = json.loads((path / "labels.json").read_text())
-        for shard in index.get("shards", []):
-            for _, sample in sorted(read_samples(path / shard["tar"]).items()):
+        try:
+            tars = open_label_set(path).tars
+        except DataError as e:
+            raise PredictorError(f"--calibration {path}: {e}") from None
+        for tar in tars:
+            for _, sample in sorted(read_samples(tar).items()):
                 if len(out) < n and "jpg" in sample:
                     add(decode_image(sample["jpg"]))
             if len(out) >= n:
