@@ -56,25 +56,26 @@ def test_ctrl_c_while_ray_starts_is_raised_once_it_has_started():
     while Ray starts and raises it where `ray.shutdown` follows."""
     from pipeline.common.ray_cluster import interrupts_after
 
-    handler = signal.getsignal(signal.SIGINT)
-    with interrupts_after() as interrupted:
-        os.kill(os.getpid(), signal.SIGINT)  # delivered to this (the main) thread's handler at once
-        time.sleep(0.05)  # ...and nothing is raised here
-    assert signal.getsignal(signal.SIGINT) is handler
-    with pytest.raises(KeyboardInterrupt):
-        interrupted()
-    with interrupts_after() as interrupted:
-        pass
-    interrupted()  # no Ctrl-C, nothing to raise
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job: ignored, and left so
+    outer = signal.getsignal(signal.SIGINT)  # (an earlier test's Ray may have set one of its own)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as `pipeline` has it
+        with interrupts_after() as interrupted:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered to this (the main) thread's handler at once
+            time.sleep(0.05)  # ...and nothing is raised here
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            interrupted()
+        with interrupts_after() as interrupted:
+            pass
+        interrupted()  # no Ctrl-C, nothing to raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job: ignored, and left so
         with interrupts_after() as interrupted:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
         interrupted()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, outer)
 
 
 def free_port() -> int:

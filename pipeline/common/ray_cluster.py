@@ -223,21 +223,22 @@ def interrupts_after():
     """Hold Ctrl-C (SIGINT) back for the block: yields a function that raises the KeyboardInterrupt that came
     meanwhile, to be called where it can be handled. For ``ray.init``: interrupted while it builds its core
     worker, Ray 2.60 is left half-connected, ``ray.shutdown`` does not stop it, and at exit its own clean-up
-    races its threads and the interpreter dies of a segmentation fault. (Only where Ctrl-C raises
-    KeyboardInterrupt, Python's default in the main thread; elsewhere the block runs as is.)"""
+    races its threads and the interpreter dies of a segmentation fault. The handler that was there is
+    called then (Python's default raises KeyboardInterrupt). Only in the main thread, and only where SIGINT has a
+    handler: an ignored one (a background job) stays ignored.)"""
     import signal
     import threading
 
     came: list[int] = []
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield lambda: None  # (SIGINT ignored, as in a background job, or handled by someone else: left so)
+    before = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(before):
+        yield lambda: None  # (SIGINT ignored, as in a background job, or fatal: left so)
         return
-    before = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
 
     def interrupted() -> None:
         if came:
-            raise KeyboardInterrupt
+            before(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
 
     try:
         yield interrupted
