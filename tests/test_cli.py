@@ -114,7 +114,7 @@ def test_a_path_named_on_the_command_line_that_does_not_exist_is_a_usage_mistake
 ])
 def test_an_out_that_cannot_be_written_is_one_sentence_before_any_work(tmp_path, sample_labels, args, out):
     """`--out` under a file: the folder it needs cannot exist; said before the model is built or an image read.
-    (A folder that is not writable is refused the same way; as root, as the tests run here, every folder is.)"""
+    (A folder that is not writable is refused the same way: see the /proc test below.)"""
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     fill = {"labels": sample_labels, "samples": Path(__file__).resolve().parents[1] / "samples", "blocked": blocked}
@@ -123,6 +123,16 @@ def test_an_out_that_cannot_be_written_is_one_sentence_before_any_work(tmp_path,
     assert r.exit_code == 1 and r.output.strip().splitlines() == [
         f"Error: cannot write --out {out}: {blocked} is a file, not a folder"], r.output
     assert blocked.read_text() == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_out_in_a_folder_that_takes_no_files_is_refused_even_for_root(sample_labels):
+    """/proc is a folder no one can create a file in, but `access()` tells root it may: the check creates an
+    unnamed file there, so root (as the tests run here) is refused like anyone else, and nothing is scored."""
+    out = "/proc/pipeline-nowhere/metrics.json"
+    r = CliRunner().invoke(cli, ["eval", "--teacher", "classic", "--labels", str(sample_labels), "--out", out])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith(f"Error: cannot write --out {out}: the folder /proc "), r.output
 
 
 def test_ctrl_c_in_label_or_train_says_what_is_kept_and_exits_130(tmp_path, sample_labels, monkeypatch):

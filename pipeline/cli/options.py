@@ -59,6 +59,7 @@ def output_path(value, *, folder: bool = False):
     or the nearest existing folder not writable (permissions, a read-only filesystem), is one sentence (exit 1).
     ``folder``: the path is a folder to write into, not a file."""
     import os
+    import tempfile
 
     from pipeline.common.storage import StorageError, as_path, is_url
 
@@ -76,6 +77,12 @@ def output_path(value, *, folder: bool = False):
             raise click.ClickException(f"cannot write --out {out}: {probe} is a file, not a folder")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise click.ClickException(f"cannot write --out {out}: the folder {probe} is not writable")
+        try:  # access() answers yes to root everywhere: an unnamed file, gone when closed, asks the filesystem
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise click.ClickException(f"cannot write --out {out}: the folder {probe} refuses new files "
+                                       f"({e.strerror or e})") from None
     return out
 
 
