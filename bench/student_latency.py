@@ -27,6 +27,10 @@ change the speed). Runtimes:
 - ``compile``: ``pipeline profile --runtime compile``: ``torch.compile`` (CUDA graphs on CUDA). On a CPU it
   takes minutes to compile, so it is left out there unless ``--runtimes`` names it.
 
+With ``onnx``, one more row on the CPU: the ``fp32 GEMM ceiling``, the images/s the student's FLOPs would allow
+at the rate of a large fp32 matrix product on the same threads (torch's, 2048×2048), and the share of that rate
+the ``onnx`` row reaches.
+
 Targets (docs/benchmarks.md): CPU, ``onnx`` at batch 1, FastSal (A) at 192x256: >= 150 img/s; GPU: FastSal (A)
 >= 1,000 img/s at batch 1 and >= 15,000 img/s at batch 256.
 
@@ -79,6 +83,19 @@ def bare_loop(session, size: tuple[int, int], warmup: int, iters: int):
         return statistics.median(times)
 
     return run
+
+
+def gemm_gflops(n: int = 2048, passes: int = 5) -> float:
+    """This CPU's fp32 matrix-product rate on torch's threads (median of ``passes`` n×n products): about the
+    most FLOPs per second a dense model reaches here."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(passes):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def bench_student(name: str, args, rows: list[dict]) -> None:
@@ -137,6 +154,13 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
                  precision="int8" if runtime == "onnx-int8" else "fp32",
                  images_per_s=round(1 / s, 2), ms=round(s * 1e3, 3), rounds=args.rounds,
                  round_images_per_s=[round(1 / t, 1) for t in per_round[runtime]])
+        if "onnx" in want_onnx:  # what an fp32 graph of this many FLOPs could reach at the GEMM rate
+            gflops = profile(cpu, input_size=size, batch_size=1, iters=1, warmup=0).gflops
+            rate = gemm_gflops()
+            emit(rows, **{**common, "device": "cpu"}, runtime="fp32 GEMM ceiling", mode="default", batch=1,
+                 precision="fp32", images_per_s=round(rate / gflops, 2), gemm_gflops_per_s=round(rate, 1),
+                 gflops_per_image=round(gflops, 3),
+                 onnx_share_of_gemm_rate=round(1 / statistics.median(per_round["onnx"]) * gflops / rate, 3))
         if "onnx" in want_onnx and args.large_batch:
             measure(served, "onnx", args.large_batch, args.large_iters, "fp32")
         if "onnx-int8" in want_onnx and args.large_batch:
