@@ -1,5 +1,5 @@
 """The pipeline against a real Ray cluster: one head started with `ray start --head` as its own process on the
-loopback address for the session, token authentication on (Ray's default once a token exists); the test SIGKILLs
+loopback address for the session, token authentication on (RAY_AUTH_MODE=token); the test SIGKILLs
 it half-way, so that the machine has a recorded "current cluster" that is dead.
 
 The commands run as concurrent subprocesses, so that Ray's start-up waits overlap. The head's environment has
@@ -117,14 +117,15 @@ class Head:
 
 
 def start_head() -> Head:
-    """`ray start --head --block` in its own process group; its token in a file of its own
-    (RAY_AUTH_TOKEN_PATH), which `ray start` finds and turns token authentication on for."""
+    """`ray start --head --block` in its own process group, with token authentication as Ray documents it
+    (RAY_AUTH_MODE=token, from Ray 2.52; newer Rays turn it on by themselves) and its token in a file of its
+    own (RAY_AUTH_TOKEN_PATH)."""
     tmpdir = Path(tempfile.mkdtemp(prefix="ray-head-"))  # short: Ray's socket paths live under it
     token_file = tmpdir / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     port = free_port()
     log = tmpdir / "head.log"
-    env = base_env(RAY_TMPDIR=str(tmpdir), RAY_AUTH_TOKEN_PATH=str(token_file))
+    env = base_env(RAY_TMPDIR=str(tmpdir), RAY_AUTH_TOKEN_PATH=str(token_file), RAY_AUTH_MODE="token")
     with open(log, "w") as out:
         proc = subprocess.Popen([str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "4",
                                  "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",

@@ -139,15 +139,14 @@ def _probe(address: str) -> None:
 
 
 def _enable_token_mode() -> None:
+    """Token authentication on for this process and the ones it starts, even after a first connection without
+    it: Ray caches RAY_AUTH_MODE in its config and the token in its loader, so both are read again (as Ray
+    2.59's own ``_enable_token_auth`` does; Ray 2.52–2.58 have no such function)."""
     os.environ[AUTH_MODE] = "token"
-    try:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-        from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader, Config
 
-        _enable_token_auth()
-        AuthenticationTokenLoader.instance().reset_cache()
-    except ImportError:  # another Ray version: the environment variable is what it reads
-        pass
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def check_cluster(address: str) -> None:

@@ -101,7 +101,8 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
             if predictor.student:
                 model.set_execution(mode)
             with autocast(dev, predictor.autocast):
-                with FlopCounterMode(display=False) as counter:
+                # outside inference mode, in which torch 2.4's FLOP counter counts nothing
+                with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
                     count(x1.to(count_device))
                 stats = model.last_stats() if predictor.student else {}
                 median = _time(run, x, dev, warmup, iters)
