@@ -34,6 +34,45 @@ def test_every_command_and_option_is_documented(path, cmd):
     assert CliRunner().invoke(cli, [*path.split(), "--help"]).exit_code == 0
 
 
+def example_command_lines(text: str):
+    """Each ``pipeline …`` command line of a Markdown text's code blocks (continuation lines joined, trailing
+    comments dropped; also after ``-m``, as under torchrun): (command path, its arguments, the line)."""
+    import re
+    import shlex
+
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            try:
+                tokens = shlex.split(line)
+            except ValueError:
+                continue
+            for i, token in enumerate(tokens):
+                if token == "pipeline" and (i == 0 or tokens[i - 1] in ("-m", "&&", ";")):
+                    rest, cmd, path = tokens[i + 1:], cli, []
+                    while isinstance(cmd, click.Group) and rest and rest[0] in cmd.commands:
+                        cmd, path, rest = cmd.commands[rest[0]], [*path, rest[0]], rest[1:]
+                    yield cmd, " ".join(path), rest, line
+
+
+def test_every_example_command_line_in_the_docs_uses_options_its_command_has():
+    """An example that a rename or a removed option left behind fails as soon as a user copies it."""
+    root = Path(__file__).resolve().parents[1]
+    seen, wrong = 0, []
+    for doc in [root / "CLI.md", root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for cmd, path, args, line in example_command_lines(doc.read_text()):
+            if isinstance(cmd, click.Group):
+                continue
+            seen += 1
+            known = {o for p in cmd.params for o in p.opts + p.secondary_opts} | {"--help"}
+            for arg in args:
+                if arg in ("&&", ";", "|"):
+                    break
+                if arg.startswith("--") and arg.split("=", 1)[0] not in known:
+                    wrong.append(f"{doc.name}: `pipeline {path}` has no {arg.split('=', 1)[0]}: {line}")
+    assert seen > 50 and wrong == []
+
+
 def test_weights_convert_writes_a_checkpoint_salgan_loads(tmp_path):
     from teachers import build_teacher
     from teachers.salgan import _conv_shapes
