@@ -4,7 +4,8 @@ A checkpoint is ``<run>/checkpoints/epoch-NNNN.pt`` (written atomically) and ``l
 newest; the two newest are kept. It holds the student's state dict under ``model`` with its registry
 name (``student``) and builder options (``student_options``), the optimizer and scheduler, epoch and
 global step, every RNG state, the settings it must be resumed with, and what its labels were
-(teacher, label kind, image size). Only tensors, numbers and strings: it loads with ``weights_only``.
+(teacher, label kind, image size). Only tensors, numbers, strings and containers (the scheduler's milestones are
+a ``Counter``, which torch accepts from 2.4, the floor): it loads with ``weights_only``.
 A checkpoint or run folder to load (``--checkpoint``, ``--init``) may be a URL (``s3://…``): the pointer is
 read there and the one checkpoint file downloaded to a temporary file.
 """

@@ -27,7 +27,6 @@ import random
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -202,7 +201,7 @@ class Trainer:
                                         "use another --run or --restart"))
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict({**ckpt["scheduler"], "milestones": Counter(ckpt["scheduler"]["milestones"])})
+        self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.global_step = ckpt["epoch"] + 1, ckpt["global_step"]
         set_rng_state(ckpt["rng"])
         return True
@@ -210,9 +209,7 @@ class Trainer:
     def save(self, epoch: int) -> Path:
         return save_checkpoint(self.ckpt_dir, epoch, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            # MultiStepLR keeps its milestones in a Counter, which torch.load(weights_only=True) refuses before
-            # torch 2.4: stored as a dict of ints
-            "scheduler": {**self.scheduler.state_dict(), "milestones": dict(self.scheduler.milestones)}, "epoch": epoch, "global_step": self.global_step,
+            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
             "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
             "student_options": self.model.options(), "stage": self.config.stage,
             "labels": {"teacher": self.labels.teacher, "kind": self.labels.label_kind,
