@@ -143,7 +143,7 @@ def _load_failure(e: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, in a few words. torch's own text runs to a
     paragraph and suggests ``weights_only=False``, which would run whatever code the file's pickle holds."""
     text = " ".join(str(e).split())
-    pickled = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)  # torch >= 2.4, < 2.4
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if pickled:
         return (f"(it holds a pickled {pickled.group(1)}, not just tensors; it is not loaded, which would run its "
                 "code: save the model's state_dict() instead)")

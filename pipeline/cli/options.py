@@ -58,7 +58,6 @@ def output_path(value, *, folder: bool = False):
     :class:`~pipeline.common.storage.StorageError` sentence; for a local path, a folder on its way that is a file,
     or the nearest existing folder not writable (permissions, a read-only filesystem), is one sentence (exit 1).
     ``folder``: the path is a folder to write into, not a file."""
-    import os
     import tempfile
 
     from pipeline.common.storage import StorageError, as_path, is_url
@@ -75,13 +74,11 @@ def output_path(value, *, folder: bool = False):
             probe = probe.parent  # the nearest part of the path that exists
         if not probe.is_dir():
             raise click.ClickException(f"cannot write --out {out}: {probe} is a file, not a folder")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise click.ClickException(f"cannot write --out {out}: the folder {probe} is not writable")
-        try:  # access() answers yes to root everywhere: an unnamed file, gone when closed, asks the filesystem
+        try:  # an unnamed file, gone when closed, asks the filesystem itself (access() says yes to root everywhere)
             with tempfile.TemporaryFile(dir=probe):
                 pass
         except OSError as e:
-            raise click.ClickException(f"cannot write --out {out}: the folder {probe} refuses new files "
+            raise click.ClickException(f"cannot write --out {out}: the folder {probe} is not writable "
                                        f"({e.strerror or e})") from None
     return out
 

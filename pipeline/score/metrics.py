@@ -195,7 +195,7 @@ def _auc_fixation_thresholds(positives: np.ndarray, negatives: np.ndarray) -> fl
     # one point per distinct fixated value, (1,1) for the value below all
     tpr = np.concatenate(([0.0, 0.0], pos_ge[::-1] / m, [1.0]))
     fpr = np.concatenate(([0.0, 0.0], neg_ge[::-1] / n, [1.0]))
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)  # the trapezoid rule (numpy 1 and 2)
+    return float(np.trapezoid(tpr, fpr))  # (numpy >= 2.0, the floor)
 
 
 def _auc_all_thresholds(positives: np.ndarray, negatives: np.ndarray) -> float:
