@@ -16,6 +16,7 @@ is flipped to BGR and the BGR ImageNet mean is subtracted, no rescaling.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -153,6 +154,8 @@ def convert_lasagne_npz(src: str | Path) -> dict[str, torch.Tensor]:
         for key, arr, shape in ((f"arr_{2 * n}", w, w_shape), (f"arr_{2 * n + 1}", b, w_shape[:1])):
             if arr.shape != shape:
                 raise WeightsError(f"{src}: {key} (conv {n}) has shape {arr.shape}, expected {shape}")
+            if arr.dtype.kind not in "fiu":
+                raise WeightsError(f"{src}: {key} (conv {n}) holds {arr.dtype} values, not numbers")
         if n >= _N_ENCODER_CONVS:  # decoder + output conv: Lasagne true convolution → cross-correlation
             w = w[:, :, ::-1, ::-1]
         # a fresh C-ordered copy: a flipped 1×1 kernel counts as contiguous yet has negative strides
@@ -162,8 +165,13 @@ def convert_lasagne_npz(src: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_converted(src: str | Path, dst: str | Path) -> Path:
-    """Convert the Lasagne npz ``src`` and write ``{'state_dict': sd}`` to ``dst`` atomically."""
-    sd, dst = convert_lasagne_npz(src), Path(dst)
+    """Convert the Lasagne npz ``src`` and write ``{'state_dict': sd}`` to ``dst`` atomically (a new file or
+    one it replaces; never ``src`` itself, a folder or a device)."""
+    dst = Path(dst)
+    if dst.exists() and (dst.resolve() == Path(src).resolve() or not dst.is_file()):
+        why = "the source itself" if dst.is_file() else "not a regular file"
+        raise WeightsError(f"cannot write the checkpoint to {dst}: it is {why}; give a new .pt path")
+    sd = convert_lasagne_npz(src)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -171,8 +179,11 @@ def save_converted(src: str | Path, dst: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)
+    except OSError as e:
+        raise WeightsError(f"cannot write the checkpoint to {dst}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (no temp file when its folder is missing or a file)
+            tmp.unlink(missing_ok=True)
     return dst
 
 

@@ -118,6 +118,20 @@ def test_rerun_skips_finished_shards_and_redoes_damaged_ones(coco_tree, tmp_path
     assert fresh.shards_done == 3 and digests(out) == before
 
 
+@pytest.mark.parametrize("bad", [{"device": "tpu"}, {"device": "cuda:7"}, {"weights": "/no/such/weights.pt"}])
+def test_overwrite_deletes_nothing_when_the_run_cannot_label(coco_tree, tmp_path, bad):
+    """`--overwrite` with a device that is not there or weights that are not there is refused before the
+    finished shards go (it deleted them first, then failed)."""
+    records = coco_records(coco_tree, "val2017")
+    out = tmp_path / "out"
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    config = LabelConfig(**{**CONFIG.__dict__, **bad})
+    with pytest.raises(Exception, match="unknown device|no CUDA GPU|has 0 CUDA|weights"):
+        label(records, out, config, shard_size=3, executor="local", progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_a_finished_folder_is_found_finished_without_starting_ray(coco_tree, tmp_path, monkeypatch):
     """`--executor ray` (the default) with `--precision auto` and no cluster address: the embedded Ray would
     have this machine's GPUs, so the precision the shards must have is known without starting it, and a
@@ -454,6 +468,28 @@ def test_a_symlink_out_of_an_image_folder_is_a_per_image_failure(tmp_path):
     assert "b (" in result.output and "outside the image folder" in result.output
     allowed = CliRunner().invoke(cli, [*args, "--allow-outside-root", "--out", str(tmp_path / "allowed")])
     assert allowed.exit_code == 0 and "images labelled                2" in allowed.output
+
+
+def test_an_out_folder_inside_the_image_folder_is_not_read_as_images_and_odd_entries_are_failures(tmp_path):
+    """`--images photos --out photos`: the labels (and their preview.png) land inside the image folder; a second
+    run must find its shards finished, not new images. A FIFO and a broken symlink named like images are
+    per-image failures (not silently left out)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("coffee", "chelsea", "rocket"):
+        write_jpeg(photos / f"{name}.jpg", photo(name, 96))
+    os.mkfifo(photos / "pipe.jpg")
+    (photos / "gone.jpg").symlink_to(photos / "deleted.jpg")
+    args = ["label", "folder", "--teacher", "classic", "--images", str(photos), "--out", str(photos),
+            "--executor", "local", "--no-progress", "--max-failure-rate", "1", "--image-size", "64x96"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert (photos / "classic" / "photos" / "preview.png").is_file()
+    assert "images labelled                3" in first.output and "images failed                  2" in first.output
+    assert "pipe (" in first.output and "not a regular file" in first.output and "gone (" in first.output
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "0 written, 1 already done" in again.output, again.output
 
 
 def test_errors_keep_their_cause_in_one_line():

@@ -39,3 +39,21 @@ def test_a_few_aliases_are_still_fine(tmp_path):
     path.write_text("vars:\n  teacher: &t classic\n  again: *t\n"
                     "steps:\n  x: {run: label, with: {source: coco, teacher: *t}}\n")
     assert list(load_manifest(path, group=cli).steps) == ["x"]
+
+
+def test_a_value_that_contains_itself_is_one_error_line(tmp_path):
+    """An alias inside the value its anchor names (`x: &a [*a]`) would recurse without end."""
+    path = tmp_path / "self.yaml"
+    path.write_text("vars:\n  x: &a [1, *a]\nsteps:\n  a: {run: teachers}\n")
+    with pytest.raises(ManifestError, match=r"self.yaml:2: the alias \*a stands inside the value its anchor &a names"):
+        load_manifest(path, group=cli)
+
+
+@pytest.mark.parametrize("state", ['{"version": 1, "steps": {"label": "done"}}', '{"steps": []}', "[]"])
+def test_a_state_file_out_of_shape_is_one_sentence(tmp_path, state):
+    from pipeline.manifest.runner import RunnerError, load_state
+
+    (tmp_path / ".pipeline").mkdir()
+    (tmp_path / ".pipeline" / "state.json").write_text(state)
+    with pytest.raises(RunnerError, match="is not a state file of `pipeline run`; delete it to start over"):
+        load_state(tmp_path)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from scipy.signal import convolve2d, correlate2d
+
+from pipeline.cli.main import cli
 
 from teachers.base import Teacher
 from teachers.salgan import BGR_MEAN, SalGAN, convert_lasagne_npz, salgan, save_converted
@@ -164,6 +169,23 @@ def test_lasagne_npz_with_wrong_layout(tmp_path, lasagne_npz):
     np.savez(tmp_path / "short.npz", **arrays)
     with pytest.raises(WeightsError, match="arr_53 is missing"):
         convert_lasagne_npz(tmp_path / "short.npz")
+
+
+def test_convert_refuses_a_destination_it_would_destroy_or_cannot_write_and_text_arrays(tmp_path, lasagne_npz):
+    """`weights convert SRC DST`: DST the source itself or a device is refused before anything is written (the
+    release stays as it was); a DST it cannot create, or an array of text, is one sentence naming it."""
+    path, arrays = lasagne_npz
+    before = path.read_bytes()
+    for dst, why in ((path, "it is the source itself"), (Path("/dev/null"), "it is not a regular file"),
+                     (tmp_path / "nowhere" / "gen.pt", "No such file or directory"),
+                     (path / "gen.pt", "Not a directory")):
+        result = CliRunner().invoke(cli, ["weights", "convert", str(path), str(dst)])
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith(f"Error: cannot write the checkpoint to {dst}: {why}"), result.output
+    assert path.read_bytes() == before and Path("/dev/null").is_char_device()
+    np.savez(tmp_path / "text.npz", **{**arrays, "arr_0": np.zeros(arrays["arr_0"].shape, dtype="U1")})
+    with pytest.raises(WeightsError, match=r"arr_0 \(conv 0\) holds <U1 values, not numbers"):
+        convert_lasagne_npz(tmp_path / "text.npz")
 
 
 def test_a_file_that_is_not_an_npz_archive_is_named_as_such(tmp_path):

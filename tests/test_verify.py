@@ -80,6 +80,56 @@ def test_deep_decodes_every_sample(labelled):
     assert "shard-000000  000000000007: jpg: cannot decode" in deep.output
 
 
+def test_a_label_member_that_does_not_decode_is_a_row_and_the_rest_is_checked(labelled):
+    samples = list(tar_samples(labelled / "shard-000000.tar"))
+    samples[0]["classic.png"] = b""  # empty: OpenCV asserts rather than returning None
+    samples[2]["jpg"] = b"not a jpeg"
+    rewrite(labelled, "shard-000000", samples)
+    deep = verify(labelled, "--deep")
+    assert deep.exit_code == 1 and "Traceback" not in deep.output
+    assert f"shard-000000  {samples[0]['__key__']}: classic.png: cannot decode" in deep.output, deep.output
+    assert f"shard-000000  {samples[2]['__key__']}: jpg: cannot decode" in deep.output, deep.output
+
+
+@pytest.mark.parametrize("edit, why", [
+    ({"count": "3"}, "its count is '3', not a count"),
+    ({"failures": ["x"]}, "its failures are not a list of {key, file, reason}"),
+    ({"failures": [{"reason": "r"}]}, "its failures are not a list of {key, file, reason}"),
+    ({"planned": None}, "its planned is None, not a count"),
+    ({"keys": "000000000042"}, "its keys are not a list of sample keys"),
+])
+def test_a_marker_edited_out_of_shape_is_a_row_and_label_redoes_its_shard(labelled, coco_tree, edit, why):
+    """A marker whose fields are not what `pipeline label` writes is not a finished shard: `verify` names what is
+    wrong with it (no Python error), and the same `pipeline label` command labels that shard again, to the
+    same bytes, keeping the others."""
+    marker = json.loads((labelled / "shard-000001.json").read_text())
+    tar = (labelled / "shard-000001.tar").read_bytes()
+    (labelled / "shard-000001.json").write_text(json.dumps({**marker, **edit}))
+    result = verify(labelled)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"shard-000001  marker malformed: {why}" in result.output, result.output
+    again = label(coco_records(coco_tree, "val2017"), labelled, LabelConfig(teacher="classic", batch_size=4),
+                  shard_size=3, executor="local", progress=False)
+    assert (again.shards_done, again.shards_skipped) == (1, 2)
+    assert (labelled / "shard-000001.tar").read_bytes() == tar and verify(labelled).exit_code == 0
+
+
+@pytest.mark.parametrize("index", [[], {"shards": 5}, {"shards": [{"x": 1}]}, {"shards": [{"tar": "a", "count": "4",
+                                                                                            "sha256": "0"}]}])
+def test_a_labels_json_out_of_shape_is_an_unfinished_folder_to_every_reader(labelled, index):
+    """verify reports it; the manifest's check (a step whose output is not finished runs again) and training
+    say so in a sentence."""
+    from pipeline.label.shards import verify_dataset
+    from pipeline.train.data import DataError, open_label_set
+
+    (labelled / "labels.json").write_text(json.dumps(index))
+    result = verify(labelled)
+    assert result.exit_code == 1 and "labels.json  unreadable: " in result.output, result.output
+    assert verify_dataset(labelled).startswith(f"{labelled}/labels.json: ")
+    with pytest.raises(DataError, match="is not the index `pipeline label` writes"):
+        open_label_set(labelled)
+
+
 def test_a_folder_that_is_not_there_is_one_error_line(tmp_path):
     result = verify(tmp_path / "nowhere")
     assert result.exit_code == 2  # a path named on the command line that is not there: a usage mistake

@@ -70,7 +70,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
     Re-running the same command skips finished shards (per-image failures included) and redoes partial ones.
     """
     from pipeline.common.errors import error_message
-    from pipeline.common.storage import as_path
+    from pipeline.common.storage import as_path, is_url
     from pipeline.label.driver import exit_code, label, run_error
     from pipeline.label.worker import LabelConfig
     from pipeline.label.sources import coco_records, folder_records
@@ -82,7 +82,9 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
         if source == "coco":
             records, name = coco_records(coco_root, split, allow_outside_root=allow_outside_root), split
         else:
-            records, name = folder_records(images, allow_outside_root=allow_outside_root), images.resolve().name
+            name = images.resolve().name
+            inside = None if is_url(out) else Path(out) / teacher / name  # the labels, if --out is in --images
+            records = folder_records(images, allow_outside_root=allow_outside_root, exclude=inside)
         config = LabelConfig(teacher=teacher, weights=weights, image_size=image_size, batch_size=batch_size,
                              jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads,
                              max_image_bytes=max_image_bytes)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
-from pipeline.common.devices import use_autocast
+from pipeline.common.devices import available, resolve_device, use_autocast
 from pipeline.common.errors import error_message
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
@@ -88,7 +88,8 @@ def _lock(folder: Path):
     return f
 
 
-def prepare_folder(folder: Path, overwrite: bool) -> None:
+def prepare_folder(folder: Path) -> None:
+    """Create the output folder (a file in its way, or a folder that refuses writes, is an error)."""
     if folder.exists() and not folder.is_dir():
         raise LabelError(f"output path is a file, not a directory: {folder}")
     for parent in folder.parents:
@@ -100,9 +101,14 @@ def prepare_folder(folder: Path, overwrite: bool) -> None:
         raise LabelError(f"cannot create output folder {folder}: {e.strerror or e}") from None
     if not isinstance(folder, RemotePath) and not os.access(folder, os.W_OK):
         raise LabelError(f"output folder is not writable: {folder}")
-    if overwrite:
-        for p in list(folder.glob("shard-*.tar")) + list(folder.glob("shard-*.json")) + [folder / "labels.json"]:
-            p.unlink(missing_ok=True)
+
+
+def clear_folder(folder: Path) -> None:
+    """``--overwrite``: every shard (marker first) and ``labels.json`` go; called once the run is known to be
+    able to label (folder locked, weights resolved, device there), so a refused run deletes nothing."""
+    (folder / "labels.json").unlink(missing_ok=True)
+    for p in sorted(folder.glob("shard-*.json")) + sorted(folder.glob("shard-*.tar")):
+        p.unlink(missing_ok=True)
 
 
 class SourceChanged(LabelError):
@@ -195,11 +201,11 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
     """
     folder = as_path(folder)
     start = time.perf_counter()
-    prepare_folder(folder, overwrite)
+    prepare_folder(folder)
     lock = _lock(folder)
     try:
         with contextlib.ExitStack() as stack:
-            return _label(records, folder, config, stack, start, shard_size=shard_size,
+            return _label(records, folder, config, stack, start, shard_size=shard_size, overwrite=overwrite,
                           overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
                           address=address, gpus=gpus, cpu_workers=cpu_workers, workers_per_gpu=workers_per_gpu,
                           retries=retries, progress=progress)
@@ -209,7 +215,7 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
 
 
 def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, start: float, *, shard_size,
-           overwrite_changed, retry_failed, executor, address, gpus, cpu_workers, workers_per_gpu, retries,
+           overwrite, overwrite_changed, retry_failed, executor, address, gpus, cpu_workers, workers_per_gpu, retries,
            progress) -> LabelSummary:
     if not isinstance(folder, RemotePath):  # remote writes stage locally: no temp names there
         remove_stale_temps(folder)
@@ -245,6 +251,12 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     if identity["weights_random"]:
         warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
                       "(marked weights_random in every shard)", stacklevel=3)
+    if executor == "local":
+        available(resolve_device(config.device))  # an unknown device, or a GPU this machine lacks, before any work
+    if overwrite:
+        if records and executor == "ray":
+            placement()  # the cluster and the device it offers, before anything is deleted
+        clear_folder(folder)
     split = split_done(plans, folder, identity, overwrite_changed=overwrite_changed, retry_failed=retry_failed)
     todo, reuse = split.todo, split.reuse
     if todo or split.surplus:

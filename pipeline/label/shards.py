@@ -205,13 +205,55 @@ def planned_keys(marker: dict) -> list[str]:
     return list(marker.get("keys", [])) + [f["key"] for f in marker.get("failures", [])]
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_keys(value) -> bool:
+    return isinstance(value, list) and all(isinstance(k, str) for k in value)
+
+
+def marker_problem(marker) -> str:
+    """"" when ``marker`` has the shape :meth:`ShardWriter.finish` writes, in the fields resume, ``verify`` and
+    training read; else what is wrong (a marker edited by hand is an unfinished shard, never a crash)."""
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        return "not a shard marker"
+    for key in ("index", "planned", "count", "bytes"):
+        if not _is_count(marker.get(key)):
+            return f"its {key} is {marker.get(key)!r}, not a count"
+    for key in ("tar", "sha256"):
+        if not isinstance(marker.get(key), str):
+            return f"its {key} is {marker.get(key)!r}, not a string"
+    if not _is_keys(marker.get("keys")) or not _is_keys(marker.get("planned_keys", [])):
+        return "its keys are not a list of sample keys"
+    failures = marker.get("failures")
+    if not isinstance(failures, list) or not all(
+            isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("key", "file", "reason"))
+            for f in failures):
+        return "its failures are not a list of {key, file, reason}"
+    return ""
+
+
+def index_problem(index) -> str:
+    """"" when ``index`` has the shape of the ``labels.json`` :func:`pipeline label` writes, in its shard
+    list (the part every reader walks), else what is wrong."""
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        return "not a labels.json index (no shard list)"
+    for entry in index["shards"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("tar"), str) and isinstance(entry.get("sha256"), str)
+                and _is_count(entry.get("count"))):
+            return f"its shard list holds {str(entry)[:60]!r}, not a {{tar, count, sha256}} entry"
+    return ""
+
+
 def read_marker(folder: Path, name: str) -> dict | None:
+    """The shard's marker, or None when there is none or it is not a whole marker (see :func:`marker_problem`)."""
     try:
         with marker_path(folder, name).open() as f:
             marker = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+    return None if marker_problem(marker) else marker
 
 
 def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = True) -> tuple[dict | None, str]:
@@ -245,7 +287,9 @@ def verify_dataset(folder: str | Path, check_digest: bool = True) -> str:
         index = json.loads((folder / "labels.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return f"{folder}/labels.json missing or unreadable (labelling not finished)"
-    for shard in index.get("shards", []):
+    if index_problem(index):
+        return f"{folder}/labels.json: {index_problem(index)}"
+    for shard in index["shards"]:
         name = Path(shard["tar"]).stem
         _, reason = verify_shard(folder, name, {"sha256": shard["sha256"]}, check_digest=check_digest)
         if reason:

@@ -168,19 +168,26 @@ def folder_key(relative: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace("/", "__"))
 
 
-def folder_records(folder: str | Path, allow_outside_root: bool = False) -> list[ImageRecord]:
-    """Every image file under ``folder`` (recursively), sorted by relative path.
+def folder_records(folder: str | Path, allow_outside_root: bool = False,
+                   exclude: str | Path | None = None) -> list[ImageRecord]:
+    """Every image file under ``folder`` (recursively), sorted by relative path, leaving out what lies in
+    ``exclude`` (the run's output folder, when it is inside ``folder``: its previews are not inputs).
 
-    A symlink that leads out of ``folder`` is listed, and becomes a per-image failure when read,
-    unless ``allow_outside_root``.
+    Every entry with an image suffix that is not a folder is listed: a symlink that leads out of ``folder``
+    (unless ``allow_outside_root``), a broken one, a FIFO or a device become per-image failures when read.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise SourceError(f"image folder not found: {folder}")
+        what = "is not a folder" if folder.exists() else "not found"
+        raise SourceError(f"image folder {what}: {folder}")
+    skip = None
+    if exclude is not None and Path(exclude).resolve().is_relative_to(folder.resolve()):
+        skip = Path(exclude).resolve().relative_to(folder.resolve()).parts
     files = sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        rel.as_posix()
+        for rel in (p.relative_to(folder) for p in folder.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        if skip is None or rel.parts[:len(skip)] != skip
     )
     if not files:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")

@@ -16,7 +16,7 @@ from pipeline.common import images
 from pipeline.common.errors import error_message
 from pipeline.common.tables import table
 from pipeline.common.storage import as_path, local_file
-from pipeline.label.shards import MARKER_FORMAT, marker_path, planned_keys, tar_path, tar_samples
+from pipeline.label.shards import index_problem, marker_path, marker_problem, planned_keys, tar_path, tar_samples
 from teachers.weights import file_digest
 
 #: the settings every marker of one folder (and its labels.json) must agree on
@@ -79,7 +79,7 @@ def _decode_problem(sample: dict, label_ext: str, size: tuple[int, int] | None, 
             label = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
             if label is None:
                 return f"{label_ext}: cannot decode"
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, cv2.error) as e:
         return f"{label_ext}: cannot decode ({error_message(e)})"
     if size and tuple(label.shape) != size:
         return f"{label_ext} is {'x'.join(map(str, label.shape))}, expected {size[0]}x{size[1]}"
@@ -100,13 +100,13 @@ def _check_shard(folder: Path, name: str, marker: dict, reference: dict, deep: b
     for key in IDENTITY:
         if key in reference and marker.get(key) != reference[key]:
             problem(f"{key} is {marker.get(key)!r}, the folder's is {reference[key]!r}")
-    keys, failures = marker.get("keys"), marker.get("failures", [])
-    if not isinstance(keys, list) or not isinstance(failures, list):
-        return problem("marker has no key list")
-    if marker.get("count") != len(keys):
-        problem(f"marker count {marker.get('count')} but {len(keys)} keys")
+    keys, failures = marker["keys"], marker["failures"]  # their shape is checked (marker_problem)
+    if marker["count"] != len(keys):
+        problem(f"marker count {marker['count']} but {len(keys)} keys")
+    if marker["planned"] != len(planned_keys(marker)):
+        problem(f"marker plans {marker['planned']} images but lists {len(planned_keys(marker))}")
     planned = planned_keys(marker)
-    labelled_or_failed = keys + [f.get("key") for f in failures if isinstance(f, dict)]
+    labelled_or_failed = keys + [f["key"] for f in failures]
     if sorted(labelled_or_failed) != sorted(planned):
         problem("marker's labelled and failed keys are not the keys it planned")
     elif "planned_keys" in marker and keys != [k for k in planned if k in set(keys)]:
@@ -171,8 +171,8 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
     index = _read_json(folder / "labels.json")
     if index is None:
         report.problems.append(("labels.json", "missing: labelling is not finished (re-run pipeline label)"))
-    elif isinstance(index, Exception) or not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        why = error_message(index) if isinstance(index, Exception) else "not a labels.json index"
+    elif isinstance(index, Exception) or index_problem(index):
+        why = error_message(index) if isinstance(index, Exception) else index_problem(index)
         report.problems.append(("labels.json", f"unreadable: {why}"))
         index = None
     markers: dict[str, dict] = {}
@@ -180,8 +180,10 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
         raw = _read_json(marker_path(folder, name))
         if raw is None:
             report.problems.append((name, "tar without a marker (an unfinished shard: re-run pipeline label)"))
-        elif isinstance(raw, Exception) or not isinstance(raw, dict) or raw.get("format") != MARKER_FORMAT:
-            report.problems.append((name, "marker unreadable or not a shard marker"))
+        elif isinstance(raw, Exception):
+            report.problems.append((name, f"marker unreadable: {error_message(raw)}"))
+        elif marker_problem(raw):
+            report.problems.append((name, f"marker malformed: {marker_problem(raw)}"))
         elif raw.get("shard", name) != name:
             report.problems.append((name, f"marker names shard {raw.get('shard')!r}"))
         else:
@@ -190,7 +192,7 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
                  {k: v for k, v in next(iter(markers.values()), {}).items() if k in IDENTITY})
     for name, marker in markers.items():
         _check_shard(folder, name, marker, reference, deep, report)
-        report.failed += len(marker.get("failures", []) or [])
+        report.failed += len(marker["failures"])
     report.shards = len(markers)
     if not names:
         report.problems.append(("-", "no shards in this folder"))
@@ -207,7 +209,7 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
         for name in markers:
             if name not in listed:
                 report.problems.append((name, "not listed in labels.json"))
-        count = sum(m.get("count", 0) for m in markers.values())
+        count = sum(m["count"] for m in markers.values())
         if index.get("count") != count or index.get("failed") != report.failed:
             report.problems.append(("labels.json", f"says {index.get('count')} labelled, {index.get('failed')} "
                                                    f"failed; the markers {count} and {report.failed}"))

@@ -355,6 +355,9 @@ def check_yaml_size(display: str, text: str) -> None:
         elif isinstance(event, yaml.ScalarEvent):
             count, anchor = 1, event.anchor
         elif isinstance(event, yaml.AliasEvent):
+            if any(open_anchor == event.anchor for _, open_anchor in stack):
+                raise ManifestError([f"{display}:{event.start_mark.line + 1}: the alias *{event.anchor} stands inside "
+                                     f"the value its anchor &{event.anchor} names (a value that contains itself)"])
             count, anchor = sizes.get(event.anchor, 1), None
         else:
             continue

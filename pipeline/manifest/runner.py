@@ -73,9 +73,12 @@ def load_state(workdir: Path) -> dict:
         state = json.loads(path.read_text())
     except FileNotFoundError:
         return {"version": STATE_VERSION, "steps": {}}
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    except OSError as e:
+        raise RunnerError(f"cannot read the state file {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunnerError(f"cannot read the state file {path}: {e}; delete it to start over") from None
-    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict) or not all(
+            isinstance(record, dict) for record in state["steps"].values()):
         raise RunnerError(f"{path} is not a state file of `pipeline run`; delete it to start over")
     return state
 

@@ -33,7 +33,7 @@ import webdataset as wds
 from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
 from pipeline.common.storage import as_path
-from pipeline.label.shards import digest, marker_path, tar_path, verify_shard
+from pipeline.label.shards import digest, index_problem, marker_path, tar_path, verify_shard
 
 #: URL schemes whose tars webdataset opens through fsspec rather than its own way (``gs``: gsutil), as every
 #: other scheme fsspec knows and webdataset does not; set at import, so DataLoader workers have it too
@@ -101,9 +101,10 @@ def _index(folder) -> dict:
         raise DataError(f"not a finished label folder: {path} is unreadable ({type(e).__name__}); {RELABEL}") from None
     need = ("label_extension", "label_kind", "teacher", "count", "image_size", "shards")
     lacking = [k for k in need if k not in index] if isinstance(index, dict) else list(need)
-    if lacking or not isinstance(index["shards"], list) or not all(
-            isinstance(s, dict) and {"tar", "count", "sha256"} <= set(s) for s in index["shards"]):
-        raise DataError(f"{path} is not the index `pipeline label` writes (no {', '.join(lacking) or 'shard list'})")
+    if lacking:
+        raise DataError(f"{path} is not the index `pipeline label` writes (no {', '.join(lacking)})")
+    if index_problem(index):
+        raise DataError(f"{path} is not the index `pipeline label` writes ({index_problem(index)})")
     return index
 
 
