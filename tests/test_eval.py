@@ -425,6 +425,29 @@ def test_predict_records_an_unreadable_image(image_folder, tmp_path):
     assert not (out / "sub" / "b.jpg.png").exists() and (out / "sub" / "c.png.png").is_file()
 
 
+def test_predict_never_writes_over_its_images_nor_reads_its_own_maps(image_folder, tmp_path):
+    """--out the image folder itself is refused before any work (a map `a.jpg.png` would replace an image of
+    that name); --out inside it works, and a second run does not take the first run's maps for images."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    same = invoke("predict", "--teacher", "classic", "--images", folder, "--out", folder, "--no-progress")
+    assert error_line(same) == (f"Error: --out {folder} is the image folder itself: the maps would be written "
+                                "among (and over) the images; give another folder")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    for _ in range(2):
+        result = ok("predict", "--teacher", "classic", "--images", folder, "--out", folder / "maps", "--no-progress")
+        assert "maps written   3" in result.output
+    hdf5 = invoke("predict", "--teacher", "classic", "--images", folder, "--out", tmp_path, "--format", "hdf5")
+    assert error_line(hdf5) == f"Error: --out {tmp_path} is a folder; --format hdf5 writes one file: give its path"
+
+
+def test_a_sigma_that_is_not_a_finite_fraction_is_a_usage_error(mit):
+    for sigma in ("nan", "inf", "2"):
+        result = invoke("eval", "--teacher", "classic", "--fixations", mit[1], "--sigma", sigma)
+        assert result.exit_code == 2 and "Invalid value for '--sigma'" in result.output, result.output
+
+
 def test_predict_compare_teacher_writes_image_teacher_student_sheets(run_dir, image_folder, tmp_path):
     from pipeline.score.sheets import CAPTION, PANEL_HEIGHT
 

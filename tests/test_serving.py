@@ -33,6 +33,18 @@ def weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.parametrize("package", ["onnx", "onnxruntime"])
+def test_export_without_the_onnx_extra_is_one_sentence_and_writes_nothing(weights, tmp_path, monkeypatch, package):
+    """torch's exporter needs `onnx` and said so in a traceback; without `onnxruntime` a graph was written and
+    then left unchecked. Both are asked for before any work now."""
+    monkeypatch.setitem(__import__("sys").modules, package, None)  # as if it were not installed
+    r = invoke("export", "--student", "fastsal_a", "--weights", weights, "--out", tmp_path / "a.onnx",
+               "--image-size", "64x96")
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: this needs {package}: pip install 'saliency-pipeline[onnx]' (onnx and onnxruntime)"], r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_matches_pytorch_with_a_dynamic_batch(weights, tmp_path):
     predictor = build_predictor(student="fastsal_a", weights=str(weights), device="cpu")
     result = export_onnx(predictor, tmp_path / "a.onnx", input_size=(64, 96))

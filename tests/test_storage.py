@@ -187,6 +187,24 @@ def test_a_missing_storage_package_is_one_sentence_naming_the_extra(monkeypatch,
         assert r.exit_code == 1 and r.output == sentence, (args, r.output)
 
 
+def test_object_storage_without_credentials_is_one_sentence_naming_the_variables(tmp_path):
+    """botocore's NoCredentialsError (raised where the command first reads the bucket) is one line saying where
+    credentials come from, not 100 lines of traceback."""
+    import os
+    import subprocess
+
+    pytest.importorskip("s3fs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true")  # no ~/.aws, no instance metadata
+    r = subprocess.run([sys.executable, "-m", "pipeline", *TRAIN, "--labels", "s3://bucket/labels", "--run",
+                        str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        "Error: object storage refused the request (NoCredentialsError: Unable to locate credentials); its "
+        "credentials and endpoint come from the usual variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS) or the provider's config files"], r.stderr
+
+
 def test_a_run_folders_pointer_goes_up_last_and_never_names_a_missing_checkpoint(tmp_path, monkeypatch):
     """An upload that fails half-way (the connection drops before latest.json) leaves the remote run folder as
     it was plus whole new files: its latest.json still names a checkpoint that is there, so a resume works."""

@@ -225,11 +225,61 @@ def test_hint_stage_regresses_the_teachers_features_and_starts_fastsal_a(small_l
     (["--student", "fastsal_a", "--stage", "hint", "--teacher", "salgan"], "fastsal_a has no hint stage"),
     (["--student", "fastsal_c", "--stage", "hint"], "the hint stage needs --teacher"),
     (["--val-shards", "3"], "--val-shards 3 leaves no training shard (there are 3)"),
+    (["--student", "fastsal_c", "--stage", "hint", "--teacher", "classic"],
+     "teacher 'classic' has no intermediate features for the hint stage; use "),
+    (["--teacher", "salgan"], "--teacher is for the hint stage (--stage hint)"),
 ])
 def test_bad_settings_are_one_clear_error(labels, tmp_path, args, message):
     r = invoke("train", "--labels", labels, "--run", tmp_path / "run", *args, *FAST)
     assert r.exit_code == 1 and message in r.output, r.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+#: FAST for one step of one epoch
+ONE = [*FAST, "--epochs", "1", "--steps-per-epoch", "1"]
+
+
+def test_a_refused_hint_setting_with_restart_deletes_nothing(small_labels, tmp_path):
+    """The settings are checked before --restart clears the run folder."""
+    assert invoke("train", "--labels", small_labels, "--run", tmp_path / "run", *ONE).exit_code == 0
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    r = invoke("train", "--labels", small_labels, "--run", tmp_path / "run", "--restart", "--student", "fastsal_c",
+               "--stage", "hint", "--teacher", "classic", *ONE)
+    assert r.exit_code == 1 and "has no intermediate features" in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--gamma", "inf"), ("--momentum", "2"),
+                                           ("--seed", "-1"), ("--milestones", "3,1"), ("--loss-weights", "1,nan,1")])
+def test_a_meaningless_number_is_a_usage_error_naming_its_option(small_labels, tmp_path, option, value):
+    r = invoke("train", "--labels", small_labels, "--run", tmp_path / "run", *ONE, option, value)
+    assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_labels_whose_every_sample_is_bad_train_nothing_and_say_so(small_labels, tmp_path):
+    """A label folder whose samples all fail to decode at its recorded size (here: labels.json says 32x32)
+    is an error after the first epoch, with no checkpoint, not a run of zero losses that exits 0."""
+    odd = tmp_path / "odd"
+    shutil.copytree(small_labels, odd)
+    index = json.loads((odd / "labels.json").read_text())
+    (odd / "labels.json").write_text(json.dumps({**index, "image_size": [32, 32]}))
+    r = invoke("train", "--labels", odd, "--run", tmp_path / "run", *ONE, "--max-bad-samples", "1000", "--no-verify")
+    assert r.exit_code == 1 and "epoch 1 read no usable sample from" in r.output, r.output
+    assert not list(tmp_path.glob("run/checkpoints/*.pt"))
+
+
+def test_a_checkpoint_altered_out_of_fit_is_one_sentence(small_labels, tmp_path):
+    assert invoke("train", "--labels", small_labels, "--run", tmp_path / "run", *ONE).exit_code == 0
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    path = tmp_path / "run" / "checkpoints" / latest
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["model"][next(iter(ckpt["model"]))]
+    torch.save(ckpt, path)
+    r = invoke("train", "--labels", small_labels, "--run", tmp_path / "run", *FAST, "--epochs", "2", "--steps-per-epoch", "1")
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith(f"Error: {path} does not fit this run ("), \
+        r.output
+    assert "Traceback" not in r.output
 
 
 def test_a_run_that_names_a_file_is_one_clear_error_and_the_file_is_left_alone(labels, tmp_path):

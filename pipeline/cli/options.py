@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from pathlib import Path
@@ -15,10 +16,16 @@ import teachers
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
 
 
-def image_size(ctx, param, value: str) -> tuple[int, int]:
+#: the largest side --image-size takes (a model's input: 8192x8192 is already 0.8 GB as fp32 RGB)
+MAX_SIDE = 8192
+
+
+def image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
     m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", value or "")
-    if not m or int(m.group(1)) < 16 or int(m.group(2)) < 16:
-        raise click.BadParameter(f"expected HxW with both at least 16, e.g. 192x256; got {value!r}")
+    if not m or not all(16 <= int(v) <= MAX_SIDE for v in m.groups()):
+        raise click.BadParameter(f"expected HxW with both from 16 to {MAX_SIDE}, e.g. 192x256; got {value!r}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -92,6 +99,24 @@ def path_or_url(ctx, param, value):
     return tuple(one(v) for v in value) if isinstance(value, (tuple, list)) else one(value)
 
 
+class FiniteFloat(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (click lets ``nan`` past every bound)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def increasing_epochs(ctx, param, value: str) -> tuple[int, ...]:
+    """Comma-separated epochs, each at least 1, increasing (``""``: none)."""
+    epochs = ints(ctx, param, value)
+    if any(e < 1 for e in epochs) or list(epochs) != sorted(set(epochs)):
+        raise click.BadParameter(f"expected increasing epochs of at least 1, e.g. 15,30,60; got {value!r}")
+    return epochs
+
+
 def ints(ctx, param, value: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
@@ -104,8 +129,8 @@ def floats3(ctx, param, value: str) -> tuple[float, float, float]:
         parts = tuple(float(v) for v in value.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3:
-        raise click.BadParameter(f"expected three comma-separated numbers (KL,CC,BCE), got {value!r}")
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts):
+        raise click.BadParameter(f"expected three comma-separated numbers of at least 0 (KL,CC,BCE), got {value!r}")
     return parts
 
 

@@ -15,7 +15,7 @@ import click
 import students
 import teachers
 
-from pipeline.cli.options import (build_model, calibration_options, echo_result, model_options, must_exist,
+from pipeline.cli.options import (FiniteFloat, build_model, calibration_options, echo_result, model_options, must_exist,
                                   output_path, path_or_url, runtime_option, with_runtime)
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
@@ -54,7 +54,7 @@ def fixations_cmd(dataset, root, split, out):
               help="With --labels: how many last shards (0: every shard, for a folder that is all held out).")
 @click.option("--baseline", type=click.Choice(["centerbias", "uniform"]), default="centerbias",
               help="IG baseline: the dataset's own fixations pooled and blurred, or uniform.")
-@click.option("--sigma", "sigma_frac", type=click.FloatRange(min=0), default=0.034,
+@click.option("--sigma", "sigma_frac", type=FiniteFloat(0, 0.5), default=0.034,
               help="Blur of the empirical fixation map (CC, KLDiv, SIM), as a fraction of the image's longer side.")
 @click.option("--map", "map_name", type=click.Choice(["saliency", *students.registry.all_maps()]), default="saliency",
               help="Which map of a student to score: its saliency, or an extra map (SACT's ponder map) scored "
@@ -146,7 +146,9 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     from pipeline.label.sources import SourceError
 
     must_exist("images")
-    out = output_path(out, folder=True)
+    out = output_path(out, folder=format_ == "png")
+    if format_ == "hdf5" and out.is_dir():
+        raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
     predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                                          student_options=student_options), runtime,
                              calibration=calibration, calibration_images=calibration_images)
@@ -165,7 +167,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
 
 @click.command("profile")
 @model_options
-@click.option("--image-size", default=None,
+@click.option("--image-size", default=None, callback=parse_size,
               help="Input HxW.  [default: the model's own: a checkpoint's training size, 192x256 for --student, "
                    "the teacher's input size, else 192x256]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
@@ -182,7 +184,7 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     """
     from pipeline.score.profile import profile
 
-    size = parse_size(None, None, image_size) if image_size else None
+    size = image_size
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             require_weights=False, student_options=student_options)
@@ -206,10 +208,10 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.option("--format", "format_", type=click.Choice(["onnx"]), default="onnx", help="The file format.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
               help="The file to write, or its URL (s3://…: written locally, then uploaded).")
-@click.option("--image-size", default=None,
+@click.option("--image-size", default=None, callback=parse_size,
               help="Input HxW of the graph (its batch is dynamic).  [default: a checkpoint's training size, else "
                    "192x256]")
-@click.option("--opset", type=click.IntRange(min=13), default=17, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(13, 20), default=17, help="ONNX opset, 13 to 20 (what torch's exporter writes).")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="int8: ONNX Runtime's static quantization (weights per channel, activations calibrated on "
                    "--calibration's images; QLinear operators), checked by map CC on images after those.")
@@ -223,7 +225,7 @@ def export_cmd(checkpoint, teacher, student, student_options, weights, student_o
     if (quantize == "int8") != (calibration is not None):
         raise click.UsageError("--quantize int8 needs --calibration (a label folder or a folder of images)"
                                if calibration is None else "--calibration is for --quantize int8")
-    size = parse_size(None, None, image_size) if image_size else None
+    size = image_size
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, "cpu", "fp32",
                             require_weights=False, student_options=student_options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 import students
-from pipeline.cli.options import floats3, ints, must_exist, path_or_url, student_options
+from pipeline.cli.options import FiniteFloat, floats3, increasing_epochs, must_exist, path_or_url, student_options
 
 
 @click.command("train")
@@ -22,11 +22,11 @@ from pipeline.cli.options import floats3, ints, must_exist, path_or_url, student
 @click.option("--stage", type=click.Choice(["finetune", "hint"]), default="finetune",
               help="finetune: on the pseudo-labels; hint: MSE to the teacher's 4 feature maps (Eq. 1).")
 @click.option("--epochs", type=click.IntRange(min=1), default=100)
-@click.option("--lr", type=float, default=0.01, help="SGD learning rate.")
-@click.option("--momentum", type=float, default=0.9)
-@click.option("--weight-decay", type=float, default=0.0)
-@click.option("--milestones", default="15,30,60", callback=ints, help="Epochs where the lr is multiplied by --gamma.")
-@click.option("--gamma", type=float, default=0.1)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=0.01, help="SGD learning rate.")
+@click.option("--momentum", type=FiniteFloat(0, 1), default=0.9)
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0)
+@click.option("--milestones", default="15,30,60", callback=increasing_epochs, help="Epochs where the lr is multiplied by --gamma.")
+@click.option("--gamma", type=FiniteFloat(min=0, min_open=True), default=0.1)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--val-shards", type=click.IntRange(min=1), default=1,
               help="Without --val-labels: the last shards of the last --labels folder, held out for validation.")
@@ -34,7 +34,7 @@ from pipeline.cli.options import floats3, ints, must_exist, path_or_url, student
               help="Validate on this label folder (e.g. val2017's) instead of holding out training shards.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, help="Samples in the shuffle buffer.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["auto", "off", "bf16"]), default="auto", help="auto = bf16 on GPU.")
 @click.option("--backbone-weights", default="imagenet",

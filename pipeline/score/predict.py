@@ -27,11 +27,11 @@ from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
-from pipeline.common.storage import as_path
+from pipeline.common.storage import as_path, is_url
 from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import Predictor
-from pipeline.label.sources import folder_records
+from pipeline.label.sources import SourceError, folder_records
 
 FORMATS = ("png", "hdf5")
 
@@ -73,7 +73,11 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
     t0 = time.perf_counter()
     folder, out = Path(folder), as_path(out)
-    records = folder_records(folder)
+    local_out = None if is_url(out) else Path(out)
+    if local_out is not None and local_out.resolve() == Path(folder).resolve():
+        raise SourceError(f"--out {out} is the image folder itself: the maps would be written among (and over) the "
+                          "images; give another folder")
+    records = folder_records(folder, exclude=local_out)  # maps written inside the image folder are not images
     result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
     with contextlib.ExitStack() as stack:
         h5 = None

@@ -78,6 +78,7 @@ def onnx_bytes(predictor: Predictor, input_size: tuple[int, int], opset: int = D
     if not predictor.student or predictor.map_name != "saliency":
         raise PredictorError("ONNX export is for students' saliency maps (--checkpoint or --student)")
     predictor.model.check_size(*input_size)
+    onnx = _need("onnx")  # before the export: torch's exporter needs it too, and says so in a traceback
     model = ServingModel(predictor.model).cpu().eval()
     example = torch.randint(0, 256, (2, 3, *input_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     kwargs = {}
@@ -90,9 +91,12 @@ def onnx_bytes(predictor: Predictor, input_size: tuple[int, int], opset: int = D
             torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                               **kwargs)
+    except RuntimeError as e:
+        if "opset" not in str(e).lower():
+            raise
+        raise PredictorError(f"--opset {opset}: {str(e).strip().splitlines()[0]}") from None
     finally:
         predictor.model.to(predictor.device)
-    onnx = _need("onnx")
     graph = onnx.load_from_string(buf.getvalue())
     meta = {"student": predictor.model.name, "student_options": json.dumps(predictor.model.options()),
             "map_kind": predictor.kind, "input_size": f"{input_size[0]}x{input_size[1]}", "opset": str(opset),
@@ -134,6 +138,7 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
     from pipeline.common.storage import as_path
 
     size = tuple(input_size or predictor.input_size or (192, 256))
+    _need("onnxruntime")  # the check after writing needs it: nothing is written without it
     data = onnx_bytes(predictor, size, opset)
     quantized, map_cc, which = "no", None, ""
     session = None

@@ -50,6 +50,8 @@ from students import Student, build_student, check_options, student_info, studen
 from students import available as available_students
 from students.base import EPS
 from students.losses import density_teacher_loss, hint_loss, map_teacher_loss
+from teachers import Teacher
+from teachers.registry import available as available_teachers, teacher_class
 
 #: training losses are read back from the device (and logged) every this many steps
 LOG_EVERY = 25
@@ -159,6 +161,12 @@ class Trainer:
                              f"{' or '.join(hinted)} and start from its checkpoint with --init")
         if c.stage == "hint" and not c.teacher:
             raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
+        if c.stage == "hint" and not teacher_has_hints(c.teacher):
+            raise TrainError(f"teacher {c.teacher!r} has no intermediate features for the hint stage; use "
+                             f"{' or '.join(n for n in available_teachers() if teacher_has_hints(n))}")
+        if c.stage != "hint" and c.teacher:
+            raise TrainError("--teacher is for the hint stage (--stage hint); the finetune stage learns from the "
+                             "labels' teacher")
         if not is_url(c.run) and Path(c.run).exists() and not Path(c.run).is_dir():
             raise TrainError(f"--run {c.run} is a file, not a run folder: give a folder (a new one, or a run's to "
                              "resume it)")
@@ -195,15 +203,21 @@ class Trainer:
             return False
         path, ckpt = found
         mine = self.config.resume_key()
+        if not isinstance(ckpt["config"], dict):
+            raise TrainError(self.shown(f"{path} records no settings to resume with; use another --run or --restart"))
         if ckpt["config"] != mine:
             diff = sorted(k for k in set(ckpt["config"]) | set(mine) if ckpt["config"].get(k) != mine.get(k))
             raise TrainError(self.shown(f"{path} was trained with other settings ({', '.join(diff)}); "
                                         "use another --run or --restart"))
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.epoch, self.global_step = ckpt["epoch"] + 1, ckpt["global_step"]
-        set_rng_state(ckpt["rng"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.epoch, self.global_step = int(ckpt["epoch"]) + 1, int(ckpt["global_step"])
+            set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:  # a checkpoint altered after it was written
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainError(self.shown(f"{path} does not fit this run ({why}); use another --run or --restart"))
         return True
 
     def save(self, epoch: int) -> Path:
@@ -350,6 +364,14 @@ class Trainer:
         return total / max(n, 1), n, {k: v / max(n, 1) for k, v in zip(names, stat_sums)}
 
 
+def teacher_has_hints(name: str) -> bool:
+    """Whether teacher ``name`` gives hint targets (an unknown name is left to the builder's own error)."""
+    try:
+        return teacher_class(name).hint_features is not Teacher.hint_features
+    except KeyError:
+        return True
+
+
 def run_lock(run: str | Path) -> FolderLock:
     """The lock on a run folder that keeps a second ``pipeline train`` out of it (see :mod:`pipeline.common.locks`)."""
     return FolderLock(Path(run) / LOCK_NAME, what=f"run folder {run}", command="pipeline train")
@@ -438,6 +460,9 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             t0 = time.perf_counter()
             lr = trainer.optimizer.param_groups[0]["lr"]
             train_loss, n, stats = trainer.train_epoch(epoch, bar, losses)
+            if n == 0:  # every sample skipped as bad (or none there): nothing was learnt, nothing is saved
+                raise TrainError(f"epoch {epoch + 1} read no usable sample from {', '.join(config.labels)} (each one "
+                                 "skipped was logged above); check the folder with `pipeline verify --deep`")
             trainer.scheduler.step()
             if lead:
                 os.fsync(losses.fileno())
