@@ -282,6 +282,31 @@ def shard_keys(tar: Path) -> set[str]:
         return {m.name.split(".", 1)[0] for m in t.getmembers() if m.isfile()}
 
 
+def test_a_label_that_does_not_decode_is_an_eval_failure_not_a_silent_gap(label_folder, tmp_path):
+    """eval --labels reads shards without their checksums: a sample whose label does not decode is skipped
+    (one warning), and counted and listed as failed in the table and the JSON."""
+    from pipeline.label.shards import read_marker, tar_samples, write_shard
+
+    folder = tmp_path / "labels"
+    shutil.copytree(label_folder, folder)
+    name = sorted(p.stem for p in folder.glob("shard-*.tar"))[-1]
+    samples = list(tar_samples(folder / f"{name}.tar"))
+    samples[0]["classic.png"] = b"\x89PNG\r\n\x1a\n broken"
+    marker = {k: v for k, v in read_marker(folder, name).items() if k not in ("sha256", "bytes")}
+    written = write_shard(folder, name, samples, marker)
+    index = json.loads((folder / "labels.json").read_text())
+    for entry in index["shards"]:
+        if entry["tar"] == f"{name}.tar":
+            entry["sha256"] = written["sha256"]
+    (folder / "labels.json").write_text(json.dumps(index))
+    out = tmp_path / "eval.json"
+    result = ok("eval", "--teacher", "classic", "--labels", folder, "--out", out, "--no-progress")
+    assert any(line.split() == ["images", "failed", "1"] for line in result.output.splitlines()), result.output
+    doc = json.loads(out.read_text())
+    assert doc["images"] == 1 and doc["failed"] == 1
+    assert doc["failures"][0]["path"].endswith(f"{name}.tar {samples[0]['__key__']}")
+
+
 def test_eval_checkpoint_on_labels_scores_the_held_out_shard(run_dir, label_folder, tmp_path):
     out = tmp_path / "labels_eval.json"
     result = ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--device", "cpu", "--out", out,

@@ -282,6 +282,19 @@ def test_a_checkpoint_altered_out_of_fit_is_one_sentence(small_labels, tmp_path)
     assert "Traceback" not in r.output
 
 
+def test_the_same_label_folder_by_another_path_resumes_and_a_file_is_named_as_such(small_labels, tmp_path):
+    """`--labels` compares as a place, not as a string: `…/x/../val2017` resumes a run made with `…/val2017`."""
+    assert invoke("train", "--labels", small_labels, "--run", tmp_path / "run", *ONE).exit_code == 0
+    detour = small_labels.parent / ".." / small_labels.parent.name / small_labels.name
+    r = invoke("train", "--labels", detour, "--run", tmp_path / "run", *FAST, "--epochs", "2", "--steps-per-epoch", "1")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["epoch"] == 1
+    r = invoke("train", "--labels", small_labels, "--val-labels", small_labels / "labels.json", "--run",
+               tmp_path / "other", *ONE)
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
+        f"Error: {small_labels / 'labels.json'} is a file, not a label folder (the folder holding labels.json)"), r.output
+
+
 def test_a_run_that_names_a_file_is_one_clear_error_and_the_file_is_left_alone(labels, tmp_path):
     weights = tmp_path / "fastsal_a.pt"  # e.g. a checkpoint given to --run instead of --init
     weights.write_bytes(b"not mine to touch")

@@ -130,6 +130,14 @@ def test_a_labels_json_out_of_shape_is_an_unfinished_folder_to_every_reader(labe
         open_label_set(labelled)
 
 
+def test_verify_on_the_out_root_points_to_the_label_folders_below(labelled, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(labelled, root / "classic" / "val2017")
+    result = verify(root)
+    assert result.exit_code == 1
+    assert f"no shards in this folder; label folders below it: {root / 'classic' / 'val2017'}" in result.output
+
+
 def test_a_folder_that_is_not_there_is_one_error_line(tmp_path):
     result = verify(tmp_path / "nowhere")
     assert result.exit_code == 2  # a path named on the command line that is not there: a usage mistake

@@ -211,7 +211,8 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.option("--image-size", default=None, callback=parse_size,
               help="Input HxW of the graph (its batch is dynamic).  [default: a checkpoint's training size, else "
                    "192x256]")
-@click.option("--opset", type=click.IntRange(13, 20), default=17, help="ONNX opset, 13 to 20 (what torch's exporter writes).")
+@click.option("--opset", type=click.IntRange(13, 20), default=17,
+              help="ONNX opset, 13 to 20 (what torch's exporter writes).")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="int8: ONNX Runtime's static quantization (weights per channel, activations calibrated on "
                    "--calibration's images; QLinear operators), checked by map CC on images after those.")

@@ -25,7 +25,8 @@ from pipeline.cli.options import FiniteFloat, floats3, increasing_epochs, must_e
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=0.01, help="SGD learning rate.")
 @click.option("--momentum", type=FiniteFloat(0, 1), default=0.9)
 @click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0)
-@click.option("--milestones", default="15,30,60", callback=increasing_epochs, help="Epochs where the lr is multiplied by --gamma.")
+@click.option("--milestones", default="15,30,60", callback=increasing_epochs,
+              help="Epochs where the lr is multiplied by --gamma.")
 @click.option("--gamma", type=FiniteFloat(min=0, min_open=True), default=0.1)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--val-shards", type=click.IntRange(min=1), default=1,

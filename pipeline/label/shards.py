@@ -239,6 +239,9 @@ def index_problem(index) -> str:
     list (the part every reader walks), else what is wrong."""
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         return "not a labels.json index (no shard list)"
+    size = index.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_count(v) and v > 0 for v in size)):
+        return f"its image_size is {size!r}, not [height, width]"
     for entry in index["shards"]:
         if not (isinstance(entry, dict) and isinstance(entry.get("tar"), str) and isinstance(entry.get("sha256"), str)
                 and _is_count(entry.get("count"))):

@@ -133,7 +133,8 @@ def coco_records(root: str | Path, split: str, allow_outside_root: bool = False)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             coco = COCO(str(ann))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError, AssertionError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError, AssertionError,
+            RecursionError) as e:  # (RecursionError: JSON nested beyond Python's stack)
         raise SourceError(f"cannot read COCO annotation file {ann}: {type(e).__name__}: {e}") from e
     _check_coco_images(ann, coco.dataset.get("images", []))
     image_root = image_dir.resolve()

@@ -195,7 +195,10 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
         report.failed += len(marker["failures"])
     report.shards = len(markers)
     if not names:
-        report.problems.append(("-", "no shards in this folder"))
+        below = sorted(str(p.parent) for p in [*folder.glob("*/labels.json"), *folder.glob("*/*/labels.json")])
+        report.problems.append(("-", "no shards in this folder" + (
+            f"; label folders below it: {', '.join(below[:3])}{' …' if len(below) > 3 else ''} (verify one of "
+            "those: `pipeline label` writes <out>/<teacher>/<split>)" if below else "")))
     if index:
         listed = {}
         for entry in index["shards"]:

@@ -56,9 +56,14 @@ class EvalResult:
             out[m] = float(values.mean()) if values.size else float("nan")
         return out
 
+    @property
+    def failed(self) -> int:
+        """Images not scored (a failure may stand for several: a shard that ended early)."""
+        return sum(f.get("images", 1) for f in self.failures)
+
     def table(self) -> str:
         rows = [(m, f"{v:.4f}") for m, v in self.means.items()]
-        rows += [("images scored", str(len(self.per_image))), ("images failed", str(len(self.failures))),
+        rows += [("images scored", str(len(self.per_image))), ("images failed", str(self.failed)),
                  ("wall time", f"{self.seconds:.1f} s"),
                  ("images/s", f"{len(self.per_image) / max(self.seconds, 1e-9):.1f}")]
         return f"{self.model} on {self.data}\n" + table(None, rows, indent="  ")
@@ -69,7 +74,7 @@ class EvalResult:
             return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
 
         return {"model": self.model, "data": self.data, "metrics": clean(self.means), "images": len(self.per_image),
-                "failed": len(self.failures), "seconds": round(self.seconds, 3), "failures": self.failures,
+                "failed": self.failed, "seconds": round(self.seconds, 3), "failures": self.failures,
                 "per_image": [clean(r) for r in self.per_image]}
 
 
@@ -137,7 +142,7 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
                     limit: int | None = None, progress: bool = True) -> EvalResult:
     """CC, KLDiv, SIM and expected NSS against the teacher's labels in the last ``val_shards`` shards (0:
     every shard), their first ``limit`` images when given."""
-    from pipeline.train.data import open_label_set, shard_loader, split_shards
+    from pipeline.train.data import BadSamples, open_label_set, shard_loader, split_shards
 
     t0 = time.perf_counter()
     labels = open_label_set(folder)
@@ -148,7 +153,8 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
     _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
     result = EvalResult(predictor.name, f"{labels.teacher} labels in {folder} (last {len(held_out)} shards)",
                         SHARD_METRICS)
-    loader = shard_loader(labels, list(held_out), batch_size=batch_size, workers=0)
+    bad = BadSamples()
+    loader = shard_loader(labels, list(held_out), batch_size=batch_size, workers=0, bad=bad)
     with show_progress(None, f"eval {predictor.name}", enabled=progress) as bar:
         for imgs, targets, keys in loader:
             if limit is not None:
@@ -164,5 +170,8 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
                 result.per_image.append({"key": key, "cc": metrics.cc(pred, t), "kl_div": metrics.kl_div(pred, t),
                                          "sim": metrics.sim(pred, t), "nss": float((t * z).sum())})
             bar.update(len(keys))
+    for (shard, key), count in bad.seen.items():  # samples the reader skipped are failures of the score too
+        if count:
+            result.failures.append({"path": f"{shard} {key}", "reason": bad.reasons[shard, key], "images": count})
     result.seconds = time.perf_counter() - t0
     return result

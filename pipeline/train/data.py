@@ -92,6 +92,8 @@ class LabelSet:
 
 def _index(folder) -> dict:
     path = folder / "labels.json"
+    if folder.is_file():
+        raise DataError(f"{folder} is a file, not a label folder (the folder holding labels.json)")
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError:
@@ -253,6 +255,7 @@ class BadSamples:
         self.limit = limit
         self.echo = echo or (lambda line: print(line, file=sys.stderr))
         self.seen: dict[tuple[str, str], int] = {}
+        self.reasons: dict[tuple[str, str], str] = {}  # why each was skipped
 
     @property
     def total(self) -> int:
@@ -264,6 +267,7 @@ class BadSamples:
         if (bad.shard, bad.key) in self.seen:
             return
         self.seen[bad.shard, bad.key] = bad.count
+        self.reasons[bad.shard, bad.key] = bad.reason
         if bad.count == 0:
             self.echo(f"warning: {bad.shard}: {bad.reason}; no sample lost")
             return

@@ -205,8 +205,9 @@ class Trainer:
         mine = self.config.resume_key()
         if not isinstance(ckpt["config"], dict):
             raise TrainError(self.shown(f"{path} records no settings to resume with; use another --run or --restart"))
-        if ckpt["config"] != mine:
-            diff = sorted(k for k in set(ckpt["config"]) | set(mine) if ckpt["config"].get(k) != mine.get(k))
+        if as_places(ckpt["config"]) != as_places(mine):
+            theirs, ours = as_places(ckpt["config"]), as_places(mine)
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise TrainError(self.shown(f"{path} was trained with other settings ({', '.join(diff)}); "
                                         "use another --run or --restart"))
         try:
@@ -362,6 +363,17 @@ class Trainer:
         if pending:
             flush()
         return total / max(n, 1), n, {k: v / max(n, 1) for k, v in zip(names, stat_sums)}
+
+
+def as_places(settings: dict) -> dict:
+    """Resume settings with their label folders as places: a local path resolved (``labels``, ``./labels`` and
+    ``/abs/labels`` name one folder), a URL as it is."""
+    def place(value):
+        if isinstance(value, list):
+            return [place(v) for v in value]
+        return str(Path(value).resolve()) if isinstance(value, str) and not is_url(value) else value
+
+    return {k: place(v) if k in ("labels", "val_labels") else v for k, v in settings.items()}
 
 
 def teacher_has_hints(name: str) -> bool:
