@@ -118,7 +118,7 @@ def test_rerun_skips_finished_shards_and_redoes_damaged_ones(coco_tree, tmp_path
     assert fresh.shards_done == 3 and digests(out) == before
 
 
-@pytest.mark.parametrize("bad", [{"device": "tpu"}, {"device": "cuda:7"}, {"weights": "/no/such/weights.pt"}])
+@pytest.mark.parametrize("bad", [{"device": "tpu"}, {"device": "cuda:99"}, {"weights": "/no/such/weights.pt"}])
 def test_overwrite_deletes_nothing_when_the_run_cannot_label(coco_tree, tmp_path, bad):
     """`--overwrite` with a device that is not there or weights that are not there is refused before the
     finished shards go (it deleted them first, then failed)."""

@@ -249,7 +249,7 @@ def test_a_refused_hint_setting_with_restart_deletes_nothing(small_labels, tmp_p
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
-@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--gamma", "inf"), ("--momentum", "2"),
+@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-0.1"), ("--gamma", "inf"), ("--momentum", "2"),
                                            ("--seed", "-1"), ("--milestones", "3,1"), ("--loss-weights", "1,nan,1")])
 def test_a_meaningless_number_is_a_usage_error_naming_its_option(small_labels, tmp_path, option, value):
     r = invoke("train", "--labels", small_labels, "--run", tmp_path / "run", *ONE, option, value)

@@ -83,8 +83,9 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
             records, name = coco_records(coco_root, split, allow_outside_root=allow_outside_root), split
         else:
             name = images.resolve().name
-            inside = None if is_url(out) else Path(out) / teacher / name  # the labels, if --out is in --images
-            records = folder_records(images, allow_outside_root=allow_outside_root, exclude=inside)
+            # every teacher's label folders, when --out is inside --images: their previews are not inputs
+            labels_here = () if is_url(out) else [Path(out) / t for t in teachers.available()]
+            records = folder_records(images, allow_outside_root=allow_outside_root, exclude=labels_here)
         config = LabelConfig(teacher=teacher, weights=weights, image_size=image_size, batch_size=batch_size,
                              jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads,
                              max_image_bytes=max_image_bytes)

@@ -8,7 +8,7 @@ import warnings
 import click
 
 from pipeline import __version__
-from pipeline.common.errors import error_message
+from pipeline.common.errors import storage_error
 from pipeline.cli.label import label_cmd
 from pipeline.cli.run import run_cmd, status_cmd
 from pipeline.cli.score import eval_cmd, export_cmd, fixations_cmd, predict_cmd, profile_cmd
@@ -39,20 +39,6 @@ for _command in (label_cmd, verify_cmd, weights_group, train_cmd, teachers_cmd, 
     cli.add_command(_command)
 
 
-#: the packages whose errors are object storage's (credentials, endpoint, permissions), wherever they surface
-STORAGE_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure")
-
-
-def storage_error(e: BaseException) -> str:
-    """One sentence for an object store's own error (``NoCredentialsError``…), "" for any other."""
-    for cause in (e, e.__cause__, e.__context__):
-        if cause is not None and type(cause).__module__.split(".")[0] in STORAGE_PACKAGES:
-            return (f"object storage refused the request ({type(cause).__name__}: {error_message(cause)}); its "
-                    "credentials and endpoint come from the usual variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-                    "AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS) or the provider's config files")
-    return ""
-
-
 def main() -> None:
     warnings.showwarning = _one_line_warning  # the command line only: tests and notebooks keep their own
     peer = launched()
@@ -60,7 +46,7 @@ def main() -> None:
         click.UsageError.show = lambda self, file=None: None  # says what is wrong with it (the exit code stays 2)
     try:
         cli(prog_name="pipeline")
-    except Exception as e:  # noqa: BLE001 - only object storage's own errors are turned into a line
+    except Exception as e:  # noqa: BLE001 - only object storage's own errors (escaping a command) become a line
         if not storage_error(e):
             raise
         click.echo(f"Error: {storage_error(e)}", err=True)

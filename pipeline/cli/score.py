@@ -142,12 +142,13 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                 out, format_, compare_teacher, compare_weights, batch_size, io_threads, runtime, calibration,
                 calibration_images, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
+    from pipeline.common.storage import is_url
     from pipeline.score.predict import predict_folder
     from pipeline.label.sources import SourceError
 
     must_exist("images")
     out = output_path(out, folder=format_ == "png")
-    if format_ == "hdf5" and out.is_dir():
+    if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
     predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                                          student_options=student_options), runtime,
@@ -192,7 +193,7 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
         stride = predictor.model.stride
         if size[0] % stride or size[1] % stride:
             raise click.BadParameter(f"{predictor.model.name} needs H and W multiples of {stride}, e.g. 192x256; "
-                                     f"got {image_size!r}", param_hint="'--image-size'")
+                                     f"got {size[0]}x{size[1]}", param_hint="'--image-size'")
     predictor = with_runtime(predictor, runtime, size, calibration=calibration,
                              calibration_images=calibration_images)
     result = profile(predictor, input_size=size, batch_size=batch_size, iters=iters)

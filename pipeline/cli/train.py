@@ -22,12 +22,12 @@ from pipeline.cli.options import FiniteFloat, floats3, increasing_epochs, must_e
 @click.option("--stage", type=click.Choice(["finetune", "hint"]), default="finetune",
               help="finetune: on the pseudo-labels; hint: MSE to the teacher's 4 feature maps (Eq. 1).")
 @click.option("--epochs", type=click.IntRange(min=1), default=100)
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=0.01, help="SGD learning rate.")
+@click.option("--lr", type=FiniteFloat(min=0), default=0.01, help="SGD learning rate.")
 @click.option("--momentum", type=FiniteFloat(0, 1), default=0.9)
 @click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0)
 @click.option("--milestones", default="15,30,60", callback=increasing_epochs,
               help="Epochs where the lr is multiplied by --gamma.")
-@click.option("--gamma", type=FiniteFloat(min=0, min_open=True), default=0.1)
+@click.option("--gamma", type=FiniteFloat(min=0), default=0.1)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--val-shards", type=click.IntRange(min=1), default=1,
               help="Without --val-labels: the last shards of the last --labels folder, held out for validation.")

@@ -36,14 +36,35 @@ def _meaningful_line(text: str) -> str:
     return lines[0]
 
 
+#: the modules whose errors are object storage's own (credentials, endpoint, permissions)
+STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "google.cloud", "google.api_core",
+                   "adlfs", "azure")
+
+
+def storage_error(error: BaseException) -> str:
+    """One sentence for an object store's own error (botocore's ``NoCredentialsError``…, or one it caused), ""
+    for any other."""
+    for cause in (error, error.__cause__, error.__context__):
+        module = type(cause).__module__ if cause is not None else ""
+        if any(module == m or module.startswith(m + ".") for m in STORAGE_MODULES):
+            line = _meaningful_line(str(cause)) or type(cause).__name__
+            return (f"object storage refused the request ({type(cause).__name__}: {line}); its credentials and "
+                    "endpoint come from the usual variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS) or the provider's config files")
+    return ""
+
+
 def error_message(error: BaseException) -> str:
     """A one-line description of ``error``: never empty, never a traceback, no terminal colour codes.
 
     An ``OSError`` with an OS reason reads ``No space left on device: /path``; other built-in
     exceptions are prefixed with their type (``KeyError: 'x'``); an exception with an empty message
-    becomes its type name (``OSError``); the project's own errors are already sentences.
+    becomes its type name (``OSError``); an object store's own error says where credentials come from
+    (:func:`storage_error`); the project's own errors are already sentences.
     """
     error = root_cause(error)
+    if storage_error(error):
+        return storage_error(error)
     name = type(error).__name__
     if isinstance(error, OSError) and error.strerror:
         line = strip_ansi(str(error.strerror)).strip()

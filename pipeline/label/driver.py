@@ -251,11 +251,11 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     if identity["weights_random"]:
         warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
                       "(marked weights_random in every shard)", stacklevel=3)
-    if executor == "local":
-        available(resolve_device(config.device))  # an unknown device, or a GPU this machine lacks, before any work
-    if overwrite:
-        if records and executor == "ray":
-            placement()  # the cluster and the device it offers, before anything is deleted
+    if overwrite:  # the device (on Ray: the cluster and what it offers) is checked before anything is deleted
+        if executor == "local":
+            available(resolve_device(config.device))
+        elif records:
+            placement()
         clear_folder(folder)
     split = split_done(plans, folder, identity, overwrite_changed=overwrite_changed, retry_failed=retry_failed)
     todo, reuse = split.todo, split.reuse

@@ -263,7 +263,7 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
     """(marker, "") when the shard is finished with the settings in ``expect``; else (marker or None, reason)."""
     marker = read_marker(folder, name)
     if marker is None:
-        return None, "no marker"
+        return None, "no marker (or one not in the shape `pipeline label` writes)"
     for key, want in expect.items():
         if key not in marker:  # a marker written before this setting was recorded: made with unknown settings
             return marker, f"{key} differs (the shard records none: it was written by an older version; this run {want!r})"

@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -170,9 +171,9 @@ def folder_key(relative: str) -> str:
 
 
 def folder_records(folder: str | Path, allow_outside_root: bool = False,
-                   exclude: str | Path | None = None) -> list[ImageRecord]:
-    """Every image file under ``folder`` (recursively), sorted by relative path, leaving out what lies in
-    ``exclude`` (the run's output folder, when it is inside ``folder``: its previews are not inputs).
+                   exclude: Iterable[str | Path] = ()) -> list[ImageRecord]:
+    """Every image file under ``folder`` (recursively), sorted by relative path, leaving out what lies in the
+    folders ``exclude`` (a run's outputs, when they are inside ``folder``: its previews and maps are not inputs).
 
     Every entry with an image suffix that is not a folder is listed: a symlink that leads out of ``folder``
     (unless ``allow_outside_root``), a broken one, a FIFO or a device become per-image failures when read.
@@ -181,14 +182,13 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "not found"
         raise SourceError(f"image folder {what}: {folder}")
-    skip = None
-    if exclude is not None and Path(exclude).resolve().is_relative_to(folder.resolve()):
-        skip = Path(exclude).resolve().relative_to(folder.resolve()).parts
+    base = folder.resolve()
+    skip = [Path(e).resolve().relative_to(base).parts for e in exclude if Path(e).resolve().is_relative_to(base)]
     files = sorted(
         rel.as_posix()
         for rel in (p.relative_to(folder) for p in folder.rglob("*")
                     if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-        if skip is None or rel.parts[:len(skip)] != skip
+        if not any(rel.parts[:len(s)] == s for s in skip)
     )
     if not files:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")

@@ -77,7 +77,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     if local_out is not None and local_out.resolve() == Path(folder).resolve():
         raise SourceError(f"--out {out} is the image folder itself: the maps would be written among (and over) the "
                           "images; give another folder")
-    records = folder_records(folder, exclude=local_out)  # maps written inside the image folder are not images
+    # maps (and comparison sheets) written inside the image folder are not images
+    records = folder_records(folder, exclude=() if local_out is None else (local_out, compare_folder(local_out, fmt)))
     result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
     with contextlib.ExitStack() as stack:
         h5 = None

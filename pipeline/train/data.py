@@ -123,8 +123,8 @@ def open_label_set(folder: str | Path) -> LabelSet:
         if not tar.is_file():
             raise DataError(f"shard {tar} is missing (labels.json lists it); {RELABEL}")
         if marker is None:
-            raise DataError(f"shard {tar} has no marker {marker_path(folder, name).name} (it was never finished or "
-                            f"the marker was removed); {RELABEL}")
+            raise DataError(f"shard {tar} has no marker {marker_path(folder, name).name} (it was never finished, or "
+                            f"the marker was removed or is not in the shape `pipeline label` writes); {RELABEL}")
         if reason:
             raise DataError(f"shard {tar} does not match labels.json ({reason}); {RELABEL}")
         tars.append(str(tar))
