@@ -769,8 +769,10 @@ MAKER = """\
 import json, os, sys, time
 opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
 with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps([opts["name"], "start", None, time.monotonic()]) + "\\n")
+    f.write(json.dumps([opts["name"], "start", opts.get("fresh"), time.monotonic()]) + "\\n")
 os.makedirs(os.path.dirname(opts["out"]), exist_ok=True)
+if os.environ.get("MAKE_STALL") == opts["name"]:  # a step that never ends (killed by the test)
+    time.sleep(300)
 made = os.environ.get("MAKE_" + opts["name"].upper(), opts["name"])
 source = open(opts["src"]).read() if "src" in opts else ""
 with open(opts["out"], "w") as f:
@@ -781,7 +783,8 @@ with open(opts["out"], "w") as f:
 @pytest.fixture
 def maker(tmp_path, monkeypatch):
     """`make --name N [--src FILE] [--note X]`: writes $MAKE_N (default N) plus FILE's content to its output file,
-    a command the runner knows as it knows `eval` (output file, its sha256 as the output's digest)."""
+    a command the runner knows as it knows `eval` (output file, its sha256 as the output's digest), started over
+    with `--fresh=yes`; with checksums, an output folder holding a file `corrupt` fails its check."""
     from pipeline.manifest.steps import COMMANDS, CommandSpec
 
     group = click.Group()
@@ -789,7 +792,8 @@ def maker(tmp_path, monkeypatch):
                                                     click.Option(["--note"]), click.Option(["--out"])]))
     monkeypatch.setitem(COMMANDS, "make", CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "out.txt"}, output=lambda params: Path(params["out"]),
-        verify=lambda p, checksums: "" if p.is_file() else f"{p} not written",
+        verify=lambda p, checksums: f"{p} not written" if not p.is_file() else
+        "checksum differs" if checksums and (p.parent / "corrupt").exists() else "", fresh=("--fresh=yes",),
         digest=lambda p: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest(),
         lock=lambda p: p.parent / ".lock"))
     script = tmp_path / "make.py"
@@ -852,6 +856,94 @@ def test_a_step_reruns_when_its_upstream_output_changed_and_only_then(maker, mon
     assert "[b] up to date: its upstream output is unchanged" in out
     assert re.search(r"b\s+run\s+up to date: upstream output unchanged", out)
     assert maker.plan() == {"a": ("skip", "up to date"), "b": ("skip", "up to date")}
+
+
+def test_a_corrupt_output_found_by_checksums_is_made_again(maker, tmp_path):
+    """`pipeline run --checksums`: the plan finds the output corrupt, and the runner's own check before it
+    starts the step does too (it skipped the step as 'up to date' and left the corruption there)."""
+    assert maker(MAKE_AB % "one")[0] == 0
+    (tmp_path / "w" / "a" / "corrupt").touch()
+    assert maker.plan(checksums=True)["a"] == ("run", "outputs incomplete: checksum differs")
+    code, out, started = maker(MAKE_AB % "one", checksums=True)
+    assert code == 0 and started == ["a"], out
+    assert "[a] up to date" not in out and "[b] up to date: its upstream output is unchanged" in out
+
+
+def test_an_input_missing_for_a_while_then_back_unchanged_throws_nothing_away(maker, tmp_path):
+    """The failed run for a missing input keeps the step's record: with the input back as it was, the step is
+    not 'changed' and carries on (no start-over, which would delete a label folder or a run's epochs)."""
+    source = tmp_path / "source.txt"
+    source.write_text("data")
+    text = """\
+        steps:
+          a: {run: make, with: {name: a, src: "%s"}, inputs: ["%s"]}
+        """ % (source, source)
+    assert maker(text)[0] == 0
+    source.rename(tmp_path / "away.txt")
+    code, out, started = maker(text)
+    assert code == 1 and "[a] failed: input missing" in out and started == []
+    (tmp_path / "away.txt").rename(source)
+    assert maker.plan()["a"] == ("run", "failed last time: input missing: " + str(source))
+    code, out, started = maker(text)
+    assert code == 0 and started == ["a"]
+    assert "--fresh=yes" not in out
+
+
+def test_a_start_over_that_was_interrupted_starts_over_again(maker, tmp_path, monkeypatch):
+    """A step started over (its settings changed) and killed before it finished must start over again: resumed
+    instead, it would keep what it made from the old settings (a model of the old labels)."""
+    import signal
+    import subprocess
+
+    assert maker(MAKE_AB % "one")[0] == 0
+    path = tmp_path / "make.yaml"  # (holding MAKE_AB % "one" now)
+    path.write_text(path.read_text().replace("note: one", "note: two"))
+    monkeypatch.setenv("MAKE_STALL", "a")
+    script = textwrap.dedent("""\
+        import sys, click
+        from pipeline.manifest.format import load_manifest
+        from pipeline.manifest.runner import run_manifest
+        from pipeline.manifest.steps import COMMANDS, CommandSpec
+        from pathlib import Path
+        COMMANDS["make"] = CommandSpec(defaults={"out": lambda workdir, step: workdir / step / "out.txt"},
+                                       output=lambda params: Path(params["out"]),
+                                       verify=lambda p, checksums: "", digest=lambda p: "x", fresh=("--fresh=yes",))
+        group = click.Group()
+        group.add_command(click.Command("make", params=[click.Option([o]) for o in
+                                                         ("--name", "--src", "--note", "--out")]))
+        sys.exit(run_manifest(load_manifest(sys.argv[1], group=group), launcher=[sys.executable, sys.argv[2]]))
+        """)
+    (tmp_path / "runner.py").write_text(script)
+    runner = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(path), str(tmp_path / "make.py")],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while sum(1 for line in log.read_text().splitlines() if '"start", "yes"' in line) < 1:
+        assert runner.poll() is None and time.monotonic() < deadline, "the step did not start"
+        time.sleep(0.05)
+    os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait()
+    monkeypatch.delenv("MAKE_STALL")
+    assert maker.plan()["a"][1].startswith("interrupted")
+    code, out, started = maker(MAKE_AB % "two")
+    assert code == 0 and started[0] == "a" and "[a] $ pipeline make" in out and "--fresh=yes" in out, out
+
+
+def test_one_workdir_however_it_is_written_is_one_workdir(tmp_path, monkeypatch):
+    """`wd`, `./x/../wd` and `/abs/cwd/wd` are one spelling, so the steps' output settings (their fingerprints)
+    are equal: written otherwise, every step started over (--overwrite, --restart)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.yaml").write_text("steps:\n  t: {run: teachers}\n")
+    spellings = ["wd", "./x/../wd", str(tmp_path / "wd")]
+    assert {load_manifest(tmp_path / "m.yaml", group=cli, workdir=w).workdir for w in spellings} == {Path("wd")}
+    assert load_manifest(tmp_path / "m.yaml", group=cli, workdir="/elsewhere/wd").workdir == Path("/elsewhere/wd")
+
+
+def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "m.yaml").write_text("workdir: /proc/no/such/wd\nsteps:\n  t: {run: teachers}\n")
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.yaml")])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error: cannot create workdir /proc/no/such/wd ("), r.output
 
 
 def test_a_step_whose_output_folder_is_locked_is_not_started(maker, tmp_path, monkeypatch):

@@ -106,7 +106,10 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
     """Hold ``<workdir>/.pipeline/lock`` (a lock file naming host and pid, see :mod:`pipeline.common.locks`) for
     the run; a second runner gets a clear error."""
     path = lock_path(workdir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunnerError(f"cannot create workdir {workdir} ({path.parent}: {e.strerror or e})") from None
     lock = FolderLock(path, what=f"workdir {workdir}", command="pipeline run")
     try:
         lock.acquire()
@@ -180,6 +183,8 @@ def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> bool:
     rec = state.get("steps", {}).get(item.step)
     if item.reason.startswith("forced"):
         return True
+    if rec is not None and rec.get("fresh") and rec.get("status") != "done":
+        return True  # a start-over that did not finish (interrupted, failed) starts over again
     if rec is None or rec.get("fingerprint") == fingerprint_of(manifest, item.step, state):
         return False
     spec = COMMANDS.get(manifest.steps[item.step].command)
@@ -268,8 +273,9 @@ class Runner:
 
     def __init__(self, manifest: Manifest, state: dict, *, jobs: int = 1, keep_going: bool = False,
                  cpus: int | None = None, gpus: int | None = None, echo: Callable[..., None] = click.echo,
-                 launcher: list[str] | None = None):
+                 launcher: list[str] | None = None, checksums: bool = False):
         self.manifest, self.state, self.jobs, self.keep_going = manifest, state, jobs, keep_going
+        self.checksums = checksums  # outputs re-checked before a step is skipped: with their sha256 too
         #: what runs `<command> <args>`; tests may put a fake program here
         self.launcher = launcher or [sys.executable, "-m", "pipeline"]
         self.cpus = cpus if cpus is not None else machine_cpus()
@@ -415,17 +421,18 @@ class Runner:
         m, step = self.manifest, self.manifest.steps[name]
         missing = [p for p, d in step.inputs.items() if d is None]
         if not missing and not self.planned[name].reason.startswith("forced") and not own_reason(
-                m, name, self.state, check_outputs(m, self.state, names=[name])):
+                m, name, self.state, check_outputs(m, self.state, self.checksums, names=[name])):
             # it was to run because an upstream step ran, and that step's new output is the one it was made from
             self.status[name] = "up to date: upstream output unchanged"
             self.say(f"[{name}] up to date: its upstream output is unchanged")
             return
-        fresh = fresh_start(m, self.state, self.planned[name])
-        self.state["steps"][name] = record(m, name, self.state, status="running", started=now(), fresh=fresh)
-        if missing:
+        if missing:  # the record keeps what the step last ran with: the input back unchanged, it carries on
+            self.state["steps"].setdefault(name, record(m, name, self.state, status="running", started=now()))
             why = f"input missing: {', '.join(missing)}"
             self._failed(name, 0.0, why, f"failed: {why}", announce=f"[{name}] failed: ")
             return
+        fresh = fresh_start(m, self.state, self.planned[name])
+        self.state["steps"][name] = record(m, name, self.state, status="running", started=now(), fresh=fresh)
         holder = output_locked_by(step, wait=LOCK_GRACE_S)
         if holder:
             why = (f"output folder {step.output} is locked by another process ({holder}); not started: wait for "
@@ -553,7 +560,7 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
         echo(plan_table(planned))
         t0 = time.monotonic()
         code, rows = Runner(manifest, state, jobs=jobs, keep_going=keep_going, cpus=cpus, gpus=gpus,
-                            echo=echo, launcher=launcher).run(planned)
+                            echo=echo, launcher=launcher, checksums=checksums).run(planned)
         echo("")
         echo(table(["step", "action", "status", "seconds"], rows))
         echo(f"total {time.monotonic() - t0:.1f} s")
