@@ -1,3 +1,3 @@
-from pipeline.cli.main import main
+from pipeline.cli.start import main
 
 main()

@@ -94,3 +94,23 @@ def test_the_cli_starts_without_importing_torchvision():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_ctrl_c_while_the_command_line_imports_is_exit_130_without_a_traceback(monkeypatch, capsys):
+    """The entry point (`pipeline`, `python -m pipeline`) imports the command line itself: Ctrl-C during that
+    import (torch's second or two) gave a 30-line KeyboardInterrupt traceback."""
+    import sys
+    import types
+
+    from pipeline.cli import start
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt  # as if Ctrl-C came while the module was being imported
+
+    monkeypatch.setitem(sys.modules, "pipeline.cli.main", Importing("pipeline.cli.main"))
+    with pytest.raises(SystemExit) as e:
+        start.main()
+    assert e.value.code == 130 and capsys.readouterr().err == ""
+    assert "pipeline.cli.start:main" in (ROOT / "pyproject.toml").read_text()
+    assert (ROOT / "pipeline" / "__main__.py").read_text().startswith("from pipeline.cli.start import main")

@@ -365,6 +365,7 @@ class Runner:
         self._note_oversized()
         main = threading.current_thread() is threading.main_thread()
         old_term = signal.signal(signal.SIGTERM, _sigterm) if main else None
+        old_int = signal.getsignal(signal.SIGINT) if main else None
         try:
             pending = list(self.todo)
             while pending or self.started:
@@ -373,6 +374,9 @@ class Runner:
                     break
                 self._collect()
         except KeyboardInterrupt:
+            if main:  # a second Ctrl-C (or SIGTERM) must not cut short the steps' stop and their records
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self._interrupt()
             code = 130
         else:
@@ -380,6 +384,7 @@ class Runner:
         finally:
             if main:
                 signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+                signal.signal(signal.SIGINT, old_int if old_int is not None else signal.default_int_handler)
         return code, self._summary(planned)
 
     def _note_oversized(self) -> None:
