@@ -615,8 +615,8 @@ def _when(rec: Mapping) -> str:
         return "-"
     try:
         text = datetime.fromisoformat(stamp).strftime("%Y-%m-%d %H:%M:%S")
-    except ValueError:
-        text = stamp
+    except (TypeError, ValueError):  # a state file edited by hand
+        text = str(stamp)
     return text + (f" ({rec['seconds']:.1f} s)" if isinstance(rec.get("seconds"), (int, float)) else "")
 
 
