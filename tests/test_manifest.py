@@ -929,6 +929,23 @@ def test_a_start_over_that_was_interrupted_starts_over_again(maker, tmp_path, mo
     assert code == 0 and started[0] == "a" and "[a] $ pipeline make" in out and "--fresh=yes" in out, out
 
 
+def test_a_train_step_with_no_readable_checkpoint_left_starts_over_instead_of_failing_every_run(fresh):
+    """A done train step whose latest checkpoint went missing resumes from an older one that reads; with none
+    left, `pipeline train` would fail on every run ('start over with --restart'): the runner adds --restart."""
+    (fresh / "m.yaml").write_text("workdir: wd\nsteps:\n  t: {run: train, with: {labels: labels, epochs: 2}}\n")
+    m = load_manifest(fresh / "m.yaml", group=cli)
+    state = {"steps": {}}
+    state["steps"]["t"] = record(m, "t", state, status="done")
+    ckpt = fresh / "wd" / "t" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (fresh / "wd" / "t" / "config.json").write_text(json.dumps({"epochs": 2}))
+    (ckpt / "latest.json").write_text(json.dumps({"checkpoint": "epoch-0001.pt", "epoch": 1}))
+    (step,) = make_plan(m, state)
+    assert step.reason.startswith("outputs incomplete: checkpoint named by") and fresh_start(m, state, step)
+    torch.save({"model": {}, "student": "fastsal_a"}, ckpt / "epoch-0000.pt")  # an older one that reads
+    assert not fresh_start(m, state, make_plan(m, state)[0])
+
+
 def test_one_workdir_however_it_is_written_is_one_workdir(tmp_path, monkeypatch):
     """`wd`, `./x/../wd` and `/abs/cwd/wd` are one spelling, so the steps' output settings (their fingerprints)
     are equal: written otherwise, every step started over (--overwrite, --restart)."""

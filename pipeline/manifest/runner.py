@@ -185,9 +185,11 @@ def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> bool:
         return True
     if rec is not None and rec.get("fresh") and rec.get("status") != "done":
         return True  # a start-over that did not finish (interrupted, failed) starts over again
+    spec = COMMANDS.get(manifest.steps[item.step].command)
+    if item.reason.startswith("outputs incomplete") and spec is not None and spec.resumes is not None:
+        return not spec.resumes(as_path(manifest.steps[item.step].output))  # nothing left to carry on from
     if rec is None or rec.get("fingerprint") == fingerprint_of(manifest, item.step, state):
         return False
-    spec = COMMANDS.get(manifest.steps[item.step].command)
     return not (spec is not None and continues(manifest, item.step, state, spec.grows))
 
 

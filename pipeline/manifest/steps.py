@@ -23,7 +23,7 @@ from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
-from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record
+from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class CommandSpec:
     grows: tuple[str, ...] = ()
     #: options that take an fsspec URL (``s3://…``) as well as a local path; a URL anywhere else is refused
     urls: frozenset[str] = frozenset()
+    #: (output folder) -> whether the command can carry on from what an incomplete output holds; when it
+    #: cannot, the step starts over (``fresh``) instead of failing on every run (None: it always can)
+    resumes: Callable[[Path], bool] | None = None
 
 
 def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
@@ -78,7 +81,23 @@ def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
         return f"{epoch + 1} of {epochs} epochs trained"
     if not latest(run / "checkpoints").is_file():
         return f"checkpoint named by {run / 'checkpoints' / LATEST} is missing"
+    if checksums:  # (a checkpoint has no recorded sha256: it is read whole instead)
+        try:
+            load_checkpoint(latest(run / "checkpoints"))
+        except CheckpointError as e:
+            return str(e)
     return ""
+
+
+def _train_resumes(run: Path | RemotePath) -> bool:
+    """Whether some checkpoint of the run folder can be read (`pipeline train` resumes from the newest that can)."""
+    for path in sorted((run / "checkpoints").glob("epoch-*.pt"), reverse=True):
+        try:
+            load_checkpoint(path)
+            return True
+        except CheckpointError:
+            continue
+    return False
 
 
 def _verify_file(path: Path, checksums: bool) -> str:
@@ -162,6 +181,7 @@ COMMANDS: dict[str, CommandSpec] = {
         lock=_lock_file,  # pipeline.train.loop.run_lock
         grows=("epochs",),
         urls=frozenset({"run_dir", "labels", "val_labels", "init_ckpt"}),
+        resumes=_train_resumes,
     ),
     "eval": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "metrics.json"},
