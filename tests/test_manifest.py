@@ -773,6 +773,9 @@ with open(os.environ["FAKE_LOG"], "a") as f:
 os.makedirs(os.path.dirname(opts["out"]), exist_ok=True)
 if os.environ.get("MAKE_STALL") == opts["name"]:  # a step that never ends (killed by the test)
     time.sleep(300)
+if os.environ.get("MAKE_KILLED") == opts["name"]:  # as the kernel's out-of-memory killer does
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
 made = os.environ.get("MAKE_" + opts["name"].upper(), opts["name"])
 source = open(opts["src"]).read() if "src" in opts else ""
 with open(opts["out"], "w") as f:
@@ -944,6 +947,13 @@ def test_a_train_step_with_no_readable_checkpoint_left_starts_over_instead_of_fa
     assert step.reason.startswith("outputs incomplete: checkpoint named by") and fresh_start(m, state, step)
     torch.save({"model": {}, "student": "fastsal_a"}, ckpt / "epoch-0000.pt")  # an older one that reads
     assert not fresh_start(m, state, make_plan(m, state)[0])
+
+
+def test_a_step_killed_by_a_signal_says_so(maker, monkeypatch):
+    monkeypatch.setenv("MAKE_KILLED", "a")
+    code, out, started = maker(MAKE_AB % "one")
+    assert code == 1 and re.search(r"\[a\] failed after [\d.]+ s: killed by SIGKILL", out), out
+    assert maker.plan()["a"] == ("run", "failed last time: killed by SIGKILL")
 
 
 def test_one_workdir_however_it_is_written_is_one_workdir(tmp_path, monkeypatch):

@@ -505,7 +505,13 @@ class Runner:
                 why = spec.verify(as_path(step.output), False)
                 return f"outputs incomplete after the run: {why}" if why else ""
             return ""
-        why = f"exit code {rc}" if rc is not None else tail[-1]
+        if rc is not None and rc < 0:  # ended by a signal (e.g. the kernel's out-of-memory killer: SIGKILL)
+            try:
+                why = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                why = f"killed by signal {-rc}"
+        else:
+            why = f"exit code {rc}" if rc is not None else tail[-1]
         last = next((line for line in reversed(tail) if line.strip()), "")
         return why + (f": {last.strip()}" if last and rc is not None else "")
 
