@@ -873,8 +873,9 @@ def test_a_corrupt_output_found_by_checksums_is_made_again(maker, tmp_path):
 
 
 def test_an_input_missing_for_a_while_then_back_unchanged_throws_nothing_away(maker, tmp_path):
-    """The failed run for a missing input keeps the step's record: with the input back as it was, the step is
-    not 'changed' and carries on (no start-over, which would delete a label folder or a run's epochs)."""
+    """A step not started for a missing input keeps its record as it was: with the input back unchanged it is up
+    to date again (it read as 'input changed' and started over, which deletes a label folder or a run's epochs);
+    a step that never ran is still 'never run'."""
     source = tmp_path / "source.txt"
     source.write_text("data")
     text = """\
@@ -885,11 +886,13 @@ def test_an_input_missing_for_a_while_then_back_unchanged_throws_nothing_away(ma
     source.rename(tmp_path / "away.txt")
     code, out, started = maker(text)
     assert code == 1 and "[a] failed: input missing" in out and started == []
+    assert maker.plan()["a"] == ("run", "input missing: " + str(source))
     (tmp_path / "away.txt").rename(source)
-    assert maker.plan()["a"] == ("run", "failed last time: input missing: " + str(source))
-    code, out, started = maker(text)
-    assert code == 0 and started == ["a"]
-    assert "--fresh=yes" not in out
+    assert maker.plan()["a"] == ("skip", "up to date")
+    more = text.rstrip(" ") + '          b: {run: make, with: {name: b}, inputs: ["%s"]}\n' % (tmp_path / "later.txt")
+    assert maker(more)[0] == 1 and maker.plan()["b"] == ("run", "input missing: " + str(tmp_path / "later.txt"))
+    (tmp_path / "later.txt").write_text("here")
+    assert maker.plan()["b"] == ("run", "never run")
 
 
 def test_a_start_over_that_was_interrupted_starts_over_again(maker, tmp_path, monkeypatch):
@@ -945,7 +948,11 @@ def test_a_train_step_with_no_readable_checkpoint_left_starts_over_instead_of_fa
     (ckpt / "latest.json").write_text(json.dumps({"checkpoint": "epoch-0001.pt", "epoch": 1}))
     (step,) = make_plan(m, state)
     assert step.reason.startswith("outputs incomplete: checkpoint named by") and fresh_start(m, state, step)
-    torch.save({"model": {}, "student": "fastsal_a"}, ckpt / "epoch-0000.pt")  # an older one that reads
+    older = {"model": {}, "student": "fastsal_a", "optimizer": {}, "scheduler": {}, "epoch": 0, "global_step": 1,
+             "rng": {}, "config": {}}
+    torch.save({"model": {}, "student": "fastsal_a"}, ckpt / "epoch-0000.pt")  # it reads, but holds no state to
+    assert fresh_start(m, state, make_plan(m, state)[0])                      # resume from
+    torch.save(older, ckpt / "epoch-0000.pt")  # an older one to resume from
     assert not fresh_start(m, state, make_plan(m, state)[0])
 
 
@@ -956,14 +963,28 @@ def test_a_step_killed_by_a_signal_says_so(maker, monkeypatch):
     assert maker.plan()["a"] == ("run", "failed last time: killed by SIGKILL")
 
 
-def test_one_workdir_however_it_is_written_is_one_workdir(tmp_path, monkeypatch):
-    """`wd`, `./x/../wd` and `/abs/cwd/wd` are one spelling, so the steps' output settings (their fingerprints)
-    are equal: written otherwise, every step started over (--overwrite, --restart)."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "m.yaml").write_text("steps:\n  t: {run: teachers}\n")
-    spellings = ["wd", "./x/../wd", str(tmp_path / "wd")]
-    assert {load_manifest(tmp_path / "m.yaml", group=cli, workdir=w).workdir for w in spellings} == {Path("wd")}
-    assert load_manifest(tmp_path / "m.yaml", group=cli, workdir="/elsewhere/wd").workdir == Path("/elsewhere/wd")
+def test_an_interrupted_start_over_that_made_checkpoints_carries_on_from_them(fresh):
+    """`train --restart` deletes the old checkpoints first: once the start-over has written one of its own, an
+    interruption resumes from it (90 epochs of the new settings are not thrown away); before that, it starts
+    over again."""
+    from datetime import datetime, timedelta
+
+    from pipeline.manifest.plan import Planned
+
+    (fresh / "m.yaml").write_text("workdir: wd\nsteps:\n  t: {run: train, with: {labels: labels, epochs: 2}}\n")
+    m = load_manifest(fresh / "m.yaml", group=cli)
+    started = (datetime.now().astimezone() - timedelta(seconds=30)).isoformat(timespec="seconds")
+    state = {"steps": {}}
+    state["steps"]["t"] = record(m, "t", state, status="running", started=started, fresh=True)
+    item = Planned("t", "run", "interrupted")
+    ckpt = fresh / "wd" / "t" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    old = ckpt / "epoch-0000.pt"
+    old.write_bytes(b"from before the start-over")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert fresh_start(m, state, item)
+    (ckpt / "epoch-0001.pt").write_bytes(b"written by the start-over")
+    assert not fresh_start(m, state, item)
 
 
 def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path):

@@ -369,19 +369,6 @@ def check_yaml_size(display: str, text: str) -> None:
                                  f"{MAX_NODES:,} values (aliases of aliases?); refused before reading it"])
 
 
-def local_workdir(text: str) -> Path:
-    """A local workdir in one spelling, so that its steps' settings (their output folders) are the same however
-    it was written: ``x/../wd``, ``./wd`` and ``/abs/cwd/wd`` run from ``/abs/cwd`` are all ``wd`` (relative to
-    the current directory when inside it, so that moving a project keeps its state valid), else absolute."""
-    path = Path(os.path.normpath(text)) if text else Path(".")
-    if path.is_absolute():
-        try:
-            return path.relative_to(Path.cwd())
-        except ValueError:
-            return path
-    return path
-
-
 class _Doc:
     """The parsed YAML plus the line of every mapping key and list item, by key path."""
 
@@ -585,7 +572,7 @@ class _Loader:
         wd = _text(resolved["workdir"])
         if _URL_RE.match(wd):  # object storage: the steps' outputs go there, the state too (pipeline.manifest.runner)
             return as_path(_url(wd)), {k: v for k, v in resolved.items() if k != "workdir"}
-        return local_workdir(wd), {k: v for k, v in resolved.items() if k != "workdir"}
+        return Path(wd), {k: v for k, v in resolved.items() if k != "workdir"}
 
     # -- steps: structure ----------------------------------------------------------------------------
     def declare(self, data: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:

@@ -183,14 +183,27 @@ def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> bool:
     rec = state.get("steps", {}).get(item.step)
     if item.reason.startswith("forced"):
         return True
-    if rec is not None and rec.get("fresh") and rec.get("status") != "done":
-        return True  # a start-over that did not finish (interrupted, failed) starts over again
     spec = COMMANDS.get(manifest.steps[item.step].command)
+    if rec is not None and rec.get("fresh") and rec.get("status") != "done" and not _made_since(
+            spec, manifest.steps[item.step].output, rec.get("started")):
+        return True  # a start-over that did not finish, nor make anything yet, starts over again
     if item.reason.startswith("outputs incomplete") and spec is not None and spec.resumes is not None:
         return not spec.resumes(as_path(manifest.steps[item.step].output))  # nothing left to carry on from
     if rec is None or rec.get("fingerprint") == fingerprint_of(manifest, item.step, state):
         return False
     return not (spec is not None and continues(manifest, item.step, state, spec.grows))
+
+
+def _made_since(spec, output, started) -> bool:
+    """Whether a step's start-over (begun at ``started``, the record's time) has made outputs of its own yet:
+    the old outputs are gone then, and what is there is of the new settings (carry on from it)."""
+    if spec is None or spec.made_since is None or not output or not started:
+        return False
+    try:
+        since = datetime.fromisoformat(started).timestamp() + 1.0  # (recorded to the second, rounded down)
+    except (TypeError, ValueError):
+        return False
+    return spec.made_since(as_path(output), since)
 
 
 def command_line(manifest: Manifest, name: str, fresh: bool) -> list[str]:
@@ -433,10 +446,12 @@ class Runner:
             self.status[name] = "up to date: upstream output unchanged"
             self.say(f"[{name}] up to date: its upstream output is unchanged")
             return
-        if missing:  # the record keeps what the step last ran with: the input back unchanged, it carries on
-            self.state["steps"].setdefault(name, record(m, name, self.state, status="running", started=now()))
-            why = f"input missing: {', '.join(missing)}"
-            self._failed(name, 0.0, why, f"failed: {why}", announce=f"[{name}] failed: ")
+        if missing:  # not started: its record (what it last ran with) stays as it is, so the input back
+            why = f"input missing: {', '.join(missing)}"  # unchanged, the step is what it was
+            self.status[name] = f"failed: {why}"
+            self.failed.append(name)
+            self.say(f"[{name}] failed: {why}", err=True)
+            self.stopping = self.stopping or not self.keep_going
             return
         fresh = fresh_start(m, self.state, self.planned[name])
         self.state["steps"][name] = record(m, name, self.state, status="running", started=now(), fresh=fresh)

@@ -23,7 +23,7 @@ from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
-from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record, load_checkpoint
+from pipeline.train.checkpoints import LATEST, RESUME_KEYS, CheckpointError, latest, latest_record, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class CommandSpec:
     #: (output folder) -> whether the command can carry on from what an incomplete output holds; when it
     #: cannot, the step starts over (``fresh``) instead of failing on every run (None: it always can)
     resumes: Callable[[Path], bool] | None = None
+    #: (output folder, a time) -> whether the command has written finished pieces of its output (shards,
+    #: checkpoints) since then; a start-over interrupted after that carries on instead of starting over again
+    made_since: Callable[[Path, float], bool] | None = None
 
 
 def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
@@ -89,12 +92,25 @@ def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
     return ""
 
 
+def _written_since(paths, since: float) -> bool:
+    """Whether a local file of ``paths`` was written at or after ``since`` (seconds); never for object storage."""
+    for path in paths:
+        if isinstance(path, RemotePath):
+            return False
+        try:
+            if path.stat().st_mtime >= since:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _train_resumes(run: Path | RemotePath) -> bool:
     """Whether some checkpoint of the run folder can be read (`pipeline train` resumes from the newest that can)."""
     for path in sorted((run / "checkpoints").glob("epoch-*.pt"), reverse=True):
         try:
-            load_checkpoint(path)
-            return True
+            if all(k in load_checkpoint(path) for k in RESUME_KEYS):
+                return True
         except CheckpointError:
             continue
     return False
@@ -170,6 +186,7 @@ COMMANDS: dict[str, CommandSpec] = {
         digest=_digest_label,
         urls=frozenset({"out"}),
         lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
+        made_since=lambda folder, since: _written_since(folder.glob("shard-*.json"), since),
     ),
     "train": CommandSpec(
         defaults={"run_dir": lambda workdir, step: workdir / step},
@@ -182,6 +199,7 @@ COMMANDS: dict[str, CommandSpec] = {
         grows=("epochs",),
         urls=frozenset({"run_dir", "labels", "val_labels", "init_ckpt"}),
         resumes=_train_resumes,
+        made_since=lambda run, since: _written_since((run / "checkpoints").glob("epoch-*.pt"), since),
     ),
     "eval": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "metrics.json"},
