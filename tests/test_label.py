@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,16 +121,52 @@ def test_rerun_skips_finished_shards_and_redoes_damaged_ones(coco_tree, tmp_path
 
 @pytest.mark.parametrize("bad", [{"device": "tpu"}, {"device": "cuda:99"}, {"weights": "/no/such/weights.pt"}])
 def test_overwrite_deletes_nothing_when_the_run_cannot_label(coco_tree, tmp_path, bad):
-    """`--overwrite` with a device that is not there or weights that are not there is refused before the
-    finished shards go (it deleted them first, then failed)."""
+    """`--overwrite` with a device that is not there or weights that are not there deletes no shard (it
+    deleted them all first, then failed): each old shard goes only when its new one is written. The same
+    command without the mistake finds them finished (and writes labels.json again)."""
     records = coco_records(coco_tree, "val2017")
     out = tmp_path / "out"
     label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*")}
     config = LabelConfig(**{**CONFIG.__dict__, **bad})
     with pytest.raises(Exception, match="unknown device|no CUDA GPU|has 0 CUDA|weights"):
         label(records, out, config, shard_size=3, executor="local", progress=False, overwrite=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == before
+    again = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert (again.shards_done, again.shards_skipped) == (0, 3) and (out / "labels.json").is_file()
+
+
+def test_overwrite_with_a_smaller_plan_and_stray_tars_leaves_exactly_the_new_shards(coco_tree, tmp_path):
+    """Old shards beyond the new plan go once the new ones are written; a tar beyond the plan without a marker
+    (an unfinished shard of an earlier plan, left by a kill) is removed by any run (it stayed, and `verify`
+    failed on a folder `label` called finished)."""
+    records = coco_records(coco_tree, "val2017")
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    label(records, out, CONFIG, shard_size=2, executor="local", progress=False)  # 4 shards
+    (out / "shard-000003.json").unlink()  # shard 3: a tar without its marker
+    label(records, out, CONFIG, shard_size=4, executor="local", progress=False, overwrite=True)  # 2 shards
+    label(records, clean, CONFIG, shard_size=4, executor="local", progress=False)
+    assert sorted(p.name for p in out.glob("shard-*")) == sorted(p.name for p in clean.glob("shard-*"))
+    assert digests(out) == digests(clean)
+    shutil.copy(out / "shard-000001.tar", out / "shard-000009.tar")  # a stray beyond the plan, no marker
+    label(records, out, CONFIG, shard_size=4, executor="local", progress=False)
+    assert not (out / "shard-000009.tar").exists()
+    assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
+
+
+def test_a_rewrite_cut_short_keeps_the_finished_shard_it_was_rewriting(coco_tree, tmp_path):
+    """`--retry-failed` (or any rewrite) interrupted before the new tar is complete: the old tar and its marker
+    are still a finished shard (the marker was deleted when the rewrite began)."""
+    from pipeline.label.shards import ShardWriter, read_marker, tar_samples, verify_shard
+
+    out = tmp_path / "out"
+    label(coco_records(coco_tree, "val2017"), out, CONFIG, shard_size=3, executor="local", progress=False)
+    marker = read_marker(out, "shard-000000")
+    writer = ShardWriter(out, "shard-000000")
+    writer.write(next(iter(tar_samples(out / "shard-000000.tar"))))
+    assert verify_shard(out, "shard-000000", {"sha256": marker["sha256"]}) == (marker, "")
+    writer.abort()  # as a kill leaves it
+    assert verify_shard(out, "shard-000000", {"sha256": marker["sha256"]}) == (marker, "")
 
 
 def test_a_finished_folder_is_found_finished_without_starting_ray(coco_tree, tmp_path, monkeypatch):
@@ -731,6 +768,9 @@ def test_worker_placement_fits_the_cluster_and_the_work():
     from pipeline.label.executors import place_workers
 
     assert place_workers("auto", executor="local", cuda_available=True).device_type == "cuda"
+    two_cores = place_workers("cpu", executor="ray", cpu_workers=3, io_threads=4, cluster_cpus=2)
+    assert (two_cores.workers, two_cores.options) == (2, {"num_cpus": 1})  # each schedulable: it hung for ever
+    assert "--cpu-workers 3: the Ray cluster has 2 CPUs, labelling on 2 CPU actors" in two_cores.note
     few_cpus = place_workers("auto", executor="ray", io_threads=16, cluster_gpus=2, cluster_cpus=6)
     assert few_cpus.options == {"num_gpus": 1, "num_cpus": 3}  # schedulable: 2 actors × 3 CPUs on 6 CPUs
     assert place_workers("auto", executor="ray", cluster_gpus=8, cluster_cpus=64, shards=2).workers == 2

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
-from pipeline.common.devices import available, resolve_device, use_autocast
+from pipeline.common.devices import use_autocast
 from pipeline.common.errors import error_message
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
@@ -103,14 +103,6 @@ def prepare_folder(folder: Path) -> None:
         raise LabelError(f"output folder is not writable: {folder}")
 
 
-def clear_folder(folder: Path) -> None:
-    """``--overwrite``: every shard (marker first) and ``labels.json`` go; called once the run is known to be
-    able to label (folder locked, weights resolved, device there), so a refused run deletes nothing."""
-    (folder / "labels.json").unlink(missing_ok=True)
-    for p in sorted(folder.glob("shard-*.json")) + sorted(folder.glob("shard-*.tar")):
-        p.unlink(missing_ok=True)
-
-
 class SourceChanged(LabelError):
     """A finished shard holds other images than this run plans for it."""
 
@@ -140,6 +132,7 @@ class Split:
     reuse: dict[int, dict] = field(default_factory=dict)  # index → marker: relabel only its failed images
     changed: list[str] = field(default_factory=list)  # finished shards of other images (--overwrite-changed)
     surplus: list[str] = field(default_factory=list)  # finished shards beyond the plan (--overwrite-changed)
+    strays: list[str] = field(default_factory=list)  # tars beyond the plan without a marker: unfinished, removed
 
 
 def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrite_changed: bool = False,
@@ -179,7 +172,18 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
             if not overwrite_changed:
                 raise SourceChanged(f"{path} is a shard beyond the {len(plans)} this run plans: {CHANGED_HINT}")
             split.surplus.append(path.stem)
+    split.strays = [p.stem for p in sorted(folder.glob("shard-*.tar"))
+                    if p.stem not in planned and p.stem not in split.surplus and read_marker(folder, p.stem) is None]
     return split
+
+
+def overwrite_split(plans: list[ShardPlan], folder: Path) -> Split:
+    """``--overwrite``: every planned shard is written again, each replacing its old tar and marker as it is
+    finished, and the shards beyond the plan go once every shard is written: nothing is deleted before the run
+    has labelled (a run refused on its weights or device deletes nothing)."""
+    planned = {p.name for p in plans}
+    names = {p.stem for p in folder.glob("shard-*.json")} | {p.stem for p in folder.glob("shard-*.tar")}
+    return Split(todo=list(plans), surplus=sorted(n for n in names if n not in planned))
 
 
 def remove_shard(folder: Path, name: str) -> None:
@@ -251,17 +255,16 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     if identity["weights_random"]:
         warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
                       "(marked weights_random in every shard)", stacklevel=3)
-    if overwrite:  # the device (on Ray: the cluster and what it offers) is checked before anything is deleted
-        if executor == "local":
-            available(resolve_device(config.device))
-        elif records:
-            placement()
-        clear_folder(folder)
-    split = split_done(plans, folder, identity, overwrite_changed=overwrite_changed, retry_failed=retry_failed)
+    if overwrite:
+        split = overwrite_split(plans, folder)
+        leftover, split.surplus = split.surplus, []  # removed once every shard is written anew
+    else:
+        split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
+                                     retry_failed=retry_failed), []
     todo, reuse = split.todo, split.reuse
     if todo or split.surplus:
         (folder / "labels.json").unlink(missing_ok=True)  # the dataset is not finished until every shard is
-    for name in split.surplus:
+    for name in split.surplus + split.strays:
         remove_shard(folder, name)
     summary = LabelSummary(folder=folder, planned_images=len(records), shards_total=len(plans),
                            shards_skipped=len(split.done), shards_changed=split.changed + split.surplus)
@@ -304,6 +307,8 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     summary.failed = len(summary.failures) + sum(
         len(p.records) for p in plans if p.name in summary.shards_failed)
     if len(markers) == len(plans):
+        for name in leftover:  # --overwrite: the old shards beyond the plan, now that the new ones are all there
+            remove_shard(folder, name)
         finish(folder, plans, markers, identity, summary)
     summary.wall_s = time.perf_counter() - start
     return summary

@@ -60,10 +60,14 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
                 "not on that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else "")
         return Placement(device="cuda", device_type="cuda", workers=cap(n),
                          options={"num_gpus": 1 / k, "num_cpus": cpus}, note=note)
-    note = (f"--device {device}: the Ray cluster has no GPU, labelling on {cpu_workers} CPU actor(s)"
-            if device.startswith("cuda") and gpus != 0 else "")
-    return Placement(device="cpu", device_type="cpu", workers=cap(cpu_workers),
-                     options={"num_cpus": max(1, io_threads // 2)}, note=note)
+    workers = min(cpu_workers, cluster_cpus) if cluster_cpus else cpu_workers  # each actor holds a CPU at least
+    cpus = max(1, min(io_threads // 2, cluster_cpus // max(1, workers) if cluster_cpus else io_threads))
+    notes = [f"--device {device}: the Ray cluster has no GPU, labelling on {workers} CPU actor(s)"
+             if device.startswith("cuda") and gpus != 0 else "",
+             f"--cpu-workers {cpu_workers}: the Ray cluster has {cluster_cpus} CPUs, labelling on {workers} CPU actors"
+             if workers < cpu_workers else ""]
+    return Placement(device="cpu", device_type="cpu", workers=cap(workers), options={"num_cpus": cpus},
+                     note="; ".join(n for n in notes if n))
 
 
 def label_here(config: LabelConfig, placement: Placement, identity: dict, todo, reuse, folder, bar, on_done,

@@ -93,11 +93,11 @@ class _Abort(Exception):
 
 class ShardWriter:
     """``<name>.tar`` written sample by sample (temp name, hashed on the way), then renamed and its marker
-    written by :meth:`finish`; :meth:`abort` leaves no trace of it. An older marker of ``name`` is removed
-    when writing starts (it must not outlive its tar)."""
+    written by :meth:`finish`; :meth:`abort` leaves no trace of it. An older shard of ``name`` stays whole
+    until the new tar is complete: its marker is removed just before the rename (it must not outlive its tar),
+    so an interrupted rewrite (``--retry-failed``) keeps the finished shard it was rewriting."""
 
     def __init__(self, folder: Path, name: str):
-        marker_path(folder, name).unlink(missing_ok=True)
         self.folder, self.name, self.final = folder, name, tar_path(folder, name)
         self._files = contextlib.ExitStack()
         self._file = _Hashing(None)
@@ -119,6 +119,7 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
+        marker_path(self.folder, self.name).unlink(missing_ok=True)  # the old shard's, before its tar goes
         self._files.close()  # atomic_open: fsync, rename, fsync the folder
         marker = {
             "format": MARKER_FORMAT,
