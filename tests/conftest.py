@@ -103,6 +103,20 @@ def chdir(path: Path):
         os.chdir(before)
 
 
+def rewrite_shard(folder: Path, name: str, samples: list[dict]) -> None:
+    """Write ``samples`` as shard ``name`` of a label folder, with a marker and labels.json entry that agree with
+    the tar (a shard damaged in its content, not in its checksums)."""
+    from pipeline.label.shards import read_marker, write_shard
+
+    marker = {k: v for k, v in read_marker(folder, name).items() if k not in ("sha256", "bytes")}
+    written = write_shard(folder, name, samples, marker)
+    index = json.loads((folder / "labels.json").read_text())
+    for entry in index["shards"]:
+        if entry["tar"] == f"{name}.tar":
+            entry["sha256"] = written["sha256"]
+    (folder / "labels.json").write_text(json.dumps(index))
+
+
 def sigkill_when(args: list, ready, what: str, timeout: float = 120.0) -> None:
     """Run ``python -m pipeline ARGS`` in its own process group and SIGKILL the whole group as soon as
     ``ready()`` holds (polled every 10 ms: a busy loop would take a core from the command on a 2-core

@@ -285,20 +285,15 @@ def shard_keys(tar: Path) -> set[str]:
 def test_a_label_that_does_not_decode_is_an_eval_failure_not_a_silent_gap(label_folder, tmp_path):
     """eval --labels reads shards without their checksums: a sample whose label does not decode is skipped
     (one warning), and counted and listed as failed in the table and the JSON."""
-    from pipeline.label.shards import read_marker, tar_samples, write_shard
+    from pipeline.label.shards import tar_samples
+    from tests.conftest import rewrite_shard
 
     folder = tmp_path / "labels"
     shutil.copytree(label_folder, folder)
     name = sorted(p.stem for p in folder.glob("shard-*.tar"))[-1]
     samples = list(tar_samples(folder / f"{name}.tar"))
     samples[0]["classic.png"] = b"\x89PNG\r\n\x1a\n broken"
-    marker = {k: v for k, v in read_marker(folder, name).items() if k not in ("sha256", "bytes")}
-    written = write_shard(folder, name, samples, marker)
-    index = json.loads((folder / "labels.json").read_text())
-    for entry in index["shards"]:
-        if entry["tar"] == f"{name}.tar":
-            entry["sha256"] = written["sha256"]
-    (folder / "labels.json").write_text(json.dumps(index))
+    rewrite_shard(folder, name, samples)
     out = tmp_path / "eval.json"
     result = ok("eval", "--teacher", "classic", "--labels", folder, "--out", out, "--no-progress")
     assert any(line.split() == ["images", "failed", "1"] for line in result.output.splitlines()), result.output

@@ -11,9 +11,10 @@ from click.testing import CliRunner
 
 from pipeline.cli.main import cli
 from pipeline.label.driver import label
-from pipeline.label.shards import read_marker, tar_samples, write_shard
+from pipeline.label.shards import tar_samples
 from pipeline.label.sources import coco_records
 from pipeline.label.worker import LabelConfig
+from tests.conftest import rewrite_shard
 
 
 @pytest.fixture
@@ -28,15 +29,7 @@ def verify(folder: Path, *extra: str):
     return CliRunner().invoke(cli, ["verify", str(folder), *extra])
 
 
-def rewrite(folder: Path, name: str, samples: list[dict]) -> None:
-    """Write ``samples`` as shard ``name`` with a marker and labels.json entry that agree with the tar."""
-    marker = {k: v for k, v in read_marker(folder, name).items() if k not in ("sha256", "bytes")}
-    written = write_shard(folder, name, samples, marker)
-    index = json.loads((folder / "labels.json").read_text())
-    for entry in index["shards"]:
-        if entry["tar"] == f"{name}.tar":
-            entry["sha256"] = written["sha256"]
-    (folder / "labels.json").write_text(json.dumps(index))
+rewrite = rewrite_shard
 
 
 def test_a_sound_folder_is_one_ok_line(labelled):
