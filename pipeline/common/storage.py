@@ -147,9 +147,11 @@ class RemotePath:
             self.fs.invalidate_cache(str(PurePosixPath(self.key).parent))
 
     def exists(self) -> bool:
-        return self.fs.exists(self.key)
+        self._invalidate()  # asked of the store now: a listing cached by an earlier glob predates other processes'
+        return self.fs.exists(self.key)  # writes (a manifest step's, checked by its runner)
 
     def is_file(self) -> bool:
+        self._invalidate()
         return self.fs.isfile(self.key)
 
     def is_dir(self) -> bool:
