@@ -23,7 +23,7 @@ MAX_SIDE = 8192
 def image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", value or "")
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", value)
     if not m or not all(16 <= int(v) <= MAX_SIDE for v in m.groups()):
         raise click.BadParameter(f"expected HxW with both from 16 to {MAX_SIDE}, e.g. 192x256; got {value!r}")
     return int(m.group(1)), int(m.group(2))

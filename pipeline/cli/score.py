@@ -185,18 +185,17 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     """
     from pipeline.score.profile import profile
 
-    size = image_size
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             require_weights=False, student_options=student_options)
-    if size and predictor.student:
+    if image_size and predictor.student:
         stride = predictor.model.stride
-        if size[0] % stride or size[1] % stride:
+        if image_size[0] % stride or image_size[1] % stride:
             raise click.BadParameter(f"{predictor.model.name} needs H and W multiples of {stride}, e.g. 192x256; "
-                                     f"got {size[0]}x{size[1]}", param_hint="'--image-size'")
-    predictor = with_runtime(predictor, runtime, size, calibration=calibration,
+                                     f"got {image_size[0]}x{image_size[1]}", param_hint="'--image-size'")
+    predictor = with_runtime(predictor, runtime, image_size, calibration=calibration,
                              calibration_images=calibration_images)
-    result = profile(predictor, input_size=size, batch_size=batch_size, iters=iters)
+    result = profile(predictor, input_size=image_size, batch_size=batch_size, iters=iters)
     click.echo(result.table())
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,12 +226,11 @@ def export_cmd(checkpoint, teacher, student, student_options, weights, student_o
     if (quantize == "int8") != (calibration is not None):
         raise click.UsageError("--quantize int8 needs --calibration (a label folder or a folder of images)"
                                if calibration is None else "--calibration is for --quantize int8")
-    size = image_size
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, "cpu", "fp32",
                             require_weights=False, student_options=student_options)
     try:
-        result = export_onnx(predictor, out, input_size=size, opset=opset,
+        result = export_onnx(predictor, out, input_size=image_size, opset=opset,
                              calibration=calibration if quantize == "int8" else None,
                              calibration_images=calibration_images)
     except (PredictorError, ValueError) as e:

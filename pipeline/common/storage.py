@@ -147,12 +147,16 @@ class RemotePath:
             self.fs.invalidate_cache(str(PurePosixPath(self.key).parent))
 
     def exists(self) -> bool:
-        self._invalidate()  # asked of the store now: a listing cached by an earlier glob predates other processes'
-        return self.fs.exists(self.key)  # writes (a manifest step's, checked by its runner)
+        return self.fs.exists(self.key)
 
     def is_file(self) -> bool:
-        self._invalidate()
         return self.fs.isfile(self.key)
+
+    def forget_listings(self) -> "RemotePath":
+        """This path, with every listing fsspec cached dropped: what another process wrote since is seen."""
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache()
+        return self
 
     def is_dir(self) -> bool:
         return not self.fs.isfile(self.key)  # a prefix is a folder, whether or not objects are under it yet
@@ -222,8 +226,7 @@ class RemotePath:
 
     def files(self) -> list["RemotePath"]:
         """Every object under this prefix (recursively), sorted."""
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache()  # all of it: listings of sub-prefixes are cached too
+        self.forget_listings()  # all of it: listings of sub-prefixes are cached too
         try:
             found = self.fs.find(self.key)
         except FileNotFoundError:
@@ -234,8 +237,7 @@ class RemotePath:
         """What the store says of this object, or of every object under this prefix, without reading them:
         ``(relative name, size, content tag)`` sorted (the name is ``""`` for an object); None when nothing is
         there. The tag is the store's checksum (S3's ETag, GCS's md5 or crc32c), else its modification time."""
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache()
+        self.forget_listings()
         try:
             found = self.fs.find(self.key, detail=True)
         except FileNotFoundError:

@@ -132,7 +132,7 @@ class Split:
     reuse: dict[int, dict] = field(default_factory=dict)  # index → marker: relabel only its failed images
     changed: list[str] = field(default_factory=list)  # finished shards of other images (--overwrite-changed)
     surplus: list[str] = field(default_factory=list)  # finished shards beyond the plan (--overwrite-changed)
-    strays: list[str] = field(default_factory=list)  # tars beyond the plan without a marker: unfinished, removed
+    strays: list[str] = field(default_factory=list)  # beyond the plan without a whole marker: unfinished, removed
 
 
 def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrite_changed: bool = False,
@@ -172,18 +172,15 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
             if not overwrite_changed:
                 raise SourceChanged(f"{path} is a shard beyond the {len(plans)} this run plans: {CHANGED_HINT}")
             split.surplus.append(path.stem)
-    split.strays = [p.stem for p in sorted(folder.glob("shard-*.tar"))
-                    if p.stem not in planned and p.stem not in split.surplus and read_marker(folder, p.stem) is None]
+    split.strays = [n for n in beyond_plan(plans, folder) if n not in split.surplus]
     return split
 
 
-def overwrite_split(plans: list[ShardPlan], folder: Path) -> Split:
-    """``--overwrite``: every planned shard is written again, each replacing its old tar and marker as it is
-    finished, and the shards beyond the plan go once every shard is written: nothing is deleted before the run
-    has labelled (a run refused on its weights or device deletes nothing)."""
+def beyond_plan(plans: list[ShardPlan], folder: Path) -> list[str]:
+    """The shards (a marker, a tar or both) of ``folder`` that ``plans`` does not hold, sorted."""
     planned = {p.name for p in plans}
     names = {p.stem for p in folder.glob("shard-*.json")} | {p.stem for p in folder.glob("shard-*.tar")}
-    return Split(todo=list(plans), surplus=sorted(n for n in names if n not in planned))
+    return sorted(n for n in names if n not in planned)
 
 
 def remove_shard(folder: Path, name: str) -> None:
@@ -255,9 +252,9 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     if identity["weights_random"]:
         warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
                       "(marked weights_random in every shard)", stacklevel=3)
-    if overwrite:
-        split = overwrite_split(plans, folder)
-        leftover, split.surplus = split.surplus, []  # removed once every shard is written anew
+    if overwrite:  # every shard written again, each replacing its old one when it is finished: no shard is
+        split = Split(todo=list(plans))  # deleted before the run has labelled (a refused run deletes none)
+        leftover = beyond_plan(plans, folder)  # ...and those beyond the plan once every new one is there
     else:
         split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
                                      retry_failed=retry_failed), []

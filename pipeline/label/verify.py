@@ -103,9 +103,9 @@ def _check_shard(folder: Path, name: str, marker: dict, reference: dict, deep: b
     keys, failures = marker["keys"], marker["failures"]  # their shape is checked (marker_problem)
     if marker["count"] != len(keys):
         problem(f"marker count {marker['count']} but {len(keys)} keys")
-    if marker["planned"] != len(planned_keys(marker)):
-        problem(f"marker plans {marker['planned']} images but lists {len(planned_keys(marker))}")
     planned = planned_keys(marker)
+    if marker["planned"] != len(planned):
+        problem(f"marker plans {marker['planned']} images but lists {len(planned)}")
     labelled_or_failed = keys + [f["key"] for f in failures]
     if sorted(labelled_or_failed) != sorted(planned):
         problem("marker's labelled and failed keys are not the keys it planned")
@@ -201,13 +201,13 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
             "those: `pipeline label` writes <out>/<teacher>/<split>)" if below else "")))
     if index:
         listed = {}
-        for entry in index["shards"]:
-            name = Path(str(entry.get("tar", "")) if isinstance(entry, dict) else "").stem
+        for entry in index["shards"]:  # each a {tar, count, sha256} (index_problem)
+            name = Path(entry["tar"]).stem
             listed[name] = entry
             marker = markers.get(name)
             if marker is None:
                 report.problems.append((name or "labels.json", "listed in labels.json but not a finished shard"))
-            elif (entry.get("sha256"), entry.get("count")) != (marker.get("sha256"), marker.get("count")):
+            elif (entry["sha256"], entry["count"]) != (marker["sha256"], marker["count"]):
                 report.problems.append((name, "labels.json's sha256 or count differs from the marker's"))
         for name in markers:
             if name not in listed:

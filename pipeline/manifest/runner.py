@@ -517,7 +517,8 @@ class Runner:
         if rc == 0:
             spec = COMMANDS.get(step.command)
             if spec is not None and spec.verify is not None and step.output:
-                why = spec.verify(as_path(step.output), False)
+                out = as_path(step.output)  # written by the step's own process: no listing cached before it
+                why = spec.verify(out.forget_listings() if isinstance(out, RemotePath) else out, False)
                 return f"outputs incomplete after the run: {why}" if why else ""
             return ""
         if rc is not None and rc < 0:  # ended by a signal (e.g. the kernel's out-of-memory killer: SIGKILL)

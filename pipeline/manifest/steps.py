@@ -23,7 +23,8 @@ from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
-from pipeline.train.checkpoints import LATEST, RESUME_KEYS, CheckpointError, latest, latest_record, load_checkpoint
+from pipeline.train.checkpoints import (LATEST, CheckpointError, latest, latest_record, load_checkpoint,
+                                        load_resumable)
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,11 @@ def _written_since(paths, since: float) -> bool:
 
 
 def _train_resumes(run: Path | RemotePath) -> bool:
-    """Whether some checkpoint of the run folder can be read (`pipeline train` resumes from the newest that can)."""
+    """Whether some checkpoint of the run folder can be resumed from (`pipeline train` takes the newest that can)."""
     for path in sorted((run / "checkpoints").glob("epoch-*.pt"), reverse=True):
         try:
-            if all(k in load_checkpoint(path) for k in RESUME_KEYS):
-                return True
+            load_resumable(path)
+            return True
         except CheckpointError:
             continue
     return False

@@ -91,10 +91,6 @@ def onnx_bytes(predictor: Predictor, input_size: tuple[int, int], opset: int = D
             torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                               **kwargs)
-    except RuntimeError as e:
-        if "opset" not in str(e).lower():
-            raise
-        raise PredictorError(f"--opset {opset}: {str(e).strip().splitlines()[0]}") from None
     finally:
         predictor.model.to(predictor.device)
     graph = onnx.load_from_string(buf.getvalue())

@@ -89,6 +89,15 @@ def latest(ckpt_dir: Path) -> Path | None:
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "rng", "config")
 
 
+def load_resumable(path: str | Path) -> dict:
+    """A checkpoint that holds all a resume needs (:data:`RESUME_KEYS`); else :class:`CheckpointError`."""
+    ckpt = load_checkpoint(path)
+    lacking = [k for k in RESUME_KEYS if k not in ckpt]
+    if lacking:
+        raise CheckpointError(f"{path} holds no {', '.join(lacking)}: not a checkpoint to resume from")
+    return ckpt
+
+
 def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its content: the one ``latest.json`` names, else (it is unreadable, or
     its checkpoint is missing or truncated) the newest of the others (the two newest are kept), each one passed
@@ -107,10 +116,7 @@ def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
         return None
     for path in candidates:
         try:
-            ckpt = load_checkpoint(path)
-            lacking = [k for k in RESUME_KEYS if k not in ckpt]
-            if lacking:
-                raise CheckpointError(f"{path} holds no {', '.join(lacking)}: not a checkpoint to resume from")
+            ckpt = load_resumable(path)
         except CheckpointError as e:
             problems.append(str(e))
             continue

@@ -205,8 +205,8 @@ class Trainer:
         mine = self.config.resume_key()
         if not isinstance(ckpt["config"], dict):
             raise TrainError(self.shown(f"{path} records no settings to resume with; use another --run or --restart"))
-        if as_places(ckpt["config"]) != as_places(mine):
-            theirs, ours = as_places(ckpt["config"]), as_places(mine)
+        theirs, ours = as_places(ckpt["config"]), as_places(mine)
+        if theirs != ours:
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise TrainError(self.shown(f"{path} was trained with other settings ({', '.join(diff)}); "
                                         "use another --run or --restart"))
