@@ -374,6 +374,9 @@ BAD = {
     "missing_required": ("steps:\n  a:\n    run: label\n    with: {source: coco}\n", 2, "Missing option '--teacher'"),
     "unresolved_var": ("vars: {teacher: classic}\nsteps:\n  a:\n    run: label\n    with:\n      source: coco\n"
                        "      teacher: ${teachr}\n", 7, "unresolved ${teachr} in teacher (did you mean 'teacher'?)"),
+    "unterminated_ref": ("vars: {coco: c, literal: '$${coco'}\nsteps:\n  a:\n    run: label\n    with:\n"
+                         "      source: folder\n      teacher: classic\n      images: ${coco/val2017\n", 8,
+                         "step 'a': '${coco/val2017' has no closing '}' in images"),  # ($$ keeps the var's ${ literal)
     "unknown_step_ref": ("steps:\n" + STEP + "  b:\n    run: label\n    with:\n      source: folder\n"
                          "      teacher: classic\n      images: ${steps.c.out}\n", 10, "names unknown step 'c'"),
     "duplicate_key": ("steps:\n" + STEP + "  a:\n    run: label\n", 5, "duplicate key 'a' (first at line 2)"),

@@ -44,7 +44,7 @@ STEP_KEYS = ("run", "with", "needs", "inputs", "resources")
 RESOURCE_KEYS = ("cpus", "gpus")
 RUNNER_COMMANDS = frozenset({"run", "status"})  # the runner's own commands cannot be steps
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
-REF_RE = re.compile(r"\$\$|\$\{([^}]*)\}")
+REF_RE = re.compile(r"\$\$|\$\{([^}]*)\}|\$\{")  # the last: a `${` never closed (an error)
 WHOLE_REF_RE = re.compile(r"\$\{([^}]*)\}\Z")
 STEP_REF_RE = re.compile(r"steps\.([^.]*)\.(.*)\Z")
 #: vars every manifest has (and may not declare): the workdir, and where `pipeline weights fetch` caches weights
@@ -162,9 +162,14 @@ class Manifest:
 # -- helpers -------------------------------------------------------------------------------------
 
 class _Unresolved(Exception):
-    def __init__(self, name: str, hint: str = ""):
+    def __init__(self, name: str, hint: str = "", closed: bool = True):
         super().__init__(name)
-        self.name, self.hint = name, hint
+        self.name, self.hint, self.closed = name, hint, closed
+
+    @property
+    def what(self) -> str:
+        """"unresolved ${name}", or for a ``${`` with no ``}`` after it, that."""
+        return f"unresolved ${{{self.name}}}" if self.closed else f"'${{{self.name}' has no closing '}}'"
 
 
 def _text(value: object) -> str:
@@ -185,7 +190,14 @@ def substitute(value: object, lookup: Callable[[str], object]) -> object:
     m = WHOLE_REF_RE.match(value)
     if m:
         return lookup(m.group(1).strip())
-    return REF_RE.sub(lambda m: "$" if m.group(0) == "$$" else _text(lookup(m.group(1).strip())), value)
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        if m.group(1) is None:
+            raise _Unresolved(value[m.end():], closed=False)
+        return _text(lookup(m.group(1).strip()))
+
+    return REF_RE.sub(one, value)
 
 
 def references(value: object) -> list[str]:
@@ -194,7 +206,7 @@ def references(value: object) -> list[str]:
         return [r for v in value for r in references(v)]
     if not isinstance(value, str):
         return []
-    return [m.group(1).strip() for m in REF_RE.finditer(value) if m.group(0) != "$$"]
+    return [m.group(1).strip() for m in REF_RE.finditer(value) if m.group(1) is not None]
 
 
 def suggest(name: str, known: Iterable[str]) -> str:
@@ -566,7 +578,7 @@ class _Loader:
                 var(name)
             except _Unresolved as e:
                 where = doc.at("workdir") if name == "workdir" else doc.at("vars", name)
-                self.error(where, f"unresolved ${{{e.name}}} in {'workdir' if name == 'workdir' else 'var ' + repr(name)}"
+                self.error(where, f"{e.what} in {'workdir' if name == 'workdir' else 'var ' + repr(name)}"
                            + (f" {e.hint}" if e.hint else ""))
                 resolved.setdefault(name, "")
         wd = _text(resolved["workdir"])
@@ -716,7 +728,7 @@ class _Loader:
             try:
                 values[pname] = substitute(value, lookup)
             except _Unresolved as e:
-                self.error(doc.at("steps", name, "with", key), f"step {name!r}: unresolved ${{{e.name}}} in {key}"
+                self.error(doc.at("steps", name, "with", key), f"step {name!r}: {e.what} in {key}"
                            + (f" {e.hint}" if e.hint else ""))
                 continue
             key_of[pname] = key
@@ -743,7 +755,7 @@ class _Loader:
             try:
                 inputs.append(_text(substitute(value, lookup)))
             except _Unresolved as e:
-                self.error(doc.at("steps", name, "inputs", i), f"step {name!r}: unresolved ${{{e.name}}} in inputs"
+                self.error(doc.at("steps", name, "inputs", i), f"step {name!r}: {e.what} in inputs"
                            + (f" {e.hint}" if e.hint else ""))
         if len(self.errors) > errors_before:
             return None
