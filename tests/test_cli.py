@@ -144,6 +144,25 @@ def test_a_path_named_on_the_command_line_that_does_not_exist_is_a_usage_mistake
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused command wrote something"
 
 
+@pytest.mark.parametrize("args, option", [
+    (["label", "coco", "--teacher", "classic", "--coco-root", "{samples}/coco", "--out", ""], "'--out'"),
+    (["train", "--labels", "{samples}", "--run", " "], "'--run'"),
+    (["run", "{demo}", "--workdir", "", "--dry-run"], "'--workdir'"),
+    (["label", "folder", "--teacher", "classic", "--images", "", "--out", "o"], "'--images'"),
+    (["predict", "--teacher", "classic", "--images", "", "--out", "o"], "'--images'"),
+    (["verify", ""], "'LABELS_DIR'"),
+])
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, monkeypatch, args, option):
+    """`--out "$OUT"` with OUT unset would otherwise write into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    fill = {"samples": root / "samples", "demo": root / "manifests" / "demo.yaml"}
+    r = CliRunner().invoke(cli, [a.format(**fill) for a in args])
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and option in errors[0] and "empty path" in errors[0], r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, out", [
     (["eval", "--teacher", "classic", "--labels", "{labels}"], "{blocked}/metrics.json"),
     (["predict", "--teacher", "classic", "--images", "{samples}/coco/val2017"], "{blocked}/maps/day1"),

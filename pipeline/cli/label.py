@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 import teachers
-from pipeline.cli.options import echo_result, image_size, must_exist
+from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist, path_or_url
 
 
 @click.command("label")
@@ -18,12 +18,12 @@ from pipeline.cli.options import echo_result, image_size, must_exist
 @click.option("--weights", default=None,
               help="Teacher weights: a local path, an http(s) URL, a known name, or 'random' "
                    "(architecture only: labels are then meaningless). Default: the teacher's own.")
-@click.option("--coco-root", type=click.Path(path_type=Path), default=Path("data/coco"),
+@click.option("--coco-root", type=LocalPath(path_type=Path), default=Path("data/coco"),
               help="COCO folder holding annotations/ and <split>/ (source coco).")
 @click.option("--split", default="val2017", help="COCO split, e.g. train2017, val2017, test2017 (source coco).")
-@click.option("--images", type=click.Path(path_type=Path), default=None,
+@click.option("--images", type=LocalPath(path_type=Path), default=None,
               help="Folder of images, searched recursively (source folder).")
-@click.option("--out", default="data/labels",
+@click.option("--out", default="data/labels", callback=path_or_url,
               help="Output root, a folder or an fsspec URL (s3://bucket/prefix); shards go to "
                    "<out>/<teacher>/<split or folder name>/.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Images per shard.")

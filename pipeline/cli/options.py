@@ -92,11 +92,25 @@ def output_path(value, *, folder: bool = False):
 
 def path_or_url(ctx, param, value):
     """A local path as ``pathlib`` writes it (``a//b/`` → ``a/b``), a URL (``s3://bucket/key``) as given; each of
-    a ``multiple`` option's values."""
+    a ``multiple`` option's values. An empty value (an unset shell variable, most likely) is refused: as a path it
+    would be the current directory."""
     def one(v):
+        if v is not None and not v.strip():
+            raise click.BadParameter("an empty path (an unset shell variable?); write . for the current directory",
+                                     ctx=ctx, param=param)
         return v if v is None or "://" in v else str(Path(v))
 
     return tuple(one(v) for v in value) if isinstance(value, (tuple, list)) else one(value)
+
+
+class LocalPath(click.Path):
+    """A :class:`click.Path` that refuses an empty value as :func:`path_or_url` does (``Path("")`` is the current
+    directory)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            path_or_url(ctx, param, value)
+        return super().convert(value, param, ctx)
 
 
 class FiniteFloat(click.FloatRange):

@@ -15,15 +15,15 @@ import click
 import students
 import teachers
 
-from pipeline.cli.options import (FiniteFloat, build_model, calibration_options, echo_result, model_options, must_exist,
-                                  output_path, path_or_url, runtime_option, with_runtime)
+from pipeline.cli.options import (FiniteFloat, LocalPath, build_model, calibration_options, echo_result, model_options,
+                                  must_exist, output_path, path_or_url, runtime_option, with_runtime)
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 
 
 @click.command("fixations")
 @click.argument("dataset", type=click.Choice(["salicon", "mit1003", "cat2000"]))
-@click.option("--root", type=click.Path(path_type=Path), required=True,
+@click.option("--root", type=LocalPath(path_type=Path), required=True,
               help="The dataset as published (SALICON: fixations JSON + images/; MIT1003: ALLSTIMULI/ + "
                    "ALLFIXATIONMAPS/; CAT2000: Stimuli/ + FIXATIONLOCS/).")
 @click.option("--split", default=None, help="SALICON only: train or val.")
@@ -123,7 +123,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
 
 @click.command("predict")
 @model_options
-@click.option("--images", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--images", type=LocalPath(file_okay=False, path_type=Path), required=True,
               help="Folder of images (searched recursively).")
 @click.option("--out", type=click.Path(path_type=str), required=True, callback=path_or_url,
               help="png: a folder (maps mirror the images' relative paths); hdf5: the file to write; either may be "

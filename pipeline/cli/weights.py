@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.cli.options import LocalPath
 from pipeline.common.tables import table
 
 
@@ -42,7 +43,7 @@ def weights_fetch(spec):
 
 @weights_group.command("convert")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dst", type=LocalPath(dir_okay=False, path_type=Path))
 def weights_convert(src, dst):
     """Convert SalGAN's Lasagne release (gen_modelWeights0090.npz) to a PyTorch checkpoint DST (.pt)."""
     from teachers.salgan import save_converted
