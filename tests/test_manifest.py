@@ -210,6 +210,15 @@ def test_only_and_until_select_steps(fresh):
                                                                           "train_c", "eval_a", "eval_c"]
 
 
+def test_a_forced_step_that_only_or_until_leaves_out_is_a_usage_error(fresh):
+    """It would be skipped as "not selected": the force silently did nothing."""
+    refused = invoke("run", DEMO, "--dry-run", "--force", "label_val", "--force", "train_c", "--only", "eval_a")
+    assert refused.exit_code == 2 and refused.output.splitlines()[-1] == (
+        "Error: Invalid value for --force: label_val, train_c are not among the steps --only/--until select: "
+        "name them there too"), refused.output
+    assert invoke("run", DEMO, "--dry-run", "--force", "label_val", "--until", "eval_a").exit_code == 0
+
+
 def test_dry_run_prints_the_plan_with_reasons(demo):
     (VAL / "shard-000003.tar").unlink()
     (TRAIN_C / "checkpoints" / "latest.json").unlink()

@@ -69,6 +69,13 @@ def run_cmd(manifest, dry_run, force, only, until, jobs, keep_going, sets, workd
     _check_steps(m, "--force", force)
     _check_steps(m, "--only", only)
     _check_steps(m, "--until", until)
+    if only or until:
+        selected = set(only) | set(until) | m.upstream(until)
+        left_out = [name for name in force if name not in selected]
+        if left_out:
+            one = len(left_out) == 1
+            raise click.BadParameter(f"{', '.join(left_out)} {'is' if one else 'are'} not among the steps --only/--until "
+                                     f"select: name {'it' if one else 'them'} there too", param_hint="--force")
     sys.exit(run_manifest(m, jobs=jobs, force=force, only=only, until=until, keep_going=keep_going,
                           dry_run=dry_run, cpus=cpus, gpus=gpus, checksums=checksums))
 
