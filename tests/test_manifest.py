@@ -132,15 +132,12 @@ def test_demo_finishes_and_a_second_run_does_no_work(demo):
 
     assert planned() == dict.fromkeys(DEMO_STEPS, ("skip", "up to date"))
     before = mtimes(Path("runs/demo"))
-    t0 = time.perf_counter()
     result = invoke("run", DEMO, *OPTS)
-    elapsed = time.perf_counter() - t0
     assert result.exit_code == 0, result.output
     assert "$ pipeline" not in result.output  # no step was started
     after = mtimes(Path("runs/demo"))
     assert {k: v for k, v in after.items() if ".pipeline" not in k} == \
         {k: v for k, v in before.items() if ".pipeline" not in k}
-    assert elapsed < 5, f"a run with nothing to do took {elapsed:.1f} s"
 
 
 def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tmp_path):

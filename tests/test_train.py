@@ -99,6 +99,10 @@ def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_s
 
     r = invoke(*args, "--run", run)  # finished: nothing to do
     assert r.exit_code == 0 and "nothing to do" in r.output
+    fewer = [1 if a == 2 and args[i - 1] == "--epochs" else a for i, a in enumerate(args)]
+    r = invoke(*fewer, "--run", run)  # nothing to do either; config.json still says what the run holds
+    assert r.exit_code == 0 and "nothing to do" in r.output
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
 
     photos = sorted((SAMPLES / "val2017").glob("*.jpg"))[:5]
     h5 = tmp_path / "mit.h5"

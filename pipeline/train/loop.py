@@ -454,7 +454,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
         mirror.pull()
     resumed = trainer.resume()
     if lead:
-        write_json(run / "config.json", asdict(config))
+        # the settings, with the epochs the run holds: a lower --epochs than already trained trains nothing
+        write_json(run / "config.json", {**asdict(config), "epochs": max(config.epochs, trainer.epoch)})
         print(f"resuming {config.run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
         keep_rows(run / "losses.csv", LOSS_HEADER + list(trainer.log_names), trainer.epoch)
