@@ -588,3 +588,13 @@ def test_the_next_epochs_loader_starts_before_this_epoch_ends_and_changes_nothin
     a, b = final_model(tmp_path / "ahead"), final_model(tmp_path / "plain")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rows(tmp_path / "ahead" / "losses.csv", 4) == rows(tmp_path / "plain" / "losses.csv", 4)
+
+
+def test_validating_on_a_training_folder_is_warned_of(labels, tmp_path, monkeypatch):
+    """The same folder spelled another way (./x/) too: its scores would be on images the student trained on."""
+    monkeypatch.chdir(labels.parent)
+    r = invoke("train", "--labels", labels.name, "--val-labels", f"./{labels.name}/", "--run", tmp_path / "run",
+               "--epochs", 1, "--steps-per-epoch", 1, "--batch-size", 2, "--backbone-weights", "none", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert (f"warning: --val-labels {labels.name} is also a --labels folder: the validation scores are on training "
+            "images") in r.stderr

@@ -84,9 +84,14 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
                          init=str(init_ckpt) if init_ckpt else None, teacher=teacher,
                          teacher_weights=teacher_weights, loss_weights=loss_weights,
                          steps_per_epoch=steps_per_epoch, max_bad_samples=max_bad_samples)
+    from pipeline.train.loop import as_places
     from pipeline.train.torchrun import PeerFailed, launched, train_with_torchrun
 
     peer = launched()  # (rank, local rank, world) under torchrun
+    places = as_places({"labels": list(config.labels), "val_labels": config.val_labels})
+    if places["val_labels"] in places["labels"] and (not peer or peer[0] == 0):
+        click.echo(f"warning: --val-labels {val_labels} is also a --labels folder: the validation scores are on "
+                   "training images", err=True)
     if peer and ray_workers:  # (process 0 alone prints it: pipeline.cli.main)
         raise click.UsageError("--ray-workers under torchrun: launch with one of them (torchrun already started "
                                f"{peer[2]} processes)")
