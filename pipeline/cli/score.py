@@ -21,6 +21,15 @@ from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 
 
+def check_stride(predictor, image_size) -> None:
+    """A student's --image-size in multiples of its stride, or a usage error (before any work)."""
+    if image_size and predictor.student:
+        stride = predictor.model.stride
+        if image_size[0] % stride or image_size[1] % stride:
+            raise click.BadParameter(f"{predictor.model.name} needs H and W multiples of {stride}, e.g. 192x256; "
+                                     f"got {image_size[0]}x{image_size[1]}", param_hint="'--image-size'")
+
+
 @click.command("fixations")
 @click.argument("dataset", type=click.Choice(["salicon", "mit1003", "cat2000"]))
 @click.option("--root", type=LocalPath(path_type=Path), required=True,
@@ -188,11 +197,7 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             require_weights=False, student_options=student_options)
-    if image_size and predictor.student:
-        stride = predictor.model.stride
-        if image_size[0] % stride or image_size[1] % stride:
-            raise click.BadParameter(f"{predictor.model.name} needs H and W multiples of {stride}, e.g. 192x256; "
-                                     f"got {image_size[0]}x{image_size[1]}", param_hint="'--image-size'")
+    check_stride(predictor, image_size)
     predictor = with_runtime(predictor, runtime, image_size, calibration=calibration,
                              calibration_images=calibration_images)
     result = profile(predictor, input_size=image_size, batch_size=batch_size, iters=iters)
@@ -229,6 +234,7 @@ def export_cmd(checkpoint, teacher, student, student_options, weights, student_o
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, "cpu", "fp32",
                             require_weights=False, student_options=student_options)
+    check_stride(predictor, image_size)
     try:
         result = export_onnx(predictor, out, input_size=image_size, opset=opset,
                              calibration=calibration if quantize == "int8" else None,
