@@ -523,6 +523,21 @@ def test_the_lock_refuses_a_second_runner(fresh):
     assert not Path("runs/demo/label_val").exists()
 
 
+def test_a_dry_run_beside_an_active_runner_says_its_steps_are_running_not_interrupted(fresh):
+    m = load_manifest(DEMO, SETS, group=cli)
+    state_file = Path("runs/demo/.pipeline/state.json")
+    state_file.parent.mkdir(parents=True)
+    state_file.write_text(json.dumps({"steps": {"label_val": record(m, "label_val", status="running",
+                                                                    started="2026-11-26 10:00:00")}}))
+    with workdir_lock(Path("runs/demo")):
+        result = invoke("run", DEMO, *OPTS, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "(workdir runs/demo; a runner is active: its steps are running now):" in result.output
+    assert dry_run_table(result.output)["label_val"] == ("run", "running now (started 2026-11-26 10:00:00)")
+    alone = invoke("run", DEMO, *OPTS, "--dry-run")  # the runner gone: interrupted
+    assert dry_run_table(alone.output)["label_val"] == ("run", "interrupted (started 2026-11-26 10:00:00)")
+
+
 def test_a_lock_left_by_a_killed_runner_is_taken_over(fake, tmp_path, capsys):
     import socket
     import subprocess

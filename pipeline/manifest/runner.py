@@ -573,7 +573,13 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
     selection = {"force": force, "only": only, "until": until}
     if dry_run:
         planned = make_plan(manifest, state, checksums=checksums, **selection)
-        echo(f"plan for {manifest.path} (workdir {manifest.workdir}):")
+        active = runner_active(manifest.workdir)
+        if active:  # its "running" steps are being run, not interrupted
+            records = {n: r for n, r in state.get("steps", {}).items() if isinstance(r, dict)}
+            planned = [p._replace(reason=f"running now (started {records[p.step].get('started', '?')})")
+                       if records.get(p.step, {}).get("status") == "running" else p for p in planned]
+        echo(f"plan for {manifest.path} (workdir {manifest.workdir}"
+             f"{'; a runner is active: its steps are running now' if active else ''}):")
         echo(plan_table(planned))
         runs = [p for p in planned if p.action == RUN]
         if runs:
