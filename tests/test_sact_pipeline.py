@@ -85,3 +85,38 @@ def test_student_options_are_checked(labels, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     r = invoke("profile", "--checkpoint", tmp_path, "--tau", "0.1")
     assert r.exit_code == 1 and "--tau go with --student NAME" in r.output
+
+
+def test_profile_measures_sacts_computation_as_the_mean_over_real_images(labels, tmp_path):
+    """The SACT paper's FLOPs are a mean over a validation set's images: with --images, profile's executed GFLOPs
+    and ponder statistics are the mean of each image's; without, it says they are of one image of noise."""
+    from pipeline.score.predictors import Predictor
+    from pipeline.score.profile import profile
+    from pipeline.score.quantize import calibration_images
+    from students.sact import SACT
+    from tests.test_sact import calibrated, variant
+
+    model = variant({"sact": calibrated(SACT)}, "sact", bias=1.0)  # positions halt apart, image by image
+    predictor = Predictor("sact", model, "logits", (64, 96), torch.device("cpu"))
+    images = calibration_images(SAMPLES / "val2017", (64, 96), 3, option="--images")
+
+    def sparse(result):
+        return next(m for m in result.modes if m.mode == "sparse")
+
+    each = [sparse(profile(predictor, images=[image], iters=1, warmup=0)) for image in images]
+    together = profile(predictor, images=images, images_from="three photos", iters=1, warmup=0)
+    assert len({m.gflops for m in each}) == 3  # what it computes depends on the image
+    assert sparse(together).gflops == pytest.approx(sum(m.gflops for m in each) / 3)
+    assert sparse(together).stats["ponder_2"] == pytest.approx(sum(m.stats["ponder_2"] for m in each) / 3)
+    assert together.inputs == "3 images of three photos"
+
+    out = tmp_path / "p.json"
+    r = invoke("profile", "--student", "sact", "--image-size", "64x96", "--images", labels, "--max-images", 2,
+               "--iters", 1, "--out", out)
+    assert r.exit_code == 0 and "note:" not in r.output, r.output
+    assert json.loads(out.read_text())["inputs"] == f"2 images of {labels}"
+    r = invoke("profile", "--student", "sact", "--image-size", "64x96", "--iters", 1)
+    assert r.exit_code == 0 and "one image of random noise" in r.output
+    assert "note: sact's computation depends on the image; --images DIR measures it on real ones" in r.stderr
+    r = invoke("profile", "--student", "sact", "--images", tmp_path)  # no image there
+    assert r.exit_code == 1 and r.output.splitlines()[-1].startswith(f"Error: --images {tmp_path}: no images")

@@ -223,7 +223,7 @@ def calibration_options(fn):
     fn = click.option("--calibration-images", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_IMAGES,
                       show_default=True,
                       help="How many of --calibration's images calibrate the int8 ranges (in sorted order).")(fn)
-    return click.option("--calibration", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+    return click.option("--calibration", type=LocalPath(file_okay=False, path_type=str), default=None,
                         help="A label folder (its stored images) or a folder of images: what the int8 "
                              "activation ranges are calibrated on (use images like those the student will "
                              "see).")(fn)

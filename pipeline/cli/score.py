@@ -155,7 +155,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     from pipeline.score.predict import predict_folder
     from pipeline.label.sources import SourceError
 
-    must_exist("images")
+    must_exist("images", "calibration")
     out = output_path(out, folder=format_ == "png")
     if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
@@ -183,25 +183,47 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
 @click.option("--iters", type=click.IntRange(min=1), default=10,
               help="Timed forward passes (after 3 warm-up; 8 with --runtime compile).")
+@click.option("--images", type=LocalPath(file_okay=False, path_type=str), default=None,
+              help="Real images to measure on (a label folder's stored images, or a folder of images; the first "
+                   "--max-images in sorted order): GFLOPs and the model's statistics are their mean, the timed "
+                   "batches are made of them. SACT's computation depends on the image.  [default: one image of "
+                   "random noise]")
+@click.option("--max-images", type=click.IntRange(min=1), default=100, show_default=True,
+              help="How many of --images' images.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
               help="Also write JSON here (a file, or its URL: s3://…).")
 @runtime_option
 def profile_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, image_size,
-                batch_size, iters, out, runtime, calibration, calibration_images):
+                batch_size, iters, images, max_images, out, runtime, calibration, calibration_images):
     """Parameters, GFLOPs per image (torch's FLOP counter) and measured images/s of a model.
 
     --student needs no --weights here: an untrained model has the same size and speed.
     """
     from pipeline.score.profile import profile
 
+    must_exist("images", "calibration")
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             require_weights=False, student_options=student_options)
     check_stride(predictor, image_size)
     predictor = with_runtime(predictor, runtime, image_size, calibration=calibration,
                              calibration_images=calibration_images)
-    result = profile(predictor, input_size=image_size, batch_size=batch_size, iters=iters)
+    measured_on = None
+    if images:
+        from pipeline.score.predictors import PredictorError
+        from pipeline.score.quantize import calibration_images as load_images
+
+        size = tuple(image_size or predictor.input_size or (192, 256))
+        try:
+            measured_on = load_images(images, size, max_images, option="--images")
+        except PredictorError as e:
+            raise click.ClickException(str(e)) from None
+    result = profile(predictor, input_size=image_size, batch_size=batch_size, iters=iters, images=measured_on,
+                     images_from=images or "")
     click.echo(result.table())
+    if not images and any(m.stats for m in result.modes):
+        click.echo(f"note: {predictor.model.name}'s computation depends on the image; --images DIR measures it on real "
+                   "ones (the SACT paper's figures are means over a validation set)", err=True)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result.to_json())
@@ -228,6 +250,7 @@ def export_cmd(checkpoint, teacher, student, student_options, weights, student_o
     from pipeline.score.predictors import PredictorError
     from pipeline.score.serving import export_onnx
 
+    must_exist("calibration")
     if (quantize == "int8") != (calibration is not None):
         raise click.UsageError("--quantize int8 needs --calibration (a label folder or a folder of images)"
                                if calibration is None else "--calibration is for --quantize int8")

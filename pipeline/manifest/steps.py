@@ -230,7 +230,7 @@ COMMANDS: dict[str, CommandSpec] = {
         defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
         output=lambda params: as_path(params["out"]),
         verify=_verify_file,
-        added=_CALIBRATION_ADDED,
+        added={**_CALIBRATION_ADDED, "images": None, "max_images": 100},  # --images: stop 14
         digest=_digest_file,
         urls=frozenset({"checkpoint", "out"}),
     ),

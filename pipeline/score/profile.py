@@ -1,9 +1,14 @@
 """How big and how fast a model is: parameters, FLOPs (torch's own counter) and measured throughput.
 
-FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` for one forward pass at the
-given input size: 2 per multiply-accumulate of convolutions and matrix products (elementwise ops,
-batch norm and activations are not counted). Latency is the median wall time of repeated forward
-passes after warm-up (synchronised on GPU); throughput is images per second at the given batch.
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` at the given input size: 2 per
+multiply-accumulate of convolutions and matrix products (elementwise ops, batch norm and activations are not
+counted). Latency is the median wall time of repeated forward passes after warm-up (synchronised on GPU);
+throughput is images per second at the given batch.
+
+The inputs are one image of random noise, or real images (``images``). A dense model's FLOPs and speed do not
+depend on them; SACT's do (a position that halts early skips the rest of its block), and the SACT paper's
+measure is the mean over a validation set's images: FLOPs and the model's statistics are then the mean over
+``images``, and the timed batches are made of them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,6 +41,7 @@ class ModeResult:
 @dataclass
 class ProfileResult:
     model: str
+    inputs: str  # "random" (one image of noise) or "N images of PATH"
     device: str
     input_size: tuple[int, int]
     params: int
@@ -47,7 +54,9 @@ class ProfileResult:
 
     def table(self) -> str:
         rows = [("model", self.model), ("device", self.device), ("precision", self.precision),
-                ("input (HxW)", f"{self.input_size[0]}x{self.input_size[1]}"), ("parameters", f"{self.params:,}"),
+                ("input (HxW)", f"{self.input_size[0]}x{self.input_size[1]}"),
+                ("inputs", "one image of random noise" if self.inputs == "random" else self.inputs),
+                ("parameters", f"{self.params:,}"),
                 ("batch", str(self.batch_size))]
         for m in self.modes:
             tag = "" if len(self.modes) == 1 else f" ({m.mode})"
@@ -82,17 +91,25 @@ def _time(run, x: torch.Tensor, dev: torch.device, warmup: int, iters: int) -> f
 
 @torch.inference_mode()
 def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, batch_size: int = 1,
-            warmup: int = 3, iters: int = 10) -> ProfileResult:
-    """Parameters, then for each execution mode of a student (one pass otherwise): GFLOPs executed on one
-    image (counted while it runs), the median latency of a batch and images/s."""
+            warmup: int = 3, iters: int = 10, images: list[np.ndarray] | None = None,
+            images_from: str = "") -> ProfileResult:
+    """Parameters, then for each execution mode of a student (one pass otherwise): GFLOPs executed per image
+    (counted while it runs), the model's statistics, the median latency of a batch and images/s.
+
+    ``images``: uint8 ``[1, 3, H, W]`` arrays at the input size (``images_from`` names where they came from):
+    FLOPs and statistics are their mean, and the batches timed are made of them; else one image of noise."""
     size = tuple(input_size or predictor.input_size or (192, 256))
     model, dev, run = predictor.model, predictor.device, predictor.forward
     counted = predictor.reference if predictor.reference is not None else model  # FLOPs of the PyTorch model
     count = (lambda x: counted(counted.normalize(x))) if isinstance(counted, Student) else counted
     count_device = dev if counted is model else next(counted.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    x1 = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=gen)
-    x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=gen).to(dev)
+    if images:
+        singles = [torch.from_numpy(a) for a in images]
+        x = torch.cat([singles[i % len(singles)] for i in range(batch_size)]).to(dev)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        singles = [torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=gen)]
+        x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=gen).to(dev)
     modes = model.execution_modes if predictor.student else ("default",)
     warmup = max(warmup, getattr(model, "warmup_passes", 0))  # a compiled model's first passes compile
     results = []
@@ -101,17 +118,22 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
             if predictor.student:
                 model.set_execution(mode)
             with autocast(dev, predictor.autocast):
+                sums: dict[str, float] = {}
                 # outside inference mode, in which torch 2.4's FLOP counter counts nothing
                 with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
-                    count(x1.to(count_device))
-                stats = model.last_stats() if predictor.student else {}
+                    for x1 in singles:
+                        count(x1.to(count_device))
+                        for k, v in (model.last_stats() if predictor.student else {}).items():
+                            sums[k] = sums.get(k, 0.0) + v
+                stats = {k: v / len(singles) for k, v in sums.items()}
                 median = _time(run, x, dev, warmup, iters)
-            results.append(ModeResult(mode, counter.get_total_flops() / 1e9, median * 1e3, batch_size / median,
-                                      stats))
+            results.append(ModeResult(mode, counter.get_total_flops() / len(singles) / 1e9, median * 1e3,
+                                      batch_size / median, stats))
     finally:
         if predictor.student:
             model.set_execution(modes[0])
     ref = results[0]
     precision = predictor.quantized or ("bf16" if predictor.autocast else "fp32")
-    return ProfileResult(predictor.name, str(dev), size, sum(p.numel() for p in counted.parameters()), ref.gflops,
-                         batch_size, ref.latency_ms, ref.images_per_s, precision, results)
+    inputs = f"{len(images)} images of {images_from}" if images else "random"
+    return ProfileResult(predictor.name, inputs, str(dev), size, sum(p.numel() for p in counted.parameters()),
+                         ref.gflops, batch_size, ref.latency_ms, ref.images_per_s, precision, results)

@@ -27,9 +27,11 @@ from students import to_log_density
 CHECK_IMAGES = 16
 
 
-def calibration_images(path: str | Path, size: tuple[int, int], n: int) -> list[np.ndarray]:
+def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: str = "--calibration"
+                       ) -> list[np.ndarray]:
     """Up to ``n`` images of ``path`` as uint8 ``[1, 3, H, W]`` arrays at ``size``: the stored JPEGs of a label
-    folder (its shards in order), or the image files of a folder (sorted, unreadable ones skipped)."""
+    folder (its shards in order), or the image files of a folder (sorted, unreadable ones skipped). Errors name
+    ``option``."""
     from pipeline.label.shards import read_samples
     from pipeline.label.sources import SourceError, folder_records
     from pipeline.train.data import DataError, open_label_set
@@ -44,7 +46,7 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int) -> list[
         try:
             tars = open_label_set(path).tars
         except DataError as e:
-            raise PredictorError(f"--calibration {path}: {e}") from None
+            raise PredictorError(f"{option} {path}: {e}") from None
         for tar in tars:
             for _, sample in sorted(read_samples(tar).items()):
                 if len(out) < n and "jpg" in sample:
@@ -55,7 +57,7 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int) -> list[
         try:
             records = folder_records(path)
         except SourceError as e:
-            raise PredictorError(f"--calibration {path}: {e}") from None
+            raise PredictorError(f"{option} {path}: {e}") from None
         for record in records:
             if len(out) >= n:
                 break
@@ -64,9 +66,9 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int) -> list[
             except ImageError:
                 continue
     else:
-        raise PredictorError(f"--calibration {path}: not a label folder (labels.json) or a folder of images")
+        raise PredictorError(f"{option} {path}: not a label folder (labels.json) or a folder of images")
     if not out:
-        raise PredictorError(f"--calibration {path}: no readable images")
+        raise PredictorError(f"{option} {path}: no readable images")
     return out
 
 
