@@ -135,9 +135,10 @@ class FastSal(Student):
         self.adapt = _adaptation(self.widths)
 
     def init_decoder(self) -> None:
-        """The decoder's convolutions start small (normal, std 0.01, zero bias, as the authors'
-        ``CNN_constructer``), so the first logits are near 0 whatever the encoder's scale; each
-        inverted residual block's last batch norm starts at 0, so the block starts as the identity."""
+        """The decoder's convolutions start small (normal, std 0.01, zero bias: what the authors'
+        ``CNN_constructer`` draws, though their ``adaptation_layers`` then redraws its convolutions He-normal,
+        std √(2/fan_in)), so the first logits are near 0 whatever the encoder's scale; each inverted residual
+        block's last batch norm starts at 0, so the block starts as the identity."""
         for name, m in self.named_modules():
             if name.startswith("encoder"):
                 continue
