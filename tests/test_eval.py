@@ -24,7 +24,7 @@ from pipeline.cli.main import cli
 from pipeline.score.fixations import read_hdf5
 from tests.conftest import four_photo_coco, label_classic, photo, write_jpeg
 
-METRIC_NAMES = ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig")
+METRIC_NAMES = ("auc_judd", "auc_borji", "sauc", "nss", "cc", "kl_div", "sim", "ig")
 SHARD_METRIC_NAMES = ("cc", "kl_div", "sim", "nss")
 
 #: MIT1003 stimuli: name → (skimage photo, long side); five different sizes, one grayscale

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline.score.metrics import (
+    BORJI_SPLITS,
     KL_EPS,
     METRICS,
+    auc_borji,
     auc_judd,
     cc,
     centerbias_log_density,
@@ -150,6 +152,63 @@ def test_fixations_outside_the_image_are_rejected():
         nss(RAMP, [0], [3])
     with pytest.raises(ValueError):
         nss(RAMP, [0, 1], [0])
+
+
+# --------------------------------------------------------------------------------------------
+# AUC-Borji
+
+
+def ref_auc_borji(smap, ys, xs, draws, step=0.1):
+    """The MIT benchmark's AUC_Borji.m, line by line, on given draws (pixel indices, one row per split)."""
+    s = (smap - smap.min()) / (smap.max() - smap.min())  # mat2gray
+    flat, fixation_map = s.ravel(), np.zeros(s.shape, bool)
+    fixation_map[ys, xs] = True
+    sth = [float(v) for v in flat[fixation_map.ravel()]]  # S(F>0): each fixated pixel once
+    areas = []
+    for row in draws:
+        curfix = [float(flat[r]) for r in row]
+        top, thresholds = max(sth + curfix), []
+        k = 0
+        while k * step <= top + 1e-12:  # 0:stepSize:max
+            thresholds.append(k * step)
+            k += 1
+        points = [(0.0, 0.0)]
+        for t in reversed(thresholds):  # fliplr
+            points.append((sum(v >= t for v in curfix) / len(sth), sum(v >= t for v in sth) / len(sth)))
+        points.append((1.0, 1.0))
+        areas.append(_area(points))
+    return sum(areas) / len(areas)
+
+
+def test_auc_borji_is_the_mit_benchmarks_loop_on_its_own_draws():
+    rng = np.random.default_rng(4)
+    for levels in (None, 5):
+        for _ in range(15):
+            h, w = rng.integers(3, 12, size=2)
+            smap = rng.random((h, w)) * 7 - 2
+            if levels:
+                smap = np.floor(smap * levels)
+            n = int(rng.integers(1, 12))
+            ys, xs = rng.integers(0, h, n), rng.integers(0, w, n)
+            fixated = np.zeros((h, w), bool)
+            fixated[ys, xs] = True
+            draws = np.random.default_rng(0).integers(0, h * w, size=(BORJI_SPLITS, int(fixated.sum())))
+            assert auc_borji(smap, ys, xs) == pytest.approx(ref_auc_borji(smap, ys, xs, draws), abs=1e-12)
+
+
+def test_auc_borji_sanity():
+    rng = np.random.default_rng(5)
+    ys, xs = rng.integers(0, 40, 25), rng.integers(0, 60, 25)
+    peaks = np.zeros((40, 60))
+    peaks[ys, xs] = 1.0
+    assert auc_borji(peaks, ys, xs) > 0.95  # only the draws that hit a fixated pixel count against it
+    assert auc_borji(1 - peaks, ys, xs) < 0.1
+    noise = rng.random((40, 60))
+    assert 0.35 < auc_borji(noise, ys, xs) < 0.65
+    assert auc_borji(noise, ys, xs) == auc_borji(noise, ys, xs)  # seeded
+    assert auc_borji(noise, [*ys, ys[0]], [*xs, xs[0]]) == auc_borji(noise, ys, xs)  # a pixel counts once
+    assert auc_borji(np.full((4, 4), 3.0), [1], [2]) == 0.5
+    assert math.isnan(auc_borji(noise, [], []))
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,6 +498,7 @@ def test_image_metrics_agrees_with_the_single_metrics():
     smap = np.exp(ld)
     emp = empirical_saliency_map(ys, xs, shape, 2.0)
     assert got["auc_judd"] == pytest.approx(auc_judd(smap, ys, xs), abs=1e-12)
+    assert got["auc_borji"] == pytest.approx(auc_borji(smap, ys, xs), abs=1e-12)
     assert got["sauc"] == pytest.approx(shuffled_auc(smap, ys, xs, oys, oxs), abs=1e-12)
     assert got["nss"] == pytest.approx(nss(smap, ys, xs), abs=1e-9)
     assert got["cc"] == pytest.approx(cc(smap, emp), abs=1e-12)

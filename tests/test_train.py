@@ -110,7 +110,7 @@ def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_s
                   "--out", h5).exit_code == 0
     r = invoke("eval", "--checkpoint", run, "--fixations", h5, "--no-progress", "--out", tmp_path / "m.json")
     assert r.exit_code == 0, r.output
-    for metric in ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig"):
+    for metric in ("auc_judd", "auc_borji", "sauc", "nss", "cc", "kl_div", "sim", "ig"):
         assert f"  {metric} " in r.output
     scores = json.loads((tmp_path / "m.json").read_text())
     assert scores["images"] == 5 and len(scores["metrics"]) == 7

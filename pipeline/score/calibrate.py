@@ -4,7 +4,7 @@ The raw map is Gaussian-blurred, normalised to [0, 1] and linearly combined with
 Gaussian centred in the image); the blur width and the baseline's weight are fitted on a calibration
 half of the fixation set (the first half of each category's images, where the set has categories, i.e.
 stimuli in several folders; else the first half), maximising the mean AUC-Judd, the metric the paper
-reports, and the combined map is scored on the other half with all seven metrics.
+reports, and the combined map is scored on the other half with all eight metrics.
 """
 
 from __future__ import annotations

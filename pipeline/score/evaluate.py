@@ -1,7 +1,7 @@
 """Scoring a predictor: on human fixations (a converted fixation HDF5) or on held-out labelled shards.
 
-On fixations, every image gets the seven benchmark metrics of :mod:`pipeline.score.metrics`
-(AUC-Judd, sAUC, NSS, CC, KLDiv, SIM, IG); the dataset's score is the mean over images. The
+On fixations, every image gets the eight benchmark metrics of :mod:`pipeline.score.metrics`
+(AUC-Judd, AUC-Borji, sAUC, NSS, CC, KLDiv, SIM, IG); the dataset's score is the mean over images. The
 shuffled AUC's negatives are the fixations of all other images, rescaled to the image; the IG
 baseline is the centre bias of the dataset's own fixations (or a uniform density); CC, KLDiv and
 SIM compare with the fixations blurred by a Gaussian of ``sigma_frac`` × the image's longer side.
@@ -87,7 +87,7 @@ def _other_fixations(fs: FixationSet) -> tuple[np.ndarray, np.ndarray]:
 def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int = 8, baseline: str = "centerbias",
                        sigma_frac: float = DEFAULT_SIGMA_FRAC, io_threads: int = 4, limit: int | None = None,
                        indices: list[int] | None = None, progress: bool = True) -> EvalResult:
-    """All seven metrics per image of ``fs`` (of ``indices`` when given; the first ``limit`` of them when given).
+    """All eight metrics per image of ``fs`` (of ``indices`` when given; the first ``limit`` of them when given).
 
     The baseline and the shuffled AUC's negatives come from the whole set, whatever images are scored.
     """

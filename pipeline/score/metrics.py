@@ -38,6 +38,16 @@ Which pysaliency definition each function follows (github.com/matthias-k/pysalie
     for integer pixel indices we map pixel centres, ``floor((x + 0.5) * w / w')``, which is the
     identity for equal sizes and does not shift points towards the top-left corner.
 
+``auc_borji``
+    Not in pysaliency: the MIT benchmark's ``AUC_Borji.m`` (Borji et al., 2013), the "bAUC" of FastSal's
+    Table IV.  The map is min-max normalised to [0, 1]; positives are its values at the fixated pixels, a
+    pixel fixated twice counting once (the Matlab code reads a binary fixation map); each of 100 splits draws
+    as many negatives uniformly from all pixels, with replacement; thresholds run from the largest value in
+    play down to 0 in steps of 0.1; (0, 0) and (1, 1) close each curve; the score is the mean trapezoid area.
+    It is evaluated on ``exp(log_density)`` (the thresholds are values, not ranks).  *Difference*: the draws
+    come from numpy's seeded generator, not Matlab's ``randi``, so a score matches the Matlab one to within
+    its sampling noise, and the same inputs always give the same number.
+
 ``nss``
     ``pysaliency.metrics.NSS``: standardise the map with its mean and *population* std (ddof=0),
     average the values at the fixations.  For a constant map (std 0) pysaliency does not divide,
@@ -85,11 +95,11 @@ Which pysaliency definition each function follows (github.com/matthias-k/pysalie
     ``cv2.resize`` with ``INTER_LINEAR``, pixel-centre aligned.)
 
 ``image_metrics``
-    All seven for one image.  The saliency map is ``exp(log_density)``; CC, KL and SIM compare it
-    with ``empirical_saliency_map(ys, xs, shape, sigma)``.  AUC-Judd and sAUC are evaluated on
-    ``log_density`` itself: AUCs only depend on the order of the values, and ``exp`` is strictly
-    increasing, so this is the same number without the ties that ``exp`` creates when it
-    underflows to 0.  The baseline is resized to the image if its shape differs.
+    All eight for one image.  The saliency map is ``exp(log_density)``; CC, KL and SIM compare it
+    with ``empirical_saliency_map(ys, xs, shape, sigma)``, and AUC-Borji thresholds its values.
+    AUC-Judd and sAUC are evaluated on ``log_density`` itself: they only depend on the order of the
+    values, and ``exp`` is strictly increasing, so this is the same number without the ties that
+    ``exp`` creates when it underflows to 0.  The baseline is resized to the image if its shape differs.
 
 Everything is vectorised numpy: the AUCs bin the negatives against the (few) distinct fixated
 values with ``searchsorted``/``bincount``, so one 480x640 image costs a few milliseconds per metric;
@@ -108,7 +118,9 @@ from students.base import EPS
 #: the regularisation constant of the MIT benchmark's KLdiv.m (Matlab's ``eps``, rounded)
 KL_EPS = EPS
 
-METRICS = ("auc_judd", "sauc", "nss", "cc", "kl_div", "sim", "ig")
+METRICS = ("auc_judd", "auc_borji", "sauc", "nss", "cc", "kl_div", "sim", "ig")
+#: AUC-Borji's random draws of negatives per image (the MIT benchmark's Nsplits)
+BORJI_SPLITS = 100
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +243,34 @@ def auc_judd(saliency_map: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
     if negatives.size == 0:
         return float("nan")
     return _auc_fixation_thresholds(s[ys, xs], negatives)
+
+
+def auc_borji(saliency_map, ys, xs, *, splits: int = BORJI_SPLITS, step: float = 0.1, seed: int = 0) -> float:
+    """AUC-Borji (the MIT benchmark's ``AUC_Borji.m``): the map normalised to [0, 1]; fixated pixels (each
+    once) vs. as many pixels drawn uniformly from the whole image, with replacement, in each of ``splits``
+    draws; thresholds every ``step`` from 0 to the largest value in play; the mean area. Random, so seeded:
+    the same inputs give the same number. 0.5 for a constant map; NaN if there are no fixations.
+    """
+    s = _as_map(saliency_map)
+    ys, xs = _as_fixations(ys, xs, s.shape)
+    if ys.size == 0:
+        return float("nan")
+    if _constant(s):
+        return 0.5
+    s = (s - s.min()) / (s.max() - s.min())
+    fixated = np.zeros(s.shape, dtype=bool)
+    fixated[ys, xs] = True
+    positives = s[fixated]
+    n = positives.size
+    negatives = s.ravel()[np.random.default_rng(seed).integers(0, s.size, size=(splits, n))]
+    # one grid of thresholds for every split: those above a split's largest value add (0, 0) points, no area
+    top = max(float(positives.max()), float(negatives.max()))
+    thresholds = step * np.arange(int(np.floor(top / step + 1e-9)), -1, -1)  # descending, 0 last
+    tpr = (positives[None, :] >= thresholds[:, None]).mean(axis=1)
+    fpr = (negatives[:, None, :] >= thresholds[None, :, None]).mean(axis=2)  # (splits, thresholds)
+    tpr = np.concatenate(([0.0], tpr, [1.0]))
+    fpr = np.concatenate((np.zeros((splits, 1)), fpr, np.ones((splits, 1))), axis=1)
+    return float(np.trapezoid(np.broadcast_to(tpr, fpr.shape), fpr, axis=1).mean())
 
 
 def shuffled_auc(saliency_map, ys, xs, other_ys, other_xs) -> float:
@@ -393,7 +433,7 @@ def resize_log_density(log_density, shape) -> np.ndarray:
 
 
 def image_metrics(log_density, ys, xs, *, other_ys, other_xs, baseline_log_density, sigma) -> dict[str, float]:
-    """The seven metrics of :data:`METRICS` for one image (see the module docstring)."""
+    """The eight metrics of :data:`METRICS` for one image (see the module docstring)."""
     ld = _as_map(log_density, "log_density")
     ys, xs = _as_fixations(ys, xs, ld.shape)
     if ys.size == 0:
@@ -405,6 +445,7 @@ def image_metrics(log_density, ys, xs, *, other_ys, other_xs, baseline_log_densi
     empirical = empirical_saliency_map(ys, xs, ld.shape, sigma)
     return {
         "auc_judd": auc_judd(ld, ys, xs),
+        "auc_borji": auc_borji(smap, ys, xs),
         "sauc": shuffled_auc(ld, ys, xs, other_ys, other_xs),
         "nss": nss(smap, ys, xs),
         "cc": cc(smap, empirical),
