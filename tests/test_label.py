@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.cli.main import cli
 from pipeline.label.driver import label
+from pipeline.label.shards import verify_dataset
 from pipeline.label.worker import LabelConfig
 from pipeline.label.sources import coco_records
 from tests.conftest import PHOTOS, make_coco, photo, write_jpeg
@@ -121,17 +122,20 @@ def test_rerun_skips_finished_shards_and_redoes_damaged_ones(coco_tree, tmp_path
 
 @pytest.mark.parametrize("bad", [{"device": "tpu"}, {"device": "cuda:99"}, {"weights": "/no/such/weights.pt"}])
 def test_overwrite_deletes_nothing_when_the_run_cannot_label(coco_tree, tmp_path, bad):
-    """`--overwrite` with a device that is not there or weights that are not there deletes no shard (it
-    deleted them all first, then failed): each old shard goes only when its new one is written. The same
-    command without the mistake finds them finished (and writes labels.json again)."""
+    """`--overwrite` with a device that is not there or weights that are not there deletes nothing (it
+    deleted every shard first, then failed; later labels.json, so the folder no longer counted as finished):
+    each old shard goes only when its new one is written. Without --overwrite the device is named too (not
+    "labels made with other settings", from the bf16 a GPU would have labelled in)."""
     records = coco_records(coco_tree, "val2017")
     out = tmp_path / "out"
     label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
-    before = {p.name: p.read_bytes() for p in out.glob("shard-*")}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     config = LabelConfig(**{**CONFIG.__dict__, **bad})
-    with pytest.raises(Exception, match="unknown device|no CUDA GPU|has 0 CUDA|weights"):
-        label(records, out, config, shard_size=3, executor="local", progress=False, overwrite=True)
-    assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == before
+    for overwrite in (True, False):
+        with pytest.raises(Exception, match="unknown device|no CUDA GPU|has 0 CUDA|weights"):
+            label(records, out, config, shard_size=3, executor="local", progress=False, overwrite=overwrite)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert verify_dataset(out) == ""
     again = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
     assert (again.shards_done, again.shards_skipped) == (0, 3) and (out / "labels.json").is_file()
 

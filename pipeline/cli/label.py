@@ -50,7 +50,9 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
 @click.option("--retries", type=click.IntRange(min=0), default=2, help="Retries of a failed shard.")
 @click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.01,
               help="Exit non-zero when more than this fraction of images failed.")
-@click.option("--overwrite", is_flag=True, help="Delete existing shards in the output folder and start over.")
+@click.option("--overwrite", is_flag=True,
+              help="Label every shard again: each new shard replaces its old one as it is written (a refused run "
+                   "deletes nothing).")
 @click.option("--overwrite-changed", is_flag=True,
               help="Relabel finished shards whose images are not the ones this run plans (the source or "
                    "--shard-size changed) and remove shards beyond the plan; the others are kept.")

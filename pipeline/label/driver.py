@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
-from pipeline.common.devices import use_autocast
+from pipeline.common.devices import available, resolve_device, use_autocast
 from pipeline.common.errors import error_message
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
@@ -238,6 +238,8 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
 
     # the precision the workers will label in: only --precision auto on Ray GPUs needs the cluster to tell
     use_autocast(torch.device("cpu"), config.precision)  # an unknown --precision is an error here
+    if executor == "local":  # a device this machine lacks is an error here, not a change of settings below
+        available(resolve_device(config.device))
     if config.precision != "auto":
         precision = precision_name(config.precision == "bf16")
     elif executor == "ray" and (config.device == "cpu" or gpus == 0):
@@ -259,6 +261,8 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
                                      retry_failed=retry_failed), []
     todo, reuse = split.todo, split.reuse
+    # where the workers go (on Ray: connected, its resources known): a refused run has deleted nothing yet
+    where = placement(len(todo)) if todo else None
     if todo or split.surplus:
         (folder / "labels.json").unlink(missing_ok=True)  # the dataset is not finished until every shard is
     for name in split.surplus + split.strays:
@@ -294,7 +298,6 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
                        enabled=progress) as bar:
         bar.set_postfix_str(f"shards {len(markers)}/{len(plans)}")
         if todo:
-            where = placement(len(todo))
             if where.note:
                 warnings.warn(where.note, stacklevel=3)
             run = label_here if executor == "local" else label_on_ray
