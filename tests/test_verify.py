@@ -123,12 +123,18 @@ def test_a_labels_json_out_of_shape_is_an_unfinished_folder_to_every_reader(labe
         open_label_set(labelled)
 
 
-def test_verify_on_the_out_root_points_to_the_label_folders_below(labelled, tmp_path):
+def test_the_out_root_named_as_a_label_folder_points_to_the_label_folders_below(labelled, tmp_path):
+    """verify, train and eval alike; not "labelling not finished" (it is finished, one level down)."""
+    from pipeline.train.data import DataError, open_label_set
+
     root = tmp_path / "out"
     shutil.copytree(labelled, root / "classic" / "val2017")
     result = verify(root)
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and "labels.json" not in result.output, result.output
     assert f"no shards in this folder; label folders below it: {root / 'classic' / 'val2017'}" in result.output
+    with pytest.raises(DataError, match=f"^{root} is not a label folder; label folders below it: "
+                                        f"{root / 'classic' / 'val2017'} \\(give one of those"):
+        open_label_set(root)
 
 
 def test_a_folder_that_is_not_there_is_one_error_line(tmp_path):

@@ -284,6 +284,16 @@ def shard_tars(folder: str | Path) -> list[str]:
     return [str(tar_path(folder, p.stem)) for p in sorted(folder.glob("shard-*.json")) if read_marker(folder, p.stem)]
 
 
+def folders_below(folder) -> str:
+    """For a folder that is no label folder: the label folders one or two levels below it (``pipeline label``
+    writes ``<out>/<teacher>/<split>``) as a clause to end a message with, or ""."""
+    below = sorted(str(p.parent) for p in [*folder.glob("*/labels.json"), *folder.glob("*/*/labels.json")])
+    if not below:
+        return ""
+    return (f"; label folders below it: {', '.join(below[:3])}{' …' if len(below) > 3 else ''} (give one of "
+            "those: `pipeline label` writes <out>/<teacher>/<split>)")
+
+
 def verify_dataset(folder: str | Path, check_digest: bool = True) -> str:
     """"" when ``folder`` holds a finished labelled dataset (``labels.json`` and every shard intact), else why not."""
     folder = as_path(folder)

@@ -16,7 +16,8 @@ from pipeline.common import images
 from pipeline.common.errors import error_message
 from pipeline.common.tables import table
 from pipeline.common.storage import as_path, local_file
-from pipeline.label.shards import index_problem, marker_path, marker_problem, planned_keys, tar_path, tar_samples
+from pipeline.label.shards import (folders_below, index_problem, marker_path, marker_problem, planned_keys, tar_path,
+                                   tar_samples)
 from teachers.weights import file_digest
 
 #: the settings every marker of one folder (and its labels.json) must agree on
@@ -195,10 +196,10 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
         report.failed += len(marker["failures"])
     report.shards = len(markers)
     if not names:
-        below = sorted(str(p.parent) for p in [*folder.glob("*/labels.json"), *folder.glob("*/*/labels.json")])
-        report.problems.append(("-", "no shards in this folder" + (
-            f"; label folders below it: {', '.join(below[:3])}{' …' if len(below) > 3 else ''} (verify one of "
-            "those: `pipeline label` writes <out>/<teacher>/<split>)" if below else "")))
+        below = folders_below(folder)
+        if below and index is None:  # an --out root: not an unfinished label folder
+            report.problems.remove(("labels.json", "missing: labelling is not finished (re-run pipeline label)"))
+        report.problems.append(("-", "no shards in this folder" + below))
     if index:
         listed = {}
         for entry in index["shards"]:  # each a {tar, count, sha256} (index_problem)

@@ -33,7 +33,7 @@ import webdataset as wds
 from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
 from pipeline.common.storage import as_path
-from pipeline.label.shards import digest, index_problem, marker_path, tar_path, verify_shard
+from pipeline.label.shards import digest, folders_below, index_problem, marker_path, tar_path, verify_shard
 
 #: URL schemes whose tars webdataset opens through fsspec rather than its own way (``gs``: gsutil), as every
 #: other scheme fsspec knows and webdataset does not; set at import, so DataLoader workers have it too
@@ -97,6 +97,9 @@ def _index(folder) -> dict:
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError:
+        below = folders_below(folder) if folder.is_dir() else ""
+        if below and not list(folder.glob("shard-*")):
+            raise DataError(f"{folder} is not a label folder{below}") from None
         raise DataError(f"not a finished label folder: {path} missing (labelling not finished; run "
                         "`pipeline label` first)") from None
     except (ValueError, UnicodeDecodeError, OSError) as e:
