@@ -220,3 +220,21 @@ def test_an_existing_input_that_is_wrong_is_a_failure_not_a_usage_mistake(tmp_pa
                                  "--backbone-weights", "none", "--no-progress"])
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "labels.json" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_a_teachers_missing_weights_are_asked_for_by_the_option_the_command_has(sample_labels, tmp_path):
+    """train's teacher takes --teacher-weights, predict's comparison --compare-weights (the messages said
+    --weights, which neither command has)."""
+    samples = Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017"
+    train = CliRunner().invoke(cli, ["train", "--labels", str(sample_labels), "--run", str(tmp_path / "r"),
+                                     "--stage", "hint", "--student", "fastsal_c", "--teacher", "salgan",
+                                     "--backbone-weights", "none"])
+    assert train.exit_code == 1 and train.output.splitlines()[-1].startswith(
+        "Error: salgan needs --teacher-weights: "), train.output
+    assert "--teacher-weights random is for testing only" in train.output
+    predict = CliRunner().invoke(cli, ["predict", "--teacher", "classic", "--images", str(samples), "--out",
+                                       str(tmp_path / "p"), "--compare-teacher", "deepgaze2"])
+    assert predict.exit_code == 1 and predict.output.splitlines()[-1] == (
+        "Error: DeepGaze II has no public PyTorch checkpoint: pass --compare-weights PATH (a state dict in this "
+        "layout) or use --compare-teacher deepgaze2e"), predict.output
+    assert not (tmp_path / "p").exists()

@@ -193,8 +193,18 @@ def model_options(fn):
     return fn
 
 
+def renamed(message: str, options: dict[str, str]) -> str:
+    """A teachers' or students' message with the options it names (``--weights``, ``--teacher``) as the command
+    calls them (``{"--weights": "--teacher-weights"}``)."""
+    for name, instead in options.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", instead, message)
+    return message
+
+
 def build_model(checkpoint, teacher, student, weights, student_output, device, precision, require_weights=True,
-                student_options=None, map_name="saliency"):
+                student_options=None, map_name="saliency", options: dict[str, str] | None = None):
+    """The predictor the model options name; ``options``: those options as this command calls them
+    (:func:`renamed`)."""
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
@@ -206,7 +216,7 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
                                require_weights=require_weights, student_options=student_options,
                                map_name=map_name)
     except (PredictorError, WeightsError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(renamed(str(e), options or {})) from None
 
 
 def echo_result(result, failures: list[dict], describe, limit: int = 10) -> None:

@@ -164,7 +164,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                              calibration=calibration, calibration_images=calibration_images)
     compare = None
     if compare_teacher:
-        compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision)
+        compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision,
+                              options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"})
     elif compare_weights:
         raise click.UsageError("--compare-weights goes with --compare-teacher NAME")
     try:

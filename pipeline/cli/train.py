@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 import students
-from pipeline.cli.options import FiniteFloat, floats3, increasing_epochs, must_exist, path_or_url, student_options
+from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_exist, path_or_url, renamed,
+                                  student_options)
 
 
 @click.command("train")
@@ -112,7 +113,9 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
             click.echo("interrupted: the run resumes after its last finished epoch when the same command runs again",
                        err=True)
         raise SystemExit(130) from None
-    except (DataError, TrainError, WeightsError, StorageError, KeyError, ValueError) as e:
+    except WeightsError as e:  # the teacher's weights: --teacher-weights here
+        raise click.ClickException(renamed(str(e), {"--weights": "--teacher-weights"})) from None
+    except (DataError, TrainError, StorageError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     if peer and peer[0] != 0:
         return  # process 0 reports
