@@ -153,8 +153,12 @@ def test_predict_and_profile_on_int8_onnx_runtime(weights, coco_tree, tmp_path):
 
 
 def test_export_refuses_what_it_cannot_serve(tmp_path):
-    r = invoke("export", "--teacher", "classic", "--out", tmp_path / "t.onnx")
-    assert r.exit_code == 1 and "ONNX export is for students" in r.output
+    r = invoke("export", "--teacher", "classic", "--out", tmp_path / "t.onnx")  # a student's option set only
+    assert r.exit_code == 2 and "No such option '--teacher'" in r.output
+    for device in (["--device", "cuda"], ["--precision", "bf16"]):  # traced on the CPU in fp32: not offered
+        assert invoke("export", "--student", "fastsal_a", *device, "--out", tmp_path / "t.onnx").exit_code == 2
+    r = invoke("export", "--out", tmp_path / "t.onnx")
+    assert r.exit_code == 2 and "Error: name the student with exactly one of --checkpoint or --student" in r.output
     r = invoke("export", "--student", "fastsal_a", "--image-size", "100x100", "--out", tmp_path / "s.onnx")
     assert r.exit_code == 2 and "Invalid value for '--image-size': fastsal_a needs H and W multiples of 32" in r.output
     assert not list(tmp_path.iterdir())  # a usage mistake, as profile's

@@ -168,25 +168,31 @@ def student_options(fn):
     return wrapper
 
 
-def model_options(fn):
+def model_options(fn=None, *, students_only: bool = False):
     """--checkpoint | --teacher | --student (+ --weights and the student's options), --student-output, --device,
-    --precision."""
+    --precision. ``students_only`` (export: a student's graph, traced on the CPU in fp32): no --teacher, --device
+    or --precision."""
+    if fn is None:
+        return functools.partial(model_options, students_only=students_only)
     opts = [
         click.option("--checkpoint", type=click.Path(path_type=str), default=None, callback=path_or_url,
                      help="A `pipeline train` run folder (its latest checkpoint) or checkpoint file, or its URL "
                           "(s3://…, downloaded to a temporary file)."),
-        click.option("--teacher", type=click.Choice(teachers.available()), default=None, help="A teacher, by name."),
+        None if students_only else click.option("--teacher", type=click.Choice(teachers.available()), default=None,
+                                                help="A teacher, by name."),
         click.option("--student", type=click.Choice(students.available()), default=None,
                      help="A student by name, loaded from --weights (e.g. the FastSal authors' coco_A.pth)."),
         click.option("--weights", default=None,
-                     help="Weights of --teacher or --student: a path, an http(s) URL or a known name."),
+                     help=f"Weights of {'' if students_only else '--teacher or '}--student: a path, an http(s) URL "
+                          "or a known name."),
         click.option("--student-output", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
                      help="With --student: its map is softmax over pixels (density-teacher training, "
                           "the authors' coco_* files) or sigmoid (SalGAN-teacher training, salicon_*)."),
-        click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-                     help="auto = bf16 autocast on GPU, fp32 on CPU."),
+        None if students_only else click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
+        None if students_only else click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+                                                default="auto", help="auto = bf16 autocast on GPU, fp32 on CPU."),
     ]
+    opts = [o for o in opts if o is not None]
     fn = student_options(fn)
     for opt in reversed(opts):
         fn = opt(fn)

@@ -232,7 +232,7 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
 
 
 @click.command("export")
-@model_options
+@model_options(students_only=True)
 @click.option("--format", "format_", type=click.Choice(["onnx"]), default="onnx", help="The file format.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
               help="The file to write, or its URL (s3://…: written locally, then uploaded).")
@@ -245,18 +245,20 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
               help="int8: ONNX Runtime's static quantization (weights per channel, activations calibrated on "
                    "--calibration's images; QLinear operators), checked by map CC on images after those.")
 @calibration_options
-def export_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, format_,
-               out, image_size, opset, quantize, calibration, calibration_images):
+def export_cmd(checkpoint, student, student_options, weights, student_output, format_, out, image_size, opset,
+               quantize, calibration, calibration_images):
     """Export a student for serving: an ONNX graph from uint8 images to logits, checked against PyTorch."""
     from pipeline.score.predictors import PredictorError
     from pipeline.score.serving import export_onnx
 
     must_exist("calibration")
+    if (checkpoint is None) == (student is None):
+        raise click.UsageError("name the student with exactly one of --checkpoint or --student")
     if (quantize == "int8") != (calibration is not None):
         raise click.UsageError("--quantize int8 needs --calibration (a label folder or a folder of images)"
                                if calibration is None else "--calibration is for --quantize int8")
     out = output_path(out)
-    predictor = build_model(checkpoint, teacher, student, weights, student_output, "cpu", "fp32",
+    predictor = build_model(checkpoint, None, student, weights, student_output, "cpu", "fp32",
                             require_weights=False, student_options=student_options)
     check_stride(predictor, image_size)
     try:
