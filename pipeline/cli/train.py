@@ -66,7 +66,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
               val_shards, val_labels, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
               teacher_weights, loss_weights, steps_per_epoch, ray_workers, address, restart, verify, max_bad_samples,
               progress):
-    """Train a FastSal student on labelled shards; re-running resumes after the last finished epoch."""
+    """Train a student (FastSal, SACT) on labelled shards; re-running resumes after the last finished epoch."""
     from pipeline.common.storage import StorageError, as_path
     from pipeline.train.data import DataError
     from pipeline.train.config import TrainConfig, TrainError
