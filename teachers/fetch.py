@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from teachers.registry import DEFAULT_WEIGHTS, RELEASES, available, fetchable_weights, required_weights
 from teachers.weights import (KNOWN_WEIGHTS, WeightsError, cache_path, cached_state, describe, file_digest,
-                              resolve, states_summary)
+                              is_http_url, resolve, states_summary)
 
 #: where the bundled manifests expect a converted SalGAN generator
 SALGAN_CHECKPOINT = "data/weights/salgan_generator.pt"
@@ -50,8 +50,11 @@ def fetch(spec: str, *, progress: bool = True) -> list[str]:
         if not specs:
             return [f"teacher {spec} needs no weights" if DEFAULT_WEIGHTS.get(spec) == () else
                     f"teacher {spec} has no published weights to fetch: pass --weights PATH"]
-    else:
+    elif spec in KNOWN_WEIGHTS or is_http_url(spec):
         specs, who = (spec,), describe(spec)
+    else:
+        raise WeightsError(f"nothing to fetch by the name {spec!r}: give a teacher ({', '.join(available())}), "
+                           f"a known name ({', '.join(sorted(KNOWN_WEIGHTS))}) or an http(s) URL")
     lines, errors = [], []
     for s in specs:
         try:

@@ -114,7 +114,7 @@ def checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _is_url(spec: str) -> bool:
+def is_http_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
@@ -129,7 +129,7 @@ def cache_path(spec: str) -> Path:
     """The cache path a known name or URL resolves to (whether or not it is there yet)."""
     if spec in KNOWN_WEIGHTS:
         return checkpoint_dir() / KNOWN_WEIGHTS[spec].filename
-    if _is_url(spec):
+    if is_http_url(spec):
         return checkpoint_dir() / _url_filename(spec)
     raise WeightsError(f"{spec!r} is neither a known weights name nor an http(s) URL")
 
@@ -199,7 +199,7 @@ def resolve(spec: str | os.PathLike, *, download: bool = True, progress: bool = 
         what = f"{known.filename} ({known.description})"
         return _fetch(known.url, checkpoint_dir() / known.filename, known.sha256,
                       what=what, download=download, progress=progress)
-    if _is_url(text):
+    if is_http_url(text):
         dst = checkpoint_dir() / _url_filename(text)
         return _fetch(text, dst, None, what=dst.name, download=download, progress=progress)
     path = Path(text).expanduser()
@@ -243,7 +243,7 @@ def describe(spec: str) -> str:
     text = os.fspath(spec)
     if text in KNOWN_WEIGHTS:
         return KNOWN_WEIGHTS[text].filename
-    if _is_url(text):
+    if is_http_url(text):
         try:
             return _url_filename(text)
         except WeightsError:
@@ -279,7 +279,7 @@ def cached_state(spec: str, *, verify: bool = True) -> CachedState:
     """Whether ``spec`` (known name, URL or path) is here, and for known names with a pinned digest
     whether the file is intact (``verify``: hash it; else a present file counts as ``unverified``)."""
     text = os.fspath(spec)
-    if text in KNOWN_WEIGHTS or _is_url(text):
+    if text in KNOWN_WEIGHTS or is_http_url(text):
         known = KNOWN_WEIGHTS.get(text)
         path, url = cache_path(text), (known.url if known else text)
         if not path.is_file():

@@ -105,6 +105,13 @@ def test_weights_fetch_offline_names_every_file_in_one_error_line(hub):
         assert RELEASE + name in line and str(hub / name) in line
 
 
+def test_weights_fetch_of_an_unknown_name_lists_what_it_can_fetch(hub):
+    r = invoke("weights", "fetch", "deepgaze3")
+    assert r.exit_code == 1 and r.output.startswith("Error: nothing to fetch by the name 'deepgaze3': give a "
+                                                    "teacher (classic, deepgaze, "), r.output
+    assert "a known name (centerbias_mit1003, deepgaze2e, " in r.output and r.output.endswith("or an http(s) URL\n")
+
+
 def test_weights_fetch_salgan_gets_the_release_and_says_how_to_convert_it(hub, monkeypatch):
     calls = fake_downloads(monkeypatch, {"gen_modelWeights0090.npz": b"lasagne arrays"})
     r = invoke("weights", "fetch", "salgan")
