@@ -222,6 +222,19 @@ def test_an_existing_input_that_is_wrong_is_a_failure_not_a_usage_mistake(tmp_pa
     assert len(r.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["coco", "--coco-root", "{samples}", "--images", "{samples}/val2017"],
+     "--images is for source folder; source coco reads --coco-root's --split"),
+    (["folder", "--images", "{samples}/val2017", "--split", "train2017"], "--split is for source coco"),
+])
+def test_an_option_of_the_other_label_source_is_refused_not_ignored(tmp_path, args, message):
+    samples = Path(__file__).resolve().parents[1] / "samples" / "coco"
+    r = CliRunner().invoke(cli, ["label", *[a.format(samples=samples) for a in args], "--teacher", "classic",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.splitlines()[-1].startswith(f"Error: {message}"), r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_teachers_missing_weights_are_asked_for_by_the_option_the_command_has(sample_labels, tmp_path):
     """train's teacher takes --teacher-weights, predict's comparison --compare-weights (the messages said
     --weights, which neither command has)."""
