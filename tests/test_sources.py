@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.label.sources import SourceError, coco_records, folder_records, plan_shards
+from pipeline.label.sources import SourceError, coco_records, folder_key, folder_records, plan_shards
 from tests.conftest import make_coco, photo, write_jpeg
 
 
@@ -58,6 +58,13 @@ def test_folder_key_collisions_are_refused(tmp_path):
     write_jpeg(tmp_path / "x.jpeg", photo("coffee", 32))
     with pytest.raises(SourceError, match="same sample key"):
         folder_records(tmp_path)
+    assert [r.source_id for r in folder_records(tmp_path, keys=False)] == ["x.jpeg", "x.jpg"]  # predict's
+
+
+def test_folder_keys_keep_letters_of_any_script():
+    """東京.jpg and 大阪.jpg were both '__' (a whole folder of such names could not be labelled)."""
+    assert [folder_key(n) for n in ("東京.jpg", "大阪.jpg", "café/crème brûlée.png", "a.b c.jpg")] == [
+        "東京", "大阪", "café__crème_brûlée", "a_b_c"]
 
 
 def test_shard_plan_is_deterministic_and_covers_everything(coco_tree):

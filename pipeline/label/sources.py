@@ -165,13 +165,15 @@ def coco_records(root: str | Path, split: str, allow_outside_root: bool = False)
 
 
 def folder_key(relative: str) -> str:
-    """A stable key from a relative path: path separators become '__', other odd characters '_'."""
+    """A stable key from a relative path without its suffix: path separators become '__', every character but
+    letters and digits (of any script: 東京.jpg is 東京), '_' and '-' becomes '_' (no dot: webdataset splits
+    a member's name at its first)."""
     stem = relative.rsplit(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace("/", "__"))
+    return re.sub(r"[^\w-]", "_", stem.replace("/", "__"))
 
 
 def folder_records(folder: str | Path, allow_outside_root: bool = False,
-                   exclude: Iterable[str | Path] = ()) -> list[ImageRecord]:
+                   exclude: Iterable[str | Path] = (), keys: bool = True) -> list[ImageRecord]:
     """Every image file under ``folder`` (recursively), sorted by relative path, leaving out what lies in the
     folders ``exclude`` (a run's outputs, when they are inside ``folder``: its previews and maps are not inputs).
 
@@ -196,7 +198,7 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
     records = []
     for rel in files:
         key = folder_key(rel)
-        if key in seen:
+        if keys and key in seen:  # (a reader that names its outputs by relative path needs no keys)
             raise SourceError(f"{rel} and {seen[key]} map to the same sample key {key!r}; rename one")
         seen[key] = rel
         records.append(ImageRecord(key=key, source_id=rel, path=str((folder / rel).resolve()),

@@ -78,7 +78,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         raise SourceError(f"--out {out} is the image folder itself: the maps would be written among (and over) the "
                           "images; give another folder")
     # maps (and comparison sheets) written inside the image folder are not images
-    records = folder_records(folder, exclude=() if local_out is None else (local_out, compare_folder(local_out, fmt)))
+    records = folder_records(folder, exclude=() if local_out is None else (local_out, compare_folder(local_out, fmt)),
+                             keys=False)  # maps are named by relative path: x.jpg and x.png are two
     result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
     with contextlib.ExitStack() as stack:
         h5 = None
