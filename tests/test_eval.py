@@ -462,6 +462,43 @@ def test_predict_never_writes_over_its_images_nor_reads_its_own_maps(image_folde
     assert error_line(hdf5) == f"Error: --out {tmp_path} is a folder; --format hdf5 writes one file: give its path"
 
 
+def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_folder, tmp_path):
+    """A second predict into a folder in use is refused (two runs mixed their maps under one predictions.json);
+    a re-run takes the old predictions.json away before its first map, so a run that dies half-way leaves no
+    mark saying the folder is complete; an image whose map's name the filesystem cannot take is that image's
+    failure (its temp name was too long: the whole run died)."""
+    from pipeline.common.locks import FolderLock
+
+    folder, out = tmp_path / "imgs", tmp_path / "maps"
+    shutil.copytree(image_folder, folder)
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")
+    with FolderLock(out / ".lock", what=f"map folder {out}", command="pipeline predict"):
+        held = invoke("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")
+    assert error_line(held).startswith(f"Error: map folder {out} is in use by another process (`pipeline predict`")
+
+    (folder / "sub" / "b.jpg").write_bytes(b"garbage")  # ...so the re-run dies at its first map written
+    import pipeline.score.predict as predict
+
+    def full(path, logd):
+        raise OSError(28, "No space left on device", str(path))
+
+    real = predict._write_png
+    predict._write_png = full
+    try:
+        died = invoke("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")
+    finally:
+        predict._write_png = real
+    assert error_line(died).startswith(f"Error: cannot write the maps to {out} (No space left on device: ")
+    assert not (out / "predictions.json").exists() and not (out / ".lock").exists()
+
+    long = "y" * 250 + ".jpg"  # its map, long + ".png", is 258 bytes: more than a file name may be
+    shutil.copy(folder / "a.jpg", folder / long)
+    result = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["maps"] == 2 and sorted(Path(f["file"]).name for f in doc["failures"]) == ["b.jpg", long]
+    assert "its map's name is too long for the filesystem" in result.stderr
+
+
 def test_a_sigma_that_is_not_a_finite_fraction_is_a_usage_error(mit):
     for sigma in ("nan", "inf", "2"):
         result = invoke("eval", "--teacher", "classic", "--fixations", mit[1], "--sigma", sigma)

@@ -598,3 +598,26 @@ def test_validating_on_a_training_folder_is_warned_of(labels, tmp_path, monkeypa
     assert r.exit_code == 0, r.output
     assert (f"warning: --val-labels {labels.name} is also a --labels folder: the validation scores are on training "
             "images") in r.stderr
+
+
+def test_a_checkpoint_the_filesystem_refuses_is_one_sentence_and_the_last_one_stays(tmp_path):
+    """A full disk (here: a file-size limit, EFBIG) made torch's zip writer raise "[enforce fail at
+    inline_container.cc] unexpected pos" with a traceback; latest.json must still name the last good one."""
+    import resource
+    import signal
+
+    from pipeline.train.checkpoints import CheckpointError, save_checkpoint
+
+    save_checkpoint(tmp_path, 0, {"w": torch.zeros(10)})
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limit[1]))
+    try:
+        with pytest.raises(CheckpointError, match=r"^cannot write .*epoch-0001\.pt \(the write failed with \d+ MiB "
+                                                  r"free on its filesystem\); the run resumes after its last saved"):
+            save_checkpoint(tmp_path, 1, {"w": torch.zeros(100_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000.pt", "latest.json"]  # no temp file left
+    assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "epoch-0000.pt"

@@ -19,6 +19,7 @@ from pipeline.cli.options import (FiniteFloat, LocalPath, build_model, calibrati
                                   must_exist, output_path, path_or_url, runtime_option, with_runtime)
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
+from pipeline.common.errors import error_message
 
 
 def check_stride(predictor, image_size) -> None:
@@ -120,11 +121,15 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         click.echo(f"calibration: blur {calibration.blur_frac:g} of the longer side, centre weight "
                    f"{calibration.center_weight:g} (AUC-Judd {calibration.auc_judd:.4f} on {calibration.images} images)")
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
         doc = result.to_json()
         if calibration is not None:
             doc["calibration"] = dataclasses.asdict(calibration)
-        write_json(out, doc)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(out, doc)
+        except OSError as e:  # a full disk: the scores are above, the file is not written
+            raise click.ClickException(f"cannot write {out} ({error_message(e)}); the scores above were not "
+                                       "saved") from None
         click.echo(f"metrics: {out}")
     if not result.per_image:
         raise click.ClickException("no image could be scored")
@@ -173,6 +178,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                                 progress=progress, compare=compare)
     except SourceError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # writing the maps: a full disk, a read-only folder (predictions.json is not written)
+        raise click.ClickException(f"cannot write the maps to {out} ({error_message(e)})") from None
     echo_result(result, result.failures, lambda f: f"{f['file']}: {f['reason']}")
 
 

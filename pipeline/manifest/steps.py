@@ -167,7 +167,7 @@ def _tree(path: Path | RemotePath) -> Iterator[tuple[str, Path | RemotePath]]:
 
 
 def _lock_file(folder: Path | RemotePath) -> Path | None:
-    """The lock ``label`` and ``train`` hold on a local output folder (object storage has none)."""
+    """The lock ``label``, ``train`` and ``predict`` hold on a local output folder (object storage has none)."""
     return None if isinstance(folder, RemotePath) else folder / LOCK_NAME
 
 
@@ -218,6 +218,7 @@ COMMANDS: dict[str, CommandSpec] = {
         added=_CALIBRATION_ADDED,
         digest=_digest_tree,
         urls=frozenset({"checkpoint", "out"}),
+        lock=_lock_file,  # pipeline.score.predict: a png folder's
     ),
     "fixations": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "fixations.h5"},

@@ -16,6 +16,8 @@ With a teacher to compare with (``compare``), every image also gets a sheet imag
 from __future__ import annotations
 
 import contextlib
+import errno
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import numpy as np
 
 from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
+from pipeline.common.locks import LOCK_NAME, FolderLock, LockHeld
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import as_path, is_url
@@ -83,6 +86,14 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
     with contextlib.ExitStack() as stack:
         h5 = None
+        if fmt == "png":
+            if local_out is not None:  # one writer: two runs into one folder would mix their maps
+                local_out.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(_held(FolderLock(local_out / LOCK_NAME, what=f"map folder {out}",
+                                                     command="pipeline predict")))
+            done = out / "predictions.json"  # the completion mark goes before the first map is replaced
+            if done.exists():
+                done.unlink()
         if fmt == "hdf5":
             import h5py
 
@@ -94,7 +105,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             out.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(io_threads) as pool, \
                 show_progress(len(records), f"predict {predictor.name}", enabled=progress) as bar:
-            writes = []
+            writes = []  # (relative path, future): each image's map, and its sheet
             for batch in batched(prefetched(pool, records, lambda r: images.read_image(r.path), 3 * batch_size,
                                             catch=images.ImageError), batch_size):
                 good = [(r, x) for r, x in batch if not isinstance(x, Exception)]
@@ -102,18 +113,25 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                 logds = predictor.log_densities([x for _, x in good])
                 if compare is not None:
                     for (rec, rgb), logd, ref in zip(good, logds, compare.log_densities([x for _, x in good])):
-                        writes.append(pool.submit(_write_sheet, result, str(rec.source_id), rgb, ref, logd,
-                                                  compare.name, predictor.name))
+                        writes.append((rec, pool.submit(_write_sheet, result, str(rec.source_id), rgb, ref, logd,
+                                                        compare.name, predictor.name)))
                 for (rec, _), logd in zip(good, logds):
                     rel = str(rec.source_id)
                     if h5 is not None:
                         h5.create_dataset(rel, data=logd.astype(np.float32), compression="gzip", compression_opts=4)
                     else:
-                        writes.append(pool.submit(_write_png, out / f"{rel}.png", logd))
-                    result.written += 1
+                        writes.append((rec, pool.submit(_write_png, out / f"{rel}.png", logd)))
                 bar.update(len(batch))
-            for w in writes:
-                w.result()
+            unwritten = {}
+            for rec, w in writes:
+                try:
+                    w.result()
+                except OSError as e:
+                    if e.errno != errno.ENAMETOOLONG:
+                        raise  # (a full disk, a read-only folder: the run's one error)
+                    unwritten[rec.path] = f"its map's name is too long for the filesystem: {e.filename}"
+            result.failures += [{"file": path, "reason": why} for path, why in unwritten.items()]
+            result.written = len(records) - len(result.failures)  # each image failed once, or has its map
     if fmt == "png":
         doc = {"model": predictor.name, "source": str(folder.resolve()), "maps": result.written,
                "failures": result.failures}
@@ -123,6 +141,21 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         write_json(out / "predictions.json", doc)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+@contextlib.contextmanager
+def _held(lock: FolderLock):
+    """``lock`` for the block, or :class:`SourceError` naming its holder."""
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise SourceError(str(e)) from None
+    for note in lock.notes:  # a lock left by a killed run, taken over
+        print(note, file=sys.stderr)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _write_png(path: Path, logd: np.ndarray) -> None:

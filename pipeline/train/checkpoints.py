@@ -178,11 +178,23 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
     """Write ``epoch-NNNN.pt`` atomically, then ``latest.json``; keep the two newest checkpoints."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"epoch-{epoch:04d}.pt"
-    with atomic_open(path, "wb") as f:
-        torch.save(ckpt, f)
-    write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": epoch})
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path, "wb") as f:
+            torch.save(ckpt, f)
+        write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": epoch})
+    except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer says "[enforce fail …] unexpected pos"
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e):
+            raise
+        import shutil
+
+        from pipeline.common.errors import error_message
+
+        why = error_message(e) if isinstance(e, OSError) else (
+            f"the write failed with {shutil.disk_usage(ckpt_dir).free / 2**20:.0f} MiB free on its filesystem")
+        raise CheckpointError(f"cannot write {path} ({why}); the run resumes after its last saved epoch once the "
+                              "same command runs again") from None
     for old in ckpt_dir.glob("epoch-*.pt"):
         if old.name < f"epoch-{epoch - 1:04d}.pt":
             old.unlink()
