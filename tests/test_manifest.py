@@ -538,6 +538,27 @@ def test_a_dry_run_beside_an_active_runner_says_its_steps_are_running_not_interr
     assert dry_run_table(alone.output)["label_val"] == ("run", "interrupted (started 2026-11-26 10:00:00)")
 
 
+def test_a_state_file_that_cannot_be_written_is_one_line_and_stops_the_steps(fresh, monkeypatch):
+    import pipeline.manifest.runner as runner
+
+    real = runner.write_json
+
+    def full(path, obj):
+        if Path(path).name == "state.json" and (obj.get("steps") or {}).get("label_val", {}).get("status") == "done":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, obj)
+
+    monkeypatch.setattr(runner, "write_json", full)
+    result = invoke("run", DEMO, *OPTS, "--until", "train_a")  # label_val's "done" cannot be written
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.output
+    assert result.output.splitlines()[-1] == (
+        "Error: cannot write the state file runs/demo/.pipeline/state.json (No space left on device: "
+        "runs/demo/.pipeline/state.json); any running step was stopped, and the next run carries on from the last "
+        "state written")
+    steps = json.loads(Path("runs/demo/.pipeline/state.json").read_text())["steps"]
+    assert steps["label_val"]["status"] == "running"  # the last state written: the next run resumes it
+
+
 def test_a_lock_left_by_a_killed_runner_is_taken_over(fake, tmp_path, capsys):
     import socket
     import subprocess

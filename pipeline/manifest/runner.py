@@ -42,6 +42,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import click
 
 from pipeline.common.atomic import write_json
+from pipeline.common.errors import error_message
 from pipeline.common.storage import RemotePath, as_path, is_url
 from pipeline.common.locks import FolderLock, LockHeld
 from pipeline.common.locks import status as lock_status
@@ -84,7 +85,11 @@ def load_state(workdir: Path) -> dict:
 
 
 def save_state(workdir: Path, state: dict) -> None:
-    write_json(state_path(workdir), state)
+    try:
+        write_json(state_path(workdir), state)
+    except OSError as e:  # a full disk: the old state file stays whole (written atomically)
+        raise RunnerError(f"cannot write the state file {state_path(workdir)} ({error_message(e)}); any running step "
+                          "was stopped, and the next run carries on from the last state written") from None
 
 
 def now() -> str:
@@ -394,6 +399,9 @@ class Runner:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self._interrupt()
             code = 130
+        except RunnerError:  # the state cannot be written: stop the steps, leave the last state written
+            self._interrupt(record=False)
+            raise
         else:
             code = 1 if self.failed else 0
         finally:
@@ -548,8 +556,8 @@ class Runner:
         return [[p.step, p.action, self.status[p.step] if p.action == RUN else p.reason,
                  f"{self.seconds[p.step]:.1f}" if p.step in self.seconds else "-"] for p in planned]
 
-    def _interrupt(self) -> None:
-        """Stop running steps (SIGINT, then SIGKILL after 10 s) and record them as interrupted."""
+    def _interrupt(self, record: bool = True) -> None:
+        """Stop running steps (SIGINT, then SIGKILL after 10 s) and record them as interrupted (``record``)."""
         for proc in list(self.procs.values()):
             _signal_group(proc, signal.SIGINT)
         deadline = time.monotonic() + 10
@@ -558,6 +566,8 @@ class Runner:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
+        if not record:
+            return
         for name, t0 in self.started.items():
             self.seconds[name] = time.monotonic() - t0
             self._finish(name, "interrupted", self.seconds[name])
