@@ -64,7 +64,7 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
                "--no-progress", "--out", tmp_path / "ponder.json")
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "ponder.json").read_text())
-    assert doc["images"] == 2 and len(doc["metrics"]) == 7  # scored on the half it was not calibrated on
+    assert doc["images"] == 2 and len(doc["metrics"]) == 8  # scored on the half it was not calibrated on
     assert set(doc["calibration"]) == {"blur_frac", "center_weight", "auc_judd", "images"}
     assert doc["calibration"]["images"] == 2 and "[ponder map]" in doc["model"]
 

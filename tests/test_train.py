@@ -113,7 +113,7 @@ def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_s
     for metric in ("auc_judd", "auc_borji", "sauc", "nss", "cc", "kl_div", "sim", "ig"):
         assert f"  {metric} " in r.output
     scores = json.loads((tmp_path / "m.json").read_text())
-    assert scores["images"] == 5 and len(scores["metrics"]) == 7
+    assert scores["images"] == 5 and len(scores["metrics"]) == 8
     assert all(np.isfinite(v) for v in scores["metrics"].values())
 
 
