@@ -1123,3 +1123,33 @@ def test_more_epochs_in_the_manifest_train_on_from_the_checkpoint(demo):
     assert now[:len(losses)] == losses and len(now) > len(losses)  # the first two epochs kept, a third one added
     assert json.loads((TRAIN_A / "checkpoints" / "latest.json").read_text())["epoch"] == 2
     assert planned(sets=sets, until=["train_a"])["train_a"] == ("skip", "up to date")
+
+
+def test_a_folder_source_step_is_stale_when_its_images_change_and_two_steps_may_not_share_an_output(fresh):
+    """The images a folder-source label step reads are an input it need not declare (a new photo was never
+    labelled: the step stayed "up to date"); a label folder inside the image folder is not among them."""
+    images = fresh / "photos"
+    shutil.copytree(ROOT / "samples" / "coco" / "val2017", images)
+    Path("m.yaml").write_text(textwrap.dedent(f"""\
+        workdir: {images}/runs
+        steps:
+          photos:
+            run: label
+            with: {{source: folder, images: {images}, teacher: classic, executor: local, image_size: 64x96,
+                    out: {images}/labels}}
+        """))
+    first = invoke("run", "m.yaml")
+    assert first.exit_code == 0, first.output
+    assert invoke("run", "m.yaml", "--dry-run").output.count("up to date") == 1  # its own labels are no input
+    shutil.copy(images / sorted(p.name for p in images.glob("*.jpg"))[0], images / "new.jpg")
+    assert dry_run_table(invoke("run", "m.yaml", "--dry-run").output)["photos"] == (
+        "run", f"input changed: {images}")
+    again = invoke("run", "m.yaml")
+    assert again.exit_code == 0 and "--overwrite" in again.output, again.output
+    assert json.loads((images / "labels" / "classic" / "photos" / "labels.json").read_text())["count"] == 13
+
+    Path("m.yaml").write_text(Path("m.yaml").read_text() + f"  again:\n    run: label\n    with: {{source: folder, "
+                              f"images: {images}, teacher: classic, out: {images}/labels, shard_size: 4}}\n")
+    refused = invoke("run", "m.yaml", "--dry-run")
+    assert refused.exit_code == 2 and (f"steps 'photos' and 'again' write the same output "
+                                       f"{images}/labels/classic/photos") in refused.output, refused.output

@@ -688,6 +688,15 @@ class _Loader:
                 broken.add(name)  # validated, but no fingerprint
             else:
                 steps[name] = step
+        writers: dict[str, str] = {}  # one step per output: two would take each other's work for their own
+        for name, step in steps.items():
+            if step.output is None:
+                continue
+            where = step.output if is_url(step.output) else str(Path(step.output).resolve())
+            if where in writers:
+                self.error(self.doc.at("steps", name), f"steps {writers[where]!r} and {name!r} write the same output "
+                           f"{step.output}; give one of them another out")
+            writers.setdefault(where, name)
         return steps
 
     def _lookup(self, workdir: Path, manifest_vars: Mapping[str, object], steps: Mapping[str, Step]):
@@ -809,6 +818,12 @@ class _Loader:
                     self.error(doc.at("steps", name, "inputs", i), f"step {name!r}: input {p}: {e}")
                     return None
             digests[p] = self.digests[p]
+        if spec is not None and spec.reads is not None:  # what the command reads that need not be declared
+            made = {pname for pname, key in key_of.items()  # (an upstream step's output is fingerprinted as one)
+                    if any(r.startswith("steps.") for r in references((body.get("with") or {}).get(key)))}
+            for pname, (p, read) in spec.reads(ctx.params).items():
+                if pname not in made and p not in digests:
+                    digests[p] = read()
         res = Resources(**{**Resources().__dict__, **d["resources"]})
         code = code_version()
         return Step(name=name, command=command_name, args=tuple(args), settings=settings, needs=tuple(needs),

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Mapping
 from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
+from pipeline.label.sources import SourceError, folder_records
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
 from pipeline.train.checkpoints import (LATEST, CheckpointError, latest, latest_record, load_checkpoint,
                                         load_resumable)
@@ -59,6 +60,9 @@ class CommandSpec:
     #: (output folder, a time) -> whether the command has written finished pieces of its output (shards,
     #: checkpoints) since then; a start-over interrupted after that carries on instead of starting over again
     made_since: Callable[[Path, float], bool] | None = None
+    #: (validated click parameters) -> {option: (path, digest of what the command reads there, or None when it
+    #: is missing)}: inputs the command reads that the manifest need not declare (a folder source's images)
+    reads: Callable[[Mapping[str, object]], dict[str, tuple[str, Callable[[], str | None]]]] | None = None
 
 
 def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
@@ -69,6 +73,35 @@ def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
             raise ValueError("source 'folder' needs images: DIR")
         name = Path(params["images"]).resolve().name  # as `pipeline label` names it
     return as_path(params["out"]) / str(params["teacher"]) / name
+
+
+def _label_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[[], str | None]]]:
+    """A folder source's images, as `pipeline label` lists them (names, sizes, mtimes): an image added, removed or
+    replaced makes the step stale (for a COCO source, declare its annotation file in ``inputs``)."""
+    if params["source"] != "folder" or params.get("images") is None:
+        return {}
+    images = Path(params["images"])
+
+    def listing() -> str | None:
+        from teachers.registry import available
+
+        if not images.is_dir():
+            return None
+        out = [] if "://" in str(params["out"]) else [Path(str(params["out"])) / t for t in available()]
+        h = hashlib.sha256()
+        try:
+            records = folder_records(images, exclude=out, keys=False)
+        except SourceError:
+            return "images:none"  # an empty folder: the step says so when it runs
+        for r in records:
+            try:
+                st = os.stat(r.path)
+                h.update(f"{r.source_id}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            except OSError:  # a broken link: a per-image failure when labelled
+                h.update(f"{r.source_id}\0-\0".encode())
+        return "images:" + h.hexdigest()
+
+    return {"images": (str(images), listing)}
 
 
 def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
@@ -188,6 +221,7 @@ COMMANDS: dict[str, CommandSpec] = {
         urls=frozenset({"out"}),
         lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
         made_since=lambda folder, since: _written_since(folder.glob("shard-*.json"), since),
+        reads=_label_reads,
     ),
     "train": CommandSpec(
         defaults={"run_dir": lambda workdir, step: workdir / step},
