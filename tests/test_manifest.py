@@ -821,6 +821,9 @@ if os.environ.get("MAKE_STALL") == opts["name"]:  # a step that never ends (kill
 if os.environ.get("MAKE_KILLED") == opts["name"]:  # as the kernel's out-of-memory killer does
     import signal
     os.kill(os.getpid(), signal.SIGKILL)
+if os.environ.get("MAKE_REFUSE") == opts["name"] and "fresh" not in opts:  # as train refuses other settings
+    print("Error: its output was made with other settings; use --fresh")
+    sys.exit(1)
 made = os.environ.get("MAKE_" + opts["name"].upper(), opts["name"])
 source = open(opts["src"]).read() if "src" in opts else ""
 with open(opts["out"], "w") as f:
@@ -867,7 +870,7 @@ def maker(tmp_path, monkeypatch):
         m = load_manifest(path, group=group)
         return {row[0]: row[1] for row in status_rows(m, load_state(m.workdir))}
 
-    run.plan, run.status = planned, status
+    run.plan, run.status, run.path = planned, status, path
     return run
 
 
@@ -1153,3 +1156,13 @@ def test_a_folder_source_step_is_stale_when_its_images_change_and_two_steps_may_
     refused = invoke("run", "m.yaml", "--dry-run")
     assert refused.exit_code == 2 and (f"steps 'photos' and 'again' write the same output "
                                        f"{images}/labels/classic/photos") in refused.output, refused.output
+
+
+def test_a_step_refused_for_what_its_output_holds_says_how_to_start_it_over_in_a_manifest(maker, monkeypatch):
+    """train says "use --restart" (label "--overwrite"): no option a manifest user gives; --force STEP is."""
+    monkeypatch.setenv("MAKE_REFUSE", "a")
+    code, out, started = maker(MAKE_AB % "one")
+    assert code == 1 and started == ["a"]
+    assert f"note: in a manifest, `pipeline run {maker.path} --force a` starts step a over (--fresh=yes)" in out
+    code, out, started = maker(MAKE_AB % "one", force=["a"])
+    assert code == 0 and started == ["a", "b"] and "note:" not in out
