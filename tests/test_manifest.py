@@ -1166,3 +1166,15 @@ def test_a_step_refused_for_what_its_output_holds_says_how_to_start_it_over_in_a
     assert f"note: in a manifest, `pipeline run {maker.path} --force a` starts step a over (--fresh=yes)" in out
     code, out, started = maker(MAKE_AB % "one", force=["a"])
     assert code == 0 and started == ["a", "b"] and "note:" not in out
+
+
+def test_report_image_sources_are_urls_of_the_files_they_name():
+    """A map named `photo #1.jpg.png` or `50%.jpg.png` (html.escape alone left `#` and `%`: broken images)."""
+    from pipeline.manifest.report import _img, referenced_images
+
+    names = ["report/predict_a/photo #1.jpg.png", "report/predict_a/50%.jpg.png", "report/x/東京.jpg.png"]
+    page = "".join(_img(n, "a map") for n in names)
+    assert "#" not in page and "%.jpg" not in page
+    assert Page(page).images == ['report/predict_a/photo%20%231.jpg.png', 'report/predict_a/50%25.jpg.png',
+                                 'report/x/%E6%9D%B1%E4%BA%AC.jpg.png']
+    assert referenced_images(page) == names

@@ -27,6 +27,7 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import quote, unquote
 
 from pipeline.common.atomic import atomic_open
 from pipeline.common.storage import as_path
@@ -156,7 +157,8 @@ def _student_sheets(manifest: Manifest, name: str, folder: Path) -> list[tuple[s
 
 
 def _img(src: str, alt: str) -> str:
-    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">'
+    """``src``: a relative path (a file named `photo #1.jpg.png` is written `photo%20%231.jpg.png`)."""
+    return f'<img src="{html.escape(quote(src))}" alt="{html.escape(alt)}">'
 
 
 def _html_table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
@@ -278,7 +280,7 @@ def write_report(manifest: Manifest, state: Mapping, *, force: bool = False) -> 
 
 def referenced_images(page: str) -> list[str]:
     """The ``src`` of every ``<img>`` of a report page (for checks)."""
-    return [html.unescape(s) for s in re.findall(r'<img src="([^"]+)"', page)]
+    return [unquote(html.unescape(s)) for s in re.findall(r'<img src="([^"]+)"', page)]
 
 
 __all__ = ["REPORT", "eval_scores", "referenced_images", "scores_table", "state_digest", "write_report"]
