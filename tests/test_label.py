@@ -521,13 +521,16 @@ def test_an_out_folder_inside_the_image_folder_is_not_read_as_images_and_odd_ent
         write_jpeg(photos / f"{name}.jpg", photo(name, 96))
     os.mkfifo(photos / "pipe.jpg")
     (photos / "gone.jpg").symlink_to(photos / "deleted.jpg")
+    (photos / "away.jpg").symlink_to(tmp_path / "elsewhere.jpg")  # broken, and it would lead out: "missing"
     args = ["label", "folder", "--teacher", "classic", "--images", str(photos), "--out", str(photos),
             "--executor", "local", "--no-progress", "--max-failure-rate", "1", "--image-size", "64x96"]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
     assert (photos / "classic" / "photos" / "preview.png").is_file()
-    assert "images labelled                3" in first.output and "images failed                  2" in first.output
+    assert "images labelled                3" in first.output and "images failed                  3" in first.output
     assert "pipe (" in first.output and "not a regular file" in first.output and "gone (" in first.output
+    assert f"away ({tmp_path / 'elsewhere.jpg'}): missing: {tmp_path / 'elsewhere.jpg'} (a symlink to nothing" \
+        in first.output, first.output
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert "0 written, 1 already done" in again.output, again.output

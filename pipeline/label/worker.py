@@ -147,6 +147,9 @@ class ShardLabeler:
         """Read one image and (unless it is a JPEG the device decodes) decode and resize it."""
         item = _Item(record)
         try:
+            if not os.path.lexists(record.path):  # before the root check: a broken link's target may lie anywhere
+                raise images.ImageError(f"missing: {record.path} (a symlink to nothing, or removed since it was "
+                                        "listed)")
             if record.root is not None and not _inside(record.path, record.root):
                 raise images.ImageError("outside the image folder (a symlink or path leading out of it; "
                                         "--allow-outside-root labels it anyway)")
