@@ -499,6 +499,20 @@ def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_fo
     assert "its map's name is too long for the filesystem" in result.stderr
 
 
+def test_predict_turns_a_photo_as_viewers_show_it(tmp_path):
+    """A phone's portrait photo (stored landscape, EXIF orientation 6): its map is portrait too, so it lies over
+    the photo as a viewer shows it."""
+    from PIL import Image
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    Image.fromarray(np.full((60, 100, 3), 128, np.uint8)).save(folder / "portrait.jpg", exif=exif)
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", tmp_path / "maps", "--no-progress")
+    assert cv2.imread(str(tmp_path / "maps" / "portrait.jpg.png"), cv2.IMREAD_UNCHANGED).shape == (100, 60)
+
+
 def test_a_sigma_that_is_not_a_finite_fraction_is_a_usage_error(mit):
     for sigma in ("nan", "inf", "2"):
         result = invoke("eval", "--teacher", "classic", "--fixations", mit[1], "--sigma", sigma)

@@ -41,17 +41,19 @@ def _as_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: torch warns on bytes
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, upright: bool = False) -> np.ndarray:
     """Encoded bytes → RGB uint8 ``(H, W, 3)``.
 
     Grayscale, CMYK, 16-bit and alpha images are converted by OpenCV (alpha is dropped, 16-bit
-    scaled to 8); EXIF orientation is ignored so pixel coordinates match COCO's annotations.
+    scaled to 8). EXIF orientation is ignored, so pixel coordinates match COCO's annotations and
+    fixation data, unless ``upright``: then the image is turned as viewers show it (a phone's photo).
     """
     if not data:
         raise ImageError("empty file")
     if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
         raise ImageError("truncated JPEG (no end-of-image marker after the last scan)")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    flags = cv2.IMREAD_COLOR if upright else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if bgr is None:
         raise ImageError("cannot decode (not an image OpenCV can read, or corrupt)")
     h, w = bgr.shape[:2]
@@ -90,8 +92,8 @@ def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> bytes:
     return data
 
 
-def read_image(path: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> np.ndarray:
-    return decode_image(read_file(path, max_bytes))
+def read_image(path: str, max_bytes: int | None = MAX_IMAGE_BYTES, upright: bool = False) -> np.ndarray:
+    return decode_image(read_file(path, max_bytes), upright=upright)
 
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

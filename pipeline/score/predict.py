@@ -106,8 +106,10 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         with ThreadPoolExecutor(io_threads) as pool, \
                 show_progress(len(records), f"predict {predictor.name}", enabled=progress) as bar:
             writes = []  # (relative path, future): each image's map, and its sheet
-            for batch in batched(prefetched(pool, records, lambda r: images.read_image(r.path), 3 * batch_size,
-                                            catch=images.ImageError), batch_size):
+            # upright: a map lines up with the photo as viewers show it (EXIF orientation applied)
+            read = lambda r: images.read_image(r.path, upright=True)  # noqa: E731
+            for batch in batched(prefetched(pool, records, read, 3 * batch_size, catch=images.ImageError),
+                                 batch_size):
                 good = [(r, x) for r, x in batch if not isinstance(x, Exception)]
                 result.failures += [{"file": r.path, "reason": str(x)} for r, x in batch if isinstance(x, Exception)]
                 logds = predictor.log_densities([x for _, x in good])
