@@ -164,6 +164,7 @@ def _breakdown(logd, ys, xs, oys, oxs, base, sigma) -> dict[str, float]:
     emp = metrics.empirical_saliency_map(ys, xs, ld.shape, sigma)
     t["empirical map (blur)"] = time.perf_counter() - t0
     for name, fn in (("auc_judd", lambda: metrics.auc_judd(ld, ys, xs)),
+                     ("auc_borji", lambda: metrics.auc_borji(smap, ys, xs)),
                      ("sauc", lambda: metrics.shuffled_auc(ld, ys, xs, oys, oxs)),
                      ("nss", lambda: metrics.nss(smap, ys, xs)),
                      ("cc", lambda: metrics.cc(smap, emp)),
