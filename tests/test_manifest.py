@@ -743,6 +743,21 @@ def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished,
     assert "report: runs/demo/report.html (up to date)" in result.output
 
 
+def test_scores_of_an_eval_step_that_has_not_run_since_it_changed_are_marked_stale(demo, tmp_path):
+    """Its metrics file is of what it scored before (the run stopped before it, or it was not selected)."""
+    from pipeline.manifest.report import scores_table
+
+    state = load_state(Path("runs/demo"))
+    assert "(stale)" not in scores_table(load_manifest(DEMO, SETS, group=cli), state)
+    old = 'labels: "${steps.label_val.out}", val_shards: 0}'
+    text = DEMO.read_text()
+    i = text.index("  eval_a:")
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(text[:i] + text[i:].replace(old, old.replace("0}", "1}"), 1))
+    table = scores_table(load_manifest(edited, SETS, group=cli), state)
+    assert "eval_a (stale)" in table and "eval_c (stale)" not in table, table
+
+
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(demo):
     Path("runs/demo/report.html").unlink()
     Path("runs/demo/report.html").mkdir()  # in the way

@@ -33,6 +33,7 @@ from pipeline.common.atomic import atomic_open
 from pipeline.common.storage import as_path
 from pipeline.common.tables import table
 from pipeline.manifest.format import Manifest
+from pipeline.manifest.plan import fingerprint_of
 
 REPORT = "report.html"
 ASSETS = "report"
@@ -61,8 +62,12 @@ def _model_label(manifest: Manifest, settings: Mapping, doc: Mapping) -> str:
     return model
 
 
-def eval_scores(manifest: Manifest) -> tuple[list[str], list[list[str]], list[str]]:
-    """(metric names in order of appearance, rows [step, model, images, *metrics], data descriptions)."""
+def eval_scores(manifest: Manifest, state: Mapping | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """(metric names in order of appearance, rows [step, model, images, *metrics], data descriptions).
+
+    With ``state``: a step whose metrics are not of the step as the manifest declares it now (it did not run
+    since its settings or its model changed, or it failed) is written ``NAME (stale)``."""
+    records = (state or {}).get("steps", {})
     metrics, found = [], []
     for name in _steps(manifest, "eval"):
         path = as_path(manifest.steps[name].output)
@@ -76,15 +81,18 @@ def eval_scores(manifest: Manifest) -> tuple[list[str], list[list[str]], list[st
     rows, data = [], []
     for name, doc, values in found:
         cells = [f"{values[m]:.4f}" if isinstance(values.get(m), (int, float)) else "-" for m in metrics]
-        rows.append([name, _model_label(manifest, manifest.steps[name].settings, doc), str(doc.get("images", "-")),
+        rec = records.get(name) or {}
+        current = state is None or (rec.get("status") == "done"
+                                    and rec.get("fingerprint") == fingerprint_of(manifest, name, state))
+        rows.append([name if current else f"{name} (stale)", _model_label(manifest, manifest.steps[name].settings, doc), str(doc.get("images", "-")),
                      *cells])
         data.append(str(doc.get("data", "")))
     return metrics, rows, data
 
 
-def scores_table(manifest: Manifest) -> str | None:
+def scores_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
     """The table ``pipeline run`` ends with (None when no eval step has written its metrics)."""
-    metrics, rows, _ = eval_scores(manifest)
+    metrics, rows, _ = eval_scores(manifest, state)
     if not rows:
         return None
     return table(["step", "model", "images", *metrics], rows)
@@ -186,7 +194,7 @@ def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> st
              f'<p class="note">workdir {html.escape(str(workdir))}; written '
              f"{datetime.now().astimezone().isoformat(timespec='seconds')}</p>"]
 
-    metrics, rows, data = eval_scores(manifest)
+    metrics, rows, data = eval_scores(manifest, state)
     parts.append("<h2>Scores</h2>")
     if rows:
         parts.append(_html_table(["step", "model", "images", *metrics, "data"],

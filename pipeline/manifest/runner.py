@@ -623,7 +623,7 @@ def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) 
     from pipeline.manifest.report import scores_table, write_report
 
     try:
-        scores = scores_table(manifest)
+        scores = scores_table(manifest, state)
     except Exception as e:  # noqa: BLE001 - a summary must not fail a finished run
         echo(f"warning: cannot read the eval steps' metrics: {e}", err=True)
         scores = None
