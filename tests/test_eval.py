@@ -493,10 +493,18 @@ def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_fo
 
     long = "y" * 250 + ".jpg"  # its map, long + ".png", is 258 bytes: more than a file name may be
     shutil.copy(folder / "a.jpg", folder / long)
-    result = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")
+    marked_while_held = []
+    real_write_json = predict.write_json
+    predict.write_json = lambda path, doc: (marked_while_held.append((out / ".lock").exists()),
+                                            real_write_json(path, doc))
+    try:
+        result = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")
+    finally:
+        predict.write_json = real_write_json
+    assert marked_while_held == [True]  # predictions.json goes up before another run may take the folder
     doc = json.loads((out / "predictions.json").read_text())
     assert doc["maps"] == 2 and sorted(Path(f["file"]).name for f in doc["failures"]) == ["b.jpg", long]
-    assert "its map's name is too long for the filesystem" in result.stderr
+    assert f"its map's name is too long for the filesystem: {out / long}.png" in result.stderr
 
 
 def test_predict_turns_a_photo_as_viewers_show_it(tmp_path):
@@ -511,6 +519,9 @@ def test_predict_turns_a_photo_as_viewers_show_it(tmp_path):
     Image.fromarray(np.full((60, 100, 3), 128, np.uint8)).save(folder / "portrait.jpg", exif=exif)
     ok("predict", "--teacher", "classic", "--images", folder, "--out", tmp_path / "maps", "--no-progress")
     assert cv2.imread(str(tmp_path / "maps" / "portrait.jpg.png"), cv2.IMREAD_UNCHANGED).shape == (100, 60)
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", tmp_path / "m.h5", "--format", "hdf5")
+    with h5py.File(tmp_path / "m.h5", "r") as f:  # for pysaliency: the stored pixels, as its fixations are
+        assert f["portrait.jpg"].shape == (60, 100)
 
 
 def test_a_sigma_that_is_not_a_finite_fraction_is_a_usage_error(mit):

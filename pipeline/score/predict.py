@@ -105,9 +105,10 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             out.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(io_threads) as pool, \
                 show_progress(len(records), f"predict {predictor.name}", enabled=progress) as bar:
-            writes = []  # (relative path, future): each image's map, and its sheet
-            # upright: a map lines up with the photo as viewers show it (EXIF orientation applied)
-            read = lambda r: images.read_image(r.path, upright=True)  # noqa: E731
+            maps, sheets_ = [], []  # (record, future) of each image's map, and of its sheet
+            # png: a map lines up with the photo as viewers show it (EXIF orientation applied); hdf5 is for
+            # pysaliency's benchmarks, whose fixations are in the stored pixels
+            read = lambda r: images.read_image(r.path, upright=fmt == "png")  # noqa: E731
             for batch in batched(prefetched(pool, records, read, 3 * batch_size, catch=images.ImageError),
                                  batch_size):
                 good = [(r, x) for r, x in batch if not isinstance(x, Exception)]
@@ -115,34 +116,46 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                 logds = predictor.log_densities([x for _, x in good])
                 if compare is not None:
                     for (rec, rgb), logd, ref in zip(good, logds, compare.log_densities([x for _, x in good])):
-                        writes.append((rec, pool.submit(_write_sheet, result, str(rec.source_id), rgb, ref, logd,
-                                                        compare.name, predictor.name)))
+                        sheets_.append((rec, pool.submit(_write_sheet, result, str(rec.source_id), rgb, ref, logd,
+                                                         compare.name, predictor.name)))
                 for (rec, _), logd in zip(good, logds):
                     rel = str(rec.source_id)
                     if h5 is not None:
                         h5.create_dataset(rel, data=logd.astype(np.float32), compression="gzip", compression_opts=4)
                     else:
-                        writes.append((rec, pool.submit(_write_png, out / f"{rel}.png", logd)))
+                        maps.append((rec, pool.submit(_write_png, out / f"{rel}.png", logd)))
                 bar.update(len(batch))
-            unwritten = {}
-            for rec, w in writes:
-                try:
-                    w.result()
-                except OSError as e:
-                    if e.errno != errno.ENAMETOOLONG:
-                        raise  # (a full disk, a read-only folder: the run's one error)
-                    unwritten[rec.path] = f"its map's name is too long for the filesystem: {e.filename}"
-            result.failures += [{"file": path, "reason": why} for path, why in unwritten.items()]
+            for rec, w in maps:
+                if _too_long(w):
+                    result.failures.append({"file": rec.path, "reason": "its map's name is too long for the "
+                                            f"filesystem: {out / rec.source_id}.png"})
+            for rec, w in sheets_:
+                if _too_long(w):  # the map is there: no failure, a line
+                    result.cc.pop(str(rec.source_id), None)
+                    print(f"warning: no comparison sheet for {rec.source_id}: its name is too long for the "
+                          "filesystem", file=sys.stderr)
             result.written = len(records) - len(result.failures)  # each image failed once, or has its map
-    if fmt == "png":
-        doc = {"model": predictor.name, "source": str(folder.resolve()), "maps": result.written,
-               "failures": result.failures}
-        if compare is not None:
-            doc.update(compare_teacher=compare.name, compare_sheets=str(result.compare_dir),
-                       cc_with_teacher=dict(sorted(result.cc.items())))
-        write_json(out / "predictions.json", doc)
+        if fmt == "png":  # the completion mark, while the folder is still held
+            doc = {"model": predictor.name, "source": str(folder.resolve()), "maps": result.written,
+                   "failures": result.failures}
+            if compare is not None:
+                doc.update(compare_teacher=compare.name, compare_sheets=str(result.compare_dir),
+                           cc_with_teacher=dict(sorted(result.cc.items())))
+            write_json(out / "predictions.json", doc)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _too_long(written) -> bool:
+    """Whether a write's future failed for a file name the filesystem cannot take; any other write error (a full
+    disk, a read-only folder) is the run's one error and is raised."""
+    try:
+        written.result()
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        return True
+    return False
 
 
 @contextlib.contextmanager
