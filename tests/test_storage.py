@@ -517,3 +517,13 @@ steps:
         load_manifest(manifest, group=cli)
     assert str(e.value) == (f"{manifest}:6: step 'labels': input s3://labels/inputs/init/weights.pt: s3:// paths "
                             "need the s3fs package: pip install 'saliency-pipeline[s3]' (or pip install s3fs)")
+
+
+def test_a_file_url_upload_of_a_name_near_the_limit_fits(tmp_path):
+    """Its temp name was the name plus 14 bytes: a map name of 249 bytes could not be written there."""
+    from pipeline.common.storage import as_path
+
+    (tmp_path / "src").write_bytes(b"map")
+    name = "z" * 245 + ".png"
+    as_path(f"file://{tmp_path}/out/{name}").upload(tmp_path / "src")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [name]

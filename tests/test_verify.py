@@ -135,6 +135,10 @@ def test_the_out_root_named_as_a_label_folder_points_to_the_label_folders_below(
     with pytest.raises(DataError, match=f"^{root} is not a label folder; label folders below it: "
                                         f"{root / 'classic' / 'val2017'} \\(give one of those"):
         open_label_set(root)
+    (root / "labels.json").write_text("{bad")  # an unreadable index there is said so (it was a ValueError)
+    result = verify(root)
+    assert result.exit_code == 1 and "labels.json  unreadable: " in result.output, result.output
+    assert "label folders below it" in result.output
 
 
 def test_a_folder_that_is_not_there_is_one_error_line(tmp_path):

@@ -201,10 +201,11 @@ class RemotePath:
         if self.protocol in LOCAL_PROTOCOLS:  # a local file (file:///…): copied beside it, synced, renamed
             import shutil
 
+            from pipeline.common.atomic import temp_name  # (atomic imports this module)
+
             final = Path(self.key)
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.tmp-")
-            os.close(fd)
+            tmp = temp_name(final)  # unique to this writer, its name cut to fit as every temp file's
             try:
                 shutil.copyfile(local, tmp)
                 with open(tmp, "rb+") as f:

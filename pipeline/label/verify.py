@@ -197,8 +197,9 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
     report.shards = len(markers)
     if not names:
         below = folders_below(folder)
-        if below and index is None:  # an --out root: not an unfinished label folder
-            report.problems.remove(("labels.json", "missing: labelling is not finished (re-run pipeline label)"))
+        missing = ("labels.json", "missing: labelling is not finished (re-run pipeline label)")
+        if below and missing in report.problems:  # an --out root: not an unfinished label folder
+            report.problems.remove(missing)
         report.problems.append(("-", "no shards in this folder" + below))
     if index:
         listed = {}

@@ -55,7 +55,7 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: 
                 break
     elif path.is_dir():
         try:
-            records = folder_records(path)
+            records = folder_records(path, keys=False)  # read by path: x.jpg beside x.png is fine
         except SourceError as e:
             raise PredictorError(f"{option} {path}: {e}") from None
         for record in records:
