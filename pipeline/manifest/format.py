@@ -485,7 +485,7 @@ class _Loader:
         self.path, self.group, self.digest = path, group, digest
         self.display = str(path)
         self.errors: list[str] = []
-        self.digests: dict[str, str | None] = {}  # an input shared by several steps is read once
+        self.digests: dict[object, str | None] = {}  # an input shared by several steps is read once
 
     def error(self, where: str, message: str) -> None:
         self.errors.append(f"{where}: {message}")
@@ -823,7 +823,10 @@ class _Loader:
                     if any(r.startswith("steps.") for r in references((body.get("with") or {}).get(key)))}
             for pname, (p, read) in spec.reads(ctx.params).items():
                 if pname not in made and p not in digests:
-                    digests[p] = read()
+                    key = (command_name, pname, p, str(ctx.params.get("out")))  # read once per manifest
+                    if key not in self.digests:
+                        self.digests[key] = read()
+                    digests[p] = self.digests[key]
         res = Resources(**{**Resources().__dict__, **d["resources"]})
         code = code_version()
         return Step(name=name, command=command_name, args=tuple(args), settings=settings, needs=tuple(needs),

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping
 from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
-from pipeline.label.sources import SourceError, folder_records
+from pipeline.label.sources import IMAGE_SUFFIXES
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
 from pipeline.train.checkpoints import (LATEST, CheckpointError, latest, latest_record, load_checkpoint,
                                         load_resumable)
@@ -76,8 +76,9 @@ def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
 
 
 def _label_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[[], str | None]]]:
-    """A folder source's images, as `pipeline label` lists them (names, sizes, mtimes): an image added, removed or
-    replaced makes the step stale (for a COCO source, declare its annotation file in ``inputs``)."""
+    """A folder source's images: every file with an image suffix below it (as `pipeline label` lists them, its
+    own label folders left out), by name, size and mtime: an image added, removed or replaced makes the step
+    stale. (For a COCO source, declare its annotation file in ``inputs``.)"""
     if params["source"] != "folder" or params.get("images") is None:
         return {}
     images = Path(params["images"])
@@ -87,18 +88,20 @@ def _label_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[
 
         if not images.is_dir():
             return None
-        out = [] if "://" in str(params["out"]) else [Path(str(params["out"])) / t for t in available()]
+        skip = set() if "://" in str(params["out"]) else {
+            os.path.realpath(Path(str(params["out"])) / t) for t in available()}
         h = hashlib.sha256()
-        try:
-            records = folder_records(images, exclude=out, keys=False)
-        except SourceError:
-            return "images:none"  # an empty folder: the step says so when it runs
-        for r in records:
-            try:
-                st = os.stat(r.path)
-                h.update(f"{r.source_id}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-            except OSError:  # a broken link: a per-image failure when labelled
-                h.update(f"{r.source_id}\0-\0".encode())
+        for root, dirs, files in os.walk(images):  # an os.walk and a stat per image: 1e5 images in about a second
+            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
+            for name in sorted(files):
+                if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                    continue
+                path = os.path.join(root, name)
+                try:
+                    st = os.stat(path)
+                    h.update(f"{os.path.relpath(path, images)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+                except OSError:  # a broken link: a per-image failure when labelled
+                    h.update(f"{os.path.relpath(path, images)}\0-\0".encode())
         return "images:" + h.hexdigest()
 
     return {"images": (str(images), listing)}
