@@ -194,7 +194,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.option("--images", type=LocalPath(file_okay=False, path_type=str), default=None,
               help="Real images to measure on (a label folder's stored images, or a folder of images; the first "
                    "--max-images in sorted order): GFLOPs and the model's statistics are their mean, the timed "
-                   "batches are made of them. SACT's computation depends on the image.  [default: one image of "
+                   "passes take batches of them in turn. SACT's computation depends on the image.  [default: one image of "
                    "random noise]")
 @click.option("--max-images", type=click.IntRange(min=1), default=100, show_default=True,
               help="How many of --images' images.")

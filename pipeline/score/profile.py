@@ -76,13 +76,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(run, x: torch.Tensor, dev: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of ``run(x)`` after ``warmup`` passes."""
+def _time(run, xs: list[torch.Tensor], dev: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of ``run(x)`` after ``warmup`` passes, ``x`` taking each of ``xs`` in turn."""
     times = []
     for i in range(warmup + iters):
         _sync(dev)
         t = time.perf_counter()
-        run(x)
+        run(xs[i % len(xs)])
         _sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t)
@@ -103,13 +103,14 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
     counted = predictor.reference if predictor.reference is not None else model  # FLOPs of the PyTorch model
     count = (lambda x: counted(counted.normalize(x))) if isinstance(counted, Student) else counted
     count_device = dev if counted is model else next(counted.parameters()).device
-    if images:
+    if images:  # batches of them in turn, every image in one at least
         singles = [torch.from_numpy(a) for a in images]
-        x = torch.cat([singles[i % len(singles)] for i in range(batch_size)]).to(dev)
+        xs = [torch.cat([singles[(k * batch_size + i) % len(singles)] for i in range(batch_size)]).to(dev)
+              for k in range(-(-len(singles) // batch_size))]
     else:
         gen = torch.Generator().manual_seed(0)
         singles = [torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=gen)]
-        x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=gen).to(dev)
+        xs = [torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=gen).to(dev)]
     modes = model.execution_modes if predictor.student else ("default",)
     warmup = max(warmup, getattr(model, "warmup_passes", 0))  # a compiled model's first passes compile
     results = []
@@ -126,7 +127,7 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
                         for k, v in (model.last_stats() if predictor.student else {}).items():
                             sums[k] = sums.get(k, 0.0) + v
                 stats = {k: v / len(singles) for k, v in sums.items()}
-                median = _time(run, x, dev, warmup, iters)
+                median = _time(run, xs, dev, warmup, iters)
             results.append(ModeResult(mode, counter.get_total_flops() / len(singles) / 1e9, median * 1e3,
                                       batch_size / median, stats))
     finally:
