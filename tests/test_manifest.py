@@ -885,7 +885,7 @@ def maker(tmp_path, monkeypatch):
         m = load_manifest(path, group=group)
         return {row[0]: row[1] for row in status_rows(m, load_state(m.workdir))}
 
-    run.plan, run.status, run.path = planned, status, path
+    run.plan, run.status = planned, status
     return run
 
 
@@ -1178,7 +1178,7 @@ def test_a_step_refused_for_what_its_output_holds_says_how_to_start_it_over_in_a
     monkeypatch.setenv("MAKE_REFUSE", "a")
     code, out, started = maker(MAKE_AB % "one")
     assert code == 1 and started == ["a"]
-    assert f"note: in a manifest, `pipeline run {maker.path} --force a` starts step a over (--fresh=yes)" in out
+    assert "note: in a manifest, `--force a` added to this `pipeline run` starts step a over (--fresh=yes)" in out
     code, out, started = maker(MAKE_AB % "one", force=["a"])
     assert code == 0 and started == ["a", "b"] and "note:" not in out
 

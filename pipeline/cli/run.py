@@ -70,8 +70,9 @@ def run_cmd(manifest, dry_run, force, only, until, jobs, keep_going, sets, workd
     _check_steps(m, "--only", only)
     _check_steps(m, "--until", until)
     if only or until:
-        selected = set(only) | set(until) | m.upstream(until)
-        left_out = [name for name in force if name not in selected]
+        from pipeline.manifest.plan import selection
+
+        left_out = [name for name in force if name not in selection(m, only, until)]
         if left_out:
             one = len(left_out) == 1
             raise click.BadParameter(f"{', '.join(left_out)} {'is' if one else 'are'} not among the steps --only/--until "

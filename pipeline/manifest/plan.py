@@ -142,6 +142,15 @@ def own_reason(manifest: Manifest, name: str, state: Mapping | None, outputs_ok:
     return ""
 
 
+def selection(manifest: Manifest, only: Iterable[str] = (), until: Iterable[str] = ()) -> set[str]:
+    """The steps ``--only`` and ``--until`` select (every step when neither is given): those named by ``only``,
+    and those named by ``until`` with their upstream."""
+    only, until = list(only), list(until)
+    if not (only or until):
+        return set(manifest.steps)
+    return set(only) | set(until) | manifest.upstream(until)
+
+
 def plan(manifest: Manifest, state: Mapping, outputs_ok: Mapping[str, str], *, force: Iterable[str] = (),
          only: Iterable[str] = (), until: Iterable[str] = ()) -> list[Planned]:
     """What to do with each step, in dependency order: ``Planned(step, "run" | "skip", reason)``.
@@ -154,9 +163,7 @@ def plan(manifest: Manifest, state: Mapping, outputs_ok: Mapping[str, str], *, f
     those steps and their upstream (both together: the union).
     """
     force, only, until = list(force), list(only), list(until)
-    selected = set(manifest.steps)
-    if only or until:
-        selected = set(only) | set(until) | manifest.upstream(until)
+    selected = selection(manifest, only, until)
     forced_by: dict[str, str] = {}
     for name in manifest.steps:  # dependency order: a step's upstream is decided before it
         if name in force:

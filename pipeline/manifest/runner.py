@@ -546,8 +546,8 @@ class Runner:
         self.say(announce + why, err=True)
         spec = COMMANDS.get(self.manifest.steps[name].command)
         if spec is not None and any(flag.split("=")[0] in why for flag in spec.fresh):  # the command's advice
-            self.say(f"note: in a manifest, `pipeline run {self.manifest.path} --force {name}` starts step {name} "
-                     f"over ({' '.join(spec.fresh)})", err=True)
+            self.say(f"note: in a manifest, `--force {name}` added to this `pipeline run` starts step {name} over "
+                     f"({' '.join(spec.fresh)})", err=True)
         self.stopping = self.stopping or not self.keep_going
 
     def _summary(self, planned: list[Planned]) -> list[list[str]]:

@@ -44,9 +44,10 @@ Which pysaliency definition each function follows (github.com/matthias-k/pysalie
     pixel fixated twice counting once (the Matlab code reads a binary fixation map); each of 100 splits draws
     as many negatives uniformly from all pixels, with replacement; thresholds run from the largest value in
     play down to 0 in steps of 0.1; (0, 0) and (1, 1) close each curve; the score is the mean trapezoid area.
-    It is evaluated on ``exp(log_density)`` (the thresholds are values, not ranks).  *Difference*: the draws
+    It is evaluated on ``exp(log_density)`` (the thresholds are values, not ranks).  *Differences*: the draws
     come from numpy's seeded generator, not Matlab's ``randi``, so a score matches the Matlab one to within
-    its sampling noise, and the same inputs always give the same number.
+    its sampling noise, and the same inputs always give the same number; a constant map scores 0.5 (chance,
+    as AUC-Judd's does), where ``mat2gray`` makes the Matlab code's NaN.
 
 ``nss``
     ``pysaliency.metrics.NSS``: standardise the map with its mean and *population* std (ddof=0),
