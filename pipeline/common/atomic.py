@@ -5,29 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import IO, Iterator
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-#: the longest file name most filesystems take (bytes)
-NAME_MAX = 255
-
-
-def temp_name(final: Path) -> Path:
-    """A hidden name beside ``final``, unique to this writer (readers never glob it); ``final``'s name is cut
-    short in it where the whole would be longer than a file name may be."""
-    tail = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    name = final.name.encode()[:NAME_MAX - 1 - len(tail)].decode(errors="ignore")
-    return final.with_name(f".{name}{tail}")
+from pipeline.common.files import fsync_dir, temp_name
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Iterable, Iterator, Mapping
 
+from pipeline.common.files import fsync_dir, temp_name
+
 #: the package each protocol needs, and the extra of this project that installs it
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 
@@ -201,8 +203,6 @@ class RemotePath:
         if self.protocol in LOCAL_PROTOCOLS:  # a local file (file:///…): copied beside it, synced, renamed
             import shutil
 
-            from pipeline.common.atomic import temp_name  # (atomic imports this module)
-
             final = Path(self.key)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = temp_name(final)  # unique to this writer, its name cut to fit as every temp file's
@@ -213,11 +213,7 @@ class RemotePath:
                 os.replace(tmp, final)
             finally:
                 Path(tmp).unlink(missing_ok=True)
-            folder = os.open(final.parent, os.O_RDONLY)  # the rename itself (atomic.fsync_dir: atomic imports us)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            fsync_dir(final.parent)  # the rename itself
         else:
             self.fs.put_file(str(local), self.key)
         self._invalidate()

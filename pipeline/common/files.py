@@ -1,0 +1,27 @@
+"""Below :mod:`pipeline.common.atomic` and :mod:`pipeline.common.storage`, which both write files by renaming a
+temp file: the temp file's name, and the fsync of a folder that makes a rename last."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+#: the longest file name most filesystems take (bytes)
+NAME_MAX = 255
+
+
+def temp_name(final: Path) -> Path:
+    """A hidden name beside ``final``, unique to this writer (readers never glob it); ``final``'s name is cut
+    short in it where the whole would be longer than a file name may be."""
+    tail = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = final.name.encode()[:NAME_MAX - 1 - len(tail)].decode(errors="ignore")
+    return final.with_name(f".{name}{tail}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
