@@ -25,7 +25,7 @@ from pipeline.cli.main import cli
 from pipeline.label.driver import label
 from pipeline.label.shards import verify_dataset
 from pipeline.label.worker import LabelConfig
-from pipeline.label.sources import coco_records
+from pipeline.label.sources import coco_records, folder_records
 from tests.conftest import PHOTOS, make_coco, photo, write_jpeg
 
 CONFIG = LabelConfig(teacher="classic", batch_size=3, io_threads=2)
@@ -425,6 +425,31 @@ def test_retry_failed_writes_the_shard_a_run_without_the_failure_writes(tmp_path
     assert json.loads((out / "shard-000000.json").read_text())["failures"] == []
 
 
+def test_an_image_replaced_under_its_name_is_a_changed_source(tmp_path):
+    """Its shard's marker records each image's size: a photo edited in place made resume keep its old labels
+    ("already done"); now it is the changed-source refusal, and --overwrite-changed relabels that shard alone."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("coffee", "chelsea", "rocket", "astronaut", "camera"):
+        write_jpeg(folder / f"{name}.jpg", photo(name, 96))
+    out = tmp_path / "out"
+    records = folder_records(folder)
+    label(records, out, CONFIG, shard_size=2, executor="local", progress=False)
+    marker = json.loads((out / "shard-000001.json").read_text())
+    assert marker["sizes"] == {k: (folder / f"{k}.jpg").stat().st_size for k in marker["keys"]}
+    kept = {n: (out / n).read_bytes() for n in ("shard-000000.tar", "shard-000002.tar")}
+
+    write_jpeg(folder / "coffee.jpg", 255 - photo("coffee", 96))  # shard-000001: chelsea, coffee
+    with pytest.raises(Exception, match=r"shard-000001\.tar was labelled from another version of coffee\.jpg "
+                                        r"\(\d+ bytes then, \d+ now\): .*--overwrite-changed"):
+        label(records, out, CONFIG, shard_size=2, executor="local", progress=False)
+    redo = label(records, out, CONFIG, shard_size=2, executor="local", progress=False, overwrite_changed=True)
+    assert (redo.shards_done, redo.shards_skipped, redo.shards_changed) == (1, 2, ["shard-000001"])
+    assert {n: (out / n).read_bytes() for n in kept} == kept
+    label(records, tmp_path / "fresh", CONFIG, shard_size=2, executor="local", progress=False)
+    assert digests(out) == digests(tmp_path / "fresh")
+
+
 def test_a_changed_source_names_the_shard_and_overwrite_changed_keeps_the_rest(tmp_path):
     root = broken_tree(tmp_path / "coco")
     out = tmp_path / "out"
@@ -529,7 +554,7 @@ def test_an_out_folder_inside_the_image_folder_is_not_read_as_images_and_odd_ent
     assert (photos / "classic" / "photos" / "preview.png").is_file()
     assert "images labelled                3" in first.output and "images failed                  3" in first.output
     assert "pipe (" in first.output and "not a regular file" in first.output and "gone (" in first.output
-    assert f"away ({tmp_path / 'elsewhere.jpg'}): missing: {tmp_path / 'elsewhere.jpg'} (a symlink to nothing" \
+    assert f"away ({tmp_path / 'elsewhere.jpg'}): file not found: {tmp_path / 'elsewhere.jpg'} (a symlink's target" \
         in first.output, first.output
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output

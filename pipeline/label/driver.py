@@ -150,10 +150,14 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
         marker, reason = verify_shard(folder, plan.name, expect)
         if marker is not None and not reason:
             have = planned_keys(marker)
-            if len(have) != len(plan.keys) or set(have) != set(plan.keys):
+            other = len(have) != len(plan.keys) or set(have) != set(plan.keys)
+            replaced = "" if other else _replaced(plan, marker)
+            if other or replaced:
                 if not overwrite_changed:
-                    raise SourceChanged(f"{folder / plan.name}.tar holds other images than this run plans for it "
-                                        f"({_first_difference(plan.keys, have)}): {CHANGED_HINT}")
+                    raise SourceChanged(f"{folder / plan.name}.tar " + (
+                        f"was labelled from {replaced}" if replaced else
+                        f"holds other images than this run plans for it ({_first_difference(plan.keys, have)})")
+                        + f": {CHANGED_HINT}")
                 split.changed.append(plan.name)
                 split.todo.append(plan)
             elif retry_failed and marker.get("failures"):
@@ -174,6 +178,20 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
             split.surplus.append(path.stem)
     split.strays = [n for n in beyond_plan(plans, folder) if n not in split.surplus]
     return split
+
+
+def _replaced(plan: ShardPlan, marker: dict) -> str:
+    """"" when every image the marker records the size of still has it; else which one was replaced, and how."""
+    sizes = marker.get("sizes") or {}
+    for record in plan.records:
+        if record.key in sizes:
+            try:
+                now = os.stat(record.path).st_size
+            except OSError:
+                continue  # gone or unreadable: a per-image failure when labelled, not a change of source
+            if now != sizes[record.key]:
+                return f"another version of {record.source_id} ({sizes[record.key]} bytes then, {now} now)"
+    return ""
 
 
 def beyond_plan(plans: list[ShardPlan], folder: Path) -> list[str]:

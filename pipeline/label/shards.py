@@ -232,6 +232,9 @@ def marker_problem(marker) -> str:
             isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("key", "file", "reason"))
             for f in failures):
         return "its failures are not a list of {key, file, reason}"
+    sizes = marker.get("sizes", {})  # (markers before stop 14 have none)
+    if not isinstance(sizes, dict) or not all(isinstance(k, str) and _is_count(v) for k, v in sizes.items()):
+        return "its sizes are not a map of sample key to bytes"
     return ""
 
 

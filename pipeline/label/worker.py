@@ -50,6 +50,7 @@ class _Item:
     original_size: tuple[int, int] | None = None
     error: str | None = None
     data: bytes | None = None  # a JPEG left for the device to decode
+    nbytes: int | None = None  # the size of the file read (recorded: a later run tells a replaced image by it)
     device_image: torch.Tensor | None = None  # decoded on the device: [3, H, W] at training size
     device_input: torch.Tensor | None = None  # … and at the teacher's size
 
@@ -148,12 +149,12 @@ class ShardLabeler:
         item = _Item(record)
         try:
             if not os.path.lexists(record.path):  # before the root check: a broken link's target may lie anywhere
-                raise images.ImageError(f"missing: {record.path} (a symlink to nothing, or removed since it was "
-                                        "listed)")
+                raise images.ImageError(f"file not found: {record.path} (a symlink's target, where it is one)")
             if record.root is not None and not _inside(record.path, record.root):
                 raise images.ImageError("outside the image folder (a symlink or path leading out of it; "
                                         "--allow-outside-root labels it anyway)")
             data = images.read_file(record.path, self.config.max_image_bytes)
+            item.nbytes = len(data)
             if self._device_decode and images.is_jpeg(data):
                 item.data = data
                 return item
@@ -311,6 +312,7 @@ class ShardLabeler:
         order = {r.key: i for i, r in enumerate(plan.records)}
         kept_left = deque(r.key for r in plan.records if r.key in kept)  # plan order
         fresh: set[str] = set()
+        sizes = {k: v for k, v in ((reuse or {}).get("sizes") or {}).items() if k in kept}  # bytes of each source
         stream = TarStream(folder, plan.name, depth=2 * self.config.batch_size // _CHUNK + 2, writer=ShardWriter)
         in_flight: deque = deque()  # (items, wait) of batches on the device
         depth = 1 if self.device.type == "cuda" else 0
@@ -346,6 +348,8 @@ class ShardLabeler:
                         stream.put(kept[kept_left.popleft()])
                 chunk.append((it, label))
                 fresh.add(it.record.key)
+                if it.nbytes is not None:
+                    sizes[it.record.key] = it.nbytes
                 if len(chunk) == _CHUNK:
                     put_chunk()
             put_chunk()
@@ -403,6 +407,7 @@ class ShardLabeler:
             "keys": keys,
             "failures": failures,
             "planned_keys": plan.keys,
+            "sizes": {k: sizes[k] for k in keys if k in sizes},
             **self.identity(),
             "config": {k: v for k, v in asdict(self.config).items() if k not in ("teacher", "weights")},
             "device": str(self.device),
