@@ -621,3 +621,19 @@ def test_a_checkpoint_the_filesystem_refuses_is_one_sentence_and_the_last_one_st
         signal.signal(signal.SIGXFSZ, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000.pt", "latest.json"]  # no temp file left
     assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "epoch-0000.pt"
+
+
+def test_ray_train_workers_get_weights_files_as_absolute_paths(tmp_path, monkeypatch):
+    """They run in another working directory: a relative --teacher-weights or --backbone-weights file was 'not
+    found' after Ray had started (names and URLs stay as they are)."""
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.ray_train import _absolute
+
+    monkeypatch.chdir(tmp_path)
+    Path("salgan.pt").write_bytes(b"weights")
+    Path("mnv2.pth").write_bytes(b"weights")
+    seen = _absolute(TrainConfig(labels=("l",), run="r", teacher_weights="salgan.pt", backbone_weights="mnv2.pth"))
+    assert (seen.teacher_weights, seen.backbone_weights) == (str(tmp_path / "salgan.pt"), str(tmp_path / "mnv2.pth"))
+    for names in (("random", "imagenet"), (None, "none"), ("https://example.org/w.pt", "imagenet")):
+        seen = _absolute(TrainConfig(labels=("l",), run="r", teacher_weights=names[0], backbone_weights=names[1]))
+        assert (seen.teacher_weights, seen.backbone_weights) == names

@@ -46,8 +46,13 @@ def _absolute(config: TrainConfig) -> TrainConfig:
     def absolute(p):
         return str(Path(p).resolve()) if p and not is_url(p) else p
 
+    def weights(spec):  # a local file (not a name: imagenet, none, random, a known name; not a URL)
+        local = spec and "://" not in spec and spec not in ("imagenet", "none", "random") and Path(spec).exists()
+        return str(Path(spec).resolve()) if local else spec
+
     return replace(config, labels=tuple(absolute(p) for p in config.labels), run=absolute(config.run),
-                   val_labels=absolute(config.val_labels), init=absolute(config.init))
+                   val_labels=absolute(config.val_labels), init=absolute(config.init),
+                   teacher_weights=weights(config.teacher_weights), backbone_weights=weights(config.backbone_weights))
 
 
 def _finished_epochs(run) -> int:
