@@ -106,14 +106,20 @@ def teacher_predictor(name: str, weights: str | None = None, device: str = "auto
     return Predictor(name, teacher, teacher.output_kind, teacher.input_size, dev, autocast=amp)
 
 
-def student_predictor(checkpoint: str | Path, device: str = "auto", precision: str = "auto") -> Predictor:
+def student_predictor(checkpoint: str | Path, device: str = "auto", precision: str = "auto",
+                      trained: bool = True) -> Predictor:
     """A student from a ``pipeline train`` checkpoint: its map is softmax (density labels) or sigmoid;
-    its input size is the size of the images it was trained on."""
+    its input size is the size of the images it was trained on. ``trained``: its maps are to be used (eval,
+    predict), so a hint-stage checkpoint, whose head never learnt a map, is refused."""
     dev, amp = _device(device, precision)
     try:
         model, ckpt, path = student_from_checkpoint(checkpoint)
     except CheckpointError as e:
         raise PredictorError(str(e)) from None
+    if trained and ckpt.get("stage") == "hint":
+        raise PredictorError(f"{path} is of the hint stage: it fitted {ckpt['student']}'s features to a teacher's, "
+                             "and its saliency head never learnt a map; fine-tune it first (pipeline train --init "
+                             f"{path.parent.parent} …) and score that run")
     kind = student_kind(ckpt["labels"]["kind"])
     input_size = tuple(ckpt["labels"].get("image_size", (192, 256)))
     return Predictor(f"{ckpt['student']}@{path}", model.to(dev).eval(), kind, input_size, dev, autocast=amp)
@@ -167,7 +173,7 @@ def _build_predictor(*, checkpoint, teacher, student, weights, student_output, d
     if checkpoint:
         if weights:
             raise PredictorError("--weights goes with --teacher or --student, not --checkpoint")
-        return student_predictor(checkpoint, device=device, precision=precision)
+        return student_predictor(checkpoint, device=device, precision=precision, trained=require_weights)
     if weights == "random" and require_weights:
         raise PredictorError("--weights random (architecture only: its maps mean nothing) is for `pipeline profile`; "
                              "give real weights to score or predict")
