@@ -447,7 +447,7 @@ def test_train_init_from_a_run_url_starts_from_its_weights(s3, s3_run, labelled,
                                      str(init), "--lr", "0"])
         assert r.exit_code == 0, r.output
         runs[name] = final_weights(lambda rel: (tmp_path / name / rel).read_bytes())
-    assert f"init from {url}/checkpoints/epoch-0000.pt:" in r.stderr
+    assert f"init from {url}/checkpoints/epoch-0000.pt (a fastsal_a checkpoint): all " in r.stderr
     start = final_weights(lambda rel: (local / rel).read_bytes())
     a, b = runs["here"], runs["there"]
     assert a.keys() == b.keys() == start.keys() and all(a[k].equal(b[k]) for k in a)

@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.main import cli
+from pipeline.train.checkpoints import init_from
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.loop import Trainer
 from tests.conftest import label_classic, second_epoch_started, sigkill_when
@@ -642,3 +643,39 @@ def test_ray_train_workers_get_weights_files_as_absolute_paths(tmp_path, monkeyp
     for names in (("random", "imagenet"), (None, "none"), ("https://example.org/w.pt", "imagenet")):
         seen = _absolute(TrainConfig(labels=("l",), run="r", teacher_weights=names[0], backbone_weights=names[1]))
         assert (seen.teacher_weights, seen.backbone_weights) == names
+
+
+def test_init_takes_what_fits_says_what_it_took_and_refuses_other_options(small_labels, tmp_path):
+    """Another student's checkpoint gives its encoder alone (FastSal C's last hint adapter has the shape of
+    FastSal A's, and was taken by chance); the same student with other options (a depth-101 SACT into a depth-50
+    one loaded 364 of 364 tensors by name) is refused; the FastSal authors' file starts a run as --weights
+    takes it (it was refused: 'its encoder does not fit')."""
+    from students import build_student
+    from students.fastsal import from_authors_keys
+
+    c = build_student("fastsal_c", backbone_weights="none")
+    ckpt = tmp_path / "c.pt"
+    torch.save({"model": c.state_dict(), "student": "fastsal_c", "student_options": {}}, ckpt)
+    a = build_student("fastsal_a", backbone_weights="none")
+    fresh = {k: v.clone() for k, v in a.state_dict().items()}
+    note = init_from(a, str(ckpt))
+    assert note.endswith("its encoder alone (the rest keep their initialisation)") and "(a fastsal_c checkpoint)" in note
+    assert torch.equal(a.state_dict()["adapt.3.0.weight"], fresh["adapt.3.0.weight"])  # not C's
+    assert all(torch.equal(a.state_dict()[k], c.state_dict()[k]) for k in a.state_dict() if k.startswith("encoder."))
+
+    sact = build_student("sact", backbone_weights="none", depth=50)
+    deep = tmp_path / "deep.pt"
+    torch.save({"model": sact.state_dict(), "student": "sact", "student_options": {"depth": 101, "tile": 1,
+                                                                                   "tau": 0.005}}, deep)
+    with pytest.raises(TrainError, match=r"is a sact checkpoint of other options \(depth 101 there, 50 here\)"):
+        init_from(sact, str(deep))
+
+    from tests.test_students import authors_state_dict
+
+    theirs = authors_state_dict("A")
+    authors = tmp_path / "coco_A.pth"
+    torch.save({"student_model": theirs, "optimizer": {}}, authors)
+    started = build_student("fastsal_a", backbone_weights="none")
+    assert init_from(started, str(authors)).endswith(f"(the FastSal authors' file): all {len(fresh)} tensors")
+    ours = from_authors_keys(theirs, "A")
+    assert all(torch.equal(v, ours[k]) for k, v in started.state_dict().items())

@@ -230,13 +230,30 @@ def init_from(model: Student, path: str) -> str:
         obj = read_weights(path)
     except (WeightsError, CheckpointError) as e:
         raise TrainError(f"--init: {e}") from None
-    sd = obj.get("model", obj)
+    student, options = obj.get("student"), obj.get("student_options")
+    what = f"a {student} checkpoint" if student else "a weights file"
+    if student == model.name and isinstance(options, dict) and options != model.options():
+        differ = ", ".join(f"{k} {options.get(k)!r} there, {v!r} here" for k, v in model.options().items()
+                           if options.get(k) != v)
+        raise TrainError(f"--init {path} is {what} of other options ({differ}): give this run the same")
+    if isinstance(obj.get("student_model"), dict) and hasattr(model, "variant"):  # the FastSal authors' file
+        from students.fastsal import from_authors_keys
+
+        sd, what = from_authors_keys(obj["student_model"], model.variant), "the FastSal authors' file"
+    else:
+        sd = obj.get("model", obj)
     own = model.state_dict()
-    take = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    # another student's checkpoint gives its backbone alone: a tensor of its decoder may match one of ours in
+    # name and shape by chance (FastSal C's last hint adapter is FastSal A's), which is no reason to take it
+    shared = (lambda k: True) if student in (None, model.name) else (lambda k: k.startswith(model.backbone_prefix))
+    take = {k: v for k, v in sd.items() if k in own and shared(k) and tuple(v.shape) == tuple(own[k].shape)}
+    part = model.backbone_prefix.rstrip(".") or "backbone"
     missing = [k for k in own if k.startswith(model.backbone_prefix) and k not in take]
     if missing:
-        raise TrainError(f"--init {path}: its {model.backbone_prefix.rstrip('.') or 'backbone'} does not fit "
-                         f"({len(missing)} tensors missing or of another shape, e.g. {missing[0]}); is it a "
-                         f"{model.name} checkpoint?")
+        raise TrainError(f"--init {path} ({what}): its {part} does not fit {model.name}'s "
+                         f"({len(missing)} tensors missing or of another shape, e.g. {missing[0]})")
     model.load_state_dict(take, strict=False)
-    return f"init from {path}: {len(take)} of {len(own)} tensors (the rest keep their initialisation)"
+    if len(take) == len(own):
+        return f"init from {path} ({what}): all {len(own)} tensors"
+    return (f"init from {path} ({what}): {len(take)} of {len(own)} tensors, its {part}"
+            + ("" if student in (None, model.name) else " alone") + " (the rest keep their initialisation)")
