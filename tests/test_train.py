@@ -679,3 +679,18 @@ def test_init_takes_what_fits_says_what_it_took_and_refuses_other_options(small_
     assert init_from(started, str(authors)).endswith(f"(the FastSal authors' file): all {len(fresh)} tensors")
     ours = from_authors_keys(theirs, "A")
     assert all(torch.equal(v, ours[k]) for k, v in started.state_dict().items())
+
+
+def test_val_shards_are_held_out_of_the_last_labels_folder_only(small_labels, tmp_path):
+    """With several --labels folders, more --val-shards than the last one has held out shards of the folders
+    before it (CLI.md: "the last shards of the last --labels folder")."""
+    other = tmp_path / "other"
+    shutil.copytree(small_labels, other)
+    last = len(json.loads((small_labels / "labels.json").read_text())["shards"])
+    config = TrainConfig(labels=(str(other), str(small_labels)), run=str(tmp_path / "r"), val_shards=last)
+    _, train, val, _ = Trainer.check(config)
+    assert all(t.startswith(str(small_labels)) for t in val) and len(val) == last
+    with pytest.raises(TrainError, match=f"--val-shards {last + 1}: the last --labels folder, {small_labels}, has "
+                                         f"{last} shards"):
+        Trainer.check(TrainConfig(labels=(str(other), str(small_labels)), run=str(tmp_path / "r"),
+                                  val_shards=last + 1))

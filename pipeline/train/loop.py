@@ -182,6 +182,10 @@ class Trainer:
             train, val_tars = list(labels.tars), list(val.tars)
             shards.update(val.shards())
         else:
+            last = len(open_label_set(c.labels[-1]).tars) if len(c.labels) > 1 else len(labels.tars)
+            if len(c.labels) > 1 and c.val_shards > last:  # (held out: the last folder's, as CLI.md says)
+                raise TrainError(f"--val-shards {c.val_shards}: the last --labels folder, {c.labels[-1]}, has {last} "
+                                 "shards; hold out at most those, or give --val-labels")
             train, val_tars = split_shards(labels.tars, c.val_shards)
         try:
             use_autocast(resolve_device(c.device), c.amp, option="--amp")
