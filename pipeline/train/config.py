@@ -56,6 +56,6 @@ class EpochResult:
     train_loss: float
     val: dict = field(default_factory=dict)
     lr: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # training (validation is not in it: images / seconds is the training rate)
     images: int = 0
     logs: dict = field(default_factory=dict)  # the student's logged statistics, means over the epoch

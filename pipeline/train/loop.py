@@ -477,6 +477,7 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             t0 = time.perf_counter()
             lr = trainer.optimizer.param_groups[0]["lr"]
             train_loss, n, stats = trainer.train_epoch(epoch, bar, losses)
+            seconds = time.perf_counter() - t0  # training alone: its images/s is the training rate
             if n == 0:  # every sample skipped as bad (or none there): nothing was learnt, nothing is saved
                 raise TrainError(f"epoch {epoch + 1} read no usable sample from {', '.join(config.labels)} (each one "
                                  "skipped was logged above); check the folder with `pipeline verify --deep`")
@@ -484,7 +485,7 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             if lead:
                 os.fsync(losses.fileno())
                 val = trainer.validate()
-                result = EpochResult(epoch, train_loss, val, lr, time.perf_counter() - t0, n, stats)
+                result = EpochResult(epoch, train_loss, val, lr, seconds, n, stats)
                 append_metrics(run, result, trainer.world)
                 board.epoch(trainer, result)
                 trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
