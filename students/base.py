@@ -104,6 +104,8 @@ class Student(nn.Module):
     stride: ClassVar[int] = 1
     #: channels of the hint features, finest first; empty: the student has no hint stage
     hint_channels: ClassVar[tuple[int, ...]] = ()
+    #: the stride of each of :attr:`hint_channels`' levels (a teacher's hint features must match both)
+    hint_strides: ClassVar[tuple[int, ...]] = ()
     #: state-dict prefix that must be fully present when a stage starts from another checkpoint
     backbone_prefix: ClassVar[str] = ""
     #: names of the extra maps :meth:`maps` returns besides ``saliency``

@@ -158,6 +158,7 @@ class FastSalC(FastSal):
     variant = "C"
     widths = (128, 256, 512, 512)
     hint_channels = widths  # SalGAN's decoder widths: the hint stage's targets
+    hint_strides = (2, 4, 8, 16)
 
     def __init__(self) -> None:
         super().__init__()

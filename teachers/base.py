@@ -41,6 +41,8 @@ class Teacher(nn.Module):
     #: of the code changes them (preprocessing, resizing, the centre bias…), so that finished shards of the
     #: old maps are not mixed with new ones (recorded in every shard marker)
     label_version: int = 1
+    #: what :meth:`hint_features` gives, finest first: (channels, stride) per level (``()``: no hint features)
+    hint_layout: tuple[tuple[int, int], ...] = ()
 
     def __init__(self) -> None:
         super().__init__()

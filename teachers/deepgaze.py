@@ -231,6 +231,7 @@ class DeepGazeIIE(_DeepGazeTeacher):
     """
 
     name = "deepgaze2e"
+    hint_layout = ((256, 8), (512, 16), (1024, 32), (2048, 64))
 
     def __init__(self, centerbias: CenterBias | None = None, components: int = COMPONENTS):
         super().__init__(centerbias)
@@ -266,6 +267,7 @@ class DeepGazeII(_DeepGazeTeacher):
     """
 
     name = "deepgaze2"
+    hint_layout = ((128, 4), (256, 8), (512, 16), (512, 32))
 
     @classmethod
     def check_weights(cls, name: str, weights: str | None) -> None:

@@ -82,6 +82,7 @@ class SalGAN(Teacher):
     name = "salgan"
     output_kind = "probability_map"
     input_size = (192, 256)
+    hint_layout = ((128, 2), (256, 4), (512, 8), (512, 16))
 
     def __init__(self) -> None:
         super().__init__()

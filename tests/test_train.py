@@ -236,8 +236,11 @@ def test_hint_stage_regresses_the_teachers_features_and_starts_fastsal_a(small_l
     (["--student", "fastsal_c", "--stage", "hint"], "the hint stage needs --teacher"),
     (["--val-shards", "3"], "--val-shards 3 leaves no training shard (there are 3)"),
     (["--student", "fastsal_c", "--stage", "hint", "--teacher", "classic"],
-     "teacher 'classic' has no intermediate features for the hint stage; use "),
+     "teacher 'classic' has no intermediate features for the hint stage; use salgan"),
     (["--teacher", "salgan"], "--teacher is for the hint stage (--stage hint)"),
+    (["--student", "fastsal_c", "--stage", "hint", "--teacher", "deepgaze2", "--teacher-weights", "random"],
+     "teacher 'deepgaze2''s hint features (128@/4, 256@/8, 512@/16, 512@/32) are not fastsal_c's (128@/2, 256@/4, "
+     "512@/8, 512@/16: channels@/stride); use salgan"),  # refused before the teacher is built (or downloaded)
 ])
 def test_bad_settings_are_one_clear_error(labels, tmp_path, args, message):
     r = invoke("train", "--labels", labels, "--run", tmp_path / "run", *args, *FAST)
@@ -694,3 +697,16 @@ def test_val_shards_are_held_out_of_the_last_labels_folder_only(small_labels, tm
                                          f"{last} shards"):
         Trainer.check(TrainConfig(labels=(str(other), str(small_labels)), run=str(tmp_path / "r"),
                                   val_shards=last + 1))
+
+
+@pytest.mark.parametrize("name", ["salgan", "deepgaze2"])
+def test_a_teachers_declared_hint_layout_is_what_its_hint_features_give(name):
+    """What the hint stage's up-front check compares with a student's (DeepGaze IIE, four backbones, is too big
+    to build here; its layout is of the same ResNet stages as its hint_features read)."""
+    from teachers import build_teacher
+
+    teacher = build_teacher(name, weights="random").eval()
+    with torch.no_grad():
+        feats = teacher.hint_features(torch.zeros(1, 3, 128, 192, dtype=torch.uint8))
+    assert tuple((f.shape[1], 128 // f.shape[2]) for f in feats) == teacher.hint_layout
+    assert all(128 // f.shape[2] == 192 // f.shape[3] for f in feats)

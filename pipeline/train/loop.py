@@ -50,7 +50,6 @@ from students import Student, build_student, check_options, student_info, studen
 from students import available as available_students
 from students.base import EPS
 from students.losses import density_teacher_loss, hint_loss, map_teacher_loss
-from teachers import Teacher
 from teachers.registry import available as available_teachers, teacher_class
 
 #: training losses are read back from the device (and logged) every this many steps
@@ -161,9 +160,14 @@ class Trainer:
                              f"{' or '.join(hinted)} and start from its checkpoint with --init")
         if c.stage == "hint" and not c.teacher:
             raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
-        if c.stage == "hint" and not teacher_has_hints(c.teacher):
-            raise TrainError(f"teacher {c.teacher!r} has no intermediate features for the hint stage; use "
-                             f"{' or '.join(n for n in available_teachers() if teacher_has_hints(n))}")
+        if c.stage == "hint" and not hints_fit(c.teacher, info):
+            fitting = " or ".join(n for n in available_teachers() if hints_fit(n, info))
+            layout = ", ".join(f"{ch}@/{s}" for ch, s in zip(info.cls.hint_channels, info.cls.hint_strides))
+            theirs = teacher_class(c.teacher).hint_layout
+            raise TrainError(f"teacher {c.teacher!r} has no intermediate features for the hint stage; use {fitting}"
+                             if not theirs else
+                             f"teacher {c.teacher!r}'s hint features ({', '.join(f'{ch}@/{s}' for ch, s in theirs)}) "
+                             f"are not {c.student}'s ({layout}: channels@/stride); use {fitting}")
         if c.stage != "hint" and c.teacher:
             raise TrainError("--teacher is for the hint stage (--stage hint); the finetune stage learns from the "
                              "labels' teacher")
@@ -380,12 +384,14 @@ def as_places(settings: dict) -> dict:
     return {k: place(v) if k in ("labels", "val_labels") else v for k, v in settings.items()}
 
 
-def teacher_has_hints(name: str) -> bool:
-    """Whether teacher ``name`` gives hint targets (an unknown name is left to the builder's own error)."""
+def hints_fit(name: str, student) -> bool:
+    """Whether teacher ``name``'s hint features are, level by level, the channels and strides of ``student``'s (a
+    :class:`~students.registry.StudentInfo`); an unknown name is left to the builder's own error."""
     try:
-        return teacher_class(name).hint_features is not Teacher.hint_features
+        cls = teacher_class(name)
     except KeyError:
         return True
+    return cls.hint_layout == tuple(zip(student.cls.hint_channels, student.cls.hint_strides))
 
 
 def run_lock(run: str | Path) -> FolderLock:
