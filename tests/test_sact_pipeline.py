@@ -120,3 +120,17 @@ def test_profile_measures_sacts_computation_as_the_mean_over_real_images(labels,
     assert "note: sact's computation depends on the image; --images DIR measures it on real ones" in r.stderr
     r = invoke("profile", "--student", "sact", "--images", tmp_path)  # no image there
     assert r.exit_code == 1 and r.output.splitlines()[-1].startswith(f"Error: --images {tmp_path}: no images")
+
+
+def test_resume_compares_the_options_the_student_was_built_with_not_those_given(labels, tmp_path):
+    """--depth 50 given on the second run is the default the first run built: it resumes (it was 'other settings
+    (student_options)'); --tau 0.02 is refused, saying both values."""
+    run = tmp_path / "run"
+    base = ["train", "--labels", labels, "--run", run, *ARGS, "--steps-per-epoch", 1]
+    first = invoke(*base, "--epochs", 1)
+    assert first.exit_code == 0, first.output
+    again = invoke(*base, "--epochs", 2, "--depth", 50)
+    assert again.exit_code == 0 and "resuming" in again.stderr, again.output
+    other = invoke(*base, "--epochs", 3, "--tau", 0.02)
+    assert other.exit_code == 1 and ('other settings (student_options {"depth": 50, "tile": 1, "tau": 0.01} there, '
+                                     '{"depth": 50, "tile": 1, "tau": 0.02} now)') in other.output, other.output

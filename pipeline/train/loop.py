@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import json
 import os
 import random
 import sys
@@ -214,10 +215,19 @@ class Trainer:
         if not isinstance(ckpt["config"], dict):
             raise TrainError(self.shown(f"{path} records no settings to resume with; use another --run or --restart"))
         theirs, ours = as_places(ckpt["config"]), as_places(mine)
+        # the options the student was built with, defaults included (a --depth 50 given is the default's 50)
+        theirs["student_options"] = ckpt.get("student_options", theirs.get("student_options"))
+        ours["student_options"] = self.model.options()
         if theirs != ours:
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise TrainError(self.shown(f"{path} was trained with other settings ({', '.join(diff)}); "
-                                        "use another --run or --restart"))
+
+            def shown(v) -> str:
+                text = json.dumps(v)
+                return text if len(text) <= 60 else text[:57] + "..."
+
+            said = "; ".join(f"{k} {shown(theirs.get(k))} there, {shown(ours.get(k))} now" for k in diff)
+            raise TrainError(self.shown(f"{path} was trained with other settings ({said}); use another --run or "
+                                        "--restart"))
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -381,7 +391,11 @@ def as_places(settings: dict) -> dict:
             return [place(v) for v in value]
         return str(Path(value).resolve()) if isinstance(value, str) and not is_url(value) else value
 
-    return {k: place(v) if k in ("labels", "val_labels") else v for k, v in settings.items()}
+    def weights(value):  # a local weights file as a place; a name (random, a known name) or URL as it is
+        return place(value) if isinstance(value, str) and Path(value).is_file() else value
+
+    return {k: place(v) if k in ("labels", "val_labels") else weights(v) if k == "teacher_weights" else v
+            for k, v in settings.items()}
 
 
 def hints_fit(name: str, student) -> bool:
