@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def read_metrics(run: Path, from_epoch: int = 0) -> list[EpochResult]:
 
 
 def plot_curves(run: Path) -> Path:
-    """``curves.png``: training loss per step and validation metrics per epoch."""
+    """``curves.png``: training loss per step, and per epoch the validation loss and the validation metrics the
+    stage has (the hint stage: its loss alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,13 +66,25 @@ def plot_curves(run: Path) -> Path:
         losses = list(csv.DictReader(f))
     with open(run / "metrics.csv", newline="") as f:
         metrics = list(csv.DictReader(f))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    from matplotlib.ticker import MaxNLocator
+
+    def values(key: str) -> list[float]:
+        return [float(r.get(key) or "nan") for r in metrics]
+
+    # the validation loss, then the metrics the stage has (the hint stage, which trains no head, has none)
+    panels = [(k, t) for k, t in (("val_loss", "validation loss"), ("val_cc", "validation CC vs teacher"),
+                                  ("val_kl", "validation KL vs teacher"), ("val_nss", "validation NSS vs teacher"))
+              if any(math.isfinite(v) for v in values(k))]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.5), squeeze=False)
+    axes = axes[0]
     axes[0].plot([int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses], lw=0.8)
     axes[0].set(title="training loss", xlabel="step")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [int(r["epoch"]) + 1 for r in metrics]
-    for ax, key in zip(axes[1:], ["val_cc", "val_kl", "val_nss"]):
-        ax.plot(epochs, [float(r[key]) for r in metrics], marker="o")
-        ax.set(title=f"validation {key[4:].upper()} vs teacher", xlabel="epoch")
+    for ax, (key, title) in zip(axes[1:], panels):
+        ax.plot(epochs, values(key), marker="o")
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
