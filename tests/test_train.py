@@ -711,3 +711,20 @@ def test_a_teachers_declared_hint_layout_is_what_its_hint_features_give(name):
         feats = teacher.hint_features(torch.zeros(1, 3, 128, 192, dtype=torch.uint8))
     assert tuple((f.shape[1], 128 // f.shape[2]) for f in feats) == teacher.hint_layout
     assert all(128 // f.shape[2] == 192 // f.shape[3] for f in feats)
+
+
+def test_a_run_that_resumes_reads_its_checkpoint_not_the_start_it_was_given(small_labels, tmp_path):
+    """Its --init run may be gone, and --backbone-weights may be the default imagenet (a download, offline here):
+    the checkpoint replaces both, so neither is read (resuming needed them: 'does not exist', or the download)."""
+    start, run = tmp_path / "start", tmp_path / "run"
+    one = ["--labels", small_labels, "--steps-per-epoch", 1, *FAST]
+    assert invoke("train", *one, "--run", start, "--epochs", 1).exit_code == 0
+    assert invoke("train", *one, "--run", run, "--init", start, "--epochs", 1).exit_code == 0
+    shutil.rmtree(start)
+    r = invoke("train", *one, "--run", run, "--init", start, "--epochs", 2)
+    assert r.exit_code == 0 and "resuming" in r.stderr, r.output
+    imagenet = [a for a in one if a not in ("--backbone-weights", "none")]
+    r = invoke("train", *imagenet, "--run", run, "--epochs", 3)
+    assert r.exit_code == 0 and "resuming" in r.stderr, r.output
+    r = invoke("train", *one, "--run", run, "--init", start, "--epochs", 3, "--restart")  # a start over reads it
+    assert r.exit_code == 2 and f"'--init': {start} does not exist" in r.output

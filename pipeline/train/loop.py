@@ -102,7 +102,9 @@ def _barrier(world: int) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, resuming: bool = False):
+        """``resuming``: the run folder holds checkpoints, which :meth:`resume` loads (or refuses): the student's
+        start (``--init``, ``--backbone-weights``) is not read, since the checkpoint replaces it."""
         self.config = c = config
         self.labels, self.train_tars, self.val_tars, self.shards = self.check(c)
         #: unreadable samples of this run: counted, logged, skipped up to ``max_bad_samples``
@@ -119,9 +121,10 @@ class Trainer:
         random.seed(c.seed)
         self.rank, self.world = _distributed()
         self._ahead: tuple[int, Callable, Iterator] | None = None  # (epoch, loader, its batches): started early
-        self.model = build_student(c.student, backbone_weights=c.backbone_weights if not c.init else "none",
+        self.model = build_student(c.student, backbone_weights="none" if c.init or resuming else c.backbone_weights,
                                    **c.student_options)
-        self.init_note = init_from(self.model, c.init) if c.init else f"backbone: {c.backbone_weights}"
+        self.init_note = ("" if resuming else init_from(self.model, c.init) if c.init
+                          else f"backbone: {c.backbone_weights}")
         self.model.to(self.device)
         #: the stage's forward pass (:class:`StageView`); ``forward`` is what a training step calls
         #: (DDP-wrapped when distributed), ``local_forward`` what worker 0 validates with
@@ -435,8 +438,9 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, 
     check every shard's sha256 first. In a torch.distributed group every worker calls this (the driver holds the
     lock and verified the shards); worker 0 writes the logs and checkpoints.
     """
-    trainer = Trainer(config)
     remote = is_url(config.run)
+    resuming = not restart and not remote and any((Path(config.run) / "checkpoints").glob("epoch-*.pt"))
+    trainer = Trainer(config, resuming=resuming)
     held = lock_run(trainer.run) if lock and trainer.rank == 0 and not remote else None
     try:
         if verify:  # every shard's sha256 against its marker's, once per run, before the first is read
