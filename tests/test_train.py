@@ -215,6 +215,7 @@ def test_hint_stage_regresses_the_teachers_features_and_starts_fastsal_a(small_l
                "--teacher", "salgan", "--teacher-weights", "random", "--epochs", 3, "--steps-per-epoch", 2,
                "--lr", 0.05, "--shuffle-buffer", 0, *FAST[:-3], "--no-progress")
     assert r.exit_code == 0, r.output
+    assert "val_loss" in r.output and "nan" not in r.output  # the hint stage's summary: no metric it lacks
     losses = [float(x[3]) for x in rows(run / "losses.csv", 4)[1:]]
     assert len(losses) == 6 and losses[-2] < losses[0] and losses[-1] < losses[1]  # the same batches, later
     hint = final_model(run)
@@ -728,3 +729,19 @@ def test_a_run_that_resumes_reads_its_checkpoint_not_the_start_it_was_given(smal
     assert r.exit_code == 0 and "resuming" in r.stderr, r.output
     r = invoke("train", *one, "--run", run, "--init", start, "--epochs", 3, "--restart")  # a start over reads it
     assert r.exit_code == 2 and f"'--init': {start} does not exist" in r.output
+
+
+def test_resuming_with_another_number_of_processes_is_said(small_labels, tmp_path):
+    """The effective batch changes with the data-parallel world: allowed (a run moves to other machines), but a
+    2-worker run resumed by one process halved it without a word."""
+    run = tmp_path / "run"
+    one = ["train", "--labels", small_labels, "--run", run, "--steps-per-epoch", 1, *FAST]
+    assert invoke(*one, "--epochs", 1).exit_code == 0
+    assert json.loads((run / "config.json").read_text())["processes"] == 1
+    path = run / "checkpoints" / "epoch-0000.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["world"] == 1
+    torch.save({**ckpt, "world": 2}, path)  # as a 2-process run leaves it
+    r = invoke(*one, "--epochs", 2)
+    assert r.exit_code == 0 and ("warning: epoch-0000.pt was trained by 2 process(es), this run has 1: each step now "
+                                 "takes 1 × 2 images, not 2 × 2") in r.stderr, r.output

@@ -97,7 +97,9 @@ def plot_curves(run: Path) -> Path:
 def summary_table(results: list[EpochResult]) -> str:
     if not results:
         return "nothing to do: every epoch is already trained"
-    keys, stats = list(results[0].val), list(results[0].logs)
+    # the validation metrics the stage has (the hint stage, which trains no head, its loss alone)
+    keys = [k for k in results[0].val if any(math.isfinite(r.val[k]) for r in results)]
+    stats = list(results[0].logs)
     head = ["epoch", "train_loss", *keys, *stats, "lr", "seconds", "img/s"]
     rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys),
              *(f"{r.logs[k]:.3f}" for k in stats), f"{r.lr:.2g}", f"{r.seconds:.1f}",

@@ -240,6 +240,12 @@ class Trainer:
         except (RuntimeError, ValueError, TypeError, KeyError) as e:  # a checkpoint altered after it was written
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainError(self.shown(f"{path} does not fit this run ({why}); use another --run or --restart"))
+        before = ckpt.get("world", self.world)  # (checkpoints before stop 14 do not say)
+        if before != self.world and self.rank == 0:  # allowed (a run moves to other machines), never silently
+            b = self.config.batch_size
+            print(f"warning: {path.name} was trained by {before} process(es), this run has {self.world}: each step "
+                  f"now takes {self.world} × {b} images, not {before} × {b} (the losses no longer follow the run's "
+                  "own course)", file=sys.stderr)
         return True
 
     def save(self, epoch: int) -> Path:
@@ -247,6 +253,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
             "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
+            "world": self.world,
             "student_options": self.model.options(), "stage": self.config.stage,
             "labels": {"teacher": self.labels.teacher, "kind": self.labels.label_kind,
                        "image_size": list(self.labels.image_size)}})
@@ -483,7 +490,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
     resumed = trainer.resume()
     if lead:
         # the settings, with the epochs the run holds: a lower --epochs than already trained trains nothing
-        write_json(run / "config.json", {**asdict(config), "epochs": max(config.epochs, trainer.epoch)})
+        write_json(run / "config.json", {**asdict(config), "epochs": max(config.epochs, trainer.epoch),
+                                         "processes": trainer.world})  # data-parallel: each takes batch_size
         print(f"resuming {config.run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
         keep_rows(run / "losses.csv", LOSS_HEADER + list(trainer.log_names), trainer.epoch)
