@@ -670,10 +670,16 @@ def test_init_takes_what_fits_says_what_it_took_and_refuses_other_options(small_
 
     sact = build_student("sact", backbone_weights="none", depth=50)
     deep = tmp_path / "deep.pt"
-    torch.save({"model": sact.state_dict(), "student": "sact", "student_options": {"depth": 101, "tile": 1,
-                                                                                   "tau": 0.005}}, deep)
-    with pytest.raises(TrainError, match=r"is a sact checkpoint of other options \(depth 101 there, 50 here\)"):
-        init_from(sact, str(deep))
+    torch.save({"model": sact.state_dict(), "student": "sact", "student_options": {"depth": 50, "tile": 1,
+                                                                                   "tau": 0.01}}, deep)
+    torch.save({"model": sact.state_dict(), "student": "sact", "student_options": {"depth": 50, "tile": 1,
+                                                                                   "tau": 0.005}},
+               tmp_path / "fifty.pt")
+    with pytest.raises(TrainError, match=r"is a sact checkpoint whose tensors are not this run's \(depth 50 there, "
+                                         r"101 here\)"):
+        init_from(build_student("sact", backbone_weights="none", depth=101), str(tmp_path / "fifty.pt"))
+    # tau and tile shape no tensor: a tau-0.01 SACT starts a tau-0.005 run with every tensor
+    assert init_from(sact, str(deep)).endswith(f"all {len(sact.state_dict())} tensors")
 
     from tests.test_students import authors_state_dict
 
@@ -681,9 +687,15 @@ def test_init_takes_what_fits_says_what_it_took_and_refuses_other_options(small_
     authors = tmp_path / "coco_A.pth"
     torch.save({"student_model": theirs, "optimizer": {}}, authors)
     started = build_student("fastsal_a", backbone_weights="none")
-    assert init_from(started, str(authors)).endswith(f"(the FastSal authors' file): all {len(fresh)} tensors")
+    assert init_from(started, str(authors)).endswith(f"(the FastSal authors' A file): all {len(fresh)} tensors")
     ours = from_authors_keys(theirs, "A")
     assert all(torch.equal(v, ours[k]) for k, v in started.state_dict().items())
+    torch.save({"student_model": authors_state_dict("C")}, tmp_path / "coco_C.pth")  # into A: its encoder alone
+    other = build_student("fastsal_a", backbone_weights="none")
+    before = other.state_dict()["adapt.3.0.weight"].clone()
+    assert init_from(other, str(tmp_path / "coco_C.pth")).endswith("its encoder alone (the rest keep their "
+                                                                     "initialisation)")
+    assert torch.equal(other.state_dict()["adapt.3.0.weight"], before)
 
 
 def test_val_shards_are_held_out_of_the_last_labels_folder_only(small_labels, tmp_path):

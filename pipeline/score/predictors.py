@@ -119,7 +119,7 @@ def student_predictor(checkpoint: str | Path, device: str = "auto", precision: s
     if trained and ckpt.get("stage") == "hint":
         raise PredictorError(f"{path} is of the hint stage: it fitted {ckpt['student']}'s features to a teacher's, "
                              "and its saliency head never learnt a map; fine-tune it first (pipeline train --init "
-                             f"{path.parent.parent} …) and score that run")
+                             f"{path} …) and score that run")
     kind = student_kind(ckpt["labels"]["kind"])
     input_size = tuple(ckpt["labels"].get("image_size", (192, 256)))
     return Predictor(f"{ckpt['student']}@{path}", model.to(dev).eval(), kind, input_size, dev, autocast=amp)

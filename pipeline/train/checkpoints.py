@@ -232,17 +232,21 @@ def init_from(model: Student, path: str) -> str:
         raise TrainError(f"--init: {e}") from None
     student, options = obj.get("student"), obj.get("student_options")
     what = f"a {student} checkpoint" if student else "a weights file"
-    if student == model.name and isinstance(options, dict) and options != model.options():
-        differ = ", ".join(f"{k} {options.get(k)!r} there, {v!r} here" for k, v in model.options().items()
-                           if options.get(k) != v)
-        raise TrainError(f"--init {path} is {what} of other options ({differ}): give this run the same")
     if isinstance(obj.get("student_model"), dict) and hasattr(model, "variant"):  # the FastSal authors' file
         from students.fastsal import from_authors_keys
 
-        sd, what = from_authors_keys(obj["student_model"], model.variant), "the FastSal authors' file"
+        variant = "A" if any(k.startswith("adp1.inv_block") for k in obj["student_model"]) else "C"
+        sd, what = from_authors_keys(obj["student_model"], variant), f"the FastSal authors' {variant} file"
+        student = f"fastsal_{variant.lower()}"  # of the other variant: its encoder alone, as our checkpoints'
     else:
         sd = obj.get("model", obj)
     own = model.state_dict()
+    if student == model.name and (set(sd) != set(own) or any(tuple(sd[k].shape) != tuple(own[k].shape)
+                                                              for k in own if k in sd)):
+        differ = ", ".join(f"{k} {options.get(k)!r} there, {v!r} here" for k, v in model.options().items()
+                           if isinstance(options, dict) and options.get(k) != v)
+        raise TrainError(f"--init {path} is {what} whose tensors are not this run's "
+                         f"({differ or 'other names or shapes'}): give this run the same options")
     # another student's checkpoint gives its backbone alone: a tensor of its decoder may match one of ours in
     # name and shape by chance (FastSal C's last hint adapter is FastSal A's), which is no reason to take it
     shared = (lambda k: True) if student in (None, model.name) else (lambda k: k.startswith(model.backbone_prefix))

@@ -72,9 +72,10 @@ def plot_curves(run: Path) -> Path:
         return [float(r.get(key) or "nan") for r in metrics]
 
     # the validation loss, then the metrics the stage has (the hint stage, which trains no head, has none)
+    rows = [{k: float(r.get(k) or "nan") for k in ("val_loss", "val_cc", "val_kl", "val_nss")} for r in metrics]
     panels = [(k, t) for k, t in (("val_loss", "validation loss"), ("val_cc", "validation CC vs teacher"),
                                   ("val_kl", "validation KL vs teacher"), ("val_nss", "validation NSS vs teacher"))
-              if any(math.isfinite(v) for v in values(k))]
+              if not _lacked(k, rows)]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.5), squeeze=False)
     axes = axes[0]
     axes[0].plot([int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses], lw=0.8)
@@ -94,11 +95,17 @@ def plot_curves(run: Path) -> Path:
     return run / "curves.png"
 
 
+def _lacked(key: str, vals: list[dict]) -> bool:
+    """Whether a validation metric is one the stage has not (the hint stage, which trains no head, reports its
+    loss alone: its maps' metrics are NaN beside a finite loss); a run whose values are all NaN shows them."""
+    return (key != "val_loss" and not any(math.isfinite(v.get(key, math.nan)) for v in vals)
+            and any(math.isfinite(v.get("val_loss", math.nan)) for v in vals))
+
+
 def summary_table(results: list[EpochResult]) -> str:
     if not results:
         return "nothing to do: every epoch is already trained"
-    # the validation metrics the stage has (the hint stage, which trains no head, its loss alone)
-    keys = [k for k in results[0].val if any(math.isfinite(r.val[k]) for r in results)]
+    keys = [k for k in results[0].val if not _lacked(k, [r.val for r in results])]
     stats = list(results[0].logs)
     head = ["epoch", "train_loss", *keys, *stats, "lr", "seconds", "img/s"]
     rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys),
