@@ -79,10 +79,12 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
 
     if source == "folder" and images is None:
         raise click.UsageError("source 'folder' needs --images DIR")
-    ctx = click.get_current_context()
-    other = ["--images"] if source == "coco" and images is not None else [
-        f"--{name.replace('_', '-')}" for name in ("coco_root", "split") if source == "folder"
-        and ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)]
+    if source == "coco":
+        other = ["--images"] if images is not None else []
+    else:
+        given = click.get_current_context().get_parameter_source
+        other = [f"--{n.replace('_', '-')}" for n in ("coco_root", "split")
+                 if given(n) is not click.core.ParameterSource.DEFAULT]
     if other:  # an option of the other source would be ignored
         raise click.UsageError(f"{' and '.join(other)} {'is' if len(other) == 1 else 'are'} for source "
                                f"{'folder' if source == 'coco' else 'coco'}; source {source} reads "

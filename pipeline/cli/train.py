@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 import students
@@ -77,8 +75,10 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     from teachers.weights import WeightsError
 
     must_exist("labels", "val_labels", hint=" (label folders are made by `pipeline label`)")
-    if restart or "://" in str(run_dir) or not any((Path(run_dir) / "checkpoints").glob("epoch-*.pt")):
-        must_exist("init_ckpt", urls=True)  # (a run that resumes reads its checkpoint, not --init)
+    from pipeline.train.checkpoints import resumes
+
+    if not resumes(run_dir, restart):  # (a run that resumes reads its checkpoint, not --init)
+        must_exist("init_ckpt", urls=True)
     config = TrainConfig(labels=tuple(str(p) for p in labels), run=str(run_dir), student=student,
                          student_options=student_options, stage=stage,
                          epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,

@@ -217,6 +217,19 @@ class FolderLock:
                 continue
             raise LockHeld(self._refusal(holder), holder)
 
+    def take(self, error: type[Exception]) -> "FolderLock":
+        """:meth:`acquire`, or ``error`` with one sentence (another process holds it, or the lock file cannot be
+        made); a stale lock taken over is noted on stderr."""
+        try:
+            self.acquire()
+        except LockHeld as e:
+            raise error(str(e)) from None
+        except OSError as e:
+            raise error(f"cannot lock {self.what} ({self.path}: {e.strerror or e})") from None
+        for note in self.notes:
+            print(note, file=sys.stderr)
+        return self
+
     def _refusal(self, holder: Holder | None) -> str:
         if holder is None:
             return (f"{self.what} is locked ({self.path} exists but names no holder); if no other process uses "

@@ -148,9 +148,9 @@ class ShardLabeler:
         """Read one image and (unless it is a JPEG the device decodes) decode and resize it."""
         item = _Item(record)
         try:
-            if not os.path.lexists(record.path):  # before the root check: a broken link's target may lie anywhere
-                raise images.ImageError(f"file not found: {record.path} (a symlink's target, where it is one)")
             if record.root is not None and not _inside(record.path, record.root):
+                if not os.path.lexists(record.path):  # a broken link, whose target would lie out of it
+                    raise images.ImageError(f"file not found: {record.path} (a symlink's target, where it is one)")
                 raise images.ImageError("outside the image folder (a symlink or path leading out of it; "
                                         "--allow-outside-root labels it anyway)")
             data = images.read_file(record.path, self.config.max_image_bytes)

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
-from pipeline.common.locks import LOCK_NAME, FolderLock, LockHeld
+from pipeline.common.locks import LOCK_NAME, FolderLock
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import as_path, is_url
@@ -89,8 +89,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         if fmt == "png":
             if local_out is not None:  # one writer: two runs into one folder would mix their maps
                 local_out.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(_held(FolderLock(local_out / LOCK_NAME, what=f"map folder {out}",
-                                                     command="pipeline predict")))
+                lock = FolderLock(local_out / LOCK_NAME, what=f"map folder {out}", command="pipeline predict")
+                stack.callback(lock.take(SourceError).release)
             done = out / "predictions.json"  # the completion mark goes before the first map is replaced
             if done.exists():
                 done.unlink()
@@ -156,21 +156,6 @@ def _too_long(written) -> bool:
             raise
         return True
     return False
-
-
-@contextlib.contextmanager
-def _held(lock: FolderLock):
-    """``lock`` for the block, or :class:`SourceError` naming its holder."""
-    try:
-        lock.acquire()
-    except LockHeld as e:
-        raise SourceError(str(e)) from None
-    for note in lock.notes:  # a lock left by a killed run, taken over
-        print(note, file=sys.stderr)
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _write_png(path: Path, logd: np.ndarray) -> None:

@@ -89,6 +89,13 @@ def latest(ckpt_dir: Path) -> Path | None:
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "rng", "config")
 
 
+def resumes(run: str | Path, restart: bool = False) -> bool:
+    """Whether ``pipeline train`` on the local run folder ``run`` will resume: it holds checkpoints and no
+    ``--restart`` clears them (it then loads the newest readable one, or refuses). Such a run reads its
+    checkpoint instead of its start (``--init``, ``--backbone-weights``). A URL run: not known before its pull."""
+    return not restart and not is_url(run) and any((Path(run) / "checkpoints").glob("epoch-*.pt"))
+
+
 def load_resumable(path: str | Path) -> dict:
     """A checkpoint that holds all a resume needs (:data:`RESUME_KEYS`); else :class:`CheckpointError`."""
     ckpt = load_checkpoint(path)

@@ -68,9 +68,6 @@ def plot_curves(run: Path) -> Path:
         metrics = list(csv.DictReader(f))
     from matplotlib.ticker import MaxNLocator
 
-    def values(key: str) -> list[float]:
-        return [float(r.get(key) or "nan") for r in metrics]
-
     # the validation loss, then the metrics the stage has (the hint stage, which trains no head, has none)
     rows = [{k: float(r.get(k) or "nan") for k in ("val_loss", "val_cc", "val_kl", "val_nss")} for r in metrics]
     panels = [(k, t) for k, t in (("val_loss", "validation loss"), ("val_cc", "validation CC vs teacher"),
@@ -83,7 +80,7 @@ def plot_curves(run: Path) -> Path:
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [int(r["epoch"]) + 1 for r in metrics]
     for ax, (key, title) in zip(axes[1:], panels):
-        ax.plot(epochs, values(key), marker="o")
+        ax.plot(epochs, [r[key] for r in rows], marker="o")
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     fig.tight_layout()

@@ -38,10 +38,11 @@ from tqdm import tqdm
 
 from pipeline.common.atomic import write_json
 from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
-from pipeline.common.locks import LOCK_NAME, FolderLock, LockHeld
+from pipeline.common.locks import LOCK_NAME, FolderLock
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import Mirror, as_path, is_url
-from pipeline.train.checkpoints import LATEST, init_from, newest_readable, rng_state, save_checkpoint, set_rng_state
+from pipeline.train.checkpoints import (LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
+                                        set_rng_state)
 from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
 from pipeline.train.data import (BadSamples, check_same_labels, epoch_order, node_shards, open_label_set,
                                  open_label_sets, shard_loader, split_shards, verify_shards)
@@ -425,16 +426,7 @@ def run_lock(run: str | Path) -> FolderLock:
 
 def lock_run(run: str | Path) -> FolderLock:
     """Take :func:`run_lock` or raise :class:`TrainError` naming its holder; a stale lock taken over is noted."""
-    lock = run_lock(run)
-    try:
-        lock.acquire()
-    except LockHeld as e:
-        raise TrainError(str(e)) from None
-    except OSError as e:
-        raise TrainError(f"cannot lock run folder {run} ({lock.path}: {e.strerror or e})") from None
-    for note in lock.notes:
-        print(note, file=sys.stderr)
-    return lock
+    return run_lock(run).take(TrainError)
 
 
 def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, verify: bool = True,
@@ -446,8 +438,7 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, 
     lock and verified the shards); worker 0 writes the logs and checkpoints.
     """
     remote = is_url(config.run)
-    resuming = not restart and not remote and any((Path(config.run) / "checkpoints").glob("epoch-*.pt"))
-    trainer = Trainer(config, resuming=resuming)
+    trainer = Trainer(config, resuming=resumes(config.run, restart))
     held = lock_run(trainer.run) if lock and trainer.rank == 0 and not remote else None
     try:
         if verify:  # every shard's sha256 against its marker's, once per run, before the first is read
