@@ -28,9 +28,9 @@ def hint_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch
 
 def map_teacher_loss(logits: torch.Tensor, pseudo: torch.Tensor, gt: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 2: binary cross-entropy of σ(logits) against the teacher's map in [0, 1], plus against
-    the ground-truth map when there is one; each the mean over pixels. (``pipeline train`` passes no
-    ground truth: it learns from teacher labels alone, the paper's COCO setting; training on SALICON's
-    human maps as well, its other setting, is not built.)"""
+    the ground-truth map when there is one; each the mean over pixels. (``pipeline train --gt-maps`` gives
+    the human maps, e.g. SALICON's, the paper's best setting; without it the student learns from the teacher
+    alone, its COCO setting.)"""
     loss = F.binary_cross_entropy_with_logits(logits, pseudo.to(logits.dtype))
     if gt is not None:
         loss = loss + F.binary_cross_entropy_with_logits(logits, gt.to(logits.dtype))

@@ -1173,6 +1173,38 @@ def test_a_folder_source_step_is_stale_when_its_images_change_and_two_steps_may_
                                        f"{images}/labels/classic/photos") in refused.output, refused.output
 
 
+def test_a_train_steps_ground_truth_maps_are_an_input_it_need_not_declare(fresh):
+    """A map of --gt-maps replaced or added makes the train step stale; a train step without gt_maps keeps the
+    fingerprint it had before the option existed."""
+    maps = fresh / "maps"
+    maps.mkdir()
+    (maps / "a.png").write_bytes(b"map a")
+    body = textwrap.dedent("""\
+        steps:
+          labels:
+            run: label
+            with: {source: coco, teacher: classic, coco_root: coco}
+          train:
+            run: train
+            with: {labels: "${steps.labels.out}"%s}
+        """)
+
+    def fingerprint(extra: str = f", gt_maps: {maps}") -> str:
+        Path("m.yaml").write_text(body % extra)
+        step = load_manifest("m.yaml", group=cli).steps["train"]
+        return step.own_fingerprint
+
+    before = fingerprint()
+    assert fingerprint() == before
+    (maps / "a.png").write_bytes(b"map A, redrawn")
+    assert fingerprint() != before
+    changed = fingerprint()
+    (maps / "b.png").write_bytes(b"map b")
+    assert fingerprint() != changed
+    without = fingerprint("")
+    assert fingerprint(", gt_maps: null") == without
+
+
 def test_a_step_refused_for_what_its_output_holds_says_how_to_start_it_over_in_a_manifest(maker, monkeypatch):
     """train says "use --restart" (label "--overwrite"): no option a manifest user gives; --force STEP is."""
     monkeypatch.setenv("MAKE_REFUSE", "a")

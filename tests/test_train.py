@@ -757,3 +757,93 @@ def test_resuming_with_another_number_of_processes_is_said(small_labels, tmp_pat
     r = invoke(*one, "--epochs", 2)
     assert r.exit_code == 0 and ("warning: epoch-0000.pt was trained by 2 process(es), this run has 1: each step now "
                                  "takes 1 × 2 images, not 2 × 2") in r.stderr, r.output
+
+
+# -- ground truth (Eq. 2's second term) ----------------------------------------------------------------------------
+
+def human_maps(folder: Path, photos: Path, as_jpg: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """A SALICON-style ``maps`` folder: for each photo a grayscale map of its own (a blurred random pattern at the
+    photo's size), named as the photo with .png (``as_jpg``: with .jpg); returns them by photo file name."""
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    made = {}
+    for photo in sorted(photos.glob("*.jpg")):
+        h, w = cv2.imread(str(photo)).shape[:2]
+        gray = cv2.GaussianBlur((rng.random((h, w)) * 255).astype(np.uint8), (0, 0), 6)
+        path = folder / (photo.stem + (".jpg" if photo.name in as_jpg else ".png"))
+        cv2.imwrite(str(path), gray)
+        made[photo.name] = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)  # as stored (a JPEG is lossy)
+    return made
+
+
+def test_ground_truth_maps_are_each_samples_own_and_join_the_loss_as_eq2_says(small_labels, tmp_path):
+    """With --gt-maps a training target carries the sample's human map (found by its source file's name, resized
+    as its image was) and the loss is BCE with the teacher's map plus BCE with it; validation stays the
+    teacher's alone."""
+    import torch.nn.functional as F
+
+    maps = human_maps(tmp_path / "maps", SAMPLES / "val2017", as_jpg=("000000000285.jpg",))
+    config = TrainConfig(labels=(str(small_labels),), run=str(tmp_path / "run"), backbone_weights="none",
+                         batch_size=4, workers=0, shuffle_buffer=0, gt_maps=str(tmp_path / "maps"))
+    trainer = Trainer(config)
+    seen = set()
+    for images, targets, keys in trainer.loader(trainer.train_tars, 0, train=True):
+        assert targets.shape == (len(keys), 2, 64, 96)
+        for target, key in zip(targets, keys):
+            expected = cv2.resize(maps[f"{key}.jpg"], (96, 64), interpolation=cv2.INTER_AREA) / 255.0
+            assert np.array_equal(target[1].numpy(), expected.astype(np.float32)), key
+            seen.add(key)
+        loss, logits, _ = trainer.loss(images, targets)
+        teacher, human = targets[:, :1], targets[:, 1:]
+        assert not torch.equal(teacher, human)
+        assert loss.item() == pytest.approx((F.binary_cross_entropy_with_logits(logits, teacher)
+                                             + F.binary_cross_entropy_with_logits(logits, human)).item(), rel=1e-6)
+    assert len(seen) == 8 and "000000000285" in seen  # every training sample, the .jpg map among them
+    by_url = Trainer(TrainConfig(**{**config.__dict__, "gt_maps": f"file://{tmp_path / 'maps'}"}))
+    first = next(iter(trainer.loader(trainer.train_tars, 0, train=True)))[1]
+    assert torch.equal(next(iter(by_url.loader(by_url.train_tars, 0, train=True)))[1], first)  # read through fsspec
+    _, val_targets, _ = next(iter(trainer.loader(trainer.val_tars, 0, train=False)))
+    assert val_targets.shape[1] == 1
+
+
+def test_a_missing_or_broken_ground_truth_map_skips_its_sample_and_settings_say_where_the_maps_were(
+        small_labels, tmp_path):
+    maps = tmp_path / "maps"
+    human_maps(maps, SAMPLES / "val2017")
+    (maps / "000000000285.png").unlink()
+    (maps / "000000000632.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    r = invoke("train", "--labels", small_labels, "--run", run, "--epochs", 1, "--gt-maps", maps, *FAST)
+    assert r.exit_code == 0, r.output
+    assert f"no ground-truth map for 000000000285.jpg in {maps} (000000000285.png, .jpg or .jpeg)" in r.stderr
+    assert f"the ground-truth map of 000000000632.jpg in {maps} does not decode" in r.stderr
+    assert f"ground truth: {maps}" in r.stderr
+    assert json.loads((run / "config.json").read_text())["gt_maps"] == str(maps)
+    assert rows(run / "metrics.csv", 9)[1][8] == "6"  # the 8 training images but those 2
+    r = invoke("train", "--labels", small_labels, "--run", run, "--epochs", 2, *FAST)  # the same run, without them
+    assert r.exit_code == 1 and f'gt_maps "{maps}" there, null now' in r.output, r.output
+
+
+def test_ground_truth_is_refused_where_eq2_does_not_apply(small_labels, tmp_path, monkeypatch):
+    """The hint stage has no map loss; a density teacher's loss (Eq. 3) has no ground-truth term; a file is not a
+    folder of maps: one sentence each, before a checkpoint is written."""
+    import dataclasses
+
+    from pipeline.train import loop
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    r = invoke("train", "--labels", small_labels, "--run", tmp_path / "a", "--gt-maps", maps, "--student",
+               "fastsal_c", "--stage", "hint", "--teacher", "salgan", "--teacher-weights", "random", *FAST)
+    assert r.exit_code == 1 and "--gt-maps is for the finetune stage" in r.output, r.output
+    r = invoke("train", "--labels", small_labels, "--run", tmp_path / "b", "--gt-maps", small_labels / "labels.json",
+               *FAST)
+    assert r.exit_code == 1 and "labels.json is not a folder (of human saliency maps" in r.output, r.output
+    r = invoke("train", "--labels", small_labels, "--run", tmp_path / "c", "--gt-maps", tmp_path / "none", *FAST)
+    assert r.exit_code == 2 and f"{tmp_path / 'none'} does not exist" in r.output, r.output
+    real = loop.open_label_sets
+    monkeypatch.setattr(loop, "open_label_sets",
+                        lambda folders: dataclasses.replace(real(folders), label_kind="log_density", teacher="deepgaze"))
+    r = invoke("train", "--labels", small_labels, "--run", tmp_path / "d", "--gt-maps", maps, *FAST)
+    assert r.exit_code == 1 and "holds deepgaze's densities, and their loss (Eq. 3) has no ground-truth term" in r.output
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -49,6 +49,9 @@ from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_
 @click.option("--loss-weights", default="1,1,1", callback=floats3,
               help="Density teachers (Eq. 3): weights of KL, 1-cosine and BCE (the paper: 1,1,1; the "
                    "authors' code: 0.5,0.2,0.3).")
+@click.option("--gt-maps", type=click.Path(path_type=str), default=None, callback=path_or_url,
+              help="A folder (or URL) of human saliency maps, each named as its image with .png (or .jpg): their "
+                   "BCE joins the teacher's (Eq. 2; map teachers such as salgan), e.g. SALICON's maps/train.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on steps per epoch.")
 @click.option("--ray-workers", type=click.IntRange(min=0), default=0,
               help="Train data-parallel on this many Ray Train workers (one GPU each when the cluster has them); "
@@ -64,7 +67,7 @@ from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_
 @student_options
 def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, momentum, weight_decay, milestones, gamma, batch_size,
               val_shards, val_labels, shuffle_buffer, workers, seed, device, amp, backbone_weights, init_ckpt, teacher,
-              teacher_weights, loss_weights, steps_per_epoch, ray_workers, address, restart, verify, max_bad_samples,
+              teacher_weights, loss_weights, gt_maps, steps_per_epoch, ray_workers, address, restart, verify, max_bad_samples,
               progress):
     """Train a student (FastSal, SACT) on labelled shards; re-running resumes after the last finished epoch."""
     from pipeline.common.storage import StorageError, as_path
@@ -75,6 +78,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     from teachers.weights import WeightsError
 
     must_exist("labels", "val_labels", hint=" (label folders are made by `pipeline label`)")
+    must_exist("gt_maps", urls=True)
     from pipeline.train.checkpoints import resumes
 
     if not resumes(run_dir, restart):  # (a run that resumes reads its checkpoint, not --init)
@@ -87,6 +91,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
                          workers=workers, seed=seed, device=device, amp=amp, backbone_weights=backbone_weights,
                          init=str(init_ckpt) if init_ckpt else None, teacher=teacher,
                          teacher_weights=teacher_weights, loss_weights=loss_weights,
+                         gt_maps=str(gt_maps) if gt_maps else None,
                          steps_per_epoch=steps_per_epoch, max_bad_samples=max_bad_samples)
     from pipeline.train.loop import as_places
     from pipeline.train.torchrun import PeerFailed, launched, train_with_torchrun

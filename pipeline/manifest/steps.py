@@ -75,6 +75,27 @@ def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
     return as_path(params["out"]) / str(params["teacher"]) / name
 
 
+def _listing(folder: Path, skip: Callable[[], set[str]] = set) -> str | None:
+    """Every file with an image suffix below ``folder`` (its subfolders in ``skip()`` left out), by name, size and
+    mtime; None when the folder is missing."""
+    if not folder.is_dir():
+        return None
+    left_out = skip()
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):  # an os.walk and a stat per image: 1e5 images in about a second
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in left_out)
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+                h.update(f"{os.path.relpath(path, folder)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            except OSError:  # a broken link: a per-image failure when labelled
+                h.update(f"{os.path.relpath(path, folder)}\0-\0".encode())
+    return "images:" + h.hexdigest()
+
+
 def _label_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[[], str | None]]]:
     """A folder source's images: every file with an image suffix below it (as `pipeline label` lists them, its
     own label folders left out), by name, size and mtime: an image added, removed or replaced makes the step
@@ -83,28 +104,22 @@ def _label_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[
         return {}
     images = Path(params["images"])
 
-    def listing() -> str | None:
+    def label_folders() -> set[str]:
         from teachers.registry import available
 
-        if not images.is_dir():
-            return None
-        skip = set() if "://" in str(params["out"]) else {
+        return set() if "://" in str(params["out"]) else {
             os.path.realpath(Path(str(params["out"])) / t) for t in available()}
-        h = hashlib.sha256()
-        for root, dirs, files in os.walk(images):  # an os.walk and a stat per image: 1e5 images in about a second
-            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
-            for name in sorted(files):
-                if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-                    continue
-                path = os.path.join(root, name)
-                try:
-                    st = os.stat(path)
-                    h.update(f"{os.path.relpath(path, images)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-                except OSError:  # a broken link: a per-image failure when labelled
-                    h.update(f"{os.path.relpath(path, images)}\0-\0".encode())
-        return "images:" + h.hexdigest()
 
-    return {"images": (str(images), listing)}
+    return {"images": (str(images), lambda: _listing(images, label_folders))}
+
+
+def _train_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[[], str | None]]]:
+    """``--gt-maps``' human maps (a local folder; on object storage, declare it in ``inputs``), as a folder
+    source's images: a map added, removed or replaced makes the step stale."""
+    maps = params.get("gt_maps")
+    if maps is None or "://" in str(maps):
+        return {}
+    return {"gt_maps": (str(maps), lambda: _listing(Path(str(maps))))}
 
 
 def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
@@ -235,7 +250,9 @@ COMMANDS: dict[str, CommandSpec] = {
         digest=_digest_train,
         lock=_lock_file,  # pipeline.train.loop.run_lock
         grows=("epochs",),
-        urls=frozenset({"run_dir", "labels", "val_labels", "init_ckpt"}),
+        added={"gt_maps": None},
+        urls=frozenset({"run_dir", "labels", "val_labels", "init_ckpt", "gt_maps"}),
+        reads=_train_reads,
         resumes=_train_resumes,
         made_since=lambda run, since: _written_since((run / "checkpoints").glob("epoch-*.pt"), since),
     ),

@@ -38,6 +38,7 @@ class TrainConfig:
     teacher: str | None = None  # hint stage: the teacher run online for hint targets
     teacher_weights: str | None = None
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # density teachers: KL, 1-cos, BCE
+    gt_maps: str | None = None  # a folder of human saliency maps: Eq. 2's ground-truth term (map teachers)
     steps_per_epoch: int | None = None  # cap (demos, tests)
     max_bad_samples: int = 10  # unreadable samples skipped (each logged) before the run stops
 
@@ -47,6 +48,8 @@ class TrainConfig:
         for k in ("epochs", "workers", "device", "steps_per_epoch", "run", "init", "backbone_weights",
                   "max_bad_samples"):
             d.pop(k)
+        if d["gt_maps"] is None:  # (as runs from before --gt-maps recorded it: not at all)
+            d.pop("gt_maps")
         return json.loads(json.dumps(d))
 
 

@@ -32,6 +32,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
+from pipeline.common.images import resize
 from pipeline.common.storage import as_path
 from pipeline.label.shards import digest, folders_below, index_problem, marker_path, tar_path, verify_shard
 
@@ -238,6 +239,36 @@ def decode(sample: dict, label_key: str, label_kind: str,
     return image, target[None], sample["__key__"]
 
 
+#: the file types a ground-truth map may have, tried in this order
+GT_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def ground_truth(sample: dict, folder, size: tuple[int, int]) -> torch.Tensor:
+    """The human saliency map of ``sample`` in ``folder`` (a path or URL), as a float map ``[1, H, W]`` in [0, 1]
+    at ``size``: the grayscale image named as the sample's source image (its ``json``'s ``file``, relative to the
+    images folder) with the suffix ``.png``, else ``.jpg`` / ``.jpeg`` (SALICON's ``maps/train/X.png`` for
+    ``X.jpg``), resized as ``pipeline label`` resized the image. :class:`SampleError` when there is none or it
+    does not decode."""
+    try:
+        source = json.loads(sample["json"])["file"]
+    except (KeyError, TypeError, ValueError):
+        raise SampleError("its json names no source file, so its ground-truth map cannot be found") from None
+    stem = Path(source).with_suffix("")
+    data = None
+    for suffix in GT_SUFFIXES:
+        try:
+            data = (as_path(folder) / f"{stem}{suffix}").read_bytes()
+            break
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue
+    if data is None:
+        raise SampleError(f"no ground-truth map for {source} in {folder} ({stem}.png, .jpg or .jpeg)")
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        raise SampleError(f"the ground-truth map of {source} in {folder} does not decode")
+    return torch.from_numpy(resize(gray, size)).float()[None] / 255.0
+
+
 @dataclass(frozen=True)
 class BadSample:
     """A sample (or ``count`` samples) of ``shard`` that could not be read, passed along the batches to the
@@ -293,8 +324,10 @@ class _Reader:
     a :class:`BadSample`. All of them travel with the batches, in order, to the training process.
     """
 
-    def __init__(self, labels: LabelSet, counts: Mapping[str, int], batch_size: int, partial: bool):
+    def __init__(self, labels: LabelSet, counts: Mapping[str, int], batch_size: int, partial: bool,
+                 gt_maps: str | None = None):
         self.label_key, self.label_kind, self.image_size = labels.label_key, labels.label_kind, labels.image_size
+        self.gt_maps = gt_maps
         self.counts, self.batch_size, self.partial = dict(counts), batch_size, partial
         self.pending: list[BadSample] = []
         self.errors: dict[str, str] = {}  # tar -> why it stopped early
@@ -349,7 +382,10 @@ class _Reader:
 
     def decode(self, sample: dict):
         try:
-            return decode(sample, self.label_key, self.label_kind, self.image_size)
+            image, target, key = decode(sample, self.label_key, self.label_kind, self.image_size)
+            if self.gt_maps is not None:  # the human map as the target's second channel
+                target = torch.cat([target, ground_truth(sample, self.gt_maps, tuple(image.shape[1:]))])
+            return image, target, key
         except SampleError as e:
             return BadSample(sample.get("__url__", "?"), sample.get("__key__", "?"), str(e))
         except ForeignLabels as e:
@@ -417,13 +453,15 @@ def node_shards(order: list[str], rank: int, world: int) -> list[str]:
 def shard_loader(labels: LabelSet, tars: list[str], *, batch_size: int, epoch: int = 0, seed: int = 0,
                  shuffle_buffer: int = 0, workers: int = 0, drop_last: bool = False, split_nodes: bool = True,
                  pin_memory: bool = False, counts: Mapping[str, int] | None = None,
-                 bad: BadSamples | None = None) -> ShardLoader:
+                 bad: BadSamples | None = None, gt_maps: str | None = None) -> ShardLoader:
     """Batches over ``tars``: split by node (torch.distributed rank; unless ``split_nodes`` is off) and by
     DataLoader worker, decoded in the workers. ``counts`` (tar -> images, default: from ``labels``) tells a
-    tar that ends early; unreadable samples go to ``bad`` (default: up to 10, logged on stderr)."""
+    tar that ends early; unreadable samples go to ``bad`` (default: up to 10, logged on stderr). With
+    ``gt_maps`` (a folder of human saliency maps, :func:`ground_truth`) each target has a second channel, the
+    sample's map; a sample without one is a bad sample."""
     order = epoch_order(tars, seed=seed, epoch=epoch, shuffle=bool(shuffle_buffer))
     reader = _Reader(labels, counts if counts is not None else dict(zip(labels.tars, labels.counts)), batch_size,
-                     partial=not drop_last)
+                     partial=not drop_last, gt_maps=gt_maps)
     ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=wds.split_by_node if split_nodes else _all_shards,
                         workersplitter=wds.split_by_worker, empty_check=False, handler=reader.handler)
     ds = ds.compose(reader.count)

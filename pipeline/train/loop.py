@@ -176,10 +176,20 @@ class Trainer:
         if c.stage != "hint" and c.teacher:
             raise TrainError("--teacher is for the hint stage (--stage hint); the finetune stage learns from the "
                              "labels' teacher")
+        if c.gt_maps is not None:
+            if c.stage == "hint":
+                raise TrainError("--gt-maps is for the finetune stage (the hint stage learns the teacher's features)")
+            if not is_url(c.gt_maps) and not Path(c.gt_maps).is_dir():
+                raise TrainError(f"--gt-maps {c.gt_maps} is not a folder (of human saliency maps named as the images, "
+                                 "e.g. SALICON's maps/train)")
         if not is_url(c.run) and Path(c.run).exists() and not Path(c.run).is_dir():
             raise TrainError(f"--run {c.run} is a file, not a run folder: give a folder (a new one, or a run's to "
                              "resume it)")
         labels = open_label_sets(c.labels)
+        if c.gt_maps is not None and labels.label_kind == "log_density":
+            raise TrainError(f"--gt-maps: {labels.folder} holds {labels.teacher}'s densities, and their loss (Eq. 3) has "
+                             "no ground-truth term; the human maps join the loss of a map teacher's labels (Eq. 2: "
+                             "salgan, classic)")
         h, w = labels.image_size
         if h % info.stride or w % info.stride:
             raise TrainError(f"{labels.folder} holds {h}x{w} images; {c.student} needs height and width in "
@@ -285,8 +295,8 @@ class Trainer:
             logits = out.logits.float()
         if self.labels.label_kind == "log_density":
             loss = density_teacher_loss(logits, targets, self.config.loss_weights)
-        else:
-            loss = map_teacher_loss(logits, targets)
+        else:  # (a second channel: the human map of --gt-maps, in training)
+            loss = map_teacher_loss(logits, targets[:, :1], targets[:, 1:] if targets.shape[1] > 1 else None)
         for term in out.losses.values():  # e.g. SACT's ponder cost
             loss = loss + term.float()
         return loss, logits, {k: v.detach().float() for k, v in out.logs.items()}
@@ -296,7 +306,8 @@ class Trainer:
         return shard_loader(self.labels, tars, batch_size=c.batch_size, epoch=epoch, seed=c.seed,
                             shuffle_buffer=c.shuffle_buffer if train else 0, workers=c.workers,
                             split_nodes=train, pin_memory=self.device.type == "cuda",
-                            counts={t: n for t, (_, n) in self.shards.items()}, bad=self.bad)
+                            counts={t: n for t, (_, n) in self.shards.items()}, bad=self.bad,
+                            gt_maps=c.gt_maps if train else None)
 
     def steps(self, epoch: int) -> int | None:
         """The cap on an epoch's steps: ``steps_per_epoch``, and when distributed the full batches of the
@@ -405,7 +416,7 @@ def as_places(settings: dict) -> dict:
     def weights(value):  # a local weights file as a place; a name (random, a known name) or URL as it is
         return place(value) if isinstance(value, str) and Path(value).is_file() else value
 
-    return {k: place(v) if k in ("labels", "val_labels") else weights(v) if k == "teacher_weights" else v
+    return {k: place(v) if k in ("labels", "val_labels", "gt_maps") else weights(v) if k == "teacher_weights" else v
             for k, v in settings.items()}
 
 
@@ -485,6 +496,9 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
                                          "processes": trainer.world})  # data-parallel: each takes batch_size
         print(f"resuming {config.run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
+        if config.gt_maps:
+            print(f"ground truth: {config.gt_maps} (train_loss = BCE with the teacher's maps + BCE with these, Eq. 2; "
+                  "validation is against the teacher's maps alone)", file=sys.stderr)
         keep_rows(run / "losses.csv", LOSS_HEADER + list(trainer.log_names), trainer.epoch)
         keep_rows(run / "metrics.csv", METRICS_HEADER + list(trainer.log_names), trainer.epoch)
     results = []

@@ -52,7 +52,8 @@ def _absolute(config: TrainConfig) -> TrainConfig:
 
     return replace(config, labels=tuple(absolute(p) for p in config.labels), run=absolute(config.run),
                    val_labels=absolute(config.val_labels), init=absolute(config.init),
-                   teacher_weights=weights(config.teacher_weights), backbone_weights=weights(config.backbone_weights))
+                   gt_maps=absolute(config.gt_maps), teacher_weights=weights(config.teacher_weights),
+                   backbone_weights=weights(config.backbone_weights))
 
 
 def _finished_epochs(run) -> int:
