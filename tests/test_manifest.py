@@ -394,7 +394,7 @@ BAD = {
     "url_input_named_by_flag": ("steps:\n  t:\n    run: train\n"
                                 "    with: {labels: l, teacher_weights: 's3://b/w.pt'}\n", 2,
                                 "step 't': s3://b/w.pt is a URL: `pipeline train` reads --teacher-weights from a "
-                                "local or shared-filesystem path only (URLs are taken by --init, --labels, --run, "
+                                "local or shared-filesystem path only (URLs are taken by --gt-maps, --init, --labels, --run, "
                                 "--val-labels)"),
 }
 

@@ -806,6 +806,30 @@ def test_ground_truth_maps_are_each_samples_own_and_join_the_loss_as_eq2_says(sm
     assert val_targets.shape[1] == 1
 
 
+def test_a_folder_sources_ground_truth_map_is_found_by_its_path_below_the_images_folder(tmp_path):
+    """`sub/a.jpg`'s map is `sub/a.png` (SALICON-style trees mirror their image folders), not a `a.png` beside
+    `b.png`: the sample's json records the relative path as its id (its `file` is the base name)."""
+    import webdataset as wds
+
+    from pipeline.train.data import ground_truth
+
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    shutil.copy(SAMPLES / "val2017" / "000000000139.jpg", tmp_path / "images" / "sub" / "a.jpg")
+    shutil.copy(SAMPLES / "val2017" / "000000000285.jpg", tmp_path / "images" / "a.jpg")
+    r = invoke("label", "folder", "--images", tmp_path / "images", "--teacher", "classic", "--out", tmp_path / "labels",
+               "--image-size", "64x96", "--executor", "local", "--no-progress")
+    assert r.exit_code == 0, r.output
+    (tmp_path / "maps" / "sub").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "maps" / "sub" / "a.png"), np.full((48, 48), 200, np.uint8))
+    cv2.imwrite(str(tmp_path / "maps" / "a.png"), np.full((48, 48), 50, np.uint8))
+    tar = tmp_path / "labels" / "classic" / "images" / "shard-000000.tar"
+    found = {s["__key__"]: ground_truth(s, tmp_path / "maps", (64, 96))
+             for s in wds.WebDataset(str(tar), shardshuffle=False)}
+    assert sorted(found) == ["a", "sub__a"]
+    assert found["sub__a"].shape == (1, 64, 96) and torch.all(found["sub__a"] == 200 / 255)
+    assert torch.all(found["a"] == 50 / 255)
+
+
 def test_a_missing_or_broken_ground_truth_map_skips_its_sample_and_settings_say_where_the_maps_were(
         small_labels, tmp_path):
     maps = tmp_path / "maps"

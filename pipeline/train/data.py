@@ -245,12 +245,13 @@ GT_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def ground_truth(sample: dict, folder, size: tuple[int, int]) -> torch.Tensor:
     """The human saliency map of ``sample`` in ``folder`` (a path or URL), as a float map ``[1, H, W]`` in [0, 1]
-    at ``size``: the grayscale image named as the sample's source image (its ``json``'s ``file``, relative to the
-    images folder) with the suffix ``.png``, else ``.jpg`` / ``.jpeg`` (SALICON's ``maps/train/X.png`` for
-    ``X.jpg``), resized as ``pipeline label`` resized the image. :class:`SampleError` when there is none or it
-    does not decode."""
+    at ``size``: the grayscale image named as the sample's source image (as its ``json`` records it: a folder
+    source's ``id``, its path relative to the images folder; a COCO image's ``file``) with the suffix ``.png``,
+    else ``.jpg`` / ``.jpeg`` (SALICON's ``maps/train/X.png`` for ``X.jpg``), resized as ``pipeline label``
+    resized the image. :class:`SampleError` when there is none or it does not decode."""
     try:
-        source = json.loads(sample["json"])["file"]
+        meta = json.loads(sample["json"])
+        source = meta["id"] if isinstance(meta["id"], str) else meta["file"]
     except (KeyError, TypeError, ValueError):
         raise SampleError("its json names no source file, so its ground-truth map cannot be found") from None
     stem = Path(source).with_suffix("")
