@@ -437,12 +437,16 @@ class SACT(Student):
     def options(self) -> dict:
         return {"depth": self.depth, "tile": self.tile, "tau": self.tau}
 
+    def check_size(self, height: int, width: int) -> None:
+        """Multiples of the stride, and a ``tile`` that divides each block's map."""
+        super().check_size(height, width)
+        for k, block in enumerate(self.blocks):  # block k+1 works at stride 4·2^k
+            block.check_tile(height // (4 << k), width // (4 << k), f"block {k + 1}'s ")
+
     def run_blocks(self, x: torch.Tensor) -> list[BlockOutput]:
         """The four blocks' outputs for normalised images ``x`` (kept for :attr:`block_stats`)."""
         height, width = x.shape[-2:]
         self.check_size(height, width)
-        for k, block in enumerate(self.blocks):  # block k+1 works at stride 4·2^k
-            block.check_tile(height // (4 << k), width // (4 << k), f"block {k + 1}'s ")
         sparse = self._execution == "sparse" and not self.training and not torch.is_grad_enabled()
         self.last_execution = "sparse" if sparse else "dense"
         x = self.resnet.stem(x)

@@ -9,6 +9,7 @@ of 2 at 64x96; and a one-step `pipeline train` run on those labels.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -665,3 +666,81 @@ def test_student_from_authors_weights_file_predicts_and_evaluates(mit, image_fol
     line = error_line(invoke("predict", "--student", "fastsal_a", "--weights", ours_file, "--images", image_folder,
                              "--out", tmp_path / "x", "--device", "cpu"))
     assert "fastsal_c checkpoint, not fastsal_a" in line
+
+
+# --------------------------------------------------------------------------------------------
+# predict and eval: odd names, broken models, other runs' outputs
+
+
+def test_predict_maps_a_name_that_is_not_utf8_and_names_a_broken_link_as_it_is(run_dir, image_folder, tmp_path):
+    """A file name with a byte that is not UTF-8 killed the run with a traceback (its temp name could not be
+    encoded): it gets its map, in png; hdf5, whose dataset names must be UTF-8, fails that image alone and keeps
+    its failures in the file. A broken symlink's failure names the link, not where it led."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    odd = os.fsdecode(b"bad\xff.jpg")
+    shutil.copy(folder / "a.jpg", folder / odd)
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    out = tmp_path / "maps"
+    result = ok("predict", "--checkpoint", run_dir, "--images", folder, "--out", out, "--no-progress")
+    assert "maps written   4" in result.output and "images failed  1" in result.output
+    assert (out / f"{odd}.png").is_file()
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["maps"] == 4 and [f["file"] for f in doc["failures"]] == [str(folder / "gone.jpg")]
+    h5 = tmp_path / "maps.h5"
+    result = ok("predict", "--checkpoint", run_dir, "--images", folder, "--out", h5, "--format", "hdf5",
+                "--no-progress")
+    assert "maps written   3" in result.output
+    with h5py.File(h5, "r") as f:
+        failures = json.loads(f.attrs["failures"])
+        assert {x["file"]: x["reason"] for x in failures}[str(folder / odd)] == (
+            "its name is not UTF-8, which an HDF5 dataset's name must be")
+        assert "a.jpg" in f and len(failures) == 2
+
+
+def test_predict_leaves_other_runs_outputs_out_and_fails_when_no_image_could_be_mapped(image_folder, tmp_path):
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", folder / "maps_a", "--no-progress")
+    second = ok("predict", "--teacher", "classic", "--images", folder, "--out", folder / "maps_c", "--no-progress")
+    assert "maps written   3" in second.output, second.output  # not maps_a's 3 maps as well
+    assert f"note: left out 1 folder of other runs' maps or labels below {folder} (maps_a)" in second.stderr
+    assert not (folder / "maps_c" / "maps_a").exists()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"\xff\xd8junk")
+    (bad / "b.jpg").write_bytes(b"")
+    r = invoke("predict", "--teacher", "classic", "--images", bad, "--out", tmp_path / "none", "--no-progress")
+    assert r.exit_code == 1 and r.output.strip().endswith("Error: no image could be mapped (2 failed)"), r.output
+    assert json.loads((tmp_path / "none" / "predictions.json").read_text())["maps"] == 0
+
+
+def test_a_model_whose_maps_are_not_finite_maps_scores_and_exports_nothing(mit, image_folder, tmp_path):
+    """Broken weights (NaN) gave all-zero PNGs and `maps written 12`, an `export` whose check passed (a NaN
+    difference is no larger than any bound) and an eval that died without naming an image."""
+    from students import build_student
+
+    model = build_student("fastsal_a", backbone_weights="none")
+    model.head.weight.data.fill_(float("nan"))
+    weights = tmp_path / "nan.pt"
+    torch.save({"model": model.state_dict(), "student": "fastsal_a"}, weights)
+    named = ["--student", "fastsal_a", "--weights", weights]
+    r = invoke("predict", *named, "--images", image_folder, "--out", tmp_path / "maps", "--no-progress")
+    assert r.exit_code == 1 and "no image could be mapped (3 failed)" in r.output, r.output
+    assert r.stderr.count("the model's map of it is not finite (NaN or ±inf): its weights are broken") == 3
+    assert not list((tmp_path / "maps").glob("*.png"))
+    _, h5, _ = mit
+    r = invoke("eval", *named, "--fixations", h5, "--out", tmp_path / "eval.json", "--no-progress")
+    assert r.exit_code == 1 and "Error: no image could be scored" in r.output, r.output
+    assert r.stderr.count("not finite") == len(MIT_IMAGES)
+    r = invoke("export", *named, "--out", tmp_path / "m.onnx")
+    assert r.exit_code == 1 and "gives logits that are not finite (NaN or ±inf) on a random batch" in r.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_scored_count_says_how_many_images_had_no_fixations():
+    from pipeline.score.evaluate import EvalResult
+
+    rows = [{"fixations": 5, "cc": 0.5}, {"fixations": 0, "cc": float("nan")}, {"fixations": 3, "cc": 0.7}]
+    table = EvalResult("m", "d", ("cc",), per_image=rows).table()
+    assert "images scored  3 (1 without fixations: in no mean)" in table and "0.6000" in table

@@ -145,7 +145,8 @@ def test_predict_and_profile_on_int8_onnx_runtime(weights, coco_tree, tmp_path):
     export = invoke("export", "--student", "fastsal_a", "--out", tmp_path / "x.onnx", "--quantize", "int8")
     assert export.exit_code == 2 and "--quantize int8 needs --calibration" in export.output
     assert not (tmp_path / "x.onnx").exists()
-    sact = invoke("export", "--student", "sact", "--image-size", "64x96", "--out", tmp_path / "s.onnx",
+    sact = invoke("export", "--student", "sact", "--weights", "random", "--image-size", "64x96", "--out",
+                  tmp_path / "s.onnx",
                   "--quantize", "int8", "--calibration", images)  # the quantizer fails on SACT's graph: one line
     assert sact.exit_code == 1 and len(sact.output.splitlines()) == 1, sact.output
     assert sact.output.startswith("Error: ONNX Runtime's quantizer cannot quantize sact to int8 (")
@@ -159,9 +160,27 @@ def test_export_refuses_what_it_cannot_serve(tmp_path):
         assert invoke("export", "--student", "fastsal_a", *device, "--out", tmp_path / "t.onnx").exit_code == 2
     r = invoke("export", "--out", tmp_path / "t.onnx")
     assert r.exit_code == 2 and "Error: name the student with exactly one of --checkpoint or --student" in r.output
-    r = invoke("export", "--student", "fastsal_a", "--image-size", "100x100", "--out", tmp_path / "s.onnx")
+    r = invoke("export", "--student", "fastsal_a", "--weights", "random", "--image-size", "100x100", "--out",
+               tmp_path / "s.onnx")
     assert r.exit_code == 2 and "Invalid value for '--image-size': fastsal_a needs H and W multiples of 32" in r.output
+    r = invoke("export", "--student", "fastsal_a", "--out", tmp_path / "s.onnx")  # an untrained model, unasked
+    assert r.exit_code == 2 and "--student fastsal_a needs --weights: a trained file" in r.output, r.output
+    for command in (["export", "--weights", "random", "--out", tmp_path / "s.onnx"], ["profile", "--iters", "1"]):
+        r = invoke(*command[:1], "--student", "sact", "--tile", "4", *command[1:])  # 192x256: block 4 is 6x8
+        assert r.exit_code == 2 and ("sact at 192x256: tile 4 does not divide block 4's feature map of 6×8"
+                                     in r.output), r.output
     assert not list(tmp_path.iterdir())  # a usage mistake, as profile's
+
+
+def test_sacts_graph_declares_its_output_as_fastsals_does(tmp_path):
+    """SACT's graph ends in a resize whose output dims the exporter left unnamed: they are [batch, 1, H, W]."""
+    r = invoke("export", "--student", "sact", "--weights", "random", "--image-size", "64x96", "--out",
+               tmp_path / "s.onnx")
+    assert r.exit_code == 0, r.output
+    graph = onnx.load(str(tmp_path / "s.onnx"))
+    dims = [d.dim_param or d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, 64, 96]
+    assert float(r.output.split("max |onnx − torch|")[1].split()[0]) <= 1e-4
 
 
 def test_compile_runtime_is_for_students_and_refused_without_a_cpu_compiler(monkeypatch):

@@ -227,9 +227,12 @@ def test_hint_stage_regresses_the_teachers_features_and_starts_fastsal_a(small_l
     assert encoder and all(torch.equal(model[k], hint[k]) for k in encoder)
     assert model["adapt.0.0.weight"].shape != hint["adapt.0.0.weight"].shape  # A's own decoder starts fresh
 
-    # the hint run's head never learnt a map: scoring it is refused (profiling its size and speed is not)
+    # the hint run's head never learnt a map: scoring or exporting it is refused (profiling its size and speed is not)
     scored = invoke("eval", "--checkpoint", run, "--labels", small_labels)
     assert scored.exit_code == 1 and "is of the hint stage" in scored.output and "fine-tune it first" in scored.output
+    exported = invoke("export", "--checkpoint", run, "--out", tmp_path / "hint.onnx")
+    assert exported.exit_code == 1 and "is of the hint stage" in exported.output
+    assert not (tmp_path / "hint.onnx").exists()
     assert invoke("profile", "--checkpoint", run, "--iters", 1).exit_code == 0
 
 

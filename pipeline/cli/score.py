@@ -23,12 +23,21 @@ from pipeline.common.errors import error_message
 
 
 def check_stride(predictor, image_size) -> None:
-    """A student's --image-size in multiples of its stride, or a usage error (before any work)."""
-    if image_size and predictor.student:
+    """A student's input size (--image-size, else its own) fits it: H and W multiples of its stride, and SACT's
+    --tile dividing every block's map; else a usage error (before any work)."""
+    if not predictor.student:
+        return
+    if image_size:
         stride = predictor.model.stride
         if image_size[0] % stride or image_size[1] % stride:
             raise click.BadParameter(f"{predictor.model.name} needs H and W multiples of {stride}, e.g. 192x256; "
                                      f"got {image_size[0]}x{image_size[1]}", param_hint="'--image-size'")
+    size = image_size or predictor.input_size
+    if size:
+        try:
+            predictor.model.check_size(*size)
+        except ValueError as e:
+            raise click.UsageError(f"{predictor.model.name} at {size[0]}x{size[1]}: {e}") from None
 
 
 @click.command("fixations")
@@ -55,7 +64,7 @@ def fixations_cmd(dataset, root, split, out):
 @click.command("eval")
 @model_options
 @click.option("--fixations", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
-              help="A fixation HDF5 from `pipeline fixations` (or its URL, s3://…): all 7 metrics against human "
+              help="A fixation HDF5 from `pipeline fixations` (or its URL, s3://…): all 8 metrics against human "
                    "fixations.")
 @click.option("--labels", type=click.Path(file_okay=False, path_type=str), default=None, callback=path_or_url,
               help="A finished label folder (or its URL, s3://…): CC, KLDiv, SIM, NSS against the teacher's labels "
@@ -102,6 +111,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         raise click.ClickException(str(e)) from None
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             student_options=student_options, map_name=map_name)
+    check_stride(predictor, None)
     calibration = None
     try:
         if map_name != "saliency":
@@ -164,9 +174,10 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     out = output_path(out, folder=format_ == "png")
     if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
-    predictor = with_runtime(build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                                         student_options=student_options), runtime,
-                             calibration=calibration, calibration_images=calibration_images)
+    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
+                            student_options=student_options)
+    check_stride(predictor, None)
+    predictor = with_runtime(predictor, runtime, calibration=calibration, calibration_images=calibration_images)
     compare = None
     if compare_teacher:
         compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision,
@@ -181,6 +192,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     except OSError as e:  # writing the maps: a full disk, a read-only folder (predictions.json is not written)
         raise click.ClickException(f"cannot write the maps to {out} ({error_message(e)})") from None
     echo_result(result, result.failures, lambda f: f"{f['file']}: {f['reason']}")
+    if result.failures and not result.written:
+        raise click.ClickException(f"no image could be mapped ({len(result.failures)} failed)")
 
 
 @click.command("profile")
@@ -265,8 +278,12 @@ def export_cmd(checkpoint, student, student_options, weights, student_output, fo
         raise click.UsageError("--quantize int8 needs --calibration (a label folder or a folder of images)"
                                if calibration is None else "--calibration is for --quantize int8")
     out = output_path(out)
+    if student and weights is None:
+        raise click.UsageError(f"--student {student} needs --weights: a trained file (for a model you trained, use "
+                               "--checkpoint RUN_DIR), or random for the architecture alone (e.g. to time it)")
+    # a checkpoint must have trained its saliency head (a hint-stage one has not); --student takes --weights random
     predictor = build_model(checkpoint, None, student, weights, student_output, "cpu", "fp32",
-                            require_weights=False, student_options=student_options)
+                            require_weights=checkpoint is not None, student_options=student_options)
     check_stride(predictor, image_size)
     try:
         result = export_onnx(predictor, out, input_size=image_size, opset=opset,

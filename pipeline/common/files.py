@@ -15,7 +15,8 @@ def temp_name(final: Path) -> Path:
     """A hidden name beside ``final``, unique to this writer (readers never glob it); ``final``'s name is cut
     short in it where the whole would be longer than a file name may be."""
     tail = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    name = final.name.encode()[:NAME_MAX - 1 - len(tail)].decode(errors="ignore")
+    # (bytes as the filesystem has them: a name that is not UTF-8 keeps its undecodable bytes)
+    name = os.fsdecode(os.fsencode(final.name)[:NAME_MAX - 1 - len(tail)])
     return final.with_name(f".{name}{tail}")
 
 

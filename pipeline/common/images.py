@@ -18,6 +18,8 @@ import torch.nn.functional as F
 MIN_SIDE = 8
 
 cv2.setNumThreads(1)  # we parallelise over images ourselves
+# an image OpenCV cannot read is a per-image failure with its reason; its own "[ WARN:0@…]" lines are noise
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 class ImageError(Exception):

@@ -29,7 +29,7 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.tables import table
 from pipeline.score import metrics
 from pipeline.score.fixations import FixationSet
-from pipeline.score.predictors import Predictor
+from pipeline.score.predictors import NOT_FINITE, Predictor
 from students import to_log_density
 
 #: MIT benchmark convention: the empirical map is blurred with a Gaussian of about one degree of
@@ -63,7 +63,9 @@ class EvalResult:
 
     def table(self) -> str:
         rows = [(m, f"{v:.4f}") for m, v in self.means.items()]
-        rows += [("images scored", str(len(self.per_image))), ("images failed", str(self.failed)),
+        bare = sum(1 for r in self.per_image if r.get("fixations") == 0)  # every metric of it is undefined
+        scored = f"{len(self.per_image)}" + (f" ({bare} without fixations: in no mean)" if bare else "")
+        rows += [("images scored", scored), ("images failed", str(self.failed)),
                  ("wall time", f"{self.seconds:.1f} s"),
                  ("images/s", f"{len(self.per_image) / max(self.seconds, 1e-9):.1f}")]
         return f"{self.model} on {self.data}\n" + table(None, rows, indent="  ")
@@ -131,6 +133,9 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
                 if isinstance(x, Exception):
                     result.failures.append({"index": i, "path": fs.paths[i], "reason": str(x)})
             for (i, _), logd in zip(good, predictor.log_densities([x for _, x in good])):
+                if not np.isfinite(logd).all():
+                    result.failures.append({"index": i, "path": fs.paths[i], "reason": NOT_FINITE})
+                    continue
                 scoring.append(pool.submit(score, i, logd))
             bar.update(len(batch))
         result.per_image = [f.result() for f in scoring]
@@ -164,6 +169,9 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
                 imgs, targets, keys = imgs[:room], targets[:room], keys[:room]
             rgbs = [x.permute(1, 2, 0).numpy() for x in imgs]
             for key, logd, target in zip(keys, predictor.log_densities(rgbs), targets):
+                if not np.isfinite(logd).all():
+                    result.failures.append({"path": key, "reason": NOT_FINITE})
+                    continue
                 pred = np.exp(logd.astype(np.float64))
                 t = to_log_density(target[None], labels.label_kind)[0, 0].double().exp().numpy()
                 z = (pred - pred.mean()) / max(pred.std(), 1e-300)

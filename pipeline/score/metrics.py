@@ -369,7 +369,7 @@ def empirical_saliency_map(ys, xs, shape, sigma) -> np.ndarray:
     ys, xs = _as_fixations(ys, xs, (h, w))
     if ys.size == 0:
         raise ValueError("empirical_saliency_map needs at least one fixation")
-    # the blur in float32 (4x faster than float64 in OpenCV; it dominates the cost of all 7 metrics)
+    # the blur in float32 (4x faster than float64 in OpenCV; it dominates the cost of all 8 metrics)
     counts = np.bincount(ys * w + xs, minlength=h * w).astype(np.float32).reshape(h, w)
     smap = np.maximum(gaussian_blur(counts, sigma), 0.0).astype(np.float64)
     return smap / smap.sum()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +35,7 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import as_path, is_url
 from pipeline.common.tables import table
 from pipeline.score import sheets
-from pipeline.score.predictors import Predictor
+from pipeline.score.predictors import NOT_FINITE, Predictor
 from pipeline.label.sources import SourceError, folder_records
 
 FORMATS = ("png", "hdf5")
@@ -80,10 +82,21 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     if local_out is not None and local_out.resolve() == Path(folder).resolve():
         raise SourceError(f"--out {out} is the image folder itself: the maps would be written among (and over) the "
                           "images; give another folder")
-    # maps (and comparison sheets) written inside the image folder are not images
-    records = folder_records(folder, exclude=() if local_out is None else (local_out, compare_folder(local_out, fmt)),
+    # maps (and comparison sheets) written inside the image folder are not images, nor are other runs' outputs
+    own = [] if local_out is None else [local_out.resolve(), compare_folder(local_out, fmt).resolve()]
+    others = [p for p in pipeline_outputs(folder) if p.resolve() not in own]
+    if others:
+        shown = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (", …" if len(others) > 3 else "")
+        print(f"note: left out {len(others)} folder{'s' if len(others) > 1 else ''} of other runs' maps or labels "
+              f"below {folder} ({shown})", file=sys.stderr)
+    records = folder_records(folder, exclude=[*others, *(() if local_out is None else
+                                                        (local_out, compare_folder(local_out, fmt)))],
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
     result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
+
+    def entry(record) -> str:  # a failure names the folder's entry (a link, not what it leads to)
+        return str(folder / record.source_id)
+
     with contextlib.ExitStack() as stack:
         h5 = None
         if fmt == "png":
@@ -112,8 +125,11 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             for batch in batched(prefetched(pool, records, read, 3 * batch_size, catch=images.ImageError),
                                  batch_size):
                 good = [(r, x) for r, x in batch if not isinstance(x, Exception)]
-                result.failures += [{"file": r.path, "reason": str(x)} for r, x in batch if isinstance(x, Exception)]
+                result.failures += [{"file": entry(r), "reason": str(x)} for r, x in batch if isinstance(x, Exception)]
                 logds = predictor.log_densities([x for _, x in good])
+                finite = [np.isfinite(d).all() for d in logds]
+                result.failures += [{"file": entry(r), "reason": NOT_FINITE} for (r, _), ok in zip(good, finite) if not ok]
+                good, logds = [g for g, ok in zip(good, finite) if ok], [d for d, ok in zip(logds, finite) if ok]
                 if compare is not None:
                     for (rec, rgb), logd, ref in zip(good, logds, compare.log_densities([x for _, x in good])):
                         sheets_.append((rec, pool.submit(_write_sheet, result, str(rec.source_id), rgb, ref, logd,
@@ -121,13 +137,17 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                 for (rec, _), logd in zip(good, logds):
                     rel = str(rec.source_id)
                     if h5 is not None:
+                        if not utf8(rel):
+                            result.failures.append({"file": entry(rec), "reason": "its name is not UTF-8, which an "
+                                                    "HDF5 dataset's name must be"})
+                            continue
                         h5.create_dataset(rel, data=logd.astype(np.float32), compression="gzip", compression_opts=4)
                     else:
                         maps.append((rec, pool.submit(_write_png, out / f"{rel}.png", logd)))
                 bar.update(len(batch))
             for rec, w in maps:
                 if _too_long(w):
-                    result.failures.append({"file": rec.path, "reason": "its map's name is too long for the "
+                    result.failures.append({"file": entry(rec), "reason": "its map's name is too long for the "
                                             f"filesystem: {out / rec.source_id}.png"})
             for rec, w in sheets_:
                 if _too_long(w):  # the map is there: no failure, a line
@@ -135,6 +155,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                     print(f"warning: no comparison sheet for {rec.source_id}: its name is too long for the "
                           "filesystem", file=sys.stderr)
             result.written = len(records) - len(result.failures)  # each image failed once, or has its map
+            if h5 is not None:  # what predictions.json says of a png folder's failures
+                h5.attrs["failures"] = json.dumps(result.failures)
         if fmt == "png":  # the completion mark, while the folder is still held
             doc = {"model": predictor.name, "source": str(folder.resolve()), "maps": result.written,
                    "failures": result.failures}
@@ -144,6 +166,32 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             write_json(out / "predictions.json", doc)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+#: files that mark a folder as a pipeline output: a map folder, a label folder, one being written
+OUTPUT_MARKS = ("predictions.json", "labels.json", LOCK_NAME)
+
+
+def pipeline_outputs(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` that another `pipeline predict` or `pipeline label` wrote (or is writing):
+    their maps, previews and sheets are no input images."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        if root != str(folder) and any(m in files for m in OUTPUT_MARKS):
+            found.append(Path(root))
+            dirs[:] = []
+        else:
+            dirs.sort()
+    return found
+
+
+def utf8(name: str) -> bool:
+    """Whether ``name`` (as the filesystem gave it: undecodable bytes as surrogates) is valid UTF-8."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _too_long(written) -> bool:

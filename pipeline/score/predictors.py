@@ -20,6 +20,10 @@ from pipeline.train.checkpoints import CheckpointError, student_from_checkpoint
 from students import Student, build_student, student_kind, to_log_density
 
 
+#: why an image has no map (a per-image failure) when the model's output for it is NaN or infinite
+NOT_FINITE = "the model's map of it is not finite (NaN or ±inf): its weights are broken"
+
+
 class PredictorError(Exception):
     """The model to evaluate cannot be built (bad checkpoint, no model named…)."""
 
@@ -129,17 +133,17 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
                             input_size: tuple[int, int] = (192, 256), precision: str = "auto",
                             options: dict | None = None) -> Predictor:
     """A student built by name, from ``weights`` (e.g. the authors' ``coco_A.pth``), from its ImageNet backbone
-    alone (``weights="imagenet"``: no saliency training) or untrained (``weights=None``: for ``profile`` only).
-    ``output`` says how its logits become a map."""
+    alone (``weights="imagenet"``: no saliency training) or untrained (``weights=None`` or ``"random"``: for
+    ``profile`` and ``export`` only). ``output`` says how its logits become a map."""
     dev, amp = _device(device, precision)
     backbone = "imagenet" if weights == "imagenet" else "none"
     try:
-        model = build_student(name, weights=None if weights == "imagenet" else weights, backbone_weights=backbone,
-                              **(options or {}))
+        model = build_student(name, weights=None if weights in ("imagenet", "random") else weights,
+                              backbone_weights=backbone, **(options or {}))
     except KeyError as e:
         raise PredictorError(e.args[0]) from None
     kind = {"softmax": "logits", "sigmoid": "sigmoid_logits"}[output]
-    label = f"{name}@{weights}" if weights else f"{name} (untrained)"
+    label = f"{name}@{weights}" if weights and weights != "random" else f"{name} (untrained)"
     return Predictor(label, model.to(dev).eval(), kind, input_size, dev, autocast=amp)
 
 

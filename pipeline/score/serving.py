@@ -94,6 +94,13 @@ def onnx_bytes(predictor: Predictor, input_size: tuple[int, int], opset: int = D
     finally:
         predictor.model.to(predictor.device)
     graph = onnx.load_from_string(buf.getvalue())
+    # the output's shape as declared for every student, [batch, 1, H, W] (the exporter leaves a resize's unnamed)
+    dims = graph.graph.output[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims, ("batch", 1, *input_size)):
+        if isinstance(value, str):
+            dim.dim_param = value
+        else:
+            dim.dim_value = value
     meta = {"student": predictor.model.name, "student_options": json.dumps(predictor.model.options()),
             "map_kind": predictor.kind, "input_size": f"{input_size[0]}x{input_size[1]}", "opset": str(opset),
             "source": predictor.name}
@@ -149,14 +156,17 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
         session = OnnxSession(data)
         quantized = f"int8 ({len(calib)} calibration images)"
         map_cc = map_agreement(session.run, ServingModel(predictor.model).cpu().eval(), predictor.kind, check)
-    out = as_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out, "wb") as f:
-        f.write(data)
     x = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want = ServingModel(predictor.model).eval()(x.to(predictor.device)).float().cpu().numpy()
     got = (session or OnnxSession(data)).run(x.numpy())
+    if not (np.isfinite(want).all() and np.isfinite(got).all()):  # (a NaN difference passes every comparison)
+        raise PredictorError(f"{predictor.name} gives logits that are not finite (NaN or ±inf) on a random batch: "
+                             "its weights are broken; nothing was written")
+    out = as_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out, "wb") as f:
+        f.write(data)
     return ExportResult(out, opset, size, float(np.abs(got - want).max()), quantized, map_cc, which)
 
 
