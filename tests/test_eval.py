@@ -593,6 +593,19 @@ def test_profile_checkpoint_uses_its_training_size(run_dir, tmp_path):
     assert doc["params"] == 3_646_715
 
 
+def test_a_train_checkpoint_given_as_student_weights_is_warned_of(run_dir, image_folder, tmp_path):
+    """`--student fastsal_a --weights <our checkpoint>` runs it at 192x256 with softmax maps although it was
+    trained at 64x96 on a map teacher (sigmoid): its maps had CC 0.015 with --checkpoint's. Allowed, and said."""
+    ckpt = next((run_dir / "checkpoints").glob("epoch-*.pt"))
+    r = ok("predict", "--student", "fastsal_a", "--weights", ckpt, "--images", image_folder, "--out",
+           tmp_path / "maps", "--no-progress")
+    assert (f"warning: {ckpt} is a `pipeline train` checkpoint, trained at 64x96 with sigmoid maps; --student runs "
+            f"it at 192x256 with --student-output softmax: --checkpoint {ckpt} uses what it was trained with") \
+        in r.stderr
+    r = ok("predict", "--checkpoint", ckpt, "--images", image_folder, "--out", tmp_path / "maps2", "--no-progress")
+    assert "warning" not in r.stderr
+
+
 def test_teachers_lists_kinds_parameters_and_weights():
     result = ok("teachers")
     rows = {line.split()[0]: line for line in result.output.splitlines()[1:] if line.strip()}

@@ -7,6 +7,7 @@ folder), or a student built with given weights (e.g. the FastSal authors' checkp
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,26 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
         raise PredictorError(e.args[0]) from None
     kind = {"softmax": "logits", "sigmoid": "sigmoid_logits"}[output]
     label = f"{name}@{weights}" if weights and weights != "random" else f"{name} (untrained)"
+    recorded = _train_record(weights)
+    if recorded is not None:
+        size, their_kind = recorded
+        print(f"warning: {weights} is a `pipeline train` checkpoint, trained at {size[0]}x{size[1]} with "
+              f"{'sigmoid' if their_kind == 'sigmoid_logits' else 'softmax'} maps; --student runs it at "
+              f"{input_size[0]}x{input_size[1]} with --student-output {output}: --checkpoint {weights} uses what "
+              "it was trained with", file=sys.stderr)
     return Predictor(label, model.to(dev).eval(), kind, input_size, dev, autocast=amp)
+
+
+def _train_record(weights: str | None) -> tuple[tuple[int, int], str] | None:
+    """(image size, map kind) a local ``pipeline train`` checkpoint file records; None for any other weights."""
+    if not weights or "://" in weights or not Path(weights).is_file():
+        return None
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        labels = ckpt["labels"]
+        return tuple(labels.get("image_size", (192, 256))), student_kind(labels["kind"])
+    except Exception:  # noqa: BLE001 - the authors' file, a bare state dict…: not ours
+        return None
 
 
 def build_predictor(*, checkpoint=None, teacher=None, student=None, weights=None, student_output="softmax",
