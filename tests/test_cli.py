@@ -145,6 +145,28 @@ def test_a_path_named_on_the_command_line_that_does_not_exist_is_a_usage_mistake
 
 
 @pytest.mark.parametrize("args, option", [
+    (["label", "coco", "--teacher", "classic", "--coco-root", "s3://b/coco", "--out", "o"], "'--coco-root'"),
+    (["predict", "--teacher", "classic", "--images", "s3://b/imgs", "--out", "o"], "'--images'"),
+    (["profile", "--student", "fastsal_a", "--images", "gs://b/labels/classic/val2017"], "'--images'"),
+])
+def test_a_url_where_a_local_path_is_read_is_one_sentence_saying_so(tmp_path, monkeypatch, args, option):
+    """`s3://b/coco` became `s3:/b/coco does not exist`."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, args)
+    url = next(a for a in args if "://" in a)
+    assert r.exit_code == 2 and (f"Error: Invalid value for {option}: {url} is a URL; this option reads a local or "
+                                 "shared-filesystem path only") in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_url_names_a_local_folder_where_only_local_paths_are_read(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    r = CliRunner().invoke(cli, ["predict", "--teacher", "classic", "--images", f"file://{root}/samples/coco/val2017",
+                                 "--out", str(tmp_path / "maps"), "--no-progress"])
+    assert r.exit_code == 0 and "maps written   12" in r.output, r.output
+
+
+@pytest.mark.parametrize("args, option", [
     (["label", "coco", "--teacher", "classic", "--coco-root", "{samples}/coco", "--out", ""], "'--out'"),
     (["train", "--labels", "{samples}", "--run", " "], "'--run'"),
     (["run", "{demo}", "--workdir", "", "--dry-run"], "'--workdir'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -22,6 +23,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import cli
+import pipeline.label.driver
+from pipeline.label.config import LabelError
 from pipeline.label.driver import label
 from pipeline.label.shards import verify_dataset
 from pipeline.label.worker import LabelConfig
@@ -575,6 +578,56 @@ def test_errors_keep_their_cause_in_one_line():
     assert error_message(KeyError("shard")) == "KeyError: 'shard'"
     assert error_message(RuntimeError("\x1b[1m\x1b[31mboom\x1b[0m\n\tdetails")) == "RuntimeError: boom"
     assert error_message(ValueError("Traceback (most recent call last):\n  File x\nValueError: bad")) == "ValueError: bad"
+
+
+def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_twice(coco_tree, tmp_path,
+                                                                                         monkeypatch):
+    """Object storage gone mid-run: every shard waited for its timeouts and failed, one by one, for tens of
+    minutes, and each retry counted its images again (the progress read 141%). A shard the store refused stops
+    the run with one sentence; the shards finished before it stay."""
+    import botocore.exceptions
+
+    import pipeline.label.executors
+    import pipeline.label.worker
+
+    real = pipeline.label.worker.ShardLabeler.label_shard
+    calls = []
+
+    def label_shard(self, plan, folder, progress=None, **kw):
+        calls.append(plan.name)
+        if plan.index == 0:
+            return real(self, plan, folder, progress=progress, **kw)
+        progress(2)  # two images of it done, then the upload fails
+        try:
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b")
+        except botocore.exceptions.EndpointConnectionError:
+            raise OSError("upload failed")  # as s3fs raises it, the store's error as its context
+
+    counts = []
+
+    class Bar:
+        n = 0
+
+        def update(self, n=1):
+            self.n += n
+            counts.append(self.n)
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(pipeline.label.worker.ShardLabeler, "label_shard", label_shard)
+    bar = Bar()
+    monkeypatch.setattr(pipeline.label.driver, "show_progress", lambda *a, **k: contextlib.nullcontext(bar))
+    with pytest.raises(LabelError) as e:
+        label(coco_records(coco_tree, "val2017"), tmp_path, CONFIG, shard_size=3, executor="local", retries=2,
+              progress=False)
+    assert calls == ["shard-000000", "shard-000001", "shard-000001", "shard-000001"]  # shard 2 never started
+    assert str(e.value).startswith(f"shard shard-000001 could not be written to {tmp_path}: object storage refused "
+                                   "the request (EndpointConnectionError")
+    assert str(e.value).endswith("The 1 shard finished in this run is kept: run the same command again when the "
+                                 "store answers")
+    assert verify_dataset(tmp_path) != "" and (tmp_path / "shard-000000.json").is_file()
+    assert max(counts[:-1]) <= 3 + 2 and counts[-1] == 3 + 3  # each retry's images taken back; the shard counted once
 
 
 def test_a_failing_shard_is_one_error_line_and_a_broken_preview_only_a_warning(coco_tree, tmp_path, monkeypatch):

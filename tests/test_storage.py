@@ -527,3 +527,39 @@ def test_a_file_url_upload_of_a_name_near_the_limit_fits(tmp_path):
     name = "z" * 245 + ".png"
     as_path(f"file://{tmp_path}/out/{name}").upload(tmp_path / "src")
     assert [p.name for p in (tmp_path / "out").iterdir()] == [name]
+
+
+def test_a_store_that_refuses_the_labels_index_is_said_as_such_not_as_an_unfinished_folder(monkeypatch):
+    """Credentials the store refuses made `train` and `eval` say "not a finished label folder … re-run `pipeline
+    label`": the folder may be whole. The store's refusal is named instead."""
+    import botocore.exceptions
+
+    from pipeline.common.storage import RemotePath
+    from pipeline.train.data import DataError, open_label_set
+
+    def read_text(self, *a, **k):
+        try:
+            raise botocore.exceptions.ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "bad key"}},
+                                                  "GetObject")
+        except botocore.exceptions.ClientError:
+            raise PermissionError("Access Denied")  # as s3fs raises it
+
+    monkeypatch.setattr(RemotePath, "read_text", read_text)
+    monkeypatch.setattr(RemotePath, "is_file", lambda self: False)
+    with pytest.raises(DataError) as e:
+        open_label_set("s3://bucket/labels/classic/val2017")
+    assert str(e.value).startswith("cannot read s3://bucket/labels/classic/val2017/labels.json: object storage "
+                                   "refused the request (ClientError")
+    assert "re-run `pipeline label`" not in str(e.value)
+
+
+def test_an_output_url_whose_bucket_does_not_exist_is_refused_before_any_work(s3, tmp_path, labelled):
+    """A misspelt bucket: `train` lost its epoch with the staging folder, `eval` printed its scores then failed,
+    `label` labelled every shard and then failed each."""
+    why = ": its bucket s3://nobucket does not exist (or these credentials cannot see it); create it, or check the name"
+    for args in ([*LABEL, "--out", "s3://nobucket/labels"],
+                 [*TRAIN, "--labels", str(labelled), "--run", "s3://nobucket/run"],
+                 ["eval", "--teacher", "classic", "--labels", str(labelled), "--out", "s3://nobucket/m.json"]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and why in r.output, (args, r.output)
+        assert "images scored" not in r.output and "backbone" not in r.output

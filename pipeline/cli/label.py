@@ -72,7 +72,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
     Re-running the same command skips finished shards (per-image failures included) and redoes partial ones.
     """
     from pipeline.common.errors import error_message
-    from pipeline.common.storage import as_path, is_url
+    from pipeline.common.storage import as_path, check_bucket, is_url
     from pipeline.label.driver import exit_code, label, run_error
     from pipeline.label.worker import LabelConfig
     from pipeline.label.sources import coco_records, folder_records
@@ -91,6 +91,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
                                + ("--coco-root's --split" if source == "coco" else "--images"))
     must_exist("coco_root" if source == "coco" else "images")
     try:
+        check_bucket(out)  # a misspelt bucket: before any image is labelled
         if source == "coco":
             records, name = coco_records(coco_root, split, allow_outside_root=allow_outside_root), split
         else:

@@ -67,12 +67,12 @@ def output_path(value, *, folder: bool = False):
     ``folder``: the path is a folder to write into, not a file."""
     import tempfile
 
-    from pipeline.common.storage import StorageError, as_path, is_url
+    from pipeline.common.storage import StorageError, as_path, check_bucket, is_url
 
     out = None if value is None else as_path(value)
     if out is not None and is_url(out):
         try:
-            out.fs
+            check_bucket(out)  # (and the protocol's package is there)
         except StorageError as e:
             raise click.ClickException(str(e)) from None
     elif out is not None:
@@ -105,11 +105,17 @@ def path_or_url(ctx, param, value):
 
 class LocalPath(click.Path):
     """A :class:`click.Path` that refuses an empty value as :func:`path_or_url` does (``Path("")`` is the current
-    directory)."""
+    directory), and a URL in one sentence (``s3://b/k`` became ``s3:/b/k does not exist``); ``file://`` names a
+    local path."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             path_or_url(ctx, param, value)
+        if isinstance(value, str) and "://" in value:
+            if not value.startswith("file://"):
+                self.fail(f"{value} is a URL; this option reads a local or shared-filesystem path only (copy the "
+                          "files to one)", param, ctx)
+            value = value[len("file://"):]
         return super().convert(value, param, ctx)
 
 

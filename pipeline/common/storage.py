@@ -64,6 +64,21 @@ def filesystem(protocol: str):
         raise StorageError(f"{protocol}:// is not a storage protocol fsspec knows ({e})") from None
 
 
+def check_bucket(path) -> None:
+    """An object-store URL's bucket (the first part of its key) exists, or :class:`StorageError`: a misspelt
+    bucket is found before any work, not when the first result is uploaded. A local path or ``file://``: nothing.
+    (The store's own refusal, e.g. of the credentials, is raised as it is.)"""
+    if not is_url(path):
+        return
+    path = as_path(path)
+    if path.protocol in LOCAL_PROTOCOLS:
+        return
+    bucket = path.key.split("/", 1)[0]
+    if not path.fs.exists(bucket):
+        raise StorageError(f"{path}: its bucket {path.protocol}://{bucket} does not exist (or these credentials "
+                           "cannot see it); create it, or check the name")
+
+
 def is_url(path) -> bool:
     return isinstance(path, RemotePath) or "://" in str(path)
 

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
 from pipeline.common.devices import available, resolve_device, use_autocast
-from pipeline.common.errors import error_message
+from pipeline.common.errors import error_message, root_cause, storage_error
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
@@ -295,6 +295,13 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
 
     def on_done(plan: ShardPlan, marker: dict | None, error: Exception | None):
         if marker is None:
+            refused = storage_error(root_cause(error))
+            if refused:  # the store itself (down, credentials, bucket): every other shard would wait and fail so
+                done = len(markers) - len(split.done)
+                raise LabelError(f"shard {plan.name} could not be written to {folder}: {refused}. The {done} shard"
+                                 f"{'' if done == 1 else 's'} finished in this run "
+                                 f"{'is' if done == 1 else 'are'} kept: run the same command again when the store "
+                                 "answers")
             summary.shards_failed.append(plan.name)
             summary.shard_errors[plan.name] = error_message(error)
             print(f"shard {plan.name} failed: {summary.shard_errors[plan.name]}", file=sys.stderr)

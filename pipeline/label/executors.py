@@ -82,13 +82,23 @@ def label_here(config: LabelConfig, placement: Placement, identity: dict, todo, 
         for i, plan in enumerate(todo):
             following = todo[i + 1] if i + 1 < len(todo) else None  # decoded while this shard finishes
             for attempt in range(retries + 1):
+                counted = []  # the images this attempt showed as done: taken back when it fails
+
+                def progress(n: int) -> None:
+                    counted.append(n)
+                    bar.update(n)
+
                 try:
-                    on_done(plan, labeler.label_shard(plan, folder, progress=bar.update,
-                                                      reuse=reuse.get(plan.index), next_plan=following), None)
-                    break
+                    marker = labeler.label_shard(plan, folder, progress=progress, reuse=reuse.get(plan.index),
+                                                 next_plan=following)
                 except Exception as e:  # noqa: BLE001 - a shard-level failure is retried, then recorded
+                    bar.update(-sum(counted))
                     if attempt == retries:
+                        bar.update(pending_images(plan, reuse))  # counted once, as done (failed), as on Ray
                         on_done(plan, None, e)
+                    continue
+                on_done(plan, marker, None)
+                break
     finally:
         labeler.close()
 

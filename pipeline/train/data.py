@@ -32,6 +32,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
+from pipeline.common.errors import storage_error
 from pipeline.common.images import resize
 from pipeline.common.storage import as_path
 from pipeline.label.shards import digest, folders_below, index_problem, marker_path, tar_path, verify_shard
@@ -104,6 +105,8 @@ def _index(folder) -> dict:
         raise DataError(f"not a finished label folder: {path} missing (labelling not finished; run "
                         "`pipeline label` first)") from None
     except (ValueError, UnicodeDecodeError, OSError) as e:
+        if isinstance(e, OSError) and storage_error(e):  # the store refused (credentials…): the folder may be fine
+            raise DataError(f"cannot read {path}: {storage_error(e)}") from None
         raise DataError(f"not a finished label folder: {path} is unreadable ({type(e).__name__}); {RELABEL}") from None
     need = ("label_extension", "label_kind", "teacher", "count", "image_size", "shards")
     lacking = [k for k in need if k not in index] if isinstance(index, dict) else list(need)
