@@ -563,3 +563,39 @@ def test_an_output_url_whose_bucket_does_not_exist_is_refused_before_any_work(s3
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 1 and r.output.count("\n") == 1 and why in r.output, (args, r.output)
         assert "images scored" not in r.output and "backbone" not in r.output
+
+
+def test_a_start_over_on_object_storage_knows_what_it_wrote_by_the_stores_versions(s3, tmp_path):
+    """An interrupted start-over (`train --restart`) with its run on S3 started over again at every `pipeline run`,
+    however many epochs it had uploaded: object storage gave no time to compare. The pieces there when it began
+    are recorded (as the store describes them: checksum and its own modification time), and one rewritten or
+    added since means it made outputs of its own (a local run folder: files' mtimes, as before)."""
+    import time
+
+    from pipeline.common.storage import as_path
+    from pipeline.manifest.steps import COMMANDS, made_since, pieces_now
+
+    train = COMMANDS["train"]
+    run = as_path("s3://labels/pieces/run")
+    s3.pipe_file("labels/pieces/run/checkpoints/epoch-0000.pt", b"old settings")
+    s3.pipe_file("labels/pieces/run/checkpoints/latest.json", b"{}")  # not a piece
+    before = pieces_now(train, run)
+    assert list(before) == ["epoch-0000.pt"]
+    assert not made_since(train, run, time.time(), before)
+    time.sleep(1.1)  # (the store's clock counts seconds)
+    s3.pipe_file("labels/pieces/run/checkpoints/latest.json", b"{ }")
+    assert not made_since(train, run, time.time(), before)
+    s3.pipe_file("labels/pieces/run/checkpoints/epoch-0000.pt", b"old settings")  # the same bytes, written anew
+    assert made_since(train, run, 0.0, before)
+    s3.rm_file("labels/pieces/run/checkpoints/epoch-0000.pt")
+    s3.pipe_file("labels/pieces/run/checkpoints/epoch-0001.pt", b"new")
+    assert made_since(train, run, 0.0, before)
+    assert not made_since(train, run, 0.0, None)  # nothing recorded: start over, as before
+    local = tmp_path / "run"
+    (local / "checkpoints").mkdir(parents=True)
+    (local / "checkpoints" / "epoch-0000.pt").write_bytes(b"x")
+    assert pieces_now(train, local) is None
+    assert made_since(train, local, time.time() - 60, None) and not made_since(train, local, time.time() + 60, None)
+    label = COMMANDS["label"]
+    s3.pipe_file("labels/pieces/labels/shard-000000.json", b"{}")
+    assert list(pieces_now(label, as_path("s3://labels/pieces/labels"))) == ["shard-000000.json"]

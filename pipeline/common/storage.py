@@ -193,6 +193,21 @@ class RemotePath:
         found = [RemotePath.of(self.protocol, n) for n in names]
         return iter(sorted((p for p in found if fnmatch.fnmatchcase(p.name, pattern)), key=lambda p: p.key))
 
+    def versions(self, pattern: str) -> dict[str, str]:
+        """The objects directly under this prefix whose names match ``pattern``: name → what the store says of
+        that version of it (its checksum and modification time, the store's own clock): a rewrite changes it."""
+        self._invalidate()
+        try:
+            found = self.fs.ls(self.key, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for info in found:
+            name = PurePosixPath(str(info.get("name", ""))).name
+            if info.get("type", "file") == "file" and fnmatch.fnmatchcase(name, pattern):
+                out[name] = " ".join(str(info.get(k)) for k in (*CONTENT_TAGS, *MODIFIED) if info.get(k) is not None)
+        return out
+
     def unlink(self, missing_ok: bool = False) -> None:
         try:
             self.fs.rm_file(self.key)

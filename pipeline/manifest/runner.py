@@ -49,7 +49,7 @@ from pipeline.common.locks import status as lock_status
 from pipeline.common.tables import table
 from pipeline.manifest.format import Manifest
 from pipeline.manifest.plan import RUN, Planned, continues, fingerprint_of, own_reason, plan, record
-from pipeline.manifest.steps import COMMANDS
+from pipeline.manifest.steps import COMMANDS, made_since, pieces_now
 
 STATE_VERSION = 2  # 2: fingerprints with the upstream steps' output digests
 PROGRESS_EVERY_S = 15.0  # at most one progress-bar line per step this often in the streamed output
@@ -190,7 +190,7 @@ def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> bool:
         return True
     spec = COMMANDS.get(manifest.steps[item.step].command)
     if rec is not None and rec.get("fresh") and rec.get("status") != "done" and not _made_since(
-            spec, manifest.steps[item.step].output, rec.get("started")):
+            spec, manifest.steps[item.step].output, rec.get("started"), rec.get("pieces_before")):
         return True  # a start-over that did not finish, nor make anything yet, starts over again
     if item.reason.startswith("outputs incomplete") and spec is not None and spec.resumes is not None:
         return not spec.resumes(as_path(manifest.steps[item.step].output))  # nothing left to carry on from
@@ -199,16 +199,17 @@ def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> bool:
     return not (spec is not None and continues(manifest, item.step, state, spec.grows))
 
 
-def _made_since(spec, output, started) -> bool:
-    """Whether a step's start-over (begun at ``started``, the record's time) has made outputs of its own yet:
-    the old outputs are gone then, and what is there is of the new settings (carry on from it)."""
-    if spec is None or spec.made_since is None or not output or not started:
+def _made_since(spec, output, started, before) -> bool:
+    """Whether a step's start-over (begun at ``started``, the record's time; ``before``: on object storage, the
+    pieces its output held then) has made outputs of its own yet: the old outputs are gone then, and what is
+    there is of the new settings (carry on from it)."""
+    if spec is None or spec.pieces is None or not output or not started:
         return False
     try:
         since = datetime.fromisoformat(started).timestamp() + 1.0  # (recorded to the second, rounded down)
     except (TypeError, ValueError):
         return False
-    return spec.made_since(as_path(output), since)
+    return made_since(spec, as_path(output), since, before)
 
 
 def command_line(manifest: Manifest, name: str, fresh: bool) -> list[str]:
@@ -462,7 +463,10 @@ class Runner:
             self.stopping = self.stopping or not self.keep_going
             return
         fresh = fresh_start(m, self.state, self.planned[name])
-        self.state["steps"][name] = record(m, name, self.state, status="running", started=now(), fresh=fresh)
+        spec = COMMANDS.get(step.command)
+        before = pieces_now(spec, as_path(step.output)) if fresh and spec is not None and step.output else None
+        self.state["steps"][name] = record(m, name, self.state, status="running", started=now(), fresh=fresh,
+                                           **({} if before is None else {"pieces_before": before}))
         holder = output_locked_by(step, wait=LOCK_GRACE_S)
         if holder:
             why = (f"output folder {step.output} is locked by another process ({holder}); not started: wait for "

@@ -57,9 +57,10 @@ class CommandSpec:
     #: (output folder) -> whether the command can carry on from what an incomplete output holds; when it
     #: cannot, the step starts over (``fresh``) instead of failing on every run (None: it always can)
     resumes: Callable[[Path], bool] | None = None
-    #: (output folder, a time) -> whether the command has written finished pieces of its output (shards,
-    #: checkpoints) since then; a start-over interrupted after that carries on instead of starting over again
-    made_since: Callable[[Path, float], bool] | None = None
+    #: (output folder) -> (the folder holding the finished pieces of its output, their name pattern): shard
+    #: markers, checkpoints. A start-over interrupted after it wrote one carries on instead of starting over again
+    #: (:func:`made_since`)
+    pieces: Callable[[Path | RemotePath], tuple[Path | RemotePath, str]] | None = None
     #: (validated click parameters) -> {option: (path, digest of what the command reads there, or None when it
     #: is missing)}: inputs the command reads that the manifest need not declare (a folder source's images)
     reads: Callable[[Mapping[str, object]], dict[str, tuple[str, Callable[[], str | None]]]] | None = None
@@ -144,11 +145,25 @@ def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
     return ""
 
 
-def _written_since(paths, since: float) -> bool:
-    """Whether a local file of ``paths`` was written at or after ``since`` (seconds); never for object storage."""
-    for path in paths:
-        if isinstance(path, RemotePath):
-            return False
+def pieces_now(spec: CommandSpec, output: Path | RemotePath) -> dict[str, str] | None:
+    """For an output on object storage: its finished pieces as the store has them now (name → version), to be
+    recorded when a start-over begins; None for a local output, whose files' mtimes say when they were written."""
+    if spec.pieces is None or not isinstance(output, RemotePath):
+        return None
+    folder, pattern = spec.pieces(output)
+    return folder.versions(pattern)
+
+
+def made_since(spec: CommandSpec, output: Path | RemotePath, since: float, before: dict[str, str] | None) -> bool:
+    """Whether the command wrote a finished piece of ``output`` after its start-over began: a local file written
+    at or after ``since`` (seconds); on object storage, a piece that is not the version recorded at the start
+    (``before``: the store's clock, not this machine's, says when)."""
+    if spec.pieces is None:
+        return False
+    folder, pattern = spec.pieces(output)
+    if isinstance(output, RemotePath):
+        return before is not None and any(before.get(n) != v for n, v in folder.versions(pattern).items())
+    for path in folder.glob(pattern):
         try:
             if path.stat().st_mtime >= since:
                 return True
@@ -238,7 +253,7 @@ COMMANDS: dict[str, CommandSpec] = {
         digest=_digest_label,
         urls=frozenset({"out"}),
         lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
-        made_since=lambda folder, since: _written_since(folder.glob("shard-*.json"), since),
+        pieces=lambda folder: (folder, "shard-*.json"),
         reads=_label_reads,
     ),
     "train": CommandSpec(
@@ -254,7 +269,7 @@ COMMANDS: dict[str, CommandSpec] = {
         urls=frozenset({"run_dir", "labels", "val_labels", "init_ckpt", "gt_maps"}),
         reads=_train_reads,
         resumes=_train_resumes,
-        made_since=lambda run, since: _written_since((run / "checkpoints").glob("epoch-*.pt"), since),
+        pieces=lambda run: (run / "checkpoints", "epoch-*.pt"),
     ),
     "eval": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "metrics.json"},
