@@ -874,3 +874,54 @@ def test_ground_truth_is_refused_where_eq2_does_not_apply(small_labels, tmp_path
     r = invoke("train", "--labels", small_labels, "--run", tmp_path / "d", "--gt-maps", maps, *FAST)
     assert r.exit_code == 1 and "holds deepgaze's densities, and their loss (Eq. 3) has no ground-truth term" in r.output
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_ctrl_c_under_ray_train_ends_as_an_interrupted_run_and_leaves_no_handler_behind():
+    """Ray Train (v2) puts its own SIGINT handler in place during fit(): it aborts the run and fit() returns, so
+    `train --ray-workers` exited 1 without a word (CLI.md promises 130 and what is kept). Ray's handler still
+    runs (the graceful abort); the driver then raises KeyboardInterrupt, and the handler before fit() is back."""
+    import signal
+    import time
+
+    from pipeline.train.ray_train import fit_interruptibly
+
+    aborted = []
+
+    class Trainer:  # TorchTrainer's part that matters here
+        def _register_sigint_handler(self, controller):
+            signal.signal(signal.SIGINT, lambda signum, frame: aborted.append(controller))
+
+        def fit(self):
+            self._register_sigint_handler("controller")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit_interruptibly(Trainer(), 2)
+    assert aborted == ["controller"] and signal.getsignal(signal.SIGINT) is before
+
+    class Failing(Trainer):
+        def fit(self):
+            raise RuntimeError("Traceback (most recent call last):\n  ...\nValueError: worker 1 ran out of memory")
+
+    with pytest.raises(TrainError) as e:
+        fit_interruptibly(Failing(), 2)
+    assert str(e.value) == "training on 2 Ray workers failed: ValueError: worker 1 ran out of memory"
+
+
+def test_the_staging_folders_of_killed_trainings_are_pruned(tmp_path, monkeypatch):
+    """A SIGKILLed `train --run s3://…` left its staging folder (a checkpoint or two) in /tmp for good."""
+    import tempfile
+
+    from pipeline.train.loop import STAGING, prune_staging
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for pid in (gone.pid, os.getpid(), os.getppid()):
+        (tmp_path / f"{STAGING}{pid}-abc" / "checkpoints").mkdir(parents=True)
+    (tmp_path / f"{STAGING}x").mkdir()  # not one of ours: kept
+    prune_staging()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{STAGING}{os.getpid()}-abc", f"{STAGING}{os.getppid()}-abc", f"{STAGING}x"])

@@ -71,7 +71,8 @@ def _process_start(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs (a zombie does not; another user's does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -121,7 +122,7 @@ def stale(holder: Holder) -> bool:
     running or is another process under a reused pid."""
     if holder.host != socket.gethostname():
         return False
-    if not _alive(holder.pid):
+    if not process_alive(holder.pid):
         return True
     return bool(holder.start) and _process_start(holder.pid) not in ("", holder.start)
 

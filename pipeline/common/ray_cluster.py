@@ -30,6 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
+from pipeline.common.locks import process_alive
+
 AUTH_MODE = "RAY_AUTH_MODE"
 TOKEN_HINT = ("set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on the head prints it) or "
               "RAY_AUTH_TOKEN_PATH to a file holding it")
@@ -60,23 +62,13 @@ def temp_root() -> Path:
     return Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / f"pipeline-ray-{uid}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def prune_temp(root: Path | None = None) -> None:
     """Remove the session folders of embedded Rays whose command is gone (killed, or crashed)."""
     root = root or temp_root()
     if not root.is_dir():
         return
     for d in root.iterdir():
-        if d.name.isdigit() and (int(d.name) == os.getpid() or not _alive(int(d.name))):
+        if d.name.isdigit() and (int(d.name) == os.getpid() or not process_alive(int(d.name))):
             shutil.rmtree(d, ignore_errors=True)
 
 

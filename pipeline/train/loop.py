@@ -25,6 +25,7 @@ import math
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from pipeline.common.atomic import write_json
 from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
-from pipeline.common.locks import LOCK_NAME, FolderLock
+from pipeline.common.locks import LOCK_NAME, FolderLock, process_alive
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import Mirror, as_path, is_url
 from pipeline.train.checkpoints import (LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
@@ -456,12 +457,26 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, 
             verify_shards(trainer.shards)
         if not remote:
             return _train(trainer, config, restart=restart, progress=progress)
-        with tempfile.TemporaryDirectory(prefix="pipeline-run-") as staging:
+        prune_staging()
+        with tempfile.TemporaryDirectory(prefix=f"{STAGING}{os.getpid()}-") as staging:
             trainer.run, trainer.ckpt_dir = Path(staging), Path(staging) / "checkpoints"
             return _train(trainer, config, restart=restart, progress=progress, mirror=run_mirror(config.run, staging))
     finally:
         if held is not None:
             held.release()
+
+
+#: the name of a run URL's local staging folder (in the temp folder), then the pid of its `pipeline train`
+STAGING = "pipeline-run-"
+
+
+def prune_staging() -> None:
+    """Remove the staging folders of run URLs whose `pipeline train` on this machine is gone (a SIGKILL leaves
+    its folder, a checkpoint or two big, behind)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING}*"):
+        pid = folder.name[len(STAGING):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 #: what ``--restart`` deletes in a run folder (relative paths)

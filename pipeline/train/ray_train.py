@@ -12,6 +12,7 @@ resumes from it), and this package installed on every node. Needs Ray Train (``p
 
 from __future__ import annotations
 
+import signal
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -138,9 +139,49 @@ def _fit_on_ray(config: TrainConfig, workers: int, restart: bool, progress: bool
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RunConfig(storage_path=str(run / ".ray"), name="train", **quiet),
     )
+    fit_interruptibly(trainer, workers)
+
+
+def fit_interruptibly(trainer, workers: int) -> None:
+    """``trainer.fit()``; a failure is one :class:`TrainError` sentence, and a Ctrl-C that Ray Train's own handler
+    took (aborting the run) is raised as KeyboardInterrupt once the run has stopped."""
+    interrupted = _heard_sigint(trainer)
+    previous = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
+    except SystemExit:  # Ray's handler exits at a third Ctrl-C
+        if not interrupted:
+            raise
     except Exception as e:  # noqa: BLE001 - Ray wraps the worker's exception; show its last line
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        raise TrainError(f"training on {workers} Ray workers failed: {lines[-1] if lines else type(e).__name__}") \
-            from None
+        if not interrupted:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise TrainError(f"training on {workers} Ray workers failed: "
+                             f"{lines[-1] if lines else type(e).__name__}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)  # (Ray leaves its handler behind)
+    if interrupted:  # Ray aborted the run: the command says what is kept, and exits 130, as without Ray
+        raise KeyboardInterrupt
+
+
+def _heard_sigint(trainer) -> list:
+    """A list that gets an entry when Ctrl-C reaches the driver during ``trainer.fit()``. Ray Train (v2) replaces
+    the SIGINT handler there with its own, which aborts the run gracefully and returns (exit status 1, no
+    word); ours is wrapped around it, so that the command can end as an interrupted one."""
+    heard: list = []
+    register = getattr(trainer, "_register_sigint_handler", None)
+    if register is None:  # another Ray: its Ctrl-C is its own (KeyboardInterrupt, as without Ray Train)
+        return heard
+
+    def ours(controller):
+        register(controller)
+        theirs = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            heard.append(signum)
+            if callable(theirs):
+                theirs(signum, frame)
+
+        signal.signal(signal.SIGINT, handler)
+
+    trainer._register_sigint_handler = ours
+    return heard
