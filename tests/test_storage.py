@@ -90,6 +90,13 @@ def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, label
     assert "tar missing or of the wrong size" in verify_dataset(f"s3://{remote}")
     bad = CliRunner().invoke(cli, ["verify", f"s3://{remote}"])
     assert bad.exit_code == 1 and "shard-000002" in bad.output and "tar is 11 bytes" in bad.output, bad.output
+    root = CliRunner().invoke(cli, ["verify", "s3://labels/run"])  # the --out root: names the folders below it
+    assert root.exit_code == 1 and f"label folders below it: s3://{remote} (give one of those" in root.output
+    assert "labels.json  missing" not in root.output, root.output
+    for args in (["verify", "s3://labels/nothing"], ["eval", "--teacher", "classic", "--labels", "s3://labels/nothing"],
+                 ["train", "--labels", "s3://labels/nothing", "--run", "/nonexistent/run"]):
+        r = CliRunner().invoke(cli, args)  # a usage mistake, as a missing local folder is
+        assert r.exit_code == 2 and "s3://labels/nothing does not exist" in r.output, (args, r.output)
 
 
 TRAIN = ["train", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--backbone-weights", "none",

@@ -95,8 +95,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
     from pipeline.common.storage import local_file
     from pipeline.score.fixations import FixationError, read_hdf5
 
-    must_exist("labels")
-    must_exist("fixations", urls=True)
+    must_exist("labels", "fixations", urls=True)
     out = output_path(out)
     if (fixations is None) == (labels is None):
         raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")

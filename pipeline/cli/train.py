@@ -77,7 +77,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     from pipeline.train.loop import train
     from teachers.weights import WeightsError
 
-    must_exist("labels", "val_labels", hint=" (label folders are made by `pipeline label`)")
+    must_exist("labels", "val_labels", hint=" (label folders are made by `pipeline label`)", urls=True)
     must_exist("gt_maps", urls=True)
     try:
         check_bucket(run_dir)  # a misspelt bucket: before an epoch is trained (and lost with the staging folder)

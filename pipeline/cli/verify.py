@@ -19,7 +19,7 @@ def verify_cmd(labels_dir, deep):
     from pipeline.common.errors import error_message
     from pipeline.label.verify import verify_labels
 
-    must_exist("labels_dir")
+    must_exist("labels_dir", urls=True)
     try:
         report = verify_labels(labels_dir, deep=deep)
     except Exception as e:  # noqa: BLE001 - one "Error: <sentence>" line, never a traceback

@@ -30,7 +30,7 @@ import webdataset as wds
 from webdataset.writer import make_encoder
 
 from pipeline.common.atomic import atomic_open, write_json
-from pipeline.common.storage import as_path, local_file
+from pipeline.common.storage import RemotePath, as_path, local_file
 
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker
 ENCODING_VERSION = 1
@@ -290,7 +290,12 @@ def shard_tars(folder: str | Path) -> list[str]:
 def folders_below(folder) -> str:
     """For a folder that is no label folder: the label folders one or two levels below it (``pipeline label``
     writes ``<out>/<teacher>/<split>``) as a clause to end a message with, or ""."""
-    below = sorted(str(p.parent) for p in [*folder.glob("*/labels.json"), *folder.glob("*/*/labels.json")])
+    if isinstance(folder, RemotePath):  # the store lists the keys that match, level by level
+        found = [RemotePath.of(folder.protocol, k) for pattern in ("*/labels.json", "*/*/labels.json")
+                 for k in folder.fs.glob(f"{folder.key}/{pattern}")]
+    else:
+        found = [*folder.glob("*/labels.json"), *folder.glob("*/*/labels.json")]
+    below = sorted(str(p.parent) for p in found)
     if not below:
         return ""
     return (f"; label folders below it: {', '.join(below[:3])}{' …' if len(below) > 3 else ''} (give one of "
