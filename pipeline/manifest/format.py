@@ -773,10 +773,23 @@ class _Loader:
         except ValueError as e:
             self.error(doc.at("steps", name, "with"), f"step {name!r}: {e}")
             return None
+        flag = {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option)}
+
+        def url_refused(k, v) -> None:
+            takes = ", ".join(sorted(flag[u] for u in spec.urls)) if spec else "no option"
+            self.error(doc.at("steps", name), URL_STEP.format(name, _url(str(v)), command_name, flag.get(k, k), takes))
+
         try:
             ctx = command.make_context(f"pipeline {command_name}", list(args), resilient_parsing=False)
         except click.ClickException as e:
             param = getattr(e, "param", None)
+            given = values.get(param.name) if param is not None else None
+            url = next((v for v in (given if isinstance(given, (tuple, list)) else (given,))
+                        if v is not None and _URL_RE.match(str(v)) and not str(v).lower().startswith(
+                            ("http:", "https:", "file:"))), None)
+            if url is not None and (spec is None or param.name not in spec.urls):  # said as below, naming those
+                url_refused(param.name, url)  # that take one (the option's own check refused it first)
+                return None
             where = doc.at("steps", name, "with", key_of[param.name]) if param is not None and param.name in key_of \
                 else doc.at("steps", name)
             self.error(where, f"step {name!r}: {' '.join(e.format_message().split())}")
@@ -789,16 +802,12 @@ class _Loader:
                         if p.name in ctx.params and (spec is None or (
                             p.name not in spec.volatile
                             and not (p.name in spec.added and ctx.params[p.name] == spec.added[p.name])))}
-            flag = {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option)}
             urls = [(k, v) for k, value in ctx.params.items() if spec is None or k not in spec.urls
                     for v in (value if isinstance(value, (tuple, list)) else (value,))
                     if isinstance(v, (str, Path)) and _URL_RE.match(str(v))
                     and not str(v).lower().startswith(("http:", "https:"))]  # weights may be downloaded
             if urls:
-                k, v = urls[0]
-                takes = ", ".join(sorted(flag[u] for u in spec.urls)) if spec else "no option"
-                self.error(doc.at("steps", name), URL_STEP.format(name, _url(str(v)), command_name,
-                                                                  flag.get(k, k), takes))
+                url_refused(*urls[0])
                 return None
             output = None
             if spec is not None and spec.output is not None:
