@@ -590,18 +590,18 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
     import pipeline.label.executors
     import pipeline.label.worker
 
-    real = pipeline.label.worker.ShardLabeler.label_shard
+    real = pipeline.label.worker.ShardLabeler.write_shard
     calls = []
 
-    def label_shard(self, plan, folder, progress=None, **kw):
+    def write_shard(self, plan, folder, progress=None, **kw):
         calls.append(plan.name)
         if plan.index == 0:
             return real(self, plan, folder, progress=progress, **kw)
         progress(2)  # two images of it done, then the upload fails
         try:
             raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b")
-        except botocore.exceptions.EndpointConnectionError:
-            raise OSError("upload failed")  # as s3fs raises it, the store's error as its context
+        except botocore.exceptions.EndpointConnectionError as e:
+            raise OSError("upload failed") from e  # as s3fs raises it
 
     counts = []
 
@@ -615,7 +615,7 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
         def __getattr__(self, name):
             return lambda *a, **k: None
 
-    monkeypatch.setattr(pipeline.label.worker.ShardLabeler, "label_shard", label_shard)
+    monkeypatch.setattr(pipeline.label.worker.ShardLabeler, "write_shard", write_shard)
     bar = Bar()
     monkeypatch.setattr(pipeline.label.driver, "show_progress", lambda *a, **k: contextlib.nullcontext(bar))
     with pytest.raises(LabelError) as e:
@@ -628,6 +628,25 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
                                  "store answers")
     assert verify_dataset(tmp_path) != "" and (tmp_path / "shard-000000.json").is_file()
     assert max(counts[:-1]) <= 3 + 2 and counts[-1] == 3 + 3  # each retry's images taken back; the shard counted once
+
+    # from a Ray actor the error comes pickled, without the botocore error it was raised from: the labeller names
+    # the refusal itself, in an exception that survives the trip
+    import ray.cloudpickle
+    import ray.exceptions
+
+    from pipeline.common.errors import root_cause
+    from pipeline.label.config import StoreRefused
+
+    from pipeline.label.sources import plan_shards
+
+    second = plan_shards(coco_records(coco_tree, "val2017"), 3)[1]
+    labeler = type("Labeler", (), {"write_shard": write_shard})()  # its write fails as above
+    with pytest.raises(StoreRefused) as refused:
+        pipeline.label.worker.ShardLabeler.label_shard(labeler, second, tmp_path, progress=lambda n: None)
+    trip = ray.cloudpickle.loads(ray.cloudpickle.dumps(refused.value))
+    wrapped = ray.exceptions.RayTaskError("label_shard", "Traceback …", trip).as_instanceof_cause()
+    assert isinstance(root_cause(wrapped), StoreRefused)
+    assert str(root_cause(wrapped)).startswith("object storage refused the request (EndpointConnectionError")
 
 
 def test_a_failing_shard_is_one_error_line_and_a_broken_preview_only_a_warning(coco_tree, tmp_path, monkeypatch):

@@ -563,7 +563,7 @@ def test_a_store_that_refuses_the_labels_index_is_said_as_such_not_as_an_unfinis
 def test_an_output_url_whose_bucket_does_not_exist_is_refused_before_any_work(s3, tmp_path, labelled):
     """A misspelt bucket: `train` lost its epoch with the staging folder, `eval` printed its scores then failed,
     `label` labelled every shard and then failed each."""
-    why = ": its bucket s3://nobucket does not exist (or these credentials cannot see it); create it, or check the name"
+    why = ": its bucket s3://nobucket does not exist; create it, or check the name"
     for args in ([*LABEL, "--out", "s3://nobucket/labels"],
                  [*TRAIN, "--labels", str(labelled), "--run", "s3://nobucket/run"],
                  ["eval", "--teacher", "classic", "--labels", str(labelled), "--out", "s3://nobucket/m.json"]):
@@ -606,3 +606,25 @@ def test_a_start_over_on_object_storage_knows_what_it_wrote_by_the_stores_versio
     label = COMMANDS["label"]
     s3.pipe_file("labels/pieces/labels/shard-000000.json", b"{}")
     assert list(pieces_now(label, as_path("s3://labels/pieces/labels"))) == ["shard-000000.json"]
+
+
+def test_a_bucket_check_that_cannot_reach_the_store_says_why_not_that_the_bucket_is_missing(s3, labelled,
+                                                                                            monkeypatch):
+    """s3fs's exists() answers False for any error: a dead endpoint read "its bucket does not exist"."""
+    import s3fs
+
+    from pipeline.common.storage import StorageError, check_bucket
+
+    check_bucket("s3://labels/anything")  # there
+    with pytest.raises(StorageError, match="its bucket s3://nobucket does not exist"):
+        check_bucket("s3://nobucket/x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        r = CliRunner().invoke(cli, ["eval", "--teacher", "classic", "--labels", str(labelled), "--out",
+                                     "s3://labels/m.json"])
+        assert r.exit_code == 1 and r.output.startswith("Error: object storage refused the request "
+                                                        "(EndpointConnectionError"), r.output
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -67,6 +67,7 @@ def output_path(value, *, folder: bool = False):
     ``folder``: the path is a folder to write into, not a file."""
     import tempfile
 
+    from pipeline.common.errors import storage_error
     from pipeline.common.storage import StorageError, as_path, check_bucket, is_url
 
     out = None if value is None else as_path(value)
@@ -75,6 +76,10 @@ def output_path(value, *, folder: bool = False):
             check_bucket(out)  # (and the protocol's package is there)
         except StorageError as e:
             raise click.ClickException(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - the store's own refusal (credentials, endpoint): its one line
+            if not storage_error(e):
+                raise
+            raise click.ClickException(storage_error(e)) from None
     elif out is not None:
         probe = Path(out) if folder else Path(out).parent
         while not probe.exists() and probe.parent != probe:

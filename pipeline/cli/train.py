@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 import students
-from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_exist, path_or_url, renamed,
+from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_exist, output_path, path_or_url, renamed,
                                   student_options)
 
 
@@ -70,7 +70,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
               teacher_weights, loss_weights, gt_maps, steps_per_epoch, ray_workers, address, restart, verify, max_bad_samples,
               progress):
     """Train a student (FastSal, SACT) on labelled shards; re-running resumes after the last finished epoch."""
-    from pipeline.common.storage import StorageError, as_path, check_bucket
+    from pipeline.common.storage import StorageError, as_path
     from pipeline.train.data import DataError
     from pipeline.train.config import TrainConfig, TrainError
     from pipeline.train.logs import summary_table
@@ -79,10 +79,8 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
 
     must_exist("labels", "val_labels", hint=" (label folders are made by `pipeline label`)", urls=True)
     must_exist("gt_maps", urls=True)
-    try:
-        check_bucket(run_dir)  # a misspelt bucket: before an epoch is trained (and lost with the staging folder)
-    except StorageError as e:
-        raise click.ClickException(str(e)) from None
+    if "://" in run_dir:  # a misspelt bucket: before an epoch is trained (and lost with the staging folder)
+        output_path(run_dir)
     from pipeline.train.checkpoints import resumes
 
     if not resumes(run_dir, restart):  # (a run that resumes reads its checkpoint, not --init)

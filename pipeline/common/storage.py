@@ -65,18 +65,25 @@ def filesystem(protocol: str):
 
 
 def check_bucket(path) -> None:
-    """An object-store URL's bucket (the first part of its key) exists, or :class:`StorageError`: a misspelt
-    bucket is found before any work, not when the first result is uploaded. A local path or ``file://``: nothing.
-    (The store's own refusal, e.g. of the credentials, is raised as it is.)"""
+    """An S3 URL's bucket (the first part of its key) exists, or :class:`StorageError`: a misspelt bucket is found
+    before any work, not when the first result is uploaded. Only the store's "no such bucket" says so: a refusal
+    to say (403: credentials that may write but not list) lets the work go on, and any other error of the store
+    (credentials, endpoint) is raised as it is, for its own one line. Local paths, ``file://`` and other stores
+    (whose clients turn every error into "not there"): the protocol's package is checked, nothing else."""
     if not is_url(path):
         return
     path = as_path(path)
-    if path.protocol in LOCAL_PROTOCOLS:
+    fs = path.fs  # (a missing package: its StorageError sentence)
+    if path.protocol not in ("s3", "s3a") or not hasattr(fs, "call_s3"):
         return
     bucket = path.key.split("/", 1)[0]
-    if not path.fs.exists(bucket):
-        raise StorageError(f"{path}: its bucket {path.protocol}://{bucket} does not exist (or these credentials "
-                           "cannot see it); create it, or check the name")
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:  # s3fs's translation of 404 / NoSuchBucket
+        raise StorageError(f"{path}: its bucket {path.protocol}://{bucket} does not exist; create it, or check "
+                           "the name") from None
+    except PermissionError:  # 403: the write itself will tell
+        return
 
 
 def is_url(path) -> bool:

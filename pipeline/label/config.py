@@ -24,6 +24,12 @@ class LabelError(Exception):
     """The run cannot start (bad output folder, conflicting earlier labels, workers that cannot start…)."""
 
 
+class StoreRefused(Exception):
+    """Object storage refused a shard's reads or writes (down, credentials, no bucket): every other shard would
+    wait and fail the same way. Raised by the labeller with the store's sentence as its message, a plain
+    exception that survives Ray's pickling (which drops the botocore error an s3fs error is raised from)."""
+
+
 @dataclass(frozen=True)
 class LabelConfig:
     teacher: str

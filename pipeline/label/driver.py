@@ -28,7 +28,7 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
-from pipeline.label.config import LabelConfig, LabelError, planned_identity, precision_name
+from pipeline.label.config import LabelConfig, LabelError, StoreRefused, planned_identity, precision_name
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, marker_path, planned_keys, read_marker,
@@ -295,13 +295,14 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
 
     def on_done(plan: ShardPlan, marker: dict | None, error: Exception | None):
         if marker is None:
-            refused = storage_error(root_cause(error))
+            cause = root_cause(error)
+            refused = str(cause) if isinstance(cause, StoreRefused) else storage_error(cause)
             if refused:  # the store itself (down, credentials, bucket): every other shard would wait and fail so
                 done = len(markers) - len(split.done)
                 raise LabelError(f"shard {plan.name} could not be written to {folder}: {refused}. The {done} shard"
                                  f"{'' if done == 1 else 's'} finished in this run "
-                                 f"{'is' if done == 1 else 'are'} kept: run the same command again when the store "
-                                 "answers")
+                                 f"{'is' if done == 1 else 'are'} kept: run the same command again"
+                                 f"{' without --overwrite' if overwrite else ''} when the store answers")
             summary.shards_failed.append(plan.name)
             summary.shard_errors[plan.name] = error_message(error)
             print(f"shard {plan.name} failed: {summary.shard_errors[plan.name]}", file=sys.stderr)

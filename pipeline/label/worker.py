@@ -33,10 +33,11 @@ import torch
 from pipeline import __version__
 from pipeline.common import images
 from pipeline.common.devices import autocast, available, resolve_device, use_autocast
+from pipeline.common.errors import storage_error
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
-from pipeline.label.config import LabelConfig, label_identity, precision_name
+from pipeline.label.config import LabelConfig, StoreRefused, label_identity, precision_name
 from pipeline.label.shards import ENCODING_VERSION, ShardWriter, TarStream, encode_sample, read_samples, tar_path
 from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
@@ -285,6 +286,17 @@ class ShardLabeler:
         return [encode_sample(self._sample(item, label)) for item, label in pairs]
 
     def label_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None,
+                    reuse: dict | None = None, next_plan: ShardPlan | None = None) -> dict:
+        """:meth:`write_shard`, a refusal of object storage raised as :class:`StoreRefused`."""
+        try:
+            return self.write_shard(plan, folder, progress=progress, reuse=reuse, next_plan=next_plan)
+        except Exception as e:
+            refused = storage_error(e)
+            if refused:
+                raise StoreRefused(refused) from None
+            raise
+
+    def write_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None,
                     reuse: dict | None = None, next_plan: ShardPlan | None = None) -> dict:
         """Label every image of ``plan`` and write ``<folder>/<plan.name>.tar`` + marker; returns the marker.
 
