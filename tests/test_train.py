@@ -849,6 +849,10 @@ def test_a_missing_or_broken_ground_truth_map_skips_its_sample_and_settings_say_
     assert rows(run / "metrics.csv", 9)[1][8] == "6"  # the 8 training images but those 2
     r = invoke("train", "--labels", small_labels, "--run", run, "--epochs", 2, *FAST)  # the same run, without them
     assert r.exit_code == 1 and 'other settings (gt_maps "' in r.output and "there, null now" in r.output, r.output
+    strict = invoke("train", "--labels", small_labels, "--run", tmp_path / "strict", "--epochs", 1, "--gt-maps", maps,
+                    "--max-bad-samples", 0, *FAST)  # the maps, not the labels, are what is missing: said so
+    assert strict.exit_code == 1 and "--gt-maps lacks usable maps of these images" in strict.output, strict.output
+    assert "re-run `pipeline label`" not in strict.output
 
 
 def test_ground_truth_is_refused_where_eq2_does_not_apply(small_labels, tmp_path, monkeypatch):
@@ -868,12 +872,15 @@ def test_ground_truth_is_refused_where_eq2_does_not_apply(small_labels, tmp_path
     assert r.exit_code == 1 and "labels.json is not a folder (of human saliency maps" in r.output, r.output
     r = invoke("train", "--labels", small_labels, "--run", tmp_path / "c", "--gt-maps", tmp_path / "none", *FAST)
     assert r.exit_code == 2 and f"{tmp_path / 'none'} does not exist" in r.output, r.output
+    r = invoke("train", "--labels", small_labels, "--run", tmp_path / "e", "--gt-maps", maps, *FAST)  # named otherwise
+    assert r.exit_code == 1 and (f"--gt-maps {maps}: no ground-truth map for 000000000139.jpg in {maps} "
+                                 "(000000000139.png, .jpg or .jpeg), for the first sample of") in r.output, r.output
     real = loop.open_label_sets
     monkeypatch.setattr(loop, "open_label_sets",
                         lambda folders: dataclasses.replace(real(folders), label_kind="log_density", teacher="deepgaze"))
     r = invoke("train", "--labels", small_labels, "--run", tmp_path / "d", "--gt-maps", maps, *FAST)
     assert r.exit_code == 1 and "holds deepgaze's densities, and their loss (Eq. 3) has no ground-truth term" in r.output
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_ctrl_c_under_ray_train_ends_as_an_interrupted_run_and_leaves_no_handler_behind():

@@ -32,7 +32,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
-from pipeline.common.errors import storage_error
+from pipeline.common.errors import error_message, storage_error
 from pipeline.common.images import resize
 from pipeline.common.storage import as_path
 from pipeline.label.shards import digest, folders_below, index_problem, marker_path, tar_path, verify_shard
@@ -244,6 +244,8 @@ def decode(sample: dict, label_key: str, label_kind: str,
 
 #: the file types a ground-truth map may have, tried in this order
 GT_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: what every reason of a sample skipped for its ground-truth map says (told from damaged labels by it)
+GT_WORDS = "ground-truth map"
 
 
 def ground_truth(sample: dict, folder, size: tuple[int, int]) -> torch.Tensor:
@@ -258,15 +260,19 @@ def ground_truth(sample: dict, folder, size: tuple[int, int]) -> torch.Tensor:
     except (KeyError, TypeError, ValueError):
         raise SampleError("its json names no source file, so its ground-truth map cannot be found") from None
     stem = Path(source).with_suffix("")
-    data = None
+    data, refused = None, None
     for suffix in GT_SUFFIXES:
         try:
             data = (as_path(folder) / f"{stem}{suffix}").read_bytes()
             break
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             continue
+        except OSError as e:  # unreadable (permissions; a store's 403, which may also mean "no such key")
+            refused = refused or e
+    if data is None and refused is not None:
+        raise SampleError(f"the ground-truth map of {source} in {folder} cannot be read ({error_message(refused)})")
     if data is None:
-        raise SampleError(f"no ground-truth map for {source} in {folder} ({stem}.png, .jpg or .jpeg)")
+        raise SampleError(f"no {GT_WORDS} for {source} in {folder} ({stem}.png, .jpg or .jpeg)")
     gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     if gray is None:
         raise SampleError(f"the ground-truth map of {source} in {folder} does not decode")
@@ -314,10 +320,14 @@ class BadSamples:
         self.echo(f"warning: skipped {what} of {bad.shard}: {bad.reason}")
         if self.total > self.limit:
             n = self.total
-            raise DataError(f"{n} sample{'s' if n != 1 else ''} could not be read, more than --max-bad-samples "
-                            f"{self.limit} allows (the last: {bad.key} of {bad.shard}): the labels are damaged; "
-                            "re-run `pipeline label` with the same options, which redoes every shard whose tar no "
-                            "longer matches its marker")
+            said = f"{n} sample{'s' if n != 1 else ''} could not be read, more than --max-bad-samples {self.limit} " \
+                   f"allows (the last: {bad.key} of {bad.shard}"
+            if GT_WORDS in bad.reason:  # the labels are fine: the maps are missing or broken
+                raise DataError(f"{said}: {bad.reason}): --gt-maps lacks usable maps of these images (each is the "
+                                "image's name with .png, .jpg or .jpeg, below the folder as the image is below its "
+                                "images folder)")
+            raise DataError(f"{said}): the labels are damaged; re-run `pipeline label` with the same options, which "
+                            "redoes every shard whose tar no longer matches its marker")
 
 
 class _Reader:
