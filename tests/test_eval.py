@@ -719,6 +719,12 @@ def test_predict_leaves_other_runs_outputs_out_and_fails_when_no_image_could_be_
     assert "maps written   3" in second.output, second.output  # not maps_a's 3 maps as well
     assert f"note: left out 1 folder of other runs' maps or labels below {folder} (maps_a)" in second.stderr
     assert not (folder / "maps_c" / "maps_a").exists()
+    (folder / "sub" / "labels.json").write_text('{"annotations": []}')  # another tool's file of that name
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", folder / "maps.h5", "--format", "hdf5",
+       "--compare-teacher", "classic", "--no-progress")
+    assert (folder / "maps_compare").is_dir()  # the sheets beside an HDF5 of maps
+    third = ok("predict", "--teacher", "classic", "--images", folder, "--out", tmp_path / "maps_d", "--no-progress")
+    assert "maps written   3" in third.output and "(maps_a, maps_c, maps_compare)" in third.stderr, third.stderr
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.jpg").write_bytes(b"\xff\xd8junk")

@@ -29,13 +29,14 @@ import numpy as np
 
 from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
-from pipeline.common.locks import LOCK_NAME, FolderLock
+from pipeline.common.locks import LOCK_NAME, FolderLock, read_holder
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import as_path, is_url
 from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import NOT_FINITE, Predictor
+from pipeline.label.shards import index_problem
 from pipeline.label.sources import SourceError, folder_records
 
 FORMATS = ("png", "hdf5")
@@ -168,8 +169,25 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     return result
 
 
-#: files that mark a folder as a pipeline output: a map folder, a label folder, one being written
-OUTPUT_MARKS = ("predictions.json", "labels.json", LOCK_NAME)
+def _ours(folder: Path, files: list[str]) -> bool:
+    """Whether ``folder`` holds the mark of a pipeline output, as the pipeline writes it (a file of that name
+    written by another tool is not one): a map folder's ``predictions.json``, a label folder's ``labels.json``,
+    the lock of one being written, or the comparison sheets beside an HDF5 of maps (``<stem>_compare/``)."""
+    def read(name):
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    if "predictions.json" in files:
+        doc = read("predictions.json")
+        if isinstance(doc, dict) and {"model", "maps", "failures"} <= set(doc):
+            return True
+    if "labels.json" in files and read("labels.json") is not None and not index_problem(read("labels.json")):
+        return True
+    if LOCK_NAME in files and read_holder(folder / LOCK_NAME) is not None:
+        return True
+    return folder.name.endswith("_compare") and (folder.parent / f"{folder.name[:-len('_compare')]}.h5").is_file()
 
 
 def pipeline_outputs(folder: Path) -> list[Path]:
@@ -177,7 +195,7 @@ def pipeline_outputs(folder: Path) -> list[Path]:
     their maps, previews and sheets are no input images."""
     found = []
     for root, dirs, files in os.walk(folder):
-        if root != str(folder) and any(m in files for m in OUTPUT_MARKS):
+        if root != str(folder) and _ours(Path(root), files):
             found.append(Path(root))
             dirs[:] = []
         else:
