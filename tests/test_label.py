@@ -23,7 +23,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import cli
-import pipeline.label.driver
 from pipeline.label.config import LabelError
 from pipeline.label.driver import label
 from pipeline.label.shards import verify_dataset
@@ -587,7 +586,7 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
     the run with one sentence; the shards finished before it stay."""
     import botocore.exceptions
 
-    import pipeline.label.executors
+    import pipeline.label.driver
     import pipeline.label.worker
 
     real = pipeline.label.worker.ShardLabeler.write_shard

@@ -921,14 +921,18 @@ def test_the_staging_folders_of_killed_trainings_are_pruned(tmp_path, monkeypatc
     """A SIGKILLed `train --run s3://…` left its staging folder (a checkpoint or two) in /tmp for good."""
     import tempfile
 
-    from pipeline.train.loop import STAGING, prune_staging
+    from pipeline.train.loop import STAGING, prune_staging, staging_prefix
 
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    for pid in (gone.pid, os.getpid(), os.getppid()):
-        (tmp_path / f"{STAGING}{pid}-abc" / "checkpoints").mkdir(parents=True)
-    (tmp_path / f"{STAGING}x").mkdir()  # not one of ours: kept
+    parent = staging_prefix(os.getppid())
+    pid, start, host = parent[len(STAGING):].split("-")[:3]
+    names = {"dead": staging_prefix(gone.pid) + "abc", "mine": staging_prefix() + "abc", "live": parent + "abc",
+             "reused pid": f"{STAGING}{pid}-{int(start) + 1}-{host}-abc",  # that pid now runs another process
+             "other host": f"{STAGING}{gone.pid}-0-elsewhere-abc", "not ours": f"{STAGING}x"}
+    for name in names.values():
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
     prune_staging()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{STAGING}{os.getpid()}-abc", f"{STAGING}{os.getppid()}-abc", f"{STAGING}x"])
+        names[k] for k in ("mine", "live", "other host", "not ours"))

@@ -62,7 +62,7 @@ class Holder:
         return f"pid {self.pid} on {where}" + (f", since {self.since}" if self.since else "")
 
 
-def _process_start(pid: int) -> str:
+def process_start(pid: int) -> str:
     """The start time of process ``pid`` (field 22 of /proc/PID/stat), "" where /proc is not there."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -87,7 +87,7 @@ def process_alive(pid: int) -> bool:
 
 def me(command: str = "") -> Holder:
     pid = os.getpid()
-    return Holder(socket.gethostname(), pid, _process_start(pid), command or " ".join(sys.argv[:2]),
+    return Holder(socket.gethostname(), pid, process_start(pid), command or " ".join(sys.argv[:2]),
                   datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
@@ -124,7 +124,7 @@ def stale(holder: Holder) -> bool:
         return False
     if not process_alive(holder.pid):
         return True
-    return bool(holder.start) and _process_start(holder.pid) not in ("", holder.start)
+    return bool(holder.start) and process_start(holder.pid) not in ("", holder.start)
 
 
 def status(path: Path) -> tuple[str, Holder | None]:

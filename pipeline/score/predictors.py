@@ -146,7 +146,7 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
     kind = {"softmax": "logits", "sigmoid": "sigmoid_logits"}[output]
     label = f"{name}@{weights}" if weights and weights != "random" else f"{name} (untrained)"
     recorded = _train_record(weights)
-    if recorded is not None:
+    if recorded is not None and recorded != (tuple(input_size), kind):
         size, their_kind = recorded
         print(f"warning: {weights} is a `pipeline train` checkpoint, trained at {size[0]}x{size[1]} with "
               f"{'sigmoid' if their_kind == 'sigmoid_logits' else 'softmax'} maps; --student runs it at "
@@ -162,7 +162,7 @@ def _train_record(weights: str | None) -> tuple[tuple[int, int], str] | None:
     try:
         ckpt = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
         labels = ckpt["labels"]
-        return tuple(labels.get("image_size", (192, 256))), student_kind(labels["kind"])
+        return tuple(int(v) for v in labels.get("image_size", (192, 256))), student_kind(labels["kind"])
     except Exception:  # noqa: BLE001 - the authors' file, a bare state dict…: not ours
         return None
 

@@ -25,6 +25,8 @@ import math
 import json
 import os
 import random
+import socket
+import re
 import shutil
 import sys
 import tempfile
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 from pipeline.common.atomic import write_json
 from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
-from pipeline.common.locks import LOCK_NAME, FolderLock, process_alive
+from pipeline.common.locks import LOCK_NAME, FolderLock, process_alive, process_start
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import Mirror, as_path, is_url
 from pipeline.train.checkpoints import (LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
@@ -477,7 +479,7 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, 
         if not remote:
             return _train(trainer, config, restart=restart, progress=progress)
         prune_staging()
-        with tempfile.TemporaryDirectory(prefix=f"{STAGING}{os.getpid()}-") as staging:
+        with tempfile.TemporaryDirectory(prefix=staging_prefix()) as staging:
             trainer.run, trainer.ckpt_dir = Path(staging), Path(staging) / "checkpoints"
             return _train(trainer, config, restart=restart, progress=progress, mirror=run_mirror(config.run, staging))
     finally:
@@ -485,16 +487,27 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, 
             held.release()
 
 
-#: the name of a run URL's local staging folder (in the temp folder), then the pid of its `pipeline train`
+#: the name of a run URL's local staging folder (in the temp folder), then its `pipeline train`'s
+#: ``<pid>-<start time>-<host>-`` (:func:`staging_prefix`)
 STAGING = "pipeline-run-"
 
 
+def staging_prefix(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{STAGING}{pid}-{process_start(pid) or 0}-{re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())}-"
+
+
 def prune_staging() -> None:
-    """Remove the staging folders of run URLs whose `pipeline train` on this machine is gone (a SIGKILL leaves
-    its folder, a checkpoint or two big, behind)."""
+    """Remove the staging folders of run URLs whose `pipeline train` on this host is gone (a SIGKILL leaves its
+    folder, a checkpoint or two big, behind): its pid no longer runs, or runs another process (its start time
+    differs). Another host's folders (a temp folder shared between machines) are left alone."""
+    host = staging_prefix()[len(STAGING):].split("-")[2]
     for folder in Path(tempfile.gettempdir()).glob(f"{STAGING}*"):
-        pid = folder.name[len(STAGING):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+        parts = folder.name[len(STAGING):].split("-", 3)  # pid, start time, host, tempfile's own letters
+        if len(parts) < 4 or not parts[0].isdigit() or parts[2] != host or int(parts[0]) == os.getpid():
+            continue
+        pid = int(parts[0])
+        if not process_alive(pid) or str(process_start(pid) or 0) != parts[1]:
             shutil.rmtree(folder, ignore_errors=True)
 
 

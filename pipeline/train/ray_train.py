@@ -169,8 +169,8 @@ def _heard_sigint(trainer) -> list:
     word); ours is wrapped around it, so that the command can end as an interrupted one."""
     heard: list = []
     register = getattr(trainer, "_register_sigint_handler", None)
-    if register is None:  # another Ray: its Ctrl-C is its own (KeyboardInterrupt, as without Ray Train)
-        return heard
+    if register is None:  # Ray Train v1 (RAY_TRAIN_V2_ENABLED=0) or a later Ray: its Ctrl-C handling is its own
+        return heard  # (v1 reports the run failed); the hook is this private method of v2's trainer (Ray 2.60)
 
     def ours(controller):
         register(controller)
