@@ -809,6 +809,21 @@ def test_ground_truth_maps_are_each_samples_own_and_join_the_loss_as_eq2_says(sm
     assert val_targets.shape[1] == 1
 
 
+def test_the_first_ground_truth_map_is_checked_in_a_data_parallel_worker_too(small_labels, tmp_path, monkeypatch):
+    """Each Ray Train / torchrun process checks the first sample's map; webdataset refused to read a tar there
+    without a node splitter ("you need to add an explicit nodesplitter"), which ended every --ray-workers run."""
+    from pipeline.train.data import SampleError, first_ground_truth, open_label_set
+
+    human_maps(tmp_path / "maps", SAMPLES / "val2017")
+    monkeypatch.setenv("RANK", "1")  # as torchrun and Ray Train set them: webdataset reads these
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    labels = open_label_set(small_labels)
+    first_ground_truth(labels, str(tmp_path / "maps"))
+    (tmp_path / "maps" / "000000000139.png").unlink()
+    with pytest.raises(SampleError, match="no ground-truth map for 000000000139.jpg"):
+        first_ground_truth(labels, str(tmp_path / "maps"))
+
+
 def test_a_folder_sources_ground_truth_map_is_found_by_its_path_below_the_images_folder(tmp_path):
     """`sub/a.jpg`'s map is `sub/a.png` (SALICON-style trees mirror their image folders), not a `a.png` beside
     `b.png`: the sample's json records the relative path as its id (its `file` is the base name)."""

@@ -279,6 +279,22 @@ def ground_truth(sample: dict, folder, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(resize(gray, size)).float()[None] / 255.0
 
 
+def first_ground_truth(labels: "LabelSet", gt_maps: str) -> None:
+    """The first sample's map is in ``gt_maps``, or :class:`SampleError` saying so (one sentence, before any
+    training): a folder of maps named otherwise (COCO 2017's names against SALICON's 2014 ones, a level off) is
+    found at once, not one skipped sample at a time. (Read in any process: a Ray Train worker's too.)"""
+    first = wds.WebDataset(labels.tars[0], shardshuffle=False, nodesplitter=_all_shards, empty_check=False)
+    sample = next(iter(first), None)
+    if sample is None:
+        return
+    try:
+        ground_truth(sample, gt_maps, labels.image_size)
+    except SampleError as e:
+        raise SampleError(f"--gt-maps {gt_maps}: {e}, for the first sample of {labels.tars[0]}; each map is the "
+                          "grayscale image named as the image with .png, .jpg or .jpeg, below the folder as the image "
+                          "is below its images folder (a COCO image: its file name)") from None
+
+
 @dataclass(frozen=True)
 class BadSample:
     """A sample (or ``count`` samples) of ``shard`` that could not be read, passed along the batches to the

@@ -47,8 +47,9 @@ from pipeline.common.storage import Mirror, as_path, is_url
 from pipeline.train.checkpoints import (LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
                                         set_rng_state)
 from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
-from pipeline.train.data import (BadSamples, SampleError, check_same_labels, epoch_order, ground_truth, node_shards,
-                                 open_label_set, open_label_sets, shard_loader, split_shards, verify_shards)
+from pipeline.train.data import (BadSamples, SampleError, check_same_labels, epoch_order, first_ground_truth,
+                                 node_shards, open_label_set, open_label_sets, shard_loader, split_shards,
+                                 verify_shards)
 from pipeline.train.logs import LOSS_HEADER, METRICS_HEADER, append_metrics, epoch_note, keep_rows, plot_curves
 from pipeline.train.tensorboard import EpochLogger
 from students import Student, build_student, check_options, student_info, student_kind, to_log_density
@@ -194,7 +195,10 @@ class Trainer:
                              "no ground-truth term; the human maps join the loss of a map teacher's labels (Eq. 2: "
                              "salgan, classic)")
         if c.gt_maps is not None and labels.tars:
-            first_ground_truth(labels, c.gt_maps)
+            try:
+                first_ground_truth(labels, c.gt_maps)
+            except SampleError as e:
+                raise TrainError(str(e)) from None
         h, w = labels.image_size
         if h % info.stride or w % info.stride:
             raise TrainError(f"{labels.folder} holds {h}x{w} images; {c.student} needs height and width in "
@@ -408,23 +412,6 @@ class Trainer:
         if pending:
             flush()
         return total / max(n, 1), n, {k: v / max(n, 1) for k, v in zip(names, stat_sums)}
-
-
-def first_ground_truth(labels, gt_maps: str) -> None:
-    """The first sample's map is in ``gt_maps``, or one :class:`TrainError` sentence before any training: a
-    folder of maps named otherwise (COCO 2017's names against SALICON's 2014 ones, a level off) is found at once,
-    not one skipped sample at a time."""
-    import webdataset as wds
-
-    sample = next(iter(wds.WebDataset(labels.tars[0], shardshuffle=False, empty_check=False)), None)
-    if sample is None:
-        return
-    try:
-        ground_truth(sample, gt_maps, labels.image_size)
-    except SampleError as e:
-        raise TrainError(f"--gt-maps {gt_maps}: {e}, for the first sample of {labels.tars[0]}; each map is the "
-                         "grayscale image named as the image with .png, .jpg or .jpeg, below the folder as the image "
-                         "is below its images folder (a COCO image: its file name)") from None
 
 
 def as_places(settings: dict) -> dict:
