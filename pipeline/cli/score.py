@@ -22,7 +22,7 @@ from pipeline.common.atomic import write_json
 from pipeline.common.errors import error_message
 
 
-def check_stride(predictor, image_size) -> None:
+def check_input_size(predictor, image_size) -> None:
     """A student's input size (--image-size, else its own) fits it: H and W multiples of its stride, and SACT's
     --tile dividing every block's map; else a usage error (before any work)."""
     if not predictor.student:
@@ -110,7 +110,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         raise click.ClickException(str(e)) from None
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             student_options=student_options, map_name=map_name)
-    check_stride(predictor, None)
+    check_input_size(predictor, None)
     calibration = None
     try:
         if map_name != "saliency":
@@ -175,7 +175,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             student_options=student_options)
-    check_stride(predictor, None)
+    check_input_size(predictor, None)
     predictor = with_runtime(predictor, runtime, calibration=calibration, calibration_images=calibration_images)
     compare = None
     if compare_teacher:
@@ -225,7 +225,7 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             require_weights=False, student_options=student_options)
-    check_stride(predictor, image_size)
+    check_input_size(predictor, image_size)
     predictor = with_runtime(predictor, runtime, image_size, calibration=calibration,
                              calibration_images=calibration_images)
     measured_on = None
@@ -283,7 +283,7 @@ def export_cmd(checkpoint, student, student_options, weights, student_output, fo
     # a checkpoint must have trained its saliency head (a hint-stage one has not); --student takes --weights random
     predictor = build_model(checkpoint, None, student, weights, student_output, "cpu", "fp32",
                             require_weights=checkpoint is not None, student_options=student_options)
-    check_stride(predictor, image_size)
+    check_input_size(predictor, image_size)
     try:
         result = export_onnx(predictor, out, input_size=image_size, opset=opset,
                              calibration=calibration if quantize == "int8" else None,

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
 from pipeline.common.devices import available, resolve_device, use_autocast
-from pipeline.common.errors import error_message, root_cause, storage_error
+from pipeline.common.errors import error_message, root_cause
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
@@ -295,11 +295,10 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
 
     def on_done(plan: ShardPlan, marker: dict | None, error: Exception | None):
         if marker is None:
-            cause = root_cause(error)
-            refused = str(cause) if isinstance(cause, StoreRefused) else storage_error(cause)
-            if refused:  # the store itself (down, credentials, bucket): every other shard would wait and fail so
+            cause = root_cause(error)  # (the labeller names a store's refusal as such, in this process or on Ray)
+            if isinstance(cause, StoreRefused):  # down, credentials, bucket: every other shard would wait, fail so
                 done = len(markers) - len(split.done)
-                raise LabelError(f"shard {plan.name} could not be written to {folder}: {refused}. The {done} shard"
+                raise LabelError(f"shard {plan.name} could not be written to {folder}: {cause}. The {done} shard"
                                  f"{'' if done == 1 else 's'} finished in this run "
                                  f"{'is' if done == 1 else 'are'} kept: run the same command again"
                                  f"{' without --overwrite' if overwrite else ''} when the store answers")

@@ -84,14 +84,13 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         raise SourceError(f"--out {out} is the image folder itself: the maps would be written among (and over) the "
                           "images; give another folder")
     # maps (and comparison sheets) written inside the image folder are not images, nor are other runs' outputs
-    own = [] if local_out is None else [local_out.resolve(), compare_folder(local_out, fmt).resolve()]
-    others = [p for p in pipeline_outputs(folder) if p.resolve() not in own]
+    own = [] if local_out is None else [local_out, compare_folder(local_out, fmt)]
+    others = [p for p in pipeline_outputs(folder) if p.resolve() not in {o.resolve() for o in own}]
     if others:
         shown = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (", …" if len(others) > 3 else "")
         print(f"note: left out {len(others)} folder{'s' if len(others) > 1 else ''} of other runs' maps or labels "
               f"below {folder} ({shown})", file=sys.stderr)
-    records = folder_records(folder, exclude=[*others, *(() if local_out is None else
-                                                        (local_out, compare_folder(local_out, fmt)))],
+    records = folder_records(folder, exclude=[*others, *own],
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
     result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
 
@@ -183,7 +182,7 @@ def _ours(folder: Path, files: list[str]) -> bool:
         doc = read("predictions.json")
         if isinstance(doc, dict) and {"model", "maps", "failures"} <= set(doc):
             return True
-    if "labels.json" in files and read("labels.json") is not None and not index_problem(read("labels.json")):
+    if "labels.json" in files and not index_problem(read("labels.json")):
         return True
     if LOCK_NAME in files and read_holder(folder / LOCK_NAME) is not None:
         return True

@@ -253,7 +253,7 @@ def ground_truth(sample: dict, folder, size: tuple[int, int]) -> torch.Tensor:
     at ``size``: the grayscale image named as the sample's source image (as its ``json`` records it: a folder
     source's ``id``, its path relative to the images folder; a COCO image's ``file``) with the suffix ``.png``,
     else ``.jpg`` / ``.jpeg`` (SALICON's ``maps/train/X.png`` for ``X.jpg``), resized as ``pipeline label``
-    resized the image. :class:`SampleError` when there is none or it does not decode."""
+    resized the image. :class:`SampleError` when there is none, or it cannot be read or decoded."""
     try:
         meta = json.loads(sample["json"])
         source = meta["id"] if isinstance(meta["id"], str) else meta["file"]

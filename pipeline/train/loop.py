@@ -21,13 +21,13 @@ run per URL at a time is the user's to keep.
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 import os
 import random
-import socket
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
