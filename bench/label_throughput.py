@@ -340,7 +340,7 @@ def run_stages(records, image_size, quality: int, n: int) -> dict:
     samples = [encode_sample({"__key__": f"{i:012d}", "jpg": j, "null.png": p, "json": {"id": i}})
                for i, (j, p) in enumerate(zip(jpgs, pngs))]
     sink = _Hashing(io.BytesIO())
-    with wds.TarWriter(sink, mtime=0.0, user="", group="") as w:
+    with wds.TarWriter(sink, mtime=0, user="", group="") as w:
         stage("tar write + sha256", w.write, samples)
     stages["total"] = round(sum(stages.values()), 3)
     return stages

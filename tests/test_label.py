@@ -920,10 +920,11 @@ def test_a_streamed_tar_is_byte_for_byte_the_tar_of_its_samples_and_its_marker_h
     assert marker["sha256"] == hashlib.sha256(data).hexdigest() and marker["bytes"] == len(data)
     assert json.loads((tmp_path / "shard-000000.json").read_text())["sha256"] == marker["sha256"]
     plain = io.BytesIO()
-    with wds.TarWriter(plain, mtime=0.0, user="", group="") as w:
+    with wds.TarWriter(plain, mtime=0, user="", group="") as w:
         for s in samples:
             w.write(s)
     assert data == plain.getvalue()
+    assert b"PaxHeader" not in data  # an integer mtime: one 512-byte header per member, no pax header before it
     assert not list(tmp_path.glob(".*"))  # no temp file left
 
 
@@ -1118,3 +1119,123 @@ def test_a_map_of_nan_or_inf_is_a_recorded_failure_not_a_stored_label(tmp_path):
     assert {f["reason"] for f in marker["failures"]} == {"the teacher's map holds NaN or inf values"}
     stored = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False)]
     assert stored == marker["keys"] == [r.key for r in plan.records if r.key not in bad]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                                                                  reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_labels_quantised_where_the_teacher_ran_are_the_bytes_numpy_would_store(device):
+    """The worker turns maps into what the tar stores (8-bit probability, float16 log density) on the teacher's
+    device, a batch at once; the values are the ones the former NumPy path stored, halfway and out-of-range
+    values included, so shards keep their bytes."""
+    import torch
+
+    from pipeline.label.worker import encode_label, quantize_label
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(-0.2, 1.2, (3, 24, 32)).astype(np.float32)
+    p[0, 0, :10] = (np.arange(10, dtype=np.float32) + 0.5) / 255.0  # halfway between two 8-bit steps
+    q = quantize_label(torch.from_numpy(p).to(device), "probability_map").cpu().numpy()
+    assert q.dtype == np.uint8
+    assert np.array_equal(q, np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8))
+    for i in range(3):  # the PNG written is the one a float map gave before
+        assert encode_label(q[i], "probability_map") == encode_label(p[i], "probability_map")
+    d = (rng.normal(-12.0, 3.0, (2, 24, 32)) + rng.uniform(0, 1e-3, (2, 24, 32))).astype(np.float32)
+    h = quantize_label(torch.from_numpy(d).to(device), "log_density").cpu().numpy()
+    assert h.dtype == np.float16 and np.array_equal(h, d.astype(np.float16))
+    assert encode_label(h[0], "log_density") is not None and np.array_equal(encode_label(h[0], "log_density"), h[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_images_of_one_shape_resized_together_equal_each_resized_alone(device, monkeypatch):
+    """A batch's photos are resized one call per shape (in groups of at most RESIZE_GROUP), with exactly the
+    values of one call per image, shrinking and enlarging, in the order given."""
+    import torch
+
+    from pipeline.common import images
+
+    monkeypatch.setattr(images, "RESIZE_GROUP", 2)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 48, 64), (3, 30, 20), (3, 48, 64), (3, 48, 64), (3, 12, 16), (3, 30, 20), (3, 48, 64)]
+    imgs = [torch.randint(0, 256, s, generator=g, dtype=torch.uint8).to(device) for s in shapes]
+    for size in ((24, 32), (40, 40)):
+        together = images.resize_tensors(imgs, size)
+        assert [tuple(t.shape) for t in together] == [(3, *size)] * len(imgs)
+        for alone, t in zip((images.resize_tensor(x, size) for x in imgs), together):
+            assert t.dtype == torch.uint8 and torch.equal(alone, t)
+
+
+def test_the_folder_check_follows_symlinked_files_and_folders_and_dot_dot(tmp_path):
+    """The check that an image lies in its folder looks each folder's real path up once; it still refuses a
+    symlinked file or folder that leads out and a path with ``..`` that climbs out, and accepts links that
+    stay inside."""
+    from pipeline.label.worker import ShardLabeler
+
+    root, out = tmp_path / "photos", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    out.mkdir()
+    for f in (root / "a.jpg", root / "sub" / "b.jpg", out / "c.jpg"):
+        f.write_bytes(b"x")
+    (root / "link_out.jpg").symlink_to(out / "c.jpg")
+    (root / "link_in.jpg").symlink_to(root / "sub" / "b.jpg")
+    (root / "away").symlink_to(out)
+    (root / "here").symlink_to(root / "sub")
+    labeler = ShardLabeler(LabelConfig(teacher="classic", io_threads=1))
+    try:
+        r = str(root)
+        for name, inside in (("a.jpg", True), ("sub/b.jpg", True), ("link_in.jpg", True), ("here/b.jpg", True),
+                             ("link_out.jpg", False), ("away/c.jpg", False), ("../outside/c.jpg", False),
+                             ("sub/../../outside/c.jpg", False), ("missing.jpg", True)):
+            for _ in range(2):  # the second time from the looked-up folders
+                assert labeler._inside(os.path.join(r, name), r) is inside, name
+    finally:
+        labeler.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 3 * 1024 * 1024 + 7])
+def test_read_file_returns_every_byte_and_refuses_one_over_the_limit(tmp_path, size):
+    from pipeline.common import images
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    f = tmp_path / "f.bin"
+    f.write_bytes(data)
+    assert images.read_file(str(f)) == data
+    assert images.read_file(str(f), max_bytes=None) == data
+    assert images.read_file(str(f), max_bytes=size) == data
+    if size:
+        with pytest.raises(images.ImageError, match="file too large"):
+            images.read_file(str(f), max_bytes=size - 1)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("teacher", ["classic", "salgan"])
+def test_the_worker_hands_a_batch_to_the_gpu_without_synchronising(teacher):
+    """Once a batch is decoded on the GPU, staging it, the teacher, the label resize, quantising and the copies
+    back to pinned memory run under ``torch.cuda.set_sync_debug_mode("error")``: the main thread only waits
+    when it asks for the labels, so the GPU stays a batch ahead."""
+    import torch
+
+    from pipeline.label.sources import folder_records, plan_shards
+    from pipeline.label.worker import ShardLabeler
+
+    labeler = ShardLabeler(LabelConfig(teacher=teacher, weights="random" if teacher == "salgan" else None,
+                                       batch_size=6, io_threads=2, device="cuda"))
+    try:
+        records = plan_shards(folder_records(SAMPLE / "val2017"), 100)[0].records
+        for _ in range(2):  # the first batch may fill caches (cuDNN, the pinned-memory pool)
+            batch = [labeler._load(r) for r in records[:6]]
+            labeler._decode_on_device(batch)
+            assert all(it.device_input is not None for it in batch)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                wait = labeler._submit(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            labels, finite = wait()
+            assert labels.shape == (6, *labeler.config.image_size) and finite.all()
+            assert all(it.image is not None and it.bgr for it in batch)
+    finally:
+        labeler.close()

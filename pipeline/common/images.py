@@ -39,8 +39,9 @@ def is_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" and not _jpeg_truncated(data)
 
 
-def _as_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: torch warns on bytes
+def as_tensor(data: bytes) -> torch.Tensor:
+    """Encoded bytes as the uint8 tensor :func:`decode_jpegs` takes (a writable copy: torch warns on bytes)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def decode_image(data: bytes, upright: bool = False) -> np.ndarray:
@@ -83,8 +84,7 @@ def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> bytes:
             raise ImageError("not a regular file")
         if max_bytes is not None and st.st_size > max_bytes:
             raise ImageError(f"file too large ({st.st_size} bytes; the limit is {max_bytes}, --max-image-bytes)")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+        data = _read_fd(fd, st.st_size, max_bytes)
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or type(e).__name__}") from None
     finally:
@@ -92,6 +92,25 @@ def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> bytes:
     if max_bytes is not None and len(data) > max_bytes:  # grew while we read it
         raise ImageError(f"file too large (more than {max_bytes} bytes, --max-image-bytes)")
     return data
+
+
+def _read_fd(fd: int, size: int, max_bytes: int | None) -> bytes:
+    """Up to ``max_bytes + 1`` bytes of an open file (to tell one that grew past the limit), in as few
+    ``read`` calls as its size allows: each call lets other threads take the interpreter lock, and a
+    labelling worker reads many files at once."""
+    chunks, total, want = [], 0, size + 1
+    while True:
+        if max_bytes is not None:
+            want = min(want, max_bytes + 1 - total)
+        if want <= 0:
+            break
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = 1 << 20
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def read_image(path: str, max_bytes: int | None = MAX_IMAGE_BYTES, upright: bool = False) -> np.ndarray:
@@ -107,8 +126,10 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+def encode_jpeg(rgb: np.ndarray, quality: int, bgr: bool = False) -> bytes:
+    """RGB (or, with ``bgr``, BGR: OpenCV's order, no conversion) uint8 ``(H, W, 3)`` → JPEG bytes."""
+    ok, buf = cv2.imencode(".jpg", rgb if bgr else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ImageError("JPEG encoding failed")
     return buf.tobytes()
@@ -121,12 +142,12 @@ def encode_png(gray: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """JPEGs → RGB uint8 ``[3, H, W]`` tensors on ``device`` (nvJPEG on a GPU, one batched call), EXIF
-    orientation ignored as in :func:`decode_image`; None for an image the device cannot decode (or too
-    small), which the caller decodes on the CPU instead."""
+def decode_jpegs(datas: list[bytes | torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEGs (bytes, or :func:`as_tensor` of them) → RGB uint8 ``[3, H, W]`` tensors on ``device`` (nvJPEG
+    on a GPU, one batched call), EXIF orientation ignored as in :func:`decode_image`; None for an image the
+    device cannot decode (or too small), which the caller decodes on the CPU instead."""
     from torchvision.io import ImageReadMode, decode_jpeg  # here: torchvision's import takes a second
-    tensors = [_as_tensor(d) for d in datas]
+    tensors = [d if isinstance(d, torch.Tensor) else as_tensor(d) for d in datas]
     try:
         decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
     except (RuntimeError, ValueError, TypeError):  # one bad image fails the whole batched call (and torchvision
@@ -141,15 +162,38 @@ def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor 
             for x in decoded]
 
 
+#: images of one shape resized in one call at most (bounds the float copy a GPU resize makes)
+RESIZE_GROUP = 64
+
+
+def _resize_batch(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[n, 3, h, w]`` uint8 → ``[n, 3, H, W]`` uint8 on its device (see :func:`resize_tensor`)."""
+    h, w = size
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+    shrinking = h * w < x.shape[-2] * x.shape[-1]
+    if x.device.type == "cpu":  # PyTorch has a uint8 kernel on the CPU
+        return F.interpolate(x, size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)
+    y = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def resize_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``[3, h, w]`` uint8 → ``[3, H, W]`` uint8 on its device: antialiased bilinear when shrinking (close to
     :func:`resize`'s area filter), bilinear when enlarging."""
-    h, w = size
-    if tuple(image.shape[-2:]) == (h, w):
-        return image
-    shrinking = h * w < image.shape[-2] * image.shape[-1]
-    x = image[None]
-    if x.device.type == "cpu":  # PyTorch has a uint8 kernel on the CPU
-        return F.interpolate(x, size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)[0]
-    y = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=shrinking, align_corners=False)
-    return y.round_().clamp_(0, 255).to(torch.uint8)[0]
+    return _resize_batch(image[None], size)[0]
+
+
+def resize_tensors(images: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+    """:func:`resize_tensor` of every image, with the same values, those of one shape resized together: a
+    batch of photos holds a few shapes, so a GPU runs a few resizes per batch instead of one per image."""
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(i)
+    for index in by_shape.values():
+        for k in range(0, len(index), RESIZE_GROUP):
+            part = index[k:k + RESIZE_GROUP]
+            for i, resized in zip(part, _resize_batch(torch.stack([images[i] for i in part]), size)):
+                out[i] = resized
+    return out

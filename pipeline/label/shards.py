@@ -9,7 +9,9 @@ Protocol (a file format; bump :data:`ENCODING_VERSION` when it changes):
    is written last, atomically. A shard is finished only when its marker exists and the tar's
    sha256 matches it, so a SIGKILL at any moment leaves either nothing or a shard to redo.
 
-Tar members are written with a fixed mtime, so the same samples always give the same bytes.
+Tar members are written with a fixed mtime, so the same samples always give the same bytes. It is the integer 0:
+Python's tarfile gives a float mtime a pax header of its own, 1 KiB more per member and a third more time
+writing it (tars written before stop 16 have them; readers take either).
 :class:`ShardWriter` writes one tar; :class:`TarStream` drives it from a thread of its own (the worker's writer).
 """
 
@@ -103,7 +105,7 @@ class ShardWriter:
         self._file = _Hashing(None)
         self._file.f = self._files.enter_context(atomic_open(self.final, "wb"))
         try:
-            self._tar = wds.TarWriter(self._file, mtime=0.0, user="", group="")
+            self._tar = wds.TarWriter(self._file, mtime=0, user="", group="")
         except BaseException:
             self.abort()
             raise

@@ -50,25 +50,33 @@ class _Item:
     teacher_input: np.ndarray | None = None
     original_size: tuple[int, int] | None = None
     error: str | None = None
-    data: bytes | None = None  # a JPEG left for the device to decode
+    data: torch.Tensor | None = None  # a JPEG left for the device to decode (its bytes as a uint8 tensor)
     nbytes: int | None = None  # the size of the file read (recorded: a later run tells a replaced image by it)
     device_image: torch.Tensor | None = None  # decoded on the device: [3, H, W] at training size
     device_input: torch.Tensor | None = None  # … and at the teacher's size
+    bgr: bool = False  # ``image`` holds its channels in OpenCV's order (made so on the device)
 
 
 _CHUNK = 8  # samples per encode job
 
 
-def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
-    """log density → float16 array (written as .npy); probability map → 8-bit PNG bytes."""
+def quantize_label(maps: torch.Tensor, kind: str) -> torch.Tensor:
+    """Labels at the precision the shard stores, computed where the maps are (a GPU does a batch at once):
+    log density → float16; probability map → 8 bits, ``rint(clip(p, 0, 1) * 255)`` in float32 as NumPy
+    computes it (the same bytes: one IEEE multiply, rounding half to even)."""
     if kind == "log_density":
-        return label.astype(np.float16)
-    return images.encode_png(np.rint(np.clip(label, 0.0, 1.0) * 255.0).astype(np.uint8))
+        return maps.to(torch.float16)
+    return maps.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
 
 
-def _inside(path: str, root: str) -> bool:
-    real, top = os.path.realpath(path), os.path.realpath(root)
-    return os.path.commonpath([real, top]) == top
+def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
+    """log density → float16 array (written as .npy); probability map → 8-bit PNG bytes. ``label`` is a
+    float map or already :func:`quantize_label`'s."""
+    if kind == "log_density":
+        return label.astype(np.float16, copy=False)
+    if label.dtype != np.uint8:
+        label = np.rint(np.clip(label, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return images.encode_png(label)
 
 
 class ShardLabeler:
@@ -80,6 +88,7 @@ class ShardLabeler:
         self.autocast = use_autocast(self.device, config.precision)
         self.teacher = (teacher or build_teacher(config.teacher, weights=config.weights)).to(self.device).eval()
         self.pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="label-io")
+        self._real_folders: dict[str, str] = {}
 
     # -- what a finished shard must agree on ---------------------------------------------------
     def identity(self) -> dict:
@@ -145,11 +154,26 @@ class ShardLabeler:
         self.teacher.to(memory_format=torch.channels_last)
         return True
 
+    def _inside(self, path: str, root: str) -> bool:
+        """Whether ``path``, its symlinks followed, lies in ``root``. A folder's real path is looked up once
+        per labeller (a path that is no symlink is its folder's real path and its name), so a file costs one
+        ``lstat``, not one per folder above it."""
+        def real_folder(folder: str) -> str:
+            if folder not in self._real_folders:
+                self._real_folders[folder] = os.path.realpath(folder)
+            return self._real_folders[folder]
+
+        head, name = os.path.split(path)
+        real = os.path.realpath(path) if os.path.islink(path) or name in ("", ".", "..") \
+            else os.path.join(real_folder(head), name)
+        top = real_folder(root)
+        return os.path.commonpath([real, top]) == top
+
     def _load(self, record: ImageRecord) -> _Item:
         """Read one image and (unless it is a JPEG the device decodes) decode and resize it."""
         item = _Item(record)
         try:
-            if record.root is not None and not _inside(record.path, record.root):
+            if record.root is not None and not self._inside(record.path, record.root):
                 if not os.path.lexists(record.path):  # a broken link, whose target would lie out of it
                     raise images.ImageError(f"file not found: {record.path} (a symlink's target, where it is one)")
                 raise images.ImageError("outside the image folder (a symlink or path leading out of it; "
@@ -157,7 +181,7 @@ class ShardLabeler:
             data = images.read_file(record.path, self.config.max_image_bytes)
             item.nbytes = len(data)
             if self._device_decode and images.is_jpeg(data):
-                item.data = data
+                item.data = images.as_tensor(data)  # here, on a decode thread, not on the one that runs the GPU
                 return item
             self._resized(item, images.decode_image(data))
         except images.ImageError as e:
@@ -182,17 +206,23 @@ class ShardLabeler:
         if not todo:
             return
         size, tsize = tuple(self.config.image_size), self._teacher_size
+        decoded = []
         for it, img in zip(todo, images.decode_jpegs([it.data for it in todo], self.device)):
             data, it.data = it.data, None
             if img is None:
                 try:
-                    self._resized(it, images.decode_image(data))
+                    self._resized(it, images.decode_image(data.numpy().tobytes()))
                 except images.ImageError as e:
                     it.error = str(e)
                 continue
             it.original_size = tuple(img.shape[1:])
-            it.device_image = images.resize_tensor(img, size)
-            it.device_input = it.device_image if tsize == size else images.resize_tensor(img, tsize)
+            decoded.append((it, img))
+        if not decoded:
+            return
+        shard = images.resize_tensors([img for _, img in decoded], size)
+        teacher = shard if tsize == size else images.resize_tensors([img for _, img in decoded], tsize)
+        for (it, _), image, x in zip(decoded, shard, teacher):
+            it.device_image, it.device_input = image, x
 
     def _staged(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Host images ``(H, W, 3)`` → ``[n, 3, H, W]`` uint8 on the device (channels-last memory); on a
@@ -207,6 +237,9 @@ class ShardLabeler:
         on_device = [i for i, it in enumerate(batch) if it.device_input is not None]
         if not on_device:
             return self._staged([it.teacher_input for it in batch])
+        if len(on_device) == len(batch):  # the usual case on a GPU: no index (a list index is copied to the device)
+            x = torch.stack([it.device_input for it in batch])
+            return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
         x = torch.empty((len(batch), 3, *self._teacher_size), dtype=torch.uint8, device=self.device)
         x[on_device] = torch.stack([batch[i].device_input for i in on_device])
         host = [i for i, it in enumerate(batch) if it.device_input is None]
@@ -217,28 +250,33 @@ class ShardLabeler:
     @torch.inference_mode()
     def _submit(self, batch: list[_Item]) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
         """Start the teacher on ``batch`` (every item decoded). Returns a function that waits for the labels,
-        ``[B, H, W]`` float32 at the shard's size, and whether each is finite (``[B]`` bool), and fills
-        ``item.image`` of the images decoded on the device. On a GPU nothing here blocks: results come back
-        through pinned memory."""
+        ``[B, H, W]`` at the shard's size as :func:`quantize_label` stores them, and whether each is finite
+        (``[B]`` bool), and fills ``item.image`` of the images decoded on the device (in OpenCV's channel
+        order, ready for its JPEG encoder). On a GPU nothing here blocks: results come back through pinned
+        memory."""
         cuda = self.device.type == "cuda"
         if cuda:
             _ = self._cuda_ready
         x = self._teacher_batch(batch)
         on_device = [it for it in batch if it.device_image is not None]
-        shard_images = torch.stack([it.device_image for it in on_device]).permute(0, 2, 3, 1) if on_device else None
+        shard_images = None
+        if on_device:  # [n, H, W, 3], BGR
+            shard_images = torch.stack([it.device_image for it in on_device]).permute(0, 2, 3, 1).flip(-1)
         for it in on_device:
             it.device_image = it.device_input = None
+            it.bgr = True
         with contextlib.nullcontext() if cuda else self._teacher_threads():
             with autocast(self.device, self.autocast):
                 maps = self.teacher(x)
             maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)[:, 0]
             finite = torch.isfinite(maps).flatten(1).all(1)
+            maps = quantize_label(maps, self.teacher.output_kind)
         if not cuda:  # views, no copies (a torch copy would wake its OpenMP threads, which then spin)
             labels, ok = maps.numpy(), finite.numpy()
             host = shard_images.contiguous().numpy() if on_device else None
             event = None
         else:
-            labels_t = torch.empty(maps.shape, dtype=torch.float32, pin_memory=True)
+            labels_t = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
             labels_t.copy_(maps, non_blocking=True)
             labels = labels_t.numpy()
             ok_t = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
@@ -266,7 +304,7 @@ class ShardLabeler:
         h, w = item.original_size
         return {
             "__key__": item.record.key,
-            "jpg": images.encode_jpeg(item.image, self.config.jpeg_quality),
+            "jpg": images.encode_jpeg(item.image, self.config.jpeg_quality, bgr=item.bgr),
             f"{t.name}.{t.label_extension}": encode_label(label, t.output_kind),
             "json": {
                 "id": item.record.source_id,
