@@ -214,8 +214,15 @@ def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict,
         markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
                    for i, p in enumerate(plans)]
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    sums = {k: round(sum(m["timings"].get(k, 0.0) for m in markers), 3) for k in markers[0]["timings"]}
+    timings = [_timings(m) for m in markers]
+    sums = {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in timings[0]}
     return wall, sums, cpu, threads.groups()
+
+
+def _timings(marker: dict) -> dict:
+    """A marker's timings and how many of its images failed (a failed image costs no encoding: a rate over
+    images that failed would flatter the path, so the table shows them)."""
+    return {**marker["timings"], "failed": len(marker["failures"])}
 
 
 def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans, barrier, results):
@@ -234,7 +241,7 @@ def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folde
         with ThreadCPU() as threads:
             markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
                        for i, p in enumerate(plans)]
-        results.put(([m["timings"] for m in markers], cpu_seconds() - c0, threads.groups()))
+        results.put(([_timings(m) for m in markers], cpu_seconds() - c0, threads.groups()))
     except BaseException as e:  # noqa: BLE001 - reported by the parent
         barrier.abort()
         results.put(f"{type(e).__name__}: {e}")
@@ -464,10 +471,14 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
     by = {r["run"]: r for r in rows}
     table_rows = [(r["what"], r["teacher"], r["device"], r["batch_size"], r["precision"], r["images"],
                    f"{r['images_per_s']:.1f}", f"{r['images_per_s_per_core']:.1f}",
-                   f"{r['images_per_cpu_s']:.1f}" if r["images_per_cpu_s"] else "") for r in rows]
+                   f"{r['images_per_cpu_s']:.1f}" if r["images_per_cpu_s"] else "",
+                   int(r["timings"]["failed"]) if "failed" in r.get("timings", {}) else "") for r in rows]
     click.echo("")
     click.echo(table(["run", "teacher", "device", "batch", "precision", "images", "images/s", "per core",
-                      "per CPU-s"], table_rows, align="llllrrrrr", rule=True))
+                      "per CPU-s", "failed"], table_rows, align="llllrrrrrr", rule=True))
+    if any(r.get("timings", {}).get("failed") for r in rows):
+        click.echo("warning: images failed in a worker run; its rate counts them, though a failed image is not "
+                   "encoded or written")
     ratios = []
     if "worker" in by and "teacher" in by:
         ratios.append(("(b)/(a) worker / bare teacher", f"{by['worker']['images_per_s'] / by['teacher']['images_per_s']:.2f}"))

@@ -1239,3 +1239,29 @@ def test_the_worker_hands_a_batch_to_the_gpu_without_synchronising(teacher):
             assert all(it.image is not None and it.bgr for it in batch)
     finally:
         labeler.close()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_decode_never_writes_into_memory_the_callers_stream_has_just_freed():
+    """torchvision's nvJPEG decode writes on a stream of its own without waiting for the caller's stream. Memory
+    the caller's stream has freed while its work is still queued (a running batch's input) must not be where
+    the decoded images land, or the decoder overwrites it under the running teacher."""
+    import torch
+
+    from pipeline.common import images
+
+    datas = [p.read_bytes() for p in sorted((SAMPLE / "val2017").glob("*.jpg"))[:6]]
+    device = torch.device("cuda")
+    sizes = [x.numel() for x in images.decode_jpegs(datas, device)]  # also creates the decoder
+    for _ in range(3):
+        busy = torch.randn(2048, 2048, device=device)
+        held = [torch.zeros(n, dtype=torch.uint8, device=device) for n in sizes]
+        for _ in range(20):  # keep the caller's stream busy with work that still reads what is freed below
+            busy = busy @ busy / 2048
+            for h in held:
+                h.add_(1)
+        freed = {h.data_ptr() for h in held}
+        del held
+        decoded = images.decode_jpegs(datas, device)
+        assert not freed & {x.data_ptr() for x in decoded}
+        torch.cuda.synchronize()

@@ -148,18 +148,53 @@ def decode_jpegs(datas: list[bytes | torch.Tensor], device: torch.device) -> lis
     device cannot decode (or too small), which the caller decodes on the CPU instead."""
     from torchvision.io import ImageReadMode, decode_jpeg  # here: torchvision's import takes a second
     tensors = [d if isinstance(d, torch.Tensor) else as_tensor(d) for d in datas]
-    try:
-        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-    except (RuntimeError, ValueError, TypeError):  # one bad image fails the whole batched call (and torchvision
-        # before 0.19 takes no list): decode them one at a time
-        decoded = []
-        for t in tensors:
-            try:
-                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
-            except (RuntimeError, ValueError):
-                decoded.append(None)
+
+    def decode() -> list:
+        try:
+            return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, ValueError, TypeError):  # one bad image fails the whole batched call (and
+            # torchvision before 0.19 takes no list): decode them one at a time
+            out = []
+            for t in tensors:
+                try:
+                    out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+                except (RuntimeError, ValueError):
+                    out.append(None)
+            return out
+
+    if device.type == "cuda":
+        decoded = _on_a_stream_of_its_own(decode, device)
+    else:
+        decoded = decode()
     return [x if x is not None and x.ndim == 3 and x.shape[0] == 3 and min(x.shape[1:]) >= MIN_SIDE else None
             for x in decoded]
+
+
+_DECODE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _on_a_stream_of_its_own(decode, device: torch.device) -> list:
+    """Run torchvision's GPU decode so that it cannot write into memory the caller's stream still uses.
+
+    nvJPEG writes its images on a stream of its own, into tensors torchvision allocates on the stream that is
+    current, without waiting for that stream. Memory freed there by work still queued (the previous batch's
+    teacher input and activations, while the GPU runs that batch) can be handed out again at once, and the
+    decoder then overwrites it under the running teacher: on an H100 a whole batch of SalGAN maps came out
+    NaN in one run of two. Allocated while a stream of ours is current, the images come from memory only
+    that stream reuses; each is marked as used by the caller's stream, which waits for the decode."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    caller = torch.cuda.current_stream(device)
+    side = _DECODE_STREAMS.get(device)
+    if side is None:
+        side = _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        decoded = decode()
+    caller.wait_stream(side)
+    for x in decoded:
+        if x is not None:
+            x.record_stream(caller)
+    return decoded
 
 
 #: images of one shape resized in one call at most (bounds the float copy a GPU resize makes)
