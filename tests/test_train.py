@@ -951,3 +951,25 @@ def test_the_staging_folders_of_killed_trainings_are_pruned(tmp_path, monkeypatc
     prune_staging()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         names[k] for k in ("mine", "live", "other host", "not ours"))
+
+
+def test_data_parallel_workers_take_the_same_steps_however_many_samples_each_skipped():
+    """A worker whose unreadable samples were skipped has fewer batches than the steps every worker takes (the
+    fewest full batches of any): it reads its epoch again for the batches it lacks instead of ending first and
+    leaving the others in their all-reduce for ever; one with enough reads no further than the steps."""
+    from pipeline.train.config import TrainError
+    from pipeline.train.loop import same_steps
+
+    passes = []
+
+    def again():
+        passes.append(1)
+        return iter(["a", "b", "c"])
+
+    assert list(same_steps(iter(["a", "b"]), 5, again)) == ["a", "b", "a", "b", "c"] and len(passes) == 1
+    read = []
+    plenty = (read.append(x) or x for x in ["a", "b", "c", "d"])
+    assert list(same_steps(plenty, 3, again)) == ["a", "b", "c"] and read == ["a", "b", "c"] and len(passes) == 1
+    assert list(same_steps(iter(["a"]), 4, lambda: iter(["a"]))) == ["a"] * 4
+    with pytest.raises(TrainError, match="gave no batch after 2 of the epoch's 4 steps"):
+        list(same_steps(iter(["a", "b"]), 4, lambda: iter([])))

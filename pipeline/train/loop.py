@@ -101,6 +101,27 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def same_steps(batches: Iterator, steps: int, again: Callable[[], Iterator]) -> Iterator:
+    """Exactly ``steps`` batches: those of ``batches``, then, should they end first, those of ``again()`` (the
+    epoch read anew) as often as it takes. Data-parallel workers must take the same number of steps: one whose
+    samples were skipped as unreadable would end its epoch first, and the others would wait for it in their
+    gradients' all-reduce for ever (possible when ``--max-bad-samples`` is at least a batch). Such a worker
+    sees a few of its samples twice instead. :class:`TrainError` when a pass yields nothing at all."""
+    n, source = 0, batches
+    while n < steps:
+        got = False
+        for batch in source:
+            got = True
+            yield batch
+            n += 1
+            if n >= steps:
+                return
+        if not got:
+            raise TrainError(f"this worker's shards gave no batch after {n} of the epoch's {steps} steps (every "
+                             "sample skipped as unreadable)")
+        source = again()
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -353,11 +374,16 @@ class Trainer:
 
     def epoch_batches(self, epoch: int) -> Iterator:
         """The training batches of ``epoch``: those of the loader :meth:`start_epoch` started ahead, if it is
-        this epoch's (and ``self.loader`` is still the one it came from), else a loader started now."""
+        this epoch's (and ``self.loader`` is still the one it came from), else a loader started now; when
+        data parallel, exactly :meth:`steps` of them (:func:`same_steps`)."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == epoch and ahead[1] == self.loader:
-            return ahead[2]
-        return iter(self.loader(self.train_tars, epoch, train=True))
+            batches = ahead[2]
+        else:
+            batches = iter(self.loader(self.train_tars, epoch, train=True))
+        if self.world == 1:
+            return batches
+        return same_steps(batches, self.steps(epoch), lambda: iter(self.loader(self.train_tars, epoch, train=True)))
 
     def start_epoch(self, epoch: int) -> None:
         """Start the loader of ``epoch`` now, ahead of its first step (once; not past the last epoch, and not
