@@ -648,6 +648,87 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
     assert str(root_cause(wrapped)).startswith("object storage refused the request (EndpointConnectionError")
 
 
+def test_on_ray_a_shard_the_store_refused_is_tried_again_first_so_the_run_stops_without_the_rest(coco_tree,
+                                                                                                   monkeypatch):
+    """On the Ray executor a failed shard went to the back of the queue: with the store down, every queued shard
+    waited for the store's retries in turn (minutes), before any shard ran out of its own. A shard the store
+    refused is now tried again before any other, so the run stops after its retries, as in-process; another
+    failure still goes to the back. (Ray's scheduling is driven here by a stand-in for ``ray`` that runs each
+    call when it is waited for.)"""
+    import sys
+    import types
+
+    import ray.exceptions
+
+    import pipeline.label.executors as executors
+    from pipeline.label.config import StoreRefused
+    from pipeline.label.sources import plan_shards
+
+    calls = []
+
+    class Labeler:
+        def __init__(self, config):
+            pass
+
+        def identity(self):
+            return {"id": 1}
+
+        def label_shard(self, plan, folder, reuse=None, next_plan=None):
+            calls.append(plan.index)
+            if plan.index == 0:
+                return {"count": len(plan.records)}
+            if plan.index == 1 and calls.count(1) == 1:
+                raise ValueError("a bad shard")  # not the store: retried after the others
+            raise StoreRefused("object storage refused the request (EndpointConnectionError)")
+
+    class Ref:
+        def __init__(self, call):
+            self.call = call
+
+        def result(self):
+            try:
+                return self.call()
+            except Exception as e:  # as Ray hands a task's exception to the driver
+                raise ray.exceptions.RayTaskError("label_shard", "Traceback …", e, proctitle="ray::ShardLabeler", pid=1,
+                                                  ip="127.0.0.1").as_instanceof_cause() from None
+
+    class Actor:
+        def __init__(self, obj):
+            self.obj = obj
+
+        def __getattr__(self, name):
+            method = getattr(self.obj, name)
+            return types.SimpleNamespace(remote=lambda *a, **k: Ref(lambda: method(*a, **k)))
+
+    fake = types.SimpleNamespace(
+        exceptions=ray.exceptions,
+        remote=lambda **options: (lambda cls: types.SimpleNamespace(remote=lambda config: Actor(cls(config)))),
+        get=lambda refs: [r.result() for r in refs] if isinstance(refs, list) else refs.result(),
+        wait=lambda refs, num_returns=1: (refs[:1], refs[1:]))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(executors, "ShardLabeler", Labeler)
+    plans = plan_shards(coco_records(coco_tree, "val2017"), 1)[:6]
+    done, failed = [], []
+
+    def on_done(plan, marker, error):
+        if marker is not None:
+            done.append(plan.index)
+        elif isinstance(root_cause(error), StoreRefused):
+            raise LabelError(f"shard {plan.name}: {root_cause(error)}")
+        else:
+            failed.append(plan.index)
+
+    from pipeline.common.errors import root_cause
+
+    placement = executors.Placement(device="cpu", device_type="cpu", workers=2)
+    bar = types.SimpleNamespace(update=lambda n: None)
+    with pytest.raises(LabelError, match="refused the request"):
+        executors.label_on_ray(CONFIG, placement, {"id": 1}, plans, {}, "out", bar, on_done, retries=2)
+    assert done == [0] and failed == []
+    assert set(calls) <= {0, 1, 2}, calls  # shards 3 to 5 never started: the refused ones were tried again first
+    assert max(calls.count(1) - 1, calls.count(2)) == 3  # a refused shard's 3 tries (its first failure was its own)
+
+
 def test_a_failing_shard_is_one_error_line_and_a_broken_preview_only_a_warning(coco_tree, tmp_path, monkeypatch):
     import pipeline.label.driver
     import pipeline.label.worker

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field
 
 from pipeline.common.devices import resolve_device
-from pipeline.common.errors import error_message, strip_ansi
-from pipeline.label.config import LabelConfig, LabelError
+from pipeline.common.errors import error_message, root_cause, strip_ansi
+from pipeline.label.config import LabelConfig, LabelError, StoreRefused
 from pipeline.label.sources import ShardPlan
 from pipeline.label.worker import ShardLabeler
 
@@ -139,11 +139,16 @@ def label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo
     running = {}
     idle = list(actors)
     promised: dict[int, int] = {}  # id(actor) → index of the shard it decodes ahead and gets next
+    # shards the store refused (down, credentials): tried again before any other, and nothing new is started
+    # meanwhile, so that a store that is down stops the run after one shard's retries (each waits for the store's
+    # own retries), as in-process, not after every queued shard has waited for it in turn
+    refused: set[int] = set()
 
     def take(actor) -> ShardPlan:
         mine = promised.pop(id(actor), None)
         others = set(promised.values())
-        plan = next((p for p in queue if p.index == mine), None) or next(
+        plan = next((p for p in queue if p.index in refused), None) or next(
+            (p for p in queue if p.index == mine), None) or next(
             (p for p in queue if p.index not in others), queue[0])  # the last shards: another's promise is taken
         queue.remove(plan)
         return plan
@@ -156,7 +161,7 @@ def label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo
         return following
 
     while queue or running:
-        while queue and idle:
+        while queue and idle and (not refused or any(p.index in refused for p in queue)):
             actor = idle.pop()
             plan = take(actor)
             running[actor.label_shard.remote(plan, str(folder), reuse=reuse.get(plan.index),
@@ -165,6 +170,7 @@ def label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo
         plan, actor = running.pop(ready[0])
         try:
             marker = ray.get(ready[0])
+            refused.clear()  # the store answers
             bar.update(pending_images(plan, reuse))
             on_done(plan, marker, None)
             idle.append(actor)
@@ -173,6 +179,10 @@ def label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo
             if isinstance(e, ray.exceptions.RayActorError):  # the actor died: replace it
                 actor = actor_cls.remote(actor_config)
             idle.append(actor)
+            if isinstance(root_cause(e), StoreRefused):
+                refused.add(plan.index)
+            else:
+                refused.discard(plan.index)
             if attempts[plan.index] <= retries:
                 queue.append(plan)
             else:
