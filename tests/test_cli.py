@@ -273,3 +273,21 @@ def test_a_teachers_missing_weights_are_asked_for_by_the_option_the_command_has(
         "Error: DeepGaze II has no public PyTorch checkpoint: pass --compare-weights PATH (a state dict in this "
         "layout) or use --compare-teacher deepgaze2e"), predict.output
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("command", [["label", "coco", "--coco-root", "samples/coco", "--split", "val2017",
+                                      "--teacher", "classic"], ["train", "--ray-workers", "2"]])
+def test_an_address_that_is_not_host_port_is_a_usage_mistake_and_ray_address_is_read_only_where_ray_is_used(
+        tmp_path, monkeypatch, command):
+    """`--address 10.0.0.5` (no port) is exit status 2 before any work; a RAY_ADDRESS that a command running no
+    Ray would never use (`auto`, as some clusters set it) is not a reason to refuse that command."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    args = [*command, "--labels" if command[0] == "train" else "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(cli, [*args, "--address", "10.0.0.5"])
+    assert result.exit_code == 2, result.output
+    assert ("Invalid value for '--address': '10.0.0.5' is not a Ray cluster address: give the head's host:port"
+            in result.output)
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    local = CliRunner().invoke(cli, ["train", "--labels", str(tmp_path / "nothing"), "--ray-workers", "0"])
+    assert local.exit_code == 2 and "--address" not in local.output and "nothing does not exist" in local.output

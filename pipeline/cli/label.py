@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 import teachers
-from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist, path_or_url
+from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist, path_or_url, ray_address
 
 
 @click.command("label")
@@ -38,7 +38,7 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
               help="Threads per worker for reading, decoding and encoding images.")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray",
               help="ray: actors on a local or existing Ray cluster; local: one worker in this process.")
-@click.option("--address", envvar="RAY_ADDRESS", default=None,
+@click.option("--address", envvar="RAY_ADDRESS", default=None, callback=ray_address,
               help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray).")
 @click.option("--gpus", type=click.IntRange(min=0), default=None,
               help="GPUs to label on (Ray), each with --workers-per-gpu actors. Default: every GPU of the "

@@ -134,6 +134,22 @@ class FiniteFloat(click.FloatRange):
         return rv
 
 
+def ray_address(ctx, param, value: str | None) -> str | None:
+    """``--address`` given on the command line is host:port: anything else is a usage mistake, found before any
+    work. (``$RAY_ADDRESS`` is checked only when Ray is used: a command that runs no Ray ignores it.)"""
+    source = ctx.get_parameter_source(param.name)
+    if not value or source is None or source.name != "COMMANDLINE":
+        return value
+    from pipeline.common.ray_cluster import RayClusterError, split_address
+
+    try:
+        split_address(value)
+    except RayClusterError:
+        raise click.BadParameter(f"{value!r} is not a Ray cluster address: give the head's host:port, as "
+                                 "`ray start --head` prints it (e.g. 10.0.0.5:6379)") from None
+    return value
+
+
 def increasing_epochs(ctx, param, value: str) -> tuple[int, ...]:
     """Comma-separated epochs, each at least 1, increasing (``""``: none)."""
     epochs = ints(ctx, param, value)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 import students
-from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_exist, output_path, path_or_url, renamed,
-                                  student_options)
+from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_exist, output_path, path_or_url,
+                                  ray_address, renamed, student_options)
 
 
 @click.command("train")
@@ -56,7 +56,7 @@ from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_
 @click.option("--ray-workers", type=click.IntRange(min=0), default=0,
               help="Train data-parallel on this many Ray Train workers (one GPU each when the cluster has them); "
                    "0: in this process (or in each process torchrun started). --batch-size is per worker.")
-@click.option("--address", envvar="RAY_ADDRESS", default=None,
+@click.option("--address", envvar="RAY_ADDRESS", default=None, callback=ray_address,
               help="With --ray-workers: the Ray cluster (default: $RAY_ADDRESS, else start a local Ray).")
 @click.option("--restart", is_flag=True, help="Delete the run's checkpoints and logs and start over.")
 @click.option("--verify/--no-verify", default=True,

@@ -100,7 +100,8 @@ def _token_source() -> str | None:
     return str(default) if default.is_file() else None
 
 
-def _split(address: str) -> tuple[str, int]:
+def split_address(address: str) -> tuple[str, int]:
+    """A Ray cluster address as (host, port); :class:`RayClusterError` when it is not host:port."""
     host, sep, port = address.strip().rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise RayClusterError(f"--address {address!r} is not a Ray cluster address: give the head's host:port, "
@@ -109,7 +110,7 @@ def _split(address: str) -> tuple[str, int]:
 
 
 def _reachable(address: str, timeout: float = 10.0) -> None:
-    host, port = _split(address)
+    host, port = split_address(address)
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
