@@ -208,7 +208,7 @@ def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict,
     seconds, and the CPU seconds of each thread group (:class:`ThreadCPU`)."""
     (folder / "warm-up").mkdir(parents=True, exist_ok=True)
     warm = plan_shards(list(plans[0].records[: labeler.config.batch_size]), labeler.config.batch_size)[0]
-    labeler.label_shard(warm, folder / "warm-up")
+    warmed = labeler.label_shard(warm, folder / "warm-up")
     t0, c0 = time.perf_counter(), cpu_seconds()
     with ThreadCPU() as threads:
         markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
@@ -216,6 +216,7 @@ def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict,
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     timings = [_timings(m) for m in markers]
     sums = {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in timings[0]}
+    sums["failed_warm_up"] = len(warmed["failures"])
     return wall, sums, cpu, threads.groups()
 
 
@@ -234,14 +235,15 @@ def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folde
         labeler = ShardLabeler(config, make_teacher(teacher, weights, teacher_size))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "warm-up").mkdir(exist_ok=True)
-        labeler.label_shard(plan_shards(list(plans[0].records[: config.batch_size]), config.batch_size)[0],
-                            folder / "warm-up")
+        warmed = labeler.label_shard(plan_shards(list(plans[0].records[: config.batch_size]), config.batch_size)[0],
+                                     folder / "warm-up")
         barrier.wait()
         c0 = cpu_seconds()
         with ThreadCPU() as threads:
             markers = [labeler.label_shard(p, folder, next_plan=plans[i + 1] if i + 1 < len(plans) else None)
                        for i, p in enumerate(plans)]
-        results.put(([_timings(m) for m in markers], cpu_seconds() - c0, threads.groups()))
+        results.put(([_timings(m) for m in markers] + [{"failed_warm_up": len(warmed["failures"])}],
+                     cpu_seconds() - c0, threads.groups()))
     except BaseException as e:  # noqa: BLE001 - reported by the parent
         barrier.abort()
         results.put(f"{type(e).__name__}: {e}")
@@ -282,7 +284,7 @@ def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, fold
         for p in procs:
             p.join(timeout=60)
     timings = [t for ts, _, _ in done for t in ts]
-    sums = {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in timings[0]}
+    sums = {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in {k for t in timings for k in t}}
     return wall, sums, sum(c for _, c, _ in done), done[0][2]
 
 
@@ -401,8 +403,14 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
                 f.write(json.dumps(r) + "\n")
 
     def best(f, *args):
-        """The fastest of ``repeat`` calls of ``f`` (each returns wall seconds first)."""
-        return min((f(*args) for _ in range(max(1, repeat))), key=lambda out: out[0])
+        """The fastest of ``repeat`` calls of ``f`` (each returns wall seconds first). A worker run's failed images
+        are those of every repeat and warm-up: a repeat where images failed skipped their encoding, so it tends
+        to be the fastest, and the one kept must not hide failures of the others."""
+        outs = [f(*args) for _ in range(max(1, repeat))]
+        fastest = min(outs, key=lambda out: out[0])
+        if len(fastest) > 1 and isinstance(fastest[1], dict) and "failed" in fastest[1]:
+            fastest[1]["failed"] = sum(out[1]["failed"] + out[1].pop("failed_warm_up", 0) for out in outs)
+        return fastest
 
     try:
         src = sorted(SAMPLE.glob("*.jpg"))

@@ -1248,31 +1248,40 @@ def test_images_of_one_shape_resized_together_equal_each_resized_alone(device, m
             assert t.dtype == torch.uint8 and torch.equal(alone, t)
 
 
-def test_the_folder_check_follows_symlinked_files_and_folders_and_dot_dot(tmp_path):
-    """The check that an image lies in its folder looks each folder's real path up once; it still refuses a
-    symlinked file or folder that leads out and a path with ``..`` that climbs out, and accepts links that
-    stay inside."""
-    from pipeline.label.worker import ShardLabeler
+def test_the_folder_check_is_made_on_the_file_opened_through_symlinks_dot_dot_and_swapped_folders(tmp_path):
+    """An image must lie in its folder: what is checked is the file the read opened, so a symlinked file or
+    folder that leads out, a path whose ``..`` climbs out, and a folder swapped for a link leading out after a
+    first read are all refused, and links that stay inside are read."""
+    from pipeline.common import images
 
     root, out = tmp_path / "photos", tmp_path / "outside"
     (root / "sub").mkdir(parents=True)
     out.mkdir()
-    for f in (root / "a.jpg", root / "sub" / "b.jpg", out / "c.jpg"):
-        f.write_bytes(b"x")
-    (root / "link_out.jpg").symlink_to(out / "c.jpg")
+    for f in (root / "a.jpg", root / "sub" / "b.jpg", out / "b.jpg"):
+        f.write_bytes(f.name.encode())
+    (root / "link_out.jpg").symlink_to(out / "b.jpg")
     (root / "link_in.jpg").symlink_to(root / "sub" / "b.jpg")
     (root / "away").symlink_to(out)
     (root / "here").symlink_to(root / "sub")
-    labeler = ShardLabeler(LabelConfig(teacher="classic", io_threads=1))
-    try:
-        r = str(root)
-        for name, inside in (("a.jpg", True), ("sub/b.jpg", True), ("link_in.jpg", True), ("here/b.jpg", True),
-                             ("link_out.jpg", False), ("away/c.jpg", False), ("../outside/c.jpg", False),
-                             ("sub/../../outside/c.jpg", False), ("missing.jpg", True)):
-            for _ in range(2):  # the second time from the looked-up folders
-                assert labeler._inside(os.path.join(r, name), r) is inside, name
-    finally:
-        labeler.close()
+    r = str(root)
+    for name, inside in (("a.jpg", True), ("sub/b.jpg", True), ("link_in.jpg", True), ("here/b.jpg", True),
+                         ("link_out.jpg", False), ("away/b.jpg", False), ("../outside/b.jpg", False),
+                         ("sub/../../outside/b.jpg", False)):
+        if inside:
+            assert images.read_file(os.path.join(r, name), root=r) in (b"a.jpg", b"b.jpg"), name
+        else:
+            with pytest.raises(images.ImageError, match="outside the image folder"):
+                images.read_file(os.path.join(r, name), root=r)
+    assert images.read_file(str(root / "link_out.jpg")) == b"b.jpg"  # no root: no check (--allow-outside-root)
+    (root / "here").unlink()
+    (root / "here").symlink_to(out)  # the folder read a moment ago now leads out
+    with pytest.raises(images.ImageError, match="outside the image folder"):
+        images.read_file(str(root / "here" / "b.jpg"), root=r)
+    (root / "gone.jpg").symlink_to(out / "missing.jpg")  # broken, and it would lead out
+    with pytest.raises(images.ImageError, match=r"file not found: .*gone.jpg \(a symlink's target"):
+        images.read_file(str(root / "gone.jpg"), root=r)
+    with pytest.raises(images.ImageError, match="^file not found$"):
+        images.read_file(str(root / "missing.jpg"), root=r)
 
 
 @pytest.mark.parametrize("size", [0, 1, 1000, 3 * 1024 * 1024 + 7])
@@ -1288,6 +1297,24 @@ def test_read_file_returns_every_byte_and_refuses_one_over_the_limit(tmp_path, s
     if size:
         with pytest.raises(images.ImageError, match="file too large"):
             images.read_file(str(f), max_bytes=size - 1)
+
+
+def test_read_file_reads_on_after_short_reads_and_catches_a_file_that_grew_past_the_limit(tmp_path, monkeypatch):
+    """Reads that return less than asked (a network filesystem), and a file that grew after its size was taken
+    (a camera still writing it): every byte is read, and growth past ``max_bytes`` is refused."""
+    from pipeline.common import images
+
+    size = 100_003
+    data = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes()
+    f = tmp_path / "f.bin"
+    f.write_bytes(data)
+    real_read, real_fstat = os.read, os.fstat
+    monkeypatch.setattr(images.os, "read", lambda fd, n: real_read(fd, min(n, 999)))
+    assert images.read_file(str(f)) == data and images.read_file(str(f), max_bytes=size) == data
+    monkeypatch.setattr(images.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 10, *real_fstat(fd)[7:10])))
+    assert images.read_file(str(f)) == data  # it says 10 bytes: the rest is read too
+    with pytest.raises(images.ImageError, match="file too large"):
+        images.read_file(str(f), max_bytes=size - 1)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
@@ -1341,8 +1368,10 @@ def test_the_gpu_decode_never_writes_into_memory_the_callers_stream_has_just_fre
             busy = busy @ busy / 2048
             for h in held:
                 h.add_(1)
-        freed = {h.data_ptr() for h in held}
+        freed = [(h.data_ptr(), h.data_ptr() + h.nbytes) for h in held]
         del held
         decoded = images.decode_jpegs(datas, device)
-        assert not freed & {x.data_ptr() for x in decoded}
+        for x in decoded:  # no byte of a decoded image in a freed block
+            start, end = x.data_ptr(), x.data_ptr() + x.nbytes
+            assert not any(start < hi and lo < end for lo, hi in freed)
         torch.cuda.synchronize()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import types
 from pathlib import Path
 
 import cv2
@@ -971,5 +972,15 @@ def test_data_parallel_workers_take_the_same_steps_however_many_samples_each_ski
     plenty = (read.append(x) or x for x in ["a", "b", "c", "d"])
     assert list(same_steps(plenty, 3, again)) == ["a", "b", "c"] and read == ["a", "b", "c"] and len(passes) == 1
     assert list(same_steps(iter(["a"]), 4, lambda: iter(["a"]))) == ["a"] * 4
-    with pytest.raises(TrainError, match="gave no batch after 2 of the epoch's 4 steps"):
+    with pytest.raises(TrainError, match="gave no further batch after 2 of the epoch's 4 steps"):
         list(same_steps(iter(["a", "b"]), 4, lambda: iter([])))
+
+    # the trainer's epochs go through it when data parallel, and not in one process
+    from pipeline.train.loop import Trainer
+
+    def trainer(world):
+        return types.SimpleNamespace(_ahead=None, world=world, train_tars=["t"], steps=lambda epoch: 3,
+                                     loader=lambda tars, epoch, train: iter(["x", "y"]))
+
+    assert list(Trainer.epoch_batches(trainer(2), 0)) == ["x", "y", "x"]
+    assert list(Trainer.epoch_batches(trainer(1), 0)) == ["x", "y"]

@@ -69,16 +69,39 @@ def decode_image(data: bytes, upright: bool = False) -> np.ndarray:
 MAX_IMAGE_BYTES = 64 * 1024**2
 
 
-def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> bytes:
+OUTSIDE = "outside the image folder (a symlink or path leading out of it; --allow-outside-root labels it anyway)"
+
+
+def _within(real: str, root: str) -> bool:
+    return os.path.commonpath([real, root]) == root
+
+
+def _opened_path(fd: int, path: str) -> str:
+    """The real path of the file open as ``fd``: what the kernel opened (``/proc/self/fd``, Linux), else
+    ``path`` with its symlinks followed."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES, root: str | None = None) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``. A FIFO, device or socket is refused at
-    once (opened non-blocking, never read), so a bad path can neither hang nor read forever."""
+    once (opened non-blocking, never read), so a bad path can neither hang nor read forever.
+
+    ``root`` (a real path): the file must lie in that folder. What is checked is the file that was opened, so
+    a symlink or a folder swapped for one between a check and the read cannot lead out of it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
+        if root is not None and not _within(os.path.realpath(path), root):  # a broken link that would lead out
+            raise ImageError(f"file not found: {path} (a symlink's target, where it is one)") from None
         raise ImageError("file not found") from None
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or type(e).__name__}") from None
     try:
+        if root is not None and not _within(_opened_path(fd, path), root):
+            raise ImageError(OUTSIDE)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not a regular file")

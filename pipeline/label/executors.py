@@ -186,5 +186,6 @@ def label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo
             if attempts[plan.index] <= retries:
                 queue.append(plan)
             else:
+                refused.discard(plan.index)  # given up: it no longer holds back the others
                 bar.update(pending_images(plan, reuse))
                 on_done(plan, None, e)

@@ -88,7 +88,7 @@ class ShardLabeler:
         self.autocast = use_autocast(self.device, config.precision)
         self.teacher = (teacher or build_teacher(config.teacher, weights=config.weights)).to(self.device).eval()
         self.pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="label-io")
-        self._real_folders: dict[str, str] = {}
+        self._real_roots: dict[str, str] = {}  # an image folder → its real path
 
     # -- what a finished shard must agree on ---------------------------------------------------
     def identity(self) -> dict:
@@ -154,31 +154,17 @@ class ShardLabeler:
         self.teacher.to(memory_format=torch.channels_last)
         return True
 
-    def _inside(self, path: str, root: str) -> bool:
-        """Whether ``path``, its symlinks followed, lies in ``root``. A folder's real path is looked up once
-        per labeller (a path that is no symlink is its folder's real path and its name), so a file costs one
-        ``lstat``, not one per folder above it."""
-        def real_folder(folder: str) -> str:
-            if folder not in self._real_folders:
-                self._real_folders[folder] = os.path.realpath(folder)
-            return self._real_folders[folder]
-
-        head, name = os.path.split(path)
-        real = os.path.realpath(path) if os.path.islink(path) or name in ("", ".", "..") \
-            else os.path.join(real_folder(head), name)
-        top = real_folder(root)
-        return os.path.commonpath([real, top]) == top
+    def _real_root(self, root: str) -> str:
+        if root not in self._real_roots:
+            self._real_roots[root] = os.path.realpath(root)
+        return self._real_roots[root]
 
     def _load(self, record: ImageRecord) -> _Item:
         """Read one image and (unless it is a JPEG the device decodes) decode and resize it."""
         item = _Item(record)
         try:
-            if record.root is not None and not self._inside(record.path, record.root):
-                if not os.path.lexists(record.path):  # a broken link, whose target would lie out of it
-                    raise images.ImageError(f"file not found: {record.path} (a symlink's target, where it is one)")
-                raise images.ImageError("outside the image folder (a symlink or path leading out of it; "
-                                        "--allow-outside-root labels it anyway)")
-            data = images.read_file(record.path, self.config.max_image_bytes)
+            root = self._real_root(record.root) if record.root is not None else None
+            data = images.read_file(record.path, self.config.max_image_bytes, root=root)
             item.nbytes = len(data)
             if self._device_decode and images.is_jpeg(data):
                 item.data = images.as_tensor(data)  # here, on a decode thread, not on the one that runs the GPU

@@ -117,8 +117,9 @@ def same_steps(batches: Iterator, steps: int, again: Callable[[], Iterator]) -> 
             if n >= steps:
                 return
         if not got:
-            raise TrainError(f"this worker's shards gave no batch after {n} of the epoch's {steps} steps (every "
-                             "sample skipped as unreadable)")
+            raise TrainError(f"a worker's shards gave no {'further ' if n else ''}batch after {n} of the epoch's "
+                             f"{steps} steps (their samples skipped as unreadable, or the shards unreadable when "
+                             "read again)")
         source = again()
 
 
