@@ -763,3 +763,43 @@ def test_the_scored_count_says_how_many_images_had_no_fixations():
     rows = [{"fixations": 5, "cc": 0.5}, {"fixations": 0, "cc": float("nan")}, {"fixations": 3, "cc": 0.7}]
     table = EvalResult("m", "d", ("cc",), per_image=rows).table()
     assert "images scored  3 (1 without fixations: in no mean)" in table and "0.6000" in table
+
+
+def test_predict_holds_a_few_full_size_maps_at_a_time_whatever_the_folder_and_batch(tmp_path, monkeypatch):
+    """A full-size map of a large photo is ~100 MB: `predict` makes each as it is written and waits for the PNG
+    encoder once as many writes as threads are queued, so the maps alive stay a handful (24 photos of 24 MP took
+    3.8 GB with a FastSal checkpoint, then 1.9 GB), and the maps are those of one map at a time."""
+    import threading
+    import time
+
+    from pipeline.score import predict as P
+    from pipeline.score.predictors import build_predictor
+
+    alive, most, lock = [0], [0], threading.Lock()
+    real_iter, real_write = P.Predictor.iter_log_densities, P._write_png
+
+    def made(self, inputs, sizes):
+        for m in real_iter(self, inputs, sizes):
+            with lock:
+                alive[0] += 1
+                most[0] = max(most[0], alive[0])
+            yield m
+
+    def written(path, logd):
+        time.sleep(0.05)  # an encoder slower than the model
+        real_write(path, logd)
+        with lock:
+            alive[0] -= 1
+
+    monkeypatch.setattr(P.Predictor, "iter_log_densities", made)
+    monkeypatch.setattr(P, "_write_png", written)
+    folder = Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017"
+    predictor = build_predictor(teacher="classic", device="cpu")
+    result = P.predict_folder(predictor, folder, tmp_path / "maps", batch_size=12, io_threads=2, progress=False)
+    assert result.written == 12 and not result.failures
+    assert most[0] <= 2 + 1, most[0]  # two queued writes, and the one just made
+    monkeypatch.undo()
+    again = P.predict_folder(predictor, folder, tmp_path / "plain", batch_size=5, io_threads=3, progress=False)
+    assert again.written == 12
+    for png in sorted((tmp_path / "plain").glob("*.png")):  # the same maps, however batched and queued
+        assert png.read_bytes() == (tmp_path / "maps" / png.name).read_bytes()

@@ -21,7 +21,8 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,23 +120,42 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         with ThreadPoolExecutor(io_threads) as pool, \
                 show_progress(len(records), f"predict {predictor.name}", enabled=progress) as bar:
             maps, sheets_ = [], []  # (record, future) of each image's map, and of its sheet
+            queued: deque = deque()  # writes not yet done: each holds a map at the image's full size
+
+            def write(fn, *args) -> Future:
+                """``fn(*args)`` on the pool, once fewer writes than threads wait: a model faster than the PNG
+                encoder would otherwise queue the full-size map of every photo of the folder."""
+                while len(queued) >= io_threads:
+                    wait([queued.popleft()])
+                future = pool.submit(fn, *args)
+                queued.append(future)
+                return future
+
             # png: a map lines up with the photo as viewers show it (EXIF orientation applied); hdf5 is for
-            # pysaliency's benchmarks, whose fixations are in the stored pixels
-            read = lambda r: images.read_image(r.path, upright=fmt == "png")  # noqa: E731
-            for batch in batched(prefetched(pool, records, read, 3 * batch_size, catch=images.ImageError),
+            # pysaliency's benchmarks, whose fixations are in the stored pixels. Without comparison sheets a decode
+            # thread keeps only what the model takes of a photo, and its size
+            def read(r):
+                rgb = images.read_image(r.path, upright=fmt == "png")
+                return (rgb if compare is not None else predictor.prepared(rgb)), rgb.shape[:2]
+
+            for batch in batched(prefetched(pool, records, read, batch_size + io_threads, catch=images.ImageError),
                                  batch_size):
                 good = [(r, x) for r, x in batch if not isinstance(x, Exception)]
                 result.failures += [{"file": entry(r), "reason": str(x)} for r, x in batch if isinstance(x, Exception)]
-                logds = predictor.log_densities([x for _, x in good])
-                finite = [np.isfinite(d).all() for d in logds]
-                result.failures += [{"file": entry(r), "reason": NOT_FINITE} for (r, _), ok in zip(good, finite) if not ok]
-                good, logds = [g for g, ok in zip(good, finite) if ok], [d for d, ok in zip(logds, finite) if ok]
-                if compare is not None:
-                    for (rec, rgb), logd, ref in zip(good, logds, compare.log_densities([x for _, x in good])):
-                        sheets_.append((rec, pool.submit(_write_sheet, result, str(rec.source_id), rgb, ref, logd,
-                                                         compare.name, predictor.name)))
-                for (rec, _), logd in zip(good, logds):
+                if compare is None:  # each full-size map made as it is written
+                    logds = predictor.iter_log_densities([x for _, (x, _) in good], [s for _, (_, s) in good])
+                    refs = [None] * len(good)
+                else:
+                    logds = predictor.log_densities([x for _, (x, _) in good])
+                    refs = compare.log_densities([x for _, (x, _) in good])
+                for (rec, (x, _)), logd, ref in zip(good, logds, refs):
+                    if not np.isfinite(logd).all():
+                        result.failures.append({"file": entry(rec), "reason": NOT_FINITE})
+                        continue
                     rel = str(rec.source_id)
+                    if ref is not None:
+                        sheets_.append((rec, write(_write_sheet, result, rel, x, ref, logd, compare.name,
+                                                   predictor.name)))
                     if h5 is not None:
                         if not utf8(rel):
                             result.failures.append({"file": entry(rec), "reason": "its name is not UTF-8, which an "
@@ -143,7 +163,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                             continue
                         h5.create_dataset(rel, data=logd.astype(np.float32), compression="gzip", compression_opts=4)
                     else:
-                        maps.append((rec, pool.submit(_write_png, out / f"{rel}.png", logd)))
+                        maps.append((rec, write(_write_png, out / f"{rel}.png", logd)))
                 bar.update(len(batch))
             for rec, w in maps:
                 if _too_long(w):

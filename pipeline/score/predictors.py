@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -75,20 +76,32 @@ class Predictor:
             out = self.forward(x)
         return to_log_density(out.float(), self.kind)
 
-    @torch.inference_mode()
+    def prepared(self, rgb: np.ndarray) -> np.ndarray:
+        """What the model takes of an RGB uint8 ``(H, W, 3)`` image: resized to its input size when it has one
+        (a decode thread can do this, and then keep a few hundred kilobytes of a large photo, not all of it)."""
+        return images.resize(rgb, self.input_size) if self.input_size else rgb
+
     def log_densities(self, rgbs: list[np.ndarray]) -> list[np.ndarray]:
         """RGB uint8 ``(H, W, 3)`` images → float32 log densities ``(H, W)`` (each sums to 1 after exp).
 
         With a fixed input size the images go through the model as one batch.
         """
-        if not rgbs:
-            return []
+        return list(self.iter_log_densities([self.prepared(x) for x in rgbs], [x.shape[:2] for x in rgbs]))
+
+    @torch.inference_mode()
+    def iter_log_densities(self, inputs: list[np.ndarray], sizes: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """:meth:`log_densities` of images already :meth:`prepared`, each map at its image's size in ``sizes``,
+        made one at a time as they are asked for: at full size a large photo's map is ~100 MB, and a batch of
+        them need not all be held at once."""
+        if not inputs:
+            return
         if self.input_size:
-            logd = self._forward(np.stack([images.resize(x, self.input_size) for x in rgbs]))
-            outs = [logd[i:i + 1] for i in range(len(rgbs))]
+            logd = self._forward(np.stack(inputs))
+            outs: Iterable[torch.Tensor] = (logd[i:i + 1] for i in range(len(inputs)))
         else:
-            outs = [self._forward(np.ascontiguousarray(x)[None]) for x in rgbs]
-        return [resize_label(o, "log_density", x.shape[:2])[0, 0].cpu().numpy() for o, x in zip(outs, rgbs)]
+            outs = (self._forward(np.ascontiguousarray(x)[None]) for x in inputs)
+        for out, size in zip(outs, sizes):
+            yield resize_label(out, "log_density", tuple(size))[0, 0].cpu().numpy()
 
     def log_density(self, rgb: np.ndarray) -> np.ndarray:
         return self.log_densities([rgb])[0]
