@@ -43,6 +43,9 @@ class Teacher(nn.Module):
     label_version: int = 1
     #: what :meth:`hint_features` gives, finest first: (channels, stride) per level (``()``: no hint features)
     hint_layout: tuple[tuple[int, int], ...] = ()
+    #: labelling workers sharing a GPU by default (``pipeline label --workers-per-gpu``): more than one where
+    #: the forward pass is so light that one worker process's data path, not the GPU, bounds the labelling
+    workers_per_gpu: int = 1
 
     def __init__(self) -> None:
         super().__init__()

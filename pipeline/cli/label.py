@@ -43,9 +43,10 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
 @click.option("--gpus", type=click.IntRange(min=0), default=None,
               help="GPUs to label on (Ray), each with --workers-per-gpu actors. Default: every GPU of the "
                    "cluster; 0 forces CPU workers.")
-@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=1,
+@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=None,
               help="Ray GPU actors sharing each GPU, each with --io-threads threads: more keep a fast GPU busy "
-                   "with a light teacher (SalGAN); see docs/benchmarks.md.")
+                   "with a light teacher. Default: the teacher's (2 for salgan, 1 for the others); see "
+                   "docs/benchmarks.md.")
 @click.option("--cpu-workers", type=click.IntRange(min=1), default=1, help="CPU actors when no GPU is used.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, help="Retries of a failed shard.")
 @click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.01,

@@ -34,6 +34,7 @@ from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, marker_path, planned_keys, read_marker,
                                    tar_path, verify_shard)
 from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
+from teachers.registry import teacher_class
 
 
 @dataclass
@@ -210,9 +211,10 @@ def remove_shard(folder: Path, name: str) -> None:
 def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *, shard_size: int = 1000,
           overwrite: bool = False, overwrite_changed: bool = False, retry_failed: bool = False,
           executor: str = "ray", address: str | None = None, gpus: int | None = None, cpu_workers: int = 1,
-          workers_per_gpu: int = 1, retries: int = 2, progress: bool = True) -> LabelSummary:
+          workers_per_gpu: int | None = None, retries: int = 2, progress: bool = True) -> LabelSummary:
     """Label ``records`` into ``folder``: finished shards are skipped, the rest are (re)done.
 
+    ``workers_per_gpu``: Ray actors sharing each GPU (None: the teacher's ``workers_per_gpu``).
     ``overwrite_changed``: relabel finished shards whose images are not the ones planned (and remove
     finished shards beyond the plan) instead of refusing. ``retry_failed``: relabel the failed images of
     finished shards. Once every shard is finished, ``labels.json`` is written (a failure there is
@@ -220,6 +222,11 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
     """
     folder = as_path(folder)
     start = time.perf_counter()
+    if workers_per_gpu is None:
+        try:
+            workers_per_gpu = teacher_class(config.teacher).workers_per_gpu
+        except KeyError:  # an unknown teacher: refused below, with the others' names
+            workers_per_gpu = 1
     prepare_folder(folder)
     lock = _lock(folder)
     try:
