@@ -21,9 +21,9 @@ Four runs, each printed as one JSON line (``--json FILE`` appends them too), the
 ``stages``       CPU milliseconds per image of each stage of the CPU data path, one thread, run alone.
 
 With ``--processes N``, (b) and (d) run N worker processes sharing the device, each on its share of the
-shards with ``--io-threads / N`` threads: what ``pipeline label --workers-per-gpu N`` gives on Ray. One
-worker process keeps about two cores busy (on an H200 with 16 cores), so a light teacher on a fast GPU can
-outrun one process.
+shards with ``--io-threads / N`` threads: what ``pipeline label --workers-per-gpu N --io-threads T/N`` gives
+on Ray (there each actor runs ``--io-threads`` threads itself). One worker process's threads share one
+interpreter lock, so a light teacher on a fast GPU can outrun one process.
 
 For (b) and (d) a second table gives each thread group's CPU seconds and how busy it kept one core
 (:class:`ThreadCPU`, sampled from ``/proc``): a single thread near 1.0 is the stage that bounds the path.
@@ -385,7 +385,7 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
               help="Which runs, comma-separated: teacher, worker, naive, null, stages.")
 @click.option("--processes", default=1, show_default=True,
               help="Worker processes sharing the device in (b) and (d), each with --io-threads / N threads "
-                   "(as `pipeline label --workers-per-gpu N`).")
+                   "(as `pipeline label --workers-per-gpu N --io-threads T/N`).")
 @click.option("--repeat", default=1, show_default=True, help="Repeat each run; the fastest is reported (a shared machine).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines here.")
 def main(teacher, weights, teacher_size, image_size, n_images, naive_images, batch_size, io_threads, device,
@@ -408,8 +408,10 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
         to be the fastest, and the one kept must not hide failures of the others."""
         outs = [f(*args) for _ in range(max(1, repeat))]
         fastest = min(outs, key=lambda out: out[0])
-        if len(fastest) > 1 and isinstance(fastest[1], dict) and "failed" in fastest[1]:
-            fastest[1]["failed"] = sum(out[1]["failed"] + out[1].pop("failed_warm_up", 0) for out in outs)
+        if len(fastest) > 1 and isinstance(fastest[1], dict) and "failed" in fastest[1]:  # the others' (and the
+            # warm-ups') failed images, apart: the same image failing in two repeats is two failures there
+            fastest[1]["failed_elsewhere"] = sum(out[1].pop("failed_warm_up", 0) + (out is not fastest) * out[1]["failed"]
+                                                 for out in outs)
         return fastest
 
     try:
@@ -487,6 +489,8 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
     if any(r.get("timings", {}).get("failed") for r in rows):
         click.echo("warning: images failed in a worker run; its rate counts them, though a failed image is not "
                    "encoded or written")
+    if any(r.get("timings", {}).get("failed_elsewhere") for r in rows):
+        click.echo("warning: images failed in a warm-up or a repeat not kept (failed_elsewhere in the JSON line)")
     ratios = []
     if "worker" in by and "teacher" in by:
         ratios.append(("(b)/(a) worker / bare teacher", f"{by['worker']['images_per_s'] / by['teacher']['images_per_s']:.2f}"))

@@ -803,3 +803,15 @@ def test_predict_holds_a_few_full_size_maps_at_a_time_whatever_the_folder_and_ba
     assert again.written == 12
     for png in sorted((tmp_path / "plain").glob("*.png")):  # the same maps, however batched and queued
         assert png.read_bytes() == (tmp_path / "maps" / png.name).read_bytes()
+
+
+def test_a_comparison_sheet_of_a_file_whose_name_is_not_utf8_is_drawn():
+    """OpenCV's text drawing crashed the process (a segfault) on a lone surrogate, which is how Python names a
+    file whose name is not UTF-8: `predict --compare-teacher` on such a file took the whole run down. The caption
+    is drawn in ASCII."""
+    from pipeline.score import sheets
+
+    rgb = np.full((40, 60, 3), 128, np.uint8)
+    logd = np.log(np.full((40, 60), 1 / 2400, np.float32))
+    png = sheets.sheet_png(rgb, logd, logd, teacher_name="teacher", student_name="student", title="caf\udce9.jpg")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -962,6 +962,11 @@ def test_worker_placement_fits_the_cluster_and_the_work():
     shared = place_workers("cuda", executor="ray", io_threads=8, cluster_gpus=2, cluster_cpus=32, workers_per_gpu=4)
     assert (shared.workers, shared.options) == (8, {"num_gpus": 0.25, "num_cpus": 4})  # 4 actors on each GPU
     assert place_workers("cpu", executor="ray", cpu_workers=2, cluster_gpus=2, workers_per_gpu=4).workers == 2
+    for gpus, cpus, want in ((1, 1, 1), (8, 8, 1), (4, 6, 1), (2, 5, 2)):  # SalGAN's 2 per GPU, as the CPUs allow
+        fit = place_workers("cuda", executor="ray", cluster_gpus=gpus, cluster_cpus=cpus, workers_per_gpu=2)
+        assert (fit.workers, fit.options["num_gpus"]) == (gpus * want, 1 / want)
+        assert fit.workers * fit.options["num_cpus"] <= cpus  # every actor schedulable: none waits for ever
+        assert ("labelling with 1 per GPU" in fit.note) == (want == 1)
     from pipeline.common.devices import DeviceError
 
     with pytest.raises(DeviceError, match="unknown device 'gpu'"):
@@ -1282,6 +1287,21 @@ def test_the_folder_check_is_made_on_the_file_opened_through_symlinks_dot_dot_an
         images.read_file(str(root / "gone.jpg"), root=r)
     with pytest.raises(images.ImageError, match="^file not found$"):
         images.read_file(str(root / "missing.jpg"), root=r)
+
+    # a file out of the folder is refused without being opened for reading: a FIFO's blocked writer stays blocked
+    import threading
+
+    os.mkfifo(out / "pipe.jpg")
+    (root / "pipe.jpg").symlink_to(out / "pipe.jpg")
+    writer = threading.Thread(target=lambda: os.close(os.open(out / "pipe.jpg", os.O_WRONLY)), daemon=True)
+    writer.start()  # blocks until a reader opens the FIFO
+    with pytest.raises(images.ImageError, match="outside the image folder"):
+        images.read_file(str(root / "pipe.jpg"), root=r)
+    writer.join(0.3)
+    assert writer.is_alive()  # never opened by the check
+    os.close(os.open(out / "pipe.jpg", os.O_RDONLY | os.O_NONBLOCK))  # (lets it go)
+    writer.join(5)
+    assert images._within("pipe:[123]", r) is False  # what /proc names a pipe: no path, so not inside
 
 
 @pytest.mark.parametrize("size", [0, 1, 1000, 3 * 1024 * 1024 + 7])

@@ -73,26 +73,41 @@ OUTSIDE = "outside the image folder (a symlink or path leading out of it; --allo
 
 
 def _within(real: str, root: str) -> bool:
-    return os.path.commonpath([real, root]) == root
+    """``real`` (a real path) lies in ``root``; a name that is no path (``pipe:[…]``, a socket's) does not."""
+    return os.path.isabs(real) and os.path.commonpath([real, root]) == root
 
 
-def _opened_path(fd: int, path: str) -> str:
-    """The real path of the file open as ``fd``: what the kernel opened (``/proc/self/fd``, Linux), else
-    ``path`` with its symlinks followed."""
+_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_inside(path: str, root: str) -> int:
+    """A file descriptor for reading ``path``, which must lie in ``root``: what is checked is the file that is
+    opened, so a symlink or a folder swapped for one after the listing cannot lead out of it, and a file out of
+    it is never opened for reading (a FIFO's writer is not woken, a device not touched). On Linux the path is
+    first opened with ``O_PATH`` (naming the file, reading nothing), its real path read from
+    ``/proc/self/fd``, then the file reopened through that descriptor; elsewhere the path is resolved, then
+    opened."""
+    o_path = getattr(os, "O_PATH", 0)
+    if not o_path or not os.path.isdir("/proc/self/fd"):
+        if not _within(os.path.realpath(path), root):
+            raise ImageError(OUTSIDE)
+        return os.open(path, _FLAGS)
+    handle = os.open(path, o_path | getattr(os, "O_CLOEXEC", 0))
     try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return os.path.realpath(path)
+        if not _within(os.readlink(f"/proc/self/fd/{handle}"), root):
+            raise ImageError(OUTSIDE)
+        return os.open(f"/proc/self/fd/{handle}", _FLAGS)
+    finally:
+        os.close(handle)
 
 
 def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES, root: str | None = None) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``. A FIFO, device or socket is refused at
     once (opened non-blocking, never read), so a bad path can neither hang nor read forever.
 
-    ``root`` (a real path): the file must lie in that folder. What is checked is the file that was opened, so
-    a symlink or a folder swapped for one between a check and the read cannot lead out of it."""
+    ``root`` (a real path): the file must lie in that folder (:func:`_open_inside`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = _open_inside(path, root) if root is not None else os.open(path, _FLAGS)
     except FileNotFoundError:
         if root is not None and not _within(os.path.realpath(path), root):  # a broken link that would lead out
             raise ImageError(f"file not found: {path} (a symlink's target, where it is one)") from None
@@ -100,8 +115,6 @@ def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES, root: str | No
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or type(e).__name__}") from None
     try:
-        if root is not None and not _within(_opened_path(fd, path), root):
-            raise ImageError(OUTSIDE)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not a regular file")

@@ -53,13 +53,17 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
         return Placement(device=device, device_type=kind or ("cuda" if cuda_available else "cpu"))
     cap = (lambda n: max(1, min(n, shards))) if shards is not None else (lambda n: max(1, n))
     if device != "cpu" and gpus != 0 and cluster_gpus > 0:
+        used = min(gpus if gpus is not None else cluster_gpus, cluster_gpus)
         k = max(1, workers_per_gpu)
-        n = min(gpus if gpus is not None else cluster_gpus, cluster_gpus) * k
+        notes = [f"--device {device}: on Ray each GPU actor labels on the one GPU Ray gives it (its cuda:0), not on "
+                 "that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else ""]
+        if cluster_cpus and used * k > cluster_cpus:  # each actor holds a CPU: more would wait for one for ever
+            k = max(1, cluster_cpus // used)
+            notes.append(f"{workers_per_gpu} workers per GPU: the Ray cluster has {cluster_cpus} CPUs for {used} "
+                         f"GPUs, labelling with {k} per GPU")
         cpus = max(1, min(io_threads, cluster_cpus // (cluster_gpus * k) if cluster_cpus else io_threads))
-        note = (f"--device {device}: on Ray each GPU actor labels on the one GPU Ray gives it (its cuda:0), "
-                "not on that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else "")
-        return Placement(device="cuda", device_type="cuda", workers=cap(n),
-                         options={"num_gpus": 1 / k, "num_cpus": cpus}, note=note)
+        return Placement(device="cuda", device_type="cuda", workers=cap(used * k),
+                         options={"num_gpus": 1 / k, "num_cpus": cpus}, note="; ".join(n for n in notes if n))
     workers = min(cpu_workers, cluster_cpus) if cluster_cpus else cpu_workers  # each actor holds a CPU at least
     cpus = max(1, min(io_threads // 2, cluster_cpus // max(1, workers) if cluster_cpus else io_threads))
     notes = [f"--device {device}: the Ray cluster has no GPU, labelling on {workers} CPU actor(s)"

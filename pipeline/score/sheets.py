@@ -39,7 +39,8 @@ def _panel(rgb: np.ndarray, caption: str, height: int) -> np.ndarray:
                       interpolation=cv2.INTER_AREA if h > height else cv2.INTER_CUBIC)
     band = np.full((CAPTION, width, 3), 255, np.uint8)
     scale = 0.45
-    text = caption
+    text = caption.encode("ascii", "replace").decode("ascii")  # OpenCV's fonts draw ASCII (and crash on a lone
+    # surrogate, a file name that is not UTF-8)
     while len(text) > 3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 6:
         text = text[:-3] + ".."
     cv2.putText(band, text, (3, CAPTION - 7), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
