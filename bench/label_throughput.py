@@ -261,6 +261,9 @@ def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, fold
     import dataclasses
     import multiprocessing as mp
 
+    if processes > len(plans):
+        raise SystemExit(f"--processes {processes} with {len(plans)} shard(s): each process needs one at least "
+                         "(more --images or a smaller --shard-size)")
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
     each = dataclasses.replace(config, io_threads=max(1, config.io_threads // processes))
