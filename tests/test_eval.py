@@ -284,8 +284,8 @@ def shard_keys(tar: Path) -> set[str]:
 
 
 def test_a_label_that_does_not_decode_is_an_eval_failure_not_a_silent_gap(label_folder, tmp_path):
-    """eval --labels reads shards without their checksums: a sample whose label does not decode is skipped
-    (one warning), and counted and listed as failed in the table and the JSON."""
+    """A sample whose label does not decode (in a shard whose checksums agree with it) is skipped (one warning),
+    and counted and listed as failed in the table and the JSON."""
     from pipeline.label.shards import tar_samples
     from tests.conftest import rewrite_shard
 
@@ -301,6 +301,20 @@ def test_a_label_that_does_not_decode_is_an_eval_failure_not_a_silent_gap(label_
     doc = json.loads(out.read_text())
     assert doc["images"] == 1 and doc["failed"] == 1
     assert doc["failures"][0]["path"].endswith(f"{name}.tar {samples[0]['__key__']}")
+
+
+def test_eval_refuses_a_shard_changed_after_labelling_as_train_does(label_folder, tmp_path):
+    """eval --labels scored a tar altered after labelling (one byte changed: an image "failed", the rest scored,
+    exit 0) that `verify` and `train` refuse: the scored shards' sha256s are checked first, as train checks its."""
+    folder = tmp_path / "labels"
+    shutil.copytree(label_folder, folder)
+    tar = sorted(folder.glob("shard-*.tar"))[-1]
+    data = bytearray(tar.read_bytes())
+    data[2048] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["eval", "--teacher", "classic", "--labels", str(folder), "--no-progress"])
+    assert result.exit_code == 1 and f"shard {tar} is corrupt" in result.output, result.output
+    assert "images scored" not in result.output
 
 
 def test_eval_checkpoint_on_labels_scores_the_held_out_shard(run_dir, label_folder, tmp_path):

@@ -147,7 +147,7 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
                     limit: int | None = None, progress: bool = True) -> EvalResult:
     """CC, KLDiv, SIM and expected NSS against the teacher's labels in the last ``val_shards`` shards (0:
     every shard), their first ``limit`` images when given."""
-    from pipeline.train.data import BadSamples, open_label_set, shard_loader, split_shards
+    from pipeline.train.data import BadSamples, open_label_set, shard_loader, split_shards, verify_shards
 
     t0 = time.perf_counter()
     labels = open_label_set(folder)
@@ -156,6 +156,8 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
                       f"{'' if len(labels.tars) == 1 else 's'}, all scored (the training shards too, if the model "
                       "was trained on this folder)")
     _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
+    verify_shards({tar: labels.shards()[tar] for tar in held_out})  # as `train` does: a tar changed after labelling
+    # is no reference to score against
     result = EvalResult(predictor.name, f"{labels.teacher} labels in {folder} (last {len(held_out)} shards)",
                         SHARD_METRICS)
     bad = BadSamples()
