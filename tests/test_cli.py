@@ -291,3 +291,17 @@ def test_an_address_that_is_not_host_port_is_a_usage_mistake_and_ray_address_is_
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     local = CliRunner().invoke(cli, ["train", "--labels", str(tmp_path / "nothing"), "--ray-workers", "0"])
     assert local.exit_code == 2 and "--address" not in local.output and "nothing does not exist" in local.output
+
+
+def test_label_warns_at_once_that_a_size_the_students_cannot_train_on_will_be_refused(tmp_path):
+    """48x80 labels were made, then `train` refused them (sides must be multiples of 32): `label` says so up
+    front, in one line, and labels anyway (a teacher's maps at any size are still labels)."""
+    root = Path(__file__).resolve().parents[1] / "samples" / "coco"
+    args = ["label", "coco", "--teacher", "classic", "--coco-root", str(root), "--split", "val2017", "--executor",
+            "local", "--no-progress", "--shard-size", "100"]
+    odd = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a"), "--image-size", "48x80"])
+    assert odd.exit_code == 0, odd.output
+    assert odd.output.count("warning: --image-size 48x80: the students train on sizes whose sides are multiples "
+                            "of 32") == 1
+    fine = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--image-size", "64x96"])
+    assert fine.exit_code == 0 and "warning" not in fine.output, fine.output
