@@ -1419,3 +1419,20 @@ def test_a_light_teacher_gets_two_workers_per_gpu_unless_told(coco_tree, tmp_pat
             label(records, tmp_path / f"{teacher}{given}", config, executor="local", workers_per_gpu=given,
                   progress=False)
     assert seen == [2, 1, 1, 3]
+
+
+def test_another_image_folder_of_the_same_name_is_told_apart_before_any_overwrite_is_suggested(tmp_path):
+    """Label folders are named after the image folder: a second `photos/` labelled into the same --out met the
+    first one's shards, and the error suggested --overwrite-changed or --overwrite, which would have deleted
+    the first folder's labels. It now says first that this may be another folder of the same name."""
+    for folder, names in (("a", ("chelsea", "astronaut")), ("b", ("coffee", "rocket"))):
+        (tmp_path / folder / "photos").mkdir(parents=True)
+        for name in names:
+            write_jpeg(tmp_path / folder / "photos" / f"{name}.jpg", photo(name, 96))
+    args = ["label", "folder", "--teacher", "classic", "--out", str(tmp_path / "labels"), "--executor", "local",
+            "--no-progress", "--image-size", "64x96"]
+    assert CliRunner().invoke(cli, [*args, "--images", str(tmp_path / "a" / "photos")]).exit_code == 0
+    other = CliRunner().invoke(cli, [*args, "--images", str(tmp_path / "b" / "photos")])
+    assert other.exit_code == 1, other.output
+    assert "or this is another image folder of the same name" in other.output
+    assert other.output.index("give that one another --out") < other.output.index("--overwrite-changed")

@@ -121,8 +121,9 @@ def _first_difference(plan_keys: list[str], shard_keys: list[str]) -> str:
     return "the same keys, one of them twice"
 
 
-CHANGED_HINT = ("the source (or --shard-size) changed; re-run with --overwrite-changed to relabel only the "
-                "changed shards, or --overwrite to start over")
+CHANGED_HINT = ("the source (or --shard-size) changed, or this is another image folder of the same name (a label "
+                "folder is <out>/<teacher>/<folder or split name>: give that one another --out); re-run with "
+                "--overwrite-changed to relabel only the changed shards, or --overwrite to start over")
 
 
 @dataclass
