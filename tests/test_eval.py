@@ -467,8 +467,9 @@ def test_predict_never_writes_over_its_images_nor_reads_its_own_maps(image_folde
     shutil.copytree(image_folder, folder)
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     same = invoke("predict", "--teacher", "classic", "--images", folder, "--out", folder, "--no-progress")
-    assert error_line(same) == (f"Error: --out {folder} is the image folder itself: the maps would be written "
-                                "among (and over) the images; give another folder")
+    assert same.exit_code == 2 and error_line(same) == (
+        f"Error: Invalid value for '--out': {folder} is the image folder itself: the maps would be written "
+        "among (and over) the images; give another folder")
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
     for _ in range(2):
         result = ok("predict", "--teacher", "classic", "--images", folder, "--out", folder / "maps", "--no-progress")
@@ -829,3 +830,23 @@ def test_a_comparison_sheet_of_a_file_whose_name_is_not_utf8_is_drawn():
     logd = np.log(np.full((40, 60), 1 / 2400, np.float32))
     png = sheets.sheet_png(rgb, logd, logd, teacher_name="teacher", student_name="student", title="caf\udce9.jpg")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_naming_the_model_twice_a_teacher_on_onnx_and_a_file_for_a_folder_are_usage_mistakes(tmp_path, label_folder):
+    """Exit status 2 with the usage line, before any model is built (they were exit 1, like a failure of the work)."""
+    photo_file = next((Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017").glob("*.jpg"))
+    cases = [
+        (["eval", "--checkpoint", str(tmp_path), "--teacher", "classic", "--labels", str(label_folder)],
+         "exactly one of --checkpoint, --teacher or --student (got --checkpoint, --teacher)"),
+        (["profile", "--teacher", "classic", "--runtime", "onnx"],
+         "--runtime onnx serves a student (--checkpoint or --student); a teacher runs with --runtime torch"),
+        (["label", "folder", "--teacher", "classic", "--images", str(photo_file), "--out", str(tmp_path / "l")],
+         "is a file"),
+        (["predict", "--teacher", "classic", "--images", str(tmp_path), "--out", str(tmp_path)],
+         "is the image folder itself"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "Usage: " in result.output and message in result.output, \
+            (args, result.output)
+    assert not (tmp_path / "l").exists()

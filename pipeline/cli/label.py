@@ -21,7 +21,7 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
 @click.option("--coco-root", type=LocalPath(path_type=Path), default=Path("data/coco"),
               help="COCO folder holding annotations/ and <split>/ (source coco).")
 @click.option("--split", default="val2017", help="COCO split, e.g. train2017, val2017, test2017 (source coco).")
-@click.option("--images", type=LocalPath(path_type=Path), default=None,
+@click.option("--images", type=LocalPath(file_okay=False, path_type=Path), default=None,
               help="Folder of images, searched recursively (source folder).")
 @click.option("--out", default="data/labels", callback=path_or_url,
               help="Output root, a folder or an fsspec URL (s3://bucket/prefix); shards go to "

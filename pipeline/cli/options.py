@@ -243,6 +243,10 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
 
     if checkpoint is not None and missing(checkpoint):
         raise click.BadParameter(f"{checkpoint} does not exist", param_hint="'--checkpoint'")
+    given = [n for n, v in (("--checkpoint", checkpoint), ("--teacher", teacher), ("--student", student)) if v]
+    if len(given) != 1:  # a usage mistake, said before any model is built
+        raise click.UsageError(renamed("name the model with exactly one of --checkpoint, --teacher or --student"
+                                       + (f" (got {', '.join(given)})" if given else ""), options or {}))
     try:
         return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
                                student_output=student_output, device=device, precision=precision,
@@ -293,6 +297,9 @@ def with_runtime(predictor, runtime: str, input_size=None, *, calibration=None,
         raise click.UsageError("--runtime onnx-int8 needs --calibration: a label folder or a folder of images")
     if runtime == "torch":
         return predictor
+    if runtime.startswith("onnx") and not predictor.student:
+        raise click.UsageError(f"--runtime {runtime} serves a student (--checkpoint or --student); a teacher runs "
+                               "with --runtime torch")
     from pipeline.score.predictors import PredictorError
     from pipeline.score.serving import compile_predictor, onnx_predictor
 

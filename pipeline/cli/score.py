@@ -173,6 +173,9 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     out = output_path(out, folder=format_ == "png")
     if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
+    if not is_url(out) and Path(out).resolve() == Path(images).resolve():
+        raise click.BadParameter(f"{out} is the image folder itself: the maps would be written among (and over) "
+                                 "the images; give another folder", param_hint="'--out'")
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             student_options=student_options)
     check_input_size(predictor, None)
