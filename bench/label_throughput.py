@@ -331,11 +331,12 @@ def run_stages(records, image_size, quality: int, n: int) -> dict:
 
     from pipeline.common import images
     from pipeline.label.shards import _Hashing, encode_sample
-    from pipeline.label.worker import encode_label
+    from pipeline.label.worker import encode_label, quantize_label
     import webdataset as wds
 
     records = records[:n]
-    label = NullTeacher()(torch.zeros(1, 3, *image_size, dtype=torch.uint8))[0, 0].numpy()
+    label = quantize_label(NullTeacher()(torch.zeros(1, 3, *image_size, dtype=torch.uint8))[0, 0],
+                           "probability_map").numpy()  # as the teacher's device hands it to the encoders
     stages: dict[str, float] = {}
 
     def stage(name, f, items):

@@ -166,16 +166,15 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                 calibration_images, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.common.storage import is_url
-    from pipeline.score.predict import predict_folder
+    from pipeline.score.predict import predict_folder, writes_over_images
     from pipeline.label.sources import SourceError
 
     must_exist("images", "calibration")
     out = output_path(out, folder=format_ == "png")
     if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
-    if not is_url(out) and Path(out).resolve() == Path(images).resolve():
-        raise click.BadParameter(f"{out} is the image folder itself: the maps would be written among (and over) "
-                                 "the images; give another folder", param_hint="'--out'")
+    if not is_url(out) and writes_over_images(images, out):
+        raise click.BadParameter(writes_over_images(images, out), param_hint="'--out'")
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             student_options=student_options)
     check_input_size(predictor, None)

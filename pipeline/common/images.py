@@ -78,6 +78,8 @@ def _within(real: str, root: str) -> bool:
 
 
 _FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+#: ``O_PATH`` where the real path of an open file can be read back (Linux's ``/proc/self/fd``), else 0
+_O_PATH = getattr(os, "O_PATH", 0) if os.path.isdir("/proc/self/fd") else 0
 
 
 def _open_inside(path: str, root: str) -> int:
@@ -87,12 +89,11 @@ def _open_inside(path: str, root: str) -> int:
     first opened with ``O_PATH`` (naming the file, reading nothing), its real path read from
     ``/proc/self/fd``, then the file reopened through that descriptor; elsewhere the path is resolved, then
     opened."""
-    o_path = getattr(os, "O_PATH", 0)
-    if not o_path or not os.path.isdir("/proc/self/fd"):
+    if not _O_PATH:
         if not _within(os.path.realpath(path), root):
             raise ImageError(OUTSIDE)
         return os.open(path, _FLAGS)
-    handle = os.open(path, o_path | getattr(os, "O_CLOEXEC", 0))
+    handle = os.open(path, _O_PATH | getattr(os, "O_CLOEXEC", 0))
     try:
         if not _within(os.readlink(f"/proc/self/fd/{handle}"), root):
             raise ImageError(OUTSIDE)

@@ -70,13 +70,9 @@ def quantize_label(maps: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
-    """log density → float16 array (written as .npy); probability map → 8-bit PNG bytes. ``label`` is a
-    float map or already :func:`quantize_label`'s."""
-    if kind == "log_density":
-        return label.astype(np.float16, copy=False)
-    if label.dtype != np.uint8:
-        label = np.rint(np.clip(label, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return images.encode_png(label)
+    """A :func:`quantize_label` label as the tar holds it: log density → the float16 array (written as .npy);
+    probability map → 8-bit PNG bytes."""
+    return label if kind == "log_density" else images.encode_png(label)
 
 
 class ShardLabeler:

@@ -81,9 +81,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     t0 = time.perf_counter()
     folder, out = Path(folder), as_path(out)
     local_out = None if is_url(out) else Path(out)
-    if local_out is not None and local_out.resolve() == Path(folder).resolve():
-        raise SourceError(f"--out {out} is the image folder itself: the maps would be written among (and over) the "
-                          "images; give another folder")
+    if local_out is not None and writes_over_images(folder, local_out):
+        raise SourceError(f"--out {writes_over_images(folder, local_out)}")
     # maps (and comparison sheets) written inside the image folder are not images, nor are other runs' outputs
     own = [] if local_out is None else [local_out, compare_folder(local_out, fmt)]
     others = [p for p in pipeline_outputs(folder) if p.resolve() not in {o.resolve() for o in own}]
@@ -186,6 +185,14 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             write_json(out / "predictions.json", doc)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def writes_over_images(folder, out) -> str:
+    """Why a local ``out`` cannot take the maps of ``folder``'s images (it is that folder), or ""."""
+    if Path(out).resolve() != Path(folder).resolve():
+        return ""
+    return (f"{out} is the image folder itself: the maps would be written among (and over) the images; give "
+            "another folder")
 
 
 def _ours(folder: Path, files: list[str]) -> bool:
