@@ -1108,6 +1108,51 @@ def test_decoding_and_resizing_with_torch_gives_labels_close_to_the_opencv_path(
         assert np.abs(cpu["jpg"].astype(float) - dev["jpg"].astype(float)).mean() < 4  # of 255
 
 
+def test_the_next_batch_is_decoded_on_the_device_while_the_teacher_runs_the_one_before(tmp_path):
+    """The device decode (nvJPEG on a GPU, torchvision's CPU decoder here) of batch k+1 runs on a thread of its
+    own while the teacher works on batch k: the teacher below holds its first batch until the second batch's
+    decode has begun, which, done one after the other, could not happen. The tar is the one a run that
+    waits nothing gives."""
+    import threading
+
+    from pipeline.label.sources import folder_records, plan_shards
+    from pipeline.label.worker import ShardLabeler
+    from teachers import build_teacher
+
+    classic = build_teacher("classic")
+    decodes, overlapped = [], []
+    second_decode = threading.Event()
+
+    class Waiting(type(classic)):
+        def forward(self, images):
+            if not overlapped:
+                overlapped.append(second_decode.wait(timeout=10))
+            return super().forward(images)
+
+    plan = plan_shards(folder_records(SAMPLE / "val2017"), 100)[0]
+    markers = {}
+    for name, teacher in (("waiting", Waiting()), ("plain", classic)):
+        labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode="device"), teacher)
+        decode = labeler._decode_on_device
+
+        def recording(batch, decode=decode):
+            decodes.append(threading.current_thread().name)
+            if len(decodes) == 2:
+                second_decode.set()
+            return decode(batch)
+
+        labeler._decode_on_device = recording
+        (tmp_path / name).mkdir()
+        try:
+            markers[name] = labeler.label_shard(plan, tmp_path / name)
+        finally:
+            labeler.close()
+    assert overlapped == [True]
+    assert len(decodes) == 2 * 3 and all(n.startswith("label-device") for n in decodes)  # 3 batches a run
+    assert markers["waiting"]["count"] == 12 and markers["waiting"]["sha256"] == markers["plain"]["sha256"]
+    assert "wait_device_decode_s" in markers["waiting"]["timings"]
+
+
 def test_an_unknown_decode_setting_is_refused():
     with pytest.raises(ValueError, match="unknown decode 'gpu'"):
         LabelConfig(teacher="classic", decode="gpu")
