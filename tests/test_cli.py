@@ -279,8 +279,9 @@ def test_a_teachers_missing_weights_are_asked_for_by_the_option_the_command_has(
                                       "--teacher", "classic"], ["train", "--ray-workers", "2"]])
 def test_an_address_that_is_not_host_port_is_a_usage_mistake_and_ray_address_is_read_only_where_ray_is_used(
         tmp_path, monkeypatch, command):
-    """`--address 10.0.0.5` (no port) is exit status 2 before any work; a RAY_ADDRESS that a command running no
-    Ray would never use (`auto`, as some clusters set it) is not a reason to refuse that command."""
+    """`--address 10.0.0.5` (no port) is exit status 2 before any work; `auto` and `ray://` addresses, which Ray
+    takes, are not; a RAY_ADDRESS that a command running no Ray would never use (`auto`, as some clusters set it)
+    is not a reason to refuse that command."""
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     args = [*command, "--labels" if command[0] == "train" else "--out", str(tmp_path / "x")]
     result = CliRunner().invoke(cli, [*args, "--address", "10.0.0.5"])
@@ -291,6 +292,11 @@ def test_an_address_that_is_not_host_port_is_a_usage_mistake_and_ray_address_is_
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     local = CliRunner().invoke(cli, ["train", "--labels", str(tmp_path / "nothing"), "--ray-workers", "0"])
     assert local.exit_code == 2 and "--address" not in local.output and "nothing does not exist" in local.output
+    for taken in ("auto", "ray://10.0.0.5:10001"):  # what Ray itself takes besides host:port: not refused here
+        given = CliRunner().invoke(cli, ["train", "--labels", str(tmp_path / "nothing"), "--ray-workers", "2",
+                                         "--address", taken])
+        assert given.exit_code == 2 and "--address" not in given.output, given.output
+        assert "nothing does not exist" in given.output
 
 
 def test_label_warns_at_once_that_a_size_the_students_cannot_train_on_will_be_refused(tmp_path):

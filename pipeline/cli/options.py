@@ -135,10 +135,12 @@ class FiniteFloat(click.FloatRange):
 
 
 def ray_address(ctx, param, value: str | None) -> str | None:
-    """``--address`` given on the command line is host:port: anything else is a usage mistake, found before any
-    work. (``$RAY_ADDRESS`` is checked only when Ray is used: a command that runs no Ray ignores it.)"""
+    """``--address`` given on the command line is host:port, or what Ray itself takes besides (``auto``: the
+    cluster `ray start` runs on this machine; ``ray://host:port``: Ray Client): anything else is a usage mistake,
+    found before any work. (``$RAY_ADDRESS`` is checked only when Ray is used: a command that runs no Ray ignores
+    it.)"""
     source = ctx.get_parameter_source(param.name)
-    if not value or source is None or source.name != "COMMANDLINE":
+    if not value or source is None or source.name != "COMMANDLINE" or value == "auto" or "://" in value:
         return value
     from pipeline.common.ray_cluster import RayClusterError, split_address
 
