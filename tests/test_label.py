@@ -1109,10 +1109,11 @@ def test_decoding_and_resizing_with_torch_gives_labels_close_to_the_opencv_path(
 
 
 def test_the_next_batch_is_decoded_on_the_device_while_the_teacher_runs_the_one_before(tmp_path):
-    """The device decode (nvJPEG on a GPU, torchvision's CPU decoder here) of batch k+1 runs on a thread of its
-    own while the teacher works on batch k: the teacher below holds its first batch until the second batch's
-    decode has begun, which, done one after the other, could not happen. The tar is the one a run that
-    waits nothing gives."""
+    """On a GPU the device decode (nvJPEG) of batch k+1 runs on a thread of its own while the teacher works on
+    batch k. That pipelining, forced here on the CPU (torchvision's CPU decoder; a CPU labeler decodes between
+    batches, leaving its cores to the teacher): the teacher below holds its first batch until the second
+    batch's decode has begun, which, done one after the other, could not happen. The tar is the one a run
+    that waits nothing gives; a teacher that fails leaves no decode running behind the error."""
     import threading
 
     from pipeline.label.sources import folder_records, plan_shards
@@ -1133,13 +1134,15 @@ def test_the_next_batch_is_decoded_on_the_device_while_the_teacher_runs_the_one_
     markers = {}
     for name, teacher in (("waiting", Waiting()), ("plain", classic)):
         labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode="device"), teacher)
+        assert not labeler._decode_ahead
+        labeler._decode_ahead = True
         decode = labeler._decode_on_device
 
-        def recording(batch, decode=decode):
+        def recording(batch, stream=None, decode=decode):
             decodes.append(threading.current_thread().name)
             if len(decodes) == 2:
                 second_decode.set()
-            return decode(batch)
+            return decode(batch, stream)
 
         labeler._decode_on_device = recording
         (tmp_path / name).mkdir()
@@ -1151,6 +1154,29 @@ def test_the_next_batch_is_decoded_on_the_device_while_the_teacher_runs_the_one_
     assert len(decodes) == 2 * 3 and all(n.startswith("label-device") for n in decodes)  # 3 batches a run
     assert markers["waiting"]["count"] == 12 and markers["waiting"]["sha256"] == markers["plain"]["sha256"]
     assert "wait_device_decode_s" in markers["waiting"]["timings"]
+
+    class Failing(type(classic)):
+        def forward(self, images):
+            raise RuntimeError("out of memory")
+
+    labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode="device"), Failing())
+    labeler._decode_ahead = True
+    decode, running = labeler._decode_on_device, []
+
+    def slow(batch, stream=None):
+        running.append(1)
+        time.sleep(0.5)  # still decoding the second batch when the teacher fails on the first
+        decode(batch, stream)
+        running.pop()
+
+    labeler._decode_on_device = slow
+    (tmp_path / "failing").mkdir()
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            labeler.label_shard(plan, tmp_path / "failing")
+        assert running == []  # the second batch's decode ended before the error reached the caller
+    finally:
+        labeler.close()
 
 
 def test_an_unknown_decode_setting_is_refused():

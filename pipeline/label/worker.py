@@ -23,6 +23,7 @@ import tarfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -123,6 +124,12 @@ class ShardLabeler:
         return self.config.decode == "device" or (self.config.decode == "auto" and self.device.type == "cuda")
 
     @cached_property
+    def _decode_ahead(self) -> bool:
+        """Whether :attr:`device_pool` decodes a batch ahead of the teacher: on a GPU. (On a CPU the decode
+        would take cores the teacher's threads are sized to have; there it runs between the batches.)"""
+        return self._device_decode and self.device.type == "cuda"
+
+    @cached_property
     def _teacher_size(self) -> tuple[int, int]:
         return tuple(self.teacher.input_size or self.config.image_size)
 
@@ -189,18 +196,24 @@ class ShardLabeler:
         under way, the decoding of ``then`` (the next shard's records) starts."""
         return (item for _, item in self._ahead.run(records, then))
 
-    def _decode_on_device(self, batch: list[_Item]) -> None:
+    def _decode_on_device(self, batch: list[_Item], stream: "torch.cuda.Stream | None" = None) -> None:
         """Decode the batch's JPEGs on the teacher's device in one call and resize them there; an image the
-        device cannot decode takes the CPU path (and its error, if it fails there too, is the item's). Runs on
-        :attr:`device_pool`'s thread; the tensors are ready for any later work on the device's current stream
-        (the decode is finished when the call returns, the resizes are queued on that stream)."""
+        device cannot decode takes the CPU path (and its error, if it fails there too, is the item's). On a GPU
+        it runs on :attr:`device_pool`'s thread, whose current device and stream are its own: ``stream`` is the
+        one the teacher runs on (the caller's), on which the images are ready for any later work (the decode is
+        finished when the call returns, the resizes are queued there)."""
         todo = [it for it in batch if it.data is not None]
         if not todo:
             return
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):  # (a thread's current device is its own)
-                return self._decode_todo(todo)
-        return self._decode_todo(todo)
+        if self.device.type != "cuda":
+            return self._decode_todo(todo)
+        with torch.cuda.device(self._cuda_index), torch.cuda.stream(stream):
+            return self._decode_todo(todo)
+
+    @cached_property
+    def _cuda_index(self) -> int:
+        """The GPU's index (``cuda`` alone is the current device of the thread that built the labeler)."""
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _decode_todo(self, todo: list[_Item]) -> None:
         size, tsize = tuple(self.config.image_size), self._teacher_size
@@ -405,11 +418,14 @@ class ShardLabeler:
                 progress(done)
 
         decoding: deque = deque()  # (batch, its decode on the device thread, or None)
-        ahead = 1 if self._device_decode else 0  # batches decoded on the device while the teacher runs
+        ahead = 1 if self._decode_ahead else 0  # batches decoded on the device while the teacher runs
 
         def flush(batch: list[_Item]) -> None:
-            decoding.append((batch, self.device_pool.submit(self._decode_on_device, batch)
-                             if self._device_decode else None))
+            decoded = None
+            if self._decode_ahead:
+                stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+                decoded = self.device_pool.submit(self._decode_on_device, batch, stream)
+            decoding.append((batch, decoded))
             while len(decoding) > ahead:
                 run(*decoding.popleft())
 
@@ -417,8 +433,10 @@ class ShardLabeler:
             t = time.perf_counter()
             if decoded is not None:
                 decoded.result()
-                timings["wait_device_decode_s"] += time.perf_counter() - t
-                t = time.perf_counter()
+            elif self._device_decode:
+                self._decode_on_device(batch)
+            timings["wait_device_decode_s"] += time.perf_counter() - t
+            t = time.perf_counter()
             ok = [it for it in batch if not it.error]
             for it in batch:
                 if it.error:
@@ -458,6 +476,8 @@ class ShardLabeler:
             timings.update(stream.seconds)  # where the tar's stage waited, and how long it wrote
         except BaseException:
             stream.abort()
+            pending = [decoded for _, decoded in decoding if decoded is not None and not decoded.cancel()]
+            wait_for(pending)  # a decode under way ends before the next shard's (its error, if any, is this one's)
             raise
         failures.sort(key=lambda f: order[f["key"]])
         keys = [r.key for r in plan.records if r.key in kept or r.key in fresh]
