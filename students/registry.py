@@ -9,6 +9,7 @@ Every CLI choice list, stride check and default comes from here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +34,17 @@ class StudentOption:
     default: object
     help: str
     choices: tuple = ()  # allowed values, when only some are
+    minimum: float | None = None  # the smallest value allowed (and a float must be finite)
+    training_only: bool = False  # it weights the training loss alone: the same weights infer the same either way
+
+
+    def problem(self, value) -> str:
+        """Why ``value`` (of :attr:`type`) is not allowed, or ""."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        if self.minimum is not None and value < self.minimum:
+            return f"must be at least {self.minimum:g}, got {value!r}"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,9 @@ def check_options(name: str, options: dict) -> dict:
         if opt.choices and value not in opt.choices:
             raise ValueError(f"--{key.replace('_', '-')} {value!r} is not one of "
                              f"{', '.join(map(str, opt.choices))} for {name}")
+        problem = opt.problem(value)
+        if problem:
+            raise ValueError(f"--{key.replace('_', '-')} {problem}")
         out[key] = value
     return out
 

@@ -44,6 +44,7 @@ convolution gives one logit, bilinearly up-sampled to the input size.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -386,8 +387,8 @@ class SACT(Student):
             raise ValueError(f"{self.name}: tile must be an integer ≥ 1, got {tile!r}")
         if not self.spatial and tile != 1:
             raise ValueError(f"{self.name}: halting is per image, tile must be 1, got {tile}")
-        if not tau >= 0:  # also refuses NaN
-            raise ValueError(f"{self.name}: tau (the ponder cost's weight) must be ≥ 0, got {tau!r}")
+        if not (math.isfinite(tau) and tau >= 0):  # NaN and inf too
+            raise ValueError(f"{self.name}: tau (the ponder cost's weight) must be a finite number ≥ 0, got {tau!r}")
         self.depth, self.tile, self.tau = depth, tile, float(tau)
         self.resnet = ResNetTrunk(depth)
         self.blocks = nn.ModuleList(AdaptiveBlock(c, n, spatial=self.spatial, tile=tile)
@@ -491,6 +492,7 @@ class ACT(SACT):
 
     name = "act"
     spatial = False
+    extra_maps = ()  # its ponder map is one value per image: no saliency to score (it would score the centre bias)
 
 
 # -- builders ---------------------------------------------------------------------------------------
@@ -523,8 +525,9 @@ def _options(tiles: tuple = ()) -> tuple[StudentOption, ...]:
         StudentOption("depth", int, 50, "ResNet depth: 50 (units per block 3,4,6,3) or 101 (3,4,23,3)",
                       choices=(50, 101)),
         StudentOption("tile", int, 1, "halting shared within k×k tiles of each block's map (k must divide "
-                                      "every block's size); 1 = per position", choices=tiles),
-        StudentOption("tau", float, 0.005, "weight τ of the ponder cost τ·Σ_blocks mean ρ in the loss"),
+                                      "every block's size); 1 = per position", choices=tiles, minimum=1),
+        StudentOption("tau", float, 0.005, "weight τ of the ponder cost τ·Σ_blocks mean ρ in the loss",
+                      minimum=0, training_only=True),
     )
 
 

@@ -387,6 +387,10 @@ BAD = {
                          "      teacher: classic\n      images: ${steps.c.out}\n", 10, "names unknown step 'c'"),
     "duplicate_key": ("steps:\n" + STEP + "  a:\n    run: label\n", 5, "duplicate key 'a' (first at line 2)"),
     "unknown_step_key": ("steps:\n" + STEP + "    resourcs: {gpus: 1}\n", 5, "unknown key 'resourcs'"),
+    "unknown_resource": ("steps:\n" + STEP + "    resources: {cpu: 1}\n", 5,
+                         "step 'a': unknown resource 'cpu' (did you mean 'cpus'?)"),
+    "with_as_a_list": ("steps:\n  a:\n    run: label\n    with: [source, teacher]\n", 4,
+                       "step 'a': 'with' must be a mapping of option: value"),
     "url_input": ("steps:\n  a:\n    run: label\n    with: {source: coco, teacher: classic, coco_root: 's3://b/c',\n"
                   "      weights: 'https://example.org/w.pth'}\n", 2,
                   "step 'a': s3://b/c is a URL: `pipeline label` reads --coco-root from a local or shared-filesystem "
@@ -407,6 +411,57 @@ def test_bad_manifest_is_refused_with_file_and_line(case, fresh):
     assert result.exit_code == 2, result.output
     assert f"Error: {case}.yaml:{line}: " in result.output and message in result.output, result.output
     assert not Path("runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("when", ["reading the manifest", "planning"])
+def test_ctrl_c_while_no_step_runs_is_an_interrupted_run_not_an_abort(fresh, monkeypatch, when):
+    """Ctrl-C while the manifest is read (its inputs hashed: a big one takes a while) or planned was click's
+    `Aborted!`, exit status 1; it is the exit status 130 and the line of every interrupted command."""
+    from pipeline.manifest import format as manifest_format
+    from pipeline.manifest import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*((manifest_format, "load_manifest") if when == "reading the manifest"
+                          else (runner, "make_plan")), interrupted)
+    Path("m.yaml").write_text("workdir: w\nsteps:\n" + STEP)
+    for command in (["run", "m.yaml"], ["run", "m.yaml", "--dry-run"], ["status", "m.yaml"]):
+        if command[0] == "status" and when == "planning":
+            continue
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 130, result.output
+        assert result.output.splitlines()[-1] == ("interrupted (no step was running): run the same command again to "
+                                                  "carry on"), result.output
+    assert not Path("w").exists() or not any(Path("w").rglob("state.json"))
+
+
+def test_a_path_a_step_needs_that_is_missing_stops_the_run_before_any_step(fresh):
+    """A mistyped local path (`images: .../val2071`) was found when its step came up, after every step above it
+    had run (hours, on COCO): `pipeline run` names it, with the step's line, and starts nothing; `--dry-run`
+    warns. A path below a step's output folder is that step's to make, not missing."""
+    Path("m.yaml").write_text(textwrap.dedent(f"""\
+        workdir: w
+        steps:
+          labels:
+            run: label
+            with: {{source: coco, teacher: classic, coco_root: {SAMPLES}, split: val2017, executor: local}}
+          train:
+            run: train
+            with: {{labels: "${{steps.labels.out}}", val_labels: w/labels/classic/val2017, gt_maps: maps/val2071}}
+          predict:
+            run: predict
+            with: {{checkpoint: "${{steps.train.out}}", images: {SAMPLES}/val2071}}
+        """))
+    result = CliRunner().invoke(cli, ["run", "m.yaml"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "Error: m.yaml:6: step 'train': --gt-maps maps/val2071 does not exist",
+        f"Error: m.yaml:9: step 'predict': --images {SAMPLES}/val2071 does not exist"]
+    assert not any(Path("w").rglob("shard-*"))  # the label step did not start
+    dry = CliRunner().invoke(cli, ["run", "m.yaml", "--dry-run"])
+    assert dry.exit_code == 0 and ("warning: m.yaml:9: step 'predict': --images " f"{SAMPLES}/val2071 does not exist: "
+                                   "`pipeline run` starts no step while it is missing") in dry.output, dry.output
 
 
 def test_a_manifest_that_is_not_text_is_one_line(fresh):
@@ -1073,6 +1128,18 @@ def test_a_step_whose_output_folder_is_locked_is_not_started(maker, tmp_path, mo
     assert load_state(tmp_path / "w")["steps"]["a"]["status"] == "failed"
     code, out, started = maker(MAKE_AB % "one")  # let go of: it runs
     assert code == 0 and started == ["a", "b"]
+
+    # a start-over (--force) refused by the lock did not begin: the record keeps what a last ran with, marked
+    # failed, and names no start-over, so what the lock's holder writes meanwhile is never taken for its work
+    done = load_state(tmp_path / "w")["steps"]["a"]
+    with FolderLock(tmp_path / "w" / "a" / ".lock", command="pipeline make"):
+        code, out, started = maker(MAKE_AB % "one", force=["a"])
+    assert code == 1 and started == []
+    after = load_state(tmp_path / "w")["steps"]["a"]
+    assert after["status"] == "failed" and "is locked by another process" in after["error"]
+    assert not after.get("fresh") and after["started"] == done["started"]
+    assert {k: v for k, v in after.items() if k not in ("status", "error", "ended", "seconds")} == \
+        {k: v for k, v in done.items() if k not in ("status", "ended", "seconds")}
 
 
 RUNNER = """\

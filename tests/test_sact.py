@@ -396,10 +396,16 @@ def test_bad_options_are_one_clear_error_each(models):
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match=r"tile 4 does not divide block 3's feature map of 4×6"):
         model(torch.randn(1, 3, 64, 96))
-    with pytest.raises(ValueError, match="tile must be an integer ≥ 1, got 0"):
+    with pytest.raises(ValueError, match="--tile must be at least 1, got 0"):
         build_student("sact", backbone_weights="none", tile=0)
-    with pytest.raises(ValueError, match=r"tau .* must be ≥ 0, got -0.1"):
+    with pytest.raises(ValueError, match=r"--tau must be at least 0, got -0.1"):
         build_student("sact", backbone_weights="none", tau=-0.1)
+    with pytest.raises(ValueError, match=r"--tau must be a finite number, got inf"):
+        build_student("sact", backbone_weights="none", tau=float("inf"))
+    with pytest.raises(ValueError, match="tile must be an integer ≥ 1, got 0"):  # the class, built directly
+        SACT(tile=0)
+    with pytest.raises(ValueError, match=r"tau .* must be a finite number ≥ 0, got inf"):
+        SACT(tau=float("inf"))
     with pytest.raises(ValueError, match="--depth 34 is not one of 50, 101 for sact"):
         build_student("sact", backbone_weights="none", depth=34)
     with pytest.raises(ValueError, match="depth must be one of 50, 101, got 34"):
@@ -416,3 +422,13 @@ def test_resnet101_has_23_units_in_block_3():
     assert [len(u) for u in model.resnet.layers] == [3, 4, 23, 3]
     assert model.options()["depth"] == 101
     assert isinstance(model.blocks[2].heads[0], HaltingScore) and len(model.blocks[2].heads) == 22
+
+
+def test_act_has_no_ponder_map_to_score_as_saliency():
+    """ACT halts once per image, so its ponder "map" is one value per image: scored as saliency it only scored
+    the centre Gaussian it was mixed with (the same metrics as any flat map). It is refused by name."""
+    from pipeline.score.predictors import PredictorError, build_predictor
+
+    assert ACT.extra_maps == () and SACT.extra_maps == ("ponder",)
+    with pytest.raises(PredictorError, match=r"act \(untrained\) has no 'ponder' map \(only saliency\)"):
+        build_predictor(student="act", weights="random", require_weights=False, map_name="ponder", device="cpu")

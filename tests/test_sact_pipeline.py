@@ -54,6 +54,13 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
     r = invoke("profile", "--checkpoint", run, "--device", "cpu", "--iters", 1)
     assert r.exit_code == 0, r.output
     assert "GFLOPs / image (dense)" in r.output and "GFLOPs / image (sparse)" in r.output
+    ckpt = run / "checkpoints" / json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    r = invoke("profile", "--student", "sact", "--weights", ckpt, "--tile", 2, "--tau", 0.5, "--device", "cpu",
+               "--iters", 1)  # its halting shared in 2×2 tiles: other maps than it learnt
+    assert r.exit_code == 0, r.output
+    assert (f"warning: {ckpt} is a `pipeline train` checkpoint, trained at 64x96 with sigmoid maps, tile 1; "
+            f"--student runs it at 192x256 with --student-output softmax, --tile 2: --checkpoint {ckpt} uses what it "
+            "was trained with") in r.output  # (--tau weights the loss alone: not said)
     assert "ponder_3 (sparse)" in r.output and "executed_3 (sparse)" in r.output
 
     photos = sorted((SAMPLES / "val2017").glob("*.jpg"))[:4]
@@ -76,8 +83,11 @@ def test_student_options_are_checked(labels, tmp_path):
         assert r.exit_code != 0
         return r.output
 
-    assert "sact: tile must be an integer ≥ 1, got 0" in error("--student", "sact", "--tile", "0")
-    assert "sact: tau (the ponder cost's weight) must be ≥ 0" in error("--student", "sact", "--tau", "-1")
+    assert "Invalid value for '--tile': must be at least 1, got 0" in error("--student", "sact", "--tile", "0")
+    assert "Invalid value for '--tau': must be at least 0, got -1.0" in error("--student", "sact", "--tau", "-1")
+    for given in ("inf", "nan"):  # --tau inf trained a model of NaN, saved it and exited 0
+        assert f"Invalid value for '--tau': must be a finite number, got {given}" in error("--student", "sact",
+                                                                                          "--tau", given)
     assert "'34' is not one of" in error("--student", "sact", "--depth", "34")
     assert "--tile is an option of act, sact, not of fastsal_a" in error("--student", "fastsal_a", "--tile", "2")
     out = error("--student", "sact", "--tile", "3", "--epochs", 1, "--batch-size", 2)  # 3 does not divide 16x24
@@ -113,7 +123,8 @@ def test_profile_measures_sacts_computation_as_the_mean_over_real_images(labels,
     out = tmp_path / "p.json"
     r = invoke("profile", "--student", "sact", "--image-size", "64x96", "--images", labels, "--max-images", 2,
                "--iters", 1, "--out", out)
-    assert r.exit_code == 0 and "note:" not in r.output, r.output
+    assert r.exit_code == 0 and "note: sact's computation depends on the image" not in r.output, r.output
+    assert "note: this sact is untrained: where its positions halt" in r.output  # its halting follows its weights
     assert json.loads(out.read_text())["inputs"] == f"2 images of {labels}"
     r = invoke("profile", "--student", "sact", "--image-size", "64x96", "--iters", 1)
     assert r.exit_code == 0 and "one image of random noise" in r.output

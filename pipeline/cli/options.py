@@ -189,10 +189,19 @@ def student_options(fn):
         given = {name: kwargs.pop(name) for name in declared if kwargs.get(name) is not None}
         return fn(*args, student_options=given, **{k: v for k, v in kwargs.items() if k not in declared})
 
+    def checked(ctx, param, value, opt):
+        if value is None:
+            return None
+        value = opt.type(value)
+        problem = opt.problem(value)
+        if problem:
+            raise click.BadParameter(problem)
+        return value
+
     for name, opt in reversed(declared.items()):
         kind = click.Choice([str(c) for c in opt.choices]) if opt.choices else opt.type
         wrapper = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
-                               callback=(lambda ctx, param, v, t=opt.type: None if v is None else t(v)),
+                               callback=functools.partial(checked, opt=opt),
                                help=f"{opt.help} ({', '.join(owners[name])}; default {opt.default}).")(wrapper)
     return wrapper
 

@@ -65,7 +65,7 @@ def run_cmd(manifest, dry_run, force, only, until, jobs, keep_going, sets, workd
     from pipeline.manifest.format import load_manifest
     from pipeline.manifest.runner import run_manifest
 
-    m = load_manifest(manifest, sets, workdir, group=_root())
+    m = _interruptible(load_manifest, manifest, sets, workdir, group=_root())
     _check_steps(m, "--force", force)
     _check_steps(m, "--only", only)
     _check_steps(m, "--until", until)
@@ -77,8 +77,8 @@ def run_cmd(manifest, dry_run, force, only, until, jobs, keep_going, sets, workd
             one = len(left_out) == 1
             raise click.BadParameter(f"{', '.join(left_out)} {'is' if one else 'are'} not among the steps --only/--until "
                                      f"select: name {'it' if one else 'them'} there too", param_hint="--force")
-    sys.exit(run_manifest(m, jobs=jobs, force=force, only=only, until=until, keep_going=keep_going,
-                          dry_run=dry_run, cpus=cpus, gpus=gpus, checksums=checksums))
+    sys.exit(_interruptible(run_manifest, m, jobs=jobs, force=force, only=only, until=until, keep_going=keep_going,
+                            dry_run=dry_run, cpus=cpus, gpus=gpus, checksums=checksums))
 
 
 @click.command("status")
@@ -91,8 +91,19 @@ def status_cmd(manifest, sets, workdir, checksums):
     from pipeline.manifest.format import load_manifest
     from pipeline.manifest.runner import load_state, runner_active, status_rows, table
 
-    m = load_manifest(manifest, sets, workdir, group=_root())
+    m = _interruptible(load_manifest, manifest, sets, workdir, group=_root())
     active = runner_active(m.workdir)
     click.echo(f"{m.path} (workdir {m.workdir}{'; a runner is active' if active else ''})")
     click.echo(table(["step", "state", "last run", "output"],
-                     status_rows(m, load_state(m.workdir), checksums=checksums, active=active)))
+                     _interruptible(status_rows, m, load_state(m.workdir), checksums=checksums, active=active)))
+
+
+def _interruptible(fn, *args, **kwargs):
+    """``fn(...)``, where Ctrl-C while no step runs (hashing a big input, checking outputs, the report) ends the
+    command as an interrupted one: exit status 130 and one line, as in every other command (click's own handling
+    says "Aborted!", status 1). While steps run, the runner stops them itself and returns 130."""
+    try:
+        return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        click.echo("interrupted (no step was running): run the same command again to carry on", err=True)
+        sys.exit(130)

@@ -219,7 +219,8 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
                 batch_size, iters, images, max_images, out, runtime, calibration, calibration_images):
     """Parameters, GFLOPs per image (torch's FLOP counter) and measured images/s of a model.
 
-    --student needs no --weights here: an untrained model has the same size and speed.
+    --student needs no --weights here: an untrained model has the same size and speed (SACT's executed
+    computation excepted: it follows its trained halting, so profile its checkpoint for that).
     """
     from pipeline.score.profile import profile
 
@@ -246,6 +247,10 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     if not images and any(m.stats for m in result.modes):
         click.echo(f"note: {predictor.model.name}'s computation depends on the image; --images DIR measures it on real "
                    "ones (the SACT paper's figures are means over a validation set)", err=True)
+    if student and weights in (None, "random") and any(m.stats for m in result.modes):
+        click.echo(f"note: this {predictor.model.name} is untrained: where its positions halt, and so its sparse "
+                   "GFLOPs and ponder costs, follow its weights; profile a trained checkpoint for its real figures",
+                   err=True)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result.to_json())

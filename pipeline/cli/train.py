@@ -40,7 +40,8 @@ from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["auto", "off", "bf16"]), default="auto", help="auto = bf16 on GPU.")
 @click.option("--backbone-weights", default="imagenet",
-              help="MobileNetV2 encoder init: imagenet (torchvision weights, cached or downloaded), none, or a PATH.")
+              help="Encoder init (MobileNetV2 for fastsal_*, ResNet-50/101 for sact/act): imagenet (torchvision "
+                   "weights, cached or downloaded), none, or a PATH to that torchvision model's state dict.")
 @click.option("--init", "init_ckpt", type=click.Path(path_type=str), default=None, callback=path_or_url,
               help="Start from this checkpoint's model weights (e.g. the hint stage's last checkpoint): a checkpoint "
                    "file or run folder, or its URL (s3://…).")

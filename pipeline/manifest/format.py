@@ -125,6 +125,8 @@ class Step:
     own_fingerprint: str  # command, settings, inputs, code version: all but what its upstream steps produced
     code_version: str
     line: int  # where the step is declared
+    #: (option flag, local path) that must exist when the step starts and that no upstream step makes
+    paths: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -642,6 +644,7 @@ class _Loader:
                 self.error(doc.at("steps", name, "resources", key),
                            f"step {name!r}: resource {key} must be a whole number >= 0, got {value!r}")
                 ok = False
+        resources = {k: v for k, v in resources.items() if k in RESOURCE_KEYS}  # (the others are errors above)
         return {"body": body, "needs": needs, "inputs": inputs, "resources": resources, "ok": ok}
 
     def _dependencies(self, name: str, d: dict, raw_steps: Mapping) -> list[str]:
@@ -651,7 +654,9 @@ class _Loader:
                 self.error(doc.at("steps", name, "needs", i), f"step {name!r} needs unknown step {need!r}"
                            f"{suggest(need, raw_steps)}")
                 d["ok"] = False
-        refs = [(("with", key), r) for key, v in (d["body"].get("with") or {}).items() for r in references(v)] + \
+        given = d["body"].get("with")
+        refs = [(("with", key), r) for key, v in (given if isinstance(given, dict) else {}).items()
+                for r in references(v)] + \
                [(("inputs", i), r) for i, v in enumerate(d["inputs"]) for r in references(v)]
         for where, ref in refs:
             m = STEP_REF_RE.match(ref)
@@ -827,9 +832,16 @@ class _Loader:
                     self.error(doc.at("steps", name, "inputs", i), f"step {name!r}: input {p}: {e}")
                     return None
             digests[p] = self.digests[p]
+        made = {pname for pname, key in key_of.items()  # (an upstream step's output is fingerprinted as one)
+                if any(r.startswith("steps.") for r in references((body.get("with") or {}).get(key)))}
+        paths = []
+        if spec is not None and spec.must_exist is not None:
+            for pname in spec.must_exist(ctx.params):
+                value = ctx.params.get(pname)
+                for v in value if isinstance(value, (tuple, list)) else (value,):
+                    if v is not None and pname not in made and "://" not in str(v):
+                        paths.append((flag.get(pname, pname), str(v)))
         if spec is not None and spec.reads is not None:  # what the command reads that need not be declared
-            made = {pname for pname, key in key_of.items()  # (an upstream step's output is fingerprinted as one)
-                    if any(r.startswith("steps.") for r in references((body.get("with") or {}).get(key)))}
             for pname, (p, read) in spec.reads(ctx.params).items():
                 if pname not in made and p not in digests:
                     key = (command_name, pname, p, str(ctx.params.get("out")))  # read once per manifest
@@ -841,7 +853,7 @@ class _Loader:
         return Step(name=name, command=command_name, args=tuple(args), settings=settings, needs=tuple(needs),
                     inputs=digests, resources=res, output=output,
                     own_fingerprint=own_fingerprint(command_name, settings, digests, code),
-                    code_version=code, line=doc.line("steps", name))
+                    code_version=code, line=doc.line("steps", name), paths=tuple(paths))
 
 
 def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] = (), workdir: str | Path | None = None,

@@ -462,17 +462,19 @@ class Runner:
             self.say(f"[{name}] failed: {why}", err=True)
             self.stopping = self.stopping or not self.keep_going
             return
+        holder = output_locked_by(step, wait=LOCK_GRACE_S)
+        if holder:  # not started: its record keeps what it last ran with (a start-over asked for did not begin,
+            # and what the other process writes there meanwhile is not this step's), marked failed
+            why = (f"output folder {step.output} is locked by another process ({holder}); not started: wait for "
+                   "it to finish or stop it")
+            self.state["steps"].setdefault(name, record(m, name, self.state))
+            self._failed(name, 0.0, why, f"failed: {why}", announce=f"[{name}] failed: ")
+            return
         fresh = fresh_start(m, self.state, self.planned[name])
         spec = COMMANDS.get(step.command)
         before = pieces_now(spec, as_path(step.output)) if fresh and spec is not None and step.output else None
         self.state["steps"][name] = record(m, name, self.state, status="running", started=now(), fresh=fresh,
                                            **({} if before is None else {"pieces_before": before}))
-        holder = output_locked_by(step, wait=LOCK_GRACE_S)
-        if holder:
-            why = (f"output folder {step.output} is locked by another process ({holder}); not started: wait for "
-                   "it to finish or stop it")
-            self._failed(name, 0.0, why, f"failed: {why}", announce=f"[{name}] failed: ")
-            return
         self._save()
         gpu_ids, self.free_gpus = self.free_gpus[:gpus], self.free_gpus[gpus:]
         self.free_cpus -= cpus
@@ -604,11 +606,18 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
             echo("")
         for p in runs:
             echo(f"{p.step}: pipeline {shlex.join(command_line(manifest, p.step, fresh_start(manifest, state, p)))}")
+        for line in missing_paths(manifest, planned):
+            echo(f"warning: {line}: `pipeline run` starts no step while it is missing", err=True)
         _echo_weights(manifest, echo)
         return 0
     with workdir_lock(manifest.workdir):
         state = load_state(manifest.workdir)  # as it is now that we hold the lock
         planned = make_plan(manifest, state, checksums=checksums, **selection)
+        missing = missing_paths(manifest, planned)
+        if missing:  # a mistyped path, found before hours of the steps above it, not after
+            for line in missing:
+                echo(f"Error: {line}", err=True)
+            return 2
         echo(f"plan for {manifest.path} (workdir {manifest.workdir}):")
         echo(plan_table(planned))
         t0 = time.monotonic()
@@ -619,6 +628,24 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
         echo(f"total {time.monotonic() - t0:.1f} s")
         _echo_report(manifest, state, echo)
         return code
+
+
+def missing_paths(manifest: Manifest, planned: Iterable[Planned]) -> list[str]:
+    """``FILE:LINE: step 'x': --images PATH does not exist`` for each local path a step to run needs
+    (:attr:`CommandSpec.must_exist`) that is not there and that no step of the manifest makes (it is not
+    below, nor above, a step's output folder)."""
+    outputs = [Path(s.output).resolve() for s in manifest.steps.values() if s.output and not is_url(s.output)]
+    said = []
+    for p in planned:
+        if p.action != RUN:
+            continue
+        step = manifest.steps[p.step]
+        for flag, path in step.paths:
+            where = Path(path).resolve()
+            if where.exists() or any(where.is_relative_to(o) or o.is_relative_to(where) for o in outputs):
+                continue
+            said.append(f"{manifest.path}:{step.line}: step {p.step!r}: {flag} {path} does not exist")
+    return said
 
 
 def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) -> None:

@@ -64,6 +64,10 @@ class CommandSpec:
     #: (validated click parameters) -> {option: (path, digest of what the command reads there, or None when it
     #: is missing)}: inputs the command reads that the manifest need not declare (a folder source's images)
     reads: Callable[[Mapping[str, object]], dict[str, tuple[str, Callable[[], str | None]]]] | None = None
+    #: (validated click parameters) -> the options whose local paths must exist, as the command's own
+    #: ``must_exist`` checks them when it starts: ``pipeline run`` checks them before it starts any step
+    #: (one not made by an upstream step), so that a mistyped path is not found after hours of its upstream work
+    must_exist: Callable[[Mapping[str, object]], tuple[str, ...]] | None = None
 
 
 def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
@@ -255,6 +259,7 @@ COMMANDS: dict[str, CommandSpec] = {
         lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
         pieces=lambda folder: (folder, "shard-*.json"),
         reads=_label_reads,
+        must_exist=lambda params: ("coco_root",) if params["source"] == "coco" else ("images",),
     ),
     "train": CommandSpec(
         defaults={"run_dir": lambda workdir, step: workdir / step},
@@ -268,6 +273,7 @@ COMMANDS: dict[str, CommandSpec] = {
         added={"gt_maps": None},
         urls=frozenset({"run_dir", "labels", "val_labels", "init_ckpt", "gt_maps"}),
         reads=_train_reads,
+        must_exist=lambda params: ("labels", "val_labels", "gt_maps"),  # (--init: only read when not resuming)
         resumes=_train_resumes,
         pieces=lambda run: (run / "checkpoints", "epoch-*.pt"),
     ),
@@ -278,6 +284,7 @@ COMMANDS: dict[str, CommandSpec] = {
         volatile=_MODEL_VOLATILE - {"precision"},
         digest=_digest_file,
         urls=frozenset({"checkpoint", "labels", "fixations", "out"}),
+        must_exist=lambda params: ("labels", "fixations"),
     ),
     "predict": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step},
@@ -288,6 +295,7 @@ COMMANDS: dict[str, CommandSpec] = {
         digest=_digest_tree,
         urls=frozenset({"checkpoint", "out"}),
         lock=_lock_file,  # pipeline.score.predict: a png folder's
+        must_exist=lambda params: ("images", "calibration"),
     ),
     "fixations": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "fixations.h5"},
@@ -295,6 +303,7 @@ COMMANDS: dict[str, CommandSpec] = {
         verify=_verify_file,
         digest=_digest_file,
         urls=frozenset({"out"}),
+        must_exist=lambda params: ("root",),
     ),
     "profile": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
@@ -303,5 +312,6 @@ COMMANDS: dict[str, CommandSpec] = {
         added={**_CALIBRATION_ADDED, "images": None, "max_images": 100},  # --images: stop 14
         digest=_digest_file,
         urls=frozenset({"checkpoint", "out"}),
+        must_exist=lambda params: ("images", "calibration"),
     ),
 }

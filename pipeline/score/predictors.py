@@ -19,7 +19,7 @@ from pipeline.common import images
 from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
 from pipeline.common.maps import resize_label
 from pipeline.train.checkpoints import CheckpointError, student_from_checkpoint
-from students import Student, build_student, student_kind, to_log_density
+from students import Student, build_student, student_info, student_kind, to_log_density
 
 
 #: why an image has no map (a per-image failure) when the model's output for it is NaN or infinite
@@ -159,23 +159,32 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
     kind = {"softmax": "logits", "sigmoid": "sigmoid_logits"}[output]
     label = f"{name}@{weights}" if weights and weights != "random" else f"{name} (untrained)"
     recorded = _train_record(weights)
-    if recorded is not None and recorded != (tuple(input_size), kind):
-        size, their_kind = recorded
-        print(f"warning: {weights} is a `pipeline train` checkpoint, trained at {size[0]}x{size[1]} with "
-              f"{'sigmoid' if their_kind == 'sigmoid_logits' else 'softmax'} maps; --student runs it at "
-              f"{input_size[0]}x{input_size[1]} with --student-output {output}: --checkpoint {weights} uses what "
-              "it was trained with", file=sys.stderr)
+    if recorded is not None:
+        size, their_kind, their_options = recorded
+        ours = model.options()
+        loss_only = {o.name for o in student_info(name).options if o.training_only}  # (tau: the same maps)
+        differ = {k: v for k, v in their_options.items() if k in ours and ours[k] != v and k not in loss_only}
+        if differ or (size, their_kind) != (tuple(input_size), kind):
+            said = "".join(f", {k.replace('_', '-')} {v}" for k, v in differ.items())
+            now = "".join(f", --{k.replace('_', '-')} {ours[k]}" for k in differ)
+            print(f"warning: {weights} is a `pipeline train` checkpoint, trained at {size[0]}x{size[1]} with "
+                  f"{'sigmoid' if their_kind == 'sigmoid_logits' else 'softmax'} maps{said}; --student runs it at "
+                  f"{input_size[0]}x{input_size[1]} with --student-output {output}{now}: --checkpoint {weights} "
+                  "uses what it was trained with", file=sys.stderr)
     return Predictor(label, model.to(dev).eval(), kind, input_size, dev, autocast=amp)
 
 
-def _train_record(weights: str | None) -> tuple[tuple[int, int], str] | None:
-    """(image size, map kind) a local ``pipeline train`` checkpoint file records; None for any other weights."""
+def _train_record(weights: str | None) -> tuple[tuple[int, int], str, dict] | None:
+    """(image size, map kind, the student's options: SACT's tile, tau…) a local ``pipeline train`` checkpoint
+    file records; None for any other weights."""
     if not weights or "://" in weights or not Path(weights).is_file():
         return None
     try:
         ckpt = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
         labels = ckpt["labels"]
-        return tuple(int(v) for v in labels.get("image_size", (192, 256))), student_kind(labels["kind"])
+        options = ckpt.get("student_options") or {}
+        return (tuple(int(v) for v in labels.get("image_size", (192, 256))), student_kind(labels["kind"]),
+                dict(options) if isinstance(options, dict) else {})
     except Exception:  # noqa: BLE001 - the authors' file, a bare state dict…: not ours
         return None
 

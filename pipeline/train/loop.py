@@ -225,6 +225,12 @@ class Trainer:
         if h % info.stride or w % info.stride:
             raise TrainError(f"{labels.folder} holds {h}x{w} images; {c.student} needs height and width in "
                              f"multiples of {info.stride} (label with --image-size 192x256, the paper's)")
+        with torch.device("meta"):  # the architecture alone (no memory, no weights): does it fit that size?
+            shape = build_student(c.student, backbone_weights="none", **c.student_options)
+        try:
+            shape.check_size(h, w)  # SACT's --tile must divide every block's map
+        except ValueError as e:
+            raise TrainError(f"{labels.folder} holds {h}x{w} images: {e}") from None
         shards = labels.shards()
         if c.val_labels:
             val = open_label_set(c.val_labels)
