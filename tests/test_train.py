@@ -654,6 +654,32 @@ def test_ray_train_workers_get_weights_files_as_absolute_paths(tmp_path, monkeyp
         assert (seen.teacher_weights, seen.backbone_weights) == names
 
 
+def test_ray_workers_on_a_finished_run_start_no_ray_and_still_refuse_other_settings(small_labels, tmp_path,
+                                                                                      monkeypatch):
+    """`train --ray-workers 2` on a run that holds every epoch started Ray Train (half a minute) to say "nothing to
+    do", with a warning that the run was trained by another number of processes. It says so at once; other
+    settings are refused as a resume refuses them, and a run with epochs left goes to Ray."""
+    pytest.importorskip("ray.train")
+    from pipeline.train import ray_train
+
+    run = tmp_path / "run"
+    assert invoke("train", "--labels", small_labels, "--run", run, "--epochs", 1, "--steps-per-epoch", 1,
+                  *FAST).exit_code == 0
+    started = []
+    monkeypatch.setattr(ray_train, "_fit", lambda *args, **kwargs: started.append(kwargs) or [])
+    r = CliRunner().invoke(cli, ["train", "--ray-workers", "2", "--labels", str(small_labels), "--run", str(run),
+                                 "--epochs", "1", "--steps-per-epoch", "1", *FAST])
+    assert r.exit_code == 0 and started == [], r.output
+    assert "resuming" in r.stderr and "nothing to do: every epoch is already trained" in r.output
+    assert "warning" not in r.output
+    r = CliRunner().invoke(cli, ["train", "--ray-workers", "2", "--labels", str(small_labels), "--run", str(run),
+                                 "--epochs", "1", "--steps-per-epoch", "1", "--lr", "0.5", *FAST])
+    assert r.exit_code == 1 and started == [] and "was trained with other settings (lr 0.01 there, 0.5 now)" in r.output
+    r = CliRunner().invoke(cli, ["train", "--ray-workers", "2", "--labels", str(small_labels), "--run", str(run),
+                                 "--epochs", "2", "--steps-per-epoch", "1", *FAST])
+    assert r.exit_code == 0 and len(started) == 1, r.output  # an epoch left: Ray Train's
+
+
 def test_init_takes_what_fits_says_what_it_took_and_refuses_other_options(small_labels, tmp_path):
     """Another student's checkpoint gives its encoder alone (FastSal C's last hint adapter has the shape of
     FastSal A's, and was taken by chance); the same student with other options (a depth-101 SACT into a depth-50

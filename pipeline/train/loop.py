@@ -262,23 +262,10 @@ class Trainer:
         if found is None:
             return False
         path, ckpt = found
-        mine = self.config.resume_key()
-        if not isinstance(ckpt["config"], dict):
-            raise TrainError(self.shown(f"{path} records no settings to resume with; use another --run or --restart"))
-        theirs, ours = as_places(ckpt["config"]), as_places(mine)
-        # the options the student was built with, defaults included (a --depth 50 given is the default's 50)
-        theirs["student_options"] = ckpt.get("student_options", theirs.get("student_options"))
-        ours["student_options"] = self.model.options()
-        if theirs != ours:
-            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-
-            def shown(v) -> str:
-                text = json.dumps(v)
-                return text if len(text) <= 60 else text[:57] + "..."
-
-            said = "; ".join(f"{k} {shown(theirs.get(k))} there, {shown(ours.get(k))} now" for k in diff)
-            raise TrainError(self.shown(f"{path} was trained with other settings ({said}); use another --run or "
-                                        "--restart"))
+        try:
+            check_resumable(path, ckpt, self.config, self.model.options())
+        except TrainError as e:
+            raise TrainError(self.shown(str(e))) from None
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -445,6 +432,43 @@ class Trainer:
         if pending:
             flush()
         return total / max(n, 1), n, {k: v / max(n, 1) for k, v in zip(names, stat_sums)}
+
+
+def check_resumable(path: Path, ckpt: dict, config: TrainConfig, options: dict) -> None:
+    """The checkpoint ``ckpt`` (read from ``path``) was trained with ``config``'s resume settings and a student
+    built with ``options``; else :class:`TrainError` naming each setting that differs."""
+    if not isinstance(ckpt["config"], dict):
+        raise TrainError(f"{path} records no settings to resume with; use another --run or --restart")
+    theirs, ours = as_places(ckpt["config"]), as_places(config.resume_key())
+    # the options the student was built with, defaults included (a --depth 50 given is the default's 50)
+    theirs["student_options"] = ckpt.get("student_options", theirs.get("student_options"))
+    ours["student_options"] = options
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+
+        def shown(v) -> str:
+            text = json.dumps(v)
+            return text if len(text) <= 60 else text[:57] + "..."
+
+        said = "; ".join(f"{k} {shown(theirs.get(k))} there, {shown(ours.get(k))} now" for k in diff)
+        raise TrainError(f"{path} was trained with other settings ({said}); use another --run or --restart")
+
+
+def finished_run(config: TrainConfig) -> tuple[int, int] | None:
+    """(epochs, global step) of a local run folder that already holds every epoch of ``config`` with its
+    settings, as a resume would find it (the same warnings and refusals); None when there is work left (or the run
+    is a URL, known only once pulled). Builds the student on the meta device only: no memory, no weights."""
+    if is_url(config.run) or not resumes(config.run):
+        return None
+    found = newest_readable(Path(config.run) / "checkpoints", warn=lambda line: print(line, file=sys.stderr))
+    if found is None:
+        return None
+    path, ckpt = found
+    with torch.device("meta"):
+        options = build_student(config.student, backbone_weights="none", **config.student_options).options()
+    check_resumable(path, ckpt, config, options)
+    epochs = int(ckpt["epoch"]) + 1
+    return (epochs, int(ckpt["global_step"])) if epochs >= config.epochs else None
 
 
 def as_places(settings: dict) -> dict:

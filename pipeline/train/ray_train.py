@@ -13,6 +13,7 @@ resumes from it), and this package installed on every node. Needs Ray Train (``p
 from __future__ import annotations
 
 import signal
+import sys
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipeline.train.checkpoints import CheckpointError, latest_record
 from pipeline.train.config import EpochResult, TrainConfig, TrainError
 from pipeline.train.data import verify_shards
 from pipeline.train.logs import read_metrics
-from pipeline.train.loop import Trainer, lock_run, train
+from pipeline.train.loop import Trainer, finished_run, lock_run, train
 
 
 #: Ray Train (2.60) patches ``print`` in its workers to also log each line; with the worker's stderr
@@ -81,6 +82,10 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
     run = as_path(config.run)
     lock = None if is_url(config.run) else lock_run(run)  # object storage has no lock (see pipeline.train.loop)
     try:
+        done = None if restart else finished_run(config)
+        if done is not None:  # nothing to train: no Ray Train started (its start-up takes half a minute)
+            print(f"resuming {config.run} after epoch {done[0]} (step {done[1]})", file=sys.stderr)
+            return []
         if verify:
             verify_shards(shards)
         return _fit(config, run, workers=workers, address=address, restart=restart, progress=progress)
