@@ -71,6 +71,8 @@ def test_predict_and_profile_on_onnx_runtime_agree_with_torch(weights, tmp_path)
     for runtime in ("torch", "onnx"):
         r = invoke("predict", *common, "--out", tmp_path / runtime, "--runtime", runtime)
         assert r.exit_code == 0, r.output
+        model = [line for line in r.output.splitlines() if line.startswith("model")]  # the summary says what served
+        assert model == [f"model          fastsal_a@{weights}" + (" [onnxruntime]" if runtime == "onnx" else "")], r.output
     for name in ("astronaut", "coffee"):
         a = cv2.imread(str(tmp_path / "torch" / f"{name}.jpg.png"), cv2.IMREAD_GRAYSCALE).astype(int)
         b = cv2.imread(str(tmp_path / "onnx" / f"{name}.jpg.png"), cv2.IMREAD_GRAYSCALE).astype(int)

@@ -46,6 +46,7 @@ FORMATS = ("png", "hdf5")
 @dataclass
 class PredictResult:
     out: Path
+    model: str = ""  # the predictor's name: the model, and the runtime serving it ("[onnxruntime]"…)
     written: int = 0
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -53,7 +54,8 @@ class PredictResult:
     cc: dict[str, float] = field(default_factory=dict)  # each image's CC with that teacher
 
     def table(self) -> str:
-        rows = [("maps written", str(self.written)), ("images failed", str(len(self.failures))),
+        rows = [("model", self.model)] if self.model else []
+        rows += [("maps written", str(self.written)), ("images failed", str(len(self.failures))),
                 ("wall time", f"{self.seconds:.1f} s"), ("images/s", f"{self.written / max(self.seconds, 1e-9):.1f}"),
                 ("output", str(self.out))]
         if self.compare_dir is not None:
@@ -92,7 +94,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
               f"below {folder} ({shown})", file=sys.stderr)
     records = folder_records(folder, exclude=[*others, *own],
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
-    result = PredictResult(out, compare_dir=compare_folder(out, fmt) if compare is not None else None)
+    result = PredictResult(out, model=predictor.name,
+                           compare_dir=compare_folder(out, fmt) if compare is not None else None)
 
     def entry(record) -> str:  # a failure names the folder's entry (a link, not what it leads to)
         return str(folder / record.source_id)
