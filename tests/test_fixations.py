@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from pipeline.score.fixations import FixationError, FixationSet, read_cat2000, read_hdf5, read_mit1003, read_salicon, write_hdf5
+from pipeline.score.fixations import (FixationError, FixationSet, convert, read_cat2000, read_hdf5, read_mit1003,
+                                      read_salicon, write_hdf5)
 from tests.conftest import photo, write_jpeg
 
 
@@ -406,3 +407,27 @@ def test_cli_converts_and_reports_errors(mit_root, tmp_path):
     r = CliRunner().invoke(cli, ["fixations", "salicon", "--root", str(mit_root), "--out", str(out)])
     assert r.exit_code == 1
     assert "Error: SALICON needs a split; expected one of train, val" in r.output
+
+
+def test_a_dataset_read_as_without_fixations_is_refused_and_mostly_empty_is_warned_of(mit_root, tmp_path):
+    """Fixation-point maps written as 1 instead of 255 gave "3 images, 0 fixations", exit 0; eval then failed on
+    the baseline, or with `--baseline uniform` printed a table of NaN. Now: one line naming the rule it read by."""
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import cli
+
+    for name, ((h, w), pts) in MIT_POINTS.items():
+        m = np.zeros((h, w), np.uint8)
+        for y, x in pts:
+            m[y, x] = 1
+        cv2.imwrite(str(mit_root / "ALLFIXATIONMAPS" / f"{name}_fixPts.jpg"), m)
+    out = tmp_path / "mit.h5"
+    r = CliRunner().invoke(cli, ["fixations", "mit1003", "--root", str(mit_root), "--out", str(out)])
+    assert r.exit_code == 1 and not out.exists()
+    assert r.output.splitlines()[-1] == (f"Error: {mit_root}: no fixation found in its 3 images (mit1003: a fixation "
+                                         "is pixels of at least 128 in each *_fixPts.jpg); are these the published "
+                                         "files?")
+    write_fixpts(mit_root / "ALLFIXATIONMAPS" / "i1000_fixPts.jpg", 36, 24, [(12, 12)])  # one of three has one
+    with pytest.warns(UserWarning, match="2 of the 3 images of .* have no fixation"):
+        convert("mit1003", mit_root, out)
+    assert read_hdf5(out).n_fixations == 1

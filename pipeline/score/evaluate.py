@@ -91,7 +91,8 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
                        indices: list[int] | None = None, progress: bool = True) -> EvalResult:
     """All eight metrics per image of ``fs`` (of ``indices`` when given; the first ``limit`` of them when given).
 
-    The baseline and the shuffled AUC's negatives come from the whole set, whatever images are scored.
+    The baseline (the centre bias of every other image's fixations) and the shuffled AUC's negatives come from
+    the whole set, whatever images are scored.
     """
     t0 = time.perf_counter()
     chosen = list(range(len(fs))) if indices is None else list(indices)
@@ -99,19 +100,21 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
     n = len(chosen)
     result = EvalResult(predictor.name, f"{fs.name} ({n} images)", metrics.METRICS)
     fy, fx = _other_fixations(fs)
-    if baseline == "centerbias":
-        base = metrics.centerbias_log_density([(*fs.fixations(i), tuple(fs.sizes[i])) for i in range(len(fs))])
-    elif baseline == "uniform":
-        base = np.zeros((1, 1))
-    else:
+    if baseline not in ("centerbias", "uniform"):
         raise ValueError(f"unknown baseline {baseline!r} (centerbias or uniform)")
+    # each image against the centre bias of the other images' fixations (leave one out; uniform where none)
+    bias = metrics.CenterBias([(*fs.fixations(i), tuple(fs.sizes[i])) for i in range(len(fs))]) \
+        if baseline == "centerbias" else None
+    if bias is not None and not bias.counts.any():
+        raise ValueError("centerbias_log_density needs at least one fixation")
 
-    bases: dict[tuple[int, int], np.ndarray] = {}  # the baseline at each image size, resized once
+    def baseline_of(i: int) -> np.ndarray:  # (resized to the image's size where it is scored)
+        if bias is None or bias.counts.sum() == len(bias.cells[i]):
+            return np.zeros((1, 1))  # uniform
+        return bias.log_density(without=i)
 
     def score(i: int, logd: np.ndarray) -> dict:
         h, w = logd.shape
-        if (h, w) not in bases:
-            bases[(h, w)] = metrics.resize_log_density(base, (h, w))
         ys, xs = fs.fixations(i)
         if (h, w) != tuple(fs.sizes[i]):  # the file on disk differs from what the set recorded
             ys, xs = metrics.rescale_fixations(ys, xs, tuple(fs.sizes[i]), (h, w))
@@ -119,7 +122,7 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
         oys = np.minimum((fy[other] * h).astype(np.intp), h - 1)
         oxs = np.minimum((fx[other] * w).astype(np.intp), w - 1)
         values = metrics.image_metrics(logd, ys, xs, other_ys=oys, other_xs=oxs,
-                                       baseline_log_density=bases[(h, w)],
+                                       baseline_log_density=baseline_of(i),
                                        sigma=sigma_frac * max(h, w))
         return {"index": i, "path": fs.paths[i], "fixations": int(len(ys)), **values}
 

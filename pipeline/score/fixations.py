@@ -90,6 +90,7 @@ or ``pipeline fixations salicon --root /data/SALICON --split val --out /data/fix
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -608,8 +609,24 @@ def read_hdf5(path: str | Path, root: str | Path | None = None) -> FixationSet:
     return fs
 
 
+#: what each dataset's reader takes for a fixation (said when it finds none)
+FIXATION_RULE = {
+    "salicon": "the [row, col] points of its fixations JSON",
+    "mit1003": f"pixels of at least {MIT1003_THRESHOLD} in each *_fixPts.jpg",
+    "cat2000": "non-zero entries of each fixation-location .mat",
+}
+
+
 def convert(dataset: str, root: str | Path, out: str | Path, split: str | None = None) -> FixationSet:
-    """Read one dataset and write it to ``out``; returns the set."""
+    """Read one dataset and write it to ``out``; returns the set. A set without a fixation is refused (nothing
+    could be scored with it); one where most images have none is written, with a warning."""
     fs = read_dataset(dataset, root, split)
+    empty = sum(1 for i in range(len(fs)) if fs.offsets[i + 1] == fs.offsets[i])
+    if len(fs) and fs.n_fixations == 0:
+        raise FixationError(f"{root}: no fixation found in its {len(fs)} images ({dataset}: a fixation is "
+                            f"{FIXATION_RULE.get(dataset, 'what its reader takes')}); are these the published files?")
+    if empty > len(fs) // 2:
+        warnings.warn(f"{empty} of the {len(fs)} images of {root} have no fixation ({dataset}: a fixation is "
+                      f"{FIXATION_RULE.get(dataset, 'what its reader takes')}); eval scores them in no mean")
     write_hdf5(fs, out)
     return fs
