@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import cli
+from pipeline.common import images
 from pipeline.label.config import LabelError
 from pipeline.label.driver import label
 from pipeline.label.shards import verify_dataset
@@ -428,8 +429,9 @@ def test_retry_failed_writes_the_shard_a_run_without_the_failure_writes(tmp_path
 
 
 def test_an_image_replaced_under_its_name_is_a_changed_source(tmp_path):
-    """Its shard's marker records each image's size: a photo edited in place made resume keep its old labels
-    ("already done"); now it is the changed-source refusal, and --overwrite-changed relabels that shard alone."""
+    """Its shard's marker records each image's size, modification time and content digest: a photo edited in
+    place made resume keep its old labels ("already done"); now it is the changed-source refusal, and
+    --overwrite-changed relabels that shard alone. A file of the same size is told by its content."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("coffee", "chelsea", "rocket", "astronaut", "camera"):
@@ -450,6 +452,21 @@ def test_an_image_replaced_under_its_name_is_a_changed_source(tmp_path):
     assert {n: (out / n).read_bytes() for n in kept} == kept
     label(records, tmp_path / "fresh", CONFIG, shard_size=2, executor="local", progress=False)
     assert digests(out) == digests(tmp_path / "fresh")
+
+    # uncompressed images of one size have one byte count: the content tells them apart, read only when touched
+    marker = json.loads((out / "shard-000002.json").read_text())  # rocket, alone
+    bmp = folder / "rocket.jpg"
+    before = bmp.read_bytes()
+    assert marker["blake2b"] == {"rocket": images.content_digest(before)}
+    assert marker["mtimes"] == {"rocket": bmp.stat().st_mtime_ns}
+    os.utime(bmp, ns=(bmp.stat().st_atime_ns, bmp.stat().st_mtime_ns + 10**9))  # touched, the same bytes: done
+    again = label(records, out, CONFIG, shard_size=2, executor="local", progress=False)
+    assert (again.shards_done, again.shards_skipped) == (0, 3)
+    bmp.write_bytes(before[:-3] + bytes(3 - i for i in range(3)))  # as many bytes, other ones
+    assert bmp.stat().st_size == len(before)
+    with pytest.raises(Exception, match=r"shard-000002\.tar was labelled from another version of rocket\.jpg "
+                                        rf"\(as many bytes, {len(before)}, other content\)"):
+        label(records, out, CONFIG, shard_size=2, executor="local", progress=False)
 
 
 def test_a_changed_source_names_the_shard_and_overwrite_changed_keeps_the_rest(tmp_path):
@@ -556,8 +573,8 @@ def test_an_out_folder_inside_the_image_folder_is_not_read_as_images_and_odd_ent
     assert (photos / "classic" / "photos" / "preview.png").is_file()
     assert "images labelled                3" in first.output and "images failed                  3" in first.output
     assert "pipe (" in first.output and "not a regular file" in first.output and "gone (" in first.output
-    assert f"away ({tmp_path / 'elsewhere.jpg'}): file not found: {tmp_path / 'elsewhere.jpg'} (a symlink's target" \
-        in first.output, first.output
+    assert f"away ({photos / 'away.jpg'}): file not found: {tmp_path / 'elsewhere.jpg'} (a symlink's target" \
+        in first.output, first.output  # the folder's entry, then where it leads
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert "0 written, 1 already done" in again.output, again.output
@@ -1356,7 +1373,7 @@ def test_the_folder_check_is_made_on_the_file_opened_through_symlinks_dot_dot_an
     with pytest.raises(images.ImageError, match="outside the image folder"):
         images.read_file(str(root / "here" / "b.jpg"), root=r)
     (root / "gone.jpg").symlink_to(out / "missing.jpg")  # broken, and it would lead out
-    with pytest.raises(images.ImageError, match=r"file not found: .*gone.jpg \(a symlink's target"):
+    with pytest.raises(images.ImageError, match=r"file not found: .*/missing.jpg \(a symlink's target"):  # where it leads
         images.read_file(str(root / "gone.jpg"), root=r)
     with pytest.raises(images.ImageError, match="^file not found$"):
         images.read_file(str(root / "missing.jpg"), root=r)

@@ -53,12 +53,41 @@ def test_folder_records_sorted_recursive_and_keys_have_no_dots(tmp_path):
     assert [r.key for r in records] == ["a_v2", "b", "sub__c"]
 
 
-def test_folder_key_collisions_are_refused(tmp_path):
-    write_jpeg(tmp_path / "x.jpg", photo("coffee", 32))
-    write_jpeg(tmp_path / "x.jpeg", photo("coffee", 32))
-    with pytest.raises(SourceError, match="same sample key"):
+def test_folder_key_collisions_are_refused_every_one_at_once(tmp_path):
+    for name in ("x.jpg", "x.jpeg", "b c.jpg", "b_c.jpg"):
+        write_jpeg(tmp_path / name, photo("coffee", 32))
+    with pytest.raises(SourceError) as e:
         folder_records(tmp_path)
-    assert [r.source_id for r in folder_records(tmp_path, keys=False)] == ["x.jpeg", "x.jpg"]  # predict's
+    assert str(e.value) == ("b_c.jpg and b c.jpg map to the same sample key 'b_c'; x.jpg and x.jpeg map to the same "
+                            "sample key 'x'; rename one of each")
+    assert [r.source_id for r in folder_records(tmp_path, keys=False)] == ["b c.jpg", "b_c.jpg", "x.jpeg",
+                                                                           "x.jpg"]  # predict's
+
+
+def test_a_symlink_loop_or_alias_is_the_folders_entry_and_a_loop_fails_alone(tmp_path):
+    """A symlink loop in the folder stopped the whole run (`RuntimeError: Symlink loop`, nothing labelled), and a
+    symlink was read, named and reported by its target's name. Each entry is now the folder's own: a loop is
+    that image's failure, the rest are labelled."""
+    from pipeline.label.worker import LabelConfig, ShardLabeler
+
+    images = tmp_path / "images"
+    images.mkdir()
+    write_jpeg(images / "a.jpg", photo("coffee", 64))
+    (images / "alias.jpg").symlink_to("a.jpg")
+    (images / "loop_a.jpg").symlink_to("loop_b.jpg")
+    (images / "loop_b.jpg").symlink_to("loop_a.jpg")
+    records = folder_records(images)
+    assert [(r.source_id, r.path) for r in records] == [(n, str(images.resolve() / n)) for n in
+                                                        ("a.jpg", "alias.jpg", "loop_a.jpg", "loop_b.jpg")]
+    labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, image_size=(64, 96)))
+    try:
+        marker = labeler.label_shard(plan_shards(records, 8)[0], tmp_path)
+    finally:
+        labeler.close()
+    assert marker["keys"] == ["a", "alias"]
+    assert [(f["key"], Path(f["file"]).name) for f in marker["failures"]] == [("loop_a", "loop_a.jpg"),
+                                                                             ("loop_b", "loop_b.jpg")]
+    assert all("symbolic links" in f["reason"] for f in marker["failures"]), marker["failures"]
 
 
 def test_folder_keys_keep_letters_of_any_script():

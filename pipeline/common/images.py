@@ -6,6 +6,7 @@ shard's marker json; nothing here stops a run.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 
@@ -18,8 +19,10 @@ import torch.nn.functional as F
 MIN_SIDE = 8
 
 cv2.setNumThreads(1)  # we parallelise over images ourselves
-# an image OpenCV cannot read is a per-image failure with its reason; its own "[ WARN:0@…]" lines are noise
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+# an image OpenCV cannot read is a per-image failure with its reason; its own "[ WARN:0@…]" and "[ERROR:0@…]
+# global loadsave.cpp …" lines are noise beside it. (libpng's and libjpeg's own messages, which those libraries
+# print themselves, still come through.)
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 class ImageError(Exception):
@@ -69,7 +72,8 @@ def decode_image(data: bytes, upright: bool = False) -> np.ndarray:
 MAX_IMAGE_BYTES = 64 * 1024**2
 
 
-OUTSIDE = "outside the image folder (a symlink or path leading out of it; --allow-outside-root labels it anyway)"
+OUTSIDE = ("outside the image folder (a symlink or path leading out of it; --allow-outside-root labels it anyway, "
+           "with --retry-failed once its shard is finished)")
 
 
 def _within(real: str, root: str) -> bool:
@@ -107,11 +111,24 @@ def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES, root: str | No
     once (opened non-blocking, never read), so a bad path can neither hang nor read forever.
 
     ``root`` (a real path): the file must lie in that folder (:func:`_open_inside`)."""
+    return read_source(path, max_bytes, root)[0]
+
+
+def content_digest(data: bytes) -> str:
+    """What a labelled image's bytes are recorded as (BLAKE2b, 128 bits, hex): a later run tells a file replaced
+    by another of the same size by it."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_source(path: str, max_bytes: int | None = MAX_IMAGE_BYTES,
+                root: str | None = None) -> tuple[bytes, os.stat_result]:
+    """:func:`read_file`, and the file's ``stat`` as it was opened (its size and modification time)."""
     try:
         fd = _open_inside(path, root) if root is not None else os.open(path, _FLAGS)
     except FileNotFoundError:
         if root is not None and not _within(os.path.realpath(path), root):  # a broken link that would lead out
-            raise ImageError(f"file not found: {path} (a symlink's target, where it is one)") from None
+            raise ImageError(f"file not found: {os.path.realpath(path)} (a symlink's target, where it is one)") \
+                from None
         raise ImageError("file not found") from None
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or type(e).__name__}") from None
@@ -128,7 +145,7 @@ def read_file(path: str, max_bytes: int | None = MAX_IMAGE_BYTES, root: str | No
         os.close(fd)
     if max_bytes is not None and len(data) > max_bytes:  # grew while we read it
         raise ImageError(f"file too large (more than {max_bytes} bytes, --max-image-bytes)")
-    return data
+    return data, st
 
 
 def _read_fd(fd: int, size: int, max_bytes: int | None) -> bytes:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.common import images
 from pipeline.common.atomic import atomic_path as staged_file, remove_stale_temps, write_json
 from pipeline.common.devices import available, resolve_device, use_autocast
 from pipeline.common.errors import error_message, root_cause
@@ -31,7 +32,7 @@ from pipeline.common.tables import table
 from pipeline.label.config import LabelConfig, LabelError, StoreRefused, planned_identity, precision_name
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
-from pipeline.label.shards import (ENCODING_VERSION, marker_path, planned_keys, read_marker,
+from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, marker_path, planned_keys, read_marker,
                                    tar_path, verify_shard)
 from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
 from teachers.registry import teacher_class
@@ -183,16 +184,25 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
 
 
 def _replaced(plan: ShardPlan, marker: dict) -> str:
-    """"" when every image the marker records the size of still has it; else which one was replaced, and how."""
-    sizes = marker.get("sizes") or {}
+    """"" when every image the marker records still is what it was; else which one was replaced, and how. Its size
+    tells most replacements; one of the same size (an uncompressed BMP, TIFF or PPM of the same dimensions) is
+    read and its content digest compared, but only when its modification time is not the recorded one."""
+    sizes, mtimes, contents = (marker.get(field) or {} for field in SOURCE_FIELDS)
     for record in plan.records:
         if record.key in sizes:
             try:
-                now = os.stat(record.path).st_size
+                st = os.stat(record.path)
             except OSError:
                 continue  # gone or unreadable: a per-image failure when labelled, not a change of source
-            if now != sizes[record.key]:
-                return f"another version of {record.source_id} ({sizes[record.key]} bytes then, {now} now)"
+            if st.st_size != sizes[record.key]:
+                return f"another version of {record.source_id} ({sizes[record.key]} bytes then, {st.st_size} now)"
+            if record.key in contents and mtimes.get(record.key) != st.st_mtime_ns:  # touched since: same bytes?
+                try:
+                    now = images.content_digest(images.read_file(record.path, max_bytes=None))
+                except images.ImageError:
+                    continue
+                if now != contents[record.key]:
+                    return f"another version of {record.source_id} (as many bytes, {st.st_size}, other content)"
     return ""
 
 

@@ -154,6 +154,11 @@ def write_shard(folder: Path, name: str, samples: Iterable[dict], marker: dict) 
     return writer.finish(marker)
 
 
+#: a marker's record of each labelled image's source (key → value): its size in bytes, its modification time
+#: (ns) and its content's digest (``images.content_digest``); markers before stop 24 hold sizes alone
+SOURCE_FIELDS = ("sizes", "mtimes", "blake2b")
+
+
 def digest(path) -> str:
     """sha256 (hex) of a local or remote file, streamed."""
     h = hashlib.sha256()
@@ -237,6 +242,13 @@ def marker_problem(marker) -> str:
     sizes = marker.get("sizes", {})  # (markers before stop 14 have none)
     if not isinstance(sizes, dict) or not all(isinstance(k, str) and _is_count(v) for k, v in sizes.items()):
         return "its sizes are not a map of sample key to bytes"
+    mtimes = marker.get("mtimes", {})  # (nor these, before stop 24)
+    if not isinstance(mtimes, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in mtimes.items()):
+        return "its mtimes are not a map of sample key to nanoseconds"
+    contents = marker.get("blake2b", {})
+    if not isinstance(contents, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in contents.items()):
+        return "its blake2b digests are not a map of sample key to hex"
     return ""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +79,9 @@ def coco_annotation_file(root: Path, split: str) -> Path:
 
 
 def inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` (resolved: ``..`` and symlinks followed) lies under the resolved ``root``."""
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
+    """Whether ``path`` (resolved: ``..`` and symlinks followed; a symlink loop as far as it goes, not an error:
+    reading it is that image's failure) lies under the resolved ``root``."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
 def _entries(items: list[str], limit: int = 5) -> str:
@@ -150,7 +148,7 @@ def coco_records(root: str | Path, split: str, allow_outside_root: bool = False)
             ImageRecord(
                 key=coco_key(image_id),
                 source_id=int(image_id),
-                path=str(path.resolve()),
+                path=os.path.realpath(path),  # (a symlink loop: as far as it goes; reading it is its failure)
                 height=info.get("height"),
                 width=info.get("width"),
                 root=None if allow_outside_root else str(image_root),
@@ -195,14 +193,18 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
     if not files:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     seen: dict[str, str] = {}
-    records = []
+    records, same = [], []
     for rel in files:
         key = folder_key(rel)
         if keys and key in seen:  # (a reader that names its outputs by relative path needs no keys)
-            raise SourceError(f"{rel} and {seen[key]} map to the same sample key {key!r}; rename one")
+            same.append(f"{rel} and {seen[key]} map to the same sample key {key!r}")
         seen[key] = rel
-        records.append(ImageRecord(key=key, source_id=rel, path=str((folder / rel).resolve()),
-                                   root=None if allow_outside_root else str(folder.resolve())))
+        # the folder resolved, the entry not: a symlink is read (and named, and checked) as the folder's entry
+        records.append(ImageRecord(key=key, source_id=rel, path=str(base / rel),
+                                   root=None if allow_outside_root else str(base)))
+    if same:  # every one of them at once: a messy folder is not renamed one run at a time
+        raise SourceError(f"{'; '.join(same[:20])}{f' (and {len(same) - 20} more)' if len(same) > 20 else ''}; "
+                          f"rename one of each")
     return records
 
 

@@ -40,7 +40,8 @@ from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
 from pipeline.label.config import LabelConfig, StoreRefused, label_identity, precision_name
-from pipeline.label.shards import ENCODING_VERSION, ShardWriter, TarStream, encode_sample, read_samples, tar_path
+from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, ShardWriter, TarStream, encode_sample,
+                                   read_samples, tar_path)
 from pipeline.label.sources import ImageRecord, ShardPlan
 from teachers import Teacher, build_teacher
 
@@ -54,6 +55,8 @@ class _Item:
     error: str | None = None
     data: torch.Tensor | None = None  # a JPEG left for the device to decode (its bytes as a uint8 tensor)
     nbytes: int | None = None  # the size of the file read (recorded: a later run tells a replaced image by it)
+    mtime_ns: int | None = None  # … its modification time, and its content's digest (images.content_digest)
+    content: str | None = None
     device_image: torch.Tensor | None = None  # decoded on the device: [3, H, W] at training size
     device_input: torch.Tensor | None = None  # … and at the teacher's size
     bgr: bool = False  # ``image`` holds its channels in OpenCV's order (made so on the device)
@@ -175,8 +178,8 @@ class ShardLabeler:
         item = _Item(record)
         try:
             root = self._real_root(record.root) if record.root is not None else None
-            data = images.read_file(record.path, self.config.max_image_bytes, root=root)
-            item.nbytes = len(data)
+            data, st = images.read_source(record.path, self.config.max_image_bytes, root=root)
+            item.nbytes, item.mtime_ns, item.content = len(data), st.st_mtime_ns, images.content_digest(data)
             if self._device_decode and images.is_jpeg(data):
                 item.data = images.as_tensor(data)  # here, on a decode thread, not on the one that runs the GPU
                 return item
@@ -373,7 +376,9 @@ class ShardLabeler:
         order = {r.key: i for i, r in enumerate(plan.records)}
         kept_left = deque(r.key for r in plan.records if r.key in kept)  # plan order
         fresh: set[str] = set()
-        sizes = {k: v for k, v in ((reuse or {}).get("sizes") or {}).items() if k in kept}  # bytes of each source
+        # what each source was (bytes, modification time, content digest): a later run tells a replaced one by it
+        sources = {field: {k: v for k, v in ((reuse or {}).get(field) or {}).items() if k in kept}
+                   for field in SOURCE_FIELDS}
         stream = TarStream(folder, plan.name, depth=2 * self.config.batch_size // _CHUNK + 2, writer=ShardWriter)
         in_flight: deque = deque()  # (items, wait) of batches on the device
         depth = 1 if self.device.type == "cuda" else 0
@@ -410,7 +415,8 @@ class ShardLabeler:
                 chunk.append((it, label))
                 fresh.add(it.record.key)
                 if it.nbytes is not None:
-                    sizes[it.record.key] = it.nbytes
+                    for field, value in zip(SOURCE_FIELDS, (it.nbytes, it.mtime_ns, it.content)):
+                        sources[field][it.record.key] = value
                 if len(chunk) == _CHUNK:
                     put_chunk()
             put_chunk()
@@ -489,7 +495,7 @@ class ShardLabeler:
             "keys": keys,
             "failures": failures,
             "planned_keys": plan.keys,
-            "sizes": {k: sizes[k] for k in keys if k in sizes},
+            **{field: {k: got[k] for k in keys if k in got} for field, got in sources.items()},
             **self.identity(),
             "config": {k: v for k, v in asdict(self.config).items() if k not in ("teacher", "weights")},
             "device": str(self.device),
