@@ -680,6 +680,51 @@ def test_ray_workers_on_a_finished_run_start_no_ray_and_still_refuse_other_setti
     assert r.exit_code == 0 and len(started) == 1, r.output  # an epoch left: Ray Train's
 
 
+def test_labels_are_checked_for_what_they_were_made_with_not_only_their_teachers_name(small_labels, tmp_path):
+    """Labels of one teacher made with other weights mixed (and a run resumed on a folder relabelled with other
+    weights) without a word; the same folder given twice trained its held-out shard; labels of random weights,
+    and Eq. 3's weights given for a map teacher, said nothing. (labels.json records what they were made with;
+    other weights are written into a copy's here, as a relabel with them would write it.)"""
+    def relabelled(name: str, **fields) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(small_labels, folder)
+        index = json.loads((folder / "labels.json").read_text())
+        (folder / "labels.json").write_text(json.dumps({**index, **fields}))
+        return folder
+
+    other = relabelled("other", weights_digest="sha256:" + "ab" * 32)
+    run = tmp_path / "run"
+    base = ["train", "--run", run, "--epochs", 1, "--steps-per-epoch", 1, *FAST]
+    r = invoke(*base, "--labels", small_labels, "--labels", other)
+    assert r.exit_code == 1 and "holds classic labels made with other weights than" in r.output, r.output
+    r = invoke(*base, "--labels", small_labels, "--labels", small_labels.parent / ".." / small_labels.parent.name /
+               small_labels.name)
+    assert r.exit_code == 1 and f"--labels names {small_labels} more than once" in r.output, r.output
+    assert not run.exists()
+
+    assert invoke(*base, "--labels", small_labels).exit_code == 0
+    moved = tmp_path / "same-path"  # the run's folder, relabelled with other weights under its path
+    shutil.copytree(small_labels, moved)
+    first = invoke("train", "--run", tmp_path / "run2", "--epochs", 1, "--steps-per-epoch", 1, *FAST, "--labels", moved)
+    assert first.exit_code == 0
+    index = json.loads((moved / "labels.json").read_text())
+    (moved / "labels.json").write_text(json.dumps({**index, "weights_digest": "sha256:" + "cd" * 32}))
+    r = invoke("train", "--run", tmp_path / "run2", "--epochs", 2, "--steps-per-epoch", 1, *FAST, "--labels", moved)
+    assert r.exit_code == 1 and "was trained with other settings (labels weights_digest" in r.output, r.output
+
+    noise = relabelled("noise", weights_random=True)
+    r = CliRunner().invoke(cli, [str(a) for a in ["train", "--run", tmp_path / "run3", "--epochs", 1,
+                                                  "--steps-per-epoch", 1, *FAST, "--labels", noise,
+                                                  "--loss-weights", "0.5,0.2,0.3"]])
+    assert r.exit_code == 0, r.output
+    assert f"warning: {noise} holds labels of an untrained classic" in r.stderr
+    assert "warning: --loss-weights 0.5,0.2,0.3 weigh Eq. 3's terms" in r.stderr
+    again = invoke("train", "--run", tmp_path / "run3", "--epochs", 2, "--steps-per-epoch", 1, *FAST, "--labels", noise)
+    assert again.exit_code == 0, again.output  # (map labels: their loss has no such weights to differ in)
+    r = invoke(*base, "--labels", small_labels, "--loss-weights", "0,0,0")
+    assert r.exit_code == 2 and "not all 0" in r.output
+
+
 def test_init_takes_what_fits_says_what_it_took_and_refuses_other_options(small_labels, tmp_path):
     """Another student's checkpoint gives its encoder alone (FastSal C's last hint adapter has the shape of
     FastSal A's, and was taken by chance); the same student with other options (a depth-101 SACT into a depth-50

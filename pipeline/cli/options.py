@@ -172,8 +172,9 @@ def floats3(ctx, param, value: str) -> tuple[float, float, float]:
         parts = tuple(float(v) for v in value.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts):
-        raise click.BadParameter(f"expected three comma-separated numbers of at least 0 (KL,CC,BCE), got {value!r}")
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or not any(parts):
+        raise click.BadParameter(f"expected three comma-separated numbers of at least 0, not all 0 (KL,CC,BCE), "
+                                 f"got {value!r}")
     return parts
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import sys
 import tarfile
@@ -34,7 +35,7 @@ from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen``
 
 from pipeline.common.errors import error_message, storage_error
 from pipeline.common.images import resize
-from pipeline.common.storage import as_path
+from pipeline.common.storage import as_path, is_url
 from pipeline.label.shards import digest, folders_below, index_problem, marker_path, tar_path, verify_shard
 
 #: URL schemes whose tars webdataset opens through fsspec rather than its own way (``gs``: gsutil), as every
@@ -82,6 +83,16 @@ class LabelSet:
     image_size: tuple[int, int]  # (H, W) of the stored images and labels
     counts: tuple[int, ...] = ()  # images in each tar of ``tars``
     digests: tuple[str, ...] = ()  # sha256 of each tar of ``tars`` (as labels.json and the markers record it)
+    #: what the labels were made with beyond the teacher's name (labels.json): its weights' digest, whether they
+    #: were random, the teacher's label version (None where an older labels.json does not say)
+    weights_digest: str | None = None
+    weights_random: bool = False
+    label_version: int | None = None
+
+    def made_with(self) -> dict:
+        """What a checkpoint records of its labels, and a resume compares."""
+        return {"teacher": self.teacher, "kind": self.label_kind, "image_size": list(self.image_size),
+                "weights_digest": self.weights_digest, "label_version": self.label_version}
 
     def images_in(self, tars) -> int:
         per_tar = dict(zip(self.tars, self.counts))
@@ -138,7 +149,8 @@ def open_label_set(folder: str | Path) -> LabelSet:
         counts.append(int(shard["count"]))
         digests.append(str(shard["sha256"]))
     return LabelSet(folder, tuple(tars), index["label_extension"], index["label_kind"], index["teacher"],
-                    index["count"], tuple(index["image_size"]), tuple(counts), tuple(digests))
+                    index["count"], tuple(index["image_size"]), tuple(counts), tuple(digests),
+                    index.get("weights_digest"), bool(index.get("weights_random")), index.get("label_version"))
 
 
 def verify_shards(shards: Mapping[str, tuple[str, int]], threads: int = 4) -> None:
@@ -164,15 +176,36 @@ def _digest_or_none(path: str) -> str | None:
 
 
 def check_same_labels(first: LabelSet, other: LabelSet) -> None:
-    """Two label sets a run may mix (or train on one, validate on the other): one teacher, one size."""
+    """Two label sets a run may mix (or train on one, validate on the other): one teacher with one set of weights
+    (and label version), one size. (Labels of one teacher in fp32 and in bf16 may mix: they agree to the
+    tolerance their markers record.)"""
     if (first.label_key, first.image_size) != (other.label_key, other.image_size):
         (h1, w1), (h2, w2) = first.image_size, other.image_size
         raise DataError(f"{other.folder} holds {other.label_key} labels at {h2}x{w2}, but {first.folder} holds "
                         f"{first.label_key} at {h1}x{w1}: one teacher and one size per run")
+    for what, a, b in (("weights", first.weights_digest, other.weights_digest),
+                       ("label version", first.label_version, other.label_version)):
+        if a is not None and b is not None and a != b:
+            raise DataError(f"{other.folder} holds {other.teacher} labels made with other {what} than {first.folder}'s "
+                            f"({_short(b)} there, {_short(a)} here): one teacher's labels per run, made alike")
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] + "…" if len(text) > 13 else text
+
+
+def _place(folder) -> str:
+    return str(folder) if is_url(str(folder)) else os.path.realpath(folder)
 
 
 def open_label_sets(folders) -> LabelSet:
-    """Several finished label folders of one teacher, read as one set (their shards in order)."""
+    """Several finished label folders of one teacher, read as one set (their shards in order); a folder named
+    twice is refused (its shards would be trained on twice, and the held-out ones trained on)."""
+    places = [_place(f) for f in folders]
+    twice = [f for f, p in zip(folders, places) if places.count(p) > 1]
+    if twice:
+        raise DataError(f"--labels names {twice[0]} more than once (by this or another path): each folder once")
     sets = [open_label_set(f) for f in folders]
     if not sets:
         raise DataError("no label folder given")
@@ -181,7 +214,8 @@ def open_label_sets(folders) -> LabelSet:
         check_same_labels(first, other)
     return LabelSet(first.folder, tuple(t for s in sets for t in s.tars), first.label_key, first.label_kind,
                     first.teacher, sum(s.count for s in sets), first.image_size,
-                    tuple(c for s in sets for c in s.counts), tuple(d for s in sets for d in s.digests))
+                    tuple(c for s in sets for c in s.counts), tuple(d for s in sets for d in s.digests),
+                    first.weights_digest, any(s.weights_random for s in sets), first.label_version)
 
 
 def split_shards(tars: tuple[str, ...], val_shards: int) -> tuple[list[str], list[str]]:

@@ -167,10 +167,28 @@ class Trainer:
 
             self.teacher = build_teacher(c.teacher, weights=c.teacher_weights).to(self.device).eval()
             self.teacher.requires_grad_(False)
+        if self.rank == 0:
+            for line in self.warnings():
+                print(f"warning: {line}", file=sys.stderr)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
                                          weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(c.milestones), c.gamma)
         self.epoch, self.global_step = 0, 0
+
+    def warnings(self) -> list[str]:
+        """What this run allows but a researcher should be told: labels or a hint teacher of random weights,
+        Eq. 3's weights given for a map teacher's labels (whose loss, Eq. 2, has no such terms)."""
+        c, said = self.config, []
+        if self.labels.weights_random:
+            said.append(f"{self.labels.folder} holds labels of an untrained {self.labels.teacher} (`pipeline label "
+                        "--weights random`): a student trained on them learns its noise")
+        if self.teacher is not None and self.teacher.weights_random:
+            said.append(f"the hint stage's teacher {c.teacher} has random weights (--teacher-weights random): its "
+                        "features are noise to regress")
+        if self.teacher is None and self.labels.label_kind != "log_density" and tuple(c.loss_weights) != (1, 1, 1):
+            said.append(f"--loss-weights {','.join(f'{w:g}' for w in c.loss_weights)} weigh Eq. 3's terms (density "
+                        f"labels); {self.labels.teacher}'s maps are learnt with Eq. 2 (BCE), which has none: ignored")
+        return said
 
     @staticmethod
     def check(c: TrainConfig):
@@ -263,7 +281,7 @@ class Trainer:
             return False
         path, ckpt = found
         try:
-            check_resumable(path, ckpt, self.config, self.model.options())
+            check_resumable(path, ckpt, self.config, self.model.options(), self.labels.made_with())
         except TrainError as e:
             raise TrainError(self.shown(str(e))) from None
         try:
@@ -290,8 +308,7 @@ class Trainer:
             "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
             "world": self.world,
             "student_options": self.model.options(), "stage": self.config.stage,
-            "labels": {"teacher": self.labels.teacher, "kind": self.labels.label_kind,
-                       "image_size": list(self.labels.image_size)}})
+            "labels": self.labels.made_with()})
 
     # -- one batch -------------------------------------------------------------------------
     @property
@@ -434,15 +451,24 @@ class Trainer:
         return total / max(n, 1), n, {k: v / max(n, 1) for k, v in zip(names, stat_sums)}
 
 
-def check_resumable(path: Path, ckpt: dict, config: TrainConfig, options: dict) -> None:
-    """The checkpoint ``ckpt`` (read from ``path``) was trained with ``config``'s resume settings and a student
-    built with ``options``; else :class:`TrainError` naming each setting that differs."""
+def check_resumable(path: Path, ckpt: dict, config: TrainConfig, options: dict, labels: dict) -> None:
+    """The checkpoint ``ckpt`` (read from ``path``) was trained with ``config``'s resume settings, a student
+    built with ``options`` and labels made as ``labels`` were (:meth:`LabelSet.made_with`: a folder relabelled
+    with other teacher weights since is another dataset under the same path); else :class:`TrainError` naming
+    each setting that differs."""
     if not isinstance(ckpt["config"], dict):
         raise TrainError(f"{path} records no settings to resume with; use another --run or --restart")
     theirs, ours = as_places(ckpt["config"]), as_places(config.resume_key())
     # the options the student was built with, defaults included (a --depth 50 given is the default's 50)
     theirs["student_options"] = ckpt.get("student_options", theirs.get("student_options"))
     ours["student_options"] = options
+    made = ckpt.get("labels") if isinstance(ckpt.get("labels"), dict) else {}
+    for key in ("weights_digest", "label_version"):  # (checkpoints before stop 24 do not record them)
+        if made.get(key) is not None and labels.get(key) is not None:
+            theirs[f"labels {key}"], ours[f"labels {key}"] = made[key], labels[key]
+    if labels.get("kind") != "log_density":  # Eq. 3's weights: no term of a map teacher's loss (Eq. 2)
+        theirs.pop("loss_weights", None)
+        ours.pop("loss_weights", None)
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
 
@@ -466,7 +492,7 @@ def finished_run(config: TrainConfig) -> tuple[int, int] | None:
     path, ckpt = found
     with torch.device("meta"):
         options = build_student(config.student, backbone_weights="none", **config.student_options).options()
-    check_resumable(path, ckpt, config, options)
+    check_resumable(path, ckpt, config, options, open_label_sets(config.labels).made_with())
     epochs = int(ckpt["epoch"]) + 1
     return (epochs, int(ckpt["global_step"])) if epochs >= config.epochs else None
 
