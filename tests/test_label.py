@@ -460,8 +460,15 @@ def test_an_image_replaced_under_its_name_is_a_changed_source(tmp_path):
     assert marker["blake2b"] == {"rocket": images.content_digest(before)}
     assert marker["mtimes"] == {"rocket": bmp.stat().st_mtime_ns}
     os.utime(bmp, ns=(bmp.stat().st_atime_ns, bmp.stat().st_mtime_ns + 10**9))  # touched, the same bytes: done
-    again = label(records, out, CONFIG, shard_size=2, executor="local", progress=False)
-    assert (again.shards_done, again.shards_skipped) == (0, 3)
+    read = []
+    digest = images.content_digest
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(images, "content_digest", lambda data: read.append(1) or digest(data))
+        for _ in range(2):
+            again = label(records, out, CONFIG, shard_size=2, executor="local", progress=False)
+            assert (again.shards_done, again.shards_skipped) == (0, 3)
+    assert read == [1]  # read once: its new time is recorded, and the next run only stats it
+    assert json.loads((out / "shard-000002.json").read_text())["mtimes"] == {"rocket": bmp.stat().st_mtime_ns}
     bmp.write_bytes(before[:-3] + bytes(3 - i for i in range(3)))  # as many bytes, other ones
     assert bmp.stat().st_size == len(before)
     with pytest.raises(Exception, match=r"shard-000002\.tar was labelled from another version of rocket\.jpg "
@@ -480,15 +487,16 @@ def test_a_changed_source_names_the_shard_and_overwrite_changed_keeps_the_rest(t
     files[9] = "000000000009.jpg"
     make_coco(root, "val2017", files)
     records = coco_records(root, "val2017")
-    with pytest.raises(Exception, match=r"shard-000001\.tar holds other images.*plans 000000000007 where the "
-                                        r"shard holds 000000000006.*--overwrite-changed.*--overwrite"):
+    with pytest.raises(Exception, match=r"shard-000001\.tar holds other images than this run plans for it "
+                                        r"\(.*000000000006.*\).*--overwrite-changed.*--overwrite"):
         label(records, out, CONFIG, shard_size=4, executor="local", progress=False)
 
+    # the shard that lost image 6 is relabelled without it; image 9 goes into a new shard; shard 0 stays
     changed = label(records, out, CONFIG, shard_size=4, executor="local", progress=False, overwrite_changed=True)
-    assert (changed.shards_done, changed.shards_skipped, changed.shards_changed) == (1, 1, ["shard-000001"])
+    assert (changed.shards_done, changed.shards_skipped, changed.shards_changed) == (2, 1, ["shard-000001"])
     assert (out / "shard-000000.tar").stat().st_mtime_ns == kept
-    label(records, tmp_path / "fresh", CONFIG, shard_size=4, executor="local", progress=False)
-    assert digests(out) == digests(tmp_path / "fresh")
+    held = {n: json.loads((out / f"{n}.json").read_text())["keys"] for n in ("shard-000001", "shard-000002")}
+    assert held == {"shard-000001": [f"{i:012d}" for i in (5, 7, 8)], "shard-000002": ["000000000009"]}
 
     shrunk = {i: f"{i:012d}.jpg" for i in range(1, 5)}  # the second shard's images all leave
     make_coco(root, "val2017", shrunk)
@@ -498,6 +506,43 @@ def test_a_changed_source_names_the_shard_and_overwrite_changed_keeps_the_rest(t
           overwrite_changed=True)
     assert sorted(digests(out)) == ["shard-000000.tar"]
     assert len(json.loads((out / "labels.json").read_text())["shards"]) == 1
+
+
+def test_a_folder_that_gains_or_loses_an_image_changes_one_shard_not_every_later_one(tmp_path):
+    """Shards were cut from the sorted list by position: deleting one junk file named in the failures, or adding
+    a photo that sorts first, moved every later shard's boundary, and --overwrite-changed relabelled them all
+    (10 of 10 in a 40-image folder). Now finished shards keep their images: a new photo goes into a new shard,
+    a deleted failed one changes nothing, and a shard left unfinished is planned as before."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ["astronaut", "camera", "chelsea", "coffee", "rocket", "astronaut2", "camera2", "chelsea2"]
+    for name in names:
+        write_jpeg(folder / f"{name}.jpg", photo(name.rstrip("2"), 96 if name[-1] != "2" else 112))
+    (folder / "b_junk.jpg").write_bytes(b"not an image")  # sorts into the first shard; fails
+    out = tmp_path / "out"
+    first = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert first.shards_done == 3 and [f["key"] for f in first.failures] == ["b_junk"]
+    before = digests(out)
+
+    (folder / "b_junk.jpg").unlink()  # the junk the failure list named: nothing to relabel
+    again = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert (again.shards_done, again.shards_skipped, again.shards_changed) == (0, 3, []) and digests(out) == before
+
+    write_jpeg(folder / "aaa.jpg", photo("rocket", 80))  # sorts first: by position, every shard would move
+    grown = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert (grown.shards_done, grown.shards_skipped, grown.shards_changed) == (1, 3, [])
+    assert {n: d for n, d in digests(out).items() if n in before} == before
+    assert json.loads((out / "shard-000003.json").read_text())["keys"] == ["aaa"]
+
+    fresh = tmp_path / "fresh"  # an unfinished shard in the middle is planned as a fresh run plans it
+    label(folder_records(folder), fresh, CONFIG, shard_size=3, executor="local", progress=False)
+    (fresh / "shard-000001.json").unlink()
+    (fresh / "shard-000001.tar").unlink()
+    redo = label(folder_records(folder), fresh, CONFIG, shard_size=3, executor="local", progress=False)
+    assert redo.shards_done == 1
+    again_fresh = tmp_path / "again"
+    label(folder_records(folder), again_fresh, CONFIG, shard_size=3, executor="local", progress=False)
+    assert digests(fresh) == digests(again_fresh)
 
 
 @pytest.fixture
@@ -1172,16 +1217,22 @@ def test_the_next_batch_is_decoded_on_the_device_while_the_teacher_runs_the_one_
     assert markers["waiting"]["count"] == 12 and markers["waiting"]["sha256"] == markers["plain"]["sha256"]
     assert "wait_device_decode_s" in markers["waiting"]["timings"]
 
+    decoding = threading.Event()
+
     class Failing(type(classic)):
         def forward(self, images):
+            assert decoding.wait(timeout=10)  # the second batch's decode is under way when the teacher fails
             raise RuntimeError("out of memory")
 
     labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode="device"), Failing())
     labeler._decode_ahead = True
-    decode, running = labeler._decode_on_device, []
+    decode, running, started = labeler._decode_on_device, [], []
 
     def slow(batch, stream=None):
         running.append(1)
+        if len(running) == 1 and started:  # the second batch's decode (the first's has ended)
+            decoding.set()
+        started.append(1)
         time.sleep(0.5)  # still decoding the second batch when the teacher fails on the first
         decode(batch, stream)
         running.pop()

@@ -140,7 +140,7 @@ def ray_address(ctx, param, value: str | None) -> str | None:
     found before any work. (``$RAY_ADDRESS`` is checked only when Ray is used: a command that runs no Ray ignores
     it.)"""
     source = ctx.get_parameter_source(param.name)
-    if not value or source is None or source.name != "COMMANDLINE" or value == "auto" or "://" in value:
+    if not value or source is None or source.name != "COMMANDLINE" or value == "auto" or value.startswith("ray://"):
         return value
     from pipeline.common.ray_cluster import RayClusterError, split_address
 

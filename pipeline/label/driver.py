@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import math
 import os
 import sys
@@ -122,7 +123,7 @@ def _first_difference(plan_keys: list[str], shard_keys: list[str]) -> str:
     return "the same keys, one of them twice"
 
 
-CHANGED_HINT = ("the source (or --shard-size) changed, or this is another image folder of the same name (a label "
+CHANGED_HINT = ("the source changed, or this is another image folder of the same name (a label "
                 "folder is <out>/<teacher>/<folder or split name>: give that one another --out); re-run with "
                 "--overwrite-changed to relabel only the changed shards, or --overwrite to start over")
 
@@ -153,8 +154,11 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
         marker, reason = verify_shard(folder, plan.name, expect)
         if marker is not None and not reason:
             have = planned_keys(marker)
-            other = len(have) != len(plan.keys) or set(have) != set(plan.keys)
-            replaced = "" if other else _replaced(plan, marker)
+            gone = set(have) - set(plan.keys)  # images no longer there: failed ones leave the tar as it was
+            only_failed_gone = bool(gone) and set(plan.keys) <= set(have) and gone <= {
+                f["key"] for f in marker.get("failures", [])}
+            other = not only_failed_gone and (len(have) != len(plan.keys) or set(have) != set(plan.keys))
+            replaced = "" if other else _replaced(plan, marker, folder)
             if other or replaced:
                 if not overwrite_changed:
                     raise SourceChanged(f"{folder / plan.name}.tar " + (
@@ -183,11 +187,44 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
     return split
 
 
-def _replaced(plan: ShardPlan, marker: dict) -> str:
+def plan_around_finished(records: list[ImageRecord], shard_size: int, folder: Path, identity: dict) -> list[ShardPlan]:
+    """The shards of ``records``: cut by position (:func:`plan_shards`), but around the shards ``folder`` already
+    holds finished with these settings. Each of those keeps the images it planned that are still there, in its
+    order, so an image added to or removed from a folder source changes one shard, not the boundary of every
+    later one; the images no finished shard planned are cut by position into the indices left free (the gaps
+    first, then after the last). With nothing finished, or nothing changed, it is :func:`plan_shards`."""
+    expect = {**identity, "encoding_version": ENCODING_VERSION}
+    finished: dict[int, list[str]] = {}
+    for path in sorted(folder.glob("shard-*.json")):
+        marker = read_marker(folder, path.stem)
+        if marker is not None and path.stem == f"shard-{marker['index']:06d}" and all(
+                marker.get(k) == v for k, v in expect.items()):
+            finished[marker["index"]] = planned_keys(marker)
+    if not finished:
+        return plan_shards(records, shard_size)
+    by_key = {r.key: r for r in records}
+    plans, taken = [], set()
+    for index in sorted(finished):
+        keys = [k for k in finished[index] if k in by_key and k not in taken]
+        if keys:  # (a shard whose images are all gone is beyond the plan)
+            plans.append(ShardPlan(index=index, records=tuple(by_key[k] for k in keys)))
+            taken.update(keys)
+    rest = [r for r in records if r.key not in taken]
+    free = (i for i in itertools.count() if i not in finished)
+    plans += [ShardPlan(index=next(free), records=tuple(rest[i:i + shard_size]))
+              for i in range(0, len(rest), shard_size)]
+    return sorted(plans, key=lambda p: p.index)
+
+
+def _replaced(plan: ShardPlan, marker: dict, folder: Path) -> str:
     """"" when every image the marker records still is what it was; else which one was replaced, and how. Its size
     tells most replacements; one of the same size (an uncompressed BMP, TIFF or PPM of the same dimensions) is
-    read and its content digest compared, but only when its modification time is not the recorded one."""
+    read and its content digest compared, but only when its modification time is not the recorded one. A file
+    touched but the same (copied without its times) gets its new time recorded in the marker, so that it is
+    read once, not on every run. (The marker alone changes: the tar, ``labels.json`` and so the manifest's
+    digest of the folder stay as they are.)"""
     sizes, mtimes, contents = (marker.get(field) or {} for field in SOURCE_FIELDS)
+    touched: dict[str, int] = {}
     for record in plan.records:
         if record.key in sizes:
             try:
@@ -203,6 +240,12 @@ def _replaced(plan: ShardPlan, marker: dict) -> str:
                     continue
                 if now != contents[record.key]:
                     return f"another version of {record.source_id} (as many bytes, {st.st_size}, other content)"
+                touched[record.key] = st.st_mtime_ns
+    if touched:
+        try:
+            write_json(marker_path(folder, plan.name), {**marker, "mtimes": {**mtimes, **touched}})
+        except Exception:  # noqa: BLE001 - a read-only folder, a store that refuses: read again next time
+            pass
     return ""
 
 
@@ -294,6 +337,7 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         split = Split(todo=list(plans))  # deleted before the run has labelled (a refused run deletes none)
         leftover = beyond_plan(plans, folder)  # ...and those beyond the plan once every new one is there
     else:
+        plans = plan_around_finished(records, shard_size, folder, identity)
         split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
                                      retry_failed=retry_failed), []
     todo, reuse = split.todo, split.reuse

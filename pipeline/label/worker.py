@@ -429,7 +429,9 @@ class ShardLabeler:
         def flush(batch: list[_Item]) -> None:
             decoded = None
             if self._decode_ahead:
-                stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+                stream = None
+                if self.device.type == "cuda":  # (the device and stream of this thread, not the decode thread's)
+                    stream = torch.cuda.current_stream(torch.device("cuda", self._cuda_index))
                 decoded = self.device_pool.submit(self._decode_on_device, batch, stream)
             decoding.append((batch, decoded))
             while len(decoding) > ahead:
