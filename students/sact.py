@@ -480,11 +480,15 @@ class SACT(Student):
                            logs={f"ponder_{k}": m.detach() for k, m in enumerate(means, 1)})
 
     def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits and the ponder map: Σ over blocks of ρ per position, each bilinearly resized to the input."""
+        """Logits and (SACT) the ponder map: Σ over blocks of ρ per position, each bilinearly resized to the
+        input. (ACT's would be one value per image: it has none, :attr:`extra_maps`.)"""
         results = self.run_blocks(x)
         size = x.shape[-2:]
-        ponder = sum(F.interpolate(r.rho, size=size, mode="bilinear", align_corners=False) for r in results)
-        return {"saliency": self.decode([r.out for r in results], size), "ponder": ponder}
+        maps = {"saliency": self.decode([r.out for r in results], size)}
+        if "ponder" in self.extra_maps:
+            maps["ponder"] = sum(F.interpolate(r.rho, size=size, mode="bilinear", align_corners=False)
+                                 for r in results)
+        return maps
 
 
 class ACT(SACT):

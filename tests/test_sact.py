@@ -240,7 +240,8 @@ def test_dense_and_sparse_agree_and_sparse_computes_less(models, name, tile, bia
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     dense, dense_flops, dense_stats = run(model, x, "dense")
     sparse, sparse_flops, sparse_stats = run(model, x, "sparse")
-    for key in ("saliency", "ponder"):
+    assert set(dense) == set(sparse) == {"saliency", *model.extra_maps}  # (ACT: saliency alone)
+    for key in dense:
         torch.testing.assert_close(sparse[key], dense[key], rtol=1e-4, atol=1e-4 * float(dense[key].abs().max()))
     assert [s.ponder for s in sparse_stats] == pytest.approx([s.ponder for s in dense_stats], abs=1e-5)
     assert [s.units for s in sparse_stats] == [s.units for s in dense_stats]
