@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+import students
 import teachers
 from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist, path_or_url, ray_address
 
@@ -91,10 +92,10 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
                                f"{'folder' if source == 'coco' else 'coco'}; source {source} reads "
                                + ("--coco-root's --split" if source == "coco" else "--images"))
     must_exist("coco_root" if source == "coco" else "images")
-    if any(side % 32 for side in image_size):
+    stride = max(students.student_info(n).stride for n in students.available())  # (every student's: 32)
+    if any(side % stride for side in image_size):
         click.echo(f"warning: --image-size {image_size[0]}x{image_size[1]}: the students train on sizes whose sides "
-                   "are multiples of 32 (FastSal's and SACT's strides); `pipeline train` will refuse these labels",
-                   err=True)
+                   f"are multiples of {stride} (their strides); `pipeline train` will refuse these labels", err=True)
     try:
         check_bucket(out)  # a misspelt bucket: before any image is labelled
         if source == "coco":

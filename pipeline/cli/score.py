@@ -173,8 +173,9 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     out = output_path(out, folder=format_ == "png")
     if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
-    if not is_url(out) and writes_over_images(images, out):
-        raise click.BadParameter(writes_over_images(images, out), param_hint="'--out'")
+    over = "" if is_url(out) else writes_over_images(images, out)
+    if over:
+        raise click.BadParameter(over, param_hint="'--out'")
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             student_options=student_options)
     check_input_size(predictor, None)

@@ -140,24 +140,25 @@ class Split:
 
 
 def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrite_changed: bool = False,
-               retry_failed: bool = False) -> Split:
+               retry_failed: bool = False, markers: dict[str, dict] | None = None) -> Split:
     """Sort the plans into finished shards and shards to do. Labels from other settings are an error, and
     so is a finished shard of other images (the source changed) unless ``overwrite_changed``.
 
     A shard is finished when its marker's settings and sha256 hold and the images it planned (labelled plus
     failed, as a set) are this plan's; per-image failures are part of a finished shard. ``retry_failed``
-    sends finished shards with failures back, to relabel only those images.
+    sends finished shards with failures back, to relabel only those images. ``markers``: the folder's whole
+    markers by shard name, as :func:`plan_around_finished` read them (else each is read here).
     """
     split = Split()
     expect = {**identity, "encoding_version": ENCODING_VERSION}
     for plan in plans:
-        marker, reason = verify_shard(folder, plan.name, expect)
+        marker, reason = verify_shard(folder, plan.name, expect, marker=(markers or {}).get(plan.name))
         if marker is not None and not reason:
             have = planned_keys(marker)
-            gone = set(have) - set(plan.keys)  # images no longer there: failed ones leave the tar as it was
-            only_failed_gone = bool(gone) and set(plan.keys) <= set(have) and gone <= {
-                f["key"] for f in marker.get("failures", [])}
-            other = not only_failed_gone and (len(have) != len(plan.keys) or set(have) != set(plan.keys))
+            had, want = set(have), set(plan.keys)
+            # the images it planned, each once, less any gone since that had failed (the tar never held them)
+            other = len(had) != len(have) or not (want <= had and had - want <= {
+                f["key"] for f in marker.get("failures", [])})
             replaced = "" if other else _replaced(plan, marker, folder)
             if other or replaced:
                 if not overwrite_changed:
@@ -179,7 +180,8 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
         split.todo.append(plan)
     planned = {p.name for p in plans}
     for path in sorted(folder.glob("shard-*.json")):
-        if path.stem not in planned and read_marker(folder, path.stem) is not None:
+        marker = markers.get(path.stem) if markers is not None else read_marker(folder, path.stem)
+        if path.stem not in planned and marker is not None:
             if not overwrite_changed:
                 raise SourceChanged(f"{path} is a shard beyond the {len(plans)} this run plans: {CHANGED_HINT}")
             split.surplus.append(path.stem)
@@ -187,21 +189,21 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
     return split
 
 
-def plan_around_finished(records: list[ImageRecord], shard_size: int, folder: Path, identity: dict) -> list[ShardPlan]:
+def plan_around_finished(records: list[ImageRecord], shard_size: int,
+                         folder: Path, identity: dict) -> tuple[list[ShardPlan], dict[str, dict]]:
     """The shards of ``records``: cut by position (:func:`plan_shards`), but around the shards ``folder`` already
     holds finished with these settings. Each of those keeps the images it planned that are still there, in its
     order, so an image added to or removed from a folder source changes one shard, not the boundary of every
     later one; the images no finished shard planned are cut by position into the indices left free (the gaps
-    first, then after the last). With nothing finished, or nothing changed, it is :func:`plan_shards`."""
+    first, then after the last). With nothing finished, or nothing changed, it is :func:`plan_shards`. Also
+    returns the whole markers read, by shard name (:func:`split_done` reads none of them again)."""
     expect = {**identity, "encoding_version": ENCODING_VERSION}
-    finished: dict[int, list[str]] = {}
-    for path in sorted(folder.glob("shard-*.json")):
-        marker = read_marker(folder, path.stem)
-        if marker is not None and path.stem == f"shard-{marker['index']:06d}" and all(
-                marker.get(k) == v for k, v in expect.items()):
-            finished[marker["index"]] = planned_keys(marker)
+    markers = {path.stem: read_marker(folder, path.stem) for path in sorted(folder.glob("shard-*.json"))}
+    markers = {name: m for name, m in markers.items() if m is not None}
+    finished = {m["index"]: planned_keys(m) for name, m in markers.items()
+                if name == f"shard-{m['index']:06d}" and all(m.get(k) == v for k, v in expect.items())}
     if not finished:
-        return plan_shards(records, shard_size)
+        return plan_shards(records, shard_size), markers
     by_key = {r.key: r for r in records}
     plans, taken = [], set()
     for index in sorted(finished):
@@ -213,7 +215,7 @@ def plan_around_finished(records: list[ImageRecord], shard_size: int, folder: Pa
     free = (i for i in itertools.count() if i not in finished)
     plans += [ShardPlan(index=next(free), records=tuple(rest[i:i + shard_size]))
               for i in range(0, len(rest), shard_size)]
-    return sorted(plans, key=lambda p: p.index)
+    return sorted(plans, key=lambda p: p.index), markers
 
 
 def _replaced(plan: ShardPlan, marker: dict, folder: Path) -> str:
@@ -337,9 +339,9 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         split = Split(todo=list(plans))  # deleted before the run has labelled (a refused run deletes none)
         leftover = beyond_plan(plans, folder)  # ...and those beyond the plan once every new one is there
     else:
-        plans = plan_around_finished(records, shard_size, folder, identity)
+        plans, found = plan_around_finished(records, shard_size, folder, identity)
         split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
-                                     retry_failed=retry_failed), []
+                                     retry_failed=retry_failed, markers=found), []
     todo, reuse = split.todo, split.reuse
     # where the workers go (on Ray: connected, its resources known): a refused run has deleted nothing yet
     where = placement(len(todo)) if todo else None

@@ -277,9 +277,11 @@ def read_marker(folder: Path, name: str) -> dict | None:
     return None if marker_problem(marker) else marker
 
 
-def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = True) -> tuple[dict | None, str]:
-    """(marker, "") when the shard is finished with the settings in ``expect``; else (marker or None, reason)."""
-    marker = read_marker(folder, name)
+def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = True,
+                 marker: dict | None = None) -> tuple[dict | None, str]:
+    """(marker, "") when the shard is finished with the settings in ``expect``; else (marker or None, reason).
+    ``marker``: the shard's marker as the caller has just read it (else it is read here)."""
+    marker = read_marker(folder, name) if marker is None else marker
     if marker is None:
         return None, "no marker (or one not in the shape `pipeline label` writes)"
     for key, want in expect.items():

@@ -159,7 +159,8 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
                       f"{'' if len(labels.tars) == 1 else 's'}, all scored (the training shards too, if the model "
                       "was trained on this folder)")
     _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
-    verify_shards({tar: labels.shards()[tar] for tar in held_out})  # as `train` does: a tar changed after labelling
+    shards = labels.shards()
+    verify_shards({tar: shards[tar] for tar in held_out})  # as `train` does: a tar changed after labelling
     # is no reference to score against
     result = EvalResult(predictor.name, f"{labels.teacher} labels in {folder} (last {len(held_out)} shards)",
                         SHARD_METRICS)

@@ -83,8 +83,9 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     t0 = time.perf_counter()
     folder, out = Path(folder), as_path(out)
     local_out = None if is_url(out) else Path(out)
-    if local_out is not None and writes_over_images(folder, local_out):
-        raise SourceError(f"--out {writes_over_images(folder, local_out)}")
+    over = writes_over_images(folder, local_out) if local_out is not None else ""
+    if over:
+        raise SourceError(f"--out {over}")
     # maps (and comparison sheets) written inside the image folder are not images, nor are other runs' outputs
     own = [] if local_out is None else [local_out, compare_folder(local_out, fmt)]
     others = [p for p in pipeline_outputs(folder) if p.resolve() not in {o.resolve() for o in own}]
