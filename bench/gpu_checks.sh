@@ -7,12 +7,14 @@
 #
 # Each step runs under `timeout`, capped by what is left of BUDGET seconds, and appends its output to
 # $OUT/log.txt (the benches' JSON lines to $OUT/bench.jsonl). A step that runs out of time is reported and the
-# next one runs. On a machine without webdataset/pycocotools installed, wheels in ./.whl are installed to
+# next one runs. STEPS="tests label-salgan ..." runs only the steps named (same-tars-salgan runs both of
+# SalGAN's runs). On a machine without webdataset/pycocotools installed, wheels in ./.whl are installed to
 # /tmp/site first (pip download them elsewhere).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a folder for the log}
 BUDGET=${BUDGET:-420}
+STEPS=${STEPS:-}
 PY=${PY:-python3}
 START=$(date +%s)
 mkdir -p "$OUT"
@@ -27,6 +29,7 @@ fi
 
 step() {  # step NAME SECONDS CMD...
   local name=$1 cap=$2; shift 2
+  if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]] && [[ " $STEPS " != *" ${name%-[12]} "* ]]; then return; fi
   local left=$(( BUDGET - ($(date +%s) - START) ))
   if [ "$left" -lt 20 ]; then echo "=== $name: SKIPPED (budget)" | tee -a "$LOG"; return; fi
   [ "$cap" -gt "$left" ] && cap=$left
@@ -40,7 +43,7 @@ step() {  # step NAME SECONDS CMD...
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"; } >>"$LOG" 2>&1
 
 step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_students_cuda.py tests/test_devices.py tests/test_label.py \
-  -k "cuda or sync or decoding_and_resizing or device_path_fails or quantised or resized_together or never_writes"
+  -k "cuda or sync or decoding_and_resizing or device_path_fails or quantised or resized_together or never_writes or next_batch"
 
 L="$PY bench/label_throughput.py --device cuda --weights random --json $J"
 step label-salgan 90 $L --teacher salgan --images 4096 --naive-images 256 --batch-size 128 --shard-size 1024 \
@@ -68,6 +71,7 @@ for t in salgan deepgaze; do
     step "same-tars-$t-$k" 60 $PY -m pipeline label coco --teacher "$t" --weights random --coco-root samples/coco \
       --split train2017 --out "/tmp/same$k" --shard-size 128 --device cuda --executor local --io-threads 8 --no-progress
   done
+  [ -f "/tmp/same1/$t/train2017/labels.json" ] && [ -f "/tmp/same2/$t/train2017/labels.json" ] || continue
   $PY - "$t" >>"$LOG" 2>&1 <<'EOF'
 import json, sys
 t = sys.argv[1]

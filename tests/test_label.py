@@ -1511,6 +1511,30 @@ def test_the_worker_hands_a_batch_to_the_gpu_without_synchronising(teacher):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_decoding_the_next_batch_while_the_teacher_runs_on_the_gpu_gives_the_same_tars(tmp_path):
+    """On a GPU the `label-device` thread decodes batch k+1 while SalGAN runs on batch k, in memory the
+    teacher's stream frees and reuses: the tars are byte for byte those of decoding each batch in turn."""
+    from pipeline.label.sources import folder_records, plan_shards
+    from pipeline.label.worker import ShardLabeler
+
+    plan = plan_shards(folder_records(SAMPLE / "train2017"), 96)[0]
+    markers = {}
+    for ahead in (False, True, True):
+        labeler = ShardLabeler(LabelConfig(teacher="salgan", weights="random", batch_size=8, io_threads=4,
+                                           device="cuda", decode="device"))
+        assert labeler._decode_ahead
+        labeler._decode_ahead = ahead
+        folder = tmp_path / f"{ahead}-{len(markers)}"
+        folder.mkdir()
+        try:
+            markers[folder.name] = labeler.label_shard(plan, folder)
+        finally:
+            labeler.close()
+    assert [m["count"] for m in markers.values()] == [96] * 3
+    assert len({m["sha256"] for m in markers.values()}) == 1, markers.keys()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_gpu_decode_never_writes_into_memory_the_callers_stream_has_just_freed():
     """torchvision's nvJPEG decode writes on a stream of its own without waiting for the caller's stream. Memory
     the caller's stream has freed while its work is still queued (a running batch's input) must not be where
