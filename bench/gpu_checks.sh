@@ -50,6 +50,14 @@ step label-salgan 90 $L --teacher salgan --images 4096 --naive-images 256 --batc
   --runs teacher,worker,naive,null
 step label-salgan-2proc 60 $L --teacher salgan --images 4096 --batch-size 128 --shard-size 1024 --runs worker --processes 2
 step label-salgan-3proc 70 $L --teacher salgan --images 6144 --batch-size 128 --shard-size 1024 --runs worker --processes 3
+# decoding the next batch in a thread of its own against decoding between batches, on the same machine; and
+# whether the GPU decode overlaps the teacher at all
+A="--teacher salgan --images 4096 --batch-size 128 --shard-size 1024 --repeat 2"
+step label-salgan-no-ahead 60 $L $A --runs worker,null --no-decode-ahead
+step label-salgan-ahead 60 $L $A --runs worker,null --decode-ahead
+step decode-overlap 60 $PY bench/device_decode.py --teacher salgan --images 4096 --batch-size 128 --json $J
+step label-salgan-2proc-no-ahead 60 $L $A --runs worker --processes 2 --no-decode-ahead
+step label-salgan-cpu-decode 60 $L $A --runs worker --decode cpu
 step label-deepgaze 150 $L --teacher deepgaze --images 2048 --naive-images 128 --batch-size 64 --shard-size 256 \
   --runs teacher,worker,naive
 

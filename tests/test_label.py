@@ -1195,7 +1195,7 @@ def test_the_next_batch_is_decoded_on_the_device_while_the_teacher_runs_the_one_
     plan = plan_shards(folder_records(SAMPLE / "val2017"), 100)[0]
     markers = {}
     for name, teacher in (("waiting", Waiting()), ("plain", classic)):
-        labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode="device"), teacher)
+        labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode="device", device="cpu"), teacher)
         assert not labeler._decode_ahead
         labeler._decode_ahead = True
         decode = labeler._decode_on_device
@@ -1224,7 +1224,7 @@ def test_the_next_batch_is_decoded_on_the_device_while_the_teacher_runs_the_one_
             assert decoding.wait(timeout=10)  # the second batch's decode is under way when the teacher fails
             raise RuntimeError("out of memory")
 
-    labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode="device"), Failing())
+    labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=2, decode="device", device="cpu"), Failing())
     labeler._decode_ahead = True
     decode, running, started = labeler._decode_on_device, [], []
 
