@@ -3,8 +3,8 @@
 - decode: nvJPEG decode + resize to the teacher's size (``images.decode_jpegs``, ``images.resize_tensors``),
   batch by batch, as the worker's device path does;
 - forward: the teacher on batches already on the device;
-- both: the two at once, the decode in a thread of its own (as the worker's ``label-device`` thread), the
-  teacher on the main thread.
+- both: the two at once, the decode in a thread of its own, the teacher on the main thread (what a worker
+  decoding the next batch while the teacher runs would do).
 
 If ``both`` is close to ``max(decode, forward)`` the two overlap on the GPU; close to their sum, they take
 turns, and decoding ahead in a thread cannot help. One JSON line per run (``--json`` appends them)::
@@ -69,7 +69,7 @@ def main(teacher, weights, n_images, batch_size, device, repeat, json_out):
         sync()
 
     def both():
-        t = threading.Thread(target=decode_all, name="label-device")
+        t = threading.Thread(target=decode_all, name="decode")
         t.start()
         forward_all()
         t.join()

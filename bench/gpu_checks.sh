@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, as one script with a time budget: the CUDA-only tests, the GPU rows of
-# docs/benchmarks.md (labelling (a)-(d) for SalGAN and DeepGaze IIE, one and two worker processes; students
-# eager and compiled; training from shards vs memory) and whether two label runs give the same tars.
+# docs/benchmarks.md (labelling (a)-(d) for SalGAN and DeepGaze IIE, one to four worker processes, decoding on
+# the GPU or the CPU; whether the GPU decode overlaps the teacher; students eager and compiled; training from
+# shards vs memory) and whether two label runs give the same tars.
 #
 #   OUT=/tmp/gpu BUDGET=420 bash bench/gpu_checks.sh        # from the repository root
 #
@@ -43,21 +44,19 @@ step() {  # step NAME SECONDS CMD...
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"; } >>"$LOG" 2>&1
 
 step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_students_cuda.py tests/test_devices.py tests/test_label.py \
-  -k "cuda or sync or decoding_and_resizing or device_path_fails or quantised or resized_together or never_writes or next_batch"
+  -k "cuda or sync or decoding_and_resizing or device_path_fails or quantised or resized_together or never_writes"
 
 L="$PY bench/label_throughput.py --device cuda --weights random --json $J"
 step label-salgan 90 $L --teacher salgan --images 4096 --naive-images 256 --batch-size 128 --shard-size 1024 \
   --runs teacher,worker,naive,null
 step label-salgan-2proc 60 $L --teacher salgan --images 4096 --batch-size 128 --shard-size 1024 --runs worker --processes 2
 step label-salgan-3proc 70 $L --teacher salgan --images 6144 --batch-size 128 --shard-size 1024 --runs worker --processes 3
-# decoding the next batch in a thread of its own against decoding between batches, on the same machine; and
-# whether the GPU decode overlaps the teacher at all
-A="--teacher salgan --images 4096 --batch-size 128 --shard-size 1024 --repeat 2"
-step label-salgan-no-ahead 60 $L $A --runs worker,null --no-decode-ahead
-step label-salgan-ahead 60 $L $A --runs worker,null --decode-ahead
+# SalGAN with four workers sharing the GPU, decoding on the GPU and on the CPU, each with (a) in the same run;
+# and whether the GPU decode overlaps the teacher at all
+A="--teacher salgan --images 8192 --batch-size 128 --shard-size 1024 --runs teacher,worker --processes 4"
+step label-salgan-4proc 70 $L $A
+step label-salgan-4proc-cpu 70 $L $A --decode cpu
 step decode-overlap 60 $PY bench/device_decode.py --teacher salgan --images 4096 --batch-size 128 --json $J
-step label-salgan-2proc-no-ahead 60 $L $A --runs worker --processes 2 --no-decode-ahead
-step label-salgan-cpu-decode 60 $L $A --runs worker --decode cpu
 step label-deepgaze 150 $L --teacher deepgaze --images 2048 --naive-images 128 --batch-size 64 --shard-size 256 \
   --runs teacher,worker,naive
 

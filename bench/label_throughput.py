@@ -226,23 +226,13 @@ def _timings(marker: dict) -> dict:
     return {**marker["timings"], "failed": len(marker["failures"])}
 
 
-def make_labeler(config: LabelConfig, teacher: Teacher, ahead: bool | None) -> ShardLabeler:
-    """The worker's labeler; ``ahead`` overrides whether it decodes the next batch on the device while the
-    teacher runs (None: the worker's own choice), to compare the two on one machine."""
-    labeler = ShardLabeler(config, teacher)
-    if ahead is not None:
-        labeler._decode_ahead = ahead and labeler._device_decode
-    return labeler
-
-
-def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans, barrier, results,
-                 ahead: bool | None = None):
+def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans, barrier, results):
     """One of ``--processes`` workers (a spawned process, as a Ray actor is): its own teacher and labeler,
     a warm-up shard, then, once every process is warm, its share of the shards. A failure is sent to the
     parent (and breaks the barrier), so that it stops at once instead of waiting for this process."""
     labeler = None
     try:
-        labeler = make_labeler(config, make_teacher(teacher, weights, teacher_size), ahead)
+        labeler = ShardLabeler(config, make_teacher(teacher, weights, teacher_size))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "warm-up").mkdir(exist_ok=True)
         warmed = labeler.label_shard(plan_shards(list(plans[0].records[: config.batch_size]), config.batch_size)[0],
@@ -263,7 +253,7 @@ def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folde
 
 
 def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans,
-                  processes: int, ahead: bool | None = None) -> tuple[float, dict, float, dict]:
+                  processes: int) -> tuple[float, dict, float, dict]:
     """(b) and (d) with ``processes`` workers sharing the device, each on its share of the shards (round
     robin) and ``io_threads / processes`` threads, in spawned processes: what several Ray actors per GPU
     (``--workers-per-gpu``) do, without Ray. Wall seconds from the moment all are warm to the last shard; the
@@ -278,7 +268,7 @@ def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, fold
     barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
     each = dataclasses.replace(config, io_threads=max(1, config.io_threads // processes))
     procs = [ctx.Process(target=_one_process, args=(each, teacher, weights, teacher_size, folder / f"p{k}",
-                                                     plans[k::processes], barrier, results, ahead))
+                                                     plans[k::processes], barrier, results))
              for k in range(processes)]
     for p in procs:
         p.start()
@@ -400,13 +390,10 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
 @click.option("--processes", default=1, show_default=True,
               help="Worker processes sharing the device in (b) and (d), each with --io-threads / N threads "
                    "(as `pipeline label --workers-per-gpu N --io-threads T/N`).")
-@click.option("--decode-ahead/--no-decode-ahead", default=None,
-              help="Decode the next batch on the device while the teacher runs (default: the worker's choice: "
-                   "on a GPU).")
 @click.option("--repeat", default=1, show_default=True, help="Repeat each run; the fastest is reported (a shared machine).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines here.")
 def main(teacher, weights, teacher_size, image_size, n_images, naive_images, batch_size, io_threads, device,
-         precision, decode, shard_size, runs, processes, decode_ahead, repeat, json_out):
+         precision, decode, shard_size, runs, processes, repeat, json_out):
     runs = [r.strip() for r in runs.split(",") if r.strip()]
     work = Path(tempfile.mkdtemp(prefix="label-bench-"))
     rows: list[dict] = []
@@ -448,15 +435,14 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
 
         size = list(teacher_size) if teacher_size else None
         if {"teacher", "worker", "naive"} & set(runs):
-            labeler = make_labeler(config(teacher), make_teacher(teacher, weights, teacher_size), decode_ahead)
-            extra = {"teacher_size": list(labeler._teacher_size), "decode": decode,
-                     "decode_ahead": labeler._decode_ahead}
+            labeler = ShardLabeler(config(teacher), make_teacher(teacher, weights, teacher_size))
+            extra = {"teacher_size": list(labeler._teacher_size), "decode": decode}
             if "teacher" in runs:
                 emit(row("teacher", "(a) bare forward, inputs on the device", teacher, labeler, n_images,
                          *best(run_teacher, labeler, records, n_images), **extra))
             if "worker" in runs and processes > 1:
                 wall, sums, cpu, threads = best(run_processes, config(teacher), teacher, weights, teacher_size,
-                                                work / "worker", plans, processes, decode_ahead)
+                                                work / "worker", plans, processes)
                 emit(row("worker", f"(b) worker path, {processes} processes", teacher, labeler, n_images, wall,
                          cpu, **extra, timings=sums, threads=threads, io_threads=labeler.config.io_threads,
                          processes=processes))
@@ -472,17 +458,17 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
                          **extra))
             labeler.close()
         if "null" in runs:
-            labeler = make_labeler(config("null"), make_teacher("null", None, size), decode_ahead)
+            labeler = ShardLabeler(config("null"), make_teacher("null", None, size))
             if processes > 1:
                 labeler.close()
                 wall, sums, cpu, threads = best(run_processes, config("null"), "null", None, size, work / "null",
-                                                plans, processes, decode_ahead)
+                                                plans, processes)
             else:
                 wall, sums, cpu, threads = best(run_worker, labeler, work / "null", plans)
                 labeler.close()
             emit(row("null", "(d) worker path, do-nothing teacher" + (f", {processes} processes" if processes > 1
                                                                        else ""), "null", labeler, n_images,
-                     wall, cpu, decode=decode, decode_ahead=labeler._decode_ahead, timings=sums, threads=threads, io_threads=labeler.config.io_threads,
+                     wall, cpu, decode=decode, timings=sums, threads=threads, io_threads=labeler.config.io_threads,
                      processes=processes))
         if "stages" in runs:
             stage_ms = run_stages(records, tuple(image_size), 95, min(n_images, 256))

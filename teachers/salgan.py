@@ -80,8 +80,9 @@ class SalGAN(Teacher):
     """SalGAN generator: uint8 RGB → sigmoid probability map at the input resolution."""
 
     name = "salgan"
-    #: two workers per GPU: 2,036 images/s against one worker's 1,719 on an H100 (docs/benchmarks.md)
-    workers_per_gpu = 2
+    #: four workers per GPU: on an H100 with 16 cores 2,080 images/s, against about 1,900 with two and 1,450 with
+    #: one (docs/benchmarks.md)
+    workers_per_gpu = 4
     output_kind = "probability_map"
     input_size = (192, 256)
     hint_layout = ((128, 2), (256, 4), (512, 8), (512, 16))

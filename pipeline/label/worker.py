@@ -5,9 +5,8 @@ Tests and benchmarks drive it in-process; :mod:`pipeline.label.driver` wraps it 
 The data path is a pipeline of bounded stages that overlap: a decode pool (``io_threads`` threads)
 reads, decodes and resizes images a window ahead of the teacher, and carries on into the next shard
 (``next_plan``) before this one's tar is finished; the main thread batches and runs the teacher
-(on a GPU one batch stays in flight: inputs staged in pinned memory, copies non-blocking); JPEGs the
-device decodes (nvJPEG on a GPU) are decoded and resized there by a thread of their own, a batch ahead
-of the teacher; an encode pool turns labels and images into PNG/npy
+(on a GPU one batch stays in flight: inputs staged in pinned memory, copies non-blocking, JPEGs
+decoded by nvJPEG and resized on the device); an encode pool turns labels and images into PNG/npy
 and JPEG bytes; a writer thread streams the samples, in plan order, into the tar while hashing it.
 A CPU teacher runs on the threads the decode pool leaves (:attr:`ShardLabeler.teacher_threads`).
 
@@ -23,7 +22,6 @@ import tarfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -112,25 +110,12 @@ class ShardLabeler:
         return ThreadPoolExecutor(max(1, self.config.io_threads // 2), thread_name_prefix="label-encode")
 
     @cached_property
-    def device_pool(self) -> ThreadPoolExecutor:
-        """One thread that decodes a batch's JPEGs on the device and resizes them there, while the thread that
-        runs the teacher hands the previous batch to it: nvJPEG's batched call returns only once the whole batch
-        is decoded (on an H100 about 60 ms per 256 photos, which the teacher's thread waited out before)."""
-        return ThreadPoolExecutor(1, thread_name_prefix="label-device")
-
-    @cached_property
     def _ahead(self) -> LoadAhead:
         return LoadAhead(self.pool, self._load, 2 * self.config.batch_size + self.config.io_threads)
 
     @cached_property
     def _device_decode(self) -> bool:
         return self.config.decode == "device" or (self.config.decode == "auto" and self.device.type == "cuda")
-
-    @cached_property
-    def _decode_ahead(self) -> bool:
-        """Whether :attr:`device_pool` decodes a batch ahead of the teacher: on a GPU. (On a CPU the decode
-        would take cores the teacher's threads are sized to have; there it runs between the batches.)"""
-        return self._device_decode and self.device.type == "cuda"
 
     @cached_property
     def _teacher_size(self) -> tuple[int, int]:
@@ -199,26 +184,14 @@ class ShardLabeler:
         under way, the decoding of ``then`` (the next shard's records) starts."""
         return (item for _, item in self._ahead.run(records, then))
 
-    def _decode_on_device(self, batch: list[_Item], stream: "torch.cuda.Stream | None" = None) -> None:
+    def _decode_on_device(self, batch: list[_Item]) -> None:
         """Decode the batch's JPEGs on the teacher's device in one call and resize them there; an image the
         device cannot decode takes the CPU path (and its error, if it fails there too, is the item's). On a GPU
-        it runs on :attr:`device_pool`'s thread, whose current device and stream are its own: ``stream`` is the
-        one the teacher runs on (the caller's), on which the images are ready for any later work (the decode is
-        finished when the call returns, the resizes are queued there)."""
+        this runs between the teacher's batches: nvJPEG's kernels and the teacher's take turns on the GPU
+        (``bench/device_decode.py``: decoding on a thread of its own while the teacher ran hid none of it)."""
         todo = [it for it in batch if it.data is not None]
         if not todo:
             return
-        if self.device.type != "cuda":
-            return self._decode_todo(todo)
-        with torch.cuda.device(self._cuda_index), torch.cuda.stream(stream):
-            return self._decode_todo(todo)
-
-    @cached_property
-    def _cuda_index(self) -> int:
-        """The GPU's index (``cuda`` alone is the current device of the thread that built the labeler)."""
-        return self.device.index if self.device.index is not None else torch.cuda.current_device()
-
-    def _decode_todo(self, todo: list[_Item]) -> None:
         size, tsize = tuple(self.config.image_size), self._teacher_size
         decoded = []
         for it, img in zip(todo, images.decode_jpegs([it.data for it in todo], self.device)):
@@ -362,7 +335,7 @@ class ShardLabeler:
         """
         folder = as_path(folder)
         t0 = time.perf_counter()
-        timings = {"forward_s": 0.0, "wait_decode_s": 0.0, "wait_device_decode_s": 0.0, "wait_encode_s": 0.0}
+        timings = {"forward_s": 0.0, "wait_decode_s": 0.0, "device_decode_s": 0.0, "wait_encode_s": 0.0}
         failures: list[dict] = []
         kept = {}
         if reuse:
@@ -423,27 +396,11 @@ class ShardLabeler:
             if progress:
                 progress(done)
 
-        decoding: deque = deque()  # (batch, its decode on the device thread, or None)
-        ahead = 1 if self._decode_ahead else 0  # batches decoded on the device while the teacher runs
-
         def flush(batch: list[_Item]) -> None:
-            decoded = None
-            if self._decode_ahead:
-                stream = None
-                if self.device.type == "cuda":  # (the device and stream of this thread, not the decode thread's)
-                    stream = torch.cuda.current_stream(torch.device("cuda", self._cuda_index))
-                decoded = self.device_pool.submit(self._decode_on_device, batch, stream)
-            decoding.append((batch, decoded))
-            while len(decoding) > ahead:
-                run(*decoding.popleft())
-
-        def run(batch: list[_Item], decoded) -> None:
             t = time.perf_counter()
-            if decoded is not None:
-                decoded.result()
-            elif self._device_decode:
+            if self._device_decode:
                 self._decode_on_device(batch)
-            timings["wait_device_decode_s"] += time.perf_counter() - t
+            timings["device_decode_s"] += time.perf_counter() - t
             t = time.perf_counter()
             ok = [it for it in batch if not it.error]
             for it in batch:
@@ -470,8 +427,6 @@ class ShardLabeler:
                 t = time.perf_counter()
             if batch:
                 flush(batch)
-            while decoding:
-                run(*decoding.popleft())
             while in_flight:
                 emit(*in_flight.popleft())
             if reuse and not fresh:
@@ -484,8 +439,6 @@ class ShardLabeler:
             timings.update(stream.seconds)  # where the tar's stage waited, and how long it wrote
         except BaseException:
             stream.abort()
-            pending = [decoded for _, decoded in decoding if decoded is not None and not decoded.cancel()]
-            wait_for(pending)  # a decode under way ends before the next shard's (its error, if any, is this one's)
             raise
         failures.sort(key=lambda f: order[f["key"]])
         keys = [r.key for r in plan.records if r.key in kept or r.key in fresh]
@@ -515,7 +468,5 @@ class ShardLabeler:
         if "_ahead" in self.__dict__:
             self._ahead.cancel()
         self.pool.shutdown(wait=True)
-        if "device_pool" in self.__dict__:
-            self.device_pool.shutdown(wait=True)
         if "encode_pool" in self.__dict__:
             self.encode_pool.shutdown(wait=True)
