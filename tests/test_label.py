@@ -904,7 +904,7 @@ def test_the_driver_plans_the_identity_every_teacher_records_without_building_it
             config = LabelConfig(teacher=name, weights=weights, device="cpu", precision="bf16")
             built = []
             monkeypatch.setattr(teachers.registry, "build_teacher", lambda *a, **k: built.append(a) or 1 / 0)
-            planned = planned_identity(config, "bf16")
+            planned = planned_identity(config, "bf16", "cpu")
             assert not built, "planning the identity built the teacher"
             monkeypatch.setattr(teachers.registry, "build_teacher", real_build)
             labeler = ShardLabeler(config)
@@ -912,6 +912,7 @@ def test_the_driver_plans_the_identity_every_teacher_records_without_building_it
             assert planned == labeler.identity(), (name, weights)
             assert planned["weights_random"] == (weights == "random")
             assert planned["precision"] == "bf16" and planned["tolerance"] == {"vs_fp32_cc_min": 0.999}
+            assert planned["decode"] == "cpu"
             if name.startswith("deepgaze") and weights != "random":
                 assert "+centerbias:" in planned["weights_digest"]  # the centre bias changes the labels too
 
@@ -1501,3 +1502,36 @@ def test_another_image_folder_of_the_same_name_is_told_apart_before_any_overwrit
     assert other.exit_code == 1, other.output
     assert "or this is another image folder of the same name" in other.output
     assert other.output.index("give that one another --out") < other.output.index("--overwrite-changed")
+
+
+def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_resume_as_before(tmp_path):
+    """The decode path (`--decode`, resolved: cpu or device) is part of the shard identity: its labels differ by
+    more than the bf16 tolerance. A run on the other path refuses the finished shards; markers written before
+    the path was recorded have it from their settings (auto on a CPU: cpu), so such a folder resumes, and
+    `pipeline verify` accepts a folder of old and new markers."""
+    from pipeline.label.verify import verify_labels
+
+    records = folder_records(SAMPLE / "val2017")
+    folder = tmp_path / "labels"
+
+    def run(decode: str):
+        return label(records, folder, LabelConfig(teacher="classic", batch_size=4, io_threads=2, device="cpu",
+                                                   decode=decode), shard_size=6, executor="local", progress=False)
+
+    assert run("cpu").labelled == 12
+    markers = sorted(folder.glob("shard-*.json"))
+    assert [json.loads(m.read_text())["decode"] for m in markers] == ["cpu", "cpu"]
+    with pytest.raises(LabelError, match=r"decode differs \(shard has 'cpu', this run 'device'\)"):
+        run("device")
+    assert run("auto").skipped == 12  # auto on a CPU is the CPU path
+
+    old = json.loads(markers[0].read_text())  # as written before the path was recorded
+    del old["decode"]
+    old["config"]["decode"] = "auto"
+    markers[0].write_text(json.dumps(old))
+    assert run("auto").skipped == 12
+    assert verify_labels(folder).ok, verify_labels(folder).problems
+    old["device"] = "cuda:0"  # an older GPU run decoded on the device
+    markers[0].write_text(json.dumps(old))
+    with pytest.raises(LabelError, match=r"shard-000000: decode differs \(shard has 'device', this run 'cpu'\)"):
+        run("auto")

@@ -35,6 +35,10 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (cuda:N in-process; a Ray GPU actor uses the one GPU Ray gives it).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               help="auto = bf16 autocast on GPU, fp32 on CPU (recorded, resolved, in every shard).")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto",
+              help="Where JPEGs are decoded and resized: auto = on the teacher's GPU when it runs on one (nvJPEG), "
+                   "else the CPU; cpu (OpenCV, on the --io-threads threads); device (the teacher's device). "
+                   "Recorded in every marker; see docs/benchmarks.md for which is faster.")
 @click.option("--io-threads", type=click.IntRange(min=1), default=4,
               help="Threads per worker for reading, decoding and encoding images.")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray",
@@ -46,7 +50,7 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
                    "cluster; 0 forces CPU workers.")
 @click.option("--workers-per-gpu", type=click.IntRange(min=1), default=None,
               help="Ray GPU actors sharing each GPU, each with --io-threads threads: more keep a fast GPU busy "
-                   "with a light teacher. Default: the teacher's (2 for salgan, 1 for the others); see "
+                   "with a light teacher. Default: the teacher's (4 for salgan, 1 for the others); see "
                    "docs/benchmarks.md.")
 @click.option("--cpu-workers", type=click.IntRange(min=1), default=1, help="CPU actors when no GPU is used.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, help="Retries of a failed shard.")
@@ -66,7 +70,7 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
               help="Bigger image files are per-image failures.")
 @click.option("--progress/--no-progress", default=True, help="Show progress (a bar on a terminal, else lines).")
 def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_size, image_size, batch_size,
-              jpeg_quality, device, precision, io_threads, executor, address, gpus, workers_per_gpu, cpu_workers,
+              jpeg_quality, device, precision, decode, io_threads, executor, address, gpus, workers_per_gpu, cpu_workers,
               retries, max_failure_rate, overwrite, overwrite_changed, retry_failed, allow_outside_root,
               max_image_bytes, progress):
     """Label a COCO split or a folder of images with a teacher into WebDataset shards.
@@ -107,7 +111,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
             records = folder_records(images, allow_outside_root=allow_outside_root, exclude=labels_here)
         config = LabelConfig(teacher=teacher, weights=weights, image_size=image_size, batch_size=batch_size,
                              jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads,
-                             max_image_bytes=max_image_bytes)
+                             max_image_bytes=max_image_bytes, decode=decode)
         summary = label(records, as_path(out) / teacher / name, config, shard_size=shard_size, overwrite=overwrite,
                         overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
                         address=address, gpus=gpus, cpu_workers=cpu_workers, workers_per_gpu=workers_per_gpu,

@@ -1,6 +1,7 @@
 """What a labelling run is asked for (:class:`LabelConfig`) and what every shard it writes records and is checked
 against (its identity): the teacher and its weights' digest, the label kind and version, the precision as resolved
-and the tolerance that precision is held to, the stored image size and JPEG quality.
+and the tolerance that precision is held to, where the photos were decoded and resized (the labels of the two
+paths differ by more than that tolerance), the stored image size and JPEG quality.
 
 :func:`planned_identity` gives the identity without building the teacher (the driver checks finished shards
 with it before any worker starts); :meth:`pipeline.label.worker.ShardLabeler.identity` gives the same off the
@@ -56,23 +57,40 @@ def precision_name(autocast_on: bool) -> str:
     return "bf16" if autocast_on else "fp32"
 
 
-def label_identity(config: LabelConfig, teacher: dict, precision: str) -> dict:
+def decode_name(decode: str, on_gpu: bool) -> str:
+    """Where a worker decodes and resizes its photos: ``device`` (torchvision and torch on the teacher's device)
+    or ``cpu`` (OpenCV), ``decode`` (a :class:`LabelConfig` setting) resolved for a worker on a GPU or not."""
+    return "device" if decode == "device" or (decode == "auto" and on_gpu) else "cpu"
+
+
+def marker_decode(marker: dict) -> str:
+    """The decode path of a shard's marker; one written before markers recorded it has it from its settings
+    (before ``decode`` was a setting, photos were decoded on the CPU)."""
+    if "decode" in marker:
+        return marker["decode"]
+    return decode_name((marker.get("config") or {}).get("decode", "cpu"), str(marker.get("device")).startswith("cuda"))
+
+
+def label_identity(config: LabelConfig, teacher: dict, precision: str, decode: str) -> dict:
     """Settings recorded in every marker (and ``labels.json``); a shard made with other settings is not reused.
 
     ``teacher``: what the teacher's labels depend on (:func:`teachers.registry.teacher_identity`, or the same
-    read off a built teacher); ``precision``: ``fp32`` or ``bf16``, as resolved on the device that labels.
+    read off a built teacher); ``precision``: ``fp32`` or ``bf16``, and ``decode``: ``cpu`` or ``device``
+    (:func:`decode_name`), as resolved on the device that labels.
     """
     return {
         **teacher,
         "precision": precision,
         "tolerance": LABEL_TOLERANCE[precision],
+        "decode": decode,
         "image_size": list(config.image_size),
         "jpeg_quality": config.jpeg_quality,
     }
 
 
-def planned_identity(config: LabelConfig, precision: str, *, resolver=None) -> dict:
-    """:meth:`ShardLabeler.identity` of a labeler of ``config`` labelling in ``precision``, without building its
-    teacher: the weights are resolved and hashed, the network is not made (a missing file is one WeightsError
-    naming every missing file)."""
-    return label_identity(config, teacher_identity(config.teacher, config.weights, resolver=resolver), precision)
+def planned_identity(config: LabelConfig, precision: str, decode: str, *, resolver=None) -> dict:
+    """:meth:`ShardLabeler.identity` of a labeler of ``config`` labelling in ``precision`` and decoding on
+    ``decode``, without building its teacher: the weights are resolved and hashed, the network is not made (a
+    missing file is one WeightsError naming every missing file)."""
+    return label_identity(config, teacher_identity(config.teacher, config.weights, resolver=resolver), precision,
+                          decode)

@@ -30,7 +30,7 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
-from pipeline.label.config import LabelConfig, LabelError, StoreRefused, planned_identity, precision_name
+from pipeline.label.config import LabelConfig, LabelError, StoreRefused, decode_name, planned_identity, precision_name
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, marker_path, planned_keys, read_marker,
@@ -317,21 +317,25 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
                              cuda_available=executor == "local" and config.device == "auto"
                              and torch.cuda.is_available(), workers_per_gpu=workers_per_gpu)
 
-    # the precision the workers will label in: only --precision auto on Ray GPUs needs the cluster to tell
+    # the precision the workers will label in and where they decode: only `auto` on Ray GPUs needs the
+    # cluster to tell
     use_autocast(torch.device("cpu"), config.precision)  # an unknown --precision is an error here
     if executor == "local":  # a device this machine lacks is an error here, not a change of settings below
         available(resolve_device(config.device))
-    if config.precision != "auto":
-        precision = precision_name(config.precision == "bf16")
-    elif executor == "ray" and (config.device == "cpu" or gpus == 0):
-        precision = "fp32"
-    elif executor == "ray" and not (address or os.environ.get("RAY_ADDRESS", "").strip()):
-        # the embedded local Ray has this machine's GPUs: no need to start it (finished shards need no Ray)
-        precision = precision_name(torch.cuda.device_count() > 0)
-    else:
-        precision = precision_name(use_autocast(torch.device(placement().device_type), "auto"))
+
+    def on_gpu() -> bool:
+        if executor == "ray" and (config.device == "cpu" or gpus == 0):
+            return False
+        if executor == "ray" and not (address or os.environ.get("RAY_ADDRESS", "").strip()):
+            # the embedded local Ray has this machine's GPUs: no need to start it (finished shards need no Ray)
+            return torch.cuda.device_count() > 0
+        return placement().device_type == "cuda"
+
+    gpu = None if config.precision != "auto" and config.decode != "auto" else on_gpu()
+    precision = precision_name(config.precision == "bf16" if config.precision != "auto" else gpu)
+    decode = decode_name(config.decode, bool(gpu))
     # the weights are resolved and hashed, the teacher is not built: a missing file fails before any work
-    identity = planned_identity(config, precision)
+    identity = planned_identity(config, precision, decode)
     if identity["weights_random"]:
         warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
                       "(marked weights_random in every shard)", stacklevel=3)

@@ -33,6 +33,7 @@ from webdataset.writer import make_encoder
 
 from pipeline.common.atomic import atomic_open, write_json
 from pipeline.common.storage import RemotePath, as_path, local_file
+from pipeline.label.config import marker_decode
 
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker
 ENCODING_VERSION = 1
@@ -284,11 +285,12 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
     marker = read_marker(folder, name) if marker is None else marker
     if marker is None:
         return None, "no marker (or one not in the shape `pipeline label` writes)"
+    recorded = {**marker, "decode": marker_decode(marker)}  # (older markers have it from their settings)
     for key, want in expect.items():
-        if key not in marker:  # a marker written before this setting was recorded: made with unknown settings
+        if key not in recorded:  # a marker written before this setting was recorded: made with unknown settings
             return marker, f"{key} differs (the shard records none: it was written by an older version; this run {want!r})"
-        if marker.get(key) != want:
-            return marker, f"{key} differs (shard has {marker.get(key)!r}, this run {want!r})"
+        if recorded[key] != want:
+            return marker, f"{key} differs (shard has {recorded[key]!r}, this run {want!r})"
     tar = tar_path(folder, name)
     if not tar.is_file() or tar.stat().st_size != marker.get("bytes"):
         return marker, "tar missing or of the wrong size"

@@ -16,13 +16,14 @@ from pipeline.common import images
 from pipeline.common.errors import error_message
 from pipeline.common.tables import table
 from pipeline.common.storage import as_path, local_file
+from pipeline.label.config import marker_decode
 from pipeline.label.shards import (folders_below, index_problem, marker_path, marker_problem, planned_keys, tar_path,
                                    tar_samples)
 from teachers.weights import file_digest
 
 #: the settings every marker of one folder (and its labels.json) must agree on
 IDENTITY = ("encoding_version", "teacher", "weights_digest", "weights_random", "label_kind", "label_extension",
-            "label_version", "precision", "tolerance", "image_size", "jpeg_quality")
+            "label_version", "precision", "tolerance", "decode", "image_size", "jpeg_quality")
 _SHARD = re.compile(r"shard-\d{6}")
 _PER_SHARD = 3  # sample-level problems listed per shard before "and N more"
 
@@ -188,7 +189,7 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
         elif raw.get("shard", name) != name:
             report.problems.append((name, f"marker names shard {raw.get('shard')!r}"))
         else:
-            markers[name] = raw
+            markers[name] = {**raw, "decode": marker_decode(raw)}  # (older markers have it from their settings)
     reference = ({k: index[k] for k in IDENTITY if k in index} if index else
                  {k: v for k, v in next(iter(markers.values()), {}).items() if k in IDENTITY})
     for name, marker in markers.items():

@@ -37,7 +37,7 @@ from pipeline.common.errors import storage_error
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
-from pipeline.label.config import LabelConfig, StoreRefused, label_identity, precision_name
+from pipeline.label.config import LabelConfig, StoreRefused, decode_name, label_identity, precision_name
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, ShardWriter, TarStream, encode_sample,
                                    read_samples, tar_path)
 from pipeline.label.sources import ImageRecord, ShardPlan
@@ -101,7 +101,7 @@ class ShardLabeler:
             "label_kind": t.output_kind,
             "label_extension": f"{t.name}.{t.label_extension}",
             "label_version": t.label_version,
-        }, precision_name(self.autocast))
+        }, precision_name(self.autocast), decode_name(self.config.decode, self.device.type == "cuda"))
 
     # -- the stages ----------------------------------------------------------------------------
     @cached_property
@@ -115,7 +115,7 @@ class ShardLabeler:
 
     @cached_property
     def _device_decode(self) -> bool:
-        return self.config.decode == "device" or (self.config.decode == "auto" and self.device.type == "cuda")
+        return decode_name(self.config.decode, self.device.type == "cuda") == "device"
 
     @cached_property
     def _teacher_size(self) -> tuple[int, int]:

@@ -252,7 +252,7 @@ COMMANDS: dict[str, CommandSpec] = {
         verify=lambda folder, checksums: verify_dataset(folder, check_digest=checksums),
         volatile=frozenset({"executor", "address", "gpus", "workers_per_gpu", "cpu_workers", "io_threads",
                             "retries", "max_failure_rate", "progress", "overwrite_changed", "retry_failed"}),
-        added={"allow_outside_root": False, "max_image_bytes": 64 * 1024**2},
+        added={"allow_outside_root": False, "max_image_bytes": 64 * 1024**2, "decode": "auto"},
         fresh=("--overwrite",),
         digest=_digest_label,
         urls=frozenset({"out"}),
