@@ -4,7 +4,9 @@
   batch by batch, as the worker's device path does;
 - forward: the teacher on batches already on the device;
 - both: the two at once, the decode in a thread of its own, the teacher on the main thread (what a worker
-  decoding the next batch while the teacher runs would do).
+  decoding the next batch while the teacher runs would do); with ``--stream shared`` the decode thread's
+  resizes run on the teacher's stream (as the worker's decode thread of stop 24 ran them), with ``--stream
+  own`` on a stream of their own (nvJPEG always decodes on torchvision's own stream).
 
 If ``both`` is close to ``max(decode, forward)`` the two overlap on the GPU; close to their sum, they take
 turns, and decoding ahead in a thread cannot help. One JSON line per run (``--json`` appends them)::
@@ -14,6 +16,7 @@ turns, and decoding ahead in a thread cannot help. One JSON line per run (``--js
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -37,9 +40,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017"
 @click.option("--images", "n_images", default=4096, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--device", default="cuda", show_default=True, help="(cpu: only to try the script out.)")
+@click.option("--stream", type=click.Choice(["shared", "own"]), default="shared", show_default=True,
+              help="The stream the decode thread's resizes run on: the teacher's, or one of their own.")
 @click.option("--repeat", default=2, show_default=True, help="Each measurement's fastest of this many.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
-def main(teacher, weights, n_images, batch_size, device, repeat, json_out):
+def main(teacher, weights, n_images, batch_size, device, stream, repeat, json_out):
     device = torch.device(device)
     cuda = device.type == "cuda"
 
@@ -55,7 +60,15 @@ def main(teacher, weights, n_images, batch_size, device, repeat, json_out):
     x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
 
+    side = torch.cuda.Stream(device) if cuda and stream == "own" else None
+
     def decode_all():
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            decode_batches()
+        if side is not None:
+            side.synchronize()
+
+    def decode_batches():
         for batch in batches:
             images.resize_tensors([d for d in images.decode_jpegs(batch, device) if d is not None], size)
         if cuda:
@@ -86,7 +99,7 @@ def main(teacher, weights, n_images, batch_size, device, repeat, json_out):
 
     n = len(batches) * batch_size
     got = {name: timed(f) for name, f in (("decode", decode_all), ("forward", forward_all), ("both", both))}
-    row = {"teacher": teacher, "images": n, "batch_size": batch_size, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+    row = {"teacher": teacher, "images": n, "batch_size": batch_size, "stream": stream, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
            "torch": torch.__version__, **{f"{k}_s": round(v, 3) for k, v in got.items()},
            **{f"{k}_images_per_s": round(n / v, 1) for k, v in got.items()},
            "overlap": round((got["decode"] + got["forward"] - got["both"]) / min(got["decode"], got["forward"]), 2)}

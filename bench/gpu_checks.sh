@@ -57,6 +57,8 @@ A="--teacher salgan --images 8192 --batch-size 128 --shard-size 1024 --runs teac
 step label-salgan-4proc 70 $L $A
 step label-salgan-4proc-cpu 70 $L $A --decode cpu
 step decode-overlap 60 $PY bench/device_decode.py --teacher salgan --images 4096 --batch-size 128 --json $J
+step decode-overlap-own-stream 60 $PY bench/device_decode.py --teacher salgan --images 4096 --batch-size 128 \
+  --stream own --json $J
 step label-deepgaze 150 $L --teacher deepgaze --images 2048 --naive-images 128 --batch-size 64 --shard-size 256 \
   --runs teacher,worker,naive
 

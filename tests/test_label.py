@@ -1507,16 +1507,19 @@ def test_another_image_folder_of_the_same_name_is_told_apart_before_any_overwrit
 def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_resume_as_before(tmp_path):
     """The decode path (`--decode`, resolved: cpu or device) is part of the shard identity: its labels differ by
     more than the bf16 tolerance. A run on the other path refuses the finished shards; markers written before
-    the path was recorded have it from their settings (auto on a CPU: cpu), so such a folder resumes, and
-    `pipeline verify` accepts a folder of old and new markers."""
+    the path was recorded have it from their settings (auto on a CPU: cpu), so such a folder resumes as before
+    (a photo added goes into a new shard), and `pipeline verify` accepts a folder of old and new markers; a
+    marker edited by hand there is an unfinished shard, not a crash."""
     from pipeline.label.verify import verify_labels
 
-    records = folder_records(SAMPLE / "val2017")
+    photos = tmp_path / "photos"
+    shutil.copytree(SAMPLE / "val2017", photos)
     folder = tmp_path / "labels"
 
     def run(decode: str):
-        return label(records, folder, LabelConfig(teacher="classic", batch_size=4, io_threads=2, device="cpu",
-                                                   decode=decode), shard_size=6, executor="local", progress=False)
+        return label(folder_records(photos), folder, LabelConfig(teacher="classic", batch_size=4, io_threads=2,
+                                                                 device="cpu", decode=decode),
+                     shard_size=6, executor="local", progress=False)
 
     assert run("cpu").labelled == 12
     markers = sorted(folder.glob("shard-*.json"))
@@ -1525,13 +1528,21 @@ def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_res
         run("device")
     assert run("auto").skipped == 12  # auto on a CPU is the CPU path
 
-    old = json.loads(markers[0].read_text())  # as written before the path was recorded
-    del old["decode"]
-    old["config"]["decode"] = "auto"
-    markers[0].write_text(json.dumps(old))
-    assert run("auto").skipped == 12
+    for m in markers:  # as written before the path was recorded
+        old = json.loads(m.read_text())
+        del old["decode"]
+        old["config"]["decode"] = "auto"
+        m.write_text(json.dumps(old))
+    shutil.copy(photos / "000000000139.jpg", photos / "000000000000.jpg")  # sorts first
+    summary = run("auto")
+    assert (summary.labelled, summary.skipped, summary.shards_done) == (1, 12, 1)
     assert verify_labels(folder).ok, verify_labels(folder).problems
+    old = json.loads(markers[0].read_text())
     old["device"] = "cuda:0"  # an older GPU run decoded on the device
     markers[0].write_text(json.dumps(old))
     with pytest.raises(LabelError, match=r"shard-000000: decode differs \(shard has 'device', this run 'cpu'\)"):
         run("auto")
+    old["config"] = "edited by hand"
+    markers[0].write_text(json.dumps(old))
+    report = verify_labels(folder)
+    assert report.shards == 3 and report.ok, report.problems

@@ -63,12 +63,15 @@ def decode_name(decode: str, on_gpu: bool) -> str:
     return "device" if decode == "device" or (decode == "auto" and on_gpu) else "cpu"
 
 
-def marker_decode(marker: dict) -> str:
-    """The decode path of a shard's marker; one written before markers recorded it has it from its settings
-    (before ``decode`` was a setting, photos were decoded on the CPU)."""
+def recorded_settings(marker: dict) -> dict:
+    """A shard's marker with its decode path, which a marker written before markers recorded it has from its
+    settings (before ``decode`` was a setting, photos were decoded on the CPU); whatever a marker edited by hand
+    holds there, the path is a string, never an error."""
     if "decode" in marker:
-        return marker["decode"]
-    return decode_name((marker.get("config") or {}).get("decode", "cpu"), str(marker.get("device")).startswith("cuda"))
+        return marker
+    config = marker.get("config")
+    decode = config.get("decode", "cpu") if isinstance(config, dict) else "cpu"
+    return {**marker, "decode": decode_name(str(decode), str(marker.get("device")).startswith("cuda"))}
 
 
 def label_identity(config: LabelConfig, teacher: dict, precision: str, decode: str) -> dict:

@@ -33,7 +33,7 @@ from webdataset.writer import make_encoder
 
 from pipeline.common.atomic import atomic_open, write_json
 from pipeline.common.storage import RemotePath, as_path, local_file
-from pipeline.label.config import marker_decode
+from pipeline.label.config import recorded_settings
 
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker
 ENCODING_VERSION = 1
@@ -285,7 +285,7 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
     marker = read_marker(folder, name) if marker is None else marker
     if marker is None:
         return None, "no marker (or one not in the shape `pipeline label` writes)"
-    recorded = {**marker, "decode": marker_decode(marker)}  # (older markers have it from their settings)
+    recorded = recorded_settings(marker)  # (older markers have their decode path from their settings)
     for key, want in expect.items():
         if key not in recorded:  # a marker written before this setting was recorded: made with unknown settings
             return marker, f"{key} differs (the shard records none: it was written by an older version; this run {want!r})"

@@ -16,7 +16,7 @@ from pipeline.common import images
 from pipeline.common.errors import error_message
 from pipeline.common.tables import table
 from pipeline.common.storage import as_path, local_file
-from pipeline.label.config import marker_decode
+from pipeline.label.config import recorded_settings
 from pipeline.label.shards import (folders_below, index_problem, marker_path, marker_problem, planned_keys, tar_path,
                                    tar_samples)
 from teachers.weights import file_digest
@@ -189,7 +189,7 @@ def verify_labels(folder: str | Path, deep: bool = False) -> VerifyReport:
         elif raw.get("shard", name) != name:
             report.problems.append((name, f"marker names shard {raw.get('shard')!r}"))
         else:
-            markers[name] = {**raw, "decode": marker_decode(raw)}  # (older markers have it from their settings)
+            markers[name] = recorded_settings(raw)  # (older markers have their decode path from their settings)
     reference = ({k: index[k] for k in IDENTITY if k in index} if index else
                  {k: v for k, v in next(iter(markers.values()), {}).items() if k in IDENTITY})
     for name, marker in markers.items():

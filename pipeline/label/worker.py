@@ -187,8 +187,8 @@ class ShardLabeler:
     def _decode_on_device(self, batch: list[_Item]) -> None:
         """Decode the batch's JPEGs on the teacher's device in one call and resize them there; an image the
         device cannot decode takes the CPU path (and its error, if it fails there too, is the item's). On a GPU
-        this runs between the teacher's batches: nvJPEG's kernels and the teacher's take turns on the GPU
-        (``bench/device_decode.py``: decoding on a thread of its own while the teacher ran hid none of it)."""
+        this runs between the teacher's batches (on an H100, decoding on a thread of its own while the teacher ran,
+        resizing on the teacher's stream, hid none of it: ``bench/device_decode.py``)."""
         todo = [it for it in batch if it.data is not None]
         if not todo:
             return
