@@ -746,7 +746,11 @@ def test_predict_leaves_other_runs_outputs_out_and_fails_when_no_image_could_be_
     (bad / "b.jpg").write_bytes(b"")
     r = invoke("predict", "--teacher", "classic", "--images", bad, "--out", tmp_path / "none", "--no-progress")
     assert r.exit_code == 1 and r.output.strip().endswith("Error: no image could be mapped (2 failed)"), r.output
-    assert json.loads((tmp_path / "none" / "predictions.json").read_text())["maps"] == 0
+    assert not (tmp_path / "none" / "predictions.json").exists()  # no mark that the folder is complete
+    r = invoke("predict", "--teacher", "classic", "--images", bad, "--out", tmp_path / "none.h5", "--format",
+               "hdf5", "--no-progress")
+    assert r.exit_code == 1 and "no image could be mapped (2 failed)" in r.output, r.output
+    assert not (tmp_path / "none.h5").exists() and not list(tmp_path.glob("none.h5*"))
 
 
 def test_a_model_whose_maps_are_not_finite_maps_scores_and_exports_nothing(mit, image_folder, tmp_path):

@@ -124,7 +124,7 @@ def test_profile_measures_sacts_computation_as_the_mean_over_real_images(labels,
     r = invoke("profile", "--student", "sact", "--image-size", "64x96", "--images", labels, "--max-images", 2,
                "--iters", 1, "--out", out)
     assert r.exit_code == 0 and "note: sact's computation depends on the image" not in r.output, r.output
-    assert "note: this sact is untrained: where its positions halt" in r.output  # its halting follows its weights
+    assert "note: this sact is not trained for saliency: where its positions halt" in r.output  # its halting follows its weights
     assert json.loads(out.read_text())["inputs"] == f"2 images of {labels}"
     r = invoke("profile", "--student", "sact", "--image-size", "64x96", "--iters", 1)
     assert r.exit_code == 0 and "one image of random noise" in r.output

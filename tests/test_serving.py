@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -187,7 +188,7 @@ def test_sacts_graph_declares_its_output_as_fastsals_does(tmp_path):
 
 def test_compile_runtime_is_for_students_and_refused_without_a_cpu_compiler(monkeypatch):
     r = invoke("profile", "--teacher", "classic", "--runtime", "compile", "--device", "cpu")
-    assert r.exit_code == 1 and "--runtime compile is for students' saliency maps" in r.output
+    assert r.exit_code == 2 and "--runtime compile serves a student (--checkpoint or --student)" in r.output, r.output
     monkeypatch.setattr("pipeline.score.serving._cxx", lambda: None)  # a CPU toolchain without g++/clang++
     r = invoke("profile", "--student", "fastsal_a", "--runtime", "compile", "--device", "cpu", "--iters", 1)
     assert r.exit_code == 1
@@ -215,3 +216,34 @@ def test_predict_and_profile_compiled_with_cuda_graphs_agree_with_torch(weights,
     r = invoke("profile", "--student", "fastsal_a", "--runtime", "compile", "--device", "cuda", "--iters", 5)
     assert r.exit_code == 0, r.output
     assert "torch.compile" in r.output and "images/s" in r.output
+
+
+def test_sact_under_onnx_is_profiled_on_the_path_its_graph_runs_and_a_full_disk_is_one_error_line(monkeypatch,
+                                                                                                   tmp_path):
+    """An ONNX graph of SACT runs the path it was exported from (dense): profile names that path and its ponder
+    statistics, not an unnamed default. A disk that fills while `profile --out` or `export` writes is one
+    `Error:` line, not a traceback."""
+    import errno
+
+    import pipeline.cli.score
+    import pipeline.score.serving
+
+    r = invoke("profile", "--student", "sact", "--weights", "random", "--runtime", "onnx", "--image-size", "64x96",
+               "--iters", 1, "--device", "cpu", "--out", tmp_path / "sact.json")
+    assert r.exit_code == 0, r.output
+    assert [(m["mode"], sorted(m["stats"])[:2]) for m in json.loads((tmp_path / "sact.json").read_text())["modes"]] \
+        == [("dense", ["executed_1", "executed_2"])]
+    assert "note: this sact is not trained for saliency" in r.output
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.cli.score, "write_json", full)
+    r = invoke("profile", "--student", "fastsal_a", "--image-size", "64x96", "--iters", 1, "--device", "cpu",
+               "--out", tmp_path / "p.json")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == (f"Error: cannot write {tmp_path / 'p.json'} (No space left on "
+                                                 "device); the figures above were not saved"), r.output
+    monkeypatch.setattr(pipeline.score.serving, "export_onnx", full)
+    r = invoke("export", "--student", "fastsal_a", "--weights", "random", "--out", tmp_path / "m.onnx")
+    assert r.exit_code == 1 and r.output.strip() == f"Error: cannot write {tmp_path / 'm.onnx'} (No space left on device)"

@@ -149,3 +149,30 @@ def test_inside_paths_are_kept_and_remember_their_folder(coco_tree):
     _annotations(coco_tree, [{"id": 3, "file_name": "sub/../000000000003.jpg"}, {"id": 4, "file_name": "sub/link.jpg"}])
     records = coco_records(coco_tree, "val2017")
     assert [r.root for r in records] == [str((coco_tree / "val2017").resolve())] * 2
+
+
+def test_files_left_out_for_their_suffix_are_named_in_one_note(tmp_path):
+    """A folder source reads files by suffix: a GIF, a text file or a dotfile beside the photos is left out, and
+    `pipeline label` / `predict` say so in one line (a photo of an unlisted format silently missing was the
+    complaint), naming the first few."""
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import cli
+    from pipeline.label.sources import left_out_note
+
+    (tmp_path / "photos").mkdir()
+    write_jpeg(tmp_path / "photos" / "a.jpg", photo("chelsea", 64))
+    for name in ("b.gif", "notes.txt", "sub/.DS_Store"):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / name).write_bytes(b"x")
+    others: list[str] = []
+    assert [r.source_id for r in folder_records(tmp_path / "photos", others=others)] == ["a.jpg"]
+    assert others == ["b.gif", "notes.txt", "sub/.DS_Store"]
+    assert left_out_note(others).startswith("note: left out 3 files whose suffix is not an image's (.jpg, ")
+    assert left_out_note(others).endswith("): b.gif, notes.txt, sub/.DS_Store") and left_out_note([]) == ""
+    for args in (["label", "folder", "--teacher", "classic", "--executor", "local", "--out", tmp_path / "labels",
+                  "--image-size", "64x96"], ["predict", "--teacher", "classic", "--out", tmp_path / "maps"]):
+        r = CliRunner().invoke(cli, [str(a) for a in [*args, "--images", tmp_path / "photos",
+                                                      "--no-progress"]])
+        assert r.exit_code == 0, r.output
+        assert "note: left out 3 files whose suffix is not an image's" in r.output, r.output

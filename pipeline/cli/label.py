@@ -81,7 +81,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
     from pipeline.common.storage import as_path, check_bucket, is_url
     from pipeline.label.driver import exit_code, label, run_error
     from pipeline.label.worker import LabelConfig
-    from pipeline.label.sources import coco_records, folder_records
+    from pipeline.label.sources import coco_records, folder_records, left_out_note
 
     if source == "folder" and images is None:
         raise click.UsageError("source 'folder' needs --images DIR")
@@ -108,7 +108,11 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
             name = images.resolve().name
             # every teacher's label folders, when --out is inside --images: their previews are not inputs
             labels_here = () if is_url(out) else [Path(out) / t for t in teachers.available()]
-            records = folder_records(images, allow_outside_root=allow_outside_root, exclude=labels_here)
+            skipped: list[str] = []
+            records = folder_records(images, allow_outside_root=allow_outside_root, exclude=labels_here,
+                                     others=skipped)
+            if skipped:
+                click.echo(left_out_note(skipped), err=True)
         config = LabelConfig(teacher=teacher, weights=weights, image_size=image_size, batch_size=batch_size,
                              jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads,
                              max_image_bytes=max_image_bytes, decode=decode)

@@ -309,7 +309,7 @@ def with_runtime(predictor, runtime: str, input_size=None, *, calibration=None,
         raise click.UsageError("--runtime onnx-int8 needs --calibration: a label folder or a folder of images")
     if runtime == "torch":
         return predictor
-    if runtime.startswith("onnx") and not predictor.student:
+    if not predictor.student:
         raise click.UsageError(f"--runtime {runtime} serves a student (--checkpoint or --student); a teacher runs "
                                "with --runtime torch")
     from pipeline.score.predictors import PredictorError

@@ -166,7 +166,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                 calibration_images, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.common.storage import is_url
-    from pipeline.score.predict import predict_folder, writes_over_images
+    from pipeline.score.predict import NoMaps, predict_folder, writes_over_images
     from pipeline.label.sources import SourceError
 
     must_exist("images", "calibration")
@@ -191,11 +191,12 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                                 progress=progress, compare=compare)
     except SourceError as e:
         raise click.ClickException(str(e)) from None
+    except NoMaps as e:
+        echo_result(e.result, e.result.failures, lambda f: f"{f['file']}: {f['reason']}")
+        raise click.ClickException(str(e)) from None
     except OSError as e:  # writing the maps: a full disk, a read-only folder (predictions.json is not written)
         raise click.ClickException(f"cannot write the maps to {out} ({error_message(e)})") from None
     echo_result(result, result.failures, lambda f: f"{f['file']}: {f['reason']}")
-    if result.failures and not result.written:
-        raise click.ClickException(f"no image could be mapped ({len(result.failures)} failed)")
 
 
 @click.command("profile")
@@ -245,16 +246,21 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     result = profile(predictor, input_size=image_size, batch_size=batch_size, iters=iters, images=measured_on,
                      images_from=images or "")
     click.echo(result.table())
+    name = (predictor.reference if predictor.reference is not None else predictor.model).name  # (not a runtime's)
     if not images and any(m.stats for m in result.modes):
-        click.echo(f"note: {predictor.model.name}'s computation depends on the image; --images DIR measures it on real "
+        click.echo(f"note: {name}'s computation depends on the image; --images DIR measures it on real "
                    "ones (the SACT paper's figures are means over a validation set)", err=True)
-    if student and weights in (None, "random") and any(m.stats for m in result.modes):
-        click.echo(f"note: this {predictor.model.name} is untrained: where its positions halt, and so its sparse "
+    if student and weights in (None, "random", "imagenet") and any(m.stats for m in result.modes):
+        click.echo(f"note: this {name} is not trained for saliency: where its positions halt, and so its sparse "
                    "GFLOPs and ponder costs, follow its weights; profile a trained checkpoint for its real figures",
                    err=True)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, result.to_json())
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(out, result.to_json())
+        except OSError as e:
+            raise click.ClickException(f"cannot write {out} ({error_message(e)}); the figures above were not "
+                                       "saved") from None
         click.echo(f"profile: {out}")
 
 
@@ -298,4 +304,6 @@ def export_cmd(checkpoint, student, student_options, weights, student_output, fo
                              calibration_images=calibration_images)
     except (PredictorError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a full disk, a folder gone: nothing is left at --out (the write is atomic)
+        raise click.ClickException(f"cannot write {out} ({error_message(e)})") from None
     click.echo(result.table())

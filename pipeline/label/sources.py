@@ -171,9 +171,11 @@ def folder_key(relative: str) -> str:
 
 
 def folder_records(folder: str | Path, allow_outside_root: bool = False,
-                   exclude: Iterable[str | Path] = (), keys: bool = True) -> list[ImageRecord]:
+                   exclude: Iterable[str | Path] = (), keys: bool = True,
+                   others: list[str] | None = None) -> list[ImageRecord]:
     """Every image file under ``folder`` (recursively), sorted by relative path, leaving out what lies in the
     folders ``exclude`` (a run's outputs, when they are inside ``folder``: its previews and maps are not inputs).
+    ``others``, when given, receives the relative paths of the files left out for their suffix, sorted.
 
     Every entry with an image suffix that is not a folder is listed: a symlink that leads out of ``folder``
     (unless ``allow_outside_root``), a broken one, a FIFO or a device become per-image failures when read.
@@ -184,12 +186,19 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
         raise SourceError(f"image folder {what}: {folder}")
     base = folder.resolve()
     skip = [Path(e).resolve().relative_to(base).parts for e in exclude if Path(e).resolve().is_relative_to(base)]
-    files = sorted(
-        rel.as_posix()
-        for rel in (p.relative_to(folder) for p in folder.rglob("*")
-                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-        if not any(rel.parts[:len(s)] == s for s in skip)
-    )
+    files, other = [], []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(rel.parts[:len(s)] == s for s in skip):
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            if not p.is_dir():
+                files.append(rel.as_posix())
+        elif others is not None and not p.is_dir():
+            other.append(rel.as_posix())
+    files.sort()
+    if others is not None:
+        others.extend(sorted(other))
     if not files:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     seen: dict[str, str] = {}
@@ -206,6 +215,15 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
         raise SourceError(f"{'; '.join(same[:20])}{f' (and {len(same) - 20} more)' if len(same) > 20 else ''}; "
                           f"rename one of each")
     return records
+
+
+def left_out_note(others: list[str]) -> str:
+    """The line that says which files a folder source leaves out for their suffix ("" for none)."""
+    if not others:
+        return ""
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return (f"note: left out {len(others)} file{'s' if len(others) > 1 else ''} whose suffix is not an image's "
+            f"({', '.join(IMAGE_SUFFIXES)}): {shown}")
 
 
 def plan_shards(records: list[ImageRecord], shard_size: int) -> list[ShardPlan]:

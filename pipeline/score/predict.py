@@ -38,7 +38,7 @@ from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import NOT_FINITE, Predictor
 from pipeline.label.shards import index_problem
-from pipeline.label.sources import SourceError, folder_records
+from pipeline.label.sources import SourceError, folder_records, left_out_note
 
 FORMATS = ("png", "hdf5")
 
@@ -63,6 +63,15 @@ class PredictResult:
             rows += [("CC with the teacher", f"{mean:.3f} (mean of {len(self.cc)})"),
                      ("sheets", f"{self.compare_dir} (image | teacher | student)")]
         return table(None, rows)
+
+
+class NoMaps(Exception):
+    """Every image failed: no file says the output is complete (an HDF5 file is not kept, no predictions.json is
+    written). ``result`` holds the failures."""
+
+    def __init__(self, result: PredictResult):
+        super().__init__(f"no image could be mapped ({len(result.failures)} failed)")
+        self.result = result
 
 
 def map_png(log_density: np.ndarray) -> bytes:
@@ -93,8 +102,11 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         shown = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (", …" if len(others) > 3 else "")
         print(f"note: left out {len(others)} folder{'s' if len(others) > 1 else ''} of other runs' maps or labels "
               f"below {folder} ({shown})", file=sys.stderr)
-    records = folder_records(folder, exclude=[*others, *own],
+    skipped: list[str] = []
+    records = folder_records(folder, exclude=[*others, *own], others=skipped,
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
+    if skipped:
+        print(left_out_note(skipped), file=sys.stderr)
     result = PredictResult(out, model=predictor.name,
                            compare_dir=compare_folder(out, fmt) if compare is not None else None)
 
@@ -178,6 +190,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                     print(f"warning: no comparison sheet for {rec.source_id}: its name is too long for the "
                           "filesystem", file=sys.stderr)
             result.written = len(records) - len(result.failures)  # each image failed once, or has its map
+            if not result.written:
+                raise NoMaps(result)  # before any mark of completion (the HDF5 file is discarded)
             if h5 is not None:  # what predictions.json says of a png folder's failures
                 h5.attrs["failures"] = json.dumps(result.failures)
         if fmt == "png":  # the completion mark, while the folder is still held

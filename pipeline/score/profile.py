@@ -111,7 +111,9 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
         gen = torch.Generator().manual_seed(0)
         singles = [torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=gen)]
         xs = [torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=gen).to(dev)]
-    modes = model.execution_modes if predictor.student else ("default",)
+    # a runtime's graph (ONNX, compiled) runs the path its student was in when it was made: that one alone
+    modes = (model.execution_modes if predictor.student else
+             (counted.execution,) if isinstance(counted, Student) else ("default",))
     warmup = max(warmup, getattr(model, "warmup_passes", 0))  # a compiled model's first passes compile
     results = []
     try:
@@ -124,7 +126,7 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
                 with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
                     for x1 in singles:
                         count(x1.to(count_device))
-                        for k, v in (model.last_stats() if predictor.student else {}).items():
+                        for k, v in (counted.last_stats() if isinstance(counted, Student) else {}).items():
                             sums[k] = sums.get(k, 0.0) + v
                 stats = {k: v / len(singles) for k, v in sums.items()}
                 median = _time(run, xs, dev, warmup, iters)
