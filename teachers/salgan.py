@@ -178,6 +178,7 @@ def save_converted(src: str | Path, dst: str | Path) -> Path:
     sd = convert_lasagne_npz(src)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)  # (data/weights/, which the project suggests, is not in a clone)
         with open(tmp, "wb") as f:
             torch.save({"state_dict": sd}, f)
             f.flush()

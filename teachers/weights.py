@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,16 @@ def _load_failure(e: BaseException) -> str:
         f"(truncated or not a torch checkpoint?): {type(e).__name__}"
 
 
+def _cut_short(path: Path) -> bool:
+    """Whether ``path`` is the start of a zip archive without its end (a torch checkpoint and an npz are zip
+    archives): a download cut short, which HTTP does not always report (a short read is not an error)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+
+
 def _fetch(url: str, dst: Path, sha256: str | None, *, what: str, download: bool, progress: bool) -> Path:
+    if dst.is_file() and sha256 is None and _cut_short(dst):  # an earlier download cut short: fetched again
+        dst.unlink()
     if dst.is_file():
         if sha256 is not None:
             got = file_digest(dst)
@@ -176,6 +186,11 @@ def _fetch(url: str, dst: Path, sha256: str | None, *, what: str, download: bool
         raise WeightsError(f"cannot download {what} ({_one_line(e)}) and it is not cached: {hint}") from e
     if not dst.is_file():
         raise WeightsError(f"downloading {what} left no file at {dst}: {hint}")
+    if _cut_short(dst):
+        size = dst.stat().st_size
+        dst.unlink(missing_ok=True)
+        raise WeightsError(f"the download of {what} from {url} was cut short ({size:,} bytes, a zip archive without "
+                           f"its end); it was deleted: run the command again, or {hint}")
     if sha256 is not None:
         got = file_digest(dst)
         if got != sha256:

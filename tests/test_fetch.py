@@ -144,6 +144,28 @@ def test_a_corrupt_cached_file_is_called_corrupt_not_cached(hub, monkeypatch):
     assert weights_status("salgan").startswith("needs --weights PATH")
 
 
+def test_a_download_cut_short_is_deleted_and_fetched_again_rather_than_kept(hub, monkeypatch):
+    """HTTP reports a short read as no error, and a file without a pinned sha256 has nothing to check it
+    against: a zip archive (a torch checkpoint, an npz) without its end is a download cut short. It is
+    deleted with one line saying so, and a cut-short file already in the cache is fetched again."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(1000)}, buffer)
+    whole = buffer.getvalue()
+    url = "https://example.org/v2/model.pt"
+    fake_downloads(monkeypatch, {"model.pt": whole[: len(whole) // 2]})
+    with pytest.raises(WeightsError, match=r"the download of model.pt from https://example.org/v2/model.pt was "
+                                           r"cut short \([\d,]+ bytes, a zip archive without its end\); it was "
+                                           r"deleted: run the command again"):
+        W.resolve(url, progress=False)
+    assert not (hub / "model.pt").exists()
+    (hub / "model.pt").write_bytes(whole[:100])  # left by an older version of this code
+    again = fake_downloads(monkeypatch, {"model.pt": whole})
+    assert W.resolve(url, progress=False).read_bytes() == whole and again == [url]
+    assert W.resolve(url, progress=False).read_bytes() == whole and again == [url]  # whole: kept
+
+
 MANIFEST = """\
     workdir: {workdir}
     steps:

@@ -1546,3 +1546,18 @@ def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_res
     markers[0].write_text(json.dumps(old))
     report = verify_labels(folder)
     assert report.shards == 3 and report.ok, report.problems
+
+
+def test_a_relative_weights_path_reaches_the_workers_as_an_absolute_one(tmp_path, monkeypatch):
+    """Ray actors on another node (or started in another folder) resolve a relative --weights against their
+    own folder: `pipeline label` hands them the file's absolute path (the recorded digest is the file's)."""
+    import pipeline.label.driver as driver
+
+    seen = []
+    monkeypatch.setattr(driver, "label", lambda records, folder, config, **kw: seen.append(config.weights) or 1 / 0)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "gen.pt").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["label", "folder", "--teacher", "salgan", "--weights", "w/gen.pt", "--images",
+                                 str(SAMPLE / "val2017"), "--out", str(tmp_path / "labels"), "--no-progress"])
+    assert seen == [str((tmp_path / "w" / "gen.pt").resolve())], r.output

@@ -173,16 +173,18 @@ def test_lasagne_npz_with_wrong_layout(tmp_path, lasagne_npz):
 
 def test_convert_refuses_a_destination_it_would_destroy_or_cannot_write_and_text_arrays(tmp_path, lasagne_npz):
     """`weights convert SRC DST`: DST the source itself or a device is refused before anything is written (the
-    release stays as it was); a DST it cannot create, or an array of text, is one sentence naming it."""
+    release stays as it was); a DST it cannot create, or an array of text, is one sentence naming it. A DST in
+    a folder not made yet (data/weights/, which the project's messages suggest, in a fresh clone) is made."""
     path, arrays = lasagne_npz
     before = path.read_bytes()
     for dst, why in ((path, "it is the source itself"), (Path("/dev/null"), "it is not a regular file"),
-                     (tmp_path / "nowhere" / "gen.pt", "No such file or directory"),
-                     (path / "gen.pt", "Not a directory")):
+                     (path / "gen.pt", "File exists")):
         result = CliRunner().invoke(cli, ["weights", "convert", str(path), str(dst)])
         assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
         assert result.output.startswith(f"Error: cannot write the checkpoint to {dst}: {why}"), result.output
     assert path.read_bytes() == before and Path("/dev/null").is_char_device()
+    result = CliRunner().invoke(cli, ["weights", "convert", str(path), str(tmp_path / "data" / "weights" / "g.pt")])
+    assert result.exit_code == 0 and (tmp_path / "data" / "weights" / "g.pt").is_file(), result.output
     np.savez(tmp_path / "text.npz", **{**arrays, "arr_0": np.zeros(arrays["arr_0"].shape, dtype="U1")})
     with pytest.raises(WeightsError, match=r"arr_0 \(conv 0\) holds <U1 values, not numbers"):
         convert_lasagne_npz(tmp_path / "text.npz")

@@ -113,6 +113,8 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
                                      others=skipped)
             if skipped:
                 click.echo(left_out_note(skipped), err=True)
+        if weights and Path(weights).expanduser().is_file():  # a Ray actor on another node, in another folder
+            weights = str(Path(weights).expanduser().resolve())  # (the digest recorded is the file's: unchanged)
         config = LabelConfig(teacher=teacher, weights=weights, image_size=image_size, batch_size=batch_size,
                              jpeg_quality=jpeg_quality, device=device, precision=precision, io_threads=io_threads,
                              max_image_bytes=max_image_bytes, decode=decode)
