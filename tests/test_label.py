@@ -1046,6 +1046,7 @@ def test_ray_workers_that_cannot_load_the_weights_stop_the_run_with_one_line(coc
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: the labelling workers could not start: cannot read weights file") and str(bad) in last
+    assert "Traceback" not in result.stderr, result.stderr  # (Ray printed the actor's, 30 lines, before that line)
     assert not list(tmp_path.rglob("shard-*"))
 
 

@@ -121,20 +121,45 @@ def _start_error(error: Exception) -> str:
     return error_message(error)
 
 
+class RayShardLabeler(ShardLabeler):
+    """:class:`ShardLabeler` as a Ray actor. A failure to start (weights that do not load) is kept as its sentence
+    and handed to the driver by :meth:`started`, not raised from ``__init__``: Ray would print that traceback on
+    the driver's terminal before the run's one error line."""
+
+    def __init__(self, config: LabelConfig):
+        self.failure = ""
+        try:
+            super().__init__(config)
+        except Exception as e:  # noqa: BLE001 - reported by started(), as one line
+            self.failure = error_message(e)
+
+    def started(self) -> tuple[dict | None, str]:
+        """(the identity it labels with, "") once its teacher is built; (None, why) when it could not start."""
+        return (None, self.failure) if self.failure else (self.identity(), "")
+
+    def label_shard(self, *args, **kwargs) -> dict:
+        if self.failure:  # (a replacement of an actor that died, which could not start either)
+            raise LabelError(f"the labelling worker could not start: {self.failure}")
+        return super().label_shard(*args, **kwargs)
+
+
 def label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo, reuse, folder, bar, on_done,
                  retries):
     """Label ``todo`` on ``placement.workers`` Ray actors, after checking that each built the teacher the shards
     are planned with (``identity``); a shard goes to the actor that decoded it ahead when it can."""
     import ray
 
-    actor_cls = ray.remote(**placement.options)(ShardLabeler)
+    actor_cls = ray.remote(**placement.options)(RayShardLabeler)
     actor_config = LabelConfig(**{**config.__dict__, "device": placement.device})
     actors = [actor_cls.remote(actor_config) for _ in range(placement.workers)]
     try:  # every actor built its teacher and labels with the settings the shards are checked against
-        built = ray.get([a.identity.remote() for a in actors])
+        started = ray.get([a.started.remote() for a in actors])
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
         raise LabelError(f"the labelling workers could not start: {_start_error(e)}") from None
-    for have in built:
+    failed = next((why for _, why in started if why), "")
+    if failed:
+        raise LabelError(f"the labelling workers could not start: {failed}")
+    for have, _ in started:
         if have != identity:
             raise LabelError(f"a labelling worker would label with other settings than planned: "
                              f"{_differences(have, identity)}")
