@@ -121,26 +121,26 @@ def _start_error(error: Exception) -> str:
     return error_message(error)
 
 
-class RayShardLabeler(ShardLabeler):
-    """:class:`ShardLabeler` as a Ray actor. A failure to start (weights that do not load) is kept as its sentence
-    and handed to the driver by :meth:`started`, not raised from ``__init__``: Ray would print that traceback on
-    the driver's terminal before the run's one error line."""
+class RayShardLabeler:
+    """A :class:`ShardLabeler` as a Ray actor. A failure to start (weights that do not load) is kept as its
+    sentence and handed to the driver by :meth:`started`, not raised from ``__init__``: Ray would print that
+    traceback on the driver's terminal before the run's one error line."""
 
     def __init__(self, config: LabelConfig):
-        self.failure = ""
+        self.labeler, self.failure = None, ""
         try:
-            super().__init__(config)
+            self.labeler = ShardLabeler(config)
         except Exception as e:  # noqa: BLE001 - reported by started(), as one line
             self.failure = error_message(e)
 
     def started(self) -> tuple[dict | None, str]:
         """(the identity it labels with, "") once its teacher is built; (None, why) when it could not start."""
-        return (None, self.failure) if self.failure else (self.identity(), "")
+        return (None, self.failure) if self.labeler is None else (self.labeler.identity(), "")
 
     def label_shard(self, *args, **kwargs) -> dict:
-        if self.failure:  # (a replacement of an actor that died, which could not start either)
+        if self.labeler is None:  # (a replacement of an actor that died, which could not start either)
             raise LabelError(f"the labelling worker could not start: {self.failure}")
-        return super().label_shard(*args, **kwargs)
+        return self.labeler.label_shard(*args, **kwargs)
 
 
 def label_on_ray(config: LabelConfig, placement: Placement, identity: dict, todo, reuse, folder, bar, on_done,
