@@ -37,7 +37,6 @@ class StudentOption:
     minimum: float | None = None  # the smallest value allowed (and a float must be finite)
     training_only: bool = False  # it weights the training loss alone: the same weights infer the same either way
 
-
     def problem(self, value) -> str:
         """Why ``value`` (of :attr:`type`) is not allowed, or ""."""
         if isinstance(value, float) and not math.isfinite(value):

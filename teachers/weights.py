@@ -164,7 +164,7 @@ def _cut_short(path: Path) -> bool:
 
 
 def _fetch(url: str, dst: Path, sha256: str | None, *, what: str, download: bool, progress: bool) -> Path:
-    if dst.is_file() and sha256 is None and _cut_short(dst):  # an earlier download cut short: fetched again
+    if download and dst.is_file() and sha256 is None and _cut_short(dst):  # an earlier download cut short: again
         dst.unlink()
     if dst.is_file():
         if sha256 is not None:

@@ -186,17 +186,19 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                               options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"})
     elif compare_weights:
         raise click.UsageError("--compare-weights goes with --compare-teacher NAME")
+    none = ""
     try:
         result = predict_folder(predictor, images, out, fmt=format_, batch_size=batch_size, io_threads=io_threads,
                                 progress=progress, compare=compare)
     except SourceError as e:
         raise click.ClickException(str(e)) from None
-    except NoMaps as e:
-        echo_result(e.result, e.result.failures, lambda f: f"{f['file']}: {f['reason']}")
-        raise click.ClickException(str(e)) from None
+    except NoMaps as e:  # its failures are shown, then the error
+        result, none = e.result, str(e)
     except OSError as e:  # writing the maps: a full disk, a read-only folder (predictions.json is not written)
         raise click.ClickException(f"cannot write the maps to {out} ({error_message(e)})") from None
     echo_result(result, result.failures, lambda f: f"{f['file']}: {f['reason']}")
+    if none:
+        raise click.ClickException(none)
 
 
 @click.command("profile")

@@ -30,12 +30,11 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
-from pipeline.label.config import (LabelConfig, LabelError, StoreRefused, decode_name, planned_identity, precision_name,
-                                   recorded_settings)
+from pipeline.label.config import LabelConfig, LabelError, StoreRefused, decode_name, planned_identity, precision_name
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, marker_path, planned_keys, read_marker,
-                                   tar_path, verify_shard)
+                                   settings_difference, tar_path, verify_shard)
 from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
 from teachers.registry import teacher_class
 
@@ -202,8 +201,7 @@ def plan_around_finished(records: list[ImageRecord], shard_size: int,
     markers = {path.stem: read_marker(folder, path.stem) for path in sorted(folder.glob("shard-*.json"))}
     markers = {name: m for name, m in markers.items() if m is not None}
     finished = {m["index"]: planned_keys(m) for name, m in markers.items()
-                if name == f"shard-{m['index']:06d}"
-                and all(recorded_settings(m).get(k) == v for k, v in expect.items())}
+                if name == f"shard-{m['index']:06d}" and not settings_difference(m, expect)}
     if not finished:
         return plan_shards(records, shard_size), markers
     by_key = {r.key: r for r in records}

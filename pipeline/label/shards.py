@@ -278,6 +278,17 @@ def read_marker(folder: Path, name: str) -> dict | None:
     return None if marker_problem(marker) else marker
 
 
+def settings_difference(marker: dict, expect: dict) -> str:
+    """"" when the marker records the settings in ``expect``; else which one differs, and how."""
+    recorded = recorded_settings(marker)  # (older markers have their decode path from their settings)
+    for key, want in expect.items():
+        if key not in recorded:  # a marker written before this setting was recorded: made with unknown settings
+            return f"{key} differs (the shard records none: it was written by an older version; this run {want!r})"
+        if recorded[key] != want:
+            return f"{key} differs (shard has {recorded[key]!r}, this run {want!r})"
+    return ""
+
+
 def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = True,
                  marker: dict | None = None) -> tuple[dict | None, str]:
     """(marker, "") when the shard is finished with the settings in ``expect``; else (marker or None, reason).
@@ -285,12 +296,9 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
     marker = read_marker(folder, name) if marker is None else marker
     if marker is None:
         return None, "no marker (or one not in the shape `pipeline label` writes)"
-    recorded = recorded_settings(marker)  # (older markers have their decode path from their settings)
-    for key, want in expect.items():
-        if key not in recorded:  # a marker written before this setting was recorded: made with unknown settings
-            return marker, f"{key} differs (the shard records none: it was written by an older version; this run {want!r})"
-        if recorded[key] != want:
-            return marker, f"{key} differs (shard has {recorded[key]!r}, this run {want!r})"
+    differs = settings_difference(marker, expect)
+    if differs:
+        return marker, differs
     tar = tar_path(folder, name)
     if not tar.is_file() or tar.stat().st_size != marker.get("bytes"):
         return marker, "tar missing or of the wrong size"
