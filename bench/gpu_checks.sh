@@ -51,14 +51,19 @@ step label-salgan 90 $L --teacher salgan --images 4096 --naive-images 256 --batc
   --runs teacher,worker,naive,null
 step label-salgan-2proc 60 $L --teacher salgan --images 4096 --batch-size 128 --shard-size 1024 --runs worker --processes 2
 step label-salgan-3proc 70 $L --teacher salgan --images 6144 --batch-size 128 --shard-size 1024 --runs worker --processes 3
-# SalGAN with four workers sharing the GPU, decoding on the GPU and on the CPU, each with (a) in the same run;
+# SalGAN with four to six workers sharing the GPU, decoding on the GPU and on the CPU, each with (a) in the same run;
 # and whether the GPU decode overlaps the teacher at all
-A="--teacher salgan --images 8192 --batch-size 128 --shard-size 1024 --runs teacher,worker --processes 4"
-step label-salgan-4proc 70 $L $A
-step label-salgan-4proc-cpu 70 $L $A --decode cpu
+# (four 1024-image shards per worker, three with six, so that the first shard's start and the last one's end
+# weigh less than with two; each worker gets as many shards as the others, as the bench hands them out in turn)
+A="--teacher salgan --batch-size 128 --shard-size 1024 --runs teacher,worker"
+step label-salgan-4proc 80 $L $A --images 16384 --processes 4
+step label-salgan-4proc-cpu 80 $L $A --images 16384 --processes 4 --decode cpu
+step label-salgan-5proc-cpu 80 $L $A --images 20480 --processes 5 --decode cpu
+step label-salgan-6proc-cpu 80 $L $A --images 18432 --processes 6 --decode cpu
 step decode-overlap 60 $PY bench/device_decode.py --teacher salgan --images 4096 --batch-size 128 --json $J
 step decode-overlap-own-stream 60 $PY bench/device_decode.py --teacher salgan --images 4096 --batch-size 128 \
   --stream own --json $J
+step label-deepgaze-short 90 $L --teacher deepgaze --images 1024 --batch-size 64 --shard-size 256 --runs teacher,worker
 step label-deepgaze 150 $L --teacher deepgaze --images 2048 --naive-images 128 --batch-size 64 --shard-size 256 \
   --runs teacher,worker,naive
 
