@@ -49,14 +49,14 @@ step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_students_cuda.py 
 L="$PY bench/label_throughput.py --device cuda --weights random --json $J"
 step label-salgan 90 $L --teacher salgan --images 4096 --naive-images 256 --batch-size 128 --shard-size 1024 \
   --runs teacher,worker,naive,null
-step label-salgan-2proc 60 $L --teacher salgan --images 4096 --batch-size 128 --shard-size 1024 --runs worker --processes 2
-step label-salgan-3proc 70 $L --teacher salgan --images 6144 --batch-size 128 --shard-size 1024 --runs worker --processes 3
+step label-salgan-2proc 60 $L --teacher salgan --images 4096 --batch-size 128 --shard-size 1024 --runs worker --processes 2 --decode device
+step label-salgan-3proc 70 $L --teacher salgan --images 6144 --batch-size 128 --shard-size 1024 --runs worker --processes 3 --decode device
 # SalGAN with four to six workers sharing the GPU, decoding on the GPU and on the CPU, each with (a) in the same run;
 # and whether the GPU decode overlaps the teacher at all
 # (four 1024-image shards per worker, three with six, so that the first shard's start and the last one's end
 # weigh less than with two; each worker gets as many shards as the others, as the bench hands them out in turn)
 A="--teacher salgan --batch-size 128 --shard-size 1024 --runs teacher,worker"
-step label-salgan-4proc 80 $L $A --images 16384 --processes 4
+step label-salgan-4proc 80 $L $A --images 16384 --processes 4 --decode device
 step label-salgan-4proc-cpu 80 $L $A --images 16384 --processes 4 --decode cpu
 step label-salgan-5proc-cpu 80 $L $A --images 20480 --processes 5 --decode cpu
 step label-salgan-6proc-cpu 80 $L $A --images 18432 --processes 6 --decode cpu

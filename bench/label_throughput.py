@@ -52,12 +52,14 @@ import click
 import numpy as np
 import torch
 
-from pipeline.common.devices import autocast
+from pipeline.common.devices import autocast, available, resolve_device
 from pipeline.common.maps import resize_label
 from pipeline.common.tables import table
+from pipeline.label.config import decode_name
 from pipeline.label.sources import folder_records, plan_shards
 from pipeline.label.worker import LabelConfig, ShardLabeler
 from teachers import Teacher, build_teacher
+from teachers.registry import teacher_class
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "coco" / "val2017"
 
@@ -383,7 +385,9 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
 @click.option("--io-threads", default=None, type=int, help="Decode threads (default: the cores available).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", default="auto", show_default=True)
-@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]))
+@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]),
+              help="Where (b)-(d) decode (`pipeline label --decode`); auto is resolved for --teacher, as `pipeline "
+                   "label` resolves it, and the rows record the path.")
 @click.option("--shard-size", default=256, show_default=True)
 @click.option("--runs", default="teacher,worker,naive,null,stages", show_default=True,
               help="Which runs, comma-separated: teacher, worker, naive, null, stages.")
@@ -395,6 +399,8 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
 def main(teacher, weights, teacher_size, image_size, n_images, naive_images, batch_size, io_threads, device,
          precision, decode, shard_size, runs, processes, repeat, json_out):
     runs = [r.strip() for r in runs.split(",") if r.strip()]
+    # where --teacher's worker decodes (auto resolved as `pipeline label` does); (d) decodes there too
+    decode = decode_name(decode, available(resolve_device(device)).type == "cuda", teacher_class(teacher).decode_on_gpu)
     work = Path(tempfile.mkdtemp(prefix="label-bench-"))
     rows: list[dict] = []
 

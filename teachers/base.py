@@ -46,6 +46,10 @@ class Teacher(nn.Module):
     #: labelling workers sharing a GPU by default (``pipeline label --workers-per-gpu``): more than one where
     #: the forward pass is so light that one worker process's data path, not the GPU, bounds the labelling
     workers_per_gpu: int = 1
+    #: where ``pipeline label --decode auto`` decodes and resizes the photos when this teacher runs on a GPU:
+    #: there (nvJPEG and torch) or, False, on the CPUs beside it, where the forward pass is so light that the
+    #: GPU decode's turns on the GPU and on each worker's main thread cost more than the CPUs' time does
+    decode_on_gpu: bool = True
 
     def __init__(self) -> None:
         super().__init__()

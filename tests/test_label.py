@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
@@ -1415,7 +1416,7 @@ def test_the_worker_hands_a_batch_to_the_gpu_without_synchronising(teacher):
     from pipeline.label.worker import ShardLabeler
 
     labeler = ShardLabeler(LabelConfig(teacher=teacher, weights="random" if teacher == "salgan" else None,
-                                       batch_size=6, io_threads=2, device="cuda"))
+                                       batch_size=6, io_threads=2, device="cuda", decode="device"))
     try:
         records = plan_shards(folder_records(SAMPLE / "val2017"), 100)[0].records
         for _ in range(2):  # the first batch may fill caches (cuDNN, the pinned-memory pool)
@@ -1465,8 +1466,8 @@ def test_the_gpu_decode_never_writes_into_memory_the_callers_stream_has_just_fre
 
 def test_a_light_teacher_gets_four_workers_per_gpu_unless_told(coco_tree, tmp_path, monkeypatch):
     """`--workers-per-gpu` defaults to the teacher's: 4 for SalGAN (one worker process, not the GPU, bounds it:
-    2,080 against about 1,900 with two and 1,450 with one, images/s on an H100), 1 for the others; a number
-    given is used as it is."""
+    with four, 2,109-2,182 images/s on an H100 decoding on the GPU, against about 1,900 with two and 1,450 with
+    one), 1 for the others; a number given is used as it is."""
     import pipeline.label.driver as driver
 
     seen = []
@@ -1547,6 +1548,54 @@ def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_res
     markers[0].write_text(json.dumps(old))
     report = verify_labels(folder)
     assert report.shards == 3 and report.ok, report.problems
+
+
+def test_auto_decodes_salgans_photos_on_the_cpus_beside_a_gpu_and_the_other_teachers_on_it(tmp_path, monkeypatch):
+    """`--decode auto` on a GPU: SalGAN's forward pass is so light that its workers label faster decoding on
+    the CPUs beside the GPU (measured on an H100), so its photos are decoded there; the other teachers' on the
+    GPU. An explicit --decode is kept. (The driver's resolution, on a machine made to report one GPU: the
+    identity it plans is caught before any worker starts.)"""
+    import pipeline.label.driver as driver
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = []
+
+    def planned(config, precision, decode):
+        seen.append((config.teacher, config.decode, precision, decode))
+        raise KeyboardInterrupt  # stop here: no Ray, no teacher
+
+    monkeypatch.setattr(driver, "planned_identity", planned)
+    for teacher, decode in [("salgan", "auto"), ("classic", "auto"), ("salgan", "device"), ("classic", "cpu")]:
+        with pytest.raises(KeyboardInterrupt):
+            label(folder_records(SAMPLE / "val2017"), tmp_path / f"{teacher}-{decode}",
+                  LabelConfig(teacher=teacher, weights="random" if teacher == "salgan" else None, decode=decode),
+                  executor="ray", progress=False)
+    assert [s[2:] for s in seen] == [("bf16", "cpu"), ("bf16", "device"), ("bf16", "device"), ("bf16", "cpu")]
+
+
+def test_auto_resumes_a_folder_on_the_decode_path_its_finished_shards_were_made_on(tmp_path, capsys):
+    """A folder labelled on one decode path resumes under `--decode auto` on that path, with a note, whatever
+    auto would choose on its own (a default that changed, another machine), instead of refusing the finished
+    shards; the new shard is made on the same path. An explicit other path is still refused."""
+    photos = tmp_path / "photos"
+    shutil.copytree(SAMPLE / "val2017", photos)
+    folder = tmp_path / "labels"
+
+    def run(decode: str):
+        return label(folder_records(photos), folder, LabelConfig(teacher="classic", batch_size=4, io_threads=2,
+                                                                 device="cpu", decode=decode),
+                     shard_size=6, executor="local", progress=False)
+
+    assert run("device").labelled == 12
+    capsys.readouterr()
+    shutil.copy(photos / "000000000139.jpg", photos / "000000000000.jpg")  # sorts first: a shard of its own
+    summary = run("auto")  # auto on a CPU alone would decode on the CPU
+    assert (summary.labelled, summary.skipped) == (1, 12)
+    assert "note: decoding on the device, where the finished shards of" in capsys.readouterr().err
+    markers = [json.loads(m.read_text()) for m in sorted(folder.glob("shard-*.json"))]
+    assert [(m["decode"], m["config"]["decode"]) for m in markers] == [("device", "device")] * 3
+    with pytest.raises(LabelError, match=r"decode differs \(shard has 'device', this run 'cpu'\)"):
+        run("cpu")
 
 
 def test_a_relative_weights_path_reaches_the_workers_as_an_absolute_one(tmp_path, monkeypatch):

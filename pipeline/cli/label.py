@@ -37,7 +37,8 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
               help="auto = bf16 autocast on GPU, fp32 on CPU (recorded, resolved, in every shard).")
 @click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto",
               help="Where JPEGs are decoded and resized: auto = on the teacher's GPU when it runs on one (nvJPEG), "
-                   "else the CPU; cpu (OpenCV, on the --io-threads threads); device (the teacher's device). "
+                   "except salgan's (on the CPUs), else the CPU, and on resuming where the folder's finished "
+                   "shards were; cpu (OpenCV, on the --io-threads threads); device (the teacher's device). "
                    "Recorded in every marker; see docs/benchmarks.md for which is faster.")
 @click.option("--io-threads", type=click.IntRange(min=1), default=4,
               help="Threads per worker for reading, decoding and encoding images.")

@@ -57,16 +57,18 @@ def precision_name(autocast_on: bool) -> str:
     return "bf16" if autocast_on else "fp32"
 
 
-def decode_name(decode: str, on_gpu: bool) -> str:
+def decode_name(decode: str, on_gpu: bool, gpu_decode: bool = True) -> str:
     """Where a worker decodes and resizes its photos: ``device`` (torchvision and torch on the teacher's device)
-    or ``cpu`` (OpenCV), ``decode`` (a :class:`LabelConfig` setting) resolved for a worker on a GPU or not."""
-    return "device" if decode == "device" or (decode == "auto" and on_gpu) else "cpu"
+    or ``cpu`` (OpenCV), ``decode`` (a :class:`LabelConfig` setting) resolved for a worker on a GPU or not, of a
+    teacher whose photos ``auto`` decodes on its GPU or not (:attr:`teachers.Teacher.decode_on_gpu`)."""
+    return "device" if decode == "device" or (decode == "auto" and on_gpu and gpu_decode) else "cpu"
 
 
 def recorded_settings(marker: dict) -> dict:
     """A shard's marker with its decode path, which a marker written before markers recorded it has from its
-    settings (before ``decode`` was a setting, photos were decoded on the CPU); whatever a marker edited by hand
-    holds there, the path is a string, never an error."""
+    settings (before ``decode`` was a setting, photos were decoded on the CPU; until markers recorded the path,
+    ``auto`` decoded every teacher's photos on its GPU); whatever a marker edited by hand holds there, the path is
+    a string, never an error."""
     if "decode" in marker:
         return marker
     config = marker.get("config")

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,8 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
-from pipeline.label.config import LabelConfig, LabelError, StoreRefused, decode_name, planned_identity, precision_name
+from pipeline.label.config import (LabelConfig, LabelError, StoreRefused, decode_name, planned_identity, precision_name,
+                                   recorded_settings)
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, marker_path, planned_keys, read_marker,
@@ -189,17 +190,36 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
     return split
 
 
-def plan_around_finished(records: list[ImageRecord], shard_size: int,
-                         folder: Path, identity: dict) -> tuple[list[ShardPlan], dict[str, dict]]:
+def read_markers(folder: Path) -> dict[str, dict]:
+    """The whole markers of ``folder``'s shards, by shard name (those :func:`read_marker` reads)."""
+    markers = {path.stem: read_marker(folder, path.stem) for path in sorted(folder.glob("shard-*.json"))}
+    return {name: m for name, m in markers.items() if m is not None}
+
+
+def finished_decode(markers: dict[str, dict], identity: dict) -> str | None:
+    """Where the photos of the finished shards among ``markers`` that agree with ``identity`` in every other
+    setting were decoded, when they all agree on it (else None): ``--decode auto`` resumes a folder on the path
+    its shards were made on, so that a default that changed since does not refuse the folder."""
+    expect = {**identity, "encoding_version": ENCODING_VERSION}
+    paths = set()
+    for marker in markers.values():
+        path = recorded_settings(marker)["decode"]
+        if not settings_difference(marker, {**expect, "decode": path}):
+            paths.add(path)
+    return paths.pop() if len(paths) == 1 else None
+
+
+def plan_around_finished(records: list[ImageRecord], shard_size: int, folder: Path, identity: dict,
+                         markers: dict[str, dict] | None = None) -> tuple[list[ShardPlan], dict[str, dict]]:
     """The shards of ``records``: cut by position (:func:`plan_shards`), but around the shards ``folder`` already
     holds finished with these settings. Each of those keeps the images it planned that are still there, in its
     order, so an image added to or removed from a folder source changes one shard, not the boundary of every
     later one; the images no finished shard planned are cut by position into the indices left free (the gaps
     first, then after the last). With nothing finished, or nothing changed, it is :func:`plan_shards`. Also
-    returns the whole markers read, by shard name (:func:`split_done` reads none of them again)."""
+    returns the whole markers read, by shard name (:func:`split_done` reads none of them again); ``markers``:
+    those, already read (:func:`read_markers`)."""
     expect = {**identity, "encoding_version": ENCODING_VERSION}
-    markers = {path.stem: read_marker(folder, path.stem) for path in sorted(folder.glob("shard-*.json"))}
-    markers = {name: m for name, m in markers.items() if m is not None}
+    markers = read_markers(folder) if markers is None else markers
     finished = {m["index"]: planned_keys(m) for name, m in markers.items()
                 if name == f"shard-{m['index']:06d}" and not settings_difference(m, expect)}
     if not finished:
@@ -331,11 +351,23 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
             return torch.cuda.device_count() > 0
         return placement().device_type == "cuda"
 
-    gpu = None if config.precision != "auto" and config.decode != "auto" else on_gpu()
+    try:
+        gpu_decode = teacher_class(config.teacher).decode_on_gpu
+    except KeyError:  # an unknown teacher: refused next, with the others' names
+        gpu_decode = True
+    gpu = on_gpu() if config.precision == "auto" or (config.decode == "auto" and gpu_decode) else None
     precision = precision_name(config.precision == "bf16" if config.precision != "auto" else gpu)
-    decode = decode_name(config.decode, bool(gpu))
+    decode = decode_name(config.decode, bool(gpu), gpu_decode)
     # the weights are resolved and hashed, the teacher is not built: a missing file fails before any work
     identity = planned_identity(config, precision, decode)
+    found = None if overwrite else read_markers(folder)
+    if config.decode == "auto" and found:  # resumed where the finished shards were decoded
+        kept = finished_decode(found, identity)
+        if kept and kept != decode:
+            print(f"note: decoding on the {'CPU' if kept == 'cpu' else 'device'}, where the finished shards of "
+                  f"{folder} were decoded (--decode cpu or device chooses)", file=sys.stderr)
+            decode, identity = kept, {**identity, "decode": kept}
+    config = replace(config, decode=decode)  # every worker decodes where the identity says
     if identity["weights_random"]:
         warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
                       "(marked weights_random in every shard)", stacklevel=3)
@@ -343,7 +375,7 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         split = Split(todo=list(plans))  # deleted before the run has labelled (a refused run deletes none)
         leftover = beyond_plan(plans, folder)  # ...and those beyond the plan once every new one is there
     else:
-        plans, found = plan_around_finished(records, shard_size, folder, identity)
+        plans, found = plan_around_finished(records, shard_size, folder, identity, found)
         split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
                                      retry_failed=retry_failed, markers=found), []
     todo, reuse = split.todo, split.reuse

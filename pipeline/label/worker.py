@@ -101,7 +101,7 @@ class ShardLabeler:
             "label_kind": t.output_kind,
             "label_extension": f"{t.name}.{t.label_extension}",
             "label_version": t.label_version,
-        }, precision_name(self.autocast), decode_name(self.config.decode, self.device.type == "cuda"))
+        }, precision_name(self.autocast), self._decode)
 
     # -- the stages ----------------------------------------------------------------------------
     @cached_property
@@ -114,8 +114,13 @@ class ShardLabeler:
         return LoadAhead(self.pool, self._load, 2 * self.config.batch_size + self.config.io_threads)
 
     @cached_property
+    def _decode(self) -> str:
+        """Where this worker decodes: ``cpu`` or ``device`` (:func:`decode_name`)."""
+        return decode_name(self.config.decode, self.device.type == "cuda", self.teacher.decode_on_gpu)
+
+    @cached_property
     def _device_decode(self) -> bool:
-        return decode_name(self.config.decode, self.device.type == "cuda") == "device"
+        return self._decode == "device"
 
     @cached_property
     def _teacher_size(self) -> tuple[int, int]:
