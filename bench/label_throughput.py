@@ -328,7 +328,8 @@ def cpu_seconds() -> float:
 
 def run_stages(records, image_size, quality: int, n: int) -> dict:
     """Where the time of the CPU data path goes: CPU milliseconds per image of each stage, run alone on
-    one thread over the same images (read, decode, resize, JPEG encode, label encode, tar write + sha256)."""
+    one thread over the same images (read, decode, resize, JPEG encode, label encode, tar write + sha256), and
+    the ``cpu-reduced`` path's decode and resize beside them."""
     import io
 
     from pipeline.common import images
@@ -358,6 +359,9 @@ def run_stages(records, image_size, quality: int, n: int) -> dict:
     with wds.TarWriter(sink, mtime=0, user="", group="") as w:
         stage("tar write + sha256", w.write, samples)
     stages["total"] = round(sum(stages.values()), 3)
+    # the cpu-reduced path's decode and resize (in place of the two above; not in the total)
+    reduced = stage("decode, reduced (cpu-reduced)", lambda d: images.decode_at_least(d, image_size)[0], datas)
+    stage("resize of the reduced", lambda x: images.resize(x, image_size), reduced)
     return stages
 
 
@@ -379,13 +383,17 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
 @click.option("--teacher-size", nargs=2, type=int, default=None,
               help="Override the teacher's input size (H W) for this bench, e.g. salgan at 96 128.")
 @click.option("--image-size", nargs=2, type=int, default=(192, 256), show_default=True)
-@click.option("--images", "n_images", default=512, show_default=True, help="Images per run (the sample repeated).")
+@click.option("--images", "n_images", default=512, show_default=True, help="Images per run (the photos repeated).")
+@click.option("--photos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=SAMPLE,
+              help="Folder of the JPEGs repeated (default: the bundled val2017 photos, 300-480 px; COCO's are "
+                   "mostly 640x480).")
 @click.option("--naive-images", default=None, type=int, help="Images of the naive run (default: --images).")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--io-threads", default=None, type=int, help="Decode threads (default: the cores available).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", default="auto", show_default=True)
-@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]),
+@click.option("--decode", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cpu-reduced", "device"]),
               help="Where (b)-(d) decode (`pipeline label --decode`); auto is resolved for --teacher, as `pipeline "
                    "label` resolves it, and the rows record the path.")
 @click.option("--shard-size", default=256, show_default=True)
@@ -397,7 +405,7 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
 @click.option("--repeat", default=1, show_default=True, help="Repeat each run; the fastest is reported (a shared machine).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines here.")
 def main(teacher, weights, teacher_size, image_size, n_images, naive_images, batch_size, io_threads, device,
-         precision, decode, shard_size, runs, processes, repeat, json_out):
+         precision, decode, shard_size, runs, processes, repeat, json_out, photos):
     runs = [r.strip() for r in runs.split(",") if r.strip()]
     # where --teacher's worker decodes (auto resolved as `pipeline label` does); (d) decodes there too
     decode = decode_name(decode, available(resolve_device(device)).type == "cuda", teacher_class(teacher).decode_on_gpu)
@@ -425,7 +433,9 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
         return fastest
 
     try:
-        src = sorted(SAMPLE.glob("*.jpg"))
+        src = sorted(photos.glob("*.jpg"))
+        if not src:
+            raise SystemExit(f"no .jpg in {photos}")
         (work / "images").mkdir()
         for i in range(n_images):  # hard links: quick to make, and read from the page cache like copies
             try:

@@ -35,10 +35,11 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (cuda:N in-process; a Ray GPU actor uses the one GPU Ray gives it).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               help="auto = bf16 autocast on GPU, fp32 on CPU (recorded, resolved, in every shard).")
-@click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto",
+@click.option("--decode", type=click.Choice(["auto", "cpu", "cpu-reduced", "device"]), default="auto",
               help="Where JPEGs are decoded and resized: auto = on the teacher's GPU when it runs on one (nvJPEG), "
-                   "except salgan's (on the CPUs), else the CPU, and on resuming where the folder's finished "
-                   "shards were; cpu (OpenCV, on the --io-threads threads); device (the teacher's device). "
+                   "except salgan's, else cpu-reduced, and on resuming where the folder's finished shards were; "
+                   "cpu (OpenCV, on the --io-threads threads); cpu-reduced (the same, a JPEG at least twice the "
+                   "size it is shrunk to decoded at 1/2, 1/4 or 1/8 of it); device (the teacher's device). "
                    "Recorded in every marker; see docs/benchmarks.md for which is faster.")
 @click.option("--io-threads", type=click.IntRange(min=1), default=4,
               help="Threads per worker for reading, decoding and encoding images.")

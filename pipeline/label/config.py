@@ -1,6 +1,6 @@
 """What a labelling run is asked for (:class:`LabelConfig`) and what every shard it writes records and is checked
 against (its identity): the teacher and its weights' digest, the label kind and version, the precision as resolved
-and the tolerance that precision is held to, where the photos were decoded and resized (the labels of the two
+and the tolerance that precision is held to, where and how the photos were decoded and resized (the labels of the
 paths differ by more than that tolerance), the stored image size and JPEG quality.
 
 :func:`planned_identity` gives the identity without building the teacher (the driver checks finished shards
@@ -14,6 +14,13 @@ from dataclasses import dataclass
 
 from pipeline.common import images
 from teachers.registry import teacher_identity
+
+#: where a worker decodes and resizes the photos: ``cpu`` (libjpeg-turbo, whole, then OpenCV's area filter),
+#: ``cpu-reduced`` (the same, but a JPEG at least twice the size it is shrunk to decoded at 1/2, 1/4 or 1/8 of
+#: its size by DCT scaling: :func:`pipeline.common.images.decode_at_least`), ``device`` (torchvision, nvJPEG on a
+#: GPU, resized by torch on the teacher's device; on a CPU teacher too, which is how that path is tested). Their
+#: labels differ by more than the bf16 tolerance, so the path is part of a shard's identity.
+DECODE_PATHS = ("cpu", "cpu-reduced", "device")
 
 #: how far a shard's labels may lie from the fp32 labels of the same images and weights, by the precision that
 #: made them: bf16 maps correlate with the fp32 ones at least this well (Pearson CC per map; every registered
@@ -42,14 +49,13 @@ class LabelConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     io_threads: int = 4
     max_image_bytes: int = images.MAX_IMAGE_BYTES  # a bigger file is a per-image failure
-    # where JPEGs are decoded and resized: auto (on the teacher's GPU when it runs on one, else the CPU),
-    # cpu (libjpeg-turbo + OpenCV's area filter: the bytes of a CPU run), device (torchvision on the
-    # teacher's device, resized by torch; on a CPU teacher too, which is how that path is tested)
+    # where JPEGs are decoded and resized (DECODE_PATHS): auto (on the teacher's GPU when it runs on one and its
+    # decode_on_gpu says so, else cpu-reduced), cpu, cpu-reduced or device
     decode: str = "auto"
 
     def __post_init__(self):
-        if self.decode not in ("auto", "cpu", "device"):
-            raise ValueError(f"unknown decode {self.decode!r} (auto, cpu or device)")
+        if self.decode not in ("auto", *DECODE_PATHS):
+            raise ValueError(f"unknown decode {self.decode!r} (auto, {', '.join(DECODE_PATHS)})")
 
 
 def precision_name(autocast_on: bool) -> str:
@@ -58,29 +64,32 @@ def precision_name(autocast_on: bool) -> str:
 
 
 def decode_name(decode: str, on_gpu: bool, gpu_decode: bool = True) -> str:
-    """Where a worker decodes and resizes its photos: ``device`` (torchvision and torch on the teacher's device)
-    or ``cpu`` (OpenCV), ``decode`` (a :class:`LabelConfig` setting) resolved for a worker on a GPU or not, of a
-    teacher whose photos ``auto`` decodes on its GPU or not (:attr:`teachers.Teacher.decode_on_gpu`)."""
-    return "device" if decode == "device" or (decode == "auto" and on_gpu and gpu_decode) else "cpu"
+    """Where a worker decodes and resizes its photos (one of :data:`DECODE_PATHS`): ``decode`` (a
+    :class:`LabelConfig` setting) resolved for a worker on a GPU or not, of a teacher whose photos ``auto``
+    decodes on its GPU or not (:attr:`teachers.Teacher.decode_on_gpu`); elsewhere ``auto`` is ``cpu-reduced``."""
+    if decode != "auto":
+        return decode
+    return "device" if on_gpu and gpu_decode else "cpu-reduced"
 
 
 def recorded_settings(marker: dict) -> dict:
     """A shard's marker with its decode path, which a marker written before markers recorded it has from its
     settings (before ``decode`` was a setting, photos were decoded on the CPU; until markers recorded the path,
-    ``auto`` decoded every teacher's photos on its GPU); whatever a marker edited by hand holds there, the path is
+    ``auto`` was ``device`` for every teacher on a GPU and ``cpu`` elsewhere); whatever a marker edited by hand holds there, the path is
     a string, never an error."""
     if "decode" in marker:
         return marker
     config = marker.get("config")
     decode = config.get("decode", "cpu") if isinstance(config, dict) else "cpu"
-    return {**marker, "decode": decode_name(str(decode), str(marker.get("device")).startswith("cuda"))}
+    on_gpu = str(marker.get("device")).startswith("cuda")
+    return {**marker, "decode": "device" if decode == "device" or (decode == "auto" and on_gpu) else "cpu"}
 
 
 def label_identity(config: LabelConfig, teacher: dict, precision: str, decode: str) -> dict:
     """Settings recorded in every marker (and ``labels.json``); a shard made with other settings is not reused.
 
     ``teacher``: what the teacher's labels depend on (:func:`teachers.registry.teacher_identity`, or the same
-    read off a built teacher); ``precision``: ``fp32`` or ``bf16``, and ``decode``: ``cpu`` or ``device``
+    read off a built teacher); ``precision``: ``fp32`` or ``bf16``, and ``decode``: one of :data:`DECODE_PATHS`
     (:func:`decode_name`), as resolved on the device that labels.
     """
     return {

@@ -173,13 +173,23 @@ class ShardLabeler:
             if self._device_decode and images.is_jpeg(data):
                 item.data = images.as_tensor(data)  # here, on a decode thread, not on the one that runs the GPU
                 return item
-            self._resized(item, images.decode_image(data))
+            if self._decode == "cpu-reduced":
+                self._resized(item, *images.decode_at_least(data, self._decoded_size))
+            else:
+                self._resized(item, images.decode_image(data))
         except images.ImageError as e:
             item.error = str(e)
         return item
 
-    def _resized(self, item: _Item, rgb: np.ndarray) -> None:
-        item.original_size = rgb.shape[:2]
+    @cached_property
+    def _decoded_size(self) -> tuple[int, int]:
+        """The least (H, W) a photo is decoded at on the ``cpu-reduced`` path: both sizes it is resized to."""
+        return tuple(max(a, b) for a, b in zip(self.config.image_size, self._teacher_size))
+
+    def _resized(self, item: _Item, rgb: np.ndarray, original_size: tuple[int, int] | None = None) -> None:
+        """Resize a decoded photo for the shard and the teacher; ``original_size``: its full (H, W), where it was
+        decoded reduced."""
+        item.original_size = tuple(original_size or rgb.shape[:2])
         item.image = images.resize(rgb, self.config.image_size)
         size = self._teacher_size
         item.teacher_input = item.image if size == tuple(self.config.image_size) else images.resize(rgb, size)
