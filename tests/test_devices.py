@@ -213,32 +213,40 @@ def test_bf16_labels_agree_with_fp32_labels_within_the_tolerance_their_shards_re
         assert cc >= cc_min, f"{name}: bf16 label of {key} has CC {cc:.5f} with the fp32 one"
 
 
+def _labels_by_decode(name: str, photos: Path, paths: tuple[str, ...], out: Path, monkeypatch) -> dict:
+    """Each label of the first two photos of ``photos`` by decode path: ``name``'s teacher re-initialised as
+    :func:`_varied` does, fp32 on the CPU, ``LABEL_SIZE``; each path's marker records it."""
+    import cv2
+
+    import pipeline.label.worker
+    from pipeline.label.driver import label
+    from pipeline.label.sources import folder_records
+    from pipeline.label.worker import LabelConfig
+
+    records = folder_records(photos)[:2]
+    images = torch.stack([torch.from_numpy(np.ascontiguousarray(
+        cv2.resize(cv2.imread(r.path)[..., ::-1], LABEL_SIZE[::-1]))).permute(2, 0, 1) for r in records])
+    teacher = _varied(name, images)
+    monkeypatch.setattr(pipeline.label.worker, "build_teacher", lambda *a, **k: teacher)
+    maps = {}
+    for decode in paths:
+        config = LabelConfig(teacher=name, weights=None if name == "classic" else "random", image_size=LABEL_SIZE,
+                             batch_size=2, io_threads=1, device="cpu", precision="fp32", decode=decode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # RANDOM weights
+            label(records, out / decode, config, executor="local", progress=False)
+        assert json.loads((out / decode / "shard-000000.json").read_text())["decode"] == decode
+        maps[decode] = _read_labels(out / decode)
+    return maps
+
+
 @pytest.mark.parametrize("name", _one_name_per_network())
 def test_labels_of_photos_decoded_on_the_device_are_close_to_those_of_the_cpu_decode(name, tmp_path, monkeypatch):
     """`--decode device` (torchvision's decoder and torch's resize, as on a GPU) gives every teacher's labels of
     real photos close to `--decode cpu`'s (OpenCV): Pearson CC at least 0.99 per map. Not as close as bf16 is
     to fp32 (0.993-0.999 here, against 0.999), which is why the decode path is part of the shard identity;
     each marker records it."""
-    import pipeline.label.worker
-    from pipeline.label.driver import label
-    from pipeline.label.sources import folder_records
-    from pipeline.label.worker import LabelConfig
-
-    records = folder_records(SAMPLES)[:2]
-    images = torch.stack([torch.from_numpy(np.ascontiguousarray(
-        __import__("cv2").resize(__import__("cv2").imread(r.path)[..., ::-1], LABEL_SIZE[::-1]))).permute(2, 0, 1)
-        for r in records])
-    teacher = _varied(name, images)
-    monkeypatch.setattr(pipeline.label.worker, "build_teacher", lambda *a, **k: teacher)
-    maps = {}
-    for decode in ("cpu", "device"):
-        config = LabelConfig(teacher=name, weights=None if name == "classic" else "random", image_size=LABEL_SIZE,
-                             batch_size=2, io_threads=1, device="cpu", precision="fp32", decode=decode)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # RANDOM weights
-            label(records, tmp_path / decode, config, executor="local", progress=False)
-        assert json.loads((tmp_path / decode / "shard-000000.json").read_text())["decode"] == decode
-        maps[decode] = _read_labels(tmp_path / decode)
+    maps = _labels_by_decode(name, SAMPLES, ("cpu", "device"), tmp_path, monkeypatch)
     for key, cpu in maps["cpu"].items():
         cc = np.corrcoef(cpu.ravel(), maps["device"][key].ravel())[0, 1]
         assert cc >= 0.99, f"{name}: the label of {key} decoded on the device has CC {cc:.5f} with the CPU one"
@@ -254,33 +262,15 @@ def test_labels_of_photos_decoded_reduced_are_close_to_those_of_the_whole_decode
     size."""
     import cv2
 
-    import pipeline.label.worker
-    from pipeline.label.driver import label
-    from pipeline.label.sources import folder_records
-    from pipeline.label.worker import LabelConfig
-
-    (tmp_path / "photos").mkdir()
-    for r in folder_records(SAMPLES)[:2]:
-        big = cv2.resize(cv2.imread(r.path), (640, 480), interpolation=cv2.INTER_CUBIC)
-        cv2.imwrite(str(tmp_path / "photos" / Path(r.path).name), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    records = folder_records(tmp_path / "photos")
-    images = torch.stack([torch.from_numpy(np.ascontiguousarray(
-        cv2.resize(cv2.imread(r.path)[..., ::-1], LABEL_SIZE[::-1], interpolation=cv2.INTER_AREA))).permute(2, 0, 1)
-        for r in records])
-    teacher = _varied(name, images)
-    monkeypatch.setattr(pipeline.label.worker, "build_teacher", lambda *a, **k: teacher)
-    maps = {}
-    for decode in ("cpu", "cpu-reduced"):
-        config = LabelConfig(teacher=name, weights=None if name == "classic" else "random", image_size=LABEL_SIZE,
-                             batch_size=2, io_threads=1, device="cpu", precision="fp32", decode=decode)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # RANDOM weights
-            label(records, tmp_path / decode, config, executor="local", progress=False)
-        assert json.loads((tmp_path / decode / "shard-000000.json").read_text())["decode"] == decode
-        maps[decode] = _read_labels(tmp_path / decode)
-        for sample in wds.WebDataset(str(tmp_path / decode / "shard-000000.tar"), shardshuffle=False):
-            meta = json.loads(sample["json"])
-            assert (meta["height"], meta["width"]) == (480, 640)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(SAMPLES.glob("*.jpg"))[:2]:
+        big = cv2.resize(cv2.imread(str(path)), (640, 480), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(photos / path.name), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    maps = _labels_by_decode(name, photos, ("cpu", "cpu-reduced"), tmp_path, monkeypatch)
+    for sample in wds.WebDataset(str(tmp_path / "cpu-reduced" / "shard-000000.tar"), shardshuffle=False):
+        meta = json.loads(sample["json"])
+        assert (meta["height"], meta["width"]) == (480, 640)
     for key, whole in maps["cpu"].items():
         assert whole.std() / whole.mean() > 0.05, f"{name}: the map of {key} is flat: a CC would mean nothing"
         cc = np.corrcoef(whole.ravel(), maps["cpu-reduced"][key].ravel())[0, 1]

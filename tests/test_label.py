@@ -1537,14 +1537,9 @@ def test_another_image_folder_of_the_same_name_is_told_apart_before_any_overwrit
     assert other.output.index("give that one another --out") < other.output.index("--overwrite-changed")
 
 
-def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_resume_as_before(tmp_path):
-    """The decode path (`--decode`, resolved: cpu or device) is part of the shard identity: its labels differ by
-    more than the bf16 tolerance. A run on the other path refuses the finished shards; markers written before
-    the path was recorded have it from their settings (auto on a CPU: cpu), so such a folder resumes as before
-    (a photo added goes into a new shard), and `pipeline verify` accepts a folder of old and new markers; a
-    marker edited by hand there is an unfinished shard, not a crash."""
-    from pipeline.label.verify import verify_labels
-
+def _decoding_runs(tmp_path: Path):
+    """The sample's val2017 photos copied into a folder, the folder of their labels, and a function that labels
+    them there (classic on the CPU, shards of 6) decoding as it is told."""
     photos = tmp_path / "photos"
     shutil.copytree(SAMPLE / "val2017", photos)
     folder = tmp_path / "labels"
@@ -1553,6 +1548,19 @@ def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_res
         return label(folder_records(photos), folder, LabelConfig(teacher="classic", batch_size=4, io_threads=2,
                                                                  device="cpu", decode=decode),
                      shard_size=6, executor="local", progress=False)
+
+    return photos, folder, run
+
+
+def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_resume_as_before(tmp_path):
+    """The decode path (`--decode`, resolved: cpu or device) is part of the shard identity: its labels differ by
+    more than the bf16 tolerance. A run on the other path refuses the finished shards; markers written before
+    the path was recorded have it from their settings (auto on a CPU: cpu), so such a folder resumes as before
+    (a photo added goes into a new shard), and `pipeline verify` accepts a folder of old and new markers; a
+    marker edited by hand there is an unfinished shard, not a crash."""
+    from pipeline.label.verify import verify_labels
+
+    photos, folder, run = _decoding_runs(tmp_path)
 
     assert run("cpu").labelled == 12
     markers = sorted(folder.glob("shard-*.json"))
@@ -1608,14 +1616,7 @@ def test_auto_resumes_a_folder_on_the_decode_path_its_finished_shards_were_made_
     """A folder labelled on one decode path resumes under `--decode auto` on that path, with a note, whatever
     auto would choose on its own (a default that changed, another machine), instead of refusing the finished
     shards; the new shard is made on the same path. An explicit other path is still refused."""
-    photos = tmp_path / "photos"
-    shutil.copytree(SAMPLE / "val2017", photos)
-    folder = tmp_path / "labels"
-
-    def run(decode: str):
-        return label(folder_records(photos), folder, LabelConfig(teacher="classic", batch_size=4, io_threads=2,
-                                                                 device="cpu", decode=decode),
-                     shard_size=6, executor="local", progress=False)
+    photos, folder, run = _decoding_runs(tmp_path)
 
     assert run("device").labelled == 12
     capsys.readouterr()
