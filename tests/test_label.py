@@ -1204,6 +1204,28 @@ def test_a_large_jpeg_is_decoded_reduced_to_no_less_than_its_target_and_keeps_it
     assert np.array_equal(images.decode_at_least(grey, (96, 128))[0][..., 0], images.decode_image(grey, reduce=8)[..., 0])
 
 
+def test_a_jpeg_whose_header_states_too_many_pixels_is_one_failed_image_on_every_decode_path(tmp_path):
+    """A JPEG whose frame header claims 65000×65000 pixels (more than OpenCV decodes) is a per-image failure
+    with its reason on every decode path, not a failed shard, nor (reduced at 1/8) a grey picture labelled as
+    65000×65000, nor 12 GB that torchvision's decoder (or nvJPEG on a GPU) allocates for it; the other photos
+    of its shard are labelled."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted((SAMPLE / "val2017").glob("*.jpg"))[:2]:
+        shutil.copy(path, photos / path.name)
+    data = bytearray((SAMPLE / "val2017" / "000000000139.jpg").read_bytes())
+    sof = next(i for i in range(2, len(data)) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    data[sof + 5:sof + 9] = (65000).to_bytes(2, "big") * 2
+    (photos / "bomb.jpg").write_bytes(bytes(data))
+    assert images.jpeg_size(bytes(data)) == (65000, 65000)
+    for decode in ("cpu", "cpu-reduced", "device"):
+        summary = label(folder_records(photos), tmp_path / decode, LabelConfig(teacher="classic", batch_size=4,
+                        io_threads=1, device="cpu", decode=decode), shard_size=4, executor="local", progress=False)
+        marker = json.loads((tmp_path / decode / "shard-000000.json").read_text())
+        assert summary.labelled == 2 and [f["file"].rsplit("/", 1)[1] for f in marker["failures"]] == ["bomb.jpg"]
+        assert marker["failures"][0]["reason"].startswith("cannot decode"), marker["failures"]
+
+
 def test_an_unknown_decode_setting_is_refused():
     with pytest.raises(ValueError, match="unknown decode 'gpu'"):
         LabelConfig(teacher="classic", decode="gpu")
@@ -1615,7 +1637,8 @@ def test_auto_decodes_salgans_photos_on_the_cpus_beside_a_gpu_and_the_other_teac
 def test_auto_resumes_a_folder_on_the_decode_path_its_finished_shards_were_made_on(tmp_path, capsys):
     """A folder labelled on one decode path resumes under `--decode auto` on that path, with a note, whatever
     auto would choose on its own (a default that changed, another machine), instead of refusing the finished
-    shards; the new shard is made on the same path. An explicit other path is still refused."""
+    shards; the new shard is made on the same path. An explicit other path is still refused, and so is a path
+    this version does not know."""
     photos, folder, run = _decoding_runs(tmp_path)
 
     assert run("device").labelled == 12
@@ -1623,11 +1646,17 @@ def test_auto_resumes_a_folder_on_the_decode_path_its_finished_shards_were_made_
     shutil.copy(photos / "000000000139.jpg", photos / "000000000000.jpg")  # sorts first: a shard of its own
     summary = run("auto")  # auto on a CPU alone would decode on the CPU
     assert (summary.labelled, summary.skipped) == (1, 12)
-    assert "note: decoding on the device, where the finished shards of" in capsys.readouterr().err
+    assert "note: --decode auto decodes 'device', as the finished shards of" in capsys.readouterr().err
     markers = [json.loads(m.read_text()) for m in sorted(folder.glob("shard-*.json"))]
     assert [(m["decode"], m["config"]["decode"]) for m in markers] == [("device", "device")] * 3
     with pytest.raises(LabelError, match=r"decode differs \(shard has 'device', this run 'cpu'\)"):
         run("cpu")
+    capsys.readouterr()
+    assert run("auto").skipped == 13 and "note:" not in capsys.readouterr().err  # nothing left to do: no note
+    for path in sorted(folder.glob("shard-*.json")):  # a path this version does not know (a newer one's)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "decode": "device-reduced"}))
+    with pytest.raises(LabelError, match=r"decode differs \(shard has 'device-reduced', this run 'cpu-reduced'\)"):
+        run("auto")
 
 
 def test_a_relative_weights_path_reaches_the_workers_as_an_absolute_one(tmp_path, monkeypatch):

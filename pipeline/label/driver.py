@@ -30,8 +30,8 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
-from pipeline.label.config import (LabelConfig, LabelError, StoreRefused, decode_name, planned_identity, precision_name,
-                                   recorded_settings)
+from pipeline.label.config import (DECODE_PATHS, LabelConfig, LabelError, StoreRefused, decode_name, planned_identity,
+                                   precision_name, recorded_settings)
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, marker_path, planned_keys, read_marker,
@@ -198,13 +198,13 @@ def read_markers(folder: Path) -> dict[str, dict]:
 
 def finished_decode(markers: dict[str, dict], identity: dict) -> str | None:
     """Where the photos of the finished shards among ``markers`` that agree with ``identity`` in every other
-    setting were decoded, when they all agree on it (else None): ``--decode auto`` resumes a folder on the path
+    setting were decoded, when they all agree on one this version knows (else None): ``--decode auto`` resumes a folder on the path
     its shards were made on, so that a default that changed since does not refuse the folder."""
     expect = {**identity, "encoding_version": ENCODING_VERSION}
     paths = set()
     for marker in markers.values():
         path = recorded_settings(marker)["decode"]
-        if not settings_difference(marker, {**expect, "decode": path}):
+        if path in DECODE_PATHS and not settings_difference(marker, {**expect, "decode": path}):
             paths.add(path)
     return paths.pop() if len(paths) == 1 else None
 
@@ -361,12 +361,11 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     # the weights are resolved and hashed, the teacher is not built: a missing file fails before any work
     identity = planned_identity(config, precision, decode)
     found = None if overwrite else read_markers(folder)
-    if config.decode == "auto" and found:  # resumed where the finished shards were decoded
-        kept = finished_decode(found, identity)
-        if kept and kept != decode:
-            print(f"note: decoding on the {'CPU' if kept == 'cpu' else 'device'}, where the finished shards of "
-                  f"{folder} were decoded (--decode cpu or device chooses)", file=sys.stderr)
-            decode, identity = kept, {**identity, "decode": kept}
+    followed = finished_decode(found, identity) if config.decode == "auto" and found else None
+    if followed and followed != decode:  # resumed on the path the finished shards were decoded on
+        decode, identity = followed, {**identity, "decode": followed}
+    else:
+        followed = None
     config = replace(config, decode=decode)  # every worker decodes where the identity says
     if identity["weights_random"]:
         warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
@@ -379,6 +378,10 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
                                      retry_failed=retry_failed, markers=found), []
     todo, reuse = split.todo, split.reuse
+    if followed and todo:
+        print(f"note: --decode auto decodes {followed!r}, as the finished shards of {folder} were decoded (on its "
+              f"own it would take {decode_name('auto', bool(gpu), gpu_decode)!r}; --decode "
+              f"{'|'.join(DECODE_PATHS)} chooses)", file=sys.stderr)
     # where the workers go (on Ray: connected, its resources known): a refused run has deleted nothing yet
     where = placement(len(todo)) if todo else None
     if todo or split.surplus:

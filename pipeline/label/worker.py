@@ -115,7 +115,7 @@ class ShardLabeler:
 
     @cached_property
     def _decode(self) -> str:
-        """Where this worker decodes: ``cpu`` or ``device`` (:func:`decode_name`)."""
+        """Where and how this worker decodes: one of ``DECODE_PATHS`` (:func:`decode_name`)."""
         return decode_name(self.config.decode, self.device.type == "cuda", self.teacher.decode_on_gpu)
 
     @cached_property
@@ -170,7 +170,7 @@ class ShardLabeler:
             root = self._real_root(record.root) if record.root is not None else None
             data, st = images.read_source(record.path, self.config.max_image_bytes, root=root)
             item.nbytes, item.mtime_ns, item.content = len(data), st.st_mtime_ns, images.content_digest(data)
-            if self._device_decode and images.is_jpeg(data):
+            if self._device_decode and images.is_jpeg(data) and images.decodable_size(data):
                 item.data = images.as_tensor(data)  # here, on a decode thread, not on the one that runs the GPU
                 return item
             if self._decode == "cpu-reduced":
