@@ -1577,7 +1577,7 @@ def _decoding_runs(tmp_path: Path):
 def test_shards_decoded_on_the_other_path_are_not_mixed_in_and_older_markers_resume_as_before(tmp_path):
     """The decode path (`--decode`, resolved: cpu or device) is part of the shard identity: its labels differ by
     more than the bf16 tolerance. A run on the other path refuses the finished shards; markers written before
-    the path was recorded have it from their settings (auto on a CPU: cpu), so such a folder resumes as before
+    the path was recorded have it from their settings (auto was then cpu on a CPU), so such a folder resumes as before
     (a photo added goes into a new shard), and `pipeline verify` accepts a folder of old and new markers; a
     marker edited by hand there is an unfinished shard, not a crash."""
     from pipeline.label.verify import verify_labels
@@ -1644,7 +1644,7 @@ def test_auto_resumes_a_folder_on_the_decode_path_its_finished_shards_were_made_
     assert run("device").labelled == 12
     capsys.readouterr()
     shutil.copy(photos / "000000000139.jpg", photos / "000000000000.jpg")  # sorts first: a shard of its own
-    summary = run("auto")  # auto on a CPU alone would decode on the CPU
+    summary = run("auto")  # auto on a CPU alone would take cpu-reduced
     assert (summary.labelled, summary.skipped) == (1, 12)
     assert "note: --decode auto decodes 'device', as the finished shards of" in capsys.readouterr().err
     markers = [json.loads(m.read_text()) for m in sorted(folder.glob("shard-*.json"))]

@@ -75,8 +75,8 @@ def decode_name(decode: str, on_gpu: bool, gpu_decode: bool = True) -> str:
 def recorded_settings(marker: dict) -> dict:
     """A shard's marker with its decode path, which a marker written before markers recorded it has from its
     settings (before ``decode`` was a setting, photos were decoded on the CPU; until markers recorded the path,
-    ``auto`` was ``device`` for every teacher on a GPU and ``cpu`` elsewhere); whatever a marker edited by hand holds there, the path is
-    a string, never an error."""
+    ``auto`` was ``device`` for every teacher on a GPU and ``cpu`` elsewhere); whatever a marker edited by hand
+    holds there, the path is a string, never an error."""
     if "decode" in marker:
         return marker
     config = marker.get("config")

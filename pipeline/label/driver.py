@@ -198,8 +198,8 @@ def read_markers(folder: Path) -> dict[str, dict]:
 
 def finished_decode(markers: dict[str, dict], identity: dict) -> str | None:
     """Where the photos of the finished shards among ``markers`` that agree with ``identity`` in every other
-    setting were decoded, when they all agree on one this version knows (else None): ``--decode auto`` resumes a folder on the path
-    its shards were made on, so that a default that changed since does not refuse the folder."""
+    setting were decoded, when they all agree on one this version knows (else None): ``--decode auto`` resumes
+    a folder on the path its shards were made on, so that a default that changed since does not refuse it."""
     expect = {**identity, "encoding_version": ENCODING_VERSION}
     paths = set()
     for marker in markers.values():
