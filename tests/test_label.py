@@ -1659,6 +1659,24 @@ def test_auto_resumes_a_folder_on_the_decode_path_its_finished_shards_were_made_
         run("auto")
 
 
+def test_a_run_refused_before_any_work_leaves_no_folder_behind(coco_tree, tmp_path):
+    """`pipeline label` refused before it writes anything (here SalGAN without --weights) removes the output
+    folders it created, its lock too; a folder that was there before stays, and a run that is not refused labels
+    there as usual."""
+    out = tmp_path / "new" / "labels"
+    args = ["label", "coco", "--teacher", "salgan", "--coco-root", str(coco_tree), "--split", "val2017",
+            "--executor", "local", "--no-progress"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert r.exit_code != 0 and "salgan needs --weights" in r.output, r.output
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "kept")])
+    assert r.exit_code != 0 and (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "salgan").exists()
+    r = CliRunner().invoke(cli, [*args[:3], "classic", *args[4:], "--out", str(out), "--shard-size", "4"])
+    assert r.exit_code == 0, r.output
+    assert (out / "classic" / "val2017" / "labels.json").is_file()
+
+
 def test_a_relative_weights_path_reaches_the_workers_as_an_absolute_one(tmp_path, monkeypatch):
     """Ray actors on another node (or started in another folder) resolve a relative --weights against their
     own folder: `pipeline label` hands them the file's absolute path (the recorded digest is the file's)."""

@@ -92,6 +92,18 @@ def _lock(folder: Path):
     return f
 
 
+def _remove_if_empty(created: list[Path]) -> None:
+    """Remove the folders a run created (deepest first) that it left empty but for its lock: a run refused before
+    it wrote anything (weights missing, a bad setting) leaves no trace."""
+    try:
+        if [p.name for p in created[0].iterdir()] == [".lock"]:
+            (created[0] / ".lock").unlink()
+        for path in created:
+            path.rmdir()
+    except OSError:  # not empty (something was written), or gone: left as it is
+        pass
+
+
 def prepare_folder(folder: Path) -> None:
     """Create the output folder (a file in its way, or a folder that refuses writes, is an error)."""
     if folder.exists() and not folder.is_dir():
@@ -303,17 +315,23 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
             workers_per_gpu = teacher_class(config.teacher).workers_per_gpu
         except KeyError:  # an unknown teacher: refused below, with the others' names
             workers_per_gpu = 1
+    created = [] if isinstance(folder, RemotePath) else [p for p in (folder, *folder.parents) if not p.exists()]
     prepare_folder(folder)
     lock = _lock(folder)
+    finished = False
     try:
         with contextlib.ExitStack() as stack:
-            return _label(records, folder, config, stack, start, shard_size=shard_size, overwrite=overwrite,
-                          overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
-                          address=address, gpus=gpus, cpu_workers=cpu_workers, workers_per_gpu=workers_per_gpu,
-                          retries=retries, progress=progress)
+            summary = _label(records, folder, config, stack, start, shard_size=shard_size, overwrite=overwrite,
+                             overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
+                             address=address, gpus=gpus, cpu_workers=cpu_workers, workers_per_gpu=workers_per_gpu,
+                             retries=retries, progress=progress)
+        finished = True
+        return summary
     finally:
         if lock is not None:
             lock.close()
+        if not finished and created:
+            _remove_if_empty(created)
 
 
 def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, start: float, *, shard_size,
