@@ -60,6 +60,18 @@ step label-salgan-4proc 80 $L $A --images 16384 --processes 4 --decode device
 step label-salgan-4proc-cpu 80 $L $A --images 16384 --processes 4 --decode cpu
 step label-salgan-5proc-cpu 80 $L $A --images 20480 --processes 5 --decode cpu
 step label-salgan-6proc-cpu 80 $L $A --images 18432 --processes 6 --decode cpu
+# the same at COCO's usual size: the sample photos enlarged to 640x480 (the bundled ones are 300-480 px, half the
+# pixels), where cpu-reduced decodes at 320x240 and the GPU and cpu decode whole
+$PY - <<'EOF' >>"$LOG" 2>&1
+import pathlib, cv2
+out = pathlib.Path("/tmp/p640"); out.mkdir(exist_ok=True)
+for p in sorted(pathlib.Path("samples/coco/val2017").glob("*.jpg")):
+    cv2.imwrite(str(out / p.name), cv2.resize(cv2.imread(str(p)), (640, 480), interpolation=cv2.INTER_CUBIC),
+                [cv2.IMWRITE_JPEG_QUALITY, 90])
+EOF
+step label-salgan-4proc-640 80 $L $A --images 16384 --processes 4 --decode device --photos /tmp/p640
+step label-salgan-4proc-640-reduced 80 $L $A --images 16384 --processes 4 --decode cpu-reduced --photos /tmp/p640
+step label-salgan-4proc-640-cpu 80 $L $A --images 16384 --processes 4 --decode cpu --photos /tmp/p640
 step decode-overlap 60 $PY bench/device_decode.py --teacher salgan --images 4096 --batch-size 128 --json $J
 step decode-overlap-own-stream 60 $PY bench/device_decode.py --teacher salgan --images 4096 --batch-size 128 \
   --stream own --json $J
