@@ -59,7 +59,12 @@ def labelled(sample_labels) -> Path:
     return sample_labels
 
 
-def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, labelled):
+def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, labelled, monkeypatch):
+    """Labels written to S3 are the local run's bytes; a resume reads the markers there and downloads no
+    finished tar whose version (size and ETag) is the one its marker recorded, but hashes one that was
+    replaced since (same size, other bytes: relabelled); `pipeline verify` checks them all."""
+    from pipeline.common.storage import RemotePath
+
     folder = labelled
     remote = "labels/run/classic/val2017"
 
@@ -71,8 +76,24 @@ def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, label
     for tar in sorted(folder.glob("shard-*.tar")):  # the same bytes as the local run's
         assert sha(s3.cat_file(f"{remote}/{tar.name}")) == sha(tar.read_bytes())
 
+    hashed = []  # the tars read back from the store
+
+    def reading(self, mode="r", real=RemotePath.open, **kwargs):
+        if self.name.endswith(".tar"):
+            hashed.append(self.name)
+        return real(self, mode, **kwargs)
+
+    monkeypatch.setattr(RemotePath, "open", reading)
     again = CliRunner().invoke(cli, [*LABEL, "--out", "s3://labels/run"])  # resume reads the markers there
     assert again.exit_code == 0 and "0 written, 3 already done" in again.output, again.output
+    assert hashed == []  # each tar is the very object its marker recorded: nothing downloaded
+    size = len(s3.cat_file(f"{remote}/shard-000000.tar"))
+    s3.pipe_file(f"{remote}/shard-000000.tar", b"x" * size)  # replaced by other bytes of the same size
+    s3.invalidate_cache()
+    swapped = CliRunner().invoke(cli, [*LABEL, "--out", "s3://labels/run"])
+    assert swapped.exit_code == 0 and "1 written, 2 already done" in swapped.output, swapped.output
+    assert hashed == ["shard-000000.tar"]
+    assert sha(s3.cat_file(f"{remote}/shard-000000.tar")) == sha((folder / "shard-000000.tar").read_bytes())
 
     s3.rm_file(f"{remote}/shard-000001.json")  # a shard whose marker never made it: redone, alone
     s3.invalidate_cache()

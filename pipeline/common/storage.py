@@ -255,6 +255,13 @@ class RemotePath:
             self.fs.put_file(str(local), self.key)
         self._invalidate()
 
+    def version(self) -> tuple[int, str]:
+        """(size, content tag) of this object as the store says now, in one request (:func:`content_tag`: a
+        rewrite changes the tag); FileNotFoundError when it is not there."""
+        self._invalidate()
+        info = self.fs.info(self.key)
+        return int(info.get("size") or 0), content_tag(info)
+
     def download(self, local: str | Path) -> None:
         self.fs.get_file(self.key, str(local))
 

@@ -165,7 +165,8 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
     split = Split()
     expect = {**identity, "encoding_version": ENCODING_VERSION}
     for plan in plans:
-        marker, reason = verify_shard(folder, plan.name, expect, marker=(markers or {}).get(plan.name))
+        marker, reason = verify_shard(folder, plan.name, expect, marker=(markers or {}).get(plan.name),
+                                      trust_store=True)
         if marker is not None and not reason:
             have = planned_keys(marker)
             had, want = set(have), set(plan.keys)

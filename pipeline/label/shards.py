@@ -124,6 +124,10 @@ class ShardWriter:
             raise
         marker_path(self.folder, self.name).unlink(missing_ok=True)  # the old shard's, before its tar goes
         self._files.close()  # atomic_open: fsync, rename, fsync the folder
+        stored = {}
+        if isinstance(self.final, RemotePath):  # the version of the object the store now holds: a resume that
+            _, tag = self.final.version()      # finds it unchanged need not download the tar to hash it again
+            stored = {"store_tag": tag} if tag else {}
         marker = {
             "format": MARKER_FORMAT,
             "encoding_version": ENCODING_VERSION,
@@ -132,6 +136,7 @@ class ShardWriter:
             **marker,
             "sha256": self._file.sha256.hexdigest(),
             "bytes": self._file.size,
+            **stored,
         }
         write_json(marker_path(self.folder, self.name), marker)
         return marker
@@ -290,9 +295,12 @@ def settings_difference(marker: dict, expect: dict) -> str:
 
 
 def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = True,
-                 marker: dict | None = None) -> tuple[dict | None, str]:
+                 marker: dict | None = None, trust_store: bool = False) -> tuple[dict | None, str]:
     """(marker, "") when the shard is finished with the settings in ``expect``; else (marker or None, reason).
-    ``marker``: the shard's marker as the caller has just read it (else it is read here)."""
+    ``marker``: the shard's marker as the caller has just read it (else it is read here). ``trust_store``: a tar
+    on object storage whose version (size and the store's checksum or modification time) is the one its
+    marker recorded when it was uploaded is not downloaded and hashed again (a label run's resume; `pipeline
+    verify` hashes every tar)."""
     marker = read_marker(folder, name) if marker is None else marker
     if marker is None:
         return None, "no marker (or one not in the shape `pipeline label` writes)"
@@ -300,7 +308,16 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
     if differs:
         return marker, differs
     tar = tar_path(folder, name)
-    if not tar.is_file() or tar.stat().st_size != marker.get("bytes"):
+    if isinstance(tar, RemotePath):
+        try:
+            size, tag = tar.version()
+        except FileNotFoundError:
+            size, tag = None, ""
+        if size != marker.get("bytes"):
+            return marker, "tar missing or of the wrong size"
+        if trust_store and tag and tag == marker.get("store_tag"):
+            return marker, ""
+    elif not tar.is_file() or tar.stat().st_size != marker.get("bytes"):
         return marker, "tar missing or of the wrong size"
     if check_digest and digest(tar) != marker.get("sha256"):
         return marker, "tar checksum does not match its marker"
