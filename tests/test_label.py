@@ -640,6 +640,8 @@ def test_errors_keep_their_cause_in_one_line():
     assert error_message(KeyError("shard")) == "KeyError: 'shard'"
     assert error_message(RuntimeError("\x1b[1m\x1b[31mboom\x1b[0m\n\tdetails")) == "RuntimeError: boom"
     assert error_message(ValueError("Traceback (most recent call last):\n  File x\nValueError: bad")) == "ValueError: bad"
+    h5 = OSError(errno.ENOSPC, "Can't close file (file write failed: time = Fri Nov 27\n, filename = 'p.h5')", "p.h5")
+    assert error_message(h5) == "Can't close file (file write failed: time = Fri Nov 27 , filename = 'p.h5'): p.h5"
 
 
 def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_twice(coco_tree, tmp_path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -523,7 +524,9 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(small_la
     assert r.exit_code == 0 and f"warning: {ckpts / 'latest.json'} is unreadable (JSONDecodeError" in r.output
     assert "resuming from epoch-0001.pt (epoch 2) instead" in r.output and "nothing to do" in r.output
     # the pointer names the checkpoint found again: the run folder is a finished run for what reads it
-    assert json.loads((ckpts / "latest.json").read_text()) == {"checkpoint": "epoch-0001.pt", "epoch": 1}
+    pointer = json.loads((ckpts / "latest.json").read_text())
+    assert (pointer["checkpoint"], pointer["epoch"]) == ("epoch-0001.pt", 1)
+    assert pointer["sha256"] == hashlib.sha256((ckpts / "epoch-0001.pt").read_bytes()).hexdigest()
     r = invoke("eval", "--checkpoint", run, "--labels", small_labels, "--no-progress")
     assert r.exit_code == 0, r.output
     (ckpts / "latest.json").write_text('{"checkpoint": ')
@@ -535,6 +538,48 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(small_la
     r = invoke(*args)
     assert r.exit_code == 1 and r.output.startswith(f"Error: no checkpoint in {ckpts} can be read (")
     assert r.output.strip().endswith("start over with --restart")
+
+
+def test_a_checkpoint_changed_since_it_was_written_is_passed_over_and_checksums_find_it(small_labels, tmp_path):
+    """`latest.json` records its checkpoint's sha256: a checkpoint whose bytes changed since (a flipped bit
+    that torch would load as other weights) is passed over on resume like a truncated one, and `pipeline run
+    --checksums` finds the train step's output corrupt; untouched, both take it. (And a run whose config.json
+    is unreadable is an unfinished step, not a traceback of `pipeline status`.)"""
+    from pipeline.manifest.steps import _verify_train
+
+    run = tmp_path / "run"
+    args = ["train", "--labels", small_labels, "--run", run, "--epochs", 2, "--steps-per-epoch", 1, *FAST]
+    assert invoke(*args).exit_code == 0
+    straight = final_model(run)
+    assert _verify_train(run, checksums=True) == ""
+    last = run / "checkpoints" / "epoch-0001.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4] = bytes(255 - b for b in data[len(data) // 2:len(data) // 2 + 4])
+    last.write_bytes(bytes(data))
+    assert _verify_train(run, checksums=False) == ""  # sizes and names alone cannot tell
+    assert "is not the checkpoint latest.json recorded (its sha256 differs)" in _verify_train(run, checksums=True)
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert f"warning: {last} is not the checkpoint latest.json recorded" in r.output
+    assert "resuming from epoch-0000.pt (epoch 1) instead" in r.output
+    again = final_model(run)
+    assert all(torch.equal(again[k], v) for k, v in straight.items())
+    assert _verify_train(run, checksums=True) == ""
+    for text in ("{}", '{"epochs": ', '["epochs"]'):  # a run's config.json emptied or cut short: made again
+        (run / "config.json").write_text(text)
+        assert "config.json is not the settings `pipeline train` writes" in _verify_train(run, checksums=False)
+
+
+def test_a_run_folder_inside_a_label_folder_is_refused(small_labels, tmp_path):
+    """`--run` that is a label folder (or lies in one) would write checkpoints and logs among its shards: refused
+    in one line, nothing written; beside it is fine."""
+    before = sorted(p.name for p in small_labels.iterdir())
+    for run in (small_labels, small_labels / "run"):
+        r = CliRunner().invoke(cli, [str(a) for a in ["train", "--labels", small_labels, "--run", run, "--epochs", 1,
+                                                      "--steps-per-epoch", 1, *FAST]])
+        assert r.exit_code == 1 and f"Error: --run {run} lies in the label folder {small_labels} (--labels)" in \
+            r.output, r.output
+    assert sorted(p.name for p in small_labels.iterdir()) == before
 
 
 def test_one_train_per_run_folder(small_labels, tmp_path):
@@ -682,7 +727,7 @@ def test_ray_workers_on_a_finished_run_start_no_ray_and_still_refuse_other_setti
 
 def test_labels_are_checked_for_what_they_were_made_with_not_only_their_teachers_name(small_labels, tmp_path):
     """Labels of one teacher made with other weights mixed (and a run resumed on a folder relabelled with other
-    weights) without a word; the same folder given twice trained its held-out shard; labels of random weights,
+    weights, or at another size) without a word; the same folder given twice trained its held-out shard; labels of random weights,
     and Eq. 3's weights given for a map teacher, said nothing. (labels.json records what they were made with;
     other weights are written into a copy's here, as a relabel with them would write it.)"""
     def relabelled(name: str, **fields) -> Path:
@@ -711,6 +756,11 @@ def test_labels_are_checked_for_what_they_were_made_with_not_only_their_teachers
     (moved / "labels.json").write_text(json.dumps({**index, "weights_digest": "sha256:" + "cd" * 32}))
     r = invoke("train", "--run", tmp_path / "run2", "--epochs", 2, "--steps-per-epoch", 1, *FAST, "--labels", moved)
     assert r.exit_code == 1 and "was trained with other settings (labels weights_digest" in r.output, r.output
+    # relabelled at another size (the classic teacher has no weights: its digest says nothing)
+    (moved / "labels.json").write_text(json.dumps({**index, "image_size": [index["image_size"][0] * 2,
+                                                                          index["image_size"][1] * 2]}))
+    r = invoke("train", "--run", tmp_path / "run2", "--epochs", 2, "--steps-per-epoch", 1, *FAST, "--labels", moved)
+    assert r.exit_code == 1 and "was trained with other settings (labels image_size" in r.output, r.output
 
     noise = relabelled("noise", weights_random=True)
     r = CliRunner().invoke(cli, [str(a) for a in ["train", "--run", tmp_path / "run3", "--epochs", 1,
@@ -723,6 +773,32 @@ def test_labels_are_checked_for_what_they_were_made_with_not_only_their_teachers
     assert again.exit_code == 0, again.output  # (map labels: their loss has no such weights to differ in)
     r = invoke(*base, "--labels", small_labels, "--loss-weights", "0,0,0")
     assert r.exit_code == 2 and "not all 0" in r.output
+
+
+def test_a_full_disk_while_the_run_writes_its_logs_is_one_line_and_the_saved_epoch_resumes(small_labels, tmp_path,
+                                                                                               monkeypatch):
+    """A disk that fills while `train` writes its curves (or logs) after an epoch is one `Error:` line saying
+    the run resumes, not a traceback; the epoch's checkpoint is kept and the next run goes on from it."""
+    import errno
+
+    import pipeline.train.loop as loop
+
+    run = tmp_path / "run"
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "curves.png"))
+
+    monkeypatch.setattr(loop, "plot_curves", full)
+    r = CliRunner().invoke(cli, [str(a) for a in ["train", "--run", run, "--epochs", 1, "--steps-per-epoch", 1,
+                                                  *FAST, "--labels", small_labels]])
+    last = r.output.splitlines()[-1]
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.count("Error") == 1, r.output
+    assert last.startswith("Error: cannot write the run's files (No space left on device: ") and \
+        "resumes after its last saved epoch" in last, r.output
+    assert (run / "checkpoints" / "latest.json").is_file()
+    monkeypatch.undo()
+    again = invoke("train", "--run", run, "--epochs", 2, "--steps-per-epoch", 1, *FAST, "--labels", small_labels)
+    assert again.exit_code == 0 and "resuming" in again.output.lower(), again.output
 
 
 def test_init_takes_what_fits_says_what_it_took_and_refuses_other_options(small_labels, tmp_path):

@@ -71,6 +71,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
               teacher_weights, loss_weights, gt_maps, steps_per_epoch, ray_workers, address, restart, verify, max_bad_samples,
               progress):
     """Train a student (FastSal, SACT) on labelled shards; re-running resumes after the last finished epoch."""
+    from pipeline.common.errors import error_message
     from pipeline.common.storage import StorageError, as_path
     from pipeline.train.data import DataError
     from pipeline.train.config import TrainConfig, TrainError
@@ -128,6 +129,9 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
         raise click.ClickException(renamed(str(e), {"--weights": "--teacher-weights"})) from None
     except (DataError, TrainError, StorageError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
+    except OSError as e:  # a full disk or a folder that refuses writes, while the run writes its logs or curves
+        raise click.ClickException(f"cannot write the run's files ({error_message(e)}); the run resumes after its "
+                                   "last saved epoch when the same command runs again") from None
     if peer and peer[0] != 0:
         return  # process 0 reports
     click.echo(summary_table(results))

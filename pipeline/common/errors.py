@@ -67,7 +67,7 @@ def error_message(error: BaseException) -> str:
         return storage_error(error)
     name = type(error).__name__
     if isinstance(error, OSError) and error.strerror:
-        line = strip_ansi(str(error.strerror)).strip()
+        line = " ".join(strip_ansi(str(error.strerror)).split())  # (h5py's reasons span lines)
         if error.filename:
             line += f": {error.filename}"
         return line

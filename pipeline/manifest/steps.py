@@ -24,8 +24,8 @@ from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
 from pipeline.label.sources import IMAGE_SUFFIXES
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
-from pipeline.train.checkpoints import (LATEST, CheckpointError, latest, latest_record, load_checkpoint,
-                                        load_resumable)
+from pipeline.train.checkpoints import (LATEST, CheckpointError, checkpoint_digest, latest, latest_record,
+                                        load_checkpoint, load_resumable)
 
 
 @dataclass(frozen=True)
@@ -136,14 +136,23 @@ def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
     config = run / "config.json"
     if record is None or not config.is_file():
         return f"no finished epoch in {run}"
-    epoch, epochs = record["epoch"], json.loads(config.read_text())["epochs"]
+    try:
+        epochs = int(json.loads(config.read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):  # cut short, emptied or edited: made again
+        return f"{config} is not the settings `pipeline train` writes"
+    epoch = record["epoch"]
     if epoch + 1 < epochs:
         return f"{epoch + 1} of {epochs} epochs trained"
     if not latest(run / "checkpoints").is_file():
         return f"checkpoint named by {run / 'checkpoints' / LATEST} is missing"
-    if checksums:  # (a checkpoint has no recorded sha256: it is read whole instead)
+    if checksums:  # against the sha256 latest.json records (an older run's records none: read whole instead)
+        path = latest(run / "checkpoints")
+        if record.get("sha256"):
+            if checkpoint_digest(path) != record["sha256"]:
+                return f"{path} is not the checkpoint {LATEST} recorded (its sha256 differs)"
+            return ""
         try:
-            load_checkpoint(latest(run / "checkpoints"))
+            load_checkpoint(path)
         except CheckpointError as e:
             return str(e)
     return ""

@@ -12,6 +12,7 @@ read there and the one checkpoint file downloaded to a temporary file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -69,8 +70,23 @@ def _read_latest(ckpt_dir: Path) -> tuple[dict | None, str]:
     return record, ""
 
 
+def checkpoint_digest(path: Path) -> str:
+    """sha256 (hex) of a checkpoint file, as ``latest.json`` records it."""
+    h = hashlib.sha256()
+    with as_path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _point_at(ckpt_dir: Path, path: Path, epoch: int) -> None:
+    """``latest.json`` naming ``path`` (its epoch and sha256): the run's pointer, written after the checkpoint."""
+    write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": epoch, "sha256": checkpoint_digest(path)})
+
+
 def latest_record(ckpt_dir: Path) -> dict | None:
-    """``latest.json`` (``{"checkpoint": name, "epoch": N}``), or None before the first finished epoch;
+    """``latest.json`` (``{"checkpoint": name, "epoch": N, "sha256": hex}``; older runs' hold no sha256), or None
+    before the first finished epoch;
     :class:`CheckpointError` when it is there but unreadable."""
     record, problem = _read_latest(ckpt_dir)
     if problem:
@@ -123,14 +139,17 @@ def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
         return None
     for path in candidates:
         try:
-            ckpt = load_resumable(path)
-        except CheckpointError as e:
-            problems.append(str(e))
+            ckpt = load_resumable(path)  # (a truncated file is said to be so)
+            if path == named and record.get("sha256") and checkpoint_digest(path) != record["sha256"]:
+                raise CheckpointError(f"{path} is not the checkpoint {LATEST} recorded (its sha256 differs: "
+                                      "changed since it was written)")
+        except (CheckpointError, OSError) as e:
+            problems.append(str(e) if isinstance(e, CheckpointError) else f"{path}: {e}")
             continue
         for problem in problems:
             warn(f"warning: {problem}; resuming from {path.name} (epoch {ckpt['epoch'] + 1}) instead")
         if path != named:
-            write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": ckpt["epoch"]})
+            _point_at(ckpt_dir, path, ckpt["epoch"])
         return path, ckpt
     raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read ({'; '.join(problems)}): start over with "
                           "--restart")
@@ -190,7 +209,7 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "wb") as f:
             torch.save(ckpt, f)
-        write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": epoch})
+        _point_at(ckpt_dir, path, epoch)
     except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer says "[enforce fail …] unexpected pos"
         if isinstance(e, RuntimeError) and "inline_container" not in str(e):
             raise

@@ -229,6 +229,12 @@ class Trainer:
         if not is_url(c.run) and Path(c.run).exists() and not Path(c.run).is_dir():
             raise TrainError(f"--run {c.run} is a file, not a run folder: give a folder (a new one, or a run's to "
                              "resume it)")
+        for flag, folders in (("--labels", c.labels), ("--val-labels", [c.val_labels] if c.val_labels else [])):
+            for folder in folders:  # the run's files would be written among the shards
+                if not is_url(c.run) and not is_url(folder) and Path(folder).resolve() in (
+                        Path(c.run).resolve(), *Path(c.run).resolve().parents):
+                    raise TrainError(f"--run {c.run} lies in the label folder {folder} ({flag}): give a run folder "
+                                     "outside it")
         labels = open_label_sets(c.labels)
         if c.gt_maps is not None and labels.label_kind == "log_density":
             raise TrainError(f"--gt-maps: {labels.folder} holds {labels.teacher}'s densities, and their loss (Eq. 3) has "
@@ -463,7 +469,9 @@ def check_resumable(path: Path, ckpt: dict, config: TrainConfig, options: dict, 
     theirs["student_options"] = ckpt.get("student_options", theirs.get("student_options"))
     ours["student_options"] = options
     made = ckpt.get("labels") if isinstance(ckpt.get("labels"), dict) else {}
-    for key in ("weights_digest", "label_version"):  # (checkpoints before stop 24 do not record them)
+    # what the labels were made with: a folder relabelled since at another size, by another teacher or other
+    # weights, is another dataset under the same path (checkpoints before stop 24 record no digest or version)
+    for key in ("teacher", "kind", "image_size", "weights_digest", "label_version"):
         if made.get(key) is not None and labels.get(key) is not None:
             theirs[f"labels {key}"], ours[f"labels {key}"] = made[key], labels[key]
     if labels.get("kind") != "log_density":  # Eq. 3's weights: no term of a map teacher's loss (Eq. 2)
