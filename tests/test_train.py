@@ -289,13 +289,22 @@ def test_labels_whose_every_sample_is_bad_train_nothing_and_say_so(small_labels,
     assert not list(tmp_path.glob("run/checkpoints/*.pt"))
 
 
+def save_as_written(path: Path, ckpt: dict) -> None:
+    """``ckpt`` saved as the run's checkpoint ``path``, as a run that wrote it would have left it: its sha256 in
+    ``latest.json`` (a checkpoint changed behind the run's back is passed over on resume)."""
+    torch.save(ckpt, path)
+    pointer = path.parent / "latest.json"
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()),
+                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}))
+
+
 def test_a_checkpoint_altered_out_of_fit_is_one_sentence(small_labels, tmp_path):
     assert invoke("train", "--labels", small_labels, "--run", tmp_path / "run", *ONE).exit_code == 0
     latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["checkpoint"]
     path = tmp_path / "run" / "checkpoints" / latest
     ckpt = torch.load(path, weights_only=False)
     del ckpt["model"][next(iter(ckpt["model"]))]
-    torch.save(ckpt, path)
+    save_as_written(path, ckpt)
     r = invoke("train", "--labels", small_labels, "--run", tmp_path / "run", *FAST, "--epochs", "2", "--steps-per-epoch", "1")
     assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith(f"Error: {path} does not fit this run ("), \
         r.output
@@ -904,7 +913,7 @@ def test_resuming_with_another_number_of_processes_is_said(small_labels, tmp_pat
     path = run / "checkpoints" / "epoch-0000.pt"
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["world"] == 1
-    torch.save({**ckpt, "world": 2}, path)  # as a 2-process run leaves it
+    save_as_written(path, {**ckpt, "world": 2})  # as a 2-process run leaves it
     r = invoke(*one, "--epochs", 2)
     assert r.exit_code == 0 and ("warning: epoch-0000.pt was trained by 2 process(es), this run has 1: each step now "
                                  "takes 1 × 2 images, not 2 × 2") in r.stderr, r.output

@@ -232,8 +232,8 @@ class Trainer:
                              "resume it)")
         for flag, folders in (("--labels", c.labels), ("--val-labels", [c.val_labels] if c.val_labels else [])):
             for folder in folders:  # the run's files would be written among the shards
-                if not is_url(c.run) and not is_url(folder) and Path(folder).resolve() in (
-                        Path(c.run).resolve(), *Path(c.run).resolve().parents):
+                if not is_url(c.run) and not is_url(folder) and (Path(folder) / "labels.json").is_file() and \
+                        Path(folder).resolve() in (Path(c.run).resolve(), *Path(c.run).resolve().parents):
                     raise TrainError(f"--run {c.run} lies in the label folder {folder} ({flag}): give a run folder "
                                      "outside it")
         labels = open_label_sets(c.labels)
