@@ -159,8 +159,9 @@ def test_training_reads_and_writes_object_storage_as_it_does_local_folders(s3, l
     remote = [*TRAIN, "--labels", url, "--val-labels", "s3://labels/val", "--run", "s3://labels/runs/a"]
     first = CliRunner().invoke(cli, remote)
     assert first.exit_code == 0 and "checkpoints: s3://labels/runs/a/checkpoints" in first.output, first.output
-    assert json.loads(s3.cat_file("labels/runs/a/checkpoints/latest.json")) == {"checkpoint": "epoch-0000.pt",
-                                                                                "epoch": 0}
+    pointer = json.loads(s3.cat_file("labels/runs/a/checkpoints/latest.json"))
+    assert (pointer["checkpoint"], pointer["epoch"]) == ("epoch-0000.pt", 0)
+    assert pointer["sha256"] == sha(s3.cat_file("labels/runs/a/checkpoints/epoch-0000.pt"))
     second = CliRunner().invoke(cli, [*remote, "--epochs", "2"])
     assert second.exit_code == 0, second.output + second.stderr
     assert "resuming s3://labels/runs/a after epoch 1 (step 1)" in second.stderr
