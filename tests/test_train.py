@@ -552,7 +552,8 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(small_la
 def test_a_checkpoint_changed_since_it_was_written_is_passed_over_and_checksums_find_it(small_labels, tmp_path):
     """`latest.json` records its checkpoint's sha256: a checkpoint whose bytes changed since (a flipped bit
     that torch would load as other weights) is passed over on resume like a truncated one, and `pipeline run
-    --checksums` finds the train step's output corrupt; untouched, both take it. (And a run whose config.json
+    --checksums` finds the train step's output corrupt, and `eval` of the run refuses it; untouched, all take
+    it. (And a run whose config.json
     is unreadable is an unfinished step, not a traceback of `pipeline status`.)"""
     from pipeline.manifest.steps import _verify_train
 
@@ -567,6 +568,9 @@ def test_a_checkpoint_changed_since_it_was_written_is_passed_over_and_checksums_
     last.write_bytes(bytes(data))
     assert _verify_train(run, checksums=False) == ""  # sizes and names alone cannot tell
     assert "is not the checkpoint latest.json recorded (its sha256 differs)" in _verify_train(run, checksums=True)
+    r = invoke("eval", "--checkpoint", run, "--labels", small_labels, "--no-progress")  # nor scores other weights
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {last} is not the checkpoint latest.json recorded"), \
+        r.output
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     assert f"warning: {last} is not the checkpoint latest.json recorded" in r.output

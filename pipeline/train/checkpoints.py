@@ -164,7 +164,7 @@ def checkpoint_path(path: str | Path) -> Path:
         found = latest(path.parent)
         if found is None:
             raise CheckpointError(f"{path} names no checkpoint")
-        return found
+        return _as_recorded(path.parent, found)
     if path.is_file():
         return path
     if path.exists() if is_url(path) else path.is_dir():
@@ -172,8 +172,20 @@ def checkpoint_path(path: str | Path) -> Path:
         if found is None:
             raise CheckpointError(f"{path} is a folder without checkpoints/{LATEST}: not a finished "
                                   "`pipeline train` run (give a checkpoint file or a run folder)")
-        return found
+        return _as_recorded(path / "checkpoints", found)
     raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def _as_recorded(ckpt_dir, found):
+    """``found``, the checkpoint ``latest.json`` names, when its bytes are those it recorded (a local file; one
+    on object storage is read as it is); else :class:`CheckpointError`."""
+    record = latest_record(ckpt_dir)
+    if (record or {}).get("sha256") and not is_url(found) and Path(found).is_file() \
+            and checkpoint_digest(found) != record["sha256"]:
+        raise CheckpointError(f"{found} is not the checkpoint {LATEST} recorded (its sha256 differs: changed since "
+                              f"it was written); `pipeline train` on {as_path(ckpt_dir).parent} resumes from the one "
+                              "before it, or give a checkpoint file")
+    return found
 
 
 def read_weights(path) -> dict:
