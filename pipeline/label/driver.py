@@ -376,15 +376,13 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         gpu_decode = True
     gpu = on_gpu() if config.precision == "auto" or (config.decode == "auto" and gpu_decode) else None
     precision = precision_name(config.precision == "bf16" if config.precision != "auto" else gpu)
-    decode = decode_name(config.decode, bool(gpu), gpu_decode)
+    decode = own = decode_name(config.decode, bool(gpu), gpu_decode)
     # the weights are resolved and hashed, the teacher is not built: a missing file fails before any work
     identity = planned_identity(config, precision, decode)
     found = None if overwrite else read_markers(folder)
-    followed = finished_decode(found, identity) if config.decode == "auto" and found else None
-    if followed and followed != decode:  # resumed on the path the finished shards were decoded on
-        decode, identity = followed, {**identity, "decode": followed}
-    else:
-        followed = None
+    if config.decode == "auto" and found:  # resumed on the path the finished shards were decoded on
+        decode = finished_decode(found, identity) or decode
+        identity = {**identity, "decode": decode}
     config = replace(config, decode=decode)  # every worker decodes where the identity says
     if identity["weights_random"]:
         warnings.warn(f"teacher {config.teacher!r} runs with RANDOM weights: its labels are not meaningful "
@@ -397,10 +395,9 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
                                      retry_failed=retry_failed, markers=found), []
     todo, reuse = split.todo, split.reuse
-    if followed and todo:
-        print(f"note: --decode auto decodes {followed!r}, as the finished shards of {folder} were decoded (on its "
-              f"own it would take {decode_name('auto', bool(gpu), gpu_decode)!r}; --decode "
-              f"{'|'.join(DECODE_PATHS)} chooses)", file=sys.stderr)
+    if decode != own and todo:
+        print(f"note: --decode auto decodes {decode!r}, as the finished shards of {folder} were decoded (on its "
+              f"own it would take {own!r}; --decode {'|'.join(DECODE_PATHS)} chooses)", file=sys.stderr)
     # where the workers go (on Ray: connected, its resources known): a refused run has deleted nothing yet
     where = placement(len(todo)) if todo else None
     if todo or split.surplus:

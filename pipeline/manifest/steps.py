@@ -24,8 +24,7 @@ from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
 from pipeline.label.sources import IMAGE_SUFFIXES
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
-from pipeline.train.checkpoints import (LATEST, CheckpointError, checkpoint_digest, latest, latest_record,
-                                        load_checkpoint, load_resumable)
+from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record, load_checkpoint, load_resumable
 
 
 @dataclass(frozen=True)
@@ -140,15 +139,14 @@ def _verify_train(run: Path | RemotePath, checksums: bool) -> str:
         epochs = int(json.loads(config.read_text())["epochs"])
     except (OSError, ValueError, KeyError, TypeError):  # cut short, emptied or edited: made again
         return f"{config} is not the settings `pipeline train` writes"
-    epoch = record["epoch"]
+    epoch, path = record["epoch"], run / "checkpoints" / record["checkpoint"]
     if epoch + 1 < epochs:
         return f"{epoch + 1} of {epochs} epochs trained"
-    if not latest(run / "checkpoints").is_file():
+    if not path.is_file():
         return f"checkpoint named by {run / 'checkpoints' / LATEST} is missing"
     if checksums:  # against the sha256 latest.json records (an older run's records none: read whole instead)
-        path = latest(run / "checkpoints")
         if record.get("sha256"):
-            if checkpoint_digest(path) != record["sha256"]:
+            if digest(path) != record["sha256"]:
                 return f"{path} is not the checkpoint {LATEST} recorded (its sha256 differs)"
             return ""
         try:
@@ -214,8 +212,10 @@ def _digest_label(folder: Path) -> str:
 
 
 def _digest_train(run: Path | RemotePath) -> str:
-    """A run folder's latest checkpoint."""
-    return "checkpoint:" + digest(latest(run / "checkpoints"))
+    """A run folder's latest checkpoint: the sha256 its ``latest.json`` records, written by the step that has just
+    finished (an older run's records none: the checkpoint is read)."""
+    record = latest_record(run / "checkpoints") or {}
+    return "checkpoint:" + (record.get("sha256") or digest(latest(run / "checkpoints")))
 
 
 def _digest_file(path: Path | RemotePath) -> str:

@@ -12,7 +12,6 @@ read there and the one checkpoint file downloaded to a temporary file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from pipeline.common.atomic import atomic_open, write_json
 from pipeline.common.storage import as_path, is_url, local_file
+from pipeline.label.shards import digest
 from pipeline.train.config import TrainError
 from students import Student, build_student
 from teachers.weights import WeightsError, load_state_dict, load_strict
@@ -70,18 +70,9 @@ def _read_latest(ckpt_dir: Path) -> tuple[dict | None, str]:
     return record, ""
 
 
-def checkpoint_digest(path: Path) -> str:
-    """sha256 (hex) of a checkpoint file, as ``latest.json`` records it."""
-    h = hashlib.sha256()
-    with as_path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _point_at(ckpt_dir: Path, path: Path, epoch: int) -> None:
     """``latest.json`` naming ``path`` (its epoch and sha256): the run's pointer, written after the checkpoint."""
-    write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": epoch, "sha256": checkpoint_digest(path)})
+    write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": epoch, "sha256": digest(path)})
 
 
 def latest_record(ckpt_dir: Path) -> dict | None:
@@ -140,7 +131,7 @@ def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
     for path in candidates:
         try:
             ckpt = load_resumable(path)  # (a truncated file is said to be so)
-            if path == named and record.get("sha256") and checkpoint_digest(path) != record["sha256"]:
+            if path == named and record.get("sha256") and digest(path) != record["sha256"]:
                 raise CheckpointError(f"{path} is not the checkpoint {LATEST} recorded (its sha256 differs: "
                                       "changed since it was written)")
         except (CheckpointError, OSError) as e:
@@ -161,27 +152,29 @@ def checkpoint_path(path: str | Path) -> Path:
     then: a folder is a prefix holding objects)."""
     path = as_path(path)
     if path.name == LATEST and path.is_file():  # the run's pointer, named instead of the run
-        found = latest(path.parent)
+        found = _recorded(path.parent)
         if found is None:
             raise CheckpointError(f"{path} names no checkpoint")
-        return _as_recorded(path.parent, found)
+        return found
     if path.is_file():
         return path
     if path.exists() if is_url(path) else path.is_dir():
-        found = latest(path / "checkpoints")
+        found = _recorded(path / "checkpoints")
         if found is None:
             raise CheckpointError(f"{path} is a folder without checkpoints/{LATEST}: not a finished "
                                   "`pipeline train` run (give a checkpoint file or a run folder)")
-        return _as_recorded(path / "checkpoints", found)
+        return found
     raise CheckpointError(f"checkpoint not found: {path}")
 
 
-def _as_recorded(ckpt_dir, found):
-    """``found``, the checkpoint ``latest.json`` names, when its bytes are those it recorded (a local file; one
-    on object storage is read as it is); else :class:`CheckpointError`."""
+def _recorded(ckpt_dir):
+    """The checkpoint ``latest.json`` names (None before the first finished epoch), when its bytes are those it
+    recorded (a local file; one on object storage is read as it is); else :class:`CheckpointError`."""
     record = latest_record(ckpt_dir)
-    if (record or {}).get("sha256") and not is_url(found) and Path(found).is_file() \
-            and checkpoint_digest(found) != record["sha256"]:
+    if record is None:
+        return None
+    found = as_path(ckpt_dir) / record["checkpoint"]
+    if record.get("sha256") and not is_url(found) and Path(found).is_file() and digest(found) != record["sha256"]:
         raise CheckpointError(f"{found} is not the checkpoint {LATEST} recorded (its sha256 differs: changed since "
                               f"it was written); `pipeline train` on {as_path(ckpt_dir).parent} resumes from the one "
                               "before it, or give a checkpoint file")
