@@ -12,6 +12,7 @@ read there and the one checkpoint file downloaded to a temporary file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -70,9 +71,25 @@ def _read_latest(ckpt_dir: Path) -> tuple[dict | None, str]:
     return record, ""
 
 
-def _point_at(ckpt_dir: Path, path: Path, epoch: int) -> None:
-    """``latest.json`` naming ``path`` (its epoch and sha256): the run's pointer, written after the checkpoint."""
-    write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": epoch, "sha256": digest(path)})
+def _point_at(ckpt_dir: Path, path: Path, epoch: int, sha256: str | None = None) -> None:
+    """``latest.json`` naming ``path`` (its epoch and sha256, read from the file unless given): the run's pointer,
+    written after the checkpoint."""
+    write_json(ckpt_dir / LATEST, {"checkpoint": path.name, "epoch": epoch, "sha256": sha256 or digest(path)})
+
+
+class _Hashing:
+    """A binary file that hashes (sha256) what is written through it: a checkpoint's digest without reading it
+    back."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def latest_record(ckpt_dir: Path) -> dict | None:
@@ -213,8 +230,9 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "wb") as f:
-            torch.save(ckpt, f)
-        _point_at(ckpt_dir, path, epoch)
+            hashing = _Hashing(f)
+            torch.save(ckpt, hashing)
+        _point_at(ckpt_dir, path, epoch, hashing.sha256.hexdigest())
     except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer says "[enforce fail …] unexpected pos"
         if isinstance(e, RuntimeError) and "inline_container" not in str(e):
             raise
