@@ -907,9 +907,10 @@ def test_a_run_that_resumes_reads_its_checkpoint_not_the_start_it_was_given(smal
     assert r.exit_code == 2 and f"'--init': {start} does not exist" in r.output
 
 
-def test_resuming_with_another_number_of_processes_is_said(small_labels, tmp_path):
+def test_resuming_with_another_number_of_processes_or_loader_workers_is_said(small_labels, tmp_path):
     """The effective batch changes with the data-parallel world: allowed (a run moves to other machines), but a
-    2-worker run resumed by one process halved it without a word."""
+    2-worker run resumed by one process halved it without a word. Another --workers (the loader processes, which
+    split the shards) changes the data order from there on: a note, once, and none where it is unchanged."""
     run = tmp_path / "run"
     one = ["train", "--labels", small_labels, "--run", run, "--steps-per-epoch", 1, *FAST]
     assert invoke(*one, "--epochs", 1).exit_code == 0
@@ -921,6 +922,12 @@ def test_resuming_with_another_number_of_processes_is_said(small_labels, tmp_pat
     r = invoke(*one, "--epochs", 2)
     assert r.exit_code == 0 and ("warning: epoch-0000.pt was trained by 2 process(es), this run has 1: each step now "
                                  "takes 1 × 2 images, not 2 × 2") in r.stderr, r.output
+    assert "was trained with --workers" not in r.stderr  # (FAST's --workers 0 both times)
+    assert torch.load(run / "checkpoints" / "epoch-0001.pt", weights_only=False)["loader_workers"] == 0
+    r = invoke(*one, "--epochs", 3, "--workers", 1)  # (the last option of a kind wins, as click has it)
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("note: epoch-0001.pt was trained with --workers 0, this run has 1: the loader workers split "
+                          "the shards between them, so the images come in another order") == 1, r.stderr
 
 
 # -- ground truth (Eq. 2's second term) ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, epoch, 
 under ``<run>/checkpoints/``; re-running the same command resumes after the last finished epoch
 and, on CPU, reproduces the uninterrupted run's losses (an epoch's data order depends on the seed, the
 epoch and the number of loader workers, which split the shards between them: a resume with another
-``--workers`` trains on in another order). Per-step losses go to ``losses.csv``, per-epoch validation against the
+``--workers`` trains on in another order, and says so). Per-step losses go to ``losses.csv``, per-epoch validation against the
 teacher's held-out labels (CC, KL, NSS) to ``metrics.csv``, both to ``curves.png``.
 
 The same loop runs as one process (the default) or as one process per worker of a
@@ -306,6 +306,11 @@ class Trainer:
             print(f"warning: {path.name} was trained by {before} process(es), this run has {self.world}: each step "
                   f"now takes {self.world} × {b} images, not {before} × {b} (the losses no longer follow the run's "
                   "own course)", file=sys.stderr)
+        loaders = ckpt.get("loader_workers", self.config.workers)  # (checkpoints before stop 27 do not say)
+        if loaders != self.config.workers and self.rank == 0:  # allowed: the speed of loading is the user's to choose
+            print(f"note: {path.name} was trained with --workers {loaders}, this run has {self.config.workers}: the "
+                  "loader workers split the shards between them, so the images come in another order from here "
+                  "than in an uninterrupted run", file=sys.stderr)
         return True
 
     def save(self, epoch: int) -> Path:
@@ -313,7 +318,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
             "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
-            "world": self.world,
+            "world": self.world, "loader_workers": self.config.workers,
             "student_options": self.model.options(), "stage": self.config.stage,
             "labels": self.labels.made_with()})
 
