@@ -4,7 +4,8 @@ Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, epoch, 
 under ``<run>/checkpoints/``; re-running the same command resumes after the last finished epoch
 and, on CPU, reproduces the uninterrupted run's losses (an epoch's data order depends on the seed, the
 epoch and the number of loader workers, which split the shards between them: a resume with another
-``--workers`` trains on in another order, and says so). Per-step losses go to ``losses.csv``, per-epoch validation against the
+``--workers`` trains on in another order, and says so).
+Per-step losses go to ``losses.csv``, per-epoch validation against the
 teacher's held-out labels (CC, KL, NSS) to ``metrics.csv``, both to ``curves.png``.
 
 The same loop runs as one process (the default) or as one process per worker of a
