@@ -83,16 +83,21 @@ def test_labels_on_s3_are_the_local_labels_and_resume_and_verify_there(s3, label
             hashed.append(self.name)
         return real(self, mode, **kwargs)
 
+    def asked(self, real=RemotePath.version):
+        hashed.append(f"HEAD {self.name}")
+        return real(self)
+
     monkeypatch.setattr(RemotePath, "open", reading)
+    monkeypatch.setattr(RemotePath, "version", asked)
     again = CliRunner().invoke(cli, [*LABEL, "--out", "s3://labels/run"])  # resume reads the markers there
     assert again.exit_code == 0 and "0 written, 3 already done" in again.output, again.output
-    assert hashed == []  # each tar is the very object its marker recorded: nothing downloaded
+    assert hashed == []  # each tar is the very object its marker recorded (one listing says so): nothing downloaded
     size = len(s3.cat_file(f"{remote}/shard-000000.tar"))
     s3.pipe_file(f"{remote}/shard-000000.tar", b"x" * size)  # replaced by other bytes of the same size
     s3.invalidate_cache()
     swapped = CliRunner().invoke(cli, [*LABEL, "--out", "s3://labels/run"])
     assert swapped.exit_code == 0 and "1 written, 2 already done" in swapped.output, swapped.output
-    assert hashed == ["shard-000000.tar"]
+    assert hashed == ["shard-000000.tar", "HEAD shard-000000.tar"]  # hashed, relabelled, its new version recorded
     assert sha(s3.cat_file(f"{remote}/shard-000000.tar")) == sha((folder / "shard-000000.tar").read_bytes())
 
     s3.rm_file(f"{remote}/shard-000001.json")  # a shard whose marker never made it: redone, alone

@@ -35,7 +35,7 @@ from pipeline.label.config import (DECODE_PATHS, LabelConfig, LabelError, StoreR
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, marker_path, planned_keys, read_marker,
-                                   settings_difference, tar_path, verify_shard)
+                                   settings_difference, store_versions, tar_path, verify_shard)
 from pipeline.label.sources import ImageRecord, ShardPlan, plan_shards
 from teachers.registry import teacher_class
 
@@ -164,9 +164,10 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
     """
     split = Split()
     expect = {**identity, "encoding_version": ENCODING_VERSION}
+    listed = store_versions(folder)
     for plan in plans:
         marker, reason = verify_shard(folder, plan.name, expect, marker=(markers or {}).get(plan.name),
-                                      trust_store=True)
+                                      trust_store=True, listed=listed)
         if marker is not None and not reason:
             have = planned_keys(marker)
             had, want = set(have), set(plan.keys)

@@ -295,12 +295,14 @@ def settings_difference(marker: dict, expect: dict) -> str:
 
 
 def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = True,
-                 marker: dict | None = None, trust_store: bool = False) -> tuple[dict | None, str]:
+                 marker: dict | None = None, trust_store: bool = False,
+                 listed: dict[str, tuple[int, str]] | None = None) -> tuple[dict | None, str]:
     """(marker, "") when the shard is finished with the settings in ``expect``; else (marker or None, reason).
     ``marker``: the shard's marker as the caller has just read it (else it is read here). ``trust_store``: a tar
     on object storage whose version (size and the store's checksum or modification time) is the one its
     marker recorded when it was uploaded is not downloaded and hashed again (a label run's resume; `pipeline
-    verify` hashes every tar)."""
+    verify` hashes every tar). ``listed``: the folder's tars on object storage as :func:`store_versions` has
+    just listed them (else the store is asked for this one)."""
     marker = read_marker(folder, name) if marker is None else marker
     if marker is None:
         return None, "no marker (or one not in the shape `pipeline label` writes)"
@@ -309,10 +311,13 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
         return marker, differs
     tar = tar_path(folder, name)
     if isinstance(tar, RemotePath):
-        try:
-            size, tag = tar.version()
-        except FileNotFoundError:
-            size, tag = None, ""
+        if listed is not None:
+            size, tag = listed.get(tar.name, (None, ""))
+        else:
+            try:
+                size, tag = tar.version()
+            except FileNotFoundError:
+                size, tag = None, ""
         if size != marker.get("bytes"):
             return marker, "tar missing or of the wrong size"
         if trust_store and tag and tag == marker.get("store_tag"):
@@ -322,6 +327,15 @@ def verify_shard(folder: Path, name: str, expect: dict, check_digest: bool = Tru
     if check_digest and digest(tar) != marker.get("sha256"):
         return marker, "tar checksum does not match its marker"
     return marker, ""
+
+
+def store_versions(folder) -> dict[str, tuple[int, str]] | None:
+    """The tars directly in a label folder on object storage, by name: (size, content tag), from one listing of
+    the prefix (not one request per shard); None for a local folder."""
+    if not isinstance(folder, RemotePath):
+        return None
+    return {rel: (size, tag) for rel, size, tag in folder.listing() or []
+            if "/" not in rel and rel.endswith(".tar")}
 
 
 def shard_tars(folder: str | Path) -> list[str]:
