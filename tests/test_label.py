@@ -162,6 +162,27 @@ def test_overwrite_with_a_smaller_plan_and_stray_tars_leaves_exactly_the_new_sha
     assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
 
 
+def test_overwrite_changed_relabels_shards_of_other_settings_and_keeps_those_already_relabelled(coco_tree, tmp_path):
+    """A start-over with new settings (`pipeline run` after a manifest edit) interrupted after its first shard:
+    the folder holds one shard of the new settings and two of the old. A plain re-run is refused, naming the
+    way on; `--overwrite-changed` relabels the two and keeps the one (it failed on every run before)."""
+    records = coco_records(coco_tree, "val2017")
+    out, new = tmp_path / "out", tmp_path / "new"
+    config = LabelConfig(**{**CONFIG.__dict__, "jpeg_quality": 80})
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    label(records, new, config, shard_size=3, executor="local", progress=False)
+    for name in ("shard-000000.tar", "shard-000000.json"):  # what the interrupted start-over had written
+        shutil.copy(new / name, out / name)
+    (out / "labels.json").unlink()
+    with pytest.raises(LabelError, match=r"shard-000001: jpeg_quality differs \(shard has 95, this run 80\)\); use "
+                                         r"--overwrite-changed to relabel those shards, keeping the ones made with "
+                                         r"these settings, --overwrite to relabel all"):
+        label(records, out, config, shard_size=3, executor="local", progress=False)
+    done = label(records, out, config, shard_size=3, executor="local", progress=False, overwrite_changed=True)
+    assert (done.shards_done, done.shards_skipped, done.shards_changed) == (2, 1, ["shard-000001", "shard-000002"])
+    assert digests(out) == digests(new) and verify_dataset(out) == ""
+
+
 def test_a_rewrite_cut_short_keeps_the_finished_shard_it_was_rewriting(coco_tree, tmp_path):
     """`--retry-failed` (or any rewrite) interrupted before the new tar is complete: the old tar and its marker
     are still a finished shard (the marker was deleted when the rewrite began)."""

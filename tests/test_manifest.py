@@ -357,6 +357,33 @@ def test_a_train_step_whose_epochs_grew_trains_on(tmp_path):
     assert not starts_over(epochs=2, workers=8)  # a volatile option: not even a change
 
 
+def test_a_label_start_over_interrupted_after_it_wrote_a_shard_carries_on_keeping_what_it_made(tmp_path):
+    """A label step whose settings changed starts over with `--overwrite-changed` (shards of the old settings
+    relabelled, those of the new kept); killed after its first new shard, it carried on as a plain resume, which
+    `pipeline label` refuses (the old shards are of other settings), on every run. It carries on with the same
+    argument now, also from a record made before this (`"fresh": true`); a forced one gets `--overwrite`."""
+    from pipeline.manifest.runner import CHANGED, FORCED, command_line
+
+    def label_manifest(quality: int) -> Manifest:
+        path = tmp_path / "l.yaml"
+        path.write_text(f"workdir: {tmp_path / 'w'}\nsteps:\n  l:\n    run: label\n    with: {{source: coco, "
+                        f"coco_root: {SAMPLES}, teacher: classic, jpeg_quality: {quality}}}\n")
+        return load_manifest(path, group=cli)
+
+    old, new = label_manifest(95), label_manifest(80)
+    state = {"steps": {}}
+    state["steps"]["l"] = record(old, "l", state, status="done")
+    (item,) = plan(new, state, {})
+    assert fresh_start(new, state, item) == CHANGED and command_line(new, "l", CHANGED)[-1] == "--overwrite-changed"
+    for fresh in (CHANGED, True):  # the runner's record of the start-over, killed (it wrote a shard, or not)
+        state["steps"]["l"] = record(new, "l", state, status="running", started="2026-01-01T10:00:00+00:00",
+                                     fresh=fresh)
+        (item,) = plan(new, state, {})
+        assert fresh_start(new, state, item) == CHANGED, item
+    (item,) = plan(new, state, {}, force={"l"})
+    assert fresh_start(new, state, item) == FORCED and command_line(new, "l", FORCED)[-1] == "--overwrite"
+
+
 # -- bad manifests -------------------------------------------------------------------------------
 
 STEP = "  a:\n    run: label\n    with: {source: coco, teacher: classic}\n"

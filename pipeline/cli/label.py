@@ -62,8 +62,9 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
               help="Label every shard again: each new shard replaces its old one as it is written (a refused run "
                    "deletes nothing).")
 @click.option("--overwrite-changed", is_flag=True,
-              help="Relabel finished shards whose images are not the ones this run plans (an image left the "
-                   "source, or was replaced) and remove shards beyond the plan; the others are kept.")
+              help="Relabel finished shards made with other settings or whose images are not the ones this run "
+                   "plans (an image left the source, or was replaced) and remove shards beyond the plan; the others "
+                   "are kept.")
 @click.option("--retry-failed", is_flag=True,
               help="Relabel the failed images of finished shards (each such shard is rewritten in plan order).")
 @click.option("--allow-outside-root", is_flag=True,

@@ -70,7 +70,8 @@ class LabelSummary:
             ("images skipped (already done)", f"{self.skipped}"),
             ("shards", f"{self.shards_done} written, {self.shards_skipped} already done, "
                        f"{len(self.shards_failed)} failed, {self.shards_total} in all"
-                       + (f"; {len(self.shards_changed)} replaced (the source changed)" if self.shards_changed else "")),
+                       + (f"; {len(self.shards_changed)} replaced (the source or the settings changed)"
+                          if self.shards_changed else "")),
             ("wall time", f"{self.wall_s:.1f} s"),
             ("images/s", f"{rate:.1f}"),
             ("output", str(self.folder)),
@@ -155,7 +156,8 @@ class Split:
 def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrite_changed: bool = False,
                retry_failed: bool = False, markers: dict[str, dict] | None = None) -> Split:
     """Sort the plans into finished shards and shards to do. Labels from other settings are an error, and
-    so is a finished shard of other images (the source changed) unless ``overwrite_changed``.
+    so is a finished shard of other images (the source changed), unless ``overwrite_changed``: then both are
+    relabelled (a start-over with new settings that was interrupted carries on so, keeping what it made).
 
     A shard is finished when its marker's settings and sha256 hold and the images it planned (labelled plus
     failed, as a set) are this plan's; per-image failures are part of a finished shard. ``retry_failed``
@@ -190,8 +192,11 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
                 split.done.append(marker)
             continue
         if marker is not None and "differs" in reason:
-            raise LabelError(f"{folder} holds labels made with other settings ({plan.name}: {reason}); "
-                             "use --overwrite to replace them or choose another --out")
+            if not overwrite_changed:
+                raise LabelError(f"{folder} holds labels made with other settings ({plan.name}: {reason}); "
+                                 "use --overwrite-changed to relabel those shards, keeping the ones made with these "
+                                 "settings, --overwrite to relabel all, or choose another --out")
+            split.changed.append(plan.name)
         split.todo.append(plan)
     planned = {p.name for p in plans}
     for path in sorted(folder.glob("shard-*.json")):

@@ -182,21 +182,29 @@ def make_plan(manifest: Manifest, state: Mapping, *, checksums: bool = False, **
     return plan(manifest, state, check_outputs(manifest, state, checksums), **selection)
 
 
-def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> bool:
-    """Whether the step should start over: it is forced, or its outputs are from other settings or inputs
-    (unless the only change is a setting the command may grow, as ``train``'s epochs: then it carries on)."""
+#: how a step starts over (:func:`fresh_start`): forced (the command's ``fresh`` arguments), or because its
+#: settings or inputs changed (its ``changed`` arguments where it has them, else ``fresh``)
+FORCED, CHANGED = "forced", "changed"
+
+
+def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> str:
+    """How the step should start over ("" when it resumes): :data:`FORCED`, or :data:`CHANGED` when its outputs
+    are from other settings or inputs (unless the only change is a setting the command may grow, as ``train``'s
+    epochs: then it carries on)."""
     rec = state.get("steps", {}).get(item.step)
     if item.reason.startswith("forced"):
-        return True
+        return FORCED
     spec = COMMANDS.get(manifest.steps[item.step].command)
-    if rec is not None and rec.get("fresh") and rec.get("status") != "done" and not _made_since(
-            spec, manifest.steps[item.step].output, rec.get("started"), rec.get("pieces_before")):
-        return True  # a start-over that did not finish, nor make anything yet, starts over again
+    if rec is not None and rec.get("fresh") and rec.get("status") != "done":  # a start-over that did not finish
+        if spec is not None and spec.changed and rec["fresh"] != FORCED:
+            return CHANGED  # its command carries on by the same arguments, keeping what it made
+        if not _made_since(spec, manifest.steps[item.step].output, rec.get("started"), rec.get("pieces_before")):
+            return FORCED if rec["fresh"] == FORCED else CHANGED  # nor made anything yet: it starts over again
     if item.reason.startswith("outputs incomplete") and spec is not None and spec.resumes is not None:
-        return not spec.resumes(as_path(manifest.steps[item.step].output))  # nothing left to carry on from
+        return "" if spec.resumes(as_path(manifest.steps[item.step].output)) else CHANGED  # nothing to carry on from
     if rec is None or rec.get("fingerprint") == fingerprint_of(manifest, item.step, state):
-        return False
-    return not (spec is not None and continues(manifest, item.step, state, spec.grows))
+        return ""
+    return "" if spec is not None and continues(manifest, item.step, state, spec.grows) else CHANGED
 
 
 def _made_since(spec, output, started, before) -> bool:
@@ -212,10 +220,12 @@ def _made_since(spec, output, started, before) -> bool:
     return made_since(spec, as_path(output), since, before)
 
 
-def command_line(manifest: Manifest, name: str, fresh: bool) -> list[str]:
+def command_line(manifest: Manifest, name: str, fresh: str) -> list[str]:
+    """The step's command, with the arguments that start it over ``fresh`` (:func:`fresh_start`)."""
     step = manifest.steps[name]
     spec = COMMANDS.get(step.command)
-    return [*step.command.split(), *step.args, *(spec.fresh if fresh and spec is not None else ())]
+    over = () if not fresh or spec is None else spec.changed if fresh == CHANGED and spec.changed else spec.fresh
+    return [*step.command.split(), *step.args, *over]
 
 
 # -- machine ---------------------------------------------------------------------------------------

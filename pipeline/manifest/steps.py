@@ -43,6 +43,10 @@ class CommandSpec:
     #: arguments that make the command start over rather than resume; added when the step's fingerprint
     #: changed since its last run, or it is forced
     fresh: tuple[str, ...] = ()
+    #: arguments used instead of ``fresh`` when the start-over is not forced (the step's settings or inputs
+    #: changed): the command keeps what its output already holds of the new settings and redoes the rest, so a
+    #: start-over interrupted at any point carries on by the same arguments (``label --overwrite-changed``)
+    changed: tuple[str, ...] = ()
     #: the digest of a complete output's content ("kind:hex"): the steps below it are fingerprinted with it
     digest: Callable[[Path], str] | None = None
     #: the lock file the command holds on its output while it writes it (another process holding it: the step
@@ -263,6 +267,7 @@ COMMANDS: dict[str, CommandSpec] = {
                             "retries", "max_failure_rate", "progress", "overwrite_changed", "retry_failed"}),
         added={"allow_outside_root": False, "max_image_bytes": 64 * 1024**2, "decode": "auto"},
         fresh=("--overwrite",),
+        changed=("--overwrite-changed",),
         digest=_digest_label,
         urls=frozenset({"out"}),
         lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
