@@ -460,6 +460,22 @@ def test_predict_records_an_unreadable_image(image_folder, tmp_path):
     assert not (out / "sub" / "b.jpg.png").exists() and (out / "sub" / "c.png.png").is_file()
 
 
+def test_predict_neither_reads_a_label_folder_as_images_nor_writes_into_one(image_folder, label_folder, tmp_path):
+    """A label folder as --images mapped its preview.png alone and said nothing of its shards; --out inside one
+    wrote maps (and took over its lock) among the shards. Both are usage errors, before any work."""
+    before = sorted(p.name for p in label_folder.iterdir())
+    read = invoke("predict", "--teacher", "classic", "--images", label_folder, "--out", tmp_path / "m")
+    assert read.exit_code == 2 and error_line(read) == (
+        f"Error: Invalid value for '--images': {label_folder} is a label folder of `pipeline label` (its images are "
+        "inside its shards, which predict does not read): give the folder of the photos (`pipeline eval --labels` "
+        "scores a model on a label folder)")
+    written = invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", label_folder / "maps")
+    assert written.exit_code == 2 and error_line(written) == (
+        f"Error: Invalid value for '--out': {label_folder / 'maps'} lies in the label folder {label_folder}: the maps "
+        "would be written among its shards; give another folder")
+    assert sorted(p.name for p in label_folder.iterdir()) == before and not (tmp_path / "m").exists()
+
+
 def test_predict_never_writes_over_its_images_nor_reads_its_own_maps(image_folder, tmp_path):
     """--out the image folder itself is refused before any work (a map `a.jpg.png` would replace an image of
     that name); --out inside it works, and a second run does not take the first run's maps for images."""

@@ -1015,6 +1015,31 @@ def test_a_corrupt_output_found_by_checksums_is_made_again(maker, tmp_path):
     code, out, started = maker(MAKE_AB % "one", checksums=True)
     assert code == 0 and started == ["a"], out
     assert "[a] up to date" not in out and "[b] up to date: its upstream output is unchanged" in out
+    # an output its own check passes, edited since (an eval's metrics.json emptied or rewritten): its content
+    # digest is not the one recorded when the step finished; only --checksums reads it
+    (tmp_path / "w" / "a" / "corrupt").unlink()
+    output = tmp_path / "w" / "b" / "out.txt"
+    output.write_text("edited by hand")
+    assert maker.plan()["b"] == ("skip", "up to date")
+    assert maker.plan(checksums=True)["b"] == ("run", f"outputs incomplete: {output} changed since the step made it "
+                                                     "(its content digest differs)")
+    code, out, started = maker(MAKE_AB % "one", checksums=True)
+    assert code == 0 and started == ["b"] and output.read_text() != "edited by hand", out
+
+
+def test_an_eval_or_profile_report_emptied_or_cut_short_is_not_up_to_date(tmp_path):
+    from pipeline.manifest.steps import COMMANDS
+
+    report = tmp_path / "metrics.json"
+    for command in ("eval", "profile"):
+        check = COMMANDS[command].verify
+        assert check(report, False) == f"{report} not written"
+        for text in ("", '{"cc": 0.5', "[1, 2]"):
+            report.write_text(text)
+            assert check(report, False) == f"{report} is not the JSON object the command writes"
+        report.write_text('{"cc": 0.5}')
+        assert check(report, False) == ""
+        report.unlink()
 
 
 def test_an_input_missing_for_a_while_then_back_unchanged_throws_nothing_away(maker, tmp_path):

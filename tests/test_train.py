@@ -593,6 +593,20 @@ def test_a_run_folder_inside_a_label_folder_is_refused(small_labels, tmp_path):
         assert r.exit_code == 1 and f"Error: --run {run} lies in the label folder {small_labels} (--labels)" in \
             r.output, r.output
     assert sorted(p.name for p in small_labels.iterdir()) == before
+    other = tmp_path / "other"  # a label folder that is none of the run's inputs (another split's, one unfinished)
+    for mark in ("labels.json", "shard-000000.json"):
+        other.mkdir(exist_ok=True)
+        (other / mark).write_bytes((small_labels / mark).read_bytes())
+        r = CliRunner().invoke(cli, [str(a) for a in ["train", "--labels", small_labels, "--run", other / "run",
+                                                      "--epochs", 1, "--steps-per-epoch", 1, *FAST]])
+        assert r.exit_code == 1 and r.output == (f"Error: --run {other / 'run'} lies in the label folder {other}: give "
+                                                 "a run folder outside it\n"), r.output
+        shutil.rmtree(other)
+    other.mkdir()
+    (other / "labels.json").write_text('["cat", "dog"]')  # a project's own labels.json: no label folder
+    r = CliRunner().invoke(cli, [str(a) for a in ["train", "--labels", small_labels, "--run", other / "run",
+                                                  "--epochs", 1, "--steps-per-epoch", 1, *FAST]])
+    assert r.exit_code == 0, r.output
 
 
 def test_one_train_per_run_folder(small_labels, tmp_path):

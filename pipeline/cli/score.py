@@ -166,13 +166,16 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                 calibration_images, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.common.storage import is_url
-    from pipeline.score.predict import NoMaps, predict_folder, writes_over_images
+    from pipeline.score.predict import NoMaps, label_folder_as_images, predict_folder, writes_over_images
     from pipeline.label.sources import SourceError
 
     must_exist("images", "calibration")
     out = output_path(out, folder=format_ == "png")
     if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
+    not_images = label_folder_as_images(images)
+    if not_images:
+        raise click.BadParameter(not_images, param_hint="'--images'")
     over = "" if is_url(out) else writes_over_images(images, out)
     if over:
         raise click.BadParameter(over, param_hint="'--out'")

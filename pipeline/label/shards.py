@@ -338,6 +338,26 @@ def store_versions(folder) -> dict[str, tuple[int, str]] | None:
             if "/" not in rel and rel.endswith(".tar")}
 
 
+def enclosing_label_folder(path: str | Path) -> Path | None:
+    """The label folder (one holding the ``labels.json`` index `pipeline label` writes, or the first shard's marker
+    of one being written) that the local ``path`` is or lies in, else None: no other command's files belong
+    there. (A ``labels.json`` of another shape, e.g. a project's list of classes, makes no label folder.)"""
+    def index(folder: Path):
+        try:
+            return json.loads((folder / "labels.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if not folder.is_dir():  # (not there yet, or a file)
+            continue
+        if read_marker(folder, "shard-000000") is not None or (
+                (folder / "labels.json").is_file() and not index_problem(index(folder))):
+            return folder
+    return None
+
+
 def shard_tars(folder: str | Path) -> list[str]:
     """Finished shard tars of a labelled folder (marker present), sorted: input for a WebDataset reader."""
     folder = as_path(folder)

@@ -165,7 +165,9 @@ def output_locked_by(step, wait: float = 0.0) -> str:
 def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
                   names: Iterable[str] | None = None) -> dict[str, str]:
     """For steps recorded done with their current fingerprint (those of ``names``, default all): "" when their
-    outputs are complete, else why not."""
+    outputs are complete, else why not. With ``checksums``, the content of a complete output is also digested
+    and compared with the digest recorded when the step finished (a file emptied or edited since is made
+    again)."""
     records = state.get("steps", {})
     out = {}
     for name in (manifest.steps if names is None else names):
@@ -175,6 +177,14 @@ def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
         if (rec and rec.get("status") == "done" and rec.get("fingerprint") == fingerprint_of(manifest, name, state)
                 and spec is not None and spec.verify is not None and step.output):
             out[name] = spec.verify(as_path(step.output), checksums)
+            recorded = rec.get("output_digest")
+            if checksums and not out[name] and spec.digest is not None and recorded:
+                try:
+                    now_ = spec.digest(as_path(step.output))
+                except Exception as e:  # noqa: BLE001 - complete by its verify, but its content cannot be read
+                    now_ = f"unreadable ({type(e).__name__})"
+                if now_ != recorded:
+                    out[name] = f"{step.output} changed since the step made it (its content digest differs)"
     return out
 
 

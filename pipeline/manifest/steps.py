@@ -202,8 +202,23 @@ def _verify_file(path: Path, checksums: bool) -> str:
     return "" if path.is_file() else f"{path} not written"
 
 
+def _verify_json(path: Path | RemotePath, checksums: bool) -> str:
+    """A JSON report (eval's metrics, profile's): there, and an object (one emptied or cut short is made again)."""
+    if not path.is_file():
+        return f"{path} not written"
+    try:
+        ok = isinstance(json.loads(path.read_text()), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        ok = False
+    return "" if ok else f"{path} is not the JSON object the command writes"
+
+
 def _verify_predict(out: Path, checksums: bool) -> str:
-    return "" if out.is_file() or (out / "predictions.json").is_file() else f"{out} not complete"
+    """A file of maps (.npz, .h5), or a folder of them finished by its ``predictions.json``."""
+    if out.is_file():
+        return ""
+    mark = out / "predictions.json"
+    return _verify_json(mark, checksums) if mark.is_file() else f"{out} not complete"
 
 
 def _digest_label(folder: Path) -> str:
@@ -294,7 +309,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "eval": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "metrics.json"},
         output=lambda params: as_path(params["out"]),
-        verify=_verify_file,
+        verify=_verify_json,
         volatile=_MODEL_VOLATILE - {"precision"},
         digest=_digest_file,
         urls=frozenset({"checkpoint", "labels", "fixations", "out"}),
@@ -322,7 +337,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "profile": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
         output=lambda params: as_path(params["out"]),
-        verify=_verify_file,
+        verify=_verify_json,
         added={**_CALIBRATION_ADDED, "images": None, "max_images": 100},  # --images: stop 14
         digest=_digest_file,
         urls=frozenset({"checkpoint", "out"}),

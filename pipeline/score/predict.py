@@ -37,7 +37,7 @@ from pipeline.common.storage import as_path, is_url
 from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import NOT_FINITE, Predictor
-from pipeline.label.shards import index_problem
+from pipeline.label.shards import enclosing_label_folder, index_problem
 from pipeline.label.sources import SourceError, folder_records, left_out_note
 
 FORMATS = ("png", "hdf5")
@@ -206,11 +206,24 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
 
 
 def writes_over_images(folder, out) -> str:
-    """Why a local ``out`` cannot take the maps of ``folder``'s images (it is that folder), or ""."""
-    if Path(out).resolve() != Path(folder).resolve():
+    """Why a local ``out`` cannot take the maps of ``folder``'s images (it is that folder, or lies in a label
+    folder), or ""."""
+    if Path(out).resolve() == Path(folder).resolve():
+        return (f"{out} is the image folder itself: the maps would be written among (and over) the images; give "
+                "another folder")
+    inside = enclosing_label_folder(out)
+    if inside is not None:
+        return (f"{out} lies in the label folder {inside}: the maps would be written among its shards; give "
+                "another folder")
+    return ""
+
+
+def label_folder_as_images(folder) -> str:
+    """Why ``folder`` is no folder of images to map (a label folder: its images are in its shards), or ""."""
+    if enclosing_label_folder(folder) is None:
         return ""
-    return (f"{out} is the image folder itself: the maps would be written among (and over) the images; give "
-            "another folder")
+    return (f"{folder} is a label folder of `pipeline label` (its images are inside its shards, which predict does "
+            "not read): give the folder of the photos (`pipeline eval --labels` scores a model on a label folder)")
 
 
 def _ours(folder: Path, files: list[str]) -> bool:

@@ -46,6 +46,7 @@ from pipeline.common.devices import DeviceError, autocast, available, resolve_de
 from pipeline.common.locks import LOCK_NAME, FolderLock, process_alive, process_start
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import Mirror, as_path, is_url
+from pipeline.label.shards import enclosing_label_folder
 from pipeline.train.checkpoints import (LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
                                         set_rng_state)
 from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
@@ -231,12 +232,12 @@ class Trainer:
         if not is_url(c.run) and Path(c.run).exists() and not Path(c.run).is_dir():
             raise TrainError(f"--run {c.run} is a file, not a run folder: give a folder (a new one, or a run's to "
                              "resume it)")
-        for flag, folders in (("--labels", c.labels), ("--val-labels", [c.val_labels] if c.val_labels else [])):
-            for folder in folders:  # the run's files would be written among the shards
-                if not is_url(c.run) and not is_url(folder) and (Path(folder) / "labels.json").is_file() and \
-                        Path(folder).resolve() in (Path(c.run).resolve(), *Path(c.run).resolve().parents):
-                    raise TrainError(f"--run {c.run} lies in the label folder {folder} ({flag}): give a run folder "
-                                     "outside it")
+        inside = None if is_url(c.run) else enclosing_label_folder(c.run)  # its files would be among the shards
+        if inside is not None:
+            inputs = (("--labels", c.labels), ("--val-labels", [c.val_labels]))
+            flag = next((f" ({flag})" for flag, folders in inputs for folder in folders
+                         if folder and not is_url(folder) and Path(folder).resolve() == inside), "")
+            raise TrainError(f"--run {c.run} lies in the label folder {inside}{flag}: give a run folder outside it")
         labels = open_label_sets(c.labels)
         if c.gt_maps is not None and labels.label_kind == "log_density":
             raise TrainError(f"--gt-maps: {labels.folder} holds {labels.teacher}'s densities, and their loss (Eq. 3) has "
