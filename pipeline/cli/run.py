@@ -17,7 +17,7 @@ _workdir_opt = click.option("--workdir", default=None, callback=path_or_url,
                                  "directory) or an fsspec URL (s3://bucket/prefix).")
 _checksums_opt = click.option("--checksums", is_flag=True,
                               help="Check finished outputs' checksums, not only that every file is there "
-                                   "with its size (reads every shard).")
+                                   "with its size (reads every shard), and that each is what its step made.")
 
 
 def _root() -> click.Group:

@@ -147,7 +147,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
 @click.command("predict")
 @model_options
 @click.option("--images", type=LocalPath(file_okay=False, path_type=Path), required=True,
-              help="Folder of images (searched recursively).")
+              help="Folder of images (searched recursively; not a label folder).")
 @click.option("--out", type=click.Path(path_type=str), required=True, callback=path_or_url,
               help="png: a folder (maps mirror the images' relative paths); hdf5: the file to write; either may be "
                    "a URL (s3://…: each file written locally, then uploaded, predictions.json last).")

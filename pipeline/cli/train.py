@@ -18,7 +18,7 @@ from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_
               default=f"runs/{students.registry.DEFAULT_STUDENT}",
               help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png; or a URL (s3://…), written "
                    "through a local copy after every epoch. (--run-dir: the same, for torchrun's command line, "
-                   "which reads --run as its own --run-path.)")
+                   "which reads --run as its own --run-path.) Not inside a label folder.")
 @click.option("--student", type=click.Choice(students.available()), default=students.registry.DEFAULT_STUDENT)
 @click.option("--stage", type=click.Choice(["finetune", "hint"]), default="finetune",
               help="finetune: on the pseudo-labels; hint: MSE to the teacher's 4 feature maps (Eq. 1).")
