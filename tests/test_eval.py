@@ -635,6 +635,13 @@ def test_a_train_checkpoint_given_as_student_weights_is_warned_of(run_dir, image
         in r.stderr
     r = ok("predict", "--checkpoint", ckpt, "--images", image_folder, "--out", tmp_path / "maps2", "--no-progress")
     assert "warning" not in r.stderr
+    for model in (["--checkpoint", ckpt], ["--teacher", "classic"]):  # it was ignored there, without a word
+        r = invoke("predict", *model, "--student-output", "softmax", "--images", image_folder, "--out",
+                   tmp_path / "maps3")
+        assert r.exit_code == 2 and error_line(r) == (f"Error: --student-output goes with --student, not {model[0]} "
+                                                      "(a checkpoint records its student's output; a teacher's map "
+                                                      "is its own)"), r.output
+    assert not (tmp_path / "maps3").exists()
 
 
 def test_teachers_lists_kinds_parameters_and_weights():

@@ -94,7 +94,7 @@ def test_student_options_are_checked(labels, tmp_path):
     assert "tile 3 does not divide block 1's feature map of 16×24" in out
     assert not (tmp_path / "run" / "checkpoints").exists()
     r = invoke("profile", "--checkpoint", tmp_path, "--tau", "0.1")
-    assert r.exit_code == 1 and "--tau go with --student NAME" in r.output
+    assert r.exit_code == 1 and "--tau goes with --student NAME" in r.output
 
 
 def test_profile_measures_sacts_computation_as_the_mean_over_real_images(labels, tmp_path):

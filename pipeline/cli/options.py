@@ -247,9 +247,11 @@ def renamed(message: str, options: dict[str, str]) -> str:
 
 
 def build_model(checkpoint, teacher, student, weights, student_output, device, precision, require_weights=True,
-                student_options=None, map_name="saliency", options: dict[str, str] | None = None):
+                student_options=None, map_name="saliency", options: dict[str, str] | None = None,
+                own_student_output: bool = True):
     """The predictor the model options name; ``options``: those options as this command calls them
-    (:func:`renamed`)."""
+    (:func:`renamed`); ``own_student_output``: the command's --student-output is this model's (given with
+    --checkpoint or --teacher, it is refused: it would be ignored)."""
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
@@ -259,6 +261,11 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
     if len(given) != 1:  # a usage mistake, said before any model is built
         raise click.UsageError(renamed("name the model with exactly one of --checkpoint, --teacher or --student"
                                        + (f" (got {', '.join(given)})" if given else ""), options or {}))
+    context = click.get_current_context(silent=True)
+    if student is None and own_student_output and context is not None and context.get_parameter_source(
+            "student_output") not in (None, click.core.ParameterSource.DEFAULT):
+        raise click.UsageError(f"--student-output goes with --student, not {given[0]} (a checkpoint records its "
+                               "student's output; a teacher's map is its own)")
     try:
         return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
                                student_output=student_output, device=device, precision=precision,

@@ -186,7 +186,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     compare = None
     if compare_teacher:
         compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision,
-                              options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"})
+                              options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"},
+                              own_student_output=False)
     elif compare_weights:
         raise click.UsageError("--compare-weights goes with --compare-teacher NAME")
     none = ""

@@ -215,7 +215,8 @@ def _build_predictor(*, checkpoint, teacher, student, weights, student_output, d
                              + (f" (got {', '.join(given)})" if given else ""))
     if student_options and not student:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in student_options)
-        raise PredictorError(f"{flags} go with --student NAME (a checkpoint records its own options)")
+        raise PredictorError(f"{flags} go{'es' if len(student_options) == 1 else ''} with --student NAME (a "
+                             "checkpoint records its own options)")
     if checkpoint:
         if weights:
             raise PredictorError("--weights goes with --teacher or --student, not --checkpoint")
