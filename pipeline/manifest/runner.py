@@ -630,13 +630,18 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
             echo(f"warning: {line}: `pipeline run` starts no step while it is missing", err=True)
         _echo_weights(manifest, echo)
         return 0
+    def refused(planned) -> bool:
+        missing = missing_paths(manifest, planned)
+        for line in missing:  # a mistyped path, found before hours of the steps above it, not after
+            echo(f"Error: {line}", err=True)
+        return bool(missing)
+
+    if refused(make_plan(manifest, load_state(manifest.workdir), **selection)):
+        return 2  # before the lock: a refused run leaves nothing behind (not even the workdir)
     with workdir_lock(manifest.workdir):
         state = load_state(manifest.workdir)  # as it is now that we hold the lock
         planned = make_plan(manifest, state, checksums=checksums, **selection)
-        missing = missing_paths(manifest, planned)
-        if missing:  # a mistyped path, found before hours of the steps above it, not after
-            for line in missing:
-                echo(f"Error: {line}", err=True)
+        if refused(planned):
             return 2
         echo(f"plan for {manifest.path} (workdir {manifest.workdir}):")
         echo(plan_table(planned))
