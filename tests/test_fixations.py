@@ -364,7 +364,7 @@ def test_failed_write_keeps_the_old_file(mit_root, cat_root, tmp_path, monkeypat
 def test_hdf5_that_is_not_ours(tmp_path, mit_root):
     text = tmp_path / "notes.h5"
     text.write_text("hello")
-    with pytest.raises(FixationError, match="notes.h5: not an HDF5 file; expected fixations written by pipeline.fixations.write_hdf5"):
+    with pytest.raises(FixationError, match="notes.h5: not an HDF5 file; expected fixations written by `pipeline fixations`"):
         read_hdf5(text)
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:

@@ -390,6 +390,8 @@ STEP = "  a:\n    run: label\n    with: {source: coco, teacher: classic}\n"
 BAD = {
     "invalid_yaml": ("steps:\n  a:\n    run: label\n    with: {source: coco\n  b: 1\n", 5, "invalid YAML"),
     "unknown_top_key": ("workdir: w\nstep:\n" + STEP, 2, "unknown top-level key 'step' (did you mean 'steps'?)"),
+    "var_cycle": ('vars:\n  a: "${b}"\n  b: "${a}"\nsteps:\n' + STEP, 2,
+                  "unresolved ${a} in var 'a' (vars refer to each other in a cycle: a -> b -> a)"),
     "cycle": ("steps:\n  a:\n    run: label\n    needs: [b]\n  b:\n    run: label\n    needs: [a]\n", 2,
               "cycle in needs: a -> b -> a"),
     "unknown_needs": ("steps:\n" + STEP + "    needs: [b]\n", 5, "step 'a' needs unknown step 'b'"),

@@ -570,7 +570,7 @@ class _Loader:
             if name not in raw_vars:
                 raise _Unresolved(name, suggest(name, raw_vars).strip())
             if name in chain:
-                raise _Unresolved(name, "vars refer to each other in a cycle: " + " -> ".join(chain + (name,)))
+                raise _Unresolved(name, "(vars refer to each other in a cycle: " + " -> ".join(chain + (name,)) + ")")
             value = substitute(raw_vars[name], lambda n: var(n, chain + (name,)))
             resolved[name] = value
             return value

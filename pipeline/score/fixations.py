@@ -576,7 +576,7 @@ def read_hdf5(path: str | Path, root: str | Path | None = None) -> FixationSet:
     try:
         f = h5py.File(path, "r")
     except OSError:
-        raise FixationError(f"{path}: not an HDF5 file; expected fixations written by pipeline.fixations.write_hdf5") from None
+        raise FixationError(f"{path}: not an HDF5 file; expected fixations written by `pipeline fixations`") from None
     with f:
         if f.attrs.get("format") != FORMAT:
             raise FixationError(f"{path}: HDF5 file is not a fixation set; expected attribute format={FORMAT!r}")

@@ -250,8 +250,9 @@ class Trainer:
                 raise TrainError(str(e)) from None
         h, w = labels.image_size
         if h % info.stride or w % info.stride:
+            up = "x".join(str(-(-n // info.stride) * info.stride) for n in (h, w))  # the next multiples up
             raise TrainError(f"{labels.folder} holds {h}x{w} images; {c.student} needs height and width in "
-                             f"multiples of {info.stride} (label with --image-size 192x256, the paper's)")
+                             f"multiples of {info.stride} (label with --image-size {up}, or 192x256, the paper's)")
         with torch.device("meta"):  # the architecture alone (no memory, no weights): does it fit that size?
             shape = build_student(c.student, backbone_weights="none", **c.student_options)
         try:
