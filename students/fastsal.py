@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from students.base import Student
-from students.weights import load_student_weights, torchvision_backbone
+from students.weights import backbone_file, load_student_weights
 from students.registry import register
-from teachers.weights import WeightsError, load_state_dict, load_strict, resolve
+from teachers.weights import WeightsError, load_state_dict, load_strict
 
 #: taps features[1..18] grouped into the four levels (finest first)
 LEVEL_TAPS = ((1, 2, 3), (4, 5, 6), tuple(range(7, 14)), tuple(range(14, 19)))
@@ -229,9 +229,9 @@ def load_backbone(encoder: Encoder, spec: str) -> None:
     ``imagenet`` is torchvision's ``IMAGENET1K_V1`` file (see :func:`torchvision_backbone`).
     A PATH is a torchvision ``mobilenet_v2`` state dict (``features.*`` keys; the classifier is ignored).
     """
-    if spec == "none":
+    path = backbone_file(spec, backbone_weights() if spec == "imagenet" else None, "mobilenet_v2")
+    if path is None:
         return
-    path = torchvision_backbone(backbone_weights()) if spec == "imagenet" else resolve(spec)
     sd = load_state_dict(path)
     features = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
     if not features:

@@ -53,8 +53,8 @@ from torch import nn
 
 from students.base import Student, TrainOutput
 from students.registry import StudentOption, register
-from students.weights import load_student_weights, torchvision_backbone
-from teachers.weights import WeightsError, load_state_dict, load_strict, resolve
+from students.weights import backbone_file, load_student_weights
+from teachers.weights import WeightsError, load_state_dict, load_strict
 
 if TYPE_CHECKING:
     from torchvision.models.resnet import Bottleneck
@@ -504,9 +504,9 @@ def load_backbone(trunk: ResNetTrunk, depth: int, spec: str) -> None:
     """Initialise the ResNet: ``imagenet`` (torchvision's IMAGENET1K_V1 file, see
     :func:`students.weights.torchvision_backbone`), ``none`` or a PATH to a torchvision
     ``resnet50``/``resnet101`` state dict (its ``fc.*`` classifier is ignored; the rest loads strictly)."""
-    if spec == "none":
+    path = backbone_file(spec, imagenet_weights(depth) if spec == "imagenet" else None, f"resnet{depth}")
+    if path is None:
         return
-    path = torchvision_backbone(imagenet_weights(depth)) if spec == "imagenet" else resolve(spec)
     sd = load_state_dict(path)
     if not any(k.startswith("layer1.") for k in sd):
         raise WeightsError(f"{path}: no 'layer1.*' keys: not a torchvision resnet{depth} state dict")

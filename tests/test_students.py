@@ -193,6 +193,16 @@ def test_backbone_file_of_another_network_is_refused(tmp_path):
         fastsal_a(backbone_weights=str(tmp_path / "other.pth"))
 
 
+def test_a_mistyped_backbone_name_is_said_as_such():
+    """`imagnet` read as 'weights file not found … nor a known name: centerbias_mit1003, deepgaze2e, …' (the
+    teachers' names), never naming imagenet."""
+    with pytest.raises(WeightsError, match=r"^backbone weights 'imagnet': give imagenet, none or the path \(or URL\) "
+                                           r"of a torchvision mobilenet_v2 state dict$"):
+        fastsal_a(backbone_weights="imagnet")
+    with pytest.raises(WeightsError, match=r"^weights file not found: /no/such\.pth"):
+        fastsal_a(backbone_weights="/no/such.pth")
+
+
 # -- losses --------------------------------------------------------------------------------
 def test_hint_loss_is_the_sum_over_levels_of_the_mean_squared_error():
     s = [torch.ones(2, 3, 4, 4), torch.zeros(2, 5, 2, 2)]
