@@ -144,6 +144,19 @@ def test_a_path_named_on_the_command_line_that_does_not_exist_is_a_usage_mistake
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused command wrote something"
 
 
+@pytest.mark.parametrize("command", [["label", "coco", "--teacher", "classic", "--coco-root", "{samples}/coco"],
+                                     ["train", "--labels", "{samples}"], ["eval", "--teacher", "classic"],
+                                     ["predict", "--teacher", "classic", "--images", "{samples}", "--out", "{tmp}/o"],
+                                     ["profile", "--student", "fastsal_a"]])
+def test_a_mistyped_device_is_a_usage_mistake(tmp_path, command):
+    """`--device gpu` was exit status 1 (found when the command resolved it), a bad option value elsewhere 2."""
+    fill = {"tmp": tmp_path, "samples": Path(__file__).resolve().parents[1] / "samples"}
+    r = CliRunner().invoke(cli, [*(a.format(**fill) for a in command), "--device", "gpu"])
+    assert r.exit_code == 2 and r.output.splitlines()[-1] == (
+        "Error: Invalid value for '--device': unknown device 'gpu': give auto, cpu, cuda or cuda:N"), r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, option", [
     (["label", "coco", "--teacher", "classic", "--coco-root", "s3://b/coco", "--out", "o"], "'--coco-root'"),
     (["predict", "--teacher", "classic", "--images", "s3://b/imgs", "--out", "o"], "'--images'"),

@@ -9,7 +9,8 @@ import click
 
 import students
 import teachers
-from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist, path_or_url, ray_address
+from pipeline.cli.options import (LocalPath, device_name, echo_result, image_size, must_exist, path_or_url,
+                                  ray_address)
 
 
 @click.command("label")
@@ -32,7 +33,7 @@ from pipeline.cli.options import LocalPath, echo_result, image_size, must_exist,
               help="Training resolution HxW of the stored jpg and label.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images per teacher forward pass.")
 @click.option("--jpeg-quality", type=click.IntRange(50, 100), default=95, help="Quality of the stored jpg.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (cuda:N in-process; a Ray GPU actor uses the one GPU Ray gives it).")
+@click.option("--device", default="auto", callback=device_name, help="auto, cpu, cuda or cuda:N (cuda:N in-process; a Ray GPU actor uses the one GPU Ray gives it).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               help="auto = bf16 autocast on GPU, fp32 on CPU (recorded, resolved, in every shard).")
 @click.option("--decode", type=click.Choice(["auto", "cpu", "cpu-reduced", "device"]), default="auto",

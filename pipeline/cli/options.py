@@ -95,6 +95,19 @@ def output_path(value, *, folder: bool = False):
     return out
 
 
+def device_name(ctx, param, value):
+    """Click callback: a device name torch knows (``auto``, ``cpu``, ``cuda``, ``cuda:N``…); a mistyped one is a
+    usage error (exit status 2) here, before any work. Whether the machine has it is the command's to say."""
+    from pipeline.common.devices import DeviceError, resolve_device
+
+    if value is not None and value != "auto":
+        try:
+            resolve_device(value)
+        except DeviceError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
 def path_or_url(ctx, param, value):
     """A local path as ``pathlib`` writes it (``a//b/`` → ``a/b``), a URL (``s3://bucket/key``) as given; each of
     a ``multiple`` option's values. An empty value (an unset shell variable, most likely) is refused: as a path it
@@ -227,7 +240,8 @@ def model_options(fn=None, *, students_only: bool = False):
         click.option("--student-output", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
                      help="With --student: its map is softmax over pixels (density-teacher training, "
                           "the authors' coco_* files) or sigmoid (SalGAN-teacher training, salicon_*)."),
-        None if students_only else click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
+        None if students_only else click.option("--device", default="auto", callback=device_name,
+                                                help="auto, cpu, cuda or cuda:N."),
         None if students_only else click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
                                                 default="auto", help="auto = bf16 autocast on GPU, fp32 on CPU."),
     ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 import students
-from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_exist, output_path, path_or_url,
-                                  ray_address, renamed, student_options)
+from pipeline.cli.options import (FiniteFloat, device_name, floats3, increasing_epochs, must_exist, output_path,
+                                  path_or_url, ray_address, renamed, student_options)
 
 
 @click.command("train")
@@ -37,7 +37,7 @@ from pipeline.cli.options import (FiniteFloat, floats3, increasing_epochs, must_
 @click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, help="Samples in the shuffle buffer.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", callback=device_name, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["auto", "off", "bf16"]), default="auto", help="auto = bf16 on GPU.")
 @click.option("--backbone-weights", default="imagenet",
               help="Encoder init (MobileNetV2 for fastsal_*, ResNet-50/101 for sact/act): imagenet (torchvision "
