@@ -1044,6 +1044,23 @@ def test_an_eval_or_profile_report_emptied_or_cut_short_is_not_up_to_date(tmp_pa
         report.unlink()
 
 
+def test_a_killed_runners_running_steps_are_interrupted_once_another_runner_holds_the_workdir(maker, tmp_path):
+    """A runner killed with `kill -9` leaves its step recorded as running; the next runner (here one that does
+    not run that step: --only b) records it interrupted at once, so that `pipeline status` beside it does not
+    say it is running."""
+    assert maker(MAKE_AB % "one")[0] == 0
+    path = tmp_path / "w" / ".pipeline" / "state.json"
+    state = json.loads(path.read_text())
+    state["steps"]["a"].update(status="running", started="2026-11-26T10:00:00+00:00")
+    path.write_text(json.dumps(state))
+    code, out, started = maker(MAKE_AB % "one", only=["b"])
+    assert code == 0 and started == ["b"], out  # (its upstream has no finished output: it runs, with a warning)
+    rec = json.loads(path.read_text())["steps"]["a"]
+    assert rec["status"] == "interrupted" and "stopped before it finished" in rec["error"]
+    assert maker.status()["a"] == ("stale: interrupted last time: the `pipeline run` running it was stopped before "
+                                   "it finished")
+
+
 def test_an_input_missing_for_a_while_then_back_unchanged_throws_nothing_away(maker, tmp_path):
     """A step not started for a missing input keeps its record as it was: with the input back unchanged it is up
     to date again (it read as 'input changed' and started over, which deletes a label folder or a run's epochs);

@@ -640,6 +640,11 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
         return 2  # before the lock: a refused run leaves nothing behind (not even the workdir)
     with workdir_lock(manifest.workdir):
         state = load_state(manifest.workdir)  # as it is now that we hold the lock
+        left = [r for r in state.get("steps", {}).values() if isinstance(r, dict) and r.get("status") == "running"]
+        for rec in left:  # a killed runner's: not running now (`status` beside this runner would say they are)
+            rec.update(status="interrupted", error="the `pipeline run` running it was stopped before it finished")
+        if left:
+            save_state(manifest.workdir, state)
         planned = make_plan(manifest, state, checksums=checksums, **selection)
         if refused(planned):
             return 2
