@@ -1044,6 +1044,14 @@ def test_an_eval_or_profile_report_emptied_or_cut_short_is_not_up_to_date(tmp_pa
         report.unlink()
 
 
+def test_an_up_to_date_step_selected_alone_says_its_upstream_is_stale(maker, tmp_path):
+    """`--only b` after a's settings changed: b is up to date with a's old output, which the plan said nothing of."""
+    assert maker(MAKE_AB % "one")[0] == 0
+    (tmp_path / "make.yaml").write_text((tmp_path / "make.yaml").read_text().replace("note: one", "note: two"))
+    assert maker.plan(only=["b"]) == {"a": ("skip", "not selected (stale: settings changed: note one→two)"),
+                                      "b": ("skip", "up to date (warning: upstream a is stale and not selected)")}
+
+
 def test_a_killed_runners_running_steps_are_interrupted_once_another_runner_holds_the_workdir(maker, tmp_path):
     """A runner killed with `kill -9` leaves its step recorded as running; the next runner (here one that does
     not run that step: --only b) records it interrupted at once, so that `pipeline status` beside it does not

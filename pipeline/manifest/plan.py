@@ -194,9 +194,10 @@ def plan(manifest: Manifest, state: Mapping, outputs_ok: Mapping[str, str], *, f
             if running:
                 reason = f"upstream {', '.join(running)} {'runs' if len(running) == 1 else 'run'}"
         unselected = [u for u in step.needs if u not in selected and stale.get(u)]
-        if reason and unselected:
+        warning = ""
+        if unselected:  # (said whether the step runs or not: its result is of the upstream's old output)
             verb = "is" if len(unselected) == 1 else "are"
-            reason += f" (warning: upstream {', '.join(unselected)} {verb} stale and not selected)"
+            warning = f" (warning: upstream {', '.join(unselected)} {verb} stale and not selected)"
         actions[name] = RUN if reason else SKIP
-        out.append(Planned(name, actions[name], reason or "up to date"))
+        out.append(Planned(name, actions[name], (reason or "up to date") + warning))
     return out
