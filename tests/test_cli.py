@@ -270,6 +270,20 @@ def test_an_option_of_the_other_label_source_is_refused_not_ignored(tmp_path, ar
     assert not (tmp_path / "o").exists()
 
 
+def test_ray_options_with_the_local_executor_are_warned_of_not_ignored_silently(tmp_path, monkeypatch):
+    """`--executor local --gpus 4 --address host:1` labelled in-process without a word of either; $RAY_ADDRESS
+    (not given on the command line) says nothing."""
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    samples = Path(__file__).resolve().parents[1] / "samples" / "coco"
+    r = CliRunner().invoke(cli, ["label", "coco", "--coco-root", str(samples), "--teacher", "salgan", "--executor",
+                                 "local", "--gpus", "4", "--address", "x:1", "--out", str(tmp_path / "o")])
+    assert r.stderr.splitlines()[0] == ("warning: --address, --gpus are for --executor ray; --executor local labels "
+                                        "in this process and ignores them"), r.stderr
+    r = CliRunner().invoke(cli, ["label", "coco", "--coco-root", str(samples), "--teacher", "salgan", "--executor",
+                                 "local", "--out", str(tmp_path / "o")])
+    assert "warning" not in r.stderr and r.exit_code == 1, r.output  # (salgan without --weights: refused)
+
+
 def test_a_teachers_missing_weights_are_asked_for_by_the_option_the_command_has(sample_labels, tmp_path):
     """train's teacher takes --teacher-weights, predict's comparison --compare-weights (the messages said
     --weights, which neither command has)."""

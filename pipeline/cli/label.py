@@ -100,6 +100,14 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
                                f"{'folder' if source == 'coco' else 'coco'}; source {source} reads "
                                + ("--coco-root's --split" if source == "coco" else "--images"))
     must_exist("coco_root" if source == "coco" else "images")
+    if executor == "local":  # (a manifest may set them and switch the executor with --set: a warning, not a refusal)
+        given = click.get_current_context().get_parameter_source
+        ray_only = [f"--{n.replace('_', '-')}" for n in ("address", "gpus", "workers_per_gpu", "cpu_workers")
+                    if given(n) is click.core.ParameterSource.COMMANDLINE]
+        if ray_only:
+            click.echo(f"warning: {', '.join(ray_only)} {'is' if len(ray_only) == 1 else 'are'} for --executor ray; "
+                       "--executor local labels in this process and ignores "
+                       f"{'it' if len(ray_only) == 1 else 'them'}", err=True)
     stride = max(students.student_info(n).stride for n in students.available())  # (every student's: 32)
     if any(side % stride for side in image_size):
         click.echo(f"warning: --image-size {image_size[0]}x{image_size[1]}: the students train on sizes whose sides "
