@@ -270,6 +270,16 @@ def test_an_option_of_the_other_label_source_is_refused_not_ignored(tmp_path, ar
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--fixations", "{tmp}/f.h5", "--val-shards", "2"], "--val-shards goes with --labels"),
+    (["--labels", "{tmp}", "--sigma", "0.05", "--baseline", "uniform"], "--baseline and --sigma go with --fixations"),
+])
+def test_eval_options_of_the_other_kind_of_scoring_are_refused_not_ignored(tmp_path, args, message):
+    (tmp_path / "f.h5").touch()
+    r = CliRunner().invoke(cli, ["eval", "--teacher", "classic", *[a.format(tmp=tmp_path) for a in args]])
+    assert r.exit_code == 2 and r.output.splitlines()[-1].startswith(f"Error: {message}"), r.output
+
+
 def test_ray_options_with_the_local_executor_are_warned_of_not_ignored_silently(tmp_path, monkeypatch):
     """`--executor local --gpus 4 --address host:1` labelled in-process without a word of either; $RAY_ADDRESS
     (not given on the command line) says nothing."""

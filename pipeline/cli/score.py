@@ -101,6 +101,16 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
     if map_name != "saliency" and fixations is None:
         raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations")
+    given = click.get_current_context().get_parameter_source
+    if fixations is not None and given("val_shards") is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--val-shards goes with --labels (the held-out shards of a label folder); "
+                               "--fixations scores every image of the file (--limit takes fewer)")
+    if fixations is None:
+        human = [flag for n, flag in (("baseline", "--baseline"), ("sigma_frac", "--sigma"))
+                 if given(n) is click.core.ParameterSource.COMMANDLINE]
+        if human:
+            raise click.UsageError(f"{' and '.join(human)} {'goes' if len(human) == 1 else 'go'} with --fixations "
+                                   "(the human-fixation metrics); --labels scores against the teacher's labels")
     try:
         fs = None
         if fixations:
