@@ -1044,6 +1044,25 @@ def test_an_eval_or_profile_report_emptied_or_cut_short_is_not_up_to_date(tmp_pa
         report.unlink()
 
 
+def test_renaming_an_upstream_step_that_makes_the_same_output_remakes_nothing_below_it(maker, tmp_path):
+    """`a` renamed `first` (its output where it was): `first` runs (never run under that name) and makes the same
+    output; `b` below it was made again, as "now needs first; no longer needs a". A real change still counts."""
+    out = tmp_path / "w" / "a" / "out.txt"
+    assert maker(MAKE_AB % "one")[0] == 0
+    renamed = """\
+        steps:
+          first: {run: make, with: {name: a, note: %s, out: "%s"}}
+          b: {run: make, with: {name: b, src: "${steps.first.out}"}}
+        """
+    code, out_text, started = maker(renamed % ("one", out))
+    assert code == 0 and started == ["a"], out_text  # (the log names each run by its --name)
+    assert "[b] up to date: its upstream output is unchanged" in out_text
+    assert maker.plan() == {"first": ("skip", "up to date"), "b": ("skip", "up to date")}
+    assert maker.status()["b"] == "up to date"
+    code, out_text, started = maker(renamed.replace("name: a,", "name: other,") % ("one", out))
+    assert code == 0 and started == ["other", "b"], out_text
+
+
 def test_an_up_to_date_step_selected_alone_says_its_upstream_is_stale(maker, tmp_path):
     """`--only b` after a's settings changed: b is up to date with a's old output, which the plan said nothing of."""
     assert maker(MAKE_AB % "one")[0] == 0

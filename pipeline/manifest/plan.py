@@ -39,11 +39,30 @@ def upstream_digests(manifest: Manifest, name: str, state: Mapping | None) -> di
     return {u: output_digest(state, u) for u in manifest.steps[name].needs}
 
 
+def _fingerprint(own: str, needs: Mapping[str, str | None]) -> str:
+    doc = {"own": own, "needs": dict(sorted(needs.items()))}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def fingerprint_of(manifest: Manifest, name: str, state: Mapping | None) -> str:
     """Step ``name``'s fingerprint: its own fingerprint and its upstream steps' recorded output digests."""
-    doc = {"own": manifest.steps[name].own_fingerprint, "needs": dict(sorted(upstream_digests(manifest, name,
-                                                                                              state).items()))}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return _fingerprint(manifest.steps[name].own_fingerprint, upstream_digests(manifest, name, state))
+
+
+def matches(rec: Mapping | None, manifest: Manifest, name: str, state: Mapping | None) -> bool:
+    """Whether the record ``rec`` was made with step ``name`` as it is now (:func:`fingerprint_of`). An upstream
+    step renamed in the manifest, whose output has the digest the record was made from, is the same input: the
+    steps below it are not made again for a new name."""
+    if not rec:
+        return False
+    if rec.get("fingerprint") == fingerprint_of(manifest, name, state):
+        return True
+    before, now = rec.get("needs"), upstream_digests(manifest, name, state)
+    if not isinstance(before, dict) or set(before) == set(now) or not all(
+            isinstance(d, str) for d in [*before.values(), *now.values()]):
+        return False
+    own_unchanged = rec.get("fingerprint") == _fingerprint(manifest.steps[name].own_fingerprint, before)
+    return own_unchanged and sorted(before.values()) == sorted(now.values())
 
 
 def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields) -> dict:
@@ -131,7 +150,7 @@ def own_reason(manifest: Manifest, name: str, state: Mapping | None, outputs_ok:
         return "input missing: " + ", ".join(missing)
     if rec is None:
         return "never run"
-    if rec.get("fingerprint") != fingerprint_of(manifest, name, state):
+    if not matches(rec, manifest, name, state):
         return changes(rec, step, manifest, state)
     if rec.get("status") == "running":
         return f"interrupted (started {rec.get('started', '?')})"

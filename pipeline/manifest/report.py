@@ -33,7 +33,7 @@ from pipeline.common.atomic import atomic_open
 from pipeline.common.storage import as_path
 from pipeline.common.tables import table
 from pipeline.manifest.format import Manifest
-from pipeline.manifest.plan import fingerprint_of
+from pipeline.manifest.plan import matches
 
 REPORT = "report.html"
 ASSETS = "report"
@@ -83,7 +83,7 @@ def eval_scores(manifest: Manifest, state: Mapping | None = None) -> tuple[list[
         cells = [f"{values[m]:.4f}" if isinstance(values.get(m), (int, float)) else "-" for m in metrics]
         rec = records.get(name) or {}
         current = state is None or (rec.get("status") == "done"
-                                    and rec.get("fingerprint") == fingerprint_of(manifest, name, state))
+                                    and matches(rec, manifest, name, state))
         rows.append([name if current else f"{name} (stale)", _model_label(manifest, manifest.steps[name].settings, doc), str(doc.get("images", "-")),
                      *cells])
         data.append(str(doc.get("data", "")))

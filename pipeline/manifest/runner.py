@@ -48,7 +48,7 @@ from pipeline.common.locks import FolderLock, LockHeld
 from pipeline.common.locks import status as lock_status
 from pipeline.common.tables import table
 from pipeline.manifest.format import Manifest
-from pipeline.manifest.plan import RUN, Planned, continues, fingerprint_of, own_reason, plan, record
+from pipeline.manifest.plan import RUN, Planned, continues, matches, own_reason, plan, record
 from pipeline.manifest.steps import COMMANDS, made_since, pieces_now
 
 STATE_VERSION = 2  # 2: fingerprints with the upstream steps' output digests
@@ -174,7 +174,7 @@ def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
         step = manifest.steps[name]
         rec = records.get(name)
         spec = COMMANDS.get(step.command)
-        if (rec and rec.get("status") == "done" and rec.get("fingerprint") == fingerprint_of(manifest, name, state)
+        if (rec and rec.get("status") == "done" and matches(rec, manifest, name, state)
                 and spec is not None and spec.verify is not None and step.output):
             out[name] = spec.verify(as_path(step.output), checksums)
             recorded = rec.get("output_digest")
@@ -212,7 +212,7 @@ def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> str:
             return FORCED if rec["fresh"] == FORCED else CHANGED  # nor made anything yet: it starts over again
     if item.reason.startswith("outputs incomplete") and spec is not None and spec.resumes is not None:
         return "" if spec.resumes(as_path(manifest.steps[item.step].output)) else CHANGED  # nothing to carry on from
-    if rec is None or rec.get("fingerprint") == fingerprint_of(manifest, item.step, state):
+    if rec is None or matches(rec, manifest, item.step, state):
         return ""
     return "" if spec is not None and continues(manifest, item.step, state, spec.grows) else CHANGED
 
@@ -738,7 +738,7 @@ def status_rows(manifest: Manifest, state: Mapping, *, checksums: bool = False,
             text = "never run" + (f"; {p.reason}" if p.reason != "never run" else "")
         elif rec.get("status") == "running" and active:
             text = "running"
-        elif rec.get("status") == "failed" and rec.get("fingerprint") == fingerprint_of(manifest, p.step, state):
+        elif rec.get("status") == "failed" and matches(rec, manifest, p.step, state):
             text = "failed" + (f": {rec['error']}" if rec.get("error") else "")
         else:
             text = f"stale: {p.reason}"
