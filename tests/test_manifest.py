@@ -358,30 +358,41 @@ def test_a_train_step_whose_epochs_grew_trains_on(tmp_path):
 
 
 def test_a_label_start_over_interrupted_after_it_wrote_a_shard_carries_on_keeping_what_it_made(tmp_path):
-    """A label step whose settings changed starts over with `--overwrite-changed` (shards of the old settings
-    relabelled, those of the new kept); killed after its first new shard, it carried on as a plain resume, which
-    `pipeline label` refuses (the old shards are of other settings), on every run. It carries on with the same
-    argument now, also from a record made before this (`"fresh": true`); a forced one gets `--overwrite`."""
-    from pipeline.manifest.runner import CHANGED, FORCED, command_line
+    """A label step whose recorded settings changed starts over with `--overwrite-changed` (shards of the old
+    settings relabelled, those of the new kept); killed after its first new shard, it carried on as a plain resume,
+    which `pipeline label` refuses (the old shards are of other settings), on every run. It carries on with that
+    argument now. A change the markers do not record (shard_size) or a force starts over with `--overwrite`,
+    again until it has written a shard of its own (also from a record made before this: `"fresh": true`), then
+    goes on with `--overwrite-changed`."""
+    from pipeline.manifest.runner import ANEW, CHANGED, command_line
 
-    def label_manifest(quality: int) -> Manifest:
+    def label_manifest(quality: int = 95, shard_size: int = 4) -> Manifest:
         path = tmp_path / "l.yaml"
         path.write_text(f"workdir: {tmp_path / 'w'}\nsteps:\n  l:\n    run: label\n    with: {{source: coco, "
-                        f"coco_root: {SAMPLES}, teacher: classic, jpeg_quality: {quality}}}\n")
+                        f"coco_root: {SAMPLES}, teacher: classic, jpeg_quality: {quality}, shard_size: {shard_size}}}\n")
         return load_manifest(path, group=cli)
 
-    old, new = label_manifest(95), label_manifest(80)
+    def how(m: Manifest, state: dict, **selection) -> str:
+        (item,) = plan(m, state, {}, **selection)
+        return fresh_start(m, state, item)
+
+    old, new = label_manifest(), label_manifest(quality=80)
     state = {"steps": {}}
     state["steps"]["l"] = record(old, "l", state, status="done")
-    (item,) = plan(new, state, {})
-    assert fresh_start(new, state, item) == CHANGED and command_line(new, "l", CHANGED)[-1] == "--overwrite-changed"
-    for fresh in (CHANGED, True):  # the runner's record of the start-over, killed (it wrote a shard, or not)
+    assert how(new, state) == CHANGED and command_line(new, "l", CHANGED)[-1] == "--overwrite-changed"
+    assert how(label_manifest(shard_size=3), state) == ANEW  # its finished shards would all be kept
+    assert how(label_manifest(quality=80, shard_size=3), state) == ANEW
+    assert how(old, state, force={"l"}) == ANEW and command_line(old, "l", ANEW)[-1] == "--overwrite"
+
+    shard = Path(new.steps["l"].output) / "shard-000000.json"  # what the start-over makes first
+    for fresh, nothing_yet, then in ((CHANGED, CHANGED, CHANGED), (ANEW, ANEW, CHANGED), (True, ANEW, CHANGED)):
+        shard.unlink(missing_ok=True)
         state["steps"]["l"] = record(new, "l", state, status="running", started="2026-01-01T10:00:00+00:00",
-                                     fresh=fresh)
-        (item,) = plan(new, state, {})
-        assert fresh_start(new, state, item) == CHANGED, item
-    (item,) = plan(new, state, {}, force={"l"})
-    assert fresh_start(new, state, item) == FORCED and command_line(new, "l", FORCED)[-1] == "--overwrite"
+                                     fresh=fresh)  # the runner's record of the start-over, killed
+        assert how(new, state) == nothing_yet, fresh
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_text("{}")
+        assert how(new, state) == then, fresh
 
 
 # -- bad manifests -------------------------------------------------------------------------------

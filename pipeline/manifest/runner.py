@@ -192,29 +192,38 @@ def make_plan(manifest: Manifest, state: Mapping, *, checksums: bool = False, **
     return plan(manifest, state, check_outputs(manifest, state, checksums), **selection)
 
 
-#: how a step starts over (:func:`fresh_start`): forced (the command's ``fresh`` arguments), or because its
-#: settings or inputs changed (its ``changed`` arguments where it has them, else ``fresh``)
-FORCED, CHANGED = "forced", "changed"
+#: how a step starts over (:func:`fresh_start`): anew (the command's ``fresh`` arguments: forced, or a setting
+#: its outputs do not record changed), or redoing what changed (its ``changed`` arguments where it has them)
+ANEW, CHANGED = "anew", "changed"
 
 
 def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> str:
-    """How the step should start over ("" when it resumes): :data:`FORCED`, or :data:`CHANGED` when its outputs
-    are from other settings or inputs (unless the only change is a setting the command may grow, as ``train``'s
-    epochs: then it carries on)."""
+    """How the step should start over ("" when it resumes): :data:`ANEW` when it is forced, :data:`CHANGED` when
+    its outputs are from other settings or inputs (unless the only change is a setting the command may grow, as
+    ``train``'s epochs: then it carries on), or :data:`ANEW` again when a changed setting is one its outputs do
+    not record (a label step's ``shard_size``: ``--overwrite-changed`` would keep every shard)."""
     rec = state.get("steps", {}).get(item.step)
+    step = manifest.steps[item.step]
     if item.reason.startswith("forced"):
-        return FORCED
-    spec = COMMANDS.get(manifest.steps[item.step].command)
+        return ANEW
+    spec = COMMANDS.get(step.command)
     if rec is not None and rec.get("fresh") and rec.get("status") != "done":  # a start-over that did not finish
-        if spec is not None and spec.changed and rec["fresh"] != FORCED:
+        kind = CHANGED if rec["fresh"] == CHANGED else ANEW  # (older state files: true)
+        if kind == CHANGED and spec is not None and spec.changed:
             return CHANGED  # its command carries on by the same arguments, keeping what it made
-        if not _made_since(spec, manifest.steps[item.step].output, rec.get("started"), rec.get("pieces_before")):
-            return FORCED if rec["fresh"] == FORCED else CHANGED  # nor made anything yet: it starts over again
+        if not _made_since(spec, step.output, rec.get("started"), rec.get("pieces_before")):
+            return kind  # nor made anything yet: it starts over again
+        if spec is not None and spec.changed:  # made pieces of its own: kept, and what is still of the old
+            return CHANGED  # settings redone (resumed plainly, `label` refuses a folder of two settings)
     if item.reason.startswith("outputs incomplete") and spec is not None and spec.resumes is not None:
-        return "" if spec.resumes(as_path(manifest.steps[item.step].output)) else CHANGED  # nothing to carry on from
+        return "" if spec.resumes(as_path(step.output)) else ANEW  # nothing to carry on from
     if rec is None or matches(rec, manifest, item.step, state):
         return ""
-    return "" if spec is not None and continues(manifest, item.step, state, spec.grows) else CHANGED
+    if spec is not None and continues(manifest, item.step, state, spec.grows):
+        return ""
+    before, now = rec.get("settings") or {}, dict(step.settings)
+    changed = {k for k in set(before) | set(now) if before.get(k) != now.get(k)}
+    return CHANGED if spec is not None and spec.changed and changed <= spec.redoes else ANEW
 
 
 def _made_since(spec, output, started, before) -> bool:

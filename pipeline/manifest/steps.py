@@ -47,6 +47,9 @@ class CommandSpec:
     #: changed): the command keeps what its output already holds of the new settings and redoes the rest, so a
     #: start-over interrupted at any point carries on by the same arguments (``label --overwrite-changed``)
     changed: tuple[str, ...] = ()
+    #: the settings whose change ``changed`` redoes (its outputs record them, or they change what is read); a
+    #: change of any other setting starts over with ``fresh``
+    redoes: frozenset[str] = frozenset()
     #: the digest of a complete output's content ("kind:hex"): the steps below it are fingerprinted with it
     digest: Callable[[Path], str] | None = None
     #: the lock file the command holds on its output while it writes it (another process holding it: the step
@@ -283,6 +286,11 @@ COMMANDS: dict[str, CommandSpec] = {
         added={"allow_outside_root": False, "max_image_bytes": 64 * 1024**2, "decode": "auto"},
         fresh=("--overwrite",),
         changed=("--overwrite-changed",),
+        # in every marker (weights by digest; device and precision as the precision, decode as the path used), or
+        # where the images come from and go to (another folder: nothing there to keep); batch_size changes nothing.
+        # Not shard_size (finished shards keep their images), max_image_bytes, allow_outside_root: --overwrite
+        redoes=frozenset({"weights", "image_size", "jpeg_quality", "device", "precision", "decode", "batch_size",
+                          "source", "coco_root", "split", "images", "teacher", "out"}),
         digest=_digest_label,
         urls=frozenset({"out"}),
         lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
