@@ -51,18 +51,31 @@ def fingerprint_of(manifest: Manifest, name: str, state: Mapping | None) -> str:
 
 def matches(rec: Mapping | None, manifest: Manifest, name: str, state: Mapping | None) -> bool:
     """Whether the record ``rec`` was made with step ``name`` as it is now (:func:`fingerprint_of`). An upstream
-    step renamed in the manifest, whose output has the digest the record was made from, is the same input: the
-    steps below it are not made again for a new name."""
+    step renamed in the manifest whose output is where it was, with the digest the record was made from, is the
+    same input (:func:`same_upstream`): the steps below it are not made again for a new name."""
     if not rec:
         return False
     if rec.get("fingerprint") == fingerprint_of(manifest, name, state):
         return True
-    before, now = rec.get("needs"), upstream_digests(manifest, name, state)
-    if not isinstance(before, dict) or set(before) == set(now) or not all(
-            isinstance(d, str) for d in [*before.values(), *now.values()]):
+    before = rec.get("needs")
+    return (isinstance(before, dict) and rec.get("fingerprint") == _fingerprint(manifest.steps[name].own_fingerprint,
+                                                                                before)  # its own part unchanged
+            and same_upstream(before, manifest, name, state))
+
+
+def same_upstream(before: Mapping, manifest: Manifest, name: str, state: Mapping | None) -> bool:
+    """Whether ``before``, the upstream output digests a record of step ``name`` was made from, are those it
+    needs now: the same steps' digests, or, where upstream steps were renamed, output by output (each old name's
+    output as the state still records it, with its digest, is a new name's)."""
+    now = upstream_digests(manifest, name, state)
+    if dict(before) == now:
+        return True
+    records = (state or {}).get("steps") or {}
+    if set(before) == set(now) or not all(isinstance(d, str) for d in [*before.values(), *now.values()]):
         return False
-    own_unchanged = rec.get("fingerprint") == _fingerprint(manifest.steps[name].own_fingerprint, before)
-    return own_unchanged and sorted(before.values()) == sorted(now.values())
+    old = {str((records.get(u) or {}).get("output")): d for u, d in before.items()}
+    new = {str(manifest.steps[u].output): d for u, d in now.items()}
+    return len(old) == len(before) and "None" not in old and old == new
 
 
 def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields) -> dict:
@@ -82,7 +95,7 @@ def continues(manifest: Manifest, name: str, state: Mapping | None, grows: Itera
     step, grows = manifest.steps[name], set(grows)
     if not rec or not grows or rec.get("command") != step.command:
         return False
-    if (rec.get("needs") != upstream_digests(manifest, name, state) or rec.get("inputs") != dict(step.inputs)
+    if (not same_upstream(rec.get("needs") or {}, manifest, name, state) or rec.get("inputs") != dict(step.inputs)
             or rec.get("code_version") != step.code_version):
         return False
     before, now = rec.get("settings") or {}, dict(step.settings)
