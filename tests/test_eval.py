@@ -473,6 +473,8 @@ def test_predict_neither_reads_a_label_folder_as_images_nor_writes_into_one(imag
     assert written.exit_code == 2 and error_line(written) == (
         f"Error: Invalid value for '--out': {label_folder / 'maps'} lies in the label folder {label_folder}: the maps "
         "would be written among its shards; give another folder")
+    as_url = invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", f"file://{label_folder}/m")
+    assert as_url.exit_code == 2 and f"lies in the label folder {label_folder}" in error_line(as_url)
     assert sorted(p.name for p in label_folder.iterdir()) == before and not (tmp_path / "m").exists()
 
 

@@ -587,7 +587,7 @@ def test_a_run_folder_inside_a_label_folder_is_refused(small_labels, tmp_path):
     """`--run` that is a label folder (or lies in one) would write checkpoints and logs among its shards: refused
     in one line, nothing written; beside it is fine."""
     before = sorted(p.name for p in small_labels.iterdir())
-    for run in (small_labels, small_labels / "run"):
+    for run in (small_labels, small_labels / "run", f"file://{small_labels}/run"):
         r = CliRunner().invoke(cli, [str(a) for a in ["train", "--labels", small_labels, "--run", run, "--epochs", 1,
                                                       "--steps-per-epoch", 1, *FAST]])
         assert r.exit_code == 1 and f"Error: --run {run} lies in the label folder {small_labels} (--labels)" in \

@@ -186,7 +186,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     not_images = label_folder_as_images(images)
     if not_images:
         raise click.BadParameter(not_images, param_hint="'--images'")
-    over = "" if is_url(out) else writes_over_images(images, out)
+    over = writes_over_images(images, out)
     if over:
         raise click.BadParameter(over, param_hint="'--out'")
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,

@@ -97,6 +97,15 @@ def as_path(path) -> "Path | RemotePath":
     return RemotePath.parse(text) if "://" in text else Path(text)
 
 
+def local_place(path) -> Path | None:
+    """The local filesystem path that ``path`` names (a plain path, or a ``file://`` URL), or None for a place on
+    object storage."""
+    path = as_path(path)
+    if isinstance(path, RemotePath):
+        return Path(path.key) if path.protocol in LOCAL_PROTOCOLS else None
+    return path
+
+
 #: what object stores report about an object's content, most specific first (S3, GCS, Azure, others)
 CONTENT_TAGS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "checksum")
 MODIFIED = ("LastModified", "last_modified", "updated", "mtime", "modified", "created")

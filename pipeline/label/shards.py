@@ -32,7 +32,7 @@ import webdataset as wds
 from webdataset.writer import make_encoder
 
 from pipeline.common.atomic import atomic_open, write_json
-from pipeline.common.storage import RemotePath, as_path, local_file
+from pipeline.common.storage import RemotePath, as_path, local_file, local_place
 from pipeline.label.config import recorded_settings
 
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker
@@ -338,9 +338,9 @@ def store_versions(folder) -> dict[str, tuple[int, str]] | None:
             if "/" not in rel and rel.endswith(".tar")}
 
 
-def enclosing_label_folder(path: str | Path) -> Path | None:
+def enclosing_label_folder(path) -> Path | None:
     """The label folder (one holding the ``labels.json`` index `pipeline label` writes, or the first shard's marker
-    of one being written) that the local ``path`` is or lies in, else None: no other command's files belong
+    of one being written) that the local ``path`` (or ``file://`` URL) is or lies in, else None: no other command's files belong
     there. (A ``labels.json`` of another shape, e.g. a project's list of classes, makes no label folder.)"""
     def index(folder: Path):
         try:
@@ -348,7 +348,10 @@ def enclosing_label_folder(path: str | Path) -> Path | None:
         except (OSError, UnicodeDecodeError, ValueError):
             return None
 
-    path = Path(path).resolve()
+    local = local_place(path)  # (a file:// URL is a local path too; object storage has no label folders above)
+    if local is None:
+        return None
+    path = local.resolve()
     for folder in (path, *path.parents):
         if not folder.is_dir():  # (not there yet, or a file)
             continue

@@ -33,7 +33,7 @@ from pipeline.common.atomic import atomic_open, atomic_path, write_json
 from pipeline.common.locks import LOCK_NAME, FolderLock, read_holder
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
-from pipeline.common.storage import as_path, is_url
+from pipeline.common.storage import as_path, is_url, local_place
 from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import NOT_FINITE, Predictor
@@ -92,7 +92,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     t0 = time.perf_counter()
     folder, out = Path(folder), as_path(out)
     local_out = None if is_url(out) else Path(out)
-    over = writes_over_images(folder, local_out) if local_out is not None else ""
+    over = writes_over_images(folder, out)
     if over:
         raise SourceError(f"--out {over}")
     # maps (and comparison sheets) written inside the image folder are not images, nor are other runs' outputs
@@ -206,9 +206,12 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
 
 
 def writes_over_images(folder, out) -> str:
-    """Why a local ``out`` cannot take the maps of ``folder``'s images (it is that folder, or lies in a label
-    folder), or ""."""
-    if Path(out).resolve() == Path(folder).resolve():
+    """Why ``out`` cannot take the maps of ``folder``'s images (it is that folder, or lies in a label folder), or
+    "" (also for a place on object storage)."""
+    local = local_place(out)
+    if local is None:
+        return ""
+    if local.resolve() == Path(folder).resolve():
         return (f"{out} is the image folder itself: the maps would be written among (and over) the images; give "
                 "another folder")
     inside = enclosing_label_folder(out)

@@ -232,7 +232,7 @@ class Trainer:
         if not is_url(c.run) and Path(c.run).exists() and not Path(c.run).is_dir():
             raise TrainError(f"--run {c.run} is a file, not a run folder: give a folder (a new one, or a run's to "
                              "resume it)")
-        inside = None if is_url(c.run) else enclosing_label_folder(c.run)  # its files would be among the shards
+        inside = enclosing_label_folder(c.run)  # its files would be among the shards (a file:// URL's too)
         if inside is not None:
             inputs = (("--labels", c.labels), ("--val-labels", [c.val_labels]))
             flag = next((f" ({flag})" for flag, folders in inputs for folder in folders
