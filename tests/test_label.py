@@ -162,7 +162,8 @@ def test_overwrite_with_a_smaller_plan_and_stray_tars_leaves_exactly_the_new_sha
     assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
 
 
-def test_overwrite_changed_relabels_shards_of_other_settings_and_keeps_those_already_relabelled(coco_tree, tmp_path):
+def test_overwrite_changed_relabels_shards_of_other_settings_and_keeps_those_already_relabelled(coco_tree, tmp_path,
+                                                                                                capsys):
     """A start-over with new settings (`pipeline run` after a manifest edit) interrupted after its first shard:
     the folder holds one shard of the new settings and two of the old. A plain re-run is refused, naming the
     way on; `--overwrite-changed` relabels the two and keeps the one (it failed on every run before)."""
@@ -180,6 +181,8 @@ def test_overwrite_changed_relabels_shards_of_other_settings_and_keeps_those_alr
         label(records, out, config, shard_size=3, executor="local", progress=False)
     done = label(records, out, config, shard_size=3, executor="local", progress=False, overwrite_changed=True)
     assert (done.shards_done, done.shards_skipped, done.shards_changed) == (2, 1, ["shard-000001", "shard-000002"])
+    assert (f"note: 2 finished shards of {out} were made with other settings (shard-000001: jpeg_quality differs "
+            "(shard has 95, this run 80)): relabelling them (--overwrite-changed)") in capsys.readouterr().err
     assert digests(out) == digests(new) and verify_dataset(out) == ""
 
 

@@ -151,6 +151,7 @@ class Split:
     changed: list[str] = field(default_factory=list)  # finished shards of other images (--overwrite-changed)
     surplus: list[str] = field(default_factory=list)  # finished shards beyond the plan (--overwrite-changed)
     strays: list[str] = field(default_factory=list)  # beyond the plan without a whole marker: unfinished, removed
+    resettled: dict[str, str] = field(default_factory=dict)  # of other settings, relabelled: name -> what differs
 
 
 def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrite_changed: bool = False,
@@ -197,6 +198,7 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
                                  "use --overwrite-changed to relabel those shards, keeping the ones made with these "
                                  "settings, --overwrite to relabel all, or choose another --out")
             split.changed.append(plan.name)
+            split.resettled[plan.name] = reason
         split.todo.append(plan)
     planned = {p.name for p in plans}
     for path in sorted(folder.glob("shard-*.json")):
@@ -401,6 +403,11 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
                                      retry_failed=retry_failed, markers=found), []
     todo, reuse = split.todo, split.reuse
+    if split.resettled:  # said before the work (a setting that resolved otherwise here may mean hours of it)
+        n, (first, why) = len(split.resettled), next(iter(split.resettled.items()))
+        print(f"note: {n} finished shard{'s' if n > 1 else ''} of {folder} {'were' if n > 1 else 'was'} made with "
+              f"other settings ({first}: {why}): relabelling {'them' if n > 1 else 'it'} (--overwrite-changed)",
+              file=sys.stderr)
     if decode != own and todo:
         print(f"note: --decode auto decodes {decode!r}, as the finished shards of {folder} were decoded (on its "
               f"own it would take {own!r}; --decode {'|'.join(DECODE_PATHS)} chooses)", file=sys.stderr)
