@@ -476,6 +476,32 @@ def test_ctrl_c_while_no_step_runs_is_an_interrupted_run_not_an_abort(fresh, mon
     assert not Path("w").exists() or not any(Path("w").rglob("state.json"))
 
 
+def test_options_a_command_refuses_together_are_manifest_errors_before_any_step(fresh):
+    """eval's --val-shards with --fixations, or --student-output with --teacher, were refused when the step came
+    up, after the steps above it had run: they are errors of the manifest, with the step's line."""
+    Path("f.h5").touch()
+    Path("m.yaml").write_text(textwrap.dedent(f"""\
+        workdir: w
+        steps:
+          labels:
+            run: label
+            with: {{source: coco, teacher: classic, coco_root: {SAMPLES}, split: val2017, executor: local}}
+          score:
+            run: eval
+            with: {{teacher: classic, fixations: f.h5, val_shards: 2}}
+          maps:
+            run: predict
+            with: {{teacher: classic, student_output: sigmoid, images: {SAMPLES}/val2017}}
+        """))
+    result = CliRunner().invoke(cli, ["run", "m.yaml"])
+    assert result.exit_code == 2 and result.output.splitlines() == [
+        "Error: m.yaml:6: step 'score': --val-shards goes with --labels (the held-out shards of a label folder); "
+        "--fixations scores every image of the file (--limit takes fewer)",
+        "Error: m.yaml:9: step 'maps': --student-output goes with --student, not --teacher (a checkpoint records its "
+        "student's output; a teacher's map is its own)"], result.output
+    assert not Path("w").exists()
+
+
 def test_a_path_a_step_needs_that_is_missing_stops_the_run_before_any_step(fresh):
     """A mistyped local path (`images: .../val2071`) was found when its step came up, after every step above it
     had run (hours, on COCO): `pipeline run` names it, with the step's line, and starts nothing; `--dry-run`

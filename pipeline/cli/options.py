@@ -220,6 +220,40 @@ def student_options(fn):
     return wrapper
 
 
+class Checked(click.Command):
+    """A command whose options are also checked together once parsed (``checks``: each takes the click context
+    and raises a :class:`click.UsageError`). They run when the command line is parsed, and so also when `pipeline
+    run` loads a manifest step of the command (it parses the step's options the same way), before any step runs."""
+
+    def __init__(self, *args, checks=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checks = tuple(checks)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        if not ctx.resilient_parsing:
+            for check in self.checks:
+                check(ctx)
+        return rest
+
+
+def given(ctx: click.Context, *names: str) -> list[str]:
+    """Of the parameters ``names``, those given (on the command line, or as a manifest step's options), as their
+    flags."""
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return [flags[n] for n in names if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+
+
+def student_output_check(ctx: click.Context) -> None:
+    """--student-output with --checkpoint or --teacher would be ignored: a usage error."""
+    p = ctx.params
+    if p.get("student") is None and given(ctx, "student_output"):
+        model = "--checkpoint" if p.get("checkpoint") else "--teacher" if p.get("teacher") else None
+        if model is not None:
+            raise click.UsageError(f"--student-output goes with --student, not {model} (a checkpoint records its "
+                                   "student's output; a teacher's map is its own)", ctx)
+
+
 def model_options(fn=None, *, students_only: bool = False):
     """--checkpoint | --teacher | --student (+ --weights and the student's options), --student-output, --device,
     --precision. ``students_only`` (export: a student's graph, traced on the CPU in fp32): no --teacher, --device
@@ -261,11 +295,9 @@ def renamed(message: str, options: dict[str, str]) -> str:
 
 
 def build_model(checkpoint, teacher, student, weights, student_output, device, precision, require_weights=True,
-                student_options=None, map_name="saliency", options: dict[str, str] | None = None,
-                own_student_output: bool = True):
+                student_options=None, map_name="saliency", options: dict[str, str] | None = None):
     """The predictor the model options name; ``options``: those options as this command calls them
-    (:func:`renamed`); ``own_student_output``: the command's --student-output is this model's (given with
-    --checkpoint or --teacher, it is refused: it would be ignored)."""
+    (:func:`renamed`)."""
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
@@ -275,11 +307,6 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
     if len(given) != 1:  # a usage mistake, said before any model is built
         raise click.UsageError(renamed("name the model with exactly one of --checkpoint, --teacher or --student"
                                        + (f" (got {', '.join(given)})" if given else ""), options or {}))
-    context = click.get_current_context(silent=True)
-    if student is None and own_student_output and context is not None and context.get_parameter_source(
-            "student_output") not in (None, click.core.ParameterSource.DEFAULT):
-        raise click.UsageError(f"--student-output goes with --student, not {given[0]} (a checkpoint records its "
-                               "student's output; a teacher's map is its own)")
     try:
         return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
                                student_output=student_output, device=device, precision=precision,

@@ -15,8 +15,9 @@ import click
 import students
 import teachers
 
-from pipeline.cli.options import (FiniteFloat, LocalPath, build_model, calibration_options, echo_result, model_options,
-                                  must_exist, output_path, path_or_url, runtime_option, with_runtime)
+from pipeline.cli.options import (Checked, FiniteFloat, LocalPath, build_model, calibration_options, echo_result, given,
+                                  model_options, must_exist, output_path, path_or_url, runtime_option,
+                                  student_output_check, with_runtime)
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 from pipeline.common.errors import error_message
@@ -61,7 +62,18 @@ def fixations_cmd(dataset, root, split, out):
     click.echo(f"{out}: {len(fs)} images, {fs.n_fixations} fixations, {fs.n_skipped} skipped outside their image")
 
 
-@click.command("eval")
+def _scoring_check(ctx: click.Context) -> None:
+    """eval's options of the other way of scoring (against labels, or against human fixations) would be ignored."""
+    if ctx.params.get("fixations") is not None and given(ctx, "val_shards"):
+        raise click.UsageError("--val-shards goes with --labels (the held-out shards of a label folder); "
+                               "--fixations scores every image of the file (--limit takes fewer)", ctx)
+    human = given(ctx, "baseline", "sigma_frac") if ctx.params.get("fixations") is None else []
+    if human:
+        raise click.UsageError(f"{' and '.join(human)} {'goes' if len(human) == 1 else 'go'} with --fixations "
+                               "(the human-fixation metrics); --labels scores against the teacher's labels", ctx)
+
+
+@click.command("eval", cls=Checked, checks=(student_output_check, _scoring_check))
 @model_options
 @click.option("--fixations", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
               help="A fixation HDF5 from `pipeline fixations` (or its URL, s3://…): all 8 metrics against human "
@@ -101,16 +113,6 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
     if map_name != "saliency" and fixations is None:
         raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations")
-    given = click.get_current_context().get_parameter_source
-    if fixations is not None and given("val_shards") is click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("--val-shards goes with --labels (the held-out shards of a label folder); "
-                               "--fixations scores every image of the file (--limit takes fewer)")
-    if fixations is None:
-        human = [flag for n, flag in (("baseline", "--baseline"), ("sigma_frac", "--sigma"))
-                 if given(n) is click.core.ParameterSource.COMMANDLINE]
-        if human:
-            raise click.UsageError(f"{' and '.join(human)} {'goes' if len(human) == 1 else 'go'} with --fixations "
-                                   "(the human-fixation metrics); --labels scores against the teacher's labels")
     try:
         fs = None
         if fixations:
@@ -154,7 +156,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         raise click.ClickException("no image could be scored")
 
 
-@click.command("predict")
+@click.command("predict", cls=Checked, checks=(student_output_check,))
 @model_options
 @click.option("--images", type=LocalPath(file_okay=False, path_type=Path), required=True,
               help="Folder of images (searched recursively; not a label folder).")
@@ -196,8 +198,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     compare = None
     if compare_teacher:
         compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision,
-                              options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"},
-                              own_student_output=False)
+                              options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"})
     elif compare_weights:
         raise click.UsageError("--compare-weights goes with --compare-teacher NAME")
     none = ""
@@ -215,7 +216,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
         raise click.ClickException(none)
 
 
-@click.command("profile")
+@click.command("profile", cls=Checked, checks=(student_output_check,))
 @model_options
 @click.option("--image-size", default=None, callback=parse_size,
               help="Input HxW.  [default: the model's own: a checkpoint's training size, 192x256 for --student, "
@@ -280,7 +281,7 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
         click.echo(f"profile: {out}")
 
 
-@click.command("export")
+@click.command("export", cls=Checked, checks=(student_output_check,))
 @model_options(students_only=True)
 @click.option("--format", "format_", type=click.Choice(["onnx"]), default="onnx", help="The file format.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
