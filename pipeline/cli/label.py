@@ -9,11 +9,28 @@ import click
 
 import students
 import teachers
-from pipeline.cli.options import (LocalPath, device_name, echo_result, image_size, must_exist, path_or_url,
+from pipeline.cli.options import (Checked, LocalPath, device_name, echo_result, image_size, must_exist, path_or_url,
                                   ray_address)
 
 
-@click.command("label")
+def _source_check(ctx: click.Context) -> None:
+    """The options of the other source would be ignored; a folder source needs its folder."""
+    source, images = ctx.params["source"], ctx.params.get("images")
+    if source == "folder" and images is None:
+        raise click.UsageError("source 'folder' needs --images DIR", ctx)
+    if source == "coco":
+        other = ["--images"] if images is not None else []
+    else:
+        given = ctx.get_parameter_source
+        other = [f"--{n.replace('_', '-')}" for n in ("coco_root", "split")
+                 if given(n) is not click.core.ParameterSource.DEFAULT]
+    if other:
+        raise click.UsageError(f"{' and '.join(other)} {'is' if len(other) == 1 else 'are'} for source "
+                               f"{'folder' if source == 'coco' else 'coco'}; source {source} reads "
+                               + ("--coco-root's --split" if source == "coco" else "--images"), ctx)
+
+
+@click.command("label", cls=Checked, checks=(_source_check,))
 @click.argument("source", type=click.Choice(["coco", "folder"]))
 @click.option("--teacher", required=True, type=click.Choice(teachers.available()),
               help="Teacher network that makes the labels (deepgaze = DeepGaze IIE).")
@@ -87,18 +104,6 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
     from pipeline.label.worker import LabelConfig
     from pipeline.label.sources import coco_records, folder_records, left_out_note
 
-    if source == "folder" and images is None:
-        raise click.UsageError("source 'folder' needs --images DIR")
-    if source == "coco":
-        other = ["--images"] if images is not None else []
-    else:
-        given = click.get_current_context().get_parameter_source
-        other = [f"--{n.replace('_', '-')}" for n in ("coco_root", "split")
-                 if given(n) is not click.core.ParameterSource.DEFAULT]
-    if other:  # an option of the other source would be ignored
-        raise click.UsageError(f"{' and '.join(other)} {'is' if len(other) == 1 else 'are'} for source "
-                               f"{'folder' if source == 'coco' else 'coco'}; source {source} reads "
-                               + ("--coco-root's --split" if source == "coco" else "--images"))
     must_exist("coco_root" if source == "coco" else "images")
     if executor == "local":  # (a manifest may set them and switch the executor with --set: a warning, not a refusal)
         given = click.get_current_context().get_parameter_source
