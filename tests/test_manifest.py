@@ -476,16 +476,26 @@ def test_ctrl_c_while_no_step_runs_is_an_interrupted_run_not_an_abort(fresh, mon
     assert not Path("w").exists() or not any(Path("w").rglob("state.json"))
 
 
+def more_steps(text: str) -> str:
+    """Steps to follow :data:`LABELS_FIRST` (under its ``steps:``), written at any indentation."""
+    return textwrap.indent(textwrap.dedent(text), "  ")
+
+
+#: a manifest's first lines: its workdir and a label step of the samples
+LABELS_FIRST = textwrap.dedent(f"""\
+    workdir: w
+    steps:
+      labels:
+        run: label
+        with: {{source: coco, teacher: classic, coco_root: {SAMPLES}, split: val2017, executor: local}}
+    """)
+
+
 def test_options_a_command_refuses_together_are_manifest_errors_before_any_step(fresh):
     """eval's --val-shards with --fixations, or --student-output with --teacher, were refused when the step came
     up, after the steps above it had run: they are errors of the manifest, with the step's line."""
     Path("f.h5").touch()
-    Path("m.yaml").write_text(textwrap.dedent(f"""\
-        workdir: w
-        steps:
-          labels:
-            run: label
-            with: {{source: coco, teacher: classic, coco_root: {SAMPLES}, split: val2017, executor: local}}
+    Path("m.yaml").write_text(LABELS_FIRST + more_steps(f"""\
           score:
             run: eval
             with: {{teacher: classic, fixations: f.h5, val_shards: 2}}
@@ -506,12 +516,7 @@ def test_a_path_a_step_needs_that_is_missing_stops_the_run_before_any_step(fresh
     """A mistyped local path (`images: .../val2071`) was found when its step came up, after every step above it
     had run (hours, on COCO): `pipeline run` names it, with the step's line, and starts nothing; `--dry-run`
     warns. A path below a step's output folder is that step's to make, not missing."""
-    Path("m.yaml").write_text(textwrap.dedent(f"""\
-        workdir: w
-        steps:
-          labels:
-            run: label
-            with: {{source: coco, teacher: classic, coco_root: {SAMPLES}, split: val2017, executor: local}}
+    Path("m.yaml").write_text(LABELS_FIRST + more_steps(f"""\
           train:
             run: train
             with: {{labels: "${{steps.labels.out}}", val_labels: w/labels/classic/val2017, gt_maps: maps/val2071}}
