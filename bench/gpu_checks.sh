@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, as one script with a time budget: the CUDA-only tests, the GPU rows of
-# docs/benchmarks.md (labelling (a)-(d) for SalGAN and DeepGaze IIE, one to four worker processes, decoding on
-# the GPU or the CPU; whether the GPU decode overlaps the teacher; students eager and compiled; training from
-# shards vs memory) and whether two label runs give the same tars.
+# docs/benchmarks.md (labelling (a)-(d) for SalGAN and (a)-(c) for DeepGaze IIE, one to six worker processes,
+# decoding on the GPU or the CPU, on the sample photos and on them enlarged to 640x480; whether the GPU decode
+# overlaps the teacher; students eager and compiled; training from shards vs memory), whether two label runs
+# give the same tars, and the torch.compile serving test.
 #
 #   OUT=/tmp/gpu BUDGET=420 bash bench/gpu_checks.sh        # from the repository root
 #
 # Each step runs under `timeout`, capped by what is left of BUDGET seconds, and appends its output to
-# $OUT/log.txt (the benches' JSON lines to $OUT/bench.jsonl). A step that runs out of time is reported and the
+# $OUT/log.txt (label_throughput's and device_decode's JSON lines also to $OUT/bench.jsonl; the other benches
+# print theirs in the log). A step that runs out of time is reported and the
 # next one runs. STEPS="tests label-salgan ..." runs only the steps named (same-tars-salgan runs both of
 # SalGAN's runs). On a machine without webdataset/pycocotools installed, wheels in ./.whl are installed to
 # /tmp/site first (pip download them elsewhere).
@@ -93,6 +95,7 @@ step train 100 $PY bench/train_throughput.py --device cuda --labels /tmp/trainla
 
 # the same images labelled twice, in two processes: byte-identical tars?
 for t in salgan deepgaze; do
+  rm -rf "/tmp/same1/$t" "/tmp/same2/$t"  # (a run on a warm machine would resume an earlier one's and compare that)
   for k in 1 2; do
     step "same-tars-$t-$k" 60 $PY -m pipeline label coco --teacher "$t" --weights random --coco-root samples/coco \
       --split train2017 --out "/tmp/same$k" --shard-size 128 --device cuda --executor local --io-threads 8 --no-progress

@@ -77,7 +77,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
-@click.command()
+@click.command(help=__doc__)
 @click.option("--trials", default=20, show_default=True, help="Killed-and-resumed runs.")
 @click.option("--images", "n_images", default=32, show_default=True, help="Images in the COCO tree.")
 @click.option("--shard-size", default=4, show_default=True)
@@ -156,4 +156,6 @@ def main(trials, n_images, shard_size, seed, whole_run, keep):
 
 
 if __name__ == "__main__":
-    main()
+    import _cli  # (bench/ is the script's folder: first on sys.path)
+
+    _cli.run(main)

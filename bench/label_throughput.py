@@ -377,7 +377,7 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
             "torch_threads": torch.get_num_threads() if run == "naive" else labeler.teacher_threads, **extra}
 
 
-@click.command()
+@click.command(help=__doc__)
 @click.option("--teacher", default="classic", help="Teacher of (a)-(c) (a registered name).")
 @click.option("--weights", default=None, help="Its weights (a file, or 'random').")
 @click.option("--teacher-size", nargs=2, type=int, default=None,
@@ -534,4 +534,6 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
 
 
 if __name__ == "__main__":
-    main()
+    import _cli  # (bench/ is the script's folder: first on sys.path)
+
+    _cli.run(main)

@@ -88,7 +88,9 @@ def main() -> None:
     p.add_argument("--launchers", default="ray,torchrun,single", help="comma-separated of ray, torchrun, single")
     p.add_argument("--workdir", default=None, help="where the labels go (default: a temporary folder)")
     args = p.parse_args()
-    launchers = args.launchers.split(",")
+    launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
+    if not launchers or any(name not in ("ray", "torchrun", "single") for name in launchers):
+        p.error(f"--launchers: comma-separated of ray, torchrun, single (got {args.launchers!r})")
     own = tempfile.TemporaryDirectory(prefix="launch-overhead-")
     workdir = Path(args.workdir or own.name)
     labels = make_labels(workdir)
@@ -131,4 +133,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import _cli  # (bench/ is the script's folder: first on sys.path)
+
+    _cli.run(main)

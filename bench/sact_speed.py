@@ -196,7 +196,8 @@ def measure(model: SACT, x: torch.Tensor, runs: int, dev: torch.device) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--student", choices=("sact", "act"), default="sact")
     p.add_argument("--weights", default=None, help="a whole-student checkpoint (default: random, see above)")
     p.add_argument("--depth", type=int, choices=(50, 101), default=50)
@@ -215,10 +216,22 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the rows as JSON lines to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
+    asked = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if not asked or any(d not in ("cpu", "cuda") for d in asked):
+        p.error(f"--devices: cpu and/or cuda (got {args.devices!r})")
+    devices = [d for d in asked if d == "cpu" or torch.cuda.is_available()]
+    if "cuda" in asked and "cuda" not in devices:
+        print("# cuda: no GPU visible to torch, skipped")
+    if not devices:
+        p.error("--devices cuda: no GPU visible to torch, and no other device asked for")
+    try:
+        sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes.split(",")]
+        assert sizes and all(len(hw) == 2 and all(v > 0 and v % 32 == 0 for v in hw) for hw in sizes)
+    except (ValueError, AssertionError):
+        p.error("--sizes takes HxW,HxW…, multiples of 32, e.g. 192x256,480x640")
     rows = []
-    for size in args.sizes.split(","):
-        h, w = (int(v) for v in size.lower().split("x"))
+    for h, w in sizes:
+        size = f"{h}x{w}"
         x_cpu = bench_image(h, w).contiguous(memory_format=torch.channels_last)
         for tile in (int(t) for t in args.tiles.split(",")):
             if args.student == "act" and tile != 1:
@@ -266,4 +279,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import _cli  # (bench/ is the script's folder: first on sys.path)
+
+    _cli.run(main)

@@ -193,6 +193,8 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} CPUs (load {load_before:.1f} before), {args.warmup} warm-up + {args.steps} timed "
           f"steps, loss {args.loss}, SGD lr 0.01 momentum 0.9")
     print_table(rows)
+    for row in rows:  # one JSON line per figure
+        print(json.dumps({**row, "device": str(dev), "amp": "bf16" if amp else "off", "size": list(args.size)}))
     if args.out:
         info = {"device": str(dev), "gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "cpu_count": os.cpu_count(), "load_avg_1min_before": round(load_before, 2),
@@ -203,4 +205,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import _cli  # (bench/ is the script's folder: first on sys.path)
+
+    _cli.run(main)

@@ -102,7 +102,11 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.size = tuple(int(v) for v in args.size.lower().split("x"))
+    try:
+        args.size = tuple(int(v) for v in args.size.lower().split("x"))
+        assert len(args.size) == 2 and all(v > 0 for v in args.size)
+    except (ValueError, AssertionError):
+        p.error("--size takes HxW, e.g. 192x256")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
         if args.labels is None:
@@ -166,4 +170,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import _cli  # (bench/ is the script's folder: first on sys.path)
+
+    _cli.run(main)
