@@ -737,6 +737,32 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
     assert str(root_cause(wrapped)).startswith("object storage refused the request (EndpointConnectionError")
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_stops_the_run_at_its_first_shard(coco_tree, tmp_path, monkeypatch, code):
+    """A full disk failed every remaining shard, each after its retries (294 lines of `No space left on device`
+    for 300 shards). The first shard it refuses stops the run with one sentence; the finished shards stay."""
+    import pipeline.label.worker
+
+    real = pipeline.label.worker.ShardLabeler.write_shard
+    calls = []
+
+    def write_shard(self, plan, folder, progress=None, **kw):
+        calls.append(plan.name)
+        if plan.index == 0:
+            return real(self, plan, folder, progress=progress, **kw)
+        raise OSError(code, os.strerror(code), str(folder))
+
+    monkeypatch.setattr(pipeline.label.worker.ShardLabeler, "write_shard", write_shard)
+    with pytest.raises(LabelError) as e:
+        label(coco_records(coco_tree, "val2017"), tmp_path, CONFIG, shard_size=3, executor="local", retries=1,
+              progress=False)
+    assert calls == ["shard-000000", "shard-000001", "shard-000001"]  # shard 2 never started
+    assert str(e.value) == (f"shard shard-000001 could not be written to {tmp_path}: {os.strerror(code)}: {tmp_path}. "
+                            "The 1 shard finished in this run is kept: run the same command again once there is room "
+                            "(or write access) there")
+    assert (tmp_path / "shard-000000.json").is_file()
+
+
 def test_on_ray_a_shard_the_store_refused_is_tried_again_first_so_the_run_stops_without_the_rest(coco_tree,
                                                                                                    monkeypatch):
     """On the Ray executor a failed shard went to the back of the queue: with the store down, every queued shard

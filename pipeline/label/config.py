@@ -10,6 +10,7 @@ built teacher.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from pipeline.common import images
@@ -36,6 +37,15 @@ class StoreRefused(Exception):
     """Object storage refused a shard's reads or writes (down, credentials, no bucket): every other shard would
     wait and fail the same way. Raised by the labeller with the store's sentence as its message, a plain
     exception that survives Ray's pickling (which drops the botocore error an s3fs error is raised from)."""
+
+
+class OutputRefused(StoreRefused):
+    """The output folder's filesystem refused a write for good (full, over quota, read-only): every other shard
+    would fail the same way, so the run stops at the first, keeping the finished shards."""
+
+
+#: the errnos of a filesystem that refuses every write alike (:class:`OutputRefused`)
+FOR_GOOD = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass(frozen=True)

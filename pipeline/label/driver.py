@@ -30,7 +30,7 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
-from pipeline.label.config import (DECODE_PATHS, LabelConfig, LabelError, StoreRefused, decode_name, planned_identity,
+from pipeline.label.config import (DECODE_PATHS, LabelConfig, LabelError, OutputRefused, StoreRefused, decode_name, planned_identity,
                                    precision_name, recorded_settings)
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
@@ -433,7 +433,9 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
                 raise LabelError(f"shard {plan.name} could not be written to {folder}: {cause}. The {done} shard"
                                  f"{'' if done == 1 else 's'} finished in this run "
                                  f"{'is' if done == 1 else 'are'} kept: run the same command again"
-                                 f"{' without --overwrite' if overwrite else ''} when the store answers")
+                                 f"{' without --overwrite' if overwrite else ''} "
+                                 + ("once there is room (or write access) there" if isinstance(cause, OutputRefused)
+                                    else "when the store answers"))
             summary.shards_failed.append(plan.name)
             summary.shard_errors[plan.name] = error_message(error)
             print(f"shard {plan.name} failed: {summary.shard_errors[plan.name]}", file=sys.stderr)

@@ -33,11 +33,12 @@ import torch
 from pipeline import __version__
 from pipeline.common import images
 from pipeline.common.devices import autocast, available, resolve_device, use_autocast
-from pipeline.common.errors import storage_error
+from pipeline.common.errors import error_message, storage_error
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
-from pipeline.label.config import LabelConfig, StoreRefused, decode_name, label_identity, precision_name
+from pipeline.label.config import (FOR_GOOD, LabelConfig, OutputRefused, StoreRefused, decode_name, label_identity,
+                                   precision_name)
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, ShardWriter, TarStream, encode_sample,
                                    read_samples, tar_path)
 from pipeline.label.sources import ImageRecord, ShardPlan
@@ -327,13 +328,16 @@ class ShardLabeler:
 
     def label_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None,
                     reuse: dict | None = None, next_plan: ShardPlan | None = None) -> dict:
-        """:meth:`write_shard`, a refusal of object storage raised as :class:`StoreRefused`."""
+        """:meth:`write_shard`, a refusal of object storage raised as :class:`StoreRefused`, and a filesystem that
+        refuses every write (full, read-only) as :class:`OutputRefused`."""
         try:
             return self.write_shard(plan, folder, progress=progress, reuse=reuse, next_plan=next_plan)
         except Exception as e:
             refused = storage_error(e)
             if refused:
                 raise StoreRefused(refused) from None
+            if isinstance(e, OSError) and e.errno in FOR_GOOD:  # a full disk: no shard after it would fare better
+                raise OutputRefused(error_message(e)) from None
             raise
 
     def write_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None,
