@@ -78,6 +78,19 @@ def test_ctrl_c_while_ray_starts_is_raised_once_it_has_started():
         signal.signal(signal.SIGINT, outer)
 
 
+def test_sigterm_while_ray_runs_is_the_interrupt_ctrl_c_is():
+    """`kill PID` (Slurm, Kubernetes, `timeout`) of `pipeline label` on Ray printed Ray's C++ crash dump and left
+    its session folder; inside `connect` it is a KeyboardInterrupt, and the handler before is put back after."""
+    from pipeline.common.ray_cluster import terminate_as_interrupt
+
+    outer = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # (the handler runs at once, in this thread)
+    assert signal.getsignal(signal.SIGTERM) == outer
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

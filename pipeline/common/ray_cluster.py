@@ -239,6 +239,30 @@ def interrupts_after():
 
 
 @contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (``kill PID``, ``timeout``, Slurm, Kubernetes) handled as Ctrl-C for the block: a KeyboardInterrupt,
+    so that the command stops as it does on Ctrl-C (one ``interrupted:`` line, finished work kept, Ray shut down
+    and its session folder removed). Ray's driver otherwise took it in its C++ handler, which printed a crash
+    dump and ended the process with Ray's folders left behind. Only in the main thread; the handler that was
+    there is put back after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def _started(init, failure: str, show: tuple[str, ...] | None):
     """Ray started by ``init`` (Ctrl-C held back until it has: :func:`interrupts_after`; a failure is ``failure``
     and Ray's first line), the output of only ``show``'s actors forwarded, then the block; Ray shut down after."""
@@ -250,10 +274,11 @@ def _started(init, failure: str, show: tuple[str, ...] | None):
         except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
             raise RayClusterError(f"{failure} ({_first_line(e)})") from None
     try:
-        interrupted()
-        if show is not None:
-            _forward_only(show)
-        yield
+        with terminate_as_interrupt():  # (installed after ray.init, which sets a handler of its own)
+            interrupted()
+            if show is not None:
+                _forward_only(show)
+            yield
     finally:
         ray.shutdown()
 
