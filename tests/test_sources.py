@@ -170,6 +170,16 @@ def test_files_left_out_for_their_suffix_are_named_in_one_note(tmp_path):
     assert others == ["b.gif", "notes.txt", "sub/.DS_Store"]
     assert left_out_note(others).startswith("note: left out 3 files whose suffix is not an image's (.jpg, ")
     assert left_out_note(others).endswith("): b.gif, notes.txt, sub/.DS_Store") and left_out_note([]) == ""
+    # a symlinked folder is not followed (its images vanished without a word): said in a line of its own
+    (tmp_path / "more").mkdir()
+    write_jpeg(tmp_path / "more" / "c.jpg", photo("chelsea", 64))
+    (tmp_path / "photos" / "linked").symlink_to(tmp_path / "more", target_is_directory=True)
+    linked: list[str] = []
+    assert [r.source_id for r in folder_records(tmp_path / "photos", others=linked)] == ["a.jpg"]
+    assert linked == ["b.gif", "linked/", "notes.txt", "sub/.DS_Store"]
+    assert left_out_note(linked).splitlines()[1] == ("note: left out 1 symlinked folder, not followed (copy it in, "
+                                                     "or label it as a folder of its own): linked/")
+    (tmp_path / "photos" / "linked").unlink()
     for args in (["label", "folder", "--teacher", "classic", "--executor", "local", "--out", tmp_path / "labels",
                   "--image-size", "64x96"], ["predict", "--teacher", "classic", "--out", tmp_path / "maps"]):
         r = CliRunner().invoke(cli, [str(a) for a in [*args, "--images", tmp_path / "photos",

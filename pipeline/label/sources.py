@@ -175,7 +175,8 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
                    others: list[str] | None = None) -> list[ImageRecord]:
     """Every image file under ``folder`` (recursively), sorted by relative path, leaving out what lies in the
     folders ``exclude`` (a run's outputs, when they are inside ``folder``: its previews and maps are not inputs).
-    ``others``, when given, receives the relative paths of the files left out for their suffix, sorted.
+    ``others``, when given, receives the relative paths of the files left out for their suffix, and of the
+    symlinked folders, which are not followed (each with a trailing ``/``), sorted.
 
     Every entry with an image suffix that is not a folder is listed: a symlink that leads out of ``folder``
     (unless ``allow_outside_root``), a broken one, a FIFO or a device become per-image failures when read.
@@ -191,7 +192,9 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
         rel = p.relative_to(folder)
         if any(rel.parts[:len(s)] == s for s in skip):
             continue
-        if p.suffix.lower() in IMAGE_SUFFIXES:
+        if p.is_symlink() and p.is_dir():  # not followed (rglob does not descend into it): said, not silent
+            other.append(rel.as_posix() + "/")
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
             if not p.is_dir():
                 files.append(rel.as_posix())
         elif others is not None and not p.is_dir():
@@ -218,12 +221,22 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
 
 
 def left_out_note(others: list[str]) -> str:
-    """The line that says which files a folder source leaves out for their suffix ("" for none)."""
-    if not others:
-        return ""
-    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-    return (f"note: left out {len(others)} file{'s' if len(others) > 1 else ''} whose suffix is not an image's "
-            f"({', '.join(IMAGE_SUFFIXES)}): {shown}")
+    """What a folder source leaves out: the files of other suffixes, and the symlinked folders it does not follow
+    (a line each; "" for none)."""
+    def shown(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    files = [o for o in others if not o.endswith("/")]
+    links = [o for o in others if o.endswith("/")]
+    lines = []
+    if files:
+        lines.append(f"note: left out {len(files)} file{'s' if len(files) > 1 else ''} whose suffix is not an "
+                     f"image's ({', '.join(IMAGE_SUFFIXES)}): {shown(files)}")
+    if links:
+        lines.append(f"note: left out {len(links)} symlinked folder{'s' if len(links) > 1 else ''}, not followed "
+                     f"(copy {'them' if len(links) > 1 else 'it'} in, or label {'each' if len(links) > 1 else 'it'} "
+                     f"as a folder of its own): {shown(links)}")
+    return "\n".join(lines)
 
 
 def plan_shards(records: list[ImageRecord], shard_size: int) -> list[ShardPlan]:
