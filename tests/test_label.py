@@ -668,6 +668,24 @@ def test_errors_keep_their_cause_in_one_line():
     assert error_message(h5) == "Can't close file (file write failed: time = Fri Nov 27 , filename = 'p.h5'): p.h5"
 
 
+def first_shard_then(fail):
+    """A ``ShardLabeler.write_shard`` that writes shard 0 and calls ``fail(plan, folder, progress)`` for every
+    other shard; its ``calls`` lists the shards it was asked for, in order."""
+    import pipeline.label.worker
+
+    real = pipeline.label.worker.ShardLabeler.write_shard
+    calls: list[str] = []
+
+    def write_shard(self, plan, folder, progress=None, **kw):
+        calls.append(plan.name)
+        if plan.index == 0:
+            return real(self, plan, folder, progress=progress, **kw)
+        fail(plan, folder, progress)
+
+    write_shard.calls = calls
+    return write_shard
+
+
 def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_twice(coco_tree, tmp_path,
                                                                                          monkeypatch):
     """Object storage gone mid-run: every shard waited for its timeouts and failed, one by one, for tens of
@@ -678,18 +696,15 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
     import pipeline.label.driver
     import pipeline.label.worker
 
-    real = pipeline.label.worker.ShardLabeler.write_shard
-    calls = []
-
-    def write_shard(self, plan, folder, progress=None, **kw):
-        calls.append(plan.name)
-        if plan.index == 0:
-            return real(self, plan, folder, progress=progress, **kw)
+    def fail(plan, folder, progress):
         progress(2)  # two images of it done, then the upload fails
         try:
             raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b")
         except botocore.exceptions.EndpointConnectionError as e:
             raise OSError("upload failed") from e  # as s3fs raises it
+
+    write_shard = first_shard_then(fail)
+    calls = write_shard.calls
 
     counts = []
 
@@ -743,15 +758,11 @@ def test_a_full_or_read_only_disk_stops_the_run_at_its_first_shard(coco_tree, tm
     for 300 shards). The first shard it refuses stops the run with one sentence; the finished shards stay."""
     import pipeline.label.worker
 
-    real = pipeline.label.worker.ShardLabeler.write_shard
-    calls = []
-
-    def write_shard(self, plan, folder, progress=None, **kw):
-        calls.append(plan.name)
-        if plan.index == 0:
-            return real(self, plan, folder, progress=progress, **kw)
+    def fail(plan, folder, progress):
         raise OSError(code, os.strerror(code), str(folder))
 
+    write_shard = first_shard_then(fail)
+    calls = write_shard.calls
     monkeypatch.setattr(pipeline.label.worker.ShardLabeler, "write_shard", write_shard)
     with pytest.raises(LabelError) as e:
         label(coco_records(coco_tree, "val2017"), tmp_path, CONFIG, shard_size=3, executor="local", retries=1,
