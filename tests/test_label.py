@@ -898,7 +898,8 @@ def test_a_failing_shard_is_one_error_line_and_a_broken_preview_only_a_warning(c
 
 
 def test_a_ray_task_error_shows_the_original_cause(coco_tree, tmp_path):
-    """OSError(ENOSPC) raised inside a Ray actor reaches the user as "No space left on device", no traceback."""
+    """OSError(ENOSPC) raised inside a Ray actor reaches the user as "No space left on device", no traceback, and
+    stops the run as a full disk (the labeller's OutputRefused, pickled back by Ray)."""
     import ray
 
     def no_space_left():  # runs in every Ray worker process before any task: shard writes fail there
@@ -921,7 +922,9 @@ def test_a_ray_task_error_shows_the_original_cause(coco_tree, tmp_path):
     finally:
         ray.shutdown()
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
-    assert "Error: 1 of 1 shards failed (shard-000000: No space left on device)" in result.output
+    assert result.output.startswith(f"Error: shard shard-000000 could not be written to {tmp_path}")
+    assert result.output.rstrip().endswith(": No space left on device. The 0 shards finished in this run are kept: run "
+                                           "the same command again once there is room (or write access) there")
     assert "Traceback" not in result.output and "\x1b[" not in result.output
 
 
