@@ -229,7 +229,7 @@ def load_backbone(encoder: Encoder, spec: str) -> None:
     ``imagenet`` is torchvision's ``IMAGENET1K_V1`` file (see :func:`torchvision_backbone`).
     A PATH is a torchvision ``mobilenet_v2`` state dict (``features.*`` keys; the classifier is ignored).
     """
-    path = backbone_file(spec, backbone_weights() if spec == "imagenet" else None, "mobilenet_v2")
+    path = backbone_file(spec, backbone_weights, "mobilenet_v2")
     if path is None:
         return
     sd = load_state_dict(path)

@@ -504,7 +504,7 @@ def load_backbone(trunk: ResNetTrunk, depth: int, spec: str) -> None:
     """Initialise the ResNet: ``imagenet`` (torchvision's IMAGENET1K_V1 file, see
     :func:`students.weights.torchvision_backbone`), ``none`` or a PATH to a torchvision
     ``resnet50``/``resnet101`` state dict (its ``fc.*`` classifier is ignored; the rest loads strictly)."""
-    path = backbone_file(spec, imagenet_weights(depth) if spec == "imagenet" else None, f"resnet{depth}")
+    path = backbone_file(spec, lambda: imagenet_weights(depth), f"resnet{depth}")
     if path is None:
         return
     sd = load_state_dict(path)

@@ -28,14 +28,14 @@ def torchvision_backbone(weights) -> Path:
     return path
 
 
-def backbone_file(spec: str, imagenet, what: str) -> Path | None:
-    """The file of a student's backbone weights: ``imagenet`` (torchvision's file of the enum member
-    ``imagenet``), ``none`` (None) or a PATH / URL to a torchvision state dict of ``what``. A word that is none of
-    these (``imagnet``) is said as such, not as a missing file among the teachers' weights names."""
+def backbone_file(spec: str, imagenet: Callable[[], object], what: str) -> Path | None:
+    """The file of a student's backbone weights: ``imagenet`` (torchvision's file of the weights enum member
+    ``imagenet()`` gives), ``none`` (None) or a PATH / URL to a torchvision state dict of ``what``. A word that is
+    none of these (``imagnet``) is said as such, not as a missing file among the teachers' weights names."""
     if spec == "none":
         return None
     if spec == "imagenet":
-        return torchvision_backbone(imagenet)
+        return torchvision_backbone(imagenet())
     if re.fullmatch(r"[\w-]+", spec) and not Path(spec).exists():
         raise WeightsError(f"backbone weights {spec!r}: give imagenet, none or the path (or URL) of a torchvision "
                            f"{what} state dict")

@@ -465,6 +465,8 @@ def test_ctrl_c_while_no_step_runs_is_an_interrupted_run_not_an_abort(fresh, mon
 
     monkeypatch.setattr(*((manifest_format, "load_manifest") if when == "reading the manifest"
                           else (runner, "make_plan")), interrupted)
+    if when == "planning":  # (`run` plans once before it takes the workdir, its outputs unchecked)
+        monkeypatch.setattr(runner, "plan", interrupted)
     Path("m.yaml").write_text("workdir: w\nsteps:\n" + STEP)
     for command in (["run", "m.yaml"], ["run", "m.yaml", "--dry-run"], ["status", "m.yaml"]):
         if command[0] == "status" and when == "planning":

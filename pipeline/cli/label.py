@@ -9,8 +9,8 @@ import click
 
 import students
 import teachers
-from pipeline.cli.options import (Checked, LocalPath, device_name, echo_result, image_size, must_exist, path_or_url,
-                                  ray_address)
+from pipeline.cli.options import (Checked, LocalPath, device_name, echo_result, given, image_size, must_exist,
+                                  path_or_url, ray_address)
 
 
 def _source_check(ctx: click.Context) -> None:
@@ -106,9 +106,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
 
     must_exist("coco_root" if source == "coco" else "images")
     if executor == "local":  # (a manifest may set them and switch the executor with --set: a warning, not a refusal)
-        given = click.get_current_context().get_parameter_source
-        ray_only = [f"--{n.replace('_', '-')}" for n in ("address", "gpus", "workers_per_gpu", "cpu_workers")
-                    if given(n) is click.core.ParameterSource.COMMANDLINE]
+        ray_only = given(click.get_current_context(), "address", "gpus", "workers_per_gpu", "cpu_workers")
         if ray_only:
             click.echo(f"warning: {', '.join(ray_only)} {'is' if len(ray_only) == 1 else 'are'} for --executor ray; "
                        "--executor local labels in this process and ignores "

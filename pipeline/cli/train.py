@@ -46,7 +46,8 @@ from pipeline.cli.options import (FiniteFloat, device_name, floats3, increasing_
 @click.option("--init", "init_ckpt", type=click.Path(path_type=str), default=None, callback=path_or_url,
               help="Start from this checkpoint's model weights (e.g. the hint stage's last checkpoint): a checkpoint "
                    "file or run folder, or its URL (s3://…).")
-@click.option("--teacher", type=click.Choice(teachers.available()), default=None, help="Hint stage: the teacher run online for hint targets.")
+@click.option("--teacher", type=click.Choice(teachers.available()), default=None,
+              help="Hint stage: the teacher run online for hint targets.")
 @click.option("--teacher-weights", default=None, help="Hint stage: the teacher's --weights.")
 @click.option("--loss-weights", default="1,1,1", callback=floats3,
               help="Density teachers (Eq. 3): weights of KL, 1-cosine and BCE (the paper: 1,1,1; the "

@@ -30,8 +30,8 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
 from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
-from pipeline.label.config import (DECODE_PATHS, LabelConfig, LabelError, OutputRefused, StoreRefused, decode_name, planned_identity,
-                                   precision_name, recorded_settings)
+from pipeline.label.config import (DECODE_PATHS, LabelConfig, LabelError, OutputRefused, StoreRefused, decode_name,
+                                   planned_identity, precision_name, recorded_settings)
 from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, marker_path, planned_keys, read_marker,

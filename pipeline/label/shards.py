@@ -340,8 +340,9 @@ def store_versions(folder) -> dict[str, tuple[int, str]] | None:
 
 def enclosing_label_folder(path) -> Path | None:
     """The label folder (one holding the ``labels.json`` index `pipeline label` writes, or the first shard's marker
-    of one being written) that the local ``path`` (or ``file://`` URL) is or lies in, else None: no other command's files belong
-    there. (A ``labels.json`` of another shape, e.g. a project's list of classes, makes no label folder.)"""
+    of one being written) that the local ``path`` (or ``file://`` URL) is or lies in, else None: no other
+    command's files belong there. (A ``labels.json`` of another shape, e.g. a project's list of classes, makes no
+    label folder.)"""
     def index(folder: Path):
         try:
             return json.loads((folder / "labels.json").read_text())

@@ -192,12 +192,11 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
         rel = p.relative_to(folder)
         if any(rel.parts[:len(s)] == s for s in skip):
             continue
-        if p.is_symlink() and p.is_dir():  # not followed (rglob does not descend into it): said, not silent
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir():
+            files.append(rel.as_posix())
+        elif p.is_symlink() and p.is_dir():  # not followed (rglob does not descend into it): said, not silent
             other.append(rel.as_posix() + "/")
-        elif p.suffix.lower() in IMAGE_SUFFIXES:
-            if not p.is_dir():
-                files.append(rel.as_posix())
-        elif others is not None and not p.is_dir():
+        elif others is not None and not p.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES:
             other.append(rel.as_posix())
     files.sort()
     if others is not None:

@@ -73,9 +73,12 @@ def same_upstream(before: Mapping, manifest: Manifest, name: str, state: Mapping
     records = (state or {}).get("steps") or {}
     if set(before) == set(now) or not all(isinstance(d, str) for d in [*before.values(), *now.values()]):
         return False
-    old = {str((records.get(u) or {}).get("output")): d for u, d in before.items()}
+    outputs = {u: (records.get(u) or {}).get("output") for u in before}  # (a record gone: no pairing)
+    if None in outputs.values():
+        return False
+    old = {str(outputs[u]): d for u, d in before.items()}
     new = {str(manifest.steps[u].output): d for u, d in now.items()}
-    return len(old) == len(before) and "None" not in old and old == new
+    return len(old) == len(before) and old == new
 
 
 def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields) -> dict:

@@ -180,10 +180,10 @@ def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
             recorded = rec.get("output_digest")
             if checksums and not out[name] and spec.digest is not None and recorded:
                 try:
-                    now_ = spec.digest(as_path(step.output))
+                    found = spec.digest(as_path(step.output))
                 except Exception as e:  # noqa: BLE001 - complete by its verify, but its content cannot be read
-                    now_ = f"unreadable ({type(e).__name__})"
-                if now_ != recorded:
+                    found = f"unreadable ({type(e).__name__})"
+                if found != recorded:
                     out[name] = f"{step.output} changed since the step made it (its content digest differs)"
     return out
 
@@ -645,8 +645,8 @@ def run_manifest(manifest: Manifest, *, jobs: int = 1, force=(), only=(), until=
             echo(f"Error: {line}", err=True)
         return bool(missing)
 
-    if refused(make_plan(manifest, load_state(manifest.workdir), **selection)):
-        return 2  # before the lock: a refused run leaves nothing behind (not even the workdir)
+    if refused(plan(manifest, load_state(manifest.workdir), {}, **selection)):  # (outputs unchecked: checked once,
+        return 2  # below) before the lock: a refused run leaves nothing behind, not even the workdir
     with workdir_lock(manifest.workdir):
         state = load_state(manifest.workdir)  # as it is now that we hold the lock
         left = [r for r in state.get("steps", {}).values() if isinstance(r, dict) and r.get("status") == "running"]
