@@ -220,6 +220,54 @@ def test_a_finished_folder_is_found_finished_without_starting_ray(coco_tree, tmp
     assert (again.skipped, again.labelled, again.shards_skipped) == (8, 0, 3) and not again.error
 
 
+def test_a_finished_folder_on_a_read_only_mount_is_found_finished_and_nothing_is_written(coco_tree, tmp_path,
+                                                                                         monkeypatch):
+    """A dataset shared read-only (a mount, or a folder of another user's): a re-run with its settings is done
+    at once, without a lock or any write; one with work left to do is one line saying the folder is not
+    writable, and what it would have done. (The mount is simulated: ``os.access`` says no, and the folder's
+    mode says so too where the tests do not run as root.)"""
+    from pipeline.label import driver
+
+    records = coco_records(coco_tree, "val2017")
+    out = tmp_path / "out"
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    real_access = os.access
+    mounted = [True]  # (the last check below writes the folder, then mounts it again)
+    monkeypatch.setattr(driver.os, "access", lambda p, mode, **k: not (mounted[0] and Path(p) == out
+                                                                        and mode & os.W_OK) and real_access(p, mode, **k))
+
+    def files() -> dict:
+        return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(out.iterdir())}
+
+    before = files()
+    out.chmod(0o555)
+    try:
+        again = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+        assert (again.skipped, again.labelled, again.shards_skipped) == (8, 0, 3) and not again.error
+        assert files() == before
+        out.chmod(0o755)
+        (out / "shard-000001.json").unlink()
+        (out / "labels.json").unlink()
+        before = files()
+        out.chmod(0o555)
+        with pytest.raises(LabelError, match=f"^output folder is not writable: {out} \\(1 shard to label\\)$"):
+            label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+        assert files() == before
+    finally:
+        out.chmod(0o755)
+    mounted[0] = False
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)  # writable again: finished
+    (out / "labels.json").unlink()
+    mounted[0] = True
+    out.chmod(0o555)
+    try:
+        unindexed = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    finally:
+        out.chmod(0o755)
+    assert unindexed.error.startswith(f"every shard is finished but {out / 'labels.json'} is missing or out of "
+                                      "date and the folder is not writable")
+
+
 def test_labels_from_other_settings_are_not_mixed_in(coco_tree, tmp_path):
     records = coco_records(coco_tree, "val2017")
     label(records, tmp_path, CONFIG, shard_size=3, executor="local", progress=False)
@@ -889,7 +937,7 @@ def test_a_failing_shard_is_one_error_line_and_a_broken_preview_only_a_warning(c
     def no_index(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipeline.label.driver, "write_index", no_index)
+    monkeypatch.setattr(pipeline.label.driver, "write_json", no_index)
     (tmp_path / "classic/val2017/shard-000002.json").unlink()
     no_space = CliRunner().invoke(cli, args)
     assert no_space.exit_code == 1 and "Traceback" not in no_space.output

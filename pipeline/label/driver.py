@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import json
 import math
 import os
 import sys
@@ -325,12 +326,16 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
         except KeyError:  # an unknown teacher: refused below, with the others' names
             workers_per_gpu = 1
     created = [] if isinstance(folder, RemotePath) else [p for p in (folder, *folder.parents) if not p.exists()]
-    prepare_folder(folder)
-    lock = _lock(folder)
+    # a finished folder on a read-only mount (a dataset shared for reading) is checked without writing: no lock
+    read_only = not isinstance(folder, RemotePath) and folder.is_dir() and not os.access(folder, os.W_OK)
+    if not read_only:
+        prepare_folder(folder)
+    lock = None if read_only else _lock(folder)
     finished = False
     try:
         with contextlib.ExitStack() as stack:
-            summary = _label(records, folder, config, stack, start, shard_size=shard_size, overwrite=overwrite,
+            summary = _label(records, folder, config, stack, start, read_only=read_only, shard_size=shard_size,
+                             overwrite=overwrite,
                              overwrite_changed=overwrite_changed, retry_failed=retry_failed, executor=executor,
                              address=address, gpus=gpus, cpu_workers=cpu_workers, workers_per_gpu=workers_per_gpu,
                              retries=retries, progress=progress)
@@ -343,10 +348,10 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
             _remove_if_empty(created)
 
 
-def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, start: float, *, shard_size,
+def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, start: float, *, read_only, shard_size,
            overwrite, overwrite_changed, retry_failed, executor, address, gpus, cpu_workers, workers_per_gpu, retries,
            progress) -> LabelSummary:
-    if not isinstance(folder, RemotePath):  # remote writes stage locally: no temp names there
+    if not isinstance(folder, RemotePath) and not read_only:  # remote writes stage locally: no temp names there
         remove_stale_temps(folder)
     plans = plan_shards(records, shard_size)
     resources: dict = {}
@@ -411,6 +416,10 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     if decode != own and todo:
         print(f"note: --decode auto decodes {decode!r}, as the finished shards of {folder} were decoded (on its "
               f"own it would take {own!r}; --decode {'|'.join(DECODE_PATHS)} chooses)", file=sys.stderr)
+    if read_only and (todo or split.surplus or split.strays or leftover):
+        n = len(todo) or len(split.surplus + split.strays + leftover)
+        raise LabelError(f"output folder is not writable: {folder} ({n} shard{'' if n == 1 else 's'} to "
+                         f"{'label' if todo else 'remove'})")
     # where the workers go (on Ray: connected, its resources known): a refused run has deleted nothing yet
     where = placement(len(todo)) if todo else None
     if todo or split.surplus:
@@ -468,17 +477,26 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     if len(markers) == len(plans):
         for name in leftover:  # --overwrite: the old shards beyond the plan, now that the new ones are all there
             remove_shard(folder, name)
-        finish(folder, plans, markers, identity, summary)
+        finish(folder, plans, markers, identity, summary, read_only=read_only)
     summary.wall_s = time.perf_counter() - start
     return summary
 
 
 def finish(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], identity: dict,
-           summary: LabelSummary) -> None:
+           summary: LabelSummary, *, read_only: bool = False) -> None:
     """After the last shard: ``labels.json`` (a failure fails the run, with a sentence) and ``preview.png``
-    (a failure is a warning: the labels are complete without it)."""
+    (a failure is a warning: the labels are complete without it). A ``labels.json`` that already says what it
+    would say is left as it is, and so is the preview beside it: a finished folder's re-run writes nothing
+    (``read_only``: it must not)."""
+    index = dataset_index(plans, markers, identity)
+    if read_index(folder) == index and (folder / "preview.png").is_file():
+        return
+    if read_only:
+        summary.error = (f"every shard is finished but {folder / 'labels.json'} is missing or out of date and the "
+                         "folder is not writable; run the same command where it is writable to write it")
+        return
     try:
-        write_index(folder, plans, markers, identity)
+        write_json(folder / "labels.json", index)
     except Exception as e:  # noqa: BLE001 - reported as the run's error, the shards stay finished
         summary.error = (f"every shard is finished but {folder / 'labels.json'} could not be written "
                          f"({error_message(e)}); re-run the same command to write it")
@@ -495,16 +513,22 @@ def finish(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], ident
             summary.warnings.append(f"preview.png not written: {error_message(e)}")
 
 
-def write_index(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], identity: dict) -> None:
-    """``labels.json``: the finished dataset at a glance (shards, counts, settings)."""
+def dataset_index(plans: list[ShardPlan], markers: dict[int, dict], identity: dict) -> dict:
+    """What ``labels.json`` holds: the finished dataset at a glance (shards, counts, settings)."""
     shards = [{"tar": markers[p.index]["tar"], "count": markers[p.index]["count"],
                "sha256": markers[p.index]["sha256"]} for p in plans]
-    write_json(folder / "labels.json", {
-        "encoding_version": ENCODING_VERSION, **identity,
-        "count": sum(s["count"] for s in shards),
-        "failed": sum(len(markers[p.index].get("failures", [])) for p in plans),
-        "shards": shards,
-    })
+    return {"encoding_version": ENCODING_VERSION, **identity,
+            "count": sum(s["count"] for s in shards),
+            "failed": sum(len(markers[p.index].get("failures", [])) for p in plans),
+            "shards": shards}
+
+
+def read_index(folder: Path) -> dict | None:
+    """The ``labels.json`` of ``folder`` as JSON, or None (none there, unreadable, not JSON)."""
+    try:
+        return json.loads((folder / "labels.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def run_error(summary: LabelSummary, max_failure_rate: float) -> str:
