@@ -51,3 +51,26 @@ def test_fit_prefers_the_centre_when_the_map_says_nothing_and_the_map_when_it_fi
     fixations = (np.array([3, 4]), np.array([3, 4]))
     fit = calibrate.fit([corner] * 3, [fixations] * 3)
     assert fit.center_weight < 0.5 and fit.auc_judd > 0.95 and fit.images == 3
+
+
+def test_an_unreadable_image_of_the_calibration_half_is_listed_and_left_out_of_the_fit(tmp_path):
+    """It was a traceback (`eval --map ponder`); now it is a failure line like the scored half's, and the fit is
+    made on the images that could be read."""
+    import cv2
+
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((40, 60, 3), 60 * i, np.uint8))
+
+    class Brightness:  # a predictor of the raw maps an extra map gives (any map will do here)
+        name = "brightness"
+
+        def raw_maps(self, rgbs):
+            return [rgb.mean(axis=2).astype(np.float32) + 1.0 for rgb in rgbs]
+
+    fs = fixation_set([f"{i}.png" for i in range(4)])
+    fs = FixationSet("toy", str(tmp_path), fs.paths, fs.sizes, fs.ys, fs.xs, fs.image_index)
+    (tmp_path / "0.png").unlink()
+    result, fitted = calibrate.evaluate_calibrated(Brightness(), fs, progress=False)
+    assert result.failures == [{"index": 0, "path": "0.png",
+                                "reason": "file not found (calibration half: not in the fit)"}]
+    assert fitted.images == 1 and len(result.per_image) == 2

@@ -274,6 +274,36 @@ def test_unreadable_image_is_a_failure_the_others_are_scored(mit, tmp_path):
     assert all(np.isfinite(v) for v in doc["metrics"].values())
 
 
+def test_another_picture_under_an_images_name_is_a_failure_and_a_moved_dataset_one_line(mit, tmp_path):
+    """A stimulus replaced by a picture of another aspect ratio is not scored against fixations that were never on
+    it (it was, with the fixations stretched onto it); one resized at its aspect ratio is scored. A dataset moved
+    since its fixation file was made is one sentence saying so, not a failure line per image."""
+    src, _, _ = mit
+    root = tmp_path / "MIT1003"
+    shutil.copytree(src, root)
+    h5 = tmp_path / "mit.h5"
+    ok("fixations", "mit1003", "--root", root, "--out", h5)
+    write_jpeg(root / "ALLSTIMULI" / "i_camera.jpeg", photo("coffee", 120))  # 120x80, where a 104x104 was
+    rgb = photo(*MIT_IMAGES["i_chelsea"])  # 112x75, now 56x37: the stimulus at half size
+    write_jpeg(root / "ALLSTIMULI" / "i_chelsea.jpeg",
+               cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA))
+
+    out = tmp_path / "eval.json"
+    result = ok("eval", "--teacher", "classic", "--fixations", h5, "--device", "cpu", "--out", out, "--no-progress")
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert failed == ["failed: ALLSTIMULI/i_camera.jpeg: the file is 120x80 but its fixations were recorded on a "
+                      "104x104 image (another picture under this name?)"], result.stderr
+    doc = json.loads(out.read_text())
+    assert sorted(r["path"] for r in doc["per_image"]) == sorted(
+        f"ALLSTIMULI/{name}.jpeg" for name in MIT_IMAGES if name != "i_camera")  # the half-size one among them
+
+    shutil.move(root, tmp_path / "moved")
+    moved = invoke("eval", "--teacher", "classic", "--fixations", h5, "--device", "cpu", "--no-progress")
+    assert moved.exit_code == 1 and moved.output.count("\n") == 1, moved.output
+    assert moved.output == (f"Error: the images of mit1003 are not where its fixation file says ({root} does not "
+                            "exist): make the file again with `pipeline fixations` from where the dataset is now\n")
+
+
 # --------------------------------------------------------------------------------------------
 # eval on labels
 

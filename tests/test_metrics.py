@@ -345,6 +345,18 @@ def test_sim_identical_and_all_zero_maps():
     assert sim(np.zeros((2, 2)), np.ones((2, 2))) == pytest.approx(1.0, abs=1e-12)
 
 
+def test_an_infinite_saliency_value_is_refused_not_scored_as_a_plausible_number():
+    """pysaliency's NSS and CC give NaN on a map with inf; standardising or thresholding it here gave 0.0 and 0.5.
+    (AUC-Judd ranks: an infinite value is the highest or lowest, as a log density's -inf is a zero density.)"""
+    s = np.random.default_rng(8).random((5, 6))
+    s[0, 0] = np.inf
+    for score in (lambda m: nss(m, [1], [1]), lambda m: auc_borji(m, [1], [1]), lambda m: cc(m, np.ones((5, 6))),
+                  lambda m: sim(np.ones((5, 6)), -m), lambda m: kl_div(m, np.ones((5, 6)))):
+        with pytest.raises(ValueError, match="contains inf"):
+            score(s)
+    assert auc_judd(s, [0], [0]) == 1.0  # the fixated +inf above every other value
+
+
 def test_map_metrics_reject_mismatched_shapes():
     for f in (cc, kl_div, sim):
         with pytest.raises(ValueError):

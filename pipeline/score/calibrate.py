@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.common import images
 from pipeline.score import metrics
-from pipeline.score.evaluate import EvalResult, evaluate_fixations
+from pipeline.score.evaluate import EvalResult, check_source, evaluate_fixations, read_stimulus
 from pipeline.score.fixations import FixationSet
 from pipeline.score.predictors import Predictor
 
@@ -100,15 +100,24 @@ def evaluate_calibrated(predictor: Predictor, fs: FixationSet, **options) -> tup
     calib, test = halves(fs)
     if not calib or not test:
         raise ValueError(f"{fs.name} has {len(fs)} images: calibrating and scoring need at least two per category")
-    raws, fixations = [], []
+    check_source(fs)
+    raws, fixations, failures = [], [], []
     for i in calib:
-        rgb = images.read_image(str(fs.image_path(i)))
+        try:
+            rgb = read_stimulus(fs, i)
+        except images.ImageError as e:  # listed with the scored half's failures, left out of the fit
+            failures.append({"index": i, "path": fs.paths[i], "reason": f"{e} (calibration half: not in the fit)"})
+            continue
         raws += predictor.raw_maps([rgb])
         ys, xs = fs.fixations(i)
         if rgb.shape[:2] != tuple(fs.sizes[i]):
             ys, xs = metrics.rescale_fixations(ys, xs, tuple(fs.sizes[i]), rgb.shape[:2])
         fixations.append((ys, xs))
+    if not raws:
+        raise ValueError(f"no image of {fs.name}'s calibration half could be read (the first: {failures[0]['path']}: "
+                         f"{failures[0]['reason']})")
     calibration = fit(raws, fixations)
     result = evaluate_fixations(CalibratedPredictor(predictor, calibration), fs, indices=test, **options)
+    result.failures[:0] = failures
     result.data = f"{result.data}, calibrated on the other {len(calib)}"
     return result, calibration

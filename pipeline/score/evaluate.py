@@ -86,6 +86,26 @@ def _other_fixations(fs: FixationSet) -> tuple[np.ndarray, np.ndarray]:
     return (fs.ys + 0.5) / sizes[:, 0], (fs.xs + 0.5) / sizes[:, 1]
 
 
+def read_stimulus(fs: FixationSet, i: int) -> np.ndarray:
+    """Image ``i`` of ``fs`` as RGB. A file of another aspect ratio than the one its fixations were recorded on
+    (beyond a pixel's rounding) is another picture under that name: an :class:`~pipeline.common.images.ImageError`,
+    so it is a listed failure, not scored against fixations that were never on it. One of the same aspect ratio
+    (the stimuli resized) is scored with its fixations rescaled."""
+    rgb = images.read_image(str(fs.image_path(i)))
+    (h, w), (rh, rw) = rgb.shape[:2], (int(v) for v in fs.sizes[i])
+    if abs(h * rw - w * rh) > max(rh, rw):
+        raise images.ImageError(f"the file is {w}x{h} but its fixations were recorded on a {rw}x{rh} image "
+                                "(another picture under this name?)")
+    return rgb
+
+
+def check_source(fs: FixationSet) -> None:
+    """A dataset moved since its fixation file was made is one sentence, not a failure line per image."""
+    if not fs.root.is_dir():
+        raise ValueError(f"the images of {fs.name} are not where its fixation file says ({fs.root} does not exist): "
+                         "make the file again with `pipeline fixations` from where the dataset is now")
+
+
 def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int = 8, baseline: str = "centerbias",
                        sigma_frac: float = DEFAULT_SIGMA_FRAC, io_threads: int = 4, limit: int | None = None,
                        indices: list[int] | None = None, progress: bool = True) -> EvalResult:
@@ -98,6 +118,7 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
     chosen = list(range(len(fs))) if indices is None else list(indices)
     chosen = chosen if limit is None else chosen[:limit]
     n = len(chosen)
+    check_source(fs)
     result = EvalResult(predictor.name, f"{fs.name} ({n} images)", metrics.METRICS)
     fy, fx = _other_fixations(fs)
     if baseline not in ("centerbias", "uniform"):
@@ -129,7 +150,7 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
     with ThreadPoolExecutor(io_threads) as pool, \
             show_progress(n, f"eval {predictor.name}", enabled=progress) as bar:
         scoring: list[Future] = []
-        read = lambda i: images.read_image(str(fs.image_path(i)))  # noqa: E731
+        read = lambda i: read_stimulus(fs, i)  # noqa: E731
         for batch in batched(prefetched(pool, chosen, read, 3 * batch_size, catch=images.ImageError), batch_size):
             good = [(i, x) for i, x in batch if not isinstance(x, Exception)]
             for i, x in batch:

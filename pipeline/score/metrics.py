@@ -129,12 +129,17 @@ BORJI_SPLITS = 100
 # input handling
 
 
-def _as_map(a, name: str = "saliency_map") -> np.ndarray:
+def _as_map(a, name: str = "saliency_map", *, infinite: bool = False) -> np.ndarray:
+    """``a`` as a float64 map; NaN is refused, and so is ±inf unless ``infinite`` (log densities, where -inf is a
+    zero density, and the rank-based AUC-Judd and sAUC, where ±inf ranks): NSS, CC, SIM, KL and AUC-Borji would
+    standardise or threshold it into a plausible score (pysaliency's NSS and CC give NaN)."""
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2 or a.size == 0:
         raise ValueError(f"{name} must be a non-empty 2-d array, got shape {a.shape}")
     if np.isnan(a).any():
         raise ValueError(f"{name} contains NaN")
+    if not infinite and np.isinf(a).any():
+        raise ValueError(f"{name} contains inf")
     return a
 
 
@@ -178,7 +183,7 @@ def _logsumexp(a: np.ndarray) -> float:
 
 
 def _normalised_log(log_density, name: str) -> np.ndarray:
-    ld = _as_map(log_density, name)
+    ld = _as_map(log_density, name, infinite=True)
     if np.isposinf(ld).any():
         raise ValueError(f"{name} contains +inf")
     z = _logsumexp(ld)
@@ -235,7 +240,7 @@ def auc_judd(saliency_map: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
 
     NaN if there are no fixations or no unfixated pixels.
     """
-    s = _as_map(saliency_map)
+    s = _as_map(saliency_map, infinite=True)
     ys, xs = _as_fixations(ys, xs, s.shape)
     if ys.size == 0:
         return float("nan")
@@ -280,7 +285,7 @@ def shuffled_auc(saliency_map, ys, xs, other_ys, other_xs) -> float:
 
     NaN if either set is empty.
     """
-    s = _as_map(saliency_map)
+    s = _as_map(saliency_map, infinite=True)
     ys, xs = _as_fixations(ys, xs, s.shape)
     oys, oxs = _as_fixations(other_ys, other_xs, s.shape, "other fixations")
     if ys.size == 0 or oys.size == 0:
@@ -437,7 +442,7 @@ def centerbias_log_density(
 
 def resize_log_density(log_density, shape) -> np.ndarray:
     """Bilinearly resize a log density to ``shape`` (h, w) and renormalise it to sum 1."""
-    ld = _as_map(log_density, "log_density")
+    ld = _as_map(log_density, "log_density", infinite=True)
     h, w = (int(v) for v in shape)
     if np.isposinf(ld).any():
         raise ValueError("log_density contains +inf")
@@ -457,7 +462,7 @@ def resize_log_density(log_density, shape) -> np.ndarray:
 
 def image_metrics(log_density, ys, xs, *, other_ys, other_xs, baseline_log_density, sigma) -> dict[str, float]:
     """The eight metrics of :data:`METRICS` for one image (see the module docstring)."""
-    ld = _as_map(log_density, "log_density")
+    ld = _as_map(log_density, "log_density", infinite=True)
     ys, xs = _as_fixations(ys, xs, ld.shape)
     if ys.size == 0:
         return {k: float("nan") for k in METRICS}
