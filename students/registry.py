@@ -36,6 +36,7 @@ class StudentOption:
     choices: tuple = ()  # allowed values, when only some are
     minimum: float | None = None  # the smallest value allowed (and a float must be finite)
     training_only: bool = False  # it weights the training loss alone: the same weights infer the same either way
+    tensors: bool = False  # it changes the module's tensors (names, shapes): a checkpoint fits its own value alone
 
     def problem(self, value) -> str:
         """Why ``value`` (of :attr:`type`) is not allowed, or ""."""

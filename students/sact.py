@@ -527,7 +527,7 @@ def _build(cls: type[SACT], name: str, weights: str | None, backbone_weights: st
 def _options(tiles: tuple = ()) -> tuple[StudentOption, ...]:
     return (
         StudentOption("depth", int, 50, "ResNet depth: 50 (units per block 3,4,6,3) or 101 (3,4,23,3)",
-                      choices=(50, 101)),
+                      choices=(50, 101), tensors=True),
         StudentOption("tile", int, 1, "halting shared within k×k tiles of each block's map (k must divide "
                                       "every block's size); 1 = per position", choices=tiles, minimum=1),
         StudentOption("tau", float, 0.005, "weight τ of the ponder cost τ·Σ_blocks mean ρ in the loss",

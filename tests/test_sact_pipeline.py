@@ -62,6 +62,10 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
             f"--student runs it at 192x256 with --student-output softmax, --tile 2: --checkpoint {ckpt} uses what it "
             "was trained with") in r.output  # (--tau weights the loss alone: not said)
     assert "ponder_3 (sparse)" in r.output and "executed_3 (sparse)" in r.output
+    r = invoke("profile", "--student", "sact", "--weights", ckpt, "--depth", 101, "--device", "cpu", "--iters", 1)
+    assert r.exit_code == 1 and r.output == (f"Error: {ckpt} is a `pipeline train` checkpoint of sact with depth 50 "
+                                             f"there, --depth 101 here: give the same options (or --checkpoint {ckpt}, "
+                                             "which reads them)\n"), r.output  # (was: 357 tensors missing)
 
     photos = sorted((SAMPLES / "val2017").glob("*.jpg"))[:4]
     h5 = tmp_path / "mit.h5"

@@ -239,7 +239,11 @@ def test_hint_stage_regresses_the_teachers_features_and_starts_fastsal_a(small_l
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--student", "fastsal_a", "--stage", "hint", "--teacher", "salgan"], "fastsal_a has no hint stage"),
+    (["--student", "fastsal_a", "--stage", "hint", "--teacher", "salgan"],
+     "fastsal_a has no hint stage: its features do not match a teacher's; hint-pretrain fastsal_c and start"),
+    (["--student", "sact", "--stage", "hint", "--teacher", "salgan"],  # (no FastSal encoder fits its ResNet)
+     "sact has no hint stage (its features do not match a teacher's) and no student with one has its encoder: "
+     "train it with --stage finetune"),
     (["--student", "fastsal_c", "--stage", "hint"], "the hint stage needs --teacher"),
     (["--val-shards", "3"], "--val-shards 3 leaves no training shard (there are 3)"),
     (["--student", "fastsal_c", "--stage", "hint", "--teacher", "classic"],
@@ -853,9 +857,10 @@ def test_init_takes_what_fits_says_what_it_took_and_refuses_other_options(small_
     torch.save({"model": sact.state_dict(), "student": "sact", "student_options": {"depth": 50, "tile": 1,
                                                                                    "tau": 0.005}},
                tmp_path / "fifty.pt")
-    with pytest.raises(TrainError, match=r"is a sact checkpoint whose tensors are not this run's \(depth 50 there, "
-                                         r"101 here\)"):
-        init_from(build_student("sact", backbone_weights="none", depth=101), str(tmp_path / "fifty.pt"))
+    for other_tau in (tmp_path / "fifty.pt", deep):  # only what shapes a tensor is named (tau 0.01 is not)
+        with pytest.raises(TrainError, match=r"is a sact checkpoint whose tensors are not this run's \(depth 50 "
+                                             r"there, 101 here\): give"):
+            init_from(build_student("sact", backbone_weights="none", depth=101), str(other_tau))
     # tau and tile shape no tensor: a tau-0.01 SACT starts a tau-0.005 run with every tensor
     assert init_from(sact, str(deep)).endswith(f"all {len(sact.state_dict())} tensors")
 

@@ -156,6 +156,12 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
                               backbone_weights=backbone, **(options or {}))
     except KeyError as e:
         raise PredictorError(e.args[0]) from None
+    except Exception as e:  # noqa: BLE001 - a checkpoint of ours, trained with other options: say which
+        shaped = _shaping_options_differ(name, weights, options or {})
+        if shaped:
+            raise PredictorError(f"{weights} is a `pipeline train` checkpoint of {name} with {shaped}: give the same "
+                                 f"options (or --checkpoint {weights}, which reads them)") from None
+        raise
     kind = {"softmax": "logits", "sigmoid": "sigmoid_logits"}[output]
     label = f"{name}@{weights}" if weights and weights != "random" else f"{name} (untrained)"
     recorded = _train_record(weights)
@@ -172,6 +178,18 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
                   f"{input_size[0]}x{input_size[1]} with --student-output {output}{now}: --checkpoint {weights} "
                   "uses what it was trained with", file=sys.stderr)
     return Predictor(label, model.to(dev).eval(), kind, input_size, dev, autocast=amp)
+
+
+def _shaping_options_differ(name: str, weights: str | None, options: dict) -> str:
+    """The options of ``name`` that shape its tensors and that a ``pipeline train`` checkpoint at ``weights``
+    records otherwise than ``options`` (defaults filled in) asks, as "depth 50 there, --depth 101 here"; "" when
+    none or not ours."""
+    recorded = _train_record(weights)
+    if recorded is None:
+        return ""
+    ours = {o.name: options.get(o.name, o.default) for o in student_info(name).options if o.tensors}
+    return ", ".join(f"{k.replace('_', '-')} {v} there, --{k.replace('_', '-')} {ours[k]} here"
+                     for k, v in recorded[2].items() if k in ours and ours[k] != v)
 
 
 def _train_record(weights: str | None) -> tuple[tuple[int, int], str, dict] | None:

@@ -25,7 +25,7 @@ from pipeline.common.atomic import atomic_open, write_json
 from pipeline.common.storage import as_path, is_url, local_file
 from pipeline.label.shards import digest
 from pipeline.train.config import TrainError
-from students import Student, build_student
+from students import Student, build_student, student_info
 from teachers.weights import WeightsError, load_state_dict, load_strict
 
 LATEST = "latest.json"
@@ -292,8 +292,9 @@ def init_from(model: Student, path: str) -> str:
     own = model.state_dict()
     if student == model.name and (set(sd) != set(own) or any(tuple(sd[k].shape) != tuple(own[k].shape)
                                                               for k in own if k in sd)):
+        shaping = {o.name for o in student_info(model.name).options if o.tensors}  # (not --tau, --tile: no tensor)
         differ = ", ".join(f"{k} {options.get(k)!r} there, {v!r} here" for k, v in model.options().items()
-                           if isinstance(options, dict) and options.get(k) != v)
+                           if isinstance(options, dict) and k in shaping and options.get(k) != v)
         raise TrainError(f"--init {path} is {what} whose tensors are not this run's "
                          f"({differ or 'other names or shapes'}): give this run the same options")
     # another student's checkpoint gives its backbone alone: a tensor of its decoder may match one of ours in

@@ -207,7 +207,12 @@ class Trainer:
         if c.stage not in STAGES:
             raise TrainError(f"unknown stage {c.stage!r} ({' or '.join(STAGES)})")
         if c.stage == "hint" and not info.has_hint_stage:
-            hinted = [n for n in available_students() if student_info(n).has_hint_stage]
+            hinted = [n for n in available_students() if student_info(n).has_hint_stage  # (whose encoder --init
+                      and student_info(n).cls.backbone_prefix == info.cls.backbone_prefix]  # can give this one)
+            if not hinted:
+                raise TrainError(f"{c.student} has no hint stage (its features do not match a teacher's) and no "
+                                 "student with one has its encoder: train it with --stage finetune, its encoder "
+                                 "from --backbone-weights imagenet")
             raise TrainError(f"{c.student} has no hint stage: its features do not match a teacher's; hint-pretrain "
                              f"{' or '.join(hinted)} and start from its checkpoint with --init")
         if c.stage == "hint" and not c.teacher:
