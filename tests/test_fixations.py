@@ -90,6 +90,53 @@ def test_salicon_reads_row_col_one_based_sorted_by_file_name(salicon_root):
     assert m.shape == (48, 64) and m.sum() == 2 and m[47, 63] and m[1, 2]
 
 
+def salicon_mat(path: Path, image: str, size: tuple[int, int], observers: list) -> None:
+    """One image's fixation file as salicon.net's releases ship it (fixations/<split>/<image>.mat, MATLAB v5):
+    ``image``, ``resolution`` [h w] and ``gaze``, a struct array of one entry per observer with ``location``
+    (mouse samples), ``timestamp`` and ``fixations``, both as 1-based [x y] rows."""
+    gaze = np.zeros((len(observers), 1), dtype=[("location", "O"), ("timestamp", "O"), ("fixations", "O")])
+    for k, fix in enumerate(observers):
+        fix = np.asarray(fix, dtype=np.float64).reshape(-1, 2)
+        samples = np.repeat(fix, 3, axis=0) + 0.25  # (a track around each fixation: not read)
+        gaze[k, 0] = (samples, np.arange(len(samples), dtype=np.float64)[:, None] * 8, fix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), {"image": image, "resolution": np.array([[size[0], size[1]]], dtype=np.float64),
+                        "gaze": gaze})
+
+
+def test_salicon_mat_release_reads_each_observers_fixations_x_y_one_based(tmp_path):
+    """The .mat files salicon.net serves now (the 2015 and 2017 editions, as pysaliency reads them) give the set
+    the JSON release gives for the same points (written there as [row, col], here as [x, y])."""
+    root = tmp_path / "SALICON"
+    for (f, h, w), which in zip(SAL_IMAGES.values(), ["astronaut", "coffee", "chelsea"]):
+        stimulus(root / "images" / "val" / f, h, w, which)
+    folder = root / "fixations" / "val"
+
+    def xy(pts):  # the JSON's [row, col] as the .mat's [x, y]
+        return [[x, y] for y, x in pts]
+
+    salicon_mat(folder / "COCO_val2014_000000000009.mat", "COCO_val2014_000000000009", (40, 56),
+                [xy([[5, 6]]), xy([[1, 1], [40, 56], [20, 30], [0, 5], [41, 1], [3, 57], [10.6, 3.2]])])
+    salicon_mat(folder / "COCO_val2014_000000000042.mat", "COCO_val2014_000000000042", (48, 64),
+                [xy([[48, 64], [2, 3]]), []])
+    salicon_mat(folder / "COCO_val2014_000000000073.mat", "COCO_val2014_000000000073", (32, 32), [])
+    fs = read_salicon(root, "val")
+    assert fs.names == ["COCO_val2014_000000000009", "COCO_val2014_000000000042", "COCO_val2014_000000000073"]
+    assert fs.paths[0] == "images/val/COCO_val2014_000000000009.jpg"
+    assert fs.sizes.tolist() == [[40, 56], [48, 64], [32, 32]]
+    assert list(zip(*(a.tolist() for a in fs.fixations(0)))) == [(4, 5), (0, 0), (39, 55), (19, 29), (10, 2)]
+    assert fs.subjects(0).tolist() == [0, 1, 1, 1, 1]  # the observer's entry in gaze
+    assert list(zip(*(a.tolist() for a in fs.fixations(1)))) == [(47, 63), (1, 2)]
+    assert fs.fixations(2)[0].size == 0 and fs.n_skipped == 3 and fs.n_fixations == 7
+
+    salicon_mat(folder / "COCO_val2014_000000000042.mat", "COCO_val2014_000000000042", (40, 64), [])
+    with pytest.raises(FixationError, match="COCO_val2014_000000000042.jpg: image is 48x64 .* says 40x64$"):
+        read_salicon(root, "val")
+    savemat(str(folder / "COCO_val2014_000000000042.mat"), {"fixLocs": np.zeros((2, 2))})
+    with pytest.raises(FixationError, match=r"042.mat: not a SALICON fixation file \(variables \['fixLocs'\]\)"):
+        read_salicon(root, "val")
+
+
 def test_salicon_plain_2015_name_at_root_and_images_beside(tmp_path):
     root = tmp_path / "s"
     stimulus(root / "train" / "COCO_train2014_000000000009.jpg", 24, 36)
@@ -105,7 +152,8 @@ def test_salicon_plain_2015_name_at_root_and_images_beside(tmp_path):
     "break_it, message",
     [
         (lambda r: (r / "annotations/fixations_val2015r1.json").unlink(),
-         "SALICON val annotations not found: expected fixations_val2015r1.json or fixations_val2015.json in {root}"),
+         "SALICON val annotations not found: expected fixations_val2015r1.json or fixations_val2015.json in {root} "
+         "or {root}/annotations, or the release's .mat files in {root}/fixations/val"),
         (lambda r: (r / "annotations/fixations_val2015r1.json").write_text('{"images": [1, '),
          "{root}/annotations/fixations_val2015r1.json: not readable JSON"),
         (lambda r: (r / "annotations/fixations_val2015r1.json").write_text('{"images": []}'),

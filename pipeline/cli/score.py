@@ -44,8 +44,8 @@ def check_input_size(predictor, image_size) -> None:
 @click.command("fixations")
 @click.argument("dataset", type=click.Choice(["salicon", "mit1003", "cat2000"]))
 @click.option("--root", type=LocalPath(path_type=Path), required=True,
-              help="The dataset as published (SALICON: fixations JSON + images/; MIT1003: ALLSTIMULI/ + "
-                   "ALLFIXATIONMAPS/; CAT2000: Stimuli/ + FIXATIONLOCS/).")
+              help="The dataset as published (SALICON: fixations JSON or fixations/<split>/*.mat + images/; "
+                   "MIT1003: ALLSTIMULI/ + ALLFIXATIONMAPS/; CAT2000: Stimuli/ + FIXATIONLOCS/).")
 @click.option("--split", default=None, help="SALICON only: train or val.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
               help="The HDF5 file to write (atomically), or its URL (s3://…: written locally, then uploaded).")

@@ -7,7 +7,7 @@ set in the single layout described at the end of this docstring.
 
 Source formats read
 -------------------
-**SALICON** (2015 release, ``read_salicon(root, split)`` with split ``train`` or ``val``)
+**SALICON** (2015 JSON release, ``read_salicon(root, split)`` with split ``train`` or ``val``)
     ``fixations_<split>2015r1.json`` (the name the release uses; ``fixations_<split>2015.json`` is
     accepted too), in ``root`` or ``root/annotations``. COCO-style JSON: ``images`` is a list of
     ``{id, file_name, width, height, ...}``; ``annotations`` a list of ``{id, image_id,
@@ -19,8 +19,15 @@ Source formats read
     are **dropped and counted** (``FixationSet.n_skipped``, HDF5 attribute ``n_skipped``), not
     clipped: clipping would pile mouse-track excursions onto the border. Images listed in the
     JSON without any annotation are kept with no fixations; image files on disk that the JSON
-    does not list are ignored. The 2014 release (``[x, y]``, 0-based) and the 2017 release
-    (``.mat`` files) are *not* read.
+    does not list are ignored. The 2014 release (``[x, y]``, 0-based) is *not* read.
+
+    Or, where no such JSON is there, the ``.mat`` files of the releases salicon.net serves now (the 2015
+    and the 2017 LSUN editions, as pysaliency's ``get_SALICON`` reads them): ``root/fixations/<split>/*.mat``
+    (``root/<split>/*.mat`` is accepted too), one per image, MATLAB v5, with ``image`` (the file name
+    without ``.jpg``), ``resolution`` (``[height, width]``) and ``gaze``, a struct array of one entry per
+    observer whose field ``fixations`` holds that observer's fixations as ``[x, y]`` rows, **1-based**
+    (``location``, the raw mouse samples, is not read). ``subject`` is the entry's index in ``gaze`` (the
+    files name no observer). Points outside the image are dropped and counted, as above.
 
 **MIT1003** (``read_mit1003(root)``)
     ``root/ALLSTIMULI/<name>.jpeg`` and ``root/ALLFIXATIONMAPS/<name>_fixPts.jpg``: a grayscale
@@ -254,6 +261,20 @@ def _need_dir(path: Path, what: str) -> Path:
     return path
 
 
+def _loadmat(path: Path, dataset: str) -> dict:
+    """A MATLAB v5 .mat file's variables (scipy's ``loadmat``); anything else is one FixationError line."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise FixationError(f"reading {dataset} .mat files needs scipy; expected it installed (pip install scipy)") from None
+    try:
+        return loadmat(str(path))
+    except NotImplementedError:
+        raise FixationError(f"{path}: MATLAB v7.3 (HDF5) .mat is not supported; expected a MATLAB v5 .mat") from None
+    except Exception as e:  # scipy raises ValueError, TypeError, OSError... on garbage
+        raise FixationError(f"{path}: not a readable .mat file ({type(e).__name__}); expected a MATLAB v5 .mat") from None
+
+
 def _points_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ys, xs = np.nonzero(mask)  # row-major order
     return ys.astype(np.int32), xs.astype(np.int32)
@@ -278,16 +299,20 @@ def _assemble(name, root, paths, names, sizes, per_image, split="", n_skipped=0)
 # SALICON
 
 
-def _salicon_json(root: Path, split: str) -> Path:
-    names = [t.format(split=split) for t in SALICON_JSON_NAMES]
+def _salicon_json(root: Path, split: str) -> Path | None:
     for folder in (root, root / "annotations"):
-        for n in names:
+        for n in (t.format(split=split) for t in SALICON_JSON_NAMES):
             if (folder / n).is_file():
                 return folder / n
-    raise FixationError(
-        f"SALICON {split} annotations not found: expected {' or '.join(names)} "
-        f"in {root} or {root / 'annotations'}"
-    )
+    return None
+
+
+def _salicon_mat_dir(root: Path, split: str) -> Path | None:
+    """The folder of the per-image .mat files of ``split`` (the releases salicon.net serves now), or None."""
+    for d in (root / "fixations" / split, root / split):
+        if d.is_dir() and any(d.glob("*.mat")):
+            return d
+    return None
 
 
 def _salicon_images_dir(root: Path, split: str) -> Path:
@@ -309,6 +334,13 @@ def read_salicon(root: str | Path, split: str, annotations: str | Path | None = 
         )
     _need_dir(root, "SALICON root")
     ann_path = Path(annotations) if annotations is not None else _salicon_json(root, split)
+    if ann_path is None:
+        mat_dir = _salicon_mat_dir(root, split)
+        if mat_dir is not None:
+            return _read_salicon_mat(root, split, mat_dir)
+        names = " or ".join(t.format(split=split) for t in SALICON_JSON_NAMES)
+        raise FixationError(f"SALICON {split} annotations not found: expected {names} in {root} or "
+                            f"{root / 'annotations'}, or the release's .mat files in {root / 'fixations' / split}")
     if not ann_path.is_file():
         raise FixationError(f"SALICON annotations not found: expected the file {ann_path}")
     try:
@@ -376,17 +408,65 @@ def read_salicon(root: str | Path, split: str, annotations: str | Path | None = 
                 continue
             if pts.ndim != 2 or pts.shape[1] != 2:
                 raise FixationError(f"{ann_path}: annotations[{k}].fixations is malformed; expected a list of [row, col] pairs")
-            with np.errstate(invalid="ignore"):
-                y = np.floor(pts[:, 0] + 0.5) - 1  # 1-based row -> 0-based, nearest pixel
-                x = np.floor(pts[:, 1] + 0.5) - 1
-                ok = np.isfinite(y) & np.isfinite(x) & (y >= 0) & (y < h) & (x >= 0) & (x < w)
-            skipped += int((~ok).sum())
-            ys_l.append(y[ok].astype(np.int32))
-            xs_l.append(x[ok].astype(np.int32))
-            s_l.append(np.full(int(ok.sum()), worker, dtype=np.int32))
+            y, x, out = _salicon_points(pts, h, w, "yx")
+            skipped += out
+            ys_l.append(y)
+            xs_l.append(x)
+            s_l.append(np.full(len(y), worker, dtype=np.int32))
         cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int32)  # noqa: E731
         per_image.append((cat(ys_l), cat(xs_l), cat(s_l)))
     return _assemble("salicon", root, paths, names, sizes, per_image, split=split, n_skipped=skipped)
+
+
+def _salicon_points(pts, h: int, w: int, columns: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """1-based points (``columns``: "yx" rows of [row, col], "xy" rows of [x, y]) → 0-based (ys, xs) inside an
+    ``h``×``w`` image, rounded to the nearest pixel, and how many fell outside (dropped)."""
+    pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    y, x = (pts[:, 0], pts[:, 1]) if columns == "yx" else (pts[:, 1], pts[:, 0])
+    with np.errstate(invalid="ignore"):
+        y, x = np.floor(y + 0.5) - 1, np.floor(x + 0.5) - 1
+        ok = np.isfinite(y) & np.isfinite(x) & (y >= 0) & (y < h) & (x >= 0) & (x < w)
+    return y[ok].astype(np.int32), x[ok].astype(np.int32), int((~ok).sum())
+
+
+def _read_salicon_mat(root: Path, split: str, mat_dir: Path) -> FixationSet:
+    """SALICON fixations of ``split`` from the release's per-image .mat files; see the module docstring."""
+    img_dir = _salicon_images_dir(root, split)
+    rows = []
+    for path in sorted(mat_dir.glob("*.mat")):
+        mat = _loadmat(path, "SALICON")
+        try:
+            image = str(np.asarray(mat["image"]).ravel()[0])
+            h, w = (int(v) for v in np.asarray(mat["resolution"]).ravel()[:2])
+            gaze = np.asarray(mat["gaze"]).ravel()
+            observers = [np.asarray(g["fixations"]) for g in gaze]
+        except (KeyError, IndexError, ValueError, TypeError):
+            found = sorted(k for k in mat if not k.startswith("__"))
+            raise FixationError(f"{path}: not a SALICON fixation file (variables {found}); expected image, "
+                                "resolution and gaze with a fixations field") from None
+        p = img_dir / f"{image}.jpg"
+        if not p.is_file():
+            raise FixationError(f"SALICON image missing: {path.name} is of {image}, expected at {p}")
+        if _image_size(p) != (h, w):
+            size = _image_size(p)
+            raise FixationError(f"{p}: image is {size[0]}x{size[1]} (HxW) but {path.name} says {h}x{w}")
+        rows.append((p.relative_to(root).as_posix(), image, (h, w), observers, path))
+    rows.sort(key=lambda r: r[0])
+    per_image, skipped = [], 0
+    for _, _, (h, w), observers, path in rows:
+        ys_l, xs_l, s_l = [], [], []
+        for k, pts in enumerate(observers):
+            if pts.size and (pts.ndim != 2 or pts.shape[1] != 2):
+                raise FixationError(f"{path}: gaze({k + 1}).fixations has shape {pts.shape}; expected [x, y] rows")
+            y, x, out = _salicon_points(pts, h, w, "xy")
+            skipped += out
+            ys_l.append(y)
+            xs_l.append(x)
+            s_l.append(np.full(len(y), k, dtype=np.int32))
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int32)  # noqa: E731
+        per_image.append((cat(ys_l), cat(xs_l), cat(s_l)))
+    return _assemble("salicon", root, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], per_image,
+                     split=split, n_skipped=skipped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,16 +514,7 @@ def read_mit1003(root: str | Path, threshold: int = MIT1003_THRESHOLD) -> Fixati
 
 
 def _load_fixlocs(path: Path) -> np.ndarray:
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise FixationError("reading CAT2000 .mat files needs scipy; expected it installed (pip install scipy)") from None
-    try:
-        mat = loadmat(str(path))
-    except NotImplementedError:
-        raise FixationError(f"{path}: MATLAB v7.3 (HDF5) .mat is not supported; expected a MATLAB v5 .mat") from None
-    except Exception as e:  # scipy raises ValueError, TypeError, OSError... on garbage
-        raise FixationError(f"{path}: not a readable .mat file ({type(e).__name__}); expected a MATLAB v5 .mat") from None
+    mat = _loadmat(path, "CAT2000")
     if CAT2000_VARIABLE not in mat:
         found = sorted(k for k in mat if not k.startswith("__"))
         raise FixationError(f"{path}: no variable {CAT2000_VARIABLE!r} (found {found}); expected the binary fixation matrix")
