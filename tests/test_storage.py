@@ -399,6 +399,19 @@ def test_eval_and_profile_read_a_checkpoint_url_and_write_their_json_there(s3, s
                                                          "--iters", "1", "--out", "s3://labels/out/profile.json")
     assert json.loads(s3.cat_file("labels/out/profile.json"))["model"] == f"fastsal_a@{ckpt}"
 
+    for f in sorted(labelled.iterdir()):  # --images: a label folder's URL, as a manifest's workdir on S3 gives it
+        s3.put_file(str(f), f"labels/profiled/{f.name}")
+    measure = ["profile", "--checkpoint", local, "--device", "cpu", "--iters", "1", "--max-images", "5", "--out"]
+    ok(*measure, tmp_path / "here.json", "--images", labelled)
+    ok(*measure, tmp_path / "there.json", "--images", "s3://labels/profiled")
+    here, there = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("here", "there"))
+    assert here["inputs"] == f"5 images of {labelled}" and there["inputs"] == "5 images of s3://labels/profiled"
+    assert [m["gflops"] for m in here["modes"]] == [m["gflops"] for m in there["modes"]]
+    s3.pipe_file("labels/photos/a.jpg", (labelled / "preview.png").read_bytes())
+    r = CliRunner().invoke(cli, [*measure[:-1], "--images", "s3://labels/photos"])
+    assert r.exit_code == 1 and r.output == ("Error: --images s3://labels/photos: no labels.json there; a URL is read "
+                                             "as a label folder (a folder of image files must be local)\n"), r.output
+
 
 def test_predict_from_a_checkpoint_url_uploads_the_local_maps_and_predictions_json_last(s3, s3_run, tmp_path,
                                                                                        monkeypatch, one_torch_thread):

@@ -224,8 +224,9 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
 @click.option("--iters", type=click.IntRange(min=1), default=10,
               help="Timed forward passes (after 3 warm-up; 8 with --runtime compile).")
-@click.option("--images", type=LocalPath(file_okay=False, path_type=str), default=None,
-              help="Real images to measure on (a label folder's stored images, or a folder of images; the first "
+@click.option("--images", type=click.Path(file_okay=False, path_type=str), default=None, callback=path_or_url,
+              help="Real images to measure on (a label folder's stored images, or its URL: s3://…; or a local "
+                   "folder of images; the first "
                    "--max-images in sorted order): GFLOPs and the model's statistics are their mean, the timed "
                    "passes take batches of them in turn. SACT's computation depends on the image.  [default: one image of "
                    "random noise]")
@@ -243,7 +244,8 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     """
     from pipeline.score.profile import profile
 
-    must_exist("images", "calibration")
+    must_exist("calibration")
+    must_exist("images", urls=True)
     out = output_path(out)
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             require_weights=False, student_options=student_options)

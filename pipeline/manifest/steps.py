@@ -348,7 +348,7 @@ COMMANDS: dict[str, CommandSpec] = {
         verify=_verify_json,
         added={**_CALIBRATION_ADDED, "images": None, "max_images": 100},  # --images: stop 14
         digest=_digest_file,
-        urls=frozenset({"checkpoint", "out"}),
+        urls=frozenset({"checkpoint", "images", "out"}),
         must_exist=lambda params: ("images", "calibration"),
     ),
 }

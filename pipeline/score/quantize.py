@@ -30,13 +30,14 @@ CHECK_IMAGES = 16
 def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: str = "--calibration"
                        ) -> list[np.ndarray]:
     """Up to ``n`` images of ``path`` as uint8 ``[1, 3, H, W]`` arrays at ``size``: the stored JPEGs of a label
-    folder (its shards in order), or the image files of a folder (sorted, unreadable ones skipped). Errors name
-    ``option``."""
+    folder (its shards in order; a URL is read through fsspec, as training reads it), or the image files of a
+    local folder (sorted, unreadable ones skipped). Errors name ``option``."""
+    from pipeline.common.storage import as_path, is_url
     from pipeline.label.shards import read_samples
     from pipeline.label.sources import SourceError, folder_records
     from pipeline.train.data import DataError, open_label_set
 
-    path = Path(path)
+    path = as_path(path)
     out: list[np.ndarray] = []
 
     def add(rgb: np.ndarray) -> None:
@@ -53,6 +54,9 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: 
                     add(decode_image(sample["jpg"]))
             if len(out) >= n:
                 break
+    elif is_url(path):
+        raise PredictorError(f"{option} {path}: no labels.json there; a URL is read as a label folder (a folder of "
+                             "image files must be local)")
     elif path.is_dir():
         try:
             records = folder_records(path, keys=False)  # read by path: x.jpg beside x.png is fine
