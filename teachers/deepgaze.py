@@ -33,7 +33,7 @@ scale at ~4× the compute.
 
 from __future__ import annotations
 
-import logging
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -61,7 +61,6 @@ from teachers.deepgaze_modules import (
 from teachers.registry import register
 from teachers.weights import WeightsError, file_digest, load_state_dict, load_strict, resolve, resolve_all
 
-log = logging.getLogger(__name__)
 
 #: (backbone builder, layers tapped (names inside the backbone Sequential), total tapped channels)
 BACKBONES: list[tuple[Callable[[], nn.Module], list[str], int]] = [
@@ -182,8 +181,8 @@ class CenterBias:
 def load_centerbias(spec: str | None) -> CenterBias:
     """``None`` → uniform; else a path or known name (via :func:`resolve`) of a 2-d ``.npy`` log density."""
     if spec is None:
-        log.warning("DeepGaze: no centre bias given; using a uniform centre bias "
-                    "(pass centerbias='centerbias_mit1003' for the published one)")
+        warnings.warn("DeepGaze: no centre bias given; using a uniform centre bias "  # (the CLI's one warning: line)
+                      "(pass centerbias='centerbias_mit1003' for the published one)", stacklevel=2)
         return CenterBias(None, "uniform")
     path = resolve(spec)
     try:

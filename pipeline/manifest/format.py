@@ -600,7 +600,7 @@ class _Loader:
         decl: dict[str, dict] = {}
         for name, body in raw_steps.items():
             if not isinstance(name, str) or not NAME_RE.match(name):
-                self.error(doc.at("steps", name), f"invalid step name {name!r} (letters, digits, _ and -)")
+                self.error(doc.at("steps", name), f"invalid step name {name!r} (letters, digits, _ and -, starting with a letter or _)")
                 continue
             if not isinstance(body, dict):
                 self.error(doc.at("steps", name), f"step {name!r} must be a mapping with keys {', '.join(STEP_KEYS)}")
