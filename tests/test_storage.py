@@ -337,6 +337,21 @@ steps:
             "shared-filesystem path only (URLs are taken by --out)") in refused.output
 
 
+def test_the_bundled_manifests_plan_with_their_workdir_on_object_storage(s3, monkeypatch, tmp_path):
+    """CLI.md says full.yaml runs whole with `--workdir s3://…`: each of its steps' options that the workdir turns
+    into URLs takes one (its SACT profile step's --images, a label folder, did not)."""
+    from tests.conftest import chdir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # (the machine-local lock of a URL workdir)
+    root = Path(__file__).resolve().parents[1]
+    for name in ("demo", "full"):
+        with chdir(root):  # (their paths are relative to the repository's root)
+            r = CliRunner().invoke(cli, ["run", f"manifests/{name}.yaml", "--workdir", f"s3://labels/runs/{name}",
+                                         "--dry-run"])
+        assert r.exit_code == 0 and "Error" not in r.output, r.output
+        assert f"--images=s3://labels/runs/{name}/label_val" in r.output  # profile_sact's, on the store
+
+
 @pytest.fixture(scope="module")
 def s3_run(s3, labelled, tmp_path_factory) -> tuple[str, Path]:
     """A one-step run trained into ``s3://labels/runs/shared`` (from the local labels), and its local copy."""
