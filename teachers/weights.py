@@ -3,14 +3,19 @@
 ``resolve(spec)`` turns a ``--weights`` value into a local file:
 
 * a local path: used as is (it must exist);
-* an ``http(s)://`` URL: cached as ``<torch hub dir>/checkpoints/<basename of the URL>``;
+* an ``http(s)://`` URL: cached as ``<torch hub dir>/checkpoints/url/<16 hex of the URL's sha256>/<basename>``,
+  so that two URLs ending in the same file name (or differing only in their query) are two files, and none
+  takes a known name's place; torchvision's URLs (``download.pytorch.org``) excepted, which are cached as
+  ``<torch hub dir>/checkpoints/<basename>``, where torchvision itself keeps them (their names carry the start
+  of their sha256: one name, one file);
 * a known name (see :data:`KNOWN_WEIGHTS`): cached as ``<torch hub dir>/checkpoints/<filename>``
   and, when the table pins a sha256, verified against it.
 
 A cached file is used without touching the network. A missing one is downloaded with
 :func:`torch.hub.download_url_to_file` (temporary file then rename, so an interrupted download
-never leaves a half file in the cache). Offline, the error names the file, its URL and the exact
-path where to put it by hand.
+never leaves a half file in the cache; a server that stops sending for :data:`DOWNLOAD_TIMEOUT_S` is an
+error, not a hang). A URL's download that does not start like a weights file (an HTML login page…) is
+deleted, not cached. Offline, the error names the file, its URL and the exact path where to put it by hand.
 
 ``load_state_dict`` reads a torch checkpoint with clear errors; ``load_numpy`` does the same for
 ``.npy`` arrays (the DeepGaze centre bias); ``load_strict`` loads a state dict into a module key
@@ -22,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,6 +116,15 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+#: seconds a download may wait for the server (to connect, or for its next bytes) before it fails: urlopen has no
+#: timeout of its own, so a server that accepts and never answers would hang ``weights fetch`` for ever
+DOWNLOAD_TIMEOUT_S = 60.0
+
+#: hosts whose URLs are cached under their bare file name, where torchvision and torch.hub keep them (shared with
+#: them): their file names carry the start of the file's sha256, so one name is one file whatever the URL
+SHARED_NAME_HOSTS = ("download.pytorch.org",)
+
+
 def checkpoint_dir() -> Path:
     """Where downloaded weights are cached: ``<torch.hub.get_dir()>/checkpoints``."""
     return Path(torch.hub.get_dir()) / "checkpoints"
@@ -126,12 +141,21 @@ def _url_filename(url: str) -> str:
     return name
 
 
+def _url_cache_path(url: str) -> Path:
+    """``checkpoints/url/<16 hex of sha256(url)>/<basename>``: a folder per URL (its query included), so that
+    ``http://a/x.pth``, ``http://b/x.pth`` and a known name's ``x.pth`` are three files; the name stays readable."""
+    name = _url_filename(url)
+    if (urlparse(url).hostname or "").lower() in SHARED_NAME_HOSTS:
+        return checkpoint_dir() / name
+    return checkpoint_dir() / "url" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+
+
 def cache_path(spec: str) -> Path:
     """The cache path a known name or URL resolves to (whether or not it is there yet)."""
     if spec in KNOWN_WEIGHTS:
         return checkpoint_dir() / KNOWN_WEIGHTS[spec].filename
     if is_http_url(spec):
-        return checkpoint_dir() / _url_filename(spec)
+        return _url_cache_path(spec)
     raise WeightsError(f"{spec!r} is neither a known weights name nor an http(s) URL")
 
 
@@ -163,9 +187,50 @@ def _cut_short(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
-def _fetch(url: str, dst: Path, sha256: str | None, *, what: str, download: bool, progress: bool) -> Path:
+#: how the weights files this project reads begin: a zip archive (torch's checkpoints, npz), a legacy torch
+#: pickle (protocol 2+), a .npy array, an HDF5 file
+_WEIGHTS_MAGIC = (b"PK\x03\x04", b"\x80", b"\x93NUMPY", b"\x89HDF\r\n\x1a\n")
+
+
+def _not_weights(path: Path) -> str | None:
+    """What ``path`` starts like when that is not a weights file (a server's HTML login or error page saved
+    under the file's name, HTTP status 200), else None."""
+    head = _head(path, 64)
+    if head.startswith(_WEIGHTS_MAGIC):
+        return None
+    text = head.lstrip()
+    if not head:
+        return "it is empty"
+    if text.startswith(b"<"):
+        return "it starts like an HTML page: a login or error page?"
+    if text.startswith((b"{", b"[")):
+        return "it starts like JSON text"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return f"it starts with the text {head[:24].decode()!r}"
+    return f"it starts with the bytes {head[:8].hex(' ')}"
+
+
+def _download(url: str, dst: Path, progress: bool) -> None:
+    """torch.hub's download, with a socket timeout (process-wide while it runs: urlopen takes the default)."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        # looked up at call time so that tests can replace it
+        torch.hub.download_url_to_file(url, str(dst), progress=progress)
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def _fetch(url: str, dst: Path, sha256: str | None, *, what: str, download: bool, progress: bool,
+           sniff: bool = False) -> Path:
+    """``sniff``: delete a fresh download that does not start like a weights file (a URL's: no digest to check)."""
     if download and dst.is_file() and sha256 is None and _cut_short(dst):  # an earlier download cut short: again
-        dst.unlink()
+        try:
+            dst.unlink()
+        except OSError as e:
+            raise WeightsError(f"cached {what} at {dst} is cut short (a zip archive without its end) and cannot be "
+                               f"deleted ({e.strerror or _one_line(e)}): delete it, or point TORCH_HOME at a "
+                               f"writable folder, to download it again from {url}") from None
     if dst.is_file():
         if sha256 is not None:
             got = file_digest(dst)
@@ -180,12 +245,18 @@ def _fetch(url: str, dst: Path, sha256: str | None, *, what: str, download: bool
         raise WeightsError(f"{what} is not cached and downloading is off: {hint}")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        # looked up at call time so that tests can replace it
-        torch.hub.download_url_to_file(url, str(dst), progress=progress)
-    except Exception as e:  # offline, HTTP error, unwritable cache…
-        raise WeightsError(f"cannot download {what} ({_one_line(e)}) and it is not cached: {hint}") from e
+        _download(url, dst, progress)
+    except Exception as e:  # offline, HTTP error, no answer, unwritable cache… (torch.hub deletes its .partial)
+        stalled = isinstance(getattr(e, "reason", e), TimeoutError)
+        why = f"the server sent nothing for {DOWNLOAD_TIMEOUT_S:g} s" if stalled else _one_line(e)
+        raise WeightsError(f"cannot download {what} ({why}) and it is not cached: {hint}") from e
     if not dst.is_file():
         raise WeightsError(f"downloading {what} left no file at {dst}: {hint}")
+    looks = _not_weights(dst) if sniff and sha256 is None else None
+    if looks:
+        dst.unlink(missing_ok=True)
+        raise WeightsError(f"the download of {what} from {url} is not a weights file ({looks}); nothing was kept: "
+                           f"check the URL, or {hint}")
     if _cut_short(dst):
         size = dst.stat().st_size
         dst.unlink(missing_ok=True)
@@ -215,8 +286,8 @@ def resolve(spec: str | os.PathLike, *, download: bool = True, progress: bool = 
         return _fetch(known.url, checkpoint_dir() / known.filename, known.sha256,
                       what=what, download=download, progress=progress)
     if is_http_url(text):
-        dst = checkpoint_dir() / _url_filename(text)
-        return _fetch(text, dst, None, what=dst.name, download=download, progress=progress)
+        dst = _url_cache_path(text)
+        return _fetch(text, dst, None, what=dst.name, download=download, progress=progress, sniff=True)
     path = Path(text).expanduser()
     if path.is_file():
         return path
@@ -319,6 +390,18 @@ def _head(path: Path, n: int = 8) -> bytes:
         return f.read(n)
 
 
+def _download_hint(path: Path) -> str:
+    """For a file of the weights cache that does not load, how to get it again (else "")."""
+    try:
+        here, cache = path.resolve(), checkpoint_dir().resolve()
+    except OSError:
+        return ""
+    if not here.is_relative_to(cache):
+        return ""
+    url = next((k.url for k in KNOWN_WEIGHTS.values() if cache / k.filename == here), None)
+    return f"; delete {path} to download it again" + (f" from {url}" if url else "")
+
+
 def load_state_dict(path: str | Path) -> dict:
     """Read a torch checkpoint (``weights_only``) with one clear error if it cannot be read."""
     path = Path(path)
@@ -329,7 +412,7 @@ def load_state_dict(path: str | Path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file…
-        raise WeightsError(f"cannot read weights file {path} {_load_failure(e)}") from e
+        raise WeightsError(f"cannot read weights file {path} {_load_failure(e)}{_download_hint(path)}") from e
     if not isinstance(sd, Mapping):
         raise WeightsError(f"weights file {path} holds a {type(sd).__name__}, not a state dict")
     return sd
@@ -345,7 +428,8 @@ def load_numpy(path: str | Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:  # EOFError / ValueError for truncated files, pickled object arrays…
-        raise WeightsError(f"cannot read numpy file {path} (truncated or corrupt?): {_one_line(e)}") from e
+        raise WeightsError(f"cannot read numpy file {path} (truncated or corrupt?): {_one_line(e)}"
+                           f"{_download_hint(path)}") from e
     if not isinstance(arr, np.ndarray):
         raise WeightsError(f"{path} does not hold a single array")
     return arr

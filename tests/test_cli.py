@@ -160,7 +160,7 @@ def test_a_mistyped_device_is_a_usage_mistake(tmp_path, command):
 @pytest.mark.parametrize("args, option", [
     (["label", "coco", "--teacher", "classic", "--coco-root", "s3://b/coco", "--out", "o"], "'--coco-root'"),
     (["predict", "--teacher", "classic", "--images", "s3://b/imgs", "--out", "o"], "'--images'"),
-    (["profile", "--student", "fastsal_a", "--images", "gs://b/labels/classic/val2017"], "'--images'"),
+    (["profile", "--student", "fastsal_a", "--calibration", "gs://b/labels/classic/val2017"], "'--calibration'"),
 ])
 def test_a_url_where_a_local_path_is_read_is_one_sentence_saying_so(tmp_path, monkeypatch, args, option):
     """`s3://b/coco` became `s3:/b/coco does not exist`."""
@@ -169,6 +169,25 @@ def test_a_url_where_a_local_path_is_read_is_one_sentence_saying_so(tmp_path, mo
     url = next(a for a in args if "://" in a)
     assert r.exit_code == 2 and (f"Error: Invalid value for {option}: {url} is a URL; this option reads a local or "
                                  "shared-filesystem path only") in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, option", [
+    (["train", "--labels", "{samples}", "--init", "{url}", "--run", "{tmp}/run"], "'--init'"),
+    (["train", "--labels", "{url}", "--run", "{tmp}/run"], "'--labels'"),
+    (["eval", "--teacher", "classic", "--fixations", "{url}"], "'--fixations'"),
+    (["verify", "{url}"], "'LABELS_DIR'"),
+    (["eval", "--checkpoint", "{url}", "--labels", "{samples}"], "'--checkpoint'"),
+])
+def test_an_http_url_where_a_path_or_object_storage_url_is_read_is_one_sentence_saying_so(tmp_path, args, option):
+    """`--init http://host/x.pth` said the file did not exist while the server served it (fsspec's http
+    filesystem, asked with the scheme cut off); nothing is fetched to say so (port 9: nothing listens)."""
+    url = "http://127.0.0.1:9/runs/a/x.pth"
+    fill = {"url": url, "tmp": tmp_path, "samples": Path(__file__).resolve().parents[1] / "samples"}
+    r = CliRunner().invoke(cli, [a.format(**fill) for a in args])
+    assert r.exit_code == 2 and r.output.splitlines()[-1] == (
+        f"Error: Invalid value for {option}: {url} is an http(s) URL; this option takes a path or an object-storage "
+        "URL (s3://, gs://…): download the file first and give its path"), r.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from teachers import weights as W
 from teachers.weights import WeightsError, file_digest, load_numpy, load_state_dict, load_strict, resolve
 
 URL = "https://example.invalid/models/tiny-net.pth"
+_real_download = torch.hub.download_url_to_file  # (before any test replaces it)
 
 
 def _sha(data: bytes) -> str:
@@ -167,6 +169,16 @@ def test_known_name_offline(hub, monkeypatch):
 # --- URLs -------------------------------------------------------------------------------------
 
 
+def _url_dir(hub: Path, url: str) -> Path:
+    return hub / "url" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _checkpoint_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buffer)
+    return buffer.getvalue()
+
+
 def test_url_offline_clear_error(hub, monkeypatch):
     calls = []
 
@@ -180,33 +192,175 @@ def test_url_offline_clear_error(hub, monkeypatch):
     msg = str(e.value)
     assert calls == [URL]
     assert "\n" not in msg
-    assert "tiny-net.pth" in msg and URL in msg and str(hub / "tiny-net.pth") in msg
-    assert not (hub / "tiny-net.pth").exists()
+    assert "tiny-net.pth" in msg and URL in msg and str(_url_dir(hub, URL) / "tiny-net.pth") in msg
+    assert not (_url_dir(hub, URL) / "tiny-net.pth").exists()
 
 
 def test_url_no_download(hub, monkeypatch):
     with pytest.raises(WeightsError) as e:
         resolve(URL, download=False)  # the autouse fixture would fail any download attempt
-    assert str(hub / "tiny-net.pth") in str(e.value)
+    assert str(_url_dir(hub, URL) / "tiny-net.pth") in str(e.value)
 
 
 def test_url_cached_resolves_offline(hub):
-    hub.mkdir(parents=True)
-    (hub / "tiny-net.pth").write_bytes(b"cached")
-    assert resolve(URL) == hub / "tiny-net.pth"
-    assert W.cache_path(URL) == hub / "tiny-net.pth"
+    cached = _url_dir(hub, URL) / "tiny-net.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"cached")
+    assert resolve(URL) == cached
+    assert W.cache_path(URL) == cached and W.cached_state(URL).path == cached
 
 
 def test_url_download(hub, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(torch.hub, "download_url_to_file", _fake_download(b"net", calls))
-    assert resolve(URL + "?raw=1").read_bytes() == b"net"
-    assert (hub / "tiny-net.pth").is_file()
+    payload = _checkpoint_bytes()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _fake_download(payload, calls))
+    got = resolve(URL + "?raw=1")
+    assert got.read_bytes() == payload and got == _url_dir(hub, URL + "?raw=1") / "tiny-net.pth"
+    assert W.cache_path(URL + "?raw=1") == got and W.cached_state(URL + "?raw=1").state == "unverified"
 
 
 def test_url_without_file_name():
     with pytest.raises(WeightsError, match="file name"):
         resolve("https://example.invalid/")
+
+
+def test_urls_ending_in_one_file_name_are_cached_apart_and_apart_from_the_known_name(hub, monkeypatch):
+    """`http://a/x.pth` and `http://b/x.pth` were one cache file (the first downloaded served both), every
+    `…/uc?id=…` was `checkpoints/uc`, and a URL ending in `deepgaze2e.pth` took the known name's place (listed
+    as it, cached and unverified, and loaded by the teacher)."""
+    known = W.KNOWN_WEIGHTS["deepgaze2e"]
+    urls = ["http://a.invalid/x.pth", "http://b.invalid/x.pth", "https://d.invalid/uc?id=1",
+            "https://d.invalid/uc?id=2", f"https://mirror.invalid/{known.filename}"]
+    payloads = {url: _checkpoint_bytes() + url.encode() for url in urls}
+    calls: list = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        calls.append(url)
+        Path(dst).write_bytes(payloads[url])
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    paths = [resolve(url, progress=False) for url in urls]
+    assert calls == urls and len(set(paths)) == len(urls)
+    assert all(path.read_bytes() == payloads[url] for url, path in zip(urls, paths))
+    assert [p.name for p in paths] == ["x.pth", "x.pth", "uc", "uc", known.filename]  # the name stays readable
+    assert all(W.cache_path(url) == path for url, path in zip(urls, paths))
+    assert not (hub / known.filename).exists() and W.cached_state("deepgaze2e").state == "missing"
+    assert W.cache_path("deepgaze2e") == hub / known.filename  # known names keep their place
+
+
+def test_torchvision_urls_share_torchvisions_cache_file(hub):
+    """torchvision keeps `download.pytorch.org` files under their bare names (which carry their sha256's
+    start): a student's `imagenet` backbone is found where torchvision put it, not downloaded again."""
+    url = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
+    hub.mkdir(parents=True)
+    (hub / "mobilenet_v2-b0353104.pth").write_bytes(b"torchvision's")
+    assert resolve(url) == W.cache_path(url) == hub / "mobilenet_v2-b0353104.pth"
+
+
+@pytest.mark.parametrize("payload, looks", [
+    (b"\n  <!DOCTYPE html><html><body>Sign in to continue</body></html>", "it starts like an HTML page: a login or error page?"),
+    (b'{"error": "quota exceeded"}', "it starts like JSON text"),
+    (b"Access denied\n", "it starts with the text 'Access denied\\n'"),
+    (b"", "it is empty"),
+], ids=["html", "json", "text", "empty"])
+def test_a_url_download_that_is_not_a_weights_file_is_not_kept(hub, monkeypatch, payload, looks):
+    """A login page saved as x.pth (HTTP 200) stayed cached for good: loading it failed with "not a torch
+    checkpoint" and fetching again said it was there."""
+    calls: list = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _fake_download(payload, calls))
+    dst = _url_dir(hub, URL) / "tiny-net.pth"
+    with pytest.raises(WeightsError) as e:
+        resolve(URL, progress=False)
+    assert str(e.value) == (f"the download of tiny-net.pth from {URL} is not a weights file ({looks}); "
+                            f"nothing was kept: check the URL, or download {URL} by hand and put it at {dst}")
+    assert not dst.exists() and list(dst.parent.iterdir()) == []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _fake_download(_checkpoint_bytes(), calls))
+    assert resolve(URL, progress=False) == dst and len(calls) == 2  # not cached: fetched again
+
+
+@pytest.mark.parametrize("write", [
+    lambda f: torch.save({"w": torch.zeros(2)}, f),
+    lambda f: torch.save({"w": torch.zeros(2)}, f, _use_new_zipfile_serialization=False),
+    lambda f: np.save(f, np.zeros(2)),
+    lambda f: np.savez(f, a=np.zeros(2)),
+    lambda f: f.write(b"\x89HDF\r\n\x1a\n" + bytes(8)),
+], ids=["torch", "torch-legacy", "npy", "npz", "hdf5"])
+def test_every_kind_of_weights_file_this_project_reads_is_kept(hub, monkeypatch, write):
+    buffer = io.BytesIO()
+    write(buffer)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _fake_download(buffer.getvalue(), []))
+    assert resolve(URL, progress=False).read_bytes() == buffer.getvalue()
+
+
+def test_a_stalled_download_times_out_into_the_usual_error(hub, monkeypatch):
+    """A server that accepts and never answers hung `weights fetch` (urlopen has no timeout of its own)."""
+    import socket
+    import threading
+    import time
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _real_download)
+    monkeypatch.setattr(W, "DOWNLOAD_TIMEOUT_S", 0.5)
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "*")  # straight to the loopback server whatever proxy is set
+    with socket.socket() as server:  # listens, never accepts: the connection is made, nothing ever comes back
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/stalled.pth"
+        guard = threading.Timer(10, server.close)  # without the timeout: refused after 10 s, not a hung test
+        guard.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(WeightsError) as e:
+                resolve(url, progress=False)
+        finally:
+            guard.cancel()
+    dst = _url_dir(hub, url) / "stalled.pth"
+    assert time.monotonic() - start < 5
+    assert str(e.value) == (f"cannot download stalled.pth (the server sent nothing for 0.5 s) and it is not "
+                            f"cached: download {url} by hand and put it at {dst}")
+    assert list(dst.parent.iterdir()) == []  # torch.hub deleted its .partial file
+    assert socket.getdefaulttimeout() is None  # the process's default is restored
+
+
+def test_a_cut_short_cached_file_that_cannot_be_deleted_is_one_error(hub, monkeypatch):
+    """On a read-only cache the deletion of an earlier download cut short was a PermissionError traceback."""
+    whole = _checkpoint_bytes()
+    dst = _url_dir(hub, URL) / "tiny-net.pth"
+    dst.parent.mkdir(parents=True)
+    dst.write_bytes(whole[: len(whole) // 2])
+    real_unlink = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if self == dst:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(WeightsError) as e:
+        resolve(URL, progress=False)
+    assert str(e.value) == (f"cached tiny-net.pth at {dst} is cut short (a zip archive without its end) and cannot "
+                            "be deleted (Permission denied): delete it, or point TORCH_HOME at a writable folder, "
+                            f"to download it again from {URL}")
+
+
+def test_a_cached_download_that_does_not_load_says_how_to_download_it_again(hub, monkeypatch):
+    hub.mkdir(parents=True)
+    known = W.KNOWN_WEIGHTS["deepgaze2e"]
+    (hub / known.filename).write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(WeightsError) as e:
+        load_state_dict(hub / known.filename)
+    assert str(e.value).endswith(f"; delete {hub / known.filename} to download it again from {known.url}")
+    np.save(hub / "centerbias_mit1003.npy", np.zeros(3))
+    (hub / "centerbias_mit1003.npy").write_bytes((hub / "centerbias_mit1003.npy").read_bytes()[:40])
+    with pytest.raises(WeightsError) as e:
+        load_numpy(hub / "centerbias_mit1003.npy")
+    assert str(e.value).endswith(f"to download it again from {W.KNOWN_WEIGHTS['centerbias_mit1003'].url}")
+    cached = _url_dir(hub, URL) / "tiny-net.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(WeightsError) as e:
+        load_state_dict(cached)
+    assert str(e.value).endswith(f"; delete {cached} to download it again")
 
 
 # --- reading files ----------------------------------------------------------------------------

@@ -32,7 +32,9 @@ def image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
 def must_exist(*names: str, hint: str = "", urls: bool = False) -> None:
     """The local paths given to the running command's parameters ``names`` must exist: a wrong one is a
     usage mistake (exit 2, like any bad option value), not a failure of the work. URLs (``s3://…``) are
-    checked when they are read, or here with ``urls`` (a checkpoint: an object, or a run folder's prefix).
+    checked when they are read, or here with ``urls`` (a checkpoint: an object, or a run folder's prefix); an
+    http(s) URL is refused there: fsspec's http filesystem cannot list a run folder, and it called a file the
+    server serves missing (``--weights`` takes http(s) URLs through :mod:`teachers.weights`, not here).
     Called from a command's body, not as a callback: a manifest validates its steps' command lines before
     their upstream steps have made the folders they name."""
     ctx = click.get_current_context()
@@ -40,8 +42,19 @@ def must_exist(*names: str, hint: str = "", urls: bool = False) -> None:
     for name in names:
         value = ctx.params.get(name)
         for v in value if isinstance(value, (tuple, list)) else (value,):
+            if urls and v is not None and is_http(v):
+                raise click.BadParameter(HTTP_REFUSED.format(v), ctx=ctx, param=params[name])
             if v is not None and missing(v, urls=urls):
                 raise click.BadParameter(f"{v} does not exist{hint}", ctx=ctx, param=params[name])
+
+
+#: an http(s) URL where a path or an object-storage URL is read (``--weights`` takes them, through teachers.weights)
+HTTP_REFUSED = ("{} is an http(s) URL; this option takes a path or an object-storage URL (s3://, gs://…): download "
+                "the file first and give its path")
+
+
+def is_http(value) -> bool:
+    return str(value).lower().startswith(("http://", "https://"))
 
 
 def missing(path, urls: bool = True) -> bool:
@@ -301,6 +314,8 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
+    if checkpoint is not None and is_http(checkpoint):
+        raise click.BadParameter(HTTP_REFUSED.format(checkpoint), param_hint="'--checkpoint'")
     if checkpoint is not None and missing(checkpoint):
         raise click.BadParameter(f"{checkpoint} does not exist", param_hint="'--checkpoint'")
     given = [n for n, v in (("--checkpoint", checkpoint), ("--teacher", teacher), ("--student", student)) if v]
