@@ -398,7 +398,7 @@ def read_salicon(root: str | Path, split: str, annotations: str | Path | None = 
 
     per_image, skipped = [], 0
     for row, (h, w) in enumerate(sizes):
-        ys_l, xs_l, s_l = [], [], []
+        observers = []
         for worker, k, fix in sorted(anns[row], key=lambda t: (t[0], t[1])):
             try:
                 pts = np.asarray(fix, dtype=np.float64)
@@ -408,14 +408,23 @@ def read_salicon(root: str | Path, split: str, annotations: str | Path | None = 
                 continue
             if pts.ndim != 2 or pts.shape[1] != 2:
                 raise FixationError(f"{ann_path}: annotations[{k}].fixations is malformed; expected a list of [row, col] pairs")
-            y, x, out = _salicon_points(pts, h, w, "yx")
-            skipped += out
-            ys_l.append(y)
-            xs_l.append(x)
-            s_l.append(np.full(len(y), worker, dtype=np.int32))
-        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int32)  # noqa: E731
-        per_image.append((cat(ys_l), cat(xs_l), cat(s_l)))
+            observers.append((worker, pts))
+        *image, out = _salicon_image(observers, h, w, "yx")
+        per_image.append(tuple(image))
+        skipped += out
     return _assemble("salicon", root, paths, names, sizes, per_image, split=split, n_skipped=skipped)
+
+
+def _salicon_image(observers: list, h: int, w: int, columns: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One image's ``(subject, points)`` pairs, in order → its (ys, xs, subject) arrays and how many points fell
+    outside it (see :func:`_salicon_points`)."""
+    parts, skipped = [], 0
+    for subject, pts in observers:
+        y, x, out = _salicon_points(pts, h, w, columns)
+        parts.append((y, x, np.full(len(y), subject, dtype=np.int32)))
+        skipped += out
+    cat = lambda i: np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int32)  # noqa: E731
+    return cat(0), cat(1), cat(2), skipped
 
 
 def _salicon_points(pts, h: int, w: int, columns: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -454,17 +463,12 @@ def _read_salicon_mat(root: Path, split: str, mat_dir: Path) -> FixationSet:
     rows.sort(key=lambda r: r[0])
     per_image, skipped = [], 0
     for _, _, (h, w), observers, path in rows:
-        ys_l, xs_l, s_l = [], [], []
         for k, pts in enumerate(observers):
             if pts.size and (pts.ndim != 2 or pts.shape[1] != 2):
                 raise FixationError(f"{path}: gaze({k + 1}).fixations has shape {pts.shape}; expected [x, y] rows")
-            y, x, out = _salicon_points(pts, h, w, "xy")
-            skipped += out
-            ys_l.append(y)
-            xs_l.append(x)
-            s_l.append(np.full(len(y), k, dtype=np.int32))
-        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int32)  # noqa: E731
-        per_image.append((cat(ys_l), cat(xs_l), cat(s_l)))
+        *image, out = _salicon_image(list(enumerate(observers)), h, w, "xy")
+        per_image.append(tuple(image))
+        skipped += out
     return _assemble("salicon", root, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], per_image,
                      split=split, n_skipped=skipped)
 

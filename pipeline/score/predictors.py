@@ -156,7 +156,7 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
                               backbone_weights=backbone, **(options or {}))
     except KeyError as e:
         raise PredictorError(e.args[0]) from None
-    except Exception as e:  # noqa: BLE001 - a checkpoint of ours, trained with other options: say which
+    except Exception:  # noqa: BLE001 - a checkpoint of ours, trained with other options: say which
         shaped = _shaping_options_differ(name, weights, options or {})
         if shaped:
             raise PredictorError(f"{weights} is a `pipeline train` checkpoint of {name} with {shaped}: give the same "
