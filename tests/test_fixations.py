@@ -119,7 +119,7 @@ def test_salicon_mat_release_reads_each_observers_fixations_x_y_one_based(tmp_pa
                 [xy([[5, 6]]), xy([[1, 1], [40, 56], [20, 30], [0, 5], [41, 1], [3, 57], [10.6, 3.2]])])
     salicon_mat(folder / "COCO_val2014_000000000042.mat", "COCO_val2014_000000000042", (48, 64),
                 [xy([[48, 64], [2, 3]]), []])
-    salicon_mat(folder / "COCO_val2014_000000000073.mat", "COCO_val2014_000000000073", (32, 32), [])
+    salicon_mat(folder / "COCO_val2014_000000000073.mat", "COCO_val2014_000000000073.jpg", (32, 32), [])  # (either)
     fs = read_salicon(root, "val")
     assert fs.names == ["COCO_val2014_000000000009", "COCO_val2014_000000000042", "COCO_val2014_000000000073"]
     assert fs.paths[0] == "images/val/COCO_val2014_000000000009.jpg"

@@ -453,11 +453,12 @@ def _read_salicon_mat(root: Path, split: str, mat_dir: Path) -> FixationSet:
             found = sorted(k for k in mat if not k.startswith("__"))
             raise FixationError(f"{path}: not a SALICON fixation file (variables {found}); expected image, "
                                 "resolution and gaze with a fixations field") from None
+        image = image[:-len(".jpg")] if image.lower().endswith(".jpg") else image  # (the name, with or without it)
         p = img_dir / f"{image}.jpg"
         if not p.is_file():
             raise FixationError(f"SALICON image missing: {path.name} is of {image}, expected at {p}")
-        if _image_size(p) != (h, w):
-            size = _image_size(p)
+        size = _image_size(p)
+        if size != (h, w):
             raise FixationError(f"{p}: image is {size[0]}x{size[1]} (HxW) but {path.name} says {h}x{w}")
         rows.append((p.relative_to(root).as_posix(), image, (h, w), observers, path))
     rows.sort(key=lambda r: r[0])
