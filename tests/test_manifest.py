@@ -839,7 +839,7 @@ EVAL_STEPS = ["eval_a", "eval_c", "eval_sact", "eval_teacher"]
 
 def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished, demo):
     out = (finished / "output.txt").read_text()
-    scores = out.split("\nscores (")[1].split("\nreport: ")[0].splitlines()[1:]
+    scores = out.split("\nscores (")[1].split("\n\nspeed (")[0].splitlines()[1:]
     assert scores[0].split() == ["step", "model", "images", "cc", "kl_div", "sim", "nss"]
     rows = {line.split()[0]: line.split() for line in scores[1:]}
     assert sorted(rows) == EVAL_STEPS
@@ -849,7 +849,20 @@ def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished,
     assert rows["eval_a"][1:4] == ["fastsal_a", "(train_a)", "12"] and rows["eval_teacher"][1:3] == ["teacher", "classic"]
     assert "report: runs/demo/report.html\n" in out
 
+    # then how fast each profiled student is: a row per execution path, as each profile.json says
+    speed = out.split("\n\nspeed (every profile step, on its device):\n")[1].split("\nreport: ")[0].splitlines()
+    assert speed[0].split("  ")[0] == "step" and "GFLOPs / image" in speed[0] and speed[0].endswith("images/s")
+    expected = []
+    for name in ("profile_a", "profile_c", "profile_sact"):
+        doc = json.loads(Path(f"runs/demo/{name}/profile.json").read_text())
+        expected += [[name, mode["mode"], f"{mode['gflops']:.3f}", f"{mode['images_per_s']:.1f}"]
+                     for mode in doc["modes"]]
+    got = [[line.split()[0], line.split()[3], *line.split()[-3:-2], line.split()[-1]] for line in speed[1:]]
+    assert got == expected and [r[1] for r in got] == ["dense", "dense", "dense", "sparse"]
+
     page = Page(Path("runs/demo/report.html").read_text())
+    speed_head, *speed_body = page.tables[1]
+    assert speed_head[-1] == "images/s" and [[r[0], r[2], r[7], r[9]] for r in speed_body] == expected
     head, *body = page.tables[0]
     assert head[:7] == ["step", "model", "images", "cc", "kl_div", "sim", "nss"]
     assert sorted(r[0] for r in body) == EVAL_STEPS

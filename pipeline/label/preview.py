@@ -32,7 +32,8 @@ def write_preview(tar: str | Path, label_key: str, out: str | Path, n: int = 8) 
             label = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
         overlay = cv2.addWeighted(bgr, 0.45, _heat(label), 0.55, 0)
         row = np.hstack([bgr, overlay])
-        cv2.putText(row, sample["__key__"], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+        for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):  # white on a black outline: read on any photo
+            cv2.putText(row, sample["__key__"], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, thickness, cv2.LINE_AA)
         rows.append(row)
     if not rows:
         raise ValueError(f"{tar} holds no samples")

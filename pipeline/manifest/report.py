@@ -5,11 +5,11 @@ exists (students and teachers alike), every metric its JSON holds. :func:`write_
 page readable offline, fed by the manifest (which steps are eval, train, predict; their outputs) and the
 state file (what ran, when, how long):
 
-* the steps (status, seconds) and the scores table;
+* the scores table, the speed of every profiled model, and the steps (status, seconds);
 * each train step's ``curves.png`` and its last epoch;
-* image | teacher | student sheets (:mod:`pipeline.score.sheets`) for the first :data:`SHEETS` held-out
-  images of each eval step that scores a checkpoint on teacher labels, and a few of the sheets a
-  ``predict --compare-teacher`` step wrote.
+* image | teacher | student sheets (:mod:`pipeline.score.sheets`) for :data:`SHEETS` held-out images of each eval
+  step that scores a checkpoint on teacher labels, from its worst by CC with the teacher to its best, and a few
+  of the sheets a ``predict --compare-teacher`` step wrote.
 
 Every image the page shows is a PNG under ``<workdir>/report/``, referenced by a relative path, so the
 page and that folder can be copied anywhere together. The page records a digest of the state's step
@@ -98,6 +98,44 @@ def scores_table(manifest: Manifest, state: Mapping | None = None) -> str | None
     return table(["step", "model", "images", *metrics], rows)
 
 
+SPEED_HEAD = ["step", "model", "path", "input", "device", "batch", "params (M)", "GFLOPs / image", "ms / batch",
+              "images/s"]
+
+
+def speed_rows(manifest: Manifest, state: Mapping | None = None) -> list[list[str]]:
+    """One row per execution path (SACT: dense and sparse) of every profile step whose JSON exists: what a fast
+    student is for, beside the scores. A step whose JSON is not of the step as declared now is ``NAME (stale)``."""
+    records = (state or {}).get("steps", {})
+    rows = []
+    for name in _steps(manifest, "profile"):
+        try:
+            doc = json.loads(as_path(manifest.steps[name].output).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        rec = records.get(name) or {}
+        current = state is None or (rec.get("status") == "done" and matches(rec, manifest, name, state))
+        size = doc.get("input_size") or ["?", "?"]
+        model = _model_label(manifest, manifest.steps[name].settings, doc)
+        for mode in doc.get("modes") or [doc]:
+            def number(key, fmt, scale=1.0, source=mode):
+                value = source.get(key)
+                return format(value * scale, fmt) if isinstance(value, (int, float)) else "-"
+
+            rows.append([name if current else f"{name} (stale)", model, str(mode.get("mode", "-")),
+                         f"{size[0]}x{size[1]}", f"{doc.get('device', '?')} {doc.get('precision', '')}".strip(),
+                         str(doc.get("batch_size", "-")), number("params", ".2f", 1e-6, doc),
+                         number("gflops", ".3f"), number("latency_ms", ".1f"), number("images_per_s", ".1f")])
+    return rows
+
+
+def speed_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
+    """The speed of every profiled model (None when no profile step has written its JSON)."""
+    rows = speed_rows(manifest, state)
+    return table(SPEED_HEAD, rows) if rows else None
+
+
 # -- the page -------------------------------------------------------------------------------------
 
 def state_digest(state: Mapping) -> str:
@@ -131,9 +169,28 @@ def _last_epoch(run: Path) -> dict[str, str]:
     return rows[-1] if rows else {}
 
 
+def _chosen_keys(doc: Mapping, n: int) -> dict[str, str]:
+    """Up to ``n`` held-out images of an eval step's metrics, spread over its per-image CC from the worst to the
+    best: {key: where it ranks, e.g. "worst of 12", "5th of 12", "best of 12"}; {} when it lists none."""
+    rows = sorted((r["cc"], r["key"]) for r in doc.get("per_image") or ()
+                  if isinstance(r, dict) and isinstance(r.get("cc"), (int, float)) and r.get("key"))
+    if not rows:
+        return {}
+    at = sorted({round(i * (len(rows) - 1) / max(n - 1, 1)) for i in range(n)})
+
+    def rank(i: int) -> str:
+        if i in (0, len(rows) - 1):
+            return f"{'worst' if i == 0 else 'best'} of {len(rows)}"
+        k = i + 1
+        return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')} of {len(rows)}"
+
+    return {rows[i][1]: rank(i) for i in at}
+
+
 def _student_sheets(manifest: Manifest, name: str, folder: Path) -> list[tuple[str, str]]:
-    """Sheets for the first held-out images of eval step ``name`` (a checkpoint scored on labels):
-    [(file relative to the workdir, caption)]."""
+    """Sheets for held-out images of eval step ``name`` (a checkpoint scored on labels), from its worst image by
+    CC with the teacher to its best (the first ones where its metrics list none): [(file relative to the
+    workdir, caption)]."""
     import numpy as np
 
     from pipeline.score import sheets
@@ -147,21 +204,31 @@ def _student_sheets(manifest: Manifest, name: str, folder: Path) -> list[tuple[s
     _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
     predictor = student_predictor(str(settings["checkpoint"]), device="cpu")
     student = predictor.name.split("@")[0]
-    out = []
+    try:
+        wanted = _chosen_keys(json.loads(as_path(manifest.steps[name].output).read_text()), SHEETS)
+    except (OSError, ValueError):
+        wanted = {}
+    made = {}
     folder.mkdir(parents=True, exist_ok=True)
     for imgs, targets, keys in shard_loader(labels, list(held_out), batch_size=SHEETS, workers=0):
-        rgbs = [x.permute(1, 2, 0).numpy() for x in imgs]
-        for rgb, target, key, logd in zip(rgbs, targets, keys, predictor.log_densities(rgbs)):
-            teacher = to_log_density(target[None], labels.label_kind)[0, 0].numpy().astype(np.float32)
+        picked = [i for i, k in enumerate(keys) if k in wanted] if wanted else range(len(keys))
+        rgbs = [imgs[i].permute(1, 2, 0).numpy() for i in picked]
+        for rgb, i, logd in zip(rgbs, picked, predictor.log_densities(rgbs) if rgbs else []):
+            key = keys[i]
+            teacher = to_log_density(targets[i][None], labels.label_kind)[0, 0].numpy().astype(np.float32)
             png = sheets.sheet_png(rgb, teacher, logd, teacher_name=f"teacher {labels.teacher}",
                                    student_name=student, title=key)
             path = folder / f"{key}.png"
             with atomic_open(path, "wb") as f:
                 f.write(png)
             cc = sheets.agreement(teacher, logd)
-            out.append((str(path.relative_to(manifest.workdir)), f"{key}: CC {cc:.3f}"))
-        break  # the first batch is enough
-    return out
+            where = f" ({wanted[key]} by CC)" if wanted.get(key) else ""
+            made[key] = (str(path.relative_to(manifest.workdir)),
+                         f"{key}: CC {cc:.3f}{where}, at the labels' {rgb.shape[0]}x{rgb.shape[1]}")
+        if len(made) >= (len(wanted) or SHEETS):
+            break
+    order = list(wanted) if wanted else list(made)  # worst to best
+    return [made[k] for k in order if k in made]
 
 
 def _img(src: str, alt: str) -> str:
@@ -200,9 +267,17 @@ def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> st
         parts.append(_html_table(["step", "model", "images", *metrics, "data"],
                                  [r + [d] for r, d in zip(rows, data)], "scores"))
         parts.append('<p class="note">On teacher labels, CC, KLDiv, SIM and NSS compare each model with the '
-                     "teacher's maps of held-out images (the teacher scored against its own labels gets about 1).</p>")
+                     "teacher's maps of held-out images: the teacher's own row is the ceiling (its maps as the labels "
+                     "stored them), lower is better for KLDiv, higher for the others.</p>")
     else:
         parts.append("<p>No eval step has written its metrics yet.</p>")
+
+    speed = speed_rows(manifest, state)
+    if speed:
+        parts.append("<h2>Speed</h2>" + _html_table(SPEED_HEAD, speed, "scores")
+                     + '<p class="note">From each profile step on its own device: GFLOPs counted by torch\'s FLOP '
+                       "counter (executed ones, for a model that skips work), milliseconds per batch and images/s "
+                       "timed after warm-up passes.</p>")
 
     steps = [[n, s.command, (records.get(n) or {}).get("status", "never run"),
               f"{records[n]['seconds']:.1f}" if isinstance((records.get(n) or {}).get("seconds"), (int, float))
@@ -291,4 +366,5 @@ def referenced_images(page: str) -> list[str]:
     return [unquote(html.unescape(s)) for s in re.findall(r'<img src="([^"]+)"', page)]
 
 
-__all__ = ["REPORT", "eval_scores", "referenced_images", "scores_table", "state_digest", "write_report"]
+__all__ = ["REPORT", "eval_scores", "referenced_images", "scores_table", "speed_table", "state_digest",
+           "write_report"]

@@ -690,17 +690,21 @@ def missing_paths(manifest: Manifest, planned: Iterable[Planned]) -> list[str]:
 def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) -> None:
     """The run's last words: every eval step's scores, and ``<workdir>/report.html`` (see manifest.report);
     a report that cannot be written is a warning, never a failed run."""
-    from pipeline.manifest.report import scores_table, write_report
+    from pipeline.manifest.report import scores_table, speed_table, write_report
 
     try:
-        scores = scores_table(manifest, state)
+        scores, speed = scores_table(manifest, state), speed_table(manifest, state)
     except Exception as e:  # noqa: BLE001 - a summary must not fail a finished run
-        echo(f"warning: cannot read the eval steps' metrics: {e}", err=True)
-        scores = None
+        echo(f"warning: cannot read the eval or profile steps' outputs: {e}", err=True)
+        scores = speed = None
     if scores:
         echo("")
         echo("scores (every eval step; on teacher labels they compare each model with the teacher's held-out maps):")
         echo(scores)
+    if speed:
+        echo("")
+        echo("speed (every profile step, on its device):")
+        echo(speed)
     if is_url(manifest.workdir):
         echo(f"report: not written for a workdir on object storage ({manifest.workdir}); the scores above sum it up")
         return

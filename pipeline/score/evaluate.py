@@ -183,8 +183,9 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
     shards = labels.shards()
     verify_shards({tar: shards[tar] for tar in held_out})  # as `train` does: a tar changed after labelling
     # is no reference to score against
-    result = EvalResult(predictor.name, f"{labels.teacher} labels in {folder} (last {len(held_out)} shards)",
-                        SHARD_METRICS)
+    which = (f"all {len(held_out)} shard{'' if len(held_out) == 1 else 's'}" if len(held_out) == len(labels.tars)
+             else f"last {len(held_out)} of {len(labels.tars)} shards")
+    result = EvalResult(predictor.name, f"{labels.teacher} labels in {folder} ({which})", SHARD_METRICS)
     bad = BadSamples()
     loader = shard_loader(labels, list(held_out), batch_size=batch_size, workers=0, bad=bad)
     with show_progress(None, f"eval {predictor.name}", enabled=progress) as bar:

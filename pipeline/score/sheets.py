@@ -55,7 +55,7 @@ def sheet(rgb: np.ndarray, teacher: np.ndarray, student: np.ndarray, *, teacher_
     cc = agreement(teacher, student)
     gap = np.full((height + CAPTION, 4, 3), 255, np.uint8)
     panels = [_panel(rgb, title or "image", height), gap, _panel(heatmap(teacher), teacher_name, height), gap,
-              _panel(heatmap(student), f"{student_name}  CC {cc:.2f}", height)]
+              _panel(heatmap(student), f"CC {cc:.2f}  {student_name}", height)]  # (a narrow panel cuts the name)
     return np.concatenate(panels, axis=1)
 
 

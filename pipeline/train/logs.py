@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -55,8 +56,9 @@ def read_metrics(run: Path, from_epoch: int = 0) -> list[EpochResult]:
 
 
 def plot_curves(run: Path) -> Path:
-    """``curves.png``: training loss per step, and per epoch the validation loss and the validation metrics the
-    stage has (the hint stage: its loss alone)."""
+    """``curves.png``: training loss per step, and per epoch the losses (the epoch's mean training loss beside
+    the validation loss) and the validation metrics the stage has (the hint stage: its loss alone); titled
+    with the run and its student, each learning-rate drop a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,19 +72,37 @@ def plot_curves(run: Path) -> Path:
 
     # the validation loss, then the metrics the stage has (the hint stage, which trains no head, has none)
     rows = [{k: float(r.get(k) or "nan") for k in ("val_loss", "val_cc", "val_kl", "val_nss")} for r in metrics]
-    panels = [(k, t) for k, t in (("val_loss", "validation loss"), ("val_cc", "validation CC vs teacher"),
-                                  ("val_kl", "validation KL vs teacher"), ("val_nss", "validation NSS vs teacher"))
+    panels = [(k, t, y) for k, t, y in (("val_loss", "loss per epoch", "loss"),
+                                        ("val_cc", "validation CC vs teacher", "CC (higher: closer)"),
+                                        ("val_kl", "validation KL vs teacher", "KL divergence (lower: closer)"),
+                                        ("val_nss", "validation NSS vs teacher", "NSS (higher: closer)"))
               if not _lacked(k, rows)]
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.5), squeeze=False)
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.8), squeeze=False)
     axes = axes[0]
     axes[0].plot([int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses], lw=0.8)
-    axes[0].set(title="training loss", xlabel="step")
+    axes[0].set(title="training loss per step", xlabel="step", ylabel="loss")
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [int(r["epoch"]) + 1 for r in metrics]
-    for ax, (key, title) in zip(axes[1:], panels):
-        ax.plot(epochs, [r[key] for r in rows], marker="o")
-        ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    drops = [m + 0.5 for m in config.get("milestones") or () if epochs and m < epochs[-1]]  # lr falls after epoch m
+    for ax, (key, title, ylabel) in zip(axes[1:], panels):
+        ax.plot(epochs, [r[key] for r in rows], marker="o", label="validation")
+        if key == "val_loss":
+            ax.plot(epochs, [float(r["train_loss"]) for r in metrics], marker=".", ls="--", label="training (mean)")
+            ax.legend(fontsize="small")
+        for x in drops:
+            ax.axvline(x, color="grey", ls=":", lw=1)
+        ax.set(title=title, xlabel="epoch" + (" (dotted: learning rate drop)" if drops else ""), ylabel=ylabel)
+        if len(epochs) <= 12:  # every epoch a tick (one epoch alone got ticks 0.945 … 1.050)
+            ax.set_xticks(epochs)
+            ax.set_xlim(0.5, epochs[-1] + 0.5 if epochs else 1.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    student = config.get("student", "?")
+    fig.suptitle(f"{Path(str(config.get('run') or run)).name}: {student} ({config.get('stage', '?')} stage)", fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
@@ -116,4 +136,4 @@ def epoch_note(result: EpochResult, epochs: int) -> str:
     val = " ".join(f"{k} {v:.4f}" for k, v in result.val.items() if v == v)  # NaN: not measured
     rate = result.images / max(result.seconds, 1e-9)
     return (f"epoch {result.epoch + 1}/{epochs} loss {result.train_loss:.4f}" + (f" {val}" if val else "")
-            + f" ({result.seconds:.1f} s, {rate:.1f} img/s)")
+            + f" (epoch {result.seconds:.1f} s, {rate:.1f} img/s)")  # (the bar's own rate counts the whole run)
