@@ -433,6 +433,30 @@ def test_hdf5_that_is_not_ours(tmp_path, mit_root):
         read_hdf5(tmp_path / "absent.h5")
 
 
+def test_an_hdf5_stating_more_fixations_than_it_stores_is_refused_before_reading_them(tmp_path, mit_root):
+    """A 12 KB file whose fixation arrays are chunked and never written read back 10^8 fixations at (0, 0): 8 GB
+    in `eval`. Its shapes and stored bytes are checked against what it states first."""
+    bomb = write_hdf5(read_mit1003(mit_root), tmp_path / "bomb.h5")
+    n = 10**7
+    with h5py.File(bomb, "a") as f:
+        f.attrs["n_fixations"] = n
+        offsets = f["images/offset"][()]
+        offsets[-1] = n
+        f["images/offset"][...] = offsets
+        for k in ("y", "x", "image_index", "subject"):
+            del f[f"fixations/{k}"]
+            f.create_dataset(f"fixations/{k}", shape=(n,), dtype=np.int32, chunks=(1 << 20,), compression="gzip")
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(FixationError, match=r"bomb.h5: fixation set is inconsistent \(fixations/y states "
+                                            r"40,000,000 bytes but stores 0\)"):
+        read_hdf5(bomb)
+    short = write_hdf5(read_mit1003(mit_root), tmp_path / "short.h5")
+    with h5py.File(short, "a") as f:
+        f.attrs["n_fixations"] = int(f.attrs["n_fixations"]) + 1
+    with pytest.raises(FixationError, match=r"short.h5: fixation set is inconsistent \(fixations/y has shape"):
+        read_hdf5(short)
+
+
 def test_out_of_order_fixations_are_grouped_and_bounds_enforced(tmp_path):
     fs = FixationSet("x", tmp_path, ["a.jpg", "b.jpg"], [[4, 5], [6, 7]],
                      ys=[1, 2, 3], xs=[1, 2, 3], image_index=[1, 0, 1], subject=[7, 8, 9])

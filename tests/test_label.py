@@ -631,6 +631,26 @@ def hang_guard():
     signal.signal(signal.SIGALRM, previous)
 
 
+def test_an_image_stating_more_pixels_than_are_decoded_is_a_per_image_failure_read_from_its_header():
+    """A 1 MB PNG stating 32768×32767 pixels (under OpenCV's own 2^30) ran `predict` out of 21 GB; its header says
+    what it would cost, before it is decoded. A 108-megapixel photo's worth stays under the limit."""
+    import struct
+    import zlib
+
+    def png(w: int, h: int) -> bytes:  # a header, and one row of data (enough to be refused: nothing is decoded)
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(bytes(w + 1))) + chunk(b"IEND", b""))
+
+    with pytest.raises(images.ImageError, match="^image too large \\(32768×32767, 1074 megapixels; at most 134 are "
+                                                "decoded\\)$"):
+        images.decode_image(png(32768, 32767))
+    assert images.stated_size(png(12000, 9000)) == (9000, 12000) and 12000 * 9000 <= images.DECODE_PIXELS
+    big = cv2.imencode(".jpg", np.zeros((64, 48, 3), np.uint8))[1].tobytes()
+    assert images.stated_size(big) == (64, 48) and images.decode_image(big).shape == (64, 48, 3)
+
+
 def test_fifos_devices_and_oversized_files_are_per_image_failures(tmp_path, hang_guard):
     root = tmp_path / "coco"
     (root / "val2017").mkdir(parents=True)
@@ -1319,7 +1339,7 @@ def test_a_large_jpeg_is_decoded_reduced_to_no_less_than_its_target_and_keeps_it
 
 
 def test_a_jpeg_whose_header_states_too_many_pixels_is_one_failed_image_on_every_decode_path(tmp_path):
-    """A JPEG whose frame header claims 65000×65000 pixels (more than OpenCV decodes) is a per-image failure
+    """A JPEG whose frame header claims 65000×65000 pixels (more than is decoded) is a per-image failure
     with its reason on every decode path, not a failed shard, nor (reduced at 1/8) a grey picture labelled as
     65000×65000, nor 12 GB that torchvision's decoder (or nvJPEG on a GPU) allocates for it; the other photos
     of its shard are labelled."""
@@ -1337,7 +1357,8 @@ def test_a_jpeg_whose_header_states_too_many_pixels_is_one_failed_image_on_every
                         io_threads=1, device="cpu", decode=decode), shard_size=4, executor="local", progress=False)
         marker = json.loads((tmp_path / decode / "shard-000000.json").read_text())
         assert summary.labelled == 2 and [f["file"].rsplit("/", 1)[1] for f in marker["failures"]] == ["bomb.jpg"]
-        assert marker["failures"][0]["reason"].startswith("cannot decode"), marker["failures"]
+        assert marker["failures"][0]["reason"] == ("image too large (65000×65000, 4225 megapixels; at most 134 are "
+                                                   "decoded)"), marker["failures"]  # (its header, read first)
 
 
 def test_an_unknown_decode_setting_is_refused():

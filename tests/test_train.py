@@ -1170,3 +1170,27 @@ def test_data_parallel_workers_take_the_same_steps_however_many_samples_each_ski
 
     assert list(Trainer.epoch_batches(trainer(2), 0)) == ["x", "y", "x"]
     assert list(Trainer.epoch_batches(trainer(1), 0)) == ["x", "y"]
+
+
+def test_a_shard_member_stating_a_huge_image_or_label_is_a_bad_sample_before_it_is_decoded():
+    """A 4 MB tar whose members stated gigapixel images drove `train` and `eval` to 10 GB, 30 s a sample: the
+    sizes their headers state are checked against the label folder's first."""
+    import io
+
+    import numpy as np
+
+    from pipeline.train.data import SampleError, decode
+
+    jpg = cv2.imencode(".jpg", np.zeros((64, 96, 3), np.uint8))[1].tobytes()
+    png = cv2.imencode(".png", np.zeros((64, 96), np.uint8))[1].tobytes()
+    huge = png[:16] + (30000).to_bytes(4, "big") + (30000).to_bytes(4, "big") + png[24:]  # IHDR: 30000×30000
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": "<f2", "fortran_order": False, "shape": (30000, 30000)})
+    sample = {"__key__": "k", "jpg": jpg, "classic.png": png}
+    assert decode(sample, "classic.png", "probability_map", (64, 96))[0].shape == (3, 64, 96)
+    with pytest.raises(SampleError, match="^its image is 30000x30000, not the 64x96 of its label folder$"):
+        decode({**sample, "jpg": huge}, "classic.png", "probability_map", (64, 96))
+    with pytest.raises(SampleError, match="^its label is 30000x30000, not the 64x96 of its label folder$"):
+        decode({**sample, "classic.png": huge}, "classic.png", "probability_map", (64, 96))
+    with pytest.raises(SampleError, match="^its label is 30000x30000, not the 64x96 of its label folder$"):
+        decode({"__key__": "k", "jpg": jpg, "deepgaze.npy": npy.getvalue()}, "deepgaze.npy", "log_density", (64, 96))

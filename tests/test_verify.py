@@ -123,6 +123,33 @@ def test_a_labels_json_out_of_shape_is_an_unfinished_folder_to_every_reader(labe
         open_label_set(labelled)
 
 
+def test_a_shard_named_as_a_command_is_refused_and_never_run(labelled, monkeypatch):
+    """webdataset opens a shard name starting `pipe:` by running it in a shell: a label folder shared by someone
+    else, whose labels.json and marker name a tar `pipe:…` (a real file of that name holding a shard's bytes, so
+    every sha256 holds), ran the command under `train --labels .` and `eval --labels .`. Only shard-NNNNNN.tar
+    names are read; a marker naming another tar than its own is not a finished shard (its tar was read, and
+    indexed, as the shard's)."""
+    name = "pipe:cat shard-000000.tar; touch PWNED #"
+    shutil.copy(labelled / "shard-000000.tar", labelled / f"{name}.tar")
+    marker = json.loads((labelled / "shard-000000.json").read_text())
+    (labelled / f"{name}.json").write_text(json.dumps({**marker, "tar": f"{name}.tar"}))
+    index = json.loads((labelled / "labels.json").read_text())
+    index["shards"][0]["tar"] = f"{name}.tar"
+    (labelled / "labels.json").write_text(json.dumps(index))
+    monkeypatch.chdir(labelled)
+    for command in (["train", "--labels", ".", "--run", "../run", "--backbone-weights", "none", "--epochs", "1",
+                     "--steps-per-epoch", "1", "--batch-size", "2", "--workers", "0", "--no-progress"],
+                    ["eval", "--teacher", "classic", "--labels", ".", "--val-shards", "0", "--no-progress"]):
+        r = CliRunner().invoke(cli, command)
+        assert r.exit_code == 1 and "not a shard-NNNNNN.tar of the folder" in r.output, r.output
+    assert not (labelled / "PWNED").exists()
+
+    from pipeline.label.shards import marker_problem
+
+    assert marker_problem({**marker, "tar": "/elsewhere/secret.tar"}) == (
+        "its tar is '/elsewhere/secret.tar', not shard-000000.tar")
+
+
 def test_the_out_root_named_as_a_label_folder_points_to_the_label_folders_below(labelled, tmp_path):
     """verify, train and eval alike; not "labelling not finished" (it is finished, one level down)."""
     from pipeline.train.data import DataError, open_label_set

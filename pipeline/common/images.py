@@ -7,6 +7,7 @@ shard's marker json; nothing here stops a run.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 
@@ -64,6 +65,12 @@ def decode_image(data: bytes, upright: bool = False, reduce: int = 1) -> np.ndar
         raise ImageError("empty file")
     if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
         raise ImageError("truncated JPEG (no end-of-image marker after the last scan)")
+    stated = stated_size(data)
+    if stated is not None:
+        scale = reduce if data[:2] == b"\xff\xd8" else 1  # (libjpeg decodes at the fraction; others decode whole)
+        if -(-stated[0] // scale) * -(-stated[1] // scale) > DECODE_PIXELS:
+            raise ImageError(f"image too large ({stated[1]}×{stated[0]}, {stated[0] * stated[1] / 1e6:.0f} "
+                             f"megapixels; at most {DECODE_PIXELS / 1e6:.0f} are decoded)")
     flags = _REDUCED[reduce] if upright else _REDUCED[reduce] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
@@ -79,6 +86,10 @@ def decode_image(data: bytes, upright: bool = False, reduce: int = 1) -> np.ndar
 
 #: the most pixels OpenCV decodes (its ``OPENCV_IO_MAX_IMAGE_PIXELS``, 2^30 unless set); a bigger image is refused
 MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))
+#: the most pixels :func:`decode_image` turns out (2^27: 134 megapixels, a 108 MP phone photo whole): a 1 MB PNG
+#: that states 2^30 pixels is 3 GB decoded, and ``predict`` maps it at full size (it ran out of 21 GB); a JPEG
+#: decoded at a fraction (:func:`decode_at_least`) counts at that fraction
+DECODE_PIXELS = min(MAX_PIXELS, 1 << 27)
 _NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # markers without a segment (TEM, RSTn)
 _FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
 
@@ -109,6 +120,22 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         else:
             i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
+
+
+def stated_size(data: bytes) -> tuple[int, ...] | None:
+    """(H, W) as a JPEG's frame header or a PNG's IHDR states it, or the shape a ``.npy`` header states (a label
+    map's), read without decoding: a small file may state gigabytes. None for other bytes, or no such header."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:6] == b"\x93NUMPY":
+        f = io.BytesIO(data)
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            return tuple(int(n) for n in read(f)[0])
+        except Exception:  # noqa: BLE001 - np.load says what is wrong with it
+            return None
+    return jpeg_size(data)
 
 
 def decodable_size(data: bytes) -> bool:

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import queue
+import re
 import tarfile
 import threading
 import time
@@ -38,6 +39,10 @@ from pipeline.label.config import recorded_settings
 #: version of the sample layout (keys, label encodings, sample json); recorded in every marker
 ENCODING_VERSION = 1
 MARKER_FORMAT = "saliency-pipeline shard"
+
+
+#: the name of every tar a label folder holds (its index and markers name no other)
+SHARD_TAR = re.compile(r"shard-\d{6}\.tar")
 
 
 def tar_path(folder: Path, name: str) -> Path:
@@ -238,6 +243,8 @@ def marker_problem(marker) -> str:
     for key in ("tar", "sha256"):
         if not isinstance(marker.get(key), str):
             return f"its {key} is {marker.get(key)!r}, not a string"
+    if marker["tar"] != f"shard-{marker['index']:06d}.tar":  # (a path elsewhere would be read, and indexed, as its tar)
+        return f"its tar is {marker['tar'][:60]!r}, not shard-{marker['index']:06d}.tar"
     if not _is_keys(marker.get("keys")) or not _is_keys(marker.get("planned_keys", [])):
         return "its keys are not a list of sample keys"
     failures = marker.get("failures")
@@ -270,6 +277,10 @@ def index_problem(index) -> str:
         if not (isinstance(entry, dict) and isinstance(entry.get("tar"), str) and isinstance(entry.get("sha256"), str)
                 and _is_count(entry.get("count"))):
             return f"its shard list holds {str(entry)[:60]!r}, not a {{tar, count, sha256}} entry"
+        if not SHARD_TAR.fullmatch(entry["tar"]):  # webdataset would run a name like `pipe:…` as a shell command
+            return f"its shard list names {entry['tar'][:60]!r}, not a shard-NNNNNN.tar of the folder"
+    if not _is_count(index.get("count")):
+        return f"its count is {index.get('count')!r}, not a count"
     return ""
 
 

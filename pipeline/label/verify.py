@@ -65,6 +65,10 @@ def _first_difference(want: list[str], have: list[str]) -> str:
 
 def _decode_problem(sample: dict, label_ext: str, size: tuple[int, int] | None, teacher: str | None) -> str:
     """"" when the sample's jpg, label and json decode to what the folder's settings say, else what does not."""
+    for member in ("jpg", label_ext):  # the sizes their headers state first: a small member may state gigabytes
+        stated = images.stated_size(sample[member])
+        if size and stated is not None and stated != size:
+            return f"{member} is {'x'.join(map(str, stated))}, expected {size[0]}x{size[1]} (HxW)"
     try:
         rgb = images.decode_image(sample["jpg"])
     except images.ImageError as e:

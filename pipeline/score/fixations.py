@@ -518,7 +518,19 @@ def read_mit1003(root: str | Path, threshold: int = MIT1003_THRESHOLD) -> Fixati
 # CAT2000
 
 
-def _load_fixlocs(path: Path) -> np.ndarray:
+def _load_fixlocs(path: Path, size: tuple[int, int], image: str) -> np.ndarray:
+    """``fixLocs`` of ``path``, whose shape is checked to be ``size`` before it is read (a compressed .mat of
+    under a megabyte held a 30000² matrix: gigabytes once read)."""
+    try:
+        from scipy.io import whosmat
+
+        stated = {name: shape for name, shape, _ in whosmat(str(path))}
+    except Exception:  # noqa: BLE001 - loadmat says what is wrong with the file
+        stated = {}
+    shape = stated.get(CAT2000_VARIABLE)
+    if shape is not None and tuple(shape) != tuple(size):
+        raise FixationError(f"{path}: {CAT2000_VARIABLE} is {'x'.join(map(str, shape))} (HxW) but its image {image} "
+                            f"is {size[0]}x{size[1]}; expected the same size")
     mat = _loadmat(path, "CAT2000")
     if CAT2000_VARIABLE not in mat:
         found = sorted(k for k in mat if not k.startswith("__"))
@@ -557,7 +569,7 @@ def read_cat2000(root: str | Path) -> FixationSet:
             if not mp.is_file():
                 raise FixationError(f"{p}: image without its fixations; expected {mp}")
             h, w = _image_size(p)
-            locs = _load_fixlocs(mp)
+            locs = _load_fixlocs(mp, (h, w), f"{cat}/{p.name}")
             if locs.shape != (h, w):
                 raise FixationError(
                     f"{mp}: {CAT2000_VARIABLE} is {locs.shape[0]}x{locs.shape[1]} (HxW) but its image "
@@ -662,6 +674,9 @@ def read_hdf5(path: str | Path, root: str | Path | None = None) -> FixationSet:
         missing = [k for k in _REQUIRED if k not in f]
         if missing:
             raise FixationError(f"{path}: fixation set is incomplete, missing {', '.join(missing)}")
+        problem = _stated_problem(f)
+        if problem:
+            raise FixationError(f"{path}: fixation set is inconsistent ({problem})")
         try:
             dec = lambda d: [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in d[()]]  # noqa: E731
             fs = FixationSet(
@@ -683,6 +698,30 @@ def read_hdf5(path: str | Path, root: str | Path | None = None) -> FixationSet:
                 or int(f.attrs.get("n_images", -1)) != len(fs):
             raise FixationError(f"{path}: fixation set is inconsistent (counts or offsets disagree with the arrays)")
     return fs
+
+
+#: deflate compresses at most about 1032:1: an array stating more bytes than that over what the file stores
+#: holds chunks never written (read back as zeros) or is not the file `pipeline fixations` wrote
+_MOST_COMPRESSION = 1100
+
+
+def _stated_problem(f) -> str:
+    """Before any array is read: its shapes agree with the counts the file states, and each array stores about
+    as many bytes as it states (a 12 KB file stated 10^8 fixations, 8 GB once read). "" when they do."""
+    try:
+        n_images, n_fixations = int(f.attrs["n_images"]), int(f.attrs["n_fixations"])
+    except (KeyError, TypeError, ValueError):
+        return "no n_images and n_fixations attributes"
+    for key in _REQUIRED:
+        ds = f[key]
+        want = (n_images + 1,) if key == "images/offset" else (n_images, 2) if key == "images/size" else \
+            (n_images,) if key.startswith("images/") else (n_fixations,)
+        if ds.shape != want:
+            return f"{key} has shape {ds.shape}, the file states {want}"
+        stated = ds.size * ds.dtype.itemsize
+        if stated > _MOST_COMPRESSION * ds.id.get_storage_size() + 65536:
+            return f"{key} states {stated:,} bytes but stores {ds.id.get_storage_size():,}"
+    return ""
 
 
 #: what each dataset's reader takes for a fixation (said when it finds none)

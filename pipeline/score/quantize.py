@@ -12,6 +12,7 @@ resized to the graph's input size. They are taken in sorted order, so the same i
 from __future__ import annotations
 
 import logging
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -49,9 +50,13 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: 
         except DataError as e:
             raise PredictorError(f"{option} {path}: {e}") from None
         for tar in tars:
-            for _, sample in sorted(read_samples(tar).items()):
-                if len(out) < n and "jpg" in sample:
-                    add(decode_image(sample["jpg"]))
+            try:
+                samples = read_samples(tar)
+                for _, sample in sorted(samples.items()):
+                    if len(out) < n and "jpg" in sample:
+                        add(decode_image(sample["jpg"]))
+            except (ValueError, OSError, tarfile.TarError, ImageError) as e:  # a damaged shard: one line
+                raise PredictorError(f"{option} {path}: shard {Path(str(tar)).name} cannot be read ({e})") from None
             if len(out) >= n:
                 break
     elif is_url(path):

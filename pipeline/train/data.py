@@ -34,7 +34,7 @@ import webdataset as wds
 from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
 from pipeline.common.errors import error_message, storage_error
-from pipeline.common.images import resize
+from pipeline.common.images import resize, stated_size
 from pipeline.common.storage import as_path, is_url
 from pipeline.label.shards import digest, folders_below, index_problem, marker_path, tar_path, verify_shard
 
@@ -250,6 +250,12 @@ def decode(sample: dict, label_key: str, label_kind: str,
         raise SampleError(f"no {label_key} label in the sample")
     if "jpg" not in sample:
         raise SampleError("no jpg image in the sample")
+    if image_size is not None:  # sizes checked from the headers first: a tiny member may state a huge image
+        for what, data in (("image", sample["jpg"]), ("label", sample[label_key])):
+            stated = stated_size(data) if isinstance(data, bytes) else None
+            if stated is not None and stated != tuple(image_size):
+                raise SampleError(f"its {what} is {'x'.join(map(str, stated))}, not the "
+                                  f"{image_size[0]}x{image_size[1]} of its label folder")
     bgr = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise SampleError("its JPEG image does not decode")
