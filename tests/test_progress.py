@@ -70,5 +70,5 @@ def test_label_and_train_off_a_terminal_print_a_line_per_tenth_of_the_shards_and
     epochs = [line for line in r.output.splitlines() if line.startswith("train fastsal_a (finetune): ")]
     assert len(epochs) == 2, r.output
     assert re.match(r"train fastsal_a \(finetune\): 4/8 img \(50%\), [\d.]+ img/s, ETA \d+s; epoch 1/2 loss [\d.]+ "
-                    r"val_loss [\d.]+ val_cc [-\d.]+ val_kl [\d.]+ val_nss [-\d.]+ \([\d.]+ s, [\d.]+ img/s\)$", epochs[0])
+                    r"val_loss [\d.]+ val_cc [-\d.]+ val_kl [\d.]+ val_nss [-\d.]+ \(epoch [\d.]+ s, [\d.]+ img/s\)$", epochs[0])
     assert "epoch 2/2" in epochs[1] and "8/8 img (100%)" in epochs[1] and "done in" in epochs[1]
