@@ -1194,3 +1194,23 @@ def test_a_shard_member_stating_a_huge_image_or_label_is_a_bad_sample_before_it_
         decode({**sample, "classic.png": huge}, "classic.png", "probability_map", (64, 96))
     with pytest.raises(SampleError, match="^its label is 30000x30000, not the 64x96 of its label folder$"):
         decode({"__key__": "k", "jpg": jpg, "deepgaze.npy": npy.getvalue()}, "deepgaze.npy", "log_density", (64, 96))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"labels": {"kind": "probability_map", "image_size": [10**12, 10**12]}},
+     "its labels' image_size is '[1000000000000, 1000000000000]', not [height, width]"),
+    ({"labels": {"kind": "probability_map", "image_size": 7}}, "its labels' image_size is '7', not [height, width]"),
+    ({"student": ["fastsal_a"]}, "its student is \"['fastsal_a']\", not a name"),
+])
+def test_a_checkpoint_whose_record_is_out_of_shape_is_one_line(tmp_path, edit, problem):
+    """Such a file (another tool's, or edited by hand) was a traceback in eval/predict/profile, or a map of 10^12
+    pixels; its readers now say what is wrong with it."""
+    from pipeline.train.checkpoints import CheckpointError, load_checkpoint
+
+    path = tmp_path / "odd.pt"
+    torch.save({"model": {}, "student": "fastsal_a", "student_options": {}, **edit}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"{path} is not a checkpoint of `pipeline train` ({problem})"
+    r = invoke("profile", "--checkpoint", path, "--iters", 1)
+    assert r.exit_code == 1 and r.output.splitlines()[-1] == f"Error: {e.value}", r.output

@@ -221,7 +221,27 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(str(e)) from None
     if "model" not in ckpt or "student" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of `pipeline train` (no 'model'/'student')")
+    problem = _record_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path} is not a checkpoint of `pipeline train` ({problem})")
     return ckpt
+
+
+def _record_problem(ckpt: dict) -> str:
+    """What is wrong with the fields a checkpoint's readers build from (a file of another shape, or edited by
+    hand, was a traceback or a map of 10^12 pixels), or ""."""
+    if not isinstance(ckpt["student"], str):
+        return f"its student is {str(ckpt['student'])[:40]!r}, not a name"
+    if not isinstance(ckpt.get("student_options", {}), dict):
+        return "its student_options are not a mapping"
+    labels = ckpt.get("labels")
+    if labels is None:
+        return ""
+    size = labels.get("image_size", (192, 256)) if isinstance(labels, dict) else None
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and 0 < v <= 1 << 14 for v in size)):
+        return f"its labels' image_size is {str(size)[:40]!r}, not [height, width]"
+    return ""
 
 
 def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
