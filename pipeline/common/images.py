@@ -7,7 +7,6 @@ shard's marker json; nothing here stops a run.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 
@@ -122,19 +121,12 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def stated_size(data: bytes) -> tuple[int, ...] | None:
-    """(H, W) as a JPEG's frame header or a PNG's IHDR states it, or the shape a ``.npy`` header states (a label
-    map's), read without decoding: a small file may state gigabytes. None for other bytes, or no such header."""
+def stated_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) as a JPEG's frame header or a PNG's IHDR states it, read without decoding: a small compressed file
+    may state gigabytes. None for other bytes, or no such header. (A ``.npy`` is not compressed: its bytes bound
+    what it loads, and a header stating more fails to load.)"""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
         return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    if data[:6] == b"\x93NUMPY":
-        f = io.BytesIO(data)
-        try:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            return tuple(int(n) for n in read(f)[0])
-        except Exception:  # noqa: BLE001 - np.load says what is wrong with it
-            return None
     return jpeg_size(data)
 
 

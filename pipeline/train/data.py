@@ -238,6 +238,17 @@ class ForeignLabels(Exception):
     """The shard's samples carry another label field than its label folder says: not one sample's problem."""
 
 
+def _npy_shape(raw: bytes) -> tuple[int, ...] | None:
+    """The shape a ``.npy`` member's header states, or None where its header does not read."""
+    f = io.BytesIO(raw)
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return tuple(int(n) for n in read(f)[0])
+    except Exception:  # noqa: BLE001 - np.load said what is wrong with it
+        return None
+
+
 def decode(sample: dict, label_key: str, label_kind: str,
            image_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """A raw tar sample → (uint8 image [3,H,W], float label [1,H,W], key); :class:`SampleError` when its image or
@@ -250,7 +261,7 @@ def decode(sample: dict, label_key: str, label_kind: str,
         raise SampleError(f"no {label_key} label in the sample")
     if "jpg" not in sample:
         raise SampleError("no jpg image in the sample")
-    if image_size is not None:  # sizes checked from the headers first: a tiny member may state a huge image
+    if image_size is not None:  # sizes checked from the JPEG/PNG headers first: a tiny member may state a huge image
         for what, data in (("image", sample["jpg"]), ("label", sample[label_key])):
             stated = stated_size(data) if isinstance(data, bytes) else None
             if stated is not None and stated != tuple(image_size):
@@ -265,6 +276,10 @@ def decode(sample: dict, label_key: str, label_kind: str,
         try:
             array = np.load(io.BytesIO(raw), allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - any damage: a truncated header, a bad dtype…
+            shape = _npy_shape(raw)  # (read here, off the hot path: a header stating more than its bytes fails)
+            if image_size is not None and shape is not None and shape != tuple(image_size):
+                raise SampleError(f"its label is {'x'.join(map(str, shape))}, not the {image_size[0]}x{image_size[1]} "
+                                  "of its label folder") from None
             raise SampleError(f"its {label_key} label does not decode ({type(e).__name__})") from None
         target = torch.from_numpy(np.asarray(array, np.float32))
     else:
