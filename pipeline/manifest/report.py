@@ -62,12 +62,19 @@ def _model_label(manifest: Manifest, settings: Mapping, doc: Mapping) -> str:
     return model
 
 
+def _shown(manifest: Manifest, state: Mapping | None, name: str) -> str:
+    """A step's name in a table of its outputs: ``NAME (stale)`` when (with ``state``) they are not of the step as
+    the manifest declares it now (it did not run since its settings or its model changed, or it failed)."""
+    rec = (state or {}).get("steps", {}).get(name) or {}
+    current = state is None or (rec.get("status") == "done" and matches(rec, manifest, name, state))
+    return name if current else f"{name} (stale)"
+
+
 def eval_scores(manifest: Manifest, state: Mapping | None = None) -> tuple[list[str], list[list[str]], list[str]]:
     """(metric names in order of appearance, rows [step, model, images, *metrics], data descriptions).
 
     With ``state``: a step whose metrics are not of the step as the manifest declares it now (it did not run
     since its settings or its model changed, or it failed) is written ``NAME (stale)``."""
-    records = (state or {}).get("steps", {})
     metrics, found = [], []
     for name in _steps(manifest, "eval"):
         path = as_path(manifest.steps[name].output)
@@ -81,11 +88,8 @@ def eval_scores(manifest: Manifest, state: Mapping | None = None) -> tuple[list[
     rows, data = [], []
     for name, doc, values in found:
         cells = [f"{values[m]:.4f}" if isinstance(values.get(m), (int, float)) else "-" for m in metrics]
-        rec = records.get(name) or {}
-        current = state is None or (rec.get("status") == "done"
-                                    and matches(rec, manifest, name, state))
-        rows.append([name if current else f"{name} (stale)", _model_label(manifest, manifest.steps[name].settings, doc), str(doc.get("images", "-")),
-                     *cells])
+        rows.append([_shown(manifest, state, name), _model_label(manifest, manifest.steps[name].settings, doc),
+                     str(doc.get("images", "-")), *cells])
         data.append(str(doc.get("data", "")))
     return metrics, rows, data
 
@@ -105,7 +109,6 @@ SPEED_HEAD = ["step", "model", "path", "input", "device", "batch", "params (M)",
 def speed_rows(manifest: Manifest, state: Mapping | None = None) -> list[list[str]]:
     """One row per execution path (SACT: dense and sparse) of every profile step whose JSON exists: what a fast
     student is for, beside the scores. A step whose JSON is not of the step as declared now is ``NAME (stale)``."""
-    records = (state or {}).get("steps", {})
     rows = []
     for name in _steps(manifest, "profile"):
         try:
@@ -114,20 +117,19 @@ def speed_rows(manifest: Manifest, state: Mapping | None = None) -> list[list[st
             continue
         if not isinstance(doc, dict):
             continue
-        rec = records.get(name) or {}
-        current = state is None or (rec.get("status") == "done" and matches(rec, manifest, name, state))
         size = doc.get("input_size") or ["?", "?"]
-        model = _model_label(manifest, manifest.steps[name].settings, doc)
+        step = [_shown(manifest, state, name), _model_label(manifest, manifest.steps[name].settings, doc)]
+        where = [f"{size[0]}x{size[1]}", f"{doc.get('device', '?')} {doc.get('precision', '')}".strip(),
+                 str(doc.get("batch_size", "-")), _number(doc, "params", ".2f", 1e-6)]
         for mode in doc.get("modes") or [doc]:
-            def number(key, fmt, scale=1.0, source=mode):
-                value = source.get(key)
-                return format(value * scale, fmt) if isinstance(value, (int, float)) else "-"
-
-            rows.append([name if current else f"{name} (stale)", model, str(mode.get("mode", "-")),
-                         f"{size[0]}x{size[1]}", f"{doc.get('device', '?')} {doc.get('precision', '')}".strip(),
-                         str(doc.get("batch_size", "-")), number("params", ".2f", 1e-6, doc),
-                         number("gflops", ".3f"), number("latency_ms", ".1f"), number("images_per_s", ".1f")])
+            rows.append([*step, str(mode.get("mode", "-")), *where, _number(mode, "gflops", ".3f"),
+                         _number(mode, "latency_ms", ".1f"), _number(mode, "images_per_s", ".1f")])
     return rows
+
+
+def _number(doc: Mapping, key: str, fmt: str, scale: float = 1.0) -> str:
+    value = doc.get(key)
+    return format(value * scale, fmt) if isinstance(value, (int, float)) else "-"
 
 
 def speed_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
