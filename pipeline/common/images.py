@@ -22,7 +22,8 @@ cv2.setNumThreads(1)  # we parallelise over images ourselves
 # an image OpenCV cannot read is a per-image failure with its reason; its own "[ WARN:0@…]" and "[ERROR:0@…]
 # global loadsave.cpp …" lines are noise beside it. (libpng's and libjpeg's own messages, which those libraries
 # print themselves, still come through.)
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+# (OpenCV 5 has the call in cv2.utils.logging, 4.x as cv2.setLogLevel; 0 is LOG_LEVEL_SILENT in both)
+(getattr(getattr(cv2.utils, "logging", None), "setLogLevel", None) or cv2.setLogLevel)(0)
 
 
 class ImageError(Exception):
