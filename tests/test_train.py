@@ -961,15 +961,22 @@ def human_maps(folder: Path, photos: Path, as_jpg: tuple[str, ...] = ()) -> dict
         h, w = cv2.imread(str(photo)).shape[:2]
         gray = cv2.GaussianBlur((rng.random((h, w)) * 255).astype(np.uint8), (0, 0), 6)
         path = folder / (photo.stem + (".jpg" if photo.name in as_jpg else ".png"))
-        cv2.imwrite(str(path), gray)
-        made[photo.name] = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)  # as stored (a JPEG is lossy)
+        if photo.name in as_jpg:  # with an EXIF orientation tag (6: rotate 90°), which the map's pixels ignore,
+            from PIL import Image  # as the photos' own tags are ignored when they are labelled
+
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.fromarray(gray).save(path, quality=95, exif=exif)
+        else:
+            cv2.imwrite(str(path), gray)
+        made[photo.name] = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)  # as stored
     return made
 
 
 def test_ground_truth_maps_are_each_samples_own_and_join_the_loss_as_eq2_says(small_labels, tmp_path):
     """With --gt-maps a training target carries the sample's human map (found by its source file's name, resized
-    as its image was) and the loss is BCE with the teacher's map plus BCE with it; validation stays the
-    teacher's alone."""
+    as its image was, its EXIF orientation ignored as the photo's is) and the loss is BCE with the teacher's map plus
+    BCE with it; validation stays the teacher's alone."""
     import torch.nn.functional as F
 
     maps = human_maps(tmp_path / "maps", SAMPLES / "val2017", as_jpg=("000000000285.jpg",))

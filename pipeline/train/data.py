@@ -328,7 +328,8 @@ def ground_truth(sample: dict, folder, size: tuple[int, int]) -> torch.Tensor:
         raise SampleError(f"the ground-truth map of {source} in {folder} cannot be read ({error_message(refused)})")
     if data is None:
         raise SampleError(f"no {GT_WORDS} for {source} in {folder} ({stem}.png, .jpg or .jpeg)")
-    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)  # as
+    # the photo was labelled: a map's EXIF orientation turned it 90° from the image it pairs with
     if gray is None:
         raise SampleError(f"the ground-truth map of {source} in {folder} does not decode")
     return torch.from_numpy(resize(gray, size)).float()[None] / 255.0
