@@ -1338,6 +1338,21 @@ def test_a_large_jpeg_is_decoded_reduced_to_no_less_than_its_target_and_keeps_it
     assert np.array_equal(images.decode_at_least(grey, (96, 128))[0][..., 0], images.decode_image(grey, reduce=8)[..., 0])
 
 
+def test_a_side_that_shrinks_is_averaged_when_the_other_side_grows():
+    """A portrait photo into a landscape input (640×480 into DeepGaze's 384×512): its height shrinks while its
+    width grows. OpenCV's area filter, asked for both at once, samples the shrinking side without averaging, so
+    1-pixel stripes across it kept twice the contrast that averaging leaves (a pattern the photo does not
+    have); each side is now filtered as it changes, as the device path's antialiased resize does."""
+    stripes = np.zeros((640, 480, 3), np.uint8)
+    stripes[::2] = 255  # each output row averages the 1.67 rows it covers: std 25.5 (of 127.5 for the stripes)
+    for image, size in ((stripes, (384, 512)), (stripes.transpose(1, 0, 2), (512, 384))):
+        out = images.resize(image, size)
+        assert out.shape == (*size, 3) and out.std() < 30, out.std()
+        assert cv2.resize(image, size[::-1], interpolation=cv2.INTER_AREA).std() > 45  # what this replaces: 48.8
+    photo = cv2.imread(str(SAMPLE / "val2017" / "000000000139.jpg"))[:, :320]  # both sides shrink: as before
+    assert np.array_equal(images.resize(photo, (200, 160)), cv2.resize(photo, (160, 200), interpolation=cv2.INTER_AREA))
+
+
 def test_a_jpeg_whose_header_states_too_many_pixels_is_one_failed_image_on_every_decode_path(tmp_path):
     """A JPEG whose frame header claims 65000×65000 pixels (more than is decoded) is a per-image failure
     with its reason on every decode path, not a failed shard, nor (reduced at 1/8) a grey picture labelled as

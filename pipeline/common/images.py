@@ -261,10 +261,18 @@ def read_image(path: str, max_bytes: int | None = MAX_IMAGE_BYTES, upright: bool
 
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize to exactly ``size`` = (H, W); area filter when shrinking, bilinear when enlarging."""
+    """Resize to exactly ``size`` = (H, W); area filter along a side that shrinks, bilinear along one that grows.
+
+    OpenCV's area filter averages only when both sides shrink: a portrait photo into a landscape input (640×480
+    into DeepGaze's 384×512) shrinks its height while its width grows, so that side is shrunk first, alone."""
     h, w = size
-    if image.shape[:2] == (h, w):
+    height, width = image.shape[:2]
+    if (height, width) == (h, w):
         return image
+    if h < height and w > width:
+        image = cv2.resize(image, (width, h), interpolation=cv2.INTER_AREA)
+    elif w < width and h > height:
+        image = cv2.resize(image, (w, height), interpolation=cv2.INTER_AREA)
     shrinking = h * w < image.shape[0] * image.shape[1]
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
