@@ -140,6 +140,39 @@ def test_demo_finishes_and_a_second_run_does_no_work(demo):
         {k: v for k, v in before.items() if ".pipeline" not in k}
 
 
+def test_the_workdir_named_otherwise_or_moved_is_the_same_workdir(demo):
+    """`--workdir` spelled another way (absolute, `./…/`), or the workdir moved (a shared filesystem mounted
+    elsewhere on another machine), finds every step up to date: paths under the workdir are recorded as
+    `${workdir}/…`. It restarted every train step (settings changed: run_dir /a/…→./a/…). A state file written
+    before that (paths as written) is still up to date where it is."""
+    from pipeline.manifest.plan import _fingerprint
+
+    def plan(workdir):
+        m = load_manifest(DEMO, SETS, workdir=workdir, group=cli)
+        return m, {p.step: (p.action, p.reason) for p in make_plan(m, load_state(m.workdir))}
+
+    up_to_date = dict.fromkeys(DEMO_STEPS, ("skip", "up to date"))
+    for workdir in (demo / "runs" / "demo", "./runs/demo/", "runs/../runs/demo"):
+        assert plan(workdir)[1] == up_to_date, workdir
+    state = load_state(Path("runs/demo"))
+    assert state["steps"]["train_a"]["settings"]["run_dir"] == "${workdir}/train_a"
+
+    m, _ = plan(None)  # a state file as it was written before: the paths as the manifest had them
+    old = json.loads((m.state_dir / "state.json").read_text())
+    for name, rec in old["steps"].items():
+        rec["settings"] = dict(m.steps[name].settings)
+        rec["fingerprint"] = _fingerprint(m.steps[name].legacy_fingerprint, rec["needs"])
+    assert old["steps"]["train_a"]["settings"]["run_dir"] == "runs/demo/train_a"
+    (m.state_dir / "state.json").write_text(json.dumps(old))
+    assert plan(None)[1] == up_to_date
+
+    shutil.move("runs/demo", demo / "moved")
+    (demo / "moved" / ".pipeline" / "state.json").write_text(json.dumps(state))
+    assert plan(demo / "moved")[1] == up_to_date
+    result = invoke("run", DEMO, *OPTS, "--workdir", demo / "moved")
+    assert result.exit_code == 0 and "$ pipeline" not in result.output, result.output
+
+
 def test_changing_an_option_reruns_exactly_that_step_and_its_dependents(demo, tmp_path):
     upstream = edited_demo(tmp_path, "      split: val2017", "      jpeg_quality: 90")
     plan_up = planned(upstream)

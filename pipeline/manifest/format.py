@@ -10,7 +10,8 @@ path is relative to the current directory of ``pipeline run``, not to the manife
 
 A step's own fingerprint (:attr:`Step.own_fingerprint`) is the sha256 of: its command, its validated
 settings (every parameter of the command with defaults filled in, less the command's volatile options and
-options added later while they keep the earlier behaviour, see :mod:`pipeline.manifest.steps`), the digest
+options added later while they keep the earlier behaviour, see :mod:`pipeline.manifest.steps`; a path under
+the workdir as ``${workdir}/…``, :func:`portable`, so that the workdir may be named otherwise or moved), the digest
 of each declared input (:func:`input_digest`), and the code version (:func:`code_version`: a digest of the source files the
 step's command runs). Its fingerprint adds the digests of what the steps it needs produced, as the state
 file records them, so it is made by :func:`pipeline.manifest.plan.fingerprint_of` from the state, not here.
@@ -127,6 +128,10 @@ class Step:
     line: int  # where the step is declared
     #: (option flag, local path) that must exist when the step starts and that no upstream step makes
     paths: tuple[tuple[str, str], ...] = ()
+    #: the settings as the state file records them: a path under the workdir as ``${workdir}/…`` (:func:`portable`)
+    recorded_settings: Mapping[str, object] = None
+    #: the own fingerprint as state files written before the workdir was recorded so (paths as written) have it
+    legacy_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,10 @@ class Manifest:
     @property
     def state_dir(self) -> Path:
         return self.workdir / ".pipeline"
+
+    def portable(self, settings: Mapping) -> dict:
+        """``settings`` (a step's, or a state record's) with paths under this workdir as ``${workdir}/…``."""
+        return portable(settings, self.workdir)
 
     def upstream(self, names: Iterable[str]) -> set[str]:
         """Every step that ``names`` need, directly or not (``names`` excluded unless needed)."""
@@ -265,6 +274,31 @@ def input_digest(path: str | Path) -> str | None:
                 listing.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
         return "dir:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return None
+
+
+#: what a path under the workdir starts with in a step's recorded settings and fingerprint
+WORKDIR_TOKEN = "${workdir}"
+
+
+def portable(settings: Mapping, workdir) -> dict:
+    """``settings`` with every string that is ``workdir`` or a path under it (as written, absolute or resolved)
+    starting ``${workdir}`` instead: the same workdir named another way (``runs/a``, ``./runs/a``,
+    ``/home/me/runs/a``), moved, or mounted elsewhere on another machine, has the same fingerprints."""
+    names = {str(workdir).rstrip("/")}
+    if isinstance(workdir, Path):
+        names |= {os.path.abspath(workdir), str(workdir.resolve())}
+    names = sorted((n for n in names if n), key=len, reverse=True)
+
+    def one(value):
+        if isinstance(value, list):
+            return [one(v) for v in value]
+        if isinstance(value, str):
+            for name in names:
+                if value == name or value.startswith(name + "/"):
+                    return WORKDIR_TOKEN + value[len(name):]
+        return value
+
+    return {k: one(v) for k, v in settings.items()}
 
 
 def own_fingerprint(command: str, settings: Mapping, inputs: Mapping[str, str | None], code: str) -> str:
@@ -850,10 +884,12 @@ class _Loader:
                     digests[p] = self.digests[key]
         res = Resources(**{**Resources().__dict__, **d["resources"]})
         code = code_version()
+        recorded = portable(settings, workdir)
         return Step(name=name, command=command_name, args=tuple(args), settings=settings, needs=tuple(needs),
                     inputs=digests, resources=res, output=output,
-                    own_fingerprint=own_fingerprint(command_name, settings, digests, code),
-                    code_version=code, line=doc.line("steps", name), paths=tuple(paths))
+                    own_fingerprint=own_fingerprint(command_name, recorded, digests, code),
+                    code_version=code, line=doc.line("steps", name), paths=tuple(paths), recorded_settings=recorded,
+                    legacy_fingerprint=own_fingerprint(command_name, settings, digests, code))
 
 
 def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] = (), workdir: str | Path | None = None,

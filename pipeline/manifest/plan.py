@@ -57,6 +57,9 @@ def matches(rec: Mapping | None, manifest: Manifest, name: str, state: Mapping |
         return False
     if rec.get("fingerprint") == fingerprint_of(manifest, name, state):
         return True
+    if rec.get("fingerprint") == _fingerprint(manifest.steps[name].legacy_fingerprint,  # a record from before
+                                              upstream_digests(manifest, name, state)):  # paths were portable
+        return True
     before = rec.get("needs")
     return (isinstance(before, dict) and rec.get("fingerprint") == _fingerprint(manifest.steps[name].own_fingerprint,
                                                                                 before)  # its own part unchanged
@@ -86,7 +89,7 @@ def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields
     runner adds status, times, its output's digest)."""
     step = manifest.steps[name]
     return {"fingerprint": fingerprint_of(manifest, name, state), "own_fingerprint": step.own_fingerprint,
-            "command": step.command, "args": list(step.args), "settings": dict(step.settings),
+            "command": step.command, "args": list(step.args), "settings": dict(step.recorded_settings),
             "needs": upstream_digests(manifest, name, state), "inputs": dict(step.inputs),
             "code_version": step.code_version, "output": step.output, **fields}
 
@@ -101,7 +104,7 @@ def continues(manifest: Manifest, name: str, state: Mapping | None, grows: Itera
     if (not same_upstream(rec.get("needs") or {}, manifest, name, state) or rec.get("inputs") != dict(step.inputs)
             or rec.get("code_version") != step.code_version):
         return False
-    before, now = rec.get("settings") or {}, dict(step.settings)
+    before, now = manifest.portable(rec.get("settings") or {}), dict(step.recorded_settings)
     if set(before) != set(now):
         return False
     for k in now:
@@ -127,7 +130,7 @@ def changes(old: Mapping, step: Step, manifest: Manifest, state: Mapping | None 
     if old.get("command") != step.command:
         why.append(f"command changed: {old.get('command')}→{step.command}")
     else:
-        before, now = old.get("settings") or {}, dict(step.settings)
+        before, now = manifest.portable(old.get("settings") or {}), dict(step.recorded_settings)
         diff = [f"{k} {_show(before.get(k))}→{_show(now.get(k))}"
                 for k in list(now) + [k for k in before if k not in now] if before.get(k) != now.get(k)]
         if diff:

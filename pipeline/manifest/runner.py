@@ -221,7 +221,7 @@ def fresh_start(manifest: Manifest, state: Mapping, item: Planned) -> str:
         return ""
     if spec is not None and continues(manifest, item.step, state, spec.grows):
         return ""
-    before, now = rec.get("settings") or {}, dict(step.settings)
+    before, now = manifest.portable(rec.get("settings") or {}), dict(step.recorded_settings)
     changed = {k for k in set(before) | set(now) if before.get(k) != now.get(k)}
     return CHANGED if spec is not None and spec.changed and changed <= spec.redoes else ANEW
 
