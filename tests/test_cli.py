@@ -263,7 +263,10 @@ def test_ctrl_c_in_label_or_train_says_what_is_kept_and_exits_130(tmp_path, samp
              "interrupted: the finished shards are kept (each has its marker); run the same command again to label "
              "the rest"),
             (["train", "--labels", sample_labels, "--run", tmp_path / "run"],
-             "interrupted: the run resumes after its last finished epoch when the same command runs again")):
+             "interrupted: the run resumes after its last finished epoch when the same command runs again"),
+            (["train", "--labels", sample_labels, "--run", tmp_path / "run", "--restart"],  # (as it was, anew again)
+             "interrupted: the run resumes after its last finished epoch when the same command without --restart "
+             "runs again")):
         r = CliRunner().invoke(cli, [str(a) for a in args])
         assert r.exit_code == 130 and r.output.strip().splitlines() == [said], r.output
 

@@ -632,6 +632,10 @@ def test_one_train_per_run_folder(small_labels, tmp_path):
     assert r.exit_code == 0, r.output
     assert f"note: took over the stale lock {run / '.lock'} of pid {gone.pid}" in r.output
     assert not (run / ".lock").exists()  # let go at the end
+    # a container restarted in place: the same host and pid (1), its predecessor's lock of another start time
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": "1"}))
+    r = invoke(*args)
+    assert r.exit_code == 0 and f"note: took over the stale lock {run / '.lock'} of pid {os.getpid()}" in r.output
 
     (run / ".lock").write_text(json.dumps({"host": "node-7", "pid": 4242}))
     r = invoke(*args[:-1], "--epochs", 2, "--no-progress")
@@ -712,6 +716,16 @@ def test_a_checkpoint_the_filesystem_refuses_is_one_sentence_and_the_last_one_st
         signal.signal(signal.SIGXFSZ, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000.pt", "latest.json"]  # no temp file left
     assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "epoch-0000.pt"
+
+
+def test_the_two_newest_checkpoints_are_kept_by_epoch_number_past_epoch_9999(tmp_path):
+    """Names were compared as text: epoch-10000.pt sorts before epoch-9999.pt, and was deleted as it was written."""
+    from pipeline.train.checkpoints import save_checkpoint
+
+    for epoch in (9998, 9999, 10000, 10001):
+        save_checkpoint(tmp_path, epoch, {"w": torch.zeros(1)})
+    assert sorted(p.name for p in tmp_path.glob("epoch-*.pt")) == ["epoch-10000.pt", "epoch-10001.pt"]
+    assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "epoch-10001.pt"
 
 
 def test_ray_train_workers_get_weights_files_as_absolute_paths(tmp_path, monkeypatch):
@@ -809,7 +823,9 @@ def test_labels_are_checked_for_what_they_were_made_with_not_only_their_teachers
 def test_a_full_disk_while_the_run_writes_its_logs_is_one_line_and_the_saved_epoch_resumes(small_labels, tmp_path,
                                                                                                monkeypatch):
     """A disk that fills while `train` writes its curves (or logs) after an epoch is one `Error:` line saying
-    the run resumes, not a traceback; the epoch's checkpoint is kept and the next run goes on from it."""
+    the run resumes, not a traceback; the epoch's checkpoint is kept and the next run goes on from it. A run with
+    nothing left to train draws the plot it missed (it stayed missing, or an epoch behind), and a resume deletes
+    the temporary file a killed checkpoint write left (it stayed until --restart)."""
     import errno
 
     import pipeline.train.loop as loop
@@ -826,8 +842,13 @@ def test_a_full_disk_while_the_run_writes_its_logs_is_one_line_and_the_saved_epo
     assert r.exit_code == 1 and "Traceback" not in r.output and r.output.count("Error") == 1, r.output
     assert last.startswith("Error: cannot write the run's files (No space left on device: ") and \
         "resumes after its last saved epoch" in last, r.output
-    assert (run / "checkpoints" / "latest.json").is_file()
+    assert (run / "checkpoints" / "latest.json").is_file() and not (run / "curves.png").exists()
     monkeypatch.undo()
+    half = run / "checkpoints" / ".epoch-0001.pt.tmp-4242-0a1b2c"  # a checkpoint a SIGKILL cut short
+    half.write_bytes(b"\0" * 1000)
+    done = invoke("train", "--run", run, "--epochs", 1, "--steps-per-epoch", 1, *FAST, "--labels", small_labels)
+    assert done.exit_code == 0 and "nothing to do" in done.output, done.output  # its last plot drawn now, and the
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG" and not half.exists()  # half-written file gone
     again = invoke("train", "--run", run, "--epochs", 2, "--steps-per-epoch", 1, *FAST, "--labels", small_labels)
     assert again.exit_code == 0 and "resuming" in again.output.lower(), again.output
 

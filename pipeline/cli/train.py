@@ -110,6 +110,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     if peer and ray_workers:  # (process 0 alone prints it: pipeline.cli.main)
         raise click.UsageError("--ray-workers under torchrun: launch with one of them (torchrun already started "
                                f"{peer[2]} processes)")
+    again = "the same command without --restart" if restart else "the same command"  # (with it: anew again)
     try:
         if peer:
             results = train_with_torchrun(config, restart=restart, progress=progress, verify=verify)
@@ -124,16 +125,16 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
         raise SystemExit(1) from None  # process 0 said why
     except KeyboardInterrupt:
         if not peer or peer[0] == 0:
-            click.echo("interrupted: the run resumes after its last finished epoch when the same command runs again",
-                       err=True)
+            click.echo(f"interrupted: the run resumes after its last finished epoch when {again} runs again", err=True)
         raise SystemExit(130) from None
     except WeightsError as e:  # the teacher's weights: --teacher-weights here
         raise click.ClickException(renamed(str(e), {"--weights": "--teacher-weights"})) from None
     except (DataError, TrainError, StorageError, KeyError, ValueError) as e:
-        raise click.ClickException(str(e).strip("'\"")) from None
+        raise click.ClickException(str(e).strip("'\"").replace("the same command runs again", f"{again} runs again")) \
+            from None
     except OSError as e:  # a full disk or a folder that refuses writes, while the run writes its logs or curves
         raise click.ClickException(f"cannot write the run's files ({error_message(e)}); the run resumes after its "
-                                   "last saved epoch when the same command runs again") from None
+                                   f"last saved epoch when {again} runs again") from None
     if peer and peer[0] != 0:
         return  # process 0 reports
     click.echo(summary_table(results))

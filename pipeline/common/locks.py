@@ -143,8 +143,8 @@ def status(path: Path) -> tuple[str, Holder | None]:
         # a leftover of an flock-only lock (an empty file or a bare pid) is not held; a fresh empty file is
         # a lock being written
         return ("unknown" if young else "stale"), None
-    if holder.pid == os.getpid() and holder.host == socket.gethostname():
-        return "held", holder
+    # (this process's own pid is no exception: a container restarted in place runs as the same pid, 1, on the
+    # same host, and its killed predecessor's lock has another start time)
     return ("stale" if stale(holder) else "held"), holder
 
 

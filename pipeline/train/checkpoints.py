@@ -264,8 +264,8 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
             f"the write failed with {shutil.disk_usage(ckpt_dir).free / 2**20:.0f} MiB free on its filesystem")
         raise CheckpointError(f"cannot write {path} ({why}); the run resumes after its last saved epoch once the "
                               "same command runs again") from None
-    for old in ckpt_dir.glob("epoch-*.pt"):
-        if old.name < f"epoch-{epoch - 1:04d}.pt":
+    for old in ckpt_dir.glob("epoch-*.pt"):  # by number: past epoch 9999 the names are longer, not later
+        if old.stem[len("epoch-"):].isdigit() and int(old.stem[len("epoch-"):]) < epoch - 1:
             old.unlink()
     return path
 

@@ -55,6 +55,19 @@ def read_metrics(run: Path, from_epoch: int = 0) -> list[EpochResult]:
                         {k: float(v) for k, v in r.items() if k not in METRICS_HEADER}) for r in rows]
 
 
+def curves_behind(run: Path) -> bool:
+    """Whether ``curves.png`` is missing or older than ``metrics.csv`` (a run killed between its last checkpoint
+    and the plot, or whose disk filled then): a run with nothing left to train draws it again."""
+    try:
+        logged = (run / "metrics.csv").stat().st_mtime_ns
+    except OSError:
+        return False
+    try:
+        return (run / "curves.png").stat().st_mtime_ns < logged
+    except OSError:
+        return True
+
+
 def plot_curves(run: Path) -> Path:
     """``curves.png``: training loss per step, and per epoch the losses (the epoch's mean training loss beside
     the validation loss) and the validation metrics the stage has (the hint stage: its loss alone); titled

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.common.atomic import write_json
+from pipeline.common.atomic import remove_stale_temps, write_json
 from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
 from pipeline.common.locks import LOCK_NAME, FolderLock, process_alive, process_start
 from pipeline.common.progress import progress as show_progress
@@ -53,7 +53,8 @@ from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
 from pipeline.train.data import (BadSamples, SampleError, check_same_labels, epoch_order, first_ground_truth,
                                  node_shards, open_label_set, open_label_sets, shard_loader, split_shards,
                                  verify_shards)
-from pipeline.train.logs import LOSS_HEADER, METRICS_HEADER, append_metrics, epoch_note, keep_rows, plot_curves
+from pipeline.train.logs import (LOSS_HEADER, METRICS_HEADER, append_metrics, curves_behind, epoch_note, keep_rows,
+                                 plot_curves)
 from pipeline.train.tensorboard import EpochLogger
 from students import Student, build_student, check_options, student_info, student_kind, to_log_density
 from students import available as available_students
@@ -619,6 +620,9 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
     run, lead = trainer.run, trainer.rank == 0
     if lead:
         run.mkdir(parents=True, exist_ok=True)
+        for folder in (run, trainer.ckpt_dir):  # a killed run's half-written files (a checkpoint: up to 200 MB)
+            if folder.is_dir():
+                remove_stale_temps(folder)
         if restart:
             for pattern in RESTART_FILES:
                 for p in list(run.glob(pattern)):
@@ -673,6 +677,10 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             else:
                 trainer.epoch = epoch + 1
             _barrier(trainer.world)
+    if lead and not results and curves_behind(run):  # nothing left to train, and its last plot never drawn
+        plot_curves(run)
+        if mirror is not None:
+            mirror.push()
     if board is not None:
         board.close()
         if mirror is not None:

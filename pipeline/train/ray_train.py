@@ -23,7 +23,7 @@ from pipeline.common.storage import as_path, is_url
 from pipeline.train.checkpoints import CheckpointError, latest_record
 from pipeline.train.config import EpochResult, TrainConfig, TrainError
 from pipeline.train.data import verify_shards
-from pipeline.train.logs import read_metrics
+from pipeline.train.logs import curves_behind, plot_curves, read_metrics
 from pipeline.train.loop import Trainer, finished_run, lock_run, train
 
 
@@ -85,6 +85,8 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
         done = None if restart else finished_run(config)
         if done is not None:  # nothing to train: no Ray Train started (its start-up takes half a minute)
             print(f"resuming {config.run} after epoch {done[0]} (step {done[1]})", file=sys.stderr)
+            if lock is not None and curves_behind(run):  # (its last plot never drawn: a kill, a full disk)
+                plot_curves(run)
             return []
         if verify:
             verify_shards(shards)
