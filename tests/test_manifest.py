@@ -918,18 +918,25 @@ def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished,
 
 
 def test_scores_of_an_eval_step_that_has_not_run_since_it_changed_are_marked_stale(demo, tmp_path):
-    """Its metrics file is of what it scored before (the run stopped before it, or it was not selected)."""
-    from pipeline.manifest.report import scores_table
+    """Its metrics file is of what it scored before (the run stopped before it, or it was not selected); the
+    report written before the edit is not up to date (it was, by the state file alone, and kept eval_a current;
+    so was it with a step deleted from the manifest)."""
+    from pipeline.manifest.report import scores_table, up_to_date
 
     state = load_state(Path("runs/demo"))
     assert "(stale)" not in scores_table(load_manifest(DEMO, SETS, group=cli), state)
+    assert up_to_date(load_manifest(DEMO, SETS, group=cli), state)
     old = 'labels: "${steps.label_val.out}", val_shards: 0}'
     text = DEMO.read_text()
     i = text.index("  eval_a:")
-    edited = tmp_path / "edited.yaml"
+    edited = tmp_path / "demo.yaml"  # (the same name)
     edited.write_text(text[:i] + text[i:].replace(old, old.replace("0}", "1}"), 1))
     table = scores_table(load_manifest(edited, SETS, group=cli), state)
     assert "eval_a (stale)" in table and "eval_c (stale)" not in table, table
+    assert not up_to_date(load_manifest(edited, SETS, group=cli), state)
+    edited.write_text(text[:text.index("  profile_sact:")])  # (the last step)
+    fewer = load_manifest(edited, SETS, group=cli)
+    assert "profile_sact" not in fewer.steps and not up_to_date(fewer, state)
 
 
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(demo):

@@ -140,11 +140,14 @@ def speed_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
 
 # -- the page -------------------------------------------------------------------------------------
 
-def state_digest(state: Mapping) -> str:
-    """What the report depends on in the state file: each step's fingerprint, status and end time."""
+def state_digest(state: Mapping, manifest: Manifest) -> str:
+    """What the report depends on: in the state file each step's fingerprint, status and end time; in the
+    manifest its name, its steps and which of them are shown stale (a step deleted from it, or edited and not run
+    since, left the page as it was)."""
     steps = state.get("steps", {})
     key = [[n, r.get("fingerprint"), r.get("status"), r.get("ended")] for n, r in sorted(steps.items())]
-    return hashlib.sha256(json.dumps([REPORT_VERSION, key]).encode()).hexdigest()
+    shown = [_shown(manifest, state, name) for name in manifest.steps]
+    return hashlib.sha256(json.dumps([REPORT_VERSION, key, manifest.path.name, shown]).encode()).hexdigest()
 
 
 def report_path(manifest: Manifest) -> Path:
@@ -159,7 +162,7 @@ def up_to_date(manifest: Manifest, state: Mapping) -> bool:
     except OSError:
         return False
     m = _DIGEST.search(head)
-    return bool(m) and m.group(1) == state_digest(state)
+    return bool(m) and m.group(1) == state_digest(state, manifest)
 
 
 def _last_epoch(run: Path) -> dict[str, str]:
@@ -344,7 +347,7 @@ def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> st
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta name="pipeline-report" content="{state_digest(state)}">'
+            f'<meta name="pipeline-report" content="{state_digest(state, manifest)}">'
             f"<title>{html.escape(manifest.path.name)}: run report</title><style>{CSS}</style></head>"
             f"<body>{''.join(parts)}</body></html>\n")
 
