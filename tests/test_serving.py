@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -158,7 +159,7 @@ def test_predict_and_profile_on_int8_onnx_runtime(weights, coco_tree, tmp_path):
 
 def test_export_refuses_what_it_cannot_serve(tmp_path):
     r = invoke("export", "--teacher", "classic", "--out", tmp_path / "t.onnx")  # a student's option set only
-    assert r.exit_code == 2 and "No such option '--teacher'" in r.output
+    assert r.exit_code == 2 and re.search(r"No such option(: | ')--teacher", r.output), r.output  # (click 8.2.1: ': ')
     for device in (["--device", "cuda"], ["--precision", "bf16"]):  # traced on the CPU in fp32: not offered
         assert invoke("export", "--student", "fastsal_a", *device, "--out", tmp_path / "t.onnx").exit_code == 2
     r = invoke("export", "--out", tmp_path / "t.onnx")
