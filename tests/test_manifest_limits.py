@@ -49,7 +49,8 @@ def test_a_value_that_contains_itself_is_one_error_line(tmp_path):
         load_manifest(path, group=cli)
 
 
-@pytest.mark.parametrize("state", ['{"version": 1, "steps": {"label": "done"}}', '{"steps": []}', "[]"])
+@pytest.mark.parametrize("state", ['{"version": 1, "steps": {"label": "done"}}', '{"steps": []}', "[]",
+                                   '{"steps": {"a": {"settings": "x"}}}', '{"steps": {"a": {"inputs": []}}}'])
 def test_a_state_file_out_of_shape_is_one_sentence(tmp_path, state):
     from pipeline.manifest.runner import RunnerError, load_state
 

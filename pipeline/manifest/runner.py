@@ -79,9 +79,17 @@ def load_state(workdir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunnerError(f"cannot read the state file {path}: {e}; delete it to start over") from None
     if not isinstance(state, dict) or not isinstance(state.get("steps"), dict) or not all(
-            isinstance(record, dict) for record in state["steps"].values()):
+            isinstance(record, dict) and all(record.get(k) is None or isinstance(record[k], t)
+                                             for k, t in RECORD_TYPES.items())
+            for record in state["steps"].values()):
         raise RunnerError(f"{path} is not a state file of `pipeline run`; delete it to start over")
     return state
+
+
+#: the type of each field of a step's record that the runner reads as such (None, or absent, is allowed): a
+#: hand-edited record of other types was a traceback
+RECORD_TYPES = {"settings": dict, "needs": dict, "inputs": dict, "args": list, "fingerprint": str, "status": str,
+                "command": str, "code_version": str, "output": str, "started": str, "ended": str}
 
 
 def save_state(workdir: Path, state: dict) -> None:
