@@ -718,6 +718,21 @@ def test_a_checkpoint_the_filesystem_refuses_is_one_sentence_and_the_last_one_st
     assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "epoch-0000.pt"
 
 
+def test_a_long_setting_that_differs_is_shown_where_it_differs():
+    """Values were cut at 57 characters: two label folders differing at their ends read the same there and now."""
+    from pipeline.train.config import TrainConfig, TrainError
+    from pipeline.train.loop import check_resumable
+
+    base = "/data/" + "a-rather-long-folder-name-for-the-dataset/" * 2
+    then = TrainConfig(labels=(base + "train-v1",), run="r")
+    with pytest.raises(TrainError) as e:
+        check_resumable(Path("r/epoch-0000.pt"), {"config": then.resume_key(), "student_options": {}},
+                        TrainConfig(labels=(base + "train-v2",), run="r"), {}, {})
+    said = str(e.value)
+    assert said.startswith("r/epoch-0000.pt was trained with other settings (labels ...") and "train-v1\"] there" \
+        in said and "train-v2\"] now" in said, said
+
+
 def test_the_two_newest_checkpoints_are_kept_by_epoch_number_past_epoch_9999(tmp_path):
     """Names were compared as text: epoch-10000.pt sorts before epoch-9999.pt, and was deleted as it was written."""
     from pipeline.train.checkpoints import save_checkpoint

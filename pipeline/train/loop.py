@@ -495,11 +495,15 @@ def check_resumable(path: Path, ckpt: dict, config: TrainConfig, options: dict, 
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
 
-        def shown(v) -> str:
-            text = json.dumps(v)
-            return text if len(text) <= 60 else text[:57] + "..."
+        def shown(v, other) -> str:  # a long value around where it first differs from the other (two long
+            text, them = json.dumps(v), json.dumps(other)  # paths cut at the same place read the same)
+            if len(text) <= 60:
+                return text
+            start = max(0, min(len(os.path.commonprefix([text, them])) - 20, len(text) - 57))
+            return ("..." if start else "") + text[start:start + 57] + ("..." if start + 57 < len(text) else "")
 
-        said = "; ".join(f"{k} {shown(theirs.get(k))} there, {shown(ours.get(k))} now" for k in diff)
+        said = "; ".join(f"{k} {shown(theirs.get(k), ours.get(k))} there, {shown(ours.get(k), theirs.get(k))} now"
+                         for k in diff)
         raise TrainError(f"{path} was trained with other settings ({said}); use another --run or --restart")
 
 
