@@ -718,6 +718,24 @@ def test_a_checkpoint_the_filesystem_refuses_is_one_sentence_and_the_last_one_st
     assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "epoch-0000.pt"
 
 
+def test_logs_cut_short_by_a_crash_or_of_other_columns_are_kept_on_resume(tmp_path, capsys):
+    """A resume trims the logs to the epochs it keeps. A NUL tail (a crash mid-write) was `Error: invalid literal
+    for int()`, naming no file, and a file of other columns was emptied without a word."""
+    from pipeline.train.logs import LOSS_HEADER, keep_rows
+
+    losses = tmp_path / "losses.csv"
+    losses.write_bytes(b"epoch,step,global_step,loss\n0,0,1,0.5\n1,0,2,0.4\n2,0,3,0.3\n3,0,\0\0\0\0")
+    keep_rows(losses, LOSS_HEADER, 2)
+    assert losses.read_text() == "epoch,step,global_step,loss\n0,0,1,0.5\n1,0,2,0.4\n"
+    assert capsys.readouterr().err == f"warning: {losses}: left out 1 unreadable row (cut short by a crash)\n"
+
+    old = "epoch,step,loss\n0,0,0.5\n"
+    losses.write_text(old)
+    keep_rows(losses, LOSS_HEADER, 2)
+    assert losses.read_text() == "epoch,step,global_step,loss\n" and (tmp_path / "losses.csv.old").read_text() == old
+    assert f"its rows are kept in {tmp_path / 'losses.csv.old'}" in capsys.readouterr().err
+
+
 def test_a_long_setting_that_differs_is_shown_where_it_differs():
     """Values were cut at 57 characters: two label folders differing at their ends read the same there and now."""
     from pipeline.train.config import TrainConfig, TrainError

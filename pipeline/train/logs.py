@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from pipeline.common.atomic import atomic_open
@@ -22,13 +23,30 @@ VAL_KEYS = tuple(METRICS_HEADER[2:6])
 
 def keep_rows(path: Path, header: list[str], before_epoch: int) -> None:
     """Rewrite ``path`` atomically with its rows of epochs before ``before_epoch`` (an interrupted
-    epoch's rows are dropped: that epoch runs again)."""
-    rows = []
+    epoch's rows are dropped: that epoch runs again). A row a crash cut short (a tail of NUL bytes) is left
+    out with a ``warning:``; a file of other columns (edited, or of another version) is kept beside it as
+    ``<name>.old``, said in a ``warning:``, not emptied."""
+    rows, bad = [], 0
     if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            if next(reader, None) == header:
-                rows = [r for r in reader if r and int(r[0]) < before_epoch]
+        lines = path.read_text(errors="replace").splitlines()
+        bad = sum(1 for line in lines[1:] if "\0" in line and line.strip("\0"))  # (a tail of NULs alone: nothing)
+        reader = csv.reader(line for line in lines if "\0" not in line)
+        first = next(reader, None)
+        if first == header:
+            for r in reader:
+                if r and (len(r) != len(header) or not r[0].isdigit()):
+                    bad += 1
+                elif r and int(r[0]) < before_epoch:
+                    rows.append(r)
+        elif first is not None:
+            bad = 0  # (all of it is kept aside)
+            aside = path.with_name(path.name + ".old")
+            os.replace(path, aside)
+            print(f"warning: {path} has other columns than this run writes; its rows are kept in {aside}, and "
+                  f"{path.name} starts again from this epoch", file=sys.stderr)
+    if bad:
+        print(f"warning: {path}: left out {bad} unreadable row{'s' if bad > 1 else ''} (cut short by a crash)",
+              file=sys.stderr)
     with atomic_open(path, "w") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(header)
