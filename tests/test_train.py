@@ -983,7 +983,8 @@ def test_a_run_that_resumes_reads_its_checkpoint_not_the_start_it_was_given(smal
 def test_resuming_with_another_number_of_processes_or_loader_workers_is_said(small_labels, tmp_path):
     """The effective batch changes with the data-parallel world: allowed (a run moves to other machines), but a
     2-worker run resumed by one process halved it without a word. Another --workers (the loader processes, which
-    split the shards) changes the data order from there on: a note, once, and none where it is unchanged."""
+    split the shards) changes the data order from there on, another --steps-per-epoch the images an epoch takes: a
+    note, once, and none where it is unchanged."""
     run = tmp_path / "run"
     one = ["train", "--labels", small_labels, "--run", run, "--steps-per-epoch", 1, *FAST]
     assert invoke(*one, "--epochs", 1).exit_code == 0
@@ -1001,6 +1002,11 @@ def test_resuming_with_another_number_of_processes_or_loader_workers_is_said(sma
     assert r.exit_code == 0, r.output
     assert r.stderr.count("note: epoch-0001.pt was trained with --workers 0, this run has 1: the loader workers split "
                           "the shards between them, so the images come in another order") == 1, r.stderr
+    assert "--steps-per-epoch" not in r.stderr  # (1 both times)
+    r = invoke(*one, "--epochs", 4, "--workers", 1, "--steps-per-epoch", 2)  # (changed without a word, it was)
+    assert r.exit_code == 0 and r.stderr.count("note: epoch-0002.pt was trained with --steps-per-epoch 1, this run "
+                                               "has 2: its epochs take another number of images from here") == 1, \
+        r.stderr
 
 
 # -- ground truth (Eq. 2's second term) ----------------------------------------------------------------------------

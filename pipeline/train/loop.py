@@ -320,6 +320,14 @@ class Trainer:
             print(f"note: {path.name} was trained with --workers {loaders}, this run has {self.config.workers}: the "
                   "loader workers split the shards between them, so the images come in another order from here "
                   "than in an uninterrupted run", file=sys.stderr)
+        capped = ckpt.get("steps_per_epoch", self.config.steps_per_epoch)  # (checkpoints before stop 29 do not say)
+        if capped != self.config.steps_per_epoch and self.rank == 0:  # allowed: a longer run of the same settings
+
+            def said(n):
+                return str(n) if n else "none (every image)"
+            print(f"note: {path.name} was trained with --steps-per-epoch {said(capped)}, this run has "
+                  f"{said(self.config.steps_per_epoch)}: its epochs take another number of images from here",
+                  file=sys.stderr)
         return True
 
     def save(self, epoch: int) -> Path:
@@ -327,7 +335,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
             "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
-            "world": self.world, "loader_workers": self.config.workers,
+            "world": self.world, "loader_workers": self.config.workers, "steps_per_epoch": self.config.steps_per_epoch,
             "student_options": self.model.options(), "stage": self.config.stage,
             "labels": self.labels.made_with()})
 
