@@ -459,6 +459,8 @@ BAD = {
     "unknown_step_ref": ("steps:\n" + STEP + "  b:\n    run: label\n    with:\n      source: folder\n"
                          "      teacher: classic\n      images: ${steps.c.out}\n", 10, "names unknown step 'c'"),
     "duplicate_key": ("steps:\n" + STEP + "  a:\n    run: label\n", 5, "duplicate key 'a' (first at line 2)"),
+    "duplicate_key_in_a_step": ("steps:\n  a:\n    run: eval\n    with: {checkpoint: x}\n    run: label\n", 5,
+                                "duplicate key 'run' (first at line 3)"),  # alone: not the other command's options
     "unknown_step_key": ("steps:\n" + STEP + "    resourcs: {gpus: 1}\n", 5, "unknown key 'resourcs'"),
     "unknown_resource": ("steps:\n" + STEP + "    resources: {cpu: 1}\n", 5,
                          "step 'a': unknown resource 'cpu' (did you mean 'cpus'?)"),
@@ -484,6 +486,8 @@ def test_bad_manifest_is_refused_with_file_and_line(case, fresh):
     assert result.exit_code == 2, result.output
     assert f"Error: {case}.yaml:{line}: " in result.output and message in result.output, result.output
     assert not Path("runs").exists()  # nothing was started
+    if case == "duplicate_key_in_a_step":
+        assert result.output.count("Error: ") == 1, result.output
 
 
 @pytest.mark.parametrize("when", ["reading the manifest", "planning"])

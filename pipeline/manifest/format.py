@@ -717,9 +717,15 @@ class _Loader:
         for cycle in cycles:  # a -> b: a needs b
             self.error(self.doc.at("steps", cycle[0]), "cycle in needs: " + " -> ".join(cycle))
         broken: set[str] = {n for n, d in decl.items() if not d["ok"]} | (set(decl) - set(order))
+        # a step with a key given twice is that one error: which value was meant is unknown, and the options of
+        # the other command (the last `run:`) said first, six lines of them, hid it
+        doubled = {p[1] for p, _, _ in self.doc.duplicates if len(p) > 2 and p[0] == "steps"}
         steps: dict[str, Step] = {}
         for name in order + [n for n in decl if n not in order]:
             body = decl[name]["body"]
+            if name in doubled:
+                broken.add(name)
+                continue
             if not isinstance(body.get("run"), str) or not isinstance(body.get("with") or {}, dict):
                 continue
             step = self._resolve_step(name, decl[name], deps[name], workdir, manifest_vars, steps)
