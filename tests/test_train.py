@@ -643,6 +643,22 @@ def test_one_train_per_run_folder(small_labels, tmp_path):
                                 f"does not, delete {run / '.lock'}" in r.output
 
 
+def test_sigterm_stops_a_training_run_as_ctrl_c_does(small_labels, tmp_path):
+    """`kill PID` (`timeout`, Slurm's and Kubernetes' stop) ended `pipeline train` at once, exit status 143,
+    without a word and with its lock left behind; it is Ctrl-C's line and exit status 130, the lock let go."""
+    import signal
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--labels", small_labels, "--run", run,
+                             "--epochs", "1000", *FAST], stderr=subprocess.PIPE, text=True)
+    said = [proc.stderr.readline()]  # the first line (the initial weights) is written once the lock is held
+    proc.send_signal(signal.SIGTERM)
+    said += proc.stderr.readlines()
+    assert proc.wait(timeout=60) == 130, said
+    assert said[-1] == "interrupted: the run resumes after its last finished epoch when the same command runs again\n"
+    assert not (run / ".lock").exists()
+
+
 def test_the_next_epochs_loader_starts_before_this_epoch_ends_and_changes_nothing(small_labels, tmp_path,
                                                                                    monkeypatch):
     """With loader workers, each epoch's shard loader (its processes, its first batches) is started a few steps

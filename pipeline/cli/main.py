@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 
@@ -39,8 +40,15 @@ for _command in (label_cmd, verify_cmd, weights_group, train_cmd, teachers_cmd, 
     cli.add_command(_command)
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     warnings.showwarning = _one_line_warning  # the command line only: tests and notebooks keep their own
+    # SIGTERM (`kill PID`, `timeout`, Slurm's and Kubernetes' stop) is taken as Ctrl-C is: one `interrupted:` line,
+    # exit status 130, the lock let go (it ended the process at once, status 143, without a word)
+    signal.signal(signal.SIGTERM, _terminated)
     peer = launched()
     if peer and peer[0] != 0:  # under torchrun every process parses the same command line: process 0 alone
         click.UsageError.show = lambda self, file=None: None  # says what is wrong with it (the exit code stays 2)
