@@ -718,6 +718,32 @@ def test_an_out_folder_inside_the_image_folder_is_not_read_as_images_and_odd_ent
     assert "0 written, 1 already done" in again.output, again.output
 
 
+def test_maps_predict_wrote_inside_the_image_folder_are_not_labelled_as_photos(tmp_path):
+    """`predict --images photos --out photos/maps`, then `label folder --images photos`: the maps were labelled
+    as photos (38 images for 19, keys such as maps__astronaut_png), and a manifest's label step went stale; they
+    are left out with a note, as `predict` leaves other runs' outputs out."""
+    from pipeline.manifest.steps import COMMANDS
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("coffee", "chelsea"):
+        write_jpeg(photos / f"{name}.jpg", photo(name, 96))
+    params = {"source": "folder", "images": str(photos), "out": str(tmp_path / "labels")}
+    (_, listing), = COMMANDS["label"].reads(params).values()
+    before = listing()
+    maps = photos / "maps"
+    maps.mkdir()
+    cv2.imwrite(str(maps / "coffee.png"), np.zeros((96, 96), np.uint8))
+    (maps / "predictions.json").write_text(json.dumps({"model": "fastsal_a", "maps": 1, "failures": []}))
+    assert listing() == before  # the manifest's step is not stale for it
+    r = CliRunner().invoke(cli, ["label", "folder", "--teacher", "classic", "--images", str(photos), "--out",
+                                 str(tmp_path / "labels"), "--executor", "local", "--no-progress", "--image-size",
+                                 "64x96"])
+    assert r.exit_code == 0, r.output
+    assert f"note: left out 1 folder of other runs' maps or labels below {photos} (maps)" in r.output
+    assert "images labelled                2" in r.output, r.output
+
+
 def test_errors_keep_their_cause_in_one_line():
     import ray.exceptions
 

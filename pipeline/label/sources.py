@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from pipeline.common.locks import LOCK_NAME, read_holder
+from pipeline.label.shards import index_problem
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -246,3 +249,44 @@ def plan_shards(records: list[ImageRecord], shard_size: int) -> list[ShardPlan]:
         ShardPlan(index=i // shard_size, records=tuple(records[i : i + shard_size]))
         for i in range(0, len(records), shard_size)
     ]
+
+
+def _ours(folder: Path, files: list[str]) -> bool:
+    """Whether ``folder`` holds the mark of a pipeline output, as the pipeline writes it (a file of that name
+    written by another tool is not one): a map folder's ``predictions.json``, a label folder's ``labels.json``,
+    the lock of one being written, or the comparison sheets beside an HDF5 of maps (``<stem>_compare/``)."""
+    def read(name):
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    if "predictions.json" in files:
+        doc = read("predictions.json")
+        if isinstance(doc, dict) and {"model", "maps", "failures"} <= set(doc):
+            return True
+    if "labels.json" in files and not index_problem(read("labels.json")):
+        return True
+    if LOCK_NAME in files and read_holder(folder / LOCK_NAME) is not None:
+        return True
+    return folder.name.endswith("_compare") and (folder.parent / f"{folder.name[:-len('_compare')]}.h5").is_file()
+
+
+def pipeline_outputs(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` that another `pipeline predict` or `pipeline label` wrote (or is writing):
+    their maps, previews and sheets are no input images."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        if root != str(folder) and _ours(Path(root), files):
+            found.append(Path(root))
+            dirs[:] = []
+        else:
+            dirs.sort()
+    return found
+
+
+def outputs_note(folder: Path, found: list[Path]) -> str:
+    """The ``note:`` line saying that :func:`pipeline_outputs`' ``found`` below ``folder`` are left out."""
+    shown = ", ".join(str(p.relative_to(folder)) for p in found[:3]) + (", …" if len(found) > 3 else "")
+    return (f"note: left out {len(found)} folder{'s' if len(found) > 1 else ''} of other runs' maps or labels below "
+            f"{folder} ({shown})")

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping
 from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
-from pipeline.label.sources import IMAGE_SUFFIXES
+from pipeline.label.sources import IMAGE_SUFFIXES, pipeline_outputs
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
 from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record, load_checkpoint, load_resumable
 
@@ -109,16 +109,17 @@ def _listing(folder: Path, skip: Callable[[], set[str]] = set) -> str | None:
 
 def _label_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[[], str | None]]]:
     """A folder source's images: every file with an image suffix below it (as `pipeline label` lists them, its
-    own label folders left out), by name, size and mtime: an image added, removed or replaced makes the step
+    own label folders and other runs' outputs left out), by name, size and mtime: an image added, removed or replaced makes the step
     stale. (For a COCO source, declare its annotation file in ``inputs``.)"""
     if params["source"] != "folder" or params.get("images") is None:
         return {}
     images = Path(params["images"])
 
-    def label_folders() -> set[str]:
+    def label_folders() -> set[str]:  # (and other runs' outputs there, which `pipeline label` leaves out too)
         from teachers.registry import available
 
-        return set() if "://" in str(params["out"]) else {
+        outputs = {os.path.realpath(p) for p in pipeline_outputs(images)} if images.is_dir() else set()
+        return outputs if "://" in str(params["out"]) else outputs | {
             os.path.realpath(Path(str(params["out"])) / t) for t in available()}
 
     return {"images": (str(images), lambda: _listing(images, label_folders))}

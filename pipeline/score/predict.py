@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -30,15 +29,15 @@ import numpy as np
 
 from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
-from pipeline.common.locks import LOCK_NAME, FolderLock, read_holder
+from pipeline.common.locks import LOCK_NAME, FolderLock
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import as_path, is_url, local_place
 from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import NOT_FINITE, Predictor
-from pipeline.label.shards import enclosing_label_folder, index_problem
-from pipeline.label.sources import SourceError, folder_records, left_out_note
+from pipeline.label.shards import enclosing_label_folder
+from pipeline.label.sources import SourceError, folder_records, left_out_note, outputs_note, pipeline_outputs
 
 FORMATS = ("png", "hdf5")
 
@@ -99,9 +98,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     own = [] if local_out is None else [local_out, compare_folder(local_out, fmt)]
     others = [p for p in pipeline_outputs(folder) if p.resolve() not in {o.resolve() for o in own}]
     if others:
-        shown = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (", …" if len(others) > 3 else "")
-        print(f"note: left out {len(others)} folder{'s' if len(others) > 1 else ''} of other runs' maps or labels "
-              f"below {folder} ({shown})", file=sys.stderr)
+        print(outputs_note(folder, others), file=sys.stderr)
     skipped: list[str] = []
     records = folder_records(folder, exclude=[*others, *own], others=skipped,
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
@@ -227,40 +224,6 @@ def label_folder_as_images(folder) -> str:
         return ""
     return (f"{folder} is a label folder of `pipeline label` (its images are inside its shards, which predict does "
             "not read): give the folder of the photos (`pipeline eval --labels` scores a model on a label folder)")
-
-
-def _ours(folder: Path, files: list[str]) -> bool:
-    """Whether ``folder`` holds the mark of a pipeline output, as the pipeline writes it (a file of that name
-    written by another tool is not one): a map folder's ``predictions.json``, a label folder's ``labels.json``,
-    the lock of one being written, or the comparison sheets beside an HDF5 of maps (``<stem>_compare/``)."""
-    def read(name):
-        try:
-            return json.loads((folder / name).read_text())
-        except (OSError, ValueError):
-            return None
-
-    if "predictions.json" in files:
-        doc = read("predictions.json")
-        if isinstance(doc, dict) and {"model", "maps", "failures"} <= set(doc):
-            return True
-    if "labels.json" in files and not index_problem(read("labels.json")):
-        return True
-    if LOCK_NAME in files and read_holder(folder / LOCK_NAME) is not None:
-        return True
-    return folder.name.endswith("_compare") and (folder.parent / f"{folder.name[:-len('_compare')]}.h5").is_file()
-
-
-def pipeline_outputs(folder: Path) -> list[Path]:
-    """The subfolders of ``folder`` that another `pipeline predict` or `pipeline label` wrote (or is writing):
-    their maps, previews and sheets are no input images."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        if root != str(folder) and _ours(Path(root), files):
-            found.append(Path(root))
-            dirs[:] = []
-        else:
-            dirs.sort()
-    return found
 
 
 def utf8(name: str) -> bool:
