@@ -744,6 +744,21 @@ def test_maps_predict_wrote_inside_the_image_folder_are_not_labelled_as_photos(t
     assert "images labelled                2" in r.output, r.output
 
 
+def test_a_smaller_shard_size_on_finished_shards_is_said_not_silently_ignored(tmp_path):
+    """A folder labelled into one shard of 1000 (the default) cannot be trained (no shard left to train on when
+    one is held out); labelling it again with --shard-size 4 wrote nothing, "1 already done", without a word."""
+    args = ["label", "coco", "--teacher", "classic", "--coco-root", str(SAMPLE), "--split", "val2017", "--out",
+            str(tmp_path), "--executor", "local", "--no-progress", "--image-size", "64x96"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "note:" not in again.output, again.output
+    smaller = CliRunner().invoke(cli, [*args, "--shard-size", "4"])
+    assert smaller.exit_code == 0 and "0 written, 1 already done" in smaller.output
+    assert (f"note: 1 finished shard of {tmp_path / 'classic' / 'val2017'} holds more than --shard-size 4 images "
+            "(labelled with a larger one), kept as made; --overwrite labels every image again in shards of 4") \
+        in smaller.output, smaller.output
+
+
 def test_errors_keep_their_cause_in_one_line():
     import ray.exceptions
 

@@ -245,7 +245,9 @@ def test_hint_stage_regresses_the_teachers_features_and_starts_fastsal_a(small_l
      "sact has no hint stage (its features do not match a teacher's) and no student with one has its encoder: "
      "train it with --stage finetune"),
     (["--student", "fastsal_c", "--stage", "hint"], "the hint stage needs --teacher"),
-    (["--val-shards", "3"], "--val-shards 3 leaves no training shard (there are 3)"),
+    (["--val-shards", "3"], "--val-shards 3 leaves no training shard (there are 3): label the images into more "
+                            "shards (`pipeline label … --shard-size N --overwrite`), or hold out a label folder of its "
+                            "own with --val-labels"),
     (["--student", "fastsal_c", "--stage", "hint", "--teacher", "classic"],
      "teacher 'classic' has no intermediate features for the hint stage; use salgan"),
     (["--teacher", "salgan"], "--teacher is for the hint stage (--stage hint)"),

@@ -413,6 +413,13 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         print(f"note: {n} finished shard{'s' if n > 1 else ''} of {folder} {'were' if n > 1 else 'was'} made with "
               f"other settings ({first}: {why}): relabelling {'them' if n > 1 else 'it'} (--overwrite-changed)",
               file=sys.stderr)
+    kept = {m.get("index") for m in split.done}
+    larger = sum(1 for p in plans if p.index in kept and len(p.records) > shard_size)
+    if larger:  # --shard-size is not a setting of a finished shard's labels: it is kept at its size, and was silently
+        many = larger > 1
+        print(f"note: {larger} finished shard{'s' if many else ''} of {folder} {'hold' if many else 'holds'} more than "
+              f"--shard-size {shard_size} images (labelled with a larger one), kept as made; --overwrite labels every "
+              f"image again in shards of {shard_size}", file=sys.stderr)
     if decode != own and todo:
         print(f"note: --decode auto decodes {decode!r}, as the finished shards of {folder} were decoded (on its "
               f"own it would take {own!r}; --decode {'|'.join(DECODE_PATHS)} chooses)", file=sys.stderr)

@@ -221,7 +221,9 @@ def open_label_sets(folders) -> LabelSet:
 def split_shards(tars: tuple[str, ...], val_shards: int) -> tuple[list[str], list[str]]:
     """The last ``val_shards`` shards are held out for validation."""
     if val_shards >= len(tars):
-        raise DataError(f"--val-shards {val_shards} leaves no training shard (there are {len(tars)})")
+        raise DataError(f"--val-shards {val_shards} leaves no training shard (there are {len(tars)}): label the "
+                        "images into more shards (`pipeline label … --shard-size N --overwrite`), or hold out a "
+                        "label folder of its own with --val-labels")
     cut = len(tars) - val_shards
     return list(tars[:cut]), list(tars[cut:])
 
