@@ -1145,6 +1145,20 @@ def test_an_eval_or_profile_report_emptied_or_cut_short_is_not_up_to_date(tmp_pa
         report.unlink()
 
 
+def test_an_export_steps_model_deleted_is_made_again(fresh):
+    """`export` had no entry among the commands the runner knows: a deleted .onnx stayed "up to date" for good."""
+    Path("m.yaml").write_text("workdir: runs/m\nsteps:\n  onnx:\n    run: export\n"
+                              "    with: {student: fastsal_a, weights: random, image_size: 64x96}\n")
+    first = invoke("run", "m.yaml")
+    assert first.exit_code == 0 and Path("runs/m/onnx/model.onnx").is_file(), first.output
+    Path("runs/m/onnx/model.onnx").unlink()
+    m = load_manifest("m.yaml", group=cli)
+    (item,) = make_plan(m, load_state(m.workdir))
+    assert item.action == "run" and "model.onnx not written" in item.reason, item.reason
+    again = invoke("run", "m.yaml")
+    assert again.exit_code == 0 and Path("runs/m/onnx/model.onnx").is_file(), again.output
+
+
 def test_renaming_an_upstream_step_that_makes_the_same_output_remakes_nothing_below_it(maker, tmp_path):
     """`a` renamed `first` (its output where it was): `first` runs (never run under that name) and makes the same
     output; `b` below it was made again, as "now needs first; no longer needs a". A real change still counts."""

@@ -343,6 +343,14 @@ COMMANDS: dict[str, CommandSpec] = {
         urls=frozenset({"out"}),
         must_exist=lambda params: ("root",),
     ),
+    "export": CommandSpec(  # (without an entry, a deleted .onnx was never made again: its step stayed up to date)
+        defaults={"out": lambda workdir, step: workdir / step / "model.onnx"},
+        output=lambda params: as_path(params["out"]),
+        verify=_verify_file,
+        digest=_digest_file,
+        urls=frozenset({"checkpoint", "out"}),
+        must_exist=lambda params: ("calibration",),
+    ),
     "profile": CommandSpec(
         defaults={"out": lambda workdir, step: workdir / step / "profile.json"},
         output=lambda params: as_path(params["out"]),
