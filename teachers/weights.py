@@ -409,6 +409,10 @@ def load_state_dict(path: str | Path) -> dict:
         raise WeightsError(f"weights file not found: {path}")
     if _head(path, 6) == b"\x93NUMPY":
         raise WeightsError(f"{path} is a numpy .npy array, not a torch checkpoint (read it with load_numpy)")
+    if path.suffix.lower() == ".onnx":  # (its protobuf failed as "Unsupported operand 8" of a pickle)
+        raise WeightsError(f"{path} is an ONNX model (what `pipeline export` writes), not a torch checkpoint: give "
+                           "the run folder or checkpoint it was exported from, or run it with ONNX Runtime (CLI.md, "
+                           "`pipeline export`)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file…

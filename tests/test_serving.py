@@ -157,6 +157,16 @@ def test_predict_and_profile_on_int8_onnx_runtime(weights, coco_tree, tmp_path):
     assert not (tmp_path / "s.onnx").exists()
 
 
+def test_an_exported_model_given_to_predict_as_a_checkpoint_is_one_line(tmp_path):
+    """It said "not a torch checkpoint: its pickle does not load as tensors: Unsupported operand 8"."""
+    model = tmp_path / "a.onnx"
+    assert invoke("export", "--student", "fastsal_a", "--weights", "random", "--image-size", "64x96", "--out",
+                  model).exit_code == 0
+    r = invoke("predict", "--checkpoint", model, "--images", tmp_path, "--out", tmp_path / "maps")
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {model} is an ONNX model (what `pipeline export` writes)")
+    assert len(r.output.splitlines()) == 1, r.output
+
+
 def test_export_refuses_what_it_cannot_serve(tmp_path):
     r = invoke("export", "--teacher", "classic", "--out", tmp_path / "t.onnx")  # a student's option set only
     assert r.exit_code == 2 and re.search(r"No such option(: | ')--teacher", r.output), r.output  # (click 8.2.1: ': ')

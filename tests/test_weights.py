@@ -410,6 +410,18 @@ def test_a_pickled_model_is_refused_unrun_with_what_to_save_instead(tmp_path):
                             "code: save the model's state_dict() instead)")
 
 
+def test_an_onnx_model_given_as_a_checkpoint_says_what_it_is(tmp_path):
+    """`predict --checkpoint serving/a.onnx` said "not a torch checkpoint: … Unsupported operand 8"."""
+    import onnx
+
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), tmp_path / "a.onnx")
+    with pytest.raises(WeightsError) as e:
+        load_state_dict(tmp_path / "a.onnx")
+    assert str(e.value) == (
+        f"{tmp_path / 'a.onnx'} is an ONNX model (what `pipeline export` writes), not a torch checkpoint: give "
+        "the run folder or checkpoint it was exported from, or run it with ONNX Runtime (CLI.md, `pipeline export`)")
+
+
 def test_load_state_dict_not_a_dict(tmp_path):
     torch.save(torch.zeros(2), tmp_path / "t.pth")
     with pytest.raises(WeightsError, match="not a state dict"):
