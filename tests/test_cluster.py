@@ -91,6 +91,35 @@ def test_sigterm_while_ray_runs_is_the_interrupt_ctrl_c_is():
     assert signal.getsignal(signal.SIGTERM) == outer
 
 
+def test_sigterm_while_ray_starts_is_held_and_is_the_interrupt_ctrl_c_is_once_it_has_started():
+    """`kill PID` while `ray.init` ran reached Ray's handlers: exit 15 without a word, or Ray's C++ crash dump
+    (status 134) with its processes left. It is held back in the main thread while Ray starts (and stops), and
+    where another thread takes it (OpenMP's, here) Ray's own `sys.exit(15)` is taken as Ctrl-C: the command
+    stops as on Ctrl-C either way. After Ray, the handler from before Ray is back, not the one `ray.init` set."""
+    from pipeline.common.ray_cluster import _started
+
+    def interrupt(signum, frame):  # as `pipeline`'s main() has it
+        raise KeyboardInterrupt
+
+    def rays(signum, frame):  # what ray.init installs
+        raise SystemExit(15)
+
+    outer = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        def init():
+            signal.signal(signal.SIGTERM, rays)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # (Python runs a handler between two bytecodes of the main thread)
+
+        with pytest.raises(KeyboardInterrupt):
+            with _started(init, "could not start a local Ray", None):
+                pytest.fail("the block ran")
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -266,21 +266,72 @@ def terminate_as_interrupt():
 def _started(init, failure: str, show: tuple[str, ...] | None):
     """Ray started by ``init`` (Ctrl-C held back until it has: :func:`interrupts_after`; a failure is ``failure``
     and Ray's first line), the output of only ``show``'s actors forwarded, then the block; Ray shut down after."""
+    import signal
+
     import ray
 
-    with interrupts_after() as interrupted:
-        try:
-            init()
-        except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
-            raise RayClusterError(f"{failure} ({_first_line(e)})") from None
+    outer = _hold_sigterm()  # while Ray starts and stops: its own handlers then exited 15 without a word, or
+    try:  # printed a C++ crash dump (status 134) and left Ray's processes behind
+        with interrupts_after() as interrupted:
+            try:
+                init()
+            except SystemExit as e:  # Ray's own SIGTERM handler while it started, sys.exit(15), reached from
+                if e.code != signal.SIGTERM:  # a thread of the process that does not hold SIGTERM back (OpenMP's)
+                    raise
+                ray.shutdown()
+                raise KeyboardInterrupt from None
+            except Exception as e:  # noqa: BLE001 - one sentence, not Ray's traceback
+                raise RayClusterError(f"{failure} ({_first_line(e)})") from None
+    except BaseException:
+        _release_sigterm(outer)
+        raise
     try:
         with terminate_as_interrupt():  # (installed after ray.init, which sets a handler of its own)
+            _unblock_sigterm()  # one that came meanwhile is a KeyboardInterrupt here
             interrupted()
             if show is not None:
                 _forward_only(show)
             yield
     finally:
-        ray.shutdown()
+        _hold_sigterm()
+        try:
+            ray.shutdown()
+        finally:
+            _release_sigterm(outer)  # the handler from before Ray (not the one ray.init left)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _hold_sigterm():
+    """Block SIGTERM in this (the main) thread, and the threads it starts meanwhile; returns its handler now."""
+    import signal
+
+    if not _main_thread():
+        return None
+    outer = signal.getsignal(signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    return outer
+
+
+def _unblock_sigterm() -> None:
+    import signal
+
+    if _main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _release_sigterm(outer) -> None:
+    """Put ``outer`` back as SIGTERM's handler, then let SIGTERM in (one held meanwhile reaches it now)."""
+    import signal
+
+    if not _main_thread():
+        return
+    signal.signal(signal.SIGTERM, outer if outer is not None else signal.SIG_DFL)
+    _unblock_sigterm()
 
 
 @contextlib.contextmanager
