@@ -262,6 +262,10 @@ def test_ctrl_c_in_label_or_train_says_what_is_kept_and_exits_130(tmp_path, samp
             (["label", "coco", "--teacher", "classic", "--coco-root", samples, "--out", tmp_path / "labels"],
              "interrupted: the finished shards are kept (each has its marker); run the same command again to label "
              "the rest"),
+            (["label", "coco", "--teacher", "classic", "--coco-root", samples, "--out", tmp_path / "labels",
+              "--overwrite"],  # (it said to run it again: that starts over)
+             "interrupted: the finished shards are kept (each has its marker); the same command, with --overwrite, "
+             "labels every shard again"),
             (["train", "--labels", sample_labels, "--run", tmp_path / "run"],
              "interrupted: the run resumes after its last finished epoch when the same command runs again"),
             (["train", "--labels", sample_labels, "--run", tmp_path / "run", "--restart"],  # (as it was, anew again)

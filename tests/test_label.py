@@ -759,6 +759,38 @@ def test_a_smaller_shard_size_on_finished_shards_is_said_not_silently_ignored(tm
         in smaller.output, smaller.output
 
 
+def test_a_shard_stream_stopped_after_its_end_was_queued_leaves_no_temp_tar(tmp_path):
+    """Ctrl-C while the worker waited in `drain` (its end already queued, the writer thread ending without
+    aborting) left `.shard-000000.tar.tmp-…`, removed only by the next run."""
+    from pipeline.label.shards import TarStream
+
+    stream = TarStream(tmp_path, "shard-000000", depth=2)
+    stream.put({"__key__": "a", "txt": b"x"})
+    stream.drain()  # (where the interrupt came: the thread has written everything and ended)
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the temp tar, not finished
+    stream.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temp_tar_left_by_a_worker_killed_mid_run_is_gone_when_the_run_finishes(tmp_path, monkeypatch):
+    """A Ray actor killed mid-shard (out of memory) leaves its temp tar; its shard is retried and the run ends
+    done, but the temp file stayed (a 1000-image shard's worth) until the next run."""
+    from pipeline.label.worker import ShardLabeler
+
+    real = ShardLabeler.label_shard
+
+    def killed_once(self, plan, folder, *args, **kwargs):
+        (Path(folder) / f".{plan.name}.tar.tmp-4242-abcdef").write_bytes(b"\0" * 100)  # (as the killed one left)
+        return real(self, plan, folder, *args, **kwargs)
+
+    monkeypatch.setattr(ShardLabeler, "label_shard", killed_once)
+    r = CliRunner().invoke(cli, ["label", "coco", "--teacher", "classic", "--coco-root", str(SAMPLE), "--split",
+                                 "val2017", "--out", str(tmp_path), "--executor", "local", "--no-progress",
+                                 "--image-size", "64x96", "--shard-size", "6"])
+    assert r.exit_code == 0, r.output
+    assert not list((tmp_path / "classic" / "val2017").glob(".*.tmp-*"))
+
+
 def test_errors_keep_their_cause_in_one_line():
     import ray.exceptions
 

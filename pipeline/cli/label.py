@@ -143,8 +143,9 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
                         address=address, gpus=gpus, cpu_workers=cpu_workers, workers_per_gpu=workers_per_gpu,
                         retries=retries, progress=progress)
     except KeyboardInterrupt:
-        click.echo("interrupted: the finished shards are kept (each has its marker); run the same command again to "
-                   "label the rest", err=True)
+        again = ("the same command, with --overwrite, labels every shard again" if overwrite
+                 else "run the same command again to label the rest")
+        click.echo(f"interrupted: the finished shards are kept (each has its marker); {again}", err=True)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - every failure is one "Error: <sentence>" line, never a traceback
         raise click.ClickException(error_message(e)) from None

@@ -484,6 +484,8 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     if len(markers) == len(plans):
         for name in leftover:  # --overwrite: the old shards beyond the plan, now that the new ones are all there
             remove_shard(folder, name)
+        if not isinstance(folder, RemotePath) and not read_only:  # an actor killed mid-shard (out of memory)
+            remove_stale_temps(folder)  # left its temp tar; its retry finished the shard (the lock is held)
         finish(folder, plans, markers, identity, summary, read_only=read_only)
     summary.wall_s = time.perf_counter() - start
     return summary

@@ -427,6 +427,7 @@ class TarStream:
         self.thread: threading.Thread | None = None
         self.writer: ShardWriter | None = None
         self.error: BaseException | None = None
+        self._aborted = False  # the writer's temp file removed
         #: seconds: the producer blocked on a full queue; the writer thread waiting for encoded samples, writing
         self.seconds = {"wait_tar_queue_s": 0.0, "tar_wait_encoded_s": 0.0, "tar_write_s": 0.0}
 
@@ -468,6 +469,7 @@ class TarStream:
                 self.error = e
         if self.writer is not None and (entry is _ABORT or self.error is not None):
             self.writer.abort()
+            self._aborted = True
 
     def drain(self) -> None:
         """Wait until every sample put is in the tar; raise what went wrong on the writer thread."""
@@ -478,7 +480,11 @@ class TarStream:
             raise self.error
 
     def abort(self) -> None:
-        """Stop, and leave no temp file behind."""
+        """Stop, and leave no temp file behind (also when the writer thread has ended: interrupted in
+        :meth:`drain`, after its end was queued, the temp tar was left for the next run to remove)."""
         if self.thread is not None and self.thread.is_alive():
             self.queue.put(_ABORT)
             self.thread.join()
+        if self.writer is not None and not self._aborted:
+            self._aborted = True
+            self.writer.abort()
