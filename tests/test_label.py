@@ -597,15 +597,27 @@ def test_a_folder_that_gains_or_loses_an_image_changes_one_shard_not_every_later
     assert first.shards_done == 3 and [f["key"] for f in first.failures] == ["b_junk"]
     before = digests(out)
 
-    (folder / "b_junk.jpg").unlink()  # the junk the failure list named: nothing to relabel
+    (folder / "b_junk.jpg").unlink()  # the junk the failure list named: nothing to relabel, and no failure now
     again = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
     assert (again.shards_done, again.shards_skipped, again.shards_changed) == (0, 3, []) and digests(out) == before
+    assert (again.failures, again.failed, again.skipped) == ([], 0, 8)  # (it said 1 failed, 9 done, run after run)
+    assert "b_junk" not in (out / "shard-000000.json").read_text() and verify_dataset(out) == ""
 
     write_jpeg(folder / "aaa.jpg", photo("rocket", 80))  # sorts first: by position, every shard would move
     grown = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
     assert (grown.shards_done, grown.shards_skipped, grown.shards_changed) == (1, 3, [])
     assert {n: d for n, d in digests(out).items() if n in before} == before
     assert json.loads((out / "shard-000003.json").read_text())["keys"] == ["aaa"]
+
+    for i in range(3):  # a shard of failures alone (they sort last), then every one of them deleted
+        (folder / f"zz_junk{i}.jpg").write_bytes(b"not an image")
+    junk = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert junk.shards_done == 1 and len(junk.failures) == 3
+    for i in range(3):
+        (folder / f"zz_junk{i}.jpg").unlink()
+    cleared = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert cleared.failures == [] and cleared.shards_total == 4 and verify_dataset(out) == ""  # (it was refused:
+    assert not (out / "shard-000004.json").exists()  # "a shard beyond the 4 this run plans: the source changed")
 
     fresh = tmp_path / "fresh"  # an unfinished shard in the middle is planned as a fresh run plans it
     label(folder_records(folder), fresh, CONFIG, shard_size=3, executor="local", progress=False)

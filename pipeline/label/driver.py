@@ -153,6 +153,9 @@ class Split:
     surplus: list[str] = field(default_factory=list)  # finished shards beyond the plan (--overwrite-changed)
     strays: list[str] = field(default_factory=list)  # beyond the plan without a whole marker: unfinished, removed
     resettled: dict[str, str] = field(default_factory=dict)  # of other settings, relabelled: name -> what differs
+    #: finished shards some of whose failed images are gone from the source: their markers as they are now (the
+    #: failures and planned keys less those), to be written over the old ones (the tar is unchanged)
+    pruned: dict[str, dict] = field(default_factory=dict)
 
 
 def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrite_changed: bool = False,
@@ -187,7 +190,14 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
                         + f": {CHANGED_HINT}")
                 split.changed.append(plan.name)
                 split.todo.append(plan)
-            elif retry_failed and marker.get("failures"):
+                continue
+            gone = had - want  # failed images removed from the source: counted as failures no more
+            if gone:
+                marker = {**marker, "planned": marker["planned"] - len(gone),
+                          "planned_keys": [k for k in have if k not in gone],
+                          "failures": [f for f in marker.get("failures", []) if f["key"] not in gone]}
+                split.pruned[plan.name] = marker
+            if retry_failed and marker.get("failures"):
                 split.reuse[plan.index] = marker
                 split.todo.append(plan)
             else:
@@ -202,13 +212,18 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
             split.resettled[plan.name] = reason
         split.todo.append(plan)
     planned = {p.name for p in plans}
+    keys = {k for p in plans for k in p.keys}
     for path in sorted(folder.glob("shard-*.json")):
         marker = markers.get(path.stem) if markers is not None else read_marker(folder, path.stem)
         if path.stem not in planned and marker is not None:
+            if not marker.get("count") and not keys & set(planned_keys(marker)) and not settings_difference(
+                    marker, expect):  # every image of it failed, and every one is gone: nothing of it is left
+                split.strays.append(path.stem)
+                continue
             if not overwrite_changed:
                 raise SourceChanged(f"{path} is a shard beyond the {len(plans)} this run plans: {CHANGED_HINT}")
             split.surplus.append(path.stem)
-    split.strays = [n for n in beyond_plan(plans, folder) if n not in split.surplus]
+    split.strays += [n for n in beyond_plan(plans, folder) if n not in split.surplus and n not in split.strays]
     return split
 
 
@@ -423,16 +438,19 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
     if decode != own and todo:
         print(f"note: --decode auto decodes {decode!r}, as the finished shards of {folder} were decoded (on its "
               f"own it would take {own!r}; --decode {'|'.join(DECODE_PATHS)} chooses)", file=sys.stderr)
-    if read_only and (todo or split.surplus or split.strays or leftover):
-        n = len(todo) or len(split.surplus + split.strays + leftover)
-        raise LabelError(f"output folder is not writable: {folder} ({n} shard{'' if n == 1 else 's'} to "
-                         f"{'label' if todo else 'remove'})")
+    if read_only and (todo or split.surplus or split.strays or leftover or split.pruned):
+        removed = split.surplus + split.strays + leftover
+        n, what = (len(todo), "label") if todo else (len(removed), "remove") if removed else (len(split.pruned),
+                                                                                              "update")
+        raise LabelError(f"output folder is not writable: {folder} ({n} shard{'' if n == 1 else 's'} to {what})")
     # where the workers go (on Ray: connected, its resources known): a refused run has deleted nothing yet
     where = placement(len(todo)) if todo else None
     if todo or split.surplus:
         (folder / "labels.json").unlink(missing_ok=True)  # the dataset is not finished until every shard is
     for name in split.surplus + split.strays:
         remove_shard(folder, name)
+    for name, marker in split.pruned.items():  # (its tar as it was: the images gone had failed, it never held them)
+        write_json(marker_path(folder, name), marker)
     summary = LabelSummary(folder=folder, planned_images=len(records), shards_total=len(plans),
                            shards_skipped=len(split.done), shards_changed=split.changed + split.surplus)
     for m in split.done:
