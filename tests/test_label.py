@@ -721,6 +721,7 @@ def test_an_out_folder_inside_the_image_folder_is_not_read_as_images_and_odd_ent
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
     assert (photos / "classic" / "photos" / "preview.png").is_file()
+    assert f"{photos / 'classic' / 'photos' / 'preview.png'} (the first shard's images" in first.output  # said where
     assert "images labelled                3" in first.output and "images failed                  3" in first.output
     assert "pipe (" in first.output and "not a regular file" in first.output and "gone (" in first.output
     assert f"away ({photos / 'away.jpg'}): file not found: {tmp_path / 'elsewhere.jpg'} (a symlink's target" \

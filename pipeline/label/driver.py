@@ -77,6 +77,8 @@ class LabelSummary:
             ("images/s", f"{rate:.1f}"),
             ("output", str(self.folder)),
         ]
+        if not self.error and (self.folder / "preview.png").is_file():  # (where a person looks first)
+            rows.append(("preview", f"{self.folder / 'preview.png'} (the first shard's images and labels)"))
         return table(None, rows)
 
 
