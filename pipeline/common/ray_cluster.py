@@ -270,13 +270,14 @@ def _started(init, failure: str, show: tuple[str, ...] | None):
 
     import ray
 
-    outer = _hold_sigterm()  # while Ray starts and stops: its own handlers then exited 15 without a word, or
-    try:  # printed a C++ crash dump (status 134) and left Ray's processes behind
+    outer = _sigterm_handler()  # (put back after: ray.init leaves a handler of its own)
+    _hold_sigterm()  # while Ray starts: its C++ handler printed a crash dump (status 134) and left its processes
+    try:
         with interrupts_after() as interrupted:
             try:
                 init()
-            except SystemExit as e:  # Ray's own SIGTERM handler while it started, sys.exit(15), reached from
-                if e.code != signal.SIGTERM:  # a thread of the process that does not hold SIGTERM back (OpenMP's)
+            except SystemExit as e:  # SIGTERM while Ray started: its own handler's sys.exit(15) ended the
+                if e.code != signal.SIGTERM:  # command without a word; it is the interrupt Ctrl-C is
                     raise
                 ray.shutdown()
                 raise KeyboardInterrupt from None
@@ -293,7 +294,7 @@ def _started(init, failure: str, show: tuple[str, ...] | None):
                 _forward_only(show)
             yield
     finally:
-        _hold_sigterm()
+        _hold_sigterm()  # (Ray's handler, or a C++ one, is still set while it stops)
         try:
             ray.shutdown()
         finally:
@@ -306,21 +307,45 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _hold_sigterm():
-    """Block SIGTERM in this (the main) thread, and the threads it starts meanwhile; returns its handler now."""
+def _sigterm_handler():
+    """SIGTERM's handler now (None off the main thread)."""
     import signal
 
-    if not _main_thread():
-        return None
-    outer = signal.getsignal(signal.SIGTERM)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    return outer
+    return signal.getsignal(signal.SIGTERM) if _main_thread() else None
+
+
+_HELD = False  # SIGTERM blocked by _hold_sigterm
+
+
+def _let_sigterm_in_child() -> None:
+    """In a process forked while SIGTERM was held (Ray's daemons: they are started with a ``preexec_fn``, which
+    runs this): let it in, as ``ray shutdown`` and a process group's ``kill`` stop them with it."""
+    import signal
+
+    if _HELD:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+os.register_at_fork(after_in_child=_let_sigterm_in_child)
+
+
+def _hold_sigterm() -> None:
+    """Block SIGTERM in this (the main) thread, and the threads started meanwhile (a SIGTERM that another
+    thread, OpenMP's, takes reaches Ray's handler: its ``sys.exit(15)`` is taken as Ctrl-C by :func:`_started`)."""
+    import signal
+
+    global _HELD
+    if _main_thread():
+        _HELD = True
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def _unblock_sigterm() -> None:
     import signal
 
+    global _HELD
     if _main_thread():
+        _HELD = False
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
