@@ -598,6 +598,13 @@ def test_a_folder_that_gains_or_loses_an_image_changes_one_shard_not_every_later
     before = digests(out)
 
     (folder / "b_junk.jpg").unlink()  # the junk the failure list named: nothing to relabel, and no failure now
+    import pipeline.label.driver as driver
+
+    real_access = os.access  # (a finished folder on a read-only mount is still done, and left as it is)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(driver.os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode))
+        read_only = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
+    assert read_only.shards_skipped == 3 and "b_junk" in (out / "shard-000000.json").read_text()
     again = label(folder_records(folder), out, CONFIG, shard_size=3, executor="local", progress=False)
     assert (again.shards_done, again.shards_skipped, again.shards_changed) == (0, 3, []) and digests(out) == before
     assert (again.failures, again.failed, again.skipped) == ([], 0, 8)  # (it said 1 failed, 9 done, run after run)

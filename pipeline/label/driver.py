@@ -161,7 +161,7 @@ class Split:
 
 
 def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrite_changed: bool = False,
-               retry_failed: bool = False, markers: dict[str, dict] | None = None) -> Split:
+               retry_failed: bool = False, markers: dict[str, dict] | None = None, prune: bool = True) -> Split:
     """Sort the plans into finished shards and shards to do. Labels from other settings are an error, and
     so is a finished shard of other images (the source changed), unless ``overwrite_changed``: then both are
     relabelled (a start-over with new settings that was interrupted carries on so, keeping what it made).
@@ -169,7 +169,8 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
     A shard is finished when its marker's settings and sha256 hold and the images it planned (labelled plus
     failed, as a set) are this plan's; per-image failures are part of a finished shard. ``retry_failed``
     sends finished shards with failures back, to relabel only those images. ``markers``: the folder's whole
-    markers by shard name, as :func:`plan_around_finished` read them (else each is read here).
+    markers by shard name, as :func:`plan_around_finished` read them (else each is read here). ``prune``: drop
+    the failed images gone from the source from their markers (not on a folder this run cannot write).
     """
     split = Split()
     expect = {**identity, "encoding_version": ENCODING_VERSION}
@@ -194,7 +195,7 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
                 split.todo.append(plan)
                 continue
             gone = had - want  # failed images removed from the source: counted as failures no more
-            if gone:
+            if gone and prune:
                 marker = {**marker, "planned": marker["planned"] - len(gone),
                           "planned_keys": [k for k in have if k not in gone],
                           "failures": [f for f in marker.get("failures", []) if f["key"] not in gone]}
@@ -218,8 +219,8 @@ def split_done(plans: list[ShardPlan], folder: Path, identity: dict, *, overwrit
     for path in sorted(folder.glob("shard-*.json")):
         marker = markers.get(path.stem) if markers is not None else read_marker(folder, path.stem)
         if path.stem not in planned and marker is not None:
-            if not marker.get("count") and not keys & set(planned_keys(marker)) and not settings_difference(
-                    marker, expect):  # every image of it failed, and every one is gone: nothing of it is left
+            if prune and not marker.get("count") and not keys & set(planned_keys(marker)) and not \
+                    settings_difference(marker, expect):  # every image of it failed, and every one is gone
                 split.strays.append(path.stem)
                 continue
             if not overwrite_changed:
@@ -422,7 +423,7 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         leftover = beyond_plan(plans, folder)  # ...and those beyond the plan once every new one is there
     else:
         plans, found = plan_around_finished(records, shard_size, folder, identity, found)
-        split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed,
+        split, leftover = split_done(plans, folder, identity, overwrite_changed=overwrite_changed, prune=not read_only,
                                      retry_failed=retry_failed, markers=found), []
     todo, reuse = split.todo, split.reuse
     if split.resettled:  # said before the work (a setting that resolved otherwise here may mean hours of it)
@@ -447,7 +448,7 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
         raise LabelError(f"output folder is not writable: {folder} ({n} shard{'' if n == 1 else 's'} to {what})")
     # where the workers go (on Ray: connected, its resources known): a refused run has deleted nothing yet
     where = placement(len(todo)) if todo else None
-    if todo or split.surplus:
+    if todo or split.surplus or split.strays or split.pruned:
         (folder / "labels.json").unlink(missing_ok=True)  # the dataset is not finished until every shard is
     for name in split.surplus + split.strays:
         remove_shard(folder, name)
