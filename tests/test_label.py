@@ -736,6 +736,7 @@ def test_an_out_folder_inside_the_image_folder_is_not_read_as_images_and_odd_ent
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert "0 written, 1 already done" in again.output, again.output
+    assert "other runs' maps or labels" not in again.output  # its own label folder is not another run's
 
 
 def test_maps_predict_wrote_inside_the_image_folder_are_not_labelled_as_photos(tmp_path):

@@ -900,6 +900,9 @@ def test_a_full_disk_while_the_run_writes_its_logs_is_one_line_and_the_saved_epo
     done = invoke("train", "--run", run, "--epochs", 1, "--steps-per-epoch", 1, *FAST, "--labels", small_labels)
     assert done.exit_code == 0 and "nothing to do" in done.output, done.output  # its last plot drawn now, and the
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG" and not half.exists()  # half-written file gone
+    drawn = (run / "curves.png").stat().st_mtime_ns
+    invoke("train", "--run", run, "--epochs", 1, "--steps-per-epoch", 1, *FAST, "--labels", small_labels)
+    assert (run / "curves.png").stat().st_mtime_ns == drawn  # up to date: not drawn again on every re-run
     again = invoke("train", "--run", run, "--epochs", 2, "--steps-per-epoch", 1, *FAST, "--labels", small_labels)
     assert again.exit_code == 0 and "resuming" in again.output.lower(), again.output
 

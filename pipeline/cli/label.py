@@ -124,8 +124,8 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
             # every teacher's label folders, when --out is inside --images: their previews are not inputs; nor
             # are other runs' outputs there (`predict`'s maps: they were labelled as photos)
             labels_here = [] if is_url(out) else [Path(out) / t for t in teachers.available()]
-            own = {p.resolve() for p in labels_here}
-            others = [p for p in pipeline_outputs(images) if p.resolve() not in own]
+            own = [p.resolve() for p in labels_here]  # (this run's own, and a label folder's mark lies below them)
+            others = [p for p in pipeline_outputs(images) if not any(p.resolve().is_relative_to(o) for o in own)]
             if others:
                 click.echo(outputs_note(images, others), err=True)
             skipped: list[str] = []

@@ -630,6 +630,7 @@ def run_mirror(url: str, local: str | Path) -> Mirror:
 def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: bool,
            mirror: Mirror | None = None) -> list[EpochResult]:
     run, lead = trainer.run, trainer.rank == 0
+    behind = False  # curves.png older than metrics.csv (its last plot never drawn)
     if lead:
         run.mkdir(parents=True, exist_ok=True)
         for folder in (run, trainer.ckpt_dir):  # a killed run's half-written files (a checkpoint: up to 200 MB)
@@ -654,6 +655,7 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
         if config.gt_maps:
             print(f"ground truth: {config.gt_maps} (train_loss = BCE with the teacher's maps + BCE with these, Eq. 2; "
                   "validation is against the teacher's maps alone)", file=sys.stderr)
+        behind = curves_behind(run)  # (before the rows are kept: that rewrites metrics.csv)
         keep_rows(run / "losses.csv", LOSS_HEADER + list(trainer.log_names), trainer.epoch)
         keep_rows(run / "metrics.csv", METRICS_HEADER + list(trainer.log_names), trainer.epoch)
     results = []
@@ -689,7 +691,7 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             else:
                 trainer.epoch = epoch + 1
             _barrier(trainer.world)
-    if lead and not results and curves_behind(run):  # nothing left to train, and its last plot never drawn
+    if lead and not results and behind:  # nothing left to train, and its last plot never drawn
         plot_curves(run)
         if mirror is not None:
             mirror.push()
