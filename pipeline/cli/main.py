@@ -46,8 +46,8 @@ def _terminated(signum, frame) -> None:
 
 def main() -> None:
     warnings.showwarning = _one_line_warning  # the command line only: tests and notebooks keep their own
-    # SIGTERM (`kill PID`, `timeout`, Slurm's and Kubernetes' stop) is taken as Ctrl-C is: one `interrupted:` line,
-    # exit status 130, the lock let go (it ended the process at once, status 143, without a word)
+    # SIGTERM (`kill PID`, `timeout`, Slurm's and Kubernetes' stop) is taken as Ctrl-C is (label, train, run: one
+    # `interrupted:` line, exit status 130, the lock let go; it ended the process at once, status 143, without a word)
     signal.signal(signal.SIGTERM, _terminated)
     peer = launched()
     if peer and peer[0] != 0:  # under torchrun every process parses the same command line: process 0 alone

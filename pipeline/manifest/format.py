@@ -128,10 +128,10 @@ class Step:
     line: int  # where the step is declared
     #: (option flag, local path) that must exist when the step starts and that no upstream step makes
     paths: tuple[tuple[str, str], ...] = ()
-    #: the settings as the state file records them: a path under the workdir as ``${workdir}/…`` (:func:`portable`)
+    #: the settings and the inputs as the state file records them: a path under the workdir as ``${workdir}/…``
+    #: (:func:`portable`)
     recorded_settings: Mapping[str, object] = None
-    #: the own fingerprint as state files written before the workdir was recorded so (paths as written) have it
-    legacy_fingerprint: str = ""
+    recorded_inputs: Mapping[str, str | None] = None
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,10 @@ class Manifest:
     def state_dir(self) -> Path:
         return self.workdir / ".pipeline"
 
-    def portable(self, settings: Mapping) -> dict:
-        """``settings`` (a step's, or a state record's) with paths under this workdir as ``${workdir}/…``."""
-        return portable(settings, self.workdir)
+    def portable(self, settings: Mapping, keys: bool = False) -> dict:
+        """``settings`` (a step's, or a state record's) with paths under this workdir as ``${workdir}/…``
+        (``keys``: the keys, as of a step's inputs, not the values)."""
+        return portable(settings, self.workdir, keys=keys)
 
     def upstream(self, names: Iterable[str]) -> set[str]:
         """Every step that ``names`` need, directly or not (``names`` excluded unless needed)."""
@@ -280,10 +281,11 @@ def input_digest(path: str | Path) -> str | None:
 WORKDIR_TOKEN = "${workdir}"
 
 
-def portable(settings: Mapping, workdir) -> dict:
+def portable(settings: Mapping, workdir, keys: bool = False) -> dict:
     """``settings`` with every string that is ``workdir`` or a path under it (as written, absolute or resolved)
-    starting ``${workdir}`` instead: the same workdir named another way (``runs/a``, ``./runs/a``,
-    ``/home/me/runs/a``), moved, or mounted elsewhere on another machine, has the same fingerprints."""
+    starting ``${workdir}`` instead (``keys``: in its keys, not its values): the same workdir named another way
+    (``runs/a``, ``./runs/a``, ``/home/me/runs/a``), moved, or mounted elsewhere on another machine, has the same
+    fingerprints."""
     names = {str(workdir).rstrip("/")}
     if isinstance(workdir, Path):
         names |= {os.path.abspath(workdir), str(workdir.resolve())}
@@ -298,7 +300,7 @@ def portable(settings: Mapping, workdir) -> dict:
                     return WORKDIR_TOKEN + value[len(name):]
         return value
 
-    return {k: one(v) for k, v in settings.items()}
+    return {one(k): v for k, v in settings.items()} if keys else {k: one(v) for k, v in settings.items()}
 
 
 def own_fingerprint(command: str, settings: Mapping, inputs: Mapping[str, str | None], code: str) -> str:
@@ -890,12 +892,12 @@ class _Loader:
                     digests[p] = self.digests[key]
         res = Resources(**{**Resources().__dict__, **d["resources"]})
         code = code_version()
-        recorded = portable(settings, workdir)
+        recorded, recorded_inputs = portable(settings, workdir), portable(digests, workdir, keys=True)
         return Step(name=name, command=command_name, args=tuple(args), settings=settings, needs=tuple(needs),
                     inputs=digests, resources=res, output=output,
-                    own_fingerprint=own_fingerprint(command_name, recorded, digests, code),
+                    own_fingerprint=own_fingerprint(command_name, recorded, recorded_inputs, code),
                     code_version=code, line=doc.line("steps", name), paths=tuple(paths), recorded_settings=recorded,
-                    legacy_fingerprint=own_fingerprint(command_name, settings, digests, code))
+                    recorded_inputs=recorded_inputs)
 
 
 def load_manifest(path: str | Path, sets: Iterable[str] | Mapping[str, object] = (), workdir: str | Path | None = None,

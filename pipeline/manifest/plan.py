@@ -57,9 +57,6 @@ def matches(rec: Mapping | None, manifest: Manifest, name: str, state: Mapping |
         return False
     if rec.get("fingerprint") == fingerprint_of(manifest, name, state):
         return True
-    if rec.get("fingerprint") == _fingerprint(manifest.steps[name].legacy_fingerprint,  # a record from before
-                                              upstream_digests(manifest, name, state)):  # paths were portable
-        return True
     before = rec.get("needs")
     return (isinstance(before, dict) and rec.get("fingerprint") == _fingerprint(manifest.steps[name].own_fingerprint,
                                                                                 before)  # its own part unchanged
@@ -90,7 +87,7 @@ def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields
     step = manifest.steps[name]
     return {"fingerprint": fingerprint_of(manifest, name, state), "own_fingerprint": step.own_fingerprint,
             "command": step.command, "args": list(step.args), "settings": dict(step.recorded_settings),
-            "needs": upstream_digests(manifest, name, state), "inputs": dict(step.inputs),
+            "needs": upstream_digests(manifest, name, state), "inputs": dict(step.recorded_inputs),
             "code_version": step.code_version, "output": step.output, **fields}
 
 
@@ -101,7 +98,8 @@ def continues(manifest: Manifest, name: str, state: Mapping | None, grows: Itera
     step, grows = manifest.steps[name], set(grows)
     if not rec or not grows or rec.get("command") != step.command:
         return False
-    if (not same_upstream(rec.get("needs") or {}, manifest, name, state) or rec.get("inputs") != dict(step.inputs)
+    if (not same_upstream(rec.get("needs") or {}, manifest, name, state)
+            or manifest.portable(rec.get("inputs") or {}, keys=True) != dict(step.recorded_inputs)
             or rec.get("code_version") != step.code_version):
         return False
     before, now = manifest.portable(rec.get("settings") or {}), dict(step.recorded_settings)
@@ -147,14 +145,14 @@ def changes(old: Mapping, step: Step, manifest: Manifest, state: Mapping | None 
         why.append(f"no longer needs {', '.join(gone)}")
     if old.get("code_version") != step.code_version:
         why.append(f"code version changed: {old.get('code_version')}→{step.code_version}")
-    old_inputs = old.get("inputs") or {}
-    for path, digest in step.inputs.items():
+    old_inputs = manifest.portable(old.get("inputs") or {}, keys=True)
+    for path, digest in step.recorded_inputs.items():
         if path not in old_inputs:
             why.append(f"input added: {path}")
         elif old_inputs[path] != digest:
             why.append(f"input changed: {path}")
     for path in old_inputs:
-        if path not in step.inputs:
+        if path not in step.recorded_inputs:
             why.append(f"input removed: {path}")
     return "; ".join(why) or "fingerprint changed"
 

@@ -24,7 +24,8 @@ from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
 from pipeline.label.sources import IMAGE_SUFFIXES, pipeline_outputs
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
-from pipeline.train.checkpoints import LATEST, CheckpointError, latest, latest_record, load_checkpoint, load_resumable
+from pipeline.train.checkpoints import (LATEST, CheckpointError, epoch_of, latest, latest_record, load_checkpoint,
+                                         load_resumable)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def made_since(spec: CommandSpec, output: Path | RemotePath, since: float, befor
 
 def _train_resumes(run: Path | RemotePath) -> bool:
     """Whether some checkpoint of the run folder can be resumed from (`pipeline train` takes the newest that can)."""
-    for path in sorted((run / "checkpoints").glob("epoch-*.pt"), reverse=True):
+    for path in sorted((run / "checkpoints").glob("epoch-*.pt"), key=epoch_of, reverse=True):
         try:
             load_resumable(path)
             return True

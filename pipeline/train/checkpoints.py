@@ -140,7 +140,7 @@ def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
     problems = [problem] if problem else []
     named = ckpt_dir / record["checkpoint"] if record is not None else None
     candidates = [named] if named is not None else []
-    candidates += [p for p in sorted(ckpt_dir.glob("epoch-*.pt"), reverse=True) if p != named]
+    candidates += [p for p in sorted(ckpt_dir.glob("epoch-*.pt"), key=epoch_of, reverse=True) if p != named]
     if not candidates:
         if problems:
             raise CheckpointError(f"{problems[0]}, but there is no checkpoint in {ckpt_dir}: start over with --restart")
@@ -213,6 +213,13 @@ def read_weights(path) -> dict:
         raise WeightsError(f"weights file not found: {path}") from None
 
 
+def epoch_of(path) -> int:
+    """The epoch an ``epoch-NNNN.pt`` name gives (by number: past 9999 the names are longer, not later);
+    -1 for another name."""
+    digits = path.name[len("epoch-"):-len(".pt")]
+    return int(digits) if digits.isdigit() else -1
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint of this module (tensors, numbers and strings only: read with ``weights_only``)."""
     try:
@@ -265,7 +272,7 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
         raise CheckpointError(f"cannot write {path} ({why}); the run resumes after its last saved epoch once the "
                               "same command runs again") from None
     for old in ckpt_dir.glob("epoch-*.pt"):  # by number: past epoch 9999 the names are longer, not later
-        if old.stem[len("epoch-"):].isdigit() and int(old.stem[len("epoch-"):]) < epoch - 1:
+        if epoch_of(old) < epoch - 1:
             old.unlink()
     return path
 
