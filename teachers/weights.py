@@ -130,8 +130,9 @@ def checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def is_http_url(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
+def is_http_url(spec) -> bool:
+    """Whether ``spec`` (a string or a path) is an http(s) URL (its scheme in any case)."""
+    return str(spec).lower().startswith(("http://", "https://"))
 
 
 def _url_filename(url: str) -> str:

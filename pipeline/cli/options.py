@@ -14,6 +14,7 @@ import students
 import teachers
 
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
+from teachers.weights import is_http_url
 
 
 #: the largest side --image-size takes (a model's input: 8192x8192 is already 0.8 GB as fp32 RGB)
@@ -42,7 +43,7 @@ def must_exist(*names: str, hint: str = "", urls: bool = False) -> None:
     for name in names:
         value = ctx.params.get(name)
         for v in value if isinstance(value, (tuple, list)) else (value,):
-            if urls and v is not None and is_http(v):
+            if urls and v is not None and is_http_url(v):
                 raise click.BadParameter(HTTP_REFUSED.format(v), ctx=ctx, param=params[name])
             if v is not None and missing(v, urls=urls):
                 raise click.BadParameter(f"{v} does not exist{hint}", ctx=ctx, param=params[name])
@@ -51,10 +52,6 @@ def must_exist(*names: str, hint: str = "", urls: bool = False) -> None:
 #: an http(s) URL where a path or an object-storage URL is read (``--weights`` takes them, through teachers.weights)
 HTTP_REFUSED = ("{} is an http(s) URL; this option takes a path or an object-storage URL (s3://, gs://…): download "
                 "the file first and give its path")
-
-
-def is_http(value) -> bool:
-    return str(value).lower().startswith(("http://", "https://"))
 
 
 def missing(path, urls: bool = True) -> bool:
@@ -314,7 +311,7 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
     from pipeline.score.predictors import PredictorError, build_predictor
     from teachers.weights import WeightsError
 
-    if checkpoint is not None and is_http(checkpoint):
+    if checkpoint is not None and is_http_url(checkpoint):
         raise click.BadParameter(HTTP_REFUSED.format(checkpoint), param_hint="'--checkpoint'")
     if checkpoint is not None and missing(checkpoint):
         raise click.BadParameter(f"{checkpoint} does not exist", param_hint="'--checkpoint'")
