@@ -102,7 +102,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
     from pipeline.common.storage import as_path, check_bucket, is_url
     from pipeline.label.driver import exit_code, label, run_error
     from pipeline.label.worker import LabelConfig
-    from pipeline.label.sources import coco_records, folder_records, left_out_note, outputs_note, pipeline_outputs
+    from pipeline.label.sources import coco_records, folder_records, left_out_note, other_outputs
 
     must_exist("coco_root" if source == "coco" else "images")
     if executor == "local":  # (a manifest may set them and switch the executor with --set: a warning, not a refusal)
@@ -124,10 +124,7 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
             # every teacher's label folders, when --out is inside --images: their previews are not inputs; nor
             # are other runs' outputs there (`predict`'s maps: they were labelled as photos)
             labels_here = [] if is_url(out) else [Path(out) / t for t in teachers.available()]
-            own = [p.resolve() for p in labels_here]  # (this run's own, and a label folder's mark lies below them)
-            others = [p for p in pipeline_outputs(images) if not any(p.resolve().is_relative_to(o) for o in own)]
-            if others:
-                click.echo(outputs_note(images, others), err=True)
+            others = other_outputs(images, labels_here)
             skipped: list[str] = []
             records = folder_records(images, allow_outside_root=allow_outside_root, exclude=[*labels_here, *others],
                                      others=skipped)

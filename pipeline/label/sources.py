@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -285,8 +286,13 @@ def pipeline_outputs(folder: Path) -> list[Path]:
     return found
 
 
-def outputs_note(folder: Path, found: list[Path]) -> str:
-    """The ``note:`` line saying that :func:`pipeline_outputs`' ``found`` below ``folder`` are left out."""
-    shown = ", ".join(str(p.relative_to(folder)) for p in found[:3]) + (", …" if len(found) > 3 else "")
-    return (f"note: left out {len(found)} folder{'s' if len(found) > 1 else ''} of other runs' maps or labels below "
-            f"{folder} ({shown})")
+def other_outputs(folder: Path, own: Iterable[Path] = ()) -> list[Path]:
+    """:func:`pipeline_outputs` below ``folder`` except those in the running command's own output folders
+    ``own`` (a label folder's mark lies below its ``--out``), said in one ``note:`` line on stderr."""
+    own = [Path(o).resolve() for o in own]
+    found = [p for p in pipeline_outputs(folder) if not any(p.resolve().is_relative_to(o) for o in own)]
+    if found:
+        shown = ", ".join(str(p.relative_to(folder)) for p in found[:3]) + (", …" if len(found) > 3 else "")
+        print(f"note: left out {len(found)} folder{'s' if len(found) > 1 else ''} of other runs' maps or labels "
+              f"below {folder} ({shown})", file=sys.stderr)
+    return found

@@ -110,8 +110,8 @@ def _listing(folder: Path, skip: Callable[[], set[str]] = set) -> str | None:
 
 def _label_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[[], str | None]]]:
     """A folder source's images: every file with an image suffix below it (as `pipeline label` lists them, its
-    own label folders and other runs' outputs left out), by name, size and mtime: an image added, removed or replaced makes the step
-    stale. (For a COCO source, declare its annotation file in ``inputs``.)"""
+    own label folders and other runs' outputs left out), by name, size and mtime: an image added, removed or
+    replaced makes the step stale. (For a COCO source, declare its annotation file in ``inputs``.)"""
     if params["source"] != "folder" or params.get("images") is None:
         return {}
     images = Path(params["images"])
@@ -119,7 +119,7 @@ def _label_reads(params: Mapping[str, object]) -> dict[str, tuple[str, Callable[
     def label_folders() -> set[str]:  # (and other runs' outputs there, which `pipeline label` leaves out too)
         from teachers.registry import available
 
-        outputs = {os.path.realpath(p) for p in pipeline_outputs(images)} if images.is_dir() else set()
+        outputs = {os.path.realpath(p) for p in pipeline_outputs(images)}
         return outputs if "://" in str(params["out"]) else outputs | {
             os.path.realpath(Path(str(params["out"])) / t) for t in available()}
 

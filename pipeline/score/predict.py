@@ -37,7 +37,7 @@ from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import NOT_FINITE, Predictor
 from pipeline.label.shards import enclosing_label_folder
-from pipeline.label.sources import SourceError, folder_records, left_out_note, outputs_note, pipeline_outputs
+from pipeline.label.sources import SourceError, folder_records, left_out_note, other_outputs
 
 FORMATS = ("png", "hdf5")
 
@@ -96,9 +96,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         raise SourceError(f"--out {over}")
     # maps (and comparison sheets) written inside the image folder are not images, nor are other runs' outputs
     own = [] if local_out is None else [local_out, compare_folder(local_out, fmt)]
-    others = [p for p in pipeline_outputs(folder) if p.resolve() not in {o.resolve() for o in own}]
-    if others:
-        print(outputs_note(folder, others), file=sys.stderr)
+    others = other_outputs(folder, own)
     skipped: list[str] = []
     records = folder_records(folder, exclude=[*others, *own], others=skipped,
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
