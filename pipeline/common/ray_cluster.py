@@ -25,8 +25,10 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -210,6 +212,10 @@ def _forward_only(actors: tuple[str, ...]) -> None:
     dispatcher.add_handler("ray_print_logs", handler)
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
 def interrupts_after():
     """Hold Ctrl-C (SIGINT) back for the block: yields a function that raises the KeyboardInterrupt that came
@@ -218,12 +224,9 @@ def interrupts_after():
     races its threads and the interpreter dies of a segmentation fault. The handler that was there is
     called then (Python's default raises KeyboardInterrupt). Only in the main thread, and only where SIGINT has a
     handler: an ignored one (a background job) stays ignored.)"""
-    import signal
-    import threading
-
     came: list[int] = []
     before = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(before):
+    if not _main_thread() or not callable(before):
         yield lambda: None  # (SIGINT ignored, as in a background job, or fatal: left so)
         return
     signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
@@ -245,10 +248,7 @@ def terminate_as_interrupt():
     and its session folder removed). Ray's driver otherwise took it in its C++ handler, which printed a crash
     dump and ended the process with Ray's folders left behind. Only in the main thread; the handler that was
     there is put back after."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
+    if not _main_thread():
         yield
         return
 
@@ -266,11 +266,9 @@ def terminate_as_interrupt():
 def _started(init, failure: str, show: tuple[str, ...] | None):
     """Ray started by ``init`` (Ctrl-C held back until it has: :func:`interrupts_after`; a failure is ``failure``
     and Ray's first line), the output of only ``show``'s actors forwarded, then the block; Ray shut down after."""
-    import signal
-
     import ray
 
-    outer = _sigterm_handler()  # (put back after: ray.init leaves a handler of its own)
+    outer = signal.getsignal(signal.SIGTERM) if _main_thread() else None  # (put back after: ray.init sets its own)
     _hold_sigterm()  # while Ray starts: its C++ handler printed a crash dump (status 134) and left its processes
     try:
         with interrupts_after() as interrupted:
@@ -301,27 +299,12 @@ def _started(init, failure: str, show: tuple[str, ...] | None):
             _release_sigterm(outer)  # the handler from before Ray (not the one ray.init left)
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _sigterm_handler():
-    """SIGTERM's handler now (None off the main thread)."""
-    import signal
-
-    return signal.getsignal(signal.SIGTERM) if _main_thread() else None
-
-
 _HELD = False  # SIGTERM blocked by _hold_sigterm
 
 
 def _let_sigterm_in_child() -> None:
     """In a process forked while SIGTERM was held (Ray's daemons: they are started with a ``preexec_fn``, which
     runs this): let it in, as ``ray shutdown`` and a process group's ``kill`` stop them with it."""
-    import signal
-
     if _HELD:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
@@ -332,8 +315,6 @@ os.register_at_fork(after_in_child=_let_sigterm_in_child)
 def _hold_sigterm() -> None:
     """Block SIGTERM in this (the main) thread, and the threads started meanwhile (a SIGTERM that another
     thread, OpenMP's, takes reaches Ray's handler: its ``sys.exit(15)`` is taken as Ctrl-C by :func:`_started`)."""
-    import signal
-
     global _HELD
     if _main_thread():
         _HELD = True
@@ -341,8 +322,6 @@ def _hold_sigterm() -> None:
 
 
 def _unblock_sigterm() -> None:
-    import signal
-
     global _HELD
     if _main_thread():
         _HELD = False
@@ -351,8 +330,6 @@ def _unblock_sigterm() -> None:
 
 def _release_sigterm(outer) -> None:
     """Put ``outer`` back as SIGTERM's handler, then let SIGTERM in (one held meanwhile reaches it now)."""
-    import signal
-
     if not _main_thread():
         return
     signal.signal(signal.SIGTERM, outer if outer is not None else signal.SIG_DFL)
