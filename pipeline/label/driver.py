@@ -153,7 +153,8 @@ class Split:
     reuse: dict[int, dict] = field(default_factory=dict)  # index → marker: relabel only its failed images
     changed: list[str] = field(default_factory=list)  # finished shards of other images (--overwrite-changed)
     surplus: list[str] = field(default_factory=list)  # finished shards beyond the plan (--overwrite-changed)
-    strays: list[str] = field(default_factory=list)  # beyond the plan without a whole marker: unfinished, removed
+    #: beyond the plan, removed: without a whole marker (unfinished), or of failed images alone, all gone since
+    strays: list[str] = field(default_factory=list)
     resettled: dict[str, str] = field(default_factory=dict)  # of other settings, relabelled: name -> what differs
     #: finished shards some of whose failed images are gone from the source: their markers as they are now (the
     #: failures and planned keys less those), to be written over the old ones (the tar is unchanged)

@@ -29,17 +29,16 @@ def keep_rows(path: Path, header: list[str], before_epoch: int) -> None:
     rows, bad = [], 0
     if path.is_file():
         lines = path.read_text(errors="replace").splitlines()
-        bad = sum(1 for line in lines[1:] if "\0" in line and line.strip("\0"))  # (a tail of NULs alone: nothing)
         reader = csv.reader(line for line in lines if "\0" not in line)
         first = next(reader, None)
         if first == header:
+            bad = sum(1 for line in lines[1:] if "\0" in line and line.strip("\0"))  # (a tail of NULs alone: none)
             for r in reader:
                 if r and (len(r) != len(header) or not r[0].isdigit()):
                     bad += 1
                 elif r and int(r[0]) < before_epoch:
                     rows.append(r)
         elif first is not None:
-            bad = 0  # (all of it is kept aside)
             aside = path.with_name(path.name + ".old")
             os.replace(path, aside)
             print(f"warning: {path} has other columns than this run writes; its rows are kept in {aside}, and "
@@ -89,7 +88,7 @@ def curves_behind(run: Path) -> bool:
 def plot_curves(run: Path) -> Path:
     """``curves.png``: training loss per step, and per epoch the losses (the epoch's mean training loss beside
     the validation loss) and the validation metrics the stage has (the hint stage: its loss alone); titled
-    with the run and its student, each learning-rate drop a dashed line."""
+    with the run and its student, each learning-rate drop a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
