@@ -80,9 +80,9 @@ class SalGAN(Teacher):
     """SalGAN generator: uint8 RGB → sigmoid probability map at the input resolution."""
 
     name = "salgan"
-    #: four workers per GPU, decoding on the CPUs: on an H100 with 16 cores 2,067-2,397 images/s (0.74-0.86 of the
-    #: bare forward pass), against 2,023-2,182 decoding on the GPU side by side, about 1,900 with two workers and
-    #: 1,450 with one (docs/benchmarks.md)
+    #: four workers per GPU, decoding on the CPUs (``cpu-reduced``): on an H100 with 16 cores, 640x480 photos,
+    #: 2,242-2,390 images/s (0.81-0.86 of the bare forward pass), against 2,045-2,061 decoding on the GPU; about
+    #: 1,900 with two workers and 1,450 with one (docs/benchmarks.md)
     workers_per_gpu = 4
     decode_on_gpu = False
     output_kind = "probability_map"
