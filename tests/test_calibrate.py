@@ -74,3 +74,24 @@ def test_an_unreadable_image_of_the_calibration_half_is_listed_and_left_out_of_t
     assert result.failures == [{"index": 0, "path": "0.png",
                                 "reason": "file not found (calibration half: not in the fit)"}]
     assert fitted.images == 1 and len(result.per_image) == 2
+
+
+def test_the_fit_reports_the_centre_baseline_alone_and_says_when_the_map_adds_nothing():
+    """A map that says nothing, mixed with the centre, scores what the centre Gaussian alone scores, and the fit
+    says so (`eval --map ponder` printed those scores as the ponder map's); the centre's own AUC-Judd is
+    reported."""
+    rng = np.random.default_rng(1)
+    fixations = (np.array([19, 20, 21]), np.array([29, 30, 31]))
+    flat = calibrate.fit([np.ones((40, 60))] * 3, [fixations] * 3)
+    assert flat.center_only and flat.center_weight > 0 and flat.auc_judd == flat.center_auc_judd > 0.9
+    corner = np.zeros((40, 60))
+    corner[2:6, 2:6] = 1.0
+    useful = calibrate.fit([corner + 0.01 * rng.random((40, 60))] * 2, [(np.array([3, 4]), np.array([3, 4]))] * 2)
+    assert not useful.center_only and useful.auc_judd > useful.center_auc_judd
+    # the grid's blur is applied once per width: the same fit as scoring each combination from scratch
+    raws = [rng.random((40, 60)) for _ in range(3)]
+    best = max(((b, w) for b in calibrate.BLUR_FRACS for w in calibrate.CENTER_WEIGHTS),
+               key=lambda bw: np.mean([calibrate.metrics.auc_judd(calibrate.combine(r, *bw), *fixations)
+                                       for r in raws]))
+    fitted = calibrate.fit(raws, [fixations] * 3)
+    assert (fitted.blur_frac, fitted.center_weight) == best

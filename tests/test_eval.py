@@ -435,9 +435,13 @@ def test_model_naming_and_data_errors(mit, label_folder, tmp_path):
         (["profile", "--teacher", "classic", "--checkpoint", not_a_run], "exactly one of"),
         (["profile", "--student", "fastsal_a", "--image-size", "100x100"], "multiples of 32"),
     ]
+    usage = ("exactly one of", "needs --weights (", "--weights goes with", "--weights random")  # exit status 2
     for args, message in cases:
-        line = error_line(invoke(*args))
+        r = invoke(*args)
+        line = error_line(r)
         assert message in line, (args, line)
+        if any(u in message for u in usage) or message.startswith("--student fastsal_a needs"):
+            assert r.exit_code == 2, (args, r.exit_code)  # a usage mistake: said before anything is read
     assert not (tmp_path / "o").exists()
 
 

@@ -76,7 +76,7 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "ponder.json").read_text())
     assert doc["images"] == 2 and len(doc["metrics"]) == 8  # scored on the half it was not calibrated on
-    assert set(doc["calibration"]) == {"blur_frac", "center_weight", "auc_judd", "images"}
+    assert set(doc["calibration"]) == {"blur_frac", "center_weight", "auc_judd", "images", "center_auc_judd"}
     assert doc["calibration"]["images"] == 2 and "[ponder map]" in doc["model"]
 
 
@@ -98,7 +98,9 @@ def test_student_options_are_checked(labels, tmp_path):
     assert "tile 3 does not divide block 1's feature map of 16×24" in out
     assert not (tmp_path / "run" / "checkpoints").exists()
     r = invoke("profile", "--checkpoint", tmp_path, "--tau", "0.1")
-    assert r.exit_code == 1 and "--tau goes with --student NAME" in r.output
+    assert r.exit_code == 2 and "--tau goes with --student NAME" in r.output  # a usage mistake (it exited 1)
+    r = invoke("predict", "--checkpoint", tmp_path, "--tile", "2", "--images", tmp_path, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--tile goes with --student NAME" in r.output, r.output
 
 
 def test_profile_measures_sacts_computation_as_the_mean_over_real_images(labels, tmp_path):

@@ -308,17 +308,17 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
                 student_options=None, map_name="saliency", options: dict[str, str] | None = None):
     """The predictor the model options name; ``options``: those options as this command calls them
     (:func:`renamed`)."""
-    from pipeline.score.predictors import PredictorError, build_predictor
+    from pipeline.score.predictors import PredictorError, build_predictor, options_mistake
     from teachers.weights import WeightsError
 
     if checkpoint is not None and is_http_url(checkpoint):
         raise click.BadParameter(HTTP_REFUSED.format(checkpoint), param_hint="'--checkpoint'")
     if checkpoint is not None and missing(checkpoint):
         raise click.BadParameter(f"{checkpoint} does not exist", param_hint="'--checkpoint'")
-    given = [n for n, v in (("--checkpoint", checkpoint), ("--teacher", teacher), ("--student", student)) if v]
-    if len(given) != 1:  # a usage mistake, said before any model is built
-        raise click.UsageError(renamed("name the model with exactly one of --checkpoint, --teacher or --student"
-                                       + (f" (got {', '.join(given)})" if given else ""), options or {}))
+    mistake = options_mistake(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
+                              require_weights=require_weights, student_options=student_options)
+    if mistake:  # a usage mistake, said (exit status 2) before any model is read or built
+        raise click.UsageError(renamed(mistake, options or {}))
     try:
         return build_predictor(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
                                student_output=student_output, device=device, precision=precision,

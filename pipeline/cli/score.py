@@ -91,7 +91,8 @@ def _scoring_check(ctx: click.Context) -> None:
               help="Which map of a student to score: its saliency, or an extra map (SACT's ponder map) scored "
                    "as unsupervised saliency: blurred, normalised and mixed with a centre baseline, both fitted "
                    "on the first half of each category of --fixations and scored on the other half.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Score only the first N images (with an extra --map: N of each half).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4, help="Threads decoding images and scoring.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
@@ -139,8 +140,14 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         raise click.ClickException(str(e)) from None
     echo_result(result, result.failures, lambda f: f"{f['path']}: {f['reason']}")
     if calibration is not None:
-        click.echo(f"calibration: blur {calibration.blur_frac:g} of the longer side, centre weight "
-                   f"{calibration.center_weight:g} (AUC-Judd {calibration.auc_judd:.4f} on {calibration.images} images)")
+        c = calibration
+        click.echo(f"calibration: blur {c.blur_frac:g} of the longer side, centre weight {c.center_weight:g} "
+                   f"(AUC-Judd {c.auc_judd:.4f} on {c.images} images; the centre baseline alone "
+                   f"{c.center_auc_judd:.4f})")
+        if c.center_only:
+            click.echo(f"warning: the {map_name} map adds nothing to the centre baseline on the calibration half "
+                       "(the best fit scores no better than the centre alone): the scores above are the centre "
+                       "baseline's", err=True)
     if out:
         doc = result.to_json()
         if calibration is not None:

@@ -225,27 +225,37 @@ def build_predictor(*, checkpoint=None, teacher=None, student=None, weights=None
     return predictor
 
 
-def _build_predictor(*, checkpoint, teacher, student, weights, student_output, device, precision, require_weights,
-                     student_options) -> Predictor:
+def options_mistake(*, checkpoint, teacher, student, weights, require_weights, student_options) -> str | None:
+    """What is wrong with how the options name a model, as a sentence, before anything is read or built (the
+    command line's usage mistakes); None if nothing."""
     given = [n for n, v in (("--checkpoint", checkpoint), ("--teacher", teacher), ("--student", student)) if v]
     if len(given) != 1:
-        raise PredictorError("name the model with exactly one of --checkpoint, --teacher or --student"
-                             + (f" (got {', '.join(given)})" if given else ""))
+        return ("name the model with exactly one of --checkpoint, --teacher or --student"
+                + (f" (got {', '.join(given)})" if given else ""))
     if student_options and not student:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in student_options)
-        raise PredictorError(f"{flags} go{'es' if len(student_options) == 1 else ''} with --student NAME (a "
-                             "checkpoint records its own options)")
+        return (f"{flags} go{'es' if len(student_options) == 1 else ''} with --student NAME (a checkpoint records "
+                "its own options)")
+    if checkpoint and weights:
+        return "--weights goes with --teacher or --student, not --checkpoint"
+    if not checkpoint and weights == "random" and require_weights:
+        return ("--weights random (architecture only: its maps mean nothing) is for `pipeline profile`; give real "
+                "weights to score or predict")
+    if student and weights is None and require_weights:
+        return (f"--student {student} needs --weights (e.g. the authors' coco_A.pth, or imagenet for the ImageNet "
+                "backbone alone); for a model you trained, use --checkpoint RUN_DIR")
+    return None
+
+
+def _build_predictor(*, checkpoint, teacher, student, weights, student_output, device, precision, require_weights,
+                     student_options) -> Predictor:
+    mistake = options_mistake(checkpoint=checkpoint, teacher=teacher, student=student, weights=weights,
+                              require_weights=require_weights, student_options=student_options)
+    if mistake:
+        raise PredictorError(mistake)
     if checkpoint:
-        if weights:
-            raise PredictorError("--weights goes with --teacher or --student, not --checkpoint")
         return student_predictor(checkpoint, device=device, precision=precision, trained=require_weights)
-    if weights == "random" and require_weights:
-        raise PredictorError("--weights random (architecture only: its maps mean nothing) is for `pipeline profile`; "
-                             "give real weights to score or predict")
     if teacher:
         return teacher_predictor(teacher, weights, device=device, precision=precision)
-    if weights is None and require_weights:
-        raise PredictorError(f"--student {student} needs --weights (e.g. the authors' coco_A.pth, or imagenet for "
-                             "the ImageNet backbone alone); for a model you trained, use --checkpoint RUN_DIR")
     return named_student_predictor(student, weights, student_output, device=device, precision=precision,
                                    options=student_options)
