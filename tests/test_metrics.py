@@ -275,6 +275,24 @@ def test_nss_constant_map_is_zero_and_scale_invariant():
     assert math.isnan(nss(RAMP, [], []))
 
 
+def test_expected_nss_of_a_uniform_density_is_zero_as_nss_is():
+    """`eval --labels` of a model that says nothing (its density exp(log(1/N))) scored NSS ±1.0 on every image:
+    the mean's rounding (5e-20 off every pixel here) was taken as the map's spread and standardised."""
+    from pipeline.score.metrics import expected_nss
+
+    uniform = np.exp(np.full((48, 64), np.log(1 / (48 * 64))))
+    target = np.random.default_rng(0).random((48, 64))
+    target /= target.sum()
+    assert expected_nss(uniform, target) == 0.0
+    # otherwise Σ density · standardised map: where the density is, the map's z-scores, weighted
+    point = np.zeros((48, 64))
+    point[3, 5] = 1.0
+    half = np.zeros_like(RAMP)
+    half[:, 0] = 0.5  # fixations at (0, 0) and (1, 0), equally likely
+    assert expected_nss(10 * RAMP + 3, half) == pytest.approx(nss(RAMP, [0, 1], [0, 0]), abs=1e-12)
+    assert expected_nss(target, point) == pytest.approx((target[3, 5] - target.mean()) / target.std(), abs=1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # CC, KL, SIM
 

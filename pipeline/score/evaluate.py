@@ -202,9 +202,8 @@ def evaluate_shards(predictor: Predictor, folder: str | Path, *, val_shards: int
                     continue
                 pred = np.exp(logd.astype(np.float64))
                 t = to_log_density(target[None], labels.label_kind)[0, 0].double().exp().numpy()
-                z = (pred - pred.mean()) / max(pred.std(), 1e-300)
                 result.per_image.append({"key": key, "cc": metrics.cc(pred, t), "kl_div": metrics.kl_div(pred, t),
-                                         "sim": metrics.sim(pred, t), "nss": float((t * z).sum())})
+                                         "sim": metrics.sim(pred, t), "nss": metrics.expected_nss(pred, t)})
             bar.update(len(keys))
     for (shard, key), count in bad.seen.items():  # samples the reader skipped are failures of the score too
         if count:

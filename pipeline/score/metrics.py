@@ -314,6 +314,15 @@ def nss(saliency_map, ys, xs) -> float:
     return float(((s[ys, xs] - s.mean()) / s.std()).mean())
 
 
+def expected_nss(saliency_map, density) -> float:
+    """NSS expected under fixations drawn from ``density`` (a map summing to 1): Σ density · standardised map;
+    0.0 for a constant map, as :func:`nss` (its standard deviation is rounding, not spread)."""
+    s = _as_map(saliency_map)
+    if _constant(s):
+        return 0.0
+    return float((np.asarray(density, np.float64) * (s - s.mean()) / s.std()).sum())
+
+
 def cc(map_a, map_b) -> float:
     """Pearson correlation of two maps; 0.0 if exactly one is constant, NaN if both are."""
     a = _as_map(map_a, "map_a")
