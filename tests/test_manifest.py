@@ -1045,8 +1045,8 @@ def maker(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_LOG", str(log))
     path = tmp_path / "make.yaml"
 
-    def run(text: str, **kw) -> tuple[int, str, list[str]]:
-        path.write_text(f"workdir: {tmp_path / 'w'}\n" + textwrap.dedent(text))
+    def run(text: str, workdir: Path | None = None, **kw) -> tuple[int, str, list[str]]:
+        path.write_text(f"workdir: {workdir or tmp_path / 'w'}\n" + textwrap.dedent(text))
         lines: list[str] = []
         start = len(log.read_text().splitlines())
         code = run_manifest(load_manifest(path, group=group), launcher=[sys.executable, str(script)],
@@ -1167,6 +1167,23 @@ def test_renaming_an_upstream_step_that_makes_the_same_output_remakes_nothing_be
     assert maker.status()["b"] == "up to date"
     code, out_text, started = maker(renamed.replace("name: a,", "name: other,") % ("one", out))
     assert code == 0 and started == ["other", "b"], out_text
+
+
+def test_renaming_an_upstream_step_in_a_moved_workdir_remakes_nothing_below_it(maker, tmp_path):
+    """The same rename in a workdir moved since (a copy of a run's workdir, a shared filesystem mounted elsewhere):
+    its recorded output was compared as the absolute path it had, so `b` was made again (`train` from scratch)."""
+    assert maker(MAKE_AB % "one")[0] == 0
+    shutil.move(tmp_path / "w", tmp_path / "moved")
+    renamed = """\
+        steps:
+          first: {run: make, with: {name: a, note: one, out: "${workdir}/a/out.txt"}}
+          b: {run: make, with: {name: b, src: "${steps.first.out}"}}
+        """
+    code, out_text, started = maker(renamed, workdir=tmp_path / "moved")
+    assert code == 0 and started == ["a"], out_text
+    assert "[b] up to date: its upstream output is unchanged" in out_text
+    state = json.loads((tmp_path / "moved" / ".pipeline" / "state.json").read_text())
+    assert state["steps"]["first"]["output"] == "${workdir}/a/out.txt"  # recorded so: the same when moved again
 
 
 def test_an_up_to_date_step_selected_alone_says_its_upstream_is_stale(maker, tmp_path):

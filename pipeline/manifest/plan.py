@@ -76,9 +76,14 @@ def same_upstream(before: Mapping, manifest: Manifest, name: str, state: Mapping
     outputs = {u: (records.get(u) or {}).get("output") for u in before}  # (a record gone: no pairing)
     if None in outputs.values():
         return False
-    old = {str(outputs[u]): d for u, d in before.items()}
-    new = {str(manifest.steps[u].output): d for u, d in now.items()}
+    old = {_portable_path(manifest, outputs[u]): d for u, d in before.items()}
+    new = {_portable_path(manifest, manifest.steps[u].output): d for u, d in now.items()}
     return len(old) == len(before) and old == new
+
+
+def _portable_path(manifest: Manifest, path) -> str:
+    """``path`` with this workdir as ``${workdir}`` (an output recorded so is the same in a moved workdir)."""
+    return manifest.portable({"path": str(path)})["path"]
 
 
 def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields) -> dict:
@@ -88,7 +93,7 @@ def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields
     return {"fingerprint": fingerprint_of(manifest, name, state), "own_fingerprint": step.own_fingerprint,
             "command": step.command, "args": list(step.args), "settings": dict(step.recorded_settings),
             "needs": upstream_digests(manifest, name, state), "inputs": dict(step.recorded_inputs),
-            "code_version": step.code_version, "output": step.output, **fields}
+            "code_version": step.code_version, "output": _portable_path(manifest, step.output), **fields}
 
 
 def continues(manifest: Manifest, name: str, state: Mapping | None, grows: Iterable[str]) -> bool:
