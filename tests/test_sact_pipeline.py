@@ -41,7 +41,11 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
     header = (straight / "losses.csv").read_text().splitlines()[0]
     assert header == "epoch,step,global_step,loss,ponder_1,ponder_2,ponder_3,ponder_4"
     assert "ponder_4" in (straight / "metrics.csv").read_text().splitlines()[0]
-    assert "ponder_1" in r.output  # the summary table shows each block's mean ponder cost
+    assert "ponder_1 (train)" in r.output  # the summary table shows each block's mean ponder cost, of training
+    config = json.loads((straight / "config.json").read_text())
+    assert config["student_options"] == {"depth": 50, "tile": 1, "tau": 0.01}  # the defaults too (--tau given)
+    from PIL import Image
+    assert Image.open(straight / "curves.png").size[0] == 6 * 320  # loss per step, 4 per epoch, the ponder costs
 
     sigkill_when(["train", "--labels", labels, "--run", run, *ARGS], second_epoch_started(run), "the second epoch")
     r = invoke("train", "--labels", labels, "--run", run, *ARGS)

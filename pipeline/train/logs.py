@@ -87,8 +87,9 @@ def curves_behind(run: Path) -> bool:
 
 def plot_curves(run: Path) -> Path:
     """``curves.png``: training loss per step, and per epoch the losses (the epoch's mean training loss beside
-    the validation loss) and the validation metrics the stage has (the hint stage: its loss alone); titled
-    with the run and its student, each learning-rate drop a dotted line."""
+    the validation loss), the validation metrics the stage has (the hint stage: its loss alone) and the
+    student's own statistics (SACT's ponder costs, training means); titled with the run and its student, each
+    learning-rate drop a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +112,10 @@ def plot_curves(run: Path) -> Path:
         config = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.8), squeeze=False)
+    # the student's own statistics (SACT: each block's mean ponder cost), means over the epoch's training batches
+    extra = [k for k in (metrics[0].keys() if metrics else ()) if k and k not in METRICS_HEADER]
+    fig, axes = plt.subplots(1, 1 + len(panels) + bool(extra), figsize=(4 * (1 + len(panels) + bool(extra)), 3.8),
+                             squeeze=False)
     axes = axes[0]
     axes[0].plot([int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses], lw=0.8)
     axes[0].set(title="training loss per step", xlabel="step", ylabel="loss")
@@ -131,6 +135,15 @@ def plot_curves(run: Path) -> Path:
             ax.set_xlim(0.5, epochs[-1] + 0.5 if epochs else 1.5)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    if extra:
+        ax = axes[-1]
+        for key in extra:
+            ax.plot(epochs, [float(r.get(key) or "nan") for r in metrics], marker=".", label=key)
+        ponder = all(k.startswith("ponder_") for k in extra)
+        ax.set(title="ponder cost ρ per block (training)" if ponder else "student statistics (training)",
+               xlabel="epoch", ylabel="mean over the epoch's batches")
+        ax.legend(fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     student = config.get("student", "?")
     fig.suptitle(f"{Path(str(config.get('run') or run)).name}: {student} ({config.get('stage', '?')} stage)", fontsize=11)
     fig.tight_layout()
@@ -154,7 +167,7 @@ def summary_table(results: list[EpochResult]) -> str:
         return "nothing to do: every epoch is already trained"
     keys = [k for k in results[0].val if not _lacked(k, [r.val for r in results])]
     stats = list(results[0].logs)
-    head = ["epoch", "train_loss", *keys, *stats, "lr", "seconds", "img/s"]
+    head = ["epoch", "train_loss", *keys, *(f"{k} (train)" for k in stats), "lr", "seconds", "img/s"]
     rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys),
              *(f"{r.logs[k]:.3f}" for k in stats), f"{r.lr:.2g}", f"{r.seconds:.1f}",
              f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]

@@ -649,7 +649,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
     if lead:
         # the settings, with the epochs the run holds: a lower --epochs than already trained trains nothing
         write_json(run / "config.json", {**asdict(config), "epochs": max(config.epochs, trainer.epoch),
-                                         "processes": trainer.world})  # data-parallel: each takes batch_size
+                                         "processes": trainer.world,  # data-parallel: each takes batch_size
+                                         "student_options": trainer.model.options()})  # defaults too
         print(f"resuming {config.run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
         if config.gt_maps:
