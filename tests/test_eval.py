@@ -630,6 +630,23 @@ def test_predict_compare_teacher_writes_image_teacher_student_sheets(run_dir, im
     assert r.exit_code == 2 and "--compare-weights goes with --compare-teacher" in r.output
 
 
+def test_predict_compare_teacher_refuses_a_compare_subfolder_whose_maps_would_be_the_sheets(image_folder, tmp_path):
+    """The map of `compare/a.jpg` is `<out>/compare/a.jpg.png`, where the sheet of `a.jpg` goes: the sheet replaced
+    the map and the run said `maps written 4`, exit 0. Now a usage mistake, before anything is written."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    shutil.copytree(image_folder, folder / "compare")
+    out = tmp_path / "maps"
+    r = invoke("predict", "--teacher", "classic", "--images", folder, "--out", out, "--compare-teacher", "classic",
+               "--no-progress")
+    assert r.exit_code == 2 and error_line(r) == (
+        f"Error: Invalid value for '--compare-teacher': the map of compare/a.jpg would be {out}/compare/a.jpg.png, "
+        f"where the comparison sheet of a.jpg goes (3 images of {folder / 'compare'} so): rename or move the folder "
+        f"{folder / 'compare'}, or predict without --compare-teacher")
+    assert not out.exists()
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")  # no sheets: no clash
+
+
 # --------------------------------------------------------------------------------------------
 # profile, teachers
 

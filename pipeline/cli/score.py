@@ -185,7 +185,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                 calibration_images, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.common.storage import is_url
-    from pipeline.score.predict import NoMaps, label_folder_as_images, predict_folder, writes_over_images
+    from pipeline.score.predict import (NoMaps, SheetClash, label_folder_as_images, predict_folder,
+                                        writes_over_images)
     from pipeline.label.sources import SourceError
 
     must_exist("images", "calibration")
@@ -214,6 +215,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                                 progress=progress, compare=compare)
     except SourceError as e:
         raise click.ClickException(str(e)) from None
+    except SheetClash as e:  # a usage mistake: said before anything is written
+        raise click.BadParameter(str(e), param_hint="'--compare-teacher'") from None
     except NoMaps as e:  # its failures are shown, then the error
         result, none = e.result, str(e)
     except OSError as e:  # writing the maps: a full disk, a read-only folder (predictions.json is not written)

@@ -10,7 +10,9 @@ complete. ``out`` may be a URL (``s3://…``): each file is written locally and 
 
 With a teacher to compare with (``compare``), every image also gets a sheet image | teacher | student
 (:mod:`pipeline.score.sheets`) at ``<out>/compare/<relative path>.png`` (``hdf5``: beside the file, in
-``<out stem>_compare/``), and ``predictions.json`` records the teacher and each image's CC with it.
+``<out stem>_compare/``), and ``predictions.json`` records the teacher and each image's CC with it. A png folder of
+images with a ``compare/`` subfolder mirroring its own images is refused (:class:`SheetClash`): a map there would be
+another image's sheet.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class NoMaps(Exception):
         self.result = result
 
 
+class SheetClash(ValueError):
+    """With ``--compare-teacher`` (png), an image's map would be written where another image's sheet goes (or the
+    reverse): the image folder has a ``compare/`` subfolder mirroring its own images. Said before any work."""
+
+
 def map_png(log_density: np.ndarray) -> bytes:
     density = np.exp(log_density - log_density.max())
     return images.encode_png(np.rint(density * 255.0).astype(np.uint8))
@@ -81,6 +88,19 @@ def map_png(log_density: np.ndarray) -> bytes:
 def compare_folder(out: Path, fmt: str) -> Path:
     """Where ``predict --compare-teacher`` writes its sheets."""
     return out / "compare" if fmt == "png" else out.with_name(f"{out.stem}_compare")
+
+
+def sheet_clash(folder: Path, out, rels: list[str]) -> str:
+    """Why the png maps of the images ``rels`` (relative to ``folder``) and their comparison sheets cannot share
+    the output folder ``out`` (the map of ``compare/x.jpg`` would be the sheet of ``x.jpg``), or ""."""
+    maps = set(rels)  # the map of rel is <out>/<rel>.png, its sheet <out>/compare/<rel>.png
+    both = sorted(rel for rel in rels if rel.startswith("compare/") and rel[len("compare/"):] in maps)
+    if not both:
+        return ""
+    sub, n = folder / "compare", len(both)
+    return (f"the map of {both[0]} would be {out}/{both[0]}.png, where the comparison sheet of "
+            f"{both[0][len('compare/'):]} goes ({n} image{'s' if n > 1 else ''} of {sub} so): rename or move the "
+            f"folder {sub}, or predict without --compare-teacher")
 
 
 def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *, fmt: str = "png",
@@ -102,6 +122,10 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
     if skipped:
         print(left_out_note(skipped), file=sys.stderr)
+    if compare is not None and fmt == "png":
+        clash = sheet_clash(folder, out, [str(r.source_id) for r in records])
+        if clash:
+            raise SheetClash(clash)  # before the folder is taken or anything in it replaced
     result = PredictResult(out, model=predictor.name,
                            compare_dir=compare_folder(out, fmt) if compare is not None else None)
 
