@@ -481,17 +481,28 @@ def test_predict_hdf5_log_densities_for_pysaliency(run_dir, image_folder, tmp_pa
             assert torch.logsumexp(torch.from_numpy(d).double().flatten(), 0).item() == pytest.approx(0.0, abs=1e-3)
 
 
-def test_predict_records_an_unreadable_image(image_folder, tmp_path):
+def test_predict_records_an_unreadable_image_and_removes_the_map_an_earlier_run_made_of_it(image_folder, tmp_path):
+    """The map an earlier run made of the picture a file held before stayed beside a predictions.json that listed
+    the file as failed (and, with --compare-teacher, its sheet): both go, said in a note."""
     folder = tmp_path / "imgs"
     shutil.copytree(image_folder, folder)
-    (folder / "sub" / "b.jpg").write_bytes(b"garbage")
     out = tmp_path / "maps"
-    result = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--device", "cpu",
-                "--no-progress")
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--compare-teacher", "classic",
+       "--no-progress")
+    assert (out / "sub" / "b.jpg.png").is_file() and (out / "compare" / "sub" / "b.jpg.png").is_file()
+    (folder / "sub" / "b.jpg").write_bytes(b"garbage")
+    result = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--compare-teacher", "classic",
+                "--device", "cpu", "--no-progress")
     assert any(line.startswith("failed: ") and "b.jpg" in line for line in result.stderr.splitlines())
     doc = json.loads((out / "predictions.json").read_text())
     assert doc["maps"] == 2 and len(doc["failures"]) == 1
     assert not (out / "sub" / "b.jpg.png").exists() and (out / "sub" / "c.png.png").is_file()
+    assert not (out / "compare" / "sub" / "b.jpg.png").exists() and (out / "compare" / "sub" / "c.png.png").is_file()
+    assert (f"note: removed 1 map an earlier run left in {out} (its image failed in this run: it showed what the "
+            "file held before): sub/b.jpg.png") in result.stderr
+    assert f"note: removed 1 comparison sheet an earlier run left in {out / 'compare'} (" in result.stderr
+    again = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")
+    assert "note: removed" not in again.stderr  # nothing left to remove
 
 
 def test_predict_neither_reads_a_label_folder_as_images_nor_writes_into_one(image_folder, label_folder, tmp_path):

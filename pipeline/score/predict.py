@@ -209,6 +209,9 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                     print(f"warning: no comparison sheet for {rec.source_id}: its name is too long for the "
                           "filesystem", file=sys.stderr)
             result.written = len(records) - len(result.failures)  # each image failed once, or has its map
+            if fmt == "png":  # a map an earlier run made of a picture since replaced is not this image's
+                rel_of = {entry(r): str(r.source_id) for r in records}
+                _remove_stale(out, [rel_of[f["file"]] for f in result.failures], result.compare_dir)
             if not result.written:
                 raise NoMaps(result)  # before any mark of completion (the HDF5 file is discarded)
             if h5 is not None:  # what predictions.json says of a png folder's failures
@@ -267,6 +270,37 @@ def _too_long(written) -> bool:
             raise
         return True
     return False
+
+
+def _remove_stale(out, failed: list[str], compare_dir) -> None:
+    """Remove what an earlier run left at the map path (and, with sheets, the sheet path) of each image of
+    ``failed`` (relative paths) that failed in this run, said in a ``note:`` line: the map of the picture the
+    file held before stayed beside a predictions.json listing the image as failed."""
+    places = [("map", out)] + ([("comparison sheet", compare_dir)] if compare_dir is not None else [])
+    for kind, where in places:
+        gone = [f"{rel}.png" for rel in failed if _unlink_file(where / f"{rel}.png")]
+        if gone:
+            n = len(gone)
+            shown = ", ".join(gone[:5]) + (f" and {n - 5} more" if n > 5 else "")
+            why = ("its image failed in this run: it showed what the file held before" if n == 1 else
+                   "their images failed in this run: they showed what the files held before")
+            print(f"note: removed {n} {kind}{'s' if n > 1 else ''} an earlier run left in {where} ({why}): {shown}",
+                  file=sys.stderr)
+
+
+def _unlink_file(path) -> bool:
+    """Remove the file at ``path``; whether there was one (a folder there is left alone)."""
+    try:
+        if not path.is_file():
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # (its map's name was too long: nothing can be there)
+            return False
+        raise
+    return True
 
 
 def _write_png(path: Path, logd: np.ndarray) -> None:
