@@ -541,6 +541,23 @@ def test_predict_never_writes_over_its_images_nor_reads_its_own_maps(image_folde
     assert error_line(hdf5) == f"Error: --out {tmp_path} is a folder; --format hdf5 writes one file: give its path"
 
 
+def test_predict_says_which_photos_under_its_out_folder_inside_the_images_it_leaves_out(image_folder, tmp_path):
+    """`--images mix --out mix/out`: the photos already in mix/out were never mapped and nothing said so (every
+    other file left out is named in a note). The maps predict wrote there are not counted as photos."""
+    folder = tmp_path / "mix"
+    shutil.copytree(image_folder, folder)
+    for name in ("p1.jpg", "deep/p2.PNG"):
+        (folder / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "a.jpg", folder / "out" / name)
+    for _ in range(2):  # the second run finds its maps there too: still the two photos alone
+        r = ok("predict", "--teacher", "classic", "--images", folder, "--out", folder / "out", "--no-progress")
+        assert "maps written   3" in r.output
+        assert (f"note: left out 2 images under --out {folder / 'out'}, inside --images: the output folder is not "
+                f"read as images (give --out outside {folder}, or move them out, to map them): out/deep/p2.PNG, "
+                "out/p1.jpg") in r.stderr, r.stderr
+    assert sorted(p.name for p in (folder / "out").glob("*.png")) == ["a.jpg.png"]  # (sub/ holds the other two)
+
+
 def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_folder, tmp_path):
     """A second predict into a folder in use is refused (two runs mixed their maps under one predictions.json);
     a re-run takes the old predictions.json away before its first map, so a run that dies half-way leaves no

@@ -39,7 +39,7 @@ from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import NOT_FINITE, Predictor
 from pipeline.label.shards import enclosing_label_folder
-from pipeline.label.sources import SourceError, folder_records, left_out_note, other_outputs
+from pipeline.label.sources import IMAGE_SUFFIXES, SourceError, folder_records, left_out_note, other_outputs
 
 FORMATS = ("png", "hdf5")
 
@@ -117,6 +117,13 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     # maps (and comparison sheets) written inside the image folder are not images, nor are other runs' outputs
     own = [] if local_out is None else [local_out, compare_folder(local_out, fmt)]
     others = other_outputs(folder, own)
+    mine = photos_in_outputs(folder, own)
+    if mine:
+        n = len(mine)
+        shown = ", ".join(mine[:5]) + (f" and {n - 5} more" if n > 5 else "")
+        print(f"note: left out {n} image{'s' if n > 1 else ''} under --out {out}, inside --images: the output "
+              f"folder is not read as images (give --out outside {folder}, or move {'them' if n > 1 else 'it'} out, "
+              f"to map {'them' if n > 1 else 'it'}): {shown}", file=sys.stderr)
     skipped: list[str] = []
     records = folder_records(folder, exclude=[*others, *own], others=skipped,
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
@@ -241,6 +248,24 @@ def writes_over_images(folder, out) -> str:
         return (f"{out} lies in the label folder {inside}: the maps would be written among its shards; give "
                 "another folder")
     return ""
+
+
+def photos_in_outputs(folder: Path, own: list[Path]) -> list[str]:
+    """The image files (relative to ``folder``, sorted) in the run's own output folders ``own`` that lie inside
+    ``folder``, which are left out of its images, other than the maps and sheets a ``predict`` writes there
+    (``<name>.<image suffix>.png``)."""
+    base = folder.resolve()
+    found = []
+    for o in own:
+        o = o.resolve()
+        if not (o.is_relative_to(base) and o.is_dir()):
+            continue
+        for p in o.rglob("*"):
+            name = p.name.lower()
+            ours = name.endswith(".png") and Path(name[:-4]).suffix in IMAGE_SUFFIXES  # a map: x.jpg.png
+            if p.suffix.lower() in IMAGE_SUFFIXES and not ours and not p.is_dir():
+                found.append(p.relative_to(base).as_posix())
+    return sorted(set(found))
 
 
 def label_folder_as_images(folder) -> str:
