@@ -603,6 +603,53 @@ def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_fo
     assert f"its map's name is too long for the filesystem: {out / long}.png" in result.stderr
 
 
+def test_ctrl_c_in_predict_or_profile_says_what_is_kept_and_exits_130(image_folder, tmp_path, monkeypatch):
+    """They ended with click's bare `Aborted!`, exit 1, as `label` and `train` no longer do: one `interrupted:` line
+    saying what is kept, exit status 130. Interrupted after its first map, predict keeps that map and no
+    predictions.json (its old one went before the first map), and lets its folder go."""
+    import pipeline.score.predict as P
+    import pipeline.score.profile
+
+    out = tmp_path / "maps"
+    ok("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--no-progress")
+    for p in out.rglob("*.png"):
+        p.unlink()
+    real = P.Predictor.iter_log_densities
+    batches = []
+
+    def interrupted_at_the_second_batch(self, inputs, sizes):
+        batches.append(len(inputs))
+        if len(batches) > 1:
+            raise KeyboardInterrupt
+        yield from real(self, inputs, sizes)
+
+    monkeypatch.setattr(P.Predictor, "iter_log_densities", interrupted_at_the_second_batch)
+    r = invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--batch-size", "1",
+               "--no-progress")
+    assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == (
+        f"interrupted: the maps already written are kept, but not {out}/predictions.json, written last to mark the "
+        "folder complete: the same command maps every image again"), r.output
+    assert sorted(p.name for p in out.rglob("*") if not p.is_dir()) == ["a.jpg.png"]  # no mark, no lock
+
+    batches.clear()
+    r = invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", tmp_path / "m.h5", "--format",
+               "hdf5", "--batch-size", "1", "--no-progress")
+    assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == (
+        f"interrupted: {tmp_path / 'm.h5'} is not written (it is renamed into place once complete; a file there "
+        "before is left as it was): run the same command again"), r.output
+    assert not list(tmp_path.glob("m.h5*"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.score.profile, "profile", interrupted)
+    r = invoke("profile", "--teacher", "classic", "--iters", "1", "--out", tmp_path / "p.json")
+    assert r.exit_code == 130 and r.output.strip().splitlines() == [
+        "interrupted: nothing was measured to keep (the figures are printed, and --out written, once every pass has "
+        "run): run the same command again"], r.output
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_predict_turns_a_photo_as_viewers_show_it(tmp_path):
     """A phone's portrait photo (stored landscape, EXIF orientation 6): its map is portrait too, so it lies over
     the photo as a viewer shows it."""
