@@ -47,13 +47,18 @@ def check_input_size(predictor, image_size) -> None:
 @click.option("--root", type=LocalPath(path_type=Path), required=True,
               help="The dataset as published (SALICON: fixations JSON or fixations/<split>/*.mat + images/; "
                    "MIT1003: ALLSTIMULI/ + ALLFIXATIONMAPS/; CAT2000: Stimuli/ + FIXATIONLOCS/).")
-@click.option("--split", default=None, help="SALICON only: train or val.")
+@click.option("--split", type=click.Choice(["train", "val"]), default=None,  # (fixations.SALICON_SPLITS)
+              help="SALICON only (and required there): train or val.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
               help="The HDF5 file to write (atomically), or its URL (s3://…: written locally, then uploaded).")
 def fixations_cmd(dataset, root, split, out):
     """Convert a fixation dataset (SALICON, MIT1003, CAT2000) once into one HDF5 file for `pipeline eval`."""
     from pipeline.score.fixations import FixationError, convert
 
+    if dataset == "salicon" and split is None:
+        raise click.UsageError("salicon needs --split train or --split val (its fixations are published per split)")
+    if dataset != "salicon" and split is not None:
+        raise click.BadParameter(f"{dataset} has no splits (--split is for salicon only)", param_hint="'--split'")
     must_exist("root")
     out = output_path(out)
     try:
