@@ -744,6 +744,22 @@ def test_profile_student_size_flops_and_image_size(tmp_path):
     assert sdoc["gflops"] / doc["gflops"] == pytest.approx(ratio, rel=0.15)
 
 
+def test_profile_names_the_files_of_its_images_folder_it_leaves_out(image_folder, tmp_path):
+    """Undecodable image files and files of other suffixes were dropped without a word (predict names them)."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    (folder / "notes.txt").write_text("not a photo")
+    for name in ("broken.jpg", "sub/empty.png"):
+        (folder / name).write_bytes(b"")
+    r = ok("profile", "--teacher", "classic", "--iters", "1", "--images", folder, "--out", tmp_path / "p.json")
+    assert r.stderr.splitlines() == [
+        "note: left out 1 file whose suffix is not an image's (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp): "
+        "notes.txt",
+        f"note: left out 2 image files of {folder} that could not be read (the first, broken.jpg: empty file)"], \
+        r.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["inputs"] == f"3 images of {folder}"
+
+
 def test_profile_checkpoint_uses_its_training_size(run_dir, tmp_path):
     out = tmp_path / "run.json"
     ok("profile", "--checkpoint", run_dir, "--device", "cpu", "--iters", "1", "--out", out)
