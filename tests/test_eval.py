@@ -481,17 +481,28 @@ def test_predict_hdf5_log_densities_for_pysaliency(run_dir, image_folder, tmp_pa
             assert torch.logsumexp(torch.from_numpy(d).double().flatten(), 0).item() == pytest.approx(0.0, abs=1e-3)
 
 
-def test_predict_records_an_unreadable_image(image_folder, tmp_path):
+def test_predict_records_an_unreadable_image_and_removes_the_map_an_earlier_run_made_of_it(image_folder, tmp_path):
+    """The map an earlier run made of the picture a file held before stayed beside a predictions.json that listed
+    the file as failed (and, with --compare-teacher, its sheet): both go, said in a note."""
     folder = tmp_path / "imgs"
     shutil.copytree(image_folder, folder)
-    (folder / "sub" / "b.jpg").write_bytes(b"garbage")
     out = tmp_path / "maps"
-    result = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--device", "cpu",
-                "--no-progress")
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--compare-teacher", "classic",
+       "--no-progress")
+    assert (out / "sub" / "b.jpg.png").is_file() and (out / "compare" / "sub" / "b.jpg.png").is_file()
+    (folder / "sub" / "b.jpg").write_bytes(b"garbage")
+    result = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--compare-teacher", "classic",
+                "--device", "cpu", "--no-progress")
     assert any(line.startswith("failed: ") and "b.jpg" in line for line in result.stderr.splitlines())
     doc = json.loads((out / "predictions.json").read_text())
     assert doc["maps"] == 2 and len(doc["failures"]) == 1
     assert not (out / "sub" / "b.jpg.png").exists() and (out / "sub" / "c.png.png").is_file()
+    assert not (out / "compare" / "sub" / "b.jpg.png").exists() and (out / "compare" / "sub" / "c.png.png").is_file()
+    assert (f"note: removed 1 map an earlier run left in {out} (its image failed in this run: it showed what the "
+            "file held before): sub/b.jpg.png") in result.stderr
+    assert f"note: removed 1 comparison sheet an earlier run left in {out / 'compare'} (" in result.stderr
+    again = ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")
+    assert "note: removed" not in again.stderr  # nothing left to remove
 
 
 def test_predict_neither_reads_a_label_folder_as_images_nor_writes_into_one(image_folder, label_folder, tmp_path):
@@ -528,6 +539,23 @@ def test_predict_never_writes_over_its_images_nor_reads_its_own_maps(image_folde
         assert "maps written   3" in result.output
     hdf5 = invoke("predict", "--teacher", "classic", "--images", folder, "--out", tmp_path, "--format", "hdf5")
     assert error_line(hdf5) == f"Error: --out {tmp_path} is a folder; --format hdf5 writes one file: give its path"
+
+
+def test_predict_says_which_photos_under_its_out_folder_inside_the_images_it_leaves_out(image_folder, tmp_path):
+    """`--images mix --out mix/out`: the photos already in mix/out were never mapped and nothing said so (every
+    other file left out is named in a note). The maps predict wrote there are not counted as photos."""
+    folder = tmp_path / "mix"
+    shutil.copytree(image_folder, folder)
+    for name in ("p1.jpg", "deep/p2.PNG"):
+        (folder / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "a.jpg", folder / "out" / name)
+    for _ in range(2):  # the second run finds its maps there too: still the two photos alone
+        r = ok("predict", "--teacher", "classic", "--images", folder, "--out", folder / "out", "--no-progress")
+        assert "maps written   3" in r.output
+        assert (f"note: left out 2 images under --out {folder / 'out'}, inside --images: the output folder is not "
+                f"read as images (give --out outside {folder}, or move them out, to map them): out/deep/p2.PNG, "
+                "out/p1.jpg") in r.stderr, r.stderr
+    assert sorted(p.name for p in (folder / "out").glob("*.png")) == ["a.jpg.png"]  # (sub/ holds the other two)
 
 
 def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_folder, tmp_path):
@@ -573,6 +601,53 @@ def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_fo
     doc = json.loads((out / "predictions.json").read_text())
     assert doc["maps"] == 2 and sorted(Path(f["file"]).name for f in doc["failures"]) == ["b.jpg", long]
     assert f"its map's name is too long for the filesystem: {out / long}.png" in result.stderr
+
+
+def test_ctrl_c_in_predict_or_profile_says_what_is_kept_and_exits_130(image_folder, tmp_path, monkeypatch):
+    """They ended with click's bare `Aborted!`, exit 1, as `label` and `train` no longer do: one `interrupted:` line
+    saying what is kept, exit status 130. Interrupted after its first map, predict keeps that map and no
+    predictions.json (its old one went before the first map), and lets its folder go."""
+    import pipeline.score.predict as P
+    import pipeline.score.profile
+
+    out = tmp_path / "maps"
+    ok("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--no-progress")
+    for p in out.rglob("*.png"):
+        p.unlink()
+    real = P.Predictor.iter_log_densities
+    batches = []
+
+    def interrupted_at_the_second_batch(self, inputs, sizes):
+        batches.append(len(inputs))
+        if len(batches) > 1:
+            raise KeyboardInterrupt
+        yield from real(self, inputs, sizes)
+
+    monkeypatch.setattr(P.Predictor, "iter_log_densities", interrupted_at_the_second_batch)
+    r = invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--batch-size", "1",
+               "--no-progress")
+    assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == (
+        f"interrupted: the maps already written are kept, but not {out}/predictions.json, written last to mark the "
+        "folder complete: the same command maps every image again"), r.output
+    assert sorted(p.name for p in out.rglob("*") if not p.is_dir()) == ["a.jpg.png"]  # no mark, no lock
+
+    batches.clear()
+    r = invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", tmp_path / "m.h5", "--format",
+               "hdf5", "--batch-size", "1", "--no-progress")
+    assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == (
+        f"interrupted: {tmp_path / 'm.h5'} is not written (it is renamed into place once complete; a file there "
+        "before is left as it was): run the same command again"), r.output
+    assert not list(tmp_path.glob("m.h5*"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.score.profile, "profile", interrupted)
+    r = invoke("profile", "--teacher", "classic", "--iters", "1", "--out", tmp_path / "p.json")
+    assert r.exit_code == 130 and r.output.strip().splitlines() == [
+        "interrupted: nothing was measured to keep (the figures are printed, and --out written, once every pass has "
+        "run): run the same command again"], r.output
+    assert not (tmp_path / "p.json").exists()
 
 
 def test_predict_turns_a_photo_as_viewers_show_it(tmp_path):
@@ -630,6 +705,23 @@ def test_predict_compare_teacher_writes_image_teacher_student_sheets(run_dir, im
     assert r.exit_code == 2 and "--compare-weights goes with --compare-teacher" in r.output
 
 
+def test_predict_compare_teacher_refuses_a_compare_subfolder_whose_maps_would_be_the_sheets(image_folder, tmp_path):
+    """The map of `compare/a.jpg` is `<out>/compare/a.jpg.png`, where the sheet of `a.jpg` goes: the sheet replaced
+    the map and the run said `maps written 4`, exit 0. Now a usage mistake, before anything is written."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    shutil.copytree(image_folder, folder / "compare")
+    out = tmp_path / "maps"
+    r = invoke("predict", "--teacher", "classic", "--images", folder, "--out", out, "--compare-teacher", "classic",
+               "--no-progress")
+    assert r.exit_code == 2 and error_line(r) == (
+        f"Error: Invalid value for '--compare-teacher': the map of compare/a.jpg would be {out}/compare/a.jpg.png, "
+        f"where the comparison sheet of a.jpg goes (3 images of {folder / 'compare'} so): rename or move the folder "
+        f"{folder / 'compare'}, or predict without --compare-teacher")
+    assert not out.exists()
+    ok("predict", "--teacher", "classic", "--images", folder, "--out", out, "--no-progress")  # no sheets: no clash
+
+
 # --------------------------------------------------------------------------------------------
 # profile, teachers
 
@@ -650,6 +742,22 @@ def test_profile_student_size_flops_and_image_size(tmp_path):
     assert sdoc["input_size"] == [64, 96]
     ratio = (64 * 96) / (192 * 256)
     assert sdoc["gflops"] / doc["gflops"] == pytest.approx(ratio, rel=0.15)
+
+
+def test_profile_names_the_files_of_its_images_folder_it_leaves_out(image_folder, tmp_path):
+    """Undecodable image files and files of other suffixes were dropped without a word (predict names them)."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_folder, folder)
+    (folder / "notes.txt").write_text("not a photo")
+    for name in ("broken.jpg", "sub/empty.png"):
+        (folder / name).write_bytes(b"")
+    r = ok("profile", "--teacher", "classic", "--iters", "1", "--images", folder, "--out", tmp_path / "p.json")
+    assert r.stderr.splitlines() == [
+        "note: left out 1 file whose suffix is not an image's (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp): "
+        "notes.txt",
+        f"note: left out 2 image files of {folder} that could not be read (the first, broken.jpg: empty file)"], \
+        r.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["inputs"] == f"3 images of {folder}"
 
 
 def test_profile_checkpoint_uses_its_training_size(run_dir, tmp_path):

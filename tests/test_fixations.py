@@ -476,9 +476,18 @@ def test_cli_converts_and_reports_errors(mit_root, tmp_path):
     assert r.exit_code == 0, r.output
     assert "3 images, 7 fixations, 0 skipped" in r.output
     assert len(read_hdf5(out)) == 3
-    r = CliRunner().invoke(cli, ["fixations", "salicon", "--root", str(mit_root), "--out", str(out)])
-    assert r.exit_code == 1
-    assert "Error: SALICON needs a split; expected one of train, val" in r.output
+    # a split missing, given where there is none, or not one: usage mistakes (exit 2, click's usage line), not a
+    # failure of the work (exit 1), said before the dataset is read
+    for args, said in ((["salicon"], "Error: salicon needs --split train or --split val (its fixations are "
+                                     "published per split)"),
+                       (["mit1003", "--split", "val"], "Error: Invalid value for '--split': mit1003 has no splits "
+                                                        "(--split is for salicon only)"),
+                       (["salicon", "--split", "test"], "Error: Invalid value for '--split': 'test' is not one of "
+                                                         "'train', 'val'.")):
+        r = CliRunner().invoke(cli, ["fixations", *args, "--root", str(mit_root), "--out", str(tmp_path / "x.h5")])
+        assert r.exit_code == 2 and r.output.startswith("Usage: ") and " fixations [OPTIONS]" in r.output, r.output
+        assert r.output.strip().splitlines()[-1] == said, r.output
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_a_dataset_read_as_without_fixations_is_refused_and_mostly_empty_is_warned_of(mit_root, tmp_path):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -46,13 +47,18 @@ def check_input_size(predictor, image_size) -> None:
 @click.option("--root", type=LocalPath(path_type=Path), required=True,
               help="The dataset as published (SALICON: fixations JSON or fixations/<split>/*.mat + images/; "
                    "MIT1003: ALLSTIMULI/ + ALLFIXATIONMAPS/; CAT2000: Stimuli/ + FIXATIONLOCS/).")
-@click.option("--split", default=None, help="SALICON only: train or val.")
+@click.option("--split", type=click.Choice(["train", "val"]), default=None,  # (fixations.SALICON_SPLITS)
+              help="SALICON only (and required there): train or val.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
               help="The HDF5 file to write (atomically), or its URL (s3://…: written locally, then uploaded).")
 def fixations_cmd(dataset, root, split, out):
     """Convert a fixation dataset (SALICON, MIT1003, CAT2000) once into one HDF5 file for `pipeline eval`."""
     from pipeline.score.fixations import FixationError, convert
 
+    if dataset == "salicon" and split is None:
+        raise click.UsageError("salicon needs --split train or --split val (its fixations are published per split)")
+    if dataset != "salicon" and split is not None:
+        raise click.BadParameter(f"{dataset} has no splits (--split is for salicon only)", param_hint="'--split'")
     must_exist("root")
     out = output_path(out)
     try:
@@ -163,6 +169,17 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         raise click.ClickException("no image could be scored")
 
 
+@contextlib.contextmanager
+def interrupted_says(kept: str):
+    """Ctrl-C (or SIGTERM) in the block ends the command as `label` and `train` end: exit status 130 and one
+    ``interrupted: <kept>`` line saying what is kept, not click's bare ``Aborted!`` (status 1)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {kept}", err=True)
+        raise SystemExit(130) from None
+
+
 @click.command("predict", cls=Checked, checks=(student_output_check,))
 @model_options
 @click.option("--images", type=LocalPath(file_okay=False, path_type=Path), required=True,
@@ -185,7 +202,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                 calibration_images, progress):
     """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
     from pipeline.common.storage import is_url
-    from pipeline.score.predict import NoMaps, label_folder_as_images, predict_folder, writes_over_images
+    from pipeline.score.predict import (NoMaps, SheetClash, label_folder_as_images, predict_folder,
+                                        writes_over_images)
     from pipeline.label.sources import SourceError
 
     must_exist("images", "calibration")
@@ -198,29 +216,40 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     over = writes_over_images(images, out)
     if over:
         raise click.BadParameter(over, param_hint="'--out'")
-    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                            student_options=student_options)
-    check_input_size(predictor, None)
-    predictor = with_runtime(predictor, runtime, calibration=calibration, calibration_images=calibration_images)
-    compare = None
-    if compare_teacher:
-        compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision,
-                              options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"})
-    elif compare_weights:
-        raise click.UsageError("--compare-weights goes with --compare-teacher NAME")
-    none = ""
-    try:
-        result = predict_folder(predictor, images, out, fmt=format_, batch_size=batch_size, io_threads=io_threads,
-                                progress=progress, compare=compare)
-    except SourceError as e:
-        raise click.ClickException(str(e)) from None
-    except NoMaps as e:  # its failures are shown, then the error
-        result, none = e.result, str(e)
-    except OSError as e:  # writing the maps: a full disk, a read-only folder (predictions.json is not written)
-        raise click.ClickException(f"cannot write the maps to {out} ({error_message(e)})") from None
-    echo_result(result, result.failures, lambda f: f"{f['file']}: {f['reason']}")
-    if none:
-        raise click.ClickException(none)
+    sheets = " and their sheets" if compare_teacher else ""
+    if format_ == "png":  # (written atomically, each map is whole; predict_folder takes the old mark away first)
+        kept = (f"the maps already written{sheets} are kept, but not {out}/predictions.json, written last to mark the "
+                "folder complete: the same command maps every image again")
+    else:  # (the file is written under a temporary name, removed on the way out)
+        kept = (f"{out} is not written (it is renamed into place once complete; a file there before is left as it "
+                f"was){'; the sheets already written are kept' if compare_teacher else ''}: run the same command "
+                "again")
+    with interrupted_says(kept):
+        predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
+                                student_options=student_options)
+        check_input_size(predictor, None)
+        predictor = with_runtime(predictor, runtime, calibration=calibration, calibration_images=calibration_images)
+        compare = None
+        if compare_teacher:
+            compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision,
+                                  options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"})
+        elif compare_weights:
+            raise click.UsageError("--compare-weights goes with --compare-teacher NAME")
+        none = ""
+        try:
+            result = predict_folder(predictor, images, out, fmt=format_, batch_size=batch_size,
+                                    io_threads=io_threads, progress=progress, compare=compare)
+        except SourceError as e:
+            raise click.ClickException(str(e)) from None
+        except SheetClash as e:  # a usage mistake: said before anything is written
+            raise click.BadParameter(str(e), param_hint="'--compare-teacher'") from None
+        except NoMaps as e:  # its failures are shown, then the error
+            result, none = e.result, str(e)
+        except OSError as e:  # writing the maps: a full disk, a read-only folder (predictions.json is not written)
+            raise click.ClickException(f"cannot write the maps to {out} ({error_message(e)})") from None
+        echo_result(result, result.failures, lambda f: f"{f['file']}: {f['reason']}")
+        if none:
+            raise click.ClickException(none)
 
 
 @click.command("profile", cls=Checked, checks=(student_output_check,))
@@ -254,23 +283,29 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
     must_exist("calibration")
     must_exist("images", urls=True)
     out = output_path(out)
-    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                            require_weights=False, student_options=student_options)
-    check_input_size(predictor, image_size)
-    predictor = with_runtime(predictor, runtime, image_size, calibration=calibration,
-                             calibration_images=calibration_images)
-    measured_on = None
-    if images:
-        from pipeline.score.predictors import PredictorError
-        from pipeline.score.quantize import calibration_images as load_images
+    kept = ("nothing was measured to keep (the figures are printed" + (", and --out written," if out else "")
+            + " once every pass has run): run the same command again")
+    with interrupted_says(kept):
+        predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
+                                require_weights=False, student_options=student_options)
+        check_input_size(predictor, image_size)
+        predictor = with_runtime(predictor, runtime, image_size, calibration=calibration,
+                                 calibration_images=calibration_images)
+        measured_on = None
+        if images:
+            from pipeline.score.predictors import PredictorError
+            from pipeline.score.quantize import calibration_images as load_images
 
-        size = tuple(image_size or predictor.input_size or (192, 256))
-        try:
-            measured_on = load_images(images, size, max_images, option="--images")
-        except PredictorError as e:
-            raise click.ClickException(str(e)) from None
-    result = profile(predictor, input_size=image_size, batch_size=batch_size, iters=iters, images=measured_on,
-                     images_from=images or "")
+            size = tuple(image_size or predictor.input_size or (192, 256))
+            notes: list[str] = []  # what a folder of images leaves out, as predict says it
+            try:
+                measured_on = load_images(images, size, max_images, option="--images", notes=notes)
+            except PredictorError as e:
+                raise click.ClickException(str(e)) from None
+            for note in notes:
+                click.echo(note, err=True)
+        result = profile(predictor, input_size=image_size, batch_size=batch_size, iters=iters, images=measured_on,
+                         images_from=images or "")
     click.echo(result.table())
     name = (predictor.reference if predictor.reference is not None else predictor.model).name  # (not a runtime's)
     if not images and any(m.stats for m in result.modes):

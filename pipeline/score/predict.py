@@ -10,7 +10,9 @@ complete. ``out`` may be a URL (``s3://…``): each file is written locally and 
 
 With a teacher to compare with (``compare``), every image also gets a sheet image | teacher | student
 (:mod:`pipeline.score.sheets`) at ``<out>/compare/<relative path>.png`` (``hdf5``: beside the file, in
-``<out stem>_compare/``), and ``predictions.json`` records the teacher and each image's CC with it.
+``<out stem>_compare/``), and ``predictions.json`` records the teacher and each image's CC with it. A png folder of
+images with a ``compare/`` subfolder mirroring its own images is refused (:class:`SheetClash`): a map there would be
+another image's sheet.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pipeline.common.tables import table
 from pipeline.score import sheets
 from pipeline.score.predictors import NOT_FINITE, Predictor
 from pipeline.label.shards import enclosing_label_folder
-from pipeline.label.sources import SourceError, folder_records, left_out_note, other_outputs
+from pipeline.label.sources import IMAGE_SUFFIXES, SourceError, folder_records, left_out_note, other_outputs
 
 FORMATS = ("png", "hdf5")
 
@@ -73,6 +75,11 @@ class NoMaps(Exception):
         self.result = result
 
 
+class SheetClash(ValueError):
+    """With ``--compare-teacher`` (png), an image's map would be written where another image's sheet goes (or the
+    reverse): the image folder has a ``compare/`` subfolder mirroring its own images. Said before any work."""
+
+
 def map_png(log_density: np.ndarray) -> bytes:
     density = np.exp(log_density - log_density.max())
     return images.encode_png(np.rint(density * 255.0).astype(np.uint8))
@@ -81,6 +88,19 @@ def map_png(log_density: np.ndarray) -> bytes:
 def compare_folder(out: Path, fmt: str) -> Path:
     """Where ``predict --compare-teacher`` writes its sheets."""
     return out / "compare" if fmt == "png" else out.with_name(f"{out.stem}_compare")
+
+
+def sheet_clash(folder: Path, out, rels: list[str]) -> str:
+    """Why the png maps of the images ``rels`` (relative to ``folder``) and their comparison sheets cannot share
+    the output folder ``out`` (the map of ``compare/x.jpg`` would be the sheet of ``x.jpg``), or ""."""
+    maps = set(rels)  # the map of rel is <out>/<rel>.png, its sheet <out>/compare/<rel>.png
+    both = sorted(rel for rel in rels if rel.startswith("compare/") and rel[len("compare/"):] in maps)
+    if not both:
+        return ""
+    sub, n = folder / "compare", len(both)
+    return (f"the map of {both[0]} would be {out}/{both[0]}.png, where the comparison sheet of "
+            f"{both[0][len('compare/'):]} goes ({n} image{'s' if n > 1 else ''} of {sub} so): rename or move the "
+            f"folder {sub}, or predict without --compare-teacher")
 
 
 def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *, fmt: str = "png",
@@ -97,11 +117,22 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
     # maps (and comparison sheets) written inside the image folder are not images, nor are other runs' outputs
     own = [] if local_out is None else [local_out, compare_folder(local_out, fmt)]
     others = other_outputs(folder, own)
+    mine = photos_in_outputs(folder, own)
+    if mine:
+        n = len(mine)
+        shown = ", ".join(mine[:5]) + (f" and {n - 5} more" if n > 5 else "")
+        print(f"note: left out {n} image{'s' if n > 1 else ''} under --out {out}, inside --images: the output "
+              f"folder is not read as images (give --out outside {folder}, or move {'them' if n > 1 else 'it'} out, "
+              f"to map {'them' if n > 1 else 'it'}): {shown}", file=sys.stderr)
     skipped: list[str] = []
     records = folder_records(folder, exclude=[*others, *own], others=skipped,
                              keys=False)  # maps are named by relative path: x.jpg and x.png are two
     if skipped:
         print(left_out_note(skipped), file=sys.stderr)
+    if compare is not None and fmt == "png":
+        clash = sheet_clash(folder, out, [str(r.source_id) for r in records])
+        if clash:
+            raise SheetClash(clash)  # before the folder is taken or anything in it replaced
     result = PredictResult(out, model=predictor.name,
                            compare_dir=compare_folder(out, fmt) if compare is not None else None)
 
@@ -185,6 +216,9 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                     print(f"warning: no comparison sheet for {rec.source_id}: its name is too long for the "
                           "filesystem", file=sys.stderr)
             result.written = len(records) - len(result.failures)  # each image failed once, or has its map
+            if fmt == "png":  # a map an earlier run made of a picture since replaced is not this image's
+                rel_of = {entry(r): str(r.source_id) for r in records}
+                _remove_stale(out, [rel_of[f["file"]] for f in result.failures], result.compare_dir)
             if not result.written:
                 raise NoMaps(result)  # before any mark of completion (the HDF5 file is discarded)
             if h5 is not None:  # what predictions.json says of a png folder's failures
@@ -216,6 +250,24 @@ def writes_over_images(folder, out) -> str:
     return ""
 
 
+def photos_in_outputs(folder: Path, own: list[Path]) -> list[str]:
+    """The image files (relative to ``folder``, sorted) in the run's own output folders ``own`` that lie inside
+    ``folder``, which are left out of its images, other than the maps and sheets a ``predict`` writes there
+    (``<name>.<image suffix>.png``)."""
+    base = folder.resolve()
+    found = []
+    for o in own:
+        o = o.resolve()
+        if not (o.is_relative_to(base) and o.is_dir()):
+            continue
+        for p in o.rglob("*"):
+            name = p.name.lower()
+            ours = name.endswith(".png") and Path(name[:-4]).suffix in IMAGE_SUFFIXES  # a map: x.jpg.png
+            if p.suffix.lower() in IMAGE_SUFFIXES and not ours and not p.is_dir():
+                found.append(p.relative_to(base).as_posix())
+    return sorted(set(found))
+
+
 def label_folder_as_images(folder) -> str:
     """Why ``folder`` is no folder of images to map (a label folder: its images are in its shards), or ""."""
     if enclosing_label_folder(folder) is None:
@@ -243,6 +295,37 @@ def _too_long(written) -> bool:
             raise
         return True
     return False
+
+
+def _remove_stale(out, failed: list[str], compare_dir) -> None:
+    """Remove what an earlier run left at the map path (and, with sheets, the sheet path) of each image of
+    ``failed`` (relative paths) that failed in this run, said in a ``note:`` line: the map of the picture the
+    file held before stayed beside a predictions.json listing the image as failed."""
+    places = [("map", out)] + ([("comparison sheet", compare_dir)] if compare_dir is not None else [])
+    for kind, where in places:
+        gone = [f"{rel}.png" for rel in failed if _unlink_file(where / f"{rel}.png")]
+        if gone:
+            n = len(gone)
+            shown = ", ".join(gone[:5]) + (f" and {n - 5} more" if n > 5 else "")
+            why = ("its image failed in this run: it showed what the file held before" if n == 1 else
+                   "their images failed in this run: they showed what the files held before")
+            print(f"note: removed {n} {kind}{'s' if n > 1 else ''} an earlier run left in {where} ({why}): {shown}",
+                  file=sys.stderr)
+
+
+def _unlink_file(path) -> bool:
+    """Remove the file at ``path``; whether there was one (a folder there is left alone)."""
+    try:
+        if not path.is_file():
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # (its map's name was too long: nothing can be there)
+            return False
+        raise
+    return True
 
 
 def _write_png(path: Path, logd: np.ndarray) -> None:

@@ -28,14 +28,16 @@ from students import to_log_density
 CHECK_IMAGES = 16
 
 
-def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: str = "--calibration"
-                       ) -> list[np.ndarray]:
+def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: str = "--calibration",
+                       notes: list[str] | None = None) -> list[np.ndarray]:
     """Up to ``n`` images of ``path`` as uint8 ``[1, 3, H, W]`` arrays at ``size``: the stored JPEGs of a label
     folder (its shards in order; a URL is read through fsspec, as training reads it), or the image files of a
-    local folder (sorted, unreadable ones skipped). Errors name ``option``."""
+    local folder (sorted, unreadable ones skipped). Errors name ``option``. ``notes``, when given, receives a
+    ``note:`` line for what a folder's images leave out: its files of other suffixes (as ``predict`` names them)
+    and the image files that could not be read, counted with the first named."""
     from pipeline.common.storage import as_path, is_url
     from pipeline.label.shards import read_samples
-    from pipeline.label.sources import SourceError, folder_records
+    from pipeline.label.sources import SourceError, folder_records, left_out_note
     from pipeline.train.data import DataError, open_label_set
 
     path = as_path(path)
@@ -63,17 +65,25 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: 
         raise PredictorError(f"{option} {path}: no labels.json there; a URL is read as a label folder (a folder of "
                              "image files must be local)")
     elif path.is_dir():
+        others: list[str] = []
         try:
-            records = folder_records(path, keys=False)  # read by path: x.jpg beside x.png is fine
+            records = folder_records(path, keys=False, others=others)  # read by path: x.jpg beside x.png is fine
         except SourceError as e:
             raise PredictorError(f"{option} {path}: {e}") from None
+        unreadable: list[tuple[str, str]] = []
         for record in records:
             if len(out) >= n:
                 break
             try:
                 add(read_image(record.path))
-            except ImageError:
-                continue
+            except ImageError as e:
+                unreadable.append((str(record.source_id), str(e)))
+        if notes is not None and others:
+            notes.append(left_out_note(others))
+        if notes is not None and unreadable:
+            k, (first, why) = len(unreadable), unreadable[0]
+            notes.append(f"note: left out {k} image file{'s' if k > 1 else ''} of {path} that could not be read "
+                         f"({'the first, ' if k > 1 else ''}{first}: {why})")
     else:
         raise PredictorError(f"{option} {path}: not a label folder (labels.json) or a folder of images")
     if not out:
