@@ -121,7 +121,7 @@ def test_demo_finishes_and_a_second_run_does_no_work(demo):
     assert verify_dataset(TRAIN) == "" and len(list(TRAIN.glob("shard-*.tar"))) == 4
     state = load_state(Path("runs/demo"))
     assert {n: r["status"] for n, r in state["steps"].items()} == dict.fromkeys(DEMO_STEPS, "done")
-    assert state["steps"]["label_val"]["output"] == str(VAL)
+    assert state["steps"]["label_val"]["output"] == "${workdir}/label_val/classic/val2017"  # moves with it
     assert json.loads((TRAIN_A / "checkpoints" / "latest.json").read_text())["epoch"] == 1  # 2 epochs
     assert set(json.loads(Path("runs/demo/eval_a/metrics.json").read_text())["metrics"]) == {"cc", "kl_div", "sim",
                                                                                            "nss"}
