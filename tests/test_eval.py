@@ -603,7 +603,8 @@ def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_fo
     assert f"its map's name is too long for the filesystem: {out / long}.png" in result.stderr
 
 
-def test_ctrl_c_in_predict_or_profile_says_what_is_kept_and_exits_130(image_folder, tmp_path, monkeypatch):
+def test_ctrl_c_in_predict_profile_or_eval_says_what_is_kept_and_exits_130(image_folder, label_folder, tmp_path,
+                                                                      monkeypatch):
     """They ended with click's bare `Aborted!`, exit 1, as `label` and `train` no longer do: one `interrupted:` line
     saying what is kept, exit status 130. Interrupted after its first map, predict keeps that map and no
     predictions.json (its old one went before the first map), and lets its folder go."""
@@ -648,6 +649,14 @@ def test_ctrl_c_in_predict_or_profile_says_what_is_kept_and_exits_130(image_fold
         "interrupted: nothing was measured to keep (the figures are printed, and --out written, once every pass has "
         "run): run the same command again"], r.output
     assert not (tmp_path / "p.json").exists()
+
+    import pipeline.score.evaluate  # eval likewise
+    monkeypatch.setattr(pipeline.score.evaluate, "evaluate_shards", interrupted)
+    r = invoke("eval", "--teacher", "classic", "--labels", label_folder, "--out", tmp_path / "e.json")
+    assert r.exit_code == 130 and r.output.strip().splitlines() == [
+        "interrupted: nothing was scored to keep (the scores are printed, and --out written, once every image is "
+        "scored): run the same command again"], r.output
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_predict_turns_a_photo_as_viewers_show_it(tmp_path):

@@ -131,19 +131,21 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
                             student_options=student_options, map_name=map_name)
     check_input_size(predictor, None)
     calibration = None
-    try:
-        if map_name != "saliency":
-            result, calibration = evaluate_calibrated(predictor, fs, batch_size=batch_size, baseline=baseline,
-                                                      sigma_frac=sigma_frac, io_threads=io_threads, limit=limit,
-                                                      progress=progress)
-        elif fs is not None:
-            result = evaluate_fixations(predictor, fs, batch_size=batch_size, baseline=baseline,
-                                        sigma_frac=sigma_frac, io_threads=io_threads, limit=limit, progress=progress)
-        else:
-            result = evaluate_shards(predictor, labels, val_shards=val_shards, batch_size=batch_size, limit=limit,
-                                     progress=progress)
-    except (DataError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    with interrupted_says("nothing was scored to keep (the scores are printed, and --out written, once every "
+                          "image is scored): run the same command again"):
+        try:
+            if map_name != "saliency":
+                result, calibration = evaluate_calibrated(predictor, fs, batch_size=batch_size, baseline=baseline,
+                                                          sigma_frac=sigma_frac, io_threads=io_threads, limit=limit,
+                                                          progress=progress)
+            elif fs is not None:
+                result = evaluate_fixations(predictor, fs, batch_size=batch_size, baseline=baseline,
+                                            sigma_frac=sigma_frac, io_threads=io_threads, limit=limit, progress=progress)
+            else:
+                result = evaluate_shards(predictor, labels, val_shards=val_shards, batch_size=batch_size, limit=limit,
+                                         progress=progress)
+        except (DataError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
     echo_result(result, result.failures, lambda f: f"{f['path']}: {f['reason']}")
     if calibration is not None:
         c = calibration
