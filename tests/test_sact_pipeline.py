@@ -4,8 +4,10 @@ exactly, reloaded from its checkpoint for profile, ONNX-free eval of its ponder 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -82,6 +84,36 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
     assert doc["images"] == 2 and len(doc["metrics"]) == 8  # scored on the half it was not calibrated on
     assert set(doc["calibration"]) == {"blur_frac", "center_weight", "auc_judd", "images", "center_auc_judd"}
     assert doc["calibration"]["images"] == 2 and "[ponder map]" in doc["model"]
+
+    # its ponder maps written out, as the paper's figures show them: PNGs scaled per image, HDF5 the raw ρ sums
+    import cv2
+    import h5py
+
+    from pipeline.score.predictors import build_predictor
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos[:2]:
+        shutil.copy(p, folder / p.name)
+    r = invoke("predict", "--checkpoint", run, "--images", folder, "--out", tmp_path / "ponder", "--map", "ponder",
+               "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ponder" / "predictions.json").read_text())["map"] == "ponder"
+    r = invoke("predict", "--checkpoint", run, "--images", folder, "--out", tmp_path / "ponder.h5", "--map",
+               "ponder", "--format", "hdf5", "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    raw = build_predictor(checkpoint=str(run), device="cpu", map_name="ponder").raw_maps(
+        [cv2.cvtColor(cv2.imread(str(folder / photos[0].name)), cv2.COLOR_BGR2RGB)])[0]
+    with h5py.File(tmp_path / "ponder.h5") as f:
+        assert f.attrs["content"] == "ponder"
+        stored = f[photos[0].name][()]
+    assert stored.shape == raw.shape and np.allclose(stored, raw, atol=1e-4) and stored.min() >= 4  # ρ ≥ 1 a block
+    png = cv2.imread(str(tmp_path / "ponder" / f"{photos[0].name}.png"), cv2.IMREAD_UNCHANGED)
+    assert png.shape == raw.shape and png.min() == 0 and png.max() == 255  # its own minimum to its maximum
+    assert np.corrcoef(png.ravel(), raw.ravel())[0, 1] > 0.99
+    r = invoke("predict", "--checkpoint", run, "--images", folder, "--out", tmp_path / "x", "--map", "ponder",
+               "--compare-teacher", "classic")
+    assert r.exit_code == 2 and "--map ponder goes with --runtime torch and without --compare-teacher" in r.output
 
 
 def test_student_options_are_checked(labels, tmp_path):

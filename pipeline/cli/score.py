@@ -195,20 +195,26 @@ def interrupted_says(kept: str):
               help="Also write a sheet image | teacher | student per image (<out>/compare/<image>.png) and each "
                    "image's CC with this teacher.")
 @click.option("--compare-weights", default=None, help="With --compare-teacher: that teacher's --weights.")
+@click.option("--map", "map_name", type=click.Choice(["saliency", *students.registry.all_maps()]), default="saliency",
+              help="Which map of a student to write: its saliency, or an extra map (SACT's ponder map: each PNG "
+                   "scaled from its own minimum to its maximum; hdf5: the raw values).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4)
 @runtime_option
 @click.option("--progress/--no-progress", default=True)
 def predict_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, images,
-                out, format_, compare_teacher, compare_weights, batch_size, io_threads, runtime, calibration,
+                out, format_, compare_teacher, compare_weights, map_name, batch_size, io_threads, runtime, calibration,
                 calibration_images, progress):
-    """Write saliency maps for a folder of images, as PNGs or as one HDF5 of log densities."""
+    """Write saliency maps (or a student's extra map) for a folder of images, as PNGs or as one HDF5."""
     from pipeline.common.storage import is_url
     from pipeline.score.predict import (NoMaps, SheetClash, label_folder_as_images, predict_folder,
                                         writes_over_images)
     from pipeline.label.sources import SourceError
 
     must_exist("images", "calibration")
+    if map_name != "saliency" and (compare_teacher or runtime != "torch"):
+        raise click.UsageError(f"--map {map_name} goes with --runtime torch and without --compare-teacher (the "
+                               "exported graph and the sheets are of the saliency map)")
     out = output_path(out, folder=format_ == "png")
     if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
@@ -228,7 +234,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                 "again")
     with interrupted_says(kept):
         predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                                student_options=student_options)
+                                student_options=student_options, map_name=map_name)
         check_input_size(predictor, None)
         predictor = with_runtime(predictor, runtime, calibration=calibration, calibration_images=calibration_images)
         compare = None

@@ -80,9 +80,15 @@ class SheetClash(ValueError):
     reverse): the image folder has a ``compare/`` subfolder mirroring its own images. Said before any work."""
 
 
-def map_png(log_density: np.ndarray) -> bytes:
-    density = np.exp(log_density - log_density.max())
-    return images.encode_png(np.rint(density * 255.0).astype(np.uint8))
+def map_png(log_density: np.ndarray, density: bool = True) -> bytes:
+    """An 8-bit PNG of a map: a log density as density / its maximum; an extra map's raw values (SACT's ponder
+    cost) scaled from their minimum to their maximum in the image (the raw values: ``--format hdf5``)."""
+    if density:
+        scaled = np.exp(log_density - log_density.max())
+    else:
+        lo, hi = float(log_density.min()), float(log_density.max())
+        scaled = (log_density - lo) / (hi - lo) if hi > lo else np.zeros_like(log_density)
+    return images.encode_png(np.rint(scaled * 255.0).astype(np.uint8))
 
 
 def compare_folder(out: Path, fmt: str) -> Path:
@@ -155,7 +161,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             out.parent.mkdir(parents=True, exist_ok=True)
             h5 = stack.enter_context(h5py.File(stack.enter_context(atomic_path(out)), "w"))
             h5.attrs.update({"type": "pysaliency.precomputed_models.predictions", "version": "1.0",
-                             "model": predictor.name, "content": "log_density", "source": str(folder.resolve())})
+                             "model": predictor.name, "source": str(folder.resolve()),
+                             "content": "log_density" if predictor.density else predictor.map_name})
         else:
             out.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(io_threads) as pool, \
@@ -204,7 +211,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                             continue
                         h5.create_dataset(rel, data=logd.astype(np.float32), compression="gzip", compression_opts=4)
                     else:
-                        maps.append((rec, write(_write_png, out / f"{rel}.png", logd)))
+                        maps.append((rec, write(_write_png, out / f"{rel}.png", logd, predictor.density)))
                 bar.update(len(batch))
             for rec, w in maps:
                 if _too_long(w):
@@ -226,6 +233,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
         if fmt == "png":  # the completion mark, while the folder is still held
             doc = {"model": predictor.name, "source": str(folder.resolve()), "maps": result.written,
                    "failures": result.failures}
+            if not predictor.density:
+                doc["map"] = predictor.map_name  # each PNG scaled from its own minimum to its maximum
             if compare is not None:
                 doc.update(compare_teacher=compare.name, compare_sheets=str(result.compare_dir),
                            cc_with_teacher=dict(sorted(result.cc.items())))
@@ -328,10 +337,10 @@ def _unlink_file(path) -> bool:
     return True
 
 
-def _write_png(path: Path, logd: np.ndarray) -> None:
+def _write_png(path: Path, logd: np.ndarray, density: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:
-        f.write(map_png(logd))
+        f.write(map_png(logd, density))
 
 
 def _write_sheet(result: PredictResult, rel: str, rgb: np.ndarray, teacher: np.ndarray, student: np.ndarray,

@@ -70,11 +70,16 @@ class Predictor:
             out.append(y[0, 0].cpu().numpy())
         return out
 
+    @property
+    def density(self) -> bool:
+        """Whether its maps are saliency (log densities); else raw values of an extra map (SACT's ponder cost)."""
+        return self.map_name == "saliency"
+
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
         with autocast(self.device, self.autocast):
             out = self.forward(x)
-        return to_log_density(out.float(), self.kind)
+        return to_log_density(out.float(), self.kind) if self.density else out.float()
 
     def prepared(self, rgb: np.ndarray) -> np.ndarray:
         """What the model takes of an RGB uint8 ``(H, W, 3)`` image: resized to its input size when it has one
@@ -92,7 +97,7 @@ class Predictor:
     def iter_log_densities(self, inputs: list[np.ndarray], sizes: list[tuple[int, int]]) -> Iterator[np.ndarray]:
         """:meth:`log_densities` of images already :meth:`prepared`, each map at its image's size in ``sizes``,
         made one at a time as they are asked for: at full size a large photo's map is ~100 MB, and a batch of
-        them need not all be held at once."""
+        them need not all be held at once. For an extra map (not :attr:`density`): its raw values."""
         if not inputs:
             return
         if self.input_size:
@@ -101,7 +106,11 @@ class Predictor:
         else:
             outs = (self._forward(np.ascontiguousarray(x)[None]) for x in inputs)
         for out, size in zip(outs, sizes):
-            yield resize_label(out, "log_density", tuple(size))[0, 0].cpu().numpy()
+            if self.density:
+                yield resize_label(out, "log_density", tuple(size))[0, 0].cpu().numpy()
+            else:  # an extra map's values, bilinearly resized (as :meth:`raw_maps`)
+                yield torch.nn.functional.interpolate(out, size=tuple(size), mode="bilinear",
+                                                      align_corners=False)[0, 0].cpu().numpy()
 
     def log_density(self, rgb: np.ndarray) -> np.ndarray:
         return self.log_densities([rgb])[0]
