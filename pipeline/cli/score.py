@@ -140,7 +140,8 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
                                                           progress=progress)
             elif fs is not None:
                 result = evaluate_fixations(predictor, fs, batch_size=batch_size, baseline=baseline,
-                                            sigma_frac=sigma_frac, io_threads=io_threads, limit=limit, progress=progress)
+                                            sigma_frac=sigma_frac, io_threads=io_threads, limit=limit,
+                                            progress=progress)
             else:
                 result = evaluate_shards(predictor, labels, val_shards=val_shards, batch_size=batch_size, limit=limit,
                                          progress=progress)
