@@ -258,10 +258,72 @@ figure{margin:8px 0}figcaption{font-size:.9em;color:#555}.note{color:#666;font-s
 """
 
 
+def _steps_html(manifest: Manifest, state: Mapping) -> str:
+    records = state.get("steps", {})
+    rows = [[n, s.command, (records.get(n) or {}).get("status", "never run"),
+             f"{records[n]['seconds']:.1f}" if isinstance((records.get(n) or {}).get("seconds"), (int, float))
+             else "-"] for n, s in manifest.steps.items()]
+    return "<h2>Steps</h2>" + _html_table(["step", "command", "status", "seconds"], rows)
+
+
+def _curves_html(manifest: Manifest, name: str, assets: Path) -> str:
+    """Train step ``name``'s curves and last epoch."""
+    run = Path(manifest.steps[name].output)
+    dst = assets / name / "curves.png"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "curves.png", dst)
+    last = _last_epoch(run)
+    summary = ", ".join(f"{k} {last[k]}" for k in ("train_loss", "val_cc", "val_kl", "val_nss") if k in last)
+    epochs = int(last["epoch"]) + 1 if last.get("epoch", "").isdigit() else "?"
+    return (f"<h3>{html.escape(name)}</h3><figure>{_img(f'{ASSETS}/{name}/curves.png', name + ' curves')}"
+            f"<figcaption>{html.escape(f'after epoch {epochs}: {summary}')}</figcaption></figure>")
+
+
+def _eval_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
+    """Sheets of eval step ``name`` (a checkpoint scored on labels)."""
+    try:
+        made = _student_sheets(manifest, name, assets / name)
+    except Exception as e:  # noqa: BLE001 - one step's sheets failing leaves the rest of the page
+        warnings.append(f"no sheets for {name}: {e}")
+        return ""
+    return (f"<h3>{html.escape(name)}: held-out images</h3>"
+            + "".join(f"<figure>{_img(src, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+                      for src, cap in made))
+
+
+def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
+    """Up to :data:`PREDICT_SHEETS` of the sheets predict step ``name`` drew beside its teacher's maps."""
+    workdir, out = Path(manifest.workdir), Path(manifest.steps[name].output)
+    try:
+        doc = json.loads((out / "predictions.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(doc, dict) or not doc.get("compare_sheets"):
+        return ""
+    src_dir = Path(doc["compare_sheets"])
+    listed = doc.get("cc_with_teacher") or {}
+    files = sorted(src_dir.rglob("*.png"))[:PREDICT_SHEETS]
+    figs = []
+    for f in files:
+        dst = assets / name / f.relative_to(src_dir)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst)
+        rel = str(f.relative_to(src_dir))[: -len(".png")]
+        cc = listed.get(rel)
+        cap = rel + (f": CC {cc:.3f}" if isinstance(cc, (int, float)) else "")
+        figs.append(f"<figure>{_img(str(dst.relative_to(workdir)), cap)}<figcaption>{html.escape(cap)}"
+                    "</figcaption></figure>")
+    if not figs:
+        return ""
+    ccs = [v for v in listed.values() if isinstance(v, (int, float))]
+    mean = f"; mean CC with teacher {doc.get('compare_teacher')}: {sum(ccs) / len(ccs):.3f}" if ccs else ""
+    return (f"<h3>{html.escape(name)}: {len(files)} of {doc.get('maps', '?')} maps at full size{html.escape(mean)}"
+            "</h3>" + "".join(figs) + f'<p class="note">all sheets: {html.escape(str(src_dir))}</p>')
+
+
 def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> str:
     workdir = Path(manifest.workdir)
     assets = workdir / ASSETS
-    records = state.get("steps", {})
     parts = [f"<h1>Run report: {html.escape(str(manifest.path))}</h1>",
              f'<p class="note">workdir {html.escape(str(workdir))}; written '
              f"{datetime.now().astimezone().isoformat(timespec='seconds')}</p>"]
@@ -284,64 +346,19 @@ def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> st
                        "counter (executed ones, for a model that skips work), milliseconds per batch and images/s "
                        "timed after warm-up passes.</p>")
 
-    steps = [[n, s.command, (records.get(n) or {}).get("status", "never run"),
-              f"{records[n]['seconds']:.1f}" if isinstance((records.get(n) or {}).get("seconds"), (int, float))
-              else "-"] for n, s in manifest.steps.items()]
-    parts.append("<h2>Steps</h2>" + _html_table(["step", "command", "status", "seconds"], steps))
+    parts.append(_steps_html(manifest, state))
 
     train = [n for n in _steps(manifest, "train") if (Path(manifest.steps[n].output) / "curves.png").is_file()]
     if train:
-        parts.append("<h2>Training</h2>")
-    for name in train:
-        run = Path(manifest.steps[name].output)
-        dst = assets / name / "curves.png"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run / "curves.png", dst)
-        last = _last_epoch(run)
-        summary = ", ".join(f"{k} {last[k]}" for k in ("train_loss", "val_cc", "val_kl", "val_nss") if k in last)
-        epochs = int(last["epoch"]) + 1 if last.get("epoch", "").isdigit() else "?"
-        parts.append(f"<h3>{html.escape(name)}</h3><figure>{_img(f'{ASSETS}/{name}/curves.png', name + ' curves')}"
-                     f"<figcaption>{html.escape(f'after epoch {epochs}: {summary}')}</figcaption></figure>")
+        parts.append("<h2>Training</h2>" + "".join(_curves_html(manifest, name, assets) for name in train))
 
     sheets_html = []
     for name in _steps(manifest, "eval"):
         settings = manifest.steps[name].settings
-        if not (settings.get("checkpoint") and settings.get("labels") and Path(manifest.steps[name].output).is_file()):
-            continue
-        try:
-            made = _student_sheets(manifest, name, assets / name)
-        except Exception as e:  # noqa: BLE001 - one step's sheets failing leaves the rest of the page
-            warnings.append(f"no sheets for {name}: {e}")
-            continue
-        figs = "".join(f"<figure>{_img(src, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
-                       for src, cap in made)
-        sheets_html.append(f"<h3>{html.escape(name)}: held-out images</h3>{figs}")
-    for name in _steps(manifest, "predict"):
-        out = Path(manifest.steps[name].output)
-        try:
-            doc = json.loads((out / "predictions.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if not doc.get("compare_sheets"):
-            continue
-        src_dir = Path(doc["compare_sheets"])
-        files = sorted(src_dir.rglob("*.png"))[:PREDICT_SHEETS]
-        figs = []
-        for f in files:
-            dst = assets / name / f.relative_to(src_dir)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst)
-            rel = str(f.relative_to(src_dir))[: -len(".png")]
-            cc = (doc.get("cc_with_teacher") or {}).get(rel)
-            cap = rel + (f": CC {cc:.3f}" if isinstance(cc, (int, float)) else "")
-            figs.append(f"<figure>{_img(str(dst.relative_to(workdir)), cap)}<figcaption>{html.escape(cap)}"
-                        "</figcaption></figure>")
-        if figs:
-            ccs = [v for v in (doc.get("cc_with_teacher") or {}).values() if isinstance(v, (int, float))]
-            mean = f"; mean CC with teacher {doc.get('compare_teacher')}: {sum(ccs) / len(ccs):.3f}" if ccs else ""
-            sheets_html.append(f"<h3>{html.escape(name)}: {len(files)} of {doc.get('maps', '?')} maps at full "
-                               f"size{html.escape(mean)}</h3>" + "".join(figs)
-                               + f'<p class="note">all sheets: {html.escape(str(src_dir))}</p>')
+        if settings.get("checkpoint") and settings.get("labels") and Path(manifest.steps[name].output).is_file():
+            sheets_html.append(_eval_sheets_html(manifest, name, assets, warnings))
+    sheets_html += [_predict_sheets_html(manifest, name, assets, warnings) for name in _steps(manifest, "predict")]
+    sheets_html = [h for h in sheets_html if h]
     if sheets_html:
         parts.append("<h2>Image | teacher | student</h2>" + "".join(sheets_html))
     if warnings:
