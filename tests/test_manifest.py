@@ -26,7 +26,8 @@ from click.testing import CliRunner
 from pipeline.cli.main import cli
 from pipeline.manifest.format import Manifest, ManifestError, code_version, load_manifest
 from pipeline.manifest.plan import plan, record
-from pipeline.manifest.runner import fresh_start, load_state, make_plan, run_manifest, status_rows, workdir_lock
+from pipeline.manifest.runner import (fresh_start, load_state, make_plan, run_manifest, status_rows, step_states,
+                                      workdir_lock)
 from pipeline.label.shards import verify_dataset
 from tests.conftest import chdir, make_coco, second_epoch_started, sigkill_when
 
@@ -918,9 +919,12 @@ def test_scores_of_an_eval_step_that_has_not_run_since_it_changed_are_marked_sta
     so was it with a step deleted from the manifest)."""
     from pipeline.manifest.report import scores_table, up_to_date
 
+    def current(m):
+        return up_to_date(m, state, step_states(m, state))
+
     state = load_state(Path("runs/demo"))
     assert "(stale)" not in scores_table(load_manifest(DEMO, SETS, group=cli), state)
-    assert up_to_date(load_manifest(DEMO, SETS, group=cli), state)
+    assert current(load_manifest(DEMO, SETS, group=cli))
     old = 'labels: "${steps.label_val.out}", val_shards: 0}'
     text = DEMO.read_text()
     i = text.index("  eval_a:")
@@ -928,10 +932,85 @@ def test_scores_of_an_eval_step_that_has_not_run_since_it_changed_are_marked_sta
     edited.write_text(text[:i] + text[i:].replace(old, old.replace("0}", "1}"), 1))
     table = scores_table(load_manifest(edited, SETS, group=cli), state)
     assert "eval_a (stale)" in table and "eval_c (stale)" not in table, table
-    assert not up_to_date(load_manifest(edited, SETS, group=cli), state)
+    assert not current(load_manifest(edited, SETS, group=cli))
     edited.write_text(text[:text.index("  profile_sact:")])  # (the last step)
     fewer = load_manifest(edited, SETS, group=cli)
-    assert "profile_sact" not in fewer.steps and not up_to_date(fewer, state)
+    assert "profile_sact" not in fewer.steps and not current(fewer)
+
+
+TINY = """\
+workdir: wd
+vars:
+  lr: 0.05
+  images: {images}
+steps:
+  train_a:
+    run: train
+    with: {{labels: "{labels}", student: fastsal_a, epochs: 1, steps_per_epoch: 1, batch_size: 4, lr: "${{lr}}",
+           backbone_weights: none, workers: 0}}
+  eval_a:
+    run: eval
+    with: {{checkpoint: "${{steps.train_a.out}}", labels: "{labels}", val_shards: 0}}
+    inputs: [note.txt]
+  predict_a:
+    run: predict
+    with: {{checkpoint: "${{steps.train_a.out}}", images: "${{images}}", format: png, compare_teacher: classic}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_finished(tmp_path_factory, sample_labels) -> Path:
+    """A folder holding tiny.yaml (train one step, score and predict on the held-out photos) run to the end in
+    ``wd`` (relative paths, so copies stay valid)."""
+    base = tmp_path_factory.mktemp("tiny")
+    (base / "tiny.yaml").write_text(TINY.format(images=SAMPLES / "val2017", labels=sample_labels))
+    (base / "note.txt").write_text("an input of eval_a\n")
+    with chdir(base):
+        result = invoke("run", "tiny.yaml")
+    assert result.exit_code == 0, result.output
+    return base
+
+
+@pytest.fixture
+def tiny(tiny_finished, tmp_path, monkeypatch) -> Path:
+    """A private copy of the finished tiny run, as the current directory."""
+    shutil.copytree(tiny_finished, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def report_steps(page: Page) -> dict[str, str]:
+    """The report's steps table: {step: status}."""
+    head, *rows = next(t for t in page.tables if t[0] == ["step", "command", "status", "seconds"])
+    return {r[0]: r[2] for r in rows}
+
+
+def status_says(*args) -> dict[str, str]:
+    result = invoke("status", "tiny.yaml", *args)
+    assert result.exit_code == 0, result.output
+    return {line.split()[0]: re.split(r"\s{2,}", line)[1] for line in result.output.splitlines()[2:] if line.strip()}
+
+
+def test_the_report_says_a_failed_steps_error_and_a_step_whose_input_went_missing(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Path("note.txt").unlink()
+    result = invoke("run", "tiny.yaml", "--set", f"images={empty}", "--keep-going")
+    assert result.exit_code == 1, result.output
+    steps = report_steps(Page(Path("wd/report.html").read_text()))
+    assert steps == status_says("--set", f"images={empty}")
+    assert steps["eval_a"] == "stale: input missing: note.txt"  # its record says done: it was refused, not run
+    assert steps["predict_a"].startswith("failed: ") and "no images" in steps["predict_a"], steps
+
+
+def test_a_run_with_nothing_run_rewrites_the_report_when_a_steps_status_changed(tiny):
+    result = invoke("run", "tiny.yaml", "--set", "lr=0.01", "--only", "eval_a")  # train_a stale, not selected
+    assert result.exit_code == 0 and not re.search(r"^\w+\s+run\s", result.output, re.M), result.output
+    assert "report: wd/report.html\n" in result.output
+    steps = report_steps(Page(Path("wd/report.html").read_text()))
+    assert steps["train_a"] == "stale: settings changed: lr 0.05→0.01"
+    again = invoke("run", "tiny.yaml", "--set", "lr=0.01", "--only", "eval_a")
+    assert "report: wd/report.html (up to date)" in again.output
 
 
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(demo):

@@ -2,10 +2,11 @@
 
 :func:`scores_table` is the table ``pipeline run`` prints last: one row per eval step whose metrics file
 exists (students and teachers alike), every metric its JSON holds. :func:`write_report` writes a static
-page readable offline, fed by the manifest (which steps are eval, train, predict; their outputs) and the
-state file (what ran, when, how long):
+page readable offline, fed by the manifest (which steps are eval, train, predict; their outputs), the
+state file (what ran, when, how long) and what ``pipeline status`` says of each step (given by the runner):
 
-* the scores table, the speed of every profiled model, and the steps (status, seconds);
+* the scores table, the speed of every profiled model, and the steps (status as ``pipeline status`` says it,
+  seconds);
 * each train step's ``curves.png`` and its last epoch;
 * image | teacher | student sheets (:mod:`pipeline.score.sheets`) for :data:`SHEETS` held-out images of each eval
   step that scores a checkpoint on teacher labels, from its worst by CC with the teacher to its best, and a few
@@ -13,7 +14,8 @@ state file (what ran, when, how long):
 
 Every image the page shows is a PNG under ``<workdir>/report/``, referenced by a relative path, so the
 page and that folder can be copied anywhere together. The page records a digest of the state's step
-records: when no step has run since, it is not rewritten (a run with nothing to do changes no file).
+records and of each step's status (:func:`state_digest`): when neither changed, it is not rewritten (a run
+with nothing to do changes no file).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ REPORT = "report.html"
 ASSETS = "report"
 SHEETS = 4  # held-out images per scored student
 PREDICT_SHEETS = 6  # sheets shown per predict step that compared with a teacher
-REPORT_VERSION = "1"
+REPORT_VERSION = "2"
 _DIGEST = re.compile(r'<meta name="pipeline-report" content="([0-9a-f]+)">')
 
 
@@ -140,21 +142,23 @@ def speed_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
 
 # -- the page -------------------------------------------------------------------------------------
 
-def state_digest(state: Mapping, manifest: Manifest) -> str:
+def state_digest(state: Mapping, manifest: Manifest, states: Mapping[str, str]) -> str:
     """What the report depends on: in the state file each step's fingerprint, status and end time; in the
-    manifest its name, its steps and which of them are shown stale (a step deleted from it, or edited and not run
-    since, left the page as it was)."""
+    manifest its name, its steps, which of them are shown stale and each one's status (``states``, {step: what
+    ``pipeline status`` says of it}, :func:`pipeline.manifest.runner.step_states`: a step deleted from the
+    manifest, edited and not run since, or whose input went missing left the page as it was)."""
     steps = state.get("steps", {})
     key = [[n, r.get("fingerprint"), r.get("status"), r.get("ended")] for n, r in sorted(steps.items())]
     shown = [_shown(manifest, state, name) for name in manifest.steps]
-    return hashlib.sha256(json.dumps([REPORT_VERSION, key, manifest.path.name, shown]).encode()).hexdigest()
+    doc = [REPORT_VERSION, key, manifest.path.name, shown, [states.get(name) for name in manifest.steps]]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
 
 def report_path(manifest: Manifest) -> Path:
     return Path(manifest.workdir) / REPORT
 
 
-def up_to_date(manifest: Manifest, state: Mapping) -> bool:
+def up_to_date(manifest: Manifest, state: Mapping, states: Mapping[str, str]) -> bool:
     path = report_path(manifest)
     try:
         with open(path, encoding="utf-8") as f:
@@ -162,7 +166,7 @@ def up_to_date(manifest: Manifest, state: Mapping) -> bool:
     except OSError:
         return False
     m = _DIGEST.search(head)
-    return bool(m) and m.group(1) == state_digest(state, manifest)
+    return bool(m) and m.group(1) == state_digest(state, manifest, states)
 
 
 def _last_epoch(run: Path) -> dict[str, str]:
@@ -258,9 +262,10 @@ figure{margin:8px 0}figcaption{font-size:.9em;color:#555}.note{color:#666;font-s
 """
 
 
-def _steps_html(manifest: Manifest, state: Mapping) -> str:
+def _steps_html(manifest: Manifest, state: Mapping, states: Mapping[str, str]) -> str:
+    """The steps, each with its state as ``pipeline status`` says it (a failed one's error with it)."""
     records = state.get("steps", {})
-    rows = [[n, s.command, (records.get(n) or {}).get("status", "never run"),
+    rows = [[n, s.command, states.get(n, "never run"),
              f"{records[n]['seconds']:.1f}" if isinstance((records.get(n) or {}).get("seconds"), (int, float))
              else "-"] for n, s in manifest.steps.items()]
     return "<h2>Steps</h2>" + _html_table(["step", "command", "status", "seconds"], rows)
@@ -321,7 +326,7 @@ def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: 
             "</h3>" + "".join(figs) + f'<p class="note">all sheets: {html.escape(str(src_dir))}</p>')
 
 
-def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> str:
+def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *, warnings: list[str]) -> str:
     workdir = Path(manifest.workdir)
     assets = workdir / ASSETS
     parts = [f"<h1>Run report: {html.escape(str(manifest.path))}</h1>",
@@ -346,7 +351,7 @@ def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> st
                        "counter (executed ones, for a model that skips work), milliseconds per batch and images/s "
                        "timed after warm-up passes.</p>")
 
-    parts.append(_steps_html(manifest, state))
+    parts.append(_steps_html(manifest, state, states))
 
     train = [n for n in _steps(manifest, "train") if (Path(manifest.steps[n].output) / "curves.png").is_file()]
     if train:
@@ -364,20 +369,22 @@ def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> st
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta name="pipeline-report" content="{state_digest(state, manifest)}">'
+            f'<meta name="pipeline-report" content="{state_digest(state, manifest, states)}">'
             f"<title>{html.escape(manifest.path.name)}: run report</title><style>{CSS}</style></head>"
             f"<body>{''.join(parts)}</body></html>\n")
 
 
-def write_report(manifest: Manifest, state: Mapping, *, force: bool = False) -> tuple[Path, bool, list[str]]:
-    """Write ``<workdir>/report.html`` (and its images under ``<workdir>/report/``) unless it is up to date.
+def write_report(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
+                 force: bool = False) -> tuple[Path, bool, list[str]]:
+    """Write ``<workdir>/report.html`` (and its images under ``<workdir>/report/``) unless it is up to date
+    (``states``: {step: what ``pipeline status`` says of it}).
 
     Returns (its path, whether it was written, warnings about parts left out)."""
     path = report_path(manifest)
-    if not force and up_to_date(manifest, state):
+    if not force and up_to_date(manifest, state, states):
         return path, False, []
     warnings: list[str] = []
-    text = build_html(manifest, state, warnings=warnings)
+    text = build_html(manifest, state, states, warnings=warnings)
     with atomic_open(path, "wb") as f:
         f.write(text.encode("utf-8"))
     return path, True, warnings
