@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import html
 import json
 import os
 import re
@@ -989,6 +990,35 @@ def status_says(*args) -> dict[str, str]:
     result = invoke("status", "tiny.yaml", *args)
     assert result.exit_code == 0, result.output
     return {line.split()[0]: re.split(r"\s{2,}", line)[1] for line in result.output.splitlines()[2:] if line.strip()}
+
+
+def test_a_retrained_checkpoint_draws_no_sheets_for_the_old_scores(tiny):
+    """eval_a's metrics (its ranks, its CC) are of the checkpoint train_a made before: sheets drawn from the new
+    one would be captioned with them. The page's steps say what `pipeline status` says."""
+    result = invoke("run", "tiny.yaml", "--set", "lr=0.01", "--only", "train_a")
+    assert result.exit_code == 0, result.output
+    text = html.unescape(Path("wd/report.html").read_text())
+    page = Page(text)
+    assert not [s for s in page.images if s.startswith("report/eval_a/")], page.images
+    assert "eval_a: held-out images</h3><p class=\"note\">(stale: upstream train_a's output changed): no sheets drawn" in text
+    assert report_steps(page) == status_says("--set", "lr=0.01") == {
+        "train_a": "up to date", "eval_a": "stale: upstream train_a's output changed",
+        "predict_a": "stale: upstream train_a's output changed"}
+
+
+def test_a_checkpoint_trained_on_by_hand_draws_no_sheets_for_the_scores_of_the_one_before(tiny, sample_labels):
+    """`pipeline status` (without --checksums) still calls eval_a up to date: its metrics name the checkpoint."""
+    trained = invoke("train", "--run", "wd/train_a", "--labels", sample_labels, "--student", "fastsal_a", "--epochs", 2,
+                     "--steps-per-epoch", 1, "--batch-size", 4, "--lr", 0.05, "--backbone-weights", "none",
+                     "--workers", 0, "--no-progress")
+    assert trained.exit_code == 0, trained.output
+    Path("wd/report.html").unlink()
+    result = invoke("run", "tiny.yaml")
+    assert result.exit_code == 0, result.output
+    text = html.unescape(Path("wd/report.html").read_text())
+    assert not [s for s in Page(text).images if s.startswith("report/eval_a/")]
+    assert ("(stale: its metrics are of wd/train_a/checkpoints/epoch-0000.pt, the checkpoint now is "
+            "wd/train_a/checkpoints/epoch-0001.pt): no sheets drawn") in text
 
 
 def test_the_report_says_a_failed_steps_error_and_a_step_whose_input_went_missing(tiny, tmp_path):

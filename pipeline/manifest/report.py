@@ -9,8 +9,9 @@ state file (what ran, when, how long) and what ``pipeline status`` says of each 
   seconds);
 * each train step's ``curves.png`` and its last epoch;
 * image | teacher | student sheets (:mod:`pipeline.score.sheets`) for :data:`SHEETS` held-out images of each eval
-  step that scores a checkpoint on teacher labels, from its worst by CC with the teacher to its best, and a few
-  of the sheets a ``predict --compare-teacher`` step wrote.
+  step that scores a checkpoint on teacher labels, from its worst by CC with the teacher to its best (none, and
+  a note saying why, where its metrics are not of the checkpoint there now), and a few of the sheets a
+  ``predict --compare-teacher`` step wrote.
 
 Every image the page shows is a PNG under ``<workdir>/report/``, referenced by a relative path, so the
 page and that folder can be copied anywhere together. The page records a digest of the state's step
@@ -196,10 +197,11 @@ def _chosen_keys(doc: Mapping, n: int) -> dict[str, str]:
     return {rows[i][1]: rank(i) for i in at}
 
 
-def _student_sheets(manifest: Manifest, name: str, folder: Path) -> list[tuple[str, str]]:
-    """Sheets for held-out images of eval step ``name`` (a checkpoint scored on labels), from its worst image by
-    CC with the teacher to its best (the first ones where its metrics list none): [(file relative to the
-    workdir, caption)]."""
+def _student_sheets(manifest: Manifest, name: str, folder: Path, checkpoint: Path,
+                    doc: Mapping) -> list[tuple[str, str]]:
+    """Sheets for held-out images of eval step ``name`` (``checkpoint`` scored on labels, ``doc`` its metrics),
+    from its worst image by CC with the teacher to its best (the first ones where its metrics list none): [(file
+    relative to the workdir, caption)]."""
     import numpy as np
 
     from pipeline.score import sheets
@@ -211,12 +213,9 @@ def _student_sheets(manifest: Manifest, name: str, folder: Path) -> list[tuple[s
     labels = open_label_set(str(settings["labels"]))
     val_shards = int(settings.get("val_shards", 1))
     _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
-    predictor = student_predictor(str(settings["checkpoint"]), device="cpu")
+    predictor = student_predictor(str(checkpoint), device="cpu")
     student = predictor.name.split("@")[0]
-    try:
-        wanted = _chosen_keys(json.loads(as_path(manifest.steps[name].output).read_text()), SHEETS)
-    except (OSError, ValueError):
-        wanted = {}
+    wanted = _chosen_keys(doc, SHEETS)
     made = {}
     folder.mkdir(parents=True, exist_ok=True)
     for imgs, targets, keys in shard_loader(labels, list(held_out), batch_size=SHEETS, workers=0):
@@ -284,16 +283,43 @@ def _curves_html(manifest: Manifest, name: str, assets: Path) -> str:
             f"<figcaption>{html.escape(f'after epoch {epochs}: {summary}')}</figcaption></figure>")
 
 
-def _eval_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
-    """Sheets of eval step ``name`` (a checkpoint scored on labels)."""
+def _scored_elsewhere(doc: Mapping, checkpoint: Path, workdir: Path) -> str:
+    """What eval metrics ``doc`` say of the checkpoint they scored when it is not ``checkpoint`` ("" when it is,
+    also in a moved workdir, where they name it where the workdir was)."""
+    scored = str(doc.get("model", "")).partition("@")[2]
+    if not scored:
+        return ""
+    was, now = Path(scored).resolve(), Path(str(checkpoint)).resolve()
+    if was == now or (was.name == now.name and not was.is_relative_to(workdir.resolve())):
+        return ""
+    return f"its metrics are of {scored}, the checkpoint now is {checkpoint}"
+
+
+def _eval_sheets_html(manifest: Manifest, name: str, state: str, assets: Path, warnings: list[str]) -> str:
+    """Sheets of eval step ``name`` (a checkpoint scored on labels; ``state``: the step's, as ``pipeline status``
+    says it), or why there are none: drawn from a checkpoint its metrics are not of, they would be captioned and
+    ranked with another checkpoint's scores."""
+    from pipeline.train.checkpoints import checkpoint_path
+
+    head = f"<h3>{html.escape(name)}: held-out images</h3>"
+
+    def left_out(why: str) -> str:
+        return head + f'<p class="note">{html.escape(f"(stale: {why}): no sheets drawn")}</p>'
+
+    if state != "up to date":
+        return left_out(state.removeprefix("stale: "))
     try:
-        made = _student_sheets(manifest, name, assets / name)
+        doc = json.loads(as_path(manifest.steps[name].output).read_text())
+        checkpoint = checkpoint_path(str(manifest.steps[name].settings["checkpoint"]))
+        elsewhere = _scored_elsewhere(doc, checkpoint, Path(manifest.workdir))
+        if elsewhere:
+            return left_out(elsewhere)
+        made = _student_sheets(manifest, name, assets / name, checkpoint, doc)
     except Exception as e:  # noqa: BLE001 - one step's sheets failing leaves the rest of the page
         warnings.append(f"no sheets for {name}: {e}")
         return ""
-    return (f"<h3>{html.escape(name)}: held-out images</h3>"
-            + "".join(f"<figure>{_img(src, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
-                      for src, cap in made))
+    return head + "".join(f"<figure>{_img(src, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+                          for src, cap in made)
 
 
 def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
@@ -361,7 +387,7 @@ def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
     for name in _steps(manifest, "eval"):
         settings = manifest.steps[name].settings
         if settings.get("checkpoint") and settings.get("labels") and Path(manifest.steps[name].output).is_file():
-            sheets_html.append(_eval_sheets_html(manifest, name, assets, warnings))
+            sheets_html.append(_eval_sheets_html(manifest, name, states.get(name, "never run"), assets, warnings))
     sheets_html += [_predict_sheets_html(manifest, name, assets, warnings) for name in _steps(manifest, "predict")]
     sheets_html = [h for h in sheets_html if h]
     if sheets_html:
