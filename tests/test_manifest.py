@@ -1043,6 +1043,25 @@ def test_a_run_with_nothing_run_rewrites_the_report_when_a_steps_status_changed(
     assert "report: wd/report.html (up to date)" in again.output
 
 
+def test_the_report_of_a_moved_workdir_shows_the_sheets_there(tiny):
+    shutil.copytree("wd", "moved")
+    shutil.rmtree("wd")
+    Path("moved/report.html").unlink()  # (written again, as after a step ran)
+    sheets = sorted(Path("moved/predict_a/compare").glob("*.png"))
+    assert len(sheets) == 12
+    sheets[-1].unlink()
+    result = invoke("run", "tiny.yaml", "--workdir", "moved")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: report: 1 of the 12 sheets moved/predict_a/predictions.json lists are missing from "
+            f"moved/predict_a/compare (e.g. {sheets[-1].name})") in result.output
+    text = Path("moved/report.html").read_text()
+    shown = [s for s in Page(text).images if s.startswith("report/predict_a/")]
+    assert shown == [f"report/predict_a/{s.name}" for s in sheets[:6]]
+    assert all((Path("moved") / s).is_file() for s in shown)
+    assert '<p class="note">all sheets: predict_a/compare</p>' in text  # relative to the page, as its images
+    assert len([s for s in Page(text).images if s.startswith("report/eval_a/")]) == 4  # its metrics name wd/…
+
+
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(demo):
     Path("runs/demo/report.html").unlink()
     Path("runs/demo/report.html").mkdir()  # in the way

@@ -25,6 +25,7 @@ import csv
 import hashlib
 import html
 import json
+import os
 import re
 import shutil
 from datetime import datetime
@@ -324,6 +325,8 @@ def _eval_sheets_html(manifest: Manifest, name: str, state: str, assets: Path, w
 
 def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
     """Up to :data:`PREDICT_SHEETS` of the sheets predict step ``name`` drew beside its teacher's maps."""
+    from pipeline.score.predict import compare_folder
+
     workdir, out = Path(manifest.workdir), Path(manifest.steps[name].output)
     try:
         doc = json.loads((out / "predictions.json").read_text())
@@ -331,8 +334,12 @@ def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: 
         return ""
     if not isinstance(doc, dict) or not doc.get("compare_sheets"):
         return ""
-    src_dir = Path(doc["compare_sheets"])
+    src_dir = compare_folder(out, "png")  # not doc's compare_sheets: absolute, of where a moved workdir was
     listed = doc.get("cc_with_teacher") or {}
+    missing = [k for k in listed if not (src_dir / f"{k}.png").is_file()]
+    if missing:
+        warnings.append(f"{len(missing)} of the {len(listed)} sheets {out / 'predictions.json'} lists are missing "
+                        f"from {src_dir} (e.g. {missing[0]}.png)")
     files = sorted(src_dir.rglob("*.png"))[:PREDICT_SHEETS]
     figs = []
     for f in files:
@@ -349,7 +356,8 @@ def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: 
     ccs = [v for v in listed.values() if isinstance(v, (int, float))]
     mean = f"; mean CC with teacher {doc.get('compare_teacher')}: {sum(ccs) / len(ccs):.3f}" if ccs else ""
     return (f"<h3>{html.escape(name)}: {len(files)} of {doc.get('maps', '?')} maps at full size{html.escape(mean)}"
-            "</h3>" + "".join(figs) + f'<p class="note">all sheets: {html.escape(str(src_dir))}</p>')
+            "</h3>" + "".join(figs)
+            + f'<p class="note">all sheets: {html.escape(os.path.relpath(src_dir, workdir))}</p>')
 
 
 def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *, warnings: list[str]) -> str:
