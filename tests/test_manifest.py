@@ -1062,6 +1062,21 @@ def test_the_report_of_a_moved_workdir_shows_the_sheets_there(tiny):
     assert len([s for s in Page(text).images if s.startswith("report/eval_a/")]) == 4  # its metrics name wd/…
 
 
+def test_the_curves_and_their_caption_agree_after_a_stop_between_an_epochs_row_and_its_plot(tiny):
+    from pipeline.manifest.report import write_report
+
+    run = Path("wd/train_a")
+    drawn = (run / "curves.png").read_bytes()
+    last = (run / "metrics.csv").read_text().splitlines()[-1].split(",")
+    with open(run / "metrics.csv", "a") as f:  # epoch 2's row, its plot never drawn (stopped in between)
+        f.write(",".join(["1", *last[1:]]) + "\n")
+    m, state = load_manifest(Path("tiny.yaml"), group=cli), load_state(Path("wd"))
+    write_report(m, state, step_states(m, state), force=True)
+    assert "after epoch 2: " in Path("wd/report.html").read_text()
+    assert Path("wd/report/train_a/curves.png").read_bytes() != drawn  # drawn again, with epoch 2
+    assert (run / "curves.png").read_bytes() == drawn  # the step's output left as it was
+
+
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(demo):
     Path("runs/demo/report.html").unlink()
     Path("runs/demo/report.html").mkdir()  # in the way

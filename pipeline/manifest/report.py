@@ -272,11 +272,17 @@ def _steps_html(manifest: Manifest, state: Mapping, states: Mapping[str, str]) -
 
 
 def _curves_html(manifest: Manifest, name: str, assets: Path) -> str:
-    """Train step ``name``'s curves and last epoch."""
+    """Train step ``name``'s curves and last epoch, both of one ``metrics.csv``: a run stopped between an epoch's
+    row and its plot has its curves drawn again here (its own ``curves.png``, an output of the step, is left)."""
+    from pipeline.train.logs import curves_behind, plot_curves
+
     run = Path(manifest.steps[name].output)
     dst = assets / name / "curves.png"
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / "curves.png", dst)
+    if curves_behind(run):
+        plot_curves(run, to=dst)
+    else:
+        shutil.copyfile(run / "curves.png", dst)
     last = _last_epoch(run)
     summary = ", ".join(f"{k} {last[k]}" for k in ("train_loss", "val_cc", "val_kl", "val_nss") if k in last)
     epochs = int(last["epoch"]) + 1 if last.get("epoch", "").isdigit() else "?"
