@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import html
 import json
 import os
 import re
@@ -26,7 +27,8 @@ from click.testing import CliRunner
 from pipeline.cli.main import cli
 from pipeline.manifest.format import Manifest, ManifestError, code_version, load_manifest
 from pipeline.manifest.plan import plan, record
-from pipeline.manifest.runner import fresh_start, load_state, make_plan, run_manifest, status_rows, workdir_lock
+from pipeline.manifest.runner import (fresh_start, load_state, make_plan, run_manifest, status_rows, step_states,
+                                      workdir_lock)
 from pipeline.label.shards import verify_dataset
 from tests.conftest import chdir, make_coco, second_epoch_started, sigkill_when
 
@@ -918,9 +920,12 @@ def test_scores_of_an_eval_step_that_has_not_run_since_it_changed_are_marked_sta
     so was it with a step deleted from the manifest)."""
     from pipeline.manifest.report import scores_table, up_to_date
 
+    def current(m):
+        return up_to_date(m, state, step_states(m, state))
+
     state = load_state(Path("runs/demo"))
     assert "(stale)" not in scores_table(load_manifest(DEMO, SETS, group=cli), state)
-    assert up_to_date(load_manifest(DEMO, SETS, group=cli), state)
+    assert current(load_manifest(DEMO, SETS, group=cli))
     old = 'labels: "${steps.label_val.out}", val_shards: 0}'
     text = DEMO.read_text()
     i = text.index("  eval_a:")
@@ -928,10 +933,148 @@ def test_scores_of_an_eval_step_that_has_not_run_since_it_changed_are_marked_sta
     edited.write_text(text[:i] + text[i:].replace(old, old.replace("0}", "1}"), 1))
     table = scores_table(load_manifest(edited, SETS, group=cli), state)
     assert "eval_a (stale)" in table and "eval_c (stale)" not in table, table
-    assert not up_to_date(load_manifest(edited, SETS, group=cli), state)
+    assert not current(load_manifest(edited, SETS, group=cli))
     edited.write_text(text[:text.index("  profile_sact:")])  # (the last step)
     fewer = load_manifest(edited, SETS, group=cli)
-    assert "profile_sact" not in fewer.steps and not up_to_date(fewer, state)
+    assert "profile_sact" not in fewer.steps and not current(fewer)
+
+
+TINY = """\
+workdir: wd
+vars:
+  lr: 0.05
+  images: {images}
+steps:
+  train_a:
+    run: train
+    with: {{labels: "{labels}", student: fastsal_a, epochs: 1, steps_per_epoch: 1, batch_size: 4, lr: "${{lr}}",
+           backbone_weights: none, workers: 0}}
+  eval_a:
+    run: eval
+    with: {{checkpoint: "${{steps.train_a.out}}", labels: "{labels}", val_shards: 0}}
+    inputs: [note.txt]
+  predict_a:
+    run: predict
+    with: {{checkpoint: "${{steps.train_a.out}}", images: "${{images}}", format: png, compare_teacher: classic}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_finished(tmp_path_factory, sample_labels) -> Path:
+    """A folder holding tiny.yaml (train one step, score and predict on the held-out photos) run to the end in
+    ``wd`` (relative paths, so copies stay valid)."""
+    base = tmp_path_factory.mktemp("tiny")
+    (base / "tiny.yaml").write_text(TINY.format(images=SAMPLES / "val2017", labels=sample_labels))
+    (base / "note.txt").write_text("an input of eval_a\n")
+    with chdir(base):
+        result = invoke("run", "tiny.yaml")
+    assert result.exit_code == 0, result.output
+    return base
+
+
+@pytest.fixture
+def tiny(tiny_finished, tmp_path, monkeypatch) -> Path:
+    """A private copy of the finished tiny run, as the current directory."""
+    shutil.copytree(tiny_finished, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def report_steps(page: Page) -> dict[str, str]:
+    """The report's steps table: {step: status}."""
+    head, *rows = next(t for t in page.tables if t[0] == ["step", "command", "status", "seconds"])
+    return {r[0]: r[2] for r in rows}
+
+
+def status_says(*args) -> dict[str, str]:
+    result = invoke("status", "tiny.yaml", *args)
+    assert result.exit_code == 0, result.output
+    return {line.split()[0]: re.split(r"\s{2,}", line)[1] for line in result.output.splitlines()[2:] if line.strip()}
+
+
+def test_a_retrained_checkpoint_draws_no_sheets_for_the_old_scores(tiny):
+    """eval_a's metrics (its ranks, its CC) are of the checkpoint train_a made before: sheets drawn from the new
+    one would be captioned with them. The page's steps say what `pipeline status` says."""
+    result = invoke("run", "tiny.yaml", "--set", "lr=0.01", "--only", "train_a")
+    assert result.exit_code == 0, result.output
+    text = html.unescape(Path("wd/report.html").read_text())
+    page = Page(text)
+    assert not [s for s in page.images if s.startswith("report/eval_a/")], page.images
+    assert "eval_a: held-out images</h3><p class=\"note\">(stale: upstream train_a's output changed): no sheets drawn" in text
+    assert report_steps(page) == status_says("--set", "lr=0.01") == {
+        "train_a": "up to date", "eval_a": "stale: upstream train_a's output changed",
+        "predict_a": "stale: upstream train_a's output changed"}
+
+
+def test_a_checkpoint_trained_on_by_hand_draws_no_sheets_for_the_scores_of_the_one_before(tiny, sample_labels):
+    """`pipeline status` (without --checksums) still calls eval_a up to date: its metrics name the checkpoint."""
+    trained = invoke("train", "--run", "wd/train_a", "--labels", sample_labels, "--student", "fastsal_a", "--epochs", 2,
+                     "--steps-per-epoch", 1, "--batch-size", 4, "--lr", 0.05, "--backbone-weights", "none",
+                     "--workers", 0, "--no-progress")
+    assert trained.exit_code == 0, trained.output
+    Path("wd/report.html").unlink()
+    result = invoke("run", "tiny.yaml")
+    assert result.exit_code == 0, result.output
+    text = html.unescape(Path("wd/report.html").read_text())
+    assert not [s for s in Page(text).images if s.startswith("report/eval_a/")]
+    assert ("(stale: its metrics are of wd/train_a/checkpoints/epoch-0000.pt, the checkpoint now is "
+            "wd/train_a/checkpoints/epoch-0001.pt): no sheets drawn") in text
+
+
+def test_the_report_says_a_failed_steps_error_and_a_step_whose_input_went_missing(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Path("note.txt").unlink()
+    result = invoke("run", "tiny.yaml", "--set", f"images={empty}", "--keep-going")
+    assert result.exit_code == 1, result.output
+    steps = report_steps(Page(Path("wd/report.html").read_text()))
+    assert steps == status_says("--set", f"images={empty}")
+    assert steps["eval_a"] == "stale: input missing: note.txt"  # its record says done: it was refused, not run
+    assert steps["predict_a"].startswith("failed: ") and "no images" in steps["predict_a"], steps
+
+
+def test_a_run_with_nothing_run_rewrites_the_report_when_a_steps_status_changed(tiny):
+    result = invoke("run", "tiny.yaml", "--set", "lr=0.01", "--only", "eval_a")  # train_a stale, not selected
+    assert result.exit_code == 0 and not re.search(r"^\w+\s+run\s", result.output, re.M), result.output
+    assert "report: wd/report.html\n" in result.output
+    steps = report_steps(Page(Path("wd/report.html").read_text()))
+    assert steps["train_a"] == "stale: settings changed: lr 0.05→0.01"
+    again = invoke("run", "tiny.yaml", "--set", "lr=0.01", "--only", "eval_a")
+    assert "report: wd/report.html (up to date)" in again.output
+
+
+def test_the_report_of_a_moved_workdir_shows_the_sheets_there(tiny):
+    shutil.copytree("wd", "moved")
+    shutil.rmtree("wd")
+    Path("moved/report.html").unlink()  # (written again, as after a step ran)
+    sheets = sorted(Path("moved/predict_a/compare").glob("*.png"))
+    assert len(sheets) == 12
+    sheets[-1].unlink()
+    result = invoke("run", "tiny.yaml", "--workdir", "moved")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: report: 1 of the 12 sheets moved/predict_a/predictions.json lists are missing from "
+            f"moved/predict_a/compare (e.g. {sheets[-1].name})") in result.output
+    text = Path("moved/report.html").read_text()
+    shown = [s for s in Page(text).images if s.startswith("report/predict_a/")]
+    assert shown == [f"report/predict_a/{s.name}" for s in sheets[:6]]
+    assert all((Path("moved") / s).is_file() for s in shown)
+    assert '<p class="note">all sheets: predict_a/compare</p>' in text  # relative to the page, as its images
+    assert len([s for s in Page(text).images if s.startswith("report/eval_a/")]) == 4  # its metrics name wd/…
+
+
+def test_the_curves_and_their_caption_agree_after_a_stop_between_an_epochs_row_and_its_plot(tiny):
+    from pipeline.manifest.report import write_report
+
+    run = Path("wd/train_a")
+    drawn = (run / "curves.png").read_bytes()
+    last = (run / "metrics.csv").read_text().splitlines()[-1].split(",")
+    with open(run / "metrics.csv", "a") as f:  # epoch 2's row, its plot never drawn (stopped in between)
+        f.write(",".join(["1", *last[1:]]) + "\n")
+    m, state = load_manifest(Path("tiny.yaml"), group=cli), load_state(Path("wd"))
+    write_report(m, state, step_states(m, state), force=True)
+    assert "after epoch 2: " in Path("wd/report.html").read_text()
+    assert Path("wd/report/train_a/curves.png").read_bytes() != drawn  # drawn again, with epoch 2
+    assert (run / "curves.png").read_bytes() == drawn  # the step's output left as it was
 
 
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(demo):

@@ -2,18 +2,21 @@
 
 :func:`scores_table` is the table ``pipeline run`` prints last: one row per eval step whose metrics file
 exists (students and teachers alike), every metric its JSON holds. :func:`write_report` writes a static
-page readable offline, fed by the manifest (which steps are eval, train, predict; their outputs) and the
-state file (what ran, when, how long):
+page readable offline, fed by the manifest (which steps are eval, train, predict; their outputs), the
+state file (what ran, when, how long) and what ``pipeline status`` says of each step (given by the runner):
 
-* the scores table, the speed of every profiled model, and the steps (status, seconds);
+* the scores table, the speed of every profiled model, and the steps (status as ``pipeline status`` says it,
+  seconds);
 * each train step's ``curves.png`` and its last epoch;
 * image | teacher | student sheets (:mod:`pipeline.score.sheets`) for :data:`SHEETS` held-out images of each eval
-  step that scores a checkpoint on teacher labels, from its worst by CC with the teacher to its best, and a few
-  of the sheets a ``predict --compare-teacher`` step wrote.
+  step that scores a checkpoint on teacher labels, from its worst by CC with the teacher to its best (none, and
+  a note saying why, where its metrics are not of the checkpoint there now), and a few of the sheets a
+  ``predict --compare-teacher`` step wrote.
 
 Every image the page shows is a PNG under ``<workdir>/report/``, referenced by a relative path, so the
 page and that folder can be copied anywhere together. The page records a digest of the state's step
-records: when no step has run since, it is not rewritten (a run with nothing to do changes no file).
+records and of each step's status (:func:`state_digest`): when neither changed, it is not rewritten (a run
+with nothing to do changes no file).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import csv
 import hashlib
 import html
 import json
+import os
 import re
 import shutil
 from datetime import datetime
@@ -39,7 +43,7 @@ REPORT = "report.html"
 ASSETS = "report"
 SHEETS = 4  # held-out images per scored student
 PREDICT_SHEETS = 6  # sheets shown per predict step that compared with a teacher
-REPORT_VERSION = "1"
+REPORT_VERSION = "2"
 _DIGEST = re.compile(r'<meta name="pipeline-report" content="([0-9a-f]+)">')
 
 
@@ -140,21 +144,23 @@ def speed_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
 
 # -- the page -------------------------------------------------------------------------------------
 
-def state_digest(state: Mapping, manifest: Manifest) -> str:
+def state_digest(state: Mapping, manifest: Manifest, states: Mapping[str, str]) -> str:
     """What the report depends on: in the state file each step's fingerprint, status and end time; in the
-    manifest its name, its steps and which of them are shown stale (a step deleted from it, or edited and not run
-    since, left the page as it was)."""
+    manifest its name, its steps, which of them are shown stale and each one's status (``states``, {step: what
+    ``pipeline status`` says of it}, :func:`pipeline.manifest.runner.step_states`: a step deleted from the
+    manifest, edited and not run since, or whose input went missing left the page as it was)."""
     steps = state.get("steps", {})
     key = [[n, r.get("fingerprint"), r.get("status"), r.get("ended")] for n, r in sorted(steps.items())]
     shown = [_shown(manifest, state, name) for name in manifest.steps]
-    return hashlib.sha256(json.dumps([REPORT_VERSION, key, manifest.path.name, shown]).encode()).hexdigest()
+    doc = [REPORT_VERSION, key, manifest.path.name, shown, [states.get(name) for name in manifest.steps]]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
 
 def report_path(manifest: Manifest) -> Path:
     return Path(manifest.workdir) / REPORT
 
 
-def up_to_date(manifest: Manifest, state: Mapping) -> bool:
+def up_to_date(manifest: Manifest, state: Mapping, states: Mapping[str, str]) -> bool:
     path = report_path(manifest)
     try:
         with open(path, encoding="utf-8") as f:
@@ -162,7 +168,7 @@ def up_to_date(manifest: Manifest, state: Mapping) -> bool:
     except OSError:
         return False
     m = _DIGEST.search(head)
-    return bool(m) and m.group(1) == state_digest(state, manifest)
+    return bool(m) and m.group(1) == state_digest(state, manifest, states)
 
 
 def _last_epoch(run: Path) -> dict[str, str]:
@@ -192,10 +198,11 @@ def _chosen_keys(doc: Mapping, n: int) -> dict[str, str]:
     return {rows[i][1]: rank(i) for i in at}
 
 
-def _student_sheets(manifest: Manifest, name: str, folder: Path) -> list[tuple[str, str]]:
-    """Sheets for held-out images of eval step ``name`` (a checkpoint scored on labels), from its worst image by
-    CC with the teacher to its best (the first ones where its metrics list none): [(file relative to the
-    workdir, caption)]."""
+def _student_sheets(manifest: Manifest, name: str, folder: Path, checkpoint: Path,
+                    doc: Mapping) -> list[tuple[str, str]]:
+    """Sheets for held-out images of eval step ``name`` (``checkpoint`` scored on labels, ``doc`` its metrics),
+    from its worst image by CC with the teacher to its best (the first ones where its metrics list none): [(file
+    relative to the workdir, caption)]."""
     import numpy as np
 
     from pipeline.score import sheets
@@ -207,12 +214,9 @@ def _student_sheets(manifest: Manifest, name: str, folder: Path) -> list[tuple[s
     labels = open_label_set(str(settings["labels"]))
     val_shards = int(settings.get("val_shards", 1))
     _, held_out = split_shards(labels.tars, val_shards) if 0 < val_shards < len(labels.tars) else ((), labels.tars)
-    predictor = student_predictor(str(settings["checkpoint"]), device="cpu")
+    predictor = student_predictor(str(checkpoint), device="cpu")
     student = predictor.name.split("@")[0]
-    try:
-        wanted = _chosen_keys(json.loads(as_path(manifest.steps[name].output).read_text()), SHEETS)
-    except (OSError, ValueError):
-        wanted = {}
+    wanted = _chosen_keys(doc, SHEETS)
     made = {}
     folder.mkdir(parents=True, exist_ok=True)
     for imgs, targets, keys in shard_loader(labels, list(held_out), batch_size=SHEETS, workers=0):
@@ -258,10 +262,113 @@ figure{margin:8px 0}figcaption{font-size:.9em;color:#555}.note{color:#666;font-s
 """
 
 
-def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> str:
+def _steps_html(manifest: Manifest, state: Mapping, states: Mapping[str, str]) -> str:
+    """The steps, each with its state as ``pipeline status`` says it (a failed one's error with it)."""
+    records = state.get("steps", {})
+    rows = [[n, s.command, states.get(n, "never run"),
+             f"{records[n]['seconds']:.1f}" if isinstance((records.get(n) or {}).get("seconds"), (int, float))
+             else "-"] for n, s in manifest.steps.items()]
+    return "<h2>Steps</h2>" + _html_table(["step", "command", "status", "seconds"], rows)
+
+
+def _curves_html(manifest: Manifest, name: str, assets: Path) -> str:
+    """Train step ``name``'s curves and last epoch, both of one ``metrics.csv``: a run stopped between an epoch's
+    row and its plot has its curves drawn again here (its own ``curves.png``, an output of the step, is left)."""
+    from pipeline.train.logs import curves_behind, plot_curves
+
+    run = Path(manifest.steps[name].output)
+    dst = assets / name / "curves.png"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if curves_behind(run):
+        plot_curves(run, to=dst)
+    else:
+        shutil.copyfile(run / "curves.png", dst)
+    last = _last_epoch(run)
+    summary = ", ".join(f"{k} {last[k]}" for k in ("train_loss", "val_cc", "val_kl", "val_nss") if k in last)
+    epochs = int(last["epoch"]) + 1 if last.get("epoch", "").isdigit() else "?"
+    return (f"<h3>{html.escape(name)}</h3><figure>{_img(f'{ASSETS}/{name}/curves.png', name + ' curves')}"
+            f"<figcaption>{html.escape(f'after epoch {epochs}: {summary}')}</figcaption></figure>")
+
+
+def _scored_elsewhere(doc: Mapping, checkpoint: Path, workdir: Path) -> str:
+    """What eval metrics ``doc`` say of the checkpoint they scored when it is not ``checkpoint`` ("" when it is,
+    also in a moved workdir, where they name it where the workdir was)."""
+    scored = str(doc.get("model", "")).partition("@")[2]
+    if not scored:
+        return ""
+    was, now = Path(scored).resolve(), Path(str(checkpoint)).resolve()
+    if was == now or (was.name == now.name and not was.is_relative_to(workdir.resolve())):
+        return ""
+    return f"its metrics are of {scored}, the checkpoint now is {checkpoint}"
+
+
+def _eval_sheets_html(manifest: Manifest, name: str, state: str, assets: Path, warnings: list[str]) -> str:
+    """Sheets of eval step ``name`` (a checkpoint scored on labels; ``state``: the step's, as ``pipeline status``
+    says it), or why there are none: drawn from a checkpoint its metrics are not of, they would be captioned and
+    ranked with another checkpoint's scores."""
+    from pipeline.train.checkpoints import checkpoint_path
+
+    head = f"<h3>{html.escape(name)}: held-out images</h3>"
+
+    def left_out(why: str) -> str:
+        return head + f'<p class="note">{html.escape(f"(stale: {why}): no sheets drawn")}</p>'
+
+    if state != "up to date":
+        return left_out(state.removeprefix("stale: "))
+    try:
+        doc = json.loads(as_path(manifest.steps[name].output).read_text())
+        checkpoint = checkpoint_path(str(manifest.steps[name].settings["checkpoint"]))
+        elsewhere = _scored_elsewhere(doc, checkpoint, Path(manifest.workdir))
+        if elsewhere:
+            return left_out(elsewhere)
+        made = _student_sheets(manifest, name, assets / name, checkpoint, doc)
+    except Exception as e:  # noqa: BLE001 - one step's sheets failing leaves the rest of the page
+        warnings.append(f"no sheets for {name}: {e}")
+        return ""
+    return head + "".join(f"<figure>{_img(src, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+                          for src, cap in made)
+
+
+def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
+    """Up to :data:`PREDICT_SHEETS` of the sheets predict step ``name`` drew beside its teacher's maps."""
+    from pipeline.score.predict import compare_folder
+
+    workdir, out = Path(manifest.workdir), Path(manifest.steps[name].output)
+    try:
+        doc = json.loads((out / "predictions.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(doc, dict) or not doc.get("compare_sheets"):
+        return ""
+    src_dir = compare_folder(out, "png")  # not doc's compare_sheets: absolute, of where a moved workdir was
+    listed = doc.get("cc_with_teacher") or {}
+    missing = [k for k in listed if not (src_dir / f"{k}.png").is_file()]
+    if missing:
+        warnings.append(f"{len(missing)} of the {len(listed)} sheets {out / 'predictions.json'} lists are missing "
+                        f"from {src_dir} (e.g. {missing[0]}.png)")
+    files = sorted(src_dir.rglob("*.png"))[:PREDICT_SHEETS]
+    figs = []
+    for f in files:
+        dst = assets / name / f.relative_to(src_dir)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst)
+        rel = str(f.relative_to(src_dir))[: -len(".png")]
+        cc = listed.get(rel)
+        cap = rel + (f": CC {cc:.3f}" if isinstance(cc, (int, float)) else "")
+        figs.append(f"<figure>{_img(str(dst.relative_to(workdir)), cap)}<figcaption>{html.escape(cap)}"
+                    "</figcaption></figure>")
+    if not figs:
+        return ""
+    ccs = [v for v in listed.values() if isinstance(v, (int, float))]
+    mean = f"; mean CC with teacher {doc.get('compare_teacher')}: {sum(ccs) / len(ccs):.3f}" if ccs else ""
+    return (f"<h3>{html.escape(name)}: {len(files)} of {doc.get('maps', '?')} maps at full size{html.escape(mean)}"
+            "</h3>" + "".join(figs)
+            + f'<p class="note">all sheets: {html.escape(os.path.relpath(src_dir, workdir))}</p>')
+
+
+def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *, warnings: list[str]) -> str:
     workdir = Path(manifest.workdir)
     assets = workdir / ASSETS
-    records = state.get("steps", {})
     parts = [f"<h1>Run report: {html.escape(str(manifest.path))}</h1>",
              f'<p class="note">workdir {html.escape(str(workdir))}; written '
              f"{datetime.now().astimezone().isoformat(timespec='seconds')}</p>"]
@@ -284,83 +391,40 @@ def build_html(manifest: Manifest, state: Mapping, *, warnings: list[str]) -> st
                        "counter (executed ones, for a model that skips work), milliseconds per batch and images/s "
                        "timed after warm-up passes.</p>")
 
-    steps = [[n, s.command, (records.get(n) or {}).get("status", "never run"),
-              f"{records[n]['seconds']:.1f}" if isinstance((records.get(n) or {}).get("seconds"), (int, float))
-              else "-"] for n, s in manifest.steps.items()]
-    parts.append("<h2>Steps</h2>" + _html_table(["step", "command", "status", "seconds"], steps))
+    parts.append(_steps_html(manifest, state, states))
 
     train = [n for n in _steps(manifest, "train") if (Path(manifest.steps[n].output) / "curves.png").is_file()]
     if train:
-        parts.append("<h2>Training</h2>")
-    for name in train:
-        run = Path(manifest.steps[name].output)
-        dst = assets / name / "curves.png"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run / "curves.png", dst)
-        last = _last_epoch(run)
-        summary = ", ".join(f"{k} {last[k]}" for k in ("train_loss", "val_cc", "val_kl", "val_nss") if k in last)
-        epochs = int(last["epoch"]) + 1 if last.get("epoch", "").isdigit() else "?"
-        parts.append(f"<h3>{html.escape(name)}</h3><figure>{_img(f'{ASSETS}/{name}/curves.png', name + ' curves')}"
-                     f"<figcaption>{html.escape(f'after epoch {epochs}: {summary}')}</figcaption></figure>")
+        parts.append("<h2>Training</h2>" + "".join(_curves_html(manifest, name, assets) for name in train))
 
     sheets_html = []
     for name in _steps(manifest, "eval"):
         settings = manifest.steps[name].settings
-        if not (settings.get("checkpoint") and settings.get("labels") and Path(manifest.steps[name].output).is_file()):
-            continue
-        try:
-            made = _student_sheets(manifest, name, assets / name)
-        except Exception as e:  # noqa: BLE001 - one step's sheets failing leaves the rest of the page
-            warnings.append(f"no sheets for {name}: {e}")
-            continue
-        figs = "".join(f"<figure>{_img(src, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
-                       for src, cap in made)
-        sheets_html.append(f"<h3>{html.escape(name)}: held-out images</h3>{figs}")
-    for name in _steps(manifest, "predict"):
-        out = Path(manifest.steps[name].output)
-        try:
-            doc = json.loads((out / "predictions.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if not doc.get("compare_sheets"):
-            continue
-        src_dir = Path(doc["compare_sheets"])
-        files = sorted(src_dir.rglob("*.png"))[:PREDICT_SHEETS]
-        figs = []
-        for f in files:
-            dst = assets / name / f.relative_to(src_dir)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst)
-            rel = str(f.relative_to(src_dir))[: -len(".png")]
-            cc = (doc.get("cc_with_teacher") or {}).get(rel)
-            cap = rel + (f": CC {cc:.3f}" if isinstance(cc, (int, float)) else "")
-            figs.append(f"<figure>{_img(str(dst.relative_to(workdir)), cap)}<figcaption>{html.escape(cap)}"
-                        "</figcaption></figure>")
-        if figs:
-            ccs = [v for v in (doc.get("cc_with_teacher") or {}).values() if isinstance(v, (int, float))]
-            mean = f"; mean CC with teacher {doc.get('compare_teacher')}: {sum(ccs) / len(ccs):.3f}" if ccs else ""
-            sheets_html.append(f"<h3>{html.escape(name)}: {len(files)} of {doc.get('maps', '?')} maps at full "
-                               f"size{html.escape(mean)}</h3>" + "".join(figs)
-                               + f'<p class="note">all sheets: {html.escape(str(src_dir))}</p>')
+        if settings.get("checkpoint") and settings.get("labels") and Path(manifest.steps[name].output).is_file():
+            sheets_html.append(_eval_sheets_html(manifest, name, states.get(name, "never run"), assets, warnings))
+    sheets_html += [_predict_sheets_html(manifest, name, assets, warnings) for name in _steps(manifest, "predict")]
+    sheets_html = [h for h in sheets_html if h]
     if sheets_html:
         parts.append("<h2>Image | teacher | student</h2>" + "".join(sheets_html))
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta name="pipeline-report" content="{state_digest(state, manifest)}">'
+            f'<meta name="pipeline-report" content="{state_digest(state, manifest, states)}">'
             f"<title>{html.escape(manifest.path.name)}: run report</title><style>{CSS}</style></head>"
             f"<body>{''.join(parts)}</body></html>\n")
 
 
-def write_report(manifest: Manifest, state: Mapping, *, force: bool = False) -> tuple[Path, bool, list[str]]:
-    """Write ``<workdir>/report.html`` (and its images under ``<workdir>/report/``) unless it is up to date.
+def write_report(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
+                 force: bool = False) -> tuple[Path, bool, list[str]]:
+    """Write ``<workdir>/report.html`` (and its images under ``<workdir>/report/``) unless it is up to date
+    (``states``: {step: what ``pipeline status`` says of it}).
 
     Returns (its path, whether it was written, warnings about parts left out)."""
     path = report_path(manifest)
-    if not force and up_to_date(manifest, state):
+    if not force and up_to_date(manifest, state, states):
         return path, False, []
     warnings: list[str] = []
-    text = build_html(manifest, state, warnings=warnings)
+    text = build_html(manifest, state, states, warnings=warnings)
     with atomic_open(path, "wb") as f:
         f.write(text.encode("utf-8"))
     return path, True, warnings

@@ -717,7 +717,7 @@ def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) 
         echo(f"report: not written for a workdir on object storage ({manifest.workdir}); the scores above sum it up")
         return
     try:
-        path, written, warnings = write_report(manifest, state)
+        path, written, warnings = write_report(manifest, state, step_states(manifest, state))
     except Exception as e:  # noqa: BLE001
         echo(f"warning: cannot write the report in {manifest.workdir}: {type(e).__name__}: {e}", err=True)
         return
@@ -765,3 +765,8 @@ def status_rows(manifest: Manifest, state: Mapping, *, checksums: bool = False,
             text = f"stale: {p.reason}"
         rows.append([p.step, text, _when(rec) if rec else "-", manifest.steps[p.step].output or "-"])
     return rows
+
+
+def step_states(manifest: Manifest, state: Mapping) -> dict[str, str]:
+    """{step: what ``pipeline status`` says of it} (``up to date``, ``stale: why``, ``failed: its error``…)."""
+    return {row[0]: row[1] for row in status_rows(manifest, state)}

@@ -85,9 +85,9 @@ def curves_behind(run: Path) -> bool:
         return True
 
 
-def plot_curves(run: Path) -> Path:
-    """``curves.png``: training loss per step, and per epoch the losses (the epoch's mean training loss beside
-    the validation loss), the validation metrics the stage has (the hint stage: its loss alone) and the
+def plot_curves(run: Path, to: Path | None = None) -> Path:
+    """``curves.png`` (or ``to``): training loss per step, and per epoch the losses (the epoch's mean training loss
+    beside the validation loss), the validation metrics the stage has (the hint stage: its loss alone) and the
     student's own statistics (SACT's ponder costs, training means); titled with the run and its student, each
     learning-rate drop a dotted line."""
     import matplotlib
@@ -150,9 +150,10 @@ def plot_curves(run: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    with atomic_open(run / "curves.png", "wb") as f:
+    to = run / "curves.png" if to is None else to
+    with atomic_open(to, "wb") as f:
         f.write(buf.getvalue())
-    return run / "curves.png"
+    return to
 
 
 def _lacked(key: str, vals: list[dict]) -> bool:
