@@ -575,7 +575,7 @@ def test_predict_holds_its_folder_and_marks_it_complete_only_at_the_end(image_fo
     (folder / "sub" / "b.jpg").write_bytes(b"garbage")  # ...so the re-run dies at its first map written
     import pipeline.score.predict as predict
 
-    def full(path, logd):
+    def full(path, logd, density=True):
         raise OSError(28, "No space left on device", str(path))
 
     real = predict._write_png
@@ -980,9 +980,9 @@ def test_predict_holds_a_few_full_size_maps_at_a_time_whatever_the_folder_and_ba
                 most[0] = max(most[0], alive[0])
             yield m
 
-    def written(path, logd):
+    def written(path, logd, density=True):
         time.sleep(0.05)  # an encoder slower than the model
-        real_write(path, logd)
+        real_write(path, logd, density)
         with lock:
             alive[0] -= 1
 
