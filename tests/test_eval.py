@@ -1030,3 +1030,34 @@ def test_naming_the_model_twice_a_teacher_on_onnx_and_a_file_for_a_folder_are_us
         assert result.exit_code == 2 and "Usage: " in result.output and message in result.output, \
             (args, result.output)
     assert not (tmp_path / "l").exists()
+
+
+def test_a_student_runs_at_the_image_size_asked_and_a_teacher_refuses_it(run_dir, label_folder, image_folder,
+                                                                         tmp_path):
+    """`--image-size` for eval and predict (profile and export had it): a student trained at 64x96 run at 128x192,
+    its maps still at each image's size, and its name saying so; a teacher runs at its own size (usage error)."""
+    import h5py
+
+    from pipeline.common import images
+    from pipeline.score.predictors import build_predictor
+
+    at_own = ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--out", tmp_path / "own.json")
+    at_128 = ok("eval", "--checkpoint", run_dir, "--labels", label_folder, "--image-size", "128x192",
+                "--out", tmp_path / "big.json")
+    own, big = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("own", "big"))
+    assert big["model"].endswith(" at 128x192") and not own["model"].endswith("x192")
+    assert big["metrics"]["cc"] != own["metrics"]["cc"], (at_own.output, at_128.output)  # another input, other maps
+    ok("predict", "--checkpoint", run_dir, "--images", image_folder, "--out", tmp_path / "m.h5", "--format", "hdf5",
+       "--image-size", "128x192", "--no-progress")
+    model = build_predictor(checkpoint=str(run_dir), device="cpu")
+    model.input_size = (128, 192)
+    rgb = images.read_image(image_folder / "a.jpg", upright=False)
+    with h5py.File(tmp_path / "m.h5") as f:
+        assert f.attrs["model"].endswith(" at 128x192")
+        stored = f["a.jpg"][()]
+    assert stored.shape == IMAGE_SIZES["a.jpg"] and np.allclose(stored, model.log_density(rgb), atol=1e-5)
+    r = invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", tmp_path / "t", "--image-size",
+               "128x192")
+    assert r.exit_code == 2 and "--image-size goes with a student" in r.output, r.output
+    r = invoke("eval", "--checkpoint", run_dir, "--labels", label_folder, "--image-size", "100x100")
+    assert r.exit_code == 2 and "needs H and W multiples of 32" in r.output, r.output

@@ -42,6 +42,28 @@ def check_input_size(predictor, image_size) -> None:
             raise click.UsageError(f"{predictor.model.name} at {size[0]}x{size[1]}: {e}") from None
 
 
+def run_at(predictor, image_size) -> None:
+    """A student run at ``image_size`` (``--image-size``) instead of its own input size, checked first; the
+    predictor's name says so. A teacher runs at its own (a usage error)."""
+    if image_size is None:
+        check_input_size(predictor, None)
+        return
+    if not predictor.student:
+        raise click.BadParameter("a teacher runs at its own input size; --image-size goes with a student "
+                                 "(--checkpoint or --student)", param_hint="'--image-size'")
+    check_input_size(predictor, image_size)
+    predictor.input_size = tuple(image_size)
+    predictor.name = f"{predictor.name} at {image_size[0]}x{image_size[1]}"
+
+
+#: eval's and predict's --image-size
+image_size_option = click.option(
+    "--image-size", default=None, callback=parse_size,
+    help="Run a student at HxW instead of its own input size (a checkpoint's training size; 192x256 for "
+         "--student): these students are fully convolutional, and SACT's computation depends on it.  [default: the "
+         "student's own]")
+
+
 @click.command("fixations")
 @click.argument("dataset", type=click.Choice(["salicon", "mit1003", "cat2000"]))
 @click.option("--root", type=LocalPath(path_type=Path), required=True,
@@ -99,6 +121,7 @@ def _scoring_check(ctx: click.Context) -> None:
                    "on the first half of each category of --fixations and scored on the other half.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Score only the first N images (with an extra --map: N of each half).")
+@image_size_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4, help="Threads decoding images and scoring.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
@@ -106,7 +129,8 @@ def _scoring_check(ctx: click.Context) -> None:
                    "locally, then uploaded).")
 @click.option("--progress/--no-progress", default=True)
 def eval_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, fixations,
-             labels, val_shards, baseline, sigma_frac, map_name, limit, batch_size, io_threads, out, progress):
+             labels, val_shards, baseline, sigma_frac, map_name, limit, image_size, batch_size, io_threads, out,
+             progress):
     """Score a model on human fixations (--fixations) or on held-out teacher labels (--labels)."""
     from pipeline.train.data import DataError
     from pipeline.score.calibrate import evaluate_calibrated
@@ -129,7 +153,7 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
         raise click.ClickException(str(e)) from None
     predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                             student_options=student_options, map_name=map_name)
-    check_input_size(predictor, None)
+    run_at(predictor, image_size)
     calibration = None
     with interrupted_says("nothing was scored to keep (the scores are printed, and --out written, once every "
                           "image is scored): run the same command again"):
@@ -199,13 +223,14 @@ def interrupted_says(kept: str):
 @click.option("--map", "map_name", type=click.Choice(["saliency", *students.registry.all_maps()]), default="saliency",
               help="Which map of a student to write: its saliency, or an extra map (SACT's ponder map: each PNG "
                    "scaled from its own minimum to its maximum; hdf5: the raw values).")
+@image_size_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4)
 @runtime_option
 @click.option("--progress/--no-progress", default=True)
 def predict_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, images,
-                out, format_, compare_teacher, compare_weights, map_name, batch_size, io_threads, runtime, calibration,
-                calibration_images, progress):
+                out, format_, compare_teacher, compare_weights, map_name, image_size, batch_size, io_threads, runtime,
+                calibration, calibration_images, progress):
     """Write saliency maps (or a student's extra map) for a folder of images, as PNGs or as one HDF5."""
     from pipeline.common.storage import is_url
     from pipeline.score.predict import (NoMaps, SheetClash, label_folder_as_images, predict_folder,
@@ -236,7 +261,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     with interrupted_says(kept):
         predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
                                 student_options=student_options, map_name=map_name)
-        check_input_size(predictor, None)
+        run_at(predictor, image_size)
         predictor = with_runtime(predictor, runtime, calibration=calibration, calibration_images=calibration_images)
         compare = None
         if compare_teacher:
