@@ -657,6 +657,10 @@ def test_ctrl_c_in_predict_profile_or_eval_says_what_is_kept_and_exits_130(image
         "interrupted: nothing was scored to keep (the scores are printed, and --out written, once every image is "
         "scored): run the same command again"], r.output
     assert not (tmp_path / "e.json").exists()
+    import pipeline.cli.score  # also while its model is built (a download, say), before any scoring
+    monkeypatch.setattr(pipeline.cli.score, "build_model", interrupted)
+    r = invoke("eval", "--teacher", "classic", "--labels", label_folder)
+    assert r.exit_code == 130 and r.output.startswith("interrupted: nothing was scored to keep"), r.output
 
 
 def test_predict_turns_a_photo_as_viewers_show_it(tmp_path):

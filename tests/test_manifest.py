@@ -1076,6 +1076,13 @@ def test_the_curves_and_their_caption_agree_after_a_stop_between_an_epochs_row_a
     assert Path("wd/report/train_a/curves.png").read_bytes() != drawn  # drawn again, with epoch 2
     assert (run / "curves.png").read_bytes() == drawn  # the step's output left as it was
 
+    with open(run / "metrics.csv", "a") as f:  # a crash's half-written row: the curves cannot be drawn again...
+        f.write("\0" * 12)
+    path, written, warnings = write_report(m, state, step_states(m, state), force=True)
+    assert written and Path("wd/report/train_a/curves.png").read_bytes() == drawn  # ...the page shows them as are
+    assert len(warnings) == 1 and warnings[0].startswith("train_a: its curves could not be drawn again from "), \
+        warnings
+
 
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(demo):
     Path("runs/demo/report.html").unlink()
@@ -1327,6 +1334,14 @@ def test_renaming_an_upstream_step_in_a_moved_workdir_remakes_nothing_below_it(m
     assert "[b] up to date: its upstream output is unchanged" in out_text
     state = json.loads((tmp_path / "moved" / ".pipeline" / "state.json").read_text())
     assert state["steps"]["first"]["output"] == "${workdir}/a/out.txt"  # recorded so: the same when moved again
+
+
+def test_a_step_without_an_output_records_none(tmp_path):
+    """(Recorded as the string "None" once outputs were recorded as ${workdir}/… .)"""
+    from pipeline.manifest.plan import record
+
+    (tmp_path / "m.yaml").write_text(f"workdir: {tmp_path / 'wd'}\nsteps:\n  t: {{run: teachers}}\n")
+    assert record(load_manifest(tmp_path / "m.yaml", group=cli), "t")["output"] is None
 
 
 def test_an_up_to_date_step_selected_alone_says_its_upstream_is_stale(maker, tmp_path):

@@ -138,25 +138,25 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
     from pipeline.common.storage import local_file
     from pipeline.score.fixations import FixationError, read_hdf5
 
-    must_exist("labels", "fixations", urls=True)
-    out = output_path(out)
-    if (fixations is None) == (labels is None):
-        raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
-    if map_name != "saliency" and fixations is None:
-        raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations")
-    try:
-        fs = None
-        if fixations:
-            with local_file(fixations) as f:  # on object storage: downloaded, read whole
-                fs = read_hdf5(f)
-    except FixationError as e:
-        raise click.ClickException(str(e)) from None
-    predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
-                            student_options=student_options, map_name=map_name)
-    run_at(predictor, image_size)
-    calibration = None
     with interrupted_says("nothing was scored to keep (the scores are printed, and --out written, once every "
                           "image is scored): run the same command again"):
+        must_exist("labels", "fixations", urls=True)
+        out = output_path(out)
+        if (fixations is None) == (labels is None):
+            raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
+        if map_name != "saliency" and fixations is None:
+            raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations")
+        try:
+            fs = None
+            if fixations:
+                with local_file(fixations) as f:  # on object storage: downloaded, read whole
+                    fs = read_hdf5(f)
+        except FixationError as e:
+            raise click.ClickException(str(e)) from None
+        predictor = build_model(checkpoint, teacher, student, weights, student_output, device, precision,
+                                student_options=student_options, map_name=map_name)
+        run_at(predictor, image_size)
+        calibration = None
         try:
             if map_name != "saliency":
                 result, calibration = evaluate_calibrated(predictor, fs, batch_size=batch_size, baseline=baseline,
@@ -171,29 +171,29 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
                                          progress=progress)
         except (DataError, ValueError) as e:
             raise click.ClickException(str(e)) from None
-    echo_result(result, result.failures, lambda f: f"{f['path']}: {f['reason']}")
-    if calibration is not None:
-        c = calibration
-        click.echo(f"calibration: blur {c.blur_frac:g} of the longer side, centre weight {c.center_weight:g} "
-                   f"(AUC-Judd {c.auc_judd:.4f} on {c.images} images; the centre baseline alone "
-                   f"{c.center_auc_judd:.4f})")
-        if c.center_only:
-            click.echo(f"warning: the {map_name} map adds nothing to the centre baseline on the calibration half "
-                       "(the best fit scores no better than the centre alone): the scores above are the centre "
-                       "baseline's", err=True)
-    if out:
-        doc = result.to_json()
+        echo_result(result, result.failures, lambda f: f"{f['path']}: {f['reason']}")
         if calibration is not None:
-            doc["calibration"] = dataclasses.asdict(calibration)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_json(out, doc)
-        except OSError as e:  # a full disk: the scores are above, the file is not written
-            raise click.ClickException(f"cannot write {out} ({error_message(e)}); the scores above were not "
-                                       "saved") from None
-        click.echo(f"metrics: {out}")
-    if not result.per_image:
-        raise click.ClickException("no image could be scored")
+            c = calibration
+            click.echo(f"calibration: blur {c.blur_frac:g} of the longer side, centre weight {c.center_weight:g} "
+                       f"(AUC-Judd {c.auc_judd:.4f} on {c.images} images; the centre baseline alone "
+                       f"{c.center_auc_judd:.4f})")
+            if c.center_only:
+                click.echo(f"warning: the {map_name} map adds nothing to the centre baseline on the calibration half "
+                           "(the best fit scores no better than the centre alone): the scores above are the centre "
+                           "baseline's", err=True)
+        if out:
+            doc = result.to_json()
+            if calibration is not None:
+                doc["calibration"] = dataclasses.asdict(calibration)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_json(out, doc)
+            except OSError as e:  # a full disk: the scores are above, the file is not written
+                raise click.ClickException(f"cannot write {out} ({error_message(e)}); the scores above were not "
+                                           "saved") from None
+            click.echo(f"metrics: {out}")
+        if not result.per_image:
+            raise click.ClickException("no image could be scored")
 
 
 @contextlib.contextmanager

@@ -93,7 +93,8 @@ def record(manifest: Manifest, name: str, state: Mapping | None = None, **fields
     return {"fingerprint": fingerprint_of(manifest, name, state), "own_fingerprint": step.own_fingerprint,
             "command": step.command, "args": list(step.args), "settings": dict(step.recorded_settings),
             "needs": upstream_digests(manifest, name, state), "inputs": dict(step.recorded_inputs),
-            "code_version": step.code_version, "output": _portable_path(manifest, step.output), **fields}
+            "code_version": step.code_version,
+            "output": None if step.output is None else _portable_path(manifest, step.output), **fields}
 
 
 def continues(manifest: Manifest, name: str, state: Mapping | None, grows: Iterable[str]) -> bool:

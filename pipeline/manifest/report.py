@@ -271,17 +271,24 @@ def _steps_html(manifest: Manifest, state: Mapping, states: Mapping[str, str]) -
     return "<h2>Steps</h2>" + _html_table(["step", "command", "status", "seconds"], rows)
 
 
-def _curves_html(manifest: Manifest, name: str, assets: Path) -> str:
+def _curves_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
     """Train step ``name``'s curves and last epoch, both of one ``metrics.csv``: a run stopped between an epoch's
-    row and its plot has its curves drawn again here (its own ``curves.png``, an output of the step, is left)."""
+    row and its plot has its curves drawn again here (its own ``curves.png``, an output of the step, is left);
+    where that fails (a crash's half-written row), its ``curves.png`` as it is, and a warning."""
     from pipeline.train.logs import curves_behind, plot_curves
 
     run = Path(manifest.steps[name].output)
     dst = assets / name / "curves.png"
     dst.parent.mkdir(parents=True, exist_ok=True)
+    redrawn = False
     if curves_behind(run):
-        plot_curves(run, to=dst)
-    else:
+        try:
+            plot_curves(run, to=dst)
+            redrawn = True
+        except Exception as e:  # noqa: BLE001 - one step's curves failing leaves the rest of the page
+            warnings.append(f"{name}: its curves could not be drawn again from {run / 'metrics.csv'} ({e}); "
+                            "the page shows its curves.png as it is")
+    if not redrawn:
         shutil.copyfile(run / "curves.png", dst)
     last = _last_epoch(run)
     summary = ", ".join(f"{k} {last[k]}" for k in ("train_loss", "val_cc", "val_kl", "val_nss") if k in last)
@@ -311,16 +318,16 @@ def _eval_sheets_html(manifest: Manifest, name: str, state: str, assets: Path, w
     head = f"<h3>{html.escape(name)}: held-out images</h3>"
 
     def left_out(why: str) -> str:
-        return head + f'<p class="note">{html.escape(f"(stale: {why}): no sheets drawn")}</p>'
+        return head + f'<p class="note">{html.escape(f"({why}): no sheets drawn")}</p>'
 
-    if state != "up to date":
-        return left_out(state.removeprefix("stale: "))
+    if state != "up to date":  # (stale: why, failed: its error, never run…: as `pipeline status` says)
+        return left_out(state)
     try:
         doc = json.loads(as_path(manifest.steps[name].output).read_text())
         checkpoint = checkpoint_path(str(manifest.steps[name].settings["checkpoint"]))
         elsewhere = _scored_elsewhere(doc, checkpoint, Path(manifest.workdir))
         if elsewhere:
-            return left_out(elsewhere)
+            return left_out(f"stale: {elsewhere}")
         made = _student_sheets(manifest, name, assets / name, checkpoint, doc)
     except Exception as e:  # noqa: BLE001 - one step's sheets failing leaves the rest of the page
         warnings.append(f"no sheets for {name}: {e}")
@@ -395,7 +402,7 @@ def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
 
     train = [n for n in _steps(manifest, "train") if (Path(manifest.steps[n].output) / "curves.png").is_file()]
     if train:
-        parts.append("<h2>Training</h2>" + "".join(_curves_html(manifest, name, assets) for name in train))
+        parts.append("<h2>Training</h2>" + "".join(_curves_html(manifest, name, assets, warnings) for name in train))
 
     sheets_html = []
     for name in _steps(manifest, "eval"):

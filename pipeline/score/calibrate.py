@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import time
 from collections import defaultdict
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,23 +89,45 @@ def combine(raw: np.ndarray, blur_frac: float, center_weight: float) -> np.ndarr
     return mix(blurred(raw, blur_frac), center_weight)
 
 
-def _mean(scores: list[float]) -> float:
-    scores = [s for s in scores if not np.isnan(s)]
-    return float(np.mean(scores)) if scores else float("nan")
+class Fit:
+    """The grid search, one image at a time: each map blurred once per width, mixed with each centre weight, its
+    AUC-Judd added to that combination's sum (a map is not kept: a calibration half of CAT2000's 1920×1080
+    photos would be gigabytes)."""
+
+    def __init__(self) -> None:
+        shape = (len(BLUR_FRACS), len(CENTER_WEIGHTS))
+        self.sums, self.counts = np.zeros(shape), np.zeros(shape, np.int64)
+        self.center_sum, self.center_count, self.images = 0.0, 0, 0
+
+    def add(self, raw: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> None:
+        self.images += 1
+        for i, blur_frac in enumerate(BLUR_FRACS):
+            m = blurred(raw, blur_frac)
+            for j, weight in enumerate(CENTER_WEIGHTS):
+                score = metrics.auc_judd(mix(m, weight), ys, xs)
+                if not np.isnan(score):  # (an image without fixations counts in no mean)
+                    self.sums[i, j] += score
+                    self.counts[i, j] += 1
+        center = metrics.auc_judd(center_baseline(raw.shape), ys, xs)
+        if not np.isnan(center):
+            self.center_sum, self.center_count = self.center_sum + center, self.center_count + 1
+
+    def best(self) -> Calibration:
+        """The blur and centre weight of the highest mean AUC-Judd (the first of the grid on ties)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = self.sums / self.counts  # NaN where no image had fixations
+        flat = np.where(np.isnan(means), -np.inf, means).ravel()
+        i, j = np.unravel_index(int(np.argmax(flat)), means.shape)
+        center = self.center_sum / self.center_count if self.center_count else float("nan")
+        return Calibration(BLUR_FRACS[i], CENTER_WEIGHTS[j], float(means[i, j]), self.images, float(center))
 
 
 def fit(raws: list[np.ndarray], fixations: list[tuple[np.ndarray, np.ndarray]]) -> Calibration:
-    """The blur and centre weight that maximise the mean AUC-Judd over ``raws`` (first best on ties; each map
-    blurred once per width, then mixed with each weight)."""
-    best = None
-    for blur_frac in BLUR_FRACS:
-        maps = [blurred(raw, blur_frac) for raw in raws]
-        for weight in CENTER_WEIGHTS:
-            mean = _mean([metrics.auc_judd(mix(m, weight), ys, xs) for m, (ys, xs) in zip(maps, fixations)])
-            if best is None or mean > best.auc_judd:
-                best = Calibration(blur_frac, weight, mean, len(raws))
-    center = _mean([metrics.auc_judd(center_baseline(raw.shape), ys, xs) for raw, (ys, xs) in zip(raws, fixations)])
-    return dataclasses.replace(best, center_auc_judd=center)
+    """The blur and centre weight that maximise the mean AUC-Judd over ``raws`` (first best on ties)."""
+    search = Fit()
+    for raw, (ys, xs) in zip(raws, fixations):
+        search.add(raw, ys, xs)
+    return search.best()
 
 
 class CalibratedPredictor:
@@ -136,7 +157,7 @@ def evaluate_calibrated(predictor: Predictor, fs: FixationSet, *, limit: int | N
         raise ValueError(f"{fs.name} has {len(fs)} images: calibrating and scoring need at least two per category")
     calib = calib if limit is None else calib[:limit]
     check_source(fs)
-    raws, fixations, failures = [], [], []
+    search, failures = Fit(), []
     with show_progress(len(calib), f"calibrate {predictor.name}", enabled=progress) as bar:
         for i in calib:
             try:
@@ -146,19 +167,19 @@ def evaluate_calibrated(predictor: Predictor, fs: FixationSet, *, limit: int | N
                                  "reason": f"{e} (calibration half: not in the fit)"})
                 bar.update(1)
                 continue
-            raws += predictor.raw_maps([rgb])
             ys, xs = fs.fixations(i)
             if rgb.shape[:2] != tuple(fs.sizes[i]):
                 ys, xs = metrics.rescale_fixations(ys, xs, tuple(fs.sizes[i]), rgb.shape[:2])
-            fixations.append((ys, xs))
+            search.add(predictor.raw_maps([rgb])[0], ys, xs)
             bar.update(1)
-    if not raws:
+    if not search.images:
         raise ValueError(f"no image of {fs.name}'s calibration half could be read (the first: {failures[0]['path']}: "
                          f"{failures[0]['reason']})")
-    calibration = fit(raws, fixations)
+    calibration = search.best()
     result = evaluate_fixations(CalibratedPredictor(predictor, calibration), fs, indices=test, limit=limit,
                                 progress=progress, **options)
     result.failures[:0] = failures
-    result.data = f"{result.data}, calibrated on {len(calib)} others"
+    result.data = f"{result.data}, calibrated on {search.images} others"
+    result.calibrated = search.images
     result.seconds = time.perf_counter() - t0
     return result, calibration

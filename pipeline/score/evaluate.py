@@ -46,6 +46,7 @@ class EvalResult:
     per_image: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    calibrated: int = 0  # images read and run besides those scored (an extra map's calibration half), in seconds
 
     @property
     def means(self) -> dict[str, float]:
@@ -65,9 +66,11 @@ class EvalResult:
         rows = [(m, f"{v:.4f}") for m, v in self.means.items()]
         bare = sum(1 for r in self.per_image if r.get("fixations") == 0)  # every metric of it is undefined
         scored = f"{len(self.per_image)}" + (f" ({bare} without fixations: in no mean)" if bare else "")
-        rows += [("images scored", scored), ("images failed", str(self.failed)),
-                 ("wall time", f"{self.seconds:.1f} s"),
-                 ("images/s", f"{len(self.per_image) / max(self.seconds, 1e-9):.1f}")]
+        rows += [("images scored", scored), ("images failed", str(self.failed))]
+        if self.calibrated:
+            rows.append(("images calibrated on", str(self.calibrated)))
+        rows += [("wall time", f"{self.seconds:.1f} s"),
+                 ("images/s", f"{(len(self.per_image) + self.calibrated) / max(self.seconds, 1e-9):.1f}")]
         return f"{self.model} on {self.data}\n" + table(None, rows, indent="  ")
 
     def to_json(self) -> dict:
