@@ -255,7 +255,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
         kept = (f"the maps already written{sheets} are kept, but not {out}/predictions.json, written last to mark the "
                 "folder complete: the same command maps every image again")
     else:  # (the file is written under a temporary name, removed on the way out)
-        kept = (f"{out} is not written (it is renamed into place once complete; a file there before is left as it "
+        placed = "uploaded" if is_url(out) else "renamed into place"
+        kept = (f"{out} is not written (it is {placed} once complete; a file there before is left as it "
                 f"was){'; the sheets already written are kept' if compare_teacher else ''}: run the same command "
                 "again")
     with interrupted_says(kept):
