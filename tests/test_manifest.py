@@ -1004,6 +1004,9 @@ def test_a_retrained_checkpoint_draws_no_sheets_for_the_old_scores(tiny):
     assert report_steps(page) == status_says("--set", "lr=0.01") == {
         "train_a": "up to date", "eval_a": "stale: upstream train_a's output changed",
         "predict_a": "stale: upstream train_a's output changed"}
+    # predict_a's sheets are its own outputs, of its last run: shown, and said to be so
+    assert ("predict_a: 6 of 12 maps at full size; mean CC with teacher classic: " in text
+            and "<p class=\"note\">(stale: upstream train_a's output changed): the sheets of its last run</p>" in text)
 
 
 def test_a_checkpoint_trained_on_by_hand_draws_no_sheets_for_the_scores_of_the_one_before(tiny, sample_labels):

@@ -336,8 +336,9 @@ def _eval_sheets_html(manifest: Manifest, name: str, state: str, assets: Path, w
                           for src, cap in made)
 
 
-def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
-    """Up to :data:`PREDICT_SHEETS` of the sheets predict step ``name`` drew beside its teacher's maps."""
+def _predict_sheets_html(manifest: Manifest, name: str, state: str, assets: Path, warnings: list[str]) -> str:
+    """Up to :data:`PREDICT_SHEETS` of the sheets predict step ``name`` drew beside its teacher's maps (its own
+    outputs: shown also when the step is not up to date, ``state`` saying why, as ``pipeline status`` does)."""
     from pipeline.score.predict import compare_folder
 
     workdir, out = Path(manifest.workdir), Path(manifest.steps[name].output)
@@ -368,8 +369,10 @@ def _predict_sheets_html(manifest: Manifest, name: str, assets: Path, warnings: 
         return ""
     ccs = [v for v in listed.values() if isinstance(v, (int, float))]
     mean = f"; mean CC with teacher {doc.get('compare_teacher')}: {sum(ccs) / len(ccs):.3f}" if ccs else ""
+    note = "" if state == "up to date" else \
+        f'<p class="note">{html.escape(f"({state}): the sheets of its last run")}</p>'
     return (f"<h3>{html.escape(name)}: {len(files)} of {doc.get('maps', '?')} maps at full size{html.escape(mean)}"
-            "</h3>" + "".join(figs)
+            "</h3>" + note + "".join(figs)
             + f'<p class="note">all sheets: {html.escape(os.path.relpath(src_dir, workdir))}</p>')
 
 
@@ -409,7 +412,8 @@ def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
         settings = manifest.steps[name].settings
         if settings.get("checkpoint") and settings.get("labels") and Path(manifest.steps[name].output).is_file():
             sheets_html.append(_eval_sheets_html(manifest, name, states.get(name, "never run"), assets, warnings))
-    sheets_html += [_predict_sheets_html(manifest, name, assets, warnings) for name in _steps(manifest, "predict")]
+    sheets_html += [_predict_sheets_html(manifest, name, states.get(name, "never run"), assets, warnings)
+                    for name in _steps(manifest, "predict")]
     sheets_html = [h for h in sheets_html if h]
     if sheets_html:
         parts.append("<h2>Image | teacher | student</h2>" + "".join(sheets_html))
