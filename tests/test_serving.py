@@ -89,18 +89,23 @@ def test_predict_and_profile_on_onnx_runtime_agree_with_torch(weights, tmp_path)
     assert gflops[0] == gflops[1]  # counted on the same PyTorch graph
 
 
-def test_an_int8_export_is_calibrated_on_real_photos_and_its_maps_follow_pytorchs(weights, tmp_path):
+def test_an_int8_export_is_calibrated_on_real_photos_and_its_maps_follow_pytorchs(weights, tmp_path, capsys):
     """`export --quantize int8`: QLinear operators, a quarter of the bytes, the same file from the same inputs,
-    metadata that says so, and maps on photos it was not calibrated on that correlate with PyTorch's."""
+    metadata that says so, and maps on photos it was not calibrated on that correlate with PyTorch's. What the
+    calibration folder leaves out is said (it was skipped without a word)."""
     from pipeline.score.quantize import calibration_images, map_agreement
 
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins"):
         write_jpeg(photos / f"{name}.jpg", photo(name, 160))
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
     predictor = build_predictor(student="fastsal_a", weights=str(weights), device="cpu")
     fp32 = export_onnx(predictor, tmp_path / "a.onnx", input_size=(64, 96))
+    capsys.readouterr()
     int8 = export_onnx(predictor, tmp_path / "a8.onnx", input_size=(64, 96), calibration=photos, calibration_images=4)
+    said = capsys.readouterr().err
+    assert said.startswith("note: ") and "broken.jpg" in said, said
     assert fp32.quantized == "no" and fp32.map_cc is None
     assert int8.quantized == "int8 (4 calibration images)" and int8.map_cc_images == "2 held-out images"
     assert int8.map_cc >= 0.99, int8.map_cc
