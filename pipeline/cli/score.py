@@ -332,13 +332,10 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
             from pipeline.score.quantize import calibration_images as load_images
 
             size = tuple(image_size or predictor.input_size or (192, 256))
-            notes: list[str] = []  # what a folder of images leaves out, as predict says it
-            try:
-                measured_on = load_images(images, size, max_images, option="--images", notes=notes)
+            try:  # (what a folder of images leaves out is a note: line, as predict says it)
+                measured_on = load_images(images, size, max_images, option="--images")
             except PredictorError as e:
                 raise click.ClickException(str(e)) from None
-            for note in notes:
-                click.echo(note, err=True)
         result = profile(predictor, input_size=image_size, batch_size=batch_size, iters=iters, images=measured_on,
                          images_from=images or "")
     click.echo(result.table())

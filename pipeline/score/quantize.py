@@ -12,6 +12,7 @@ resized to the graph's input size. They are taken in sorted order, so the same i
 from __future__ import annotations
 
 import logging
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -28,13 +29,13 @@ from students import to_log_density
 CHECK_IMAGES = 16
 
 
-def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: str = "--calibration",
-                       notes: list[str] | None = None) -> list[np.ndarray]:
+def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: str = "--calibration"
+                       ) -> list[np.ndarray]:
     """Up to ``n`` images of ``path`` as uint8 ``[1, 3, H, W]`` arrays at ``size``: the stored JPEGs of a label
     folder (its shards in order; a URL is read through fsspec, as training reads it), or the image files of a
-    local folder (sorted, unreadable ones skipped). Errors name ``option``. ``notes``, when given, receives a
-    ``note:`` line for what a folder's images leave out: its files of other suffixes (as ``predict`` names them)
-    and the image files that could not be read, counted with the first named."""
+    local folder (sorted, unreadable ones skipped). Errors name ``option``. What a folder's images leave out is
+    a ``note:`` line on stderr, as ``predict`` says it: its files of other suffixes, and the image files that
+    could not be read, counted with the first named."""
     from pipeline.common.storage import as_path, is_url
     from pipeline.label.shards import read_samples
     from pipeline.label.sources import SourceError, folder_records, left_out_note
@@ -78,12 +79,12 @@ def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: 
                 add(read_image(record.path))
             except ImageError as e:
                 unreadable.append((str(record.source_id), str(e)))
-        if notes is not None and others:
-            notes.append(left_out_note(others))
-        if notes is not None and unreadable:
+        if others:
+            print(left_out_note(others), file=sys.stderr)
+        if unreadable:
             k, (first, why) = len(unreadable), unreadable[0]
-            notes.append(f"note: left out {k} image file{'s' if k > 1 else ''} of {path} that could not be read "
-                         f"({'the first, ' if k > 1 else ''}{first}: {why})")
+            print(f"note: left out {k} image file{'s' if k > 1 else ''} of {path} that could not be read "
+                  f"({'the first, ' if k > 1 else ''}{first}: {why})", file=sys.stderr)
     else:
         raise PredictorError(f"{option} {path}: not a label folder (labels.json) or a folder of images")
     if not out:

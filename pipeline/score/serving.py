@@ -25,7 +25,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +71,6 @@ def _need(module: str):
     except ImportError:
         raise PredictorError(f"this needs {module}: pip install 'saliency-pipeline[onnx]' "
                              "(onnx and onnxruntime)") from None
-
-
-def _say(notes: list[str]) -> None:
-    """The ``note:`` lines of what a --calibration folder leaves out (other suffixes, unreadable images), on
-    stderr, as ``predict`` and ``profile`` say them of --images."""
-    for note in notes:
-        print(note, file=sys.stderr)
 
 
 def onnx_bytes(predictor: Predictor, input_size: tuple[int, int], opset: int = DEFAULT_OPSET) -> bytes:
@@ -156,9 +148,7 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
     if calibration is not None:
         from pipeline.score.quantize import CHECK_IMAGES, calibration_images as load, map_agreement, quantize_int8
 
-        notes: list[str] = []
-        images = load(calibration, size, calibration_images + CHECK_IMAGES, notes=notes)
-        _say(notes)
+        images = load(calibration, size, calibration_images + CHECK_IMAGES)
         calib = images[:calibration_images]
         check, which = (images[calibration_images:], f"{len(images) - calibration_images} held-out images") \
             if len(images) > calibration_images else (calib, f"the {len(calib)} calibration images")
@@ -218,9 +208,7 @@ def onnx_predictor(predictor: Predictor, input_size: tuple[int, int] | None = No
     if calibration is not None:
         from pipeline.score.quantize import calibration_images as load, quantize_int8
 
-        notes: list[str] = []
-        data, quantized = quantize_int8(data, load(calibration, size, calibration_images, notes=notes)), "int8"
-        _say(notes)
+        data, quantized = quantize_int8(data, load(calibration, size, calibration_images)), "int8"
     return Predictor(f"{predictor.name} [onnxruntime{' int8' if quantized else ''}]", OnnxModule(OnnxSession(data)),
                      predictor.kind, size, torch.device("cpu"), autocast=False, reference=predictor.model,
                      quantized=quantized)
