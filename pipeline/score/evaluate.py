@@ -46,7 +46,7 @@ class EvalResult:
     per_image: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    calibrated: int = 0  # images read and run besides those scored (an extra map's calibration half), in seconds
+    calibrated: int = 0  # images run besides those scored (an extra map's calibration half): in seconds, images/s
 
     @property
     def means(self) -> dict[str, float]:

@@ -56,19 +56,12 @@ class Predictor:
         x = self.model.normalize(x)
         return self.model(x) if self.map_name == "saliency" else self.model.maps(x)[self.map_name]
 
-    @torch.inference_mode()
     def raw_maps(self, rgbs: list[np.ndarray]) -> list[np.ndarray]:
-        """The model's output for each RGB uint8 image, bilinearly resized to the image: float32 ``(H, W)``
-        (for maps that are no density, e.g. SACT's ponder map)."""
-        out = []
-        for x in rgbs:
-            size = self.input_size or x.shape[:2]
-            batch = torch.from_numpy(np.ascontiguousarray(images.resize(x, size))[None]).permute(0, 3, 1, 2)
-            with autocast(self.device, self.autocast):
-                y = self.forward(batch.to(self.device)).float()
-            y = torch.nn.functional.interpolate(y, size=x.shape[:2], mode="bilinear", align_corners=False)
-            out.append(y[0, 0].cpu().numpy())
-        return out
+        """An extra map's values (not :attr:`density`: SACT's ponder map) for each RGB uint8 image, bilinearly
+        resized to the image: float32 ``(H, W)``, what :meth:`log_densities` gives for such a map."""
+        if self.density:
+            raise ValueError(f"{self.name}: its maps are saliency, not an extra map's raw values")
+        return self.log_densities(rgbs)
 
     @property
     def density(self) -> bool:
@@ -108,7 +101,7 @@ class Predictor:
         for out, size in zip(outs, sizes):
             if self.density:
                 yield resize_label(out, "log_density", tuple(size))[0, 0].cpu().numpy()
-            else:  # an extra map's values, bilinearly resized (as :meth:`raw_maps`)
+            else:  # an extra map's values, bilinearly resized
                 yield torch.nn.functional.interpolate(out, size=tuple(size), mode="bilinear",
                                                       align_corners=False)[0, 0].cpu().numpy()
 
