@@ -146,13 +146,12 @@ def speed_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
 
 def state_digest(state: Mapping, manifest: Manifest, states: Mapping[str, str]) -> str:
     """What the report depends on: in the state file each step's fingerprint, status and end time; in the
-    manifest its name, its steps, which of them are shown stale and each one's status (``states``, {step: what
-    ``pipeline status`` says of it}, :func:`pipeline.manifest.runner.step_states`: a step deleted from the
-    manifest, edited and not run since, or whose input went missing left the page as it was)."""
+    manifest its name, its steps and each one's status (``states``, {step: what ``pipeline status`` says of it},
+    :func:`pipeline.manifest.runner.step_states`, whose staleness covers the tables' ``(stale)`` marks: a step
+    deleted from the manifest, edited and not run since, or whose input went missing left the page as it was)."""
     steps = state.get("steps", {})
     key = [[n, r.get("fingerprint"), r.get("status"), r.get("ended")] for n, r in sorted(steps.items())]
-    shown = [_shown(manifest, state, name) for name in manifest.steps]
-    doc = [REPORT_VERSION, key, manifest.path.name, shown, [states.get(name) for name in manifest.steps]]
+    doc = [REPORT_VERSION, key, manifest.path.name, [[name, states.get(name)] for name in manifest.steps]]
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
 
