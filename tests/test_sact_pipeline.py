@@ -61,12 +61,16 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
     assert r.exit_code == 0, r.output
     assert "GFLOPs / image (dense)" in r.output and "GFLOPs / image (sparse)" in r.output
     ckpt = run / "checkpoints" / json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
-    r = invoke("profile", "--student", "sact", "--weights", ckpt, "--tile", 2, "--tau", 0.5, "--device", "cpu",
+    r = invoke("profile", "--student", "sact", "--weights", ckpt, "--tile", 2, "--tau", 0.5, "--device", "cpu")
+    assert r.exit_code == 2 and r.output.splitlines()[-1] == (  # it was taken, and changed nothing
+        "Error: --tau weights sact's training loss alone and changes no map it computes: give it to `pipeline "
+        "train`, not here"), r.output
+    r = invoke("profile", "--student", "sact", "--weights", ckpt, "--tile", 2, "--device", "cpu",
                "--iters", 1)  # its halting shared in 2×2 tiles: other maps than it learnt
     assert r.exit_code == 0, r.output
     assert (f"warning: {ckpt} is a `pipeline train` checkpoint, trained at 64x96 with sigmoid maps, tile 1; "
             f"--student runs it at 192x256 with --student-output softmax, --tile 2: --checkpoint {ckpt} uses what it "
-            "was trained with") in r.output  # (--tau weights the loss alone: not said)
+            "was trained with") in r.output  # (its --tau 0.01, not the default: not said)
     assert "ponder_3 (sparse)" in r.output and "executed_3 (sparse)" in r.output
     r = invoke("profile", "--student", "sact", "--weights", ckpt, "--depth", 101, "--device", "cpu", "--iters", 1)
     assert r.exit_code == 1 and r.output == (f"Error: {ckpt} is a `pipeline train` checkpoint of sact with depth 50 "

@@ -20,6 +20,7 @@ from pipeline.common.devices import DeviceError, autocast, available, resolve_de
 from pipeline.common.maps import resize_label
 from pipeline.train.checkpoints import CheckpointError, student_from_checkpoint
 from students import Student, build_student, student_info, student_kind, to_log_density
+from students import available as students_available
 
 
 #: why an image has no map (a per-image failure) when the model's output for it is NaN or infinite
@@ -238,6 +239,13 @@ def options_mistake(*, checkpoint, teacher, student, weights, require_weights, s
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in student_options)
         return (f"{flags} go{'es' if len(student_options) == 1 else ''} with --student NAME (a checkpoint records "
                 "its own options)")
+    loss_only = [o.name for o in student_info(student).options if o.training_only and o.name in student_options] \
+        if student and student_options and student in students_available() else []
+    if loss_only:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in loss_only)
+        return (f"{flags} weight{'' if len(loss_only) > 1 else 's'} {student}'s training loss alone and change"
+                f"{'' if len(loss_only) > 1 else 's'} no map it computes: give {'them' if len(loss_only) > 1 else 'it'}"
+                " to `pipeline train`, not here")
     if checkpoint and weights:
         return "--weights goes with --teacher or --student, not --checkpoint"
     if not checkpoint and weights == "random" and require_weights:
