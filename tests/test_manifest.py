@@ -1009,12 +1009,37 @@ def test_a_retrained_checkpoint_draws_no_sheets_for_the_old_scores(tiny):
             and "<p class=\"note\">(stale: upstream train_a's output changed): the sheets of its last run</p>" in text)
 
 
-def test_a_checkpoint_trained_on_by_hand_draws_no_sheets_for_the_scores_of_the_one_before(tiny, sample_labels):
-    """`pipeline status` (without --checksums) still calls eval_a up to date: its metrics name the checkpoint."""
-    trained = invoke("train", "--run", "wd/train_a", "--labels", sample_labels, "--student", "fastsal_a", "--epochs", 2,
+def train_by_hand(labels) -> None:
+    trained = invoke("train", "--run", "wd/train_a", "--labels", labels, "--student", "fastsal_a", "--epochs", 2,
                      "--steps-per-epoch", 1, "--batch-size", 4, "--lr", 0.05, "--backbone-weights", "none",
                      "--workers", 0, "--no-progress")
     assert trained.exit_code == 0, trained.output
+
+
+def test_a_run_folder_trained_on_by_hand_is_noticed_and_what_scores_it_runs_again(tiny, sample_labels):
+    """`pipeline status` (without --checksums) tells by the sha256 its latest.json records that train_a's folder is
+    not what the step made; `pipeline run` runs the step again (train carries on from what the folder holds: nothing
+    to do) and the steps that read it, so eval_a's scores and sheets are of the checkpoint there now."""
+    train_by_hand(sample_labels)
+    changed = ("stale: outputs incomplete: wd/train_a changed since the step made it (its latest checkpoint is not "
+               "what it made: a command run by hand?)")
+    assert status_says() == {"train_a": changed, "eval_a": "stale: upstream train_a runs",
+                             "predict_a": "stale: upstream train_a runs"}
+    result = invoke("run", "tiny.yaml")
+    assert result.exit_code == 0, result.output
+    assert re.findall(r"^\[(\w+)\] \$ pipeline", result.output, re.M) == ["train_a", "eval_a", "predict_a"], result.output
+    assert status_says() == {"train_a": "up to date", "eval_a": "up to date", "predict_a": "up to date"}
+    assert json.loads(Path("wd/eval_a/metrics.json").read_text())["model"].endswith("/epoch-0001.pt")
+    assert [s for s in Page(html.unescape(Path("wd/report.html").read_text())).images if s.startswith("report/eval_a/")]
+
+
+def test_a_checkpoint_trained_on_by_hand_draws_no_sheets_for_the_scores_of_the_one_before(tiny, sample_labels):
+    """A run folder whose latest.json records no sha256 (an older run's) trained on by hand: `pipeline status`
+    cannot tell, and calls eval_a up to date; the report's check of the checkpoint its metrics name can."""
+    train_by_hand(sample_labels)
+    pointer = Path("wd/train_a/checkpoints/latest.json")
+    pointer.write_text(json.dumps({k: v for k, v in json.loads(pointer.read_text()).items() if k != "sha256"}))
+    assert status_says() == {"train_a": "up to date", "eval_a": "up to date", "predict_a": "up to date"}
     Path("wd/report.html").unlink()
     result = invoke("run", "tiny.yaml")
     assert result.exit_code == 0, result.output

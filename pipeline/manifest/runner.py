@@ -173,9 +173,10 @@ def output_locked_by(step, wait: float = 0.0) -> str:
 def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
                   names: Iterable[str] | None = None) -> dict[str, str]:
     """For steps recorded done with their current fingerprint (those of ``names``, default all): "" when their
-    outputs are complete, else why not. With ``checksums``, the content of a complete output is also digested
-    and compared with the digest recorded when the step finished (a file emptied or edited since is made
-    again)."""
+    outputs are complete and still what the step made, else why not. What a complete output records of itself
+    (a run folder's latest checkpoint, a label folder's index) is compared with the digest recorded when the
+    step finished (a command run by hand into it since is noticed); with ``checksums``, the content of every
+    complete output is also digested and compared (a file emptied or edited since is made again)."""
     records = state.get("steps", {})
     out = {}
     for name in (manifest.steps if names is None else names):
@@ -186,6 +187,16 @@ def check_outputs(manifest: Manifest, state: Mapping, checksums: bool = False,
                 and spec is not None and spec.verify is not None and step.output):
             out[name] = spec.verify(as_path(step.output), checksums)
             recorded = rec.get("output_digest")
+            if not out[name] and spec.recorded_digest is not None and recorded:
+                try:
+                    found = spec.recorded_digest(as_path(step.output))
+                except Exception:  # noqa: BLE001 - complete by its verify: its own records are the content's to judge
+                    found = None
+                if found is not None and found != recorded:
+                    what = "its latest checkpoint" if step.command == "train" else "its index of shards"
+                    out[name] = f"{step.output} changed since the step made it ({what} is not what it made: a command " \
+                                "run by hand?)"
+                    continue
             if checksums and not out[name] and spec.digest is not None and recorded:
                 try:
                     found = spec.digest(as_path(step.output))

@@ -53,6 +53,11 @@ class CommandSpec:
     redoes: frozenset[str] = frozenset()
     #: the digest of a complete output's content ("kind:hex"): the steps below it are fingerprinted with it
     digest: Callable[[Path], str] | None = None
+    #: the same digest taken from what a complete output records of itself, without reading its content (a
+    #: run's ``latest.json`` sha256, a label folder's index), or None where it records none: compared on every
+    #: plan, so an output that a command run by hand has changed since the step made it is noticed without
+    #: ``--checksums``
+    recorded_digest: Callable[[Path], str | None] | None = None
     #: the lock file the command holds on its output while it writes it (another process holding it: the step
     #: does not start)
     lock: Callable[[Path], Path] | None = None
@@ -242,6 +247,12 @@ def _digest_train(run: Path | RemotePath) -> str:
     return "checkpoint:" + (record.get("sha256") or digest(latest(run / "checkpoints")))
 
 
+def _recorded_digest_train(run: Path | RemotePath) -> str | None:
+    """:func:`_digest_train` from ``latest.json`` alone (None for an older run's, which records no sha256)."""
+    record = latest_record(run / "checkpoints") or {}
+    return "checkpoint:" + record["sha256"] if record.get("sha256") else None
+
+
 def _digest_file(path: Path | RemotePath) -> str:
     return "sha256:" + digest(path)
 
@@ -294,6 +305,7 @@ COMMANDS: dict[str, CommandSpec] = {
         redoes=frozenset({"weights", "image_size", "jpeg_quality", "device", "precision", "decode", "batch_size",
                           "source", "coco_root", "split", "images", "teacher", "out"}),
         digest=_digest_label,
+        recorded_digest=_digest_label,  # (its index: the shards' sha256s as labelling recorded them)
         urls=frozenset({"out"}),
         lock=_lock_file,  # `pipeline label` holds an flock on <folder>/.lock
         pieces=lambda folder: (folder, "shard-*.json"),
@@ -307,6 +319,7 @@ COMMANDS: dict[str, CommandSpec] = {
         volatile=frozenset({"workers", "device", "address", "progress", "verify", "max_bad_samples"}),
         fresh=("--restart",),
         digest=_digest_train,
+        recorded_digest=_recorded_digest_train,
         lock=_lock_file,  # pipeline.train.loop.run_lock
         grows=("epochs",),
         added={"gt_maps": None},
