@@ -3,6 +3,8 @@ exactly, reloaded from its checkpoint for profile, ONNX-free eval of its ponder 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -42,8 +44,23 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
     assert r.exit_code == 0, r.output
     header = (straight / "losses.csv").read_text().splitlines()[0]
     assert header == "epoch,step,global_step,loss,ponder_1,ponder_2,ponder_3,ponder_4"
-    assert "ponder_4" in (straight / "metrics.csv").read_text().splitlines()[0]
-    assert "ponder_1 (train)" in r.output  # the summary table shows each block's mean ponder cost, of training
+    metrics = list(csv.DictReader(io.StringIO((straight / "metrics.csv").read_text())))
+    assert list(metrics[0])[9:] == [*(f"ponder_{k}" for k in range(1, 5)), *(f"val_ponder_{k}" for k in range(1, 5))]
+    # the validation ponder cost is the final model's mean ρ per block on the held-out shard (its test-time cost)
+    from pipeline.train.checkpoints import student_from_checkpoint
+    from pipeline.train.data import open_label_set, shard_loader
+
+    model = student_from_checkpoint(straight)[0].eval()
+    held_out = open_label_set(labels)
+    images = torch.cat([b[0] for b in shard_loader(held_out, held_out.tars[-1:], batch_size=2)])
+    with torch.no_grad():
+        rho = model.forward_train(model.normalize(images)).logs
+    for k in range(1, 5):
+        assert float(metrics[-1][f"val_ponder_{k}"]) == pytest.approx(float(rho[f"ponder_{k}"]), rel=1e-5)
+    total = sum(float(metrics[-1][f"val_ponder_{k}"]) for k in range(1, 5))
+    head, *rows = [line.split() for line in r.output.splitlines()[:3]]  # the summary: Σ over blocks, and of val
+    assert "  ponder Σ (train)  ponder Σ (val)  " in r.output.splitlines()[0]
+    assert rows[-1][0] == "2" and rows[-1][7] == f"{total:.3f}", r.output
     config = json.loads((straight / "config.json").read_text())
     assert config["student_options"] == {"depth": 50, "tile": 1, "tau": 0.01}  # the defaults too (--tau given)
     from PIL import Image

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -752,6 +753,27 @@ def test_logs_cut_short_by_a_crash_or_of_other_columns_are_kept_on_resume(tmp_pa
     keep_rows(losses, LOSS_HEADER, 2)
     assert losses.read_text() == "epoch,step,global_step,loss\n" and (tmp_path / "losses.csv.old").read_text() == old
     assert f"its rows are kept in {tmp_path / 'losses.csv.old'}" in capsys.readouterr().err
+
+
+def test_a_sact_run_from_before_validation_ponder_costs_were_logged_resumes_with_its_rows(tmp_path, capsys):
+    """Its metrics.csv lacks the val_ponder_N columns: its rows are kept (those cells empty, read as not measured),
+    not put aside as a file of other columns; the summary and the curves take them."""
+    from pipeline.train.logs import keep_rows, metrics_header, plot_curves, read_metrics, summary_table
+
+    names = [f"ponder_{k}" for k in range(1, 5)]
+    (tmp_path / "metrics.csv").write_text(",".join(metrics_header(())[:9] + names) + "\n"
+                                          "0,0.9,0.85,0.1,0.3,0.1,0.02,0.8,8,4,4,4,4\n1,0.8,0.7,0.2,0.3,0.2,0.02,0.6,8,3,4,4,2\n")
+    (tmp_path / "losses.csv").write_text("epoch,step,global_step,loss\n0,0,1,0.9\n1,0,2,0.8\n")
+    keep_rows(tmp_path / "metrics.csv", metrics_header(names), 2)
+    assert capsys.readouterr().err == "" and not (tmp_path / "metrics.csv.old").exists()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",ponder_4,val_ponder_1,val_ponder_2,val_ponder_3,val_ponder_4")
+    assert rows[2] == "1,0.8,0.7,0.2,0.3,0.2,0.02,0.6,8,3,4,4,2,,,,"
+    results = read_metrics(tmp_path)
+    assert results[1].logs == {"ponder_1": 3, "ponder_2": 4, "ponder_3": 4, "ponder_4": 2}
+    assert math.isnan(results[1].val["val_ponder_1"]) and results[1].val["val_cc"] == 0.2
+    assert summary_table(results).splitlines()[2].split()[6:8] == ["13.000", "nan"]  # Σ (train), Σ (val)
+    assert plot_curves(tmp_path).is_file()
 
 
 def test_a_long_setting_that_differs_is_shown_where_it_differs():

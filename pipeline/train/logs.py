@@ -21,23 +21,30 @@ METRICS_HEADER = ["epoch", "train_loss", "val_loss", "val_cc", "val_kl", "val_ns
 VAL_KEYS = tuple(METRICS_HEADER[2:6])
 
 
+def metrics_header(log_names) -> list[str]:
+    """``metrics.csv``'s columns for a student logging ``log_names`` (SACT's ``ponder_N``): the metrics, the
+    statistics' means over the epoch's training batches, then over the validation images (``val_ponder_N``)."""
+    return METRICS_HEADER + list(log_names) + [f"val_{k}" for k in log_names]
+
+
 def keep_rows(path: Path, header: list[str], before_epoch: int) -> None:
     """Rewrite ``path`` atomically with its rows of epochs before ``before_epoch`` (an interrupted
     epoch's rows are dropped: that epoch runs again). A row a crash cut short (a tail of NUL bytes) is left
     out with a ``warning:``; a file of other columns (edited, or of another version) is kept beside it as
-    ``<name>.old``, said in a ``warning:``, not emptied."""
+    ``<name>.old``, said in a ``warning:``, not emptied; one whose columns are the first of ``header`` (a run from
+    before the last columns were logged: SACT's ``val_ponder_N``) keeps its rows, those columns empty in them."""
     rows, bad = [], 0
     if path.is_file():
         lines = path.read_text(errors="replace").splitlines()
         reader = csv.reader(line for line in lines if "\0" not in line)
         first = next(reader, None)
-        if first == header:
+        if first and first == header[:len(first)]:
             bad = sum(1 for line in lines[1:] if "\0" in line and line.strip("\0"))  # (a tail of NULs alone: none)
             for r in reader:
-                if r and (len(r) != len(header) or not r[0].isdigit()):
+                if r and (len(r) != len(first) or not r[0].isdigit()):
                     bad += 1
                 elif r and int(r[0]) < before_epoch:
-                    rows.append(r)
+                    rows.append(r + [""] * (len(header) - len(first)))
         elif first is not None:
             aside = path.with_name(path.name + ".old")
             os.replace(path, aside)
@@ -58,7 +65,8 @@ def append_metrics(run: Path, result: EpochResult, world: int) -> None:
         csv.writer(f, lineterminator="\n").writerow(
             [result.epoch, f"{result.train_loss:.6g}", *(f"{result.val[k]:.6g}" for k in VAL_KEYS),
              f"{result.lr:.6g}", f"{result.seconds:.2f}", result.images * world,
-             *(f"{v:.6g}" for v in result.logs.values())])
+             *(f"{v:.6g}" for v in result.logs.values()),
+             *(f"{result.val.get('val_' + k, math.nan):.6g}" for k in result.logs)])
         f.flush()
         os.fsync(f.fileno())
 
@@ -67,9 +75,14 @@ def read_metrics(run: Path, from_epoch: int = 0) -> list[EpochResult]:
     """The epochs of ``metrics.csv`` from ``from_epoch`` on (``run`` may be a URL)."""
     with (as_path(run) / "metrics.csv").open("r", newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["epoch"]) >= from_epoch]
-    return [EpochResult(int(r["epoch"]), float(r["train_loss"]), {k: float(r[k]) for k in VAL_KEYS},
+    def number(v) -> float:
+        return float(v or "nan")  # (a column an older run did not log: empty)
+
+    return [EpochResult(int(r["epoch"]), float(r["train_loss"]),
+                        {k: number(v) for k, v in r.items() if k in VAL_KEYS or k.startswith("val_")},
                         float(r["lr"]), float(r["seconds"]), int(r["images"]),
-                        {k: float(v) for k, v in r.items() if k not in METRICS_HEADER}) for r in rows]
+                        {k: number(v) for k, v in r.items() if k not in METRICS_HEADER and not k.startswith("val_")})
+            for r in rows]
 
 
 def curves_behind(run: Path) -> bool:
@@ -112,8 +125,10 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
         config = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
-    # the student's own statistics (SACT: each block's mean ponder cost), means over the epoch's training batches
-    extra = [k for k in (metrics[0].keys() if metrics else ()) if k and k not in METRICS_HEADER]
+    # the student's own statistics (SACT: each block's mean ponder cost), means over the epoch's training batches,
+    # and over the validation images (val_…; empty in the rows of a run from before they were logged)
+    extra = [k for k in (metrics[0].keys() if metrics else ()) if k and k not in METRICS_HEADER
+             and not k.startswith("val_")]
     fig, axes = plt.subplots(1, 1 + len(panels) + bool(extra), figsize=(4 * (1 + len(panels) + bool(extra)), 3.8),
                              squeeze=False)
     axes = axes[0]
@@ -138,10 +153,13 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
     if extra:
         ax = axes[-1]
         for key in extra:
-            ax.plot(epochs, [float(r.get(key) or "nan") for r in metrics], marker=".", label=key)
+            line, = ax.plot(epochs, [float(r.get(key) or "nan") for r in metrics], marker=".", ls="--",
+                            label=f"{key} (training)")
+            ax.plot(epochs, [float(r.get(f"val_{key}") or "nan") for r in metrics], marker="o", color=line.get_color(),
+                    label=f"{key} (validation)")
         ponder = all(k.startswith("ponder_") for k in extra)
-        ax.set(title="ponder cost ρ per block (training)" if ponder else "student statistics (training)",
-               xlabel="epoch", ylabel="mean over the epoch's batches")
+        ax.set(title="ponder cost ρ per block" if ponder else "student statistics",
+               xlabel="epoch", ylabel="mean (training batches, validation images)")
         ax.legend(fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     student = config.get("student", "?")
@@ -166,18 +184,29 @@ def _lacked(key: str, vals: list[dict]) -> bool:
 def summary_table(results: list[EpochResult]) -> str:
     if not results:
         return "nothing to do: every epoch is already trained"
-    keys = [k for k in results[0].val if not _lacked(k, [r.val for r in results])]
-    stats = list(results[0].logs)
-    head = ["epoch", "train_loss", *keys, *(f"{k} (train)" for k in stats), "lr", "seconds", "img/s"]
+    keys = [k for k in VAL_KEYS if not _lacked(k, [r.val for r in results])]
+    head = ["epoch", "train_loss", *keys, *_stat_columns(results[0]), "lr", "seconds", "img/s"]
     rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys),
-             *(f"{r.logs[k]:.3f}" for k in stats), f"{r.lr:.2g}", f"{r.seconds:.1f}",
+             *(f"{v:.3f}" for v in _stat_columns(r).values()), f"{r.lr:.2g}", f"{r.seconds:.1f}",
              f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
     return table(head, rows, align="right")
 
 
+def _stat_columns(result: EpochResult) -> dict[str, float]:
+    """The summary's columns of the student's statistics: for SACT and ACT the ponder cost Σ over blocks of each
+    block's mean ρ (what τ weights in the loss) in training and on the validation images (the computation spent at
+    test time), each block's in ``metrics.csv``; any other statistic as it is, of training and validation."""
+    stats = result.logs
+    if stats and all(k.startswith("ponder_") for k in stats):
+        return {"ponder Σ (train)": sum(stats.values()),
+                "ponder Σ (val)": sum(result.val.get(f"val_{k}", math.nan) for k in stats)}
+    return {**{f"{k} (train)": v for k, v in stats.items()},
+            **{f"{k} (val)": result.val.get(f"val_{k}", math.nan) for k in stats}}
+
+
 def epoch_note(result: EpochResult, epochs: int) -> str:
     """The end of an epoch in one line: ``epoch 3/20 loss 0.4123 val_cc 0.712 … 85.1 img/s``."""
-    val = " ".join(f"{k} {v:.4f}" for k, v in result.val.items() if v == v)  # NaN: not measured
+    val = " ".join(f"{k} {result.val[k]:.4f}" for k in VAL_KEYS if result.val.get(k, math.nan) == result.val.get(k))
     rate = result.images / max(result.seconds, 1e-9)
     return (f"epoch {result.epoch + 1}/{epochs} loss {result.train_loss:.4f}" + (f" {val}" if val else "")
             + f" (epoch {result.seconds:.1f} s, {rate:.1f} img/s)")  # (the bar's own rate counts the whole run)

@@ -53,7 +53,7 @@ from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
 from pipeline.train.data import (BadSamples, SampleError, check_same_labels, epoch_order, first_ground_truth,
                                  node_shards, open_label_set, open_label_sets, shard_loader, split_shards,
                                  verify_shards)
-from pipeline.train.logs import (LOSS_HEADER, METRICS_HEADER, append_metrics, curves_behind, epoch_note, keep_rows,
+from pipeline.train.logs import (LOSS_HEADER, append_metrics, curves_behind, epoch_note, keep_rows, metrics_header,
                                  plot_curves)
 from pipeline.train.tensorboard import EpochLogger
 from students import Student, build_student, check_options, student_info, student_kind, to_log_density
@@ -395,22 +395,29 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
+        """The validation metrics (:data:`VAL_KEYS`) and the student's statistics on the validation images
+        (``val_`` + each of :attr:`log_names`: SACT's ponder cost per block, the computation it spends at test
+        time), means over images."""
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, cc, kl, nss (summed over images)
+        names = self.log_names
+        sums = torch.zeros(4 + len(names), dtype=torch.float64, device=self.device)  # loss, cc, kl, nss, stats
         n = 0
         for images, targets, _ in self.loader(self.val_tars, 0, train=False):
             images, targets = images.to(self.device), targets.to(self.device)
-            loss, logits, _ = self.loss(images, targets, train=False)
+            loss, logits, stats = self.loss(images, targets, train=False)
             sums[0] += loss.double() * len(images)
             if logits is not None:  # the hint stage trains no head: its maps are not scored
                 a = agreement(logits, targets, self.labels.label_kind)
-                sums[1:] += torch.stack([a["cc"].sum(), a["kl"].sum(), a["nss"].sum()]).double()
+                sums[1:4] += torch.stack([a["cc"].sum(), a["kl"].sum(), a["nss"].sum()]).double()
+            if names:
+                sums[4:] += torch.stack([stats[k] for k in names]).double() * len(images)
             n += len(images)
         self.model.train()
         if self.teacher is not None:
-            sums[1:] = float("nan")
-        loss, cc, kl, nss = (sums / max(n, 1)).tolist()
-        return {"val_loss": loss, "val_cc": cc, "val_kl": kl, "val_nss": nss}
+            sums[1:4] = float("nan")
+        loss, cc, kl, nss, *stats = (sums / max(n, 1)).tolist()
+        return {"val_loss": loss, "val_cc": cc, "val_kl": kl, "val_nss": nss,
+                **{f"val_{k}": v for k, v in zip(names, stats)}}
 
     def epoch_batches(self, epoch: int) -> Iterator:
         """The training batches of ``epoch``: those of the loader :meth:`start_epoch` started ahead, if it is
@@ -658,7 +665,7 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
                   "validation is against the teacher's maps alone)", file=sys.stderr)
         behind = curves_behind(run)  # (before the rows are kept: that rewrites metrics.csv)
         keep_rows(run / "losses.csv", LOSS_HEADER + list(trainer.log_names), trainer.epoch)
-        keep_rows(run / "metrics.csv", METRICS_HEADER + list(trainer.log_names), trainer.epoch)
+        keep_rows(run / "metrics.csv", metrics_header(trainer.log_names), trainer.epoch)
     results = []
     board = EpochLogger(run, trainer.epoch) if lead else None  # TensorBoard, when installed
     per_epoch = trainer.labels.images_in(trainer.train_tars) // trainer.world

@@ -61,7 +61,8 @@ class EpochLogger:
                    "val/cc": result.val.get("val_cc"), "val/kl": result.val.get("val_kl"),
                    "val/nss": result.val.get("val_nss"), "lr": result.lr,
                    "images_per_s": result.images / max(result.seconds, 1e-9),
-                   **{f"student/{k}": v for k, v in result.logs.items()}}
+                   **{f"student/{k}": v for k, v in result.logs.items()},
+                   **{f"student/val_{k}": result.val.get(f"val_{k}") for k in result.logs}}
         for tag, value in scalars.items():
             if value is not None and value == value:  # NaN: not scored (the hint stage)
                 self.writer.add_scalar(tag, float(value), step)
