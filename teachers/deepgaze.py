@@ -364,6 +364,12 @@ def _default_centerbias(centerbias: str | None, weights: str | None) -> str | No
     return centerbias
 
 
+def _centerbias(centerbias: str | None, spec: str | None) -> CenterBias:
+    """The centre bias ``spec`` names (:func:`_default_centerbias`); ``"auto"`` with random weights is uniform by
+    design, without the warning a forgotten one gets."""
+    return CenterBias() if spec is None and centerbias == "auto" else load_centerbias(spec)
+
+
 def build_deepgaze2e(*, weights: str | None = None, centerbias: str | None = "auto",
                      name: str = "deepgaze2e") -> DeepGazeIIE:
     """DeepGaze IIE with ``weights``: ``None`` → the published ``deepgaze2e`` checkpoint (known
@@ -375,7 +381,8 @@ def build_deepgaze2e(*, weights: str | None = None, centerbias: str | None = "au
     cb_spec = _default_centerbias(centerbias, weights)
 
     def make() -> DeepGazeIIE:
-        cb.append(cb[0] if cb else load_centerbias(cb_spec))
+        if not cb:
+            cb.append(_centerbias(centerbias, cb_spec))
         model = DeepGazeIIE(cb[0])
         model.name = name
         return model
@@ -416,7 +423,7 @@ def deepgaze2(*, weights: str | None = None, centerbias: str | None = "auto") ->
     cb_spec, path = _default_centerbias(centerbias, weights), None
     if weights != "random":
         path, cb_spec = _resolve_needed("deepgaze2", weights, cb_spec)  # both missing files in one error
-    cb = load_centerbias(cb_spec)
+    cb = _centerbias(centerbias, cb_spec)
     if weights == "random":
         return _with_centerbias(random_init(lambda: DeepGazeII(cb)), cb)
     return _with_centerbias(_from_file(lambda: DeepGazeII(cb), weights, "DeepGaze II weights",

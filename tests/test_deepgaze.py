@@ -419,6 +419,12 @@ def test_load_centerbias(tmp_path, monkeypatch):
         dg.load_centerbias(str(bad))
     with pytest.warns(UserWarning, match="no centre bias given; using a uniform centre bias"):  # the CLI: warning:
         assert dg.load_centerbias(None).source == "uniform"
+    import warnings
+
+    with warnings.catch_warnings():  # random weights (profile, `pipeline teachers`): uniform by design, said nowhere
+        warnings.simplefilter("error")
+        assert dg.deepgaze2(weights="random").centerbias.source == "uniform"
+        assert dg.deepgaze(weights="random").centerbias.source == "uniform"
 
 
 def test_centerbias_shapes_prediction(dg2, monkeypatch):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import warnings
 from pathlib import Path
 
 import click
@@ -65,11 +65,9 @@ def teachers_cmd():
 
     rows = [("teacher", "output", "input (HxW)", "parameters", "weights")]
     for name in available():
-        logging.disable(logging.WARNING)  # architecture only, to count: no "uniform centre bias" notes
-        try:
+        with warnings.catch_warnings():  # architecture only, to count: nothing of its weights to warn about
+            warnings.simplefilter("ignore")
             model = build_teacher(name, weights=None if name == "classic" else "random")
-        finally:
-            logging.disable(logging.NOTSET)
         size = "any" if model.input_size is None else f"{model.input_size[0]}x{model.input_size[1]}"
         rows.append((name, model.output_kind, size, f"{sum(p.numel() for p in model.parameters()):,}",
                      weights_status(name)))
