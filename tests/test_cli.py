@@ -221,7 +221,7 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, 
     (["eval", "--teacher", "classic", "--labels", "{labels}"], "{blocked}/metrics.json"),
     (["predict", "--teacher", "classic", "--images", "{samples}/coco/val2017"], "{blocked}/maps/day1"),
     (["profile", "--student", "fastsal_a", "--iters", "1"], "{blocked}/profile.json"),
-    (["export", "--student", "fastsal_a"], "{blocked}/fastsal_a.onnx"),
+    (["export", "--student", "fastsal_a", "--weights", "random"], "{blocked}/fastsal_a.onnx"),
     (["fixations", "mit1003", "--root", "{samples}"], "{blocked}/mit1003.h5"),
 ])
 def test_an_out_that_cannot_be_written_is_one_sentence_before_any_work(tmp_path, sample_labels, args, out):

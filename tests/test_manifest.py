@@ -544,6 +544,54 @@ def test_options_a_command_refuses_together_are_manifest_errors_before_any_step(
     assert not Path("w").exists()
 
 
+def test_how_a_step_names_its_model_map_runtime_and_settings_are_manifest_errors_before_any_step(fresh):
+    """What the model, --map, --image-size, --runtime and a train step's student, options and stage say together was
+    found when each step came up (after hours of the steps above), some only once a model was built: each is an
+    error of the manifest, with the step's line, before anything runs."""
+    Path("f.h5").touch()
+    Path("m.yaml").write_text(LABELS_FIRST + more_steps(f"""\
+          ponder_teacher:
+            run: eval
+            with: {{teacher: classic, fixations: f.h5, map: ponder}}
+          sized_teacher:
+            run: eval
+            with: {{teacher: classic, labels: "${{steps.labels.out}}", image_size: 64x96}}
+          two_models:
+            run: eval
+            with: {{teacher: classic, checkpoint: w/run, fixations: f.h5}}
+          no_reference:
+            run: eval
+            with: {{checkpoint: w/run}}
+          int8:
+            run: predict
+            with: {{checkpoint: w/run, images: {SAMPLES}/val2017, runtime: onnx-int8}}
+          tiled:
+            run: train
+            with: {{labels: "${{steps.labels.out}}", student: fastsal_a, tile: 2}}
+          taught:
+            run: train
+            with: {{labels: "${{steps.labels.out}}", teacher: classic}}
+          tau:
+            run: profile
+            with: {{student: sact, tau: 0.1}}
+        """))
+    result = CliRunner().invoke(cli, ["run", "m.yaml", "--dry-run"])
+    assert result.exit_code == 2 and result.output.splitlines() == [
+        "Error: m.yaml:6: step 'ponder_teacher': --map ponder is a student's map; a teacher has its saliency map alone",
+        "Error: m.yaml:9: step 'sized_teacher': Invalid value for '--image-size': a teacher runs at its own input size; "
+        "--image-size goes with a student (--checkpoint or --student)",
+        "Error: m.yaml:12: step 'two_models': name the model with exactly one of --checkpoint, --teacher or --student "
+        "(got --checkpoint, --teacher)",
+        "Error: m.yaml:15: step 'no_reference': give exactly one of --fixations FILE.h5 or --labels FOLDER",
+        "Error: m.yaml:18: step 'int8': --runtime onnx-int8 needs --calibration: a label folder or a folder of images",
+        "Error: m.yaml:21: step 'tiled': --tile is an option of act, sact, not of fastsal_a",
+        "Error: m.yaml:24: step 'taught': --teacher is for the hint stage (--stage hint); the finetune stage learns "
+        "from the labels' teacher",
+        "Error: m.yaml:27: step 'tau': --tau weights sact's training loss alone and changes no map it computes: give it "
+        "to `pipeline train`, not here"], result.output
+    assert not Path("w").exists()
+
+
 def test_a_path_a_step_needs_that_is_missing_stops_the_run_before_any_step(fresh):
     """A mistyped local path (`images: .../val2071`) was found when its step came up, after every step above it
     had run (hours, on COCO): `pipeline run` names it, with the step's line, and starts nothing; `--dry-run`
@@ -559,7 +607,8 @@ def test_a_path_a_step_needs_that_is_missing_stops_the_run_before_any_step(fresh
     result = CliRunner().invoke(cli, ["run", "m.yaml"])
     assert result.exit_code == 2, result.output
     assert result.output.splitlines() == [
-        "Error: m.yaml:6: step 'train': --gt-maps maps/val2071 does not exist",
+        f"Error: m.yaml:6: step 'train': --gt-maps maps/val2071 does not exist (relative to the current folder, "
+        f"{Path.cwd()})",  # (a bundled manifest run from outside the repository: its paths are relative)
         f"Error: m.yaml:9: step 'predict': --images {SAMPLES}/val2071 does not exist"]
     assert not Path("w").exists()  # the label step did not start, and the workdir was not made
     dry = CliRunner().invoke(cli, ["run", "m.yaml", "--dry-run"])

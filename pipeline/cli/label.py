@@ -42,7 +42,7 @@ def _source_check(ctx: click.Context) -> None:
 @click.option("--split", default="val2017", help="COCO split, e.g. train2017, val2017, test2017 (source coco).")
 @click.option("--images", type=LocalPath(file_okay=False, path_type=Path), default=None,
               help="Folder of images, searched recursively (source folder).")
-@click.option("--out", default="data/labels", callback=path_or_url,
+@click.option("--out", default="data/labels", metavar="PATH|URL", callback=path_or_url,
               help="Output root, a folder or an fsspec URL (s3://bucket/prefix); shards go to "
                    "<out>/<teacher>/<split or folder name>/.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Images per shard.")

@@ -230,6 +230,11 @@ def student_options(fn):
     return wrapper
 
 
+def given_student_options(ctx: click.Context) -> dict:
+    """The student options given, from a parsed context (before :func:`student_options` gathers them)."""
+    return {name: ctx.params[name] for name in students.registry.all_options() if ctx.params.get(name) is not None}
+
+
 class Checked(click.Command):
     """A command whose options are also checked together once parsed (``checks``: each takes the click context
     and raises a :class:`click.UsageError`). They run when the command line is parsed, and so also when `pipeline
@@ -271,7 +276,8 @@ def model_options(fn=None, *, students_only: bool = False):
     if fn is None:
         return functools.partial(model_options, students_only=students_only)
     opts = [
-        click.option("--checkpoint", type=click.Path(path_type=str), default=None, callback=path_or_url,
+        click.option("--checkpoint", type=click.Path(path_type=str), default=None,
+                     metavar="PATH|URL", callback=path_or_url,
                      help="A `pipeline train` run folder (its latest checkpoint) or checkpoint file, or its URL "
                           "(s3://…, downloaded to a temporary file)."),
         None if students_only else click.option("--teacher", type=click.Choice(teachers.available()), default=None,
@@ -359,17 +365,59 @@ def runtime_option(fn):
              "on the CPU).")(fn)
 
 
+def runtime_check(ctx: click.Context) -> None:
+    """--runtime with the model and --calibration (for :class:`Checked`)."""
+    runtime, calibration = ctx.params.get("runtime", "torch"), ctx.params.get("calibration")
+    if runtime != "onnx-int8" and calibration is not None:
+        raise click.UsageError("--calibration is for --runtime onnx-int8", ctx)
+    if runtime == "onnx-int8" and calibration is None:
+        raise click.UsageError("--runtime onnx-int8 needs --calibration: a label folder or a folder of images", ctx)
+    if runtime != "torch" and ctx.params.get("teacher"):
+        raise click.UsageError(f"--runtime {runtime} serves a student (--checkpoint or --student); a teacher runs "
+                               "with --runtime torch", ctx)
+
+
+def model_check(require_weights: bool = True):
+    """A check (for :class:`Checked`) of how the model options name a model, made before anything is read or built
+    (and by `pipeline run` when it loads a manifest, before any step runs): one model, its weights, the student's
+    options, ``--map`` (a map the student has) and ``--image-size`` (a student's: a teacher runs at its own)."""
+
+    def check(ctx: click.Context) -> None:
+        from pipeline.score.predictors import options_mistake
+
+        p, options = ctx.params, given_student_options(ctx)
+        teacher, student = p.get("teacher"), p.get("student")
+        mistake = options_mistake(checkpoint=p.get("checkpoint"), teacher=teacher, student=student,
+                                  weights=p.get("weights"), require_weights=require_weights, student_options=options)
+        if mistake:
+            raise click.UsageError(mistake, ctx)
+        if student:
+            try:
+                students.check_options(student, options)
+            except ValueError as e:
+                raise click.UsageError(str(e), ctx) from None
+        map_name = p.get("map_name") or "saliency"
+        if map_name != "saliency" and teacher:
+            raise click.UsageError(f"--map {map_name} is a student's map; a teacher has its saliency map alone", ctx)
+        if map_name != "saliency" and student:
+            has = students.student_info(student).cls.extra_maps
+            if map_name not in has:
+                raise click.UsageError(f"{student} has no {map_name!r} map "
+                                       + (f"(its maps: saliency, {', '.join(has)})" if has else "(only saliency)"), ctx)
+        if teacher and p.get("image_size") and ctx.command.name in ("eval", "predict"):
+            raise click.BadParameter("a teacher runs at its own input size; --image-size goes with a student "
+                                     "(--checkpoint or --student)", ctx, param_hint="'--image-size'")
+
+    return check
+
+
 def with_runtime(predictor, runtime: str, input_size=None, *, calibration=None,
                  calibration_images: int = DEFAULT_CALIBRATION_IMAGES):
     """``predictor`` itself (torch), or the same student served by ONNX Runtime (int8 with ``calibration``) or
-    compiled."""
-    if runtime != "onnx-int8" and calibration is not None:
-        raise click.UsageError("--calibration is for --runtime onnx-int8")
-    if runtime == "onnx-int8" and calibration is None:
-        raise click.UsageError("--runtime onnx-int8 needs --calibration: a label folder or a folder of images")
+    compiled (the options were checked together by :func:`runtime_check`)."""
     if runtime == "torch":
         return predictor
-    if not predictor.student:
+    if not predictor.student:  # (a checkpoint naming a teacher cannot be: said anyway)
         raise click.UsageError(f"--runtime {runtime} serves a student (--checkpoint or --student); a teacher runs "
                                "with --runtime torch")
     from pipeline.score.predictors import PredictorError

@@ -12,7 +12,7 @@ from pipeline.cli.options import path_or_url
 _manifest_arg = click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 _set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
                         help="Override a var of the manifest (repeatable); VALUE is read as YAML (8, true, text).")
-_workdir_opt = click.option("--workdir", default=None, callback=path_or_url,
+_workdir_opt = click.option("--workdir", default=None, metavar="PATH|URL", callback=path_or_url,
                             help="Use this workdir instead of the manifest's: a folder (relative to the current "
                                  "directory) or an fsspec URL (s3://bucket/prefix).")
 _checksums_opt = click.option("--checksums", is_flag=True,

@@ -17,8 +17,8 @@ import students
 import teachers
 
 from pipeline.cli.options import (Checked, FiniteFloat, LocalPath, build_model, calibration_options, echo_result, given,
-                                  model_options, must_exist, output_path, path_or_url, runtime_option,
-                                  student_output_check, with_runtime)
+                                  model_check, model_options, must_exist, output_path, path_or_url, runtime_check,
+                                  runtime_option, student_output_check, with_runtime)
 from pipeline.cli.options import image_size as parse_size
 from pipeline.common.atomic import write_json
 from pipeline.common.errors import error_message
@@ -71,7 +71,8 @@ image_size_option = click.option(
                    "MIT1003: ALLSTIMULI/ + ALLFIXATIONMAPS/; CAT2000: Stimuli/ + FIXATIONLOCS/).")
 @click.option("--split", type=click.Choice(["train", "val"]), default=None,  # (fixations.SALICON_SPLITS)
               help="SALICON only (and required there): train or val.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True,
+              metavar="PATH|URL", callback=path_or_url,
               help="The HDF5 file to write (atomically), or its URL (s3://…: written locally, then uploaded).")
 def fixations_cmd(dataset, root, split, out):
     """Convert a fixation dataset (SALICON, MIT1003, CAT2000) once into one HDF5 file for `pipeline eval`."""
@@ -87,11 +88,18 @@ def fixations_cmd(dataset, root, split, out):
         fs = convert(dataset, root, out, split)
     except FixationError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"{out}: {len(fs)} images, {fs.n_fixations} fixations, {fs.n_skipped} skipped outside their image")
+    click.echo(f"{out}: {len(fs)} image{'' if len(fs) == 1 else 's'}, {fs.n_fixations} fixation"
+               f"{'' if fs.n_fixations == 1 else 's'}, {fs.n_skipped} skipped outside their image")
 
 
 def _scoring_check(ctx: click.Context) -> None:
-    """eval's options of the other way of scoring (against labels, or against human fixations) would be ignored."""
+    """eval scores against one reference, and its options of the other way of scoring (against labels, or against
+    human fixations) would be ignored."""
+    if (ctx.params.get("fixations") is None) == (ctx.params.get("labels") is None):
+        raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER", ctx)
+    map_name = ctx.params.get("map_name") or "saliency"
+    if map_name != "saliency" and ctx.params.get("fixations") is None:
+        raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations", ctx)
     if ctx.params.get("fixations") is not None and given(ctx, "val_shards"):
         raise click.UsageError("--val-shards goes with --labels (the held-out shards of a label folder); "
                                "--fixations scores every image of the file (--limit takes fewer)", ctx)
@@ -101,12 +109,14 @@ def _scoring_check(ctx: click.Context) -> None:
                                "(the human-fixation metrics); --labels scores against the teacher's labels", ctx)
 
 
-@click.command("eval", cls=Checked, checks=(student_output_check, _scoring_check))
+@click.command("eval", cls=Checked, checks=(model_check(), student_output_check, _scoring_check))
 @model_options
-@click.option("--fixations", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
+@click.option("--fixations", type=click.Path(dir_okay=False, path_type=str), default=None,
+              metavar="PATH|URL", callback=path_or_url,
               help="A fixation HDF5 from `pipeline fixations` (or its URL, s3://…): all 8 metrics against human "
                    "fixations.")
-@click.option("--labels", type=click.Path(file_okay=False, path_type=str), default=None, callback=path_or_url,
+@click.option("--labels", type=click.Path(file_okay=False, path_type=str), default=None,
+              metavar="PATH|URL", callback=path_or_url,
               help="A finished label folder (or its URL, s3://…): CC, KLDiv, SIM, NSS against the teacher's labels "
                    "in its last shards.")
 @click.option("--val-shards", type=click.IntRange(min=0), default=1,
@@ -124,7 +134,8 @@ def _scoring_check(ctx: click.Context) -> None:
 @image_size_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--io-threads", type=click.IntRange(min=1), default=4, help="Threads decoding images and scoring.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None,
+              metavar="PATH|URL", callback=path_or_url,
               help="Write the metrics (means and per image) to this JSON file, or its URL (s3://…: written "
                    "locally, then uploaded).")
 @click.option("--progress/--no-progress", default=True)
@@ -142,10 +153,6 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
                           "image is scored): run the same command again"):
         must_exist("labels", "fixations", urls=True)
         out = output_path(out)
-        if (fixations is None) == (labels is None):
-            raise click.UsageError("give exactly one of --fixations FILE.h5 or --labels FOLDER")
-        if map_name != "saliency" and fixations is None:
-            raise click.UsageError(f"--map {map_name} is calibrated and scored on human fixations: give --fixations")
         try:
             fs = None
             if fixations:
@@ -207,11 +214,21 @@ def interrupted_says(kept: str):
         raise SystemExit(130) from None
 
 
-@click.command("predict", cls=Checked, checks=(student_output_check,))
+def _predict_check(ctx: click.Context) -> None:
+    p = ctx.params
+    map_name = p.get("map_name") or "saliency"
+    if map_name != "saliency" and (p.get("compare_teacher") or p.get("runtime", "torch") != "torch"):
+        raise click.UsageError(f"--map {map_name} goes with --runtime torch and without --compare-teacher (the "
+                               "exported graph and the sheets are of the saliency map)", ctx)
+    if p.get("compare_weights") and not p.get("compare_teacher"):
+        raise click.UsageError("--compare-weights goes with --compare-teacher NAME", ctx)
+
+
+@click.command("predict", cls=Checked, checks=(model_check(), student_output_check, runtime_check, _predict_check))
 @model_options
 @click.option("--images", type=LocalPath(file_okay=False, path_type=Path), required=True,
               help="Folder of images (searched recursively; not a label folder).")
-@click.option("--out", type=click.Path(path_type=str), required=True, callback=path_or_url,
+@click.option("--out", type=click.Path(path_type=str), required=True, metavar="PATH|URL", callback=path_or_url,
               help="png: a folder (maps mirror the images' relative paths); hdf5: the file to write; either may be "
                    "a URL (s3://…: each file written locally, then uploaded, predictions.json last).")
 @click.option("--format", "format_", type=click.Choice(["png", "hdf5"]), default="png",
@@ -238,9 +255,6 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
     from pipeline.label.sources import SourceError
 
     must_exist("images", "calibration")
-    if map_name != "saliency" and (compare_teacher or runtime != "torch"):
-        raise click.UsageError(f"--map {map_name} goes with --runtime torch and without --compare-teacher (the "
-                               "exported graph and the sheets are of the saliency map)")
     out = output_path(out, folder=format_ == "png")
     if format_ == "hdf5" and not is_url(out) and Path(out).is_dir():
         raise click.ClickException(f"--out {out} is a folder; --format hdf5 writes one file: give its path")
@@ -268,8 +282,6 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
         if compare_teacher:
             compare = build_model(None, compare_teacher, None, compare_weights, student_output, device, precision,
                                   options={"--weights": "--compare-weights", "--teacher": "--compare-teacher"})
-        elif compare_weights:
-            raise click.UsageError("--compare-weights goes with --compare-teacher NAME")
         none = ""
         try:
             result = predict_folder(predictor, images, out, fmt=format_, batch_size=batch_size,
@@ -287,7 +299,7 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
             raise click.ClickException(none)
 
 
-@click.command("profile", cls=Checked, checks=(student_output_check,))
+@click.command("profile", cls=Checked, checks=(model_check(require_weights=False), student_output_check, runtime_check))
 @model_options
 @click.option("--image-size", default=None, callback=parse_size,
               help="Input HxW.  [default: the model's own: a checkpoint's training size, 192x256 for --student, "
@@ -295,7 +307,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
 @click.option("--batch-size", type=click.IntRange(min=1), default=1)
 @click.option("--iters", type=click.IntRange(min=1), default=10,
               help="Timed forward passes (after 3 warm-up; 8 with --runtime compile).")
-@click.option("--images", type=click.Path(file_okay=False, path_type=str), default=None, callback=path_or_url,
+@click.option("--images", type=click.Path(file_okay=False, path_type=str), default=None,
+              metavar="PATH|URL", callback=path_or_url,
               help="Real images to measure on (a label folder's stored images, or its URL: s3://…; or a local "
                    "folder of images; the first "
                    "--max-images in sorted order): GFLOPs and the model's statistics are their mean, the timed "
@@ -303,7 +316,8 @@ def predict_cmd(checkpoint, teacher, student, student_options, weights, student_
                    "random noise]")
 @click.option("--max-images", type=click.IntRange(min=1), default=100, show_default=True,
               help="How many of --images' images.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=path_or_url,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default=None,
+              metavar="PATH|URL", callback=path_or_url,
               help="Also write JSON here (a file, or its URL: s3://…).")
 @runtime_option
 def profile_cmd(checkpoint, teacher, student, student_options, weights, student_output, device, precision, image_size,
@@ -357,10 +371,23 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
         click.echo(f"profile: {out}")
 
 
-@click.command("export", cls=Checked, checks=(student_output_check,))
+def _export_check(ctx: click.Context) -> None:
+    p = ctx.params
+    if (p.get("checkpoint") is None) == (p.get("student") is None):
+        raise click.UsageError("name the student with exactly one of --checkpoint or --student", ctx)
+    if (p.get("quantize") == "int8") != (p.get("calibration") is not None):
+        raise click.UsageError("--quantize int8 needs --calibration (a label folder or a folder of images)"
+                               if p.get("calibration") is None else "--calibration is for --quantize int8", ctx)
+    if p.get("student") and p.get("weights") is None:
+        raise click.UsageError(f"--student {p['student']} needs --weights: a trained file (for a model you trained, "
+                               "use --checkpoint RUN_DIR), or random for the architecture alone (e.g. to time it)", ctx)
+
+
+@click.command("export", cls=Checked, checks=(_export_check, model_check(require_weights=False), student_output_check))
 @model_options(students_only=True)
 @click.option("--format", "format_", type=click.Choice(["onnx"]), default="onnx", help="The file format.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True, callback=path_or_url,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True,
+              metavar="PATH|URL", callback=path_or_url,
               help="The file to write, or its URL (s3://…: written locally, then uploaded).")
 @click.option("--image-size", default=None, callback=parse_size,
               help="Input HxW of the graph (its batch is dynamic).  [default: a checkpoint's training size, else "
@@ -378,15 +405,7 @@ def export_cmd(checkpoint, student, student_options, weights, student_output, fo
     from pipeline.score.serving import export_onnx
 
     must_exist("calibration")
-    if (checkpoint is None) == (student is None):
-        raise click.UsageError("name the student with exactly one of --checkpoint or --student")
-    if (quantize == "int8") != (calibration is not None):
-        raise click.UsageError("--quantize int8 needs --calibration (a label folder or a folder of images)"
-                               if calibration is None else "--calibration is for --quantize int8")
     out = output_path(out)
-    if student and weights is None:
-        raise click.UsageError(f"--student {student} needs --weights: a trained file (for a model you trained, use "
-                               "--checkpoint RUN_DIR), or random for the architecture alone (e.g. to time it)")
     # a checkpoint must have trained its saliency head (a hint-stage one has not); --student takes --weights random
     predictor = build_model(checkpoint, None, student, weights, student_output, "cpu", "fp32",
                             require_weights=checkpoint is not None, student_options=student_options)

@@ -6,16 +6,27 @@ import click
 
 import students
 import teachers
-from pipeline.cli.options import (FiniteFloat, device_name, floats3, increasing_epochs, must_exist, output_path,
-                                  path_or_url, ray_address, renamed, student_options)
+from pipeline.cli.options import (Checked, FiniteFloat, device_name, floats3, given_student_options, increasing_epochs,
+                                  must_exist, output_path, path_or_url, ray_address, renamed, student_options)
 
 
-@click.command("train")
-@click.option("--labels", type=click.Path(path_type=str), multiple=True, callback=path_or_url,
+def _settings_check(ctx: click.Context) -> None:
+    """The student, its options, the stage and the hint teacher together (the registries say; nothing is read)."""
+    from pipeline.train.loop import settings_mistake
+
+    p = ctx.params
+    mistake = settings_mistake(student=p["student"], student_options=given_student_options(ctx), stage=p["stage"],
+                               teacher=p.get("teacher"))
+    if mistake:
+        raise click.UsageError(mistake, ctx)
+
+
+@click.command("train", cls=Checked, checks=(_settings_check,))
+@click.option("--labels", type=click.Path(path_type=str), multiple=True, metavar="PATH|URL", callback=path_or_url,
               default=["data/labels/deepgaze/train2017"],
               help="A finished label folder (the one holding labels.json), or its URL (s3://…); repeat to train on "
                    "several of one teacher.")
-@click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=str), callback=path_or_url,
+@click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=str), metavar="PATH|URL", callback=path_or_url,
               default=f"runs/{students.registry.DEFAULT_STUDENT}",
               help="Run folder: checkpoints/, losses.csv, metrics.csv, curves.png; or a URL (s3://…), written "
                    "through a local copy after every epoch. (--run-dir: the same, for torchrun's command line, "
@@ -33,7 +44,7 @@ from pipeline.cli.options import (FiniteFloat, device_name, floats3, increasing_
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--val-shards", type=click.IntRange(min=1), default=1,
               help="Without --val-labels: the last shards of the last --labels folder, held out for validation.")
-@click.option("--val-labels", type=click.Path(path_type=str), default=None, callback=path_or_url,
+@click.option("--val-labels", type=click.Path(path_type=str), default=None, metavar="PATH|URL", callback=path_or_url,
               help="Validate on this label folder (e.g. val2017's) instead of holding out training shards.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, help="Samples in the shuffle buffer.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
@@ -43,7 +54,8 @@ from pipeline.cli.options import (FiniteFloat, device_name, floats3, increasing_
 @click.option("--backbone-weights", default="imagenet",
               help="Encoder init (MobileNetV2 for fastsal_*, ResNet-50/101 for sact/act): imagenet (torchvision "
                    "weights, cached or downloaded), none, or a PATH to that torchvision model's state dict.")
-@click.option("--init", "init_ckpt", type=click.Path(path_type=str), default=None, callback=path_or_url,
+@click.option("--init", "init_ckpt", type=click.Path(path_type=str), default=None,
+              metavar="PATH|URL", callback=path_or_url,
               help="Start from this checkpoint's model weights (e.g. the hint stage's last checkpoint): a checkpoint "
                    "file or run folder, or its URL (s3://…).")
 @click.option("--teacher", type=click.Choice(teachers.available()), default=None,
@@ -52,7 +64,7 @@ from pipeline.cli.options import (FiniteFloat, device_name, floats3, increasing_
 @click.option("--loss-weights", default="1,1,1", callback=floats3,
               help="Density teachers (Eq. 3): weights of KL, 1-cosine and BCE (the paper: 1,1,1; the "
                    "authors' code: 0.5,0.2,0.3).")
-@click.option("--gt-maps", type=click.Path(path_type=str), default=None, callback=path_or_url,
+@click.option("--gt-maps", type=click.Path(path_type=str), default=None, metavar="PATH|URL", callback=path_or_url,
               help="A folder (or URL) of human saliency maps, each named as its image with .png (or .jpg): their "
                    "BCE joins the teacher's (Eq. 2; map teachers such as salgan), e.g. SALICON's maps/train.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on steps per epoch.")

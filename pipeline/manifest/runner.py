@@ -702,7 +702,8 @@ def missing_paths(manifest: Manifest, planned: Iterable[Planned]) -> list[str]:
             where = Path(path).resolve()
             if where.exists() or any(where.is_relative_to(o) or o.is_relative_to(where) for o in outputs):
                 continue
-            said.append(f"{manifest.path}:{step.line}: step {p.step!r}: {flag} {path} does not exist")
+            relative = "" if Path(path).is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+            said.append(f"{manifest.path}:{step.line}: step {p.step!r}: {flag} {path} does not exist{relative}")
     return said
 
 

@@ -132,6 +132,41 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
+def settings_mistake(*, student: str, student_options: dict, stage: str, teacher: str | None) -> str | None:
+    """What is wrong with the student, its options, the stage and the hint teacher together, as one sentence,
+    known from the registries alone (nothing read or built): the command line's usage mistakes; None if nothing."""
+    try:
+        info = student_info(student)
+        check_options(student, student_options)
+    except KeyError as e:
+        return e.args[0]
+    except ValueError as e:
+        return str(e)
+    if stage not in STAGES:
+        return f"unknown stage {stage!r} ({' or '.join(STAGES)})"
+    if stage == "hint" and not info.has_hint_stage:
+        hinted = [n for n in available_students() if student_info(n).has_hint_stage  # (whose encoder --init
+                  and student_info(n).cls.backbone_prefix == info.cls.backbone_prefix]  # can give this one)
+        if not hinted:
+            return (f"{student} has no hint stage (its features do not match a teacher's) and no student with one "
+                    "has its encoder: train it with --stage finetune, its encoder from --backbone-weights imagenet")
+        return (f"{student} has no hint stage: its features do not match a teacher's; hint-pretrain "
+                f"{' or '.join(hinted)} and start from its checkpoint with --init")
+    if stage == "hint" and not teacher:
+        return "the hint stage needs --teacher (its intermediate features are the targets)"
+    if stage == "hint" and not hints_fit(teacher, info):
+        fitting = " or ".join(n for n in available_teachers() if hints_fit(n, info))
+        layout = ", ".join(f"{ch}@/{s}" for ch, s in zip(info.cls.hint_channels, info.cls.hint_strides))
+        theirs = teacher_class(teacher).hint_layout
+        if not theirs:
+            return f"teacher {teacher!r} has no intermediate features for the hint stage; use {fitting}"
+        return (f"teacher {teacher!r}'s hint features ({', '.join(f'{ch}@/{s}' for ch, s in theirs)}) are not "
+                f"{student}'s ({layout}: channels@/stride); use {fitting}")
+    if stage != "hint" and teacher:
+        return "--teacher is for the hint stage (--stage hint); the finetune stage learns from the labels' teacher"
+    return None
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resuming: bool = False):
         """``resuming``: the run folder holds checkpoints, which :meth:`resume` loads (or refuses): the student's
@@ -198,37 +233,11 @@ class Trainer:
     def check(c: TrainConfig):
         """Refuse bad settings with one clear error; returns (label set, training tars, validation tars,
         every shard's (sha256, images) by tar)."""
-        try:
-            info = student_info(c.student)
-            check_options(c.student, c.student_options)
-        except KeyError as e:
-            raise TrainError(e.args[0]) from None
-        except ValueError as e:
-            raise TrainError(str(e)) from None
-        if c.stage not in STAGES:
-            raise TrainError(f"unknown stage {c.stage!r} ({' or '.join(STAGES)})")
-        if c.stage == "hint" and not info.has_hint_stage:
-            hinted = [n for n in available_students() if student_info(n).has_hint_stage  # (whose encoder --init
-                      and student_info(n).cls.backbone_prefix == info.cls.backbone_prefix]  # can give this one)
-            if not hinted:
-                raise TrainError(f"{c.student} has no hint stage (its features do not match a teacher's) and no "
-                                 "student with one has its encoder: train it with --stage finetune, its encoder "
-                                 "from --backbone-weights imagenet")
-            raise TrainError(f"{c.student} has no hint stage: its features do not match a teacher's; hint-pretrain "
-                             f"{' or '.join(hinted)} and start from its checkpoint with --init")
-        if c.stage == "hint" and not c.teacher:
-            raise TrainError("the hint stage needs --teacher (its intermediate features are the targets)")
-        if c.stage == "hint" and not hints_fit(c.teacher, info):
-            fitting = " or ".join(n for n in available_teachers() if hints_fit(n, info))
-            layout = ", ".join(f"{ch}@/{s}" for ch, s in zip(info.cls.hint_channels, info.cls.hint_strides))
-            theirs = teacher_class(c.teacher).hint_layout
-            raise TrainError(f"teacher {c.teacher!r} has no intermediate features for the hint stage; use {fitting}"
-                             if not theirs else
-                             f"teacher {c.teacher!r}'s hint features ({', '.join(f'{ch}@/{s}' for ch, s in theirs)}) "
-                             f"are not {c.student}'s ({layout}: channels@/stride); use {fitting}")
-        if c.stage != "hint" and c.teacher:
-            raise TrainError("--teacher is for the hint stage (--stage hint); the finetune stage learns from the "
-                             "labels' teacher")
+        mistake = settings_mistake(student=c.student, student_options=c.student_options, stage=c.stage,
+                                   teacher=c.teacher)
+        if mistake:
+            raise TrainError(mistake)
+        info = student_info(c.student)
         if c.gt_maps is not None:
             if c.stage == "hint":
                 raise TrainError("--gt-maps is for the finetune stage (the hint stage learns the teacher's features)")
