@@ -39,8 +39,10 @@ def _check_steps(manifest, option: str, names: tuple[str, ...]) -> None:
 @click.option("--dry-run", "-n", is_flag=True,
               help="Print the plan (step, action, reason), the commands and each step's missing weights; run nothing.")
 @click.option("--force", "-f", multiple=True, metavar="STEP",
-              help="Re-run STEP from scratch, and everything downstream of it (repeatable).")
-@click.option("--only", multiple=True, metavar="STEP", help="Consider only STEP (repeatable); other steps are skipped.")
+              help="Re-run STEP from scratch, and everything downstream of it (repeatable); with --only/--until, "
+                   "STEP must be among the steps they select.")
+@click.option("--only", multiple=True, metavar="STEP",
+              help="Consider only STEP (repeatable); the other steps are not selected (nothing of them runs).")
 @click.option("--until", multiple=True, metavar="STEP", help="Consider only STEP and its upstream (repeatable).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1,
               help="Steps that may run at the same time (independent ones, within --cpus/--gpus).")
