@@ -125,8 +125,9 @@ def speed_rows(manifest: Manifest, state: Mapping | None = None) -> list[list[st
         step = [_shown(manifest, state, name), _model_label(manifest, manifest.steps[name].settings, doc)]
         where = [f"{size[0]}x{size[1]}", f"{doc.get('device', '?')} {doc.get('precision', '')}".strip(),
                  str(doc.get("batch_size", "-")), _number(doc, "params", ".2f", 1e-6)]
-        for mode in doc.get("modes") or [doc]:
-            rows.append([*step, str(mode.get("mode", "-")), *where, _number(mode, "gflops", ".3f"),
+        modes = doc.get("modes") or [doc]
+        for mode in modes:  # (a model of one path, FastSal's "dense": "-", beside SACT's dense and sparse)
+            rows.append([*step, str(mode.get("mode", "-")) if len(modes) > 1 else "-", *where, _number(mode, "gflops", ".3f"),
                          _number(mode, "latency_ms", ".1f"), _number(mode, "images_per_s", ".1f")])
     return rows
 
