@@ -772,8 +772,13 @@ def test_a_sact_run_from_before_validation_ponder_costs_were_logged_resumes_with
     results = read_metrics(tmp_path)
     assert results[1].logs == {"ponder_1": 3, "ponder_2": 4, "ponder_3": 4, "ponder_4": 2}
     assert math.isnan(results[1].val["val_ponder_1"]) and results[1].val["val_cc"] == 0.2
-    assert summary_table(results).splitlines()[2].split()[6:8] == ["13.000", "nan"]  # Σ (train), Σ (val)
+    assert summary_table(results).splitlines()[2].split()[6:8] == ["13.000", "-"]  # Σ (train), Σ (val): not logged
     assert plot_curves(tmp_path).is_file()
+
+    older = "epoch,train_loss,val_loss,val_cc,val_kl,val_nss,lr,seconds\n0,0.9,0.85,0.1,0.3,0.1,0.02,0.8\n"  # no images
+    (tmp_path / "metrics.csv").write_text(older)
+    keep_rows(tmp_path / "metrics.csv", metrics_header(names), 2)  # more than validation columns missing: aside
+    assert (tmp_path / "metrics.csv.old").read_text() == older and "its rows are kept in" in capsys.readouterr().err
 
 
 def test_a_long_setting_that_differs_is_shown_where_it_differs():

@@ -201,9 +201,13 @@ def floats3(ctx, param, value: str) -> tuple[float, float, float]:
     return parts
 
 
-def student_options(fn):
+def student_options(fn=None, *, training: bool = True):
     """Every option a registered student declares (``--tau``, ``--tile``…), gathered into one
-    ``student_options`` dict argument holding those given (the student's defaults fill the rest)."""
+    ``student_options`` dict argument holding those given (the student's defaults fill the rest). Without
+    ``training`` (the commands that run a model), an option that weights the training loss alone is hidden from
+    ``--help`` (still parsed, and refused: :func:`pipeline.score.predictors.options_mistake`)."""
+    if fn is None:
+        return functools.partial(student_options, training=training)
     declared = students.registry.all_options()
     owners = {name: [n for n in students.available() if any(o.name == name for o in students.student_info(n).options)]
               for name in declared}
@@ -225,7 +229,7 @@ def student_options(fn):
     for name, opt in reversed(declared.items()):
         kind = click.Choice([str(c) for c in opt.choices]) if opt.choices else opt.type
         wrapper = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
-                               callback=functools.partial(checked, opt=opt),
+                               callback=functools.partial(checked, opt=opt), hidden=opt.training_only and not training,
                                help=f"{opt.help} ({', '.join(owners[name])}; default {opt.default}).")(wrapper)
     return wrapper
 
@@ -296,7 +300,7 @@ def model_options(fn=None, *, students_only: bool = False):
                                                 default="auto", help="auto = bf16 autocast on GPU, fp32 on CPU."),
     ]
     opts = [o for o in opts if o is not None]
-    fn = student_options(fn)
+    fn = student_options(fn, training=False)
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
@@ -368,13 +372,13 @@ def runtime_option(fn):
 def runtime_check(ctx: click.Context) -> None:
     """--runtime with the model and --calibration (for :class:`Checked`)."""
     runtime, calibration = ctx.params.get("runtime", "torch"), ctx.params.get("calibration")
+    if runtime != "torch" and ctx.params.get("teacher"):
+        raise click.UsageError(f"--runtime {runtime} serves a student (--checkpoint or --student); a teacher runs "
+                               "with --runtime torch", ctx)
     if runtime != "onnx-int8" and calibration is not None:
         raise click.UsageError("--calibration is for --runtime onnx-int8", ctx)
     if runtime == "onnx-int8" and calibration is None:
         raise click.UsageError("--runtime onnx-int8 needs --calibration: a label folder or a folder of images", ctx)
-    if runtime != "torch" and ctx.params.get("teacher"):
-        raise click.UsageError(f"--runtime {runtime} serves a student (--checkpoint or --student); a teacher runs "
-                               "with --runtime torch", ctx)
 
 
 def model_check(require_weights: bool = True):
@@ -406,7 +410,8 @@ def model_check(require_weights: bool = True):
                                        + (f"(its maps: saliency, {', '.join(has)})" if has else "(only saliency)"), ctx)
         if teacher and p.get("image_size") and ctx.command.name in ("eval", "predict"):
             raise click.BadParameter("a teacher runs at its own input size; --image-size goes with a student "
-                                     "(--checkpoint or --student)", ctx, param_hint="'--image-size'")
+                                     "(--checkpoint or --student)", ctx,
+                                     param=next(q for q in ctx.command.params if q.name == "image_size"))
 
     return check
 

@@ -8,7 +8,7 @@ from pipeline.cli.options import must_exist, path_or_url
 
 
 @click.command("verify")
-@click.argument("labels_dir", type=click.Path(path_type=str), metavar="PATH|URL", callback=path_or_url)
+@click.argument("labels_dir", type=click.Path(path_type=str), callback=path_or_url)
 @click.option("--deep", is_flag=True, help="Also decode every image and label (reads every sample).")
 def verify_cmd(labels_dir, deep):
     """Check a label folder (the one holding labels.json, or its URL: s3://…): every tar against its marker's sha256 and key

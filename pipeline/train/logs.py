@@ -31,14 +31,15 @@ def keep_rows(path: Path, header: list[str], before_epoch: int) -> None:
     """Rewrite ``path`` atomically with its rows of epochs before ``before_epoch`` (an interrupted
     epoch's rows are dropped: that epoch runs again). A row a crash cut short (a tail of NUL bytes) is left
     out with a ``warning:``; a file of other columns (edited, or of another version) is kept beside it as
-    ``<name>.old``, said in a ``warning:``, not emptied; one whose columns are the first of ``header`` (a run from
-    before the last columns were logged: SACT's ``val_ponder_N``) keeps its rows, those columns empty in them."""
+    ``<name>.old``, said in a ``warning:``, not emptied; one whose columns are those of ``header`` but for its last
+    validation columns (a run from before they were logged: SACT's ``val_ponder_N``) keeps its rows, those cells
+    empty."""
     rows, bad = [], 0
     if path.is_file():
         lines = path.read_text(errors="replace").splitlines()
         reader = csv.reader(line for line in lines if "\0" not in line)
         first = next(reader, None)
-        if first and first == header[:len(first)]:
+        if first and first == header[:len(first)] and all(h.startswith("val_") for h in header[len(first):]):
             bad = sum(1 for line in lines[1:] if "\0" in line and line.strip("\0"))  # (a tail of NULs alone: none)
             for r in reader:
                 if r and (len(r) != len(first) or not r[0].isdigit()):
@@ -187,7 +188,7 @@ def summary_table(results: list[EpochResult]) -> str:
     keys = [k for k in VAL_KEYS if not _lacked(k, [r.val for r in results])]
     head = ["epoch", "train_loss", *keys, *_stat_columns(results[0]), "lr", "seconds", "img/s"]
     rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys),
-             *(f"{v:.3f}" for v in _stat_columns(r).values()), f"{r.lr:.2g}", f"{r.seconds:.1f}",
+             *(f"{v:.3f}" if v == v else "-" for v in _stat_columns(r).values()), f"{r.lr:.2g}", f"{r.seconds:.1f}",
              f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
     return table(head, rows, align="right")
 
