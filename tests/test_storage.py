@@ -214,8 +214,9 @@ def test_a_missing_storage_package_is_one_sentence_naming_the_extra(monkeypatch,
     sentence = "Error: s3:// paths need the s3fs package: pip install 'saliency-pipeline[s3]' (or pip install s3fs)\n"
     for args in (["eval", "--checkpoint", "s3://bucket/run", "--labels", str(tmp_path)],
                  ["profile", "--student", "fastsal_a", "--out", "s3://bucket/profile.json"],
-                 ["export", "--student", "fastsal_a", "--out", "s3://bucket/a.onnx"],
-                 ["predict", "--student", "fastsal_a", "--images", str(tmp_path), "--out", "s3://bucket/maps"],
+                 ["export", "--student", "fastsal_a", "--weights", "random", "--out", "s3://bucket/a.onnx"],
+                 ["predict", "--student", "fastsal_a", "--weights", "imagenet", "--images", str(tmp_path), "--out",
+                  "s3://bucket/maps"],
                  [*TRAIN, "--labels", str(tmp_path), "--run", str(tmp_path / "run"), "--init", "s3://bucket/run"]):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 1 and r.output == sentence, (args, r.output)
