@@ -578,7 +578,7 @@ def test_how_a_step_names_its_model_map_runtime_and_settings_are_manifest_errors
     result = CliRunner().invoke(cli, ["run", "m.yaml", "--dry-run"])
     assert result.exit_code == 2 and result.output.splitlines() == [
         "Error: m.yaml:6: step 'ponder_teacher': --map ponder is a student's map; a teacher has its saliency map alone",
-        "Error: m.yaml:9: step 'sized_teacher': Invalid value for '--image-size': a teacher runs at its own input size; "
+        "Error: m.yaml:11: step 'sized_teacher': Invalid value for '--image-size': a teacher runs at its own input size; "
         "--image-size goes with a student (--checkpoint or --student)",
         "Error: m.yaml:12: step 'two_models': name the model with exactly one of --checkpoint, --teacher or --student "
         "(got --checkpoint, --teacher)",
