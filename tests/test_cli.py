@@ -34,6 +34,26 @@ def test_every_command_and_option_is_documented(path, cmd):
     assert CliRunner().invoke(cli, [*path.split(), "--help"]).exit_code == 0
 
 
+def test_the_group_lists_each_command_by_its_own_first_sentence_and_imports_none_to_do_so():
+    """`pipeline --help` and `--version` answer without importing torch (a command's module, and so the model
+    registries, load when the command is asked for); the sentence `pipeline --help` shows for each is its own."""
+    import subprocess
+    import sys
+
+    from pipeline.cli.main import COMMANDS
+
+    for name, (_, _, sentence) in COMMANDS.items():
+        assert cli.commands[name].get_short_help_str(10_000) == sentence, name
+    code = ("import sys; from pipeline.cli.main import main; sys.argv = ['pipeline', sys.argv[1]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    print('torch' in sys.modules, file=sys.stderr)")
+    for flag in ("--help", "--version"):
+        r = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[1])
+        assert r.stderr == "False\n" and r.stdout, (flag, r.stdout, r.stderr)
+    help_text = CliRunner().invoke(cli, ["--help"]).output
+    assert all(f"  {name}  " in help_text for name in COMMANDS)
+
+
 def example_command_lines(text: str):
     """Each ``pipeline …`` command line of a Markdown text's code blocks (continuation lines joined, trailing
     comments dropped; also after ``-m``, as under torchrun): (command path, its arguments, the line)."""

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-import torch
-
 from pipeline.train.config import EpochResult, TrainConfig, TrainError
 
 
@@ -40,6 +38,8 @@ def launched() -> tuple[int, int, int] | None:
 def device_for(device: str, local_rank: int) -> str:
     """This process's device: ``cuda:LOCAL_RANK`` (one GPU per process) for ``cuda``/``cuda:N``, and for
     ``auto`` on a machine with GPUs; else the CPU."""
+    import torch  # (here, not at import: the command line reads :func:`launched` before any command imports torch)
+
     kind = device.split(":")[0]
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return "cpu"
@@ -61,6 +61,7 @@ def train_with_torchrun(config: TrainConfig, *, restart: bool = False, progress:
                         verify: bool = True) -> list[EpochResult]:
     """Run this process's part of a torchrun-launched data-parallel training; returns the epochs (process 0's;
     the others return none)."""
+    import torch
     import torch.distributed as dist
 
     from pipeline.common.storage import is_url
