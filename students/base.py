@@ -25,6 +25,8 @@ Students know nothing of Ray, tars or YAML; the pipeline speaks only to this con
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -89,10 +91,11 @@ class TrainOutput(NamedTuple):
     """What a training step gets from a student (:meth:`Student.forward_train`)."""
 
     logits: torch.Tensor  # [B,1,H,W]
-    #: extra loss terms, scalar and already weighted, added to the distillation loss (e.g. τ·Σρ)
-    losses: dict[str, torch.Tensor] = {}
+    #: extra loss terms, scalar and already weighted, added to the distillation loss (e.g. τ·Σρ); a student with
+    #: some passes its own dict (the default, shared by every output without, cannot be written into)
+    losses: Mapping[str, torch.Tensor] = MappingProxyType({})
     #: scalar statistics to log beside the loss (e.g. each block's mean ponder cost); never differentiated
-    logs: dict[str, torch.Tensor] = {}
+    logs: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 class Student(nn.Module):

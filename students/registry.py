@@ -123,6 +123,8 @@ def check_options(name: str, options: dict) -> dict:
             where = f"an option of {', '.join(owners)}" if owners else "no student's option"
             raise ValueError(f"--{key.replace('_', '-')} is {where}, not of {name}")
         opt = own[key]
+        if opt.type is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError(f"--{key.replace('_', '-')} takes an int, got {value!r}")
         try:
             value = opt.type(value)
         except (TypeError, ValueError):
@@ -139,7 +141,10 @@ def check_options(name: str, options: dict) -> dict:
 
 def build_student(name: str, *, weights: str | None = None, backbone_weights: str = "imagenet",
                   **options) -> Student:
-    """Build student ``name`` with its ``options`` (see the module docstring)."""
+    """Build student ``name`` with its ``options`` (see the module docstring); ``weights="random"``: untrained,
+    nothing loaded (its backbone neither)."""
+    if weights == "random":
+        weights, backbone_weights = None, "none"
     return student_info(name).builder(weights=weights, backbone_weights=backbone_weights,
                                       **check_options(name, options))
 

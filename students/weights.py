@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -51,11 +52,35 @@ def load_student_weights(model: nn.Module, spec: str, name: str,
     """
     path = resolve(spec)
     sd = load_state_dict(path)
+    recorded = None
     if isinstance(sd.get("model"), dict):
         if sd.get("student") not in (None, name):
             raise WeightsError(f"{path} is a {sd['student']} checkpoint, not {name}")
+        recorded = sd.get("student_options")
         sd = sd["model"]
     elif convert is not None:
         sd = convert(sd)
     load_strict(model, sd, what=f"{name} weights {path}")
+    if isinstance(recorded, dict):
+        _options_differ(model, recorded, name, path)
     return file_digest(path)
+
+
+class OptionsDiffer(UserWarning):
+    """A checkpoint's tensors fit this student, but it was trained with other options that change its maps."""
+
+
+def _options_differ(model: nn.Module, recorded: dict, name: str, path) -> None:
+    """Warn (:class:`OptionsDiffer`) when ``model`` was built with other options than the checkpoint records,
+    leaving out those that weight the training loss alone (the strict load has refused those that change tensors;
+    what is left, SACT's ``tile``, changes the maps silently)."""
+    from students.registry import student_info
+
+    loss_only = {o.name for o in student_info(name).options if o.training_only}
+    ours = model.options()
+    differ = sorted(k for k, v in recorded.items() if k in ours and ours[k] != v and k not in loss_only)
+    if differ:
+        warnings.warn(OptionsDiffer(
+            f"{path} was trained as {name} with {', '.join(f'{k} {recorded[k]}' for k in differ)}; this {name} has "
+            f"{', '.join(f'{k} {ours[k]}' for k in differ)}, so its maps are not those it learnt: build it with the "
+            "options the checkpoint records (its student_options)"), stacklevel=3)

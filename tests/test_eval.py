@@ -479,6 +479,14 @@ def test_predict_hdf5_log_densities_for_pysaliency(run_dir, image_folder, tmp_pa
             d = f[rel][()]
             assert d.dtype == np.float32 and d.shape == size, rel
             assert torch.logsumexp(torch.from_numpy(d).double().flatten(), 0).item() == pytest.approx(0.0, abs=1e-3)
+        # the README's "From Python" lines give the same maps
+        readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+        code = next(b for b in readme.split("```python\n")[1:] if "student_predictor" in b).split("```")[0]
+        for rel in IMAGE_SIZES:
+            scope = {}
+            exec(code.replace('"runs/fastsal_a"', repr(str(run_dir))).replace('"photo.jpg"',
+                                                                               repr(str(image_folder / rel))), scope)
+            assert np.allclose(scope["maps"][0], f[rel][()], atol=1e-5), rel
 
 
 def test_predict_records_an_unreadable_image_and_removes_the_map_an_earlier_run_made_of_it(image_folder, tmp_path):

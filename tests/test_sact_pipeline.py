@@ -89,6 +89,20 @@ def test_sact_trains_from_shards_is_killed_and_resumes_exactly_then_serves_its_p
             f"--student runs it at 192x256 with --student-output softmax, --tile 2: --checkpoint {ckpt} uses what it "
             "was trained with") in r.output  # (its --tau 0.01, not the default: not said)
     assert "ponder_3 (sparse)" in r.output and "executed_3 (sparse)" in r.output
+    # from Python: the same checkpoint built with another tile is said (its tensors fit, its maps are others);
+    # another --tau, which weights the loss alone, is not; student_from_checkpoint gives it ready for inference
+    import warnings
+
+    from pipeline.train.checkpoints import student_from_checkpoint
+    from students import build_student
+    from students.weights import OptionsDiffer
+
+    with pytest.warns(OptionsDiffer, match=r"trained as sact with tile 1; this sact has tile 2, so its maps are not"):
+        build_student("sact", weights=str(ckpt), tile=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_student("sact", weights=str(ckpt), tau=0.5)
+    assert not student_from_checkpoint(run)[0].training  # (a forward in training mode moved BatchNorm's statistics)
     r = invoke("profile", "--student", "sact", "--weights", ckpt, "--depth", 101, "--device", "cpu", "--iters", 1)
     assert r.exit_code == 1 and r.output == (f"Error: {ckpt} is a `pipeline train` checkpoint of sact with depth 50 "
                                              f"there, --depth 101 here: give the same options (or --checkpoint {ckpt}, "

@@ -255,3 +255,22 @@ def test_minmax_maps_each_image_to_0_1_and_a_constant_map_to_0():
     x = torch.stack([torch.arange(4.0).view(1, 2, 2), torch.full((1, 2, 2), 3.0)])
     assert minmax(x)[0].flatten().tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1])
     assert minmax(x)[1].abs().sum() == 0
+
+
+def test_a_student_built_from_python_takes_random_weights_refuses_a_fractional_depth_and_shares_no_output_dict():
+    """`weights="random"` is untrained (as `required_weights` and the CLI have it; it was a missing file); an int
+    option given 101.9 was built at 101; a term written into one output's default `losses` reached every later one."""
+    import torch
+
+    from students import build_student
+
+    model = build_student("fastsal_a", weights="random")
+    assert model.options() == {}
+    with pytest.raises(ValueError, match=r"--depth takes an int, got 101.9"):
+        build_student("sact", backbone_weights="none", depth=101.9)
+    with pytest.raises(ValueError, match=r"--tile takes an int, got True"):
+        build_student("sact", backbone_weights="none", tile=True)
+    out = model.forward_train(torch.zeros(1, 3, 64, 96))
+    with pytest.raises(TypeError):
+        out.losses["mine"] = torch.tensor(1.0)
+    assert dict(model.forward_train(torch.zeros(1, 3, 64, 96)).losses) == {}

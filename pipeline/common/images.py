@@ -18,12 +18,22 @@ import torch.nn.functional as F
 #: smallest side we label: below this a saliency map says nothing
 MIN_SIDE = 8
 
-cv2.setNumThreads(1)  # we parallelise over images ourselves
-# an image OpenCV cannot read is a per-image failure with its reason; its own "[ WARN:0@…]" and "[ERROR:0@…]
-# global loadsave.cpp …" lines are noise beside it. (libpng's and libjpeg's own messages, which those libraries
-# print themselves, still come through.)
-# (OpenCV 5 has the call in cv2.utils.logging, 4.x as cv2.setLogLevel; 0 is LOG_LEVEL_SILENT in both)
-(getattr(getattr(cv2.utils, "logging", None), "setLogLevel", None) or cv2.setLogLevel)(0)
+_configured = False
+
+
+def opencv():
+    """cv2, set as the pipeline uses it, once, when it first decodes, resizes or encodes (not at import: a
+    researcher importing this package keeps OpenCV as they set it until they use these functions): one thread per
+    call, since we parallelise over images ourselves; and silent, since an image OpenCV cannot read is a per-image
+    failure with its reason, beside which its own "[ WARN:0@…]" and "[ERROR:0@…] global loadsave.cpp …" lines are
+    noise (libpng's and libjpeg's own messages, which those libraries print themselves, still come through)."""
+    global _configured
+    if not _configured:
+        cv2.setNumThreads(1)
+        # (OpenCV 5 has the call in cv2.utils.logging, 4.x as cv2.setLogLevel; 0 is LOG_LEVEL_SILENT in both)
+        (getattr(getattr(cv2.utils, "logging", None), "setLogLevel", None) or cv2.setLogLevel)(0)
+        _configured = True
+    return cv2
 
 
 class ImageError(Exception):
@@ -73,7 +83,7 @@ def decode_image(data: bytes, upright: bool = False, reduce: int = 1) -> np.ndar
                              f"megapixels; at most {DECODE_PIXELS / 1e6:.0f} are decoded)")
     flags = _REDUCED[reduce] if upright else _REDUCED[reduce] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        bgr = opencv().imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as e:  # e.g. a header that states more pixels than OpenCV decodes (MAX_PIXELS)
         raise ImageError(f"cannot decode (OpenCV: {' '.join(str(e).split()).split(' error: ', 1)[-1][:200]})") from None
     if bgr is None:
@@ -265,6 +275,7 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     OpenCV's area filter averages only when both sides shrink: a portrait photo into a landscape input (640×480
     into DeepGaze's 384×512) shrinks its height while its width grows, so that side is shrunk first, alone."""
+    cv2 = opencv()
     h, w = size
     height, width = image.shape[:2]
     if (height, width) == (h, w):
@@ -279,6 +290,7 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def encode_jpeg(rgb: np.ndarray, quality: int, bgr: bool = False) -> bytes:
     """RGB (or, with ``bgr``, BGR: OpenCV's order, no conversion) uint8 ``(H, W, 3)`` → JPEG bytes."""
+    cv2 = opencv()
     ok, buf = cv2.imencode(".jpg", rgb if bgr else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
@@ -287,6 +299,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int, bgr: bool = False) -> bytes:
 
 
 def encode_png(gray: np.ndarray) -> bytes:
+    cv2 = opencv()
     ok, buf = cv2.imencode(".png", gray)
     if not ok:
         raise ImageError("PNG encoding failed")

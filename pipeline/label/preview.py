@@ -10,6 +10,7 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.common.atomic import atomic_open
+from pipeline.common.images import opencv
 
 
 def _heat(label: np.ndarray) -> np.ndarray:
@@ -24,12 +25,12 @@ def write_preview(tar: str | Path, label_key: str, out: str | Path, n: int = 8) 
     for sample in wds.WebDataset(str(tar), shardshuffle=False):
         if len(rows) == n:
             break
-        bgr = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
+        bgr = opencv().imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
         raw = sample[label_key]
         if label_key.endswith(".npy"):
             label = np.exp(np.load(io.BytesIO(raw)).astype(np.float32))
         else:
-            label = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
+            label = opencv().imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
         overlay = cv2.addWeighted(bgr, 0.45, _heat(label), 0.55, 0)
         row = np.hstack([bgr, overlay])
         for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):  # white on a black outline: read on any photo

@@ -82,7 +82,7 @@ def _decode_problem(sample: dict, label_ext: str, size: tuple[int, int] | None, 
             if not np.isfinite(label.astype(np.float32)).all():
                 return f"{label_ext}: not finite everywhere"
         else:
-            label = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
+            label = images.opencv().imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
             if label is None:
                 return f"{label_ext}: cannot decode"
     except (ValueError, OSError, EOFError, cv2.error) as e:

@@ -154,7 +154,7 @@ def evaluate_calibrated(predictor: Predictor, fs: FixationSet, *, limit: int | N
     t0 = time.perf_counter()
     calib, test = halves(fs)
     if not calib or not test:
-        raise ValueError(f"{fs.name} has {len(fs)} images: calibrating and scoring need at least two per category")
+        raise ValueError(f"{fs.name} has {len(fs)} image{'' if len(fs) == 1 else 's'}: calibrating and scoring need at least two per category")
     calib = calib if limit is None else calib[:limit]
     check_source(fs)
     search, failures = Fit(), []
@@ -179,7 +179,7 @@ def evaluate_calibrated(predictor: Predictor, fs: FixationSet, *, limit: int | N
     result = evaluate_fixations(CalibratedPredictor(predictor, calibration), fs, indices=test, limit=limit,
                                 progress=progress, **options)
     result.failures[:0] = failures
-    result.data = f"{result.data}, calibrated on {search.images} others"
+    result.data = f"{result.data}, calibrated on {search.images} other{'' if search.images == 1 else 's'}"
     result.calibrated = search.images
     result.seconds = time.perf_counter() - t0
     return result, calibration

@@ -122,7 +122,7 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
     chosen = chosen if limit is None else chosen[:limit]
     n = len(chosen)
     check_source(fs)
-    result = EvalResult(predictor.name, f"{fs.name} ({n} images)", metrics.METRICS)
+    result = EvalResult(predictor.name, f"{fs.name} ({n} image{'' if n == 1 else 's'})", metrics.METRICS)
     fy, fx = _other_fixations(fs)
     if baseline not in ("centerbias", "uniform"):
         raise ValueError(f"unknown baseline {baseline!r} (centerbias or uniform)")

@@ -107,6 +107,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.common.atomic import atomic_path
+from pipeline.common.images import opencv
 from pipeline.common.storage import as_path
 
 FORMAT = "saliency-pipeline/fixations"
@@ -499,7 +500,7 @@ def read_mit1003(root: str | Path, threshold: int = MIT1003_THRESHOLD) -> Fixati
         if not fp.is_file():
             raise FixationError(f"{p}: image without its fixations; expected {fp}")
         h, w = _image_size(p)
-        pts = cv2.imread(str(fp), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
+        pts = opencv().imread(str(fp), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
         if pts is None:
             raise FixationError(f"{fp}: not a readable image; expected a grayscale JPEG fixation-point map")
         if pts.shape != (h, w):

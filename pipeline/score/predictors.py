@@ -8,6 +8,7 @@ folder), or a student built with given weights (e.g. the FastSal authors' checkp
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +22,7 @@ from pipeline.common.maps import resize_label
 from pipeline.train.checkpoints import CheckpointError, student_from_checkpoint
 from students import Student, build_student, student_info, student_kind, to_log_density
 from students import available as students_available
+from students.weights import OptionsDiffer
 
 
 #: why an image has no map (a per-image failure) when the model's output for it is NaN or infinite
@@ -155,8 +157,10 @@ def named_student_predictor(name: str, weights: str | None, output: str = "softm
     dev, amp = _device(device, precision)
     backbone = "imagenet" if weights == "imagenet" else "none"
     try:
-        model = build_student(name, weights=None if weights in ("imagenet", "random") else weights,
-                              backbone_weights=backbone, **(options or {}))
+        with warnings.catch_warnings():  # (other options than the checkpoint records: said below, with the size)
+            warnings.simplefilter("ignore", OptionsDiffer)
+            model = build_student(name, weights=None if weights in ("imagenet", "random") else weights,
+                                  backbone_weights=backbone, **(options or {}))
     except KeyError as e:
         raise PredictorError(e.args[0]) from None
     except Exception:  # noqa: BLE001 - a checkpoint of ours, trained with other options: say which

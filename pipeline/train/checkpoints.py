@@ -278,7 +278,8 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
 
 
 def student_from_checkpoint(checkpoint: str | Path) -> tuple[Student, dict, Path]:
-    """(the student with its trained weights, the checkpoint, its path) from a checkpoint or run folder."""
+    """(the student with its trained weights, in eval mode as for inference, the checkpoint, its path) from a
+    checkpoint or run folder."""
     path = checkpoint_path(checkpoint)
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("labels"), dict) or "kind" not in ckpt["labels"]:
@@ -291,7 +292,7 @@ def student_from_checkpoint(checkpoint: str | Path) -> tuple[Student, dict, Path
         raise CheckpointError(f"{path}: {e.args[0]}") from None
     except WeightsError as e:
         raise CheckpointError(str(e)) from None
-    return model, ckpt, path
+    return model.eval(), ckpt, path
 
 
 def init_from(model: Student, path: str) -> str:

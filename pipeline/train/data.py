@@ -34,7 +34,7 @@ import webdataset as wds
 from webdataset.tariterators import gopen as _gopen  # the module (``wds.gopen`` is its function)
 
 from pipeline.common.errors import error_message, storage_error
-from pipeline.common.images import resize, stated_size
+from pipeline.common.images import opencv, resize, stated_size
 from pipeline.common.storage import as_path, is_url
 from pipeline.label.shards import digest, folders_below, index_problem, marker_path, tar_path, verify_shard
 
@@ -269,7 +269,7 @@ def decode(sample: dict, label_key: str, label_kind: str,
             if stated is not None and stated != tuple(image_size):
                 raise SampleError(f"its {what} is {'x'.join(map(str, stated))}, not the "
                                   f"{image_size[0]}x{image_size[1]} of its label folder")
-    bgr = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
+    bgr = opencv().imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise SampleError("its JPEG image does not decode")
     image = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
@@ -285,7 +285,7 @@ def decode(sample: dict, label_key: str, label_kind: str,
             raise SampleError(f"its {label_key} label does not decode ({type(e).__name__})") from None
         target = torch.from_numpy(np.asarray(array, np.float32))
     else:
-        gray = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
+        gray = opencv().imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
         if gray is None:
             raise SampleError(f"its {label_key} label does not decode")
         target = torch.from_numpy(gray).float() / 255.0
@@ -330,7 +330,7 @@ def ground_truth(sample: dict, folder, size: tuple[int, int]) -> torch.Tensor:
         raise SampleError(f"the ground-truth map of {source} in {folder} cannot be read ({error_message(refused)})")
     if data is None:
         raise SampleError(f"no {GT_WORDS} for {source} in {folder} ({stem}.png, .jpg or .jpeg)")
-    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)  # as
+    gray = opencv().imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)  # as
     # the photo was labelled: a map's EXIF orientation turned it 90° from the image it pairs with
     if gray is None:
         raise SampleError(f"the ground-truth map of {source} in {folder} does not decode")
