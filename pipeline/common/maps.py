@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 
 def resize_label(maps: torch.Tensor, kind: str, size: tuple[int, int]) -> torch.Tensor:
-    """Resize teacher output ``[B,1,h,w]`` to ``size``; a log density stays a normalised log density."""
+    """Resize teacher output ``[B,1,h,w]`` to ``size``; a log density stays a normalised log density (its density
+    is interpolated, then renormalised: what labels, predict and eval do to maps; pysaliency's resize of a
+    baseline, interpolating the log, is :func:`pipeline.score.metrics.resize_log_density`)."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     if kind == "log_density":

@@ -450,7 +450,9 @@ def centerbias_log_density(
 
 
 def resize_log_density(log_density, shape) -> np.ndarray:
-    """Bilinearly resize a log density to ``shape`` (h, w) and renormalise it to sum 1."""
+    """Bilinearly resize a log density to ``shape`` (h, w) and renormalise it to sum 1 (the log is interpolated,
+    as pysaliency resizes a baseline; a model's maps are resized by their density instead:
+    :func:`pipeline.common.maps.resize_label`)."""
     ld = _as_map(log_density, "log_density", infinite=True)
     h, w = (int(v) for v in shape)
     if np.isposinf(ld).any():
