@@ -114,3 +114,22 @@ def test_ctrl_c_while_the_command_line_imports_is_exit_130_without_a_traceback(m
     assert e.value.code == 130 and capsys.readouterr().err == ""
     assert "pipeline.cli.start:main" in (ROOT / "pyproject.toml").read_text()
     assert (ROOT / "pipeline" / "__main__.py").read_text().startswith("from pipeline.cli.start import main")
+
+
+def test_ctrl_c_while_a_command_imports_is_exit_130_without_a_word(monkeypatch):
+    """The group imports a command's module when the command is asked for (inside click, which called Ctrl-C
+    there "Aborted!", exit status 1): as at start-up, 130 and nothing said."""
+    import sys
+    import types
+
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import cli
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "pipeline.cli.verify", Importing("pipeline.cli.verify"))
+    r = CliRunner().invoke(cli, ["verify", "x"])
+    assert r.exit_code == 130 and r.output == "", r.output

@@ -1074,6 +1074,10 @@ def test_a_run_folder_trained_on_by_hand_is_noticed_and_what_scores_it_runs_agai
                "what it made: a command run by hand?)")
     assert status_says() == {"train_a": changed, "eval_a": "stale: upstream train_a runs",
                              "predict_a": "stale: upstream train_a runs"}
+    from pipeline.manifest.report import scores_table  # its rows are marked as `pipeline status` calls the steps
+
+    m, state = load_manifest(Path("tiny.yaml"), group=cli), load_state(Path("wd"))
+    assert "eval_a (stale)" in scores_table(m, state, step_states(m, state))
     result = invoke("run", "tiny.yaml")
     assert result.exit_code == 0, result.output
     assert re.findall(r"^\[(\w+)\] \$ pipeline", result.output, re.M) == ["train_a", "eval_a", "predict_a"], result.output
@@ -1728,12 +1732,15 @@ def test_a_train_steps_ground_truth_maps_are_an_input_it_need_not_declare(fresh)
     assert fingerprint(", gt_maps: null") == without
 
 
-def test_a_step_refused_for_what_its_output_holds_says_how_to_start_it_over_in_a_manifest(maker, monkeypatch):
+def test_a_step_refused_for_what_its_output_holds_says_how_to_start_it_over_in_a_manifest(maker, monkeypatch, tmp_path):
     """train says "use --restart" (label "--overwrite"): no option a manifest user gives; --force STEP is."""
     monkeypatch.setenv("MAKE_REFUSE", "a")
     code, out, started = maker(MAKE_AB % "one")
     assert code == 1 and started == ["a"]
     assert "note: in a manifest, `--force a` added to this `pipeline run` starts step a over (--fresh=yes)" in out
+    state = json.loads((tmp_path / "w" / ".pipeline" / "state.json").read_text())  # what status and the report show
+    assert state["steps"]["a"]["error"].endswith(" [in a manifest, `--force a` added to this `pipeline run` starts "
+                                                 "step a over (--fresh=yes)]")
     code, out, started = maker(MAKE_AB % "one", force=["a"])
     assert code == 0 and started == ["a", "b"] and "note:" not in out
 
@@ -1748,3 +1755,20 @@ def test_report_image_sources_are_urls_of_the_files_they_name():
     assert Page(page).images == ['report/predict_a/photo%20%231.jpg.png', 'report/predict_a/50%25.jpg.png',
                                  'report/x/%E6%9D%B1%E4%BA%AC.jpg.png']
     assert referenced_images(page) == names
+
+
+def test_a_step_takes_sigint_when_the_runner_was_started_with_it_ignored():
+    """A runner started in the background by a script (or sbatch) has SIGINT ignored, and its steps inherited that:
+    its stop (SIGINT to each step) went unheard for 10 s, then SIGKILL, and no step said what it kept."""
+    import signal
+    import subprocess
+
+    from pipeline.manifest.runner import child_setup
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        out = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT).__name__)"],
+                             preexec_fn=child_setup(), capture_output=True, text=True, check=True).stdout
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert out.strip() == "default_int_handler"  # Python's own: Ctrl-C is KeyboardInterrupt there

@@ -51,7 +51,10 @@ class _LazyCommands(Mapping):
 
     def __getitem__(self, name: str) -> click.Command:
         module, attr, _ = COMMANDS[name]
-        return getattr(importlib.import_module(module), attr)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except KeyboardInterrupt:  # Ctrl-C while it imports (torch: a second or two): as pipeline.cli.start says
+            raise SystemExit(130) from None  # (not click's "Aborted!", exit status 1)
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(COMMANDS))

@@ -251,8 +251,11 @@ class Checked(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         rest = super().parse_args(ctx, args)
         if not ctx.resilient_parsing:
-            for check in self.checks:
-                check(ctx)
+            try:
+                for check in self.checks:
+                    check(ctx)
+            except KeyboardInterrupt:  # (a check may import the model registries: Ctrl-C then is as at start-up)
+                raise SystemExit(130) from None
         return rest
 
 

@@ -66,15 +66,20 @@ def _model_label(manifest: Manifest, settings: Mapping, doc: Mapping) -> str:
     return model
 
 
-def _shown(manifest: Manifest, state: Mapping | None, name: str) -> str:
-    """A step's name in a table of its outputs: ``NAME (stale)`` when (with ``state``) they are not of the step as
-    the manifest declares it now (it did not run since its settings or its model changed, or it failed)."""
+def _shown(manifest: Manifest, state: Mapping | None, name: str, states: Mapping[str, str] | None = None) -> str:
+    """A step's name in a table of its outputs: ``NAME (stale)`` when they are not of the step as the manifest
+    declares it now: by ``states`` ({step: what ``pipeline status`` says}: not ``up to date``, an upstream output
+    changed on disk included), else by ``state``'s record alone (it did not run since its settings or its model
+    changed, or it failed)."""
+    if states is not None:
+        return name if states.get(name) == "up to date" else f"{name} (stale)"
     rec = (state or {}).get("steps", {}).get(name) or {}
     current = state is None or (rec.get("status") == "done" and matches(rec, manifest, name, state))
     return name if current else f"{name} (stale)"
 
 
-def eval_scores(manifest: Manifest, state: Mapping | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+def eval_scores(manifest: Manifest, state: Mapping | None = None,
+                states: Mapping[str, str] | None = None) -> tuple[list[str], list[list[str]], list[str]]:
     """(metric names in order of appearance, rows [step, model, images, *metrics], data descriptions).
 
     With ``state``: a step whose metrics are not of the step as the manifest declares it now (it did not run
@@ -92,15 +97,16 @@ def eval_scores(manifest: Manifest, state: Mapping | None = None) -> tuple[list[
     rows, data = [], []
     for name, doc, values in found:
         cells = [f"{values[m]:.4f}" if isinstance(values.get(m), (int, float)) else "-" for m in metrics]
-        rows.append([_shown(manifest, state, name), _model_label(manifest, manifest.steps[name].settings, doc),
+        rows.append([_shown(manifest, state, name, states), _model_label(manifest, manifest.steps[name].settings, doc),
                      str(doc.get("images", "-")), *cells])
         data.append(str(doc.get("data", "")))
     return metrics, rows, data
 
 
-def scores_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
+def scores_table(manifest: Manifest, state: Mapping | None = None,
+                 states: Mapping[str, str] | None = None) -> str | None:
     """The table ``pipeline run`` ends with (None when no eval step has written its metrics)."""
-    metrics, rows, _ = eval_scores(manifest, state)
+    metrics, rows, _ = eval_scores(manifest, state, states)
     if not rows:
         return None
     return table(["step", "model", "images", *metrics], rows)
@@ -110,7 +116,8 @@ SPEED_HEAD = ["step", "model", "path", "input", "device", "batch", "params (M)",
               "images/s"]
 
 
-def speed_rows(manifest: Manifest, state: Mapping | None = None) -> list[list[str]]:
+def speed_rows(manifest: Manifest, state: Mapping | None = None,
+               states: Mapping[str, str] | None = None) -> list[list[str]]:
     """One row per execution path (SACT: dense and sparse) of every profile step whose JSON exists: what a fast
     student is for, beside the scores. A step whose JSON is not of the step as declared now is ``NAME (stale)``."""
     rows = []
@@ -122,7 +129,7 @@ def speed_rows(manifest: Manifest, state: Mapping | None = None) -> list[list[st
         if not isinstance(doc, dict):
             continue
         size = doc.get("input_size") or ["?", "?"]
-        step = [_shown(manifest, state, name), _model_label(manifest, manifest.steps[name].settings, doc)]
+        step = [_shown(manifest, state, name, states), _model_label(manifest, manifest.steps[name].settings, doc)]
         where = [f"{size[0]}x{size[1]}", f"{doc.get('device', '?')} {doc.get('precision', '')}".strip(),
                  str(doc.get("batch_size", "-")), _number(doc, "params", ".2f", 1e-6)]
         modes = doc.get("modes") or [doc]
@@ -137,9 +144,10 @@ def _number(doc: Mapping, key: str, fmt: str, scale: float = 1.0) -> str:
     return format(value * scale, fmt) if isinstance(value, (int, float)) else "-"
 
 
-def speed_table(manifest: Manifest, state: Mapping | None = None) -> str | None:
+def speed_table(manifest: Manifest, state: Mapping | None = None,
+                states: Mapping[str, str] | None = None) -> str | None:
     """The speed of every profiled model (None when no profile step has written its JSON)."""
-    rows = speed_rows(manifest, state)
+    rows = speed_rows(manifest, state, states)
     return table(SPEED_HEAD, rows) if rows else None
 
 
@@ -383,7 +391,7 @@ def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
              f'<p class="note">workdir {html.escape(str(workdir))}; written '
              f"{datetime.now().astimezone().isoformat(timespec='seconds')}</p>"]
 
-    metrics, rows, data = eval_scores(manifest, state)
+    metrics, rows, data = eval_scores(manifest, state, states)
     parts.append("<h2>Scores</h2>")
     if rows:
         parts.append(_html_table(["step", "model", "images", *metrics, "data"],
@@ -394,7 +402,7 @@ def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
     else:
         parts.append("<p>No eval step has written its metrics yet.</p>")
 
-    speed = speed_rows(manifest, state)
+    speed = speed_rows(manifest, state, states)
     if speed:
         parts.append("<h2>Speed</h2>" + _html_table(SPEED_HEAD, speed, "scores")
                      + '<p class="note">From each profile step on its own device: GFLOPs counted by torch\'s FLOP '

@@ -310,7 +310,9 @@ def _libc_prctl():
 
 
 def child_setup() -> Callable[[], None]:
-    """A ``preexec_fn`` for a step: its own process group, and on Linux SIGKILL when the runner dies.
+    """A ``preexec_fn`` for a step: its own process group, SIGINT taken (a runner started in the background by a
+    script, or by Slurm, has SIGINT ignored, which its children inherit: its stop, a SIGINT to each step, then went
+    unheard for 10 s and ended in SIGKILL), and on Linux SIGKILL when the runner dies.
 
     The parent-death signal comes when the thread that started the child ends; the runner starts each step
     from a thread that waits for it, so that is when the runner itself dies. A runner that died before the
@@ -319,6 +321,7 @@ def child_setup() -> Callable[[], None]:
     prctl, parent = _libc_prctl(), os.getpid()
 
     def setup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # (Python then installs its KeyboardInterrupt handler)
         os.setpgid(0, 0)
         if prctl is not None:
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -594,14 +597,18 @@ class Runner:
         return why + (f": {last.strip()}" if last and rc is not None else "")
 
     def _failed(self, name: str, seconds: float, why: str, status: str, announce: str, **fields) -> None:
-        self._finish(name, "failed", seconds, error=why, **fields)
+        spec = COMMANDS.get(self.manifest.steps[name].command)
+        force = ""
+        if spec is not None and any(flag.split("=")[0] in why for flag in spec.fresh):  # the command's advice
+            force = (f"in a manifest, `--force {name}` added to this `pipeline run` starts step {name} over "
+                     f"({' '.join(spec.fresh)})")
+        # (the hint goes with the error into the state, which `pipeline status` and the report show)
+        self._finish(name, "failed", seconds, error=why + (f" [{force}]" if force else ""), **fields)
         self.status[name] = status
         self.failed.append(name)
         self.say(announce + why, err=True)
-        spec = COMMANDS.get(self.manifest.steps[name].command)
-        if spec is not None and any(flag.split("=")[0] in why for flag in spec.fresh):  # the command's advice
-            self.say(f"note: in a manifest, `--force {name}` added to this `pipeline run` starts step {name} over "
-                     f"({' '.join(spec.fresh)})", err=True)
+        if force:
+            self.say(f"note: {force}", err=True)
         self.stopping = self.stopping or not self.keep_going
 
     def _summary(self, planned: list[Planned]) -> list[list[str]]:
@@ -713,10 +720,11 @@ def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) 
     from pipeline.manifest.report import scores_table, speed_table, write_report
 
     try:
-        scores, speed = scores_table(manifest, state), speed_table(manifest, state)
+        states = step_states(manifest, state)  # (what `pipeline status` says: the tables' "(stale)" marks, the page)
+        scores, speed = scores_table(manifest, state, states), speed_table(manifest, state, states)
     except Exception as e:  # noqa: BLE001 - a summary must not fail a finished run
         echo(f"warning: cannot read the eval or profile steps' outputs: {e}", err=True)
-        scores = speed = None
+        states, scores, speed = None, None, None
     if scores:
         echo("")
         echo("scores (every eval step; on teacher labels they compare each model with the teacher's held-out maps):")
@@ -729,7 +737,8 @@ def _echo_report(manifest: Manifest, state: Mapping, echo: Callable[..., None]) 
         echo(f"report: not written for a workdir on object storage ({manifest.workdir}); the scores above sum it up")
         return
     try:
-        path, written, warnings = write_report(manifest, state, step_states(manifest, state))
+        path, written, warnings = write_report(manifest, state, states if states is not None else
+                                               step_states(manifest, state))
     except Exception as e:  # noqa: BLE001
         echo(f"warning: cannot write the report in {manifest.workdir}: {type(e).__name__}: {e}", err=True)
         return
