@@ -1396,6 +1396,9 @@ def test_renaming_an_upstream_step_that_makes_the_same_output_remakes_nothing_be
     assert "[b] up to date: its upstream output is unchanged" in out_text
     assert maker.plan() == {"first": ("skip", "up to date"), "b": ("skip", "up to date")}
     assert maker.status()["b"] == "up to date"
+    (tmp_path / "make.yaml").write_text(f"workdir: {tmp_path / 'w'}\n" + textwrap.dedent(  # b's own change only
+        renamed.replace("{name: b,", "{name: b, note: x,") % ("one", out)))
+    assert maker.plan()["b"] == ("run", "settings changed: note none→x")  # (not "now needs first; no longer …")
     code, out_text, started = maker(renamed.replace("name: a,", "name: other,") % ("one", out))
     assert code == 0 and started == ["other", "b"], out_text
 

@@ -140,6 +140,8 @@ def changes(old: Mapping, step: Step, manifest: Manifest, state: Mapping | None 
         if diff:
             why.append("settings changed: " + ", ".join(diff))
     old_needs = old.get("needs") or {}
+    if same_upstream(old_needs, manifest, step.name, state):  # (upstream steps renamed, their outputs the same)
+        old_needs = upstream_digests(manifest, step.name, state)
     for name, digest in upstream_digests(manifest, step.name, state).items():
         if name not in old_needs:
             why.append(f"now needs {name}")
