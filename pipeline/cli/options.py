@@ -425,9 +425,6 @@ def with_runtime(predictor, runtime: str, input_size=None, *, calibration=None,
     compiled (the options were checked together by :func:`runtime_check`)."""
     if runtime == "torch":
         return predictor
-    if not predictor.student:  # (a checkpoint naming a teacher cannot be: said anyway)
-        raise click.UsageError(f"--runtime {runtime} serves a student (--checkpoint or --student); a teacher runs "
-                               "with --runtime torch")
     from pipeline.score.predictors import PredictorError
     from pipeline.score.serving import compile_predictor, onnx_predictor
 

@@ -44,14 +44,10 @@ def check_input_size(predictor, image_size) -> None:
 
 def run_at(predictor, image_size) -> None:
     """A student run at ``image_size`` (``--image-size``) instead of its own input size, checked first; the
-    predictor's name says so. A teacher runs at its own (a usage error)."""
-    if image_size is None:
-        check_input_size(predictor, None)
-        return
-    if not predictor.student:
-        raise click.BadParameter("a teacher runs at its own input size; --image-size goes with a student "
-                                 "(--checkpoint or --student)", param_hint="'--image-size'")
+    predictor's name says so (with a teacher, a usage error :func:`model_check` has said)."""
     check_input_size(predictor, image_size)
+    if image_size is None:
+        return
     predictor.input_size = tuple(image_size)
     predictor.name = f"{predictor.name} at {image_size[0]}x{image_size[1]}"
 

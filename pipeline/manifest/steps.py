@@ -240,17 +240,17 @@ def _digest_label(folder: Path) -> str:
     return "labels:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _digest_train(run: Path | RemotePath) -> str:
-    """A run folder's latest checkpoint: the sha256 its ``latest.json`` records, written by the step that has just
-    finished (an older run's records none: the checkpoint is read)."""
-    record = latest_record(run / "checkpoints") or {}
-    return "checkpoint:" + (record.get("sha256") or digest(latest(run / "checkpoints")))
-
-
 def _recorded_digest_train(run: Path | RemotePath) -> str | None:
-    """:func:`_digest_train` from ``latest.json`` alone (None for an older run's, which records no sha256)."""
+    """A run folder's latest checkpoint by the sha256 its ``latest.json`` records (None for an older run's, which
+    records none)."""
     record = latest_record(run / "checkpoints") or {}
     return "checkpoint:" + record["sha256"] if record.get("sha256") else None
+
+
+def _digest_train(run: Path | RemotePath) -> str:
+    """:func:`_recorded_digest_train`, written by the step that has just finished; an older run's checkpoint is
+    read."""
+    return _recorded_digest_train(run) or "checkpoint:" + digest(latest(run / "checkpoints"))
 
 
 def _digest_file(path: Path | RemotePath) -> str:
