@@ -163,13 +163,19 @@ def test_eval_classic_on_fixations_prints_and_writes_all_metrics(mit, tmp_path):
     _, h5, _ = mit
     fs = read_hdf5(h5)
     out = tmp_path / "eval" / "classic.json"
-    result = ok("eval", "--teacher", "classic", "--fixations", h5, "--device", "cpu", "--out", out,
-                "--no-progress")
+    with pytest.warns(UserWarning, match="baseline is the centre bias of mit1003's own fixations, here those of 5 "
+                                         "images: so few give a coarse baseline"):
+        result = ok("eval", "--teacher", "classic", "--fixations", h5, "--device", "cpu", "--out", out,
+                    "--no-progress")
     for m in METRIC_NAMES:
         assert any(line.split()[:1] == [m] for line in result.output.splitlines()), f"{m} not printed"
     assert "images scored  5" in result.output and "images failed  0" in result.output
+    assert "baseline       centerbias (IG)" in result.output and "sigma          0.034 of the longer" in result.output
 
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text())  # what the scores depend on besides the model, to tell two files apart
+    assert doc["settings"] == {"dataset": "mit1003", "split": None, "fixations": fs.n_fixations,
+                               "baseline": "centerbias", "sigma_frac": 0.034, "ig_unit": "bits per fixation",
+                               "file": str(h5)}
     assert set(doc["metrics"]) == set(METRIC_NAMES)
     assert doc["images"] == len(fs) and doc["failed"] == 0 and doc["failures"] == []
     rows = doc["per_image"]

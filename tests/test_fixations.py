@@ -512,3 +512,11 @@ def test_a_dataset_read_as_without_fixations_is_refused_and_mostly_empty_is_warn
     with pytest.warns(UserWarning, match="2 of the 3 images of .* have no fixation"):
         convert("mit1003", mit_root, out)
     assert read_hdf5(out).n_fixations == 1
+
+    empty = tmp_path / "cat2000"  # a release's folders with nothing in them was "0 images, 0 fixations", exit 0
+    for folder in ("Stimuli/Action", "FIXATIONLOCS/Action"):
+        (empty / folder).mkdir(parents=True)
+    r = CliRunner().invoke(cli, ["fixations", "cat2000", "--root", str(empty), "--out", str(out)])
+    assert r.exit_code == 1 and r.output.splitlines()[-1] == (
+        f"Error: {empty}: no images found (cat2000: expected Stimuli/<Category>/<name>.jpg); is it the dataset's "
+        "folder?")

@@ -174,6 +174,8 @@ def eval_cmd(checkpoint, teacher, student, student_options, weights, student_out
                                          progress=progress)
         except (DataError, ValueError) as e:
             raise click.ClickException(str(e)) from None
+        if fs is not None:
+            result.settings["file"] = str(fixations)
         echo_result(result, result.failures, lambda f: f"{f['path']}: {f['reason']}")
         if calibration is not None:
             c = calibration

@@ -36,6 +36,8 @@ from students import to_log_density
 #: visual angle; for MIT1003 (1024 px wide, ~35 px per degree) that is ~3.4% of the longer side
 DEFAULT_SIGMA_FRAC = 0.034
 SHARD_METRICS = ("cc", "kl_div", "sim", "nss")
+#: fewer images with fixations than this make information gain's centre-bias baseline coarse (a warning)
+FEW_FOR_BASELINE = 100
 
 
 @dataclass
@@ -47,6 +49,7 @@ class EvalResult:
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     calibrated: int = 0  # images run besides those scored (an extra map's calibration half): in seconds, images/s
+    settings: dict = field(default_factory=dict)  # what the scores depend on besides the model and the images
 
     @property
     def means(self) -> dict[str, float]:
@@ -67,6 +70,9 @@ class EvalResult:
         bare = sum(1 for r in self.per_image if r.get("fixations") == 0)  # every metric of it is undefined
         scored = f"{len(self.per_image)}" + (f" ({bare} without fixations: in no mean)" if bare else "")
         rows += [("images scored", scored), ("images failed", str(self.failed))]
+        if "baseline" in self.settings:  # (on fixations)
+            rows += [("baseline", f"{self.settings['baseline']} (IG)"),
+                     ("sigma", f"{self.settings['sigma_frac']:g} of the longer side (CC, KLDiv, SIM)")]
         if self.calibrated:
             rows.append(("images calibrated on", str(self.calibrated)))
         rows += [("wall time", f"{self.seconds:.1f} s"),
@@ -78,8 +84,9 @@ class EvalResult:
         def clean(row: dict) -> dict:
             return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
 
-        return {"model": self.model, "data": self.data, "metrics": clean(self.means), "images": len(self.per_image),
-                "failed": self.failed, "seconds": round(self.seconds, 3), "failures": self.failures,
+        return {"model": self.model, "data": self.data, **({"settings": self.settings} if self.settings else {}),
+                "metrics": clean(self.means), "images": len(self.per_image), "failed": self.failed,
+                "seconds": round(self.seconds, 3), "failures": self.failures,
                 "per_image": [clean(r) for r in self.per_image]}
 
 
@@ -122,7 +129,11 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
     chosen = chosen if limit is None else chosen[:limit]
     n = len(chosen)
     check_source(fs)
-    result = EvalResult(predictor.name, f"{fs.name} ({n} image{'' if n == 1 else 's'})", metrics.METRICS)
+    split = f" {fs.split}" if fs.split else ""
+    result = EvalResult(predictor.name, f"{fs.name}{split} ({n} image{'' if n == 1 else 's'})", metrics.METRICS,
+                        settings={"dataset": fs.name, "split": fs.split or None,
+                                  "fixations": int(sum(fs.offsets[i + 1] - fs.offsets[i] for i in chosen)),
+                                  "baseline": baseline, "sigma_frac": sigma_frac, "ig_unit": "bits per fixation"})
     fy, fx = _other_fixations(fs)
     if baseline not in ("centerbias", "uniform"):
         raise ValueError(f"unknown baseline {baseline!r} (centerbias or uniform)")
@@ -131,6 +142,14 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
         if baseline == "centerbias" else None
     if bias is not None and not bias.counts.any():
         raise ValueError("centerbias_log_density needs at least one fixation")
+    fixated = int(np.count_nonzero(np.diff(fs.offsets)))
+    if bias is not None and fixated < FEW_FOR_BASELINE:
+        warnings.warn(f"information gain's baseline is the centre bias of {fs.name}'s own fixations, here those of "
+                      f"{fixated} image{'' if fixated == 1 else 's'}: so few give a coarse baseline over which every "
+                      "model's IG is high (on 20 images of 5 fixations drawn from a known density, that density "
+                      f"scored 1.1 bits over it and a uniform map 0.5; on {FEW_FOR_BASELINE} images of 15, 0.07 and "
+                      "-0.6): compare IGs on one set only"
+                      + (" (the image with fixations is scored against a uniform baseline)" if fixated == 1 else ""))
 
     def baseline_of(i: int) -> np.ndarray:  # (resized to the image's size where it is scored)
         if bias is None or bias.counts.sum() == len(bias.cells[i]):

@@ -725,6 +725,13 @@ def _stated_problem(f) -> str:
     return ""
 
 
+#: where each dataset's reader looks for its images (said when it finds none)
+EXPECTED_LAYOUT = {
+    "salicon": "the images its fixations JSON or fixations/<split>/*.mat files name",
+    "mit1003": "ALLSTIMULI/<name>.jpeg",
+    "cat2000": "Stimuli/<Category>/<name>.jpg",
+}
+
 #: what each dataset's reader takes for a fixation (said when it finds none)
 FIXATION_RULE = {
     "salicon": "the [row, col] points of its fixations JSON",
@@ -738,7 +745,10 @@ def convert(dataset: str, root: str | Path, out: str | Path, split: str | None =
     could be scored with it); one where most images have none is written, with a warning."""
     fs = read_dataset(dataset, root, split)
     empty = sum(1 for i in range(len(fs)) if fs.offsets[i + 1] == fs.offsets[i])
-    if len(fs) and fs.n_fixations == 0:
+    if not len(fs):
+        raise FixationError(f"{root}: no images found ({dataset}: expected "
+                            f"{EXPECTED_LAYOUT.get(dataset, 'the published layout')}); is it the dataset's folder?")
+    if fs.n_fixations == 0:
         raise FixationError(f"{root}: no fixation found in its {len(fs)} images ({dataset}: a fixation is "
                             f"{FIXATION_RULE.get(dataset, 'what its reader takes')}); are these the published files?")
     if empty > len(fs) // 2:
