@@ -382,6 +382,11 @@ def runtime_check(ctx: click.Context) -> None:
         raise click.UsageError("--calibration is for --runtime onnx-int8", ctx)
     if runtime == "onnx-int8" and calibration is None:
         raise click.UsageError("--runtime onnx-int8 needs --calibration: a label folder or a folder of images", ctx)
+    if runtime == "onnx-int8":
+        from pipeline.score.quantize import quantize_mistake
+
+        if mistake := quantize_mistake(ctx.params.get("student")):  # (a checkpoint's: once it is read)
+            raise click.UsageError(mistake, ctx)
 
 
 def model_check(require_weights: bool = True):

@@ -379,6 +379,11 @@ def _export_check(ctx: click.Context) -> None:
     if p.get("student") and p.get("weights") is None:
         raise click.UsageError(f"--student {p['student']} needs --weights: a trained file (for a model you trained, "
                                "use --checkpoint RUN_DIR), or random for the architecture alone (e.g. to time it)", ctx)
+    if p.get("quantize") == "int8":
+        from pipeline.score.quantize import quantize_mistake
+
+        if mistake := quantize_mistake(p.get("student")):  # (a checkpoint's student is known once it is read)
+            raise click.UsageError(mistake, ctx)
 
 
 @click.command("export", cls=Checked, checks=(_export_check, model_check(require_weights=False), student_output_check))

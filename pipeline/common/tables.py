@@ -26,3 +26,8 @@ def table(headers: Sequence[str] | None, rows: Sequence[Sequence[object]], *, al
         return (indent + "  ".join(padded)).rstrip()
 
     return "\n".join(line(row) for row in cells)
+
+
+def plural(n: int, word: str) -> str:
+    """``n`` and ``word``, with an ``s`` unless ``n`` is 1: "1 image", "3 images"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -25,8 +25,23 @@ from pipeline.score.predictors import PredictorError
 from students import to_log_density
 
 #: images after the calibration ones on which the int8 maps are compared with PyTorch's (fewer if the folder
-#: has fewer; with none left over, the calibration images themselves, and the result says so)
+#: has fewer; with none left over, the calibration images themselves, and a warning says so)
 CHECK_IMAGES = 16
+#: below this lowest map CC with PyTorch's, a warning says the int8 graph agrees poorly (a FastSal (A) trained 4
+#: epochs on the sample, calibrated on its 12 val2017 photos, agreed at 0.986 to 0.993 on other photos; calibrated
+#: on one black image, at 0.59 to 0.73)
+LOW_MAP_CC = 0.95
+#: students whose exported graphs ONNX Runtime's quantizer fails on (their halting branches)
+NOT_QUANTIZED = ("sact", "act")
+
+
+def quantize_mistake(student: str | None) -> str | None:
+    """Why ``student`` cannot be quantized to int8 (refused before any work), or None."""
+    if student in NOT_QUANTIZED:
+        return (f"{student} cannot be quantized to int8: ONNX Runtime's quantizer fails on SACT's and ACT's "
+                "halting graphs (FastSal (A) and (C) quantize); serve it as float (--runtime onnx, or export without "
+                "--quantize)")
+    return None
 
 
 def calibration_images(path: str | Path, size: tuple[int, int], n: int, option: str = "--calibration"
@@ -120,7 +135,7 @@ def quantize_int8(data: bytes, images: list[np.ndarray]) -> bytes:
             student = meta.get("student", "this student")
             why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
             raise PredictorError(f"ONNX Runtime's quantizer cannot quantize {student} to int8 ({type(e).__name__}: "
-                                 f"{why}); FastSal (A) and (C) quantize, SACT and ACT do not") from None
+                                 f"{why})") from None
         finally:
             logging.disable(logging.NOTSET)
         graph = onnx.load(str(dst))

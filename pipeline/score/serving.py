@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.common.atomic import atomic_open
+from pipeline.common.tables import plural
 from pipeline.score.predictors import Predictor, PredictorError
 from students import Student
 from teachers.backbones import IMAGENET_MEAN, IMAGENET_STD
@@ -101,9 +102,17 @@ def onnx_bytes(predictor: Predictor, input_size: tuple[int, int], opset: int = D
             dim.dim_param = value
         else:
             dim.dim_value = value
+    h, w = input_size
     meta = {"student": predictor.model.name, "student_options": json.dumps(predictor.model.options()),
-            "map_kind": predictor.kind, "input_size": f"{input_size[0]}x{input_size[1]}", "opset": str(opset),
-            "source": predictor.name}
+            "map_kind": predictor.kind, "input_size": f"{h}x{w}", "opset": str(opset), "source": predictor.name,
+            "input": f"images: uint8 [batch, 3, {h}, {w}], RGB (not BGR), 0-255, the image resized to {h}x{w} "
+                     "whatever its aspect ratio (no normalisation: it is in the graph)",
+            "output": f"logits: float32 [batch, 1, {h}, {w}]; "
+                      + ("softmax over the H*W pixels gives the saliency density" if predictor.kind == "logits" else
+                         "their sigmoid gives the saliency map (normalise it to sum 1 for a density)")
+                      + "; resize the map to the image's size"}
+    if len(predictor.model.execution_modes) > 1:  # SACT, ACT: the graph traces the path that runs every unit
+        meta["execution"] = f"{predictor.model.execution_modes[0]} (every unit at every position, masked)"
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
@@ -142,27 +151,45 @@ def export_onnx(predictor: Predictor, out: str | Path, *, input_size: tuple[int,
 
     size = tuple(input_size or predictor.input_size or (192, 256))
     _need("onnxruntime")  # the check after writing needs it: nothing is written without it
+    if calibration is not None:
+        from pipeline.score.quantize import quantize_mistake
+
+        if mistake := quantize_mistake(predictor.model.name):  # (before the export and the calibration)
+            raise PredictorError(mistake)
+    x = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = ServingModel(predictor.model).eval()(x.to(predictor.device)).float().cpu().numpy()
+    if not np.isfinite(want).all():  # (a NaN difference passes every comparison; and the quantizer fails on it)
+        raise PredictorError(f"{predictor.name} gives logits that are not finite (NaN or ±inf) on a random batch: "
+                             "its weights are broken; nothing was written")
     data = onnx_bytes(predictor, size, opset)
     quantized, map_cc, which = "no", None, ""
     session = None
     if calibration is not None:
-        from pipeline.score.quantize import CHECK_IMAGES, calibration_images as load, map_agreement, quantize_int8
+        from pipeline.score.quantize import (CHECK_IMAGES, LOW_MAP_CC, calibration_images as load, map_agreement,
+                                             quantize_int8)
 
         images = load(calibration, size, calibration_images + CHECK_IMAGES)
         calib = images[:calibration_images]
+        n = len(calib)
         check, which = (images[calibration_images:], f"{len(images) - calibration_images} held-out images") \
-            if len(images) > calibration_images else (calib, f"the {len(calib)} calibration images")
+            if len(images) > calibration_images else (calib, f"the {plural(n, 'calibration image')}")
         data = quantize_int8(data, calib)
         session = OnnxSession(data)
-        quantized = f"int8 ({len(calib)} calibration images)"
+        quantized = f"int8 ({plural(n, 'calibration image')})"
         map_cc = map_agreement(session.run, ServingModel(predictor.model).cpu().eval(), predictor.kind, check)
-    x = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        want = ServingModel(predictor.model).eval()(x.to(predictor.device)).float().cpu().numpy()
+        if check is calib:
+            warnings.warn(f"the int8 maps were compared with PyTorch's on the {plural(n, 'calibration image')} "
+                          f"alone ({calibration} holds no more than --calibration-images {calibration_images}), which "
+                          "a graph calibrated on unrepresentative images can match: give more images (or fewer "
+                          "--calibration-images) to check it on held-out ones")
+        if map_cc < LOW_MAP_CC:
+            warnings.warn(f"the int8 maps agree poorly with PyTorch's (lowest CC {map_cc:.3f}, under {LOW_MAP_CC}): "
+                          "calibrate on more images like those the student will serve, or serve the float graph")
     got = (session or OnnxSession(data)).run(x.numpy())
-    if not (np.isfinite(want).all() and np.isfinite(got).all()):  # (a NaN difference passes every comparison)
-        raise PredictorError(f"{predictor.name} gives logits that are not finite (NaN or ±inf) on a random batch: "
-                             "its weights are broken; nothing was written")
+    if not np.isfinite(got).all():
+        raise PredictorError(f"ONNX Runtime gives logits that are not finite (NaN or ±inf) where PyTorch's are on a "
+                             f"random batch ({'the int8 graph' if session else 'the graph'}); nothing was written")
     out = as_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, "wb") as f:
@@ -204,9 +231,13 @@ def onnx_predictor(predictor: Predictor, input_size: tuple[int, int] | None = No
     """The same student served by ONNX Runtime on the CPU (exported in memory at ``input_size``); with
     ``calibration``, quantized to int8 on its first ``calibration_images`` images first."""
     size = tuple(input_size or predictor.input_size or (192, 256))
+    if calibration is not None:
+        from pipeline.score.quantize import calibration_images as load, quantize_int8, quantize_mistake
+
+        if mistake := quantize_mistake(predictor.model.name):
+            raise PredictorError(mistake)
     data, quantized = onnx_bytes(predictor, size), None
     if calibration is not None:
-        from pipeline.score.quantize import calibration_images as load, quantize_int8
 
         data, quantized = quantize_int8(data, load(calibration, size, calibration_images)), "int8"
     return Predictor(f"{predictor.name} [onnxruntime{' int8' if quantized else ''}]", OnnxModule(OnnxSession(data)),
