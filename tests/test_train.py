@@ -716,6 +716,28 @@ def test_validating_on_a_training_folder_is_warned_of(labels, tmp_path, monkeypa
             "images") in r.stderr
 
 
+def test_held_out_shards_with_no_samples_are_no_validation_not_scores_of_0(tmp_path):
+    """A folder whose last shard holds failed images alone (a zero-byte file): said (once, by `pipeline train`, as
+    a `warning:` line), and validation is nan, not 0.0000 as if measured (nan is left out of the epoch line, the
+    curves and TensorBoard, written as such in metrics.csv)."""
+    (tmp_path / "images").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(SAMPLES / "val2017" / "000000000139.jpg", tmp_path / "images" / name)
+    (tmp_path / "images" / "zzz.jpg").touch()
+    invoke("label", "folder", "--images", tmp_path / "images", "--teacher", "classic", "--out", tmp_path / "labels",
+           "--image-size", "64x96", "--shard-size", 1, "--executor", "local", "--no-progress")
+    folder = tmp_path / "labels" / "classic" / "images"
+    trainer = Trainer(TrainConfig(labels=(str(folder),), run=str(tmp_path / "run"), backbone_weights="none",
+                                  workers=0, batch_size=2))
+    assert trainer.no_validation() == (
+        f"the held-out shard shard-000002.tar of {folder} holds no samples (every image in it failed to label): no "
+        "validation, its columns are nan; hold out more with --val-shards 2, or give --val-labels")
+    assert all(math.isnan(v) for v in trainer.validate().values())
+    trainer = Trainer(TrainConfig(labels=(str(folder),), run=str(tmp_path / "run"), backbone_weights="none",
+                                  workers=0, batch_size=2, val_shards=2))
+    assert trainer.no_validation() == ""
+
+
 def test_a_checkpoint_the_filesystem_refuses_is_one_sentence_and_the_last_one_stays(tmp_path):
     """A full disk (here: a file-size limit, EFBIG) made torch's zip writer raise "[enforce fail at
     inline_container.cc] unexpected pos" with a traceback; latest.json must still name the last good one."""

@@ -424,9 +424,25 @@ class Trainer:
         self.model.train()
         if self.teacher is not None:
             sums[1:4] = float("nan")
+        if not n:  # held-out shards with no samples (:meth:`no_validation`): nothing was measured
+            sums[:] = float("nan")
         loss, cc, kl, nss, *stats = (sums / max(n, 1)).tolist()
         return {"val_loss": loss, "val_cc": cc, "val_kl": kl, "val_nss": nss,
                 **{f"val_{k}": v for k, v in zip(names, stats)}}
+
+    def no_validation(self) -> str:
+        """Why this run validates on no sample ("" when it does): its held-out shards hold none (every image in them
+        failed to label, e.g. a folder's last shard of failed images alone)."""
+        if sum(self.shards[t][1] for t in self.val_tars):
+            return ""
+        c, many = self.config, len(self.val_tars) > 1
+        names = ", ".join(t.rsplit("/", 1)[-1] for t in self.val_tars)
+        where = (f"--val-labels {c.val_labels} holds no samples (every image in it failed to label)" if c.val_labels
+                 else f"the held-out shard{'s' if many else ''} {names} of {c.labels[-1]} hold{'' if many else 's'} "
+                      f"no samples (every image in {'them' if many else 'it'} failed to label)")
+        fix = ("give a --val-labels folder with labelled images" if c.val_labels else
+               f"hold out more with --val-shards {c.val_shards + 1}, or give --val-labels")
+        return f"{where}: no validation, its columns are nan; {fix}"
 
     def epoch_batches(self, epoch: int) -> Iterator:
         """The training batches of ``epoch``: those of the loader :meth:`start_epoch` started ahead, if it is
@@ -669,6 +685,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
                                          "student_options": trainer.model.options()})  # defaults too
         print(f"resuming {config.run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
+        if trainer.no_validation():
+            print(f"warning: {trainer.no_validation()}", file=sys.stderr)
         if config.gt_maps:
             print(f"ground truth: {config.gt_maps} (train_loss = BCE with the teacher's maps + BCE with these, Eq. 2; "
                   "validation is against the teacher's maps alone)", file=sys.stderr)
