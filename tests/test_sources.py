@@ -91,9 +91,13 @@ def test_a_symlink_loop_or_alias_is_the_folders_entry_and_a_loop_fails_alone(tmp
 
 
 def test_folder_keys_keep_letters_of_any_script():
-    """東京.jpg and 大阪.jpg were both '__' (a whole folder of such names could not be labelled)."""
+    """東京.jpg and 大阪.jpg were both '__' (a whole folder of such names could not be labelled); हिंदी.jpg and
+    हुंदू.jpg were both 'ह__द_' (their vowel signs are combining marks), and a decomposed é (a name copied from
+    macOS) was 'e_' where a composed one was 'é'."""
     assert [folder_key(n) for n in ("東京.jpg", "大阪.jpg", "café/crème brûlée.png", "a.b c.jpg")] == [
         "東京", "大阪", "café__crème_brûlée", "a_b_c"]
+    assert [folder_key(n) for n in ("हिंदी.jpg", "हुंदू.jpg", "e\u0301.jpg", "\u00e9.jpg")] == [
+        "हिंदी", "हुंदू", "\u00e9", "\u00e9"]
 
 
 def test_shard_plan_is_deterministic_and_covers_everything(coco_tree):

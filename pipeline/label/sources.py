@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -168,10 +169,15 @@ def coco_records(root: str | Path, split: str, allow_outside_root: bool = False)
 
 def folder_key(relative: str) -> str:
     """A stable key from a relative path without its suffix: path separators become '__', every character but
-    letters and digits (of any script: 東京.jpg is 東京), '_' and '-' becomes '_' (no dot: webdataset splits
-    a member's name at its first)."""
+    letters, digits and combining marks (of any script: 東京.jpg is 東京, हिंदी.jpg हिंदी), '_' and '-' becomes '_'
+    (no dot: webdataset splits a member's name at its first). A path with combining marks is first composed
+    (NFC): a decomposed é (as macOS writes names) is the key of a composed one. A path without them is taken as
+    it is (its key is the one it always had)."""
+    if any(unicodedata.category(c).startswith("M") for c in relative):
+        relative = unicodedata.normalize("NFC", relative)
     stem = relative.rsplit(".", 1)[0]
-    return re.sub(r"[^\w-]", "_", stem.replace("/", "__"))
+    return re.sub(r"[^\w-]", lambda m: m[0] if unicodedata.category(m[0]).startswith("M") else "_",
+                  stem.replace("/", "__"))
 
 
 def folder_records(folder: str | Path, allow_outside_root: bool = False,
