@@ -1689,6 +1689,9 @@ def test_a_folder_source_step_is_stale_when_its_images_change_and_two_steps_may_
     first = invoke("run", "m.yaml")
     assert first.exit_code == 0, first.output
     assert invoke("run", "m.yaml", "--dry-run").output.count("up to date") == 1  # its own labels are no input
+    (images / ".thumbnails").mkdir()  # nor are hidden files, which `pipeline label` leaves out
+    (images / ".thumbnails" / "new.jpg").write_bytes(b"x")
+    assert invoke("run", "m.yaml", "--dry-run").output.count("up to date") == 1
     shutil.copy(images / sorted(p.name for p in images.glob("*.jpg"))[0], images / "new.jpg")
     assert dry_run_table(invoke("run", "m.yaml", "--dry-run").output)["photos"] == (
         "run", f"input changed: {images}")

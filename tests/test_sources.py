@@ -156,9 +156,11 @@ def test_inside_paths_are_kept_and_remember_their_folder(coco_tree):
 
 
 def test_files_left_out_for_their_suffix_are_named_in_one_note(tmp_path):
-    """A folder source reads files by suffix: a GIF, a text file or a dotfile beside the photos is left out, and
+    """A folder source reads files by suffix: a GIF or a text file beside the photos is left out, and
     `pipeline label` / `predict` say so in one line (a photo of an unlisted format silently missing was the
-    complaint), naming the first few."""
+    complaint), naming the first few. Hidden files and folders are left out whatever their suffix, in a line of
+    their own: a folder copied from a Mac had a `._a.jpg` beside each photo (each a failure, `cannot decode`), and
+    `.thumbnails/` or a Synology's `@eaDir/` thumbnails were labelled as photos."""
     from click.testing import CliRunner
 
     from pipeline.cli.main import cli
@@ -166,22 +168,27 @@ def test_files_left_out_for_their_suffix_are_named_in_one_note(tmp_path):
 
     (tmp_path / "photos").mkdir()
     write_jpeg(tmp_path / "photos" / "a.jpg", photo("chelsea", 64))
-    for name in ("b.gif", "notes.txt", "sub/.DS_Store"):
+    for name in ("b.gif", "notes.txt", "sub/.DS_Store", "._a.jpg", ".thumbnails/a.jpg", "sub/@eaDir/a.jpg/t.jpg"):
         (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "photos" / name).write_bytes(b"x")
+    write_jpeg(tmp_path / "photos" / ".thumbnails" / "a.jpg", photo("chelsea", 64))
     others: list[str] = []
     assert [r.source_id for r in folder_records(tmp_path / "photos", others=others)] == ["a.jpg"]
-    assert others == ["b.gif", "notes.txt", "sub/.DS_Store"]
-    assert left_out_note(others).startswith("note: left out 3 files whose suffix is not an image's (.jpg, ")
-    assert left_out_note(others).endswith("): b.gif, notes.txt, sub/.DS_Store") and left_out_note([]) == ""
+    assert others == ["._a.jpg", ".thumbnails/", "b.gif", "notes.txt", "sub/.DS_Store", "sub/@eaDir/"]
+    assert left_out_note(others).splitlines() == [
+        "note: left out 2 hidden files and 2 hidden folders (a name starting with '.', as macOS's ._ files, or a "
+        "Synology @eaDir folder): ._a.jpg, .thumbnails/, sub/.DS_Store, sub/@eaDir/",
+        "note: left out 2 files whose suffix is not an image's (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp): b.gif, "
+        "notes.txt"]
+    assert left_out_note([]) == ""
     # a symlinked folder is not followed (its images vanished without a word): said in a line of its own
     (tmp_path / "more").mkdir()
     write_jpeg(tmp_path / "more" / "c.jpg", photo("chelsea", 64))
     (tmp_path / "photos" / "linked").symlink_to(tmp_path / "more", target_is_directory=True)
     linked: list[str] = []
     assert [r.source_id for r in folder_records(tmp_path / "photos", others=linked)] == ["a.jpg"]
-    assert linked == ["b.gif", "linked/", "notes.txt", "sub/.DS_Store"]
-    assert left_out_note(linked).splitlines()[1] == ("note: left out 1 symlinked folder, not followed (copy it in, "
+    assert linked == ["._a.jpg", ".thumbnails/", "b.gif", "linked/", "notes.txt", "sub/.DS_Store", "sub/@eaDir/"]
+    assert left_out_note(linked).splitlines()[2] == ("note: left out 1 symlinked folder, not followed (copy it in, "
                                                      "or label it as a folder of its own): linked/")
     (tmp_path / "photos" / "linked").unlink()
     for args in (["label", "folder", "--teacher", "classic", "--executor", "local", "--out", tmp_path / "labels",
@@ -189,4 +196,5 @@ def test_files_left_out_for_their_suffix_are_named_in_one_note(tmp_path):
         r = CliRunner().invoke(cli, [str(a) for a in [*args, "--images", tmp_path / "photos",
                                                       "--no-progress"]])
         assert r.exit_code == 0, r.output
-        assert "note: left out 3 files whose suffix is not an image's" in r.output, r.output
+        assert "note: left out 2 hidden files and 2 hidden folders" in r.output, r.output
+        assert "note: left out 2 files whose suffix is not an image's" in r.output, r.output

@@ -180,13 +180,20 @@ def folder_key(relative: str) -> str:
                   stem.replace("/", "__"))
 
 
+def hidden(name: str, folder: bool) -> bool:
+    """Whether a file or folder of that name is left out of a folder source: a name starting with '.' (macOS's
+    ``._x.jpg`` resource forks, ``.DS_Store``, ``.thumbnails/``…), or a Synology ``@eaDir`` folder (thumbnails)."""
+    return name.startswith(".") or (folder and name == "@eaDir")
+
+
 def folder_records(folder: str | Path, allow_outside_root: bool = False,
                    exclude: Iterable[str | Path] = (), keys: bool = True,
                    others: list[str] | None = None) -> list[ImageRecord]:
     """Every image file under ``folder`` (recursively), sorted by relative path, leaving out what lies in the
-    folders ``exclude`` (a run's outputs, when they are inside ``folder``: its previews and maps are not inputs).
-    ``others``, when given, receives the relative paths of the files left out for their suffix, and of the
-    symlinked folders, which are not followed (each with a trailing ``/``), sorted.
+    folders ``exclude`` (a run's outputs, when they are inside ``folder``: its previews and maps are not inputs)
+    and the :func:`hidden` files and folders. ``others``, when given, receives the relative paths of the files left
+    out for their suffix, of the hidden files and folders (the outermost; a folder with a trailing ``/``), and of
+    the symlinked folders, which are not followed (each with a trailing ``/``), sorted.
 
     Every entry with an image suffix that is not a folder is listed: a symlink that leads out of ``folder``
     (unless ``allow_outside_root``), a broken one, a FIFO or a device become per-image failures when read.
@@ -202,7 +209,13 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
         rel = p.relative_to(folder)
         if any(rel.parts[:len(s)] == s for s in skip):
             continue
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir():
+        last = len(rel.parts) - 1
+        top = next((i for i, part in enumerate(rel.parts) if hidden(part, i < last or p.is_dir())), None)
+        if top is not None:  # (said once, by its outermost hidden part)
+            shown = "/".join(rel.parts[:top + 1]) + ("/" if top < last or p.is_dir() else "")
+            if shown not in other:
+                other.append(shown)
+        elif p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir():
             files.append(rel.as_posix())
         elif p.is_symlink() and p.is_dir():  # not followed (rglob does not descend into it): said, not silent
             other.append(rel.as_posix() + "/")
@@ -229,15 +242,28 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
     return records
 
 
+def _hidden_path(relative: str) -> bool:
+    """Whether an entry of :func:`folder_records`'s ``others`` is a hidden file or folder (a folder: ``…/``)."""
+    parts = relative.rstrip("/").split("/")
+    return any(hidden(part, i < len(parts) - 1 or relative.endswith("/")) for i, part in enumerate(parts))
+
+
 def left_out_note(others: list[str]) -> str:
-    """What a folder source leaves out: the files of other suffixes, and the symlinked folders it does not follow
-    (a line each; "" for none)."""
+    """What a folder source leaves out: the files of other suffixes, the hidden files and folders, and the symlinked
+    folders it does not follow (a line each; "" for none)."""
     def shown(names: list[str]) -> str:
         return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
-    files = [o for o in others if not o.endswith("/")]
-    links = [o for o in others if o.endswith("/")]
+    concealed = [o for o in others if _hidden_path(o)]
+    files = [o for o in others if not o.endswith("/") and o not in concealed]
+    links = [o for o in others if o.endswith("/") and o not in concealed]
     lines = []
+    if concealed:
+        counts = [f"{n} hidden {what}{'s' if n > 1 else ''}" for n, what in
+                  ((sum(not o.endswith("/") for o in concealed), "file"), (sum(o.endswith("/") for o in concealed),
+                                                                          "folder")) if n]
+        lines.append(f"note: left out {' and '.join(counts)} (a name starting with '.', as macOS's ._ files, or a "
+                     f"Synology @eaDir folder): {shown(concealed)}")
     if files:
         lines.append(f"note: left out {len(files)} file{'s' if len(files) > 1 else ''} whose suffix is not an "
                      f"image's ({', '.join(IMAGE_SUFFIXES)}): {shown(files)}")

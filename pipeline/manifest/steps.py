@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping
 from pipeline.common.locks import LOCK_NAME
 from pipeline.common.storage import RemotePath, as_path
 from pipeline.label.shards import digest, verify_dataset
-from pipeline.label.sources import IMAGE_SUFFIXES, pipeline_outputs
+from pipeline.label.sources import IMAGE_SUFFIXES, hidden, pipeline_outputs
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
 from pipeline.train.checkpoints import (LATEST, CheckpointError, epoch_of, latest, latest_record, load_checkpoint,
                                          load_resumable)
@@ -93,16 +93,17 @@ def _label_output(params: Mapping[str, object]) -> Path | RemotePath:
 
 
 def _listing(folder: Path, skip: Callable[[], set[str]] = set) -> str | None:
-    """Every file with an image suffix below ``folder`` (its subfolders in ``skip()`` left out), by name, size and
-    mtime; None when the folder is missing."""
+    """Every file with an image suffix below ``folder`` (its subfolders in ``skip()`` and the hidden files and folders
+    left out, as a folder source leaves them), by name, size and mtime; None when the folder is missing."""
     if not folder.is_dir():
         return None
     left_out = skip()
     h = hashlib.sha256()
     for root, dirs, files in os.walk(folder):  # an os.walk and a stat per image: 1e5 images in about a second
-        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in left_out)
+        dirs[:] = sorted(d for d in dirs
+                         if not hidden(d, True) and os.path.realpath(os.path.join(root, d)) not in left_out)
         for name in sorted(files):
-            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES or hidden(name, False):
                 continue
             path = os.path.join(root, name)
             try:
