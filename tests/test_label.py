@@ -387,9 +387,18 @@ def test_exit_status_follows_max_failure_rate(tmp_path):
     strict = runner.invoke(cli, args)
     assert strict.exit_code == 1
     assert "5 of 10 images failed" in strict.output and "images failed" in strict.output
+    assert "--retry-failed" not in strict.output  # (its failures are this run's own)
     lenient = runner.invoke(cli, [*args, "--max-failure-rate", "0.5"])
     assert lenient.exit_code == 0, lenient.output
     assert "images skipped (already done)  10" in lenient.output  # nothing was lost or redone
+    # a re-run reports the failures its finished shards recorded: said so, with the way to try them again (after a
+    # failed image was fixed, the same Error line came back without a word of --retry-failed)
+    assert "images failed                  5 (50.00%), 5 of them in shards already done (--retry-failed tries them " \
+           "again)" in lenient.output
+    again = runner.invoke(cli, args)
+    assert again.exit_code == 1
+    assert ("Error: 5 of 10 images failed (more than --max-failure-rate 0.01); each failed in a shard finished before "
+            "this run and was not tried again: --retry-failed labels them again") in again.output
 
 
 @pytest.mark.parametrize("setup, extra, message", [

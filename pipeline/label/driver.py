@@ -56,6 +56,8 @@ class LabelSummary:
     shards_changed: list[str] = field(default_factory=list)  # relabelled or removed by --overwrite-changed
     wall_s: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    #: of ``failed``: the failures recorded by shards finished before this run, not tried again (--retry-failed does)
+    failed_before: int = 0
     warnings: list[str] = field(default_factory=list)  # what went wrong after the shards, harmlessly
     error: str = ""  # what went wrong after the shards and fails the run (labels.json not written)
 
@@ -67,7 +69,9 @@ class LabelSummary:
         rate = self.labelled / self.wall_s if self.wall_s > 0 else 0.0
         rows = [
             ("images labelled", f"{self.labelled}"),
-            ("images failed", f"{self.failed} ({100 * self.failure_rate:.2f}%)"),
+            ("images failed", f"{self.failed} ({100 * self.failure_rate:.2f}%)"
+                              + (f", {self.failed_before} of them in shards already done (--retry-failed tries them "
+                                 "again)" if self.failed_before else "")),
             ("images skipped (already done)", f"{self.skipped}"),
             ("shards", f"{self.shards_done} written, {self.shards_skipped} already done, "
                        f"{len(self.shards_failed)} failed, {self.shards_total} in all"
@@ -459,6 +463,7 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
                            shards_skipped=len(split.done), shards_changed=split.changed + split.surplus)
     for m in split.done:
         summary.skipped += m["planned"]
+        summary.failed_before += len(m.get("failures", []))
     kept = sum(len(m["keys"]) for m in reuse.values())
     markers = {m["index"]: m for m in split.done}
     every = max(1, math.ceil(len(todo) / 10))  # progress lines (off a terminal): one per tenth of the shards
@@ -571,8 +576,13 @@ def run_error(summary: LabelSummary, max_failure_rate: float) -> str:
     if summary.error:
         return summary.error
     if exit_code(summary, max_failure_rate):
+        before, one = summary.failed_before, summary.failed_before == 1
+        who = "it" if summary.failed == 1 else "each" if before == summary.failed else f"{before} of them"
         return (f"{summary.failed} of {summary.planned_images} images failed "
-                f"(more than --max-failure-rate {max_failure_rate})")
+                f"(more than --max-failure-rate {max_failure_rate})"
+                + (f"; {who} failed in {'a shard' if one or who == 'each' else 'shards'} finished before this run and "
+                   f"{'was' if one or who == 'each' else 'were'} not tried again: --retry-failed labels "
+                   f"{'it' if one else 'them'} again" if before else ""))
     return ""
 
 
