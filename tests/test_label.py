@@ -401,6 +401,20 @@ def test_exit_status_follows_max_failure_rate(tmp_path):
             "this run and was not tried again: --retry-failed labels them again") in again.output
 
 
+def test_failures_beyond_the_ten_shown_are_said_to_be_listed_in_the_markers(tmp_path):
+    (tmp_path / "images").mkdir()
+    for i in range(11):
+        (tmp_path / "images" / f"{i:02d}.jpg").touch()
+    r = CliRunner().invoke(cli, ["label", "folder", "--images", str(tmp_path / "images"), "--teacher", "classic",
+                                 "--out", str(tmp_path / "out"), "--shard-size", "6", "--executor", "local",
+                                 "--no-progress"])
+    folder = tmp_path / "out" / "classic" / "images"
+    assert r.stderr.count("failed: ") == 10
+    assert (f"… and 1 more failure (every one is listed in the shard-NNNNNN.json markers of {folder}, under "
+            '"failures")') in r.stderr
+    assert sum(len(json.loads(m.read_text())["failures"]) for m in folder.glob("shard-*.json")) == 11
+
+
 @pytest.mark.parametrize("setup, extra, message", [
     (lambda root, out: (root / "annotations" / "instances_val2017.json").write_text("{oops"),
      [], "cannot read COCO annotation file"),

@@ -146,7 +146,8 @@ def label_cmd(source, teacher, weights, coco_root, split, images, out, shard_siz
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - every failure is one "Error: <sentence>" line, never a traceback
         raise click.ClickException(error_message(e)) from None
-    echo_result(summary, summary.failures, lambda f: f"{f['key']} ({f['file']}): {f['reason']}")
+    echo_result(summary, summary.failures, lambda f: f"{f['key']} ({f['file']}): {f['reason']}",
+                listed=f"the shard-NNNNNN.json markers of {summary.folder}, under \"failures\"")
     for warning in summary.warnings:
         click.echo(f"warning: {warning}", err=True)
     code = exit_code(summary, max_failure_rate)

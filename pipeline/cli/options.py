@@ -341,13 +341,16 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
         raise click.ClickException(renamed(str(e), options or {})) from None
 
 
-def echo_result(result, failures: list[dict], describe, limit: int = 10) -> None:
-    """Print ``result.table()``, then the first ``limit`` failures (``describe(failure)`` each) on stderr."""
+def echo_result(result, failures: list[dict], describe, limit: int = 10, listed: str = "") -> None:
+    """Print ``result.table()``, then the first ``limit`` failures (``describe(failure)`` each) on stderr; ``listed``:
+    where every failure is written, said when some are not shown."""
     click.echo(result.table())
     for f in failures[:limit]:
         click.echo(f"failed: {describe(f)}", err=True)
     if len(failures) > limit:
-        click.echo(f"… and {len(failures) - limit} more failures", err=True)
+        more = len(failures) - limit
+        click.echo(f"… and {more} more failure{'s' if more > 1 else ''}"
+                   + (f" (every one is listed in {listed})" if listed else ""), err=True)
 
 
 def calibration_options(fn):
