@@ -228,6 +228,9 @@ def read_source(path: str, max_bytes: int | None = MAX_IMAGE_BYTES,
         if root is not None and not _within(os.path.realpath(path), root):  # a broken link that would lead out
             raise ImageError(f"file not found: {os.path.realpath(path)} (a symlink's target, where it is one)") \
                 from None
+        if os.path.islink(path):  # a broken link in the folder
+            raise ImageError(f"file not found: {path} is a symlink to {os.path.realpath(path)}, which does not "
+                             "exist") from None
         raise ImageError("file not found") from None
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or type(e).__name__}") from None
