@@ -780,8 +780,8 @@ def test_profile_names_the_files_of_its_images_folder_it_leaves_out(image_folder
         (folder / name).write_bytes(b"")
     r = ok("profile", "--teacher", "classic", "--iters", "1", "--images", folder, "--out", tmp_path / "p.json")
     assert r.stderr.splitlines() == [
-        "note: left out 1 file whose suffix is not an image's (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp): "
-        "notes.txt",
+        "note: left out 1 file whose suffix is not an image's (.jpg, .jpeg, .jpe, .jfif, .png, .bmp, .tif, .tiff, "
+        ".webp): notes.txt",
         f"note: left out 2 image files of {folder} that could not be read (the first, broken.jpg: empty file)"], \
         r.stderr
     assert json.loads((tmp_path / "p.json").read_text())["inputs"] == f"3 images of {folder}"

@@ -47,10 +47,12 @@ def test_folder_records_sorted_recursive_and_keys_have_no_dots(tmp_path):
     (tmp_path / "sub").mkdir()
     for rel in ["b.jpg", "a.v2.png", "sub/c.jpeg"]:
         write_jpeg(tmp_path / rel, photo("coffee", 32))
+    for rel in ["d.JFIF", "e.jpe"]:  # JPEGs under other names
+        (tmp_path / rel).write_bytes((tmp_path / "b.jpg").read_bytes())
     (tmp_path / "notes.txt").write_text("not an image")
     records = folder_records(tmp_path)
-    assert [r.source_id for r in records] == ["a.v2.png", "b.jpg", "sub/c.jpeg"]
-    assert [r.key for r in records] == ["a_v2", "b", "sub__c"]
+    assert [r.source_id for r in records] == ["a.v2.png", "b.jpg", "d.JFIF", "e.jpe", "sub/c.jpeg"]
+    assert [r.key for r in records] == ["a_v2", "b", "d", "e", "sub__c"]
 
 
 def test_folder_key_collisions_are_refused_every_one_at_once(tmp_path):
@@ -178,8 +180,8 @@ def test_files_left_out_for_their_suffix_are_named_in_one_note(tmp_path):
     assert left_out_note(others).splitlines() == [
         "note: left out 2 hidden files and 2 hidden folders (a name starting with '.', as macOS's ._ files, or a "
         "Synology @eaDir folder): ._a.jpg, .thumbnails/, sub/.DS_Store, sub/@eaDir/",
-        "note: left out 2 files whose suffix is not an image's (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp): b.gif, "
-        "notes.txt"]
+        "note: left out 2 files whose suffix is not an image's (.jpg, .jpeg, .jpe, .jfif, .png, .bmp, .tif, .tiff, "
+        ".webp): b.gif, notes.txt"]
     assert left_out_note([]) == ""
     # a symlinked folder is not followed (its images vanished without a word): said in a line of its own
     (tmp_path / "more").mkdir()

@@ -20,7 +20,8 @@ from typing import Iterable
 from pipeline.common.locks import LOCK_NAME, read_holder
 from pipeline.label.shards import index_problem
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: what a folder source reads (.jpe and .jfif: JPEGs under other names; OpenCV decodes the bytes, whatever the name)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class SourceError(Exception):
