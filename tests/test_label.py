@@ -691,6 +691,16 @@ def test_an_image_stating_more_pixels_than_are_decoded_is_a_per_image_failure_re
     assert images.stated_size(png(12000, 9000)) == (9000, 12000) and 12000 * 9000 <= images.DECODE_PIXELS
     big = cv2.imencode(".jpg", np.zeros((64, 48, 3), np.uint8))[1].tobytes()
     assert images.stated_size(big) == (64, 48) and images.decode_image(big).shape == (64, 48, 3)
+    # BMP, WebP and TIFF headers are read too (a 12000×12000 one was decoded whole: 432 MB)
+    stating = {"bmp": b"BM" + struct.pack("<IHHI", 54, 0, 0, 54)
+               + struct.pack("<IiiHHIIiiII", 40, 12000, 12000, 1, 24, 0, 0, 0, 0, 0, 0),
+               "webp": b"RIFF" + struct.pack("<I", 17) + b"WEBPVP8L" + struct.pack("<IBI", 5, 0x2F, 11999 | 11999 << 14),
+               "tiff": b"II*\0" + struct.pack("<IHHHIIHHII", 8, 2, 256, 4, 1, 12000, 257, 3, 1, 12000)}
+    for kind, data in stating.items():
+        with pytest.raises(images.ImageError, match="^image too large \\(12000×12000, 144 megapixels"):
+            images.decode_image(data)
+        small = cv2.imencode(f".{kind}", np.zeros((64, 48, 3), np.uint8))[1].tobytes()
+        assert images.stated_size(small) == (64, 48) and images.decode_image(small).shape == (64, 48, 3), kind
 
 
 def test_fifos_devices_and_oversized_files_are_per_image_failures(tmp_path, hang_guard):

@@ -98,7 +98,8 @@ def decode_image(data: bytes, upright: bool = False, reduce: int = 1) -> np.ndar
 MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))
 #: the most pixels :func:`decode_image` turns out (2^27: 134 megapixels, a 108 MP phone photo whole): a 1 MB PNG
 #: that states 2^30 pixels is 3 GB decoded, and ``predict`` maps it at full size (it ran out of 21 GB); a JPEG
-#: decoded at a fraction (:func:`decode_at_least`) counts at that fraction
+#: decoded at a fraction (:func:`decode_at_least`) counts at that fraction. Checked from the sizes headers state
+#: (:func:`stated_size`), so an image of a format whose header is not read is decoded up to :data:`MAX_PIXELS`
 DECODE_PIXELS = min(MAX_PIXELS, 1 << 27)
 _NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # markers without a segment (TEM, RSTn)
 _FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
@@ -132,13 +133,47 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """A TIFF's (H, W) as its first image's tags (ImageLength, ImageWidth) state them; None where they do not read."""
+    order = {b"II*\0": "little", b"MM\0*": "big"}.get(data[:4])
+    if order is None:
+        return None
+    def number(at: int, size: int) -> int:
+        return int.from_bytes(data[at:at + size], order)
+    ifd, found = number(4, 4), {}
+    for at in range(ifd + 2, min(ifd + 2 + 12 * number(ifd, 2), len(data) - 11), 12):  # 12-byte entries
+        if number(at, 2) in (256, 257):  # ImageWidth, ImageLength: a SHORT (3) or a LONG
+            found[number(at, 2)] = number(at + 8, 2 if number(at + 2, 2) == 3 else 4)
+    return (found[257], found[256]) if found.get(256) and found.get(257) else None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """A WebP's (H, W) as its first chunk states it (lossy VP8, lossless VP8L, or the extended format's canvas)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or len(data) < 25:
+        return None
+    kind = data[12:16]
+    if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a" and len(data) >= 30:
+        return int.from_bytes(data[28:30], "little") & 0x3FFF, int.from_bytes(data[26:28], "little") & 0x3FFF
+    if kind == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if kind == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[27:30], "little") + 1, int.from_bytes(data[24:27], "little") + 1
+    return None
+
+
 def stated_size(data: bytes) -> tuple[int, int] | None:
-    """(H, W) as a JPEG's frame header or a PNG's IHDR states it, read without decoding: a small compressed file
-    may state gigabytes. None for other bytes, or no such header. (A ``.npy`` is not compressed: its bytes bound
-    what it loads, and a header stating more fails to load.)"""
+    """(H, W) as a JPEG's frame header, a PNG's IHDR, or a BMP's, TIFF's or WebP's header states it, read without
+    decoding: a small compressed file may state gigabytes. None for other bytes, or no such header. (A ``.npy`` is
+    not compressed: its bytes bound what it loads, and a header stating more fails to load.)"""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
         return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    return jpeg_size(data)
+    if data[:2] == b"BM" and len(data) >= 26:  # BITMAPCOREHEADER (12 bytes): 16-bit sides; the others: 32-bit
+        core = int.from_bytes(data[14:18], "little") == 12
+        w, h = (int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")) if core else (
+            int.from_bytes(data[18:22], "little", signed=True), abs(int.from_bytes(data[22:26], "little", signed=True)))
+        return (h, w) if h > 0 and w > 0 else None  # (a negative height: rows stored top-down)
+    return jpeg_size(data) or _webp_size(data) or _tiff_size(data)
 
 
 def decodable_size(data: bytes) -> bool:
