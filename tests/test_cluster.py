@@ -9,6 +9,7 @@ forwards to its workers.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -307,6 +308,11 @@ def test_a_cluster_labels_and_trains_as_local_runs_do_and_its_killed_head_leaves
         "images", "8", "8"]  # both workers' images, in each of the 2 epochs
     assert json.loads((local_run / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     assert tout.count("img/s") == 1 and (local_run / "curves.png").is_file()  # process 0's summary alone
+    columns = next(line.split() for line in tout.splitlines() if "train_loss" in line)
+    rates = [float(line.split()[-1]) for line in tout.splitlines()
+             if len(line.split()) == len(columns) and line.split()[0].isdigit()]
+    both = [int(row[8]) / float(row[7]) for row in csv.reader((local_run / "metrics.csv").open()) if row[0].isdigit()]
+    assert rates == pytest.approx(both, rel=0.02)  # both workers' images/s, as metrics.csv says (was process 0's)
     for text in (terr, cerr):  # worker 0's lines once (Ray Train's print patch would echo each twice)
         assert text.count("backbone: none") == 1, text
 

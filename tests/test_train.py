@@ -104,9 +104,11 @@ def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_s
     r = invoke(*args, "--run", run)  # finished: nothing to do
     assert r.exit_code == 0 and "nothing to do" in r.output
     fewer = [1 if a == 2 and args[i - 1] == "--epochs" else a for i, a in enumerate(args)]
-    r = invoke(*fewer, "--run", run)  # nothing to do either; config.json still says what the run holds
-    assert r.exit_code == 0 and "nothing to do" in r.output
+    r = invoke(*fewer, "--run", run, "--init", straight)  # nothing to do either; config.json still says what the run
+    assert r.exit_code == 0 and "nothing to do" in r.output  # holds, and what it started from (not this --init)
+    assert f"note: --init {straight} not used: the run resumes from its own checkpoint" in r.output
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert json.loads((run / "config.json").read_text())["init"] is None
 
     photos = sorted((SAMPLES / "val2017").glob("*.jpg"))[:5]
     h5 = tmp_path / "mit.h5"
@@ -736,6 +738,32 @@ def test_held_out_shards_with_no_samples_are_no_validation_not_scores_of_0(tmp_p
     trainer = Trainer(TrainConfig(labels=(str(folder),), run=str(tmp_path / "run"), backbone_weights="none",
                                   workers=0, batch_size=2, val_shards=2))
     assert trainer.no_validation() == ""
+
+    (tmp_path / "broken").mkdir()  # a training set of failed images alone: refused before the run folder is made
+    (tmp_path / "broken" / "a.jpg").touch()
+    invoke("label", "folder", "--images", tmp_path / "broken", "--teacher", "classic", "--out", tmp_path / "labels",
+           "--image-size", "64x96", "--executor", "local", "--no-progress", "--max-failure-rate", 1)
+    broken = tmp_path / "labels" / "classic" / "broken"
+    with pytest.raises(TrainError) as e:
+        Trainer(TrainConfig(labels=(str(broken),), val_labels=str(folder), run=str(tmp_path / "run2"),
+                            backbone_weights="none", workers=0, batch_size=2))
+    assert str(e.value) == (f"the training shards of {broken} hold no samples (every image in them failed to label; "
+                            "each shard's shard-*.json marker lists why): nothing to train on")
+    assert not (tmp_path / "run2").exists()
+
+
+def test_val_shards_is_no_setting_of_a_run_that_validates_on_val_labels(tmp_path):
+    """Resuming a run with --val-labels and another --val-shards was refused, though --val-shards holds nothing out
+    there; without --val-labels it holds out the shards validated on, and stays a setting of the run."""
+    from pipeline.train.loop import check_resumable
+
+    def resume(before: TrainConfig, now: TrainConfig) -> None:
+        check_resumable(tmp_path / "ckpt.pt", {"config": before.resume_key(), "student_options": {}}, now, {}, {})
+
+    run = dict(labels=("a",), run="r")
+    resume(TrainConfig(**run, val_labels="v"), TrainConfig(**run, val_labels="v", val_shards=2))
+    with pytest.raises(TrainError, match="val_shards 1 there, 2 now"):
+        resume(TrainConfig(**run), TrainConfig(**run, val_shards=2))
 
 
 def test_a_checkpoint_the_filesystem_refuses_is_one_sentence_and_the_last_one_stays(tmp_path):

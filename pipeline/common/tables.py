@@ -31,3 +31,9 @@ def table(headers: Sequence[str] | None, rows: Sequence[Sequence[object]], *, al
 def plural(n: int, word: str) -> str:
     """``n`` and ``word``, with an ``s`` unless ``n`` is 1: "1 image", "3 images"."""
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def fixed(value: float, places: int = 4) -> str:
+    """``value`` with ``places`` decimals, and no minus sign on a value that rounds to 0 (not "-0.0000")."""
+    text = f"{value:.{places}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text

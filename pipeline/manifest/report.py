@@ -35,7 +35,7 @@ from urllib.parse import quote, unquote
 
 from pipeline.common.atomic import atomic_open
 from pipeline.common.storage import as_path
-from pipeline.common.tables import table
+from pipeline.common.tables import fixed, table
 from pipeline.manifest.format import Manifest
 from pipeline.manifest.plan import matches
 
@@ -299,10 +299,19 @@ def _curves_html(manifest: Manifest, name: str, assets: Path, warnings: list[str
     if not redrawn:
         shutil.copyfile(run / "curves.png", dst)
     last = _last_epoch(run)
-    summary = ", ".join(f"{k} {last[k]}" for k in ("train_loss", "val_cc", "val_kl", "val_nss") if k in last)
+    summary = ", ".join(f"{k} {_four(last[k])}" for k in ("train_loss", "val_loss", "val_cc", "val_kl", "val_nss")
+                        if last.get(k))
     epochs = int(last["epoch"]) + 1 if last.get("epoch", "").isdigit() else "?"
     return (f"<h3>{html.escape(name)}</h3><figure>{_img(f'{ASSETS}/{name}/curves.png', name + ' curves')}"
             f"<figcaption>{html.escape(f'after epoch {epochs}: {summary}')}</figcaption></figure>")
+
+
+def _four(value: str) -> str:
+    """A metrics.csv value as the tables show one (4 decimals; "nan" and what does not read as it is)."""
+    try:
+        return fixed(float(value))
+    except ValueError:
+        return value
 
 
 def _scored_elsewhere(doc: Mapping, checkpoint: Path, workdir: Path) -> str:

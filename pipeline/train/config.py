@@ -60,5 +60,5 @@ class EpochResult:
     val: dict = field(default_factory=dict)
     lr: float = 0.0
     seconds: float = 0.0  # training (validation is not in it: images / seconds is the training rate)
-    images: int = 0
+    images: int = 0  # of every process (data-parallel runs: world × each one's)
     logs: dict = field(default_factory=dict)  # the student's logged statistics, means over the epoch

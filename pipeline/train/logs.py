@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.common.atomic import atomic_open
 from pipeline.common.storage import as_path
-from pipeline.common.tables import table
+from pipeline.common.tables import fixed, table
 from pipeline.train.config import EpochResult
 
 LOSS_HEADER = ["epoch", "step", "global_step", "loss"]
@@ -60,12 +60,12 @@ def keep_rows(path: Path, header: list[str], before_epoch: int) -> None:
         w.writerows(rows)
 
 
-def append_metrics(run: Path, result: EpochResult, world: int) -> None:
+def append_metrics(run: Path, result: EpochResult) -> None:
     """One row of ``metrics.csv`` for a finished epoch, fsynced (a checkpoint follows it)."""
     with open(run / "metrics.csv", "a", newline="") as f:
         csv.writer(f, lineterminator="\n").writerow(
             [result.epoch, f"{result.train_loss:.6g}", *(f"{result.val[k]:.6g}" for k in VAL_KEYS),
-             f"{result.lr:.6g}", f"{result.seconds:.2f}", result.images * world,
+             f"{result.lr:.6g}", f"{result.seconds:.2f}", result.images,
              *(f"{v:.6g}" for v in result.logs.values()),
              *(f"{result.val.get('val_' + k, math.nan):.6g}" for k in result.logs)])
         f.flush()
@@ -187,8 +187,8 @@ def summary_table(results: list[EpochResult]) -> str:
         return "nothing to do: every epoch is already trained"
     keys = [k for k in VAL_KEYS if not _lacked(k, [r.val for r in results])]
     head = ["epoch", "train_loss", *keys, *_stat_columns(results[0]), "lr", "seconds", "img/s"]
-    rows = [[str(r.epoch + 1), f"{r.train_loss:.4f}", *(f"{r.val[k]:.4f}" for k in keys),
-             *(f"{v:.3f}" if v == v else "-" for v in _stat_columns(r).values()), f"{r.lr:.2g}", f"{r.seconds:.1f}",
+    rows = [[str(r.epoch + 1), fixed(r.train_loss), *(fixed(r.val[k]) for k in keys),
+             *(fixed(v, 3) if v == v else "-" for v in _stat_columns(r).values()), f"{r.lr:g}", f"{r.seconds:.1f}",
              f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
     return table(head, rows, align="right")
 
@@ -207,7 +207,7 @@ def _stat_columns(result: EpochResult) -> dict[str, float]:
 
 def epoch_note(result: EpochResult, epochs: int) -> str:
     """The end of an epoch in one line: ``epoch 3/20 loss 0.4123 val_cc 0.712 … 85.1 img/s``."""
-    val = " ".join(f"{k} {result.val[k]:.4f}" for k in VAL_KEYS if result.val.get(k, math.nan) == result.val.get(k))
+    val = " ".join(f"{k} {fixed(result.val[k])}" for k in VAL_KEYS if result.val.get(k, math.nan) == result.val.get(k))
     rate = result.images / max(result.seconds, 1e-9)
-    return (f"epoch {result.epoch + 1}/{epochs} loss {result.train_loss:.4f}" + (f" {val}" if val else "")
+    return (f"epoch {result.epoch + 1}/{epochs} loss {fixed(result.train_loss)}" + (f" {val}" if val else "")
             + f" (epoch {result.seconds:.1f} s, {rate:.1f} img/s)")  # (the bar's own rate counts the whole run)

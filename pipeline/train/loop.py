@@ -46,6 +46,7 @@ from pipeline.common.devices import DeviceError, autocast, available, resolve_de
 from pipeline.common.locks import LOCK_NAME, FolderLock, process_alive, process_start
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import Mirror, as_path, is_url
+from pipeline.common.tables import plural
 from pipeline.label.shards import enclosing_label_folder
 from pipeline.train.checkpoints import (LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
                                         set_rng_state)
@@ -283,9 +284,12 @@ class Trainer:
         else:
             last = len(open_label_set(c.labels[-1]).tars) if len(c.labels) > 1 else len(labels.tars)
             if len(c.labels) > 1 and c.val_shards > last:  # (held out: the last folder's, as CLI.md says)
-                raise TrainError(f"--val-shards {c.val_shards}: the last --labels folder, {c.labels[-1]}, has {last} "
-                                 "shards; hold out at most those, or give --val-labels")
+                raise TrainError(f"--val-shards {c.val_shards}: the last --labels folder, {c.labels[-1]}, has "
+                                 f"{plural(last, 'shard')}; hold out at most those, or give --val-labels")
             train, val_tars = split_shards(labels.tars, c.val_shards)
+        if train and not sum(shards[t][1] for t in train):  # (before anything is written to the run folder)
+            raise TrainError(f"the training shards of {', '.join(c.labels)} hold no samples (every image in them "
+                             "failed to label; each shard's shard-*.json marker lists why): nothing to train on")
         try:
             use_autocast(resolve_device(c.device), c.amp, option="--amp")
         except DeviceError as e:  # an unknown --device (or --amp, for a config not made by the CLI)
@@ -532,6 +536,9 @@ def check_resumable(path: Path, ckpt: dict, config: TrainConfig, options: dict, 
     if labels.get("kind") != "log_density":  # Eq. 3's weights: no term of a map teacher's loss (Eq. 2)
         theirs.pop("loss_weights", None)
         ours.pop("loss_weights", None)
+    if config.val_labels and theirs.get("val_labels") == ours.get("val_labels"):  # --val-shards holds nothing
+        theirs.pop("val_shards", None)  # out where --val-labels is given
+        ours.pop("val_shards", None)
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
 
@@ -659,6 +666,19 @@ def run_mirror(url: str, local: str | Path) -> Mirror:
                   prune=("checkpoints/epoch-*.pt", "tensorboard/events.out.tfevents.*"))
 
 
+#: options that choose the weights a run starts from: a resumed run keeps what config.json recorded
+STARTS_ONLY = ("init", "backbone_weights")
+
+
+def _recorded_config(run: Path) -> dict:
+    """The run folder's config.json ({} where there is none, or it does not read)."""
+    try:
+        recorded = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: bool,
            mirror: Mirror | None = None) -> list[EpochResult]:
     run, lead = trainer.run, trainer.rank == 0
@@ -680,9 +700,18 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
     resumed = trainer.resume()
     if lead:
         # the settings, with the epochs the run holds: a lower --epochs than already trained trains nothing
-        write_json(run / "config.json", {**asdict(config), "epochs": max(config.epochs, trainer.epoch),
-                                         "processes": trainer.world,  # data-parallel: each takes batch_size
-                                         "student_options": trainer.model.options()})  # defaults too
+        recorded = {**asdict(config), "epochs": max(config.epochs, trainer.epoch),
+                    "processes": trainer.world,  # data-parallel: each takes batch_size
+                    "student_options": trainer.model.options()}  # defaults too
+        if resumed:  # what the run started from stays recorded: these two start a run, a resumed one ignores them
+            before = _recorded_config(run)
+            given = [f"--{k.replace('_', '-')} {recorded[k]}" for k in STARTS_ONLY
+                     if k in before and recorded[k] != before[k] and (k != "backbone_weights" or config.init is None)]
+            recorded.update({k: before[k] for k in STARTS_ONLY if k in before})
+            if given:
+                print(f"note: {' and '.join(given)} not used: the run resumes from its own checkpoint (they choose the "
+                      "weights a run starts from)", file=sys.stderr)
+        write_json(run / "config.json", recorded)
         print(f"resuming {config.run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
         if trainer.no_validation():
@@ -714,8 +743,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             if lead:
                 os.fsync(losses.fileno())
                 val = trainer.validate()
-                result = EpochResult(epoch, train_loss, val, lr, seconds, n, stats)
-                append_metrics(run, result, trainer.world)
+                result = EpochResult(epoch, train_loss, val, lr, seconds, n * trainer.world, stats)  # every process's
+                append_metrics(run, result)
                 board.epoch(trainer, result)
                 trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
                 plot_curves(run)
