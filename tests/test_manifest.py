@@ -209,9 +209,10 @@ def test_force_reruns_the_step_and_everything_downstream(demo):
     assert forced["train_a"] == forced["eval_a"] == ("skip", "up to date")
 
     a_before, losses, model = mtimes(TRAIN_A), (TRAIN_C / "losses.csv").read_text(), final_model(TRAIN_C)
-    result = invoke("run", DEMO, *OPTS, "--force", "train_c")
+    result = invoke("run", DEMO, *OPTS, "--force", "train_c", "--only", "train_c")  # (its downstream left stale)
     assert result.exit_code == 0, result.output
     assert "--restart" in result.output  # forced: starts over instead of resuming
+    assert re.findall(r"\[(\w+)\] \$ pipeline", result.output) == ["train_c"]
     assert mtimes(TRAIN_A) == a_before
     assert (TRAIN_C / "losses.csv").read_text() == losses  # deterministic: the same losses again
     again = final_model(TRAIN_C)

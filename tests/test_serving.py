@@ -182,11 +182,11 @@ def test_predict_and_profile_on_int8_onnx_runtime(weights, coco_tree, tmp_path):
     export = invoke("export", "--student", "fastsal_a", "--out", tmp_path / "x.onnx", "--quantize", "int8")
     assert export.exit_code == 2 and "--quantize int8 needs --calibration" in export.output
     assert not (tmp_path / "x.onnx").exists()
-    # the quantizer fails on SACT's graph (after 17 s of export and calibration at 192x256): refused before, as the
-    # command line is parsed (--student) or once the checkpoint's student is known
+    # ONNX Runtime's quantizer (1.32) fails on SACT's graph after 17 s of export and calibration at 192x256 (9 s at
+    # 64x96, which this test checked until stop 32): refused before, as the command line is parsed (--student) or
+    # once the checkpoint's student is known
     from pipeline.score.predictors import PredictorError
-    from pipeline.score.quantize import calibration_images, quantize_int8
-    from pipeline.score.serving import onnx_bytes, onnx_predictor
+    from pipeline.score.serving import onnx_predictor
 
     for command in ("export", "profile"):
         sact = invoke(command, "--student", "sact", "--weights", "random", "--image-size", "64x96",
@@ -201,8 +201,6 @@ def test_predict_and_profile_on_int8_onnx_runtime(weights, coco_tree, tmp_path):
                     lambda: onnx_predictor(sact, (64, 96), calibration=images)):
         with pytest.raises(PredictorError, match="^sact cannot be quantized to int8"):
             refused()
-    with pytest.raises(PredictorError, match="^ONNX Runtime's quantizer cannot quantize sact to int8 \\("):
-        quantize_int8(onnx_bytes(sact, (64, 96)), calibration_images(images, (64, 96), 2))  # (what the refusal says)
 
 
 def test_an_exported_model_given_to_predict_as_a_checkpoint_is_one_line(tmp_path):
