@@ -329,7 +329,8 @@ class Trainer:
                   f"now takes {self.world} × {b} images, not {before} × {b} (the losses no longer follow the run's "
                   "own course)", file=sys.stderr)
         loaders = ckpt.get("loader_workers", self.config.workers)  # (checkpoints before stop 27 do not say)
-        if loaders != self.config.workers and self.rank == 0:  # allowed: the speed of loading is the user's to choose
+        # allowed: the speed of loading is the user's to choose (0 and 1 read the shards in the same order: one reader)
+        if max(loaders, 1) != max(self.config.workers, 1) and self.rank == 0:
             print(f"note: {path.name} was trained with --workers {loaders}, this run has {self.config.workers}: the "
                   "loader workers split the shards between them, so the images come in another order from here "
                   "than in an uninterrupted run", file=sys.stderr)
