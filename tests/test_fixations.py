@@ -253,8 +253,12 @@ def test_mit1003_reads_fixpts_jpegs(mit_root):
          "{root}/ALLFIXATIONMAPS/i1000_fixPts.jpg: not a readable image; expected a grayscale JPEG fixation-point map"),
         (lambda r: [p.unlink() for p in (r / "ALLFIXATIONMAPS").iterdir()] and (r / "ALLFIXATIONMAPS").rmdir(),
          "MIT1003 fixation folder (ALLFIXATIONMAPS/<name>_fixPts.jpg) not found: expected the folder {root}/ALLFIXATIONMAPS"),
+        (lambda r: [p.unlink() for p in (r / "ALLFIXATIONMAPS").iterdir()] and (r / "ALLFIXATIONMAPS").rename(r / "DATA"),
+         "MIT1003 fixation folder (ALLFIXATIONMAPS/<name>_fixPts.jpg) not found: expected the folder "
+         "{root}/ALLFIXATIONMAPS (the eye-tracking files in {root}/DATA are not read: ALLFIXATIONMAPS.zip of the same "
+         "release holds the fixations)"),
     ],
-    ids=["fixpts-missing", "orphan-fixpts", "size-mismatch", "unreadable-fixpts", "no-folder"],
+    ids=["fixpts-missing", "orphan-fixpts", "size-mismatch", "unreadable-fixpts", "no-folder", "data-alone"],
 )
 def test_mit1003_bad_input_names_the_file(mit_root, break_it, message):
     break_it(mit_root)

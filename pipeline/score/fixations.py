@@ -484,6 +484,10 @@ def read_mit1003(root: str | Path, threshold: int = MIT1003_THRESHOLD) -> Fixati
     root = Path(root)
     _need_dir(root, "MIT1003 root")
     stim_dir = _need_dir(root / "ALLSTIMULI", "MIT1003 stimuli folder (ALLSTIMULI/<name>.jpeg)")
+    if (root / "DATA").is_dir() and not (root / "ALLFIXATIONMAPS").is_dir():  # the raw eye tracking alone
+        raise FixationError(f"MIT1003 fixation folder (ALLFIXATIONMAPS/<name>_fixPts.jpg) not found: expected the "
+                            f"folder {root / 'ALLFIXATIONMAPS'} (the eye-tracking files in {root / 'DATA'} are not "
+                            "read: ALLFIXATIONMAPS.zip of the same release holds the fixations)")
     fix_dir = _need_dir(root / "ALLFIXATIONMAPS", "MIT1003 fixation folder (ALLFIXATIONMAPS/<name>_fixPts.jpg)")
     stimuli = sorted(p for p in stim_dir.iterdir() if p.is_file() and p.suffix.lower() == ".jpeg")
     if not stimuli:
