@@ -75,7 +75,7 @@ class LabelSummary:
             ("images skipped (already done)", f"{self.skipped}"),
             ("shards", f"{self.shards_done} written, {self.shards_skipped} already done, "
                        f"{len(self.shards_failed)} failed, {self.shards_total} in all"
-                       + (f"; {len(self.shards_changed)} replaced (the source or the settings changed)"
+                       + (f"; {len(self.shards_changed)} replaced or removed (the source or the settings changed)"
                           if self.shards_changed else "")),
             ("wall time", f"{self.wall_s:.1f} s"),
             ("images/s", f"{rate:.1f}"),
