@@ -1109,6 +1109,13 @@ def test_resuming_with_another_number_of_processes_or_loader_workers_is_said(sma
         r.stderr
     assert r.stderr.count("note: epoch-0002.pt was trained with --workers 2, this run has 1: the loader workers split "
                           "the shards between them, so the images come in another order") == 1, r.stderr
+    more = [*one, "--workers", 1, "--steps-per-epoch", 2]
+    r = invoke(*more, "--epochs", 5, "--amp", "off")  # --amp auto trained in fp32 on this CPU: off is the same
+    assert r.exit_code == 0 and "was trained in" not in r.stderr, r.output  # (it was refused: "amp auto there")
+    r = invoke(*more, "--epochs", 6, "--amp", "bf16")  # another precision (as auto on a GPU): allowed, said
+    assert r.exit_code == 0 and r.stderr.count(
+        "warning: epoch-0004.pt was trained in fp32, this run trains in bf16 autocast (--amp bf16 on cpu): the losses "
+        "no longer follow the run's own course; --amp off keeps the precision it had") == 1, r.output
 
 
 # -- ground truth (Eq. 2's second term) ----------------------------------------------------------------------------

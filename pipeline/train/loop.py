@@ -328,6 +328,13 @@ class Trainer:
             print(f"warning: {path.name} was trained by {before} process(es), this run has {self.world}: each step "
                   f"now takes {self.world} × {b} images, not {before} × {b} (the losses no longer follow the run's "
                   "own course)", file=sys.stderr)
+        trained = ckpt.get("precision", "bf16" if self.amp else "fp32")  # (checkpoints before stop 32 do not say)
+        if trained != ("bf16" if self.amp else "fp32") and self.rank == 0:  # (--amp auto on another device)
+            now = "bf16 autocast" if self.amp else "fp32"
+            print(f"warning: {path.name} was trained in {'bf16 autocast' if trained == 'bf16' else 'fp32'}, this run "
+                  f"trains in {now} (--amp {self.config.amp} on {self.device.type}): the losses no longer follow the "
+                  "run's own course; --amp " + ("bf16" if trained == "bf16" else "off") + " keeps the precision it had",
+                  file=sys.stderr)
         loaders = ckpt.get("loader_workers", self.config.workers)  # (checkpoints before stop 27 do not say)
         # allowed: the speed of loading is the user's to choose (0 and 1 read the shards in the same order: one reader)
         if max(loaders, 1) != max(self.config.workers, 1) and self.rank == 0:
@@ -351,7 +358,7 @@ class Trainer:
             "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
             "world": self.world, "loader_workers": self.config.workers, "steps_per_epoch": self.config.steps_per_epoch,
             "student_options": self.model.options(), "stage": self.config.stage,
-            "labels": self.labels.made_with()})
+            "labels": self.labels.made_with(), "precision": "bf16" if self.amp else "fp32"})
 
     # -- one batch -------------------------------------------------------------------------
     @property
@@ -537,6 +544,9 @@ def check_resumable(path: Path, ckpt: dict, config: TrainConfig, options: dict, 
     if labels.get("kind") != "log_density":  # Eq. 3's weights: no term of a map teacher's loss (Eq. 2)
         theirs.pop("loss_weights", None)
         ours.pop("loss_weights", None)
+    if "precision" in ckpt:  # --amp as resolved on each run's device (auto and off are one on a CPU): said on resume
+        theirs.pop("amp", None)
+        ours.pop("amp", None)
     if config.val_labels and theirs.get("val_labels") == ours.get("val_labels"):  # --val-shards holds nothing
         theirs.pop("val_shards", None)  # out where --val-labels is given
         ours.pop("val_shards", None)
