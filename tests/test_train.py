@@ -807,6 +807,24 @@ def test_logs_cut_short_by_a_crash_or_of_other_columns_are_kept_on_resume(tmp_pa
     assert f"its rows are kept in {tmp_path / 'losses.csv.old'}" in capsys.readouterr().err
 
 
+def test_curves_say_when_the_training_loss_holds_the_human_maps_term(tmp_path, monkeypatch):
+    """With --gt-maps the training loss (Eq. 2 with the human maps' term) is about twice the validation loss (the
+    teacher's term alone), plotted on one axis: the legend says so."""
+    from matplotlib.figure import Figure
+
+    from pipeline.train.logs import metrics_header, plot_curves
+
+    (tmp_path / "metrics.csv").write_text(",".join(metrics_header(())) + "\n0,1.2,0.6,0.4,0.3,0.5,0.01,1.0,8\n")
+    (tmp_path / "losses.csv").write_text("epoch,step,global_step,loss\n0,0,1,1.2\n")
+    legends, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (legends.append(
+        [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]), save(fig, *a, **k)))
+    for config in ({}, {"gt_maps": "salicon/maps/train"}):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        plot_curves(tmp_path)
+    assert legends == [["validation", "training (mean)"], ["validation", "training (mean, with the human maps' term)"]]
+
+
 def test_a_sact_run_from_before_validation_ponder_costs_were_logged_resumes_with_its_rows(tmp_path, capsys):
     """Its metrics.csv lacks the val_ponder_N columns: its rows are kept (those cells empty, read as not measured),
     not put aside as a file of other columns; the summary and the curves take them."""

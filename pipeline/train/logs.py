@@ -141,7 +141,8 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
     for ax, (key, title, ylabel) in zip(axes[1:], panels):
         ax.plot(epochs, [r[key] for r in rows], marker="o", label="validation")
         if key == "val_loss":
-            ax.plot(epochs, [float(r["train_loss"]) for r in metrics], marker=".", ls="--", label="training (mean)")
+            ax.plot(epochs, [float(r["train_loss"]) for r in metrics], marker=".", ls="--",
+                    label="training (mean" + (", with the human maps' term)" if config.get("gt_maps") else ")"))
             ax.legend(fontsize="small")
         for x in drops:
             ax.axvline(x, color="grey", ls=":", lw=1)
