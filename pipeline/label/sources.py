@@ -181,10 +181,10 @@ def folder_key(relative: str) -> str:
                   stem.replace("/", "__"))
 
 
-def hidden(name: str, folder: bool) -> bool:
+def hidden(name: str) -> bool:
     """Whether a file or folder of that name is left out of a folder source: a name starting with '.' (macOS's
-    ``._x.jpg`` resource forks, ``.DS_Store``, ``.thumbnails/``…), or a Synology ``@eaDir`` folder (thumbnails)."""
-    return name.startswith(".") or (folder and name == "@eaDir")
+    ``._x.jpg`` resource forks, ``.DS_Store``, ``.thumbnails/``…), or Synology's ``@eaDir`` folders (thumbnails)."""
+    return name.startswith(".") or name == "@eaDir"
 
 
 def folder_records(folder: str | Path, allow_outside_root: bool = False,
@@ -205,17 +205,15 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
         raise SourceError(f"image folder {what}: {folder}")
     base = folder.resolve()
     skip = [Path(e).resolve().relative_to(base).parts for e in exclude if Path(e).resolve().is_relative_to(base)]
-    files, other = [], []
+    files, other, concealed = [], [], set()
     for p in folder.rglob("*"):
         rel = p.relative_to(folder)
         if any(rel.parts[:len(s)] == s for s in skip):
             continue
-        last = len(rel.parts) - 1
-        top = next((i for i, part in enumerate(rel.parts) if hidden(part, i < last or p.is_dir())), None)
+        top = next((i for i, part in enumerate(rel.parts) if hidden(part)), None)
         if top is not None:  # (said once, by its outermost hidden part)
-            shown = "/".join(rel.parts[:top + 1]) + ("/" if top < last or p.is_dir() else "")
-            if shown not in other:
-                other.append(shown)
+            inside = top < len(rel.parts) - 1
+            concealed.add("/".join(rel.parts[:top + 1]) + ("/" if inside or p.is_dir() else ""))
         elif p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir():
             files.append(rel.as_posix())
         elif p.is_symlink() and p.is_dir():  # not followed (rglob does not descend into it): said, not silent
@@ -224,7 +222,7 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
             other.append(rel.as_posix())
     files.sort()
     if others is not None:
-        others.extend(sorted(other))
+        others.extend(sorted(other + list(concealed)))
     if not files:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     seen: dict[str, str] = {}
@@ -245,8 +243,7 @@ def folder_records(folder: str | Path, allow_outside_root: bool = False,
 
 def _hidden_path(relative: str) -> bool:
     """Whether an entry of :func:`folder_records`'s ``others`` is a hidden file or folder (a folder: ``…/``)."""
-    parts = relative.rstrip("/").split("/")
-    return any(hidden(part, i < len(parts) - 1 or relative.endswith("/")) for i, part in enumerate(parts))
+    return any(hidden(part) for part in relative.rstrip("/").split("/"))
 
 
 def left_out_note(others: list[str]) -> str:

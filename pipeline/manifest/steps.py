@@ -101,9 +101,9 @@ def _listing(folder: Path, skip: Callable[[], set[str]] = set) -> str | None:
     h = hashlib.sha256()
     for root, dirs, files in os.walk(folder):  # an os.walk and a stat per image: 1e5 images in about a second
         dirs[:] = sorted(d for d in dirs
-                         if not hidden(d, True) and os.path.realpath(os.path.join(root, d)) not in left_out)
+                         if not hidden(d) and os.path.realpath(os.path.join(root, d)) not in left_out)
         for name in sorted(files):
-            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES or hidden(name, False):
+            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES or hidden(name):
                 continue
             path = os.path.join(root, name)
             try:

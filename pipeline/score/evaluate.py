@@ -26,7 +26,7 @@ import numpy as np
 from pipeline.common import images
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
-from pipeline.common.tables import table
+from pipeline.common.tables import plural, table
 from pipeline.score import metrics
 from pipeline.score.fixations import FixationSet
 from pipeline.score.predictors import NOT_FINITE, Predictor
@@ -129,11 +129,12 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
     chosen = chosen if limit is None else chosen[:limit]
     n = len(chosen)
     check_source(fs)
+    per_image = np.diff(fs.offsets)  # each image's fixations
     split = f" {fs.split}" if fs.split else ""
-    result = EvalResult(predictor.name, f"{fs.name}{split} ({n} image{'' if n == 1 else 's'})", metrics.METRICS,
+    result = EvalResult(predictor.name, f"{fs.name}{split} ({plural(n, 'image')})", metrics.METRICS,
                         settings={"dataset": fs.name, "split": fs.split or None,
-                                  "fixations": int(sum(fs.offsets[i + 1] - fs.offsets[i] for i in chosen)),
-                                  "baseline": baseline, "sigma_frac": sigma_frac, "ig_unit": "bits per fixation"})
+                                  "fixations": int(per_image[chosen].sum()), "baseline": baseline,
+                                  "sigma_frac": sigma_frac, "ig_unit": "bits per fixation"})
     fy, fx = _other_fixations(fs)
     if baseline not in ("centerbias", "uniform"):
         raise ValueError(f"unknown baseline {baseline!r} (centerbias or uniform)")
@@ -142,10 +143,10 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
         if baseline == "centerbias" else None
     if bias is not None and not bias.counts.any():
         raise ValueError("centerbias_log_density needs at least one fixation")
-    fixated = int(np.count_nonzero(np.diff(fs.offsets)))
+    fixated = int(np.count_nonzero(per_image))
     if bias is not None and fixated < FEW_FOR_BASELINE:
         warnings.warn(f"information gain's baseline is the centre bias of {fs.name}'s own fixations, here those of "
-                      f"{fixated} image{'' if fixated == 1 else 's'}: so few give a coarse baseline over which every "
+                      f"{plural(fixated, 'image')}: so few give a coarse baseline over which every "
                       "model's IG is high (on 20 images of 5 fixations drawn from a known density, that density "
                       f"scored 1.1 bits over it and a uniform map 0.5; on {FEW_FOR_BASELINE} images of 15, 0.07 and "
                       "-0.6): compare IGs on one set only"

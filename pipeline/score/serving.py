@@ -238,7 +238,6 @@ def onnx_predictor(predictor: Predictor, input_size: tuple[int, int] | None = No
             raise PredictorError(mistake)
     data, quantized = onnx_bytes(predictor, size), None
     if calibration is not None:
-
         data, quantized = quantize_int8(data, load(calibration, size, calibration_images)), "int8"
     return Predictor(f"{predictor.name} [onnxruntime{' int8' if quantized else ''}]", OnnxModule(OnnxSession(data)),
                      predictor.kind, size, torch.device("cpu"), autocast=False, reference=predictor.model,

@@ -72,6 +72,15 @@ def append_metrics(run: Path, result: EpochResult) -> None:
         os.fsync(f.fileno())
 
 
+def recorded_config(run: Path) -> dict:
+    """The run folder's config.json ({} where there is none, or it does not read as settings)."""
+    try:
+        recorded = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def read_metrics(run: Path, from_epoch: int = 0) -> list[EpochResult]:
     """The epochs of ``metrics.csv`` from ``from_epoch`` on (``run`` may be a URL)."""
     with (as_path(run) / "metrics.csv").open("r", newline="") as f:
@@ -122,10 +131,7 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
                                         ("val_kl", "validation KL vs teacher", "KL divergence (lower: closer)"),
                                         ("val_nss", "validation NSS vs teacher", "NSS (higher: closer)"))
               if not _lacked(k, rows)]
-    try:
-        config = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
+    config = recorded_config(run)
     # the student's own statistics (SACT: each block's mean ponder cost), means over the epoch's training batches,
     # and over the validation images (val_…; empty in the rows of a run from before they were logged)
     extra = [k for k in (metrics[0].keys() if metrics else ()) if k and k not in METRICS_HEADER

@@ -55,7 +55,7 @@ from pipeline.train.data import (BadSamples, SampleError, check_same_labels, epo
                                  node_shards, open_label_set, open_label_sets, shard_loader, split_shards,
                                  verify_shards)
 from pipeline.train.logs import (LOSS_HEADER, append_metrics, curves_behind, epoch_note, keep_rows, metrics_header,
-                                 plot_curves)
+                                 plot_curves, recorded_config)
 from pipeline.train.tensorboard import EpochLogger
 from students import Student, build_student, check_options, student_info, student_kind, to_log_density
 from students import available as available_students
@@ -328,13 +328,12 @@ class Trainer:
             print(f"warning: {path.name} was trained by {before} process(es), this run has {self.world}: each step "
                   f"now takes {self.world} × {b} images, not {before} × {b} (the losses no longer follow the run's "
                   "own course)", file=sys.stderr)
-        trained = ckpt.get("precision", "bf16" if self.amp else "fp32")  # (checkpoints before stop 32 do not say)
-        if trained != ("bf16" if self.amp else "fp32") and self.rank == 0:  # (--amp auto on another device)
-            now = "bf16 autocast" if self.amp else "fp32"
-            print(f"warning: {path.name} was trained in {'bf16 autocast' if trained == 'bf16' else 'fp32'}, this run "
-                  f"trains in {now} (--amp {self.config.amp} on {self.device.type}): the losses no longer follow the "
-                  "run's own course; --amp " + ("bf16" if trained == "bf16" else "off") + " keeps the precision it had",
-                  file=sys.stderr)
+        trained = ckpt.get("precision", self.precision)  # (checkpoints before stop 32 do not say)
+        if trained != self.precision and self.rank == 0:  # (--amp auto on another device)
+            said = {"bf16": "bf16 autocast", "fp32": "fp32"}
+            print(f"warning: {path.name} was trained in {said[trained]}, this run trains in {said[self.precision]} "
+                  f"(--amp {self.config.amp} on {self.device.type}): the losses no longer follow the run's own course; "
+                  f"--amp {'bf16' if trained == 'bf16' else 'off'} keeps the precision it had", file=sys.stderr)
         loaders = ckpt.get("loader_workers", self.config.workers)  # (checkpoints before stop 27 do not say)
         # allowed: the speed of loading is the user's to choose (0 and 1 read the shards in the same order: one reader)
         if max(loaders, 1) != max(self.config.workers, 1) and self.rank == 0:
@@ -358,7 +357,12 @@ class Trainer:
             "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
             "world": self.world, "loader_workers": self.config.workers, "steps_per_epoch": self.config.steps_per_epoch,
             "student_options": self.model.options(), "stage": self.config.stage,
-            "labels": self.labels.made_with(), "precision": "bf16" if self.amp else "fp32"})
+            "labels": self.labels.made_with(), "precision": self.precision})
+
+    @property
+    def precision(self) -> str:
+        """What this run trains in, as its checkpoints record it: ``bf16`` (autocast) or ``fp32``."""
+        return "bf16" if self.amp else "fp32"
 
     # -- one batch -------------------------------------------------------------------------
     @property
@@ -681,15 +685,6 @@ def run_mirror(url: str, local: str | Path) -> Mirror:
 STARTS_ONLY = ("init", "backbone_weights")
 
 
-def _recorded_config(run: Path) -> dict:
-    """The run folder's config.json ({} where there is none, or it does not read)."""
-    try:
-        recorded = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return recorded if isinstance(recorded, dict) else {}
-
-
 def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: bool,
            mirror: Mirror | None = None) -> list[EpochResult]:
     run, lead = trainer.run, trainer.rank == 0
@@ -715,7 +710,7 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
                     "processes": trainer.world,  # data-parallel: each takes batch_size
                     "student_options": trainer.model.options()}  # defaults too
         if resumed:  # what the run started from stays recorded: these two start a run, a resumed one ignores them
-            before = _recorded_config(run)
+            before = recorded_config(run)
             given = [f"--{k.replace('_', '-')} {recorded[k]}" for k in STARTS_ONLY
                      if k in before and recorded[k] != before[k] and (k != "backbone_weights" or config.init is None)]
             recorded.update({k: before[k] for k in STARTS_ONLY if k in before})
@@ -725,8 +720,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
         write_json(run / "config.json", recorded)
         print(f"resuming {config.run} after epoch {trainer.epoch} (step {trainer.global_step})" if resumed
               else trainer.init_note, file=sys.stderr)
-        if trainer.no_validation():
-            print(f"warning: {trainer.no_validation()}", file=sys.stderr)
+        if why := trainer.no_validation():
+            print(f"warning: {why}", file=sys.stderr)
         if config.gt_maps:
             print(f"ground truth: {config.gt_maps} (train_loss = BCE with the teacher's maps + BCE with these, Eq. 2; "
                   "validation is against the teacher's maps alone)", file=sys.stderr)
