@@ -51,6 +51,24 @@ def test_only_the_object_storage_variables_reach_the_clusters_workers():
         "AZURE_STORAGE_ACCOUNT_KEY": "k"}
 
 
+def test_train_on_a_cluster_that_does_not_answer_says_so_before_checking_the_shards(sample_labels, tmp_path):
+    """`train --ray-workers --address` with a wrong address checked every shard's sha256 first (minutes on COCO)
+    and built the model before it found out: the cluster is asked first (a corrupt shard is not reached)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import cli
+
+    labels = tmp_path / "labels"
+    shutil.copytree(sample_labels, labels)
+    tar = labels / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:-1] + b"x")
+    port = free_port()
+    r = CliRunner().invoke(cli, [*TRAIN, "--labels", str(labels), "--run", str(tmp_path / "run"), "--address",
+                                 f"127.0.0.1:{port}"])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: no Ray cluster answers at 127.0.0.1:{port} "), r.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_ctrl_c_while_ray_starts_is_raised_once_it_has_started():
     """Interrupted inside `ray.init`, Ray 2.60 was left half-connected and the interpreter died at exit of a
     segmentation fault (1 run in 3 with Ctrl-C about 5 s into `pipeline label`). `connect` holds SIGINT back

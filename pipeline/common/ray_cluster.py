@@ -175,6 +175,21 @@ def check_cluster(address: str) -> None:
                               f"{TOKEN_HINT}") from None
 
 
+def given_address(address: str | None) -> str | None:
+    """The cluster a command is pointed at: ``address``, else ``$RAY_ADDRESS``; None for an embedded local Ray."""
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS")
+    return (address or "").strip() or None
+
+
+def check_given(address: str | None) -> None:
+    """:func:`check_cluster` on the cluster :func:`given_address` names, if it names a host:port (Ray Client
+    URLs and ``auto``, Ray's own search, give their own errors; a local Ray needs no check)."""
+    address = given_address(address)
+    if address is not None and "://" not in address and address != "auto":
+        check_cluster(address)
+
+
 def _first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
@@ -350,9 +365,7 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
     if ray.is_initialized():  # someone else's Ray (a test, a notebook): use it, leave it running
         yield "existing"
         return
-    if address is None:
-        address = os.environ.get("RAY_ADDRESS")
-    address = (address or "").strip() or None
+    address = given_address(address)
     quiet = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "1"}
     options = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
                    logging_level=logging.ERROR)
@@ -375,8 +388,7 @@ def connect(address: str | None = None, *, show: tuple[str, ...] | None = None,
             shutil.rmtree(folder, ignore_errors=True)
         return
     with _env(**quiet):
-        if "://" not in address and address != "auto":  # Ray Client, or Ray's own search: their own errors
-            check_cluster(address)
+        check_given(address)
         forward = {**forwarded_env(os.environ), **(worker_env or {})}
         if forward:
             options["runtime_env"] = {"env_vars": forward}

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from pipeline.common.ray_cluster import RayClusterError, connect
+from pipeline.common.ray_cluster import RayClusterError, check_given, connect
 from pipeline.common.storage import as_path, is_url
 from pipeline.train.checkpoints import CheckpointError, latest_record
 from pipeline.train.config import EpochResult, TrainConfig, TrainError
@@ -76,6 +76,10 @@ def train_on_ray(config: TrainConfig, *, workers: int, address: str | None = Non
         import ray.train.torch  # noqa: F401 - here: one clear error before anything else
     except ImportError as e:
         raise TrainError(f"--ray-workers needs Ray Train ({e}): pip install 'ray[train]'") from None
+    try:  # a wrong address or token: said before the shards' check (minutes on COCO) and the model's build
+        check_given(address)
+    except RayClusterError as e:
+        raise TrainError(str(e)) from None
     config = _absolute(config)
     *_, shards = Trainer.check(replace(config, amp="auto"))  # one clear error here, before any worker starts (the
     # workers, not this driver, may have the GPUs that --amp bf16 needs: that is checked on them)
