@@ -1969,3 +1969,12 @@ def test_a_relative_weights_path_reaches_the_workers_as_an_absolute_one(tmp_path
     r = CliRunner().invoke(cli, ["label", "folder", "--teacher", "salgan", "--weights", "w/gen.pt", "--images",
                                  str(SAMPLE / "val2017"), "--out", str(tmp_path / "labels"), "--no-progress"])
     assert seen == [str((tmp_path / "w" / "gen.pt").resolve())], r.output
+
+
+def test_the_previews_captions_keep_accented_names_readable():
+    """OpenCV's Hershey fonts draw every letter outside ASCII as `?`: `Málaga/café` was captioned `M?laga/caf?`."""
+    from pipeline.label.preview import caption
+
+    assert caption("Málaga/café_01") == "Malaga/cafe_01"
+    assert caption("Ångström ﬁ") == "Angstrom fi"  # (a ligature: its letters)
+    assert caption("猫/photo") == "?/photo"  # no ASCII spelling: still one mark per letter
