@@ -117,6 +117,9 @@ class Student(nn.Module):
     log_names: ClassVar[tuple[str, ...]] = ()
     #: URL of the ImageNet weights ``backbone_weights="imagenet"`` loads (cached under its file name), if any
     backbone_url: ClassVar[str | None] = None
+    #: the top-level submodules that make the encoder (the backbone, with SACT's halting): ``profile`` counts
+    #: their FLOPs apart, the figure adaptive-computation papers compare (the SACT paper's are the ResNet's alone)
+    encoder_modules: ClassVar[tuple[str, ...]] = ()
     #: ways of computing the same function at inference (e.g. SACT's dense-masked reference and its sparse
     #: path); the first is the reference. ``profile`` times each; set one with :meth:`set_execution`.
     execution_modes: ClassVar[tuple[str, ...]] = ("dense",)

@@ -122,6 +122,7 @@ class FastSal(Student):
     variant = ""
     stride = STRIDE
     backbone_prefix = "encoder."
+    encoder_modules = ("encoder",)
     #: adaptation widths (also the hint targets' channels for FastSal C)
     widths: tuple[int, ...] = ()
 

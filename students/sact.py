@@ -369,6 +369,7 @@ class SACT(Student):
     name = "sact"
     stride = STRIDE
     backbone_prefix = "resnet."
+    encoder_modules = ("resnet", "blocks")  # (the blocks run the ResNet's units, and their halting)
     extra_maps = ("ponder",)
     log_names = ("ponder_1", "ponder_2", "ponder_3", "ponder_4")
     execution_modes = EXECUTIONS
@@ -428,11 +429,12 @@ class SACT(Student):
 
     def last_stats(self) -> dict[str, float]:
         """The contract's statistics of the last forward: each block's mean ρ and the fraction of its
-        unit-positions whose residual function ran."""
+        unit-positions whose residual function ran, and ``ponder_total``, the sum of the blocks' mean ρ."""
         out = {}
         for k, s in enumerate(self.block_stats, 1):
             out[f"ponder_{k}"] = s.ponder
             out[f"executed_{k}"] = s.executed / s.total
+        out["ponder_total"] = sum(s.ponder for s in self.block_stats)
         return out
 
     def options(self) -> dict:

@@ -190,12 +190,28 @@ def test_profile_measures_sacts_computation_as_the_mean_over_real_images(labels,
     def sparse(result):
         return next(m for m in result.modes if m.mode == "sparse")
 
-    each = [sparse(profile(predictor, images=[image], iters=1, warmup=0)) for image in images]
+    alone = [profile(predictor, images=[image], iters=1, warmup=0) for image in images]
+    each = [sparse(r) for r in alone]
     together = profile(predictor, images=images, images_from="three photos", iters=1, warmup=0)
     assert len({m.gflops for m in each}) == 3  # what it computes depends on the image
     assert sparse(together).gflops == pytest.approx(sum(m.gflops for m in each) / 3)
     assert sparse(together).stats["ponder_2"] == pytest.approx(sum(m.stats["ponder_2"] for m in each) / 3)
     assert together.inputs == "3 images of three photos"
+    # as the paper reports it: mean ± sd over the images, and the encoder's FLOPs (the ResNet's units, where they
+    # ran, and the halting) as a percentage of the dense path's on the same image, the decoder's left out
+    import statistics
+
+    assert sparse(together).gflops_sd == pytest.approx(statistics.pstdev(m.gflops for m in each))
+    assert sparse(together).gflops_sd > 0
+    dense = [r.modes[0] for r in alone]
+    assert sparse(together).encoder_percent == pytest.approx(
+        sum(100 * s.encoder_gflops / d.encoder_gflops for s, d in zip(each, dense)) / 3)
+    assert 20 < sparse(together).encoder_percent < 100 and sparse(together).encoder_percent_sd > 0
+    decoder = {round(m.gflops - m.encoder_gflops, 9) for m in (*each, *dense)}  # the same work on every image
+    assert len(decoder) == 1 and 0 < decoder.pop() < 0.05 * dense[0].gflops
+    assert each[0].gflops_sd is None and "±" not in alone[0].table()
+    assert sparse(together).stats["ponder_total"] == pytest.approx(
+        sum(sparse(together).stats[f"ponder_{k}"] for k in range(1, 5)))
 
     out = tmp_path / "p.json"
     r = invoke("profile", "--student", "sact", "--image-size", "64x96", "--images", labels, "--max-images", 2,

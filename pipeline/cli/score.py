@@ -322,6 +322,9 @@ def profile_cmd(checkpoint, teacher, student, student_options, weights, student_
                 batch_size, iters, images, max_images, out, runtime, calibration, calibration_images):
     """Parameters, GFLOPs per image (torch's FLOP counter) and measured images/s of a model.
 
+    FLOPs count 2 per multiply-add of convolutions and matrix products; resizing, concatenation, pixel shuffle
+    and element-wise work are not counted. A student's encoder is also counted alone.
+
     --student needs no --weights here: an untrained model has the same size and speed (SACT's executed
     computation excepted: it follows its trained halting, so profile its checkpoint for that).
     """

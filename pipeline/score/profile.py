@@ -32,10 +32,16 @@ class ModeResult:
     """One way of running the model (a student's execution mode; ``default`` otherwise)."""
 
     mode: str
-    gflops: float  # executed per image, counted while it ran
+    gflops: float  # executed per image, counted while it ran (the mean over the images)
     latency_ms: float  # one batch, median
     images_per_s: float
     stats: dict = field(default_factory=dict)  # the model's statistics of the FLOP-counted pass
+    gflops_sd: float | None = None  # the standard deviation over the images (None: one image)
+    encoder_gflops: float | None = None  # of the student's encoder_modules alone (None: no such split)
+    #: the encoder's FLOPs as a percentage of the first path's, on the same image, mean and sd over the images
+    #: (SACT's sparse path against its dense one: the SACT paper's "% of ResNet FLOPs", less the halting heads)
+    encoder_percent: float | None = None
+    encoder_percent_sd: float | None = None
 
 
 @dataclass
@@ -60,8 +66,14 @@ class ProfileResult:
                 ("batch", str(self.batch_size))]
         for m in self.modes:
             tag = "" if len(self.modes) == 1 else f" ({m.mode})"
-            rows += [(f"GFLOPs / image{tag}", f"{m.gflops:.3f}"), (f"latency / batch{tag}", f"{m.latency_ms:.2f} ms"),
-                     (f"images/s{tag}", f"{m.images_per_s:.1f}")]
+            spread = "" if m.gflops_sd is None else f" ± {m.gflops_sd:.3f} (sd over the images)"
+            rows.append((f"GFLOPs / image{tag}", f"{m.gflops:.3f}{spread}"))
+            if m.encoder_gflops is not None:
+                rows.append((f"  of which encoder{tag}", f"{m.encoder_gflops:.3f}"))
+            if m.encoder_percent is not None:
+                sd = "" if m.encoder_percent_sd is None else f" ± {m.encoder_percent_sd:.1f}"
+                rows.append((f"  encoder, % of {self.modes[0].mode}{tag}", f"{m.encoder_percent:.1f}{sd}"))
+            rows += [(f"latency / batch{tag}", f"{m.latency_ms:.2f} ms"), (f"images/s{tag}", f"{m.images_per_s:.1f}")]
             rows += [(f"{k}{tag}", f"{v:.3f}") for k, v in m.stats.items()]
         return table(None, rows)
 
@@ -87,6 +99,26 @@ def _time(run, xs: list[torch.Tensor], dev: torch.device, warmup: int, iters: in
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _encoder_flops(counter: FlopCounterMode, model: torch.nn.Module) -> int | None:
+    """The FLOPs ``counter`` counted in the student's :attr:`~students.Student.encoder_modules` (None: it names
+    none): all of them but those of its other top-level modules (the decoder). The counter files an operation
+    under every module on the call stack (SACT's units run inside its ``blocks``, so they are filed under both
+    ``SACT.blocks.0`` and ``SACT.resnet.layer1.0``), which is why the decoder's outermost entries are what is
+    summed and taken away."""
+    parts = getattr(model, "encoder_modules", ())
+    if not parts:
+        return None
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    names = [k for k in counts if k.startswith(f"{root}.") and k.split(".")[1] not in parts]
+    outer = [k for k in names if not any(k.startswith(f"{o}.") for o in names)]
+    return counter.get_total_flops() - sum(sum(counts[k].values()) for k in outer)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else None
 
 
 @torch.inference_mode()
@@ -116,22 +148,33 @@ def profile(predictor: Predictor, *, input_size: tuple[int, int] | None = None, 
              (counted.execution,) if isinstance(counted, Student) else ("default",))
     warmup = max(warmup, getattr(model, "warmup_passes", 0))  # a compiled model's first passes compile
     results = []
+    first_encoder: list[int] = []  # the first path's encoder FLOPs, per image
     try:
         for mode in modes:
             if predictor.student:
                 model.set_execution(mode)
             with autocast(dev, predictor.autocast):
                 sums: dict[str, float] = {}
-                # outside inference mode, in which torch 2.4's FLOP counter counts nothing
-                with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
-                    for x1 in singles:
+                totals, encoders = [], []
+                for x1 in singles:  # (outside inference mode, in which torch 2.4's FLOP counter counts nothing)
+                    with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
                         count(x1.to(count_device))
-                        for k, v in (counted.last_stats() if isinstance(counted, Student) else {}).items():
-                            sums[k] = sums.get(k, 0.0) + v
+                    totals.append(counter.get_total_flops())
+                    encoders.append(_encoder_flops(counter, counted))
+                    for k, v in (counted.last_stats() if isinstance(counted, Student) else {}).items():
+                        sums[k] = sums.get(k, 0.0) + v
                 stats = {k: v / len(singles) for k, v in sums.items()}
                 median = _time(run, xs, dev, warmup, iters)
-            results.append(ModeResult(mode, counter.get_total_flops() / len(singles) / 1e9, median * 1e3,
-                                      batch_size / median, stats))
+            gflops, sd = _mean_sd([t / 1e9 for t in totals])
+            result = ModeResult(mode, gflops, median * 1e3, batch_size / median, stats, gflops_sd=sd)
+            if None not in encoders:
+                result.encoder_gflops = statistics.fmean(encoders) / 1e9
+                if not results:
+                    first_encoder = encoders
+                elif all(first_encoder):
+                    result.encoder_percent, result.encoder_percent_sd = _mean_sd(
+                        [100 * e / f for e, f in zip(encoders, first_encoder)])
+            results.append(result)
     finally:
         if predictor.student:
             model.set_execution(modes[0])
