@@ -189,19 +189,25 @@ def _last_epoch(run: Path) -> dict[str, str]:
 
 
 def _chosen_keys(doc: Mapping, n: int) -> dict[str, str]:
-    """Up to ``n`` held-out images of an eval step's metrics, spread over its per-image CC from the worst to the
-    best: {key: where it ranks, e.g. "worst of 12", "5th of 12", "best of 12"}; {} when it lists none."""
-    rows = sorted((r["cc"], r["key"]) for r in doc.get("per_image") or ()
-                  if isinstance(r, dict) and isinstance(r.get("cc"), (int, float)) and r.get("key"))
+    """Up to ``n`` held-out images of an eval step's metrics, spread over its per-image CC (:func:`_spread`); {}
+    when it lists none."""
+    return _spread({r["key"]: r["cc"] for r in doc.get("per_image") or ()
+                    if isinstance(r, dict) and isinstance(r.get("cc"), (int, float)) and r.get("key")}, n)
+
+
+def _spread(ccs: Mapping[str, float], n: int) -> dict[str, str]:
+    """Up to ``n`` of the keys of ``ccs`` ({key: CC}), spread over their CC from the worst to the best: {key: where
+    it ranks, counted from the best, e.g. "worst of 12", "8th best of 12", "best of 12"}."""
+    rows = sorted((cc, key) for key, cc in ccs.items())
     if not rows:
         return {}
     at = sorted({round(i * (len(rows) - 1) / max(n - 1, 1)) for i in range(n)})
 
     def rank(i: int) -> str:
-        if i in (0, len(rows) - 1):
+        k = len(rows) - i  # 1: the best
+        if i == 0 or k == 1:
             return f"{'worst' if i == 0 else 'best'} of {len(rows)}"
-        k = i + 1
-        return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')} of {len(rows)}"
+        return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')} best of {len(rows)}"
 
     return {rows[i][1]: rank(i) for i in at}
 
