@@ -3,7 +3,61 @@ reader of ``report.html`` and of the terminal sees."""
 
 from __future__ import annotations
 
-from pipeline.manifest.report import _chosen_keys
+import html
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli.main import cli
+from pipeline.manifest.format import load_manifest
+from pipeline.manifest.report import _chosen_keys, write_report
+
+MANIFEST = """\
+workdir: wd
+steps:
+  train_a:
+    run: train
+    with: {labels: labels, student: fastsal_a, epochs: 2, lr: 0.05}
+  eval_a:
+    run: eval
+    with: {checkpoint: "${steps.train_a.out}", labels: labels}
+  predict_a:
+    run: predict
+    with: {checkpoint: "${steps.train_a.out}", images: imgs, compare_teacher: classic}
+  profile_a:
+    run: profile
+    with: {checkpoint: "${steps.train_a.out}"}
+"""
+UP_TO_DATE = {"train_a": "up to date", "eval_a": "up to date", "predict_a": "up to date", "profile_a": "up to date"}
+
+
+@pytest.fixture
+def manifest(tmp_path, monkeypatch):
+    """A manifest whose train and predict steps' outputs are written by hand (no eval or profile output yet): a
+    run folder with its logs and curves, and 12 compare sheets (photo00 the worst by CC, photo11 the best)."""
+    monkeypatch.chdir(tmp_path)
+    Path("m.yaml").write_text(MANIFEST)
+    run = Path("wd/train_a")
+    run.mkdir(parents=True)
+    (run / "losses.csv").write_text("epoch,step,global_step,loss\n0,0,1,0.9\n1,0,2,0.8\n")
+    (run / "metrics.csv").write_text("epoch,train_loss,val_loss,val_cc,val_kl,val_nss,lr,seconds,images\n"
+                                     "0,0.9,0.85,0.1,0.3,0.1,0.05,0.8,8\n1,0.8,0.7,0.2,0.3,0.2,0.05,0.6,8\n")
+    (run / "curves.png").write_bytes(b"\x89PNG curves")
+    compare = Path("wd/predict_a/compare")
+    compare.mkdir(parents=True)
+    ccs = {f"photo{i:02d}.jpg": round(0.5 + i / 100, 2) for i in range(12)}
+    for key in ccs:
+        (compare / f"{key}.png").write_bytes(b"\x89PNG " + key.encode())
+    Path("wd/predict_a/predictions.json").write_text(json.dumps(
+        {"maps": 12, "compare_teacher": "classic", "compare_sheets": str(compare.resolve()), "cc_with_teacher": ccs}))
+    return load_manifest("m.yaml", group=cli)
+
+
+def page(manifest, states=UP_TO_DATE, state=None) -> str:
+    path, written, warnings = write_report(manifest, state or {"steps": {}}, states, force=True)
+    assert written and not warnings, warnings
+    return html.unescape(path.read_text())
 
 
 def test_sheet_ranks_count_from_the_best():
@@ -13,3 +67,12 @@ def test_sheet_ranks_count_from_the_best():
                                     "img11": "best of 12"}
     assert _chosen_keys({"per_image": [{"key": "a", "cc": 0.5}, {"key": "b", "cc": 0.7}, {"key": "c", "cc": 0.6}]},
                         4) == {"a": "worst of 3", "c": "2nd best of 3", "b": "best of 3"}
+
+
+def test_the_curves_of_a_train_step_not_up_to_date_say_why(manifest):
+    """As a predict step's sheets do: its curves are of its last run, not of the step as declared now (its lr
+    changed, and another step run with --only)."""
+    stale = {**UP_TO_DATE, "train_a": "stale: settings changed: lr 0.05→0.01"}
+    assert ('<h3>train_a</h3><p class="note">(stale: settings changed: lr 0.05→0.01): the curves of its last run</p>'
+            '<figure><img src="report/train_a/curves.png"') in page(manifest, stale)
+    assert '<h3>train_a</h3><figure><img src="report/train_a/curves.png"' in page(manifest)

@@ -285,10 +285,11 @@ def _steps_html(manifest: Manifest, state: Mapping, states: Mapping[str, str]) -
     return "<h2>Steps</h2>" + _html_table(["step", "command", "status", "seconds"], rows)
 
 
-def _curves_html(manifest: Manifest, name: str, assets: Path, warnings: list[str]) -> str:
+def _curves_html(manifest: Manifest, name: str, state: str, assets: Path, warnings: list[str]) -> str:
     """Train step ``name``'s curves and last epoch, both of one ``metrics.csv``: a run stopped between an epoch's
     row and its plot has its curves drawn again here (its own ``curves.png``, an output of the step, is left);
-    where that fails (a crash's half-written row), its ``curves.png`` as it is, and a warning."""
+    where that fails (a crash's half-written row), its ``curves.png`` as it is, and a warning. Shown also when the
+    step is not up to date, ``state`` saying why, as ``pipeline status`` does."""
     from pipeline.train.logs import curves_behind, plot_curves
 
     run = Path(manifest.steps[name].output)
@@ -308,7 +309,9 @@ def _curves_html(manifest: Manifest, name: str, assets: Path, warnings: list[str
     summary = ", ".join(f"{k} {_four(last[k])}" for k in ("train_loss", "val_loss", "val_cc", "val_kl", "val_nss")
                         if last.get(k))
     epochs = int(last["epoch"]) + 1 if last.get("epoch", "").isdigit() else "?"
-    return (f"<h3>{html.escape(name)}</h3><figure>{_img(f'{ASSETS}/{name}/curves.png', name + ' curves')}"
+    note = "" if state == "up to date" else \
+        f'<p class="note">{html.escape(f"({state}): the curves of its last run")}</p>'
+    return (f"<h3>{html.escape(name)}</h3>{note}<figure>{_img(f'{ASSETS}/{name}/curves.png', name + ' curves')}"
             f"<figcaption>{html.escape(f'after epoch {epochs}: {summary}')}</figcaption></figure>")
 
 
@@ -428,7 +431,8 @@ def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
 
     train = [n for n in _steps(manifest, "train") if (Path(manifest.steps[n].output) / "curves.png").is_file()]
     if train:
-        parts.append("<h2>Training</h2>" + "".join(_curves_html(manifest, name, assets, warnings) for name in train))
+        parts.append("<h2>Training</h2>" + "".join(
+            _curves_html(manifest, name, states.get(name, "never run"), assets, warnings) for name in train))
 
     sheets_html = []
     for name in _steps(manifest, "eval"):
