@@ -825,6 +825,31 @@ def test_curves_say_when_the_training_loss_holds_the_human_maps_term(tmp_path, m
     assert legends == [["validation", "training (mean)"], ["validation", "training (mean, with the human maps' term)"]]
 
 
+def test_the_ponder_panel_has_a_tick_per_epoch_and_its_legend_covers_no_point(tmp_path, monkeypatch):
+    """SACT's panel of ponder costs, as the others: epochs 1 and 2 ticked as such (it read 0.945 0.960 … for one
+    epoch), and its legend of eight entries beside the axes, inside the figure, not over a point."""
+    from matplotlib.figure import Figure
+
+    from pipeline.train.logs import metrics_header, plot_curves
+
+    (tmp_path / "metrics.csv").write_text(",".join(metrics_header([f"ponder_{k}" for k in range(1, 5)])) + "\n"
+                                          "0,0.77,0.74,-0.36,0.26,-0.25,0.01,1.8,16,3.9,4.9,6.7,3.9,3.9,4.9,6.7,3.9\n"
+                                          "1,0.75,0.72,-0.30,0.25,-0.20,0.01,1.7,16,3.8,4.8,6.6,3.8,3.8,4.8,6.5,3.8\n")
+    (tmp_path / "losses.csv").write_text("epoch,step,global_step,loss\n0,0,1,0.8\n1,0,2,0.7\n")
+    drawn, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (save(fig, *a, **k),
+                                                                 drawn.append((fig, fig.canvas.get_renderer()))))
+    plot_curves(tmp_path)
+    fig, renderer = drawn[0]
+    ax = fig.axes[-1]
+    assert ax.get_title() == "ponder cost ρ per block" and list(ax.get_xticks()) == [1, 2]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert len(ax.get_legend().get_texts()) == 8
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1  # drawn whole
+    points = [xy for line in ax.lines for xy in ax.transData.transform(line.get_xydata())]
+    assert len(points) == 16 and not [xy for xy in points if legend.contains(*xy)]
+
+
 def test_a_sact_run_from_before_validation_ponder_costs_were_logged_resumes_with_its_rows(tmp_path, capsys):
     """Its metrics.csv lacks the val_ponder_N columns: its rows are kept (those cells empty, read as not measured),
     not put aside as a file of other columns; the summary and the curves take them."""

@@ -144,6 +144,14 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [int(r["epoch"]) + 1 for r in metrics]
     drops = [m + 0.5 for m in config.get("milestones") or () if epochs and m < epochs[-1]]  # lr falls after epoch m
+
+    def by_epoch(ax) -> None:
+        if len(epochs) <= 12:  # every epoch a tick (one epoch alone got ticks 0.945 … 1.050)
+            ax.set_xticks(epochs)
+            ax.set_xlim(0.5, epochs[-1] + 0.5 if epochs else 1.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+
     for ax, (key, title, ylabel) in zip(axes[1:], panels):
         ax.plot(epochs, [r[key] for r in rows], marker="o", label="validation")
         if key == "val_loss":
@@ -153,11 +161,7 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
         for x in drops:
             ax.axvline(x, color="grey", ls=":", lw=1)
         ax.set(title=title, xlabel="epoch" + (" (dotted: learning rate drop)" if drops else ""), ylabel=ylabel)
-        if len(epochs) <= 12:  # every epoch a tick (one epoch alone got ticks 0.945 … 1.050)
-            ax.set_xticks(epochs)
-            ax.set_xlim(0.5, epochs[-1] + 0.5 if epochs else 1.5)
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+        by_epoch(ax)
     if extra:
         ax = axes[-1]
         for key in extra:
@@ -168,8 +172,9 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
         ponder = all(k.startswith("ponder_") for k in extra)
         ax.set(title="ponder cost ρ per block" if ponder else "student statistics",
                xlabel="epoch", ylabel="mean (training batches, validation images)")
-        ax.legend(fontsize="small")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # beside the axes: inside them its entries, two per block, covered the points
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+        by_epoch(ax)
     student = config.get("student", "?")
     fig.suptitle(f"{Path(str(config.get('run') or run)).name}: {student} ({config.get('stage', '?')} stage)", fontsize=11)
     fig.tight_layout()
