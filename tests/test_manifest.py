@@ -1073,8 +1073,8 @@ def test_a_run_folder_trained_on_by_hand_is_noticed_and_what_scores_it_runs_agai
     train_by_hand(sample_labels)
     changed = ("stale: outputs incomplete: wd/train_a changed since the step made it (its latest checkpoint is not "
                "what it made: a command run by hand?)")
-    assert status_says() == {"train_a": changed, "eval_a": "stale: upstream train_a runs",
-                             "predict_a": "stale: upstream train_a runs"}
+    assert status_says() == {"train_a": changed, "eval_a": "stale: upstream train_a is stale",
+                             "predict_a": "stale: upstream train_a is stale"}
     from pipeline.manifest.report import scores_table  # its rows are marked as `pipeline status` calls the steps
 
     m, state = load_manifest(Path("tiny.yaml"), group=cli), load_state(Path("wd"))

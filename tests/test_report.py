@@ -11,7 +11,9 @@ import pytest
 
 from pipeline.cli.main import cli
 from pipeline.manifest.format import load_manifest
+from pipeline.manifest.plan import record
 from pipeline.manifest.report import _chosen_keys, write_report
+from pipeline.manifest.runner import step_states
 
 MANIFEST = """\
 workdir: wd
@@ -76,3 +78,18 @@ def test_the_curves_of_a_train_step_not_up_to_date_say_why(manifest):
     assert ('<h3>train_a</h3><p class="note">(stale: settings changed: lr 0.05→0.01): the curves of its last run</p>'
             '<figure><img src="report/train_a/curves.png"') in page(manifest, stale)
     assert '<h3>train_a</h3><figure><img src="report/train_a/curves.png"' in page(manifest)
+
+
+def test_a_step_stale_because_its_upstream_is_says_so_not_that_it_runs(manifest):
+    """`pipeline status` and the report's steps say what is, not what a run would do: nothing runs."""
+    state = {"steps": {}}
+    state["steps"]["train_a"] = record(manifest, "train_a", state, status="done", output_digest="sha256:aa")
+    state["steps"]["eval_a"] = record(manifest, "eval_a", state, status="done", output_digest="sha256:bb")
+    Path("wd/eval_a").mkdir()
+    Path("wd/eval_a/metrics.json").write_text('{"metrics": {"cc": 0.7}}')
+    Path("m.yaml").write_text(MANIFEST.replace("lr: 0.05", "lr: 0.01"))
+    states = step_states(load_manifest("m.yaml", group=cli), state)
+    assert states == {"train_a": "stale: settings changed: lr 0.05→0.01", "eval_a": "stale: upstream train_a is stale",
+                      "predict_a": "never run", "profile_a": "never run"}
+    assert "<td>eval_a</td><td>eval</td><td>stale: upstream train_a is stale</td>" in \
+        page(load_manifest("m.yaml", group=cli), states, state)

@@ -771,8 +771,11 @@ def status_rows(manifest: Manifest, state: Mapping, *, checksums: bool = False,
                 active: bool = False) -> list[list[str]]:
     """[step, state, last run, output] for each step (``active``: a runner holds the workdir now)."""
     records = state.get("steps", {})
+    outputs = check_outputs(manifest, state, checksums)
+    planned = plan(manifest, state, outputs)
+    stale = {p.step for p in planned if p.action == RUN}
     rows = []
-    for p in make_plan(manifest, state, checksums=checksums):
+    for p in planned:
         rec = records.get(p.step)
         if p.action != RUN:
             text = "up to date"
@@ -782,8 +785,11 @@ def status_rows(manifest: Manifest, state: Mapping, *, checksums: bool = False,
             text = "running"
         elif rec.get("status") == "failed" and matches(rec, manifest, p.step, state):
             text = "failed" + (f": {rec['error']}" if rec.get("error") else "")
-        else:
+        elif own_reason(manifest, p.step, state, outputs):
             text = f"stale: {p.reason}"
+        else:  # planned only because its upstream would run ("upstream X runs"): nothing runs now
+            up = [u for u in manifest.steps[p.step].needs if u in stale]
+            text = f"stale: upstream {', '.join(up)} {'is' if len(up) == 1 else 'are'} stale"
         rows.append([p.step, text, _when(rec) if rec else "-", manifest.steps[p.step].output or "-"])
     return rows
 
