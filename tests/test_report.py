@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,16 @@ def test_a_step_stale_because_its_upstream_is_says_so_not_that_it_runs(manifest)
                       "predict_a": "never run", "profile_a": "never run"}
     assert "<td>eval_a</td><td>eval</td><td>stale: upstream train_a is stale</td>" in \
         page(load_manifest("m.yaml", group=cli), states, state)
+
+
+def test_predict_sheets_are_a_spread_from_the_worst_to_the_best(manifest):
+    """The heading gives the mean over all 12: the 6 shown span them, not the first 6 by name."""
+    text = page(manifest)
+    assert "<h3>predict_a: 6 of 12 maps at full size; mean CC with teacher classic: 0.555</h3>" in text
+    shown = [f"photo{i:02d}.jpg" for i in (0, 2, 4, 7, 9, 11)]
+    assert [s for s in re.findall(r'<img src="([^"]+)"', text) if "predict_a" in s] == \
+        [f"report/predict_a/{k}.png" for k in shown]
+    assert re.findall(r"<figcaption>(photo[^<]*)</figcaption>", text) == [
+        "photo00.jpg: CC 0.500 (worst of 12 by CC)", "photo02.jpg: CC 0.520 (10th best of 12 by CC)",
+        "photo04.jpg: CC 0.540 (8th best of 12 by CC)", "photo07.jpg: CC 0.570 (5th best of 12 by CC)",
+        "photo09.jpg: CC 0.590 (3rd best of 12 by CC)", "photo11.jpg: CC 0.610 (best of 12 by CC)"]

@@ -11,7 +11,7 @@ state file (what ran, when, how long) and what ``pipeline status`` says of each 
 * image | teacher | student sheets (:mod:`pipeline.score.sheets`) for :data:`SHEETS` held-out images of each eval
   step that scores a checkpoint on teacher labels, from its worst by CC with the teacher to its best (none, and
   a note saying why, where its metrics are not of the checkpoint there now), and a few of the sheets a
-  ``predict --compare-teacher`` step wrote.
+  ``predict --compare-teacher`` step wrote (from its worst by CC with the teacher to its best, as those).
 
 Every image the page shows is a PNG under ``<workdir>/report/``, referenced by a relative path, so the
 page and that folder can be copied anywhere together. The page records a digest of the state's step
@@ -363,8 +363,9 @@ def _eval_sheets_html(manifest: Manifest, name: str, state: str, assets: Path, w
 
 
 def _predict_sheets_html(manifest: Manifest, name: str, state: str, assets: Path, warnings: list[str]) -> str:
-    """Up to :data:`PREDICT_SHEETS` of the sheets predict step ``name`` drew beside its teacher's maps (its own
-    outputs: shown also when the step is not up to date, ``state`` saying why, as ``pipeline status`` does)."""
+    """Up to :data:`PREDICT_SHEETS` of the sheets predict step ``name`` drew beside its teacher's maps, from its
+    worst by CC with the teacher to its best (the first by name where it lists no CC; its own outputs: shown also
+    when the step is not up to date, ``state`` saying why, as ``pipeline status`` does)."""
     from pipeline.score.predict import compare_folder
 
     workdir, out = Path(manifest.workdir), Path(manifest.steps[name].output)
@@ -380,7 +381,10 @@ def _predict_sheets_html(manifest: Manifest, name: str, state: str, assets: Path
     if missing:
         warnings.append(f"{len(missing)} of the {len(listed)} sheets {out / 'predictions.json'} lists are missing "
                         f"from {src_dir} (e.g. {missing[0]}.png)")
-    files = sorted(src_dir.rglob("*.png"))[:PREDICT_SHEETS]
+    # from its worst by CC with the teacher to its best, as an eval step's (the heading's mean is of them all)
+    picked = _spread({k: v for k, v in listed.items() if isinstance(v, (int, float)) and k not in missing},
+                     PREDICT_SHEETS)
+    files = [src_dir / f"{k}.png" for k in picked] if picked else sorted(src_dir.rglob("*.png"))[:PREDICT_SHEETS]
     figs = []
     for f in files:
         dst = assets / name / f.relative_to(src_dir)
@@ -388,7 +392,8 @@ def _predict_sheets_html(manifest: Manifest, name: str, state: str, assets: Path
         shutil.copyfile(f, dst)
         rel = str(f.relative_to(src_dir))[: -len(".png")]
         cc = listed.get(rel)
-        cap = rel + (f": CC {cc:.3f}" if isinstance(cc, (int, float)) else "")
+        cap = rel + (f": CC {cc:.3f}" if isinstance(cc, (int, float)) else "") + \
+            (f" ({picked[rel]} by CC)" if rel in picked else "")
         figs.append(f"<figure>{_img(str(dst.relative_to(workdir)), cap)}<figcaption>{html.escape(cap)}"
                     "</figcaption></figure>")
     if not figs:
