@@ -920,13 +920,13 @@ EVAL_STEPS = ["eval_a", "eval_c", "eval_sact", "eval_teacher"]
 def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished, demo):
     out = (finished / "output.txt").read_text()
     scores = out.split("\nscores (")[1].split("\n\nspeed (")[0].splitlines()[1:]
-    assert scores[0].split() == ["step", "model", "images", "cc", "kl_div", "sim", "nss"]
-    rows = {line.split()[0]: line.split() for line in scores[1:]}
+    assert re.split(r"\s{2,}", scores[0]) == ["step", "model", "images", "cc", "kl_div", "sim", "nss", "data"]
+    rows = {line.split()[0]: re.split(r"\s{2,}", line) for line in scores[1:]}
     assert sorted(rows) == EVAL_STEPS
-    for name in EVAL_STEPS:  # every metric of every eval step's JSON, as written
+    for name in EVAL_STEPS:  # every metric of every eval step's JSON, as written, and what it scored
         doc = json.loads(Path(f"runs/demo/{name}/metrics.json").read_text())
-        assert rows[name][-4:] == [f"{doc['metrics'][m]:.4f}" for m in ("cc", "kl_div", "sim", "nss")]
-    assert rows["eval_a"][1:4] == ["fastsal_a", "(train_a)", "12"] and rows["eval_teacher"][1:3] == ["teacher", "classic"]
+        assert rows[name][3:] == [f"{doc['metrics'][m]:.4f}" for m in ("cc", "kl_div", "sim", "nss")] + [doc["data"]]
+    assert rows["eval_a"][1:3] == ["fastsal_a (train_a)", "12"] and rows["eval_teacher"][1] == "teacher classic"
     assert "report: runs/demo/report.html\n" in out
 
     # then how fast each profiled student is: a row per execution path, as each profile.json says
@@ -946,7 +946,7 @@ def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished,
     head, *body = page.tables[0]
     assert head[:7] == ["step", "model", "images", "cc", "kl_div", "sim", "nss"]
     assert sorted(r[0] for r in body) == EVAL_STEPS
-    assert {r[0]: r[3] for r in body} == {name: rows[name][-4] for name in EVAL_STEPS}
+    assert {r[0]: r[3:] for r in body} == {name: rows[name][3:] for name in EVAL_STEPS}  # the terminal's, data too
     assert page.images, "the report shows no image"
     for src in page.images:
         assert not src.startswith(("/", "file:", "http")), src  # relative: the page works when copied

@@ -13,7 +13,7 @@ import pytest
 from pipeline.cli.main import cli
 from pipeline.manifest.format import load_manifest
 from pipeline.manifest.plan import record
-from pipeline.manifest.report import _chosen_keys, write_report
+from pipeline.manifest.report import _chosen_keys, scores_table, write_report
 from pipeline.manifest.runner import step_states
 
 MANIFEST = """\
@@ -107,3 +107,17 @@ def test_predict_sheets_are_a_spread_from_the_worst_to_the_best(manifest):
         "photo00.jpg: CC 0.500 (worst of 12 by CC)", "photo02.jpg: CC 0.520 (10th best of 12 by CC)",
         "photo04.jpg: CC 0.540 (8th best of 12 by CC)", "photo07.jpg: CC 0.570 (5th best of 12 by CC)",
         "photo09.jpg: CC 0.590 (3rd best of 12 by CC)", "photo11.jpg: CC 0.610 (best of 12 by CC)"]
+
+
+def test_the_terminal_scores_say_what_each_row_scored_as_the_page_does(manifest):
+    Path("wd/eval_a").mkdir()
+    data = "classic labels in wd/label_val (all 3 shards)"
+    Path("wd/eval_a/metrics.json").write_text(json.dumps(
+        {"model": "fastsal_a@wd/train_a/checkpoints/epoch-0001.pt", "data": data, "images": 12,
+         "metrics": {"cc": 0.7239, "kl_div": 0.1173}}))
+    head, row = scores_table(manifest, states=UP_TO_DATE).splitlines()
+    assert re.split(r"\s{2,}", head) == ["step", "model", "images", "cc", "kl_div", "data"]
+    assert re.split(r"\s{2,}", row) == ["eval_a", "fastsal_a (train_a)", "12", "0.7239", "0.1173", data]
+    stale = {**UP_TO_DATE, "eval_a": "stale: upstream train_a is stale"}  # (no sheets drawn: no checkpoint here)
+    assert ("<th>data</th></tr></thead><tbody><tr><td>eval_a (stale)</td><td>fastsal_a (train_a)</td><td>12</td>"
+            f"<td>0.7239</td><td>0.1173</td><td>{data}</td></tr>") in page(manifest, stale)

@@ -105,11 +105,11 @@ def eval_scores(manifest: Manifest, state: Mapping | None = None,
 
 def scores_table(manifest: Manifest, state: Mapping | None = None,
                  states: Mapping[str, str] | None = None) -> str | None:
-    """The table ``pipeline run`` ends with (None when no eval step has written its metrics)."""
-    metrics, rows, _ = eval_scores(manifest, state, states)
+    """The table ``pipeline run`` ends with (None when no eval step has written its metrics), the page's scores."""
+    metrics, rows, data = eval_scores(manifest, state, states)
     if not rows:
         return None
-    return table(["step", "model", "images", *metrics], rows)
+    return table(["step", "model", "images", *metrics, "data"], [r + [d] for r, d in zip(rows, data)])
 
 
 SPEED_HEAD = ["step", "model", "path", "input", "device", "batch", "params (M)", "GFLOPs / image", "ms / batch",
