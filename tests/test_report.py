@@ -13,7 +13,8 @@ import pytest
 from pipeline.cli.main import cli
 from pipeline.manifest.format import load_manifest
 from pipeline.manifest.plan import record
-from pipeline.manifest.report import _chosen_keys, scores_table, write_report
+from pipeline.manifest import report
+from pipeline.manifest.report import _chosen_keys, referenced_images, scores_table, write_report
 from pipeline.manifest.runner import step_states
 
 MANIFEST = """\
@@ -121,3 +122,38 @@ def test_the_terminal_scores_say_what_each_row_scored_as_the_page_does(manifest)
     stale = {**UP_TO_DATE, "eval_a": "stale: upstream train_a is stale"}  # (no sheets drawn: no checkpoint here)
     assert ("<th>data</th></tr></thead><tbody><tr><td>eval_a (stale)</td><td>fastsal_a (train_a)</td><td>12</td>"
             f"<td>0.7239</td><td>0.1173</td><td>{data}</td></tr>") in page(manifest, stale)
+
+
+def test_the_assets_folder_keeps_what_the_page_shows_and_no_sheet_it_no_longer_shows(manifest, monkeypatch):
+    """A rerun that draws fewer sheets leaves none of the old ones; a page that failed to be written leaves the
+    one before it whole (nothing it shows deleted)."""
+    def shown():
+        return set(referenced_images(Path("wd/report.html").read_text()))
+
+    def held():
+        return {p.relative_to("wd").as_posix() for p in Path("wd/report").rglob("*") if p.is_file()}
+
+    page(manifest)
+    assert held() == shown() and len(shown()) == 7  # the curves, 6 sheets
+    doc = json.loads(Path("wd/predict_a/predictions.json").read_text())
+    doc["cc_with_teacher"] = {k: v for k, v in list(doc["cc_with_teacher"].items())[:3]}  # a rerun on 3 images
+    Path("wd/predict_a/predictions.json").write_text(json.dumps(doc))
+    for f in sorted(Path("wd/predict_a/compare").glob("*.png"))[3:]:
+        f.unlink()
+    (Path("wd/report/train_a") / "old.png").write_bytes(b"\x89PNG")
+
+    real_open = report.atomic_open
+
+    def full_disk(path, *args):
+        if Path(path).name == "report.html":
+            raise OSError("No space left on device")
+        return real_open(path, *args)
+
+    monkeypatch.setattr(report, "atomic_open", full_disk)
+    with pytest.raises(OSError):
+        write_report(manifest, {"steps": {}}, UP_TO_DATE, force=True)
+    assert shown() <= held()  # the page as it was, every image it shows there
+    monkeypatch.setattr(report, "atomic_open", real_open)
+    page(manifest)
+    assert held() == shown() == {"report/train_a/curves.png", *(f"report/predict_a/photo{i:02d}.jpg.png" for i in range(3))}
+    assert not Path("wd/report/train_a/old.png").exists()

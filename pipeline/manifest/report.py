@@ -14,13 +14,14 @@ state file (what ran, when, how long) and what ``pipeline status`` says of each 
   ``predict --compare-teacher`` step wrote (from its worst by CC with the teacher to its best, as those).
 
 Every image the page shows is a PNG under ``<workdir>/report/``, referenced by a relative path, so the
-page and that folder can be copied anywhere together. The page records a digest of the state's step
-records and of each step's status (:func:`state_digest`): when neither changed, it is not rewritten (a run
-with nothing to do changes no file).
+page and that folder can be copied anywhere together; that folder holds nothing else once the page is
+written. The page records a digest of the state's step records and of each step's status
+(:func:`state_digest`): when neither changed, it is not rewritten (a run with nothing to do changes no file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import html
@@ -470,11 +471,25 @@ def write_report(manifest: Manifest, state: Mapping, states: Mapping[str, str], 
     text = build_html(manifest, state, states, warnings=warnings)
     with atomic_open(path, "wb") as f:
         f.write(text.encode("utf-8"))
+    _clear_assets(Path(manifest.workdir), text)
     return path, True, warnings
 
 
+def _clear_assets(workdir: Path, page: str) -> None:
+    """Delete what ``<workdir>/report/`` holds that ``page`` does not show (the sheets of a run that drew more, a
+    step since removed): once the page is written, so that neither it nor the page before it points at a file
+    gone. One that cannot be deleted is left (the page is written)."""
+    shown = set(referenced_images(page))
+    for f in sorted((workdir / ASSETS).rglob("*"), reverse=True):  # a folder's files before it
+        with contextlib.suppress(OSError):
+            if f.is_dir():
+                f.rmdir()  # (when empty)
+            elif f.relative_to(workdir).as_posix() not in shown:
+                f.unlink()
+
+
 def referenced_images(page: str) -> list[str]:
-    """The ``src`` of every ``<img>`` of a report page (for checks)."""
+    """The ``src`` of every ``<img>`` of a report page (relative to the workdir)."""
     return [unquote(html.unescape(s)) for s in re.findall(r'<img src="([^"]+)"', page)]
 
 
