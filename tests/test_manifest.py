@@ -942,7 +942,8 @@ def test_the_run_ends_with_every_eval_steps_scores_and_writes_a_report(finished,
 
     page = Page(Path("runs/demo/report.html").read_text())
     speed_head, *speed_body = page.tables[1]
-    assert speed_head[-1] == "images/s" and [[r[0], r[2], r[7], r[9]] for r in speed_body] == expected
+    assert speed_head[-1] == "images/s" and [[r[0], r[2], r[8], r[10]] for r in speed_body] == expected
+    assert [r[4] for r in speed_body] == ["noise", "noise", "12 images", "12 images"]  # (SACT on the photos)
     head, *body = page.tables[0]
     assert head[:7] == ["step", "model", "images", "cc", "kl_div", "sim", "nss"]
     assert sorted(r[0] for r in body) == EVAL_STEPS

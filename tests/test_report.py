@@ -14,7 +14,7 @@ from pipeline.cli.main import cli
 from pipeline.manifest.format import load_manifest
 from pipeline.manifest.plan import record
 from pipeline.manifest import report
-from pipeline.manifest.report import _chosen_keys, referenced_images, scores_table, write_report
+from pipeline.manifest.report import _chosen_keys, referenced_images, scores_table, speed_table, write_report
 from pipeline.manifest.runner import step_states
 
 MANIFEST = """\
@@ -157,3 +157,18 @@ def test_the_assets_folder_keeps_what_the_page_shows_and_no_sheet_it_no_longer_s
     page(manifest)
     assert held() == shown() == {"report/train_a/curves.png", *(f"report/predict_a/photo{i:02d}.jpg.png" for i in range(3))}
     assert not Path("wd/report/train_a/old.png").exists()
+
+
+def test_the_speed_tables_say_what_the_model_ran_on(manifest):
+    """One image of random noise, or real images: for SACT, whose work depends on the image, not the same figure."""
+    Path("wd/profile_a").mkdir()
+    doc = {"model": "fastsal_a@wd/train_a/checkpoints/epoch-0001.pt", "inputs": "random", "device": "cpu",
+           "precision": "fp32", "input_size": [64, 96], "params": 3646715, "batch_size": 1,
+           "modes": [{"mode": "dense", "gflops": 0.1596, "latency_ms": 15.63, "images_per_s": 63.97}]}
+    for inputs, said in (("random", "noise"), ("12 images of wd/label_val", "12 images"), ("1 images of x", "1 image")):
+        Path("wd/profile_a/profile.json").write_text(json.dumps({**doc, "inputs": inputs}))
+        head, row = speed_table(manifest, states=UP_TO_DATE).splitlines()
+        assert re.split(r"\s{2,}", head)[3:6] == ["input size", "inputs", "device"]
+        assert re.split(r"\s{2,}", row)[3:6] == ["64x96", said, "cpu fp32"]
+    text = page(manifest)
+    assert "<th>inputs</th>" in text and "<td>64x96</td><td>1 image</td><td>cpu fp32</td>" in text

@@ -36,7 +36,7 @@ from urllib.parse import quote, unquote
 
 from pipeline.common.atomic import atomic_open
 from pipeline.common.storage import as_path
-from pipeline.common.tables import fixed, table
+from pipeline.common.tables import fixed, plural, table
 from pipeline.manifest.format import Manifest
 from pipeline.manifest.plan import matches
 
@@ -113,8 +113,8 @@ def scores_table(manifest: Manifest, state: Mapping | None = None,
     return table(["step", "model", "images", *metrics, "data"], [r + [d] for r, d in zip(rows, data)])
 
 
-SPEED_HEAD = ["step", "model", "path", "input", "device", "batch", "params (M)", "GFLOPs / image", "ms / batch",
-              "images/s"]
+SPEED_HEAD = ["step", "model", "path", "input size", "inputs", "device", "batch", "params (M)", "GFLOPs / image",
+              "ms / batch", "images/s"]
 
 
 def speed_rows(manifest: Manifest, state: Mapping | None = None,
@@ -131,13 +131,22 @@ def speed_rows(manifest: Manifest, state: Mapping | None = None,
             continue
         size = doc.get("input_size") or ["?", "?"]
         step = [_shown(manifest, state, name, states), _model_label(manifest, manifest.steps[name].settings, doc)]
-        where = [f"{size[0]}x{size[1]}", f"{doc.get('device', '?')} {doc.get('precision', '')}".strip(),
+        where = [f"{size[0]}x{size[1]}", _inputs(doc.get("inputs")),
+                 f"{doc.get('device', '?')} {doc.get('precision', '')}".strip(),
                  str(doc.get("batch_size", "-")), _number(doc, "params", ".2f", 1e-6)]
         modes = doc.get("modes") or [doc]
         for mode in modes:  # (a model of one path, FastSal's "dense": "-", beside SACT's dense and sparse)
             rows.append([*step, str(mode.get("mode", "-")) if len(modes) > 1 else "-", *where, _number(mode, "gflops", ".3f"),
                          _number(mode, "latency_ms", ".1f"), _number(mode, "images_per_s", ".1f")])
     return rows
+
+
+def _inputs(value: object) -> str:
+    """A profile's ``inputs`` in short: ``noise`` (one image of random noise) or ``N images`` (real ones)."""
+    if value == "random":
+        return "noise"
+    m = re.match(r"(\d+) images? of ", str(value))
+    return plural(int(m[1]), "image") if m else str(value) if value else "-"
 
 
 def _number(doc: Mapping, key: str, fmt: str, scale: float = 1.0) -> str:
@@ -431,7 +440,8 @@ def build_html(manifest: Manifest, state: Mapping, states: Mapping[str, str], *,
         parts.append("<h2>Speed</h2>" + _html_table(SPEED_HEAD, speed, "scores")
                      + '<p class="note">From each profile step on its own device: GFLOPs counted by torch\'s FLOP '
                        "counter (executed ones, for a model that skips work), milliseconds per batch and images/s "
-                       "timed after warm-up passes.</p>")
+                       "timed after warm-up passes, on one image of random noise (inputs: noise) or on real images "
+                       "(their mean: what counts for a model whose work depends on the image, as SACT's).</p>")
 
     parts.append(_steps_html(manifest, state, states))
 
