@@ -1307,6 +1307,24 @@ MAKE_AB = """\
     """
 
 
+def test_a_steps_seconds_read_the_same_at_the_runs_end_in_status_and_in_the_report(maker, monkeypatch, tmp_path):
+    """The state records them to the millisecond; the run's end table printed the unrounded value: a step of
+    0.0496 s was 0.0 there, 0.1 in `pipeline status` and the report."""
+    import itertools
+    import types
+
+    from pipeline.manifest import runner
+
+    ticks = itertools.count()  # each reading of the runner's clock 0.0496 s after the one before
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(monotonic=lambda: next(ticks) * 0.0496,
+                                                              sleep=time.sleep))
+    code, out, started = maker("steps:\n  a: {run: make, with: {name: a}}\n")
+    assert code == 0 and started == ["a"], out
+    assert "[a] done in 0.1 s" in out and re.search(r"^a\s+run\s+done\s+0\.1$", out, re.M), out
+    assert maker.status() == {"a": "up to date"} and load_state(tmp_path / "w")["steps"]["a"]["seconds"] == 0.05
+    assert "<td>a</td><td>make</td><td>up to date</td><td>0.1</td>" in (tmp_path / "w" / "report.html").read_text()
+
+
 def test_a_step_reruns_when_its_upstream_output_changed_and_only_then(maker, monkeypatch, tmp_path):
     code, out, started = maker(MAKE_AB % "one")
     assert code == 0 and started == ["a", "b"], out
