@@ -91,8 +91,8 @@ def test_a_step_stale_because_its_upstream_is_says_so_not_that_it_runs(manifest)
     Path("wd/eval_a/metrics.json").write_text('{"metrics": {"cc": 0.7}}')
     Path("m.yaml").write_text(MANIFEST.replace("lr: 0.05", "lr: 0.01"))
     states = step_states(load_manifest("m.yaml", group=cli), state)
-    assert states == {"train_a": "stale: settings changed: lr 0.05→0.01", "eval_a": "stale: upstream train_a is stale",
-                      "predict_a": "never run", "profile_a": "never run"}
+    assert states == {"train_a": "stale: settings changed: lr 0.05→0.01",
+                      "eval_a": "stale: upstream train_a is stale", "predict_a": "never run", "profile_a": "never run"}
     assert "<td>eval_a</td><td>eval</td><td>stale: upstream train_a is stale</td>" in \
         page(load_manifest("m.yaml", group=cli), states, state)
 
@@ -155,7 +155,8 @@ def test_the_assets_folder_keeps_what_the_page_shows_and_no_sheet_it_no_longer_s
     assert shown() <= held()  # the page as it was, every image it shows there
     monkeypatch.setattr(report, "atomic_open", real_open)
     page(manifest)
-    assert held() == shown() == {"report/train_a/curves.png", *(f"report/predict_a/photo{i:02d}.jpg.png" for i in range(3))}
+    assert held() == shown() == {"report/train_a/curves.png",
+                                 *(f"report/predict_a/photo{i:02d}.jpg.png" for i in range(3))}
     assert not Path("wd/report/train_a/old.png").exists()
 
 

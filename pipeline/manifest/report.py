@@ -217,7 +217,8 @@ def _spread(ccs: Mapping[str, float], n: int) -> dict[str, str]:
         k = len(rows) - i  # 1: the best
         if i == 0 or k == 1:
             return f"{'worst' if i == 0 else 'best'} of {len(rows)}"
-        return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')} best of {len(rows)}"
+        nth = f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+        return f"{nth} best of {len(rows)}"
 
     return {rows[i][1]: rank(i) for i in at}
 
