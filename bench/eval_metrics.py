@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 
 from pipeline.common.tables import table
-from pipeline.common import images  # noqa: F401  (sets cv2 to 1 thread, as in eval)
+from pipeline.common import images  # main() calls images.opencv(): cv2 on 1 thread, as `pipeline eval` sets it
 from pipeline.score import evaluate, metrics  # noqa: F401
 from pipeline.score.fixations import FixationSet
 import teachers
@@ -390,6 +390,9 @@ def main(argv=None) -> None:
     except (ValueError, AssertionError):
         p.error("--fixations takes MIN,MAX with 1 <= MIN <= MAX, e.g. 20,60")
 
+    # OpenCV as `pipeline eval` runs it (one thread per call): the import no longer sets it, the first decode
+    # does, and --mode metrics decodes nothing, so without this its blurs and resizes ran on OpenCV's own threads
+    images.opencv()
     if args.threads:
         import torch
 
