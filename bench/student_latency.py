@@ -10,7 +10,12 @@ student's normalisation included, for students built with ``backbone_weights="no
 change the speed). Runtimes:
 
 - ``torch``: eager PyTorch on ``--device`` (bf16 autocast on GPU unless ``--precision fp32``); SACT's two
-  execution paths (``dense``, ``sparse``) are both measured;
+  execution paths (``dense``, ``sparse``) are both measured, but not like for like: the sparse path keeps its
+  activations channels-last (and where some positions have halted runs the unit with its batch norms folded
+  into its convolutions), the dense path keeps the input's layout and its batch norms. The SACT built here is
+  untrained, so every unit runs on both paths: the two rows differ by layout and bookkeeping, not by skipped
+  work. ``bench/sact_speed.py`` compares the paths like for like (both folded, both channels-last, about half
+  the unit-positions halted);
 - ``onnx``: ``pipeline profile --runtime onnx``: the student exported in memory, ONNX Runtime on the CPU
   (only with ``--device cpu``);
 - ``onnx-int8``: ``pipeline profile --runtime onnx-int8``: the same graph quantized to int8 (ONNX Runtime's
@@ -214,6 +219,10 @@ def main() -> None:
                   f"{r['images_per_s']:.1f}" if "images_per_s" in r else r.get("error", ""),
                   f"{r['ms']:.2f}" if "ms" in r else "", f"{r['load_avg_1min']:.1f}") for r in rows],
                 align="lllrlrrr", rule=True))
+    if any(r.get("mode") == "sparse" for r in rows):
+        print("\nSACT's dense and sparse rows are not like for like: the sparse path runs channels-last (and folds batch "
+              "norms where positions have halted), and this untrained SACT runs every unit on both paths, so neither "
+              "skips work; bench/sact_speed.py compares the paths like for like.")
     print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, {gpu or 'no GPU'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, python {platform.python_version()}; load average (1/5/15 min) "
           f"{'/'.join(f'{v:.1f}' for v in load_before)} before, {'/'.join(f'{v:.1f}' for v in load_after)} after")
