@@ -7,7 +7,9 @@
 Every figure is what ``pipeline profile`` measures (``pipeline.score.profile.profile``): the median wall time
 of ``--iters`` passes after the warm-up (synchronised on GPU), on random uint8 images at ``--size``, the
 student's normalisation included, for students built with ``backbone_weights="none"`` (the weights do not
-change the speed). Runtimes:
+change the speed). ``profile`` copies the input batches to the device before it starts timing, so host→device
+copies are not in any figure (on a GPU a served batch would pay them too); the ONNX rows run on the CPU, on
+NumPy arrays, with no copy to make. Runtimes:
 
 - ``torch``: eager PyTorch on ``--device`` (bf16 autocast on GPU unless ``--precision fp32``); SACT's two
   execution paths (``dense``, ``sparse``) are both measured, but not like for like: the sparse path keeps its

@@ -15,7 +15,9 @@ targets random smooth maps at the same size; students start from ``backbone_weig
 ``--warmup`` steps run first and are not timed; then ``--steps`` timed steps. The inference
 column is ``model(model.normalize(x))`` in eval mode under ``torch.inference_mode()`` (same autocast),
 timed over the same number of batches. On CUDA every timed region starts and ends with
-``torch.cuda.synchronize``.
+``torch.cuda.synchronize``. The training figures include each batch's host→device copy (images and
+targets, pinned and non-blocking on CUDA, as the trainer's loader hands over CPU tensors); the inference
+figures do not: its batches are copied to the device before the timing starts.
 
 Prints a table; ``--out FILE`` also writes the rows and settings as JSON.
 """
