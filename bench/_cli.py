@@ -4,6 +4,8 @@ Errors of any other kind (a bug in the bench or the project) keep their tracebac
 
 from __future__ import annotations
 
+import argparse
+import copy
 import sys
 from typing import Callable
 
@@ -24,3 +26,26 @@ def run(main: Callable[[], object]) -> None:
             raise
         print(f"Error: {error_message(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """An argparse bench's ``--help``: its docstring as written, and each option's default, as click's
+    ``show_default`` gives the click benches. Not for flags, options whose default is None, or whose help says
+    its default already."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return (bool(action.option_strings) and action.default is not None and action.default is not argparse.SUPPRESS
+                and not isinstance(action.default, bool) and "default" not in (action.help or ""))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # (argparse prints no help line for these)
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").strip()
+        if self._shows_default(action):
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text

@@ -80,7 +80,9 @@ def final_weights(run: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from _cli import HelpFormatter  # (bench/ is the script's folder: first on sys.path)
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--processes", type=int, default=2, help="data-parallel processes (Ray Train workers)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)

@@ -195,8 +195,10 @@ def measure(model: SACT, x: torch.Tensor, runs: int, dev: torch.device) -> dict:
 
 
 def main() -> None:
+    from _cli import HelpFormatter  # (bench/ is the script's folder: first on sys.path)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--student", choices=("sact", "act"), default="sact")
     p.add_argument("--weights", default=None, help="a whole-student checkpoint (default: random, see above)")

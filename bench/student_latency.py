@@ -175,7 +175,9 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    from _cli import HelpFormatter  # (bench/ is the script's folder: first on sys.path)
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (onnx always runs on the CPU)")
     p.add_argument("--students", default="fastsal_a,fastsal_c,sact", help="comma-separated")
     p.add_argument("--runtimes", default=None,

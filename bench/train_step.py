@@ -151,8 +151,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> None:
+    from _cli import HelpFormatter  # (bench/ is the script's folder: first on sys.path)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--students", default="fastsal_a,fastsal_c",
                    help=f"comma-separated, of {', '.join(available())} (default fastsal_a,fastsal_c)")

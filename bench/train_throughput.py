@@ -82,7 +82,9 @@ def timed_epoch(trainer: Trainer, epoch: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    from _cli import HelpFormatter  # (bench/ is the script's folder: first on sys.path)
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--student", default="fastsal_a")
     p.add_argument("--labels", default=None, help="a finished label folder (default: label the bundled sample)")
