@@ -1,15 +1,15 @@
-"""Training and inference throughput of the FastSal students, in-process, on random batches.
+"""Training and inference throughput of the students (FastSal (A), (C), SACT, ACT), in-process, on random batches.
 
     python bench/train_step.py --batch-size 4 --steps 3                  # CPU smoke run
     python bench/train_step.py --device cuda --batch-size 64 --steps 50 --amp bf16
 
 One training step is what ``pipeline train`` does per batch (``Trainer.loss`` + ``train_epoch``):
-the uint8 batch goes to the device, the student's ``normalize``, the student under bf16 autocast when
-``--amp bf16`` (CUDA only, as in the trainer), the logits in float32 into the loss
+the uint8 batch goes to the device, the student's ``normalize``, the student's ``forward_train`` under bf16
+autocast when ``--amp bf16`` (CUDA only, as in the trainer), the logits in float32 into the loss
 (``--loss density``: ``density_teacher_loss`` against a teacher log density; ``--loss map``:
-``map_teacher_loss`` against a [0, 1] map), ``zero_grad``, ``backward``, an SGD step (lr 0.01,
-momentum 0.9, the trainer's defaults) and ``float(loss)`` (the trainer logs every step's loss,
-which also synchronises the GPU). Images are random uint8 at ``--size`` (default 192x256), the
+``map_teacher_loss`` against a [0, 1] map) plus the student's own loss terms (SACT's and ACT's ponder
+cost), ``zero_grad``, ``backward``, an SGD step (lr 0.01, momentum 0.9, the trainer's defaults) and
+``float(loss)`` (the trainer logs every step's loss, which also synchronises the GPU). Images are random uint8 at ``--size`` (default 192x256), the
 targets random smooth maps at the same size; students start from ``backbone_weights='none'``.
 
 ``--warmup`` steps run first and are not timed; then ``--steps`` timed steps. The inference
@@ -83,8 +83,11 @@ def bench_student(name: str, args, dev: torch.device, amp: bool) -> dict:
         target = targets[k % 2].to(dev, non_blocking=True)
         x = model.normalize(images)
         with autocast(dev, amp):
-            logits = model(x).float()
+            out = model.forward_train(x)  # as the trainer's StageView: logits and extra loss terms
+            logits = out.logits.float()
         loss = loss_fn(logits, target)
+        for term in out.losses.values():  # SACT's and ACT's ponder cost (none for FastSal)
+            loss = loss + term.float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
