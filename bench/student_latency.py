@@ -28,7 +28,8 @@ NumPy arrays, with no copy to make. Runtimes:
 - ``onnx-spin``: that session with its intra-op threads spinning between operators (ORT's default, which
   ``pipeline`` turns off: on a loaded machine spinning threads wait for each other's cores), same bare loop;
 - ``onnx-plain``: the same exported graph in a plain ``onnxruntime.InferenceSession`` with ORT's default
-  options, timed by the same bare loop (batch 1 only): the reference ``onnx`` is held to.
+  options (but ``--threads``, when given, as its intra-op threads; ORT's default is one per core), timed by
+  the same bare loop (batch 1 only): the reference ``onnx`` is held to.
   The ONNX rows at batch 1 are measured in alternating rounds (``--rounds``) so that the load of a shared
   machine falls on all alike; the figure is the median over rounds;
 - ``compile``: ``pipeline profile --runtime compile``: ``torch.compile`` (CUDA graphs on CUDA). On a CPU it
@@ -143,7 +144,13 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
         served = onnx_predictor(cpu, size)
         int8 = onnx_predictor(cpu, size, calibration=args.calibration) if "onnx-int8" in want_onnx else None
         data = onnx_bytes(cpu, size)
-        bare = {"onnx-plain": lambda: ort.InferenceSession(data, providers=["CPUExecutionProvider"]),
+        def plain():  # ORT's default options; with --threads, that many intra-op threads (ORT's default: the cores)
+            options = ort.SessionOptions()
+            if args.threads:
+                options.intra_op_num_threads = args.threads
+            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+        bare = {"onnx-plain": plain,
                 "onnx-session": lambda: OnnxSession(data).session,
                 "onnx-spin": lambda: OnnxSession(data, spinning=True).session}
         loops = {r: bare_loop(make(), size, args.warmup, args.iters) for r, make in bare.items() if r in want_onnx}
@@ -192,7 +199,8 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU")
     p.add_argument("--calibration", default=SAMPLE_PHOTOS,
                    help="onnx-int8's calibration images: a label folder or a folder of images (default: the sample)")
-    p.add_argument("--threads", type=int, default=0, help="torch (and ONNX Runtime) intra-op threads; 0: torch's")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads of torch and of every ONNX session, onnx-plain's too; 0: torch's own "
+                        "choice, and ORT's default (one per core) for onnx-plain")
     args = p.parse_args()
     names = [s.strip() for s in args.students.split(",") if s.strip()]
     if not names or any(s not in available() for s in names):
