@@ -1,5 +1,6 @@
 """Does the GPU decode overlap the teacher? Seconds for N photos of the bundled sample:
 
+\b
 - decode: nvJPEG decode + resize to the teacher's size (``images.decode_jpegs``, ``images.resize_tensors``),
   batch by batch, as the worker's device path does;
 - forward: the teacher on batches already on the device;
@@ -9,8 +10,12 @@
   own`` on a stream of their own (nvJPEG always decodes on torchvision's own stream).
 
 If ``both`` is close to ``max(decode, forward)`` the two overlap on the GPU; close to their sum, they take
-turns, and decoding ahead in a thread cannot help. One JSON line per run (``--json`` appends them)::
+turns, and decoding ahead in a thread cannot help. ``overlap`` = (decode + forward − both) / the shorter of
+the two, kept within 0–1: 1 when the shorter one is hidden entirely, 0 when they took turns (``both`` at least
+their sum; longer than the sum, as in stop 25's 1.683 s against 1.674, is 0 too, the excess in
+``overlap_raw``). One JSON line per run (``--json`` appends them)::
 
+\b
     python bench/device_decode.py --teacher salgan --weights random --images 4096 --batch-size 128
 """
 
@@ -107,18 +112,20 @@ def main(teacher, weights, n_images, batch_size, device, stream, repeat, json_ou
     row = {"teacher": teacher, "images": n, "batch_size": batch_size, "stream": stream, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
            "torch": torch.__version__, **{f"{k}_s": round(v, 3) for k, v in got.items()},
            **{f"{k}_images_per_s": round(n / v, 1) for k, v in got.items()},
-           "overlap": round((got["decode"] + got["forward"] - got["both"]) / min(got["decode"], got["forward"]), 2)}
+           "overlap_raw": round((got["decode"] + got["forward"] - got["both"]) / min(got["decode"], got["forward"]), 2)}
     if got["both"] < 0.95 * max(got["decode"], got["forward"]):  # faster together than the longer alone: no
         row["overlap"] = None  # overlap to speak of (the load changed between the runs, or too short a warm-up)
-    else:
-        row["overlap"] = min(row["overlap"], 1.0)  # (within 5%: the shorter one hidden entirely)
+    else:  # (above 1 within 5%: the shorter one hidden entirely; below 0: together took longer than in turn)
+        row["overlap"] = min(max(row["overlap_raw"], 0.0), 1.0)
     click.echo(json.dumps(row))
     if json_out:
         with open(json_out, "a") as f:
             f.write(json.dumps(row) + "\n")
     click.echo(f"decode {got['decode']:.3f} s, forward {got['forward']:.3f} s, both at once {got['both']:.3f} s "
                f"(sum {got['decode'] + got['forward']:.3f}, max {max(got['decode'], got['forward']):.3f}); "
-               + (f"overlap {row['overlap']:.2f} (1: the shorter one hidden entirely, 0: none)" if row["overlap"] is not None
+               + (f"overlap {row['overlap']:.2f} (1: the shorter one hidden entirely, 0: none"
+                  + (f"; both took {got['both'] - got['decode'] - got['forward']:.3f} s longer than the sum"
+                     if row["overlap_raw"] < 0 else "") + ")" if row["overlap"] is not None
                   else "no overlap figure: both at once took less than the longer alone (a load change between the "
                        "runs? more --repeat)"))
 

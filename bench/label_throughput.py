@@ -1,14 +1,16 @@
 """Labelling throughput of one worker, in-process (no Ray), against what bounds it.
 
+\b
     python bench/label_throughput.py --device cpu --teacher classic --images 512
-    python bench/label_throughput.py --device cpu --teacher salgan --weights random --teacher-size 96 128 \
+    python bench/label_throughput.py --device cpu --teacher salgan --weights random --teacher-size 96 128 \\
         --images 64 --naive-images 16
     python bench/label_throughput.py --device cuda --teacher salgan --weights random --batch-size 64
-    python bench/label_throughput.py --device cuda --teacher salgan --weights random --batch-size 128 \
+    python bench/label_throughput.py --device cuda --teacher salgan --weights random --batch-size 128 \\
         --images 4096 --shard-size 256 --processes 4 --runs worker,null
 
-Four runs, each printed as one JSON line (``--json FILE`` appends them too), then a table:
+Five runs (``--runs``), each printed as one JSON line (``--json FILE`` appends them too), then a table:
 
+\b
 (a) ``teacher``  the bare teacher forward on pre-decoded tensors already on the device (same batch size,
     same autocast and, on a CPU, the same intra-op threads as the worker; channels-last on a GPU): the
     compute ceiling;
