@@ -1275,7 +1275,7 @@ def test_workers_are_placed_one_per_gpu_each_handed_its_own_device(device, execu
 
 
 def test_worker_placement_fits_the_cluster_and_the_work():
-    from pipeline.label.executors import place_workers
+    from pipeline.label.executors import cpus_per_gpu, place_workers
 
     assert place_workers("auto", executor="local", cuda_available=True).device_type == "cuda"
     two_cores = place_workers("cpu", executor="ray", cpu_workers=3, io_threads=4, cluster_cpus=2)
@@ -1293,6 +1293,17 @@ def test_worker_placement_fits_the_cluster_and_the_work():
         assert (fit.workers, fit.options["num_gpus"]) == (gpus * want, 1 / want)
         assert fit.workers * fit.options["num_cpus"] <= cpus  # every actor schedulable: none waits for ever
         assert ("labelling with 1 per GPU" in fit.note) == (want == 1)
+    # a CPU-only head of 64 cores beside GPU nodes of 8 GPUs with 16 and 24 CPUs: an actor reserves its CPUs on
+    # its GPU's node (6 each, the cluster-wide share, gave the first node's 8 GPUs 2 actors: the others waited)
+    nodes = [{"Resources": {"CPU": 64.0}}, {"Resources": {"CPU": 16.0, "GPU": 8.0}},
+             {"Resources": {"CPU": 24.0, "GPU": 8.0}}]
+    assert cpus_per_gpu(nodes) == 2.0 and cpus_per_gpu(nodes[:1]) is None
+    apart = place_workers("cuda", executor="ray", io_threads=8, cluster_gpus=16, cluster_cpus=104, cpus_per_gpu=2.0)
+    assert (apart.workers, apart.options) == (16, {"num_gpus": 1, "num_cpus": 2}) and not apart.note
+    salgan = place_workers("cuda", executor="ray", io_threads=8, cluster_gpus=16, cluster_cpus=104, cpus_per_gpu=2.0,
+                           workers_per_gpu=4)
+    assert (salgan.workers, salgan.options) == (32, {"num_gpus": 0.5, "num_cpus": 1})
+    assert "4 workers per GPU: the Ray cluster's GPU nodes have 2 CPUs per GPU, labelling with 2 per GPU" in salgan.note
     from pipeline.common.devices import DeviceError
 
     with pytest.raises(DeviceError, match="unknown device 'gpu'"):

@@ -33,7 +33,7 @@ from pipeline.common.storage import RemotePath, as_path, local_file
 from pipeline.common.tables import table
 from pipeline.label.config import (DECODE_PATHS, LabelConfig, LabelError, OutputRefused, StoreRefused, decode_name,
                                    planned_identity, precision_name, recorded_settings)
-from pipeline.label.executors import Placement, label_here, label_on_ray, place_workers
+from pipeline.label.executors import Placement, cpus_per_gpu, label_here, label_on_ray, place_workers
 from pipeline.label.preview import write_preview
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, marker_path, planned_keys, read_marker,
                                    settings_difference, store_versions, tar_path, verify_shard)
@@ -385,12 +385,14 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
             stack.enter_context(connect(address, show=("ShardLabeler",)))
             import ray
 
-            resources.update(ray.cluster_resources(), connected=True)
+            resources.update(ray.cluster_resources(), connected=True,
+                             cpus_per_gpu=cpus_per_gpu([n for n in ray.nodes() if n.get("Alive")]))
         return place_workers(config.device, executor=executor, gpus=gpus, cpu_workers=cpu_workers,
                              io_threads=config.io_threads, shards=shards,
                              cluster_gpus=int(resources.get("GPU", 0)), cluster_cpus=int(resources.get("CPU", 0)),
                              cuda_available=executor == "local" and config.device == "auto"
-                             and torch.cuda.is_available(), workers_per_gpu=workers_per_gpu)
+                             and torch.cuda.is_available(), workers_per_gpu=workers_per_gpu,
+                             cpus_per_gpu=resources.get("cpus_per_gpu"))
 
     # the precision the workers will label in and where they decode: only `auto` on Ray GPUs needs the
     # cluster to tell

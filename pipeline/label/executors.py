@@ -33,9 +33,16 @@ class Placement:
     note: str = ""  # a sentence for the user when the device asked for is not the one used as given
 
 
+def cpus_per_gpu(nodes: list[dict]) -> float | None:
+    """The fewest CPUs per GPU of the nodes (``ray.nodes()`` entries) that have GPUs; None when none has."""
+    shares = [r.get("CPU", 0) / r["GPU"] for r in (n.get("Resources") or {} for n in nodes) if r.get("GPU", 0) > 0]
+    return min(shares) if shares else None
+
+
 def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_workers: int = 1,
                   io_threads: int = 4, shards: int | None = None, cluster_gpus: int = 0, cluster_cpus: int = 0,
-                  cuda_available: bool = False, workers_per_gpu: int = 1) -> Placement:
+                  cuda_available: bool = False, workers_per_gpu: int = 1,
+                  cpus_per_gpu: float | None = None) -> Placement:
     """Pure: where the workers of a run with ``--device device`` go.
 
     In-process (``executor="local"``) the one worker gets ``device`` as given (``cuda:1`` stays GPU 1 of
@@ -47,6 +54,10 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
     share each GPU (each reserving that fraction of it and of its CPUs): one worker process keeps about two
     cores busy (its main thread and its one tar-writing thread are single stages), which a light teacher on
     a fast GPU outruns. Otherwise ``cpu_workers`` CPU actors. Never more workers than ``shards``.
+
+    ``cpus_per_gpu``: the fewest CPUs per GPU of a node that has GPUs (None: not known). A GPU actor reserves its
+    CPUs on its GPU's node, so where the cluster's CPUs are elsewhere (a CPU-only head beside GPU nodes), the
+    cluster-wide share would ask a GPU node for more CPUs than it has, and the actor would wait for ever.
     """
     kind = None if device == "auto" else resolve_device(device).type  # an unknown device is an error here
     if executor == "local":
@@ -61,7 +72,12 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
             k = max(1, cluster_cpus // used)
             notes.append(f"{workers_per_gpu} workers per GPU: the Ray cluster has {cluster_cpus} CPUs for {used} "
                          f"GPUs, labelling with {k} per GPU")
-        cpus = max(1, min(io_threads, cluster_cpus // (cluster_gpus * k) if cluster_cpus else io_threads))
+        elif cpus_per_gpu is not None and k > max(1, int(cpus_per_gpu)):  # ... on its GPU's node
+            k = max(1, int(cpus_per_gpu))
+            notes.append(f"{workers_per_gpu} workers per GPU: the Ray cluster's GPU nodes have {cpus_per_gpu:g} CPUs "
+                         f"per GPU, labelling with {k} per GPU")
+        cpus = max(1, min(io_threads, cluster_cpus // (cluster_gpus * k) if cluster_cpus else io_threads,
+                          int(cpus_per_gpu // k) if cpus_per_gpu is not None else io_threads))
         return Placement(device="cuda", device_type="cuda", workers=cap(used * k),
                          options={"num_gpus": 1 / k, "num_cpus": cpus}, note="; ".join(n for n in notes if n))
     workers = min(cpu_workers, cluster_cpus) if cluster_cpus else cpu_workers  # each actor holds a CPU at least
