@@ -72,7 +72,7 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
             k = max(1, cluster_cpus // used)
             notes.append(f"{workers_per_gpu} workers per GPU: the Ray cluster has {cluster_cpus} CPUs for {used} "
                          f"GPUs, labelling with {k} per GPU")
-        elif cpus_per_gpu is not None and k > max(1, int(cpus_per_gpu)):  # ... on its GPU's node
+        if cpus_per_gpu is not None and k > max(1, int(cpus_per_gpu)):  # ... on its GPU's node
             k = max(1, int(cpus_per_gpu))
             notes.append(f"{workers_per_gpu} workers per GPU: the Ray cluster's GPU nodes have {cpus_per_gpu:g} CPUs "
                          f"per GPU, labelling with {k} per GPU")
