@@ -430,11 +430,11 @@ class SACT(Student):
     def last_stats(self) -> dict[str, float]:
         """The contract's statistics of the last forward: each block's mean ρ and the fraction of its
         unit-positions whose residual function ran, and ``ponder_total``, the sum of the blocks' mean ρ."""
-        out = {}
-        for k, s in enumerate(self.block_stats, 1):
+        out, blocks = {}, self.block_stats
+        for k, s in enumerate(blocks, 1):
             out[f"ponder_{k}"] = s.ponder
             out[f"executed_{k}"] = s.executed / s.total
-        out["ponder_total"] = sum(s.ponder for s in self.block_stats)
+        out["ponder_total"] = sum(s.ponder for s in blocks)
         return out
 
     def options(self) -> dict:

@@ -13,6 +13,7 @@ import click
 import students
 import teachers
 
+from pipeline.common.tables import plural
 from pipeline.score.serving import DEFAULT_CALIBRATION_IMAGES
 from teachers.weights import is_http_url
 
@@ -348,8 +349,7 @@ def echo_result(result, failures: list[dict], describe, limit: int = 10, listed:
     for f in failures[:limit]:
         click.echo(f"failed: {describe(f)}", err=True)
     if len(failures) > limit:
-        more = len(failures) - limit
-        click.echo(f"… and {more} more failure{'s' if more > 1 else ''}"
+        click.echo(f"… and {plural(len(failures) - limit, 'more failure')}"
                    + (f" (every one is listed in {listed})" if listed else ""), err=True)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.common.locks import LOCK_NAME, read_holder
+from pipeline.common.tables import plural
 from pipeline.label.shards import index_problem
 
 #: what a folder source reads (.jpe and .jfif: JPEGs under other names; OpenCV decodes the bytes, whatever the name)
@@ -253,13 +254,14 @@ def left_out_note(others: list[str]) -> str:
         return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
     concealed = [o for o in others if _hidden_path(o)]
-    files = [o for o in others if not o.endswith("/") and o not in concealed]
-    links = [o for o in others if o.endswith("/") and o not in concealed]
+    rest = [o for o in others if not _hidden_path(o)]
+    files = [o for o in rest if not o.endswith("/")]
+    links = [o for o in rest if o.endswith("/")]
     lines = []
     if concealed:
-        counts = [f"{n} hidden {what}{'s' if n > 1 else ''}" for n, what in
-                  ((sum(not o.endswith("/") for o in concealed), "file"), (sum(o.endswith("/") for o in concealed),
-                                                                          "folder")) if n]
+        folders = sum(o.endswith("/") for o in concealed)
+        counts = [plural(n, f"hidden {what}") for n, what in ((len(concealed) - folders, "file"), (folders, "folder"))
+                  if n]
         lines.append(f"note: left out {' and '.join(counts)} (a name starting with '.', as macOS's ._ files, or a "
                      f"Synology @eaDir folder): {shown(concealed)}")
     if files:
