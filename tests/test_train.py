@@ -77,6 +77,15 @@ def write_mit1003(root: Path, photos: list[Path]) -> Path:
     return root
 
 
+def summary_rows(output: str) -> list[list[str]]:
+    """The rows of the summary table ``pipeline train`` prints at its end, but their seconds and img/s."""
+    lines = output.splitlines()
+    head = max(i for i, line in enumerate(lines) if line.split()[:2] == ["epoch", "train_loss"])
+    rows = [line.split() for line in lines[head + 1:]]
+    return [row[:-2] for row in rows[:next((i for i, row in enumerate(rows) if not row or not row[0].isdigit()),
+                                            len(rows))]]
+
+
 # -- exact resume --------------------------------------------------------------------------------
 
 def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_scores_it(labels, tmp_path):
@@ -95,6 +104,8 @@ def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_s
     r = invoke(*args, "--run", run)
     assert r.exit_code == 0, r.output
     assert "resuming" in r.output and "after epoch 1 (step 4)" in r.output
+    assert summary_rows(r.output) == summary_rows(invoke(*args, "--run", straight).output)  # the whole run's
+    assert "(epoch 1 trained before this call, as metrics.csv has them)" in r.output  # table, not its last epoch
     assert losses.read_text() == (straight / "losses.csv").read_text()  # every step's loss, to 8 digits
     assert rows(run / "metrics.csv", 6) == rows(straight / "metrics.csv", 6)
     resumed, uninterrupted = final_model(run), final_model(straight)
@@ -103,12 +114,14 @@ def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_losses_and_eval_s
 
     r = invoke(*args, "--run", run)  # finished: nothing to do
     assert r.exit_code == 0 and "nothing to do" in r.output
+    assert [row[0] for row in summary_rows(r.output)] == ["1", "2"] and "epochs 1-2 trained before" in r.output
     fewer = [1 if a == 2 and args[i - 1] == "--epochs" else a for i, a in enumerate(args)]
     r = invoke(*fewer, "--run", run, "--init", straight)  # nothing to do either; config.json still says what the run
     assert r.exit_code == 0 and "nothing to do" in r.output  # holds, and what it started from (not this --init)
     assert f"note: --init {straight} not used: the run resumes from its own checkpoint" in r.output
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
     assert json.loads((run / "config.json").read_text())["init"] is None
+    assert json.loads((run / "config.json").read_text())["labels_teacher"] == "classic"  # (curves.png names it)
 
     photos = sorted((SAMPLES / "val2017").glob("*.jpg"))[:5]
     h5 = tmp_path / "mit.h5"
@@ -816,13 +829,17 @@ def test_curves_say_when_the_training_loss_holds_the_human_maps_term(tmp_path, m
 
     (tmp_path / "metrics.csv").write_text(",".join(metrics_header(())) + "\n0,1.2,0.6,0.4,0.3,0.5,0.01,1.0,8\n")
     (tmp_path / "losses.csv").write_text("epoch,step,global_step,loss\n0,0,1,1.2\n")
-    legends, save = [], Figure.savefig
+    legends, titles, save = [], [], Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (legends.append(
-        [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]), save(fig, *a, **k)))
-    for config in ({}, {"gt_maps": "salicon/maps/train"}):
+        [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]),
+        titles.append([ax.get_title() for ax in fig.axes]), save(fig, *a, **k)))
+    for config in ({}, {"gt_maps": "salicon/maps/train", "labels_teacher": "deepgaze"}):
         (tmp_path / "config.json").write_text(json.dumps(config))
         plot_curves(tmp_path)
     assert legends == [["validation", "training (mean)"], ["validation", "training (mean, with the human maps' term)"]]
+    # the metrics are against the teacher whose labels the run learnt (a run from before it was recorded: "teacher")
+    assert titles[0][2] == "validation CC vs teacher" and titles[1][2:] == [
+        "validation CC vs deepgaze", "validation KL vs deepgaze", "validation NSS vs deepgaze"]
 
 
 def test_the_ponder_panel_has_a_tick_per_epoch_and_its_legend_covers_no_point(tmp_path, monkeypatch):

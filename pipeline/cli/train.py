@@ -89,7 +89,7 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
     from pipeline.common.storage import StorageError, as_path
     from pipeline.train.data import DataError
     from pipeline.train.config import TrainConfig, TrainError
-    from pipeline.train.logs import summary_table
+    from pipeline.train.logs import read_metrics, summary_table
     from pipeline.train.loop import train
     from teachers.weights import WeightsError
 
@@ -149,6 +149,10 @@ def train_cmd(labels, run_dir, student, student_options, stage, epochs, lr, mome
                                    f"last saved epoch when {again} runs again") from None
     if peer and peer[0] != 0:
         return  # process 0 reports
-    click.echo(summary_table(results))
     run = as_path(run_dir)
+    try:  # the epochs calls before this one trained: the table is the run's
+        earlier = [r for r in read_metrics(run) if not results or r.epoch < results[0].epoch]
+    except (OSError, KeyError, ValueError):  # (no metrics.csv, or not one this version reads: this call's alone)
+        earlier = []
+    click.echo(summary_table(results, earlier))
     click.echo(f"checkpoints: {run / 'checkpoints'}   curves: {run / 'curves.png'}")

@@ -126,12 +126,13 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
 
     # the validation loss, then the metrics the stage has (the hint stage, which trains no head, has none)
     rows = [{k: float(r.get(k) or "nan") for k in ("val_loss", "val_cc", "val_kl", "val_nss")} for r in metrics]
-    panels = [(k, t, y) for k, t, y in (("val_loss", "loss per epoch", "loss"),
-                                        ("val_cc", "validation CC vs teacher", "CC (higher: closer)"),
-                                        ("val_kl", "validation KL vs teacher", "KL divergence (lower: closer)"),
-                                        ("val_nss", "validation NSS vs teacher", "NSS (higher: closer)"))
-              if not _lacked(k, rows)]
     config = recorded_config(run)
+    teacher = config.get("labels_teacher") or "teacher"  # (whose labels the run learnt; older runs: not recorded)
+    panels = [(k, t, y) for k, t, y in (("val_loss", "loss per epoch", "loss"),
+                                        ("val_cc", f"validation CC vs {teacher}", "CC (higher: closer)"),
+                                        ("val_kl", f"validation KL vs {teacher}", "KL divergence (lower: closer)"),
+                                        ("val_nss", f"validation NSS vs {teacher}", "NSS (higher: closer)"))
+              if not _lacked(k, rows)]
     # the student's own statistics (SACT: each block's mean ponder cost), means over the epoch's training batches,
     # and over the validation images (val_…; empty in the rows of a run from before they were logged)
     extra = [k for k in (metrics[0].keys() if metrics else ()) if k and k not in METRICS_HEADER
@@ -194,15 +195,26 @@ def _lacked(key: str, vals: list[dict]) -> bool:
             and any(math.isfinite(v.get("val_loss", math.nan)) for v in vals))
 
 
-def summary_table(results: list[EpochResult]) -> str:
-    if not results:
-        return "nothing to do: every epoch is already trained"
-    keys = [k for k in VAL_KEYS if not _lacked(k, [r.val for r in results])]
-    head = ["epoch", "train_loss", *keys, *_stat_columns(results[0]), "lr", "seconds", "img/s"]
-    rows = [[str(r.epoch + 1), fixed(r.train_loss), *(fixed(r.val[k]) for k in keys),
+def summary_table(results: list[EpochResult], earlier: list[EpochResult] = ()) -> str:
+    """The run's epochs, one row each: those this call trained (``results``) after the ``earlier`` ones a call
+    before it trained (from ``metrics.csv``: a resumed run's table is the whole run's, not its last few epochs)."""
+    done = "nothing to do: every epoch is already trained"
+    every = [*earlier, *results]
+    if not every:
+        return done
+    keys = [k for k in VAL_KEYS if not _lacked(k, [r.val for r in every])]
+    head = ["epoch", "train_loss", *keys, *_stat_columns(every[0]), "lr", "seconds", "img/s"]
+    rows = [[str(r.epoch + 1), fixed(r.train_loss), *(fixed(r.val.get(k, math.nan)) for k in keys),
              *(fixed(v, 3) if v == v else "-" for v in _stat_columns(r).values()), f"{r.lr:g}", f"{r.seconds:.1f}",
-             f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in results]
-    return table(head, rows, align="right")
+             f"{r.images / max(r.seconds, 1e-9):.1f}"] for r in every]
+    lines = [table(head, rows, align="right")]
+    if earlier:
+        span = f"{earlier[0].epoch + 1}" + (f"-{earlier[-1].epoch + 1}" if len(earlier) > 1 else "")
+        lines.append(f"(epoch{'s' if len(earlier) > 1 else ''} {span} trained before this call, as metrics.csv "
+                     "has them)")
+    if not results:
+        lines.append(done)
+    return "\n".join(lines)
 
 
 def _stat_columns(result: EpochResult) -> dict[str, float]:

@@ -708,7 +708,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
         # the settings, with the epochs the run holds: a lower --epochs than already trained trains nothing
         recorded = {**asdict(config), "epochs": max(config.epochs, trainer.epoch),
                     "processes": trainer.world,  # data-parallel: each takes batch_size
-                    "student_options": trainer.model.options()}  # defaults too
+                    "student_options": trainer.model.options(),  # defaults too
+                    "labels_teacher": trainer.labels.teacher}  # (the curves name it: "validation CC vs deepgaze")
         if resumed:  # what the run started from stays recorded: these two start a run, a resumed one ignores them
             before = recorded_config(run)
             given = [f"--{k.replace('_', '-')} {recorded[k]}" for k in STARTS_ONLY
