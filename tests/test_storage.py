@@ -281,6 +281,80 @@ def test_a_run_folders_pointer_goes_up_last_and_never_names_a_missing_checkpoint
     assert sorted(p.relative_to(remote) for p in remote.files()) == [
         "checkpoints/epoch-0001.pt", "checkpoints/epoch-0002.pt", "checkpoints/latest.json", "metrics.csv"]
 
+    deleted, unlink = [], storage.RemotePath.unlink  # --restart: the pointer goes first, then what it names
+    monkeypatch.setattr(storage.RemotePath, "unlink", lambda self, **k: (deleted.append(self.name), unlink(self, **k)))
+    mirror.remove(["checkpoints/*"])
+    assert deleted == ["latest.json", "epoch-0001.pt", "epoch-0002.pt"] and not list(ckpt.iterdir())
+
+
+def test_a_restarted_run_deletes_its_pointer_before_its_checkpoints(tmp_path, monkeypatch):
+    """A reader between two deletions (a kill, or `eval --checkpoint` of the run) met a latest.json naming a
+    deleted checkpoint: it is deleted first, locally as on object storage (above)."""
+    from pipeline.train.loop import RESTART_FILES
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    for name in ("epoch-0001.pt", "epoch-0002.pt", "latest.json"):
+        (ckpt / name).write_text(name)
+    deleted, unlink, glob = [], Path.unlink, Path.glob
+    monkeypatch.setattr(Path, "unlink", lambda self, **k: (deleted.append(self.name), unlink(self, **k)))
+    monkeypatch.setattr(Path, "glob", lambda self, p: iter(sorted(glob(self, p))))  # (a folder may list so)
+    from pipeline.train import loop
+
+    class Run:  # the little of a Trainer that the restart reads
+        run, ckpt_dir, rank, world = tmp_path, ckpt, 0, 1
+
+        def resume(self):
+            raise SystemExit  # (the run stops there: only its deletions are looked at)
+
+    with pytest.raises(SystemExit):
+        loop._train(Run(), None, restart=True, progress=False)
+    assert "checkpoints/*" in RESTART_FILES and deleted[0] == "latest.json" and not list(ckpt.iterdir())
+
+
+@pytest.mark.parametrize("url, said", [
+    ("s3://labels/x?versionId=3", "s3://labels/x?…: a '?' in an object-storage URL is read as the start of a query"),
+    ("s3://AKIA:topsecret@labels/x", "a s3:// URL with credentials before its bucket (user:secret@bucket): they "
+                                     "are not read from a URL")])
+def test_an_object_storage_url_no_store_reads_as_given_is_refused_before_any_work(url, said, s3, tmp_path):
+    """A '?' made s3fs cut every key there: each tar, marker and labels.json was written over the one object
+    `labels/x`, and the run ended as if it had labelled. Credentials before the bucket are never used; the
+    refusal does not repeat them."""
+    before = s3.find("labels")
+    for args in ([*LABEL, "--out", url], [*TRAIN, "--labels", str(tmp_path), "--run", url]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and said in r.output, (args, r.output)
+        assert "topsecret" not in r.output
+    s3.invalidate_cache()
+    assert s3.find("labels") == before
+
+
+def test_the_stores_own_refusal_of_a_parameter_says_which(s3):
+    """botocore's ParamValidationError reads "Parameter validation failed:" on its first line and why on the next:
+    the one line said the first alone."""
+    import botocore.exceptions
+
+    from pipeline.common.errors import storage_error
+
+    e = botocore.exceptions.ParamValidationError(report='Invalid bucket name "Bad_Bucket!": Bucket name must match')
+    assert 'refused the request (ParamValidationError: Parameter validation failed: Invalid bucket name "Bad_Bucket!"' \
+        in storage_error(e)
+
+
+def test_a_marker_rewritten_after_a_listing_is_read_as_it_is_now(s3):
+    """s3fs answered an open from the listing it had cached (the old ETag) and raised FileExpired: a traceback
+    where another run had rewritten the marker."""
+    from pipeline.common.storage import as_path
+    from pipeline.label.shards import read_marker
+
+    folder = as_path("s3://labels/rewritten")
+    s3.pipe("labels/rewritten/shard-000000.json", b"{}")
+    assert [p.name for p in folder.glob("shard-*.json")] == ["shard-000000.json"]  # (listed: cached)
+    other = type(s3)(skip_instance_cache=True)  # another writer
+    other.pipe("labels/rewritten/shard-000000.json", b'{"a": "longer than before"}')
+    assert json.loads((folder / "shard-000000.json").read_text()) == {"a": "longer than before"}
+    assert read_marker(folder, "shard-000000") is None  # (not a whole marker: read, not raised)
+
 
 def test_a_manifest_with_its_workdir_on_object_storage_runs_resumes_and_checks_its_outputs_there(
         s3, labelled, tmp_path, monkeypatch):
@@ -524,13 +598,13 @@ def test_file_urls_name_absolute_local_paths(s3_run, labelled, tmp_path, one_tor
     ok("eval", "--labels", labelled, "--val-shards", "0", "--device", "cpu", "--no-progress", "--checkpoint", url,
        "--out", f"file://{tmp_path}/new/metrics.json")
     doc = json.loads((tmp_path / "new" / "metrics.json").read_text())
-    assert doc["model"] == f"fastsal_a@{url}/checkpoints/epoch-0000.pt" and len(doc["per_image"]) == 12
+    assert doc["model"] == f"fastsal_a@{local}/checkpoints/epoch-0000.pt" and len(doc["per_image"]) == 12
     ok("predict", "--images", SAMPLES / "val2017", "--device", "cpu", "--no-progress", "--checkpoint", url,
        "--out", f"file://{tmp_path}/maps")
     assert len(list((tmp_path / "maps").rglob("*.png"))) == 12 and (tmp_path / "maps" / "predictions.json").is_file()
     r = CliRunner().invoke(cli, ["eval", "--labels", str(labelled), "--checkpoint", f"file://{tmp_path}/none"])
     assert r.exit_code == 2 and r.output.splitlines()[-1] == \
-        f"Error: Invalid value for '--checkpoint': file://{tmp_path}/none does not exist", r.output
+        f"Error: Invalid value for '--checkpoint': {tmp_path}/none does not exist", r.output  # (the path it names)
 
 
 def test_a_manifests_inputs_on_object_storage_are_checked_by_what_the_store_lists(s3, labelled, tmp_path,
@@ -684,3 +758,27 @@ def test_a_bucket_check_that_cannot_reach_the_store_says_why_not_that_the_bucket
                                                         "(EndpointConnectionError"), r.output
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_file_url_output_folder_is_locked_as_its_path_is(tmp_path):
+    """`--out file:///x` labelled into /x while another run held /x's lock (and kept a killed run's temp tars)."""
+    import fcntl
+
+    folder = tmp_path / "out" / "classic" / "val2017"
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for out in (str(tmp_path / "out"), f"file://{tmp_path}/out"):
+            r = CliRunner().invoke(cli, [*LABEL, "--split", "val2017", "--out", out])
+            assert r.exit_code == 1 and f"another labelling run is writing to {folder}" in r.output, (out, r.output)
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+
+
+def test_a_run_url_holding_checkpoints_is_known_to_resume_before_its_pull(s3):
+    """A resumed run on object storage loaded --init (or refused a deleted one) for nothing: what resumes was
+    known only once the run folder had been pulled."""
+    from pipeline.train.checkpoints import resumes
+
+    s3.pipe("labels/resumes/checkpoints/epoch-0001.pt", b"x")
+    assert resumes("s3://labels/resumes") and not resumes("s3://labels/resumes", restart=True)
+    assert not resumes("s3://labels/resumes-not")  # (a sibling prefix)

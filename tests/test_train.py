@@ -614,7 +614,8 @@ def test_a_run_folder_inside_a_label_folder_is_refused(small_labels, tmp_path):
     for run in (small_labels, small_labels / "run", f"file://{small_labels}/run"):
         r = CliRunner().invoke(cli, [str(a) for a in ["train", "--labels", small_labels, "--run", run, "--epochs", 1,
                                                       "--steps-per-epoch", 1, *FAST]])
-        assert r.exit_code == 1 and f"Error: --run {run} lies in the label folder {small_labels} (--labels)" in \
+        said = small_labels / "run" if "://" in str(run) else run  # (file:///abs/path: the path it names)
+        assert r.exit_code == 1 and f"Error: --run {said} lies in the label folder {small_labels} (--labels)" in \
             r.output, r.output
     assert sorted(p.name for p in small_labels.iterdir()) == before
     other = tmp_path / "other"  # a label folder that is none of the run's inputs (another split's, one unfinished)

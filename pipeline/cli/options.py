@@ -81,7 +81,10 @@ def output_path(value, *, folder: bool = False):
     from pipeline.common.errors import storage_error
     from pipeline.common.storage import StorageError, as_path, check_bucket, is_url
 
-    out = None if value is None else as_path(value)
+    try:
+        out = None if value is None else as_path(value)
+    except StorageError as e:  # (a URL no store reads as given)
+        raise click.ClickException(str(e)) from None
     if out is not None and is_url(out):
         try:
             check_bucket(out)  # (and the protocol's package is there)
@@ -120,13 +123,18 @@ def device_name(ctx, param, value):
 
 
 def path_or_url(ctx, param, value):
-    """A local path as ``pathlib`` writes it (``a//b/`` → ``a/b``), a URL (``s3://bucket/key``) as given; each of
-    a ``multiple`` option's values. An empty value (an unset shell variable, most likely) is refused: as a path it
-    would be the current directory."""
+    """A local path as ``pathlib`` writes it (``a//b/`` → ``a/b``; ``file:///abs/path`` is ``/abs/path``, so a
+    local folder named by URL is locked and tidied as one named by path), a URL (``s3://bucket/key``) as given;
+    each of a ``multiple`` option's values. An empty value (an unset shell variable, most likely) is refused: as a
+    path it would be the current directory."""
+    from pipeline.common.storage import LOCAL_PROTOCOLS
+
     def one(v):
         if v is not None and not v.strip():
             raise click.BadParameter("an empty path (an unset shell variable?); write . for the current directory",
                                      ctx=ctx, param=param)
+        if v is not None and v.partition("://")[0] in LOCAL_PROTOCOLS:
+            v = "/" + v.partition("://")[2].strip("/")
         return v if v is None or "://" in v else str(Path(v))
 
     return tuple(one(v) for v in value) if isinstance(value, (tuple, list)) else one(value)

@@ -48,6 +48,9 @@ def storage_error(error: BaseException) -> str:
         module = type(cause).__module__ if cause is not None else ""
         if any(module == m or module.startswith(m + ".") for m in STORAGE_MODULES):
             line = _meaningful_line(str(cause)) or type(cause).__name__
+            rest = [t.strip() for t in strip_ansi(str(cause)).splitlines() if t.strip()]
+            if line.endswith(":") and line in rest[:-1]:  # botocore's "Parameter validation failed:" says why next
+                line += " " + rest[rest.index(line) + 1]
             return (f"object storage refused the request ({type(cause).__name__}: {line}); its credentials and "
                     "endpoint come from the usual variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                     "AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS) or the provider's config files")

@@ -136,7 +136,20 @@ class RemotePath:
 
     @classmethod
     def parse(cls, url: str) -> "RemotePath":
+        """``protocol://key``; for an object store (s3, gs), a ``?`` (its client cuts the key there: every file
+        would be written over one object) or credentials before the bucket (``key:secret@bucket``, never read
+        from a URL) are a :class:`StorageError`, which does not repeat the URL."""
         protocol, _, rest = url.partition("://")
+        if protocol in EXTRAS:
+            if "@" in rest.split("/", 1)[0]:
+                raise StorageError(f"a {protocol}:// URL with credentials before its bucket (user:secret@bucket): "
+                                   "they are not read from a URL; give the bucket alone and set AWS_ACCESS_KEY_ID "
+                                   "and AWS_SECRET_ACCESS_KEY (or GOOGLE_APPLICATION_CREDENTIALS), or the "
+                                   "provider's config files")
+            if "?" in rest:
+                raise StorageError(f"{protocol}://{rest.split('?', 1)[0]}?…: a '?' in an object-storage URL is "
+                                   "read as the start of a query, not part of a name (every file would be written "
+                                   "over one object); name the prefix without it")
         return cls.of(protocol, rest)
 
     @classmethod
@@ -235,6 +248,7 @@ class RemotePath:
     def open(self, mode: str = "r", **kwargs) -> IO:
         if any(c in mode for c in "wax+"):
             raise ValueError("write a RemotePath with upload() or atomic_open, not open()")
+        self._invalidate()  # (s3fs answers from a listing cached before another writer replaced the object)
         return self.fs.open(self.key, mode, **kwargs)
 
     def read_bytes(self) -> bytes:
@@ -377,7 +391,8 @@ class Mirror:
     def remove(self, patterns: Iterable[str]) -> None:
         """Delete the remote files (and local ones) matching ``patterns`` (paths relative to the folder)."""
         patterns = tuple(patterns)
-        for obj in self.remote.files():
+        # the pointers first: no moment where one names a file already deleted
+        for obj in sorted(self.remote.files(), key=lambda o: o.relative_to(self.remote) not in self.last):
             rel = obj.relative_to(self.remote)
             if any(fnmatch.fnmatchcase(rel, p) for p in patterns):
                 obj.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from pipeline.common.devices import available, resolve_device, use_autocast
 from pipeline.common.errors import error_message, root_cause
 from pipeline.common.progress import progress as show_progress
 from pipeline.common.ray_cluster import connect
-from pipeline.common.storage import RemotePath, as_path, local_file
+from pipeline.common.storage import RemotePath, as_path, local_file, local_place
 from pipeline.common.tables import table
 from pipeline.label.config import (DECODE_PATHS, LabelConfig, LabelError, OutputRefused, StoreRefused, decode_name,
                                    planned_identity, precision_name, recorded_settings)
@@ -341,7 +341,7 @@ def label(records: list[ImageRecord], folder: str | Path, config: LabelConfig, *
     finished shards. Once every shard is finished, ``labels.json`` is written (a failure there is
     ``summary.error``) and ``preview.png`` (a failure there is only a warning).
     """
-    folder = as_path(folder)
+    folder = local_place(folder) or as_path(folder)  # (file:///abs/path: the local folder, locked as such)
     start = time.perf_counter()
     if workers_per_gpu is None:
         try:

@@ -116,8 +116,8 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "rng",
 def resumes(run: str | Path, restart: bool = False) -> bool:
     """Whether ``pipeline train`` on the local run folder ``run`` will resume: it holds checkpoints and no
     ``--restart`` clears them (it then loads the newest readable one, or refuses). Such a run reads its
-    checkpoint instead of its start (``--init``, ``--backbone-weights``). A URL run: not known before its pull."""
-    return not restart and not is_url(run) and any((Path(run) / "checkpoints").glob("epoch-*.pt"))
+    checkpoint instead of its start (``--init``, ``--backbone-weights``); a run URL is listed on its store."""
+    return not restart and any((as_path(run) / "checkpoints").glob("epoch-*.pt"))
 
 
 def load_resumable(path: str | Path) -> dict:

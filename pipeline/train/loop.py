@@ -33,7 +33,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -45,7 +45,7 @@ from pipeline.common.atomic import remove_stale_temps, write_json
 from pipeline.common.devices import DeviceError, autocast, available, resolve_device, use_autocast
 from pipeline.common.locks import LOCK_NAME, FolderLock, process_alive, process_start
 from pipeline.common.progress import progress as show_progress
-from pipeline.common.storage import Mirror, as_path, is_url
+from pipeline.common.storage import Mirror, as_path, is_url, local_place
 from pipeline.common.tables import plural
 from pipeline.label.shards import enclosing_label_folder
 from pipeline.train.checkpoints import (LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
@@ -629,6 +629,8 @@ def train(config: TrainConfig, *, restart: bool = False, progress: bool = True, 
     check every shard's sha256 first. In a torch.distributed group every worker calls this (the driver holds the
     lock and verified the shards); worker 0 writes the logs and checkpoints.
     """
+    if is_url(config.run) and (local := local_place(config.run)) is not None:  # file:///abs/path: a local run,
+        config = replace(config, run=str(local))  # locked and tidied as one
     remote = is_url(config.run)
     trainer = Trainer(config, resuming=resumes(config.run, restart))
     held = lock_run(trainer.run) if lock and trainer.rank == 0 and not remote else None
@@ -695,8 +697,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             if folder.is_dir():
                 remove_stale_temps(folder)
         if restart:
-            for pattern in RESTART_FILES:
-                for p in list(run.glob(pattern)):
+            for pattern in RESTART_FILES:  # latest.json first: it never names a checkpoint already deleted
+                for p in sorted(run.glob(pattern), key=lambda p: p.name != LATEST):
                     p.unlink(missing_ok=True)
             if mirror is not None:
                 mirror.remove(RESTART_FILES)
