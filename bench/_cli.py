@@ -49,3 +49,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if self._shows_default(action):
             text += (" " if text else "") + "(default: %(default)s)"
         return text
+
+
+
+def machine_line(device=None) -> str:
+    """What a bench's figures were measured on, in one line: the machine, its CPUs, the GPU that ``device`` (a
+    ``cuda`` device) names, torch's version and threads, and Python's version."""
+    import os
+    import platform
+
+    import torch
+
+    dev = torch.device(device) if device is not None else None
+    gpu = torch.cuda.get_device_name(dev) if dev is not None and dev.type == "cuda" and torch.cuda.is_available() \
+        else None
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu or 'no GPU'}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, python {platform.python_version()}")

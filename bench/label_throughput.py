@@ -532,7 +532,10 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
     if "stages" in runs:
         click.echo("")
         click.echo(table(["stage (CPU path, one thread)", "CPU ms/image"], list(stage_ms.items()), align="lr", rule=True))
-    click.echo(f"\n{cores()} cores, torch {torch.__version__}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    from _cli import machine_line
+
+    click.echo(f"\n{machine_line(resolve_device(device))}; {cores()} cores usable, load average "
+               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

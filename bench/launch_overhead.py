@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -129,8 +128,9 @@ def main() -> None:
                   median([c for _, c in rows[name]]), len(rows[name])] for name in launchers]))
     if same is not None:
         print(f"Ray Train and torchrun final weights {'equal' if same else 'DIFFER'}")
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    from _cli import machine_line
+
+    print(f"{machine_line(args.device)}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     own.cleanup()
 
 

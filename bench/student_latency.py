@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -182,7 +181,7 @@ def bench_student(name: str, args, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from _cli import HelpFormatter  # (bench/ is the script's folder: first on sys.path)
+    from _cli import HelpFormatter, machine_line  # (bench/ is the script's folder: first on sys.path)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (onnx always runs on the CPU)")
@@ -224,7 +223,6 @@ def main() -> None:
     for name in names:
         bench_student(name, args, rows)
     load_after = os.getloadavg()
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     print()
     print(table(["student", "runtime", "path", "batch", "precision", "img/s", "ms / batch", "load"],
                 [(r["student"], r["runtime"], r.get("mode", ""), r.get("batch", ""), r.get("precision", ""),
@@ -235,8 +233,7 @@ def main() -> None:
         print("\nSACT's dense and sparse rows are not like for like: the sparse path runs channels-last (and folds batch "
               "norms where positions have halted), and this untrained SACT runs every unit on both paths, so neither "
               "skips work; bench/sact_speed.py compares the paths like for like.")
-    print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, {gpu or 'no GPU'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, python {platform.python_version()}; load average (1/5/15 min) "
+    print(f"\n{machine_line(dev)}; load average (1/5/15 min) "
           f"{'/'.join(f'{v:.1f}' for v in load_before)} before, {'/'.join(f'{v:.1f}' for v in load_after)} after")
 
 

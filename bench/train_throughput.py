@@ -30,7 +30,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def timed_epoch(trainer: Trainer, epoch: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    from _cli import HelpFormatter  # (bench/ is the script's folder: first on sys.path)
+    from _cli import HelpFormatter, machine_line  # (bench/ is the script's folder: first on sys.path)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -142,7 +141,6 @@ def main() -> None:
                     timings[name].append(seconds)
                     images[name] = n
         rows = []
-        gpu = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else None
         common = {"bench": "train_throughput", "student": args.student, "device": str(trainer.device),
                   "batch": args.batch_size, "steps": args.steps, "workers": args.workers, "ahead": not args.no_ahead,
                   "amp": "bf16" if trainer.amp else "off", "image_size": list(trainer.labels.image_size)}
@@ -165,8 +163,7 @@ def main() -> None:
                   " ".join(f"{v:.1f}" for v in r["round_images_per_s"])) for r in rows]
                 + [(args.student, "ratio shards/memory", "", "", f"{ratio:.2f}", "")],
                 align="llrrrl", rule=True))
-    print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, {gpu or 'no GPU'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.workers} loader workers, amp {common['amp']}, labels "
+    print(f"\n{machine_line(common['device'])}, {args.workers} loader workers, amp {common['amp']}, labels "
           f"{'x'.join(map(str, common['image_size']))}; load average (1/5/15 min) "
           f"{'/'.join(f'{v:.1f}' for v in load_before)} before, {'/'.join(f'{v:.1f}' for v in load_after)} after")
 
