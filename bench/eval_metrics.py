@@ -13,8 +13,8 @@ fixations are).
 image, with the same inputs ``evaluate_fixations`` gives it (other images' fixations rescaled for
 the shuffled AUC, the pooled centre bias resized for IG); it then times each part of it on its own
 (``--no-breakdown`` skips that), and projects the time for ``--project`` images. The shuffled
-AUC's negatives are *all other images' fixations*, so its cost grows with the dataset: the
-projection re-times it with as many negatives as a ``--project``-image set would have.
+AUC's negatives are *all other images' fixations*, counted per pixel once per map size (each image
+takes its own away): the projection re-times that with a ``--project``-image set's fixations.
 
 ``--mode eval`` times :func:`pipeline.evaluate.evaluate_fixations` end to end (JPEG decoding in
 the thread pool, the predictor, the scoring), on JPEGs written to a temporary folder (the
@@ -133,26 +133,35 @@ def write_jpegs(fs: FixationSet) -> None:
 # what evaluate_fixations computes per image before image_metrics (kept identical to its score())
 
 
+def other_counts(fy, fx, offsets, grids: dict, i: int, h: int, w: int) -> np.ndarray:
+    """Shuffled AUC's negatives for image ``i`` on an h×w map as score() counts them: every fixation of the set
+    counted on that grid (once per size, kept in ``grids``) less the image's own."""
+    if (h, w) not in grids:
+        grids[(h, w)] = np.bincount(evaluate.fixation_cells(fy, fx, h, w), minlength=h * w).astype(np.int32)
+    own = slice(int(offsets[i]), int(offsets[i + 1]))
+    return (grids[(h, w)] - np.bincount(evaluate.fixation_cells(fy[own], fx[own], h, w), minlength=h * w)
+            ).reshape(h, w)
+
+
 class ScoreInputs:
     def __init__(self, fs: FixationSet):
         self.fs = fs
         self.fy, self.fx = evaluate._other_fixations(fs)
+        self.grids: dict = {}
         self.base = metrics.centerbias_log_density([(*fs.fixations(i), tuple(fs.sizes[i])) for i in range(len(fs))])
 
     def __call__(self, i: int, shape: tuple[int, int]):
         h, w = shape
         ys, xs = self.fs.fixations(i)
-        other = self.fs.image_index != i
-        oys = np.minimum((self.fy[other] * h).astype(np.intp), h - 1)
-        oxs = np.minimum((self.fx[other] * w).astype(np.intp), w - 1)
-        return ys, xs, oys, oxs, metrics.resize_log_density(self.base, (h, w))
+        counts = other_counts(self.fy, self.fx, self.fs.offsets, self.grids, i, h, w)
+        return ys, xs, counts, metrics.resize_log_density(self.base, (h, w))
 
 
 def _ms(seconds: float) -> float:
     return round(1000.0 * seconds, 2)
 
 
-def _breakdown(logd, ys, xs, oys, oxs, base, sigma) -> dict[str, float]:
+def _breakdown(logd, ys, xs, counts, base, sigma) -> dict[str, float]:
     """Seconds of each step of image_metrics, as it does them (one image)."""
     t = {}
     t0 = time.perf_counter()
@@ -166,7 +175,7 @@ def _breakdown(logd, ys, xs, oys, oxs, base, sigma) -> dict[str, float]:
     t["empirical map (blur)"] = time.perf_counter() - t0
     for name, fn in (("auc_judd", lambda: metrics.auc_judd(ld, ys, xs)),
                      ("auc_borji", lambda: metrics.auc_borji(smap, ys, xs)),
-                     ("sauc", lambda: metrics.shuffled_auc(ld, ys, xs, oys, oxs)),
+                     ("sauc", lambda: metrics.shuffled_auc_counts(ld, ys, xs, counts)),
                      ("nss", lambda: metrics.nss(smap, ys, xs)),
                      ("cc", lambda: metrics.cc(smap, emp)),
                      ("kl_div", lambda: metrics.kl_div(smap, emp)),
@@ -190,25 +199,29 @@ def run_metrics(args, fs: FixationSet) -> tuple[list[dict], dict]:
     shapes = [tuple(int(v) for v in fs.sizes[i]) for i in range(n)]
     # the resized baseline depends on the size only: one per size, so memory stays bounded
     base = {s: metrics.resize_log_density(prep.base, s) for s in set(shapes)}
-    inputs = [(pool[s][i % POOL_PER_SIZE], *prep(i, s)[:4], base[s], args.sigma_frac * max(s))
-              for i, s in enumerate(shapes)]
     t0 = time.perf_counter()
     for i, s in enumerate(shapes):  # timed apart, results dropped (as score() does per image)
         prep(i, s)
     t_prep = time.perf_counter() - t0
 
-    def call(logd, ys, xs, oys, oxs, base, sigma):
-        return metrics.image_metrics(logd, ys, xs, other_ys=oys, other_xs=oxs, baseline_log_density=base, sigma=sigma)
+    def item(i: int):  # (each image's negatives, a map of counts, made when it is scored: 200 would fill memory)
+        s = shapes[i]
+        return (pool[s][i % POOL_PER_SIZE], *prep(i, s)[:3], base[s], args.sigma_frac * max(s))
 
-    for item in inputs[: min(3, n)]:  # warm-up
-        call(*item)
+    def call(logd, ys, xs, counts, base, sigma):
+        return metrics.image_metrics(logd, ys, xs, other_counts=counts, baseline_log_density=base, sigma=sigma)
+
+    for i in range(min(3, n)):  # warm-up
+        call(*item(i))
     per_size: dict[tuple[int, int], list[float]] = {}
-    t_start = time.perf_counter()
-    for i, item in enumerate(inputs):
+    wall = 0.0
+    for i in range(n):
+        args_i = item(i)
         t0 = time.perf_counter()
-        call(*item)
-        per_size.setdefault(tuple(int(v) for v in fs.sizes[i]), []).append(time.perf_counter() - t0)
-    wall = time.perf_counter() - t_start
+        call(*args_i)
+        took = time.perf_counter() - t0
+        per_size.setdefault(shapes[i], []).append(took)
+        wall += took
 
     rows = []
     for shape, ts in sorted(per_size.items()):
@@ -223,36 +236,38 @@ def run_metrics(args, fs: FixationSet) -> tuple[list[dict], dict]:
 
     parts: dict[str, float] = {}
     if args.breakdown:
-        for item in inputs:
-            for k, v in _breakdown(*item).items():
+        for i in range(n):
+            for k, v in _breakdown(*item(i)).items():
                 parts[k] = parts.get(k, 0.0) + v
         for k, v in parts.items():
             rows.append({"what": f"  part: {k}", "images": n, "ms_per_image": _ms(v / n), "median_ms": None,
                          "images_per_s": None})
 
-    # projection: the sAUC negatives (and building them in score()) scale with the dataset's total
-    # fixations; re-time both with a fake set of --project images' fixations
+    # projection: the sAUC negatives are every other image's fixations, counted per pixel once per map size; per
+    # image only its own are taken away, so a larger set changes little: re-timed with a fake set of --project
+    # images' fixations (its counts per size made first, timed apart: once per size in a run)
     mean_fix = fs.n_fixations / n
     m_big = int(round(mean_fix * args.project))
     rng2 = np.random.default_rng(args.seed + 2)
     big_fy, big_fx = rng2.random(m_big), rng2.random(m_big)
-    big_index = np.sort(rng2.integers(0, args.project, m_big)).astype(np.int32)
-
-    def negatives(fy, fx, index, i, h, w):
-        other = index != i
-        return (np.minimum((fy[other] * h).astype(np.intp), h - 1),
-                np.minimum((fx[other] * w).astype(np.intp), w - 1))
+    big_offsets = np.searchsorted(np.sort(rng2.integers(0, args.project, m_big)), np.arange(args.project + 1))
 
     sample = list(range(min(20, n)))
+    big_grids: dict = {}
+    t0 = time.perf_counter()
+    for s in {shapes[i] for i in sample}:
+        other_counts(big_fy, big_fx, big_offsets, big_grids, 0, *s)
+    t_grids = (time.perf_counter() - t0) / max(len(big_grids), 1)
     t = {"neg_small": 0.0, "neg_big": 0.0, "sauc_small": 0.0, "sauc_big": 0.0}
     for i in sample:
-        logd, ys, xs = inputs[i][:3]
+        logd, ys, xs = item(i)[:3]
         h, w = logd.shape
-        for size, arrays in (("small", (prep.fy, prep.fx, fs.image_index)), ("big", (big_fy, big_fx, big_index))):
+        for size, arrays in (("small", (prep.fy, prep.fx, fs.offsets, prep.grids)),
+                             ("big", (big_fy, big_fx, big_offsets, big_grids))):
             t0 = time.perf_counter()
-            oys, oxs = negatives(*arrays, i, h, w)
+            counts = other_counts(*arrays, i, h, w)
             t1 = time.perf_counter()
-            metrics.shuffled_auc(logd, ys, xs, oys, oxs)
+            metrics.shuffled_auc_counts(logd, ys, xs, counts)
             t["neg_" + size] += t1 - t0
             t["sauc_" + size] += time.perf_counter() - t1
     k = len(sample)
@@ -268,7 +283,8 @@ def run_metrics(args, fs: FixationSet) -> tuple[list[dict], dict]:
     extra = {"projected_seconds": round(per_image_big * args.project, 1),
              "sauc_ms": {"this_set": _ms(t["sauc_small"] / k), f"{args.project}_images": _ms(t["sauc_big"] / k)},
              "sauc_negatives_build_ms": {"this_set": _ms(t["neg_small"] / k),
-                                         f"{args.project}_images": _ms(t["neg_big"] / k)}}
+                                         f"{args.project}_images": _ms(t["neg_big"] / k)},
+             f"sauc_counts_per_size_ms_{args.project}_images": _ms(t_grids)}
     return rows, extra
 
 
@@ -300,8 +316,8 @@ def run_eval(args, fs: FixationSet) -> tuple[list[dict], dict]:
         t1 = time.perf_counter()
         logd = predictor.log_densities([rgb])[0]
         t2 = time.perf_counter()
-        ys, xs, oys, oxs, base = prep(i, logd.shape)
-        metrics.image_metrics(logd, ys, xs, other_ys=oys, other_xs=oxs, baseline_log_density=base,
+        ys, xs, counts, base = prep(i, logd.shape)
+        metrics.image_metrics(logd, ys, xs, other_counts=counts, baseline_log_density=base,
                               sigma=args.sigma_frac * max(logd.shape))
         t3 = time.perf_counter()
         st["decode"] += t1 - t0
@@ -331,7 +347,7 @@ def run_eval(args, fs: FixationSet) -> tuple[list[dict], dict]:
                  "images_per_s": round(1 / serial, 1)})
     rows.append({"what": f"evaluate_fixations, {args.io_threads} io threads, batch {args.batch_size}",
                  "images": n, "ms_per_image": _ms(wall / n), "images_per_s": round(n / wall, 1)})
-    rows.append({"what": f"projected: x {args.project} images (linear; sAUC grows, see --mode metrics)", "images": args.project,
+    rows.append({"what": f"projected: x {args.project} images (linear)", "images": args.project,
                  "ms_per_image": _ms(wall / n), "images_per_s": round(n / wall, 1),
                  "projected_s": round(wall / n * args.project, 1)})
     means = {m: round(v, 4) for m, v in result.means.items()}

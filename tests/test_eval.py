@@ -255,6 +255,15 @@ def test_fixations_own_density_beats_a_uniform_prediction(mit):
         assert u["ig"] == pytest.approx(0.0, abs=1e-6)  # uniform against the uniform baseline
     assert good.means["kl_div"] < flat.means["kl_div"]
     assert good.means["sim"] > flat.means["sim"]
+    # shuffled AUC from the other fixations counted per pixel is the one over each of their positions
+    from pipeline.score.evaluate import _other_fixations
+
+    fy, fx = _other_fixations(fs)
+    for g in good.per_image:
+        i, (h, w) = g["index"], (int(v) for v in fs.sizes[g["index"]])
+        other = fs.image_index != i
+        oys, oxs = np.minimum((fy[other] * h).astype(np.intp), h - 1), np.minimum((fx[other] * w).astype(np.intp), w - 1)
+        assert g["sauc"] == metrics.shuffled_auc(empirical[(h, w)], *fs.fixations(i), oys, oxs)
     # an image the stub never saw cannot be scored twice or skipped silently
     assert sorted(r["index"] for r in good.per_image) == list(range(len(fs)))
 

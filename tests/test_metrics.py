@@ -23,6 +23,7 @@ from pipeline.score.metrics import (
     rescale_fixations,
     resize_log_density,
     shuffled_auc,
+    shuffled_auc_counts,
     sim,
 )
 
@@ -250,6 +251,8 @@ def test_shuffled_auc_matches_threshold_loop_on_random_maps(levels):
         oys, oxs = rng.integers(0, h, k), rng.integers(0, w, k)
         expected = ref_roc(smap[ys, xs], smap[oys, oxs], judd=False)
         assert shuffled_auc(smap, ys, xs, oys, oxs) == pytest.approx(expected, abs=1e-12)
+        counts = np.bincount(oys * w + oxs, minlength=h * w).reshape(h, w)  # (as eval counts them, per pixel)
+        assert shuffled_auc_counts(smap, ys, xs, counts) == shuffled_auc(smap, ys, xs, oys, oxs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ in the pool again, so decoding and scoring overlap the forward pass.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +98,11 @@ def _other_fixations(fs: FixationSet) -> tuple[np.ndarray, np.ndarray]:
     return (fs.ys + 0.5) / sizes[:, 0], (fs.xs + 0.5) / sizes[:, 1]
 
 
+def fixation_cells(fy: np.ndarray, fx: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Fixations given as fractions of their images (:func:`_other_fixations`) as pixels of an h×w map, flat."""
+    return np.minimum((fy * h).astype(np.intp), h - 1) * w + np.minimum((fx * w).astype(np.intp), w - 1)
+
+
 def read_stimulus(fs: FixationSet, i: int) -> np.ndarray:
     """Image ``i`` of ``fs`` as RGB. A file of another aspect ratio than the one its fixations were recorded on
     (beyond a pixel's rounding) is another picture under that name: an :class:`~pipeline.common.images.ImageError`,
@@ -157,15 +164,28 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
             return np.zeros((1, 1))  # uniform
         return bias.log_density(without=i)
 
+    grids: OrderedDict = OrderedDict()  # (h, w) -> every fixation of the set counted on that grid
+    grids_lock = threading.Lock()
+
+    def every_fixation(h: int, w: int) -> np.ndarray:
+        """Shuffled AUC's negatives on an h×w map, counted once per map size (the few sizes last used kept):
+        per image, the dataset's fixations were each looked up, M per image and N×M in all."""
+        with grids_lock:
+            if (h, w) not in grids:
+                grids[(h, w)] = np.bincount(fixation_cells(fy, fx, h, w), minlength=h * w).astype(np.int32)
+                if len(grids) > 8:
+                    grids.popitem(last=False)
+            grids.move_to_end((h, w))
+            return grids[(h, w)]
+
     def score(i: int, logd: np.ndarray) -> dict:
         h, w = logd.shape
         ys, xs = fs.fixations(i)
         if (h, w) != tuple(fs.sizes[i]):  # the file on disk differs from what the set recorded
             ys, xs = metrics.rescale_fixations(ys, xs, tuple(fs.sizes[i]), (h, w))
-        other = fs.image_index != i
-        oys = np.minimum((fy[other] * h).astype(np.intp), h - 1)
-        oxs = np.minimum((fx[other] * w).astype(np.intp), w - 1)
-        values = metrics.image_metrics(logd, ys, xs, other_ys=oys, other_xs=oxs,
+        own = slice(int(fs.offsets[i]), int(fs.offsets[i + 1]))
+        others = every_fixation(h, w) - np.bincount(fixation_cells(fy[own], fx[own], h, w), minlength=h * w)
+        values = metrics.image_metrics(logd, ys, xs, other_counts=others.reshape(h, w),
                                        baseline_log_density=baseline_of(i),
                                        sigma=sigma_frac * max(h, w))
         return {"index": i, "path": fs.paths[i], "fixations": int(len(ys)), **values}

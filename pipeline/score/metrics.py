@@ -217,20 +217,23 @@ def _auc_fixation_thresholds(positives: np.ndarray, negatives: np.ndarray) -> fl
     return float(np.trapezoid(tpr, fpr))  # (numpy >= 2.0, the floor)
 
 
-def _auc_all_thresholds(positives: np.ndarray, negatives: np.ndarray) -> float:
+def _auc_all_thresholds(positives: np.ndarray, negatives: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Area of pysaliency's ``general_roc(positives, negatives, judd=0)``.
 
     With every value a threshold, the trapezoid area is the Mann-Whitney statistic with ties
-    counted half: mean over (pos, neg) pairs of [pos > neg] + 0.5 [pos == neg].
+    counted half: mean over (pos, neg) pairs of [pos > neg] + 0.5 [pos == neg]. ``weights``: how many
+    times each negative counts (whole numbers: the same sums, so the same area, as the negatives repeated).
     """
-    m, n = positives.size, negatives.size
+    m = positives.size
+    n = negatives.size if weights is None else float(weights.sum())
     vals, counts = np.unique(positives, return_counts=True)
-    right = np.searchsorted(vals, negatives, side="right")  # distinct positive values <= neg
     left = np.searchsorted(vals, negatives, side="left")  # distinct positive values < neg
+    tied = vals.take(left, mode="clip") == negatives  # neg == vals[left] (past the end: the last, below neg)
+    right = left + tied  # distinct positive values <= neg
     # neg < vals[j]  iff  right <= j
-    below = np.cumsum(np.bincount(right, minlength=vals.size + 1))[: vals.size]
-    tied = left < right  # neg == vals[left]
-    equal = np.bincount(left[tied], minlength=vals.size)[: vals.size]
+    below = np.cumsum(np.bincount(right, weights=weights, minlength=vals.size + 1))[: vals.size]
+    equal = np.bincount(left[tied], weights=None if weights is None else weights[tied], minlength=vals.size)[
+        : vals.size]
     score = (counts * (below + 0.5 * equal)).sum()
     return float(score / (m * n))
 
@@ -291,6 +294,21 @@ def shuffled_auc(saliency_map, ys, xs, other_ys, other_xs) -> float:
     if ys.size == 0 or oys.size == 0:
         return float("nan")
     return _auc_all_thresholds(s[ys, xs], s[oys, oxs])
+
+
+def shuffled_auc_counts(saliency_map, ys, xs, other_counts) -> float:
+    """:func:`shuffled_auc` with the other images' fixations given as how many fall on each pixel (an
+    integer map of the map's shape): the same area, in time of the map's size rather than of every fixation of
+    the dataset (counted once per map size, :func:`pipeline.score.evaluate.evaluate_fixations`)."""
+    s = _as_map(saliency_map, infinite=True)
+    ys, xs = _as_fixations(ys, xs, s.shape)
+    counts = np.asarray(other_counts)
+    if counts.shape != s.shape:
+        raise ValueError(f"other_counts is {counts.shape}, the map {s.shape}")
+    cells = np.flatnonzero(counts)
+    if ys.size == 0 or cells.size == 0:
+        return float("nan")
+    return _auc_all_thresholds(s[ys, xs], s.ravel()[cells], counts.ravel()[cells].astype(np.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,8 +489,11 @@ def resize_log_density(log_density, shape) -> np.ndarray:
 # all metrics of one image
 
 
-def image_metrics(log_density, ys, xs, *, other_ys, other_xs, baseline_log_density, sigma) -> dict[str, float]:
-    """The eight metrics of :data:`METRICS` for one image (see the module docstring)."""
+def image_metrics(log_density, ys, xs, *, other_ys=None, other_xs=None, other_counts=None, baseline_log_density,
+                  sigma) -> dict[str, float]:
+    """The eight metrics of :data:`METRICS` for one image (see the module docstring); shuffled AUC's negatives
+    as the other fixations' positions (``other_ys``, ``other_xs``) or as their counts per pixel
+    (``other_counts``: :func:`shuffled_auc_counts`)."""
     ld = _as_map(log_density, "log_density", infinite=True)
     ys, xs = _as_fixations(ys, xs, ld.shape)
     if ys.size == 0:
@@ -485,7 +506,8 @@ def image_metrics(log_density, ys, xs, *, other_ys, other_xs, baseline_log_densi
     return {
         "auc_judd": auc_judd(ld, ys, xs),
         "auc_borji": auc_borji(smap, ys, xs),
-        "sauc": shuffled_auc(ld, ys, xs, other_ys, other_xs),
+        "sauc": shuffled_auc(ld, ys, xs, other_ys, other_xs) if other_counts is None else
+        shuffled_auc_counts(ld, ys, xs, other_counts),
         "nss": nss(smap, ys, xs),
         "cc": cc(smap, empirical),
         "kl_div": kl_div(smap, empirical),
