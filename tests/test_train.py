@@ -843,6 +843,28 @@ def test_curves_say_when_the_training_loss_holds_the_human_maps_term(tmp_path, m
         "validation CC vs deepgaze", "validation KL vs deepgaze", "validation NSS vs deepgaze"]
 
 
+def test_a_long_runs_loss_per_step_is_read_through_its_running_mean_and_short_tick_labels(tmp_path, monkeypatch):
+    """100 epochs of COCO are ~370,000 steps: their losses drew a solid band, and tick labels of six digits ran
+    into each other ("50000100000150000"). Now thousands read "50k", and a running mean is drawn over them."""
+    from matplotlib.figure import Figure
+
+    from pipeline.train.logs import metrics_header, plot_curves
+
+    (tmp_path / "metrics.csv").write_text(",".join(metrics_header(())) + "\n0,1.2,0.6,0.4,0.3,0.5,0.01,1.0,8\n")
+    steps = 40_000
+    (tmp_path / "losses.csv").write_text("epoch,step,global_step,loss\n" + "".join(
+        f"0,{i},{i + 1},{1 + (i % 7) / 10 - i / steps:.4f}\n" for i in range(steps)))
+    drawn, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (save(fig, *a, **k), drawn.append(fig)))
+    plot_curves(tmp_path)
+    ax = drawn[0].axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert labels and all(len(t) <= 4 for t in labels) and "20k" in labels, labels
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["each step", "mean of 400 steps"]
+    mean = ax.get_lines()[1].get_ydata()
+    assert len(mean) == steps - 399 and abs(mean[0] - 1.3) < 0.01 and abs(mean[-1] - 0.3) < 0.01  # (the trend)
+
+
 def test_the_ponder_panel_has_a_tick_per_epoch_and_its_legend_covers_no_point(tmp_path, monkeypatch):
     """SACT's panel of ponder costs, as the others: epochs 1 and 2 ticked as such (it read 0.945 0.960 … for one
     epoch), and its legend of eight entries beside the axes, inside the figure, not over a point."""

@@ -19,6 +19,8 @@ from pipeline.train.config import EpochResult
 LOSS_HEADER = ["epoch", "step", "global_step", "loss"]
 METRICS_HEADER = ["epoch", "train_loss", "val_loss", "val_cc", "val_kl", "val_nss", "lr", "seconds", "images"]
 VAL_KEYS = tuple(METRICS_HEADER[2:6])
+#: steps beyond which curves.png draws the loss per step faintly, under its running mean
+SMOOTH_ABOVE = 500
 
 
 def metrics_header(log_names) -> list[str]:
@@ -122,7 +124,7 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
         losses = list(csv.DictReader(f))
     with open(run / "metrics.csv", newline="") as f:
         metrics = list(csv.DictReader(f))
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     # the validation loss, then the metrics the stage has (the hint stage, which trains no head, has none)
     rows = [{k: float(r.get(k) or "nan") for k in ("val_loss", "val_cc", "val_kl", "val_nss")} for r in metrics]
@@ -140,11 +142,23 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
     fig, axes = plt.subplots(1, 1 + len(panels) + bool(extra), figsize=(4 * (1 + len(panels) + bool(extra)), 3.8),
                              squeeze=False)
     axes = axes[0]
-    axes[0].plot([int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses], lw=0.8)
+    steps, values = [int(r["global_step"]) for r in losses], [float(r["loss"]) for r in losses]
+    many = len(values) > SMOOTH_ABOVE  # (a COCO run's 100,000s of steps are a solid band: their running mean too)
+    axes[0].plot(steps, values, lw=0.8, alpha=0.35 if many else 1.0, label="each step")
+    if many:
+        import numpy as np
+
+        k = len(values) // 100
+        mean = np.convolve(values, np.full(k, 1 / k), mode="valid")  # (a window with a NaN loss: NaN, a gap)
+        axes[0].plot(steps[k - 1:], mean, lw=1.2, label=f"mean of {k} steps")
+        axes[0].legend(fontsize="small")
     axes[0].set(title="training loss per step", xlabel="step", ylabel="loss")
-    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+    axes[0].xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if abs(x) >= 10_000 else f"{x:g}"))
     epochs = [int(r["epoch"]) + 1 for r in metrics]
     drops = [m + 0.5 for m in config.get("milestones") or () if epochs and m < epochs[-1]]  # lr falls after epoch m
+
+    dot = "o" if len(epochs) <= 30 else None  # (a hundred epochs' markers drew a thick bar)
 
     def by_epoch(ax) -> None:
         if len(epochs) <= 12:  # every epoch a tick (one epoch alone got ticks 0.945 … 1.050)
@@ -154,7 +168,7 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
 
     for ax, (key, title, ylabel) in zip(axes[1:], panels):
-        ax.plot(epochs, [r[key] for r in rows], marker="o", label="validation")
+        ax.plot(epochs, [r[key] for r in rows], marker=dot, label="validation")
         if key == "val_loss":
             ax.plot(epochs, [float(r["train_loss"]) for r in metrics], marker=".", ls="--",
                     label="training (mean" + (", with the human maps' term)" if config.get("gt_maps") else ")"))
@@ -168,7 +182,7 @@ def plot_curves(run: Path, to: Path | None = None) -> Path:
         for key in extra:
             line, = ax.plot(epochs, [float(r.get(key) or "nan") for r in metrics], marker=".", ls="--",
                             label=f"{key} (training)")
-            ax.plot(epochs, [float(r.get(f"val_{key}") or "nan") for r in metrics], marker="o", color=line.get_color(),
+            ax.plot(epochs, [float(r.get(f"val_{key}") or "nan") for r in metrics], marker=dot, color=line.get_color(),
                     label=f"{key} (validation)")
         ponder = all(k.startswith("ponder_") for k in extra)
         ax.set(title="ponder cost ρ per block" if ponder else "student statistics",
