@@ -405,14 +405,20 @@ def test_failures_beyond_the_ten_shown_are_said_to_be_listed_in_the_markers(tmp_
     (tmp_path / "images").mkdir()
     for i in range(11):
         (tmp_path / "images" / f"{i:02d}.jpg").touch()
+    for i in range(11, 13):  # a second cause, behind the ten shown: counted
+        (tmp_path / "images" / f"{i:02d}.jpg").write_bytes(b"\xff\xd8 not a JPEG")
     r = CliRunner().invoke(cli, ["label", "folder", "--images", str(tmp_path / "images"), "--teacher", "classic",
                                  "--out", str(tmp_path / "out"), "--shard-size", "6", "--executor", "local",
                                  "--no-progress"])
     folder = tmp_path / "out" / "classic" / "images"
     assert r.stderr.count("failed: ") == 10
-    assert (f"… and 1 more failure (every one is listed in the shard-NNNNNN.json markers of {folder}, under "
+    assert (f"… and 3 more failures (every one is listed in the shard-NNNNNN.json markers of {folder}, under "
             '"failures")') in r.stderr
-    assert sum(len(json.loads(m.read_text())["failures"]) for m in folder.glob("shard-*.json")) == 11
+    assert sum(len(json.loads(m.read_text())["failures"]) for m in folder.glob("shard-*.json")) == 13
+    lines = r.stderr.splitlines()
+    by_reason = lines[lines.index("failures by reason:") + 1:][:2]
+    assert [line.split()[0] for line in by_reason] == ["11", "2"], r.stderr
+    assert by_reason[0].split(None, 1)[1] in lines[lines.index("failures by reason:") - 2]  # (as the lines say it)
 
 
 @pytest.mark.parametrize("setup, extra, message", [

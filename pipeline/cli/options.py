@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -359,6 +360,14 @@ def echo_result(result, failures: list[dict], describe, limit: int = 10, listed:
     if len(failures) > limit:
         click.echo(f"… and {plural(len(failures) - limit, 'more failure')}"
                    + (f" (every one is listed in {listed})" if listed else ""), err=True)
+        reasons = Counter(str(f.get("reason", "")) for f in failures).most_common()
+        if len(reasons) > 1:  # (the causes behind the first few, counted: a second one would stay hidden)
+            click.echo("failures by reason:", err=True)
+            for reason, n in reasons[:5]:
+                click.echo(f"  {n:>7}  {reason}", err=True)
+            if len(reasons) > 5:
+                click.echo(f"  {sum(n for _, n in reasons[5:]):>7}  ({plural(len(reasons) - 5, 'other reason')})",
+                           err=True)
 
 
 def calibration_options(fn):
