@@ -404,7 +404,7 @@ def test_exit_status_follows_max_failure_rate(tmp_path):
 def test_failures_beyond_the_ten_shown_are_said_to_be_listed_in_the_markers(tmp_path):
     (tmp_path / "images").mkdir()
     for i in range(11):
-        (tmp_path / "images" / f"{i:02d}.jpg").touch()
+        (tmp_path / "images" / ("0\n0.jpg" if i == 0 else f"{i:02d}.jpg")).touch()  # (a newline in a name)
     for i in range(11, 13):  # a second cause, behind the ten shown: counted
         (tmp_path / "images" / f"{i:02d}.jpg").write_bytes(b"\xff\xd8 not a JPEG")
     r = CliRunner().invoke(cli, ["label", "folder", "--images", str(tmp_path / "images"), "--teacher", "classic",
@@ -412,6 +412,7 @@ def test_failures_beyond_the_ten_shown_are_said_to_be_listed_in_the_markers(tmp_
                                  "--no-progress"])
     folder = tmp_path / "out" / "classic" / "images"
     assert r.stderr.count("failed: ") == 10
+    assert "/0\\n0.jpg): empty file" in r.stderr.splitlines()[0]  # one line, the newline written as \n
     assert (f"… and 3 more failures (every one is listed in the shard-NNNNNN.json markers of {folder}, under "
             '"failures")') in r.stderr
     assert sum(len(json.loads(m.read_text())["failures"]) for m in folder.glob("shard-*.json")) == 13

@@ -351,12 +351,17 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
         raise click.ClickException(renamed(str(e), options or {})) from None
 
 
+def one_line(text: str) -> str:
+    """``text`` with its control characters written as Python escapes (``\\n``, ``\\x1b``): one line on a terminal."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
 def echo_result(result, failures: list[dict], describe, limit: int = 10, listed: str = "") -> None:
     """Print ``result.table()``, then the first ``limit`` failures (``describe(failure)`` each) on stderr; ``listed``:
     where every failure is written, said when some are not shown."""
     click.echo(result.table())
-    for f in failures[:limit]:
-        click.echo(f"failed: {describe(f)}", err=True)
+    for f in failures[:limit]:  # one line each, whatever a file's name holds (a newline, a terminal escape)
+        click.echo(f"failed: {one_line(describe(f))}", err=True)
     if len(failures) > limit:
         click.echo(f"… and {plural(len(failures) - limit, 'more failure')}"
                    + (f" (every one is listed in {listed})" if listed else ""), err=True)
@@ -364,7 +369,7 @@ def echo_result(result, failures: list[dict], describe, limit: int = 10, listed:
         if len(reasons) > 1:  # (the causes behind the first few, counted: a second one would stay hidden)
             click.echo("failures by reason:", err=True)
             for reason, n in reasons[:5]:
-                click.echo(f"  {n:>7}  {reason}", err=True)
+                click.echo(f"  {n:>7}  {one_line(reason)}", err=True)
             if len(reasons) > 5:
                 click.echo(f"  {sum(n for _, n in reasons[5:]):>7}  ({plural(len(reasons) - 5, 'other reason')})",
                            err=True)
