@@ -1088,3 +1088,26 @@ def test_a_student_runs_at_the_image_size_asked_and_a_teacher_refuses_it(run_dir
     assert r.exit_code == 2 and "--image-size goes with a student" in r.output, r.output
     r = invoke("eval", "--checkpoint", run_dir, "--labels", label_folder, "--image-size", "100x100")
     assert r.exit_code == 2 and "needs H and W multiples of 32" in r.output, r.output
+
+
+def test_a_set_of_several_stimulus_folders_is_also_scored_per_folder():
+    """CAT2000's results are read per category (its 20 stimulus folders): each one's means and images, printed
+    under the overall means and written to the JSON; a set of one folder, or label shards, has none."""
+    from pipeline.score.evaluate import EvalResult
+
+    rows = [{"path": f"Stimuli/{c}/{i}.jpg", "auc_judd": v, "cc": v / 2} for c, vs in
+            (("Action", (0.8, 0.6)), ("Art", (0.5, float("nan")))) for i, v in enumerate(vs)]
+    result = EvalResult("m", "cat2000 (4 images)", ("auc_judd", "cc"), per_image=rows,
+                        settings={"dataset": "cat2000"})
+    assert result.by_category == {"Action": {"auc_judd": pytest.approx(0.7), "cc": pytest.approx(0.35), "images": 2},
+                                  "Art": {"auc_judd": 0.5, "cc": 0.25, "images": 2}}
+    lines = result.table().splitlines()
+    assert lines[-4].split() == ["category", "images", "auc_judd", "cc"]
+    assert lines[-2].split() == ["Action", "2", "0.7000", "0.3500"] and lines[-1].split() == ["Art", "2", "0.5000",
+                                                                                                 "0.2500"]
+    assert result.to_json()["by_category"]["Art"] == {"auc_judd": 0.5, "cc": 0.25, "images": 2}
+    one_folder = EvalResult("m", "mit1003", ("cc",), per_image=[{"path": f"ALLSTIMULI/{i}.jpeg", "cc": 0.1}
+                                                               for i in range(3)], settings={"dataset": "mit1003"})
+    shards = EvalResult("m", "labels", ("cc",), per_image=rows)
+    assert not one_folder.by_category and not shards.by_category and "by_category" not in shards.to_json()
+    assert "category" not in one_folder.table()

@@ -55,12 +55,21 @@ class EvalResult:
 
     @property
     def means(self) -> dict[str, float]:
-        out = {}
-        for m in self.metric_names:
-            values = np.array([r[m] for r in self.per_image], dtype=np.float64)
-            values = values[~np.isnan(values)]
-            out[m] = float(values.mean()) if values.size else float("nan")
-        return out
+        return _means(self.per_image, self.metric_names)
+
+    @property
+    def by_category(self) -> dict[str, dict]:
+        """Of a fixation set whose images lie in several folders (CAT2000's 20 categories), per folder: the
+        metrics' means and its images scored, as CAT2000's results are read; {} for a set of one folder (MIT1003,
+        SALICON) and for label shards."""
+        if "dataset" not in self.settings:
+            return {}
+        groups: dict[str, list[dict]] = {}
+        for r in self.per_image:
+            groups.setdefault(Path(r["path"]).parent.name, []).append(r)
+        if len(groups) < 2:
+            return {}
+        return {c: {**_means(rows, self.metric_names), "images": len(rows)} for c, rows in sorted(groups.items())}
 
     @property
     def failed(self) -> int:
@@ -79,7 +88,13 @@ class EvalResult:
             rows.append(("images calibrated on", str(self.calibrated)))
         rows += [("wall time", f"{self.seconds:.1f} s"),
                  ("images/s", f"{(len(self.per_image) + self.calibrated) / max(self.seconds, 1e-9):.1f}")]
-        return f"{self.model} on {self.data}\n" + table(None, rows, indent="  ")
+        text = f"{self.model} on {self.data}\n" + table(None, rows, indent="  ")
+        if groups := self.by_category:
+            text += "\n" + table(["category", "images", *self.metric_names],
+                                 [(c, g["images"], *(f"{g[m]:.4f}" for m in self.metric_names))
+                                  for c, g in groups.items()], align="l" + "r" * (1 + len(self.metric_names)),
+                                 indent="  ", rule=True)
+        return text
 
     def to_json(self) -> dict:
         """Means, counts and every image's metrics; an undefined value (an image without fixations) is null."""
@@ -87,9 +102,21 @@ class EvalResult:
             return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
 
         return {"model": self.model, "data": self.data, **({"settings": self.settings} if self.settings else {}),
-                "metrics": clean(self.means), "images": len(self.per_image), "failed": self.failed,
+                "metrics": clean(self.means),
+                **({"by_category": {c: clean(g) for c, g in groups.items()}} if (groups := self.by_category) else {}),
+                "images": len(self.per_image), "failed": self.failed,
                 "seconds": round(self.seconds, 3), "failures": self.failures,
                 "per_image": [clean(r) for r in self.per_image]}
+
+
+def _means(rows: list[dict], names) -> dict[str, float]:
+    """Each metric's mean over ``rows`` where it is defined (NaN where it is nowhere)."""
+    out = {}
+    for m in names:
+        values = np.array([r[m] for r in rows], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        out[m] = float(values.mean()) if values.size else float("nan")
+    return out
 
 
 def _other_fixations(fs: FixationSet) -> tuple[np.ndarray, np.ndarray]:
