@@ -51,7 +51,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-
 def machine_line(device=None) -> str:
     """What a bench's figures were measured on, in one line: the machine, its CPUs, the GPU that ``device`` (a
     ``cuda`` device) names, torch's version and threads, and Python's version."""

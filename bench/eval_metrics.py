@@ -133,27 +133,16 @@ def write_jpegs(fs: FixationSet) -> None:
 # what evaluate_fixations computes per image before image_metrics (kept identical to its score())
 
 
-def other_counts(fy, fx, offsets, grids: dict, i: int, h: int, w: int) -> np.ndarray:
-    """Shuffled AUC's negatives for image ``i`` on an h×w map as score() counts them: every fixation of the set
-    counted on that grid (once per size, kept in ``grids``) less the image's own."""
-    if (h, w) not in grids:
-        grids[(h, w)] = np.bincount(evaluate.fixation_cells(fy, fx, h, w), minlength=h * w).astype(np.int32)
-    own = slice(int(offsets[i]), int(offsets[i + 1]))
-    return (grids[(h, w)] - np.bincount(evaluate.fixation_cells(fy[own], fx[own], h, w), minlength=h * w)
-            ).reshape(h, w)
-
-
 class ScoreInputs:
     def __init__(self, fs: FixationSet):
         self.fs = fs
-        self.fy, self.fx = evaluate._other_fixations(fs)
-        self.grids: dict = {}
+        self.negatives = evaluate.OtherFixations.of(fs)
         self.base = metrics.centerbias_log_density([(*fs.fixations(i), tuple(fs.sizes[i])) for i in range(len(fs))])
 
     def __call__(self, i: int, shape: tuple[int, int]):
         h, w = shape
         ys, xs = self.fs.fixations(i)
-        counts = other_counts(self.fy, self.fx, self.fs.offsets, self.grids, i, h, w)
+        counts = self.negatives.counts(i, h, w)
         return ys, xs, counts, metrics.resize_log_density(self.base, (h, w))
 
 
@@ -253,19 +242,18 @@ def run_metrics(args, fs: FixationSet) -> tuple[list[dict], dict]:
     big_offsets = np.searchsorted(np.sort(rng2.integers(0, args.project, m_big)), np.arange(args.project + 1))
 
     sample = list(range(min(20, n)))
-    big_grids: dict = {}
+    big = evaluate.OtherFixations(big_fy, big_fx, big_offsets)
     t0 = time.perf_counter()
     for s in {shapes[i] for i in sample}:
-        other_counts(big_fy, big_fx, big_offsets, big_grids, 0, *s)
-    t_grids = (time.perf_counter() - t0) / max(len(big_grids), 1)
+        big.every(*s)
+    t_grids = (time.perf_counter() - t0) / max(len(big.grids), 1)
     t = {"neg_small": 0.0, "neg_big": 0.0, "sauc_small": 0.0, "sauc_big": 0.0}
     for i in sample:
         logd, ys, xs = item(i)[:3]
         h, w = logd.shape
-        for size, arrays in (("small", (prep.fy, prep.fx, fs.offsets, prep.grids)),
-                             ("big", (big_fy, big_fx, big_offsets, big_grids))):
+        for size, negatives in (("small", prep.negatives), ("big", big)):
             t0 = time.perf_counter()
-            counts = other_counts(*arrays, i, h, w)
+            counts = negatives.counts(i, h, w)
             t1 = time.perf_counter()
             metrics.shuffled_auc_counts(logd, ys, xs, counts)
             t["neg_" + size] += t1 - t0

@@ -1111,3 +1111,29 @@ def test_a_set_of_several_stimulus_folders_is_also_scored_per_folder():
     shards = EvalResult("m", "labels", ("cc",), per_image=rows)
     assert not one_folder.by_category and not shards.by_category and "by_category" not in shards.to_json()
     assert "category" not in one_folder.table()
+
+
+def test_the_other_fixations_counted_per_size_are_right_whatever_sizes_were_kept(monkeypatch):
+    """Counts kept for the few map sizes last used: asked for more sizes, interleaved, from several threads,
+    each image's counts are those of every other image's fixations on its grid."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.score.evaluate import OtherFixations, fixation_cells
+
+    rng = np.random.default_rng(0)
+    fy, fx = rng.random(300), rng.random(300)
+    offsets = np.searchsorted(np.sort(rng.integers(0, 12, 300)), np.arange(13))
+    negatives = OtherFixations(fy, fx, offsets)
+    monkeypatch.setattr(OtherFixations, "KEEP", 2)
+    asks = [(i, 3 + i % 5, 4 + i % 5) for i in range(12)] * 3  # five sizes, interleaved
+
+    def check(ask) -> bool:
+        i, h, w = ask
+        other = np.ones(300, bool)
+        other[offsets[i]:offsets[i + 1]] = False
+        want = np.bincount(fixation_cells(fy[other], fx[other], h, w), minlength=h * w).reshape(h, w)
+        return np.array_equal(negatives.counts(i, h, w), want)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, asks))
+    assert len(negatives.grids) == 2

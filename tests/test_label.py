@@ -405,8 +405,8 @@ def test_failures_beyond_the_ten_shown_are_said_to_be_listed_in_the_markers(tmp_
     (tmp_path / "images").mkdir()
     for i in range(11):
         (tmp_path / "images" / ("0\n0.jpg" if i == 0 else f"{i:02d}.jpg")).touch()  # (a newline in a name)
-    for i in range(11, 13):  # a second cause, behind the ten shown: counted
-        (tmp_path / "images" / f"{i:02d}.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    for i, size in zip(range(11, 13), (3, 5)):  # a second cause, behind the ten shown: counted, its sizes aside
+        cv2.imwrite(str(tmp_path / "images" / f"{i:02d}.png"), np.zeros((size, size + 1, 3), np.uint8))
     r = CliRunner().invoke(cli, ["label", "folder", "--images", str(tmp_path / "images"), "--teacher", "classic",
                                  "--out", str(tmp_path / "out"), "--shard-size", "6", "--executor", "local",
                                  "--no-progress"])
@@ -419,6 +419,7 @@ def test_failures_beyond_the_ten_shown_are_said_to_be_listed_in_the_markers(tmp_
     lines = r.stderr.splitlines()
     by_reason = lines[lines.index("failures by reason:") + 1:][:2]
     assert [line.split()[0] for line in by_reason] == ["11", "2"], r.stderr
+    assert by_reason[1].endswith("image too small (N×N); the smallest side must be at least N px")
     assert by_reason[0].split(None, 1)[1] in lines[lines.index("failures by reason:") - 2]  # (as the lines say it)
 
 

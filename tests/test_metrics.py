@@ -232,6 +232,13 @@ def test_shuffled_auc_centre_bias_map_is_chance_when_others_look_at_the_centre_t
     assert auc_judd(centre, ys, xs) > 0.9  # while AUC-Judd rewards it
 
 
+def test_shuffled_auc_counts_are_whole_numbers_none_negative():
+    for counts in ([[2, -1], [0, 0]], [[0.5, 1.0], [0.0, 0.0]]):
+        with pytest.raises(ValueError, match="must be counts"):
+            shuffled_auc_counts(np.eye(2), [0], [0], np.array(counts))
+    assert math.isnan(shuffled_auc_counts(np.eye(2), [0], [0], np.zeros((2, 2), int)))  # (no negatives)
+
+
 def test_shuffled_auc_constant_map_and_empty_sets():
     assert shuffled_auc(np.ones((2, 3)), [0, 1], [0, 2], [1, 0, 0], [1, 1, 2]) == 0.5
     assert math.isnan(shuffled_auc(RAMP, [0], [0], [], []))

@@ -313,7 +313,7 @@ def test_a_restarted_run_deletes_its_pointer_before_its_checkpoints(tmp_path, mo
 
 
 @pytest.mark.parametrize("url, said", [
-    ("s3://labels/x?versionId=3", "s3://labels/x?…: a '?' in an object-storage URL is read as the start of a query"),
+    ("s3://labels/x?versionId=3", "s3://labels/x?…: a '?' in an object-storage URL may be read as the start of a query"),
     ("s3://AKIA:topsecret@labels/x", "a s3:// URL with credentials before its bucket (user:secret@bucket): they "
                                      "are not read from a URL")])
 def test_an_object_storage_url_no_store_reads_as_given_is_refused_before_any_work(url, said, s3, tmp_path):
@@ -782,3 +782,21 @@ def test_a_run_url_holding_checkpoints_is_known_to_resume_before_its_pull(s3):
     s3.pipe("labels/resumes/checkpoints/epoch-0001.pt", b"x")
     assert resumes("s3://labels/resumes") and not resumes("s3://labels/resumes", restart=True)
     assert not resumes("s3://labels/resumes-not")  # (a sibling prefix)
+
+
+def test_a_file_url_is_read_one_way_everywhere(tmp_path):
+    """`file:///abs/x` is /abs/x (also `file://localhost/abs/x`), `file://rel/x` is rel/x as fsspec reads it, on
+    every option and in a run's recorded settings: a run whose labels were given as a file:// URL resumes when
+    they are given as the path (their places compared), and an option that reads local paths only agrees."""
+    from pipeline.cli.options import LocalPath, path_or_url
+    from pipeline.common.storage import as_path, file_path, local_place
+    from pipeline.train.loop import as_places
+
+    assert [file_path(u) for u in ("file:///abs/x", "file://localhost/abs/x", "file://rel/x", "s3://b/x", "/abs")] \
+        == ["/abs/x", "/abs/x", "rel/x", None, None]
+    assert path_or_url(None, None, "file:///abs/x/") == "/abs/x" and local_place("file://rel/x") == Path("rel/x")
+    assert LocalPath(exists=False).convert("file://rel/x", None, None) == "rel/x"
+    assert as_path("file://rel/x").key == str(Path("rel/x").resolve())  # (the key of a file:// RemotePath)
+    labels = tmp_path / "labels"
+    assert as_places({"labels": [f"file://{labels}"], "gt_maps": f"file://{labels}"}) == \
+        as_places({"labels": [str(labels)], "gt_maps": str(labels)})

@@ -128,14 +128,14 @@ def path_or_url(ctx, param, value):
     local folder named by URL is locked and tidied as one named by path), a URL (``s3://bucket/key``) as given;
     each of a ``multiple`` option's values. An empty value (an unset shell variable, most likely) is refused: as a
     path it would be the current directory."""
-    from pipeline.common.storage import LOCAL_PROTOCOLS
+    from pipeline.common.storage import file_path
 
     def one(v):
         if v is not None and not v.strip():
             raise click.BadParameter("an empty path (an unset shell variable?); write . for the current directory",
                                      ctx=ctx, param=param)
-        if v is not None and v.partition("://")[0] in LOCAL_PROTOCOLS:
-            v = "/" + v.partition("://")[2].strip("/")
+        if v is not None and (local := file_path(v)) is not None:
+            v = local
         return v if v is None or "://" in v else str(Path(v))
 
     return tuple(one(v) for v in value) if isinstance(value, (tuple, list)) else one(value)
@@ -150,10 +150,12 @@ class LocalPath(click.Path):
         if isinstance(value, str) and not value.strip():
             path_or_url(ctx, param, value)
         if isinstance(value, str) and "://" in value:
-            if not value.startswith("file://"):
+            from pipeline.common.storage import file_path
+
+            if file_path(value) is None:
                 self.fail(f"{value} is a URL; this option reads a local or shared-filesystem path only (copy the "
                           "files to one)", param, ctx)
-            value = value[len("file://"):]
+            value = file_path(value)
         return super().convert(value, param, ctx)
 
 
@@ -353,7 +355,7 @@ def build_model(checkpoint, teacher, student, weights, student_output, device, p
 
 def one_line(text: str) -> str:
     """``text`` with its control characters written as Python escapes (``\\n``, ``\\x1b``): one line on a terminal."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
 def echo_result(result, failures: list[dict], describe, limit: int = 10, listed: str = "") -> None:
@@ -365,8 +367,10 @@ def echo_result(result, failures: list[dict], describe, limit: int = 10, listed:
     if len(failures) > limit:
         click.echo(f"… and {plural(len(failures) - limit, 'more failure')}"
                    + (f" (every one is listed in {listed})" if listed else ""), err=True)
-        reasons = Counter(str(f.get("reason", "")) for f in failures).most_common()
-        if len(reasons) > 1:  # (the causes behind the first few, counted: a second one would stay hidden)
+        # the causes behind the first few, counted (a second one would stay hidden), their numbers aside: "image
+        # too small (10x8)" and "(12x6)" are one cause
+        reasons = Counter(re.sub(r"\d+", "N", str(f.get("reason", ""))) for f in failures).most_common()
+        if len(reasons) > 1:
             click.echo("failures by reason:", err=True)
             for reason, n in reasons[:5]:
                 click.echo(f"  {n:>7}  {one_line(reason)}", err=True)

@@ -97,13 +97,28 @@ def as_path(path) -> "Path | RemotePath":
     return RemotePath.parse(text) if "://" in text else Path(text)
 
 
+def file_path(url: str) -> str | None:
+    """The local path a ``file://`` URL names (``file:///abs/x`` and ``file://localhost/abs/x``: ``/abs/x``;
+    ``file://rel/x``: ``rel/x``, as fsspec reads it), or None for any other text. The one reading of a
+    ``file://`` URL: every option, a manifest's workdir and a resumed run's recorded settings use it."""
+    protocol, sep, rest = str(url).partition("://")
+    if not sep or protocol not in LOCAL_PROTOCOLS:
+        return None
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost"):]
+    return str(PurePosixPath(rest)) if rest else "."
+
+
 def local_place(path) -> Path | None:
-    """The local filesystem path that ``path`` names (a plain path, or a ``file://`` URL), or None for a place on
-    object storage."""
-    path = as_path(path)
+    """The local filesystem path that ``path`` names (a plain path, or a ``file://`` URL: :func:`file_path`), or
+    None for a place on object storage."""
     if isinstance(path, RemotePath):
         return Path(path.key) if path.protocol in LOCAL_PROTOCOLS else None
-    return path
+    text = os.fspath(path) if not isinstance(path, str) else path
+    if "://" not in text:
+        return Path(text)
+    local = file_path(text)
+    return None if local is None else Path(local)
 
 
 #: what object stores report about an object's content, most specific first (S3, GCS, Azure, others)
@@ -147,9 +162,11 @@ class RemotePath:
                                    "and AWS_SECRET_ACCESS_KEY (or GOOGLE_APPLICATION_CREDENTIALS), or the "
                                    "provider's config files")
             if "?" in rest:
-                raise StorageError(f"{protocol}://{rest.split('?', 1)[0]}?…: a '?' in an object-storage URL is "
-                                   "read as the start of a query, not part of a name (every file would be written "
-                                   "over one object); name the prefix without it")
+                raise StorageError(f"{protocol}://{rest.split('?', 1)[0]}?…: a '?' in an object-storage URL may "
+                                   "be read as the start of a query, not part of a name (s3fs reads '?versionId=' "
+                                   "so: every file would be written over one object); name the prefix without it")
+        if protocol in LOCAL_PROTOCOLS:  # (file://rel/x: relative, as fsspec reads it; the key is absolute)
+            rest = os.path.abspath(file_path(url))
         return cls.of(protocol, rest)
 
     @classmethod

@@ -37,7 +37,7 @@ import yaml
 
 import pipeline
 from pipeline import __version__
-from pipeline.common.storage import LOCAL_PROTOCOLS, RemotePath, StorageError, as_path, is_url
+from pipeline.common.storage import RemotePath, StorageError, as_path, file_path, is_url, local_place
 from pipeline.manifest.steps import COMMANDS
 
 TOP_KEYS = ("workdir", "vars", "steps")
@@ -246,9 +246,7 @@ def input_digest(path: str | Path) -> str | None:
     For a URL (``s3://…``) a digest of what the store lists for the object, or for every object under the
     prefix (names, sizes, ETags or checksums): nothing is downloaded. Raises StorageError (one sentence) when
     the store cannot be asked."""
-    where = as_path(path)
-    if isinstance(where, RemotePath) and where.protocol in LOCAL_PROTOCOLS:
-        where = Path(where.key)  # file:///data/x is /data/x
+    where = local_place(path) or as_path(path)  # (file:///data/x is /data/x)
     if isinstance(where, RemotePath):
         try:
             listing = where.listing()
@@ -620,6 +618,8 @@ class _Loader:
                            + (f" {e.hint}" if e.hint else ""))
                 resolved.setdefault(name, "")
         wd = _text(resolved["workdir"])
+        if (local := file_path(wd)) is not None:  # file:///x: the local folder /x, locked as one
+            wd = local
         if _URL_RE.match(wd):  # object storage: the steps' outputs go there, the state too (pipeline.manifest.runner)
             return as_path(_url(wd)), {k: v for k, v in resolved.items() if k != "workdir"}
         return Path(wd), {k: v for k, v in resolved.items() if k != "workdir"}

@@ -130,6 +130,41 @@ def fixation_cells(fy: np.ndarray, fx: np.ndarray, h: int, w: int) -> np.ndarray
     return np.minimum((fy * h).astype(np.intp), h - 1) * w + np.minimum((fx * w).astype(np.intp), w - 1)
 
 
+class OtherFixations:
+    """Shuffled AUC's negatives: for image ``i`` on an h×w map, how many of the other images' fixations fall on
+    each pixel. Every fixation of the set is counted on a map size's grid once while that size is among the
+    :data:`KEEP` last used (thread-safe), and image ``i``'s own are taken away: per image, every fixation of the
+    set had been looked up (N×M for a set of N images and M fixations)."""
+
+    KEEP = 8  # map sizes whose counts are kept (SALICON and CAT2000 have one; MIT1003's many are cheap to count)
+
+    def __init__(self, fy: np.ndarray, fx: np.ndarray, offsets: np.ndarray):
+        self.fy, self.fx, self.offsets = fy, fx, offsets
+        self.grids: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    @classmethod
+    def of(cls, fs: FixationSet) -> "OtherFixations":
+        return cls(*_other_fixations(fs), fs.offsets)
+
+    def every(self, h: int, w: int) -> np.ndarray:
+        """Every fixation of the set counted on an h×w grid (flat; read only)."""
+        with self.lock:
+            if (h, w) not in self.grids:
+                self.grids[(h, w)] = np.bincount(fixation_cells(self.fy, self.fx, h, w), minlength=h * w
+                                                 ).astype(np.int32)
+                if len(self.grids) > self.KEEP:
+                    self.grids.popitem(last=False)
+            self.grids.move_to_end((h, w))
+            return self.grids[(h, w)]
+
+    def counts(self, i: int, h: int, w: int) -> np.ndarray:
+        """The other images' fixations on image ``i``'s h×w map, per pixel."""
+        own = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+        mine = np.bincount(fixation_cells(self.fy[own], self.fx[own], h, w), minlength=h * w)
+        return (self.every(h, w) - mine).reshape(h, w)
+
+
 def read_stimulus(fs: FixationSet, i: int) -> np.ndarray:
     """Image ``i`` of ``fs`` as RGB. A file of another aspect ratio than the one its fixations were recorded on
     (beyond a pixel's rounding) is another picture under that name: an :class:`~pipeline.common.images.ImageError`,
@@ -169,7 +204,6 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
                         settings={"dataset": fs.name, "split": fs.split or None,
                                   "fixations": int(per_image[chosen].sum()), "baseline": baseline,
                                   "sigma_frac": sigma_frac, "ig_unit": "bits per fixation"})
-    fy, fx = _other_fixations(fs)
     if baseline not in ("centerbias", "uniform"):
         raise ValueError(f"unknown baseline {baseline!r} (centerbias or uniform)")
     # each image against the centre bias of the other images' fixations (leave one out; uniform where none)
@@ -191,28 +225,14 @@ def evaluate_fixations(predictor: Predictor, fs: FixationSet, *, batch_size: int
             return np.zeros((1, 1))  # uniform
         return bias.log_density(without=i)
 
-    grids: OrderedDict = OrderedDict()  # (h, w) -> every fixation of the set counted on that grid
-    grids_lock = threading.Lock()
-
-    def every_fixation(h: int, w: int) -> np.ndarray:
-        """Shuffled AUC's negatives on an h×w map, counted once per map size (the few sizes last used kept):
-        per image, the dataset's fixations were each looked up, M per image and N×M in all."""
-        with grids_lock:
-            if (h, w) not in grids:
-                grids[(h, w)] = np.bincount(fixation_cells(fy, fx, h, w), minlength=h * w).astype(np.int32)
-                if len(grids) > 8:
-                    grids.popitem(last=False)
-            grids.move_to_end((h, w))
-            return grids[(h, w)]
+    negatives = OtherFixations.of(fs)
 
     def score(i: int, logd: np.ndarray) -> dict:
         h, w = logd.shape
         ys, xs = fs.fixations(i)
         if (h, w) != tuple(fs.sizes[i]):  # the file on disk differs from what the set recorded
             ys, xs = metrics.rescale_fixations(ys, xs, tuple(fs.sizes[i]), (h, w))
-        own = slice(int(fs.offsets[i]), int(fs.offsets[i + 1]))
-        others = every_fixation(h, w) - np.bincount(fixation_cells(fy[own], fx[own], h, w), minlength=h * w)
-        values = metrics.image_metrics(logd, ys, xs, other_counts=others.reshape(h, w),
+        values = metrics.image_metrics(logd, ys, xs, other_counts=negatives.counts(i, h, w),
                                        baseline_log_density=baseline_of(i),
                                        sigma=sigma_frac * max(h, w))
         return {"index": i, "path": fs.paths[i], "fixations": int(len(ys)), **values}

@@ -305,6 +305,8 @@ def shuffled_auc_counts(saliency_map, ys, xs, other_counts) -> float:
     counts = np.asarray(other_counts)
     if counts.shape != s.shape:
         raise ValueError(f"other_counts is {counts.shape}, the map {s.shape}")
+    if counts.dtype.kind not in "iu" or (counts.size and counts.min() < 0):
+        raise ValueError("other_counts must be counts: whole numbers, none below 0")
     cells = np.flatnonzero(counts)
     if ys.size == 0 or cells.size == 0:
         return float("nan")

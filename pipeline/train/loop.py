@@ -592,7 +592,9 @@ def as_places(settings: dict) -> dict:
     def place(value):
         if isinstance(value, list):
             return [place(v) for v in value]
-        return str(Path(value).resolve()) if isinstance(value, str) and not is_url(value) else value
+        if isinstance(value, str) and (local := local_place(value)) is not None:  # (file:///x is /x)
+            return str(local.resolve())
+        return value
 
     def weights(value):  # a local weights file as a place; a name (random, a known name) or URL as it is
         return place(value) if isinstance(value, str) and Path(value).is_file() else value
