@@ -1279,7 +1279,8 @@ def test_workers_are_placed_one_per_gpu_each_handed_its_own_device(device, execu
     where = place_workers(device, executor=executor, gpus=gpus, cpu_workers=3, io_threads=4, shards=10,
                           cluster_gpus=cluster_gpus, cluster_cpus=32, cuda_available=False)
     assert (where.device, where.device_type, where.workers, where.options) == want
-    assert bool(where.note) == (device == "cuda:1" and executor == "ray")  # the user is told why not GPU 1
+    # the user is told why not GPU 1, and why not the GPUs asked for
+    assert bool(where.note) == ((device == "cuda:1" or (gpus or 0) > cluster_gpus) and executor == "ray")
 
 
 def test_worker_placement_fits_the_cluster_and_the_work():
@@ -1293,6 +1294,12 @@ def test_worker_placement_fits_the_cluster_and_the_work():
     assert few_cpus.options == {"num_gpus": 1, "num_cpus": 3}  # schedulable: 2 actors × 3 CPUs on 6 CPUs
     assert place_workers("auto", executor="ray", cluster_gpus=8, cluster_cpus=64, shards=2).workers == 2
     assert place_workers("cpu", executor="ray", cpu_workers=4, shards=1).workers == 1
+    # --gpus beyond the cluster's: said (it labelled on CPU actors without a word where there was no GPU)
+    assert place_workers("auto", executor="ray", gpus=8, cluster_gpus=2, cluster_cpus=16).note == \
+        "--gpus 8: the Ray cluster has 2 GPUs, labelling on 2"
+    assert place_workers("auto", executor="ray", gpus=8, cpu_workers=2, cluster_cpus=2).note == \
+        "--gpus 8: the Ray cluster has no GPU, labelling on 2 CPU actor(s)"
+    assert not place_workers("auto", executor="ray", gpus=2, cluster_gpus=2, cluster_cpus=16).note
     shared = place_workers("cuda", executor="ray", io_threads=8, cluster_gpus=2, cluster_cpus=32, workers_per_gpu=4)
     assert (shared.workers, shared.options) == (8, {"num_gpus": 0.25, "num_cpus": 4})  # 4 actors on each GPU
     assert place_workers("cpu", executor="ray", cpu_workers=2, cluster_gpus=2, workers_per_gpu=4).workers == 2

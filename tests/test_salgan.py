@@ -183,6 +183,10 @@ def test_convert_refuses_a_destination_it_would_destroy_or_cannot_write_and_text
         assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
         assert result.output.startswith(f"Error: cannot write the checkpoint to {dst}: {why}"), result.output
     assert path.read_bytes() == before and Path("/dev/null").is_char_device()
+    result = CliRunner().invoke(cli, ["weights", "convert", str(tmp_path / "gone.npz"), str(tmp_path / "g.pt")])
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == (  # where the release comes from
+        f"Error: Invalid value for 'SRC': {tmp_path / 'gone.npz'} does not exist; `pipeline weights fetch salgan` "
+        "downloads SalGAN's release and prints this command with its path")
     result = CliRunner().invoke(cli, ["weights", "convert", str(path), str(tmp_path / "data" / "weights" / "g.pt")])
     assert result.exit_code == 0 and (tmp_path / "data" / "weights" / "g.pt").is_file(), result.output
     np.savez(tmp_path / "text.npz", **{**arrays, "arr_0": np.zeros(arrays["arr_0"].shape, dtype="U1")})

@@ -305,7 +305,8 @@ def model_options(fn=None, *, students_only: bool = False):
                      help="A student by name, loaded from --weights (e.g. the FastSal authors' coco_A.pth)."),
         click.option("--weights", default=None,
                      help=f"Weights of {'' if students_only else '--teacher or '}--student: a path, an http(s) URL "
-                          "or a known name."),
+                          "or a known name; for a student also imagenet (its ImageNet backbone alone), and for "
+                          "profile and export random (the architecture alone)."),
         click.option("--student-output", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
                      help="With --student: its map is softmax over pixels (density-teacher training, "
                           "the authors' coco_* files) or sigmoid (SalGAN-teacher training, salicon_*)."),

@@ -42,13 +42,16 @@ def weights_fetch(spec):
 
 
 @weights_group.command("convert")
-@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("src", type=LocalPath(dir_okay=False, path_type=Path))
 @click.argument("dst", type=LocalPath(dir_okay=False, path_type=Path))
 def weights_convert(src, dst):
     """Convert SalGAN's Lasagne release (gen_modelWeights0090.npz) to a PyTorch checkpoint DST (.pt)."""
     from teachers.salgan import save_converted
     from teachers.weights import WeightsError, file_digest
 
+    if not src.is_file():  # (the house's sentence, with where the file comes from)
+        raise click.BadParameter(f"{src} does not exist; `pipeline weights fetch salgan` downloads SalGAN's release "
+                                 "and prints this command with its path", param_hint="'SRC'")
     try:
         out = save_converted(src, dst)
     except WeightsError as e:

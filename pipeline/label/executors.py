@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from pipeline.common.devices import resolve_device
 from pipeline.common.errors import error_message, root_cause, strip_ansi
+from pipeline.common.tables import plural
 from pipeline.label.config import LabelConfig, LabelError, StoreRefused
 from pipeline.label.sources import ShardPlan
 from pipeline.label.worker import ShardLabeler
@@ -67,7 +68,9 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
         used = min(gpus if gpus is not None else cluster_gpus, cluster_gpus)
         k = max(1, workers_per_gpu)
         notes = [f"--device {device}: on Ray each GPU actor labels on the one GPU Ray gives it (its cuda:0), not on "
-                 "that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else ""]
+                 "that GPU of this machine" if device.startswith("cuda:") and device != "cuda:0" else "",
+                 f"--gpus {gpus}: the Ray cluster has {plural(cluster_gpus, 'GPU')}, labelling on {used}"
+                 if gpus is not None and gpus > cluster_gpus else ""]
         if cluster_cpus and used * k > cluster_cpus:  # each actor holds a CPU: more would wait for one for ever
             k = max(1, cluster_cpus // used)
             notes.append(f"{workers_per_gpu} workers per GPU: the Ray cluster has {cluster_cpus} CPUs for {used} "
@@ -83,7 +86,10 @@ def place_workers(device: str, *, executor: str, gpus: int | None = None, cpu_wo
     workers = min(cpu_workers, cluster_cpus) if cluster_cpus else cpu_workers  # each actor holds a CPU at least
     cpus = max(1, min(io_threads // 2, cluster_cpus // max(1, workers) if cluster_cpus else io_threads))
     notes = [f"--device {device}: the Ray cluster has no GPU, labelling on {workers} CPU actor(s)"
-             if device.startswith("cuda") and gpus != 0 else "",
+             if device.startswith("cuda") and gpus != 0 else
+             f"--gpus {gpus}: the Ray cluster has no GPU, labelling on {workers} CPU actor(s)"
+             if gpus and device != "cpu" else
+             f"--gpus {gpus}: --device cpu labels on {workers} CPU actor(s)" if gpus else "",
              f"--cpu-workers {cpu_workers}: the Ray cluster has {cluster_cpus} CPUs, labelling on {workers} CPU actors"
              if workers < cpu_workers else ""]
     return Placement(device="cpu", device_type="cpu", workers=cap(workers), options={"num_cpus": cpus},

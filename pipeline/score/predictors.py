@@ -253,8 +253,8 @@ def options_mistake(*, checkpoint, teacher, student, weights, require_weights, s
     if checkpoint and weights:
         return "--weights goes with --teacher or --student, not --checkpoint"
     if not checkpoint and weights == "random" and require_weights:
-        return ("--weights random (architecture only: its maps mean nothing) is for `pipeline profile`; give real "
-                "weights to score or predict")
+        return ("--weights random (architecture only: its maps mean nothing) is for `pipeline profile` and "
+                "`pipeline export`; give real weights to score or predict")
     if student and weights is None and require_weights:
         return (f"--student {student} needs --weights (e.g. the authors' coco_A.pth, or imagenet for the ImageNet "
                 "backbone alone); for a model you trained, use --checkpoint RUN_DIR")
