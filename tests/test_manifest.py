@@ -654,7 +654,7 @@ def test_full_manifest_passes_dry_run_validation(fresh, monkeypatch):
     result = invoke("run", FULL, "--dry-run")
     assert result.exit_code == 0, result.output
     rows = dry_run_table(result.output)
-    assert len(rows) == 29 and all(action == "run" for action, _ in rows.values())
+    assert len(rows) == 43 and all(action == "run" for action, _ in rows.values())
     assert rows["label_train_deepgaze"][1] == f"input missing: data/coco/annotations/instances_train2017.json, {deepgaze}"
     assert rows["label_test_salgan"][1] == ("input missing: data/coco/annotations/image_info_test2017.json, "
                                             "data/weights/salgan_generator.pt")
@@ -666,6 +666,11 @@ def test_full_manifest_passes_dry_run_validation(fresh, monkeypatch):
     assert ("finetune_a_deepgaze: pipeline train --labels=runs/full/label_train_deepgaze/deepgaze/train2017 "
             "--labels=runs/full/label_test_deepgaze/deepgaze/test2017") in result.output
     assert "--init=runs/full/hint_c_salgan" in result.output and "--stage=hint" in result.output
+    # the SALICON models (SalGAN's labels, then its human maps too), SACT-101, CAT2000 at the SACT paper's sizes
+    assert rows["fixations_salicon_val"][1] == "input missing: data/SALICON/fixations/val"
+    assert rows["fixations_cat2000"][1] == "input missing: data/CAT2000/trainSet/FIXATIONLOCS"
+    assert "--gt-maps=data/SALICON/maps/train" in result.output and "--init=runs/full/hint_c_salicon" in result.output
+    assert "--depth=101" in result.output and "--image-size=352x640" in result.output
     assert not Path("runs").exists()
 
 
