@@ -174,8 +174,8 @@ def test_training_reads_and_writes_object_storage_as_it_does_local_folders(s3, l
     s3.invalidate_cache()
     names = sorted(p.split("labels/runs/a/", 1)[1] for p in s3.find("labels/runs/a"))
     names = [n for n in names if not n.startswith("tensorboard/")]  # (there too where the extra is installed)
-    assert names == ["checkpoints/epoch-0000.pt", "checkpoints/epoch-0001.pt", "checkpoints/latest.json",
-                     "config.json", "curves.png", "losses.csv", "metrics.csv"]
+    assert names == ["checkpoints/best.json", "checkpoints/epoch-0000.pt", "checkpoints/epoch-0001.pt",
+                     "checkpoints/latest.json", "config.json", "curves.png", "losses.csv", "metrics.csv"]
     a = final_weights(lambda rel: (tmp_path / "run" / rel).read_bytes())
     b = final_weights(lambda rel: s3.cat_file(f"labels/runs/a/{rel}"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -1473,3 +1473,28 @@ def test_a_checkpoint_whose_record_is_out_of_shape_is_one_line(tmp_path, edit, p
     assert str(e.value) == f"{path} is not a checkpoint of `pipeline train` ({problem})"
     r = invoke("profile", "--checkpoint", path, "--iters", 1)
     assert r.exit_code == 1 and r.output.splitlines()[-1] == f"Error: {e.value}", r.output
+
+
+def test_the_epoch_of_lowest_validation_loss_is_kept_and_named_by_best_json(tmp_path, monkeypatch):
+    """The FastSal authors keep the epoch of best validation; here checkpoints/best.json names it and its file is
+    kept beside the two newest (a pointer is written before an older file it named is deleted), and
+    `--checkpoint RUN/checkpoints/best.json` reads it as latest.json is read."""
+    from pipeline.common import storage
+    from pipeline.train.checkpoints import checkpoint_path, save_checkpoint
+    from pipeline.train.loop import run_mirror
+
+    ckpt = tmp_path / "checkpoints"
+    kept = []
+    for epoch, loss in enumerate([0.5, 0.4, 0.45, float("nan"), 0.7, 0.3]):
+        save_checkpoint(ckpt, epoch, {"epoch": epoch}, val_loss=loss)
+        kept.append(sorted(int(p.stem[6:]) for p in ckpt.glob("epoch-*.pt")))
+    assert kept == [[0], [0, 1], [1, 2], [1, 2, 3], [1, 3, 4], [4, 5]]
+    best = json.loads((ckpt / "best.json").read_text())
+    assert (best["checkpoint"], best["epoch"], best["val_loss"]) == ("epoch-0005.pt", 5, 0.3)
+    assert checkpoint_path(ckpt / "best.json") == ckpt / "epoch-0005.pt"
+
+    save_checkpoint(ckpt, 6, {"epoch": 6}, val_loss=0.9)  # a run URL's pointers go up after the files they name
+    uploads, real = [], storage.RemotePath.upload
+    monkeypatch.setattr(storage.RemotePath, "upload", lambda self, local: (uploads.append(self.name), real(self, local)))
+    run_mirror(f"memory://runs/{tmp_path.name}", tmp_path).push()
+    assert uploads == ["epoch-0005.pt", "epoch-0006.pt", "best.json", "latest.json"]

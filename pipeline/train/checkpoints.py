@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,8 @@ from students import Student, build_student, student_info
 from teachers.weights import WeightsError, load_state_dict, load_strict
 
 LATEST = "latest.json"
+#: the pointer to the epoch of lowest validation loss (kept beside the two newest), as the FastSal authors keep theirs
+BEST = "best.json"
 
 
 class CheckpointError(TrainError):
@@ -55,9 +58,9 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files ----------------------------------------------------------------------------------------
-def _read_latest(ckpt_dir: Path) -> tuple[dict | None, str]:
-    """(``latest.json``'s record or None, "" or why it cannot be read)."""
-    marker = as_path(ckpt_dir) / LATEST
+def _read_latest(ckpt_dir: Path, pointer: str = LATEST) -> tuple[dict | None, str]:
+    """(``latest.json``'s record, or ``pointer``'s, or None, "" or why it cannot be read)."""
+    marker = as_path(ckpt_dir) / pointer
     if not marker.is_file():
         return None, ""
     try:
@@ -92,11 +95,11 @@ class _Hashing:
         self.f.flush()
 
 
-def latest_record(ckpt_dir: Path) -> dict | None:
-    """``latest.json`` (``{"checkpoint": name, "epoch": N, "sha256": hex}``; older runs' hold no sha256), or None
-    before the first finished epoch;
+def latest_record(ckpt_dir: Path, pointer: str = LATEST) -> dict | None:
+    """``latest.json`` (``{"checkpoint": name, "epoch": N, "sha256": hex}``; older runs' hold no sha256), or
+    ``pointer`` (``best.json``: also ``val_loss``), or None before the first finished epoch;
     :class:`CheckpointError` when it is there but unreadable."""
-    record, problem = _read_latest(ckpt_dir)
+    record, problem = _read_latest(ckpt_dir, pointer)
     if problem:
         raise CheckpointError(f"{problem}: re-running `pipeline train` on {as_path(ckpt_dir).parent} resumes from its "
                               "newest readable checkpoint and rewrites it; or give a checkpoint file")
@@ -168,8 +171,8 @@ def checkpoint_path(path: str | Path) -> Path:
     ``checkpoints/latest.json`` (the same); each may be a URL (a :class:`~pipeline.common.storage.RemotePath`
     then: a folder is a prefix holding objects)."""
     path = as_path(path)
-    if path.name == LATEST and path.is_file():  # the run's pointer, named instead of the run
-        found = _recorded(path.parent)
+    if path.name in (LATEST, BEST) and path.is_file():  # the run's pointer (or its best epoch's), named
+        found = _recorded(path.parent, path.name)
         if found is None:
             raise CheckpointError(f"{path} names no checkpoint")
         return found
@@ -184,10 +187,11 @@ def checkpoint_path(path: str | Path) -> Path:
     raise CheckpointError(f"checkpoint not found: {path}")
 
 
-def _recorded(ckpt_dir):
-    """The checkpoint ``latest.json`` names (None before the first finished epoch), when its bytes are those it
-    recorded (a local file; one on object storage is read as it is); else :class:`CheckpointError`."""
-    record = latest_record(ckpt_dir)
+def _recorded(ckpt_dir, pointer: str = LATEST):
+    """The checkpoint ``latest.json`` (or ``pointer``) names (None before the first finished epoch), when its
+    bytes are those it recorded (a local file; one on object storage is read as it is); else
+    :class:`CheckpointError`."""
+    record = latest_record(ckpt_dir, pointer)
     if record is None:
         return None
     found = as_path(ckpt_dir) / record["checkpoint"]
@@ -251,8 +255,10 @@ def _record_problem(ckpt: dict) -> str:
     return ""
 
 
-def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
-    """Write ``epoch-NNNN.pt`` atomically, then ``latest.json``; keep the two newest checkpoints."""
+def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict, val_loss: float | None = None) -> Path:
+    """Write ``epoch-NNNN.pt`` atomically, then ``latest.json``; with a ``val_loss`` below the one ``best.json``
+    records (or none recorded), then ``best.json`` naming it too; keep the two newest checkpoints and the one
+    ``best.json`` names (each pointer is written before an older file it named is deleted)."""
     path = ckpt_dir / f"epoch-{epoch:04d}.pt"
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -260,6 +266,11 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
             hashing = _Hashing(f)
             torch.save(ckpt, hashing)
         _point_at(ckpt_dir, path, epoch, hashing.sha256.hexdigest())
+        best, _ = _read_latest(ckpt_dir, BEST)
+        if val_loss is not None and math.isfinite(val_loss) and (
+                best is None or not isinstance(best.get("val_loss"), (int, float)) or val_loss < best["val_loss"]):
+            best = {"checkpoint": path.name, "epoch": epoch, "val_loss": val_loss, "sha256": hashing.sha256.hexdigest()}
+            write_json(ckpt_dir / BEST, best)
     except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer says "[enforce fail …] unexpected pos"
         if isinstance(e, RuntimeError) and "inline_container" not in str(e):
             raise
@@ -271,8 +282,9 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict) -> Path:
             f"the write failed with {shutil.disk_usage(ckpt_dir).free / 2**20:.0f} MiB free on its filesystem")
         raise CheckpointError(f"cannot write {path} ({why}); the run resumes after its last saved epoch once the "
                               "same command runs again") from None
+    kept = best["checkpoint"] if best else None
     for old in ckpt_dir.glob("epoch-*.pt"):  # by number: past epoch 9999 the names are longer, not later
-        if epoch_of(old) < epoch - 1:
+        if epoch_of(old) < epoch - 1 and old.name != kept:
             old.unlink()
     return path
 

@@ -48,7 +48,7 @@ from pipeline.common.progress import progress as show_progress
 from pipeline.common.storage import Mirror, as_path, is_url, local_place
 from pipeline.common.tables import plural
 from pipeline.label.shards import enclosing_label_folder
-from pipeline.train.checkpoints import (LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
+from pipeline.train.checkpoints import (BEST, LATEST, init_from, newest_readable, resumes, rng_state, save_checkpoint,
                                         set_rng_state)
 from pipeline.train.config import STAGES, EpochResult, TrainConfig, TrainError
 from pipeline.train.data import (BadSamples, SampleError, check_same_labels, epoch_order, first_ground_truth,
@@ -350,8 +350,8 @@ class Trainer:
                   file=sys.stderr)
         return True
 
-    def save(self, epoch: int) -> Path:
-        return save_checkpoint(self.ckpt_dir, epoch, {
+    def save(self, epoch: int, val_loss: float | None = None) -> Path:
+        return save_checkpoint(self.ckpt_dir, epoch, val_loss=val_loss, ckpt={
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
             "rng": rng_state(), "config": self.config.resume_key(), "student": self.config.student,
@@ -681,7 +681,7 @@ RESTART_FILES = ("checkpoints/*", "losses.csv", "metrics.csv", "curves.png")
 def run_mirror(url: str, local: str | Path) -> Mirror:
     """A run folder on object storage as a local staging folder: its pointer uploaded last, and the old
     checkpoints and TensorBoard events the run deletes locally deleted there too."""
-    return Mirror(as_path(url), Path(local), last=(f"checkpoints/{LATEST}",),
+    return Mirror(as_path(url), Path(local), last=(f"checkpoints/{LATEST}", f"checkpoints/{BEST}"),
                   prune=("checkpoints/epoch-*.pt", "tensorboard/events.out.tfevents.*"))
 
 
@@ -757,7 +757,7 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
                 result = EpochResult(epoch, train_loss, val, lr, seconds, n * trainer.world, stats)  # every process's
                 append_metrics(run, result)
                 board.epoch(trainer, result)
-                trainer.save(epoch)  # last: a checkpoint means the epoch's logs are written
+                trainer.save(epoch, val.get("val_loss"))  # last: a checkpoint means the epoch's logs are written
                 plot_curves(run)
                 if mirror is not None:  # the epoch's files, latest.json last
                     mirror.push()
