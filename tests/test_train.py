@@ -1493,6 +1493,10 @@ def test_the_epoch_of_lowest_validation_loss_is_kept_and_named_by_best_json(tmp_
     assert (best["checkpoint"], best["epoch"], best["val_loss"]) == ("epoch-0005.pt", 5, 0.3)
     assert checkpoint_path(ckpt / "best.json") == ckpt / "epoch-0005.pt"
 
+    save_checkpoint(ckpt, 5, {"epoch": 5, "again": True}, val_loss=0.35)  # epoch 6 trained again (its file was
+    best = json.loads((ckpt / "best.json").read_text())  # unreadable): the record names the new weights
+    assert (best["epoch"], best["val_loss"]) == (5, 0.35)
+    assert checkpoint_path(ckpt / "best.json") == ckpt / "epoch-0005.pt"
     save_checkpoint(ckpt, 6, {"epoch": 6}, val_loss=0.9)  # a run URL's pointers go up after the files they name
     uploads, real = [], storage.RemotePath.upload
     monkeypatch.setattr(storage.RemotePath, "upload", lambda self, local: (uploads.append(self.name), real(self, local)))

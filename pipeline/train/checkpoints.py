@@ -267,6 +267,8 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict, val_loss: float | No
             torch.save(ckpt, hashing)
         _point_at(ckpt_dir, path, epoch, hashing.sha256.hexdigest())
         best, _ = _read_latest(ckpt_dir, BEST)
+        if best is not None and best["checkpoint"] == path.name:  # (an epoch trained again after its file was
+            best = None  # unreadable: the record names weights no longer there)
         if val_loss is not None and math.isfinite(val_loss) and (
                 best is None or not isinstance(best.get("val_loss"), (int, float)) or val_loss < best["val_loss"]):
             best = {"checkpoint": path.name, "epoch": epoch, "val_loss": val_loss, "sha256": hashing.sha256.hexdigest()}
