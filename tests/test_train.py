@@ -1497,8 +1497,24 @@ def test_the_epoch_of_lowest_validation_loss_is_kept_and_named_by_best_json(tmp_
     best = json.loads((ckpt / "best.json").read_text())  # unreadable): the record names the new weights
     assert (best["epoch"], best["val_loss"]) == (5, 0.35)
     assert checkpoint_path(ckpt / "best.json") == ckpt / "epoch-0005.pt"
+    save_checkpoint(ckpt, 6, {"epoch": 6}, val_loss=0.34)  # (better than the record the new epoch 5 made)
+    assert json.loads((ckpt / "best.json").read_text())["epoch"] == 6
+    save_checkpoint(ckpt, 5, {"epoch": 5}, val_loss=0.5)  # a fallback to epoch 4: a record of a later epoch goes too
+    assert json.loads((ckpt / "best.json").read_text())["epoch"] == 5
     save_checkpoint(ckpt, 6, {"epoch": 6}, val_loss=0.9)  # a run URL's pointers go up after the files they name
     uploads, real = [], storage.RemotePath.upload
     monkeypatch.setattr(storage.RemotePath, "upload", lambda self, local: (uploads.append(self.name), real(self, local)))
     run_mirror(f"memory://runs/{tmp_path.name}", tmp_path).push()
     assert uploads == ["epoch-0005.pt", "epoch-0006.pt", "best.json", "latest.json"]
+    assert "not the checkpoint best.json recorded" in _recorded_error(ckpt)
+
+
+def _recorded_error(ckpt) -> str:
+    """What --checkpoint RUN/checkpoints/best.json says of a file changed since best.json named it."""
+    from pipeline.train.checkpoints import CheckpointError, checkpoint_path
+
+    (ckpt / "epoch-0005.pt").write_bytes(b"changed")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint_path(ckpt / "best.json")
+    assert "resumes from" not in str(e.value)
+    return str(e.value)

@@ -1,11 +1,12 @@
 """Checkpoints of ``pipeline train``: what one holds, writing and finding them, RNG state, ``--init``.
 
-A checkpoint is ``<run>/checkpoints/epoch-NNNN.pt`` (written atomically) and ``latest.json`` names the
-newest; the two newest are kept. It holds the student's state dict under ``model`` with its registry
-name (``student``) and builder options (``student_options``), the optimizer and scheduler, epoch and
-global step, every RNG state, the settings it must be resumed with, and what its labels were
-(teacher, label kind, image size). Only tensors, numbers, strings and containers (the scheduler's milestones are
-a ``Counter``, which torch accepts from 2.4, the floor): it loads with ``weights_only``.
+A checkpoint is ``<run>/checkpoints/epoch-NNNN.pt`` (written atomically) and ``latest.json`` names the newest;
+the two newest are kept, and the one ``best.json`` names (lowest validation loss). It holds the student's
+state dict under ``model`` with its registry name (``student``) and builder options (``student_options``), the
+optimizer and scheduler, epoch and global step, every RNG state, the settings it must be resumed with, and
+what its labels were (teacher, label kind, image size). Only tensors, numbers, strings and containers (the
+scheduler's milestones are a ``Counter``, which torch accepts from 2.4, the floor): it loads with
+``weights_only``.
 A checkpoint or run folder to load (``--checkpoint``, ``--init``) may be a URL (``s3://…``): the pointer is
 read there and the one checkpoint file downloaded to a temporary file.
 """
@@ -101,6 +102,8 @@ def latest_record(ckpt_dir: Path, pointer: str = LATEST) -> dict | None:
     :class:`CheckpointError` when it is there but unreadable."""
     record, problem = _read_latest(ckpt_dir, pointer)
     if problem:
+        if pointer != LATEST:
+            raise CheckpointError(f"{problem}; give a checkpoint file")
         raise CheckpointError(f"{problem}: re-running `pipeline train` on {as_path(ckpt_dir).parent} resumes from its "
                               "newest readable checkpoint and rewrites it; or give a checkpoint file")
     return record
@@ -134,9 +137,9 @@ def load_resumable(path: str | Path) -> dict:
 
 def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its content: the one ``latest.json`` names, else (it is unreadable, or
-    its checkpoint is missing or truncated) the newest of the others (the two newest are kept), each one passed
-    over with a ``warning:`` line, and ``latest.json`` rewritten to name the one found (so that the run folder
-    names a readable checkpoint even when no epoch is left to train); None before the first finished epoch;
+    its checkpoint is missing or truncated) the newest of the others (the two newest are kept, and the best), each
+    one passed over with a ``warning:`` line, and ``latest.json`` rewritten to name the one found (so that the run
+    folder names a readable checkpoint even when no epoch is left to train); None before the first finished epoch;
     :class:`CheckpointError` when there are checkpoints but none can be read."""
     ckpt_dir = Path(ckpt_dir)
     record, problem = _read_latest(ckpt_dir)
@@ -196,9 +199,10 @@ def _recorded(ckpt_dir, pointer: str = LATEST):
         return None
     found = as_path(ckpt_dir) / record["checkpoint"]
     if record.get("sha256") and not is_url(found) and Path(found).is_file() and digest(found) != record["sha256"]:
-        raise CheckpointError(f"{found} is not the checkpoint {LATEST} recorded (its sha256 differs: changed since "
-                              f"it was written); `pipeline train` on {as_path(ckpt_dir).parent} resumes from the one "
-                              "before it, or give a checkpoint file")
+        raise CheckpointError(f"{found} is not the checkpoint {pointer} recorded (its sha256 differs: changed since "
+                              "it was written)" + (f"; `pipeline train` on {as_path(ckpt_dir).parent} resumes from the "
+                                                   "one before it" if pointer == LATEST else "")
+                              + ", or give a checkpoint file")
     return found
 
 
@@ -267,8 +271,8 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict, val_loss: float | No
             torch.save(ckpt, hashing)
         _point_at(ckpt_dir, path, epoch, hashing.sha256.hexdigest())
         best, _ = _read_latest(ckpt_dir, BEST)
-        if best is not None and best["checkpoint"] == path.name:  # (an epoch trained again after its file was
-            best = None  # unreadable: the record names weights no longer there)
+        if best is not None and (best["checkpoint"] == path.name or best["epoch"] >= epoch):  # an epoch trained
+            best = None  # again (its file was unreadable): the record names weights no longer there
         if val_loss is not None and math.isfinite(val_loss) and (
                 best is None or not isinstance(best.get("val_loss"), (int, float)) or val_loss < best["val_loss"]):
             best = {"checkpoint": path.name, "epoch": epoch, "val_loss": val_loss, "sha256": hashing.sha256.hexdigest()}

@@ -699,8 +699,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
             if folder.is_dir():
                 remove_stale_temps(folder)
         if restart:
-            for pattern in RESTART_FILES:  # latest.json first: it never names a checkpoint already deleted
-                for p in sorted(run.glob(pattern), key=lambda p: p.name != LATEST):
+            for pattern in RESTART_FILES:  # the pointers first: they never name a checkpoint already deleted
+                for p in sorted(run.glob(pattern), key=lambda p: p.name not in (LATEST, BEST)):
                     p.unlink(missing_ok=True)
             if mirror is not None:
                 mirror.remove(RESTART_FILES)
@@ -708,6 +708,8 @@ def _train(trainer: "Trainer", config: TrainConfig, *, restart: bool, progress: 
     if mirror is not None:  # every worker resumes from what the run URL holds
         mirror.pull()
     resumed = trainer.resume()
+    if lead and not resumed:  # (a --restart killed between its deletions left it: its losses are another run's)
+        (trainer.ckpt_dir / BEST).unlink(missing_ok=True)
     if lead:
         # the settings, with the epochs the run holds: a lower --epochs than already trained trains nothing
         recorded = {**asdict(config), "epochs": max(config.epochs, trainer.epoch),
