@@ -1518,3 +1518,29 @@ def _recorded_error(ckpt) -> str:
         checkpoint_path(ckpt / "best.json")
     assert "resumes from" not in str(e.value)
     return str(e.value)
+
+
+def test_the_shard_loader_runs_under_the_spawn_start_method(small_labels):
+    """macOS starts DataLoader workers with `spawn` (and Python 3.14 on Linux with `forkserver`): all the loader
+    hands its workers must pickle, and they read the batches an in-process loader reads."""
+    import multiprocessing
+
+    from pipeline.train.data import open_label_set, shard_loader
+
+    labels = open_label_set(small_labels)
+
+    def batches(workers: int) -> list:
+        loader = shard_loader(labels, list(labels.tars), batch_size=2, workers=workers, split_nodes=False)
+        return [[t.clone() if isinstance(t, torch.Tensor) else t for t in batch] for batch in loader]
+
+    here = batches(0)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        spawned = batches(2)
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert len(here) == 6 and len(spawned) == len(here)
+    key = lambda batch: str(batch[2])  # noqa: E731 - (2 workers interleave their shards' batches)
+    for a, b in zip(sorted(here, key=key), sorted(spawned, key=key)):
+        assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
