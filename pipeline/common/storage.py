@@ -99,8 +99,8 @@ def as_path(path) -> "Path | RemotePath":
 
 def file_path(url: str) -> str | None:
     """The local path a ``file://`` URL names (``file:///abs/x``, and ``file://localhost/abs/x`` as RFC 8089
-    has it: ``/abs/x``; ``file://rel/x``: ``rel/x``, as fsspec reads it), or None for any other text. The one reading of a
-    ``file://`` URL: every option, a manifest's workdir and a resumed run's recorded settings use it."""
+    has it: ``/abs/x``; ``file://rel/x``: ``rel/x``, as fsspec reads it), or None for any other text. The one
+    reading of a ``file://`` URL: every option, a manifest's workdir and a resumed run's recorded settings use it."""
     protocol, sep, rest = str(url).partition("://")
     if not sep or protocol not in LOCAL_PROTOCOLS:
         return None

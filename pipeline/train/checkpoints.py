@@ -59,8 +59,9 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files ----------------------------------------------------------------------------------------
-def _read_latest(ckpt_dir: Path, pointer: str = LATEST) -> tuple[dict | None, str]:
-    """(``latest.json``'s record, or ``pointer``'s, or None, "" or why it cannot be read)."""
+def _read_pointer(ckpt_dir: Path, pointer: str = LATEST) -> tuple[dict | None, str]:
+    """(the record of ``latest.json``, or of another pointer (``best.json``), or None; "" or why it cannot be
+    read)."""
     marker = as_path(ckpt_dir) / pointer
     if not marker.is_file():
         return None, ""
@@ -100,7 +101,7 @@ def latest_record(ckpt_dir: Path, pointer: str = LATEST) -> dict | None:
     """``latest.json`` (``{"checkpoint": name, "epoch": N, "sha256": hex}``; older runs' hold no sha256), or
     ``pointer`` (``best.json``: also ``val_loss``), or None before the first finished epoch;
     :class:`CheckpointError` when it is there but unreadable."""
-    record, problem = _read_latest(ckpt_dir, pointer)
+    record, problem = _read_pointer(ckpt_dir, pointer)
     if problem:
         if pointer != LATEST:
             raise CheckpointError(f"{problem}; give a checkpoint file")
@@ -142,7 +143,7 @@ def newest_readable(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
     folder names a readable checkpoint even when no epoch is left to train); None before the first finished epoch;
     :class:`CheckpointError` when there are checkpoints but none can be read."""
     ckpt_dir = Path(ckpt_dir)
-    record, problem = _read_latest(ckpt_dir)
+    record, problem = _read_pointer(ckpt_dir)
     problems = [problem] if problem else []
     named = ckpt_dir / record["checkpoint"] if record is not None else None
     candidates = [named] if named is not None else []
@@ -270,9 +271,9 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict, val_loss: float | No
             hashing = _Hashing(f)
             torch.save(ckpt, hashing)
         _point_at(ckpt_dir, path, epoch, hashing.sha256.hexdigest())
-        best, _ = _read_latest(ckpt_dir, BEST)
-        if best is not None and (best["checkpoint"] == path.name or best["epoch"] >= epoch):  # an epoch trained
-            best = None  # again (its file was unreadable): the record names weights no longer there
+        best, _ = _read_pointer(ckpt_dir, BEST)
+        if best is not None and best["epoch"] >= epoch:  # this epoch trained again (after a fallback): the record
+            best = None  # names weights no longer there
         if val_loss is not None and math.isfinite(val_loss) and (
                 best is None or not isinstance(best.get("val_loss"), (int, float)) or val_loss < best["val_loss"]):
             best = {"checkpoint": path.name, "epoch": epoch, "val_loss": val_loss, "sha256": hashing.sha256.hexdigest()}
