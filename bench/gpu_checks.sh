@@ -2,8 +2,9 @@
 # Every check that needs a CUDA GPU, as one script with a time budget: the CUDA-only tests, the GPU rows of
 # docs/benchmarks.md (labelling (a)-(d) for SalGAN and (a)-(c) for DeepGaze IIE, one to six worker processes,
 # decoding on the GPU or the CPU, on the sample photos and on them enlarged to 640x480; whether the GPU decode
-# overlaps the teacher; students eager and compiled; training from shards vs memory), whether two label runs
-# give the same tars, and the torch.compile serving test.
+# overlaps the teacher; students eager and compiled; SACT's sparse path against its dense one; every
+# student and teacher at batch 1 as FastSal's Figure 4 timed them; training from shards vs memory), whether
+# two label runs give the same tars, and the torch.compile serving test.
 #
 #   OUT=/tmp/gpu BUDGET=420 bash bench/gpu_checks.sh        # from the repository root
 #
@@ -84,6 +85,16 @@ step label-deepgaze 150 $L --teacher deepgaze --images 2048 --naive-images 128 -
 step students 90 $PY bench/student_latency.py --device cuda --runtimes torch --large-batch 256 --iters 50 --large-iters 10
 step students-compile 120 $PY bench/student_latency.py --device cuda --students fastsal_a --runtimes compile \
   --large-batch 256 --iters 50 --large-iters 10 --warmup 8
+
+# SACT: does skipping units save time on the GPU? (dense-masked vs sparse, like for like, about half the
+# unit-positions run; bench/sact_speed.py, batch 1, fp32)
+step sact-speed 150 $PY bench/sact_speed.py --devices cuda --runs 21 --out "$OUT/sact_speed.jsonl"
+# FastSal's Figure 4 on this GPU: batch 1, 100 timed passes at 192x256 in fp32, as the paper measured (its
+# GTX 1080 Ti: FastSal (A) about 300 images/s); the students and the teachers they learn from
+step profiles 150 bash -c 'for m in "student fastsal_a" "student fastsal_c" "student sact" "teacher salgan" \
+    "teacher deepgaze"; do set -- $m; echo "--- $2"; '"$PY"' -m pipeline profile --$1 $2 --weights random \
+    --device cuda --precision fp32 --batch-size 1 --iters 100 --image-size 192x256 \
+    --out "'"$OUT"'/profile-$2.json" || echo "--- $2 failed"; done'
 
 # training: the sample's train photos repeated to 4096, labelled by classic on the GPU
 rm -rf /tmp/rep /tmp/trainlabels && mkdir -p /tmp/rep && SRC=( "$PWD"/samples/coco/train2017/*.jpg ) && \

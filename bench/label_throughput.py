@@ -96,10 +96,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_teacher(name: str, weights: str | None, teacher_size: tuple[int, int] | None) -> Teacher:
+def make_teacher(name: str, weights: str | None, teacher_size: tuple[int, int] | None,
+                 cuda_graphs: str = "auto") -> Teacher:
     teacher = NullTeacher() if name == "null" else build_teacher(name, weights=weights)
     if teacher_size:
         teacher.input_size = tuple(teacher_size)  # this instance only: a smaller input, for a quicker bench
+    if cuda_graphs != "auto":  # this instance only: the worker replays its forward as CUDA graphs, or not
+        teacher.cuda_graphs = cuda_graphs == "on"
     return teacher
 
 
@@ -118,9 +121,10 @@ def run_teacher(labeler: ShardLabeler, records, n_images: int) -> tuple[float, f
 
         def once():  # as the worker runs it: same autocast, same intra-op threads
             with autocast(labeler.device, labeler.autocast), threads():
-                return labeler.teacher(x)
+                return labeler.forward(x)
 
         once()
+        once()  # where the worker replays CUDA graphs, the second batch of a shape is captured: untimed too
         sync(labeler.device)
         t0, c0 = time.perf_counter(), cpu_seconds()
         for _ in range(batches):
@@ -230,13 +234,14 @@ def _timings(marker: dict) -> dict:
     return {**marker["timings"], "failed": len(marker["failures"])}
 
 
-def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans, barrier, results):
+def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, cuda_graphs, folder: Path, plans, barrier,
+                 results):
     """One of ``--processes`` workers (a spawned process, as a Ray actor is): its own teacher and labeler,
     a warm-up shard, then, once every process is warm, its share of the shards. A failure is sent to the
     parent (and breaks the barrier), so that it stops at once instead of waiting for this process."""
     labeler = None
     try:
-        labeler = ShardLabeler(config, make_teacher(teacher, weights, teacher_size))
+        labeler = ShardLabeler(config, make_teacher(teacher, weights, teacher_size, cuda_graphs))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "warm-up").mkdir(exist_ok=True)
         warmed = labeler.label_shard(plan_shards(list(plans[0].records[: config.batch_size]), config.batch_size)[0],
@@ -256,7 +261,7 @@ def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, folde
             labeler.close()
 
 
-def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, folder: Path, plans,
+def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, cuda_graphs, folder: Path, plans,
                   processes: int) -> tuple[float, dict, float, dict]:
     """(b) and (d) with ``processes`` workers sharing the device, each on its share of the shards (round
     robin) and ``io_threads / processes`` threads, in spawned processes: what several Ray actors per GPU
@@ -271,7 +276,7 @@ def run_processes(config: LabelConfig, teacher: str, weights, teacher_size, fold
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
     each = dataclasses.replace(config, io_threads=max(1, config.io_threads // processes))
-    procs = [ctx.Process(target=_one_process, args=(each, teacher, weights, teacher_size, folder / f"p{k}",
+    procs = [ctx.Process(target=_one_process, args=(each, teacher, weights, teacher_size, cuda_graphs, folder / f"p{k}",
                                                      plans[k::processes], barrier, results))
              for k in range(processes)]
     for p in procs:
@@ -405,9 +410,12 @@ def row(run: str, what: str, teacher: str, labeler: ShardLabeler, n: int, wall: 
               help="Worker processes sharing the device in (b) and (d), each with --io-threads / N threads "
                    "(as `pipeline label --workers-per-gpu N --io-threads T/N`).")
 @click.option("--repeat", default=1, show_default=True, help="Repeat each run; the fastest is reported (a shared machine).")
+@click.option("--cuda-graphs", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="Whether (a) and (b) replay the teacher as CUDA graphs on a GPU (auto: as `pipeline label` does, "
+                   "where the teacher asks for it: DeepGaze).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines here.")
 def main(teacher, weights, teacher_size, image_size, n_images, naive_images, batch_size, io_threads, device,
-         precision, decode, shard_size, runs, processes, repeat, json_out, photos):
+         precision, decode, shard_size, runs, processes, repeat, cuda_graphs, json_out, photos):
     runs = [r.strip() for r in runs.split(",") if r.strip()]
     # where --teacher's worker decodes (auto resolved as `pipeline label` does); (d) decodes there too
     decode = decode_name(decode, available(resolve_device(device)).type == "cuda", teacher_class(teacher).decode_on_gpu)
@@ -453,13 +461,14 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
 
         size = list(teacher_size) if teacher_size else None
         if {"teacher", "worker", "naive"} & set(runs):
-            labeler = ShardLabeler(config(teacher), make_teacher(teacher, weights, teacher_size))
-            extra = {"teacher_size": list(labeler._teacher_size), "decode": decode}
+            labeler = ShardLabeler(config(teacher), make_teacher(teacher, weights, teacher_size, cuda_graphs))
+            extra = {"teacher_size": list(labeler._teacher_size), "decode": decode,
+                     "cuda_graphs": labeler.device.type == "cuda" and labeler.teacher.cuda_graphs}
             if "teacher" in runs:
                 emit(row("teacher", "(a) bare forward, inputs on the device", teacher, labeler, n_images,
                          *best(run_teacher, labeler, records, n_images), **extra))
             if "worker" in runs and processes > 1:
-                wall, sums, cpu, threads = best(run_processes, config(teacher), teacher, weights, teacher_size,
+                wall, sums, cpu, threads = best(run_processes, config(teacher), teacher, weights, teacher_size, cuda_graphs,
                                                 work / "worker", plans, processes)
                 emit(row("worker", f"(b) worker path, {processes} processes", teacher, labeler, n_images, wall,
                          cpu, **extra, timings=sums, threads=threads, io_threads=labeler.config.io_threads,

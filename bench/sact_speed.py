@@ -1,8 +1,9 @@
-"""Does SACT's sparse execution turn skipped FLOPs into wall-clock? Dense-masked vs sparse, batch 1.
+"""Does SACT's sparse execution turn skipped FLOPs into wall-clock? Dense-masked vs sparse, batch 1 (or --batch).
 
     python bench/sact_speed.py                                   # 192x256 and 480x640, tiles 1, 2, 5, CPU
     python bench/sact_speed.py --sizes 480x640 --tiles 1,5 --runs 9 --threads 2
     python bench/sact_speed.py --weights runs/sact/checkpoint.pth --force none   # a trained model as it is
+    python bench/sact_speed.py --devices cuda --batch 32 --no-tf32               # GPU, 32 copies, exact fp32
 
 The model: ``sact`` (or ``--student act``) from ``--weights`` (a whole-student checkpoint), else with a
 random ResNet-50 whose batch-norm statistics are taken from the bench image itself (a few train-mode
@@ -15,7 +16,11 @@ bias; first units included; mostly whole blocks stopping early, since the blocks
 scale). Each bias is rounded to 0.1 after bisection: bisection alone would stop where some
 position's cumulative score sits exactly on 1 − ε, where float rounding decides its N. The image is
 scikit-image's astronaut photo at each size, in channels-last memory format for both paths (the
-faster format for the dense path on CPU).
+faster format for the dense path on CPU); ``--batch N`` times N copies of it (each halts alike).
+On CUDA, fp32 convolutions and matrix products use TF32 as torch's defaults allow (cuDNN's
+convolutions do, matrix products do not unless set); the two paths round differently there, and a
+position whose cumulative halting score is near 1 − ε can stop one unit apart, so ``max |diff|`` can be
+of the order of the maps themselves: ``--no-tf32`` turns TF32 off for an exact comparison.
 
 Both paths run on one copy of the model whose batch norms are folded into the convolutions before
 them (the sparse path folds them anyway; the dense path would otherwise pay batch-norm passes the
@@ -59,6 +64,11 @@ def bench_image(h: int, w: int) -> torch.Tensor:
 
     img = cv2.resize(np.asarray(skimage.data.astronaut()), (w, h), interpolation=cv2.INTER_AREA)
     return normalize(torch.from_numpy(img).permute(2, 0, 1)[None].contiguous())
+
+
+def batch_of(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` copies of the one image ``x``, channels-last."""
+    return x.repeat(n, 1, 1, 1).contiguous(memory_format=torch.channels_last)
 
 
 def calibrate_bn(model: SACT, x: torch.Tensor) -> None:
@@ -214,10 +224,18 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=7, help="timed forwards per path (median; default 7)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
     p.add_argument("--devices", default="cpu,cuda", help="cpu and/or cuda (cuda skipped when absent)")
+    p.add_argument("--batch", type=int, default=1, help="copies of the image per forward (default 1)")
+    p.add_argument("--no-tf32", action="store_true", help="CUDA: fp32 convolutions and matrix products "
+                   "without TF32 (an exact comparison of the paths)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the rows as JSON lines to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.batch < 1:
+        p.error("--batch: at least 1")
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     asked = [d.strip() for d in args.devices.split(",") if d.strip()]
     if not asked or any(d not in ("cpu", "cuda") for d in asked):
         p.error(f"--devices: cpu and/or cuda (got {args.devices!r})")
@@ -259,10 +277,11 @@ def main() -> None:
                                      per_block=args.force == "per-block")
             for dev_name in devices:
                 dev = torch.device(dev_name)
+                cuda = dev_name == "cuda"
                 row = {"student": args.student, "depth": args.depth, "size": size, "tile": tile,
-                       "device": dev_name, "threads": args.threads if dev_name == "cpu" else None,
-                       "forced_bias": bias,
-                       **measure(model.to(dev), x_cpu.to(dev), args.runs, dev)}
+                       "device": dev_name, "threads": None if cuda else args.threads, "batch": args.batch,
+                       "tf32": cuda and torch.backends.cudnn.allow_tf32, "forced_bias": bias,
+                       **measure(model.to(dev), batch_of(x_cpu, args.batch).to(dev), args.runs, dev)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 if args.out:
@@ -271,13 +290,14 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if "cuda" in devices else ""
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{args.threads} threads{', ' + gpu if gpu else ''}")
-    head = ("size", "tile", "device", "executed", "GFLOPs dense", "sparse", "FLOP ratio", "ms dense", "sparse",
+    head = ("size", "tile", "device", "batch", "executed", "GFLOPs dense", "sparse", "FLOP ratio", "ms dense", "sparse",
             "time ratio", "quotient", "(min)", "CPU-time ratio", "ms dense ref", "max |diff|", "load")
-    print(table(head, [(r["size"], r["tile"], r["device"], f"{r['executed_fraction']:.3f}", r["gflops_dense"],
+    print(table(head, [(r["size"], r["tile"], r["device"] + (" tf32" if r["tf32"] else ""), r["batch"],
+                        f"{r['executed_fraction']:.3f}", r["gflops_dense"],
                         r["gflops_sparse"], f"{r['flop_ratio']:.3f}", r["ms_dense"], r["ms_sparse"],
                         f"{r['time_ratio']:.3f}", r["quotient"], r["quotient_of_min_times"],
                         f"{r['cpu_time_ratio']:.3f}", r["ms_dense_unfolded_bn"], f"{r['max_abs_diff']:.1e}",
-                        "→".join(map(str, r["loadavg"]))) for r in rows], align="lllrrrrrrrrrrrrl", rule=True))
+                        "→".join(map(str, r["loadavg"]))) for r in rows], align="lllrrrrrrrrrrrrrl", rule=True))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ class Teacher(nn.Module):
     #: there (nvJPEG and torch) or, False, on the CPUs beside it, where the forward pass is so light that the
     #: GPU decode's turns on the GPU and on each worker's main thread cost more than the CPUs' time does
     decode_on_gpu: bool = True
+    #: whether the label worker replays the forward pass on a GPU as CUDA graphs
+    #: (:mod:`pipeline.common.cuda_graphs`): for a forward of many small operations, whose launches, not the
+    #: GPU, bound it (DeepGaze's readout heads); the kernels and so the labels are the same
+    cuda_graphs: bool = False
 
     def __init__(self) -> None:
         super().__init__()

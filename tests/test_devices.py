@@ -332,3 +332,63 @@ def test_no_teacher_forward_synchronises_with_the_gpu(name):
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             assert tuple(maps.shape) == (2, 1, 96, 128) and bool(torch.isfinite(maps).all())
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def test_graphed_forward_on_a_cpu_is_the_module_itself():
+    from pipeline.common.cuda_graphs import GraphedForward
+
+    calls = []
+    graphed = GraphedForward(lambda x: calls.append(x) or x * 2)
+    x = torch.ones(2, 3)
+    for _ in range(3):
+        assert torch.equal(graphed(x), x * 2)
+    assert len(calls) == 3 and graphed.graphs == {} and graphed.failed is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["deepgaze", "classic"])
+def test_a_teacher_replayed_as_cuda_graphs_gives_the_eager_labels_bit_for_bit(name):
+    """The label worker replays DeepGaze as CUDA graphs: every batch after the first of its shape (bf16 and
+    fp32, two shapes, new images each time) gives the eager forward's maps exactly (cuDNN deterministic, as
+    the worker sets it)."""
+    from pipeline.common.cuda_graphs import GraphedForward
+
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    logging.disable(logging.WARNING)
+    try:
+        teacher = build_teacher(name, weights=None if name == "classic" else "random").to("cuda").eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    teacher.to(memory_format=torch.channels_last)
+    graphed = GraphedForward(teacher)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for bf16 in (True, False):
+            for b in (3, 3, 2, 3, 2, 2):
+                x = torch.randint(0, 256, (b, 3, 192, 256), dtype=torch.uint8, generator=gen).to("cuda")
+                x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(torch.device("cuda"), bf16):
+                    eager = teacher(x).clone()
+                    replayed = graphed(x).clone()
+                assert torch.equal(eager, replayed), (name, bf16, b)
+    assert graphed.failed is None and len(graphed.graphs) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_forward_that_cuda_graphs_cannot_capture_runs_eagerly_after_one_warning():
+    from pipeline.common.cuda_graphs import GraphedForward
+
+    def reads_back(x):
+        return x * float(x.sum())  # a read from the device: not allowed while capturing
+
+    graphed = GraphedForward(reads_back)
+    x = torch.arange(4.0, device="cuda")
+    with torch.inference_mode():
+        assert torch.equal(graphed(x), reads_back(x))
+        with pytest.warns(RuntimeWarning, match="CUDA graphs off"):
+            out = graphed(x)
+        assert torch.equal(out, reads_back(x)) and graphed.failed and graphed.graphs == {}
+        assert torch.equal(graphed(x + 1), reads_back(x + 1))

@@ -32,6 +32,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.common import images
+from pipeline.common.cuda_graphs import GraphedForward
 from pipeline.common.devices import autocast, available, resolve_device, use_autocast
 from pipeline.common.errors import error_message, storage_error
 from pipeline.common.maps import resize_label
@@ -118,6 +119,14 @@ class ShardLabeler:
     def _decode(self) -> str:
         """Where and how this worker decodes: one of ``DECODE_PATHS`` (:func:`decode_name`)."""
         return decode_name(self.config.decode, self.device.type == "cuda", self.teacher.decode_on_gpu)
+
+    @cached_property
+    def forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The teacher's forward pass as batches go through it: replayed as CUDA graphs on a GPU where the
+        teacher asks for it (``Teacher.cuda_graphs``), its output then valid until the next batch."""
+        if self.device.type == "cuda" and self.teacher.cuda_graphs:
+            return GraphedForward(self.teacher)
+        return self.teacher
 
     @cached_property
     def _device_decode(self) -> bool:
@@ -270,7 +279,7 @@ class ShardLabeler:
             it.bgr = True
         with contextlib.nullcontext() if cuda else self._teacher_threads():
             with autocast(self.device, self.autocast):
-                maps = self.teacher(x)
+                maps = self.forward(x)
             maps = resize_label(maps.float(), self.teacher.output_kind, self.config.image_size)[:, 0]
             finite = torch.isfinite(maps).flatten(1).all(1)
             maps = quantize_label(maps, self.teacher.output_kind)
