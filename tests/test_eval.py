@@ -710,7 +710,7 @@ def test_a_sigma_that_is_not_a_finite_fraction_is_a_usage_error(mit):
 
 
 def test_predict_compare_teacher_writes_image_teacher_student_sheets(run_dir, image_folder, tmp_path):
-    from pipeline.score.sheets import CAPTION, PANEL_HEIGHT
+    from pipeline.score.sheets import CAPTION, PANEL_HEIGHT, SCALE_WIDTH
 
     out = tmp_path / "same"  # the teacher against itself: the two map panels agree and CC is 1
     result = ok("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--compare-teacher",
@@ -723,11 +723,17 @@ def test_predict_compare_teacher_writes_image_teacher_student_sheets(run_dir, im
         sheet = cv2.imread(str(out / "compare" / f"{rel}.png"))
         assert doc["cc_with_teacher"][rel] == pytest.approx(1.0)
         panel = round(w * PANEL_HEIGHT / h)
-        assert sheet.shape == (PANEL_HEIGHT + CAPTION, 3 * panel + 8, 3), rel
+        assert sheet.shape == (PANEL_HEIGHT + CAPTION, 3 * panel + 12 + SCALE_WIDTH, 3), rel
         photo_panel = sheet[CAPTION:, :panel]
-        teacher_panel, student_panel = sheet[CAPTION:, panel + 4:2 * panel + 4], sheet[CAPTION:, 2 * panel + 8:]
+        teacher_panel = sheet[CAPTION:, panel + 4:2 * panel + 4]
+        student_panel = sheet[CAPTION:, 2 * panel + 8:3 * panel + 8]
         assert np.array_equal(teacher_panel, student_panel)
         assert teacher_panel.std() > 10 and not np.array_equal(photo_panel, teacher_panel)
+        bar = sheet[CAPTION:, 3 * panel + 12 + 2:3 * panel + 12 + 12].astype(int).sum(axis=(1, 2))
+        assert bar[0] > bar[PANEL_HEIGHT // 2] > bar[-1]  # the scale: bright at the top (the maximum), dark at 0
+        # the colour of a map's maximum is the top of the scale
+        top = sheet[CAPTION, 3 * panel + 12 + 6].astype(int)
+        assert (np.abs(teacher_panel.astype(int) - top).sum(-1) <= 6).any()
 
     out = tmp_path / "student"
     result = ok("predict", "--checkpoint", run_dir, "--images", image_folder, "--out", out, "--compare-teacher",
