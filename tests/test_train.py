@@ -1544,3 +1544,20 @@ def test_the_shard_loader_runs_under_the_spawn_start_method(small_labels):
     key = lambda batch: str(batch[2])  # noqa: E731 - (2 workers interleave their shards' batches)
     for a, b in zip(sorted(here, key=key), sorted(spawned, key=key)):
         assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def test_a_checkpoint_saved_with_more_gpus_visible_resumes_with_those_there(monkeypatch):
+    """Saved under torchrun on an 8-GPU node, resumed on one: the CUDA generators restored are those there are
+    (set_rng_state_all indexed the missing ones: IndexError, a traceback)."""
+    import torch
+
+    from pipeline.train import checkpoints
+
+    state = checkpoints.rng_state()
+    state["cuda"] = [torch.full((8,), k, dtype=torch.uint8) for k in range(8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    checkpoints.set_rng_state(state)
+    assert len(restored) == 1 and len(restored[0]) == 1 and torch.equal(restored[0][0], state["cuda"][0])

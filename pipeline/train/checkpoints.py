@@ -54,8 +54,9 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a run saved where more GPUs were visible: those there are
+        gpus = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(gpus)
 
 
 # -- files ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from datetime import timedelta
 
 from pipeline.train.config import EpochResult, TrainConfig, TrainError
 
@@ -72,7 +73,9 @@ def train_with_torchrun(config: TrainConfig, *, restart: bool = False, progress:
     config = replace(config, device=device_for(config.device, local_rank))
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.device)
-    dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
+    # 30 minutes for a collective, Ray Train's default: the others wait in one while process 0 checks the shards
+    # (minutes on COCO, more from a store) and, each epoch, validates and saves (NCCL's own default is 10)
+    dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=30))
     lock = None
     try:
         failure = None
