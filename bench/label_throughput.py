@@ -215,7 +215,8 @@ def run_worker(labeler: ShardLabeler, folder: Path, plans) -> tuple[float, dict,
     """(b) and (d): wall seconds for every shard through ``label_shard``, the markers' summed timings, CPU
     seconds, and the CPU seconds of each thread group (:class:`ThreadCPU`)."""
     (folder / "warm-up").mkdir(parents=True, exist_ok=True)
-    warm = plan_shards(list(plans[0].records[: labeler.config.batch_size]), labeler.config.batch_size)[0]
+    # two batches: where the teacher replays CUDA graphs, the second batch of a shape is the one captured
+    warm = plan_shards(list(plans[0].records[: 2 * labeler.config.batch_size]), 2 * labeler.config.batch_size)[0]
     warmed = labeler.label_shard(warm, folder / "warm-up")
     t0, c0 = time.perf_counter(), cpu_seconds()
     with ThreadCPU() as threads:
@@ -462,11 +463,15 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
         size = list(teacher_size) if teacher_size else None
         if {"teacher", "worker", "naive"} & set(runs):
             labeler = ShardLabeler(config(teacher), make_teacher(teacher, weights, teacher_size, cuda_graphs))
-            extra = {"teacher_size": list(labeler._teacher_size), "decode": decode,
-                     "cuda_graphs": labeler.device.type == "cuda" and labeler.teacher.cuda_graphs}
+            extra = {"teacher_size": list(labeler._teacher_size), "decode": decode}
+
+            def graphs() -> dict:  # whether the teacher's forward was replayed: graphs captured, a capture's failure
+                forward = labeler.forward
+                return {"cuda_graphs": len(getattr(forward, "graphs", ())), "cuda_graphs_failed": getattr(
+                    forward, "failed", None)}
             if "teacher" in runs:
                 emit(row("teacher", "(a) bare forward, inputs on the device", teacher, labeler, n_images,
-                         *best(run_teacher, labeler, records, n_images), **extra))
+                         *best(run_teacher, labeler, records, n_images), **extra, **graphs()))
             if "worker" in runs and processes > 1:
                 wall, sums, cpu, threads = best(run_processes, config(teacher), teacher, weights, teacher_size, cuda_graphs,
                                                 work / "worker", plans, processes)
@@ -475,8 +480,8 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
                          processes=processes))
             elif "worker" in runs:
                 wall, sums, cpu, threads = best(run_worker, labeler, work / "worker", plans)
-                emit(row("worker", "(b) worker path", teacher, labeler, n_images, wall, cpu, **extra, timings=sums,
-                         threads=threads, io_threads=labeler.config.io_threads, processes=1))
+                emit(row("worker", "(b) worker path", teacher, labeler, n_images, wall, cpu, **extra, **graphs(),
+                         timings=sums, threads=threads, io_threads=labeler.config.io_threads, processes=1))
             if "naive" in runs:
                 n = naive_images or n_images
                 naive = make_teacher(teacher, weights, teacher_size).to(labeler.device).eval()

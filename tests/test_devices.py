@@ -391,4 +391,5 @@ def test_a_forward_that_cuda_graphs_cannot_capture_runs_eagerly_after_one_warnin
         with pytest.warns(RuntimeWarning, match="CUDA graphs off"):
             out = graphed(x)
         assert torch.equal(out, reads_back(x)) and graphed.failed and graphed.graphs == {}
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the failed capture's
         assert torch.equal(graphed(x + 1), reads_back(x + 1))

@@ -948,7 +948,8 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
     from pipeline.label.sources import plan_shards
 
     second = plan_shards(coco_records(coco_tree, "val2017"), 3)[1]
-    labeler = type("Labeler", (), {"write_shard": write_shard})()  # its write fails as above
+    labeler = type("Labeler", (), {"write_shard": write_shard, "device": torch.device("cpu")})()  # its write
+    # fails as above
     with pytest.raises(StoreRefused) as refused:
         pipeline.label.worker.ShardLabeler.label_shard(labeler, second, tmp_path, progress=lambda n: None)
     trip = ray.cloudpickle.loads(ray.cloudpickle.dumps(refused.value))

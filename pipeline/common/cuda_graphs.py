@@ -7,13 +7,17 @@ CPU took to issue them (264 ms of wall-clock, 264 ms of CPU), and one image 210 
 once and replays them in one call, so the GPU, not the interpreter, sets the pace, and the worker's other
 threads get the interpreter lock back.
 
-:class:`GraphedForward` keeps one graph per input shape, dtype, memory format and autocast state. The first
-batch of a shape runs eagerly (it fills the module's caches and warms cuDNN); the second is captured and
-every later one replays. The graph runs the kernels eager mode ran (cuDNN deterministic, as the label
-worker sets it), so the outputs are the same bits. The output is the graph's own buffer, overwritten by the
-next replay of that shape: use it on the current stream before the next call (the label worker resizes it
-at once), or clone it. A capture that fails (a forward that reads a value back from the GPU, say) leaves
-the module eager for good, with one warning.
+:class:`GraphedForward` keeps one graph per input shape, dtype, memory format and autocast state, all in one
+memory pool (the GPU holds one batch's activations for them, not one per shape: a shard's last, smaller batch
+is a second shape). The first batch of a shape runs eagerly (it fills the module's caches and warms cuDNN);
+the second is captured and every later one replays. The graph runs the kernels eager mode ran (cuDNN
+deterministic, as the label worker sets it), so the outputs are the same bits. The output is a buffer of the
+pool, overwritten by the next call: use it on the current stream before calling again (the label worker
+resizes it at once), or clone it. The graphs read the module's parameters and caches where they were when
+captured: move or convert the module before its first call, not after. A capture that fails leaves the module
+eager for good, with one warning; a forward that reads a value back from the GPU cannot be captured, and a
+failed capture can leave PyTorch's allocator holding some memory for the rest of the process, so only a teacher
+whose forward never synchronises asks for graphs (``Teacher.cuda_graphs``; DeepGaze IIE's is tested so).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class GraphedForward:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.seen: set[tuple] = set()
         self.failed: str | None = None
+        self.pool = None  # the graphs' one memory pool, made at the first capture
 
     @staticmethod
     def _key(x: torch.Tensor) -> tuple:
@@ -55,29 +60,37 @@ class GraphedForward:
             if graph is None:
                 return self.fn(x)
         g, static_in, static_out = graph
-        static_in.copy_(x)
-        g.replay()
+        with torch.cuda.device(x.device):
+            static_in.copy_(x)
+            g.replay()
         return static_out
 
     def _capture(self, x: torch.Tensor, key: tuple):
         memory_format = torch.channels_last if key[3] else torch.contiguous_format
-        static_in = x.clone(memory_format=memory_format)
         autocast = torch.autocast("cuda", dtype=key[5] or torch.bfloat16, enabled=key[4], cache_enabled=False)
-        try:
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side), autocast:
-                for _ in range(self.warmup):  # capture wants its kernels warmed up off the default stream
-                    self.fn(static_in)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with autocast, torch.cuda.graph(g):
-                static_out = self.fn(static_in)
-        except Exception as e:  # noqa: BLE001 — any capture failure: eager from now on, said once
-            self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
-            self.graphs.clear()
-            warnings.warn(f"CUDA graphs off for this run ({self.failed}); the forward pass runs eagerly",
-                          RuntimeWarning, stacklevel=3)
-            return None
+        with torch.cuda.device(x.device):  # the graph, its streams and pool on x's GPU, whichever is current
+            before = torch.cuda.current_stream()
+            try:
+                static_in = x.clone(memory_format=memory_format)
+                side = torch.cuda.Stream()
+                side.wait_stream(before)
+                with torch.cuda.stream(side), autocast:
+                    for _ in range(self.warmup):  # capture wants its kernels warmed up off the default stream
+                        self.fn(static_in)
+                before.wait_stream(side)
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                g = torch.cuda.CUDAGraph()
+                # thread_local: the label worker's other threads may touch CUDA meanwhile (pinned buffers freed)
+                with autocast, torch.cuda.graph(g, pool=self.pool, stream=torch.cuda.Stream(),
+                                                capture_error_mode="thread_local"):
+                    static_out = self.fn(static_in)
+            except Exception as e:  # noqa: BLE001 — any capture failure: eager from now on, said once
+                torch.cuda.set_stream(before)  # a capture that failed to end leaves its stream current
+                self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
+                self.graphs.clear()
+                warnings.warn(f"CUDA graphs off for this run ({self.failed}); the forward pass runs eagerly",
+                              RuntimeWarning, stacklevel=3)
+                return None
         self.graphs[key] = (g, static_in, static_out)
         return self.graphs[key]

@@ -300,7 +300,7 @@ class ShardLabeler:
                 host_t.copy_(shard_images, non_blocking=True)
                 host = host_t.numpy()
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # (the teacher's GPU's stream, not GPU 0's)
 
         def wait() -> tuple[np.ndarray, np.ndarray]:
             if event is not None:
@@ -340,7 +340,9 @@ class ShardLabeler:
         """:meth:`write_shard`, a refusal of object storage raised as :class:`StoreRefused`, and a filesystem that
         refuses every write (full, read-only) as :class:`OutputRefused`."""
         try:
-            return self.write_shard(plan, folder, progress=progress, reuse=reuse, next_plan=next_plan)
+            # cuda:N the current device meanwhile: the streams, events, pinned buffers and graphs that name none
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                return self.write_shard(plan, folder, progress=progress, reuse=reuse, next_plan=next_plan)
         except Exception as e:
             refused = storage_error(e)
             if refused:
