@@ -2005,3 +2005,28 @@ def test_the_previews_captions_keep_accented_names_readable():
     assert caption("Málaga/café_01") == "Malaga/cafe_01"
     assert caption("Ångström ﬁ") == "Angstrom fi"  # (a ligature: its letters)
     assert caption("猫/photo") == "?/photo"  # no ASCII spelling: still one mark per letter
+
+
+def test_a_batch_decoded_partly_on_the_device_and_partly_on_the_host_keeps_its_order():
+    """A PNG (or a JPEG nvJPEG refuses) among photos decoded on the device is decoded on the host: the teacher's
+    batch holds each image where the plan put it (stacked in order, with no list index that would make a GPU
+    wait)."""
+    from types import SimpleNamespace
+
+    from pipeline.label.worker import ShardLabeler
+
+    labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=1, decode="device",
+                                       image_size=(8, 12)))
+    rng = np.random.default_rng(0)
+    on_device = [torch.from_numpy(rng.integers(0, 255, (3, 8, 12), dtype=np.uint8)) for _ in range(2)]
+    on_host = [rng.integers(0, 255, (8, 12, 3), dtype=np.uint8) for _ in range(2)]
+    batch = [SimpleNamespace(device_input=on_device[0], teacher_input=None),
+             SimpleNamespace(device_input=None, teacher_input=on_host[0]),
+             SimpleNamespace(device_input=None, teacher_input=on_host[1]),
+             SimpleNamespace(device_input=on_device[1], teacher_input=None)]
+    try:
+        x = labeler._teacher_batch(batch)
+    finally:
+        labeler.close()
+    host = [torch.from_numpy(a).permute(2, 0, 1) for a in on_host]
+    assert torch.equal(x, torch.stack([on_device[0], host[0], host[1], on_device[1]]))

@@ -252,11 +252,10 @@ class ShardLabeler:
         if len(on_device) == len(batch):  # the usual case on a GPU: no index (a list index is copied to the device)
             x = torch.stack([it.device_input for it in batch])
             return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
-        x = torch.empty((len(batch), 3, *self._teacher_size), dtype=torch.uint8, device=self.device)
-        x[on_device] = torch.stack([batch[i].device_input for i in on_device])
-        host = [i for i, it in enumerate(batch) if it.device_input is None]
-        if host:
-            x[host] = self._staged([batch[i].teacher_input for i in host])
+        # some decoded on the host (a PNG, a JPEG nvJPEG refused): staged together, then stacked in batch order
+        # (indexing a GPU tensor with a list would copy the list from pageable memory: a wait for the GPU)
+        staged = iter(self._staged([it.teacher_input for it in batch if it.device_input is None]).unbind(0))
+        x = torch.stack([it.device_input if it.device_input is not None else next(staged) for it in batch])
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
     @torch.inference_mode()
