@@ -89,10 +89,18 @@ class _Hashing:
 
     def __init__(self, f):
         self.f, self.sha256 = f, hashlib.sha256()
+        #: what a write raised: torch's zip writer swallows it and raises "unexpected pos" instead, which said
+        #: neither a full disk from a file-size limit nor Ctrl-C (an interrupt became "cannot write")
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
+        try:
+            written = self.f.write(data)
+        except BaseException as e:
+            self.error = e
+            raise
         self.sha256.update(data)
-        return self.f.write(data)
+        return written
 
     def flush(self) -> None:
         self.f.flush()
@@ -270,7 +278,12 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict, val_loss: float | No
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "wb") as f:
             hashing = _Hashing(f)
-            torch.save(ckpt, hashing)
+            try:
+                torch.save(ckpt, hashing)
+            except RuntimeError:
+                if hashing.error is not None:  # the write's own error (OSError, KeyboardInterrupt), not torch's
+                    raise hashing.error from None
+                raise
         _point_at(ckpt_dir, path, epoch, hashing.sha256.hexdigest())
         best, _ = _read_pointer(ckpt_dir, BEST)
         if best is not None and best["epoch"] >= epoch:  # this epoch trained again (after a fallback): the record
