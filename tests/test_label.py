@@ -958,10 +958,12 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
     assert str(root_cause(wrapped)).startswith("object storage refused the request (EndpointConnectionError")
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM])
 def test_a_full_or_read_only_disk_stops_the_run_at_its_first_shard(coco_tree, tmp_path, monkeypatch, code):
     """A full disk failed every remaining shard, each after its retries (294 lines of `No space left on device`
-    for 300 shards). The first shard it refuses stops the run with one sentence; the finished shards stay."""
+    for 300 shards). The first shard it refuses stops the run with one sentence; the finished shards stay. So
+    does a file-size limit (EFBIG), and a folder made unwritable mid-run (EACCES, EPERM on a file of it: they were
+    a line per shard, each tried three times)."""
     import pipeline.label.worker
 
     def fail(plan, folder, progress):
@@ -978,6 +980,29 @@ def test_a_full_or_read_only_disk_stops_the_run_at_its_first_shard(coco_tree, tm
                             "The 1 shard finished in this run is kept: run the same command again once there is room "
                             "(or write access) there")
     assert (tmp_path / "shard-000000.json").is_file()
+
+
+def test_a_file_refused_outside_the_output_folder_fails_its_shard_not_the_run(coco_tree, tmp_path, monkeypatch):
+    """Permission denied on something that is not the output folder's (here: a file elsewhere) is that shard's
+    failure: the other shards are still labelled."""
+    import pipeline.label.worker
+
+    elsewhere = tmp_path / "elsewhere"
+    real = pipeline.label.worker.ShardLabeler.write_shard
+    calls = []
+
+    def write_shard(self, plan, folder, progress=None, **kw):
+        calls.append(plan.name)
+        if plan.index == 1:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(elsewhere))
+        return real(self, plan, folder, progress=progress, **kw)
+
+    monkeypatch.setattr(pipeline.label.worker.ShardLabeler, "write_shard", write_shard)
+    summary = label(coco_records(coco_tree, "val2017"), tmp_path / "out", CONFIG, shard_size=3, executor="local",
+                    retries=0, progress=False)
+    assert calls[:2] == ["shard-000000", "shard-000001"] and len(calls) == len(set(calls)) > 2  # the rest labelled
+    assert summary.shards_failed == ["shard-000001"]
+    assert summary.shard_errors["shard-000001"].startswith("Permission denied")
 
 
 def test_on_ray_a_shard_the_store_refused_is_tried_again_first_so_the_run_stops_without_the_rest(coco_tree,

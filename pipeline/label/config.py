@@ -44,8 +44,11 @@ class OutputRefused(StoreRefused):
     would fail the same way, so the run stops at the first, keeping the finished shards."""
 
 
-#: the errnos of a filesystem that refuses every write alike (:class:`OutputRefused`)
-FOR_GOOD = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+#: the errnos of a filesystem that refuses every write alike (:class:`OutputRefused`): full, over quota,
+#: read-only, a file-size limit (``ulimit -f``)
+FOR_GOOD = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+#: the same for good when it names a file of the output folder (an input refused is that image's failure)
+FOR_GOOD_THERE = (errno.EACCES, errno.EPERM)
 
 
 @dataclass(frozen=True)

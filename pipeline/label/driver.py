@@ -475,9 +475,11 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
             cause = root_cause(error)  # (the labeller names a store's refusal as such, in this process or on Ray)
             if isinstance(cause, StoreRefused):  # down, credentials, bucket: every other shard would wait, fail so
                 done = len(markers) - len(split.done)
-                raise LabelError(f"shard {plan.name} could not be written to {folder}: {cause}. The {done} shard"
-                                 f"{'' if done == 1 else 's'} finished in this run "
-                                 f"{'is' if done == 1 else 'are'} kept: run the same command again"
+                kept = ("No shard was finished in this run" if not done else
+                        f"The {done} shard{'' if done == 1 else 's'} finished in this run {'is' if done == 1 else 'are'} "
+                        "kept")
+                raise LabelError(f"shard {plan.name} could not be written to {folder}: {cause}. {kept}: run the same "
+                                 "command again"
                                  f"{' without --overwrite' if overwrite else ''} "
                                  + ("once there is room (or write access) there" if isinstance(cause, OutputRefused)
                                     else "when the store answers"))

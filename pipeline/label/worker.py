@@ -38,8 +38,8 @@ from pipeline.common.errors import error_message, storage_error
 from pipeline.common.maps import resize_label
 from pipeline.common.prefetch import LoadAhead
 from pipeline.common.storage import as_path
-from pipeline.label.config import (FOR_GOOD, LabelConfig, OutputRefused, StoreRefused, decode_name, label_identity,
-                                   precision_name)
+from pipeline.label.config import (FOR_GOOD, FOR_GOOD_THERE, LabelConfig, OutputRefused, StoreRefused, decode_name,
+                                   label_identity, precision_name)
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, ShardWriter, TarStream, encode_sample,
                                    read_samples, tar_path)
 from pipeline.label.sources import ImageRecord, ShardPlan
@@ -78,6 +78,16 @@ def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
     """A :func:`quantize_label` label as the tar holds it: log density → the float16 array (written as .npy);
     probability map → 8-bit PNG bytes."""
     return label if kind == "log_density" else images.encode_png(label)
+
+
+def _inside(filename, folder) -> bool:
+    """Whether ``filename`` (an error's) is ``folder`` or lies in it (local paths; a URL is never)."""
+    if not filename or not isinstance(folder, (str, os.PathLike)):
+        return False
+    try:
+        return Path(os.path.abspath(filename)).is_relative_to(os.path.abspath(folder))
+    except (TypeError, ValueError):
+        return False
 
 
 class ShardLabeler:
@@ -346,7 +356,8 @@ class ShardLabeler:
             refused = storage_error(e)
             if refused:
                 raise StoreRefused(refused) from None
-            if isinstance(e, OSError) and e.errno in FOR_GOOD:  # a full disk: no shard after it would fare better
+            if isinstance(e, OSError) and (e.errno in FOR_GOOD or (  # a full disk: no shard after it would fare better
+                    e.errno in FOR_GOOD_THERE and _inside(e.filename, folder))):  # nor after a folder made read-only
                 raise OutputRefused(error_message(e)) from None
             raise
 
