@@ -221,7 +221,7 @@ def test_a_finished_folder_is_found_finished_without_starting_ray(coco_tree, tmp
 
 
 def test_a_finished_folder_on_a_read_only_mount_is_found_finished_and_nothing_is_written(coco_tree, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, capsys):
     """A dataset shared read-only (a mount, or a folder of another user's): a re-run with its settings is done
     at once, without a lock or any write; one with work left to do is one line saying the folder is not
     writable, and what it would have done. (The mount is simulated: ``os.access`` says no, and the folder's
@@ -266,6 +266,17 @@ def test_a_finished_folder_on_a_read_only_mount_is_found_finished_and_nothing_is
         out.chmod(0o755)
     assert unindexed.error.startswith(f"every shard is finished but {out / 'labels.json'} is missing or out of "
                                       "date and the folder is not writable")
+    mounted[0] = False
+    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)  # labels.json written again
+    (out / "preview.png").unlink()  # (a disk that was full when it was due: a warning then)
+    mounted[0] = True
+    out.chmod(0o555)
+    try:
+        unpictured = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+    finally:
+        out.chmod(0o755)
+    assert not unpictured.error and unpictured.shards_skipped == 3 and not (out / "preview.png").exists()
+    assert capsys.readouterr().err.endswith(f"warning: no {out / 'preview.png'}: the folder is not writable\n")
 
 
 def test_labels_from_other_settings_are_not_mixed_in(coco_tree, tmp_path):

@@ -529,7 +529,11 @@ def finish(folder: Path, plans: list[ShardPlan], markers: dict[int, dict], ident
     would say is left as it is, and so is the preview beside it: a finished folder's re-run writes nothing
     (``read_only``: it must not)."""
     index = dataset_index(plans, markers, identity)
-    if read_index(folder) == index and (folder / "preview.png").is_file():
+    current = read_index(folder) == index
+    if current and (folder / "preview.png").is_file():
+        return
+    if current and read_only:  # the labels are complete; the picture of them cannot be drawn here
+        print(f"warning: no {folder / 'preview.png'}: the folder is not writable", file=sys.stderr)
         return
     if read_only:
         summary.error = (f"every shard is finished but {folder / 'labels.json'} is missing or out of date and the "
