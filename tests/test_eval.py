@@ -1143,3 +1143,23 @@ def test_the_other_fixations_counted_per_size_are_right_whatever_sizes_were_kept
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(check, asks))
     assert len(negatives.grids) == 2
+
+
+def test_predict_to_hdf5_on_a_disk_filling_up_stops_in_one_line_before_hdf5_runs_out(image_folder, tmp_path,
+                                                                                      monkeypatch):
+    """HDF5 that cannot close its file on a full disk made h5py crash the process (exit 139, a page of 'Exception
+    ignored' first): the maps stop while there is room for HDF5 to close the file, with one line, and no file
+    (nor temp file) is left."""
+    import collections
+
+    import pipeline.common.files as files
+
+    Usage = collections.namedtuple("Usage", "total used free")
+    free = iter([files.HDF5_CLOSING + 2**20] + [5 * 2**20] * 100)  # room for one map, then 5 MiB
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: Usage(2**30, 0, next(free)))
+    out = tmp_path / "out" / "maps.h5"
+    line = error_line(invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--format",
+                             "hdf5", "--device", "cpu", "--no-progress"))
+    assert line.startswith(f"Error: cannot write the maps to {out} (No space left on device: 5 MiB free, the map of ")
+    assert line.endswith(f"needs 32 MiB: {out.parent})")
+    assert list(out.parent.iterdir()) == []

@@ -524,3 +524,23 @@ def test_a_dataset_read_as_without_fixations_is_refused_and_mostly_empty_is_warn
     assert r.exit_code == 1 and r.output.splitlines()[-1] == (
         f"Error: {empty}: no images found (cat2000: expected Stimuli/<Category>/<name>.jpg); is it the dataset's "
         "folder?")
+
+
+def test_pipeline_fixations_on_a_full_disk_is_one_line_and_writes_nothing(mit_root, tmp_path, monkeypatch):
+    """h5py crashed or printed a traceback when HDF5 could not close the file on a full disk: `pipeline fixations`
+    checks for room first and says so in one line."""
+    import collections
+
+    from click.testing import CliRunner
+
+    import pipeline.common.files as files
+    from pipeline.cli.main import cli
+
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: Usage(2**30, 0, 2**20))
+    out = tmp_path / "out" / "mit.h5"
+    result = CliRunner().invoke(cli, ["fixations", "mit1003", "--root", str(mit_root), "--out", str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == (f"Error: No space left on device: 1 MiB free, the fixation file needs 32 MiB: "
+                             f"{out.parent}\n")
+    assert list(out.parent.iterdir()) == []

@@ -84,6 +84,8 @@ def fixations_cmd(dataset, root, split, out):
         fs = convert(dataset, root, out, split)
     except FixationError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a file it cannot read, a full disk, a folder that refuses the file: one line
+        raise click.ClickException(error_message(e)) from None
     click.echo(f"{out}: {len(fs)} image{'' if len(fs) == 1 else 's'}, {fs.n_fixations} fixation"
                f"{'' if fs.n_fixations == 1 else 's'}, {fs.n_skipped} skipped outside their image")
 

@@ -3,7 +3,9 @@ temp file: the temp file's name, and the fsync of a folder that makes a rename l
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -26,3 +28,17 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: room an HDF5 file needs when it closes beyond its datasets' data (its index, the datasets' names)
+HDF5_CLOSING = 32 * 2**20
+
+
+def ensure_room(folder: str | Path, nbytes: int, what: str) -> None:
+    """An ``OSError`` (ENOSPC) saying so when ``folder``'s filesystem has less than ``nbytes`` free, before
+    ``what`` is written: for a writer that cannot fail cleanly on a full disk (h5py crashes the process when
+    HDF5 cannot close its file, after a page of errors)."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"No space left on device: {free / 2**20:.0f} MiB free, {what} needs "
+                                    f"{nbytes / 2**20:.0f} MiB", str(folder))

@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.common import images
 from pipeline.common.atomic import atomic_open, atomic_path, write_json
+from pipeline.common.files import HDF5_CLOSING, ensure_room
 from pipeline.common.locks import LOCK_NAME, FolderLock
 from pipeline.common.prefetch import batched, prefetched
 from pipeline.common.progress import progress as show_progress
@@ -159,7 +160,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             import h5py
 
             out.parent.mkdir(parents=True, exist_ok=True)
-            h5 = stack.enter_context(h5py.File(stack.enter_context(atomic_path(out)), "w"))
+            tmp = stack.enter_context(atomic_path(out))
+            h5 = stack.enter_context(h5py.File(tmp, "w"))
             h5.attrs.update({"type": "pysaliency.precomputed_models.predictions", "version": "1.0",
                              "model": predictor.name, "source": str(folder.resolve()),
                              "content": "log_density" if predictor.density else predictor.map_name})
@@ -209,7 +211,9 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                             result.failures.append({"file": entry(rec), "reason": "its name is not UTF-8, which an "
                                                     "HDF5 dataset's name must be"})
                             continue
-                        h5.create_dataset(rel, data=logd.astype(np.float32), compression="gzip", compression_opts=4)
+                        data = logd.astype(np.float32)  # (stopped while HDF5 can still close the file)
+                        ensure_room(Path(tmp).parent, data.nbytes + HDF5_CLOSING, f"the map of {rel}")
+                        h5.create_dataset(rel, data=data, compression="gzip", compression_opts=4)
                     else:
                         maps.append((rec, write(_write_png, out / f"{rel}.png", logd, predictor.density)))
                 bar.update(len(batch))
