@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import urllib.error
 from pathlib import Path
 
@@ -394,3 +395,28 @@ def test_label_warns_at_once_that_a_size_the_students_cannot_train_on_will_be_re
                             "of 32") == 1
     fine = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--image-size", "64x96"])
     assert fine.exit_code == 0 and "warning" not in fine.output, fine.output
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_ctrl_c_while_a_command_imports_is_held_until_it_has_imported_then_is_exit_130(monkeypatch):
+    """Ctrl-C or SIGTERM landing inside torch's import (a C++ callback) aborted the process now and then (exit
+    134, a page of C++ frames): the command's import runs with both held, and one that came meanwhile is taken
+    once it is done, as exit status 130."""
+    import os
+    import types
+
+    from pipeline.cli import main as cli_main
+
+    held = []
+
+    def import_module(name):
+        os.kill(os.getpid(), signal.SIGINT)  # lands in the middle of the import
+        held.append(signal.SIGINT in signal.sigpending())  # (not raised here)
+        return types.SimpleNamespace(label_cmd="the command")
+
+    monkeypatch.setattr(cli_main.importlib, "import_module", import_module)
+    with pytest.raises(SystemExit) as e:
+        cli_main._LazyCommands()["label"]
+    assert e.value.code == 130 and held == [True] and signal.SIGINT not in signal.sigpending()
+    monkeypatch.undo()
+    assert cli_main._LazyCommands()["label"].name == "label"  # nothing pending, nothing held after

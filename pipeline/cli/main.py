@@ -51,10 +51,20 @@ class _LazyCommands(Mapping):
 
     def __getitem__(self, name: str) -> click.Command:
         module, attr, _ = COMMANDS[name]
+        # Ctrl-C and SIGTERM are held while it imports (torch: a second or two): raised inside one of torch's
+        # C++ callbacks they aborted the process (exit 134, a page of C++ frames; 3 of 60 tries), so they are
+        # taken once it has imported, where unblocking them delivers them
+        hold = hasattr(signal, "pthread_sigmask")
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if hold else None
         try:
-            return getattr(importlib.import_module(module), attr)
-        except KeyboardInterrupt:  # Ctrl-C while it imports (torch: a second or two): as pipeline.cli.start says
-            raise SystemExit(130) from None  # (not click's "Aborted!", exit status 1)
+            try:
+                command = getattr(importlib.import_module(module), attr)
+            finally:
+                if hold:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        except KeyboardInterrupt:  # as pipeline.cli.start says (not click's "Aborted!", exit status 1)
+            raise SystemExit(130) from None
+        return command
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(COMMANDS))
