@@ -415,8 +415,12 @@ def test_ctrl_c_while_a_command_imports_is_held_until_it_has_imported_then_is_ex
         return types.SimpleNamespace(label_cmd="the command")
 
     monkeypatch.setattr(cli_main.importlib, "import_module", import_module)
-    with pytest.raises(SystemExit) as e:
-        cli_main._LazyCommands()["label"]
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # (an earlier test's Ray may have set its own)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli_main._LazyCommands()["label"]
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert e.value.code == 130 and held == [True] and signal.SIGINT not in signal.sigpending()
     monkeypatch.undo()
     assert cli_main._LazyCommands()["label"].name == "label"  # nothing pending, nothing held after

@@ -1165,8 +1165,8 @@ def test_a_ray_task_error_shows_the_original_cause(coco_tree, tmp_path):
         ray.shutdown()
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.output.startswith(f"Error: shard shard-000000 could not be written to {tmp_path}")
-    assert result.output.rstrip().endswith(": No space left on device. The 0 shards finished in this run are kept: run "
-                                           "the same command again once there is room (or write access) there")
+    assert result.output.rstrip().endswith(": No space left on device. No shard was finished in this run: run the same "
+                                           "command again once there is room (or write access) there")
     assert "Traceback" not in result.output and "\x1b[" not in result.output
 
 
