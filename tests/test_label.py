@@ -255,26 +255,22 @@ def test_a_finished_folder_on_a_read_only_mount_is_found_finished_and_nothing_is
         assert files() == before
     finally:
         out.chmod(0o755)
-    mounted[0] = False
-    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)  # writable again: finished
-    (out / "labels.json").unlink()
-    mounted[0] = True
-    out.chmod(0o555)
-    try:
-        unindexed = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
-    finally:
-        out.chmod(0o755)
+    def on_the_mount_without(name: str):
+        """Finish the folder where it is writable, delete ``name``, then label it again on the read-only mount."""
+        mounted[0] = False
+        label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+        (out / name).unlink()
+        mounted[0] = True
+        out.chmod(0o555)
+        try:
+            return label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
+        finally:
+            out.chmod(0o755)
+
+    unindexed = on_the_mount_without("labels.json")
     assert unindexed.error.startswith(f"every shard is finished but {out / 'labels.json'} is missing or out of "
                                       "date and the folder is not writable")
-    mounted[0] = False
-    label(records, out, CONFIG, shard_size=3, executor="local", progress=False)  # labels.json written again
-    (out / "preview.png").unlink()  # (a disk that was full when it was due: a warning then)
-    mounted[0] = True
-    out.chmod(0o555)
-    try:
-        unpictured = label(records, out, CONFIG, shard_size=3, executor="local", progress=False)
-    finally:
-        out.chmod(0o755)
+    unpictured = on_the_mount_without("preview.png")  # (a disk that was full when it was due: a warning then)
     assert not unpictured.error and unpictured.shards_skipped == 3 and not (out / "preview.png").exists()
     assert capsys.readouterr().err.endswith(f"warning: no {out / 'preview.png'}: the folder is not writable\n")
 
