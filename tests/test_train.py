@@ -803,30 +803,38 @@ def test_a_checkpoint_the_filesystem_refuses_is_one_sentence_and_the_last_one_st
     assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "epoch-0000.pt"
 
 
-def test_ctrl_c_while_a_checkpoint_is_written_is_the_interrupt_not_a_failed_write(tmp_path, monkeypatch):
-    """torch's zip writer turned an interrupt in a write into "unexpected pos", which train reported as a disk that
-    refused the checkpoint (exit 1, the step failed, not interrupted): the interrupt is raised as it came, and no
-    temp file is left."""
+@pytest.mark.parametrize("where", ["write", "hash"])
+def test_ctrl_c_while_a_checkpoint_is_written_is_the_interrupt_not_a_failed_write(tmp_path, monkeypatch, where):
+    """torch's zip writer turned an interrupt in a save into "unexpected pos", which train reported as a disk that
+    refused the checkpoint (exit 1, the step failed, not interrupted): the interrupt is raised as it came, wherever
+    it lands (in the file's write, or in the digest between writes), and no temp file is left."""
     from pipeline.train import checkpoints
 
     real = checkpoints._Hashing.__init__
     calls = []
 
-    class Interrupted:  # the checkpoint's file, whose third write is where Ctrl-C lands
-        def __init__(self, f):
-            self.f = f
+    class Interrupted:  # the checkpoint's file (or its digest), whose third write (update) is where Ctrl-C lands
+        def __init__(self, inner, method):
+            self.inner, self.method = inner, method
 
-        def write(self, data):
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def call(self, data):
             calls.append(len(data))
             if len(calls) == 3:
                 raise KeyboardInterrupt
-            return self.f.write(data)
+            return getattr(self.inner, self.method)(data)
 
-        def flush(self):
-            self.f.flush()
+    def init(self, f):
+        real(self, Interrupted(f, "write") if where == "write" else f)
+        if where == "hash":
+            self.sha256 = Interrupted(self.sha256, "update")
+        target = self.f if where == "write" else self.sha256
+        setattr(target, target.method, target.call)
 
     checkpoints.save_checkpoint(tmp_path, 0, {"w": torch.zeros(10)})
-    monkeypatch.setattr(checkpoints._Hashing, "__init__", lambda self, f: real(self, Interrupted(f)))
+    monkeypatch.setattr(checkpoints._Hashing, "__init__", init)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_checkpoint(tmp_path, 1, {"w": torch.zeros(100_000)})
     assert len(calls) >= 3 and sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000.pt", "latest.json"]

@@ -55,8 +55,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():  # a run saved where more GPUs were visible: those there are
-        gpus = state["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(gpus)
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -89,21 +88,25 @@ class _Hashing:
 
     def __init__(self, f):
         self.f, self.sha256 = f, hashlib.sha256()
-        #: what a write raised: torch's zip writer swallows it and raises "unexpected pos" instead, which said
-        #: neither a full disk from a file-size limit nor Ctrl-C (an interrupt became "cannot write")
-        self.error: BaseException | None = None
 
     def write(self, data) -> int:
-        try:
-            written = self.f.write(data)
-        except BaseException as e:
-            self.error = e
-            raise
         self.sha256.update(data)
-        return written
+        return self.f.write(data)
 
     def flush(self) -> None:
         self.f.flush()
+
+
+def _first_error(error: RuntimeError) -> BaseException:
+    """What made ``torch.save`` fail: after an error in a write, or Ctrl-C anywhere in it, torch's zip writer ends
+    the file and raises "unexpected pos" in its place, the first error as its context; that one (an ``OSError``:
+    a full disk, a file-size limit; a ``KeyboardInterrupt``) is the one to raise. Without one, ``error``."""
+    cause: BaseException | None = error
+    for _ in range(8):  # (a short chain: the writer's error, over what it was handling)
+        if cause is None or isinstance(cause, (OSError, KeyboardInterrupt)):
+            break
+        cause = cause.__context__
+    return cause if isinstance(cause, (OSError, KeyboardInterrupt)) else error
 
 
 def latest_record(ckpt_dir: Path, pointer: str = LATEST) -> dict | None:
@@ -280,10 +283,8 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, ckpt: dict, val_loss: float | No
             hashing = _Hashing(f)
             try:
                 torch.save(ckpt, hashing)
-            except RuntimeError:
-                if hashing.error is not None:  # the write's own error (OSError, KeyboardInterrupt), not torch's
-                    raise hashing.error from None
-                raise
+            except RuntimeError as e:
+                raise _first_error(e) from None
         _point_at(ckpt_dir, path, epoch, hashing.sha256.hexdigest())
         best, _ = _read_pointer(ckpt_dir, BEST)
         if best is not None and best["epoch"] >= epoch:  # this epoch trained again (after a fallback): the record
