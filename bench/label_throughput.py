@@ -245,8 +245,8 @@ def _one_process(config: LabelConfig, teacher: str, weights, teacher_size, cuda_
         labeler = ShardLabeler(config, make_teacher(teacher, weights, teacher_size, cuda_graphs))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "warm-up").mkdir(exist_ok=True)
-        warmed = labeler.label_shard(plan_shards(list(plans[0].records[: config.batch_size]), config.batch_size)[0],
-                                     folder / "warm-up")
+        warm = 2 * config.batch_size  # two batches: the second of a shape is the one a CUDA graph is captured in
+        warmed = labeler.label_shard(plan_shards(list(plans[0].records[:warm]), warm)[0], folder / "warm-up")
         barrier.wait()
         c0 = cpu_seconds()
         with ThreadCPU() as threads:
@@ -465,7 +465,8 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
             labeler = ShardLabeler(config(teacher), make_teacher(teacher, weights, teacher_size, cuda_graphs))
             extra = {"teacher_size": list(labeler._teacher_size), "decode": decode}
 
-            def graphs() -> dict:  # whether the teacher's forward was replayed: graphs captured, a capture's failure
+            def graphs() -> dict:  # whether the teacher's forward is replayed: graphs captured so far in this
+                # process ((b) reuses (a)'s), a capture's failure
                 forward = labeler.forward
                 return {"cuda_graphs": len(getattr(forward, "graphs", ())), "cuda_graphs_failed": getattr(
                     forward, "failed", None)}
@@ -473,8 +474,8 @@ def main(teacher, weights, teacher_size, image_size, n_images, naive_images, bat
                 emit(row("teacher", "(a) bare forward, inputs on the device", teacher, labeler, n_images,
                          *best(run_teacher, labeler, records, n_images), **extra, **graphs()))
             if "worker" in runs and processes > 1:
-                wall, sums, cpu, threads = best(run_processes, config(teacher), teacher, weights, teacher_size, cuda_graphs,
-                                                work / "worker", plans, processes)
+                wall, sums, cpu, threads = best(run_processes, config(teacher), teacher, weights, teacher_size,
+                                                cuda_graphs, work / "worker", plans, processes)
                 emit(row("worker", f"(b) worker path, {processes} processes", teacher, labeler, n_images, wall,
                          cpu, **extra, timings=sums, threads=threads, io_threads=labeler.config.io_threads,
                          processes=processes))

@@ -1161,5 +1161,5 @@ def test_predict_to_hdf5_on_a_disk_filling_up_stops_in_one_line_before_hdf5_runs
     line = error_line(invoke("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--format",
                              "hdf5", "--device", "cpu", "--no-progress"))
     assert line.startswith(f"Error: cannot write the maps to {out} (No space left on device: 5 MiB free, the map of ")
-    assert line.endswith(f"needs 32 MiB: {out.parent})")
+    assert line.endswith(f"with room for HDF5 to close the file needs 32 MiB: {out.parent})")
     assert list(out.parent.iterdir()) == []

@@ -541,6 +541,6 @@ def test_pipeline_fixations_on_a_full_disk_is_one_line_and_writes_nothing(mit_ro
     out = tmp_path / "out" / "mit.h5"
     result = CliRunner().invoke(cli, ["fixations", "mit1003", "--root", str(mit_root), "--out", str(out)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert result.output == (f"Error: No space left on device: 1 MiB free, the fixation file needs 32 MiB: "
-                             f"{out.parent}\n")
+    assert result.output == ("Error: No space left on device: 1 MiB free, the fixation file with room for HDF5 to "
+                             f"close it needs 32 MiB: {out.parent}\n")
     assert list(out.parent.iterdir()) == []

@@ -955,8 +955,8 @@ def test_a_store_that_stops_answering_stops_the_run_and_retries_are_not_counted_
     from pipeline.label.sources import plan_shards
 
     second = plan_shards(coco_records(coco_tree, "val2017"), 3)[1]
-    labeler = type("Labeler", (), {"write_shard": write_shard, "device": torch.device("cpu")})()  # its write
-    # fails as above
+    # its write fails as above
+    labeler = type("Labeler", (), {"write_shard": write_shard, "device": torch.device("cpu")})()
     with pytest.raises(StoreRefused) as refused:
         pipeline.label.worker.ShardLabeler.label_shard(labeler, second, tmp_path, progress=lambda n: None)
     trip = ray.cloudpickle.loads(ray.cloudpickle.dumps(refused.value))
@@ -2039,26 +2039,33 @@ def test_the_previews_captions_keep_accented_names_readable():
     assert caption("猫/photo") == "?/photo"  # no ASCII spelling: still one mark per letter
 
 
-def test_a_batch_decoded_partly_on_the_device_and_partly_on_the_host_keeps_its_order():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_batch_decoded_partly_on_the_device_and_partly_on_the_host_keeps_its_order_without_a_sync(device):
     """A PNG (or a JPEG nvJPEG refuses) among photos decoded on the device is decoded on the host: the teacher's
-    batch holds each image where the plan put it (stacked in order, with no list index that would make a GPU
-    wait)."""
+    batch holds each image where the plan put it, and on a GPU is put together without waiting for it (it
+    indexed a GPU tensor with a list, a copy from pageable memory: checked under CUDA's sync debug mode)."""
     from types import SimpleNamespace
 
     from pipeline.label.worker import ShardLabeler
 
     labeler = ShardLabeler(LabelConfig(teacher="classic", batch_size=4, io_threads=1, decode="device",
-                                       image_size=(8, 12)))
+                                       image_size=(8, 12), device=device))
     rng = np.random.default_rng(0)
-    on_device = [torch.from_numpy(rng.integers(0, 255, (3, 8, 12), dtype=np.uint8)) for _ in range(2)]
+    on_device = [torch.from_numpy(rng.integers(0, 255, (3, 8, 12), dtype=np.uint8)).to(device) for _ in range(2)]
     on_host = [rng.integers(0, 255, (8, 12, 3), dtype=np.uint8) for _ in range(2)]
     batch = [SimpleNamespace(device_input=on_device[0], teacher_input=None),
              SimpleNamespace(device_input=None, teacher_input=on_host[0]),
              SimpleNamespace(device_input=None, teacher_input=on_host[1]),
              SimpleNamespace(device_input=on_device[1], teacher_input=None)]
     try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
         x = labeler._teacher_batch(batch)
     finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
         labeler.close()
-    host = [torch.from_numpy(a).permute(2, 0, 1) for a in on_host]
+    host = [torch.from_numpy(a).permute(2, 0, 1).to(device) for a in on_host]
     assert torch.equal(x, torch.stack([on_device[0], host[0], host[1], on_device[1]]))

@@ -51,9 +51,10 @@ class _LazyCommands(Mapping):
 
     def __getitem__(self, name: str) -> click.Command:
         module, attr, _ = COMMANDS[name]
-        # Ctrl-C and SIGTERM are held while it imports (torch: a second or two): raised inside one of torch's
-        # C++ callbacks they aborted the process (exit 134, a page of C++ frames; 3 of 60 tries), so they are
-        # taken once it has imported, where unblocking them delivers them
+        # Ctrl-C and SIGTERM are held while it imports (torch: a second or two; longer from a cold network
+        # filesystem, and they wait that long): raised inside one of torch's C++ callbacks they aborted the process
+        # (exit 134, a page of C++ frames; 3 of 60 tries), so they are taken once it has imported, where unblocking
+        # them delivers them. (Threads the import starts keep them blocked: they go to this, the main, thread.)
         hold = hasattr(signal, "pthread_sigmask")
         before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if hold else None
         try:

@@ -3,9 +3,9 @@ each of its operations.
 
 DeepGaze IIE runs about 39,000 torch operations per forward pass (four backbones, 120 readout heads and
 their blurs), most on maps of a few thousand values: on an H200, at 192×256, a batch of 64 took as long as the
-CPU took to issue them (264 ms of wall-clock, 264 ms of CPU), and one image 210 ms (docs/benchmarks.md). A CUDA graph records the kernels
-once and replays them in one call, so the GPU, not the interpreter, sets the pace, and the worker's other
-threads get the interpreter lock back.
+CPU took to issue them (264 ms of wall-clock, 264 ms of CPU), and one image 210 ms (docs/benchmarks.md). A
+CUDA graph records the kernels once and replays them in one call, so the GPU, not the interpreter, sets the
+pace, and the worker's other threads get the interpreter lock back.
 
 :class:`GraphedForward` keeps one graph per input shape, dtype, memory format and autocast state, all in one
 memory pool (the GPU holds one batch's activations for them, not one per shape: a shard's last, smaller batch
@@ -14,7 +14,8 @@ the second is captured and every later one replays. The graph runs the kernels e
 deterministic, as the label worker sets it), so the outputs are the same bits. The output is a buffer of the
 pool, overwritten by the next call: use it on the current stream before calling again (the label worker
 resizes it at once), or clone it. The graphs read the module's parameters and caches where they were when
-captured: move or convert the module before its first call, not after. A capture that fails leaves the module
+captured: move or convert the module before its first call, not after, and keep the shapes few (DeepGaze's
+centre bias keeps 16 sizes: a seventeenth would drop a tensor a graph still reads; the worker has one size). A capture that fails leaves the module
 eager for good, with one warning; a forward that reads a value back from the GPU cannot be captured, and a
 failed capture can leave PyTorch's allocator holding some memory for the rest of the process, so only a teacher
 whose forward never synchronises asks for graphs (``Teacher.cuda_graphs``; DeepGaze IIE's is tested so).
@@ -87,7 +88,8 @@ class GraphedForward:
                     static_out = self.fn(static_in)
             except Exception as e:  # noqa: BLE001 — any capture failure: eager from now on, said once
                 torch.cuda.set_stream(before)  # a capture that failed to end leaves its stream current
-                self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
+                first = e.__context__ or e  # (ending a capture that failed raises over the error that failed it)
+                self.failed = f"{type(first).__name__}: {first}".splitlines()[0]
                 self.graphs.clear()
                 warnings.warn(f"CUDA graphs off for this run ({self.failed}); the forward pass runs eagerly",
                               RuntimeWarning, stacklevel=3)

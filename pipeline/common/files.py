@@ -37,8 +37,11 @@ HDF5_CLOSING = 32 * 2**20
 def ensure_room(folder: str | Path, nbytes: int, what: str) -> None:
     """An ``OSError`` (ENOSPC) saying so when ``folder``'s filesystem has less than ``nbytes`` free, before
     ``what`` is written: for a writer that cannot fail cleanly on a full disk (h5py crashes the process when
-    HDF5 cannot close its file, after a page of errors)."""
-    free = shutil.disk_usage(folder).free
-    if free < nbytes:
-        raise OSError(errno.ENOSPC, f"No space left on device: {free / 2**20:.0f} MiB free, {what} needs "
+    HDF5 cannot close its file, after a page of errors). Free space as the filesystem reports it: a user's
+    quota is not seen."""
+    usage = shutil.disk_usage(folder)
+    if usage.total == 0:  # a filesystem that reports no size (some FUSE and object-store mounts): not known
+        return
+    if usage.free < nbytes:
+        raise OSError(errno.ENOSPC, f"No space left on device: {usage.free / 2**20:.0f} MiB free, {what} needs "
                                     f"{nbytes / 2**20:.0f} MiB", str(folder))

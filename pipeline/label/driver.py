@@ -476,8 +476,8 @@ def _label(records, folder, config: LabelConfig, stack: contextlib.ExitStack, st
             if isinstance(cause, StoreRefused):  # down, credentials, bucket: every other shard would wait, fail so
                 done = len(markers) - len(split.done)
                 kept = ("No shard was finished in this run" if not done else
-                        f"The {done} shard{'' if done == 1 else 's'} finished in this run {'is' if done == 1 else 'are'} "
-                        "kept")
+                        f"The {done} shard{'' if done == 1 else 's'} finished in this run "
+                        f"{'is' if done == 1 else 'are'} kept")
                 raise LabelError(f"shard {plan.name} could not be written to {folder}: {cause}. {kept}: run the same "
                                  "command again"
                                  f"{' without --overwrite' if overwrite else ''} "

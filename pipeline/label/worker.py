@@ -356,8 +356,9 @@ class ShardLabeler:
             refused = storage_error(e)
             if refused:
                 raise StoreRefused(refused) from None
-            if isinstance(e, OSError) and (e.errno in FOR_GOOD or (  # a full disk: no shard after it would fare better
-                    e.errno in FOR_GOOD_THERE and _inside(e.filename, folder))):  # nor after a folder made read-only
+            # a full disk, or a folder made read-only mid-run: no shard after it would fare better
+            if isinstance(e, OSError) and (e.errno in FOR_GOOD or (e.errno in FOR_GOOD_THERE
+                                                                   and _inside(e.filename, folder))):
                 raise OutputRefused(error_message(e)) from None
             raise
 

@@ -621,6 +621,20 @@ def write_hdf5(fs: FixationSet, path: str | Path) -> Path:
 
     path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        data = sum(np.asarray(a).nbytes for a in (fs.ys, fs.xs, fs.image_index, fs.subject, fs.sizes, fs.offsets))
+        data += sum(len(os.fsencode(str(t))) + 16 for t in (*fs.paths, *fs.names))
+        # (h5py crashes on a full disk: the room is checked first)
+        ensure_room(Path(tmp).parent, data + HDF5_CLOSING, "the fixation file with room for HDF5 to close it")
+        with h5py.File(tmp, "w") as f:
+            _write_fixations(f, fs)
+    return path
+
+
+def _write_fixations(f, fs: FixationSet) -> None:
+    """The fixation set's attributes, its images' table and its fixations, into the open HDF5 file ``f``."""
+    import h5py
+
     text = h5py.string_dtype("utf-8")
 
     def put(group, name, data, dtype):
@@ -628,17 +642,6 @@ def write_hdf5(fs: FixationSet, path: str | Path) -> Path:
         opts = dict(compression="gzip", compression_opts=4, shuffle=True) if data.size else {}
         group.create_dataset(name, data=data, **opts)
 
-    with atomic_path(path) as tmp:
-        data = sum(np.asarray(a).nbytes for a in (fs.ys, fs.xs, fs.image_index, fs.subject, fs.sizes, fs.offsets))
-        data += sum(len(os.fsencode(str(t))) + 16 for t in (*fs.paths, *fs.names))
-        ensure_room(Path(tmp).parent, data + HDF5_CLOSING, "the fixation file")  # (h5py crashes on a full disk)
-        with h5py.File(tmp, "w") as f:
-            _write_fixations(f, fs, put, text)
-    return path
-
-
-def _write_fixations(f, fs: FixationSet, put, text) -> None:
-    """The fixation set's attributes, its images' table and its fixations, into the open HDF5 file ``f``."""
     f.attrs.update(
         {
             "format": FORMAT,

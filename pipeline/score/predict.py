@@ -212,7 +212,8 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
                                                     "HDF5 dataset's name must be"})
                             continue
                         data = logd.astype(np.float32)  # (stopped while HDF5 can still close the file)
-                        ensure_room(Path(tmp).parent, data.nbytes + HDF5_CLOSING, f"the map of {rel}")
+                        ensure_room(Path(tmp).parent, data.nbytes + HDF5_CLOSING,
+                                    f"the map of {rel} with room for HDF5 to close the file")
                         h5.create_dataset(rel, data=data, compression="gzip", compression_opts=4)
                     else:
                         maps.append((rec, write(_write_png, out / f"{rel}.png", logd, predictor.density)))
