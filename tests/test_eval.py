@@ -1163,3 +1163,24 @@ def test_predict_to_hdf5_on_a_disk_filling_up_stops_in_one_line_before_hdf5_runs
     assert line.startswith(f"Error: cannot write the maps to {out} (No space left on device: 5 MiB free, the map of ")
     assert line.endswith(f"with room for HDF5 to close the file needs 32 MiB: {out.parent})")
     assert list(out.parent.iterdir()) == []
+
+
+def test_predict_to_hdf5_removes_the_temp_file_a_killed_run_left_and_no_live_writers(image_folder, tmp_path):
+    """A predict run killed mid-way (SIGKILL, out of memory) left its hidden temp HDF5 beside --out, as large as the
+    maps it had written, through every later run: the next run deletes a temp of the same file whose writer is
+    gone, and leaves a running writer's (and another file's) alone."""
+    import subprocess
+    import sys
+
+    from pipeline.common.files import temp_name
+
+    out = tmp_path / "maps.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = temp_name(out).with_name(temp_name(out).name.replace(f"-{os.getpid()}-", f"-{dead.stdout.strip()}-"))
+    live = temp_name(out)  # this process's: running
+    other = temp_name(tmp_path / "other.h5").with_name(orphan.name.replace(".maps.h5", ".other.h5"))
+    for p in (orphan, live, other):
+        p.write_bytes(b"x" * 100)
+    ok("predict", "--teacher", "classic", "--images", image_folder, "--out", out, "--format", "hdf5", "--device",
+       "cpu", "--no-progress")
+    assert out.is_file() and not orphan.exists() and live.exists() and other.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from pathlib import Path
@@ -54,3 +55,33 @@ def remove_stale_temps(folder: Path) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def remove_orphaned_temps(final: str | Path) -> int:
+    """Delete the temp files of ``final`` (``.NAME.tmp-PID-…`` beside it) whose writer, a process of this machine,
+    is gone: killed mid-write (SIGKILL, out of memory), it left a hidden file as large as what it had written. A
+    live writer's temp is left alone, and so is a URL's. (A writer on another machine sharing the folder looks gone
+    from here: two machines writing the same file at once race anyway.) Returns how many were deleted."""
+    if "://" in str(final):
+        return 0
+    final = Path(final)
+    prefix = temp_name(final).name.rsplit(".tmp-", 1)[0]  # (the name as temp_name cuts it)
+    n = 0
+    for p in final.parent.glob(f"{glob.escape(prefix)}.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's: running)
+        return True
+    return True

@@ -107,7 +107,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.common.atomic import atomic_path
+from pipeline.common.atomic import atomic_path, remove_orphaned_temps
 from pipeline.common.files import HDF5_CLOSING, ensure_room
 from pipeline.common.images import opencv
 from pipeline.common.storage import as_path
@@ -621,6 +621,7 @@ def write_hdf5(fs: FixationSet, path: str | Path) -> Path:
 
     path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temps(path)  # a killed conversion's
     with atomic_path(path) as tmp:
         data = sum(np.asarray(a).nbytes for a in (fs.ys, fs.xs, fs.image_index, fs.subject, fs.sizes, fs.offsets))
         data += sum(len(os.fsencode(str(t))) + 16 for t in (*fs.paths, *fs.names))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import images
-from pipeline.common.atomic import atomic_open, atomic_path, write_json
+from pipeline.common.atomic import atomic_open, atomic_path, remove_orphaned_temps, write_json
 from pipeline.common.files import HDF5_CLOSING, ensure_room
 from pipeline.common.locks import LOCK_NAME, FolderLock
 from pipeline.common.prefetch import batched, prefetched
@@ -160,6 +160,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, *,
             import h5py
 
             out.parent.mkdir(parents=True, exist_ok=True)
+            remove_orphaned_temps(out)  # a killed run's (its temp file lives as long as the run)
             tmp = stack.enter_context(atomic_path(out))
             h5 = stack.enter_context(h5py.File(tmp, "w"))
             h5.attrs.update({"type": "pysaliency.precomputed_models.predictions", "version": "1.0",
