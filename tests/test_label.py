@@ -983,9 +983,11 @@ def test_a_full_or_read_only_disk_stops_the_run_at_its_first_shard(coco_tree, tm
         label(coco_records(coco_tree, "val2017"), tmp_path, CONFIG, shard_size=3, executor="local", retries=1,
               progress=False)
     assert calls == ["shard-000000", "shard-000001", "shard-000001"]  # shard 2 never started
-    assert str(e.value) == (f"shard shard-000001 could not be written to {tmp_path}: {os.strerror(code)}: {tmp_path}. "
-                            "The 1 shard finished in this run is kept: run the same command again once there is room "
-                            "(or write access) there")
+    limit = (" (a file-size limit below a shard's size, `ulimit -f`: raise it, or label with a smaller --shard-size)"
+             if code == errno.EFBIG else "")
+    assert str(e.value) == (f"shard shard-000001 could not be written to {tmp_path}: {os.strerror(code)}: {tmp_path}"
+                            f"{limit}. The 1 shard finished in this run is kept: run the same command again once there "
+                            "is room (or write access) there")
     assert (tmp_path / "shard-000000.json").is_file()
 
 

@@ -17,6 +17,7 @@ kind of GPU with one software stack (measured on an H200; another GPU or cuDNN m
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tarfile
 import time
@@ -359,7 +360,9 @@ class ShardLabeler:
             # a full disk, or a folder made read-only mid-run: no shard after it would fare better
             if isinstance(e, OSError) and (e.errno in FOR_GOOD or (e.errno in FOR_GOOD_THERE
                                                                    and _inside(e.filename, folder))):
-                raise OutputRefused(error_message(e)) from None
+                limit = (" (a file-size limit below a shard's size, `ulimit -f`: raise it, or label with a smaller "
+                         "--shard-size)") if e.errno == errno.EFBIG else ""
+                raise OutputRefused(error_message(e) + limit) from None
             raise
 
     def write_shard(self, plan: ShardPlan, folder: str | Path, progress: Callable[[int], None] | None = None,
