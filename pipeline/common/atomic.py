@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from pipeline.common.files import fsync_dir, temp_name
+from pipeline.common.locks import process_alive
 
 
 @contextlib.contextmanager
@@ -69,19 +70,8 @@ def remove_orphaned_temps(final: str | Path) -> int:
     n = 0
     for p in final.parent.glob(f"{glob.escape(prefix)}.tmp-*"):
         pid = p.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             p.unlink(missing_ok=True)
             n += 1
     return n
 
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # (another user's: running)
-        return True
-    return True

@@ -43,7 +43,7 @@ from pipeline.label.config import (FOR_GOOD, FOR_GOOD_THERE, LabelConfig, Output
                                    label_identity, precision_name)
 from pipeline.label.shards import (ENCODING_VERSION, SOURCE_FIELDS, ShardWriter, TarStream, encode_sample,
                                    read_samples, tar_path)
-from pipeline.label.sources import ImageRecord, ShardPlan
+from pipeline.label.sources import ImageRecord, ShardPlan, inside
 from teachers import Teacher, build_teacher
 
 
@@ -82,13 +82,9 @@ def encode_label(label: np.ndarray, kind: str) -> bytes | np.ndarray:
 
 
 def _inside(filename, folder) -> bool:
-    """Whether ``filename`` (an error's) is ``folder`` or lies in it (local paths; a URL is never)."""
-    if not filename or not isinstance(folder, (str, os.PathLike)):
-        return False
-    try:
-        return Path(os.path.abspath(filename)).is_relative_to(os.path.abspath(folder))
-    except (TypeError, ValueError):
-        return False
+    """Whether ``filename`` (an error's: a str, bytes or None) is ``folder`` or lies in it (a URL folder never)."""
+    return (isinstance(filename, str) and isinstance(folder, (str, os.PathLike))
+            and inside(os.path.abspath(filename), os.path.abspath(folder)))
 
 
 class ShardLabeler:

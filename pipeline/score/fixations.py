@@ -621,21 +621,6 @@ def write_hdf5(fs: FixationSet, path: str | Path) -> Path:
 
     path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_temps(path)  # a killed conversion's
-    with atomic_path(path) as tmp:
-        data = sum(np.asarray(a).nbytes for a in (fs.ys, fs.xs, fs.image_index, fs.subject, fs.sizes, fs.offsets))
-        data += sum(len(os.fsencode(str(t))) + 16 for t in (*fs.paths, *fs.names))
-        # (h5py crashes on a full disk: the room is checked first)
-        ensure_room(Path(tmp).parent, data + HDF5_CLOSING, "the fixation file with room for HDF5 to close it")
-        with h5py.File(tmp, "w") as f:
-            _write_fixations(f, fs)
-    return path
-
-
-def _write_fixations(f, fs: FixationSet) -> None:
-    """The fixation set's attributes, its images' table and its fixations, into the open HDF5 file ``f``."""
-    import h5py
-
     text = h5py.string_dtype("utf-8")
 
     def put(group, name, data, dtype):
@@ -643,28 +628,36 @@ def _write_fixations(f, fs: FixationSet) -> None:
         opts = dict(compression="gzip", compression_opts=4, shuffle=True) if data.size else {}
         group.create_dataset(name, data=data, **opts)
 
-    f.attrs.update(
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dataset": fs.name,
-            "split": fs.split,
-            "source_root": str(Path(fs.root).resolve()),
-            "n_images": len(fs),
-            "n_fixations": fs.n_fixations,
-            "n_skipped": int(fs.n_skipped),
-        }
-    )
-    im = f.create_group("images")
-    im.create_dataset("path", data=np.array(fs.paths, dtype=object), dtype=text)
-    im.create_dataset("name", data=np.array(fs.names, dtype=object), dtype=text)
-    im.create_dataset("size", data=fs.sizes.astype(np.int32).reshape(-1, 2))
-    im.create_dataset("offset", data=fs.offsets.astype(np.int64))
-    fx = f.create_group("fixations")
-    put(fx, "y", fs.ys, np.int32)
-    put(fx, "x", fs.xs, np.int32)
-    put(fx, "image_index", fs.image_index, np.int32)
-    put(fx, "subject", fs.subject, np.int32)
+    remove_orphaned_temps(path)  # a killed conversion's
+    with atomic_path(path) as tmp:
+        data = sum(np.asarray(a).nbytes for a in (fs.ys, fs.xs, fs.image_index, fs.subject, fs.sizes, fs.offsets))
+        data += sum(len(os.fsencode(str(t))) + 16 for t in (*fs.paths, *fs.names))
+        # (h5py crashes on a full disk: the room is checked first)
+        ensure_room(Path(tmp).parent, data + HDF5_CLOSING, "the fixation file with room for HDF5 to close it")
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "dataset": fs.name,
+                    "split": fs.split,
+                    "source_root": str(Path(fs.root).resolve()),
+                    "n_images": len(fs),
+                    "n_fixations": fs.n_fixations,
+                    "n_skipped": int(fs.n_skipped),
+                }
+            )
+            im = f.create_group("images")
+            im.create_dataset("path", data=np.array(fs.paths, dtype=object), dtype=text)
+            im.create_dataset("name", data=np.array(fs.names, dtype=object), dtype=text)
+            im.create_dataset("size", data=fs.sizes.astype(np.int32).reshape(-1, 2))
+            im.create_dataset("offset", data=fs.offsets.astype(np.int64))
+            fx = f.create_group("fixations")
+            put(fx, "y", fs.ys, np.int32)
+            put(fx, "x", fs.xs, np.int32)
+            put(fx, "image_index", fs.image_index, np.int32)
+            put(fx, "subject", fs.subject, np.int32)
+    return path
 
 
 _REQUIRED = (
