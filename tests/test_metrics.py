@@ -564,7 +564,8 @@ def test_image_metrics_agrees_with_the_single_metrics():
     ys, xs = rng.integers(5, 20, 12), rng.integers(15, 35, 12)
     oys, oxs = rng.integers(0, 30, 50), rng.integers(0, 40, 50)
     base = centerbias_log_density([(ys, xs, shape), (oys, oxs, shape)], shape=(16, 16), sigma=1.0)
-    got = image_metrics(ld, ys, xs, other_ys=oys, other_xs=oxs, baseline_log_density=base, sigma=2.0)
+    counts = np.bincount(oys * shape[1] + oxs, minlength=shape[0] * shape[1]).reshape(shape)
+    got = image_metrics(ld, ys, xs, other_counts=counts, baseline_log_density=base, sigma=2.0)
     assert tuple(got) == METRICS
     smap = np.exp(ld)
     emp = empirical_saliency_map(ys, xs, shape, 2.0)
@@ -585,7 +586,9 @@ def test_image_metrics_perfect_prediction():
     emp = empirical_saliency_map(ys, xs, shape, 2.5)
     with np.errstate(divide="ignore"):
         ld = np.log(emp)
-    got = image_metrics(ld, ys, xs, other_ys=[1], other_xs=[1], baseline_log_density=ld, sigma=2.5)
+    one = np.zeros(shape, np.int64)
+    one[1, 1] = 1
+    got = image_metrics(ld, ys, xs, other_counts=one, baseline_log_density=ld, sigma=2.5)
     assert got["cc"] == pytest.approx(1.0, abs=1e-12)
     assert got["kl_div"] == pytest.approx(0.0, abs=1e-12)
     assert got["sim"] == pytest.approx(1.0, abs=1e-12)
@@ -593,6 +596,7 @@ def test_image_metrics_perfect_prediction():
 
 
 def test_image_metrics_without_fixations_is_all_nan():
-    got = image_metrics(np.zeros((4, 4)), [], [], other_ys=[0], other_xs=[0],
-                        baseline_log_density=np.zeros((4, 4)), sigma=1.0)
+    one = np.zeros((4, 4), np.int64)
+    one[0, 0] = 1
+    got = image_metrics(np.zeros((4, 4)), [], [], other_counts=one, baseline_log_density=np.zeros((4, 4)), sigma=1.0)
     assert set(got) == set(METRICS) and all(math.isnan(v) for v in got.values())

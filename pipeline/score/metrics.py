@@ -491,11 +491,9 @@ def resize_log_density(log_density, shape) -> np.ndarray:
 # all metrics of one image
 
 
-def image_metrics(log_density, ys, xs, *, other_ys=None, other_xs=None, other_counts=None, baseline_log_density,
-                  sigma) -> dict[str, float]:
+def image_metrics(log_density, ys, xs, *, other_counts, baseline_log_density, sigma) -> dict[str, float]:
     """The eight metrics of :data:`METRICS` for one image (see the module docstring); shuffled AUC's negatives
-    as the other fixations' positions (``other_ys``, ``other_xs``) or as their counts per pixel
-    (``other_counts``: :func:`shuffled_auc_counts`)."""
+    are the other images' fixations counted per pixel of this map (``other_counts``: :func:`shuffled_auc_counts`)."""
     ld = _as_map(log_density, "log_density", infinite=True)
     ys, xs = _as_fixations(ys, xs, ld.shape)
     if ys.size == 0:
@@ -508,8 +506,7 @@ def image_metrics(log_density, ys, xs, *, other_ys=None, other_xs=None, other_co
     return {
         "auc_judd": auc_judd(ld, ys, xs),
         "auc_borji": auc_borji(smap, ys, xs),
-        "sauc": shuffled_auc(ld, ys, xs, other_ys, other_xs) if other_counts is None else
-        shuffled_auc_counts(ld, ys, xs, other_counts),
+        "sauc": shuffled_auc_counts(ld, ys, xs, other_counts),
         "nss": nss(smap, ys, xs),
         "cc": cc(smap, empirical),
         "kl_div": kl_div(smap, empirical),
